@@ -1,0 +1,128 @@
+//! Terminal output: the live per-stage display and signal handling.
+
+use std::io::Write;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use backflow_pipeline::{CancelToken, Progress};
+
+/// Cancels the run on the first SIGINT or SIGTERM (the pipeline stops, cleanup runs, nothing is
+/// committed); a second one exits at once, which is still safe: the repository is valid at every
+/// moment. Returns once the handlers are installed.
+pub fn cancel_on_signals(cancel: CancelToken) -> std::io::Result<()> {
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(r) => r,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                    return;
+                }
+            };
+            runtime.block_on(async move {
+                use tokio::signal::unix::{SignalKind, signal};
+                let (mut int, mut term) =
+                    match (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) {
+                        (Ok(i), Ok(t)) => (i, t),
+                        (Err(e), _) | (_, Err(e)) => {
+                            let _ = ready_tx.send(Err(e));
+                            return;
+                        }
+                    };
+                let _ = ready_tx.send(Ok(()));
+                for round in 0..2 {
+                    tokio::select! {
+                        _ = int.recv() => {}
+                        _ = term.recv() => {}
+                    }
+                    if round == 0 {
+                        eprintln!("\nbackflow: stopping (again to quit at once)...");
+                        cancel.cancel();
+                    } else {
+                        std::process::exit(130);
+                    }
+                }
+            });
+        })?;
+    ready_rx
+        .recv_timeout(Duration::from_secs(5))
+        .map_err(std::io::Error::other)?
+}
+
+/// Redraws a small table on stderr about twice a second.
+#[derive(Default)]
+pub struct LiveDisplay {
+    state: Mutex<LiveState>,
+}
+
+#[derive(Default)]
+struct LiveState {
+    lines: usize,
+    last: Option<(Duration, Vec<u64>)>,
+}
+
+impl LiveDisplay {
+    pub fn into_callback(self) -> impl Fn(&Progress<'_>) + Send + Sync {
+        move |p| self.draw(p)
+    }
+
+    fn draw(&self, p: &Progress<'_>) {
+        let mut state = self.state.lock().unwrap();
+        let moved: Vec<u64> = p
+            .stages
+            .iter()
+            .map(|s| {
+                let c = s.counters;
+                c.bytes_in
+                    .load(std::sync::atomic::Ordering::Relaxed)
+                    .max(c.bytes_out.load(std::sync::atomic::Ordering::Relaxed))
+            })
+            .collect();
+        let (dt, before) = match &state.last {
+            Some((t, b)) => ((p.elapsed - *t).as_secs_f64(), b.clone()),
+            None => (p.elapsed.as_secs_f64(), vec![0; moved.len()]),
+        };
+        let mut out = String::new();
+        if state.lines > 0 {
+            out.push_str(&format!("\x1b[{}A", state.lines));
+        }
+        out.push_str(&format!(
+            "\x1b[2K{:<14} {:>10} {:>12} {:>10}   ({:.0}s)\n",
+            "stage",
+            "MiB/s",
+            "queue",
+            "items",
+            p.elapsed.as_secs_f64()
+        ));
+        for (i, s) in p.stages.iter().enumerate() {
+            let rate = if dt > 0.0 {
+                (moved[i].saturating_sub(before[i])) as f64 / dt / (1024.0 * 1024.0)
+            } else {
+                0.0
+            };
+            let items = s.counters.items_in.load(std::sync::atomic::Ordering::Relaxed)
+                .max(s.counters.items_out.load(std::sync::atomic::Ordering::Relaxed));
+            let queue = if i == 0 {
+                "-".to_owned()
+            } else {
+                format!("{}/{}", s.queued, s.capacity)
+            };
+            out.push_str(&format!(
+                "\x1b[2K{:<14} {:>10.1} {:>12} {:>10}\n",
+                s.name, rate, queue, items
+            ));
+        }
+        state.lines = p.stages.len() + 1;
+        state.last = Some((p.elapsed, moved));
+        let mut err = std::io::stderr().lock();
+        let _ = err.write_all(out.as_bytes());
+        let _ = err.flush();
+    }
+}
+
+/// Leaves the live table on screen but makes sure what follows starts on a fresh line.
+pub fn clear_live() {
+    let _ = std::io::stderr().flush();
+}

@@ -1,0 +1,393 @@
+//! The `backflow` command line. Library crates return typed errors; here they become one line on
+//! stderr and an exit code: 0 success, 1 failure, 2 bad input (spec, arguments), 130 interrupted.
+
+mod demo;
+mod display;
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail};
+use backflow_pipeline::spec::{self, SpecErrors};
+use backflow_pipeline::{ByteSize, CancelToken, OutcomeKind, Pipeline, RunOptions, RunReport};
+use backflow_repository::Repository;
+use backflow_stages::Stages;
+use clap::{Parser, Subcommand};
+
+/// Specs built into the binary, so that `restore` and `demo` need no files.
+pub const BACKUP_IMAGE_SPEC: (&str, &str) = (
+    "specs/backup-image.yaml",
+    include_str!("../../specs/backup-image.yaml"),
+);
+pub const RESTORE_SPEC: (&str, &str) = ("specs/restore.yaml", include_str!("../../specs/restore.yaml"));
+
+#[derive(Parser)]
+#[command(name = "backflow", version, about = "Agentless, deduplicating backup of KVM/QEMU disks as YAML pipelines")]
+struct Cli {
+    /// Log level filter (also RUST_LOG), e.g. info, debug, backflow=debug.
+    #[arg(long, global = true, default_value = "warn")]
+    log: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a pipeline spec.
+    Run {
+        spec: PathBuf,
+        /// Set a spec variable: KEY=VALUE (repeatable).
+        #[arg(long = "var", value_name = "KEY=VALUE")]
+        vars: Vec<String>,
+        /// Write the run report as JSON to FILE.
+        #[arg(long)]
+        report: Option<PathBuf>,
+        /// No live display and no summary table.
+        #[arg(long, short)]
+        quiet: bool,
+    },
+    /// Check a spec without running it: every error, with file:line:column.
+    Validate {
+        spec: PathBuf,
+        #[arg(long = "var", value_name = "KEY=VALUE")]
+        vars: Vec<String>,
+    },
+    /// List every stage kind with its message types and options.
+    Stages {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Create an empty repository.
+    Init {
+        #[arg(long)]
+        repo: PathBuf,
+        /// Chunk size: a multiple of 64K (default 128K).
+        #[arg(long)]
+        chunk_size: Option<ByteSize>,
+    },
+    /// List the snapshots (restore points) of a repository.
+    Snapshots {
+        #[arg(long)]
+        repo: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Restore a snapshot's disks as raw images (runs specs/restore.yaml).
+    Restore {
+        #[arg(long)]
+        repo: PathBuf,
+        /// Snapshot id, or `latest`.
+        #[arg(long, default_value = "latest")]
+        snapshot: String,
+        /// Only this disk.
+        #[arg(long)]
+        disk: Option<String>,
+        /// Output file (one disk) or existing directory (DISK.raw per disk).
+        #[arg(long)]
+        to: PathBuf,
+        #[arg(long)]
+        report: Option<PathBuf>,
+        #[arg(long, short)]
+        quiet: bool,
+    },
+    /// Check the repository: structure, and with --read-data every chunk's content.
+    Verify {
+        #[arg(long)]
+        repo: PathBuf,
+        #[arg(long)]
+        read_data: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Generate an image, back it up, change 5% of it, back it up again, restore both and compare.
+    Demo {
+        /// Working directory (image, repository, restores); default ./backflow-demo.
+        #[arg(long, default_value = "backflow-demo")]
+        dir: PathBuf,
+        /// Size of the generated image.
+        #[arg(long, default_value = "256M")]
+        size: ByteSize,
+    },
+}
+
+/// Failures that map to exit code 2 (the input was wrong, nothing ran).
+#[derive(Debug)]
+struct BadInput(String);
+
+impl std::fmt::Display for BadInput {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for BadInput {}
+
+/// The run ended on Ctrl-C / SIGTERM: exit code 130.
+#[derive(Debug)]
+struct Interrupted;
+
+impl std::fmt::Display for Interrupted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("interrupted; nothing was committed by this run, earlier snapshots are intact")
+    }
+}
+
+impl std::error::Error for Interrupted {}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cli.log));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    match execute(cli.command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            if let Some(bad) = e.downcast_ref::<BadInput>() {
+                eprintln!("{bad}");
+                return ExitCode::from(2);
+            }
+            if e.downcast_ref::<Interrupted>().is_some() {
+                eprintln!("backflow: {e}");
+                return ExitCode::from(130);
+            }
+            eprintln!("backflow: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn execute(command: Command) -> Result<()> {
+    match command {
+        Command::Run {
+            spec,
+            vars,
+            report,
+            quiet,
+        } => {
+            let pipeline = load_spec(&spec, &parse_vars(&vars)?)?;
+            run_pipeline(&pipeline, report.as_deref(), quiet).map(|_| ())
+        }
+        Command::Validate { spec, vars } => {
+            let pipeline = load_spec(&spec, &parse_vars(&vars)?)?;
+            println!(
+                "{}: valid: {}",
+                spec.display(),
+                pipeline
+                    .stages
+                    .iter()
+                    .map(|s| format!("{} ({}) x{}", s.name, s.kind, s.workers))
+                    .collect::<Vec<_>>()
+                    .join(" -> ")
+            );
+            Ok(())
+        }
+        Command::Stages { json } => {
+            print_stages(json);
+            Ok(())
+        }
+        Command::Init { repo, chunk_size } => {
+            let chunk_size = chunk_size
+                .map(|c| u32::try_from(c.bytes()).unwrap_or(u32::MAX))
+                .unwrap_or(backflow_repository::DEFAULT_CHUNK_SIZE);
+            Repository::init(&repo, chunk_size)
+                .with_context(|| format!("creating a repository in {}", repo.display()))?;
+            println!(
+                "created repository {} (chunk size {})",
+                repo.display(),
+                ByteSize(u64::from(chunk_size))
+            );
+            Ok(())
+        }
+        Command::Snapshots { repo, json } => {
+            let repository = open_repo(&repo)?;
+            let snapshots = repository.list_snapshots()?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&snapshots)?);
+            } else {
+                println!("{:<28} {:<20} {:<22} disks", "id", "vm", "time (UTC)");
+                for s in &snapshots {
+                    let disks: Vec<String> = s
+                        .disks
+                        .iter()
+                        .map(|d| format!("{} ({})", d.name, ByteSize(d.size)))
+                        .collect();
+                    println!("{:<28} {:<20} {:<22} {}", s.id, s.vm, s.time_utc, disks.join(", "));
+                }
+            }
+            Ok(())
+        }
+        Command::Restore {
+            repo,
+            snapshot,
+            disk,
+            to,
+            report,
+            quiet,
+        } => {
+            open_repo(&repo)?;
+            let vars = vec![
+                ("repo".to_owned(), repo.display().to_string()),
+                ("snapshot".to_owned(), snapshot),
+                ("disk".to_owned(), disk.unwrap_or_default()),
+                ("to".to_owned(), to.display().to_string()),
+            ];
+            let (name, text) = RESTORE_SPEC;
+            let pipeline = spec::load_str(name, text, &vars, &Stages).map_err(spec_errors)?;
+            run_pipeline(&pipeline, report.as_deref(), quiet).map(|_| ())
+        }
+        Command::Verify {
+            repo,
+            read_data,
+            json,
+        } => {
+            let repository = open_repo(&repo)?;
+            let report = repository.verify(read_data)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", verify_text(&report));
+            }
+            if !report.is_ok() {
+                bail!("the repository has damaged or missing data (see above)");
+            }
+            Ok(())
+        }
+        Command::Demo { dir, size } => demo::run(&dir, size.bytes()),
+    }
+}
+
+fn open_repo(path: &Path) -> Result<Repository> {
+    Repository::open(path).with_context(|| format!("opening repository {}", path.display()))
+}
+
+fn parse_vars(vars: &[String]) -> Result<Vec<(String, String)>> {
+    vars.iter()
+        .map(|v| match v.split_once('=') {
+            Some((k, val)) if !k.is_empty() => Ok((k.to_owned(), val.to_owned())),
+            _ => Err(BadInput(format!("--var {v:?}: expected KEY=VALUE")).into()),
+        })
+        .collect()
+}
+
+fn spec_errors(errors: SpecErrors) -> anyhow::Error {
+    let count = errors.0.len();
+    BadInput(format!(
+        "{errors}\n{count} error{} in the spec; nothing was run",
+        if count == 1 { "" } else { "s" }
+    ))
+    .into()
+}
+
+pub fn load_spec(path: &Path, vars: &[(String, String)]) -> Result<Pipeline> {
+    spec::load_file(path, vars, &Stages).map_err(spec_errors)
+}
+
+/// Runs a pipeline with Ctrl-C/SIGTERM handling, the live display on a terminal, the summary
+/// table and the JSON report. Errors when the run did not succeed.
+pub fn run_pipeline(pipeline: &Pipeline, report_path: Option<&Path>, quiet: bool) -> Result<RunReport> {
+    let cancel = CancelToken::new();
+    let _signals = display::cancel_on_signals(cancel.clone());
+    let live = !quiet && std::io::stderr().is_terminal();
+    let on_progress = live.then(|| Arc::new(display::LiveDisplay::default().into_callback()) as _);
+    let report = pipeline.run(RunOptions {
+        cancel,
+        on_progress,
+    });
+    if live {
+        display::clear_live();
+    }
+    if !quiet {
+        print!("{}", report.summary_table());
+        for w in &report.warnings {
+            eprintln!("warning: {w}");
+        }
+    }
+    if let Some(path) = report_path {
+        let json = serde_json::to_string_pretty(&report)?;
+        std::fs::write(path, json).with_context(|| format!("writing the report {}", path.display()))?;
+    }
+    match report.outcome {
+        OutcomeKind::Succeeded => Ok(report),
+        OutcomeKind::Cancelled => Err(Interrupted.into()),
+        OutcomeKind::Failed => bail!("{}", report.errors.join("; ")),
+    }
+}
+
+fn print_stages(json: bool) {
+    let mut docs: Vec<_> = backflow_stages::Kind::ALL.iter().map(|k| k.doc()).collect();
+    docs.push(backflow_stages::cleanup_doc());
+    if json {
+        println!("{}", serde_json::to_string_pretty(&docs).unwrap_or_default());
+        return;
+    }
+    for d in docs {
+        let io = |t: Option<backflow_pipeline::MessageType>| t.map(|t| t.to_string()).unwrap_or_else(|| "-".into());
+        println!(
+            "{}  ({} -> {}){}\n    {}",
+            d.kind,
+            io(d.input),
+            io(d.output),
+            if d.needs_repository { "  needs repository" } else { "" },
+            d.summary
+        );
+        for o in &d.options {
+            println!("    {:<20} default {:<10} {}", o.name, o.default, o.doc);
+        }
+        println!("    (every stage also takes: name, workers, capacity)");
+        println!();
+    }
+}
+
+/// The verify report for people: counts, then one block per problem naming the chunk, where it
+/// is stored and the restore points that need it.
+pub fn verify_text(report: &backflow_repository::VerifyReport) -> String {
+    let mut out = format!(
+        "checked {} snapshots, {} chunk references, {} index files ({} records), {} packs",
+        report.snapshots, report.chunk_refs, report.index_files, report.index_records, report.packs
+    );
+    if report.read_data {
+        out.push_str(&format!(
+            "; read {} chunks ({:.1} MiB)",
+            report.chunks_read,
+            report.bytes_read as f64 / (1024.0 * 1024.0)
+        ));
+    }
+    out.push('\n');
+    if report.unreferenced_packs > 0 {
+        out.push_str(&format!(
+            "{} packs are not referenced by any index (left by interrupted runs; harmless)\n",
+            report.unreferenced_packs
+        ));
+    }
+    for (what, files) in [
+        ("snapshot manifest", &report.damaged_snapshots),
+        ("index file", &report.damaged_index_files),
+        ("pack", &report.damaged_packs),
+    ] {
+        for f in files {
+            out.push_str(&format!("DAMAGED {what} {}: {}\n", f.path, f.error));
+        }
+    }
+    for p in &report.problems {
+        out.push_str(&format!("DAMAGED chunk {} ({:?}): {}\n", p.digest, p.kind, p.detail));
+        if let Some(pack) = &p.pack {
+            out.push_str(&format!(
+                "    stored in pack {} at offset {}\n",
+                pack.to_hex(),
+                p.offset.unwrap_or(0)
+            ));
+        }
+        if p.snapshots.is_empty() {
+            out.push_str("    no snapshot uses it\n");
+        } else {
+            out.push_str(&format!("    used by snapshots: {}\n", p.snapshots.join(", ")));
+        }
+    }
+    out.push_str(if report.is_ok() { "repository OK\n" } else { "repository DAMAGED\n" });
+    out
+}

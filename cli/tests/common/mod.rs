@@ -1,0 +1,100 @@
+//! Shared helpers of the command-line tests: run the real binary on real files.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub fn backflow() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_backflow"));
+    cmd.env_remove("RUST_LOG");
+    cmd
+}
+
+/// The workspace root, where specs/ lives.
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+pub fn spec(name: &str) -> PathBuf {
+    root().join("specs").join(name)
+}
+
+pub fn run_ok(cmd: &mut Command) -> Output {
+    let out = cmd.output().expect("running backflow");
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}):\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+pub fn init_repo(repo: &Path, chunk_size: &str) {
+    run_ok(backflow().args(["init", "--repo"]).arg(repo).args(["--chunk-size", chunk_size]));
+}
+
+/// Backs `image` up with specs/backup-image.yaml and returns the report.
+pub fn backup(image: &Path, repo: &Path) -> serde_json::Value {
+    let report = repo.with_extension(format!("report-{}.json", rand_suffix()));
+    run_ok(
+        backflow()
+            .arg("run")
+            .arg(spec("backup-image.yaml"))
+            .arg("--var")
+            .arg(format!("source={}", image.display()))
+            .arg("--var")
+            .arg(format!("repo={}", repo.display()))
+            .args(["--var", "disk=disk0", "--quiet", "--report"])
+            .arg(&report),
+    );
+    let json = std::fs::read_to_string(&report).unwrap();
+    std::fs::remove_file(&report).unwrap();
+    serde_json::from_str(&json).unwrap()
+}
+
+pub fn restore(repo: &Path, snapshot: &str, to: &Path) -> Output {
+    backflow()
+        .args(["restore", "--quiet", "--repo"])
+        .arg(repo)
+        .args(["--snapshot", snapshot, "--to"])
+        .arg(to)
+        .output()
+        .unwrap()
+}
+
+pub fn assert_same_file(a: &Path, b: &Path) {
+    let status = Command::new("cmp").arg(a).arg(b).status().expect("running cmp");
+    assert!(status.success(), "{} and {} differ", a.display(), b.display());
+}
+
+pub fn snapshot_ids(repo: &Path) -> Vec<String> {
+    let out = run_ok(backflow().args(["snapshots", "--json", "--repo"]).arg(repo));
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    list.as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+pub fn verify(repo: &Path, read_data: bool) -> Output {
+    let mut cmd = backflow();
+    cmd.args(["verify", "--repo"]).arg(repo);
+    if read_data {
+        cmd.arg("--read-data");
+    }
+    cmd.output().unwrap()
+}
+
+fn rand_suffix() -> u64 {
+    use std::time::{SystemTime, UNIX_EPOCH};
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos() as u64 ^ u64::from(std::process::id())
+}
+
+/// Copies a file keeping holes, to keep what an image looked like at a backup.
+pub fn copy_sparse(from: &Path, to: &Path) {
+    let status = Command::new("cp").arg("--sparse=always").arg(from).arg(to).status().unwrap();
+    assert!(status.success());
+}

@@ -1,0 +1,121 @@
+//! State shared by all stages of one run.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use backflow_repository::Repository;
+
+use crate::error::StageError;
+use crate::runtime::Outcome;
+
+/// Set once to stop a run: by Ctrl-C / SIGTERM, or by the runtime when a stage failed. Sources stop
+/// producing, every worker's `recv`/`send` returns `None`/`Err` within a tick, and sinks do not commit.
+#[derive(Clone, Debug, Default)]
+pub struct CancelToken(Arc<AtomicBool>);
+
+impl CancelToken {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn cancel(&self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+
+    pub fn is_cancelled(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+/// A cleanup action registered by a stage (stop a helper process, end a backup job, remove a file).
+/// It runs in the finaliser whatever the outcome, in reverse order of registration.
+pub type CleanupAction = Box<dyn FnOnce(&Outcome) -> Result<(), String> + Send>;
+
+/// What all stages of one run share. Stages reach it through their worker.
+pub struct RunContext {
+    cancel: CancelToken,
+    /// The pipeline's `repository:` path, if any.
+    repository_path: Option<PathBuf>,
+    repository: OnceLock<Result<Repository, String>>,
+    cleanup: Mutex<Vec<(String, CleanupAction)>>,
+    /// Bytes read from the source disks (what a changed-block map made us read).
+    pub source_bytes_read: AtomicU64,
+    /// Bytes written into the repository (packs), before index and manifest.
+    pub repo_bytes_written: AtomicU64,
+    results: Mutex<BTreeMap<String, serde_json::Value>>,
+    warnings: Mutex<Vec<String>>,
+}
+
+impl RunContext {
+    pub fn new(repository: Option<PathBuf>, cancel: CancelToken) -> Self {
+        RunContext {
+            cancel,
+            repository_path: repository,
+            repository: OnceLock::new(),
+            cleanup: Mutex::new(Vec::new()),
+            source_bytes_read: AtomicU64::new(0),
+            repo_bytes_written: AtomicU64::new(0),
+            results: Mutex::new(BTreeMap::new()),
+            warnings: Mutex::new(Vec::new()),
+        }
+    }
+
+    pub fn cancel_token(&self) -> &CancelToken {
+        &self.cancel
+    }
+
+    pub fn is_cancelled(&self) -> bool {
+        self.cancel.is_cancelled()
+    }
+
+    pub fn repository_path(&self) -> Option<&Path> {
+        self.repository_path.as_deref()
+    }
+
+    /// The pipeline's repository, opened once on first use and shared by every stage.
+    pub fn repository(&self) -> Result<&Repository, StageError> {
+        let Some(path) = &self.repository_path else {
+            return Err(StageError::Config(
+                "this stage needs the pipeline's `repository:` to be set".into(),
+            ));
+        };
+        self.repository
+            .get_or_init(|| Repository::open(path).map_err(|e| e.to_string()))
+            .as_ref()
+            .map_err(|e| StageError::Config(e.clone()))
+    }
+
+    /// Registers an action for the finaliser. `what` names it in logs and the report.
+    pub fn on_cleanup(&self, what: impl Into<String>, action: CleanupAction) {
+        self.cleanup.lock().unwrap().push((what.into(), action));
+    }
+
+    /// Takes the registered cleanup actions, newest first.
+    pub fn take_cleanup_actions(&self) -> Vec<(String, CleanupAction)> {
+        let mut actions = std::mem::take(&mut *self.cleanup.lock().unwrap());
+        actions.reverse();
+        actions
+    }
+
+    /// Records a result of the run for the report (for example `snapshot`).
+    pub fn set_result(&self, key: &str, value: serde_json::Value) {
+        self.results.lock().unwrap().insert(key.to_owned(), value);
+    }
+
+    pub fn results(&self) -> BTreeMap<String, serde_json::Value> {
+        self.results.lock().unwrap().clone()
+    }
+
+    /// A warning for the report: the run goes on (for example a fallback to a full read).
+    pub fn warn(&self, message: impl Into<String>) {
+        let message = message.into();
+        tracing::warn!("{message}");
+        self.warnings.lock().unwrap().push(message);
+    }
+
+    pub fn warnings(&self) -> Vec<String> {
+        self.warnings.lock().unwrap().clone()
+    }
+}

@@ -1,0 +1,40 @@
+//! Backflow's dataflow engine.
+//!
+//! A pipeline is a list of stages joined by bounded channels; a YAML spec says which stages, with
+//! which options, how many workers each and how large each channel is. This crate knows nothing
+//! about particular stage kinds: the closed set of kinds lives in `backflow-stages`, which gives
+//! the spec loader a [`spec::Catalog`].
+//!
+//! # Layout
+//! - [`message`]: what travels on the edges, and the message types stages declare.
+//! - [`stage`]: the [`Stage`] trait (a stage's runtime value) and the [`Finaliser`].
+//! - [`runtime`]: channels, workers, cancellation, the finaliser; [`Pipeline::run`].
+//! - [`context`]: what the stages of one run share (repository, cleanup actions, results).
+//! - [`stats`]: counters measured around every send and receive, and the run report.
+//! - [`spec`]: loading, substituting and validating YAML specs, with file:line:column errors.
+//! - [`units`]: sizes with suffixes (`128K`), for options and the command line.
+//! - [`harness`]: one stage alone on prepared input, for stage tests and benchmarks.
+//! - [`error`]: the stage error type and the error policy.
+
+pub mod context;
+pub mod error;
+pub mod harness;
+pub mod message;
+pub mod runtime;
+pub mod spec;
+pub mod stage;
+pub mod stats;
+pub mod units;
+
+pub use context::{CancelToken, RunContext};
+pub use error::StageError;
+pub use message::{
+    BlockSource, ChunkRef, Codec, Digest, Chunk, Disk, DiskSource, Extent, ExtentClass, Message, MessageType, ParentChunks,
+    Payload, SizeOnly, digest_of,
+};
+pub use runtime::{
+    DEFAULT_CHANNEL_CAPACITY, Outcome, Pipeline, Progress, RunOptions, Stopped, Worker,
+};
+pub use stage::{Finaliser, InvalidOption, PlacedStage, Stage, StageIo, Work};
+pub use stats::{OutcomeKind, RunReport, StageReport};
+pub use units::ByteSize;

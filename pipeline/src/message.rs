@@ -1,0 +1,239 @@
+//! The messages that travel between stages.
+//!
+//! Every edge of a pipeline carries [`Message`] values; which variant (and which state of a chunk) a
+//! stage consumes or produces is declared as a [`MessageType`], and the spec validator checks that
+//! neighbouring stages agree before anything runs. The runtime never looks inside a message except
+//! to count its payload bytes.
+
+use std::fmt;
+use std::io;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+pub use backflow_repository::{ChunkRef, Codec, Digest};
+
+/// What a stage consumes or produces, as declared to the spec validator.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MessageType {
+    /// A disk opened by a source: [`Message::Disk`].
+    Disk,
+    /// A chunk-aligned range of a disk with what to do with it: [`Message::Extent`].
+    Extent,
+    /// A chunk of plaintext (or a run of zero / unchanged chunks) without a digest yet.
+    Chunk,
+    /// A chunk whose BLAKE3 digest is known, payload plaintext or known to the repository.
+    HashedChunk,
+    /// A hashed chunk whose payload is encoded for storage (compressed or stored raw).
+    CompressedChunk,
+    /// A chunk whose plaintext was checked against its digest.
+    VerifiedChunk,
+    /// Anything: only for sinks that accept every message (such as `discard`).
+    Any,
+}
+
+impl MessageType {
+    /// Whether a stage declaring `self` as input accepts messages declared as `produced`.
+    pub fn accepts(self, produced: MessageType) -> bool {
+        self == MessageType::Any || self == produced
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            MessageType::Disk => "disk",
+            MessageType::Extent => "extent",
+            MessageType::Chunk => "chunk",
+            MessageType::HashedChunk => "hashed-chunk",
+            MessageType::CompressedChunk => "compressed-chunk",
+            MessageType::VerifiedChunk => "verified-chunk",
+            MessageType::Any => "any",
+        }
+    }
+}
+
+impl fmt::Display for MessageType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Random access to the bytes of one disk: an image file, a block device, later an NBD export.
+pub trait BlockSource: Send + Sync + fmt::Debug {
+    /// Size of the disk in bytes.
+    fn size(&self) -> u64;
+    /// Fills `buf` from `offset`; reading past the end is an error.
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    /// The allocated (possibly non-zero) ranges as `(offset, len)`, sorted and disjoint, when the
+    /// source can tell cheaply; `None` means "assume everything is allocated".
+    fn allocated(&self) -> io::Result<Option<Vec<(u64, u64)>>>;
+}
+
+/// A disk as opened by a source stage.
+#[derive(Debug)]
+pub struct DiskSource {
+    /// The machine (VM or image set) the disk belongs to; one snapshot is taken per machine.
+    pub vm: String,
+    /// The disk's name in the manifest (`vda`, or an image's file stem).
+    pub name: String,
+    /// Where it came from, for messages and the manifest.
+    pub location: PathBuf,
+    pub reader: Arc<dyn BlockSource>,
+}
+
+/// The chunk table of the same disk in the parent snapshot, for dedup and for unchanged chunks.
+pub trait ParentChunks: Send + Sync + fmt::Debug {
+    /// The snapshot the table belongs to.
+    fn snapshot_id(&self) -> &str;
+    fn chunk_count(&self) -> u64;
+    fn get(&self, index: u64) -> io::Result<ChunkRef>;
+}
+
+/// A disk as planned for this run: the source plus the chunk geometry and the parent to refer to.
+#[derive(Debug)]
+pub struct Disk {
+    pub source: Arc<DiskSource>,
+    /// Bytes per chunk: a multiple of 64 KiB, fixed per repository. The last chunk may be shorter.
+    pub chunk_size: u32,
+    /// The same disk in the previous snapshot of the same machine, when its geometry matches.
+    pub parent: Option<Arc<dyn ParentChunks>>,
+}
+
+impl Disk {
+    pub fn size(&self) -> u64 {
+        self.source.reader.size()
+    }
+
+    pub fn chunk_count(&self) -> u64 {
+        self.size().div_ceil(u64::from(self.chunk_size))
+    }
+
+    /// Length of chunk `index` (the last one may be short).
+    pub fn chunk_len(&self, index: u64) -> u32 {
+        let start = index * u64::from(self.chunk_size);
+        (self.size() - start).min(u64::from(self.chunk_size)) as u32
+    }
+
+    pub fn name(&self) -> &str {
+        &self.source.name
+    }
+}
+
+/// What the changed-block map says about a run of chunks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExtentClass {
+    /// Must be read.
+    Data,
+    /// Known to read as zeros (a hole): stored as nothing.
+    Zero,
+    /// Unchanged since the parent snapshot: referenced from it, not read.
+    Unchanged,
+}
+
+/// A chunk-aligned run of chunks `[first, first + count)` of one disk.
+#[derive(Clone, Debug)]
+pub struct Extent {
+    pub disk: Arc<Disk>,
+    pub first: u64,
+    pub count: u64,
+    pub class: ExtentClass,
+}
+
+/// What a chunk message carries.
+#[derive(Clone, Debug)]
+pub enum Payload {
+    /// Plaintext bytes of one chunk.
+    Raw(Bytes),
+    /// The chunk as stored in the repository: `data` decodes with `codec` to `raw_len` bytes.
+    Encoded {
+        codec: Codec,
+        data: Bytes,
+        raw_len: u32,
+    },
+    /// One chunk the repository already holds under the chunk's digest: nothing to store.
+    Known,
+    /// `count` all-zero chunks: stored as nothing, restored as holes.
+    Zero { count: u64 },
+    /// `count` chunks unchanged since the parent snapshot: their references are copied from it.
+    Unchanged { count: u64 },
+}
+
+/// One chunk (or one run of data-less chunks) of a disk.
+#[derive(Clone, Debug)]
+pub struct Chunk {
+    pub disk: Arc<Disk>,
+    /// Chunk index within the disk: the byte offset is `index * disk.chunk_size`.
+    pub index: u64,
+    /// BLAKE3 of the plaintext, once a deduplicator (or the repository reader) set it.
+    pub digest: Option<Digest>,
+    /// Set by a verifier once the plaintext was checked against `digest`.
+    pub verified: bool,
+    pub payload: Payload,
+}
+
+impl Chunk {
+    pub fn offset(&self) -> u64 {
+        self.index * u64::from(self.disk.chunk_size)
+    }
+
+    /// Bytes this message carries (what the statistics count).
+    pub fn payload_len(&self) -> u64 {
+        match &self.payload {
+            Payload::Raw(b) => b.len() as u64,
+            Payload::Encoded { data, .. } => data.len() as u64,
+            _ => 0,
+        }
+    }
+}
+
+/// Everything that can travel on an edge.
+#[derive(Clone, Debug)]
+pub enum Message {
+    Disk(Arc<DiskSource>),
+    Extent(Extent),
+    Chunk(Chunk),
+}
+
+impl Message {
+    /// Payload bytes, for statistics.
+    pub fn payload_len(&self) -> u64 {
+        match self {
+            Message::Chunk(c) => c.payload_len(),
+            _ => 0,
+        }
+    }
+
+    /// A short name of the variant, for "unexpected message" errors.
+    pub fn variant(&self) -> &'static str {
+        match self {
+            Message::Disk(_) => "disk",
+            Message::Extent(_) => "extent",
+            Message::Chunk(_) => "chunk",
+        }
+    }
+}
+
+/// BLAKE3 of a plaintext chunk: the content address.
+pub fn digest_of(data: &[u8]) -> Digest {
+    Digest::from(*blake3::hash(data).as_bytes())
+}
+
+/// A disk that only has a size: for synthetic sources and for restores, where nothing is read
+/// from the disk itself.
+#[derive(Debug)]
+pub struct SizeOnly(pub u64);
+
+impl BlockSource for SizeOnly {
+    fn size(&self) -> u64 {
+        self.0
+    }
+
+    fn read_exact_at(&self, _buf: &mut [u8], _offset: u64) -> io::Result<()> {
+        Err(io::Error::other("this disk has no data to read"))
+    }
+
+    fn allocated(&self) -> io::Result<Option<Vec<(u64, u64)>>> {
+        Ok(None)
+    }
+}

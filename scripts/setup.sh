@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Installs what building and testing Backflow needs on Debian 12, when it is missing.
+# Idempotent and quiet when everything is there. Runs as root (or through sudo when available).
+set -euo pipefail
+
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then
+  command -v sudo >/dev/null && SUDO="sudo" || { echo "setup: run as root to install packages" >&2; exit 1; }
+fi
+
+# Debian packages the build and the tests use: a C compiler for zstd-sys, cmp (diffutils), cp.
+need=()
+command -v cc >/dev/null || need+=(build-essential)
+command -v pkg-config >/dev/null || need+=(pkg-config)
+command -v cmp >/dev/null || need+=(diffutils)
+if [ ${#need[@]} -gt 0 ]; then
+  echo "setup: installing ${need[*]}" >&2
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+
+if ! command -v cargo >/dev/null; then
+  echo "setup: cargo is missing: install the Rust toolchain (rustup) first" >&2
+  exit 1
+fi

@@ -1,0 +1,270 @@
+//! The closed set of stage kinds.
+//!
+//! Each kind is one variant of [`Kind`] and one crate under `stages/`: its options type (serde,
+//! from the spec) and its runtime value. This catalog is what the spec loader consults, and what
+//! `backflow stages` prints, so the documentation cannot drift from what the parser accepts.
+
+use std::sync::Arc;
+
+use backflow_pipeline::spec::{Catalog, Options, SpecError};
+use backflow_pipeline::{Finaliser, InvalidOption, MessageType, Stage};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+/// Every data stage kind.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Image,
+    Full,
+    Reader,
+    Dedup,
+    Zstd,
+    RepoWriter,
+    Generate,
+    Discard,
+    RepoReader,
+    Unzstd,
+    Verify,
+    DiskWriter,
+}
+
+/// Documentation of one kind, for `backflow stages`.
+#[derive(Clone, Debug, Serialize)]
+pub struct KindDoc {
+    pub kind: &'static str,
+    pub summary: &'static str,
+    /// Message type consumed (`None`: a source) and produced (`None`: a sink).
+    pub input: Option<MessageType>,
+    pub output: Option<MessageType>,
+    /// Whether the stage needs the pipeline's `repository:`.
+    pub needs_repository: bool,
+    pub options: Vec<OptionDoc>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct OptionDoc {
+    pub name: String,
+    /// The default as YAML would write it; `required` when there is none.
+    pub default: String,
+    pub doc: &'static str,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 12] = [
+        Kind::Image,
+        Kind::Full,
+        Kind::Reader,
+        Kind::Dedup,
+        Kind::Zstd,
+        Kind::RepoWriter,
+        Kind::Generate,
+        Kind::Discard,
+        Kind::RepoReader,
+        Kind::Unzstd,
+        Kind::Verify,
+        Kind::DiskWriter,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Image => stage_image::KIND,
+            Kind::Full => stage_full_map::KIND,
+            Kind::Reader => stage_reader::KIND,
+            Kind::Dedup => stage_dedup::KIND,
+            Kind::Zstd => stage_zstd::KIND,
+            Kind::RepoWriter => stage_repo_writer::KIND,
+            Kind::Generate => stage_generate::KIND,
+            Kind::Discard => stage_discard::KIND,
+            Kind::RepoReader => stage_repo_reader::KIND,
+            Kind::Unzstd => stage_unzstd::KIND,
+            Kind::Verify => stage_verify::KIND,
+            Kind::DiskWriter => stage_disk_writer::KIND,
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Kind> {
+        Kind::ALL.into_iter().find(|k| k.name() == name)
+    }
+
+    pub fn summary(self) -> &'static str {
+        match self {
+            Kind::Image => "source: a raw image file or block device, read directly",
+            Kind::Full => "changed-block map: every allocated extent (holes are skipped)",
+            Kind::Reader => "reads chunk-aligned extents into chunks; all-zero chunks are not stored",
+            Kind::Dedup => "BLAKE3 of each chunk; chunks the repository has go no further",
+            Kind::Zstd => "compresses new chunks (raw when they do not shrink)",
+            Kind::RepoWriter => "packs new chunks into the repository, commits the snapshot last",
+            Kind::Generate => "source: seeded synthetic chunks, for tuning one stage",
+            Kind::Discard => "sink: drops everything, for tuning one stage",
+            Kind::RepoReader => "restore source: a snapshot's chunks, read ahead by its workers",
+            Kind::Unzstd => "decodes stored chunks to plaintext",
+            Kind::Verify => "checks each chunk against its digest before it is written",
+            Kind::DiskWriter => "writes chunks into sparse raw images or devices, in parallel",
+        }
+    }
+
+    pub fn needs_repository(self) -> bool {
+        matches!(self, Kind::RepoWriter | Kind::RepoReader)
+    }
+
+    /// Builds the runtime value from a spec's options.
+    pub fn build(self, options: &Options<'_>) -> Result<Arc<dyn Stage>, Vec<SpecError>> {
+        if self.needs_repository() && !options.has_repository() {
+            return Err(vec![options.error(
+                "kind",
+                format!(
+                    "stage kind `{}` needs the pipeline's `repository:` to be set",
+                    self.name()
+                ),
+            )]);
+        }
+        fn make<O: DeserializeOwned, S: Stage>(
+            options: &Options<'_>,
+            new: fn(O) -> Result<S, InvalidOption>,
+        ) -> Result<Arc<dyn Stage>, Vec<SpecError>> {
+            let parsed = options.deserialize::<O>()?;
+            new(parsed)
+                .map(|s| Arc::new(s) as Arc<dyn Stage>)
+                .map_err(|e| vec![options.error(e.option, e.message)])
+        }
+        match self {
+            Kind::Image => make(options, stage_image::ImageSource::new),
+            Kind::Full => make(options, stage_full_map::FullMap::new),
+            Kind::Reader => make(options, stage_reader::Reader::new),
+            Kind::Dedup => make(options, stage_dedup::Dedup::new),
+            Kind::Zstd => make(options, stage_zstd::Zstd::new),
+            Kind::RepoWriter => make(options, stage_repo_writer::RepoWriter::new),
+            Kind::Generate => make(options, stage_generate::Generate::new),
+            Kind::Discard => make(options, stage_discard::Discard::new),
+            Kind::RepoReader => make(options, stage_repo_reader::RepoReader::new),
+            Kind::Unzstd => make(options, stage_unzstd::Unzstd::new),
+            Kind::Verify => make(options, stage_verify::Verify::new),
+            Kind::DiskWriter => make(options, stage_disk_writer::DiskWriter::new),
+        }
+    }
+
+    /// Message types with default options (`generate` produces hashed chunks with `hashed: true`).
+    pub fn default_io(self) -> (Option<MessageType>, Option<MessageType>) {
+        use MessageType::*;
+        match self {
+            Kind::Image => (None, Some(Disk)),
+            Kind::Full => (Some(Disk), Some(Extent)),
+            Kind::Reader => (Some(Extent), Some(Chunk)),
+            Kind::Dedup => (Some(Chunk), Some(HashedChunk)),
+            Kind::Zstd => (Some(HashedChunk), Some(CompressedChunk)),
+            Kind::RepoWriter => (Some(CompressedChunk), None),
+            Kind::Generate => (None, Some(Chunk)),
+            Kind::Discard => (Some(Any), None),
+            Kind::RepoReader => (None, Some(CompressedChunk)),
+            Kind::Unzstd => (Some(CompressedChunk), Some(HashedChunk)),
+            Kind::Verify => (Some(HashedChunk), Some(VerifiedChunk)),
+            Kind::DiskWriter => (Some(VerifiedChunk), None),
+        }
+    }
+
+    pub fn doc(self) -> KindDoc {
+        let options = match self {
+            Kind::Image => option_docs::<stage_image::ImageOptions>(stage_image::OPTION_DOCS),
+            Kind::Full => option_docs::<stage_full_map::FullMapOptions>(stage_full_map::OPTION_DOCS),
+            Kind::Reader => option_docs::<stage_reader::ReaderOptions>(stage_reader::OPTION_DOCS),
+            Kind::Dedup => option_docs::<stage_dedup::DedupOptions>(stage_dedup::OPTION_DOCS),
+            Kind::Zstd => option_docs::<stage_zstd::ZstdOptions>(stage_zstd::OPTION_DOCS),
+            Kind::RepoWriter => {
+                option_docs::<stage_repo_writer::RepoWriterOptions>(stage_repo_writer::OPTION_DOCS)
+            }
+            Kind::Generate => {
+                option_docs::<stage_generate::GenerateOptions>(stage_generate::OPTION_DOCS)
+            }
+            Kind::Discard => option_docs::<stage_discard::DiscardOptions>(stage_discard::OPTION_DOCS),
+            Kind::RepoReader => {
+                option_docs::<stage_repo_reader::RepoReaderOptions>(stage_repo_reader::OPTION_DOCS)
+            }
+            Kind::Unzstd => option_docs::<stage_unzstd::UnzstdOptions>(stage_unzstd::OPTION_DOCS),
+            Kind::Verify => option_docs::<stage_verify::VerifyOptions>(stage_verify::OPTION_DOCS),
+            Kind::DiskWriter => {
+                option_docs::<stage_disk_writer::DiskWriterOptions>(stage_disk_writer::OPTION_DOCS)
+            }
+        };
+        let (input, output) = self.default_io();
+        KindDoc {
+            kind: self.name(),
+            summary: self.summary(),
+            input,
+            output,
+            needs_repository: self.needs_repository(),
+            options,
+        }
+    }
+}
+
+/// The options of a kind with their defaults, read off the options type itself: its `Default`
+/// serialised. An option without a default serialises as null and is shown as required.
+fn option_docs<O: Default + Serialize>(docs: &'static [(&'static str, &'static str)]) -> Vec<OptionDoc> {
+    let defaults = serde_json::to_value(O::default()).unwrap_or_default();
+    let map = defaults.as_object().cloned().unwrap_or_default();
+    map.into_iter()
+        .map(|(name, value)| {
+            let default = match value {
+                serde_json::Value::Null => "required".to_owned(),
+                serde_json::Value::String(s) if s.is_empty() => "\"\"".to_owned(),
+                serde_json::Value::String(s) => s,
+                other => other.to_string(),
+            };
+            let doc = docs
+                .iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, d)| *d)
+                .unwrap_or("");
+            OptionDoc { name, default, doc }
+        })
+        .collect()
+}
+
+/// Finaliser kinds.
+pub const FINALISER_KINDS: [&str; 1] = [stage_cleanup::KIND];
+
+pub fn cleanup_doc() -> KindDoc {
+    KindDoc {
+        kind: stage_cleanup::KIND,
+        summary: "finaliser: always runs after the data stages; removes what interrupted runs left",
+        input: None,
+        output: None,
+        needs_repository: false,
+        options: option_docs::<stage_cleanup::CleanupOptions>(stage_cleanup::OPTION_DOCS),
+    }
+}
+
+/// The catalog the spec loader uses.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Stages;
+
+impl Catalog for Stages {
+    fn kinds(&self) -> Vec<&'static str> {
+        Kind::ALL.iter().map(|k| k.name()).collect()
+    }
+
+    fn finaliser_kinds(&self) -> Vec<&'static str> {
+        FINALISER_KINDS.to_vec()
+    }
+
+    fn build_stage(&self, kind: &str, options: &Options<'_>) -> Result<Arc<dyn Stage>, Vec<SpecError>> {
+        match Kind::from_name(kind) {
+            Some(k) => k.build(options),
+            None => Err(vec![options.error("kind", format!("unknown stage kind `{kind}`"))]),
+        }
+    }
+
+    fn build_finaliser(
+        &self,
+        kind: &str,
+        options: &Options<'_>,
+    ) -> Result<Arc<dyn Finaliser>, Vec<SpecError>> {
+        if kind != stage_cleanup::KIND {
+            return Err(vec![options.error("kind", format!("unknown finaliser kind `{kind}`"))]);
+        }
+        let parsed = options.deserialize::<stage_cleanup::CleanupOptions>()?;
+        stage_cleanup::Cleanup::new(parsed)
+            .map(|c| Arc::new(c) as Arc<dyn Finaliser>)
+            .map_err(|e| vec![options.error(e.option, e.message)])
+    }
+}

@@ -1,0 +1,112 @@
+//! Deduplicator stage: hashes each new chunk (BLAKE3 of the plaintext) and lets through only the
+//! chunks nobody has stored yet.
+//!
+//! Hashing comes before compression, so digests do not depend on the compression level and a
+//! known chunk costs no compression at all. A chunk is known when the parent snapshot has the same
+//! digest at the same index (the common case for an unchanged chunk: no index lookup), when the
+//! repository's index has it (dedup across disks, machines and hosts), or when another chunk of
+//! this run already carried it.
+
+use std::collections::HashSet;
+use std::sync::Mutex;
+
+use backflow_pipeline::{
+    InvalidOption,
+    Chunk, Message, MessageType, Payload, Stage, StageError, StageIo, Work, Worker, digest_of,
+    stage::unexpected,
+};
+use backflow_repository::{ChunkRef, Digest};
+use serde::{Deserialize, Serialize};
+
+pub const KIND: &str = "dedup";
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DedupOptions {
+    /// Look chunks up in the repository's index (needs the pipeline's `repository:`).
+    #[serde(default = "yes")]
+    pub repository_lookup: bool,
+}
+
+impl Default for DedupOptions {
+    fn default() -> Self {
+        DedupOptions {
+            repository_lookup: true,
+        }
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+
+pub const OPTION_DOCS: &[(&str, &str)] = &[(
+    "repository_lookup",
+    "look chunks up in the repository's index; false: only the parent snapshot and this run",
+)];
+
+#[derive(Debug)]
+pub struct Dedup {
+    repository_lookup: bool,
+    /// Digests of chunks this run passes on to be stored: each is stored once. Grows with the new
+    /// data of one run (32 bytes per new chunk).
+    this_run: Mutex<HashSet<Digest>>,
+}
+
+impl Dedup {
+    pub fn new(options: DedupOptions) -> Result<Self, InvalidOption> {
+        Ok(Dedup {
+            repository_lookup: options.repository_lookup,
+            this_run: Mutex::new(HashSet::new()),
+        })
+    }
+
+    /// Whether the chunk with `digest` at `chunk.index` is already stored or on its way.
+    fn is_known(&self, worker: &Worker<'_>, chunk: &Chunk, digest: &Digest) -> Result<bool, StageError> {
+        if let Some(parent) = &chunk.disk.parent
+            && chunk.index < parent.chunk_count()
+        {
+            let parent_ref = parent.get(chunk.index).map_err(|e| {
+                StageError::io(format!("reading the parent's chunk table of {}", chunk.disk.name()), e)
+            })?;
+            if parent_ref == ChunkRef::Data(*digest) {
+                return Ok(true);
+            }
+        }
+        if self.repository_lookup
+            && let Ok(repo) = worker.ctx().repository()
+            && repo.lookup(digest)?.is_some()
+        {
+            return Ok(true);
+        }
+        Ok(!self.this_run.lock().unwrap().insert(*digest))
+    }
+}
+
+impl Stage for Dedup {
+    fn io(&self) -> StageIo {
+        StageIo {
+            input: Some(MessageType::Chunk),
+            output: Some(MessageType::HashedChunk),
+        }
+    }
+
+    fn run(&self, worker: &mut Worker<'_>) -> Result<(), StageError> {
+        while let Some(message) = worker.recv() {
+            let Message::Chunk(mut chunk) = message else {
+                return Err(unexpected(KIND, &message));
+            };
+            if let Payload::Raw(data) = &chunk.payload {
+                let digest = digest_of(data);
+                if self.is_known(worker, &chunk, &digest)? {
+                    chunk.payload = Payload::Known;
+                }
+                chunk.digest = Some(digest);
+            }
+            if worker.send(Message::Chunk(chunk)).is_err() {
+                return Ok(());
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,211 @@
+//! Disk writer stage (restores): writes verified chunks into raw images or block devices.
+//!
+//! Workers write in parallel at each chunk's offset, so arrival order does not matter. A new image
+//! is written as `NAME.partial`, sized first so that zero chunks stay holes (sparse output), and
+//! renamed into place only when the whole run succeeded: a failed restore leaves no file that
+//! looks complete. Block devices are written in place, with zero chunks written out as zeros.
+//!
+//! `path` names the output file when one disk is restored; when it is an existing directory each
+//! disk goes to `DIR/DISK.raw`.
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::{FileExt, FileTypeExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use backflow_pipeline::{
+    InvalidOption,
+    Disk, Message, MessageType, Outcome, Payload, RunContext, Stage, StageError, StageIo, Work,
+    Worker, stage::unexpected,
+};
+use serde::{Deserialize, Serialize};
+
+pub const KIND: &str = "disk-writer";
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskWriterOptions {
+    /// Output file (one disk) or existing directory (`DIR/DISK.raw` per disk). Required.
+    pub path: Option<PathBuf>,
+}
+
+pub const OPTION_DOCS: &[(&str, &str)] = &[(
+    "path",
+    "output file for one disk, or an existing directory for DIR/DISK.raw per disk (required)",
+)];
+
+struct Output {
+    file: Arc<File>,
+    /// Where the data is written now, and where it goes once the run succeeded (same for devices).
+    writing: PathBuf,
+    final_path: PathBuf,
+    /// Holes need not be written: the file was created empty and sized.
+    sparse: bool,
+    disk: Arc<Disk>,
+}
+
+pub struct DiskWriter {
+    path: PathBuf,
+    outputs: Mutex<HashMap<String, Arc<Output>>>,
+}
+
+impl DiskWriter {
+    pub fn new(options: DiskWriterOptions) -> Result<Self, InvalidOption> {
+        let path = options
+            .path
+            .filter(|p| !p.as_os_str().is_empty())
+            .ok_or_else(|| InvalidOption::new("path", "is required: the file or directory to restore into"))?;
+        Ok(DiskWriter {
+            path,
+            outputs: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn output(&self, ctx: &RunContext, disk: &Arc<Disk>) -> Result<Arc<Output>, StageError> {
+        let mut outputs = self.outputs.lock().unwrap();
+        if let Some(out) = outputs.get(disk.name()) {
+            return Ok(out.clone());
+        }
+        let target = if self.path.is_dir() {
+            self.path.join(format!("{}.raw", disk.name()))
+        } else if outputs.is_empty() {
+            self.path.clone()
+        } else {
+            return Err(StageError::Config(format!(
+                "several disks are restored but {} is not a directory",
+                self.path.display()
+            )));
+        };
+        let is_device = std::fs::metadata(&target)
+            .map(|m| m.file_type().is_block_device())
+            .unwrap_or(false);
+        let output = if is_device {
+            let file = OpenOptions::new()
+                .write(true)
+                .open(&target)
+                .map_err(|e| StageError::io(format!("opening {}", target.display()), e))?;
+            Output {
+                file: Arc::new(file),
+                writing: target.clone(),
+                final_path: target,
+                sparse: false,
+                disk: disk.clone(),
+            }
+        } else {
+            let writing = partial_path(&target);
+            let file = OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(&writing)
+                .map_err(|e| StageError::io(format!("creating {}", writing.display()), e))?;
+            file.set_len(disk.size())
+                .map_err(|e| StageError::io(format!("sizing {}", writing.display()), e))?;
+            let partial = writing.clone();
+            ctx.on_cleanup(
+                format!("remove {}", partial.display()),
+                Box::new(move |outcome| {
+                    if *outcome != Outcome::Succeeded && partial.exists() {
+                        std::fs::remove_file(&partial).map_err(|e| e.to_string())?;
+                    }
+                    Ok(())
+                }),
+            );
+            Output {
+                file: Arc::new(file),
+                writing,
+                final_path: target,
+                sparse: true,
+                disk: disk.clone(),
+            }
+        };
+        let output = Arc::new(output);
+        outputs.insert(disk.name().to_owned(), output.clone());
+        Ok(output)
+    }
+}
+
+fn partial_path(target: &Path) -> PathBuf {
+    let mut name = target.file_name().unwrap_or_default().to_os_string();
+    name.push(".partial");
+    target.with_file_name(name)
+}
+
+/// Zeros written at a time on devices, where holes cannot be left.
+const ZERO_BLOCK: usize = 1 << 20;
+
+impl Stage for DiskWriter {
+    fn io(&self) -> StageIo {
+        StageIo {
+            input: Some(MessageType::VerifiedChunk),
+            output: None,
+        }
+    }
+
+    fn work(&self) -> Work {
+        Work::Io
+    }
+
+    fn run(&self, worker: &mut Worker<'_>) -> Result<(), StageError> {
+        while let Some(message) = worker.recv() {
+            let Message::Chunk(chunk) = message else {
+                return Err(unexpected(KIND, &message));
+            };
+            if !chunk.verified {
+                return Err(StageError::Internal(format!(
+                    "chunk {} of disk {} reached the disk writer unverified",
+                    chunk.index,
+                    chunk.disk.name()
+                )));
+            }
+            let out = self.output(worker.ctx(), &chunk.disk)?;
+            let write_err =
+                |e| StageError::io(format!("writing {} at offset {}", out.writing.display(), chunk.offset()), e);
+            match &chunk.payload {
+                Payload::Raw(data) => {
+                    out.file.write_all_at(data, chunk.offset()).map_err(write_err)?;
+                    worker.count_out(data.len() as u64);
+                }
+                Payload::Zero { count } if !out.sparse => {
+                    let start = chunk.offset();
+                    let end = ((chunk.index + count) * u64::from(chunk.disk.chunk_size))
+                        .min(chunk.disk.size());
+                    let zeros = vec![0u8; ZERO_BLOCK];
+                    let mut at = start;
+                    while at < end {
+                        let n = ((end - at) as usize).min(ZERO_BLOCK);
+                        out.file.write_all_at(&zeros[..n], at).map_err(write_err)?;
+                        at += n as u64;
+                    }
+                }
+                Payload::Zero { .. } => {}
+                _ => return Err(unexpected(KIND, &Message::Chunk(chunk))),
+            }
+        }
+        Ok(())
+    }
+
+    fn finish(&self, ctx: &RunContext) -> Result<(), StageError> {
+        let outputs = self.outputs.lock().unwrap();
+        let mut restored = Vec::new();
+        for out in outputs.values() {
+            out.file
+                .sync_all()
+                .map_err(|e| StageError::io(format!("syncing {}", out.writing.display()), e))?;
+            if out.writing != out.final_path {
+                std::fs::rename(&out.writing, &out.final_path).map_err(|e| {
+                    StageError::io(format!("renaming {} into place", out.writing.display()), e)
+                })?;
+            }
+            tracing::info!(disk = %out.disk.name(), path = %out.final_path.display(), "Disk restored.");
+            restored.push(serde_json::json!({
+                "disk": out.disk.name(),
+                "path": out.final_path.display().to_string(),
+                "size": out.disk.size(),
+            }));
+        }
+        ctx.set_result("restored", serde_json::Value::Array(restored));
+        Ok(())
+    }
+}

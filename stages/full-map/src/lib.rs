@@ -1,0 +1,298 @@
+//! Changed-block map `full`: plans a full read of each disk.
+//!
+//! Every chunk that overlaps an allocated range is read; chunks entirely inside holes are marked
+//! zero without reading. The chunk size comes from the pipeline's repository (or the `chunk_size`
+//! option without one), and the disk's parent (the same disk in the machine's latest snapshot, when
+//! its size and chunk size match) is attached so that the deduplicator can compare with it first.
+
+use std::sync::Arc;
+
+use backflow_pipeline::{
+    InvalidOption,
+    ByteSize, Disk, DiskSource, Extent, ExtentClass, Message, MessageType, ParentChunks, Stage,
+    StageError, StageIo, Work, Worker, stage::unexpected,
+};
+use backflow_repository::{ChunkRef, Snapshot};
+use serde::{Deserialize, Serialize};
+
+pub const KIND: &str = "full";
+
+/// Extents handed to readers are at most this many chunks, so that several reader workers share
+/// one large allocated range.
+pub const DEFAULT_MAX_EXTENT_CHUNKS: u64 = 32;
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct FullMapOptions {
+    /// Chunk size when the pipeline has no repository; with one, the repository's is used.
+    #[serde(default)]
+    pub chunk_size: Option<ByteSize>,
+    /// Largest extent handed to one reader, in chunks.
+    #[serde(default = "default_max_extent_chunks")]
+    pub max_extent_chunks: u64,
+}
+
+impl Default for FullMapOptions {
+    fn default() -> Self {
+        FullMapOptions {
+            chunk_size: None,
+            max_extent_chunks: DEFAULT_MAX_EXTENT_CHUNKS,
+        }
+    }
+}
+
+fn default_max_extent_chunks() -> u64 {
+    DEFAULT_MAX_EXTENT_CHUNKS
+}
+
+pub const OPTION_DOCS: &[(&str, &str)] = &[
+    (
+        "chunk_size",
+        "chunk size without a repository (with one, the repository's chunk size is used)",
+    ),
+    ("max_extent_chunks", "largest extent handed to one reader worker, in chunks"),
+];
+
+#[derive(Debug)]
+pub struct FullMap {
+    chunk_size: Option<u32>,
+    max_extent_chunks: u64,
+}
+
+impl FullMap {
+    pub fn new(options: FullMapOptions) -> Result<Self, InvalidOption> {
+        let chunk_size = match options.chunk_size {
+            Some(size) => Some(
+                check_chunk_size(size.bytes()).map_err(|e| InvalidOption::new("chunk_size", e))?,
+            ),
+            None => None,
+        };
+        if options.max_extent_chunks == 0 {
+            return Err(InvalidOption::new("max_extent_chunks", "must be at least 1"));
+        }
+        Ok(FullMap {
+            chunk_size,
+            max_extent_chunks: options.max_extent_chunks,
+        })
+    }
+}
+
+/// Chunk sizes are multiples of the dirty-bitmap granularity (64 KiB) so that a dirty extent maps
+/// to whole chunks.
+pub fn check_chunk_size(bytes: u64) -> Result<u32, String> {
+    const GRANULE: u64 = 64 * 1024;
+    if bytes == 0 || bytes % GRANULE != 0 || bytes > 16 << 20 {
+        return Err(format!(
+            "chunk size must be a multiple of 64K between 64K and 16M, found {bytes}"
+        ));
+    }
+    Ok(bytes as u32)
+}
+
+/// A parent snapshot's chunk table for one disk.
+#[derive(Debug)]
+pub struct SnapshotParent {
+    pub snapshot: Arc<Snapshot>,
+    pub disk: usize,
+    pub chunks: u64,
+}
+
+impl ParentChunks for SnapshotParent {
+    fn snapshot_id(&self) -> &str {
+        &self.snapshot.info().id
+    }
+
+    fn chunk_count(&self) -> u64 {
+        self.chunks
+    }
+
+    fn get(&self, index: u64) -> std::io::Result<ChunkRef> {
+        self.snapshot
+            .chunk(self.disk, index)
+            .map_err(std::io::Error::other)
+    }
+}
+
+/// Finds the parent of `source` in the repository: the machine's latest snapshot holding a disk of
+/// the same name, size and chunk size. Anything else means no parent (a full, un-referenced read).
+pub fn find_parent(
+    worker: &Worker<'_>,
+    source: &DiskSource,
+    chunk_size: u32,
+) -> Result<Option<Arc<dyn ParentChunks>>, StageError> {
+    let Ok(repo) = worker.ctx().repository() else {
+        return Ok(None);
+    };
+    let Some(snapshot) = repo.latest_snapshot(&source.vm)? else {
+        return Ok(None);
+    };
+    let size = source.reader.size();
+    let Some(disk) = snapshot.disk_index(&source.name) else {
+        return Ok(None);
+    };
+    let meta = &snapshot.meta().disks[disk];
+    if meta.size != size || meta.chunk_size != chunk_size {
+        worker.ctx().warn(format!(
+            "disk {}: size or chunk size changed since snapshot {}; no parent to compare with",
+            source.name,
+            snapshot.info().id
+        ));
+        return Ok(None);
+    }
+    let chunks = size.div_ceil(u64::from(chunk_size));
+    Ok(Some(Arc::new(SnapshotParent {
+        snapshot: Arc::new(snapshot),
+        disk,
+        chunks,
+    })))
+}
+
+/// Turns allocated byte ranges into chunk classes, merged into runs: a chunk touching any
+/// allocated byte is `Data`, the others `Zero`. Runs of data are split at `max_run` chunks.
+pub fn plan_chunks(
+    size: u64,
+    chunk_size: u32,
+    allocated: Option<&[(u64, u64)]>,
+    max_run: u64,
+) -> Vec<(u64, u64, ExtentClass)> {
+    let chunk_size = u64::from(chunk_size);
+    let count = size.div_ceil(chunk_size);
+    let mut data_runs: Vec<(u64, u64)> = Vec::new(); // (first, end) in chunks
+    match allocated {
+        None => data_runs.push((0, count)),
+        Some(ranges) => {
+            for &(offset, len) in ranges {
+                if len == 0 || offset >= size {
+                    continue;
+                }
+                let first = offset / chunk_size;
+                let end = (offset + len).min(size).div_ceil(chunk_size);
+                match data_runs.last_mut() {
+                    Some(last) if first <= last.1 => last.1 = last.1.max(end),
+                    _ => data_runs.push((first, end)),
+                }
+            }
+        }
+    }
+    let mut plan = Vec::new();
+    let mut next = 0;
+    for (first, end) in data_runs {
+        if first > next {
+            plan.push((next, first - next, ExtentClass::Zero));
+        }
+        let mut at = first.max(next);
+        while at < end {
+            let n = (end - at).min(max_run);
+            plan.push((at, n, ExtentClass::Data));
+            at += n;
+        }
+        next = end.max(next);
+    }
+    if next < count {
+        plan.push((next, count - next, ExtentClass::Zero));
+    }
+    plan
+}
+
+impl Stage for FullMap {
+    fn io(&self) -> StageIo {
+        StageIo {
+            input: Some(MessageType::Disk),
+            output: Some(MessageType::Extent),
+        }
+    }
+
+    fn work(&self) -> Work {
+        Work::Io
+    }
+
+    fn run(&self, worker: &mut Worker<'_>) -> Result<(), StageError> {
+        while let Some(message) = worker.recv() {
+            let Message::Disk(source) = message else {
+                return Err(unexpected(KIND, &message));
+            };
+            let chunk_size = match worker.ctx().repository() {
+                Ok(repo) => repo.chunk_size(),
+                Err(e) => self.chunk_size.ok_or(e)?,
+            };
+            let parent = find_parent(worker, &source, chunk_size)?;
+            let allocated = source.reader.allocated().map_err(|e| {
+                StageError::io(format!("mapping allocated ranges of {}", source.name), e)
+            })?;
+            let disk = Arc::new(Disk {
+                source: source.clone(),
+                chunk_size,
+                parent,
+            });
+            tracing::debug!(disk = %source.name, size = disk.size(), chunk_size, "Planning a full read.");
+            let plan = plan_chunks(
+                disk.size(),
+                chunk_size,
+                allocated.as_deref(),
+                self.max_extent_chunks,
+            );
+            for (first, count, class) in plan {
+                let extent = Extent {
+                    disk: disk.clone(),
+                    first,
+                    count,
+                    class,
+                };
+                if worker.send(Message::Extent(extent)).is_err() {
+                    return Ok(());
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ExtentClass::{Data, Zero};
+
+    const C: u64 = 65536;
+
+    #[test]
+    fn holes_become_zero_runs_and_data_is_chunk_aligned() {
+        // 10 chunks; data in the middle of chunk 2 and spanning chunks 5..=6.
+        let plan = plan_chunks(10 * C, C as u32, Some(&[(2 * C + 10, 100), (5 * C + 1, C)]), 32);
+        assert_eq!(
+            plan,
+            vec![
+                (0, 2, Zero),
+                (2, 1, Data),
+                (3, 2, Zero),
+                (5, 2, Data),
+                (7, 3, Zero)
+            ]
+        );
+    }
+
+    #[test]
+    fn unknown_allocation_reads_everything_in_bounded_runs() {
+        let plan = plan_chunks(10 * C + 5, C as u32, None, 4);
+        assert_eq!(plan, vec![(0, 4, Data), (4, 4, Data), (8, 3, Data)]);
+    }
+
+    #[test]
+    fn plan_covers_every_chunk_exactly_once() {
+        let ranges = [(0, 1), (C - 1, 2), (7 * C, 3 * C), (9 * C, 10), (20 * C, 100)];
+        let plan = plan_chunks(12 * C, C as u32, Some(&ranges), 3);
+        let mut next = 0;
+        for (first, count, _) in &plan {
+            assert_eq!(*first, next);
+            next += count;
+        }
+        assert_eq!(next, 12);
+    }
+
+    #[test]
+    fn rejects_bad_chunk_sizes() {
+        assert!(check_chunk_size(64 * 1024).is_ok());
+        assert!(check_chunk_size(100_000).is_err());
+        assert!(check_chunk_size(0).is_err());
+        assert!(check_chunk_size(32 << 20).is_err());
+    }
+}

@@ -1,0 +1,76 @@
+//! Verifier stage: checks every plaintext chunk against its digest before anything writes it, so
+//! a restore never writes silently wrong data. A mismatch fails the run and names the chunk.
+
+use backflow_pipeline::{
+    InvalidOption,
+    Message, MessageType, Payload, Stage, StageError, StageIo, Worker, digest_of,
+    stage::unexpected,
+};
+use serde::{Deserialize, Serialize};
+
+pub const KIND: &str = "verify";
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct VerifyOptions {}
+
+pub const OPTION_DOCS: &[(&str, &str)] = &[];
+
+#[derive(Debug, Default)]
+pub struct Verify;
+
+impl Verify {
+    pub fn new(_options: VerifyOptions) -> Result<Self, InvalidOption> {
+        Ok(Verify)
+    }
+}
+
+impl Stage for Verify {
+    fn io(&self) -> StageIo {
+        StageIo {
+            input: Some(MessageType::HashedChunk),
+            output: Some(MessageType::VerifiedChunk),
+        }
+    }
+
+    fn run(&self, worker: &mut Worker<'_>) -> Result<(), StageError> {
+        while let Some(message) = worker.recv() {
+            let Message::Chunk(mut chunk) = message else {
+                return Err(unexpected(KIND, &message));
+            };
+            match &chunk.payload {
+                Payload::Raw(data) => {
+                    let Some(expected) = chunk.digest else {
+                        return Err(StageError::Internal(format!(
+                            "chunk {} of disk {} has no digest to verify",
+                            chunk.index,
+                            chunk.disk.name()
+                        )));
+                    };
+                    let actual = digest_of(data);
+                    if actual != expected {
+                        return Err(StageError::Corrupt(format!(
+                            "disk {}, chunk {} at offset {}: content does not match its digest {expected} (the stored chunk is damaged)",
+                            chunk.disk.name(),
+                            chunk.index,
+                            chunk.offset()
+                        )));
+                    }
+                }
+                Payload::Zero { .. } => {}
+                _ => {
+                    return Err(StageError::Internal(format!(
+                        "chunk {} of disk {}: only plaintext and zero chunks can be verified",
+                        chunk.index,
+                        chunk.disk.name()
+                    )));
+                }
+            }
+            chunk.verified = true;
+            if worker.send(Message::Chunk(chunk)).is_err() {
+                return Ok(());
+            }
+        }
+        Ok(())
+    }
+}
