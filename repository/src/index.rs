@@ -1,0 +1,626 @@
+//! Index files: sorted digest -> location records, searched in place with `pread`.
+//!
+//! The byte layout and the reasons for it are in the crate root ("Index files"). A damaged (unsorted) file
+//! can make a lookup miss; it can never make it loop, read out of bounds or allocate from a bad count.
+
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use std::fs::File;
+use std::io::{BufReader, BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+
+use crate::config::{MAX_CHUNK_SIZE, MAX_STORED_LEN};
+use crate::error::{IoContext, RepoError, Result, read_exact_at};
+use crate::format::{CHECKSUM_SIZE, FORMAT_VERSION, FieldReader, FieldWriter, HashingWriter};
+use crate::pack::PackEntry;
+use crate::{ChunkLocation, Codec, Digest, PackId};
+
+pub(crate) const INDEX_MAGIC: [u8; 8] = *b"BFLWIDX\0";
+pub(crate) const INDEX_HEADER_SIZE: usize = 32;
+pub(crate) const INDEX_RECORD_SIZE: usize = 56;
+const FANOUT_SIZE: usize = 256 * 8;
+const _: () = assert!(INDEX_HEADER_SIZE == 8 + 4 + 4 + 8 + 4 + 4);
+const _: () = assert!(INDEX_RECORD_SIZE == 32 + 4 + 1 + 3 + 8 + 4 + 4);
+
+/// Records a builder keeps in memory before it sorts them into a run file in scratch: 512 Ki records are about
+/// 28 MiB. A full backup of a 2 TiB disk with 64 KiB chunks has 32 Mi new chunks; the builder then holds 64
+/// sorted runs on disk and merges them into the index file at commit with one 64 KiB buffer per run.
+pub(crate) const INDEX_SPILL_RECORDS: usize = 512 * 1024;
+
+/// Read buffer of each run during the merge.
+const RUN_READ_BUFFER: usize = 64 * 1024;
+
+/// One index record with its pack as a position in the file's (or builder's) pack table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct IndexRecord {
+    pub digest: Digest,
+    pub pack: u32,
+    pub codec: Codec,
+    pub offset: u64,
+    pub stored_len: u32,
+    pub raw_len: u32,
+}
+
+impl IndexRecord {
+    fn encode(&self) -> [u8; INDEX_RECORD_SIZE] {
+        let mut b = [0u8; INDEX_RECORD_SIZE];
+        FieldWriter::new(&mut b)
+            .bytes(self.digest.as_bytes())
+            .u32(self.pack)
+            .u8(self.codec as u8)
+            .zeros(3)
+            .u64(self.offset)
+            .u32(self.stored_len)
+            .u32(self.raw_len)
+            .finish();
+        b
+    }
+
+    /// Decodes and checks what can be checked without the pack: codec, pack position, length limits.
+    fn decode(b: &[u8; INDEX_RECORD_SIZE], pack_count: u32, path: &Path) -> Result<IndexRecord> {
+        let mut r = FieldReader::new(b);
+        let digest = Digest(r.bytes());
+        let pack = r.u32();
+        let codec_byte = r.u8();
+        r.skip(3);
+        let offset = r.u64();
+        let stored_len = r.u32();
+        let raw_len = r.u32();
+        let codec = Codec::from_u8(codec_byte).ok_or_else(|| {
+            RepoError::corrupt(
+                path,
+                format!("record for {digest} has unknown codec {codec_byte}"),
+            )
+        })?;
+        if pack >= pack_count {
+            return Err(RepoError::corrupt(
+                path,
+                format!("record for {digest} names pack #{pack} of {pack_count}"),
+            ));
+        }
+        if raw_len > MAX_CHUNK_SIZE || stored_len > MAX_STORED_LEN {
+            return Err(RepoError::corrupt(
+                path,
+                format!(
+                    "record for {digest} has impossible lengths (stored {stored_len}, raw {raw_len})"
+                ),
+            ));
+        }
+        Ok(IndexRecord {
+            digest,
+            pack,
+            codec,
+            offset,
+            stored_len,
+            raw_len,
+        })
+    }
+}
+
+struct IndexHeader {
+    record_count: u64,
+    pack_count: u32,
+}
+
+impl IndexHeader {
+    fn encode(&self) -> [u8; INDEX_HEADER_SIZE] {
+        let mut b = [0u8; INDEX_HEADER_SIZE];
+        FieldWriter::new(&mut b)
+            .bytes(&INDEX_MAGIC)
+            .u32(FORMAT_VERSION)
+            .u32(INDEX_RECORD_SIZE as u32)
+            .u64(self.record_count)
+            .u32(self.pack_count)
+            .u32(0)
+            .finish();
+        b
+    }
+
+    fn decode(b: &[u8; INDEX_HEADER_SIZE], path: &Path) -> Result<IndexHeader> {
+        let mut r = FieldReader::new(b);
+        if r.bytes::<8>() != INDEX_MAGIC {
+            return Err(RepoError::corrupt(path, "not an index file (bad magic)"));
+        }
+        let version = r.u32();
+        if version != FORMAT_VERSION {
+            return Err(RepoError::UnsupportedVersion {
+                path: path.to_owned(),
+                found: version,
+                supported: FORMAT_VERSION,
+            });
+        }
+        let record_size = r.u32();
+        if record_size != INDEX_RECORD_SIZE as u32 {
+            return Err(RepoError::corrupt(
+                path,
+                format!("record size {record_size}, expected {INDEX_RECORD_SIZE}"),
+            ));
+        }
+        Ok(IndexHeader {
+            record_count: r.u64(),
+            pack_count: r.u32(),
+        })
+    }
+
+    fn packs_offset(&self) -> u64 {
+        INDEX_HEADER_SIZE as u64
+    }
+
+    fn fanout_offset(&self) -> u64 {
+        self.packs_offset() + 16 * u64::from(self.pack_count)
+    }
+
+    fn records_offset(&self) -> u64 {
+        self.fanout_offset() + FANOUT_SIZE as u64
+    }
+
+    /// Total file length the header implies, `None` on overflow (a damaged count).
+    fn file_len(&self) -> Option<u64> {
+        self.record_count
+            .checked_mul(INDEX_RECORD_SIZE as u64)?
+            .checked_add(self.records_offset())?
+            .checked_add(CHECKSUM_SIZE as u64)
+    }
+}
+
+fn decode_fanout(b: &[u8; FANOUT_SIZE], record_count: u64, path: &Path) -> Result<Box<[u64; 256]>> {
+    let mut fanout = Box::new([0u64; 256]);
+    let mut r = FieldReader::new(b);
+    let mut prev = 0;
+    for slot in fanout.iter_mut() {
+        *slot = r.u64();
+        if *slot < prev {
+            return Err(RepoError::corrupt(path, "fanout table is not monotonic"));
+        }
+        prev = *slot;
+    }
+    if fanout[255] != record_count {
+        return Err(RepoError::corrupt(
+            path,
+            format!(
+                "fanout counts {} records, header says {record_count}",
+                fanout[255]
+            ),
+        ));
+    }
+    Ok(fanout)
+}
+
+/// An index file opened for lookups.
+#[derive(Debug)]
+pub(crate) struct IndexFile {
+    pub path: PathBuf,
+    file: File,
+    pack_count: u32,
+    packs_offset: u64,
+    records_offset: u64,
+    fanout: Box<[u64; 256]>,
+}
+
+impl IndexFile {
+    pub(crate) fn open(path: &Path) -> Result<IndexFile> {
+        let file = File::open(path).ctx("open index", path)?;
+        let len = file.metadata().ctx("stat", path)?.len();
+        let mut hb = [0u8; INDEX_HEADER_SIZE];
+        read_exact_at(&file, &mut hb, 0, path, "index header")?;
+        let header = IndexHeader::decode(&hb, path)?;
+        if header.file_len() != Some(len) {
+            return Err(RepoError::corrupt(
+                path,
+                format!(
+                    "truncated or extended: {len} bytes, header ({} records, {} packs) implies {}",
+                    header.record_count,
+                    header.pack_count,
+                    header
+                        .file_len()
+                        .map_or("an overflow".to_owned(), |l| l.to_string())
+                ),
+            ));
+        }
+        let mut fb = [0u8; FANOUT_SIZE];
+        read_exact_at(&file, &mut fb, header.fanout_offset(), path, "fanout table")?;
+        let fanout = decode_fanout(&fb, header.record_count, path)?;
+        Ok(IndexFile {
+            path: path.to_owned(),
+            file,
+            pack_count: header.pack_count,
+            packs_offset: header.packs_offset(),
+            records_offset: header.records_offset(),
+            fanout,
+        })
+    }
+
+    fn record_at(&self, i: u64) -> Result<IndexRecord> {
+        let mut b = [0u8; INDEX_RECORD_SIZE];
+        read_exact_at(
+            &self.file,
+            &mut b,
+            self.records_offset + i * INDEX_RECORD_SIZE as u64,
+            &self.path,
+            "record",
+        )?;
+        IndexRecord::decode(&b, self.pack_count, &self.path)
+    }
+
+    fn digest_at(&self, i: u64) -> Result<Digest> {
+        let mut b = [0u8; 32];
+        read_exact_at(
+            &self.file,
+            &mut b,
+            self.records_offset + i * INDEX_RECORD_SIZE as u64,
+            &self.path,
+            "record",
+        )?;
+        Ok(Digest(b))
+    }
+
+    pub(crate) fn pack_id(&self, pack: u32) -> Result<PackId> {
+        let mut b = [0u8; 16];
+        read_exact_at(
+            &self.file,
+            &mut b,
+            self.packs_offset + 16 * u64::from(pack),
+            &self.path,
+            "pack table",
+        )?;
+        Ok(PackId(b))
+    }
+
+    /// Binary search within the digest's fanout bucket. A damaged (unsorted) file can make this miss, never
+    /// loop or read out of bounds.
+    pub(crate) fn lookup(&self, digest: &Digest) -> Result<Option<ChunkLocation>> {
+        let first = digest.0[0] as usize;
+        let mut lo = if first == 0 {
+            0
+        } else {
+            self.fanout[first - 1]
+        };
+        let mut hi = self.fanout[first];
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            match self.digest_at(mid)?.cmp(digest) {
+                std::cmp::Ordering::Less => lo = mid + 1,
+                std::cmp::Ordering::Greater => hi = mid,
+                std::cmp::Ordering::Equal => {
+                    let r = self.record_at(mid)?;
+                    return Ok(Some(ChunkLocation {
+                        pack: self.pack_id(r.pack)?,
+                        offset: r.offset,
+                        stored_len: r.stored_len,
+                        raw_len: r.raw_len,
+                        codec: r.codec,
+                    }));
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    pub(crate) fn pack_ids(&self) -> Result<Vec<PackId>> {
+        (0..self.pack_count).map(|p| self.pack_id(p)).collect()
+    }
+}
+
+/// Streams a whole index file in order, checking its checksum, sort order and every record, and calls `f` with
+/// each record and its pack id. Memory: the pack table and a read buffer. Used by `verify`.
+pub(crate) fn scan_index(path: &Path, mut f: impl FnMut(&IndexRecord, PackId)) -> Result<u64> {
+    let file = File::open(path).ctx("open index", path)?;
+    let len = file.metadata().ctx("stat", path)?.len();
+    let mut hasher = blake3::Hasher::new();
+    let mut r = BufReader::with_capacity(256 * 1024, file);
+    let mut read = |buf: &mut [u8], what: &str, hasher: &mut blake3::Hasher| -> Result<()> {
+        r.read_exact(buf).map_err(|e| match e.kind() {
+            std::io::ErrorKind::UnexpectedEof => {
+                RepoError::corrupt(path, format!("truncated in the {what}"))
+            }
+            _ => RepoError::io("read", path, e),
+        })?;
+        hasher.update(buf);
+        Ok(())
+    };
+    let mut hb = [0u8; INDEX_HEADER_SIZE];
+    read(&mut hb, "header", &mut hasher)?;
+    let header = IndexHeader::decode(&hb, path)?;
+    if header.file_len() != Some(len) {
+        return Err(RepoError::corrupt(
+            path,
+            format!("truncated or extended: {len} bytes do not match the header"),
+        ));
+    }
+    let mut packs = Vec::with_capacity(header.pack_count as usize);
+    for _ in 0..header.pack_count {
+        let mut b = [0u8; 16];
+        read(&mut b, "pack table", &mut hasher)?;
+        packs.push(PackId(b));
+    }
+    let mut fb = [0u8; FANOUT_SIZE];
+    read(&mut fb, "fanout", &mut hasher)?;
+    let fanout = decode_fanout(&fb, header.record_count, path)?;
+    let mut prev: Option<Digest> = None;
+    for i in 0..header.record_count {
+        let mut b = [0u8; INDEX_RECORD_SIZE];
+        read(&mut b, "records", &mut hasher)?;
+        let rec = IndexRecord::decode(&b, header.pack_count, path)?;
+        let first = rec.digest.0[0] as usize;
+        let bucket_start = if first == 0 { 0 } else { fanout[first - 1] };
+        if prev.is_some_and(|p| p > rec.digest) || i < bucket_start || i >= fanout[first] {
+            return Err(RepoError::corrupt(
+                path,
+                format!("record {i} ({}) is out of order", rec.digest),
+            ));
+        }
+        prev = Some(rec.digest);
+        f(&rec, packs[rec.pack as usize]);
+    }
+    let mut sum = [0u8; CHECKSUM_SIZE];
+    r.read_exact(&mut sum)
+        .map_err(|e| RepoError::io("read", path, e))?;
+    if hasher.finalize().as_bytes() != &sum {
+        return Err(RepoError::corrupt(
+            path,
+            "checksum mismatch: the index changed after it was written",
+        ));
+    }
+    Ok(header.record_count)
+}
+
+/// Collects the entries of finished packs and writes them as one sorted index file, with memory bounded by
+/// [`INDEX_SPILL_RECORDS`]: beyond it, sorted runs go to the scratch directory and are merged at the end.
+#[derive(Debug)]
+pub(crate) struct IndexBuilder {
+    scratch: PathBuf,
+    packs: Vec<PackId>,
+    pending: Vec<IndexRecord>,
+    runs: Vec<PathBuf>,
+    /// Per first byte, records already in run files.
+    run_counts: Box<[u64; 256]>,
+    spill_at: usize,
+}
+
+impl IndexBuilder {
+    pub(crate) fn new(scratch: PathBuf) -> IndexBuilder {
+        IndexBuilder::with_spill(scratch, INDEX_SPILL_RECORDS)
+    }
+
+    pub(crate) fn with_spill(scratch: PathBuf, spill_at: usize) -> IndexBuilder {
+        IndexBuilder {
+            scratch,
+            packs: Vec::new(),
+            pending: Vec::new(),
+            runs: Vec::new(),
+            run_counts: Box::new([0; 256]),
+            spill_at: spill_at.max(1),
+        }
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.pending.is_empty() && self.runs.is_empty()
+    }
+
+    pub(crate) fn pack_count(&self) -> usize {
+        self.packs.len()
+    }
+
+    pub(crate) fn add_pack(&mut self, id: PackId, entries: &[PackEntry]) -> Result<()> {
+        let pack = u32::try_from(self.packs.len())
+            .map_err(|_| RepoError::InvalidArgument("more than 2^32 packs in one index".into()))?;
+        self.packs.push(id);
+        for e in entries {
+            self.pending.push(IndexRecord {
+                digest: e.digest,
+                pack,
+                codec: e.codec,
+                offset: e.offset,
+                stored_len: e.stored_len,
+                raw_len: e.raw_len,
+            });
+            if self.pending.len() >= self.spill_at {
+                self.spill()?;
+            }
+        }
+        Ok(())
+    }
+
+    fn sort_pending(&mut self) {
+        self.pending.sort_unstable_by_key(|r| r.digest);
+        self.pending.dedup_by(|a, b| a.digest == b.digest);
+    }
+
+    fn spill(&mut self) -> Result<()> {
+        self.sort_pending();
+        let path = self.scratch.join(format!("index-run-{}", self.runs.len()));
+        let file = File::create(&path).ctx("create index run", &path)?;
+        let mut out = BufWriter::with_capacity(RUN_READ_BUFFER, file);
+        for r in &self.pending {
+            out.write_all(&r.encode()).ctx("write index run", &path)?;
+            self.run_counts[r.digest.0[0] as usize] += 1;
+        }
+        out.flush().ctx("write index run", &path)?;
+        self.runs.push(path);
+        self.pending.clear();
+        Ok(())
+    }
+
+    /// Writes the complete index file to `dest` (a temporary name) and fsyncs it. The caller renames it.
+    pub(crate) fn write(mut self, dest: &Path) -> Result<u64> {
+        let mut counts: Box<[u64; 256]>;
+        if self.runs.is_empty() {
+            self.sort_pending();
+            counts = Box::new([0; 256]);
+        } else {
+            if !self.pending.is_empty() {
+                self.spill()?;
+            }
+            counts = self.run_counts.clone();
+        }
+        for r in &self.pending {
+            counts[r.digest.0[0] as usize] += 1;
+        }
+        let mut fanout = [0u8; FANOUT_SIZE];
+        let mut total = 0u64;
+        {
+            let mut w = FieldWriter::new(&mut fanout);
+            for c in counts.iter() {
+                total += c;
+                w.u64(total);
+            }
+            w.finish();
+        }
+        let header = IndexHeader {
+            record_count: total,
+            pack_count: u32::try_from(self.packs.len()).expect("checked in add_pack"),
+        };
+        let file = File::options()
+            .write(true)
+            .create_new(true)
+            .open(dest)
+            .ctx("create index", dest)?;
+        let mut out = HashingWriter::new(BufWriter::with_capacity(256 * 1024, file));
+        out.write_all(&header.encode()).ctx("write index", dest)?;
+        for p in &self.packs {
+            out.write_all(&p.0).ctx("write index", dest)?;
+        }
+        out.write_all(&fanout).ctx("write index", dest)?;
+        if self.runs.is_empty() {
+            for r in &self.pending {
+                out.write_all(&r.encode()).ctx("write index", dest)?;
+            }
+        } else {
+            self.merge_runs(&mut out, dest)?;
+        }
+        debug_assert_eq!(
+            Some(out.written() + CHECKSUM_SIZE as u64),
+            header.file_len()
+        );
+        let file = out
+            .finish_with_checksum()
+            .and_then(|w| w.into_inner().map_err(|e| e.into_error()))
+            .ctx("write index", dest)?;
+        file.sync_all().ctx("fsync index", dest)?;
+        for run in &self.runs {
+            let _ = std::fs::remove_file(run);
+        }
+        Ok(total)
+    }
+
+    fn merge_runs(&self, out: &mut impl Write, dest: &Path) -> Result<()> {
+        let mut readers = Vec::with_capacity(self.runs.len());
+        for path in &self.runs {
+            let f = File::open(path).ctx("open index run", path)?;
+            readers.push((BufReader::with_capacity(RUN_READ_BUFFER, f), path));
+        }
+        let next = |i: usize,
+                    readers: &mut Vec<(BufReader<File>, &PathBuf)>|
+         -> Result<Option<[u8; INDEX_RECORD_SIZE]>> {
+            let mut b = [0u8; INDEX_RECORD_SIZE];
+            let (r, path) = &mut readers[i];
+            match r.read_exact(&mut b) {
+                Ok(()) => Ok(Some(b)),
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(None),
+                Err(e) => Err(RepoError::io("read index run", path.as_path(), e)),
+            }
+        };
+        let mut heap = BinaryHeap::with_capacity(readers.len());
+        for i in 0..readers.len() {
+            if let Some(b) = next(i, &mut readers)? {
+                heap.push(Reverse((b, i)));
+            }
+        }
+        // Records compare by their encoded bytes, whose first 32 are the digest: the byte order of a digest
+        // is its sort order.
+        while let Some(Reverse((b, i))) = heap.pop() {
+            out.write_all(&b).ctx("write index", dest)?;
+            if let Some(b) = next(i, &mut readers)? {
+                heap.push(Reverse((b, i)));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entries(n: usize, seed: u8) -> Vec<PackEntry> {
+        (0..n)
+            .map(|i| PackEntry {
+                digest: Digest(*blake3::hash(&[seed, (i % 256) as u8, (i / 256) as u8]).as_bytes()),
+                offset: 32 + i as u64 * 10,
+                stored_len: 10,
+                raw_len: 10,
+                codec: Codec::None,
+            })
+            .collect()
+    }
+
+    fn build(spill: usize) -> (tempfile::TempDir, PathBuf, Vec<(PackId, Vec<PackEntry>)>) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut b = IndexBuilder::with_spill(dir.path().to_owned(), spill);
+        let packs: Vec<_> = (0..5).map(|s| (PackId([s; 16]), entries(700, s))).collect();
+        for (id, e) in &packs {
+            b.add_pack(*id, e).unwrap();
+        }
+        // A digest stored twice (two writers raced): both copies are kept or deduplicated, lookups still work.
+        b.add_pack(PackId([9; 16]), &packs[0].1[..3]).unwrap();
+        let path = dir.path().join("x.idx");
+        b.write(&path).unwrap();
+        (dir, path, packs)
+    }
+
+    #[test]
+    fn every_entry_is_found_with_and_without_spilling() {
+        for spill in [usize::MAX, 1000, 256] {
+            let (_dir, path, packs) = build(spill);
+            let idx = IndexFile::open(&path).unwrap();
+            for (id, es) in &packs {
+                for e in es {
+                    let loc = idx.lookup(&e.digest).unwrap().unwrap();
+                    assert_eq!(loc.offset, e.offset);
+                    assert!(loc.pack == *id || loc.pack == PackId([9; 16]));
+                }
+            }
+            assert_eq!(idx.lookup(&Digest([0; 32])).unwrap(), None);
+            assert_eq!(idx.lookup(&Digest([0xff; 32])).unwrap(), None);
+            let mut n = 0;
+            let count = scan_index(&path, |_, _| n += 1).unwrap();
+            assert_eq!(n, count);
+            assert!(count >= 3500, "spill {spill}: {count}");
+            // No run files are left behind.
+            let left: Vec<_> = std::fs::read_dir(path.parent().unwrap()).unwrap().collect();
+            assert_eq!(left.len(), 1);
+        }
+    }
+
+    #[test]
+    fn damage_is_an_error_not_a_panic() {
+        let (_dir, path, packs) = build(usize::MAX);
+        let good = std::fs::read(&path).unwrap();
+        let probe = packs[2].1[5].digest;
+        for cut in [0, 10, 31, 32, 100, good.len() / 2, good.len() - 1] {
+            std::fs::write(&path, &good[..cut]).unwrap();
+            assert!(
+                matches!(IndexFile::open(&path), Err(RepoError::Corrupt { .. })),
+                "cut {cut}"
+            );
+            assert!(scan_index(&path, |_, _| {}).is_err());
+        }
+        let mut rng = 12345u64;
+        for _ in 0..200 {
+            rng = rng
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let pos = (rng >> 33) as usize % good.len();
+            let mut bad = good.clone();
+            bad[pos] ^= 1 << (rng % 8);
+            std::fs::write(&path, &bad).unwrap();
+            assert!(
+                scan_index(&path, |_, _| {}).is_err(),
+                "flip at {pos} not detected"
+            );
+            if let Ok(idx) = IndexFile::open(&path) {
+                let _ = idx.lookup(&probe);
+            }
+        }
+    }
+}

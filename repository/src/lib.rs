@@ -1,0 +1,197 @@
+//! # Backflow repository format, version 1
+//!
+//! A repository stores restore points of virtual machine disks. Disks are cut into fixed-size chunks aligned
+//! to the disk; each distinct chunk is stored once, compressed, in a pack file; each restore point (snapshot)
+//! is a manifest listing, for every chunk of every disk, the digest of its contents. This crate is the only
+//! code that reads or writes the format; this page is its design document.
+//!
+//! ## Goals that shaped the format
+//! - **Nothing committed is lost by a later failure.** Files are written once under a temporary name, fsynced,
+//!   renamed, and never modified again. The manifest is written last, so it only names durable data.
+//! - **Memory does not grow with the repository.** Index files and manifests are searched and read in place
+//!   with positioned reads; only fixed-size tables (a 2 KiB fanout per index file) are held in memory.
+//! - **Concurrent backups need no coordination.** Every file a session creates has a fresh random name; no
+//!   file is shared and modified. Two hosts backing up into one repository only share a read lock.
+//! - **Damage is found, named and contained.** Every file has a magic, a version and a checksum; every read
+//!   checks lengths and offsets before using them; a damaged file affects the chunks it holds, not the rest.
+//! - **The index is a cache.** Packs describe themselves, so the index can be rebuilt from packs alone.
+//!
+//! ## Layout
+//! ```text
+//! config                      JSON: format name, version, repository id, chunk size, pack target size
+//! lock                        empty; flock'ed shared by backups, exclusively by gc / index rebuild
+//! packs/XX/<pack id>.pack     immutable chunk containers (XX = first two hex digits of the id)
+//! index/<session id>.idx      one per committed session: digest -> (pack, offset, lengths, codec)
+//! index/rebuild-<hex>.idx     the single index written by `rebuild_index`, replacing all others
+//! snapshots/<snapshot id>.snap  one manifest per restore point
+//! tmp/<session id>/           scratch of a running session: chunk tables, unfinished packs, temp files
+//! ```
+//! Pack ids are 128 random bits (32 hex digits). Snapshot ids are `YYYYMMDDTHHMMSSZ-xxxxxx`: the UTC second
+//! the backup began and 24 random bits, so `ls snapshots/` is chronological; the session id is the same string.
+//! The 256 pack subdirectories keep directories small: a 100 TiB repository has about 3 million packs of
+//! 32 MiB, 12,000 per directory.
+//!
+//! All integers are little-endian. Every binary file starts with an 8-byte magic and a `u32` version
+//! ([`FORMAT_VERSION`]); readers refuse other versions with [`RepoError::UnsupportedVersion`]. Header sizes are
+//! fixed and checked at compile time next to their encoders.
+//!
+//! ## `config`
+//! JSON (`{"format":"backflow-repository","version":1,"id":…,"chunk_size":…,"pack_target_size":…}`), written
+//! through `config.tmp` and a rename as the last step of `init`: a directory without `config` is not a
+//! repository, so an interrupted `init` can simply be repeated. The chunk size is a multiple of 64 KiB (the
+//! QEMU dirty-bitmap granularity, so a dirty extent maps to whole chunks) from [`MIN_CHUNK_SIZE`] to
+//! [`MAX_CHUNK_SIZE`]; [`DEFAULT_CHUNK_SIZE`] is 128 KiB. It applies to new disks: each disk records its own
+//! chunk size in the manifest.
+//!
+//! ## Pack files
+//! ```text
+//! 0            header (32): magic "BFLWPACK" | version u32 | reserved u32 | pack id [16]
+//! 32           blobs back to back, each exactly as its codec produced it
+//! trailer_off  trailer: one 56-byte entry per blob, in blob order:
+//!                digest [32] | offset u64 | stored_len u32 | raw_len u32 | codec u8 | reserved [7]
+//! len - 64     footer (64): trailer_off u64 | entry_count u64 | version u32 | reserved u32
+//!                | checksum [32] = BLAKE3(header ‖ trailer ‖ footer[0..24]) | magic "BFLWPEND"
+//! ```
+//! Chunks are compressed individually ([`Codec::Zstd`], or [`Codec::None`] when compression does not pay), so
+//! any chunk is read with one positioned read and no neighbours. A writer streams blobs to the file and keeps
+//! only the trailer entries in memory; it closes the pack at the target size ([`DEFAULT_PACK_TARGET_SIZE`],
+//! 32 MiB: few files for object storage, bounded loss if one is damaged). The footer is found at a fixed
+//! distance from the end, and `trailer_off + entry_count * 56 + 64 == length` is checked before anything else,
+//! so a truncated pack is recognised at once. The checksum covers the header (pack id) and the trailer; blob
+//! bytes are not covered because every blob is verified against its own digest when read. The trailer makes
+//! the pack self-describing: [`read_pack_trailer`] and [`Repository::rebuild_index`] need nothing else.
+//!
+//! ## Index files
+//! ```text
+//! 0        header (32): magic "BFLWIDX\0" | version u32 | record_size u32 (56) | record_count u64
+//!                       | pack_count u32 | reserved u32
+//! 32       pack table: pack_count ids of 16 bytes
+//! P        fanout: 256 u64; fanout[b] = number of records whose digest starts with a byte <= b
+//! P+2048   records sorted by digest, 56 bytes each:
+//!            digest [32] | pack u32 (position in the pack table) | codec u8 | reserved [3]
+//!            | offset u64 | stored_len u32 | raw_len u32
+//! end-32   BLAKE3 of everything before
+//! ```
+//! The design follows git's pack index. A lookup reads the digest's fanout bucket bounds from memory and
+//! binary-searches that bucket with `pread` (about log2(n / 256) reads of 56 bytes), then reads the 16-byte
+//! pack id: memory per index file is its 2 KiB fanout and a file descriptor, whatever its size. With 64 KiB
+//! chunks a TiB of unique data is 16 Mi records, 900 MiB of index on disk and nothing of it in memory.
+//!
+//! Each committed session writes one index file for the packs it wrote. Index files are never modified, so
+//! concurrent sessions need no lock to add theirs. A [`Repository`] lists `index/` on its first lookup, not at
+//! open, and lists it again when a lookup misses and the directory's modification time changed (or is so
+//! recent that a coarse timestamp could hide a change): a long-running backup dedups against chunks that
+//! other processes committed after it started, while a hit costs no system call beyond the search.
+//! [`Repository::refresh`] lists at once. Opening an index checks header, length and fanout, not the checksum
+//! (which would read the file); `verify` checks checksums, and an index that cannot be opened is skipped
+//! with a warning (its chunks are not deduplicated against, and are reported by `verify`).
+//!
+//! A session's index entries are kept in memory up to 512 Ki records (28 MiB) and then spilled to sorted runs
+//! in its scratch directory, merged into the index file at commit: a full backup of a 2 TiB disk costs the
+//! same memory as a small one. A digest may appear twice (two writer threads raced to store it); either copy
+//! is valid. A lookup costs one binary search per index file, so many small index files make lookups slower:
+//! merging them (with gc) is left to a later version, and the per-session count is the reason the rebuilt
+//! index is a single file.
+//!
+//! ## Snapshot manifests
+//! ```text
+//! 0          header (32): magic "BFLWSNAP" | version u32 | disk_count u32 | meta_len u64 | entry_count u64
+//! 32         metadata: meta_len bytes of JSON (SnapshotMeta: id, vm, time, hostname, domain XML, disks with
+//!            name, size, chunk size, source location and opaque changed-block-tracking state)
+//! 32+meta    one chunk table per disk, in metadata order: ceil(size / chunk_size) entries of 32 bytes
+//! end-32     BLAKE3 of everything before
+//! ```
+//! An entry is the BLAKE3 digest of the chunk's plaintext, or 32 zero bytes for a chunk that reads as zeros
+//! (stored as nothing, restored as a hole). BLAKE3 yields the all-zero digest with probability 2^-256, and
+//! the writer rejects it, so the encoding is unambiguous. The last chunk of a disk may be partial; its
+//! plaintext is just shorter. Every snapshot is a logical full: an incremental references its parent's chunks
+//! by digest ([`BackupSession::copy_chunks`] copies unchanged ranges), so any snapshot restores alone and
+//! deleting one never breaks another.
+//!
+//! Opening a snapshot streams the whole file through BLAKE3 once with a bounded buffer and keeps only the
+//! metadata; entries are then read by position ([`Snapshot::chunk`]) or sequentially ([`Snapshot::chunks`]),
+//! so a 2 TiB disk's table (512 MiB at 128 KiB chunks) is never in memory. Listing reads header and metadata
+//! only. Metadata readers ignore unknown JSON keys: an optional key may be added within version 1; any
+//! change of meaning or binary layout is a new version.
+//!
+//! During a session each disk's table is a sparse scratch file (`tmp/SESSION/disk-N.table`) pre-sized to its
+//! entry count, all zero, written with `pwrite` by any thread in any order; commit copies it into the manifest.
+//!
+//! ## Commit order and crash consistency
+//! 1. Each pack: written under `tmp/SESSION/ID.pack.tmp`, fsynced, renamed to `packs/XX/ID.pack`, directory
+//!    fsynced. Only then are its entries handed to the session.
+//! 2. The index file: `tmp/SESSION/index.tmp`, fsynced, renamed to `index/SESSION.idx`, directory fsynced.
+//! 3. The manifest: `tmp/SESSION/manifest.tmp`, fsynced, hard-linked to `snapshots/ID.snap` (a link never
+//!    replaces an existing name, unlike rename), directory fsynced. This is the commit point.
+//! 4. The scratch directory is removed.
+//!
+//! Every chunk a manifest references is either in this session's packs (durable before step 2) or was found
+//! by a lookup in a committed index file (whose packs were durable before it existed). So a crash at any
+//! moment leaves the repository valid: before step 3 there is no snapshot, only packs and perhaps an index
+//! file that nothing references (they even serve as dedup targets for the next backup, and a gc removes
+//! them); after step 3 the snapshot is complete. A dropped (uncommitted) session behaves the same way.
+//! Leftover scratch directories are ignored by readers and removed by [`Repository::remove_stale_scratch`].
+//! A session refuses to commit if a pack writer was dropped with chunks in its open pack, since those chunks
+//! were never stored.
+//!
+//! ## Locking
+//! - Backup sessions hold a shared `flock` on `lock` from `begin_backup` until commit or drop; a future
+//!   garbage collection and [`Repository::rebuild_index`] take it exclusively, so they never delete or
+//!   re-index packs of a running session. Both use `try_lock`: a conflict is an immediate, retryable
+//!   [`RepoError::Locked`], never a hang.
+//! - Each session holds an exclusive `flock` on its scratch directory. The kernel releases it when the process
+//!   dies, so a free lock means an abandoned directory.
+//! - Readers (list, open, lookup, read, verify) take no lock: committed files are immutable. Restores running
+//!   during a future gc will need the shared lock too; that is gc's design to finish.
+//!
+//! ## What `verify` checks
+//! Without reading data: every manifest's checksum and structure, that every referenced digest is in the
+//! index, every index file's checksum and order, and that every pack the index names exists with an intact
+//! footer and trailer (checksum) and covers the records that point into it. With `read_data`, in addition,
+//! every blob of every indexed pack is read, decoded and hashed against its digest. Each damaged chunk is
+//! reported with its digest, pack and offset, what is wrong, and the ids of the snapshots that use it (found by
+//! a second pass over the manifests, so memory stays bounded). See [`VerifyReport`].
+//!
+//! ## Limits
+//! Chunk sizes 64 KiB..=16 MiB; encoded blobs at most [`MAX_STORED_LEN`]; pack target 64 KiB..=1 GiB;
+//! manifest metadata at most 16 MiB; snapshot and session ids are `[A-Za-z0-9_-]{1,64}`. Each open
+//! [`Repository`] keeps one file descriptor per index file and up to 16 open packs. Reading never allocates
+//! more than a chunk's bounded length from a value read on disk.
+
+mod config;
+mod error;
+mod format;
+mod ids;
+mod index;
+mod pack;
+mod repository;
+mod scratch;
+mod session;
+mod snapshot;
+mod types;
+mod verify;
+
+pub use config::{
+    CHUNK_SIZE_ALIGN, DEFAULT_CHUNK_SIZE, DEFAULT_PACK_TARGET_SIZE, InitOptions, MAX_CHUNK_SIZE,
+    MAX_PACK_TARGET_SIZE, MAX_STORED_LEN, MIN_CHUNK_SIZE, MIN_PACK_TARGET_SIZE, RepositoryConfig,
+};
+pub use error::{RepoError, Result};
+pub use format::FORMAT_VERSION;
+pub use ids::rfc3339;
+pub use pack::{PackEntry, PackTrailer, PackWriter, decode, decode_into, read_pack_trailer};
+pub use repository::{RebuildReport, Repository};
+pub use session::BackupSession;
+pub use snapshot::{DiskInfo, DiskMeta, Snapshot, SnapshotInfo, SnapshotMeta};
+pub use types::{BadDigest, ChunkLocation, ChunkRef, Codec, Digest, PackId, StoredChunk};
+pub use verify::{ChunkProblem, DamagedFile, ProblemKind, VerifyReport};
+
+impl Repository {
+    /// Checks the repository; see "What `verify` checks" above. Problems are in the report, not an `Err`: an
+    /// `Err` means verify itself could not run (the repository directory is unreadable).
+    pub fn verify(&self, read_data: bool) -> Result<VerifyReport> {
+        verify::verify(self, read_data)
+    }
+}
+
+#[cfg(test)]
+mod crash_tests;

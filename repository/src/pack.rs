@@ -1,0 +1,609 @@
+//! Pack files: immutable containers of encoded chunks, self-describing through a trailer.
+//!
+//! The byte layout is in the crate root ("Pack files"); the constants below are its sizes, checked at compile
+//! time against the field lists of the encoders.
+
+use std::cell::RefCell;
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tracing::debug;
+
+use crate::config::{MAX_CHUNK_SIZE, MAX_STORED_LEN};
+use crate::error::{IoContext, RepoError, Result, read_exact_at};
+use crate::format::{FORMAT_VERSION, FieldReader, FieldWriter, sync_dir};
+use crate::session::SessionShared;
+use crate::{Codec, Digest, PackId};
+
+pub(crate) const PACK_MAGIC: [u8; 8] = *b"BFLWPACK";
+pub(crate) const PACK_FOOTER_MAGIC: [u8; 8] = *b"BFLWPEND";
+pub(crate) const PACK_HEADER_SIZE: usize = 32;
+pub(crate) const PACK_ENTRY_SIZE: usize = 56;
+pub(crate) const PACK_FOOTER_SIZE: usize = 64;
+const _: () = assert!(PACK_HEADER_SIZE == 8 + 4 + 4 + 16);
+const _: () = assert!(PACK_ENTRY_SIZE == 32 + 8 + 4 + 4 + 1 + 7);
+const _: () = assert!(PACK_FOOTER_SIZE == 8 + 8 + 4 + 4 + 32 + 8);
+/// Bytes of the footer covered by the checksum (everything before it).
+const FOOTER_HASHED: usize = 24;
+
+/// Write buffer of a pack writer: large enough that a 64 KiB chunk is one `write` syscall or less, small
+/// enough that eight writer threads hold a few MiB, never a whole pack.
+const PACK_WRITE_BUFFER: usize = 1024 * 1024;
+
+/// One blob as listed in a pack trailer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct PackEntry {
+    pub digest: Digest,
+    pub offset: u64,
+    pub stored_len: u32,
+    pub raw_len: u32,
+    pub codec: Codec,
+}
+
+impl PackEntry {
+    fn encode(&self) -> [u8; PACK_ENTRY_SIZE] {
+        let mut b = [0u8; PACK_ENTRY_SIZE];
+        FieldWriter::new(&mut b)
+            .bytes(self.digest.as_bytes())
+            .u64(self.offset)
+            .u32(self.stored_len)
+            .u32(self.raw_len)
+            .u8(self.codec as u8)
+            .zeros(7)
+            .finish();
+        b
+    }
+
+    fn decode(b: &[u8], path: &Path, data_end: u64) -> Result<PackEntry> {
+        let mut r = FieldReader::new(b);
+        let digest = Digest(r.bytes());
+        let offset = r.u64();
+        let stored_len = r.u32();
+        let raw_len = r.u32();
+        let codec_byte = r.u8();
+        let codec = Codec::from_u8(codec_byte).ok_or_else(|| {
+            RepoError::corrupt(
+                path,
+                format!("trailer entry for {digest} has unknown codec {codec_byte}"),
+            )
+        })?;
+        let entry = PackEntry {
+            digest,
+            offset,
+            stored_len,
+            raw_len,
+            codec,
+        };
+        check_blob_bounds(
+            &entry.location_in(path),
+            offset,
+            stored_len,
+            raw_len,
+            codec,
+            data_end,
+            path,
+        )?;
+        Ok(entry)
+    }
+
+    fn location_in(&self, path: &Path) -> String {
+        format!("{} offset {}", path.display(), self.offset)
+    }
+}
+
+/// Checks a blob's position and lengths against the pack's data region and the format's limits, so no read or
+/// allocation is driven by an absurd value from a damaged index or trailer.
+pub(crate) fn check_blob_bounds(
+    what: &str,
+    offset: u64,
+    stored_len: u32,
+    raw_len: u32,
+    codec: Codec,
+    data_end: u64,
+    path: &Path,
+) -> Result<()> {
+    let end = offset.checked_add(u64::from(stored_len));
+    if offset < PACK_HEADER_SIZE as u64 || end.is_none_or(|e| e > data_end) {
+        return Err(RepoError::corrupt(
+            path,
+            format!(
+                "{what}: blob of {stored_len} bytes at offset {offset} lies outside the data region ..{data_end}"
+            ),
+        ));
+    }
+    if raw_len > MAX_CHUNK_SIZE
+        || stored_len > MAX_STORED_LEN
+        || (codec == Codec::None && stored_len != raw_len)
+    {
+        return Err(RepoError::corrupt(
+            path,
+            format!(
+                "{what}: impossible lengths (stored {stored_len}, raw {raw_len}, codec {codec:?})"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The parsed fixed parts of a pack: what a reader needs before trusting any offset.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct PackFooter {
+    pub trailer_offset: u64,
+    pub entry_count: u64,
+    pub checksum: [u8; 32],
+    raw: [u8; PACK_FOOTER_SIZE],
+    header: [u8; PACK_HEADER_SIZE],
+}
+
+/// Reads and checks the header and footer of an open pack (two small reads).
+pub(crate) fn read_frame(file: &File, path: &Path, expected: Option<PackId>) -> Result<PackFooter> {
+    let len = file.metadata().ctx("stat", path)?.len();
+    let min = (PACK_HEADER_SIZE + PACK_FOOTER_SIZE) as u64;
+    if len < min {
+        return Err(RepoError::corrupt(
+            path,
+            format!("truncated: {len} bytes, a pack has at least {min}"),
+        ));
+    }
+    let mut header = [0u8; PACK_HEADER_SIZE];
+    read_exact_at(file, &mut header, 0, path, "pack header")?;
+    let mut h = FieldReader::new(&header);
+    if h.bytes::<8>() != PACK_MAGIC {
+        return Err(RepoError::corrupt(path, "not a pack file (bad magic)"));
+    }
+    let version = h.u32();
+    if version != FORMAT_VERSION {
+        return Err(RepoError::UnsupportedVersion {
+            path: path.to_owned(),
+            found: version,
+            supported: FORMAT_VERSION,
+        });
+    }
+    h.skip(4);
+    let id = PackId(h.bytes());
+    if let Some(expected) = expected
+        && id != expected
+    {
+        return Err(RepoError::corrupt(
+            path,
+            format!("header names pack {id}, not {expected}"),
+        ));
+    }
+    let mut raw = [0u8; PACK_FOOTER_SIZE];
+    read_exact_at(
+        file,
+        &mut raw,
+        len - PACK_FOOTER_SIZE as u64,
+        path,
+        "pack footer",
+    )?;
+    let mut r = FieldReader::new(&raw);
+    let trailer_offset = r.u64();
+    let entry_count = r.u64();
+    let fversion = r.u32();
+    r.skip(4);
+    let checksum = r.bytes::<32>();
+    let magic = r.bytes::<8>();
+    if magic != PACK_FOOTER_MAGIC {
+        return Err(RepoError::corrupt(
+            path,
+            "truncated or damaged: no pack footer at the end of the file",
+        ));
+    }
+    if fversion != FORMAT_VERSION {
+        return Err(RepoError::UnsupportedVersion {
+            path: path.to_owned(),
+            found: fversion,
+            supported: FORMAT_VERSION,
+        });
+    }
+    let expected_len = entry_count
+        .checked_mul(PACK_ENTRY_SIZE as u64)
+        .and_then(|t| t.checked_add(trailer_offset))
+        .and_then(|t| t.checked_add(PACK_FOOTER_SIZE as u64));
+    if trailer_offset < PACK_HEADER_SIZE as u64 || expected_len != Some(len) {
+        return Err(RepoError::corrupt(
+            path,
+            format!(
+                "footer (trailer at {trailer_offset}, {entry_count} entries) does not match the file length {len}"
+            ),
+        ));
+    }
+    Ok(PackFooter {
+        trailer_offset,
+        entry_count,
+        checksum,
+        raw,
+        header,
+    })
+}
+
+/// Everything a pack says about itself.
+#[derive(Clone, Debug)]
+pub struct PackTrailer {
+    pub id: PackId,
+    /// End of the blob region (= offset of the trailer).
+    pub data_end: u64,
+    pub entries: Vec<PackEntry>,
+}
+
+/// Reads a pack's trailer and checks its checksum: the pack's table of contents, from the pack alone. This is
+/// what [`crate::Repository::rebuild_index`] and `verify` use. Memory is proportional to the pack's entry
+/// count (56 bytes per blob), never to its data.
+pub fn read_pack_trailer(path: &Path) -> Result<PackTrailer> {
+    let file = File::open(path).ctx("open pack", path)?;
+    let expected = path
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .and_then(|s| s.parse().ok());
+    let footer = read_frame(&file, path, expected)?;
+    let id = PackId(footer.header[16..32].try_into().expect("16 bytes"));
+    let len = footer.entry_count as usize * PACK_ENTRY_SIZE;
+    let mut trailer = vec![0u8; len];
+    read_exact_at(
+        &file,
+        &mut trailer,
+        footer.trailer_offset,
+        path,
+        "pack trailer",
+    )?;
+    let mut hasher = blake3::Hasher::new();
+    hasher.update(&footer.header);
+    hasher.update(&trailer);
+    hasher.update(&footer.raw[..FOOTER_HASHED]);
+    if hasher.finalize().as_bytes() != &footer.checksum {
+        return Err(RepoError::corrupt(
+            path,
+            "trailer checksum mismatch: the table of contents is damaged",
+        ));
+    }
+    let entries = trailer
+        .chunks_exact(PACK_ENTRY_SIZE)
+        .map(|b| PackEntry::decode(b, path, footer.trailer_offset))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(PackTrailer {
+        id,
+        data_end: footer.trailer_offset,
+        entries,
+    })
+}
+
+/// `packs/XX/ID.pack`, XX being the first two hex digits: 256 directories keep each one small.
+pub(crate) fn pack_path(repo: &Path, id: &PackId) -> PathBuf {
+    let hex = id.to_hex();
+    repo.join("packs")
+        .join(&hex[..2])
+        .join(format!("{hex}.pack"))
+}
+
+/// An open pack file, checked once on open, kept in the repository's small cache for reads.
+#[derive(Debug)]
+pub(crate) struct PackHandle {
+    pub file: File,
+    pub path: PathBuf,
+    pub data_end: u64,
+}
+
+impl PackHandle {
+    pub(crate) fn open(repo: &Path, id: PackId) -> Result<PackHandle> {
+        let path = pack_path(repo, &id);
+        let file = File::open(&path).ctx("open pack", &path)?;
+        let footer = read_frame(&file, &path, Some(id))?;
+        Ok(PackHandle {
+            file,
+            path,
+            data_end: footer.trailer_offset,
+        })
+    }
+}
+
+thread_local! {
+    /// One zstd decompression context per thread: creating one per chunk would allocate its state every time.
+    static DECOMPRESSOR: RefCell<Option<zstd::bulk::Decompressor<'static>>> = const { RefCell::new(None) };
+}
+
+/// Turns a stored blob back into exactly `raw_len` bytes of plaintext. zstd output is bounded by `raw_len`, so a
+/// damaged blob cannot make it allocate more; any length other than `raw_len` is an error.
+pub fn decode(codec: Codec, data: &[u8], raw_len: u32) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
+    decode_into(codec, data, raw_len, &mut out)?;
+    Ok(out)
+}
+
+/// [`decode`] into a caller's buffer (resized to `raw_len`), for loops that decode many chunks.
+pub fn decode_into(codec: Codec, data: &[u8], raw_len: u32, out: &mut Vec<u8>) -> Result<()> {
+    let fail = |detail: String| RepoError::Decode {
+        location: format!("{codec:?} blob of {} bytes", data.len()),
+        detail,
+    };
+    if raw_len > MAX_CHUNK_SIZE {
+        return Err(fail(format!(
+            "raw length {raw_len} exceeds the 16 MiB chunk limit"
+        )));
+    }
+    out.clear();
+    match codec {
+        Codec::None => {
+            if data.len() != raw_len as usize {
+                return Err(fail(format!(
+                    "stored {} bytes but the raw length is {raw_len}",
+                    data.len()
+                )));
+            }
+            out.extend_from_slice(data);
+        }
+        Codec::Zstd => {
+            out.resize(raw_len as usize, 0);
+            let n = DECOMPRESSOR.with(|cell| -> std::io::Result<usize> {
+                let mut slot = cell.borrow_mut();
+                let d = match slot.as_mut() {
+                    Some(d) => d,
+                    None => slot.insert(zstd::bulk::Decompressor::new()?),
+                };
+                d.decompress_to_buffer(data, out.as_mut_slice())
+            });
+            match n {
+                Ok(n) if n == raw_len as usize => {}
+                Ok(n) => return Err(fail(format!("decoded to {n} bytes, expected {raw_len}"))),
+                Err(e) => return Err(fail(format!("zstd: {e} (or longer than {raw_len} bytes)"))),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A pack being written in the session's scratch directory.
+struct OpenPack {
+    id: PackId,
+    tmp: PathBuf,
+    out: BufWriter<File>,
+    offset: u64,
+    entries: Vec<PackEntry>,
+}
+
+/// Streams encoded chunks into pack files, one pack at a time, for one writer thread.
+///
+/// A pack is closed when it reaches the repository's pack target size (it may exceed it by one blob), and on
+/// [`PackWriter::finish`]. Closing writes the trailer and footer, fsyncs, renames the file from the session's
+/// scratch directory to `packs/XX/ID.pack` and fsyncs that directory; only then are its entries handed to the
+/// session for the index, so the index never names a pack that is not durable.
+///
+/// The writer does not deduplicate: the caller looks chunks up before encoding them and remembers what it
+/// already wrote in this session. Dropping a writer whose open pack holds chunks makes the session refuse to
+/// commit, since the manifest could reference chunks that were never stored.
+pub struct PackWriter {
+    session: Arc<SessionShared>,
+    current: Option<OpenPack>,
+    bytes_written: u64,
+    /// Set by a simulated crash in tests: leave the temporary pack behind like a killed process would.
+    leave_scratch: bool,
+}
+
+impl PackWriter {
+    pub(crate) fn new(session: Arc<SessionShared>) -> PackWriter {
+        session.writer_opened();
+        PackWriter {
+            session,
+            current: None,
+            bytes_written: 0,
+            leave_scratch: false,
+        }
+    }
+
+    /// Appends one encoded chunk. `data` is what `decode(codec, data, raw_len)` turns back into the plaintext
+    /// whose BLAKE3 is `digest`.
+    pub fn add(&mut self, digest: Digest, codec: Codec, raw_len: u32, data: &[u8]) -> Result<()> {
+        let stored_len = u32::try_from(data.len()).unwrap_or(u32::MAX);
+        if raw_len > MAX_CHUNK_SIZE
+            || stored_len > MAX_STORED_LEN
+            || (codec == Codec::None && stored_len != raw_len)
+        {
+            return Err(RepoError::InvalidArgument(format!(
+                "chunk {digest}: impossible lengths (stored {}, raw {raw_len}, codec {codec:?})",
+                data.len()
+            )));
+        }
+        self.append(digest, codec, raw_len, stored_len, data)
+            .inspect_err(|e| self.abandon(e))
+    }
+
+    fn append(
+        &mut self,
+        digest: Digest,
+        codec: Codec,
+        raw_len: u32,
+        stored_len: u32,
+        data: &[u8],
+    ) -> Result<()> {
+        if self.current.is_none() {
+            self.current = Some(self.start_pack()?);
+        }
+        let pack = self.current.as_mut().expect("just opened");
+        pack.out.write_all(data).ctx("write pack", &pack.tmp)?;
+        pack.entries.push(PackEntry {
+            digest,
+            offset: pack.offset,
+            stored_len,
+            raw_len,
+            codec,
+        });
+        pack.offset += u64::from(stored_len);
+        self.bytes_written += u64::from(stored_len);
+        if pack.offset >= self.session.pack_target_size {
+            self.seal()?;
+        }
+        Ok(())
+    }
+
+    /// Closes the last pack and hands its entries to the session. Must be called before `commit`.
+    pub fn finish(mut self) -> Result<()> {
+        self.seal().inspect_err(|e| self.abandon(e))
+    }
+
+    /// After a failed write the open pack's contents no longer match its entries (part of a blob may be in
+    /// the file), so it is discarded, and the session, whose manifest may already reference its chunks, can
+    /// no longer commit.
+    fn abandon(&mut self, e: &RepoError) {
+        if let Some(pack) = self.current.take() {
+            drop(pack.out);
+            let _ = std::fs::remove_file(&pack.tmp);
+        }
+        self.session.poison(format!("a pack write failed: {e}"));
+    }
+
+    /// Bytes written to pack files so far, headers and trailers included.
+    pub fn bytes_written(&self) -> u64 {
+        self.bytes_written
+    }
+
+    fn start_pack(&mut self) -> Result<OpenPack> {
+        let id = PackId::random();
+        let tmp = self
+            .session
+            .scratch
+            .join(format!("{}.pack.tmp", id.to_hex()));
+        let file = File::options()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+            .ctx("create pack", &tmp)?;
+        let mut out = BufWriter::with_capacity(PACK_WRITE_BUFFER, file);
+        out.write_all(&encode_header(id)).ctx("write pack", &tmp)?;
+        self.bytes_written += PACK_HEADER_SIZE as u64;
+        Ok(OpenPack {
+            id,
+            tmp,
+            out,
+            offset: PACK_HEADER_SIZE as u64,
+            entries: Vec::new(),
+        })
+    }
+
+    fn seal(&mut self) -> Result<()> {
+        let Some(mut pack) = self.current.take() else {
+            return Ok(());
+        };
+        let header = encode_header(pack.id);
+        let mut hasher = blake3::Hasher::new();
+        hasher.update(&header);
+        for e in &pack.entries {
+            let b = e.encode();
+            hasher.update(&b);
+            pack.out.write_all(&b).ctx("write pack", &pack.tmp)?;
+        }
+        let mut footer = [0u8; PACK_FOOTER_SIZE];
+        FieldWriter::new(&mut footer[..FOOTER_HASHED])
+            .u64(pack.offset)
+            .u64(pack.entries.len() as u64)
+            .u32(FORMAT_VERSION)
+            .u32(0)
+            .finish();
+        hasher.update(&footer[..FOOTER_HASHED]);
+        FieldWriter::new(&mut footer[FOOTER_HASHED..])
+            .bytes(hasher.finalize().as_bytes())
+            .bytes(&PACK_FOOTER_MAGIC)
+            .finish();
+        pack.out.write_all(&footer).ctx("write pack", &pack.tmp)?;
+        let file = pack
+            .out
+            .into_inner()
+            .map_err(|e| RepoError::io("write pack", &pack.tmp, e.into_error()))?;
+        file.sync_all().ctx("fsync pack", &pack.tmp)?;
+        drop(file);
+        self.bytes_written += (pack.entries.len() * PACK_ENTRY_SIZE + PACK_FOOTER_SIZE) as u64;
+
+        let dest = pack_path(&self.session.repo, &pack.id);
+        let dir = dest.parent().expect("packs/XX");
+        if !dir.exists() {
+            match std::fs::create_dir(dir) {
+                Ok(()) => sync_dir(&self.session.repo.join("packs"))?,
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(RepoError::io("create directory", dir, e)),
+            }
+        }
+        std::fs::rename(&pack.tmp, &dest).ctx("rename pack into place", &dest)?;
+        sync_dir(dir)?;
+        debug!(pack = %pack.id, chunks = pack.entries.len(), bytes = pack.offset, "Pack written.");
+        self.session.add_pack(pack.id, &pack.entries)
+    }
+
+    #[cfg(test)]
+    pub(crate) fn crash(mut self) {
+        self.leave_scratch = true;
+    }
+}
+
+impl Drop for PackWriter {
+    fn drop(&mut self) {
+        if let Some(pack) = self.current.take() {
+            if !pack.entries.is_empty() {
+                self.session.poison(format!(
+                    "a pack writer was dropped without finish(); {} chunks were lost",
+                    pack.entries.len()
+                ));
+            }
+            if !self.leave_scratch {
+                drop(pack.out);
+                let _ = std::fs::remove_file(&pack.tmp);
+            }
+        }
+        self.session.writer_closed();
+    }
+}
+
+fn encode_header(id: PackId) -> [u8; PACK_HEADER_SIZE] {
+    let mut b = [0u8; PACK_HEADER_SIZE];
+    FieldWriter::new(&mut b)
+        .bytes(&PACK_MAGIC)
+        .u32(FORMAT_VERSION)
+        .u32(0)
+        .bytes(&id.0)
+        .finish();
+    b
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decode_checks_lengths() {
+        let plain = vec![7u8; 100_000];
+        let z = zstd::bulk::compress(&plain, 1).unwrap();
+        assert_eq!(decode(Codec::Zstd, &z, 100_000).unwrap(), plain);
+        assert!(matches!(
+            decode(Codec::Zstd, &z, 99_999),
+            Err(RepoError::Decode { .. })
+        ));
+        assert!(matches!(
+            decode(Codec::Zstd, &z, 100_001),
+            Err(RepoError::Decode { .. })
+        ));
+        assert!(matches!(
+            decode(Codec::Zstd, &z[..z.len() / 2], 100_000),
+            Err(RepoError::Decode { .. })
+        ));
+        assert!(matches!(
+            decode(Codec::None, &plain, 5),
+            Err(RepoError::Decode { .. })
+        ));
+        assert!(decode(Codec::Zstd, b"garbage", 10).is_err());
+        assert!(decode(Codec::Zstd, &z, MAX_CHUNK_SIZE + 1).is_err());
+    }
+
+    #[test]
+    fn entry_round_trips() {
+        let e = PackEntry {
+            digest: Digest([9; 32]),
+            offset: 32,
+            stored_len: 10,
+            raw_len: 10,
+            codec: Codec::None,
+        };
+        let got = PackEntry::decode(&e.encode(), Path::new("p"), 42).unwrap();
+        assert_eq!(got, e);
+        assert!(PackEntry::decode(&e.encode(), Path::new("p"), 41).is_err());
+    }
+}

@@ -1,0 +1,553 @@
+//! [`Repository`]: the handle through which everything is read and written.
+
+use std::collections::HashSet;
+use std::ffi::OsString;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime};
+
+use tracing::{info, warn};
+
+use crate::config::{InitOptions, RepositoryConfig};
+use crate::error::{IoContext, RepoError, Result, read_exact_at};
+use crate::format::sync_dir;
+use crate::index::{IndexBuilder, IndexFile};
+use crate::pack::{PackHandle, check_blob_bounds, read_pack_trailer};
+use crate::session::BackupSession;
+use crate::snapshot::{Snapshot, SnapshotInfo, read_meta, snapshot_path};
+use crate::{ChunkLocation, Digest, PackId, StoredChunk};
+
+/// Open pack files kept for `read_chunk`: restore reads packs in roughly the order they were written, and a
+/// handful of writer threads interleave their packs, so a small cache hits almost always while bounding the
+/// file descriptors a reader holds.
+const PACK_CACHE_SIZE: usize = 16;
+
+/// A directory whose modification time is this close to the moment it was listed may change again without
+/// its time changing (file systems with coarse timestamps), so it is listed again on the next lookup miss.
+const RACY_MTIME_WINDOW: Duration = Duration::from_secs(2);
+
+/// The index files known to a repository handle.
+#[derive(Debug, Default)]
+struct IndexSet {
+    files: Vec<IndexFile>,
+    /// Names already opened or found damaged, so a listing only opens new files.
+    known: HashSet<OsString>,
+    /// Index files that could not be opened, with why; lookups skip them, `verify` reports them.
+    damaged: Vec<(PathBuf, String)>,
+    listed_mtime: Option<SystemTime>,
+    listed_at: Option<SystemTime>,
+    /// Bumped when the set is replaced rather than extended (after `rebuild_index`).
+    generation: u64,
+}
+
+impl IndexSet {
+    fn dir_mtime(dir: &Path) -> Option<SystemTime> {
+        std::fs::metadata(dir).and_then(|m| m.modified()).ok()
+    }
+
+    /// Whether another process may have added an index file since the last listing.
+    fn may_be_stale(&self, dir: &Path) -> bool {
+        let (Some(mtime), Some(at)) = (self.listed_mtime, self.listed_at) else {
+            return true;
+        };
+        let now = Self::dir_mtime(dir);
+        now != Some(mtime)
+            || at
+                .duration_since(mtime)
+                .map_or(true, |d| d < RACY_MTIME_WINDOW)
+    }
+
+    /// Opens index files not seen before; returns whether any were added.
+    fn rescan(&mut self, dir: &Path) -> Result<bool> {
+        let mtime = Self::dir_mtime(dir);
+        let at = SystemTime::now();
+        let mut added = false;
+        for entry in std::fs::read_dir(dir).ctx("list", dir)? {
+            let entry = entry.ctx("list", dir)?;
+            let name = entry.file_name();
+            if !name.to_string_lossy().ends_with(".idx") || self.known.contains(&name) {
+                continue;
+            }
+            let path = entry.path();
+            match IndexFile::open(&path) {
+                Ok(f) => {
+                    self.files.push(f);
+                    added = true;
+                }
+                // Removed between listing and opening (an index rebuild in another process).
+                Err(RepoError::Io { source, .. })
+                    if source.kind() == std::io::ErrorKind::NotFound =>
+                {
+                    continue;
+                }
+                // A damaged index costs dedup and makes its chunks unfindable; it must not make the whole
+                // repository unusable. `verify` names it, `rebuild_index` replaces it.
+                Err(e) => {
+                    warn!(file = %path.display(), error = %e, "Skipping a damaged index file.");
+                    self.damaged.push((path, e.to_string()));
+                }
+            }
+            self.known.insert(name);
+        }
+        self.listed_mtime = mtime;
+        self.listed_at = Some(at);
+        Ok(added)
+    }
+
+    fn lookup_from(&self, start: usize, digest: &Digest) -> Result<Option<ChunkLocation>> {
+        for f in self.files.iter().skip(start) {
+            if let Some(loc) = f.lookup(digest)? {
+                return Ok(Some(loc));
+            }
+        }
+        Ok(None)
+    }
+}
+
+#[derive(Debug)]
+struct Inner {
+    path: PathBuf,
+    config: RepositoryConfig,
+    indexes: RwLock<IndexSet>,
+    /// Most recently used last.
+    packs: Mutex<Vec<(PackId, Arc<PackHandle>)>>,
+}
+
+/// A repository on a local (or POSIX cluster) file system. Cheap to clone: clones share open files and caches.
+#[derive(Clone, Debug)]
+pub struct Repository {
+    inner: Arc<Inner>,
+}
+
+/// Outcome of [`Repository::rebuild_index`].
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct RebuildReport {
+    pub packs: u64,
+    pub chunks: u64,
+    /// Packs whose trailer could not be read, with why; their chunks are not in the new index.
+    pub damaged_packs: Vec<(String, String)>,
+}
+
+impl Repository {
+    /// Creates a repository with the default pack size. `path` may exist if it is an empty directory.
+    pub fn init(path: &Path, chunk_size: u32) -> Result<Repository> {
+        Repository::init_with(
+            path,
+            &InitOptions {
+                chunk_size,
+                ..InitOptions::default()
+            },
+        )
+    }
+
+    pub fn init_with(path: &Path, options: &InitOptions) -> Result<Repository> {
+        let config = RepositoryConfig::new(options)?;
+        let refuse = |reason: &str| RepoError::InitRefused {
+            path: path.to_owned(),
+            reason: reason.to_owned(),
+        };
+        match std::fs::read_dir(path) {
+            Ok(mut entries) => {
+                if path.join("config").exists() {
+                    return Err(refuse("it is already a repository"));
+                }
+                if entries.next().is_some() {
+                    return Err(refuse("the directory is not empty"));
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                std::fs::create_dir_all(path).ctx("create directory", path)?;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotADirectory => {
+                return Err(refuse("it is not a directory"));
+            }
+            Err(e) => return Err(RepoError::io("list", path, e)),
+        }
+        for dir in ["packs", "index", "snapshots", "tmp"] {
+            let d = path.join(dir);
+            std::fs::create_dir(&d).ctx("create directory", &d)?;
+        }
+        let lock = path.join("lock");
+        File::create(&lock)
+            .and_then(|f| f.sync_all())
+            .ctx("create", &lock)?;
+        sync_dir(path)?;
+        // `config` last: a directory without it is not a repository, so an interrupted init can be redone.
+        config.store(path)?;
+        info!(repo = %path.display(), chunk_size = config.chunk_size, "Repository created.");
+        Repository::open(path)
+    }
+
+    pub fn open(path: &Path) -> Result<Repository> {
+        let config = RepositoryConfig::load(path)?;
+        for dir in ["packs", "index", "snapshots", "tmp"] {
+            if !path.join(dir).is_dir() {
+                return Err(RepoError::NotARepository {
+                    path: path.to_owned(),
+                    reason: format!("the {dir}/ directory is missing"),
+                });
+            }
+        }
+        Ok(Repository {
+            inner: Arc::new(Inner {
+                path: path.to_owned(),
+                config,
+                indexes: RwLock::new(IndexSet::default()),
+                packs: Mutex::new(Vec::with_capacity(PACK_CACHE_SIZE)),
+            }),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    pub fn chunk_size(&self) -> u32 {
+        self.inner.config.chunk_size
+    }
+
+    pub fn config(&self) -> &RepositoryConfig {
+        &self.inner.config
+    }
+
+    /// All snapshots, oldest first. Reads each manifest's header and metadata only. A manifest that cannot be
+    /// read is left out with a warning rather than failing the listing (one damaged restore point must not
+    /// hide the others); `verify` reports it.
+    pub fn list_snapshots(&self) -> Result<Vec<SnapshotInfo>> {
+        let dir = self.inner.path.join("snapshots");
+        let mut out = Vec::new();
+        for entry in std::fs::read_dir(&dir).ctx("list", &dir)? {
+            let entry = entry.ctx("list", &dir)?;
+            let name = entry.file_name();
+            let Some(id) = name.to_str().and_then(|n| n.strip_suffix(".snap")) else {
+                continue;
+            };
+            if !crate::ids::valid_id(id) {
+                continue;
+            }
+            let path = entry.path();
+            let read = File::open(&path)
+                .ctx("open snapshot", &path)
+                .and_then(|f| read_meta(&f, &path, Some(id)));
+            match read {
+                Ok((meta, _)) => out.push(SnapshotInfo::from_meta(&meta)),
+                Err(e) => {
+                    warn!(file = %path.display(), error = %e, "Skipping an unreadable snapshot.")
+                }
+            }
+        }
+        out.sort_by(|a, b| a.sort_key().cmp(&b.sort_key()));
+        Ok(out)
+    }
+
+    /// Ids of all manifest files, readable ones in time order, then unreadable ones (for `verify`).
+    pub(crate) fn snapshot_ids(&self) -> Result<Vec<String>> {
+        let dir = self.inner.path.join("snapshots");
+        let mut ids: Vec<String> = self.list_snapshots()?.into_iter().map(|s| s.id).collect();
+        let listed: HashSet<String> = ids.iter().cloned().collect();
+        let mut rest = Vec::new();
+        for entry in std::fs::read_dir(&dir).ctx("list", &dir)? {
+            let name = entry.ctx("list", &dir)?.file_name();
+            if let Some(id) = name.to_str().and_then(|n| n.strip_suffix(".snap"))
+                && crate::ids::valid_id(id)
+                && !listed.contains(id)
+            {
+                rest.push(id.to_owned());
+            }
+        }
+        rest.sort();
+        ids.extend(rest);
+        Ok(ids)
+    }
+
+    /// Opens a snapshot by id, or `latest` for the newest of any VM. Verifies the manifest's checksum.
+    pub fn open_snapshot(&self, id: &str) -> Result<Snapshot> {
+        let not_found = || RepoError::SnapshotNotFound {
+            repo: self.inner.path.clone(),
+            id: id.to_owned(),
+        };
+        if id == "latest" {
+            let latest = self.list_snapshots()?.pop().ok_or_else(not_found)?;
+            return self.open_snapshot(&latest.id);
+        }
+        if !crate::ids::valid_id(id) {
+            return Err(not_found());
+        }
+        let path = snapshot_path(&self.inner.path, id);
+        if !path.exists() {
+            return Err(not_found());
+        }
+        Snapshot::open_path(&path, id)
+    }
+
+    /// The newest snapshot of `vm` (by the time its backup began), the parent of the next incremental.
+    pub fn latest_snapshot(&self, vm: &str) -> Result<Option<Snapshot>> {
+        match self
+            .list_snapshots()?
+            .into_iter()
+            .rev()
+            .find(|s| s.vm == vm)
+        {
+            Some(info) => self.open_snapshot(&info.id).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    fn index_dir(&self) -> PathBuf {
+        self.inner.path.join("index")
+    }
+
+    /// Where a committed chunk is stored, if any committed index has it.
+    ///
+    /// Index files are listed on the first lookup, not at open. When a lookup misses and the `index/` directory
+    /// changed since it was listed (another process committed a backup), the new files are opened and searched
+    /// too, so a long-running process sees other sessions' chunks without reopening. A hit never lists.
+    pub fn lookup(&self, digest: &Digest) -> Result<Option<ChunkLocation>> {
+        let dir = self.index_dir();
+        let (seen, generation) = {
+            let set = self.inner.indexes.read().unwrap_or_else(|e| e.into_inner());
+            if let Some(loc) = set.lookup_from(0, digest)? {
+                return Ok(Some(loc));
+            }
+            if !set.may_be_stale(&dir) {
+                return Ok(None);
+            }
+            (set.files.len(), set.generation)
+        };
+        {
+            let mut set = self
+                .inner
+                .indexes
+                .write()
+                .unwrap_or_else(|e| e.into_inner());
+            if set.may_be_stale(&dir) {
+                set.rescan(&dir)?;
+            }
+        }
+        let set = self.inner.indexes.read().unwrap_or_else(|e| e.into_inner());
+        let start = if set.generation == generation {
+            seen
+        } else {
+            0
+        };
+        set.lookup_from(start, digest)
+    }
+
+    /// Lists `index/` now rather than at the next lookup miss.
+    pub fn refresh(&self) -> Result<()> {
+        let mut set = self
+            .inner
+            .indexes
+            .write()
+            .unwrap_or_else(|e| e.into_inner());
+        set.rescan(&self.index_dir()).map(|_| ())
+    }
+
+    /// Index files that could not be opened (path, why), as of the last listing.
+    pub(crate) fn damaged_index_files(&self) -> Vec<(PathBuf, String)> {
+        self.inner
+            .indexes
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .damaged
+            .clone()
+    }
+
+    fn pack(&self, id: PackId) -> Result<Arc<PackHandle>> {
+        {
+            let mut cache = self.inner.packs.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(pos) = cache.iter().position(|(p, _)| *p == id) {
+                let entry = cache.remove(pos);
+                let handle = entry.1.clone();
+                cache.push(entry);
+                return Ok(handle);
+            }
+        }
+        let handle = Arc::new(PackHandle::open(&self.inner.path, id)?);
+        let mut cache = self.inner.packs.lock().unwrap_or_else(|e| e.into_inner());
+        if cache.len() >= PACK_CACHE_SIZE {
+            cache.remove(0);
+        }
+        cache.push((id, handle.clone()));
+        Ok(handle)
+    }
+
+    /// Reads a stored blob, checked against the pack's data region; a short pack is an error, never short data.
+    /// The bytes are not verified against the digest here: decode and hash them (the restore pipeline does),
+    /// or use [`Repository::load_chunk`].
+    pub fn read_chunk(&self, loc: &ChunkLocation) -> Result<StoredChunk> {
+        let pack = self.pack(loc.pack)?;
+        check_blob_bounds(
+            &format!("chunk at offset {}", loc.offset),
+            loc.offset,
+            loc.stored_len,
+            loc.raw_len,
+            loc.codec,
+            pack.data_end,
+            &pack.path,
+        )?;
+        let mut data = vec![0u8; loc.stored_len as usize];
+        read_exact_at(&pack.file, &mut data, loc.offset, &pack.path, "chunk")?;
+        Ok(StoredChunk {
+            codec: loc.codec,
+            data,
+            raw_len: loc.raw_len,
+        })
+    }
+
+    /// Looks up, reads, decodes and verifies one chunk: the plaintext whose BLAKE3 is `digest`, or an error.
+    pub fn load_chunk(&self, digest: &Digest) -> Result<Vec<u8>> {
+        let loc = self.lookup(digest)?.ok_or_else(|| {
+            RepoError::corrupt(
+                self.index_dir(),
+                format!("chunk {digest} is in no index file"),
+            )
+        })?;
+        let stored = self.read_chunk(&loc)?;
+        let plain =
+            crate::decode(stored.codec, &stored.data, stored.raw_len).map_err(|e| match e {
+                RepoError::Decode { detail, .. } => RepoError::Decode {
+                    location: format!("pack {} offset {}", loc.pack, loc.offset),
+                    detail,
+                },
+                e => e,
+            })?;
+        if blake3::hash(&plain).as_bytes() != digest.as_bytes() {
+            return Err(RepoError::corrupt(
+                crate::pack::pack_path(&self.inner.path, &loc.pack),
+                format!(
+                    "chunk {digest} at offset {} does not match its digest",
+                    loc.offset
+                ),
+            ));
+        }
+        Ok(plain)
+    }
+
+    pub fn begin_backup(&self, vm: &str) -> Result<BackupSession> {
+        BackupSession::begin(self, vm)
+    }
+
+    /// Removes scratch directories left by killed sessions (whose lock is free); returns how many.
+    pub fn remove_stale_scratch(&self) -> Result<usize> {
+        crate::scratch::remove_stale(&self.inner.path)
+    }
+
+    /// All pack files present, from the directory listing.
+    pub fn list_packs(&self) -> Result<Vec<PackId>> {
+        let root = self.inner.path.join("packs");
+        let mut out = Vec::new();
+        for sub in std::fs::read_dir(&root).ctx("list", &root)? {
+            let sub = sub.ctx("list", &root)?.path();
+            if !sub.is_dir() {
+                continue;
+            }
+            for entry in std::fs::read_dir(&sub).ctx("list", &sub)? {
+                let name = entry.ctx("list", &sub)?.file_name();
+                if let Some(id) = name
+                    .to_str()
+                    .and_then(|n| n.strip_suffix(".pack"))
+                    .and_then(|n| n.parse().ok())
+                {
+                    out.push(id);
+                }
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// Replaces every index file by one built from the pack trailers alone: the repair for lost or damaged
+    /// index files. Takes the repository lock exclusively (no backup may run: a session's packs are durable
+    /// before its index exists, and they must not be indexed twice or half). Memory is bounded like a
+    /// session's index. The new index is in place before the old files are removed, so a crash leaves both
+    /// (duplicates are harmless).
+    pub fn rebuild_index(&self) -> Result<RebuildReport> {
+        let root = &self.inner.path;
+        let lock_path = root.join("lock");
+        let lock = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&lock_path)
+            .ctx("open", &lock_path)?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(RepoError::Locked {
+                    path: root.clone(),
+                    detail: "backups are running".into(),
+                });
+            }
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(RepoError::io("lock", lock_path, e));
+            }
+        }
+        let (scratch, _scratch_lock) = crate::scratch::create(root, || {
+            format!("rebuild-{}", crate::format::hex(&rand::random::<[u8; 6]>()))
+        })?;
+        let result = self.rebuild_into(&scratch);
+        let _ = std::fs::remove_dir_all(&scratch);
+        result
+    }
+
+    fn rebuild_into(&self, scratch: &Path) -> Result<RebuildReport> {
+        let root = &self.inner.path;
+        let index_dir = self.index_dir();
+        let old: Vec<PathBuf> = std::fs::read_dir(&index_dir)
+            .ctx("list", &index_dir)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "idx"))
+            .collect();
+        let mut report = RebuildReport::default();
+        let mut builder = IndexBuilder::new(scratch.to_owned());
+        for id in self.list_packs()? {
+            let path = crate::pack::pack_path(root, &id);
+            match read_pack_trailer(&path) {
+                Ok(t) => {
+                    report.packs += 1;
+                    report.chunks += t.entries.len() as u64;
+                    builder.add_pack(t.id, &t.entries)?;
+                }
+                Err(e) => {
+                    warn!(pack = %path.display(), error = %e, "Pack left out of the rebuilt index.");
+                    report.damaged_packs.push((id.to_hex(), e.to_string()));
+                }
+            }
+        }
+        let name = format!(
+            "rebuild-{}.idx",
+            crate::format::hex(&rand::random::<[u8; 8]>())
+        );
+        let dest = index_dir.join(&name);
+        if !builder.is_empty() {
+            let tmp = scratch.join("index.tmp");
+            builder.write(&tmp)?;
+            crate::format::durable_rename(&tmp, &dest)?;
+        }
+        for p in &old {
+            std::fs::remove_file(p).ctx("remove old index", p)?;
+        }
+        sync_dir(&index_dir)?;
+        let mut set = self
+            .inner
+            .indexes
+            .write()
+            .unwrap_or_else(|e| e.into_inner());
+        let generation = set.generation + 1;
+        *set = IndexSet {
+            generation,
+            ..IndexSet::default()
+        };
+        set.rescan(&index_dir)?;
+        info!(
+            packs = report.packs,
+            chunks = report.chunks,
+            damaged = report.damaged_packs.len(),
+            "Index rebuilt from packs."
+        );
+        Ok(report)
+    }
+}

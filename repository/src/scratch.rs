@@ -1,0 +1,74 @@
+//! Scratch directories under `tmp/`: private working space of one session (backup or index rebuild).
+//!
+//! Each scratch directory is locked with an exclusive `flock` on the directory itself for as long as its owner
+//! lives. The kernel drops the lock when the process dies, however it dies, so "the lock can be taken" is
+//! exactly "the owner is gone" and [`remove_stale`] never removes the directory of a live session, even one in
+//! another process or on another host of a cluster file system that supports `flock`.
+//!
+//! Creating and locking are two steps, so a remover could lock a directory created an instant before its owner
+//! locks it and delete it. The owner detects this (its lock attempt fails, or the path no longer leads to the
+//! directory it locked) and starts over under a new name.
+
+use std::fs::File;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use tracing::{debug, info};
+
+use crate::error::{IoContext, RepoError, Result};
+
+/// Creates and locks `tmp/<name>`; `name` is called again for a fresh name after a collision or a race.
+pub(crate) fn create(repo: &Path, mut name: impl FnMut() -> String) -> Result<(PathBuf, File)> {
+    let tmp = repo.join("tmp");
+    for _ in 0..16 {
+        let dir = tmp.join(name());
+        match std::fs::create_dir(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(RepoError::io("create scratch directory", dir, e)),
+        }
+        let handle = File::open(&dir).ctx("open scratch directory", &dir)?;
+        if handle.try_lock().is_err() {
+            continue;
+        }
+        let same = match (handle.metadata(), std::fs::metadata(&dir)) {
+            (Ok(a), Ok(b)) => a.ino() == b.ino() && a.dev() == b.dev(),
+            _ => false,
+        };
+        if same {
+            return Ok((dir, handle));
+        }
+    }
+    Err(RepoError::io(
+        "create scratch directory",
+        tmp,
+        std::io::Error::other("lost the race for a fresh name 16 times"),
+    ))
+}
+
+/// Removes the scratch directories of sessions that no longer run; returns how many.
+pub(crate) fn remove_stale(repo: &Path) -> Result<usize> {
+    let tmp = repo.join("tmp");
+    let mut removed = 0;
+    for entry in std::fs::read_dir(&tmp).ctx("list", &tmp)? {
+        let entry = entry.ctx("list", &tmp)?;
+        let path = entry.path();
+        if !entry.file_type().ctx("stat", &path)?.is_dir() {
+            continue;
+        }
+        let Ok(handle) = File::open(&path) else {
+            continue;
+        };
+        if handle.try_lock().is_err() {
+            debug!(dir = %path.display(), "Scratch directory in use.");
+            continue;
+        }
+        match std::fs::remove_dir_all(&path) {
+            Ok(()) => removed += 1,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(RepoError::io("remove stale scratch directory", path, e)),
+        }
+        info!(dir = %path.display(), "Removed the scratch directory of an interrupted session.");
+    }
+    Ok(removed)
+}
