@@ -16,10 +16,15 @@ pub fn run(dir: &Path, size: u64) -> Result<()> {
     let repo = dir.join("repo");
     let first_copy = dir.join("disk-at-backup-1.img");
     if repo.exists() {
-        std::fs::remove_dir_all(&repo).with_context(|| format!("removing the old {}", repo.display()))?;
+        std::fs::remove_dir_all(&repo)
+            .with_context(|| format!("removing the old {}", repo.display()))?;
     }
 
-    step(&format!("generating a {} MiB disk image {}", size >> 20, image.display()));
+    step(&format!(
+        "generating a {} MiB disk image {}",
+        size >> 20,
+        image.display()
+    ));
     let stats = backflow_fixtures::generate_image(&image, size, 1)
         .with_context(|| format!("generating {}", image.display()))?;
     println!("{stats:?}");
@@ -49,7 +54,10 @@ pub fn run(dir: &Path, size: u64) -> Result<()> {
     if !report.is_ok() {
         bail!("verify found damage");
     }
-    println!("\ndemo done: both restore points restored byte-identical; files are in {}", dir.display());
+    println!(
+        "\ndemo done: both restore points restored byte-identical; files are in {}",
+        dir.display()
+    );
     Ok(())
 }
 

@@ -14,7 +14,10 @@ pub fn cancel_on_signals(cancel: CancelToken) -> std::io::Result<()> {
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
-            let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
                 Ok(r) => r,
                 Err(e) => {
                     let _ = ready_tx.send(Err(e));
@@ -23,14 +26,16 @@ pub fn cancel_on_signals(cancel: CancelToken) -> std::io::Result<()> {
             };
             runtime.block_on(async move {
                 use tokio::signal::unix::{SignalKind, signal};
-                let (mut int, mut term) =
-                    match (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) {
-                        (Ok(i), Ok(t)) => (i, t),
-                        (Err(e), _) | (_, Err(e)) => {
-                            let _ = ready_tx.send(Err(e));
-                            return;
-                        }
-                    };
+                let (mut int, mut term) = match (
+                    signal(SignalKind::interrupt()),
+                    signal(SignalKind::terminate()),
+                ) {
+                    (Ok(i), Ok(t)) => (i, t),
+                    (Err(e), _) | (_, Err(e)) => {
+                        let _ = ready_tx.send(Err(e));
+                        return;
+                    }
+                };
                 let _ = ready_tx.send(Ok(()));
                 for round in 0..2 {
                     tokio::select! {
@@ -102,8 +107,15 @@ impl LiveDisplay {
             } else {
                 0.0
             };
-            let items = s.counters.items_in.load(std::sync::atomic::Ordering::Relaxed)
-                .max(s.counters.items_out.load(std::sync::atomic::Ordering::Relaxed));
+            let items = s
+                .counters
+                .items_in
+                .load(std::sync::atomic::Ordering::Relaxed)
+                .max(
+                    s.counters
+                        .items_out
+                        .load(std::sync::atomic::Ordering::Relaxed),
+                );
             let queue = if i == 0 {
                 "-".to_owned()
             } else {

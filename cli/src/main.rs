@@ -21,10 +21,17 @@ pub const BACKUP_IMAGE_SPEC: (&str, &str) = (
     "specs/backup-image.yaml",
     include_str!("../../specs/backup-image.yaml"),
 );
-pub const RESTORE_SPEC: (&str, &str) = ("specs/restore.yaml", include_str!("../../specs/restore.yaml"));
+pub const RESTORE_SPEC: (&str, &str) = (
+    "specs/restore.yaml",
+    include_str!("../../specs/restore.yaml"),
+);
 
 #[derive(Parser)]
-#[command(name = "backflow", version, about = "Agentless, deduplicating backup of KVM/QEMU disks as YAML pipelines")]
+#[command(
+    name = "backflow",
+    version,
+    about = "Agentless, deduplicating backup of KVM/QEMU disks as YAML pipelines"
+)]
 struct Cli {
     /// Log level filter (also RUST_LOG), e.g. info, debug, backflow=debug.
     #[arg(long, global = true, default_value = "warn")]
@@ -216,7 +223,13 @@ fn execute(command: Command) -> Result<()> {
                         .iter()
                         .map(|d| format!("{} ({})", d.name, ByteSize(d.size)))
                         .collect();
-                    println!("{:<28} {:<20} {:<22} {}", s.id, s.vm, s.time_utc, disks.join(", "));
+                    println!(
+                        "{:<28} {:<20} {:<22} {}",
+                        s.id,
+                        s.vm,
+                        s.time_utc,
+                        disks.join(", ")
+                    );
                 }
             }
             Ok(())
@@ -289,7 +302,11 @@ pub fn load_spec(path: &Path, vars: &[(String, String)]) -> Result<Pipeline> {
 
 /// Runs a pipeline with Ctrl-C/SIGTERM handling, the live display on a terminal, the summary
 /// table and the JSON report. Errors when the run did not succeed.
-pub fn run_pipeline(pipeline: &Pipeline, report_path: Option<&Path>, quiet: bool) -> Result<RunReport> {
+pub fn run_pipeline(
+    pipeline: &Pipeline,
+    report_path: Option<&Path>,
+    quiet: bool,
+) -> Result<RunReport> {
     let cancel = CancelToken::new();
     let _signals = display::cancel_on_signals(cancel.clone());
     let live = !quiet && std::io::stderr().is_terminal();
@@ -309,7 +326,8 @@ pub fn run_pipeline(pipeline: &Pipeline, report_path: Option<&Path>, quiet: bool
     }
     if let Some(path) = report_path {
         let json = serde_json::to_string_pretty(&report)?;
-        std::fs::write(path, json).with_context(|| format!("writing the report {}", path.display()))?;
+        std::fs::write(path, json)
+            .with_context(|| format!("writing the report {}", path.display()))?;
     }
     match report.outcome {
         OutcomeKind::Succeeded => Ok(report),
@@ -322,17 +340,26 @@ fn print_stages(json: bool) {
     let mut docs: Vec<_> = backflow_stages::Kind::ALL.iter().map(|k| k.doc()).collect();
     docs.push(backflow_stages::cleanup_doc());
     if json {
-        println!("{}", serde_json::to_string_pretty(&docs).unwrap_or_default());
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&docs).unwrap_or_default()
+        );
         return;
     }
     for d in docs {
-        let io = |t: Option<backflow_pipeline::MessageType>| t.map(|t| t.to_string()).unwrap_or_else(|| "-".into());
+        let io = |t: Option<backflow_pipeline::MessageType>| {
+            t.map(|t| t.to_string()).unwrap_or_else(|| "-".into())
+        };
         println!(
             "{}  ({} -> {}){}\n    {}",
             d.kind,
             io(d.input),
             io(d.output),
-            if d.needs_repository { "  needs repository" } else { "" },
+            if d.needs_repository {
+                "  needs repository"
+            } else {
+                ""
+            },
             d.summary
         );
         for o in &d.options {
@@ -374,7 +401,10 @@ pub fn verify_text(report: &backflow_repository::VerifyReport) -> String {
         }
     }
     for p in &report.problems {
-        out.push_str(&format!("DAMAGED chunk {} ({:?}): {}\n", p.digest, p.kind, p.detail));
+        out.push_str(&format!(
+            "DAMAGED chunk {} ({:?}): {}\n",
+            p.digest, p.kind, p.detail
+        ));
         if let Some(pack) = &p.pack {
             out.push_str(&format!(
                 "    stored in pack {} at offset {}\n",
@@ -385,9 +415,16 @@ pub fn verify_text(report: &backflow_repository::VerifyReport) -> String {
         if p.snapshots.is_empty() {
             out.push_str("    no snapshot uses it\n");
         } else {
-            out.push_str(&format!("    used by snapshots: {}\n", p.snapshots.join(", ")));
+            out.push_str(&format!(
+                "    used by snapshots: {}\n",
+                p.snapshots.join(", ")
+            ));
         }
     }
-    out.push_str(if report.is_ok() { "repository OK\n" } else { "repository DAMAGED\n" });
+    out.push_str(if report.is_ok() {
+        "repository OK\n"
+    } else {
+        "repository DAMAGED\n"
+    });
     out
 }

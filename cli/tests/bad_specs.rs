@@ -46,9 +46,16 @@ fn rejects(text: &str, expected: &[&str]) {
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
     for fragment in expected {
-        assert!(stderr.contains(fragment), "expected {fragment:?} in:\n{stderr}");
+        assert!(
+            stderr.contains(fragment),
+            "expected {fragment:?} in:\n{stderr}"
+        );
     }
-    assert_eq!(tree(&repo), before, "a rejected spec changed the repository");
+    assert_eq!(
+        tree(&repo),
+        before,
+        "a rejected spec changed the repository"
+    );
 }
 
 fn tree(dir: &Path) -> Vec<String> {
@@ -72,28 +79,45 @@ fn good_spec_validates() {
     let dir = tempfile::tempdir().unwrap();
     let spec = dir.path().join("good.yaml");
     std::fs::write(&spec, GOOD).unwrap();
-    run_ok(backflow().arg("validate").arg(&spec).args(["--var", "source=x", "--var", "repo=y"]));
+    run_ok(
+        backflow()
+            .arg("validate")
+            .arg(&spec)
+            .args(["--var", "source=x", "--var", "repo=y"]),
+    );
 }
 
 #[test]
 fn unknown_option() {
-    rejects(&GOOD.replace("    level: 1", "    levl: 1"), &["bad.yaml:13:5", "levl", "level"]);
+    rejects(
+        &GOOD.replace("    level: 1", "    levl: 1"),
+        &["bad.yaml:13:5", "levl", "level"],
+    );
 }
 
 #[test]
 fn unknown_kind() {
-    rejects(&GOOD.replace("kind: zstd", "kind: zsdt"), &["bad.yaml:12:", "zsdt", "zstd", "dedup"]);
+    rejects(
+        &GOOD.replace("kind: zstd", "kind: zsdt"),
+        &["bad.yaml:12:", "zsdt", "zstd", "dedup"],
+    );
 }
 
 #[test]
 fn wrong_type() {
-    rejects(&GOOD.replace("    level: 1", "    level: fast"), &["bad.yaml:13:", "level", "fast"]);
+    rejects(
+        &GOOD.replace("    level: 1", "    level: fast"),
+        &["bad.yaml:13:", "level", "fast"],
+    );
 }
 
 #[test]
 fn mismatched_stages() {
     // dedup before reader: the reader gets hashed chunks, dedup gets extents.
-    let text = GOOD.replace("  - kind: reader\n  - kind: dedup\n", "  - kind: dedup\n  - kind: reader\n");
+    let text = GOOD.replace(
+        "  - kind: reader\n  - kind: dedup\n",
+        "  - kind: dedup\n  - kind: reader\n",
+    );
     rejects(&text, &["bad.yaml:10:", "dedup", "chunk", "extent"]);
 }
 
@@ -102,10 +126,18 @@ fn missing_variable() {
     let dir = tempfile::tempdir().unwrap();
     let spec = dir.path().join("bad.yaml");
     std::fs::write(&spec, GOOD).unwrap();
-    let out = backflow().arg("run").arg(&spec).args(["--var", "repo=/nonexistent"]).output().unwrap();
+    let out = backflow()
+        .arg("run")
+        .arg(&spec)
+        .args(["--var", "repo=/nonexistent"])
+        .output()
+        .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
-    assert!(stderr.contains("bad.yaml:8:") && stderr.contains("source"), "{stderr}");
+    assert!(
+        stderr.contains("bad.yaml:8:") && stderr.contains("source"),
+        "{stderr}"
+    );
     assert!(stderr.contains("--var source="), "{stderr}");
 }
 

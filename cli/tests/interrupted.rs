@@ -35,7 +35,11 @@ fn assert_restores(repo: &Path, snapshots: &[(String, std::path::PathBuf)], scra
     for (id, original) in snapshots {
         let out = scratch.join(format!("check-{id}.img"));
         let restored = restore(repo, id, &out);
-        assert!(restored.status.success(), "{}", String::from_utf8_lossy(&restored.stderr));
+        assert!(
+            restored.status.success(),
+            "{}",
+            String::from_utf8_lossy(&restored.stderr)
+        );
         assert_same_file(original, &out);
         std::fs::remove_file(&out).unwrap();
     }
@@ -85,7 +89,10 @@ fn sigkill_at_many_moments_never_loses_a_committed_snapshot() {
             String::from_utf8_lossy(&verified.stdout)
         );
     }
-    assert!(committed.len() < KILLS as usize + 1, "no kill landed mid-run");
+    assert!(
+        committed.len() < KILLS as usize + 1,
+        "no kill landed mid-run"
+    );
     assert_restores(&repo, &committed, dir.path());
 
     // The next backup after all this succeeds and restores identical.
@@ -101,7 +108,7 @@ fn sigterm_stops_cleanly_commits_nothing_and_leaves_no_scratch() {
     let repo = dir.path().join("repo");
     backflow_fixtures::generate_image(&image, 512 << 20, 5).unwrap();
     init_repo(&repo, "64K");
-    let mut child = start_backup(&image, &repo);
+    let child = start_backup(&image, &repo);
     std::thread::sleep(Duration::from_millis(700));
     let status = std::process::Command::new("kill")
         .args(["-TERM", &child.id().to_string()])

@@ -23,22 +23,36 @@ fn round_trip(size: u64, chunk_size: &str) {
     let second = backup(&image, &repo);
     let second_id = second["snapshot"].as_str().unwrap().to_owned();
     assert_ne!(first_id, second_id);
-    assert_eq!(snapshot_ids(&repo), vec![first_id.clone(), second_id.clone()]);
+    assert_eq!(
+        snapshot_ids(&repo),
+        vec![first_id.clone(), second_id.clone()]
+    );
 
     // The second backup stores about the changed data, not the image again.
     let changed: u64 = ranges.iter().map(|r| r.len).sum();
     let grown = second["repo_bytes_written"].as_u64().unwrap();
-    assert!(grown <= changed * 2, "the incremental stored {grown} bytes for {changed} changed");
+    assert!(
+        grown <= changed * 2,
+        "the incremental stored {grown} bytes for {changed} changed"
+    );
     assert!(first["repo_bytes_written"].as_u64().unwrap() > grown);
 
     for (id, original) in [(&first_id, &at_first), (&second_id, &image)] {
         let out = dir.path().join(format!("restored-{id}.img"));
         let restored = restore(&repo, id, &out);
-        assert!(restored.status.success(), "{}", String::from_utf8_lossy(&restored.stderr));
+        assert!(
+            restored.status.success(),
+            "{}",
+            String::from_utf8_lossy(&restored.stderr)
+        );
         assert_same_file(original, &out);
     }
     let verified = verify(&repo, true);
-    assert!(verified.status.success(), "{}", String::from_utf8_lossy(&verified.stdout));
+    assert!(
+        verified.status.success(),
+        "{}",
+        String::from_utf8_lossy(&verified.stdout)
+    );
 }
 
 #[test]
@@ -65,14 +79,32 @@ fn report_has_the_documented_fields() {
     backflow_fixtures::generate_image(&image, 16 << 20, 1).unwrap();
     init_repo(&repo, "128K");
     let report = backup(&image, &repo);
-    for key in ["snapshot", "source_bytes_read", "repo_bytes_written", "wall_seconds", "stages"] {
+    for key in [
+        "snapshot",
+        "source_bytes_read",
+        "repo_bytes_written",
+        "wall_seconds",
+        "stages",
+    ] {
         assert!(report.get(key).is_some(), "report lacks {key}: {report}");
     }
     let stages = report["stages"].as_array().unwrap();
     let kinds: Vec<_> = stages.iter().map(|s| s["kind"].as_str().unwrap()).collect();
-    assert_eq!(kinds, ["image", "full", "reader", "dedup", "zstd", "repo-writer"]);
+    assert_eq!(
+        kinds,
+        ["image", "full", "reader", "dedup", "zstd", "repo-writer"]
+    );
     for s in stages {
-        for key in ["name", "kind", "items", "bytes_in", "bytes_out", "busy_seconds", "starved_seconds", "backpressured_seconds"] {
+        for key in [
+            "name",
+            "kind",
+            "items",
+            "bytes_in",
+            "bytes_out",
+            "busy_seconds",
+            "starved_seconds",
+            "backpressured_seconds",
+        ] {
             assert!(s.get(key).is_some(), "stage lacks {key}: {s}");
         }
     }
@@ -92,7 +124,11 @@ fn restore_of_one_disk_into_a_directory_and_a_missing_snapshot() {
     let out_dir = dir.path().join("out");
     std::fs::create_dir(&out_dir).unwrap();
     let restored = restore(&repo, "latest", &out_dir);
-    assert!(restored.status.success(), "{}", String::from_utf8_lossy(&restored.stderr));
+    assert!(
+        restored.status.success(),
+        "{}",
+        String::from_utf8_lossy(&restored.stderr)
+    );
     assert_same_file(&image, &out_dir.join("disk0.raw"));
 
     let missing = restore(&repo, "20000101T000000Z-000000", &dir.path().join("x.img"));
@@ -116,7 +152,10 @@ fn two_backups_at_the_same_time_both_commit() {
         let tb = s.spawn(|| backup(&b, &repo));
         (ta.join().unwrap(), tb.join().unwrap())
     });
-    let ids = [ra["snapshot"].as_str().unwrap(), rb["snapshot"].as_str().unwrap()];
+    let ids = [
+        ra["snapshot"].as_str().unwrap(),
+        rb["snapshot"].as_str().unwrap(),
+    ];
     for (id, image) in ids.iter().zip([&a, &b]) {
         let out = dir.path().join(format!("{id}.img"));
         assert!(restore(&repo, id, &out).status.success());

@@ -29,8 +29,8 @@ pub mod units;
 pub use context::{CancelToken, RunContext};
 pub use error::StageError;
 pub use message::{
-    BlockSource, ChunkRef, Codec, Digest, Chunk, Disk, DiskSource, Extent, ExtentClass, Message, MessageType, ParentChunks,
-    Payload, SizeOnly, digest_of,
+    BlockSource, Chunk, ChunkRef, Codec, Digest, Disk, DiskSource, Extent, ExtentClass, Message,
+    MessageType, ParentChunks, Payload, SizeOnly, digest_of,
 };
 pub use runtime::{
     DEFAULT_CHANNEL_CAPACITY, Outcome, Pipeline, Progress, RunOptions, Stopped, Worker,

@@ -137,12 +137,15 @@ pub struct Pipeline {
     pub finaliser: Option<Arc<dyn Finaliser>>,
 }
 
+/// A callback that receives the live statistics.
+pub type ProgressFn = Arc<dyn Fn(&Progress) + Send + Sync>;
+
 /// Options of one run that are not part of the spec.
 #[derive(Clone, Default)]
 pub struct RunOptions {
     pub cancel: CancelToken,
     /// Called about every half second with the live statistics (for a terminal display).
-    pub on_progress: Option<Arc<dyn Fn(&Progress) + Send + Sync>>,
+    pub on_progress: Option<ProgressFn>,
 }
 
 /// A live view of the run, given to `RunOptions::on_progress`.

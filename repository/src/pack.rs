@@ -379,6 +379,11 @@ pub struct PackWriter {
     bytes_written: u64,
     /// Set by a simulated crash in tests: leave the temporary pack behind like a killed process would.
     leave_scratch: bool,
+    /// The thread that makes closed packs durable, started with the first full pack.
+    publisher: Option<(
+        std::sync::mpsc::SyncSender<ClosedPack>,
+        std::thread::JoinHandle<Result<()>>,
+    )>,
 }
 
 impl PackWriter {
@@ -389,6 +394,7 @@ impl PackWriter {
             current: None,
             bytes_written: 0,
             leave_scratch: false,
+            publisher: None,
         }
     }
 
@@ -439,7 +445,9 @@ impl PackWriter {
 
     /// Closes the last pack and hands its entries to the session. Must be called before `commit`.
     pub fn finish(mut self) -> Result<()> {
-        self.seal().inspect_err(|e| self.abandon(e))
+        let sealed = self.seal();
+        let drained = self.drain_publisher();
+        sealed.and(drained).inspect_err(|e| self.abandon(e))
     }
 
     /// After a failed write the open pack's contents no longer match its entries (part of a blob may be in
@@ -481,10 +489,59 @@ impl PackWriter {
         })
     }
 
+    /// Closes the open pack (trailer and footer) and has it published: in the background when the pack
+    /// filled up, so that the writer thread goes on encoding while the kernel flushes the pack, and in the
+    /// foreground on `finish`, after which every pack of this writer is published.
     fn seal(&mut self) -> Result<()> {
-        let Some(mut pack) = self.current.take() else {
+        let Some(pack) = self.current.take() else {
             return Ok(());
         };
+        let closed = self.close(pack)?;
+        let sender = match &self.publisher {
+            Some(p) => p.0.clone(),
+            None => {
+                let (tx, rx) = std::sync::mpsc::sync_channel::<ClosedPack>(PUBLISH_QUEUE);
+                let session = self.session.clone();
+                let handle = std::thread::Builder::new()
+                    .name("pack-publisher".into())
+                    .spawn(move || -> Result<()> {
+                        let mut first_error = None;
+                        for closed in rx {
+                            if first_error.is_some() {
+                                let _ = std::fs::remove_file(&closed.tmp);
+                                continue;
+                            }
+                            if let Err(e) = publish(&session, closed) {
+                                session.poison(format!("publishing a pack failed: {e}"));
+                                first_error = Some(e);
+                            }
+                        }
+                        first_error.map_or(Ok(()), Err)
+                    })
+                    .map_err(|e| RepoError::io("start pack publisher", &self.session.scratch, e))?;
+                self.publisher = Some((tx.clone(), handle));
+                tx
+            }
+        };
+        sender.send(closed).map_err(|_| RepoError::SessionFailed {
+            session: self.session.id.clone(),
+            reason: "the pack publisher stopped".into(),
+        })
+    }
+
+    /// Waits until every pack handed to the publisher is durable and in the session.
+    fn drain_publisher(&mut self) -> Result<()> {
+        let Some((tx, handle)) = self.publisher.take() else {
+            return Ok(());
+        };
+        drop(tx);
+        handle.join().map_err(|_| RepoError::SessionFailed {
+            session: self.session.id.clone(),
+            reason: "the pack publisher panicked".into(),
+        })?
+    }
+
+    fn close(&mut self, mut pack: OpenPack) -> Result<ClosedPack> {
         let header = encode_header(pack.id);
         let mut hasher = blake3::Hasher::new();
         hasher.update(&header);
@@ -510,23 +567,14 @@ impl PackWriter {
             .out
             .into_inner()
             .map_err(|e| RepoError::io("write pack", &pack.tmp, e.into_error()))?;
-        file.sync_all().ctx("fsync pack", &pack.tmp)?;
-        drop(file);
         self.bytes_written += (pack.entries.len() * PACK_ENTRY_SIZE + PACK_FOOTER_SIZE) as u64;
-
-        let dest = pack_path(&self.session.repo, &pack.id);
-        let dir = dest.parent().expect("packs/XX");
-        if !dir.exists() {
-            match std::fs::create_dir(dir) {
-                Ok(()) => sync_dir(&self.session.repo.join("packs"))?,
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-                Err(e) => return Err(RepoError::io("create directory", dir, e)),
-            }
-        }
-        std::fs::rename(&pack.tmp, &dest).ctx("rename pack into place", &dest)?;
-        sync_dir(dir)?;
-        debug!(pack = %pack.id, chunks = pack.entries.len(), bytes = pack.offset, "Pack written.");
-        self.session.add_pack(pack.id, &pack.entries)
+        Ok(ClosedPack {
+            id: pack.id,
+            tmp: pack.tmp,
+            file,
+            offset: pack.offset,
+            entries: pack.entries,
+        })
     }
 
     #[cfg(test)]
@@ -549,8 +597,42 @@ impl Drop for PackWriter {
                 let _ = std::fs::remove_file(&pack.tmp);
             }
         }
+        let _ = self.drain_publisher();
         self.session.writer_closed();
     }
+}
+
+/// A pack whose trailer and footer are written, waiting to be made durable and published.
+struct ClosedPack {
+    id: PackId,
+    tmp: PathBuf,
+    file: File,
+    offset: u64,
+    entries: Vec<PackEntry>,
+}
+
+/// Packs closed but not yet published, per writer: while the publisher fsyncs one, the writer fills the
+/// next; a writer that gets this far ahead waits.
+const PUBLISH_QUEUE: usize = 2;
+
+/// fsync, rename from scratch into `packs/XX/`, fsync the directory; only then are the pack's entries handed
+/// to the session for the index, so the index never names a pack that is not durable.
+fn publish(session: &SessionShared, pack: ClosedPack) -> Result<()> {
+    pack.file.sync_all().ctx("fsync pack", &pack.tmp)?;
+    drop(pack.file);
+    let dest = pack_path(&session.repo, &pack.id);
+    let dir = dest.parent().expect("packs/XX");
+    if !dir.exists() {
+        match std::fs::create_dir(dir) {
+            Ok(()) => sync_dir(&session.repo.join("packs"))?,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(RepoError::io("create directory", dir, e)),
+        }
+    }
+    std::fs::rename(&pack.tmp, &dest).ctx("rename pack into place", &dest)?;
+    sync_dir(dir)?;
+    debug!(pack = %pack.id, chunks = pack.entries.len(), bytes = pack.offset, "Pack written.");
+    session.add_pack(pack.id, &pack.entries)
 }
 
 fn encode_header(id: PackId) -> [u8; PACK_HEADER_SIZE] {

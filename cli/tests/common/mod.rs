@@ -12,7 +12,10 @@ pub fn backflow() -> Command {
 
 /// The workspace root, where specs/ lives.
 pub fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 pub fn spec(name: &str) -> PathBuf {
@@ -32,7 +35,12 @@ pub fn run_ok(cmd: &mut Command) -> Output {
 }
 
 pub fn init_repo(repo: &Path, chunk_size: &str) {
-    run_ok(backflow().args(["init", "--repo"]).arg(repo).args(["--chunk-size", chunk_size]));
+    run_ok(
+        backflow()
+            .args(["init", "--repo"])
+            .arg(repo)
+            .args(["--chunk-size", chunk_size]),
+    );
 }
 
 /// Backs `image` up with specs/backup-image.yaml and returns the report.
@@ -65,8 +73,17 @@ pub fn restore(repo: &Path, snapshot: &str, to: &Path) -> Output {
 }
 
 pub fn assert_same_file(a: &Path, b: &Path) {
-    let status = Command::new("cmp").arg(a).arg(b).status().expect("running cmp");
-    assert!(status.success(), "{} and {} differ", a.display(), b.display());
+    let status = Command::new("cmp")
+        .arg(a)
+        .arg(b)
+        .status()
+        .expect("running cmp");
+    assert!(
+        status.success(),
+        "{} and {} differ",
+        a.display(),
+        b.display()
+    );
 }
 
 pub fn snapshot_ids(repo: &Path) -> Vec<String> {
@@ -90,11 +107,20 @@ pub fn verify(repo: &Path, read_data: bool) -> Output {
 
 fn rand_suffix() -> u64 {
     use std::time::{SystemTime, UNIX_EPOCH};
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos() as u64 ^ u64::from(std::process::id())
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+        ^ u64::from(std::process::id())
 }
 
 /// Copies a file keeping holes, to keep what an image looked like at a backup.
 pub fn copy_sparse(from: &Path, to: &Path) {
-    let status = Command::new("cp").arg("--sparse=always").arg(from).arg(to).status().unwrap();
+    let status = Command::new("cp")
+        .arg("--sparse=always")
+        .arg(from)
+        .arg(to)
+        .status()
+        .unwrap();
     assert!(status.success());
 }

@@ -90,7 +90,9 @@ impl Kind {
         match self {
             Kind::Image => "source: a raw image file or block device, read directly",
             Kind::Full => "changed-block map: every allocated extent (holes are skipped)",
-            Kind::Reader => "reads chunk-aligned extents into chunks; all-zero chunks are not stored",
+            Kind::Reader => {
+                "reads chunk-aligned extents into chunks; all-zero chunks are not stored"
+            }
             Kind::Dedup => "BLAKE3 of each chunk; chunks the repository has go no further",
             Kind::Zstd => "compresses new chunks (raw when they do not shrink)",
             Kind::RepoWriter => "packs new chunks into the repository, commits the snapshot last",
@@ -165,7 +167,9 @@ impl Kind {
     pub fn doc(self) -> KindDoc {
         let options = match self {
             Kind::Image => option_docs::<stage_image::ImageOptions>(stage_image::OPTION_DOCS),
-            Kind::Full => option_docs::<stage_full_map::FullMapOptions>(stage_full_map::OPTION_DOCS),
+            Kind::Full => {
+                option_docs::<stage_full_map::FullMapOptions>(stage_full_map::OPTION_DOCS)
+            }
             Kind::Reader => option_docs::<stage_reader::ReaderOptions>(stage_reader::OPTION_DOCS),
             Kind::Dedup => option_docs::<stage_dedup::DedupOptions>(stage_dedup::OPTION_DOCS),
             Kind::Zstd => option_docs::<stage_zstd::ZstdOptions>(stage_zstd::OPTION_DOCS),
@@ -175,7 +179,9 @@ impl Kind {
             Kind::Generate => {
                 option_docs::<stage_generate::GenerateOptions>(stage_generate::OPTION_DOCS)
             }
-            Kind::Discard => option_docs::<stage_discard::DiscardOptions>(stage_discard::OPTION_DOCS),
+            Kind::Discard => {
+                option_docs::<stage_discard::DiscardOptions>(stage_discard::OPTION_DOCS)
+            }
             Kind::RepoReader => {
                 option_docs::<stage_repo_reader::RepoReaderOptions>(stage_repo_reader::OPTION_DOCS)
             }
@@ -199,7 +205,9 @@ impl Kind {
 
 /// The options of a kind with their defaults, read off the options type itself: its `Default`
 /// serialised. An option without a default serialises as null and is shown as required.
-fn option_docs<O: Default + Serialize>(docs: &'static [(&'static str, &'static str)]) -> Vec<OptionDoc> {
+fn option_docs<O: Default + Serialize>(
+    docs: &'static [(&'static str, &'static str)],
+) -> Vec<OptionDoc> {
     let defaults = serde_json::to_value(O::default()).unwrap_or_default();
     let map = defaults.as_object().cloned().unwrap_or_default();
     map.into_iter()
@@ -247,10 +255,16 @@ impl Catalog for Stages {
         FINALISER_KINDS.to_vec()
     }
 
-    fn build_stage(&self, kind: &str, options: &Options<'_>) -> Result<Arc<dyn Stage>, Vec<SpecError>> {
+    fn build_stage(
+        &self,
+        kind: &str,
+        options: &Options<'_>,
+    ) -> Result<Arc<dyn Stage>, Vec<SpecError>> {
         match Kind::from_name(kind) {
             Some(k) => k.build(options),
-            None => Err(vec![options.error("kind", format!("unknown stage kind `{kind}`"))]),
+            None => Err(vec![
+                options.error("kind", format!("unknown stage kind `{kind}`")),
+            ]),
         }
     }
 
@@ -260,7 +274,9 @@ impl Catalog for Stages {
         options: &Options<'_>,
     ) -> Result<Arc<dyn Finaliser>, Vec<SpecError>> {
         if kind != stage_cleanup::KIND {
-            return Err(vec![options.error("kind", format!("unknown finaliser kind `{kind}`"))]);
+            return Err(vec![
+                options.error("kind", format!("unknown finaliser kind `{kind}`")),
+            ]);
         }
         let parsed = options.deserialize::<stage_cleanup::CleanupOptions>()?;
         stage_cleanup::Cleanup::new(parsed)

@@ -5,8 +5,7 @@
 //! after this finaliser. The finaliser itself removes scratch directories that killed runs left in
 //! the repository (their lock is free), so that a crash costs disk space only until the next run.
 
-use backflow_pipeline::{
-    InvalidOption,Finaliser, Outcome, RunContext, StageError};
+use backflow_pipeline::{Finaliser, InvalidOption, Outcome, RunContext, StageError};
 use serde::{Deserialize, Serialize};
 
 pub const KIND: &str = "cleanup";

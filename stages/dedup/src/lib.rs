@@ -11,9 +11,8 @@ use std::collections::HashSet;
 use std::sync::Mutex;
 
 use backflow_pipeline::{
-    InvalidOption,
-    Chunk, Message, MessageType, Payload, Stage, StageError, StageIo, Work, Worker, digest_of,
-    stage::unexpected,
+    Chunk, InvalidOption, Message, MessageType, Payload, Stage, StageError, StageIo, Worker,
+    digest_of, stage::unexpected,
 };
 use backflow_repository::{ChunkRef, Digest};
 use serde::{Deserialize, Serialize};
@@ -62,12 +61,20 @@ impl Dedup {
     }
 
     /// Whether the chunk with `digest` at `chunk.index` is already stored or on its way.
-    fn is_known(&self, worker: &Worker<'_>, chunk: &Chunk, digest: &Digest) -> Result<bool, StageError> {
+    fn is_known(
+        &self,
+        worker: &Worker<'_>,
+        chunk: &Chunk,
+        digest: &Digest,
+    ) -> Result<bool, StageError> {
         if let Some(parent) = &chunk.disk.parent
             && chunk.index < parent.chunk_count()
         {
             let parent_ref = parent.get(chunk.index).map_err(|e| {
-                StageError::io(format!("reading the parent's chunk table of {}", chunk.disk.name()), e)
+                StageError::io(
+                    format!("reading the parent's chunk table of {}", chunk.disk.name()),
+                    e,
+                )
             })?;
             if parent_ref == ChunkRef::Data(*digest) {
                 return Ok(true);

@@ -1,8 +1,7 @@
 //! Sink stage `discard`: takes everything and keeps nothing, so that a spec can measure the
 //! stages before it alone (for example `generate -> zstd -> discard`).
 
-use backflow_pipeline::{
-    InvalidOption,MessageType, Stage, StageError, StageIo, Work, Worker};
+use backflow_pipeline::{InvalidOption, MessageType, Stage, StageError, StageIo, Work, Worker};
 use serde::{Deserialize, Serialize};
 
 pub const KIND: &str = "discard";

@@ -15,9 +15,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use backflow_pipeline::{
-    InvalidOption,
-    Disk, Message, MessageType, Outcome, Payload, RunContext, Stage, StageError, StageIo, Work,
-    Worker, stage::unexpected,
+    Disk, InvalidOption, Message, MessageType, Outcome, Payload, RunContext, Stage, StageError,
+    StageIo, Work, Worker, stage::unexpected,
 };
 use serde::{Deserialize, Serialize};
 
@@ -55,7 +54,9 @@ impl DiskWriter {
         let path = options
             .path
             .filter(|p| !p.as_os_str().is_empty())
-            .ok_or_else(|| InvalidOption::new("path", "is required: the file or directory to restore into"))?;
+            .ok_or_else(|| {
+                InvalidOption::new("path", "is required: the file or directory to restore into")
+            })?;
         Ok(DiskWriter {
             path,
             outputs: Mutex::new(HashMap::new()),
@@ -160,11 +161,21 @@ impl Stage for DiskWriter {
                 )));
             }
             let out = self.output(worker.ctx(), &chunk.disk)?;
-            let write_err =
-                |e| StageError::io(format!("writing {} at offset {}", out.writing.display(), chunk.offset()), e);
+            let write_err = |e| {
+                StageError::io(
+                    format!(
+                        "writing {} at offset {}",
+                        out.writing.display(),
+                        chunk.offset()
+                    ),
+                    e,
+                )
+            };
             match &chunk.payload {
                 Payload::Raw(data) => {
-                    out.file.write_all_at(data, chunk.offset()).map_err(write_err)?;
+                    out.file
+                        .write_all_at(data, chunk.offset())
+                        .map_err(write_err)?;
                     worker.count_out(data.len() as u64);
                 }
                 Payload::Zero { count } if !out.sparse => {

@@ -8,9 +8,8 @@
 use std::sync::Arc;
 
 use backflow_pipeline::{
-    InvalidOption,
-    ByteSize, Disk, DiskSource, Extent, ExtentClass, Message, MessageType, ParentChunks, Stage,
-    StageError, StageIo, Work, Worker, stage::unexpected,
+    ByteSize, Disk, DiskSource, Extent, ExtentClass, InvalidOption, Message, MessageType,
+    ParentChunks, Stage, StageError, StageIo, Work, Worker, stage::unexpected,
 };
 use backflow_repository::{ChunkRef, Snapshot};
 use serde::{Deserialize, Serialize};
@@ -50,7 +49,10 @@ pub const OPTION_DOCS: &[(&str, &str)] = &[
         "chunk_size",
         "chunk size without a repository (with one, the repository's chunk size is used)",
     ),
-    ("max_extent_chunks", "largest extent handed to one reader worker, in chunks"),
+    (
+        "max_extent_chunks",
+        "largest extent handed to one reader worker, in chunks",
+    ),
 ];
 
 #[derive(Debug)]
@@ -68,7 +70,10 @@ impl FullMap {
             None => None,
         };
         if options.max_extent_chunks == 0 {
-            return Err(InvalidOption::new("max_extent_chunks", "must be at least 1"));
+            return Err(InvalidOption::new(
+                "max_extent_chunks",
+                "must be at least 1",
+            ));
         }
         Ok(FullMap {
             chunk_size,
@@ -81,7 +86,7 @@ impl FullMap {
 /// to whole chunks.
 pub fn check_chunk_size(bytes: u64) -> Result<u32, String> {
     const GRANULE: u64 = 64 * 1024;
-    if bytes == 0 || bytes % GRANULE != 0 || bytes > 16 << 20 {
+    if bytes == 0 || !bytes.is_multiple_of(GRANULE) || bytes > 16 << 20 {
         return Err(format!(
             "chunk size must be a multiple of 64K between 64K and 16M, found {bytes}"
         ));
@@ -257,7 +262,12 @@ mod tests {
     #[test]
     fn holes_become_zero_runs_and_data_is_chunk_aligned() {
         // 10 chunks; data in the middle of chunk 2 and spanning chunks 5..=6.
-        let plan = plan_chunks(10 * C, C as u32, Some(&[(2 * C + 10, 100), (5 * C + 1, C)]), 32);
+        let plan = plan_chunks(
+            10 * C,
+            C as u32,
+            Some(&[(2 * C + 10, 100), (5 * C + 1, C)]),
+            32,
+        );
         assert_eq!(
             plan,
             vec![
@@ -278,7 +288,13 @@ mod tests {
 
     #[test]
     fn plan_covers_every_chunk_exactly_once() {
-        let ranges = [(0, 1), (C - 1, 2), (7 * C, 3 * C), (9 * C, 10), (20 * C, 100)];
+        let ranges = [
+            (0, 1),
+            (C - 1, 2),
+            (7 * C, 3 * C),
+            (9 * C, 10),
+            (20 * C, 100),
+        ];
         let plan = plan_chunks(12 * C, C as u32, Some(&ranges), 3);
         let mut next = 0;
         for (first, count, _) in &plan {

@@ -6,12 +6,11 @@
 
 use std::sync::Arc;
 
-use backflow_pipeline::{
-    InvalidOption,
-    ByteSize, Chunk, Disk, DiskSource, Message, MessageType, Payload, SizeOnly, Stage, StageError,
-    StageIo, Work, Worker, digest_of,
-};
 use backflow_pipeline::Digest;
+use backflow_pipeline::{
+    ByteSize, Chunk, Disk, DiskSource, InvalidOption, Message, MessageType, Payload, SizeOnly,
+    Stage, StageError, StageIo, Work, Worker, digest_of,
+};
 use bytes::Bytes;
 use rand::{Rng, RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -81,8 +80,14 @@ pub const OPTION_DOCS: &[(&str, &str)] = &[
     ("size", "total bytes to produce"),
     ("chunk_size", "bytes per chunk"),
     ("data", "random, text, binary, zeros or mixed"),
-    ("seed", "seed of the generator: the same seed gives the same data"),
-    ("hashed", "emit hashed chunks (to feed a compressor without a deduplicator)"),
+    (
+        "seed",
+        "seed of the generator: the same seed gives the same data",
+    ),
+    (
+        "hashed",
+        "emit hashed chunks (to feed a compressor without a deduplicator)",
+    ),
 ];
 
 pub struct Generate {
@@ -95,7 +100,10 @@ impl Generate {
     pub fn new(options: GenerateOptions) -> Result<Self, InvalidOption> {
         let chunk_size = options.chunk_size.bytes();
         if chunk_size == 0 || chunk_size > 64 << 20 {
-            return Err(InvalidOption::new("chunk_size", "must be between 1 and 64M"));
+            return Err(InvalidOption::new(
+                "chunk_size",
+                "must be between 1 and 64M",
+            ));
         }
         let pool = make_pool(options.data, chunk_size as usize, options.seed);
         let disk = Arc::new(Disk {
@@ -139,7 +147,14 @@ fn make_pool(mix: Mix, chunk_size: usize, seed: u64) -> Vec<(Bytes, Digest)> {
     (0..POOL_CHUNKS)
         .map(|i| {
             let kind = match mix {
-                Mix::Mixed => [Mix::Random, Mix::Random, Mix::Text, Mix::Text, Mix::Binary, Mix::Zeros][i % 6],
+                Mix::Mixed => [
+                    Mix::Random,
+                    Mix::Random,
+                    Mix::Text,
+                    Mix::Text,
+                    Mix::Binary,
+                    Mix::Zeros,
+                ][i % 6],
                 other => other,
             };
             let data = fill(kind, chunk_size, &mut rng);
@@ -150,9 +165,36 @@ fn make_pool(mix: Mix, chunk_size: usize, seed: u64) -> Vec<(Bytes, Digest)> {
 }
 
 const WORDS: &[&str] = &[
-    "backup", "restore", "disk", "the", "of", "kernel", "error", "info", "service", "started",
-    "user", "session", "opened", "closed", "for", "connection", "from", "port", "GET", "/index.html",
-    "200", "404", "debug", "warning", "systemd", "cron", "job", "completed", "in", "ms",
+    "backup",
+    "restore",
+    "disk",
+    "the",
+    "of",
+    "kernel",
+    "error",
+    "info",
+    "service",
+    "started",
+    "user",
+    "session",
+    "opened",
+    "closed",
+    "for",
+    "connection",
+    "from",
+    "port",
+    "GET",
+    "/index.html",
+    "200",
+    "404",
+    "debug",
+    "warning",
+    "systemd",
+    "cron",
+    "job",
+    "completed",
+    "in",
+    "ms",
 ];
 
 fn fill(kind: Mix, len: usize, rng: &mut ChaCha8Rng) -> Vec<u8> {
@@ -164,7 +206,11 @@ fn fill(kind: Mix, len: usize, rng: &mut ChaCha8Rng) -> Vec<u8> {
             let mut at = 0;
             while at < len {
                 let word = WORDS[rng.random_range(0..WORDS.len())].as_bytes();
-                let sep: &[u8] = if rng.random_range(0..12) == 0 { b"\n" } else { b" " };
+                let sep: &[u8] = if rng.random_range(0..12) == 0 {
+                    b"\n"
+                } else {
+                    b" "
+                };
                 for &b in word.iter().chain(sep) {
                     if at < len {
                         out[at] = b;
@@ -176,7 +222,11 @@ fn fill(kind: Mix, len: usize, rng: &mut ChaCha8Rng) -> Vec<u8> {
         Mix::Binary => {
             for (i, b) in out.iter_mut().enumerate() {
                 let r: u8 = rng.random();
-                *b = if i % 4 == 0 { r } else { (i as u8 & 0x0f) ^ (r & 0x03) };
+                *b = if i % 4 == 0 {
+                    r
+                } else {
+                    (i as u8 & 0x0f) ^ (r & 0x03)
+                };
             }
         }
     }
@@ -228,7 +278,8 @@ mod tests {
         let total: u64 = (0..a.chunk_count()).map(|i| a.chunk(i).payload_len()).sum();
         assert_eq!(total, 1_000_000);
         for i in 0..a.chunk_count() {
-            let (Payload::Raw(x), Payload::Raw(y)) = (a.chunk(i).payload, b.chunk(i).payload) else {
+            let (Payload::Raw(x), Payload::Raw(y)) = (a.chunk(i).payload, b.chunk(i).payload)
+            else {
                 panic!("raw chunks expected");
             };
             assert_eq!(x, y);

@@ -11,8 +11,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use backflow_pipeline::{
-    InvalidOption,
-    BlockSource, DiskSource, Message, MessageType, Stage, StageError, StageIo, Work, Worker,
+    BlockSource, DiskSource, InvalidOption, Message, MessageType, Stage, StageError, StageIo, Work,
+    Worker,
 };
 use serde::{Deserialize, Serialize};
 
@@ -34,9 +34,18 @@ pub struct ImageOptions {
 
 /// Documentation of each option, for `backflow stages`.
 pub const OPTION_DOCS: &[(&str, &str)] = &[
-    ("path", "raw image file or block device to back up (required)"),
-    ("disk", "the disk's name in the manifest; empty: the file name without extension"),
-    ("vm", "the machine the snapshot belongs to; empty: the disk's name"),
+    (
+        "path",
+        "raw image file or block device to back up (required)",
+    ),
+    (
+        "disk",
+        "the disk's name in the manifest; empty: the file name without extension",
+    ),
+    (
+        "vm",
+        "the machine the snapshot belongs to; empty: the disk's name",
+    ),
 ];
 
 /// The runtime value: the file is opened when the run starts.
@@ -52,7 +61,12 @@ impl ImageSource {
         let path = options
             .path
             .filter(|p| !p.as_os_str().is_empty())
-            .ok_or_else(|| InvalidOption::new("path", "is required: the image file or block device to read"))?;
+            .ok_or_else(|| {
+                InvalidOption::new(
+                    "path",
+                    "is required: the image file or block device to read",
+                )
+            })?;
         let disk = if options.disk.is_empty() {
             disk_name_from_path(&path)
         } else {
@@ -201,8 +215,16 @@ mod tests {
         let image = ImageFile::open(&path).unwrap();
         let ranges = image.allocated().unwrap().unwrap();
         // Filesystems round to their block size; both written blocks are covered, the rest not.
-        assert!(ranges.iter().any(|&(o, l)| o <= 1 << 20 && o + l >= (1 << 20) + 4096));
-        assert!(ranges.iter().any(|&(o, l)| o <= 5 << 20 && o + l >= (5 << 20) + 4096));
+        assert!(
+            ranges
+                .iter()
+                .any(|&(o, l)| o <= 1 << 20 && o + l >= (1 << 20) + 4096)
+        );
+        assert!(
+            ranges
+                .iter()
+                .any(|&(o, l)| o <= 5 << 20 && o + l >= (5 << 20) + 4096)
+        );
         let total: u64 = ranges.iter().map(|r| r.1).sum();
         assert!(total < 4 << 20, "holes were reported as data: {ranges:?}");
     }

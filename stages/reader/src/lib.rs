@@ -7,9 +7,8 @@
 use std::sync::atomic::Ordering;
 
 use backflow_pipeline::{
-    InvalidOption,
-    Chunk, ExtentClass, Message, MessageType, Payload, Stage, StageError, StageIo, Work, Worker,
-    stage::unexpected,
+    Chunk, ExtentClass, InvalidOption, Message, MessageType, Payload, Stage, StageError, StageIo,
+    Work, Worker, stage::unexpected,
 };
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -70,7 +69,10 @@ impl Stage for Reader {
             let count = extent.count;
             match extent.class {
                 ExtentClass::Zero => {
-                    if worker.send(Message::Chunk(runless(Payload::Zero { count }))).is_err() {
+                    if worker
+                        .send(Message::Chunk(runless(Payload::Zero { count })))
+                        .is_err()
+                    {
                         return Ok(());
                     }
                     continue;
@@ -88,12 +90,15 @@ impl Stage for Reader {
                 let len = disk.chunk_len(index) as usize;
                 let mut buf = vec![0u8; len];
                 let offset = index * u64::from(disk.chunk_size);
-                disk.source.reader.read_exact_at(&mut buf, offset).map_err(|e| {
-                    StageError::io(
-                        format!("reading disk {} at offset {offset}", disk.name()),
-                        e,
-                    )
-                })?;
+                disk.source
+                    .reader
+                    .read_exact_at(&mut buf, offset)
+                    .map_err(|e| {
+                        StageError::io(
+                            format!("reading disk {} at offset {offset}", disk.name()),
+                            e,
+                        )
+                    })?;
                 worker
                     .ctx()
                     .source_bytes_read

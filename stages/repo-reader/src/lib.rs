@@ -4,13 +4,12 @@
 //! downstream always have work (read-ahead bounded by the channel). Chunks are passed on as
 //! stored (still compressed) with their digest; runs of zero chunks become one message each.
 
-use std::sync::{Arc, OnceLock};
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, OnceLock};
 
 use backflow_pipeline::{
-    InvalidOption,
-    Chunk, Disk, DiskSource, Message, MessageType, Payload, SizeOnly, Stage, StageError, StageIo,
-    Work, Worker,
+    Chunk, Disk, DiskSource, InvalidOption, Message, MessageType, Payload, SizeOnly, Stage,
+    StageError, StageIo, Work, Worker,
 };
 use backflow_repository::{ChunkRef, Snapshot};
 use bytes::Bytes;
@@ -61,7 +60,10 @@ pub struct RepoReader {
 impl RepoReader {
     pub fn new(options: RepoReaderOptions) -> Result<Self, InvalidOption> {
         if options.snapshot.is_empty() {
-            return Err(InvalidOption::new("snapshot", "must be a snapshot id or `latest`"));
+            return Err(InvalidOption::new(
+                "snapshot",
+                "must be a snapshot id or `latest`",
+            ));
         }
         Ok(RepoReader {
             options,
@@ -95,7 +97,12 @@ impl RepoReader {
                     disks.push((i, Arc::new(disk)));
                 }
                 if disks.is_empty() {
-                    let names: Vec<_> = snapshot.meta().disks.iter().map(|d| d.name.as_str()).collect();
+                    let names: Vec<_> = snapshot
+                        .meta()
+                        .disks
+                        .iter()
+                        .map(|d| d.name.as_str())
+                        .collect();
                     return Err(format!(
                         "snapshot {} has no disk named {:?}; its disks: {}",
                         snapshot.info().id,

@@ -11,9 +11,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use backflow_pipeline::{
-    InvalidOption,
-    Chunk, Disk, Message, MessageType, Payload, RunContext, Stage, StageError, StageIo, Work,
-    Worker, stage::unexpected,
+    Chunk, Disk, InvalidOption, Message, MessageType, Payload, RunContext, Stage, StageError,
+    StageIo, Work, Worker, stage::unexpected,
 };
 use backflow_repository::{BackupSession, ChunkRef, DiskMeta};
 use serde::{Deserialize, Serialize};

@@ -2,8 +2,8 @@
 //! travels along unchecked; the verifier after it checks it.
 
 use backflow_pipeline::{
-    InvalidOption,
-    Message, MessageType, Payload, Stage, StageError, StageIo, Worker, stage::unexpected,
+    InvalidOption, Message, MessageType, Payload, Stage, StageError, StageIo, Worker,
+    stage::unexpected,
 };
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};

@@ -2,8 +2,7 @@
 //! a restore never writes silently wrong data. A mismatch fails the run and names the chunk.
 
 use backflow_pipeline::{
-    InvalidOption,
-    Message, MessageType, Payload, Stage, StageError, StageIo, Worker, digest_of,
+    InvalidOption, Message, MessageType, Payload, Stage, StageError, StageIo, Worker, digest_of,
     stage::unexpected,
 };
 use serde::{Deserialize, Serialize};

@@ -4,11 +4,11 @@
 //! each worker keeps its own compression context. A chunk that does not shrink is stored raw, so
 //! already-compressed data costs no decompression on restore.
 
-use backflow_pipeline::{
-    InvalidOption,
-    Message, MessageType, Payload, Stage, StageError, StageIo, Worker, stage::unexpected,
-};
 use backflow_pipeline::Codec;
+use backflow_pipeline::{
+    InvalidOption, Message, MessageType, Payload, Stage, StageError, StageIo, Worker,
+    stage::unexpected,
+};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
