@@ -135,7 +135,7 @@ fn missing_variable() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(
-        stderr.contains("bad.yaml:8:") && stderr.contains("source"),
+        stderr.contains("bad.yaml:3:") && stderr.contains("source"),
         "{stderr}"
     );
     assert!(stderr.contains("--var source="), "{stderr}");
