@@ -365,7 +365,9 @@ fn print_stages(json: bool) {
         for o in &d.options {
             println!("    {:<20} default {:<10} {}", o.name, o.default, o.doc);
         }
-        println!("    (every stage also takes: name, workers, capacity)");
+        if d.kind != backflow_stages::cleanup_doc().kind {
+            println!("    (every stage also takes: name, workers, capacity)");
+        }
         println!();
     }
 }

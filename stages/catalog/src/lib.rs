@@ -204,7 +204,8 @@ impl Kind {
 }
 
 /// The options of a kind with their defaults, read off the options type itself: its `Default`
-/// serialised. An option without a default serialises as null and is shown as required.
+/// serialised. An option without a default serialises as null: shown as `required` when its
+/// documentation says so, else as `-` (unset).
 fn option_docs<O: Default + Serialize>(
     docs: &'static [(&'static str, &'static str)],
 ) -> Vec<OptionDoc> {
@@ -213,19 +214,25 @@ fn option_docs<O: Default + Serialize>(
     map.into_iter()
         .map(|(name, value)| {
             let default = match value {
-                serde_json::Value::Null => "required".to_owned(),
+                serde_json::Value::Null if doc_of(docs, &name).contains("(required)") => {
+                    "required".to_owned()
+                }
+                serde_json::Value::Null => "-".to_owned(),
                 serde_json::Value::String(s) if s.is_empty() => "\"\"".to_owned(),
                 serde_json::Value::String(s) => s,
                 other => other.to_string(),
             };
-            let doc = docs
-                .iter()
-                .find(|(n, _)| *n == name)
-                .map(|(_, d)| *d)
-                .unwrap_or("");
+            let doc = doc_of(docs, &name);
             OptionDoc { name, default, doc }
         })
         .collect()
+}
+
+fn doc_of(docs: &'static [(&'static str, &'static str)], name: &str) -> &'static str {
+    docs.iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, d)| *d)
+        .unwrap_or("")
 }
 
 /// Finaliser kinds.

@@ -57,12 +57,25 @@ fn documented_message_types_match_the_built_stages() {
 fn documented_options_are_the_accepted_ones() {
     for kind in Kind::ALL {
         for option in kind.doc().options {
-            assert!(!option.doc.is_empty(), "{}.{} has no documentation", kind.name(), option.name);
+            assert!(
+                !option.doc.is_empty(),
+                "{}.{} has no documentation",
+                kind.name(),
+                option.name
+            );
         }
     }
     let zstd = Kind::Zstd.doc();
     let level = zstd.options.iter().find(|o| o.name == "level").unwrap();
     assert_eq!(level.default, stage_zstd::DEFAULT_LEVEL.to_string());
     let image = Kind::Image.doc();
-    assert_eq!(image.options.iter().find(|o| o.name == "path").unwrap().default, "required");
+    assert_eq!(
+        image
+            .options
+            .iter()
+            .find(|o| o.name == "path")
+            .unwrap()
+            .default,
+        "required"
+    );
 }

@@ -1,0 +1,39 @@
+//! `unzstd`: decoding stored chunks back to plaintext (zstd frames, or a copy of raw ones).
+
+use backflow_benches::{DATA_BYTES, Data, criterion_config, harness, run};
+use criterion::{BatchSize, Criterion, SamplingMode, Throughput, criterion_group, criterion_main};
+use stage_generate::Mix;
+use stage_unzstd::{Unzstd, UnzstdOptions};
+
+fn unzstd(c: &mut Criterion) {
+    let mut group = c.benchmark_group("unzstd");
+    group.sampling_mode(SamplingMode::Flat);
+    group.throughput(Throughput::Bytes(DATA_BYTES));
+    // Text compresses (zstd level 1), random data is stored raw.
+    for mix in [Mix::Text, Mix::Random] {
+        let data = Data::new(mix, DATA_BYTES);
+        let input = data.encoded(1);
+        for workers in [1, 2] {
+            let harness = harness(Unzstd::new(UnzstdOptions {}).unwrap(), workers);
+            let id = match workers {
+                1 => data.name().to_owned(),
+                _ => format!("{}/w{workers}", data.name()),
+            };
+            group.bench_function(id, |b| {
+                b.iter_batched(
+                    || input.clone(),
+                    |input| run(&harness, input),
+                    BatchSize::PerIteration,
+                )
+            });
+        }
+    }
+    group.finish();
+}
+
+criterion_group! {
+    name = benches;
+    config = criterion_config!();
+    targets = unzstd
+}
+criterion_main!(benches);

@@ -1,0 +1,111 @@
+#!/usr/bin/env bash
+# End-to-end comparison on one generated image, all tools in the same run:
+#   backflow (default settings), borg 1.2 (--compression lz4, no encryption), restic 0.14.
+# Steps per tool: full backup, 5% of the image changed at scattered offsets, second backup,
+# restore of the second restore point (checked with cmp). Prints one table (Markdown) with
+# times, throughput, repository growth, peak memory (RSS) and backflow's ratios to the better peer,
+# then backflow's peak memory on other image sizes.
+#
+#   bash benches/e2e.sh [SIZE] [OTHER_SIZES...]      e.g. bash benches/e2e.sh 2G 1G 4G
+# Needs about 4x SIZE of free disk in $BENCH_DIR (default /var/tmp/backflow-e2e). Installs restic,
+# borgbackup and GNU time from Debian when they are missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SIZE=${1:-2G}
+shift || true
+OTHER_SIZES=("$@")
+WORK=${BENCH_DIR:-/var/tmp/backflow-e2e}
+
+need=()
+command -v restic >/dev/null || need+=(restic)
+command -v borg >/dev/null || need+=(borgbackup)
+[ -x /usr/bin/time ] || need+=(time)
+if [ ${#need[@]} -gt 0 ]; then
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+cargo build --release -q -p backflow -p backflow-fixtures
+BF=$PWD/target/release/backflow
+FX=$PWD/target/release/backflow-fixtures
+
+rm -rf "$WORK"; mkdir -p "$WORK"
+trap 'rm -rf "$WORK"' EXIT
+IMG=$WORK/disk.img
+export RESTIC_PASSWORD=bench BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK=yes BORG_RELOCATED_REPO_ACCESS_IS_OK=yes
+
+# measure NAME CMD...: runs CMD under GNU time; appends "NAME seconds max_rss_kib" to $WORK/times.
+measure() {
+  local name=$1; shift
+  /usr/bin/time -f "%e %M" -o "$WORK/t" "$@" >"$WORK/$name.log" 2>&1 || { cat "$WORK/$name.log" >&2; exit 1; }
+  echo "$name $(cat "$WORK/t")" >>"$WORK/times"
+}
+size_of() { du -sb "$1" | cut -f1; }
+get() { awk -v k="$1" '$1==k {print $'"$2"'}' "$WORK/times"; }
+
+echo "generating a $SIZE image" >&2
+"$FX" image --size "$SIZE" --seed 1 "$IMG" >/dev/null
+BYTES=$(stat -c %s "$IMG")
+cat "$IMG" >/dev/null   # every tool reads from the page cache
+
+# ---- full backups
+"$BF" init --repo "$WORK/bf" >/dev/null
+borg init -q --encryption=none "$WORK/borg"
+restic init -q -r "$WORK/restic" >/dev/null
+measure bf_full "$BF" run specs/backup-image.yaml --quiet --var source="$IMG" --var repo="$WORK/bf" --var disk=disk
+measure borg_full borg create --compression lz4 "$WORK/borg::one" "$IMG"
+measure restic_full restic -q -r "$WORK/restic" backup "$IMG"
+for t in bf borg restic; do echo "${t}_size_full $(size_of "$WORK/$t")" >>"$WORK/times"; done
+
+# ---- 5% change, second backups
+CHANGED=$("$FX" change --fraction 0.05 --seed 2 "$IMG" | grep -o '[0-9]* bytes' | head -1 | cut -d' ' -f1 || true)
+cp --sparse=always "$IMG" "$WORK/at-second.img"
+measure bf_incr "$BF" run specs/backup-image.yaml --quiet --var source="$IMG" --var repo="$WORK/bf" --var disk=disk
+measure borg_incr borg create --compression lz4 "$WORK/borg::two" "$IMG"
+measure restic_incr restic -q -r "$WORK/restic" backup "$IMG"
+for t in bf borg restic; do echo "${t}_size_incr $(size_of "$WORK/$t")" >>"$WORK/times"; done
+
+# ---- restores of the second restore point, each checked with cmp
+rm -f "$IMG"
+mkdir -p "$WORK/out-borg" "$WORK/out-restic"
+measure bf_restore "$BF" restore --quiet --repo "$WORK/bf" --snapshot latest --to "$WORK/out-bf.img"
+( cd "$WORK/out-borg" && measure borg_restore borg extract --sparse "$WORK/borg::two" )
+measure restic_restore restic -q -r "$WORK/restic" restore latest --target "$WORK/out-restic"
+cmp "$WORK/at-second.img" "$WORK/out-bf.img"
+cmp "$WORK/at-second.img" "$(find "$WORK/out-borg" -name disk.img)"
+cmp "$WORK/at-second.img" "$(find "$WORK/out-restic" -name disk.img)"
+echo "all three restores are identical to the image (cmp)" >&2
+
+mib() { awk -v b="$1" 'BEGIN {printf "%.0f", b / 1048576}'; }
+rate() { awk -v b="$BYTES" -v s="$1" 'BEGIN {printf "%.0f", b / 1048576 / s}'; }
+echo
+echo "Image: $SIZE generated (seed 1), 5% changed (seed 2). Machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)."
+echo
+echo "| tool | full backup | 2nd backup (5% changed) | restore | repo after full | growth after change | peak RSS full / 2nd / restore |"
+echo "|---|---|---|---|---|---|---|"
+for t in bf borg restic; do
+  name=$t; [ $t = bf ] && name=backflow
+  full=$(get ${t}_full 2); incr=$(get ${t}_incr 2); rest=$(get ${t}_restore 2)
+  sfull=$(get ${t}_size_full 2); sincr=$(get ${t}_size_incr 2)
+  echo "| $name | ${full} s ($(rate "$full") MiB/s) | ${incr} s ($(rate "$incr") MiB/s) | ${rest} s ($(rate "$rest") MiB/s) | $(mib "$sfull") MiB | $(mib $((sincr - sfull))) MiB | $(( $(get ${t}_full 3) / 1024 )) / $(( $(get ${t}_incr 3) / 1024 )) / $(( $(get ${t}_restore 3) / 1024 )) MiB |"
+done
+ratio() { # backflow's speed-up over the better (faster) peer for step $1
+  awk -v b="$(get bf_$1 2)" -v x="$(get borg_$1 2)" -v y="$(get restic_$1 2)" 'BEGIN {m = x < y ? x : y; printf "%.1fx", m / b}'
+}
+growth() { echo $(( $(get ${1}_size_incr 2) - $(get ${1}_size_full 2) )); }
+gb=$(growth bf); gborg=$(growth borg); gres=$(growth restic)
+best=$(( gborg < gres ? gborg : gres ))
+echo
+echo "backflow vs the better peer: full $(ratio full) faster, 2nd backup $(ratio incr) faster, restore $(ratio restore) faster; growth after the change $(awk -v a=$gb -v b=$best 'BEGIN {printf "%.2f", a / b}') of the better peer's."
+
+for other in "${OTHER_SIZES[@]}"; do
+  rm -rf "$WORK/bf" "$WORK/mem"; mkdir -p "$WORK/mem"
+  "$FX" image --size "$other" --seed 3 "$WORK/mem/disk.img" >/dev/null
+  "$BF" init --repo "$WORK/bf" >/dev/null
+  measure mem_full_$other "$BF" run specs/backup-image.yaml --quiet --var source="$WORK/mem/disk.img" --var repo="$WORK/bf" --var disk=disk
+  "$FX" change --fraction 0.05 --seed 4 "$WORK/mem/disk.img" >/dev/null
+  measure mem_incr_$other "$BF" run specs/backup-image.yaml --quiet --var source="$WORK/mem/disk.img" --var repo="$WORK/bf" --var disk=disk
+  measure mem_restore_$other "$BF" restore --quiet --repo "$WORK/bf" --snapshot latest --to "$WORK/mem/out.img"
+  cmp "$WORK/mem/disk.img" "$WORK/mem/out.img"
+  echo "backflow on a $other image: peak RSS full $(( $(get mem_full_$other 3) / 1024 )) MiB, 2nd $(( $(get mem_incr_$other 3) / 1024 )) MiB, restore $(( $(get mem_restore_$other 3) / 1024 )) MiB (restore identical)"
+  rm -rf "$WORK/mem"
+done
