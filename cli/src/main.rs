@@ -94,6 +94,9 @@ enum Command {
         /// Output file (one disk) or existing directory (DISK.raw per disk).
         #[arg(long)]
         to: PathBuf,
+        /// Do not fsync: report success once the data is written to the page cache.
+        #[arg(long)]
+        no_sync: bool,
         #[arg(long)]
         report: Option<PathBuf>,
         #[arg(long, short)]
@@ -239,6 +242,7 @@ fn execute(command: Command) -> Result<()> {
             snapshot,
             disk,
             to,
+            no_sync,
             report,
             quiet,
         } => {
@@ -248,6 +252,7 @@ fn execute(command: Command) -> Result<()> {
                 ("snapshot".to_owned(), snapshot),
                 ("disk".to_owned(), disk.unwrap_or_default()),
                 ("to".to_owned(), to.display().to_string()),
+                ("sync".to_owned(), (!no_sync).to_string()),
             ];
             let (name, text) = RESTORE_SPEC;
             let pipeline = spec::load_str(name, text, &vars, &Stages).map_err(spec_errors)?;

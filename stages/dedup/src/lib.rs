@@ -80,10 +80,9 @@ impl Dedup {
                 return Ok(true);
             }
         }
-        if self.repository_lookup
-            && let Ok(repo) = worker.ctx().repository()
-            && repo.lookup(digest)?.is_some()
-        {
+        // With lookups on, a missing or unreadable repository is an error, never a silent
+        // fallback to storing everything again.
+        if self.repository_lookup && worker.ctx().repository()?.lookup(digest)?.is_some() {
             return Ok(true);
         }
         Ok(!self.this_run.lock().unwrap().insert(*digest))

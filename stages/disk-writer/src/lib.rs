@@ -12,6 +12,7 @@ use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use backflow_pipeline::{
@@ -22,17 +23,44 @@ use serde::{Deserialize, Serialize};
 
 pub const KIND: &str = "disk-writer";
 
-#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct DiskWriterOptions {
     /// Output file (one disk) or existing directory (`DIR/DISK.raw` per disk). Required.
     pub path: Option<PathBuf>,
+    /// Make the data durable (fsync) before the restore reports success.
+    #[serde(default = "yes")]
+    pub sync: bool,
 }
 
-pub const OPTION_DOCS: &[(&str, &str)] = &[(
-    "path",
-    "output file for one disk, or an existing directory for DIR/DISK.raw per disk (required)",
-)];
+impl Default for DiskWriterOptions {
+    fn default() -> Self {
+        DiskWriterOptions {
+            path: None,
+            sync: true,
+        }
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+
+pub const OPTION_DOCS: &[(&str, &str)] = &[
+    (
+        "path",
+        "output file for one disk, or an existing directory for DIR/DISK.raw per disk (required)",
+    ),
+    (
+        "sync",
+        "make the restored data durable (fsync) before reporting success; flushing starts during the restore",
+    ),
+];
+
+/// While a restore runs, the data written so far is flushed every this many bytes by a background
+/// thread, so that the final fsync finds little left to write: the kernel would otherwise hold
+/// gigabytes of dirty pages and write them only at the end.
+pub const FLUSH_EVERY: u64 = 128 << 20;
 
 struct Output {
     file: Arc<File>,
@@ -42,11 +70,21 @@ struct Output {
     /// Holes need not be written: the file was created empty and sized.
     sparse: bool,
     disk: Arc<Disk>,
+    /// Bytes written, to trigger background flushes.
+    written: AtomicU64,
 }
 
 pub struct DiskWriter {
     path: PathBuf,
+    sync: bool,
     outputs: Mutex<HashMap<String, Arc<Output>>>,
+    flusher: Mutex<Option<Flusher>>,
+}
+
+/// A thread that runs `fdatasync` on outputs while the workers go on writing.
+struct Flusher {
+    requests: crossbeam_channel::Sender<Arc<File>>,
+    thread: std::thread::JoinHandle<()>,
 }
 
 impl DiskWriter {
@@ -59,7 +97,9 @@ impl DiskWriter {
             })?;
         Ok(DiskWriter {
             path,
+            sync: options.sync,
             outputs: Mutex::new(HashMap::new()),
+            flusher: Mutex::new(None),
         })
     }
 
@@ -92,6 +132,7 @@ impl DiskWriter {
                 final_path: target,
                 sparse: false,
                 disk: disk.clone(),
+                written: AtomicU64::new(0),
             }
         } else {
             let writing = partial_path(&target);
@@ -119,11 +160,59 @@ impl DiskWriter {
                 final_path: target,
                 sparse: true,
                 disk: disk.clone(),
+                written: AtomicU64::new(0),
             }
         };
         let output = Arc::new(output);
         outputs.insert(disk.name().to_owned(), output.clone());
         Ok(output)
+    }
+}
+
+impl DiskWriter {
+    /// Counts `bytes` written to `out` and, each time another [`FLUSH_EVERY`] bytes were written,
+    /// asks the flusher to write back what is dirty. A busy flusher is not waited for.
+    fn written(&self, out: &Output, bytes: u64) {
+        if !self.sync {
+            return;
+        }
+        let before = out.written.fetch_add(bytes, Ordering::Relaxed);
+        if before / FLUSH_EVERY == (before + bytes) / FLUSH_EVERY {
+            return;
+        }
+        let mut flusher = self.flusher.lock().unwrap();
+        if flusher.is_none() {
+            let (tx, rx) = crossbeam_channel::bounded::<Arc<File>>(1);
+            let thread = std::thread::Builder::new()
+                .name("disk-flusher".into())
+                .spawn(move || {
+                    for file in rx {
+                        // Errors surface again at the final fsync, which is checked.
+                        let _ = file.sync_data();
+                    }
+                });
+            let Ok(thread) = thread else { return };
+            *flusher = Some(Flusher {
+                requests: tx,
+                thread,
+            });
+        }
+        if let Some(f) = flusher.as_ref() {
+            let _ = f.requests.try_send(out.file.clone());
+        }
+    }
+
+    fn stop_flusher(&self) {
+        if let Some(f) = self.flusher.lock().unwrap().take() {
+            drop(f.requests);
+            let _ = f.thread.join();
+        }
+    }
+}
+
+impl Drop for DiskWriter {
+    fn drop(&mut self) {
+        self.stop_flusher();
     }
 }
 
@@ -198,16 +287,29 @@ impl Stage for DiskWriter {
     }
 
     fn finish(&self, ctx: &RunContext) -> Result<(), StageError> {
+        self.stop_flusher();
         let outputs = self.outputs.lock().unwrap();
         let mut restored = Vec::new();
         for out in outputs.values() {
-            out.file
-                .sync_all()
-                .map_err(|e| StageError::io(format!("syncing {}", out.writing.display()), e))?;
+            if self.sync {
+                out.file
+                    .sync_all()
+                    .map_err(|e| StageError::io(format!("syncing {}", out.writing.display()), e))?;
+            }
             if out.writing != out.final_path {
                 std::fs::rename(&out.writing, &out.final_path).map_err(|e| {
                     StageError::io(format!("renaming {} into place", out.writing.display()), e)
                 })?;
+                if self.sync {
+                    let dir = out
+                        .final_path
+                        .parent()
+                        .filter(|d| !d.as_os_str().is_empty());
+                    let dir = dir.unwrap_or(Path::new("."));
+                    File::open(dir).and_then(|d| d.sync_all()).map_err(|e| {
+                        StageError::io(format!("syncing directory {}", dir.display()), e)
+                    })?;
+                }
             }
             tracing::info!(disk = %out.disk.name(), path = %out.final_path.display(), "Disk restored.");
             restored.push(serde_json::json!({
