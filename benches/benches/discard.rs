@@ -1,7 +1,7 @@
 //! `discard`: the sink that keeps nothing: the runtime's cost per chunk with no work at all.
 
-use backflow_benches::{DATA_BYTES, Data, criterion_config, harness, run};
-use criterion::{BatchSize, Criterion, SamplingMode, Throughput, criterion_group, criterion_main};
+use backflow_benches::{DATA_BYTES, Data, bench_case, criterion_config, harness};
+use criterion::{Criterion, SamplingMode, Throughput, criterion_group, criterion_main};
 use stage_discard::{Discard, DiscardOptions};
 use stage_generate::Mix;
 
@@ -12,13 +12,7 @@ fn discard(c: &mut Criterion) {
     let data = Data::new(Mix::Mixed, DATA_BYTES);
     let input = data.plain();
     let harness = harness(Discard::new(DiscardOptions {}).unwrap(), 1);
-    group.bench_function(data.name(), |b| {
-        b.iter_batched(
-            || input.clone(),
-            |input| run(&harness, input),
-            BatchSize::PerIteration,
-        )
-    });
+    bench_case!(group, data.name(), harness, input);
     group.finish();
 }
 

@@ -36,6 +36,7 @@ fn disk_writer(c: &mut Criterion) {
                     let _ = std::fs::remove_file(&target);
                     let options = DiskWriterOptions {
                         path: Some(target.clone()),
+                        sync: true,
                     };
                     (
                         harness(DiskWriter::new(options).unwrap(), workers),

@@ -1,8 +1,8 @@
 //! `reader`: reading the planned extents of a generated image (warm page cache) and recognising
 //! all-zero chunks. Throughput counts the whole image; its holes cost one message per run.
 
-use backflow_benches::{DATA_BYTES, Image, SEED, criterion_config, harness, run};
-use criterion::{BatchSize, Criterion, SamplingMode, Throughput, criterion_group, criterion_main};
+use backflow_benches::{DATA_BYTES, Image, SEED, bench_case, criterion_config, harness};
+use criterion::{Criterion, SamplingMode, Throughput, criterion_group, criterion_main};
 use stage_reader::{Reader, ReaderOptions};
 
 fn reader(c: &mut Criterion) {
@@ -17,13 +17,7 @@ fn reader(c: &mut Criterion) {
             1 => "mixed".to_owned(),
             _ => format!("mixed/w{workers}"),
         };
-        group.bench_function(id, |b| {
-            b.iter_batched(
-                || extents.clone(),
-                |input| run(&harness, input),
-                BatchSize::PerIteration,
-            )
-        });
+        bench_case!(group, id, harness, extents);
     }
     group.finish();
 }

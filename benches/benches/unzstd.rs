@@ -1,7 +1,7 @@
 //! `unzstd`: decoding stored chunks back to plaintext (zstd frames, or a copy of raw ones).
 
-use backflow_benches::{DATA_BYTES, Data, criterion_config, harness, run};
-use criterion::{BatchSize, Criterion, SamplingMode, Throughput, criterion_group, criterion_main};
+use backflow_benches::{DATA_BYTES, Data, bench_case, criterion_config, harness};
+use criterion::{Criterion, SamplingMode, Throughput, criterion_group, criterion_main};
 use stage_generate::Mix;
 use stage_unzstd::{Unzstd, UnzstdOptions};
 
@@ -19,13 +19,7 @@ fn unzstd(c: &mut Criterion) {
                 1 => data.name().to_owned(),
                 _ => format!("{}/w{workers}", data.name()),
             };
-            group.bench_function(id, |b| {
-                b.iter_batched(
-                    || input.clone(),
-                    |input| run(&harness, input),
-                    BatchSize::PerIteration,
-                )
-            });
+            bench_case!(group, id, harness, input);
         }
     }
     group.finish();

@@ -1,7 +1,7 @@
 //! `verify`: BLAKE3 of each restored plaintext chunk, compared with its digest.
 
-use backflow_benches::{DATA_BYTES, Data, criterion_config, harness, run};
-use criterion::{BatchSize, Criterion, SamplingMode, Throughput, criterion_group, criterion_main};
+use backflow_benches::{DATA_BYTES, Data, bench_case, criterion_config, harness};
+use criterion::{Criterion, SamplingMode, Throughput, criterion_group, criterion_main};
 use stage_generate::Mix;
 use stage_verify::{Verify, VerifyOptions};
 
@@ -18,13 +18,7 @@ fn verify(c: &mut Criterion) {
             1 => data.name().to_owned(),
             _ => format!("{}/w{workers}", data.name()),
         };
-        group.bench_function(id, |b| {
-            b.iter_batched(
-                || input.clone(),
-                |input| run(&harness, input),
-                BatchSize::PerIteration,
-            )
-        });
+        bench_case!(group, id, harness, input);
     }
     group.finish();
 }

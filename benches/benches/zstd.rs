@@ -1,10 +1,10 @@
 //! `zstd`: compression of hashed plaintext chunks, per level and data, with one and two workers.
 
 use backflow_benches::{
-    DATA_BYTES, Data, Image, SEED, criterion_config, harness, payload_bytes, run,
+    DATA_BYTES, Data, Image, SEED, bench_case, criterion_config, harness, payload_bytes,
 };
 use backflow_pipeline::Message;
-use criterion::{BatchSize, Criterion, SamplingMode, Throughput, criterion_group, criterion_main};
+use criterion::{Criterion, SamplingMode, Throughput, criterion_group, criterion_main};
 use stage_generate::Mix;
 use stage_zstd::{Zstd, ZstdOptions};
 
@@ -19,13 +19,7 @@ fn zstd(c: &mut Criterion) {
                 1 => name.to_owned(),
                 _ => format!("{name}/w{workers}"),
             };
-            group.bench_function(id, |b| {
-                b.iter_batched(
-                    || input.clone(),
-                    |input| run(&harness, input),
-                    BatchSize::PerIteration,
-                )
-            });
+            bench_case!(group, id, harness, input);
         }
     };
 

@@ -63,6 +63,28 @@ macro_rules! criterion_config {
     };
 }
 
+/// Times one case: `harness` on a fresh copy of `input` per iteration (the copy is not timed).
+#[macro_export]
+macro_rules! bench_case {
+    ($group:expr, $id:expr, $harness:expr, $input:expr) => {
+        $group.bench_function($id, |b| {
+            b.iter_batched(
+                || $input.clone(),
+                |input| $crate::run(&$harness, input),
+                ::criterion::BatchSize::PerIteration,
+            )
+        })
+    };
+}
+
+/// A case's name: the data's name, with `/wN` when more than one worker runs.
+pub fn case_id(name: &str, workers: usize) -> String {
+    match workers {
+        1 => name.to_owned(),
+        _ => format!("{name}/w{workers}"),
+    }
+}
+
 /// A harness that runs `stage` with `workers` workers and only counts its output.
 pub fn harness(stage: impl Stage, workers: usize) -> Harness {
     Harness {

@@ -123,6 +123,25 @@ impl<'a> Worker<'a> {
         }
     }
 
+    /// The loop of a chunk-to-chunk stage: applies `f` to every chunk of the input and sends it on,
+    /// until the input ends or the run stops. Any other message is an error naming `stage`.
+    pub fn map_chunks(
+        &mut self,
+        stage: &str,
+        mut f: impl FnMut(&RunContext, &mut crate::message::Chunk) -> Result<(), StageError>,
+    ) -> Result<(), StageError> {
+        while let Some(message) = self.recv() {
+            let Message::Chunk(mut chunk) = message else {
+                return Err(crate::stage::unexpected(stage, &message));
+            };
+            f(self.ctx, &mut chunk)?;
+            if self.send(Message::Chunk(chunk)).is_err() {
+                break;
+            }
+        }
+        Ok(())
+    }
+
     /// Counts bytes a sink consumed (or a stage produced without sending, such as a writer).
     pub fn count_out(&self, bytes: u64) {
         StageCounters::add(&self.counters.bytes_out, bytes);

@@ -465,26 +465,7 @@ impl Repository {
     /// (duplicates are harmless).
     pub fn rebuild_index(&self) -> Result<RebuildReport> {
         let root = &self.inner.path;
-        let lock_path = root.join("lock");
-        let lock = File::options()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&lock_path)
-            .ctx("open", &lock_path)?;
-        match lock.try_lock() {
-            Ok(()) => {}
-            Err(std::fs::TryLockError::WouldBlock) => {
-                return Err(RepoError::Locked {
-                    path: root.clone(),
-                    detail: "backups are running".into(),
-                });
-            }
-            Err(std::fs::TryLockError::Error(e)) => {
-                return Err(RepoError::io("lock", lock_path, e));
-            }
-        }
+        let _lock = lock_repository(root, LockMode::Exclusive, "backups are running")?;
         let (scratch, _scratch_lock) = crate::scratch::create(root, || {
             format!("rebuild-{}", crate::format::hex(&rand::random::<[u8; 6]>()))
         })?;
@@ -549,5 +530,39 @@ impl Repository {
             "Index rebuilt from packs."
         );
         Ok(report)
+    }
+}
+
+/// How [`lock_repository`] takes the repository's `lock` file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum LockMode {
+    /// Backups: any number at once.
+    Shared,
+    /// gc and index rebuild: alone.
+    Exclusive,
+}
+
+/// Takes the repository lock without waiting: a conflict is a retryable [`RepoError::Locked`] whose
+/// detail says who holds it (`held_by`). The lock lasts as long as the returned file is open.
+pub(crate) fn lock_repository(root: &Path, mode: LockMode, held_by: &str) -> Result<File> {
+    let lock_path = root.join("lock");
+    let lock = File::options()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&lock_path)
+        .ctx("open", &lock_path)?;
+    let taken = match mode {
+        LockMode::Shared => lock.try_lock_shared(),
+        LockMode::Exclusive => lock.try_lock(),
+    };
+    match taken {
+        Ok(()) => Ok(lock),
+        Err(std::fs::TryLockError::WouldBlock) => Err(RepoError::Locked {
+            path: root.to_path_buf(),
+            detail: held_by.into(),
+        }),
+        Err(std::fs::TryLockError::Error(e)) => Err(RepoError::io("lock", lock_path, e)),
     }
 }

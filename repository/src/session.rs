@@ -124,26 +124,11 @@ impl BackupSession {
             ));
         }
         let root = repo.path().to_owned();
-        let lock_path = root.join("lock");
-        let repo_lock = File::options()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&lock_path)
-            .ctx("open", &lock_path)?;
-        match repo_lock.try_lock_shared() {
-            Ok(()) => {}
-            Err(std::fs::TryLockError::WouldBlock) => {
-                return Err(RepoError::Locked {
-                    path: root,
-                    detail: "a garbage collection or index rebuild holds it exclusively".into(),
-                });
-            }
-            Err(std::fs::TryLockError::Error(e)) => {
-                return Err(RepoError::io("lock", lock_path, e));
-            }
-        }
+        let repo_lock = crate::repository::lock_repository(
+            &root,
+            crate::repository::LockMode::Shared,
+            "a garbage collection or index rebuild holds it exclusively",
+        )?;
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default();

@@ -11,8 +11,8 @@ use std::collections::HashSet;
 use std::sync::Mutex;
 
 use backflow_pipeline::{
-    Chunk, InvalidOption, Message, MessageType, Payload, Stage, StageError, StageIo, Worker,
-    digest_of, stage::unexpected,
+    Chunk, InvalidOption, MessageType, Payload, RunContext, Stage, StageError, StageIo, Worker,
+    digest_of,
 };
 use backflow_repository::{ChunkRef, Digest};
 use serde::{Deserialize, Serialize};
@@ -63,7 +63,7 @@ impl Dedup {
     /// Whether the chunk with `digest` at `chunk.index` is already stored or on its way.
     fn is_known(
         &self,
-        worker: &Worker<'_>,
+        ctx: &RunContext,
         chunk: &Chunk,
         digest: &Digest,
     ) -> Result<bool, StageError> {
@@ -82,7 +82,7 @@ impl Dedup {
         }
         // With lookups on, a missing or unreadable repository is an error, never a silent
         // fallback to storing everything again.
-        if self.repository_lookup && worker.ctx().repository()?.lookup(digest)?.is_some() {
+        if self.repository_lookup && ctx.repository()?.lookup(digest)?.is_some() {
             return Ok(true);
         }
         Ok(!self.this_run.lock().unwrap().insert(*digest))
@@ -98,21 +98,15 @@ impl Stage for Dedup {
     }
 
     fn run(&self, worker: &mut Worker<'_>) -> Result<(), StageError> {
-        while let Some(message) = worker.recv() {
-            let Message::Chunk(mut chunk) = message else {
-                return Err(unexpected(KIND, &message));
-            };
+        worker.map_chunks(KIND, |ctx, chunk| {
             if let Payload::Raw(data) = &chunk.payload {
                 let digest = digest_of(data);
-                if self.is_known(worker, &chunk, &digest)? {
+                if self.is_known(ctx, chunk, &digest)? {
                     chunk.payload = Payload::Known;
                 }
                 chunk.digest = Some(digest);
             }
-            if worker.send(Message::Chunk(chunk)).is_err() {
-                return Ok(());
-            }
-        }
-        Ok(())
+            Ok(())
+        })
     }
 }

@@ -266,6 +266,7 @@ impl Stage for DiskWriter {
                         .write_all_at(data, chunk.offset())
                         .map_err(write_err)?;
                     worker.count_out(data.len() as u64);
+                    self.written(&out, data.len() as u64);
                 }
                 Payload::Zero { count } if !out.sparse => {
                     let start = chunk.offset();

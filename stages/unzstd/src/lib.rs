@@ -1,10 +1,7 @@
 //! Decompressor stage `unzstd` (restores): decodes stored chunks back to plaintext. The digest
 //! travels along unchecked; the verifier after it checks it.
 
-use backflow_pipeline::{
-    InvalidOption, Message, MessageType, Payload, Stage, StageError, StageIo, Worker,
-    stage::unexpected,
-};
+use backflow_pipeline::{InvalidOption, MessageType, Payload, Stage, StageError, StageIo, Worker};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
@@ -34,10 +31,7 @@ impl Stage for Unzstd {
     }
 
     fn run(&self, worker: &mut Worker<'_>) -> Result<(), StageError> {
-        while let Some(message) = worker.recv() {
-            let Message::Chunk(mut chunk) = message else {
-                return Err(unexpected(KIND, &message));
-            };
+        worker.map_chunks(KIND, |_, chunk| {
             if let Payload::Encoded {
                 codec,
                 data,
@@ -54,10 +48,7 @@ impl Stage for Unzstd {
                 })?;
                 chunk.payload = Payload::Raw(Bytes::from(plain));
             }
-            if worker.send(Message::Chunk(chunk)).is_err() {
-                return Ok(());
-            }
-        }
-        Ok(())
+            Ok(())
+        })
     }
 }

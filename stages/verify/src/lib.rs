@@ -2,8 +2,7 @@
 //! a restore never writes silently wrong data. A mismatch fails the run and names the chunk.
 
 use backflow_pipeline::{
-    InvalidOption, Message, MessageType, Payload, Stage, StageError, StageIo, Worker, digest_of,
-    stage::unexpected,
+    InvalidOption, MessageType, Payload, Stage, StageError, StageIo, Worker, digest_of,
 };
 use serde::{Deserialize, Serialize};
 
@@ -33,43 +32,37 @@ impl Stage for Verify {
     }
 
     fn run(&self, worker: &mut Worker<'_>) -> Result<(), StageError> {
-        while let Some(message) = worker.recv() {
-            let Message::Chunk(mut chunk) = message else {
-                return Err(unexpected(KIND, &message));
-            };
+        worker.map_chunks(KIND, |_, chunk| {
             match &chunk.payload {
-                Payload::Raw(data) => {
-                    let Some(expected) = chunk.digest else {
-                        return Err(StageError::Internal(format!(
-                            "chunk {} of disk {} has no digest to verify",
-                            chunk.index,
-                            chunk.disk.name()
-                        )));
-                    };
-                    let actual = digest_of(data);
-                    if actual != expected {
-                        return Err(StageError::Corrupt(format!(
-                            "disk {}, chunk {} at offset {}: content does not match its digest {expected} (the stored chunk is damaged)",
-                            chunk.disk.name(),
-                            chunk.index,
-                            chunk.offset()
-                        )));
-                    }
-                }
-                Payload::Zero { .. } => {}
-                _ => {
+            Payload::Raw(data) => {
+                let Some(expected) = chunk.digest else {
                     return Err(StageError::Internal(format!(
-                        "chunk {} of disk {}: only plaintext and zero chunks can be verified",
+                        "chunk {} of disk {} has no digest to verify",
                         chunk.index,
                         chunk.disk.name()
                     )));
+                };
+                let actual = digest_of(data);
+                if actual != expected {
+                    return Err(StageError::Corrupt(format!(
+                        "disk {}, chunk {} at offset {}: content does not match its digest {expected} (the stored chunk is damaged)",
+                        chunk.disk.name(),
+                        chunk.index,
+                        chunk.offset()
+                    )));
                 }
             }
-            chunk.verified = true;
-            if worker.send(Message::Chunk(chunk)).is_err() {
-                return Ok(());
+            Payload::Zero { .. } => {}
+            _ => {
+                return Err(StageError::Internal(format!(
+                    "chunk {} of disk {}: only plaintext and zero chunks can be verified",
+                    chunk.index,
+                    chunk.disk.name()
+                )));
             }
         }
-        Ok(())
+        chunk.verified = true;
+            Ok(())
+        })
     }
 }

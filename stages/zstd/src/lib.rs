@@ -5,10 +5,7 @@
 //! already-compressed data costs no decompression on restore.
 
 use backflow_pipeline::Codec;
-use backflow_pipeline::{
-    InvalidOption, Message, MessageType, Payload, Stage, StageError, StageIo, Worker,
-    stage::unexpected,
-};
+use backflow_pipeline::{InvalidOption, MessageType, Payload, Stage, StageError, StageIo, Worker};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
@@ -95,10 +92,7 @@ impl Stage for Zstd {
 
     fn run(&self, worker: &mut Worker<'_>) -> Result<(), StageError> {
         let mut compressor = self.compressor()?;
-        while let Some(message) = worker.recv() {
-            let Message::Chunk(mut chunk) = message else {
-                return Err(unexpected(KIND, &message));
-            };
+        worker.map_chunks(KIND, |_, chunk| {
             if let Payload::Raw(data) = &chunk.payload {
                 let raw_len = data.len() as u32;
                 let (codec, data) = compressor.encode(data)?;
@@ -108,11 +102,8 @@ impl Stage for Zstd {
                     raw_len,
                 };
             }
-            if worker.send(Message::Chunk(chunk)).is_err() {
-                return Ok(());
-            }
-        }
-        Ok(())
+            Ok(())
+        })
     }
 }
 
