@@ -128,9 +128,17 @@ pub fn find_parent(
     let Ok(repo) = worker.ctx().repository() else {
         return Ok(None);
     };
-    let Some(snapshot) = repo.latest_snapshot(&source.vm)? else {
+    // The newest snapshot of the machine that has this disk: another disk of the same machine may
+    // have been backed up alone since. The listing has the disk names, so only one manifest opens.
+    let newest = repo
+        .list_snapshots()?
+        .into_iter()
+        .rev()
+        .find(|s| s.vm == source.vm && s.disks.iter().any(|d| d.name == source.name));
+    let Some(info) = newest else {
         return Ok(None);
     };
+    let snapshot = repo.open_snapshot(&info.id)?;
     let size = source.reader.size();
     let Some(disk) = snapshot.disk_index(&source.name) else {
         return Ok(None);

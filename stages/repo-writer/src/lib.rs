@@ -25,11 +25,51 @@ pub struct RepoWriterOptions {}
 
 pub const OPTION_DOCS: &[(&str, &str)] = &[];
 
-/// One disk being written: its slot in the session and how many chunks arrived.
+/// One disk being written: its slot in the session and which chunks arrived.
 struct DiskState {
     slot: usize,
     disk: Arc<Disk>,
+    /// One bit per chunk (128 KiB of bitmap per TiB of disk at 128 KiB chunks): a chunk that
+    /// arrives twice is a bug upstream, and a snapshot is committed only when every bit is set,
+    /// so a lost chunk can never be recorded as zeros.
+    arrived: Vec<AtomicU64>,
     chunks_seen: AtomicU64,
+}
+
+impl DiskState {
+    /// Marks chunks `[first, first + count)` as arrived; errors on one that already had.
+    fn mark(&self, first: u64, count: u64) -> Result<(), StageError> {
+        let end = first + count;
+        if end > self.disk.chunk_count() {
+            return Err(StageError::Internal(format!(
+                "disk {}: chunks up to {end} reached the writer, the disk has {}",
+                self.disk.name(),
+                self.disk.chunk_count()
+            )));
+        }
+        let mut at = first;
+        while at < end {
+            let word = (at / 64) as usize;
+            let bit = at % 64;
+            let n = (64 - bit).min(end - at);
+            let mask = if n == 64 {
+                u64::MAX
+            } else {
+                ((1u64 << n) - 1) << bit
+            };
+            let before = self.arrived[word].fetch_or(mask, Ordering::Relaxed);
+            if before & mask != 0 {
+                let dup = at + u64::from((before & mask).trailing_zeros()) - bit;
+                return Err(StageError::Internal(format!(
+                    "disk {}: chunk {dup} reached the writer twice",
+                    self.disk.name()
+                )));
+            }
+            at += n;
+        }
+        self.chunks_seen.fetch_add(count, Ordering::Relaxed);
+        Ok(())
+    }
 }
 
 #[derive(Default)]
@@ -90,6 +130,9 @@ impl RepoWriter {
         let entry = Arc::new(DiskState {
             slot,
             disk: disk.clone(),
+            arrived: (0..disk.chunk_count().div_ceil(64))
+                .map(|_| AtomicU64::new(0))
+                .collect(),
             chunks_seen: AtomicU64::new(0),
         });
         state.disks.insert(disk.name().to_owned(), entry.clone());
@@ -160,8 +203,7 @@ impl RepoWriter {
                 )));
             }
         };
-        disk.chunks_seen.fetch_add(count, Ordering::Relaxed);
-        Ok(())
+        disk.mark(chunk.index, count)
     }
 }
 

@@ -1,0 +1,241 @@
+//! The restore source against a real repository: every chunk of the chosen snapshot and disks
+//! comes out once, as stored, with its digest; zero chunks as runs; and a chunk the index lost
+//! fails the run naming it.
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::sync::Arc;
+
+use backflow_pipeline::harness::Harness;
+use backflow_pipeline::{Chunk, ChunkRef, Message, OutcomeKind, Payload, RunReport, digest_of};
+use backflow_repository::{DiskMeta, Repository};
+use bytes::Bytes;
+use stage_repo_reader::{RepoReader, RepoReaderOptions};
+use stage_zstd::{Zstd, ZstdOptions};
+
+const CHUNK: u32 = 64 * 1024;
+/// 8 MiB and a partial last chunk.
+const IMAGE_SIZE: u64 = (8 << 20) + 6 * 4096;
+
+/// Backs up images as the disks of one snapshot of `vm` through the repository API, compressed
+/// with the zstd stage's encoder; returns the snapshot id and each disk's chunk table.
+fn backup(repo: &Repository, vm: &str, disks: &[(&str, &Path)]) -> (String, Vec<Vec<ChunkRef>>) {
+    let session = repo.begin_backup(vm).unwrap();
+    let mut packs = session.pack_writer();
+    let mut compressor = Zstd::new(ZstdOptions::default())
+        .unwrap()
+        .compressor()
+        .unwrap();
+    let mut stored = HashSet::new();
+    let mut tables = Vec::new();
+    for (name, path) in disks {
+        let data = std::fs::read(path).unwrap();
+        let slot = session
+            .add_disk(DiskMeta {
+                name: (*name).into(),
+                size: data.len() as u64,
+                chunk_size: repo.chunk_size(),
+                location: path.display().to_string(),
+                cbt: None,
+            })
+            .unwrap();
+        let mut table = Vec::new();
+        for (i, plain) in data.chunks(repo.chunk_size() as usize).enumerate() {
+            if plain.iter().all(|&b| b == 0) {
+                table.push(ChunkRef::Zero);
+                continue;
+            }
+            let digest = digest_of(plain);
+            if stored.insert(digest) && repo.lookup(&digest).unwrap().is_none() {
+                let (codec, data) = compressor.encode(&Bytes::copy_from_slice(plain)).unwrap();
+                packs.add(digest, codec, plain.len() as u32, &data).unwrap();
+            }
+            session
+                .set_chunk(slot, i as u64, ChunkRef::Data(digest))
+                .unwrap();
+            table.push(ChunkRef::Data(digest));
+        }
+        tables.push(table);
+    }
+    packs.finish().unwrap();
+    (session.commit(None).unwrap().id, tables)
+}
+
+fn read(repo: &Path, snapshot: &str, disk: &str, workers: usize) -> (RunReport, Vec<Chunk>) {
+    let reader = RepoReader::new(RepoReaderOptions {
+        snapshot: snapshot.into(),
+        disk: disk.into(),
+    })
+    .unwrap();
+    let harness = Harness {
+        workers,
+        repository: Some(repo.to_owned()),
+        ..Harness::new(Arc::new(reader))
+    };
+    let (report, out) = harness.run(Vec::new());
+    let chunks = out
+        .into_iter()
+        .map(|m| match m {
+            Message::Chunk(c) => c,
+            other => panic!("repo-reader emitted a {}", other.variant()),
+        })
+        .collect();
+    (report, chunks)
+}
+
+/// Checks that `chunks` (of one disk) restore `image` exactly and follow `table`.
+fn assert_restores(repo: &Repository, chunks: &[Chunk], table: &[ChunkRef], image: &[u8]) -> u64 {
+    let mut covered = vec![0u32; table.len()];
+    let mut stored_bytes = 0;
+    for c in chunks {
+        assert!(!c.verified);
+        match &c.payload {
+            Payload::Zero { count } => {
+                for i in c.index..c.index + count {
+                    assert_eq!(table[i as usize], ChunkRef::Zero, "zero run over chunk {i}");
+                    covered[i as usize] += 1;
+                }
+                assert!(c.digest.is_none());
+            }
+            Payload::Encoded {
+                codec,
+                data,
+                raw_len,
+            } => {
+                let digest = c.digest.expect("a stored chunk carries its digest");
+                assert_eq!(table[c.index as usize], ChunkRef::Data(digest));
+                let location = repo.lookup(&digest).unwrap().unwrap();
+                let stored = repo.read_chunk(&location).unwrap();
+                assert_eq!((stored.codec, &stored.data[..]), (*codec, &data[..]));
+                let plain = backflow_repository::decode(*codec, data, *raw_len).unwrap();
+                let offset = (c.index * u64::from(CHUNK)) as usize;
+                assert_eq!(&plain[..], &image[offset..offset + plain.len()]);
+                covered[c.index as usize] += 1;
+                stored_bytes += data.len() as u64;
+            }
+            other => panic!("chunk {}: unexpected {other:?}", c.index),
+        }
+    }
+    let wrong: Vec<_> = (0..table.len()).filter(|&i| covered[i] != 1).collect();
+    assert!(
+        wrong.is_empty(),
+        "chunks not emitted exactly once: {wrong:?}"
+    );
+    stored_bytes
+}
+
+#[test]
+fn emits_every_chunk_of_the_snapshot_once_as_stored() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo_path = dir.path().join("repo");
+    let repo = Repository::init(&repo_path, CHUNK).unwrap();
+    let image = dir.path().join("vda.raw");
+    backflow_fixtures::generate_image(&image, IMAGE_SIZE, 31).unwrap();
+    let (id, tables) = backup(&repo, "web01", &[("vda", &image)]);
+    assert!(tables[0].contains(&ChunkRef::Zero));
+
+    let (report, chunks) = read(&repo_path, &id, "", 2);
+    assert_eq!(
+        report.outcome,
+        OutcomeKind::Succeeded,
+        "{:?}",
+        report.errors
+    );
+    assert_eq!(report.results["restored_snapshot"], id.as_str());
+    let disk = chunks[0].disk.clone();
+    assert!(chunks.iter().all(|c| Arc::ptr_eq(&c.disk, &disk)));
+    assert_eq!((disk.name(), disk.source.vm.as_str()), ("vda", "web01"));
+    assert_eq!((disk.size(), disk.chunk_size), (IMAGE_SIZE, CHUNK));
+    assert_eq!(disk.source.location, image);
+    let stored = assert_restores(&repo, &chunks, &tables[0], &std::fs::read(&image).unwrap());
+    assert_eq!(report.source_bytes_read, stored);
+}
+
+#[test]
+fn latest_and_disk_select_what_is_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo_path = dir.path().join("repo");
+    let repo = Repository::init(&repo_path, CHUNK).unwrap();
+    let (vda, vdb) = (dir.path().join("vda.raw"), dir.path().join("vdb.raw"));
+    backflow_fixtures::generate_image(&vda, 2 << 20, 1).unwrap();
+    backflow_fixtures::generate_image(&vdb, 3 << 20, 2).unwrap();
+    backup(&repo, "old", &[("vda", &vda)]);
+    let (id, tables) = backup(&repo, "web01", &[("vda", &vda), ("vdb", &vdb)]);
+
+    let (report, chunks) = read(&repo_path, "latest", "vdb", 3);
+    assert_eq!(
+        report.outcome,
+        OutcomeKind::Succeeded,
+        "{:?}",
+        report.errors
+    );
+    assert_eq!(report.results["restored_snapshot"], id.as_str());
+    assert!(chunks.iter().all(|c| c.disk.name() == "vdb"));
+    assert_restores(&repo, &chunks, &tables[1], &std::fs::read(&vdb).unwrap());
+
+    let (report, chunks) = read(&repo_path, &id, "", 1);
+    assert_eq!(
+        report.outcome,
+        OutcomeKind::Succeeded,
+        "{:?}",
+        report.errors
+    );
+    let (a, b): (Vec<Chunk>, Vec<Chunk>) = chunks.into_iter().partition(|c| c.disk.name() == "vda");
+    assert_restores(&repo, &a, &tables[0], &std::fs::read(&vda).unwrap());
+    assert_restores(&repo, &b, &tables[1], &std::fs::read(&vdb).unwrap());
+
+    let (report, chunks) = read(&repo_path, &id, "vdc", 2);
+    assert_eq!(report.outcome, OutcomeKind::Failed);
+    assert!(chunks.is_empty());
+    assert!(
+        report
+            .errors
+            .iter()
+            .any(|e| e.contains("vdc") && e.contains("vda, vdb")),
+        "{:?}",
+        report.errors
+    );
+
+    let (report, _) = read(&repo_path, "20000101T000000Z-000000", "", 1);
+    assert_eq!(report.outcome, OutcomeKind::Failed);
+    assert!(
+        report.errors[0].contains("20000101T000000Z-000000"),
+        "{:?}",
+        report.errors
+    );
+}
+
+#[test]
+fn a_chunk_missing_from_the_index_fails_the_run_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo_path = dir.path().join("repo");
+    let repo = Repository::init(&repo_path, CHUNK).unwrap();
+    let image = dir.path().join("vda.raw");
+    backflow_fixtures::generate_image(&image, 2 << 20, 3).unwrap();
+    let (id, tables) = backup(&repo, "web01", &[("vda", &image)]);
+    for entry in std::fs::read_dir(repo_path.join("index")).unwrap() {
+        std::fs::remove_file(entry.unwrap().path()).unwrap();
+    }
+    let first = tables[0].iter().position(|r| *r != ChunkRef::Zero).unwrap();
+    let ChunkRef::Data(digest) = tables[0][first] else {
+        unreachable!()
+    };
+
+    let (report, chunks) = read(&repo_path, &id, "", 1);
+    assert_eq!(report.outcome, OutcomeKind::Failed);
+    assert!(
+        chunks
+            .iter()
+            .all(|c| matches!(c.payload, Payload::Zero { .. }))
+    );
+    let error = &report.errors[0];
+    for part in [
+        id.as_str(),
+        "disk vda",
+        &format!("chunk {first}:"),
+        &digest.to_hex(),
+        "missing",
+    ] {
+        assert!(error.contains(part), "{part:?} not in {error}");
+    }
+}
