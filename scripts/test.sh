@@ -1,8 +1,15 @@
 #!/usr/bin/env bash
 # The whole test suite: installs what is missing, then runs every test of the workspace
-# (unit, integration against real files and processes, the spec files, the 2 GiB round trip).
+# (unit tests, integration tests against real files, repositories and processes, every spec file,
+# the 2 GiB round trip), in release mode. Ends with one line: "tests: N passed, N failed, N skipped".
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 cargo build --release --workspace --all-targets
-cargo test --release --workspace "$@"
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+status=0
+cargo test --release --workspace "$@" 2>&1 | tee "$log" || status=$?
+awk '/^test result:/ { passed += $4; failed += $6; ignored += $8 }
+     END { printf "tests: %d passed, %d failed, %d skipped\n", passed, failed, ignored }' "$log"
+exit "$status"
