@@ -335,14 +335,15 @@ pub fn decode_into(codec: Codec, data: &[u8], raw_len: u32, out: &mut Vec<u8>) -
             out.extend_from_slice(data);
         }
         Codec::Zstd => {
-            out.resize(raw_len as usize, 0);
+            // Decoded into the spare capacity: no zero-filling of a buffer about to be overwritten.
+            out.reserve_exact(raw_len as usize);
             let n = DECOMPRESSOR.with(|cell| -> std::io::Result<usize> {
                 let mut slot = cell.borrow_mut();
                 let d = match slot.as_mut() {
                     Some(d) => d,
                     None => slot.insert(zstd::bulk::Decompressor::new()?),
                 };
-                d.decompress_to_buffer(data, out.as_mut_slice())
+                d.decompress_to_buffer(data, out)
             });
             match n {
                 Ok(n) if n == raw_len as usize => {}
