@@ -390,11 +390,15 @@ fn run_stage<'scope, 'env>(
             ))),
         };
         if let Err(e) = result {
-            tracing::error!(stage = %placed.name, error = %e, "Stage failed.");
-            failures
-                .lock()
-                .unwrap()
-                .push(format!("{}: {e}", placed.name));
+            // The caller reports failures; this is for tracing the order of events.
+            tracing::debug!(stage = %placed.name, error = %e, "Stage failed.");
+            let line = format!("{}: {e}", placed.name);
+            let mut failures = failures.lock().unwrap();
+            // Workers of one stage often fail alike (same file, same repository): say it once.
+            if !failures.contains(&line) {
+                failures.push(line);
+            }
+            drop(failures);
             ctx.cancel_token().cancel();
         }
     }

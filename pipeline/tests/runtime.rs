@@ -213,7 +213,6 @@ fn a_failing_stage_fails_the_run_skips_finish_and_runs_cleanup() {
     };
     let finished = sink.finished.clone();
     let outcome = Arc::new(Mutex::new(None));
-    let cleaned = Arc::new(AtomicBool::new(false));
     let pipeline = Pipeline {
         name: "failing".into(),
         repository: None,
@@ -239,7 +238,6 @@ fn a_failing_stage_fails_the_run_skips_finish_and_runs_cleanup() {
         "a sink committed after a failure"
     );
     assert!(matches!(*outcome.lock().unwrap(), Some(Outcome::Failed(_))));
-    let _ = cleaned;
 }
 
 #[test]

@@ -25,13 +25,23 @@ const SESSION_MARKER: &str = "child-session-id=";
 /// How long a child waits to be killed before giving up on its own (no orphan outlives a test).
 const CHILD_LIFETIME: Duration = Duration::from_secs(30);
 
-/// Not a test: the body of the child process that `kill_after_session_started` starts. It begins
-/// a backup with a disk and an unfinished pack, reports the session id, and waits to be killed.
+/// A session with a disk and an unfinished pack. Run as a test, it drops the session uncommitted
+/// and checks that this leaves no snapshot, no scratch and a valid repository. Run as the child
+/// process that `ChildSession::start` launches (`CHILD_REPO` set), it reports the session id and
+/// waits to be killed, so that the tests below see what a killed backup leaves.
 #[test]
-#[ignore = "helper: run as a child process by the tests of this file"]
-fn child_process_holding_a_backup_session() {
-    let path = std::env::var(CHILD_REPO).expect("run by the cleanup tests only");
-    let repo = Repository::open(Path::new(&path)).unwrap();
+fn session_holding_an_unfinished_pack() {
+    let child_repo = std::env::var(CHILD_REPO).ok();
+    let temp = tempfile::tempdir().unwrap();
+    let path = match &child_repo {
+        Some(path) => PathBuf::from(path),
+        None => {
+            let path = temp.path().join("repo");
+            Repository::init(&path, CHUNK).unwrap();
+            path
+        }
+    };
+    let repo = Repository::open(&path).unwrap();
     let session = repo.begin_backup("killed-vm").unwrap();
     let slot = session
         .add_disk(DiskMeta {
@@ -47,6 +57,17 @@ fn child_process_holding_a_backup_session() {
     let digest = digest_of(&data);
     packs.add(digest, Codec::None, CHUNK, &data).unwrap();
     session.set_chunk(slot, 0, ChunkRef::Data(digest)).unwrap();
+    if child_repo.is_none() {
+        drop(packs);
+        drop(session);
+        assert!(repo.list_snapshots().unwrap().is_empty());
+        let scratch = std::fs::read_dir(path.join("tmp"))
+            .map(|d| d.count())
+            .unwrap_or(0);
+        assert_eq!(scratch, 0, "a dropped session left scratch behind");
+        assert!(repo.verify(true).unwrap().is_ok());
+        return;
+    }
     let mut out = std::io::stdout().lock();
     // On a line of its own: the test runner may have printed the test's name without a newline.
     writeln!(out, "\n{SESSION_MARKER}{}", session.id()).unwrap();
@@ -70,8 +91,7 @@ impl ChildSession {
         let mut child = Command::new(std::env::current_exe().unwrap())
             .args([
                 "--exact",
-                "child_process_holding_a_backup_session",
-                "--ignored",
+                "session_holding_an_unfinished_pack",
                 "--nocapture",
                 "--test-threads=1",
             ])
