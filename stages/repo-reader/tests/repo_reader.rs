@@ -2,64 +2,19 @@
 //! comes out once, as stored, with its digest; zero chunks as runs; and a chunk the index lost
 //! fails the run naming it.
 
-use std::collections::HashSet;
 use std::path::Path;
 use std::sync::Arc;
 
 use backflow_pipeline::harness::Harness;
-use backflow_pipeline::{Chunk, ChunkRef, Message, OutcomeKind, Payload, RunReport, digest_of};
-use backflow_repository::{DiskMeta, Repository};
-use bytes::Bytes;
+use backflow_pipeline::{Chunk, ChunkRef, Message, OutcomeKind, Payload, RunReport};
+use backflow_repository::Repository;
 use stage_repo_reader::{RepoReader, RepoReaderOptions};
-use stage_zstd::{Zstd, ZstdOptions};
+
+use backflow_testkit::backup_files as backup;
 
 const CHUNK: u32 = 64 * 1024;
 /// 8 MiB and a partial last chunk.
 const IMAGE_SIZE: u64 = (8 << 20) + 6 * 4096;
-
-/// Backs up images as the disks of one snapshot of `vm` through the repository API, compressed
-/// with the zstd stage's encoder; returns the snapshot id and each disk's chunk table.
-fn backup(repo: &Repository, vm: &str, disks: &[(&str, &Path)]) -> (String, Vec<Vec<ChunkRef>>) {
-    let session = repo.begin_backup(vm).unwrap();
-    let mut packs = session.pack_writer();
-    let mut compressor = Zstd::new(ZstdOptions::default())
-        .unwrap()
-        .compressor()
-        .unwrap();
-    let mut stored = HashSet::new();
-    let mut tables = Vec::new();
-    for (name, path) in disks {
-        let data = std::fs::read(path).unwrap();
-        let slot = session
-            .add_disk(DiskMeta {
-                name: (*name).into(),
-                size: data.len() as u64,
-                chunk_size: repo.chunk_size(),
-                location: path.display().to_string(),
-                cbt: None,
-            })
-            .unwrap();
-        let mut table = Vec::new();
-        for (i, plain) in data.chunks(repo.chunk_size() as usize).enumerate() {
-            if plain.iter().all(|&b| b == 0) {
-                table.push(ChunkRef::Zero);
-                continue;
-            }
-            let digest = digest_of(plain);
-            if stored.insert(digest) && repo.lookup(&digest).unwrap().is_none() {
-                let (codec, data) = compressor.encode(&Bytes::copy_from_slice(plain)).unwrap();
-                packs.add(digest, codec, plain.len() as u32, &data).unwrap();
-            }
-            session
-                .set_chunk(slot, i as u64, ChunkRef::Data(digest))
-                .unwrap();
-            table.push(ChunkRef::Data(digest));
-        }
-        tables.push(table);
-    }
-    packs.finish().unwrap();
-    (session.commit(None).unwrap().id, tables)
-}
 
 fn read(repo: &Path, snapshot: &str, disk: &str, workers: usize) -> (RunReport, Vec<Chunk>) {
     let reader = RepoReader::new(RepoReaderOptions {

@@ -2,7 +2,6 @@
 //! chunks come out verified and equal to the image; a chunk damaged in its pack fails the run
 //! naming the disk, the chunk and the digest.
 
-use std::collections::HashSet;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -12,60 +11,16 @@ use backflow_pipeline::{
     Chunk, ChunkRef, Codec, Digest, Message, MessageType, OutcomeKind, Payload, Pipeline,
     PlacedStage, RunOptions, RunReport, Stage, StageError, StageIo, Worker, digest_of,
 };
-use backflow_repository::{DiskMeta, Repository};
-use bytes::Bytes;
+use backflow_repository::Repository;
 use stage_repo_reader::{RepoReader, RepoReaderOptions};
 use stage_unzstd::{Unzstd, UnzstdOptions};
 use stage_verify::{Verify, VerifyOptions};
-use stage_zstd::{Zstd, ZstdOptions};
+
+use backflow_testkit::backup_files as backup;
 
 const CHUNK: u32 = 64 * 1024;
 /// 8 MiB and a partial last chunk.
 const IMAGE_SIZE: u64 = (8 << 20) + 6 * 4096;
-
-/// Backs up images as the disks of one snapshot of `vm` through the repository API, compressed
-/// with the zstd stage's encoder; returns the snapshot id and each disk's chunk table.
-fn backup(repo: &Repository, vm: &str, disks: &[(&str, &Path)]) -> (String, Vec<Vec<ChunkRef>>) {
-    let session = repo.begin_backup(vm).unwrap();
-    let mut packs = session.pack_writer();
-    let mut compressor = Zstd::new(ZstdOptions::default())
-        .unwrap()
-        .compressor()
-        .unwrap();
-    let mut stored = HashSet::new();
-    let mut tables = Vec::new();
-    for (name, path) in disks {
-        let data = std::fs::read(path).unwrap();
-        let slot = session
-            .add_disk(DiskMeta {
-                name: (*name).into(),
-                size: data.len() as u64,
-                chunk_size: repo.chunk_size(),
-                location: path.display().to_string(),
-                cbt: None,
-            })
-            .unwrap();
-        let mut table = Vec::new();
-        for (i, plain) in data.chunks(repo.chunk_size() as usize).enumerate() {
-            if plain.iter().all(|&b| b == 0) {
-                table.push(ChunkRef::Zero);
-                continue;
-            }
-            let digest = digest_of(plain);
-            if stored.insert(digest) && repo.lookup(&digest).unwrap().is_none() {
-                let (codec, data) = compressor.encode(&Bytes::copy_from_slice(plain)).unwrap();
-                packs.add(digest, codec, plain.len() as u32, &data).unwrap();
-            }
-            session
-                .set_chunk(slot, i as u64, ChunkRef::Data(digest))
-                .unwrap();
-            table.push(ChunkRef::Data(digest));
-        }
-        tables.push(table);
-    }
-    packs.finish().unwrap();
-    (session.commit(None).unwrap().id, tables)
-}
 
 /// A sink that keeps every message.
 struct Collect(Arc<Mutex<Vec<Message>>>);
