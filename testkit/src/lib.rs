@@ -2,9 +2,14 @@
 //! in a pipeline uses it.
 
 use std::collections::HashSet;
+use std::os::unix::fs::FileExt;
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 
-use backflow_pipeline::{ChunkRef, digest_of};
+use backflow_pipeline::{
+    ChunkRef, Codec, Digest, Message, MessageType, PlacedStage, Stage, StageError, StageIo, Worker,
+    digest_of,
+};
 use backflow_repository::{DiskMeta, Repository};
 use bytes::Bytes;
 use stage_zstd::{Zstd, ZstdOptions};
@@ -55,4 +60,68 @@ pub fn backup_files(
     }
     packs.finish().unwrap();
     (session.commit(None).unwrap().id, tables)
+}
+
+/// A sink that keeps every message, so that a test sees what the stage before it emitted.
+pub struct Collect(pub Arc<Mutex<Vec<Message>>>);
+
+impl Stage for Collect {
+    fn io(&self) -> StageIo {
+        StageIo {
+            input: Some(MessageType::Any),
+            output: None,
+        }
+    }
+
+    fn run(&self, worker: &mut Worker<'_>) -> Result<(), StageError> {
+        while let Some(message) = worker.recv() {
+            self.0.lock().unwrap().push(message);
+        }
+        Ok(())
+    }
+}
+
+/// A stage placed in a test pipeline under its own name, with a 16-item input channel.
+pub fn placed(name: &str, stage: Arc<dyn Stage>, workers: usize) -> PlacedStage {
+    PlacedStage {
+        name: name.into(),
+        kind: name.into(),
+        workers,
+        capacity: 16,
+        stage,
+    }
+}
+
+/// Flips the byte at `at` inside a chunk that is stored raw and used once in `table` (so that the
+/// damaged data still decodes and only its digest can tell, and an error can name only one index).
+/// Returns the chunk's index in the table and its digest.
+pub fn damage_a_raw_chunk(repo: &Repository, table: &[ChunkRef], at: u64) -> (usize, Digest) {
+    let (index, digest, location) = table
+        .iter()
+        .enumerate()
+        .find_map(|(i, r)| {
+            let ChunkRef::Data(d) = r else { return None };
+            if table.iter().filter(|x| *x == r).count() != 1 {
+                return None;
+            }
+            let loc = repo.lookup(d).unwrap().unwrap();
+            (loc.codec == Codec::None).then_some((i, *d, loc))
+        })
+        .expect("the image has incompressible chunks");
+    let hex = location.pack.to_hex();
+    let pack = repo
+        .path()
+        .join("packs")
+        .join(&hex[..2])
+        .join(format!("{hex}.pack"));
+    let file = std::fs::File::options()
+        .read(true)
+        .write(true)
+        .open(&pack)
+        .unwrap();
+    let mut byte = [0u8; 1];
+    file.read_exact_at(&mut byte, location.offset + at).unwrap();
+    file.write_all_at(&[!byte[0]], location.offset + at)
+        .unwrap();
+    (index, digest)
 }

@@ -2,14 +2,14 @@
 //! image equals the original byte for byte with zero chunks left as holes, and a failed restore
 //! leaves neither a `.partial` nor a final file.
 
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use backflow_pipeline::harness::Harness;
 use backflow_pipeline::{
-    Chunk, ChunkRef, Codec, Disk, DiskSource, Message, OutcomeKind, Payload, Pipeline, PlacedStage,
-    RunOptions, RunReport, SizeOnly, Stage, digest_of,
+    Chunk, ChunkRef, Disk, DiskSource, Message, OutcomeKind, Payload, Pipeline, RunOptions,
+    RunReport, SizeOnly, digest_of,
 };
 use backflow_repository::Repository;
 use bytes::Bytes;
@@ -24,19 +24,11 @@ use stage_unzstd::{Unzstd, UnzstdOptions};
 use stage_verify::{Verify, VerifyOptions};
 use stage_zstd::{Zstd, ZstdOptions};
 
+use backflow_testkit::{damage_a_raw_chunk, placed};
+
 const CHUNK: u32 = 64 * 1024;
 /// 16 MiB and a partial last chunk.
 const IMAGE_SIZE: u64 = (16 << 20) + 5 * 4096;
-
-fn placed(name: &str, stage: Arc<dyn Stage>, workers: usize) -> PlacedStage {
-    PlacedStage {
-        name: name.into(),
-        kind: name.into(),
-        workers,
-        capacity: 8,
-        stage,
-    }
-}
 
 /// The `backup-image` spec's stages, built directly.
 fn back_up(repo: &Path, image: &Path) -> String {
@@ -234,34 +226,7 @@ fn a_damaged_chunk_fails_the_restore_and_leaves_no_file() {
     let repo = Repository::open(&b.repo).unwrap();
     let snapshot = repo.open_snapshot(&b.snapshot).unwrap();
     let table: Vec<ChunkRef> = snapshot.chunks(0).map(Result::unwrap).collect();
-    // A chunk stored raw and used once: a flipped byte decodes, and only its digest tells.
-    let (index, digest, location) = table
-        .iter()
-        .enumerate()
-        .find_map(|(i, r)| {
-            let ChunkRef::Data(d) = r else { return None };
-            if table.iter().filter(|x| *x == r).count() != 1 {
-                return None;
-            }
-            let loc = repo.lookup(d).unwrap().unwrap();
-            (loc.codec == Codec::None).then_some((i, *d, loc))
-        })
-        .expect("the image has incompressible chunks");
-    let hex = location.pack.to_hex();
-    let pack = b
-        .repo
-        .join("packs")
-        .join(&hex[..2])
-        .join(format!("{hex}.pack"));
-    let file = std::fs::File::options()
-        .read(true)
-        .write(true)
-        .open(&pack)
-        .unwrap();
-    let mut byte = [0u8; 1];
-    file.read_exact_at(&mut byte, location.offset + 7).unwrap();
-    file.write_all_at(&[!byte[0]], location.offset + 7).unwrap();
-    drop(file);
+    let (index, digest) = damage_a_raw_chunk(&repo, &table, 7);
 
     let out = b.dir.path().join("restored.raw");
     let report = restore(&b.repo, &out);

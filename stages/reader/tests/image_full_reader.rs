@@ -7,46 +7,16 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use backflow_pipeline::{
-    ByteSize, Message, MessageType, OutcomeKind, Payload, Pipeline, PlacedStage, RunOptions,
-    RunReport, Stage, StageError, StageIo, Worker,
-};
+use backflow_pipeline::{ByteSize, Message, OutcomeKind, Payload, Pipeline, RunOptions, RunReport};
 use stage_full_map::{FullMap, FullMapOptions};
 use stage_image::{ImageOptions, ImageSource, allocated_ranges};
 use stage_reader::{Reader, ReaderOptions};
 
+use backflow_testkit::{Collect, placed};
+
 const CHUNK: u64 = 64 * 1024;
 /// 16 MiB and a partial last chunk (5 blocks of 4 KiB).
 const IMAGE_SIZE: u64 = (16 << 20) + 5 * 4096;
-
-/// A sink that keeps every message, so the test sees what the reader emitted.
-struct Collect(Arc<Mutex<Vec<Message>>>);
-
-impl Stage for Collect {
-    fn io(&self) -> StageIo {
-        StageIo {
-            input: Some(MessageType::Any),
-            output: None,
-        }
-    }
-
-    fn run(&self, worker: &mut Worker<'_>) -> Result<(), StageError> {
-        while let Some(message) = worker.recv() {
-            self.0.lock().unwrap().push(message);
-        }
-        Ok(())
-    }
-}
-
-fn placed(name: &str, stage: Arc<dyn Stage>, workers: usize) -> PlacedStage {
-    PlacedStage {
-        name: name.into(),
-        kind: name.into(),
-        workers,
-        capacity: 16,
-        stage,
-    }
-}
 
 /// Runs image -> full (64 KiB chunks, no repository) -> reader (`workers`) -> collect.
 fn read_image(path: &Path, reader_workers: usize) -> (RunReport, Vec<Message>) {

@@ -2,14 +2,13 @@
 //! chunks come out verified and equal to the image; a chunk damaged in its pack fails the run
 //! naming the disk, the chunk and the digest.
 
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use backflow_pipeline::harness::Harness;
 use backflow_pipeline::{
-    Chunk, ChunkRef, Codec, Digest, Message, MessageType, OutcomeKind, Payload, Pipeline,
-    PlacedStage, RunOptions, RunReport, Stage, StageError, StageIo, Worker, digest_of,
+    Chunk, ChunkRef, Digest, Message, OutcomeKind, Payload, Pipeline, RunOptions, RunReport,
+    digest_of,
 };
 use backflow_repository::Repository;
 use stage_repo_reader::{RepoReader, RepoReaderOptions};
@@ -17,39 +16,11 @@ use stage_unzstd::{Unzstd, UnzstdOptions};
 use stage_verify::{Verify, VerifyOptions};
 
 use backflow_testkit::backup_files as backup;
+use backflow_testkit::{Collect, damage_a_raw_chunk, placed};
 
 const CHUNK: u32 = 64 * 1024;
 /// 8 MiB and a partial last chunk.
 const IMAGE_SIZE: u64 = (8 << 20) + 6 * 4096;
-
-/// A sink that keeps every message.
-struct Collect(Arc<Mutex<Vec<Message>>>);
-
-impl Stage for Collect {
-    fn io(&self) -> StageIo {
-        StageIo {
-            input: Some(MessageType::VerifiedChunk),
-            output: None,
-        }
-    }
-
-    fn run(&self, worker: &mut Worker<'_>) -> Result<(), StageError> {
-        while let Some(message) = worker.recv() {
-            self.0.lock().unwrap().push(message);
-        }
-        Ok(())
-    }
-}
-
-fn placed(name: &str, stage: Arc<dyn Stage>, workers: usize) -> PlacedStage {
-    PlacedStage {
-        name: name.into(),
-        kind: name.into(),
-        workers,
-        capacity: 8,
-        stage,
-    }
-}
 
 /// `repo-reader -> unzstd -> verify -> collect` on the latest snapshot.
 fn read_verified(repo: &Path) -> (RunReport, Vec<Chunk>) {
@@ -147,38 +118,7 @@ fn intact_chunks_come_out_verified_and_equal_to_the_image() {
 fn a_chunk_damaged_in_its_pack_fails_naming_disk_chunk_and_digest() {
     let backup = backed_up_image();
     let repo = Repository::open(&backup.repo).unwrap();
-    // A chunk stored raw and used once: flipping one of its bytes still decodes, so only its digest can tell.
-    let (index, digest, location) = backup
-        .table
-        .iter()
-        .enumerate()
-        .find_map(|(i, r)| {
-            let ChunkRef::Data(d) = r else { return None };
-            // Used once, so the error can only name this index.
-            if backup.table.iter().filter(|x| *x == r).count() != 1 {
-                return None;
-            }
-            let loc = repo.lookup(d).unwrap().unwrap();
-            (loc.codec == Codec::None).then_some((i, *d, loc))
-        })
-        .expect("the image has incompressible chunks");
-    let hex = location.pack.to_hex();
-    let pack = backup
-        .repo
-        .join("packs")
-        .join(&hex[..2])
-        .join(format!("{hex}.pack"));
-    let file = std::fs::File::options()
-        .read(true)
-        .write(true)
-        .open(&pack)
-        .unwrap();
-    let mut byte = [0u8; 1];
-    file.read_exact_at(&mut byte, location.offset + 100)
-        .unwrap();
-    file.write_all_at(&[byte[0] ^ 0x55], location.offset + 100)
-        .unwrap();
-    drop(file);
+    let (index, digest) = damage_a_raw_chunk(&repo, &backup.table, 100);
 
     let (report, chunks) = read_verified(&backup.repo);
     assert_eq!(report.outcome, OutcomeKind::Failed);
