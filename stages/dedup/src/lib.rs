@@ -44,11 +44,17 @@ pub const OPTION_DOCS: &[(&str, &str)] = &[(
     "look chunks up in the repository's index; false: only the parent snapshot and this run",
 )];
 
+/// Most digests of this run's new chunks remembered at once (about 40 bytes each: 10 MiB). When
+/// full the set starts over: memory stays bounded whatever the disk size, and the price is that a
+/// chunk repeated more than this many new chunks later (32 GiB of new data at 128 KiB chunks) may be
+/// stored twice, which is harmless.
+pub const RUN_DIGESTS_LIMIT: usize = 256 * 1024;
+
 #[derive(Debug)]
 pub struct Dedup {
     repository_lookup: bool,
-    /// Digests of chunks this run passes on to be stored: each is stored once. Grows with the new
-    /// data of one run (32 bytes per new chunk).
+    /// Digests of chunks this run passes on to be stored, so that each is stored once. Bounded by
+    /// [`RUN_DIGESTS_LIMIT`].
     this_run: Mutex<HashSet<Digest>>,
 }
 
@@ -85,7 +91,11 @@ impl Dedup {
         if self.repository_lookup && ctx.repository()?.lookup(digest)?.is_some() {
             return Ok(true);
         }
-        Ok(!self.this_run.lock().unwrap().insert(*digest))
+        let mut this_run = self.this_run.lock().unwrap();
+        if this_run.len() >= RUN_DIGESTS_LIMIT && !this_run.contains(digest) {
+            this_run.clear();
+        }
+        Ok(!this_run.insert(*digest))
     }
 }
 
@@ -108,5 +118,54 @@ impl Stage for Dedup {
             }
             Ok(())
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use backflow_pipeline::{CancelToken, Disk, DiskSource, SizeOnly};
+
+    use super::*;
+
+    fn chunk(index: u64) -> Chunk {
+        let disk = Arc::new(Disk {
+            source: Arc::new(DiskSource {
+                vm: "vm".into(),
+                name: "vda".into(),
+                location: "test".into(),
+                reader: Arc::new(SizeOnly(u64::MAX / 2)),
+            }),
+            chunk_size: 65536,
+            parent: None,
+        });
+        Chunk {
+            disk,
+            index,
+            digest: None,
+            verified: false,
+            payload: Payload::Zero { count: 1 },
+        }
+    }
+
+    #[test]
+    fn the_digests_of_one_run_stay_bounded() {
+        let dedup = Dedup::new(DedupOptions {
+            repository_lookup: false,
+        })
+        .unwrap();
+        let ctx = RunContext::new(None, CancelToken::new());
+        let c = chunk(0);
+        let digest = |i: u64| digest_of(&i.to_le_bytes());
+        for i in 0..RUN_DIGESTS_LIMIT as u64 {
+            assert!(!dedup.is_known(&ctx, &c, &digest(i)).unwrap());
+        }
+        // Repeats are known while the set has room for them...
+        assert!(dedup.is_known(&ctx, &c, &digest(7)).unwrap());
+        assert_eq!(dedup.this_run.lock().unwrap().len(), RUN_DIGESTS_LIMIT);
+        // ...and one more new digest starts the set over instead of growing it.
+        assert!(!dedup.is_known(&ctx, &c, &digest(u64::MAX)).unwrap());
+        assert_eq!(dedup.this_run.lock().unwrap().len(), 1);
     }
 }
