@@ -84,6 +84,11 @@ impl<'a> Worker<'a> {
             StageCounters::add_duration(&self.counters.starved_ns, started.elapsed());
             match got {
                 Ok(message) => {
+                    let queued = input.len() as u64;
+                    StageCounters::add(&self.counters.queued_sum, queued);
+                    self.counters
+                        .queued_max
+                        .fetch_max(queued, Ordering::Relaxed);
                     StageCounters::add(&self.counters.items_in, 1);
                     StageCounters::add(&self.counters.bytes_in, message.payload_len());
                     return Some(message);
@@ -283,7 +288,8 @@ impl Pipeline {
             .zip(&counters)
             .enumerate()
             .map(|(i, (p, c))| {
-                StageReport::from_counters(&p.name, &p.kind, p.workers, i == 0, c, wall)
+                let capacity = if i == 0 { 0 } else { p.capacity.max(1) };
+                StageReport::from_counters(&p.name, &p.kind, p.workers, capacity, c, wall)
             })
             .collect();
         let results = ctx.results();

@@ -22,6 +22,9 @@ pub struct StageCounters {
     pub backpressured_ns: AtomicU64,
     /// Summed wall time of the workers that finished.
     pub worker_ns: AtomicU64,
+    /// Items waiting in the input channel, sampled at every receive: sum and maximum.
+    pub queued_sum: AtomicU64,
+    pub queued_max: AtomicU64,
     /// Workers still running.
     pub active: AtomicU64,
 }
@@ -57,6 +60,13 @@ pub struct StageReport {
     pub backpressured_seconds: f64,
     /// Busy time over (wall time x workers): 1.0 means every worker worked all the time.
     pub utilisation: f64,
+    /// Capacity of the channel into this stage (0 for a source).
+    pub queue_capacity: usize,
+    /// Average fill of that channel when this stage took an item, 0.0 (always waiting for input)
+    /// to 1.0 (always full: the stage holds its upstream back).
+    pub queue_fill: f64,
+    /// Most items seen waiting in that channel.
+    pub queue_max: u64,
 }
 
 impl StageReport {
@@ -64,10 +74,11 @@ impl StageReport {
         name: &str,
         kind: &str,
         workers: usize,
-        is_source: bool,
+        queue_capacity: usize,
         c: &StageCounters,
         wall: Duration,
     ) -> Self {
+        let is_source = queue_capacity == 0;
         let secs = |ns: u64| ns as f64 / 1e9;
         let starved = StageCounters::get(&c.starved_ns);
         let backpressured = StageCounters::get(&c.backpressured_ns);
@@ -93,6 +104,13 @@ impl StageReport {
             } else {
                 0.0
             },
+            queue_capacity,
+            queue_fill: if items_in > 0 && queue_capacity > 0 {
+                StageCounters::get(&c.queued_sum) as f64 / items_in as f64 / queue_capacity as f64
+            } else {
+                0.0
+            },
+            queue_max: StageCounters::get(&c.queued_max),
         }
     }
 }

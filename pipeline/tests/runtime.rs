@@ -202,6 +202,16 @@ fn a_blocked_sink_stops_the_source_after_exactly_the_capacities() {
         assert_eq!(source.items_out, N);
         assert!(source.backpressured_seconds > 0.2, "{source:?}");
         assert_eq!(report.stages[2].items_in, N);
+        // The channels were seen full (less the item just taken) and never above capacity.
+        for (stage, capacity) in [(1, C1), (2, C2)] {
+            let s = &report.stages[stage];
+            assert_eq!(s.queue_capacity, capacity);
+            assert!(
+                s.queue_max as usize >= capacity - 1 && s.queue_max as usize <= capacity,
+                "{s:?}"
+            );
+            assert!(s.queue_fill > 0.0 && s.queue_fill <= 1.0, "{s:?}");
+        }
     });
 }
 
