@@ -27,7 +27,17 @@ pub fn run(dir: &Path, size: u64) -> Result<()> {
     ));
     let stats = backflow_fixtures::generate_image(&image, size, 1)
         .with_context(|| format!("generating {}", image.display()))?;
-    println!("{stats:?}");
+    let mix: Vec<String> = backflow_fixtures::Category::ALL
+        .iter()
+        .map(|c| {
+            format!(
+                "{} {:.0}%",
+                c.name(),
+                100.0 * stats.bytes(*c) as f64 / stats.size as f64
+            )
+        })
+        .collect();
+    println!("{} files; {}", stats.files, mix.join(", "));
     Repository::init(&repo, backflow_repository::DEFAULT_CHUNK_SIZE)?;
 
     step("backup 1 (full)");
