@@ -8,11 +8,13 @@ if [ "$(id -u)" -ne 0 ]; then
   command -v sudo >/dev/null && SUDO="sudo" || { echo "setup: run as root to install packages" >&2; exit 1; }
 fi
 
-# Debian packages the build and the tests use: a C compiler for zstd-sys, cmp (diffutils), cp.
+# Debian packages the build and the tests use: a C compiler for zstd-sys, cmp (diffutils), kill
+# (procps, to signal backups by pid).
 need=()
 command -v cc >/dev/null || need+=(build-essential)
 command -v pkg-config >/dev/null || need+=(pkg-config)
 command -v cmp >/dev/null || need+=(diffutils)
+command -v kill >/dev/null || need+=(procps)
 if [ ${#need[@]} -gt 0 ]; then
   echo "setup: installing ${need[*]}" >&2
   $SUDO apt-get update -qq
