@@ -88,6 +88,14 @@ pub trait ParentChunks: Send + Sync + fmt::Debug {
     fn snapshot_id(&self) -> &str;
     fn chunk_count(&self) -> u64;
     fn get(&self, index: u64) -> io::Result<ChunkRef>;
+
+    /// Entries `[first, first + out.len())`, for copying unchanged runs in bulk.
+    fn get_range(&self, first: u64, out: &mut [ChunkRef]) -> io::Result<()> {
+        for (i, slot) in out.iter_mut().enumerate() {
+            *slot = self.get(first + i as u64)?;
+        }
+        Ok(())
+    }
 }
 
 /// A disk as planned for this run: the source plus the chunk geometry and the parent to refer to.

@@ -116,6 +116,17 @@ impl ParentChunks for SnapshotParent {
             .chunk(self.disk, index)
             .map_err(std::io::Error::other)
     }
+
+    fn get_range(&self, first: u64, out: &mut [ChunkRef]) -> std::io::Result<()> {
+        let entries = self
+            .snapshot
+            .chunk_range(self.disk, first, out.len() as u64)
+            .map_err(std::io::Error::other)?;
+        for (slot, entry) in out.iter_mut().zip(entries) {
+            *slot = entry.map_err(std::io::Error::other)?;
+        }
+        Ok(())
+    }
 }
 
 /// Finds the parent of `source` in the repository: the machine's latest snapshot holding a disk of

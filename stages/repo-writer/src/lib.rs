@@ -25,6 +25,9 @@ pub struct RepoWriterOptions {}
 
 pub const OPTION_DOCS: &[(&str, &str)] = &[];
 
+/// Chunk references copied from the parent per read and write (32 KiB of table).
+const UNCHANGED_BATCH: u64 = 1024;
+
 /// One disk being written: its slot in the session and which chunks arrived.
 struct DiskState {
     slot: usize,
@@ -185,13 +188,16 @@ impl RepoWriter {
                         chunk.disk.name()
                     ))
                 })?;
-                for index in chunk.index..chunk.index + count {
-                    let r = parent.get(index).map_err(|e| {
+                // In batches: one read of the parent's table and one write of ours per batch.
+                let mut refs = vec![ChunkRef::Zero; (*count).min(UNCHANGED_BATCH) as usize];
+                let mut at = chunk.index;
+                while at < chunk.index + count {
+                    let n = (chunk.index + count - at).min(UNCHANGED_BATCH) as usize;
+                    parent.get_range(at, &mut refs[..n]).map_err(|e| {
                         StageError::io(format!("reading the parent of {}", chunk.disk.name()), e)
                     })?;
-                    if r != ChunkRef::Zero {
-                        session.set_chunk(disk.slot, index, r)?;
-                    }
+                    session.set_chunks(disk.slot, at, &refs[..n])?;
+                    at += n as u64;
                 }
                 *count
             }

@@ -423,3 +423,85 @@ fn a_run_missing_a_chunk_but_repeating_another_commits_nothing() {
     );
     assert_nothing_committed(&case);
 }
+
+/// An unchanged run longer than the writer's copy batch: every reference of the parent, at batch
+/// edges too, lands at the same index of the new snapshot.
+#[test]
+fn a_long_unchanged_run_copies_the_parent_table_exactly() {
+    const LONG: u64 = 2500;
+    let dir = tempfile::tempdir().unwrap();
+    let repo_path = dir.path().join("repo");
+    let repo = Repository::init(&repo_path, CHUNK).unwrap();
+    let size = LONG * u64::from(CHUNK);
+    // A sparse parent: data at the edges of the 1024-entry batches and a few places between.
+    let data_at = [
+        0,
+        1,
+        1022,
+        1023,
+        1024,
+        1025,
+        2047,
+        2048,
+        2049,
+        2400,
+        LONG - 1,
+    ];
+    let session = repo.begin_backup("web01").unwrap();
+    let slot = session
+        .add_disk(DiskMeta {
+            name: "vda".into(),
+            size,
+            chunk_size: CHUNK,
+            location: "parent".into(),
+            cbt: None,
+        })
+        .unwrap();
+    let mut packs = session.pack_writer();
+    let mut expected = vec![ChunkRef::Zero; LONG as usize];
+    for &i in &data_at {
+        let data = random(i, CHUNK as usize);
+        let digest = digest_of(&data);
+        packs.add(digest, Codec::None, CHUNK, &data).unwrap();
+        session.set_chunk(slot, i, ChunkRef::Data(digest)).unwrap();
+        expected[i as usize] = ChunkRef::Data(digest);
+    }
+    packs.finish().unwrap();
+    let parent_id = session.commit(None).unwrap().id;
+    let parent = SnapshotParent {
+        snapshot: Arc::new(repo.open_snapshot(&parent_id).unwrap()),
+        disk: 0,
+        chunks: LONG,
+    };
+    let disk = Arc::new(Disk {
+        source: Arc::new(DiskSource {
+            vm: "web01".into(),
+            name: "vda".into(),
+            location: PathBuf::from("/dev/vda"),
+            reader: Arc::new(SizeOnly(size)),
+        }),
+        chunk_size: CHUNK,
+        parent: Some(Arc::new(parent)),
+    });
+    let harness = Harness {
+        repository: Some(repo_path.clone()),
+        ..Harness::new(Arc::new(RepoWriter::new(RepoWriterOptions {}).unwrap()))
+    };
+    let (report, _) = harness.run(vec![msg(
+        &disk,
+        0,
+        None,
+        Payload::Unchanged { count: LONG },
+    )]);
+    assert_eq!(
+        report.outcome,
+        OutcomeKind::Succeeded,
+        "{:?}",
+        report.errors
+    );
+    let id = report.snapshot.expect("a snapshot");
+    let repo = Repository::open(&repo_path).unwrap();
+    let snapshot = repo.open_snapshot(&id).unwrap();
+    let table: Vec<ChunkRef> = snapshot.chunks(0).map(Result::unwrap).collect();
+    assert_eq!(table, expected);
+}
