@@ -15,6 +15,9 @@ command -v cc >/dev/null || need+=(build-essential)
 command -v pkg-config >/dev/null || need+=(pkg-config)
 command -v cmp >/dev/null || need+=(diffutils)
 command -v kill >/dev/null || need+=(procps)
+# qemu-nbd and qemu-img: the NBD client's interoperability tests. A fresh machine of this kind has
+# a newer qemu-utils already; Debian's is installed only when none is there.
+command -v qemu-nbd >/dev/null && command -v qemu-img >/dev/null || need+=(qemu-utils)
 if [ ${#need[@]} -gt 0 ]; then
   echo "setup: installing ${need[*]}" >&2
   $SUDO apt-get update -qq
