@@ -1,0 +1,124 @@
+//! Errors of the NBD client.
+//!
+//! # Policy
+//! - Every fallible function returns [`NbdError`]; no `anyhow`, so the backup pipeline can match on what went
+//!   wrong (an export that does not exist, a dirty bitmap that is missing, a server that went away).
+//! - Every message names the server (`unix:/run/backup.sock`, `tcp:127.0.0.1:10809`) and, where there is one,
+//!   the option or command and the byte range.
+//! - Whatever the server sends is untrusted: a malformed reply (wrong magic, unknown type, a length that does
+//!   not match its type, an offset outside the request, a cookie we did not send, a payload larger than the
+//!   request) is [`NbdError::Protocol`], never a panic. Every length is bounded before anything is allocated
+//!   from it.
+//! - After an I/O or protocol error in the middle of a reply the stream position is unknown, so the
+//!   [`crate::Client`] refuses further requests with [`NbdError::Broken`]; open a new connection. A command
+//!   error reported by the server ([`NbdError::Command`]) leaves the connection usable.
+//! - [`NbdError::is_retryable`] says whether a new connection repeating the same operation can succeed without
+//!   anyone changing the server's configuration: a timeout, a reset connection, a server shutting down.
+//!   Protocol violations, refused options, missing exports or contexts and caller mistakes are not.
+
+use std::io;
+
+/// Result alias of this crate.
+pub type Result<T, E = NbdError> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum NbdError {
+    /// Connecting, reading or writing failed, including a read or write timeout and the server closing the
+    /// connection mid-message (`UnexpectedEof`). Retryable when the kind is transient.
+    #[error("cannot {op} NBD server {peer}: {source}")]
+    Io {
+        op: &'static str,
+        peer: String,
+        #[source]
+        source: io::Error,
+    },
+
+    /// The server sent something the protocol does not allow. Not retryable: the server (or whatever
+    /// listens on the socket) is broken or is not an NBD server.
+    #[error("NBD server {peer} broke the protocol: {detail}")]
+    Protocol { peer: String, detail: String },
+
+    /// The server answered an option with an `NBD_REP_ERR_*` reply: the export does not exist
+    /// (`NBD_REP_ERR_UNKNOWN`), TLS is required, policy forbids it. Retryable only for
+    /// `NBD_REP_ERR_SHUTDOWN`.
+    #[error("NBD server {peer} refused {option} for export {export:?} with {reply}{}", message_suffix(.message))]
+    OptionRefused {
+        peer: String,
+        export: String,
+        option: &'static str,
+        reply: &'static str,
+        code: u32,
+        message: String,
+    },
+
+    /// A requested meta context (`base:allocation`, `qemu:dirty-bitmap:NAME`) was not granted: the bitmap
+    /// does not exist or was not exported (`qemu-nbd -B`, libvirt's incremental backup). Not retryable.
+    #[error("NBD server {peer} export {export:?} offers no meta context {context:?}{}", message_suffix(.reason))]
+    MetaContextUnavailable {
+        peer: String,
+        export: String,
+        context: String,
+        reason: String,
+    },
+
+    /// The server reported an error for a command (an error chunk or a simple reply with an error). The
+    /// connection stays usable. Retryable only for `ESHUTDOWN`.
+    #[error("NBD server {peer} failed {command} at offset {offset} length {length}: {} ({errno}){}",
+        crate::proto::errno_name(*.errno), message_suffix(.message))]
+    Command {
+        peer: String,
+        command: &'static str,
+        offset: u64,
+        length: u64,
+        errno: u32,
+        message: String,
+    },
+
+    /// An earlier I/O or protocol error left the stream at an unknown position. Retryable: connect again.
+    #[error("connection to NBD server {peer} is unusable after an earlier error: {reason}")]
+    Broken { peer: String, reason: String },
+
+    /// The caller asked for something impossible: a range past the end of the export, a context that was not
+    /// negotiated at connect time. Not retryable: a bug or a bad option.
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+}
+
+fn message_suffix(message: &str) -> String {
+    if message.is_empty() {
+        String::new()
+    } else {
+        format!(": {message}")
+    }
+}
+
+impl NbdError {
+    /// Whether a new connection repeating the same operation can succeed without changing the server.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            NbdError::Io { source, .. } => matches!(
+                source.kind(),
+                io::ErrorKind::TimedOut
+                    | io::ErrorKind::WouldBlock
+                    | io::ErrorKind::Interrupted
+                    | io::ErrorKind::ConnectionRefused
+                    | io::ErrorKind::ConnectionReset
+                    | io::ErrorKind::ConnectionAborted
+                    | io::ErrorKind::NotConnected
+                    | io::ErrorKind::BrokenPipe
+                    | io::ErrorKind::UnexpectedEof
+            ),
+            NbdError::OptionRefused { code, .. } => *code == crate::proto::REP_ERR_SHUTDOWN,
+            NbdError::Command { errno, .. } => *errno == crate::proto::ESHUTDOWN,
+            NbdError::Broken { .. } => true,
+            NbdError::Protocol { .. }
+            | NbdError::MetaContextUnavailable { .. }
+            | NbdError::InvalidArgument(_) => false,
+        }
+    }
+
+    /// Whether the stream may be mid-message after this error, so the connection must not be reused.
+    pub(crate) fn desynchronises(&self) -> bool {
+        matches!(self, NbdError::Io { .. } | NbdError::Protocol { .. })
+    }
+}
