@@ -18,6 +18,11 @@ command -v kill >/dev/null || need+=(procps)
 # qemu-nbd and qemu-img: the NBD client's interoperability tests. A fresh machine of this kind has
 # a newer qemu-utils already; Debian's is installed only when none is there.
 command -v qemu-nbd >/dev/null && command -v qemu-img >/dev/null || need+=(qemu-utils)
+# nbdkit and nbdinfo (libnbd-bin): the NBD client's tests against a second server and a second
+# client. Installing them from Debian 12 removes and upgrades nothing (checked with apt-get -s), so the
+# newer qemu-utils stays.
+command -v nbdkit >/dev/null || need+=(nbdkit)
+command -v nbdinfo >/dev/null || need+=(libnbd-bin)
 if [ ${#need[@]} -gt 0 ]; then
   echo "setup: installing ${need[*]}" >&2
   $SUDO apt-get update -qq
