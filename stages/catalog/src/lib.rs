@@ -15,6 +15,7 @@ use serde::de::DeserializeOwned;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
     Image,
+    QemuNbd,
     Full,
     Reader,
     Dedup,
@@ -50,8 +51,9 @@ pub struct OptionDoc {
 }
 
 impl Kind {
-    pub const ALL: [Kind; 12] = [
+    pub const ALL: [Kind; 13] = [
         Kind::Image,
+        Kind::QemuNbd,
         Kind::Full,
         Kind::Reader,
         Kind::Dedup,
@@ -68,6 +70,7 @@ impl Kind {
     pub fn name(self) -> &'static str {
         match self {
             Kind::Image => stage_image::KIND,
+            Kind::QemuNbd => stage_qemu_nbd::KIND,
             Kind::Full => stage_full_map::KIND,
             Kind::Reader => stage_reader::KIND,
             Kind::Dedup => stage_dedup::KIND,
@@ -89,6 +92,9 @@ impl Kind {
     pub fn summary(self) -> &'static str {
         match self {
             Kind::Image => "source: a raw image file or block device, read directly",
+            Kind::QemuNbd => {
+                "source: any image QEMU reads (qcow2), through a private qemu-nbd; unallocated clusters are skipped"
+            }
             Kind::Full => "changed-block map: every allocated extent (holes are skipped)",
             Kind::Reader => {
                 "reads chunk-aligned extents into chunks; all-zero chunks are not stored"
@@ -131,6 +137,7 @@ impl Kind {
         }
         match self {
             Kind::Image => make(options, stage_image::ImageSource::new),
+            Kind::QemuNbd => make(options, stage_qemu_nbd::QemuNbd::new),
             Kind::Full => make(options, stage_full_map::FullMap::new),
             Kind::Reader => make(options, stage_reader::Reader::new),
             Kind::Dedup => make(options, stage_dedup::Dedup::new),
@@ -150,6 +157,7 @@ impl Kind {
         use MessageType::*;
         match self {
             Kind::Image => (None, Some(Disk)),
+            Kind::QemuNbd => (None, Some(Disk)),
             Kind::Full => (Some(Disk), Some(Extent)),
             Kind::Reader => (Some(Extent), Some(Chunk)),
             Kind::Dedup => (Some(Chunk), Some(HashedChunk)),
@@ -167,6 +175,9 @@ impl Kind {
     pub fn doc(self) -> KindDoc {
         let options = match self {
             Kind::Image => option_docs::<stage_image::ImageOptions>(stage_image::OPTION_DOCS),
+            Kind::QemuNbd => {
+                option_docs::<stage_qemu_nbd::QemuNbdOptions>(stage_qemu_nbd::OPTION_DOCS)
+            }
             Kind::Full => {
                 option_docs::<stage_full_map::FullMapOptions>(stage_full_map::OPTION_DOCS)
             }

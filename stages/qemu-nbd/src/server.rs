@@ -1,0 +1,194 @@
+//! Starting and stopping a private `qemu-nbd`.
+//!
+//! The server is a daemon (`--fork`), not our child: it is found again, and stopped, by the pid it
+//! writes into its pid file. Everything it owns lives in one private directory, so removing that
+//! directory is the whole of the cleanup besides the signal.
+
+use std::fs::{File, Permissions};
+use std::io;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The export name the server is started with and the clients ask for.
+pub const EXPORT_NAME: &str = "backflow";
+
+/// How long a stopped server may take to exit after SIGTERM before it gets SIGKILL.
+pub const STOP_GRACE: Duration = Duration::from_secs(5);
+
+/// Pause between checks of whether a signalled server is gone.
+const STOP_POLL: Duration = Duration::from_millis(10);
+
+/// The private directory of one server: socket, pid file and the server's stderr.
+#[derive(Clone, Debug)]
+pub struct ServerDir {
+    path: PathBuf,
+}
+
+impl ServerDir {
+    /// Creates a fresh directory with mode 0700 under `parent`.
+    pub fn create(parent: &Path) -> io::Result<ServerDir> {
+        let dir = tempfile::Builder::new()
+            .prefix("backflow-qemu-nbd-")
+            .tempdir_in(parent)?
+            .keep();
+        std::fs::set_permissions(&dir, Permissions::from_mode(0o700))?;
+        Ok(ServerDir { path: dir })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.path.join("sock")
+    }
+
+    pub fn pid_file(&self) -> PathBuf {
+        self.path.join("pid")
+    }
+
+    fn stderr_file(&self) -> PathBuf {
+        self.path.join("stderr")
+    }
+
+    /// The server's pid, once it wrote its pid file.
+    pub fn pid(&self) -> Option<u32> {
+        std::fs::read_to_string(self.pid_file())
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+    }
+
+    /// Stops the server (if it started) and removes the directory. Meant for a cleanup action:
+    /// runs whatever the outcome and says what it could not do.
+    pub fn stop_and_remove(&self) -> Result<(), String> {
+        let stopped = match self.pid() {
+            Some(pid) => stop(pid),
+            None => Ok(()),
+        };
+        let removed = match std::fs::remove_dir_all(&self.path) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                Err(format!("removing {}: {e}", self.path.display()))
+            }
+            _ => Ok(()),
+        };
+        stopped.and(removed)
+    }
+}
+
+/// A started server.
+#[derive(Debug)]
+pub struct QemuNbdServer {
+    socket: PathBuf,
+    pid: Option<u32>,
+}
+
+impl QemuNbdServer {
+    /// Starts `qemu-nbd` exporting `image` read-only in `dir`; returns once the socket is ready.
+    pub fn start(
+        dir: &ServerDir,
+        image: &Path,
+        format: &str,
+        connections: usize,
+    ) -> io::Result<QemuNbdServer> {
+        let stderr = File::create(dir.stderr_file())?;
+        let status = Command::new("qemu-nbd")
+            .arg("--read-only")
+            .arg("--persistent")
+            .arg("--fork")
+            .arg("--pid-file")
+            .arg(dir.pid_file())
+            .arg("--socket")
+            .arg(dir.socket())
+            .arg("--export-name")
+            .arg(EXPORT_NAME)
+            .arg("--shared")
+            .arg(connections.to_string())
+            .arg("--format")
+            .arg(format)
+            .arg(image)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .status()
+            .map_err(|e| io::Error::new(e.kind(), format!("running qemu-nbd: {e}")))?;
+        if !status.success() {
+            let said = std::fs::read_to_string(dir.stderr_file()).unwrap_or_default();
+            return Err(io::Error::other(format!(
+                "qemu-nbd exited with {status}: {}",
+                said.trim()
+            )));
+        }
+        let pid = dir.pid();
+        tracing::debug!(image = %image.display(), pid, "qemu-nbd started.");
+        Ok(QemuNbdServer {
+            socket: dir.socket(),
+            pid,
+        })
+    }
+
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.pid
+    }
+}
+
+/// SIGTERM, then SIGKILL after [`STOP_GRACE`]; returns once the process is gone.
+fn stop(pid: u32) -> Result<(), String> {
+    if !alive(pid) {
+        return Ok(());
+    }
+    signal(pid, "TERM")?;
+    let deadline = Instant::now() + STOP_GRACE;
+    while Instant::now() < deadline {
+        if !alive(pid) {
+            return Ok(());
+        }
+        std::thread::sleep(STOP_POLL);
+    }
+    signal(pid, "KILL")?;
+    let deadline = Instant::now() + STOP_GRACE;
+    while Instant::now() < deadline {
+        if !alive(pid) {
+            return Ok(());
+        }
+        std::thread::sleep(STOP_POLL);
+    }
+    Err(format!("qemu-nbd (pid {pid}) did not exit after SIGKILL"))
+}
+
+fn signal(pid: u32, name: &str) -> Result<(), String> {
+    let status = Command::new("kill")
+        .arg(format!("-{name}"))
+        .arg(pid.to_string())
+        .stderr(Stdio::null())
+        .status()
+        .map_err(|e| format!("running kill -{name} {pid}: {e}"))?;
+    // A failure here usually means it exited between the check and the signal.
+    if !status.success() && alive(pid) {
+        return Err(format!("kill -{name} {pid} failed with {status}"));
+    }
+    Ok(())
+}
+
+/// Whether `pid` is a running process. A zombie counts as gone: the daemon is not our child and
+/// its reaping is up to whoever adopted it.
+fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the command name in parentheses, which may itself contain spaces.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X"),
+        Err(_) => Command::new("kill")
+            .arg("-0")
+            .arg(pid.to_string())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success()),
+    }
+}

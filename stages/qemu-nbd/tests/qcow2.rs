@@ -1,0 +1,266 @@
+//! The `backup-qcow2` spec against a real qemu-nbd: a qcow2 image backs up reading only its
+//! allocated clusters, restores to a raw file that `qemu-img compare` finds identical, and the
+//! server and its socket directory are gone after the run, whether it succeeded or failed.
+//!
+//! These tests need `qemu-img`, `qemu-io` and `qemu-nbd` on the PATH and fail if they are missing.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+
+use backflow_pipeline::{OutcomeKind, Pipeline, RunOptions, RunReport};
+use backflow_repository::Repository;
+use backflow_stages::Stages;
+use backflow_testkit::placed;
+use stage_disk_writer::{DiskWriter, DiskWriterOptions};
+use stage_qemu_nbd::{QemuNbd, QemuNbdOptions, QemuNbdServer, ServerDir};
+use stage_repo_reader::{RepoReader, RepoReaderOptions};
+use stage_unzstd::{Unzstd, UnzstdOptions};
+use stage_verify::{Verify, VerifyOptions};
+
+/// 1 MiB chunks, so that rounding allocated data to whole chunks is visible.
+const CHUNK: u32 = 1 << 20;
+
+fn run_tool(program: &str, args: &[&str]) {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{program} is required for these tests: {e}"));
+    assert!(
+        out.status.success(),
+        "{program} {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A 64 MiB qcow2 with 256 KiB of 0xab at 1 MiB and 1 MiB of 0xcd at 40 MiB.
+fn make_qcow2(path: &Path) {
+    let p = path.to_str().unwrap();
+    run_tool("qemu-img", &["create", "-q", "-f", "qcow2", p, "64M"]);
+    run_tool(
+        "qemu-io",
+        &[
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 0xab 1M 256k",
+            "-c",
+            "write -P 0xcd 40M 1M",
+            p,
+        ],
+    );
+}
+
+struct Fixture {
+    dir: tempfile::TempDir,
+    image: PathBuf,
+    /// Where the stage makes its private socket directory: empty after every run.
+    sockets: PathBuf,
+}
+
+fn fixture() -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("web01.qcow2");
+    make_qcow2(&image);
+    let sockets = dir.path().join("sockets");
+    std::fs::create_dir(&sockets).unwrap();
+    Fixture {
+        dir,
+        image,
+        sockets,
+    }
+}
+
+/// The `backup-qcow2` spec as loaded from specs/, with the source's socket directory moved into
+/// the test's temporary directory.
+fn backup_pipeline(f: &Fixture, repo: &Path) -> Pipeline {
+    let spec = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../specs/backup-qcow2.yaml");
+    let vars = vec![
+        ("source".to_owned(), f.image.display().to_string()),
+        ("repo".to_owned(), repo.display().to_string()),
+        ("disk".to_owned(), "vda".to_owned()),
+    ];
+    let mut pipeline =
+        backflow_pipeline::spec::load_file(&spec, &vars, &Stages).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(pipeline.stages[0].kind, stage_qemu_nbd::KIND);
+    pipeline.stages[0].stage = Arc::new(
+        QemuNbd::new(QemuNbdOptions {
+            path: Some(f.image.clone()),
+            disk: "vda".into(),
+            socket_dir: Some(f.sockets.clone()),
+            ..Default::default()
+        })
+        .unwrap(),
+    );
+    pipeline
+}
+
+fn restore(repo: &Path, to: &Path) -> RunReport {
+    let pipeline = Pipeline {
+        name: "restore".into(),
+        repository: Some(repo.to_owned()),
+        stages: vec![
+            placed(
+                "repo-reader",
+                Arc::new(RepoReader::new(RepoReaderOptions::default()).unwrap()),
+                2,
+            ),
+            placed(
+                "unzstd",
+                Arc::new(Unzstd::new(UnzstdOptions {}).unwrap()),
+                2,
+            ),
+            placed(
+                "verify",
+                Arc::new(Verify::new(VerifyOptions {}).unwrap()),
+                2,
+            ),
+            placed(
+                "disk-writer",
+                Arc::new(
+                    DiskWriter::new(DiskWriterOptions {
+                        path: Some(to.to_owned()),
+                        sync: false,
+                    })
+                    .unwrap(),
+                ),
+                2,
+            ),
+        ],
+        finaliser: None,
+    };
+    pipeline.run(RunOptions::default())
+}
+
+/// Live processes whose command line names `image` (a zombie has an empty command line).
+fn servers_of(image: &Path) -> Vec<u32> {
+    let needle = image.as_os_str().as_encoded_bytes();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| c.windows(needle.len()).any(|w| w == needle))
+        })
+        .collect()
+}
+
+/// Whether `pid` exists and is not a zombie.
+fn live(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        stat.rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X")
+    })
+}
+
+fn assert_server_gone(f: &Fixture) {
+    assert_eq!(
+        servers_of(&f.image),
+        Vec::<u32>::new(),
+        "qemu-nbd still runs"
+    );
+    let left: Vec<_> = std::fs::read_dir(&f.sockets).unwrap().collect();
+    assert!(left.is_empty(), "socket directory left behind: {left:?}");
+}
+
+#[test]
+fn qcow2_backs_up_its_allocated_clusters_and_restores_identical() {
+    let f = fixture();
+    let repo = f.dir.path().join("repo");
+    Repository::init(&repo, CHUNK).unwrap();
+
+    let report = backup_pipeline(&f, &repo).run(RunOptions::default());
+    assert_eq!(
+        report.outcome,
+        OutcomeKind::Succeeded,
+        "{:?}",
+        report.errors
+    );
+    assert!(report.snapshot.is_some());
+    // 256 KiB at 1 MiB and 1 MiB at 40 MiB: two whole 1 MiB chunks, not 64 MiB.
+    assert_eq!(report.source_bytes_read, 2 * u64::from(CHUNK));
+    assert_server_gone(&f);
+
+    let out = f.dir.path().join("restored.raw");
+    let restored = restore(&repo, &out);
+    assert_eq!(
+        restored.outcome,
+        OutcomeKind::Succeeded,
+        "{:?}",
+        restored.errors
+    );
+    let compare = Command::new("qemu-img")
+        .args(["compare", "-f", "qcow2", "-F", "raw"])
+        .arg(&f.image)
+        .arg(&out)
+        .output()
+        .expect("qemu-img is required for these tests");
+    assert!(
+        compare.status.success(),
+        "qemu-img compare: {}{}",
+        String::from_utf8_lossy(&compare.stdout),
+        String::from_utf8_lossy(&compare.stderr)
+    );
+}
+
+#[test]
+fn a_failed_run_still_stops_the_server() {
+    let f = fixture();
+    // No repository there: the run fails after the source started qemu-nbd.
+    let repo = f.dir.path().join("missing-repo");
+    let report = backup_pipeline(&f, &repo).run(RunOptions::default());
+    assert_eq!(report.outcome, OutcomeKind::Failed);
+    assert!(report.snapshot.is_none());
+    // The source did start the server and emit its disk before the run failed downstream.
+    assert_eq!(report.stages[0].items_out, 1, "{:?}", report.errors);
+    assert_server_gone(&f);
+}
+
+#[test]
+fn an_image_qemu_cannot_open_fails_naming_it() {
+    let f = fixture();
+    let repo = f.dir.path().join("repo");
+    Repository::init(&repo, CHUNK).unwrap();
+    let bogus = f.dir.path().join("not-a.qcow2");
+    std::fs::write(&bogus, b"this is not a qcow2 image").unwrap();
+    let mut pipeline = backup_pipeline(&f, &repo);
+    pipeline.stages[0].stage = Arc::new(
+        QemuNbd::new(QemuNbdOptions {
+            path: Some(bogus.clone()),
+            socket_dir: Some(f.sockets.clone()),
+            ..Default::default()
+        })
+        .unwrap(),
+    );
+    let report = pipeline.run(RunOptions::default());
+    assert_eq!(report.outcome, OutcomeKind::Failed);
+    let errors = report.errors.join("\n");
+    assert!(
+        errors.contains(&bogus.display().to_string()),
+        "errors do not name the image: {errors}"
+    );
+    assert_eq!(servers_of(&bogus), Vec::<u32>::new());
+    assert_server_gone(&f);
+}
+
+#[test]
+fn the_server_runs_until_stopped_by_its_pid_file() {
+    let f = fixture();
+    let dir = ServerDir::create(&f.sockets).unwrap();
+    let mode = std::fs::metadata(dir.path()).unwrap().permissions();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+        0o700
+    );
+    let server = QemuNbdServer::start(&dir, &f.image, "qcow2", 2).unwrap();
+    let pid = server.pid().expect("qemu-nbd wrote no pid file");
+    assert!(server.socket().exists());
+    assert_eq!(servers_of(&f.image), vec![pid]);
+    assert!(live(pid));
+    dir.stop_and_remove().unwrap();
+    // `kill -0` would still succeed on a zombie when nothing reaps orphans (PID 1 in some
+    // containers); what matters is that no process runs.
+    assert!(!live(pid), "pid {pid} still runs");
+    assert_server_gone(&f);
+}
