@@ -256,7 +256,7 @@ impl Image {
         let disk = Arc::new(Disk {
             source: Arc::new(DiskSource {
                 vm: "bench-image".into(),
-                name: stage_image::disk_name_from_path(&path),
+                name: DiskSource::names_for(&path, String::new(), String::new()).0,
                 location: path.clone(),
                 reader: Arc::new(file),
             }),

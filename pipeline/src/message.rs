@@ -7,7 +7,7 @@
 
 use std::fmt;
 use std::io;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -80,6 +80,24 @@ pub struct DiskSource {
     /// Where it came from, for messages and the manifest.
     pub location: PathBuf,
     pub reader: Arc<dyn BlockSource>,
+}
+
+impl DiskSource {
+    /// The names a file-backed source gives its disk: `disk` as set, else the file name without its
+    /// last extension (`/srv/web01.qcow2` -> `web01`); `vm` as set, else the disk's name. Returns
+    /// `(disk, vm)`.
+    pub fn names_for(path: &Path, disk: String, vm: String) -> (String, String) {
+        let disk = if disk.is_empty() {
+            path.file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .filter(|s| !s.is_empty())
+                .unwrap_or_else(|| "disk".to_owned())
+        } else {
+            disk
+        };
+        let vm = if vm.is_empty() { disk.clone() } else { vm };
+        (disk, vm)
+    }
 }
 
 /// The chunk table of the same disk in the parent snapshot, for dedup and for unchanged chunks.

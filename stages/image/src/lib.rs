@@ -67,26 +67,9 @@ impl ImageSource {
                     "is required: the image file or block device to read",
                 )
             })?;
-        let disk = if options.disk.is_empty() {
-            disk_name_from_path(&path)
-        } else {
-            options.disk
-        };
-        let vm = if options.vm.is_empty() {
-            disk.clone()
-        } else {
-            options.vm
-        };
+        let (disk, vm) = DiskSource::names_for(&path, options.disk, options.vm);
         Ok(ImageSource { path, disk, vm })
     }
-}
-
-/// The file name without its last extension (`/srv/web01.raw` -> `web01`).
-pub fn disk_name_from_path(path: &Path) -> String {
-    path.file_stem()
-        .map(|s| s.to_string_lossy().into_owned())
-        .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| "disk".to_owned())
 }
 
 impl Stage for ImageSource {
@@ -240,6 +223,9 @@ mod tests {
         image.read_exact_at(&mut buf, 6).unwrap();
         assert_eq!(&buf, b"world");
         assert!(image.read_exact_at(&mut buf, 8).is_err());
-        assert_eq!(disk_name_from_path(&path), "a");
+        assert_eq!(
+            DiskSource::names_for(&path, String::new(), String::new()),
+            ("a".to_owned(), "a".to_owned())
+        );
     }
 }

@@ -140,16 +140,7 @@ impl QemuNbd {
         if options.connections == 0 {
             return Err(InvalidOption::new("connections", "must be at least 1"));
         }
-        let disk = if options.disk.is_empty() {
-            disk_name_from_path(&path)
-        } else {
-            options.disk
-        };
-        let vm = if options.vm.is_empty() {
-            disk.clone()
-        } else {
-            options.vm
-        };
+        let (disk, vm) = DiskSource::names_for(&path, options.disk, options.vm);
         let socket_dir = options
             .socket_dir
             .filter(|p| !p.as_os_str().is_empty())
@@ -163,14 +154,6 @@ impl QemuNbd {
             socket_dir,
         })
     }
-}
-
-/// The file name without its last extension (`/srv/web01.qcow2` -> `web01`).
-pub fn disk_name_from_path(path: &std::path::Path) -> String {
-    path.file_stem()
-        .map(|s| s.to_string_lossy().into_owned())
-        .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| "disk".to_owned())
 }
 
 impl Stage for QemuNbd {
