@@ -7,39 +7,7 @@ use std::path::Path;
 use std::process::Command;
 
 use backflow_nbd::{Client, Extent};
-use common::{QemuNbd, run};
-
-const MIB: u64 = 1 << 20;
-const KIB: u64 = 1 << 10;
-const IMAGE_SIZE: u64 = 40 * MIB;
-
-/// (offset, length, pattern byte) written before the bitmap exists (as in `qemu.rs`).
-const BEFORE_BITMAP: &[(u64, u64, u8)] = &[(MIB, 64 * KIB, 0xab), (33 * MIB, 128 * KIB, 0xcd)];
-/// Written after `b0` was added.
-const AFTER_BITMAP: &[(u64, u64, u8)] = &[
-    (4 * MIB, 4 * KIB, 0x11),
-    (5 * MIB + 60 * KIB, 8 * KIB, 0x22),
-];
-
-fn write(image: &str, (offset, len, pattern): (u64, u64, u8)) {
-    let cmd = format!("write -P {pattern:#x} {offset} {len}");
-    run("qemu-io", &["-f", "qcow2", "-c", &cmd, image]);
-}
-
-/// A qcow2 image with the writes above and an enabled bitmap `b0` added between them, exported by
-/// qemu-nbd as the default export "" (`-B b0 --persistent --read-only --fork --pid-file`).
-fn qcow2_fixture(dir: &Path) -> QemuNbd {
-    let image = dir.join("disk.qcow2");
-    let img = image.to_str().unwrap();
-    run(
-        "qemu-img",
-        &["create", "-q", "-f", "qcow2", img, &IMAGE_SIZE.to_string()],
-    );
-    BEFORE_BITMAP.iter().for_each(|&w| write(img, w));
-    run("qemu-img", &["bitmap", "--add", "--enable", img, "b0"]);
-    AFTER_BITMAP.iter().for_each(|&w| write(img, w));
-    QemuNbd::start(dir, &image, "qcow2", &["-B", "b0"])
-}
+use common::*;
 
 /// (offset, length, flags) with adjacent entries of equal flags merged.
 fn coalesced(extents: impl IntoIterator<Item = (u64, u64, u32)>) -> Vec<(u64, u64, u32)> {
@@ -115,7 +83,7 @@ fn nbdinfo_map(socket: &Path, context: &str) -> Vec<(u64, u64, u32)> {
 #[test]
 fn allocation_matches_nbdinfo() {
     let dir = tempfile::tempdir().unwrap();
-    let server = qcow2_fixture(dir.path());
+    let server = qcow2_fixture(dir.path(), &[]);
     let mut client = Client::connect_unix(&server.socket, "", &["base:allocation"]).unwrap();
     let extents = client
         .block_status(0, IMAGE_SIZE, "base:allocation")
@@ -135,7 +103,7 @@ fn allocation_matches_nbdinfo() {
 #[test]
 fn dirty_bitmap_matches_nbdinfo() {
     let dir = tempfile::tempdir().unwrap();
-    let server = qcow2_fixture(dir.path());
+    let server = qcow2_fixture(dir.path(), &[]);
     let context = "qemu:dirty-bitmap:b0";
     let mut client =
         Client::connect_unix(&server.socket, "", &["base:allocation", context]).unwrap();

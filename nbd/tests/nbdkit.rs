@@ -1,11 +1,14 @@
 //! The client against nbdkit (plugins shipped with Debian 12's `nbdkit` package): bytes and
 //! `base:allocation` compared with what the plugin was told to serve.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use backflow_nbd::{Client, Extent, STATE_HOLE, STATE_ZERO};
+use common::{assert_exact_cover, merged, ranges_with};
 
 const MIB: u64 = 1 << 20;
 const KIB: u64 = 1 << 10;
@@ -75,43 +78,6 @@ impl Drop for Nbdkit {
         }
         let _ = Command::new("kill").args(["-KILL", &self.pid]).status();
     }
-}
-
-fn merged(mut ranges: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
-    ranges.sort_unstable();
-    let mut merged: Vec<(u64, u64)> = Vec::new();
-    for (from, to) in ranges {
-        match merged.last_mut() {
-            Some(last) if last.1 >= from => last.1 = last.1.max(to),
-            _ => merged.push((from, to)),
-        }
-    }
-    merged
-}
-
-/// Merged ranges of the extents whose flags satisfy `pred`.
-fn ranges_with(extents: &[Extent], pred: impl Fn(u32) -> bool) -> Vec<(u64, u64)> {
-    merged(
-        extents
-            .iter()
-            .filter(|e| pred(e.flags))
-            .map(|e| (e.offset, e.offset + e.len))
-            .collect(),
-    )
-}
-
-fn assert_exact_cover(extents: &[Extent], offset: u64, len: u64) {
-    let mut pos = offset;
-    for e in extents {
-        assert_eq!(e.offset, pos, "extents {extents:?} leave a gap or overlap");
-        assert!(e.len > 0);
-        pos += e.len;
-    }
-    assert_eq!(
-        pos,
-        offset + len,
-        "extents {extents:?} do not end at the range end"
-    );
 }
 
 /// Every extent flagged zero reads as zeros in `bytes`.

@@ -2,40 +2,8 @@
 
 mod common;
 
-use backflow_nbd::{Client, Extent, NbdError, STATE_DIRTY, STATE_HOLE, STATE_ZERO};
-use common::{QemuNbd, run};
-
-const MIB: u64 = 1 << 20;
-const KIB: u64 = 1 << 10;
-/// Larger than QEMU's 32 MiB maximum block size, so whole-image reads are split.
-const IMAGE_SIZE: u64 = 40 * MIB;
-
-/// (offset, length, pattern byte) written before the bitmap exists.
-const BEFORE_BITMAP: &[(u64, u64, u8)] = &[(MIB, 64 * KIB, 0xab), (33 * MIB, 128 * KIB, 0xcd)];
-/// Written after `b0` was added: a 4 KiB write inside one 64 KiB granule, and an 8 KiB one across two.
-const AFTER_BITMAP: &[(u64, u64, u8)] = &[
-    (4 * MIB, 4 * KIB, 0x11),
-    (5 * MIB + 60 * KIB, 8 * KIB, 0x22),
-];
-
-fn write(image: &str, (offset, len, pattern): (u64, u64, u8)) {
-    let cmd = format!("write -P {pattern:#x} {offset} {len}");
-    run("qemu-io", &["-f", "qcow2", "-c", &cmd, image]);
-}
-
-/// A qcow2 image with the writes above and an enabled bitmap `b0` added between them, exported by qemu-nbd.
-fn qcow2_fixture(dir: &std::path::Path) -> QemuNbd {
-    let image = dir.join("disk.qcow2");
-    let img = image.to_str().unwrap();
-    run(
-        "qemu-img",
-        &["create", "-q", "-f", "qcow2", img, &IMAGE_SIZE.to_string()],
-    );
-    BEFORE_BITMAP.iter().for_each(|&w| write(img, w));
-    run("qemu-img", &["bitmap", "--add", "--enable", img, "b0"]);
-    AFTER_BITMAP.iter().for_each(|&w| write(img, w));
-    QemuNbd::start(dir, &image, "qcow2", &["-B", "b0", "-x", "vda"])
-}
+use backflow_nbd::{Client, NbdError, STATE_DIRTY, STATE_HOLE, STATE_ZERO};
+use common::*;
 
 fn expected_bytes() -> Vec<u8> {
     let mut bytes = vec![0u8; IMAGE_SIZE as usize];
@@ -61,47 +29,10 @@ fn exact(writes: &[&(u64, u64, u8)]) -> Vec<(u64, u64)> {
     merged(writes.iter().map(|&&(o, l, _)| (o, o + l)).collect())
 }
 
-fn merged(mut ranges: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
-    ranges.sort_unstable();
-    let mut merged: Vec<(u64, u64)> = Vec::new();
-    for (from, to) in ranges {
-        match merged.last_mut() {
-            Some(last) if last.1 >= from => last.1 = last.1.max(to),
-            _ => merged.push((from, to)),
-        }
-    }
-    merged
-}
-
-/// Merged ranges of the extents whose flags satisfy `pred`.
-fn ranges_with(extents: &[Extent], pred: impl Fn(u32) -> bool) -> Vec<(u64, u64)> {
-    merged(
-        extents
-            .iter()
-            .filter(|e| pred(e.flags))
-            .map(|e| (e.offset, e.offset + e.len))
-            .collect(),
-    )
-}
-
-fn assert_exact_cover(extents: &[Extent], offset: u64, len: u64) {
-    let mut pos = offset;
-    for e in extents {
-        assert_eq!(e.offset, pos, "extents {extents:?} leave a gap or overlap");
-        assert!(e.len > 0);
-        pos += e.len;
-    }
-    assert_eq!(
-        pos,
-        offset + len,
-        "extents {extents:?} do not end at the range end"
-    );
-}
-
 #[test]
 fn reads_match_what_qemu_io_wrote() {
     let dir = tempfile::tempdir().unwrap();
-    let server = qcow2_fixture(dir.path());
+    let server = qcow2_fixture(dir.path(), &["-x", "vda"]);
     let mut client = Client::connect_unix(&server.socket, "vda", &[]).unwrap();
     assert_eq!(client.size(), IMAGE_SIZE);
     assert!(client.is_read_only());
@@ -126,7 +57,7 @@ fn reads_match_what_qemu_io_wrote() {
 #[test]
 fn allocation_reports_data_only_where_written() {
     let dir = tempfile::tempdir().unwrap();
-    let server = qcow2_fixture(dir.path());
+    let server = qcow2_fixture(dir.path(), &["-x", "vda"]);
     let mut client = Client::connect_unix(&server.socket, "vda", &["base:allocation"]).unwrap();
     let extents = client
         .block_status(0, IMAGE_SIZE, "base:allocation")
@@ -166,7 +97,7 @@ fn allocation_reports_data_only_where_written() {
 #[test]
 fn dirty_bitmap_reports_writes_after_it_was_added() {
     let dir = tempfile::tempdir().unwrap();
-    let server = qcow2_fixture(dir.path());
+    let server = qcow2_fixture(dir.path(), &["-x", "vda"]);
     let contexts = ["base:allocation", "qemu:dirty-bitmap:b0"];
     let mut client = Client::connect_unix(&server.socket, "vda", &contexts).unwrap();
     assert_ne!(
@@ -226,7 +157,7 @@ fn raw_image_bytes_round_trip() {
 #[test]
 fn caller_and_server_refusals_are_typed() {
     let dir = tempfile::tempdir().unwrap();
-    let server = qcow2_fixture(dir.path());
+    let server = qcow2_fixture(dir.path(), &["-x", "vda"]);
 
     match Client::connect_unix(&server.socket, "no-such-export", &[]) {
         Err(NbdError::OptionRefused { option, reply, .. }) => {

@@ -3,6 +3,8 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
+
+use backflow_nbd::Extent;
 use std::process::Command;
 
 /// Runs a QEMU tool and panics with its output when it is missing or fails: these tests must not skip.
@@ -86,4 +88,81 @@ impl Drop for QemuNbd {
     fn drop(&mut self) {
         let _ = Command::new("kill").arg(&self.pid).status();
     }
+}
+
+// The qcow2 fixture shared by the qemu-nbd and nbdinfo tests.
+
+pub const MIB: u64 = 1 << 20;
+pub const KIB: u64 = 1 << 10;
+/// Larger than QEMU's 32 MiB maximum block size, so whole-image reads are split.
+/// Larger than QEMU's 32 MiB maximum block size, so whole-image reads are split.
+pub const IMAGE_SIZE: u64 = 40 * MIB;
+
+/// (offset, length, pattern byte) written before the bitmap exists.
+pub const BEFORE_BITMAP: &[(u64, u64, u8)] = &[(MIB, 64 * KIB, 0xab), (33 * MIB, 128 * KIB, 0xcd)];
+/// Written after `b0` was added: a 4 KiB write inside one 64 KiB granule, and an 8 KiB one across two.
+pub const AFTER_BITMAP: &[(u64, u64, u8)] = &[
+    (4 * MIB, 4 * KIB, 0x11),
+    (5 * MIB + 60 * KIB, 8 * KIB, 0x22),
+];
+
+pub fn write(image: &str, (offset, len, pattern): (u64, u64, u8)) {
+    let cmd = format!("write -P {pattern:#x} {offset} {len}");
+    run("qemu-io", &["-f", "qcow2", "-c", &cmd, image]);
+}
+
+/// A qcow2 image with the writes above and an enabled bitmap `b0` added between them, exported by qemu-nbd
+/// with `extra` arguments (such as `-x NAME`).
+pub fn qcow2_fixture(dir: &Path, extra: &[&str]) -> QemuNbd {
+    let image = dir.join("disk.qcow2");
+    let img = image.to_str().unwrap();
+    run(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", img, &IMAGE_SIZE.to_string()],
+    );
+    BEFORE_BITMAP.iter().for_each(|&w| write(img, w));
+    run("qemu-img", &["bitmap", "--add", "--enable", img, "b0"]);
+    AFTER_BITMAP.iter().for_each(|&w| write(img, w));
+    let mut args = vec!["-B", "b0"];
+    args.extend_from_slice(extra);
+    QemuNbd::start(dir, &image, "qcow2", &args)
+}
+
+/// Ranges sorted and merged where they touch or overlap.
+pub fn merged(mut ranges: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
+    ranges.sort_unstable();
+    let mut merged: Vec<(u64, u64)> = Vec::new();
+    for (from, to) in ranges {
+        match merged.last_mut() {
+            Some(last) if last.1 >= from => last.1 = last.1.max(to),
+            _ => merged.push((from, to)),
+        }
+    }
+    merged
+}
+
+/// Merged ranges of the extents whose flags satisfy `pred`.
+pub fn ranges_with(extents: &[Extent], pred: impl Fn(u32) -> bool) -> Vec<(u64, u64)> {
+    merged(
+        extents
+            .iter()
+            .filter(|e| pred(e.flags))
+            .map(|e| (e.offset, e.offset + e.len))
+            .collect(),
+    )
+}
+
+/// Asserts that `extents` cover `[offset, offset + len)` exactly once, in order.
+pub fn assert_exact_cover(extents: &[Extent], offset: u64, len: u64) {
+    let mut pos = offset;
+    for e in extents {
+        assert_eq!(e.offset, pos, "extents {extents:?} leave a gap or overlap");
+        assert!(e.len > 0);
+        pos += e.len;
+    }
+    assert_eq!(
+        pos,
+        offset + len,
+        "extents {extents:?} do not end at the range end"
+    );
 }
