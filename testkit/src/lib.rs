@@ -3,12 +3,12 @@
 
 use std::collections::HashSet;
 use std::os::unix::fs::FileExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use backflow_pipeline::{
-    ChunkRef, Codec, Digest, Message, MessageType, PlacedStage, Stage, StageError, StageIo, Worker,
-    digest_of,
+    ChunkRef, Codec, Digest, Message, MessageType, PlacedStage, RunOptions, RunReport, Stage,
+    StageError, StageIo, Worker, digest_of,
 };
 use backflow_repository::{DiskMeta, Repository};
 use bytes::Bytes;
@@ -124,4 +124,19 @@ pub fn damage_a_raw_chunk(repo: &Repository, table: &[ChunkRef], at: u64) -> (us
     file.write_all_at(&[!byte[0]], location.offset + at)
         .unwrap();
     (index, digest)
+}
+
+/// Restores the latest snapshot of `repo` to `to` with `specs/restore.yaml`, loaded through the
+/// real catalog: what `backflow restore` runs.
+pub fn restore_with_spec(repo: &Path, to: &Path, sync: bool) -> RunReport {
+    let spec = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../specs/restore.yaml");
+    let vars = [
+        ("repo", repo.display().to_string()),
+        ("to", to.display().to_string()),
+        ("sync", sync.to_string()),
+    ]
+    .map(|(k, v)| (k.to_owned(), v));
+    let pipeline = backflow_pipeline::spec::load_file(&spec, &vars, &backflow_stages::Stages)
+        .unwrap_or_else(|e| panic!("{} does not load: {e}", spec.display()));
+    pipeline.run(RunOptions::default())
 }

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use backflow_pipeline::harness::Harness;
 use backflow_pipeline::{
     Chunk, ChunkRef, Disk, DiskSource, Message, OutcomeKind, Payload, Pipeline, RunOptions,
-    RunReport, SizeOnly, digest_of,
+    SizeOnly, digest_of,
 };
 use backflow_repository::Repository;
 use bytes::Bytes;
@@ -18,13 +18,10 @@ use stage_disk_writer::{DiskWriter, DiskWriterOptions};
 use stage_full_map::{FullMap, FullMapOptions};
 use stage_image::{ImageOptions, ImageSource};
 use stage_reader::{Reader, ReaderOptions};
-use stage_repo_reader::{RepoReader, RepoReaderOptions};
 use stage_repo_writer::{RepoWriter, RepoWriterOptions};
-use stage_unzstd::{Unzstd, UnzstdOptions};
-use stage_verify::{Verify, VerifyOptions};
 use stage_zstd::{Zstd, ZstdOptions};
 
-use backflow_testkit::{damage_a_raw_chunk, placed};
+use backflow_testkit::{damage_a_raw_chunk, placed, restore_with_spec};
 
 const CHUNK: u32 = 64 * 1024;
 /// 16 MiB and a partial last chunk.
@@ -86,44 +83,6 @@ fn back_up(repo: &Path, image: &Path) -> String {
     report.snapshot.unwrap()
 }
 
-/// The `restore` spec's stages, built directly.
-fn restore(repo: &Path, to: &Path) -> RunReport {
-    let pipeline = Pipeline {
-        name: "restore".into(),
-        repository: Some(repo.to_owned()),
-        stages: vec![
-            placed(
-                "repo-reader",
-                Arc::new(RepoReader::new(RepoReaderOptions::default()).unwrap()),
-                2,
-            ),
-            placed(
-                "unzstd",
-                Arc::new(Unzstd::new(UnzstdOptions {}).unwrap()),
-                2,
-            ),
-            placed(
-                "verify",
-                Arc::new(Verify::new(VerifyOptions {}).unwrap()),
-                2,
-            ),
-            placed(
-                "disk-writer",
-                Arc::new(
-                    DiskWriter::new(DiskWriterOptions {
-                        path: Some(to.to_owned()),
-                        sync: true,
-                    })
-                    .unwrap(),
-                ),
-                2,
-            ),
-        ],
-        finaliser: None,
-    };
-    pipeline.run(RunOptions::default())
-}
-
 fn partial(path: &Path) -> PathBuf {
     let mut name = path.file_name().unwrap().to_owned();
     name.push(".partial");
@@ -161,7 +120,7 @@ fn backed_up() -> BackedUp {
 fn restored_image_equals_the_original_with_zero_chunks_as_holes() {
     let b = backed_up();
     let out = b.dir.path().join("restored.raw");
-    let report = restore(&b.repo, &out);
+    let report = restore_with_spec(&b.repo, &out, true);
     assert_eq!(
         report.outcome,
         OutcomeKind::Succeeded,
@@ -205,7 +164,7 @@ fn restoring_into_a_directory_names_the_file_after_the_disk() {
     let b = backed_up();
     let to = b.dir.path().join("out");
     std::fs::create_dir(&to).unwrap();
-    let report = restore(&b.repo, &to);
+    let report = restore_with_spec(&b.repo, &to, true);
     assert_eq!(
         report.outcome,
         OutcomeKind::Succeeded,
@@ -229,7 +188,7 @@ fn a_damaged_chunk_fails_the_restore_and_leaves_no_file() {
     let (index, digest) = damage_a_raw_chunk(&repo, &table, 7);
 
     let out = b.dir.path().join("restored.raw");
-    let report = restore(&b.repo, &out);
+    let report = restore_with_spec(&b.repo, &out, true);
     assert_eq!(report.outcome, OutcomeKind::Failed);
     let error = report
         .errors

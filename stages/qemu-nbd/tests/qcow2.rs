@@ -8,17 +8,14 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 
-use backflow_pipeline::{OutcomeKind, Pipeline, RunOptions, RunReport};
+use backflow_pipeline::{OutcomeKind, Pipeline, RunOptions};
 use backflow_repository::Repository;
 use backflow_stages::Stages;
-use backflow_testkit::placed;
-use stage_disk_writer::{DiskWriter, DiskWriterOptions};
 use stage_qemu_nbd::{QemuNbd, QemuNbdOptions, QemuNbdServer, ServerDir};
-use stage_repo_reader::{RepoReader, RepoReaderOptions};
-use stage_unzstd::{Unzstd, UnzstdOptions};
-use stage_verify::{Verify, VerifyOptions};
 
 /// 1 MiB chunks, so that rounding allocated data to whole chunks is visible.
+use backflow_testkit::restore_with_spec;
+
 const CHUNK: u32 = 1 << 20;
 
 fn run_tool(program: &str, args: &[&str]) {
@@ -95,43 +92,6 @@ fn backup_pipeline(f: &Fixture, repo: &Path) -> Pipeline {
     pipeline
 }
 
-fn restore(repo: &Path, to: &Path) -> RunReport {
-    let pipeline = Pipeline {
-        name: "restore".into(),
-        repository: Some(repo.to_owned()),
-        stages: vec![
-            placed(
-                "repo-reader",
-                Arc::new(RepoReader::new(RepoReaderOptions::default()).unwrap()),
-                2,
-            ),
-            placed(
-                "unzstd",
-                Arc::new(Unzstd::new(UnzstdOptions {}).unwrap()),
-                2,
-            ),
-            placed(
-                "verify",
-                Arc::new(Verify::new(VerifyOptions {}).unwrap()),
-                2,
-            ),
-            placed(
-                "disk-writer",
-                Arc::new(
-                    DiskWriter::new(DiskWriterOptions {
-                        path: Some(to.to_owned()),
-                        sync: false,
-                    })
-                    .unwrap(),
-                ),
-                2,
-            ),
-        ],
-        finaliser: None,
-    };
-    pipeline.run(RunOptions::default())
-}
-
 /// Live processes whose command line names `image` (a zombie has an empty command line).
 fn servers_of(image: &Path) -> Vec<u32> {
     let needle = image.as_os_str().as_encoded_bytes();
@@ -183,7 +143,7 @@ fn qcow2_backs_up_its_allocated_clusters_and_restores_identical() {
     assert_server_gone(&f);
 
     let out = f.dir.path().join("restored.raw");
-    let restored = restore(&repo, &out);
+    let restored = restore_with_spec(&repo, &out, false);
     assert_eq!(
         restored.outcome,
         OutcomeKind::Succeeded,
