@@ -30,7 +30,7 @@ use backflow_pipeline::{
 use serde::{Deserialize, Serialize};
 
 pub use export::NbdExport;
-pub use server::{QemuNbdServer, ServerDir};
+pub use server::{QemuNbdServer, ServerConfig, ServerDir};
 
 pub const KIND: &str = "qemu-nbd";
 
@@ -187,8 +187,11 @@ impl Stage for QemuNbd {
             format!("stopping qemu-nbd for {image}"),
             Box::new(move |_| stop.stop_and_remove()),
         );
-        let server = QemuNbdServer::start(&dir, &self.path, &self.format, self.connections)
-            .map_err(|e| StageError::io(format!("image {image}: starting qemu-nbd"), e))?;
+        let server = QemuNbdServer::start(
+            &dir,
+            &ServerConfig::read_only(&self.path, &self.format, self.connections),
+        )
+        .map_err(|e| StageError::io(format!("image {image}: starting qemu-nbd"), e))?;
         let export = NbdExport::open(
             server.socket().to_owned(),
             server::EXPORT_NAME,

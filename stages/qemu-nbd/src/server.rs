@@ -77,6 +77,33 @@ impl ServerDir {
     }
 }
 
+/// What a server exports and how.
+#[derive(Clone, Debug)]
+pub struct ServerConfig<'a> {
+    pub image: &'a Path,
+    /// Given to `qemu-nbd --format`: `qcow2` or `raw`.
+    pub format: &'a str,
+    /// Most clients at once (`--shared`).
+    pub connections: usize,
+    /// `--read-only`: backups read; restores write.
+    pub read_only: bool,
+    /// Persistent dirty bitmaps exported as `qemu:dirty-bitmap:NAME` contexts (`-B NAME`, repeated).
+    pub bitmaps: &'a [String],
+}
+
+impl<'a> ServerConfig<'a> {
+    /// A read-only export of `image` without bitmaps.
+    pub fn read_only(image: &'a Path, format: &'a str, connections: usize) -> Self {
+        ServerConfig {
+            image,
+            format,
+            connections,
+            read_only: true,
+            bitmaps: &[],
+        }
+    }
+}
+
 /// A started server.
 #[derive(Debug)]
 pub struct QemuNbdServer {
@@ -85,16 +112,17 @@ pub struct QemuNbdServer {
 }
 
 impl QemuNbdServer {
-    /// Starts `qemu-nbd` exporting `image` read-only in `dir`; returns once the socket is ready.
-    pub fn start(
-        dir: &ServerDir,
-        image: &Path,
-        format: &str,
-        connections: usize,
-    ) -> io::Result<QemuNbdServer> {
+    /// Starts `qemu-nbd` as `config` says in `dir`; returns once the socket is ready.
+    pub fn start(dir: &ServerDir, config: &ServerConfig<'_>) -> io::Result<QemuNbdServer> {
         let stderr = File::create(dir.stderr_file())?;
-        let status = Command::new("qemu-nbd")
-            .arg("--read-only")
+        let mut command = Command::new("qemu-nbd");
+        if config.read_only {
+            command.arg("--read-only");
+        }
+        for bitmap in config.bitmaps {
+            command.arg("--bitmap").arg(bitmap);
+        }
+        let status = command
             .arg("--persistent")
             .arg("--fork")
             .arg("--pid-file")
@@ -104,10 +132,10 @@ impl QemuNbdServer {
             .arg("--export-name")
             .arg(EXPORT_NAME)
             .arg("--shared")
-            .arg(connections.to_string())
+            .arg(config.connections.to_string())
             .arg("--format")
-            .arg(format)
-            .arg(image)
+            .arg(config.format)
+            .arg(config.image)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(stderr)
@@ -121,7 +149,7 @@ impl QemuNbdServer {
             )));
         }
         let pid = dir.pid();
-        tracing::debug!(image = %image.display(), pid, "qemu-nbd started.");
+        tracing::debug!(image = %config.image.display(), pid, "qemu-nbd started.");
         Ok(QemuNbdServer {
             socket: dir.socket(),
             pid,

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use backflow_pipeline::{OutcomeKind, Pipeline, RunOptions};
 use backflow_repository::Repository;
 use backflow_stages::Stages;
-use stage_qemu_nbd::{QemuNbd, QemuNbdOptions, QemuNbdServer, ServerDir};
+use stage_qemu_nbd::{QemuNbd, QemuNbdOptions, QemuNbdServer, ServerConfig, ServerDir};
 
 /// 1 MiB chunks, so that rounding allocated data to whole chunks is visible.
 use backflow_testkit::restore_with_spec;
@@ -213,7 +213,8 @@ fn the_server_runs_until_stopped_by_its_pid_file() {
         std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
         0o700
     );
-    let server = QemuNbdServer::start(&dir, &f.image, "qcow2", 2).unwrap();
+    let server =
+        QemuNbdServer::start(&dir, &ServerConfig::read_only(&f.image, "qcow2", 2)).unwrap();
     let pid = server.pid().expect("qemu-nbd wrote no pid file");
     assert!(server.socket().exists());
     assert_eq!(servers_of(&f.image), vec![pid]);
