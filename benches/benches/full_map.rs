@@ -21,6 +21,7 @@ fn disk(path: &std::path::Path) -> Message {
         name: "sparse".into(),
         location: path.to_owned(),
         reader: Arc::new(ImageFile::open(path).expect("opening the image")),
+        tracking: None,
     }))
 }
 

@@ -29,8 +29,8 @@ pub mod units;
 pub use context::{CancelToken, RunContext};
 pub use error::StageError;
 pub use message::{
-    BlockSource, Chunk, ChunkRef, Codec, Digest, Disk, DiskSource, Extent, ExtentClass, Message,
-    MessageType, ParentChunks, Payload, SizeOnly, digest_of,
+    BlockSource, ChangeTracking, Changes, Chunk, ChunkRef, Codec, Digest, Disk, DiskSource, Extent,
+    ExtentClass, Message, MessageType, ParentChunks, Payload, SizeOnly, digest_of,
 };
 pub use runtime::{
     DEFAULT_CHANNEL_CAPACITY, Outcome, Pipeline, Progress, RunOptions, Stopped, Worker,

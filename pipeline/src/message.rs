@@ -70,6 +70,33 @@ pub trait BlockSource: Send + Sync + fmt::Debug {
     fn allocated(&self) -> io::Result<Option<Vec<(u64, u64)>>>;
 }
 
+/// Changed block tracking a source offers for one disk: a qcow2 persistent dirty bitmap, later a
+/// libvirt checkpoint.
+///
+/// The chain state travels through the repository: the repository writer stores
+/// [`next_state`](ChangeTracking::next_state) in the manifest with the snapshot, and the next run's
+/// changed-block map hands the parent's stored state back to
+/// [`changed_since`](ChangeTracking::changed_since). The source decides what a state means and when
+/// it cannot be trusted; the map stage decides what to read.
+pub trait ChangeTracking: Send + Sync + fmt::Debug {
+    /// The state to record with the snapshot this run takes: what the next run will ask about.
+    fn next_state(&self) -> serde_json::Value;
+
+    /// The byte ranges written since the run that recorded `state`, sorted and disjoint, or why
+    /// they cannot be known for certain (a full read follows). An error is an I/O failure of the
+    /// source itself.
+    fn changed_since(&self, state: &serde_json::Value) -> io::Result<Changes>;
+}
+
+/// The answer of [`ChangeTracking::changed_since`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Changes {
+    /// Every byte written since, as `(offset, len)`; everything else is as it was.
+    Since(Vec<(u64, u64)>),
+    /// The tracking cannot vouch for the changes; the reason, for the run's warnings.
+    Unknown(String),
+}
+
 /// A disk as opened by a source stage.
 #[derive(Debug)]
 pub struct DiskSource {
@@ -80,6 +107,8 @@ pub struct DiskSource {
     /// Where it came from, for messages and the manifest.
     pub location: PathBuf,
     pub reader: Arc<dyn BlockSource>,
+    /// Changed block tracking the source offers for this disk, if any.
+    pub tracking: Option<Arc<dyn ChangeTracking>>,
 }
 
 impl DiskSource {

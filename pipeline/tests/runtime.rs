@@ -17,6 +17,7 @@ fn disk() -> Arc<Disk> {
             name: "d".into(),
             location: "test".into(),
             reader: Arc::new(SizeOnly(1 << 30)),
+            tracking: None,
         }),
         chunk_size: 65536,
         parent: None,

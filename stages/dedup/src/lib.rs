@@ -136,6 +136,7 @@ mod tests {
                 name: "vda".into(),
                 location: "test".into(),
                 reader: Arc::new(SizeOnly(u64::MAX / 2)),
+                tracking: None,
             }),
             chunk_size: 65536,
             parent: None,

@@ -60,6 +60,7 @@ fn disk(vm: &str, chunks: u64, parent: Option<Arc<dyn ParentChunks>>) -> Arc<Dis
             name: "vda".into(),
             location: PathBuf::from("test"),
             reader: Arc::new(SizeOnly(chunks * u64::from(CHUNK))),
+            tracking: None,
         }),
         chunk_size: CHUNK,
         parent,

@@ -73,6 +73,7 @@ fn takes_messages_of_every_kind() {
         name: "d".into(),
         location: PathBuf::from("d"),
         reader: Arc::new(SizeOnly(CHUNK)),
+        tracking: None,
     });
     let disk = Arc::new(Disk {
         source: source.clone(),

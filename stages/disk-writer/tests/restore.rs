@@ -212,6 +212,7 @@ fn synthetic_disk(size: u64) -> Arc<Disk> {
             name: "vda".into(),
             location: PathBuf::from("/dev/vda"),
             reader: Arc::new(SizeOnly(size)),
+            tracking: None,
         }),
         chunk_size: CHUNK,
         parent: None,

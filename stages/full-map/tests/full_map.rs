@@ -60,6 +60,7 @@ fn disk_message(vm: &str, name: &str, path: &Path) -> Message {
         name: name.into(),
         location: path.to_owned(),
         reader: Arc::new(ImageFile::open(path).unwrap()),
+        tracking: None,
     }))
 }
 

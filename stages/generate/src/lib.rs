@@ -112,6 +112,7 @@ impl Generate {
                 name: "generated".into(),
                 location: "generate".into(),
                 reader: Arc::new(SizeOnly(options.size.bytes())),
+                tracking: None,
             }),
             chunk_size: chunk_size as u32,
             parent: None,

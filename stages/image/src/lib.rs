@@ -95,6 +95,7 @@ impl Stage for ImageSource {
             name: self.disk.clone(),
             location: self.path.clone(),
             reader: Arc::new(file),
+            tracking: None,
         };
         let _ = worker.send(Message::Disk(Arc::new(disk)));
         Ok(())

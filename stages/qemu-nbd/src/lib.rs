@@ -205,6 +205,7 @@ impl Stage for QemuNbd {
             name: self.disk.clone(),
             location: self.path.clone(),
             reader: Arc::new(export),
+            tracking: None,
         };
         let _ = worker.send(Message::Disk(Arc::new(disk)));
         Ok(())

@@ -88,6 +88,7 @@ impl RepoReader {
                         name: meta.name.clone(),
                         location: meta.location.clone().into(),
                         reader: Arc::new(SizeOnly(meta.size)),
+                        tracking: None,
                     };
                     let disk = Disk {
                         source: Arc::new(source),

@@ -128,7 +128,7 @@ impl RepoWriter {
             size: disk.size(),
             chunk_size: disk.chunk_size,
             location: disk.source.location.display().to_string(),
-            cbt: None,
+            cbt: disk.source.tracking.as_ref().map(|t| t.next_state()),
         })?;
         let entry = Arc::new(DiskState {
             slot,

@@ -30,6 +30,7 @@ fn image_chunks() -> (Arc<Disk>, Vec<Chunk>) {
             name: "vda".into(),
             location: PathBuf::from("vda.raw"),
             reader: Arc::new(SizeOnly(IMAGE_SIZE)),
+            tracking: None,
         }),
         chunk_size: CHUNK,
         parent: None,
