@@ -86,6 +86,12 @@ pub trait ChangeTracking: Send + Sync + fmt::Debug {
     /// they cannot be known for certain (a full read follows). An error is an I/O failure of the
     /// source itself.
     fn changed_since(&self, state: &serde_json::Value) -> io::Result<Changes>;
+
+    /// Called by the repository writer once the snapshot recording [`next_state`] is committed:
+    /// only from then on may the source retire the state the parent recorded.
+    ///
+    /// [`next_state`]: ChangeTracking::next_state
+    fn committed(&self, snapshot: &str);
 }
 
 /// The answer of [`ChangeTracking::changed_since`].

@@ -17,6 +17,7 @@ pub enum Kind {
     Image,
     QemuNbd,
     Full,
+    DirtyBitmap,
     Reader,
     Dedup,
     Zstd,
@@ -51,10 +52,11 @@ pub struct OptionDoc {
 }
 
 impl Kind {
-    pub const ALL: [Kind; 13] = [
+    pub const ALL: [Kind; 14] = [
         Kind::Image,
         Kind::QemuNbd,
         Kind::Full,
+        Kind::DirtyBitmap,
         Kind::Reader,
         Kind::Dedup,
         Kind::Zstd,
@@ -72,6 +74,7 @@ impl Kind {
             Kind::Image => stage_image::KIND,
             Kind::QemuNbd => stage_qemu_nbd::KIND,
             Kind::Full => stage_full_map::KIND,
+            Kind::DirtyBitmap => stage_dirty_bitmap::KIND,
             Kind::Reader => stage_reader::KIND,
             Kind::Dedup => stage_dedup::KIND,
             Kind::Zstd => stage_zstd::KIND,
@@ -96,6 +99,9 @@ impl Kind {
                 "source: any image QEMU reads (qcow2), through a private qemu-nbd; unallocated clusters are skipped"
             }
             Kind::Full => "changed-block map: every allocated extent (holes are skipped)",
+            Kind::DirtyBitmap => {
+                "changed-block map: only what the source's change tracking (qcow2 bitmap) says changed since the parent; a full read with a warning when that is not certain"
+            }
             Kind::Reader => {
                 "reads chunk-aligned extents into chunks; all-zero chunks are not stored"
             }
@@ -139,6 +145,7 @@ impl Kind {
             Kind::Image => make(options, stage_image::ImageSource::new),
             Kind::QemuNbd => make(options, stage_qemu_nbd::QemuNbd::new),
             Kind::Full => make(options, stage_full_map::FullMap::new),
+            Kind::DirtyBitmap => make(options, stage_dirty_bitmap::DirtyBitmap::new),
             Kind::Reader => make(options, stage_reader::Reader::new),
             Kind::Dedup => make(options, stage_dedup::Dedup::new),
             Kind::Zstd => make(options, stage_zstd::Zstd::new),
@@ -158,7 +165,7 @@ impl Kind {
         match self {
             Kind::Image => (None, Some(Disk)),
             Kind::QemuNbd => (None, Some(Disk)),
-            Kind::Full => (Some(Disk), Some(Extent)),
+            Kind::Full | Kind::DirtyBitmap => (Some(Disk), Some(Extent)),
             Kind::Reader => (Some(Extent), Some(Chunk)),
             Kind::Dedup => (Some(Chunk), Some(HashedChunk)),
             Kind::Zstd => (Some(HashedChunk), Some(CompressedChunk)),
@@ -178,6 +185,9 @@ impl Kind {
             Kind::QemuNbd => {
                 option_docs::<stage_qemu_nbd::QemuNbdOptions>(stage_qemu_nbd::OPTION_DOCS)
             }
+            Kind::DirtyBitmap => option_docs::<stage_dirty_bitmap::DirtyBitmapOptions>(
+                stage_dirty_bitmap::OPTION_DOCS,
+            ),
             Kind::Full => {
                 option_docs::<stage_full_map::FullMapOptions>(stage_full_map::OPTION_DOCS)
             }

@@ -102,6 +102,13 @@ pub struct SnapshotParent {
     pub chunks: u64,
 }
 
+impl SnapshotParent {
+    /// The changed-block-tracking state recorded with this disk, if any.
+    pub fn cbt(&self) -> Option<&serde_json::Value> {
+        self.snapshot.meta().disks[self.disk].cbt.as_ref()
+    }
+}
+
 impl ParentChunks for SnapshotParent {
     fn snapshot_id(&self) -> &str {
         &self.snapshot.info().id
@@ -135,7 +142,7 @@ pub fn find_parent(
     worker: &Worker<'_>,
     source: &DiskSource,
     chunk_size: u32,
-) -> Result<Option<Arc<dyn ParentChunks>>, StageError> {
+) -> Result<Option<Arc<SnapshotParent>>, StageError> {
     let Ok(repo) = worker.ctx().repository() else {
         return Ok(None);
     };
@@ -218,6 +225,103 @@ pub fn plan_chunks(
     plan
 }
 
+/// The chunk runs `[first, end)` touched by byte ranges, merged; `None` means every chunk.
+fn chunk_runs(size: u64, chunk_size: u64, ranges: Option<&[(u64, u64)]>) -> Vec<(u64, u64)> {
+    let count = size.div_ceil(chunk_size);
+    let Some(ranges) = ranges else {
+        return vec![(0, count)];
+    };
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    for &(offset, len) in ranges {
+        if len == 0 || offset >= size {
+            continue;
+        }
+        let first = offset / chunk_size;
+        let end = (offset + len).min(size).div_ceil(chunk_size);
+        match runs.last_mut() {
+            Some(last) if first <= last.1 => last.1 = last.1.max(end),
+            _ => runs.push((first, end)),
+        }
+    }
+    runs
+}
+
+/// Plans an incremental read: chunks touched by a `dirty` range are read when they touch an
+/// `allocated` range and marked zero when they do not (written since, but now reading as zeros:
+/// trimmed or zeroed); every other chunk is unchanged since the parent. Runs of data are split at
+/// `max_run` chunks.
+pub fn plan_incremental(
+    size: u64,
+    chunk_size: u32,
+    dirty: &[(u64, u64)],
+    allocated: Option<&[(u64, u64)]>,
+    max_run: u64,
+) -> Vec<(u64, u64, ExtentClass)> {
+    let chunk_size = u64::from(chunk_size);
+    let count = size.div_ceil(chunk_size);
+    let dirty = chunk_runs(size, chunk_size, Some(dirty));
+    let allocated = chunk_runs(size, chunk_size, allocated);
+    let mut cuts: Vec<u64> = [0, count]
+        .into_iter()
+        .chain(dirty.iter().flat_map(|&(a, b)| [a, b]))
+        .chain(allocated.iter().flat_map(|&(a, b)| [a, b]))
+        .filter(|&c| c <= count)
+        .collect();
+    cuts.sort_unstable();
+    cuts.dedup();
+    let inside = |runs: &[(u64, u64)], at: u64| {
+        let i = runs.partition_point(|&(_, end)| end <= at);
+        runs.get(i).is_some_and(|&(first, _)| first <= at)
+    };
+    let mut plan: Vec<(u64, u64, ExtentClass)> = Vec::new();
+    for pair in cuts.windows(2) {
+        let (first, end) = (pair[0], pair[1]);
+        let class = if !inside(&dirty, first) {
+            ExtentClass::Unchanged
+        } else if inside(&allocated, first) {
+            ExtentClass::Data
+        } else {
+            ExtentClass::Zero
+        };
+        match plan.last_mut() {
+            Some(last) if last.2 == class && last.0 + last.1 == first => last.1 += end - first,
+            _ => plan.push((first, end - first, class)),
+        }
+    }
+    let mut split = Vec::with_capacity(plan.len());
+    for (first, count, class) in plan {
+        if class != ExtentClass::Data {
+            split.push((first, count, class));
+            continue;
+        }
+        let mut at = first;
+        while at < first + count {
+            let n = (first + count - at).min(max_run);
+            split.push((at, n, class));
+            at += n;
+        }
+    }
+    split
+}
+
+/// Sends a plan as extents of `disk`; stops early when nobody downstream takes them.
+pub fn send_plan(
+    worker: &mut Worker<'_>,
+    disk: &Arc<Disk>,
+    plan: Vec<(u64, u64, ExtentClass)>,
+) -> Result<(), backflow_pipeline::Stopped> {
+    for (first, count, class) in plan {
+        let extent = Extent {
+            disk: disk.clone(),
+            first,
+            count,
+            class,
+        };
+        worker.send(Message::Extent(extent))?;
+    }
+    Ok(())
+}
+
 impl Stage for FullMap {
     fn io(&self) -> StageIo {
         StageIo {
@@ -246,7 +350,7 @@ impl Stage for FullMap {
             let disk = Arc::new(Disk {
                 source: source.clone(),
                 chunk_size,
-                parent,
+                parent: parent.map(|p| p as Arc<dyn ParentChunks>),
             });
             tracing::debug!(disk = %source.name, size = disk.size(), chunk_size, "Planning a full read.");
             let plan = plan_chunks(
@@ -255,16 +359,8 @@ impl Stage for FullMap {
                 allocated.as_deref(),
                 self.max_extent_chunks,
             );
-            for (first, count, class) in plan {
-                let extent = Extent {
-                    disk: disk.clone(),
-                    first,
-                    count,
-                    class,
-                };
-                if worker.send(Message::Extent(extent)).is_err() {
-                    return Ok(());
-                }
+            if send_plan(worker, &disk, plan).is_err() {
+                return Ok(());
             }
         }
         Ok(())
@@ -321,6 +417,40 @@ mod tests {
             next += count;
         }
         assert_eq!(next, 12);
+    }
+
+    #[test]
+    fn incremental_reads_dirty_allocated_chunks_only() {
+        use ExtentClass::Unchanged;
+        // 12 chunks. Dirty: inside chunk 1, chunks 4..=6 (6 only by one byte), chunk 10.
+        // Allocated: chunks 0..=5 and 10; so chunk 6 was written but now reads as zeros.
+        let dirty = [(C + 5, 10), (4 * C, 2 * C + 1), (10 * C, C)];
+        let allocated = [(0, 6 * C), (10 * C, C)];
+        let plan = plan_incremental(12 * C, C as u32, &dirty, Some(&allocated), 2);
+        assert_eq!(
+            plan,
+            vec![
+                (0, 1, Unchanged),
+                (1, 1, Data),
+                (2, 2, Unchanged),
+                (4, 2, Data),
+                (6, 1, Zero),
+                (7, 3, Unchanged),
+                (10, 1, Data),
+                (11, 1, Unchanged),
+            ]
+        );
+        // Without allocation information every dirty chunk is read; long runs are split.
+        let plan = plan_incremental(12 * C, C as u32, &[(0, 5 * C)], None, 2);
+        assert_eq!(
+            plan,
+            vec![(0, 2, Data), (2, 2, Data), (4, 1, Data), (5, 7, Unchanged)]
+        );
+        // Nothing dirty: one unchanged run.
+        assert_eq!(
+            plan_incremental(12 * C + 1, C as u32, &[], None, 2),
+            vec![(0, 13, Unchanged)]
+        );
     }
 
     #[test]

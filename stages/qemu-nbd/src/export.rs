@@ -9,7 +9,7 @@ use std::io;
 use std::path::PathBuf;
 use std::sync::{Condvar, Mutex};
 
-use backflow_nbd::{Client, NbdError, STATE_ZERO};
+use backflow_nbd::{Client, NbdError, STATE_DIRTY, STATE_ZERO};
 use backflow_pipeline::BlockSource;
 
 /// The meta context whose flags say which ranges read as zeros.
@@ -22,6 +22,8 @@ pub struct NbdExport {
     /// The image behind the export, for error messages.
     image: PathBuf,
     size: u64,
+    /// Meta contexts every connection negotiates: `base:allocation` first, then dirty bitmaps.
+    contexts: Vec<String>,
     max_connections: usize,
     pool: Mutex<Pool>,
     returned: Condvar,
@@ -43,12 +45,27 @@ impl NbdExport {
         image: PathBuf,
         max_connections: usize,
     ) -> io::Result<NbdExport> {
-        let first = Client::connect_unix(&socket, export, &[ALLOCATION_CONTEXT]).map_err(to_io)?;
+        Self::open_with_bitmaps(socket, export, image, max_connections, &[])
+    }
+
+    /// Like [`open`](Self::open), also negotiating `qemu:dirty-bitmap:NAME` for each of `bitmaps`
+    /// (every one must be granted).
+    pub fn open_with_bitmaps(
+        socket: PathBuf,
+        export: &str,
+        image: PathBuf,
+        max_connections: usize,
+        bitmaps: &[String],
+    ) -> io::Result<NbdExport> {
+        let mut contexts = vec![ALLOCATION_CONTEXT.to_owned()];
+        contexts.extend(bitmaps.iter().map(|b| bitmap_context(b)));
+        let first = connect(&socket, export, &contexts).map_err(to_io)?;
         Ok(NbdExport {
             socket,
             export: export.to_owned(),
             image,
             size: first.size(),
+            contexts,
             max_connections: max_connections.max(1),
             pool: Mutex::new(Pool {
                 idle: vec![first],
@@ -56,6 +73,21 @@ impl NbdExport {
             }),
             returned: Condvar::new(),
         })
+    }
+
+    /// The ranges a dirty bitmap exported by the server marks dirty, coalesced.
+    pub fn dirty_ranges(&self, bitmap: &str) -> io::Result<Vec<(u64, u64)>> {
+        if self.size == 0 {
+            return Ok(Vec::new());
+        }
+        let context = bitmap_context(bitmap);
+        let extents = self.with_client(|c| c.block_status(0, self.size, &context))?;
+        Ok(coalesce(
+            extents
+                .iter()
+                .filter(|e| e.flags & STATE_DIRTY != 0)
+                .map(|e| (e.offset, e.len)),
+        ))
     }
 
     /// Runs `f` on a pooled client; the client goes back to the pool only if `f` succeeded.
@@ -87,11 +119,10 @@ impl NbdExport {
             if pool.open < self.max_connections {
                 pool.open += 1;
                 drop(pool);
-                return Client::connect_unix(&self.socket, &self.export, &[ALLOCATION_CONTEXT])
-                    .map_err(|e| {
-                        self.forget_one();
-                        self.context(e)
-                    });
+                return connect(&self.socket, &self.export, &self.contexts).map_err(|e| {
+                    self.forget_one();
+                    self.context(e)
+                });
             }
             pool = self.returned.wait(pool).unwrap();
         }
@@ -109,6 +140,20 @@ impl NbdExport {
         };
         io::Error::new(kind, format!("image {}: {e}", self.image.display()))
     }
+}
+
+/// The meta context name of a persistent dirty bitmap.
+pub fn bitmap_context(bitmap: &str) -> String {
+    format!("qemu:dirty-bitmap:{bitmap}")
+}
+
+fn connect(
+    socket: &std::path::Path,
+    export: &str,
+    contexts: &[String],
+) -> backflow_nbd::Result<Client> {
+    let contexts: Vec<&str> = contexts.iter().map(String::as_str).collect();
+    Client::connect_unix(socket, export, &contexts)
 }
 
 fn to_io(e: NbdError) -> io::Error {
@@ -154,9 +199,18 @@ impl BlockSource for NbdExport {
 
 /// Coalesced `(offset, len)` of the extents without [`STATE_ZERO`].
 fn non_zero_ranges(extents: impl Iterator<Item = (u64, u64, u32)>) -> Vec<(u64, u64)> {
+    coalesce(
+        extents
+            .filter(|&(_, _, flags)| flags & STATE_ZERO == 0)
+            .map(|(offset, len, _)| (offset, len)),
+    )
+}
+
+/// Sorted ranges with neighbours merged and empty ones dropped.
+fn coalesce(ranges: impl Iterator<Item = (u64, u64)>) -> Vec<(u64, u64)> {
     let mut out: Vec<(u64, u64)> = Vec::new();
-    for (offset, len, flags) in extents {
-        if flags & STATE_ZERO != 0 || len == 0 {
+    for (offset, len) in ranges {
+        if len == 0 {
             continue;
         }
         match out.last_mut() {

@@ -17,18 +17,21 @@
 //! - [`server`]: starting and stopping the `qemu-nbd` process.
 //! - [`export`]: the [`BlockSource`](backflow_pipeline::BlockSource) over a pool of NBD clients.
 
+pub mod bitmap;
 pub mod export;
 pub mod server;
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use backflow_pipeline::{
-    BlockSource, DiskSource, InvalidOption, Message, MessageType, Stage, StageError, StageIo, Work,
-    Worker,
+    BlockSource, ChangeTracking, DiskSource, InvalidOption, Message, MessageType, Outcome, Stage,
+    StageError, StageIo, Work, Worker,
 };
 use serde::{Deserialize, Serialize};
 
+pub use bitmap::{BitmapChain, BitmapTracking};
 pub use export::NbdExport;
 pub use server::{QemuNbdServer, ServerConfig, ServerDir};
 
@@ -62,6 +65,9 @@ pub struct QemuNbdOptions {
     /// Where the private socket directory is created; empty: the system's temporary directory.
     #[serde(default)]
     pub socket_dir: Option<PathBuf>,
+    /// Track changes with qcow2 persistent bitmaps named `BITMAP.*`; empty: no tracking.
+    #[serde(default)]
+    pub bitmap: String,
 }
 
 fn default_format() -> String {
@@ -81,6 +87,7 @@ impl Default for QemuNbdOptions {
             vm: String::new(),
             connections: DEFAULT_CONNECTIONS,
             socket_dir: None,
+            bitmap: String::new(),
         }
     }
 }
@@ -108,6 +115,10 @@ pub const OPTION_DOCS: &[(&str, &str)] = &[
         "socket_dir",
         "where the private socket directory is made; unset: the system's temporary directory",
     ),
+    (
+        "bitmap",
+        "track changes with qcow2 persistent bitmaps named BITMAP.* (qcow2 only; letters, digits, - and _); empty: none",
+    ),
 ];
 
 /// The runtime value: the server is started when the run starts.
@@ -119,6 +130,7 @@ pub struct QemuNbd {
     vm: String,
     connections: usize,
     socket_dir: PathBuf,
+    bitmap: Option<String>,
 }
 
 impl QemuNbd {
@@ -140,6 +152,22 @@ impl QemuNbd {
         if options.connections == 0 {
             return Err(InvalidOption::new("connections", "must be at least 1"));
         }
+        let bitmap = match options.bitmap.as_str() {
+            "" => None,
+            name => {
+                check_bitmap_prefix(name).map_err(|e| InvalidOption::new("bitmap", e))?;
+                if options.format != "qcow2" {
+                    return Err(InvalidOption::new(
+                        "bitmap",
+                        format!(
+                            "needs format qcow2 (persistent bitmaps live in qcow2 images), not {}",
+                            options.format
+                        ),
+                    ));
+                }
+                Some(name.to_owned())
+            }
+        };
         let (disk, vm) = DiskSource::names_for(&path, options.disk, options.vm);
         let socket_dir = options
             .socket_dir
@@ -152,8 +180,23 @@ impl QemuNbd {
             vm,
             connections: options.connections,
             socket_dir,
+            bitmap,
         })
     }
+}
+
+/// Bitmap prefixes are plain names: a dot would let one spec's `a` claim another's `a.b.*`.
+fn check_bitmap_prefix(name: &str) -> Result<(), String> {
+    if name.len() > 64
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        return Err(format!(
+            "`{name}` is not a bitmap name: use at most 64 letters, digits, - and _"
+        ));
+    }
+    Ok(())
 }
 
 impl Stage for QemuNbd {
@@ -173,39 +216,93 @@ impl Stage for QemuNbd {
             return Ok(());
         }
         let image = self.path.display().to_string();
-        let dir = ServerDir::create(&self.socket_dir).map_err(|e| {
-            StageError::io(
-                format!(
-                    "image {image}: creating a socket directory in {}",
-                    self.socket_dir.display()
-                ),
-                e,
-            )
-        })?;
+        for cleaned in ServerDir::sweep_orphans(&self.socket_dir) {
+            worker
+                .ctx()
+                .warn(format!("cleaned up after a run that was killed: {cleaned}"));
+        }
+        // Tracking: inspect the image's bitmaps and add this run's before anything opens it.
+        let chain = match &self.bitmap {
+            Some(prefix) => {
+                let chain = BitmapChain::inspect(&self.path, prefix).map_err(|e| {
+                    StageError::io(format!("image {image}: reading its bitmaps"), e)
+                })?;
+                chain.add_next().map_err(|e| {
+                    StageError::io(format!("image {image}: adding bitmap {}", chain.next()), e)
+                })?;
+                Some(Arc::new(chain))
+            }
+            None => None,
+        };
+        let committed = Arc::new(AtomicBool::new(false));
+        let dir = match ServerDir::create(&self.socket_dir) {
+            Ok(dir) => dir,
+            Err(e) => {
+                if let Some(chain) = &chain {
+                    chain.settle(false);
+                }
+                return Err(StageError::io(
+                    format!(
+                        "image {image}: creating a socket directory in {}",
+                        self.socket_dir.display()
+                    ),
+                    e,
+                ));
+            }
+        };
+        // One action: the server must be gone before bitmaps can be removed from the image.
         let stop = dir.clone();
+        let settle_chain = chain.clone();
+        let settle_committed = committed.clone();
         worker.ctx().on_cleanup(
             format!("stopping qemu-nbd for {image}"),
-            Box::new(move |_| stop.stop_and_remove()),
+            Box::new(move |outcome| {
+                let stopped = stop.stop_and_remove();
+                if let Some(chain) = settle_chain {
+                    // A server that could not be stopped may still hold the image: leave the
+                    // bitmaps as they are (the old base stays valid either way).
+                    let committed = stopped.is_ok()
+                        && *outcome == Outcome::Succeeded
+                        && settle_committed.load(Ordering::SeqCst);
+                    if stopped.is_ok() {
+                        for left in chain.settle(committed) {
+                            tracing::warn!("Left behind, removed by the next run: {left}.");
+                        }
+                    }
+                }
+                stopped
+            }),
         );
+        let exported = chain.as_ref().map(|c| c.exportable()).unwrap_or_default();
         let server = QemuNbdServer::start(
             &dir,
-            &ServerConfig::read_only(&self.path, &self.format, self.connections),
+            &ServerConfig {
+                bitmaps: &exported,
+                ..ServerConfig::read_only(&self.path, &self.format, self.connections)
+            },
         )
         .map_err(|e| StageError::io(format!("image {image}: starting qemu-nbd"), e))?;
-        let export = NbdExport::open(
-            server.socket().to_owned(),
-            server::EXPORT_NAME,
-            self.path.clone(),
-            self.connections,
-        )
-        .map_err(|e| StageError::io(format!("image {image}: opening the NBD export"), e))?;
-        tracing::debug!(image = %image, size = export.size(), "qemu-nbd export opened.");
+        let export = Arc::new(
+            NbdExport::open_with_bitmaps(
+                server.socket().to_owned(),
+                server::EXPORT_NAME,
+                self.path.clone(),
+                self.connections,
+                &exported,
+            )
+            .map_err(|e| StageError::io(format!("image {image}: opening the NBD export"), e))?,
+        );
+        tracing::debug!(image = %image, size = export.size(), bitmaps = ?exported, "qemu-nbd export opened.");
+        let tracking = chain.map(|chain| {
+            Arc::new(BitmapTracking::new(chain, export.clone(), committed))
+                as Arc<dyn ChangeTracking>
+        });
         let disk = DiskSource {
             vm: self.vm.clone(),
             name: self.disk.clone(),
             location: self.path.clone(),
-            reader: Arc::new(export),
-            tracking: None,
+            reader: export,
+            tracking,
         };
         let _ = worker.send(Message::Disk(Arc::new(disk)));
         Ok(())
@@ -237,5 +334,22 @@ mod tests {
         })
         .unwrap_err();
         assert_eq!(vmdk.option, "format");
+        for bad in ["a.b", "has space", "ü"] {
+            let err = QemuNbd::new(QemuNbdOptions {
+                path: Some("/a.qcow2".into()),
+                bitmap: bad.into(),
+                ..Default::default()
+            })
+            .unwrap_err();
+            assert_eq!(err.option, "bitmap", "{bad}");
+        }
+        let raw = QemuNbd::new(QemuNbdOptions {
+            path: Some("/a.img".into()),
+            format: "raw".into(),
+            bitmap: "backflow".into(),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert_eq!(raw.option, "bitmap");
     }
 }

@@ -14,6 +14,9 @@ use std::time::{Duration, Instant};
 /// The export name the server is started with and the clients ask for.
 pub const EXPORT_NAME: &str = "backflow";
 
+/// Name prefix of the private directories, in the parent given to [`ServerDir::create`].
+const DIR_PREFIX: &str = "backflow-qemu-nbd-";
+
 /// How long a stopped server may take to exit after SIGTERM before it gets SIGKILL.
 pub const STOP_GRACE: Duration = Duration::from_secs(5);
 
@@ -30,11 +33,69 @@ impl ServerDir {
     /// Creates a fresh directory with mode 0700 under `parent`.
     pub fn create(parent: &Path) -> io::Result<ServerDir> {
         let dir = tempfile::Builder::new()
-            .prefix("backflow-qemu-nbd-")
+            .prefix(DIR_PREFIX)
             .tempdir_in(parent)?
             .keep();
         std::fs::set_permissions(&dir, Permissions::from_mode(0o700))?;
-        Ok(ServerDir { path: dir })
+        let owner = ServerDir { path: dir };
+        std::fs::write(
+            owner.owner_file(),
+            process_identity(std::process::id()).unwrap_or_default(),
+        )?;
+        Ok(owner)
+    }
+
+    /// Stops the servers, and removes the directories, that earlier runs left in `parent` when
+    /// they were killed before their cleanup ran: directories whose owning process (pid and start
+    /// time, recorded at creation) is gone. A server is stopped only if its command line names its
+    /// directory, so a recycled pid is never signalled. Returns what was cleaned, for the log.
+    pub fn sweep_orphans(parent: &Path) -> Vec<String> {
+        let mut cleaned = Vec::new();
+        let Ok(entries) = std::fs::read_dir(parent) else {
+            return cleaned;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            if !name.to_string_lossy().starts_with(DIR_PREFIX) {
+                continue;
+            }
+            let dir = ServerDir { path: entry.path() };
+            let Ok(owner) = std::fs::read_to_string(dir.owner_file()) else {
+                continue;
+            };
+            let owner_alive = owner
+                .split_whitespace()
+                .next()
+                .and_then(|pid| pid.parse::<u32>().ok())
+                .and_then(process_identity)
+                .is_some_and(|now| now == owner);
+            if owner_alive {
+                continue;
+            }
+            let server = dir.pid().filter(|&pid| {
+                std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|cmd| {
+                    String::from_utf8_lossy(&cmd).contains(&*dir.path.to_string_lossy())
+                })
+            });
+            let stopped = server.map_or(Ok(()), stop);
+            let removed = std::fs::remove_dir_all(&dir.path);
+            cleaned.push(format!(
+                "{}: server {:?} {}, directory {}",
+                dir.path.display(),
+                server,
+                if stopped.is_ok() {
+                    "stopped"
+                } else {
+                    "not stopped"
+                },
+                if removed.is_ok() {
+                    "removed"
+                } else {
+                    "not removed"
+                }
+            ));
+        }
+        cleaned
     }
 
     pub fn path(&self) -> &Path {
@@ -47,6 +108,11 @@ impl ServerDir {
 
     pub fn pid_file(&self) -> PathBuf {
         self.path.join("pid")
+    }
+
+    /// The creating process's pid and start time: who may still be using the directory.
+    fn owner_file(&self) -> PathBuf {
+        self.path.join("owner")
     }
 
     fn stderr_file(&self) -> PathBuf {
@@ -219,4 +285,18 @@ fn alive(pid: u32) -> bool {
             .status()
             .is_ok_and(|s| s.success()),
     }
+}
+
+/// `"PID STARTTIME"` of a live process (start time in clock ticks since boot, field 22 of
+/// `/proc/PID/stat`), which identifies it even after its pid is reused; `None` when it is gone.
+fn process_identity(pid: u32) -> Option<String> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, rest) = stat.rsplit_once(')')?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // `rest` starts at field 3 (state); the start time is field 22.
+    let state = fields.first()?;
+    if *state == "Z" || *state == "X" {
+        return None;
+    }
+    Some(format!("{pid} {}", fields.get(19)?))
 }

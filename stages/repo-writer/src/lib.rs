@@ -260,12 +260,20 @@ impl Stage for RepoWriter {
                 )));
             }
         }
+        let tracked: Vec<_> = state
+            .disks
+            .values()
+            .filter_map(|d| d.disk.source.tracking.clone())
+            .collect();
         state.disks.clear();
         let session = Arc::try_unwrap(session).map_err(|_| {
             StageError::Internal("the backup session is still in use at commit".into())
         })?;
         let info = session.commit(None)?;
         tracing::info!(snapshot = %info.id, vm = %info.vm, "Snapshot committed.");
+        for tracking in tracked {
+            tracking.committed(&info.id);
+        }
         ctx.set_result("snapshot", serde_json::Value::String(info.id.clone()));
         Ok(())
     }

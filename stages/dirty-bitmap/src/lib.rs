@@ -1,0 +1,185 @@
+//! Changed-block map `dirty-bitmap`: reads only what was written since the parent snapshot, as the
+//! source's change tracking (a qcow2 persistent dirty bitmap through `qemu-nbd`) reports it.
+//!
+//! For each disk:
+//! 1. The parent is the machine's newest snapshot holding the disk with the same size and chunk
+//!    size (as for `full`).
+//! 2. The parent's manifest holds the tracking state it was taken with; the source is asked what
+//!    changed since that state ([`ChangeTracking::changed_since`]).
+//! 3. Chunks touched by a change are read (or marked zero when they now read as zeros); every
+//!    other chunk is `Unchanged`, referenced from the parent without being read.
+//!
+//! Whenever the changes cannot be known for certain (no parent, a parent without tracking state,
+//! a bitmap that is missing, disabled, inconsistent or from another chain, a resized disk, a source
+//! without tracking) the disk is read in full with the parent attached for deduplication, and the
+//! run's report carries a warning saying why; the run does not fail. The snapshot then records the
+//! source's new state, so the chain starts again from it.
+//!
+//! [`ChangeTracking::changed_since`]: backflow_pipeline::ChangeTracking::changed_since
+
+use std::sync::Arc;
+
+use backflow_pipeline::{
+    ByteSize, Changes, Disk, InvalidOption, Message, MessageType, ParentChunks, Stage, StageError,
+    StageIo, Work, Worker, stage::unexpected,
+};
+use serde::{Deserialize, Serialize};
+use stage_full_map::{
+    DEFAULT_MAX_EXTENT_CHUNKS, check_chunk_size, find_parent, plan_chunks, plan_incremental,
+    send_plan,
+};
+
+pub const KIND: &str = "dirty-bitmap";
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DirtyBitmapOptions {
+    /// Chunk size when the pipeline has no repository; with one, the repository's is used.
+    #[serde(default)]
+    pub chunk_size: Option<ByteSize>,
+    /// Largest extent handed to one reader, in chunks.
+    #[serde(default = "default_max_extent_chunks")]
+    pub max_extent_chunks: u64,
+}
+
+impl Default for DirtyBitmapOptions {
+    fn default() -> Self {
+        DirtyBitmapOptions {
+            chunk_size: None,
+            max_extent_chunks: DEFAULT_MAX_EXTENT_CHUNKS,
+        }
+    }
+}
+
+fn default_max_extent_chunks() -> u64 {
+    DEFAULT_MAX_EXTENT_CHUNKS
+}
+
+pub const OPTION_DOCS: &[(&str, &str)] = &[
+    (
+        "chunk_size",
+        "chunk size without a repository (with one, the repository's chunk size is used)",
+    ),
+    (
+        "max_extent_chunks",
+        "largest extent handed to one reader worker, in chunks",
+    ),
+];
+
+#[derive(Debug)]
+pub struct DirtyBitmap {
+    chunk_size: Option<u32>,
+    max_extent_chunks: u64,
+}
+
+impl DirtyBitmap {
+    pub fn new(options: DirtyBitmapOptions) -> Result<Self, InvalidOption> {
+        let chunk_size = match options.chunk_size {
+            Some(size) => Some(
+                check_chunk_size(size.bytes()).map_err(|e| InvalidOption::new("chunk_size", e))?,
+            ),
+            None => None,
+        };
+        if options.max_extent_chunks == 0 {
+            return Err(InvalidOption::new(
+                "max_extent_chunks",
+                "must be at least 1",
+            ));
+        }
+        Ok(DirtyBitmap {
+            chunk_size,
+            max_extent_chunks: options.max_extent_chunks,
+        })
+    }
+}
+
+impl Stage for DirtyBitmap {
+    fn io(&self) -> StageIo {
+        StageIo {
+            input: Some(MessageType::Disk),
+            output: Some(MessageType::Extent),
+        }
+    }
+
+    fn work(&self) -> Work {
+        Work::Io
+    }
+
+    fn run(&self, worker: &mut Worker<'_>) -> Result<(), StageError> {
+        while let Some(message) = worker.recv() {
+            let Message::Disk(source) = message else {
+                return Err(unexpected(KIND, &message));
+            };
+            let chunk_size = match worker.ctx().repository() {
+                Ok(repo) => repo.chunk_size(),
+                Err(e) => self.chunk_size.ok_or(e)?,
+            };
+            let name = source.name.clone();
+            let parent = find_parent(worker, &source, chunk_size)?;
+            let allocated = source
+                .reader
+                .allocated()
+                .map_err(|e| StageError::io(format!("mapping allocated ranges of {name}"), e))?;
+            // What changed since the parent, or why that cannot be known.
+            let changes = match (&source.tracking, &parent) {
+                (None, _) => Changes::Unknown(
+                    "its source offers no change tracking (set `bitmap` on the qemu-nbd source)"
+                        .into(),
+                ),
+                // The first backup of the disk (or the parent was unusable, already reported).
+                (Some(_), None) => Changes::Unknown(String::new()),
+                (Some(tracking), Some(parent)) => match parent.cbt() {
+                    None => Changes::Unknown(format!(
+                        "snapshot {} recorded no change tracking for it",
+                        parent.snapshot_id()
+                    )),
+                    Some(state) => tracking
+                        .changed_since(state)
+                        .map_err(|e| StageError::io(format!("reading the changes of {name}"), e))?,
+                },
+            };
+            let size = source.reader.size();
+            let plan = match changes {
+                Changes::Since(dirty) => {
+                    let bytes: u64 = dirty.iter().map(|r| r.1).sum();
+                    tracing::info!(disk = %name, dirty_bytes = bytes, extents = dirty.len(), "Incremental read.");
+                    plan_incremental(
+                        size,
+                        chunk_size,
+                        &dirty,
+                        allocated.as_deref(),
+                        self.max_extent_chunks,
+                    )
+                }
+                Changes::Unknown(reason) => {
+                    if !reason.is_empty() {
+                        let compared = match &parent {
+                            Some(p) => {
+                                format!(", deduplicated against snapshot {}", p.snapshot_id())
+                            }
+                            None => String::new(),
+                        };
+                        worker.ctx().warn(format!(
+                            "disk {name}: {reason}; reading all of it{compared}"
+                        ));
+                    }
+                    plan_chunks(
+                        size,
+                        chunk_size,
+                        allocated.as_deref(),
+                        self.max_extent_chunks,
+                    )
+                }
+            };
+            let disk = Arc::new(Disk {
+                source: source.clone(),
+                chunk_size,
+                parent: parent.map(|p| p as Arc<dyn ParentChunks>),
+            });
+            if send_plan(worker, &disk, plan).is_err() {
+                return Ok(());
+            }
+        }
+        Ok(())
+    }
+}
