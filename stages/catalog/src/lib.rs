@@ -16,6 +16,7 @@ use serde::de::DeserializeOwned;
 pub enum Kind {
     Image,
     QemuNbd,
+    Nbd,
     Full,
     Reader,
     Dedup,
@@ -51,9 +52,10 @@ pub struct OptionDoc {
 }
 
 impl Kind {
-    pub const ALL: [Kind; 13] = [
+    pub const ALL: [Kind; 14] = [
         Kind::Image,
         Kind::QemuNbd,
+        Kind::Nbd,
         Kind::Full,
         Kind::Reader,
         Kind::Dedup,
@@ -71,6 +73,7 @@ impl Kind {
         match self {
             Kind::Image => stage_image::KIND,
             Kind::QemuNbd => stage_qemu_nbd::KIND,
+            Kind::Nbd => stage_nbd::KIND,
             Kind::Full => stage_full_map::KIND,
             Kind::Reader => stage_reader::KIND,
             Kind::Dedup => stage_dedup::KIND,
@@ -95,6 +98,9 @@ impl Kind {
             Kind::QemuNbd => {
                 "source: any image QEMU reads (qcow2), through a private qemu-nbd; unallocated clusters are skipped"
             }
+            Kind::Nbd => {
+                "source: an NBD export someone else serves (qemu-nbd, nbdkit); zero ranges are skipped"
+            }
             Kind::Full => "changed-block map: every allocated extent (holes are skipped)",
             Kind::Reader => {
                 "reads chunk-aligned extents into chunks; all-zero chunks are not stored"
@@ -107,7 +113,9 @@ impl Kind {
             Kind::RepoReader => "restore source: a snapshot's chunks, read ahead by its workers",
             Kind::Unzstd => "decodes stored chunks to plaintext",
             Kind::Verify => "checks each chunk against its digest before it is written",
-            Kind::DiskWriter => "writes chunks into sparse raw images or devices, in parallel",
+            Kind::DiskWriter => {
+                "writes chunks into sparse raw images, devices or qcow2 images, in parallel"
+            }
         }
     }
 
@@ -138,6 +146,7 @@ impl Kind {
         match self {
             Kind::Image => make(options, stage_image::ImageSource::new),
             Kind::QemuNbd => make(options, stage_qemu_nbd::QemuNbd::new),
+            Kind::Nbd => make(options, stage_nbd::NbdSource::new),
             Kind::Full => make(options, stage_full_map::FullMap::new),
             Kind::Reader => make(options, stage_reader::Reader::new),
             Kind::Dedup => make(options, stage_dedup::Dedup::new),
@@ -158,6 +167,7 @@ impl Kind {
         match self {
             Kind::Image => (None, Some(Disk)),
             Kind::QemuNbd => (None, Some(Disk)),
+            Kind::Nbd => (None, Some(Disk)),
             Kind::Full => (Some(Disk), Some(Extent)),
             Kind::Reader => (Some(Extent), Some(Chunk)),
             Kind::Dedup => (Some(Chunk), Some(HashedChunk)),
@@ -178,6 +188,7 @@ impl Kind {
             Kind::QemuNbd => {
                 option_docs::<stage_qemu_nbd::QemuNbdOptions>(stage_qemu_nbd::OPTION_DOCS)
             }
+            Kind::Nbd => option_docs::<stage_nbd::NbdOptions>(stage_nbd::OPTION_DOCS),
             Kind::Full => {
                 option_docs::<stage_full_map::FullMapOptions>(stage_full_map::OPTION_DOCS)
             }
