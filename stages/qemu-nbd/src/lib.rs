@@ -18,6 +18,7 @@
 //! - [`export`]: the [`BlockSource`](backflow_pipeline::BlockSource) over a pool of NBD clients.
 
 pub mod export;
+pub mod pool;
 pub mod server;
 
 use std::path::PathBuf;
@@ -30,6 +31,7 @@ use backflow_pipeline::{
 use serde::{Deserialize, Serialize};
 
 pub use export::NbdExport;
+pub use pool::ClientPool;
 pub use server::{QemuNbdServer, ServerConfig, ServerDir};
 
 pub const KIND: &str = "qemu-nbd";
