@@ -7,6 +7,7 @@
 # then backflow's peak memory on other image sizes.
 #
 #   bash benches/e2e.sh [SIZE] [OTHER_SIZES...]      e.g. bash benches/e2e.sh 2G 1G 4G
+# The qcow2 incremental row (dirty bitmap, borg and restic on the qcow2 file): benches/e2e-qcow2.sh.
 # Needs about 4x SIZE of free disk in $BENCH_DIR (default /var/tmp/backflow-e2e). Installs restic,
 # borgbackup and GNU time from Debian when they are missing.
 set -euo pipefail

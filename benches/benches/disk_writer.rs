@@ -37,6 +37,7 @@ fn disk_writer(c: &mut Criterion) {
                     let options = DiskWriterOptions {
                         path: Some(target.clone()),
                         sync: true,
+                        ..Default::default()
                     };
                     (
                         harness(DiskWriter::new(options).unwrap(), workers),

@@ -81,7 +81,7 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Restore a snapshot's disks as raw images (runs specs/restore.yaml).
+    /// Restore a snapshot's disks as raw or qcow2 images (runs specs/restore.yaml).
     Restore {
         #[arg(long)]
         repo: PathBuf,
@@ -91,9 +91,12 @@ enum Command {
         /// Only this disk.
         #[arg(long)]
         disk: Option<String>,
-        /// Output file (one disk) or existing directory (DISK.raw per disk).
+        /// Output file (one disk) or existing directory (DISK.raw, or DISK.qcow2, per disk).
         #[arg(long)]
         to: PathBuf,
+        /// Image format: raw (sparse file or block device) or qcow2 (needs qemu-img and qemu-nbd).
+        #[arg(long, default_value = "raw", value_parser = ["raw", "qcow2"])]
+        format: String,
         /// Do not fsync: report success once the data is written to the page cache.
         #[arg(long)]
         no_sync: bool,
@@ -242,6 +245,7 @@ fn execute(command: Command) -> Result<()> {
             snapshot,
             disk,
             to,
+            format,
             no_sync,
             report,
             quiet,
@@ -253,6 +257,7 @@ fn execute(command: Command) -> Result<()> {
                 ("disk".to_owned(), disk.unwrap_or_default()),
                 ("to".to_owned(), to.display().to_string()),
                 ("sync".to_owned(), (!no_sync).to_string()),
+                ("format".to_owned(), format),
             ];
             let (name, text) = RESTORE_SPEC;
             let pipeline = spec::load_str(name, text, &vars, &Stages).map_err(spec_errors)?;

@@ -1,4 +1,7 @@
-//! One NBD connection: handshake, then one request at a time.
+//! One NBD connection: the handshake, then requests, several in flight at once (module `inflight`:
+//! replies matched to requests by cookie).
+
+mod inflight;
 
 use std::io::{BufReader, Read, Write};
 use std::net::ToSocketAddrs;
@@ -9,6 +12,7 @@ use tracing::debug;
 use crate::error::{NbdError, Result};
 use crate::proto::*;
 use crate::transport::{DEFAULT_IO_TIMEOUT, Transport};
+use inflight::{Request, Target};
 
 /// Largest request this client sends, whatever the server advertises: 32 MiB is what QEMU's NBD server
 /// allows and bounds the memory one request can make the server and us hold.
@@ -17,6 +21,20 @@ pub const MAX_REQUEST: u32 = 32 << 20;
 /// Largest block status request. Block status carries no data, so it is not bound by the maximum block
 /// size; servers answer for less when they like and we loop.
 pub const MAX_BLOCK_STATUS_REQUEST: u32 = 1 << 30;
+
+/// Largest `NBD_CMD_WRITE_ZEROES` request: it carries no payload either, so it is not bound by the maximum
+/// block size. A multiple of every block size a server may require (they are powers of two).
+pub const MAX_ZEROES_REQUEST: u32 = 1 << 30;
+
+/// Requests a client keeps in flight unless told otherwise ([`Client::set_max_in_flight`]). Eight 32 MiB
+/// reads keep a server busy across the round trips of a TCP link; the replies go straight into the
+/// caller's buffers, so the number costs no memory here.
+pub const DEFAULT_MAX_IN_FLIGHT: usize = 8;
+
+/// Upper bound of [`Client::set_max_in_flight`]. Requests are written before their replies are read, so
+/// the unread requests must fit in the socket buffers (28 bytes each for reads); servers also limit
+/// how many they work on at once (QEMU: 16), so more would only queue.
+pub const MAX_IN_FLIGHT: usize = 256;
 
 /// Largest option reply payload accepted during the handshake. The longest legitimate one is a meta
 /// context name (at most 4096 bytes by the specification) plus its id.
@@ -68,6 +86,8 @@ pub struct Client {
     /// Context names as requested, with the id the server assigned.
     contexts: Vec<(String, u32)>,
     next_cookie: u64,
+    /// Most requests sent before their replies are read, at least 1.
+    max_in_flight: usize,
     /// Why the stream can no longer be trusted, once it cannot.
     broken: Option<String>,
     disconnected: bool,
@@ -107,6 +127,7 @@ impl Client {
             structured: false,
             contexts: Vec::new(),
             next_cookie: 1,
+            max_in_flight: DEFAULT_MAX_IN_FLIGHT,
             broken: None,
             disconnected: false,
         };
@@ -165,16 +186,116 @@ impl Client {
             .map(|&(_, id)| id)
     }
 
-    /// Fills `buf` with the export's bytes at `offset`, split into requests of at most [`Self::max_block`].
+    /// How many requests [`Self::read_vectored_at`] and the writes keep in flight on this connection.
+    pub fn max_in_flight(&self) -> usize {
+        self.max_in_flight
+    }
+
+    /// Sets how many requests may be in flight at once, clamped to `1..=`[`MAX_IN_FLIGHT`]. One means
+    /// strictly one request after the other.
+    pub fn set_max_in_flight(&mut self, n: usize) {
+        self.max_in_flight = n.clamp(1, MAX_IN_FLIGHT);
+    }
+
+    /// Fills `buf` with the export's bytes at `offset`, split into requests of at most [`Self::max_block`]
+    /// that are pipelined like [`Self::read_vectored_at`].
     pub fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        self.check_range(offset, buf.len() as u64)?;
+        self.read_vectored_at(offset, &mut [buf])
+    }
+
+    /// Fills consecutive buffers from `offset`: `bufs[i]` receives the bytes right after those of
+    /// `bufs[i - 1]`. Each buffer is read by requests of at most [`Self::max_block`], up to
+    /// [`Self::max_in_flight`] of them outstanding; the server may answer them in any order.
+    ///
+    /// On a command error nothing more is sent, the requests in flight are read to their end and the first
+    /// error is returned; the buffers then hold partial data.
+    pub fn read_vectored_at(&mut self, offset: u64, bufs: &mut [&mut [u8]]) -> Result<()> {
+        let total = bufs
+            .iter()
+            .try_fold(0u64, |sum, b| sum.checked_add(b.len() as u64));
+        let Some(total) = total else {
+            return Err(NbdError::InvalidArgument(
+                "buffers add up to more than 2^64 bytes".into(),
+            ));
+        };
+        self.check_range(offset, total)?;
+        // Requests are made as the window takes them: a server allowing only tiny blocks must not make
+        // us build a list of millions first.
         let max = self.block.maximum as usize;
+        let lens: Vec<usize> = bufs.iter().map(|b| b.len()).collect();
+        let starts: Vec<u64> = lens
+            .iter()
+            .scan(offset, |pos, &len| {
+                let start = *pos;
+                *pos += len as u64;
+                Some(start)
+            })
+            .collect();
+        let requests = lens.into_iter().enumerate().flat_map(move |(buf, len)| {
+            let start = starts[buf];
+            (0..len).step_by(max).map(move |at| Request {
+                command: CMD_READ,
+                flags: 0,
+                offset: start + at as u64,
+                len: (len - at).min(max) as u32,
+                payload: &[],
+                target: Target::Read { buf, at },
+            })
+        });
+        self.guarded(|c| c.pipeline(requests, bufs, |_| ()))
+    }
+
+    /// Writes `data` at `offset` with `NBD_CMD_WRITE`, split at [`Self::max_block`] and pipelined like
+    /// reads. The data is durable only after [`Self::flush`].
+    pub fn write_at(&mut self, offset: u64, data: &[u8]) -> Result<()> {
+        self.check_writable(CMD_WRITE)?;
+        self.check_range(offset, data.len() as u64)?;
+        self.guarded(|c| c.write_pieces(offset, data))
+    }
+
+    /// Makes `[offset, offset + len)` read as zeros: `NBD_CMD_WRITE_ZEROES` when the export offers it
+    /// (without `NBD_CMD_FLAG_NO_HOLE`, so the server may punch a hole and keep a qcow2 sparse), otherwise
+    /// writes of zero-filled buffers.
+    pub fn write_zeroes(&mut self, offset: u64, len: u64) -> Result<()> {
+        self.check_writable(CMD_WRITE_ZEROES)?;
+        self.check_range(offset, len)?;
+        if self.transmission_flags & FLAG_SEND_WRITE_ZEROES != 0 {
+            let step = u64::from(MAX_ZEROES_REQUEST);
+            let requests = (0..len.div_ceil(step)).map(|i| Request {
+                command: CMD_WRITE_ZEROES,
+                flags: 0,
+                offset: offset + i * step,
+                len: (len - i * step).min(step) as u32,
+                payload: &[],
+                target: Target::Ack,
+            });
+            return self.guarded(|c| c.pipeline(requests, &mut [], |_| ()));
+        }
+        let zeros = vec![0u8; len.min(u64::from(self.block.maximum)) as usize];
         let mut pos = offset;
-        for chunk in buf.chunks_mut(max) {
-            self.guarded(|c| c.read_one(pos, chunk))?;
-            pos += chunk.len() as u64;
+        while pos < offset + len {
+            let n = (offset + len - pos).min(zeros.len() as u64);
+            self.guarded(|c| c.write_pieces(pos, &zeros[..n as usize]))?;
+            pos += n;
         }
         Ok(())
+    }
+
+    /// Asks the server to make every completed write durable (`NBD_CMD_FLUSH`). Does nothing when the
+    /// export does not offer flush (`NBD_FLAG_SEND_FLUSH`): such a server has nothing it would flush.
+    pub fn flush(&mut self) -> Result<()> {
+        if self.transmission_flags & FLAG_SEND_FLUSH == 0 {
+            return Ok(());
+        }
+        let request = Request {
+            command: CMD_FLUSH,
+            flags: 0,
+            offset: 0,
+            len: 0,
+            payload: &[],
+            target: Target::Ack,
+        };
+        self.guarded(|c| c.pipeline([request], &mut [], |_| ()))
     }
 
     /// Status of `[offset, offset + len)` in `context`, coalesced into maximal extents of equal flags that
@@ -193,7 +314,20 @@ impl Client {
         let mut pos = offset;
         while pos < end {
             let want = (end - pos).min(u64::from(MAX_BLOCK_STATUS_REQUEST)) as u32;
-            let extents = self.guarded(|c| c.block_status_one(pos, want, id))?;
+            let request = Request {
+                command: CMD_BLOCK_STATUS,
+                flags: 0,
+                offset: pos,
+                len: want,
+                payload: &[],
+                target: Target::BlockStatus { context: id },
+            };
+            let mut extents = Vec::new();
+            self.guarded(|c| {
+                c.pipeline([request], &mut [], |done| {
+                    extents = done.extents.unwrap_or_default()
+                })
+            })?;
             for e in extents {
                 pos = e.offset + e.len;
                 match out.last_mut() {
@@ -218,7 +352,7 @@ impl Client {
         }
         self.disconnected = true;
         let result = if self.broken.is_none() {
-            self.send_request(CMD_DISC, 0, 0).map(|_| ())
+            self.send_request(CMD_DISC, 0, 0, 0, &[]).map(|_| ())
         } else {
             Ok(())
         };
@@ -480,7 +614,32 @@ impl Client {
         }
     }
 
-    /// Runs one request, refusing to start on a broken stream and marking it broken when the request
+    fn check_writable(&self, command: u16) -> Result<()> {
+        if self.is_read_only() {
+            return Err(NbdError::ReadOnly {
+                peer: self.peer.clone(),
+                export: self.export.clone(),
+                command: command_name(command),
+            });
+        }
+        Ok(())
+    }
+
+    /// `NBD_CMD_WRITE`s of `data` at `offset`, each at most the maximum block size.
+    fn write_pieces(&mut self, offset: u64, data: &[u8]) -> Result<()> {
+        let max = self.block.maximum as usize;
+        let requests = data.chunks(max).enumerate().map(|(i, piece)| Request {
+            command: CMD_WRITE,
+            flags: 0,
+            offset: offset + (i * max) as u64,
+            len: piece.len() as u32,
+            payload: piece,
+            target: Target::Ack,
+        });
+        self.pipeline(requests, &mut [], |_| ())
+    }
+
+    /// Runs one operation, refusing to start on a broken stream and marking it broken when the request
     /// leaves it mid-message.
     fn guarded<T>(&mut self, request: impl FnOnce(&mut Self) -> Result<T>) -> Result<T> {
         if let Some(reason) = &self.broken {
@@ -502,348 +661,6 @@ impl Client {
             self.broken = Some(e.to_string());
         }
         result
-    }
-
-    fn send_request(&mut self, command: u16, offset: u64, len: u32) -> Result<u64> {
-        let cookie = self.next_cookie;
-        self.next_cookie += 1;
-        let mut msg = [0u8; 28];
-        msg[0..4].copy_from_slice(&REQUEST_MAGIC.to_be_bytes());
-        msg[4..6].copy_from_slice(&0u16.to_be_bytes());
-        msg[6..8].copy_from_slice(&command.to_be_bytes());
-        msg[8..16].copy_from_slice(&cookie.to_be_bytes());
-        msg[16..24].copy_from_slice(&offset.to_be_bytes());
-        msg[24..28].copy_from_slice(&len.to_be_bytes());
-        self.write_all(&msg, "send a request to")?;
-        Ok(cookie)
-    }
-
-    fn read_reply_header(&mut self, expected_cookie: u64, command: u16) -> Result<ReplyHeader> {
-        let op = "read a reply from";
-        let magic = self.read_u32(op)?;
-        let header = match magic {
-            SIMPLE_REPLY_MAGIC => {
-                let error = self.read_u32(op)?;
-                let cookie = self.read_u64(op)?;
-                (cookie, ReplyHeader::Simple { error })
-            }
-            STRUCTURED_REPLY_MAGIC if self.structured => {
-                let flags = self.read_u16(op)?;
-                let kind = self.read_u16(op)?;
-                let cookie = self.read_u64(op)?;
-                let len = self.read_u32(op)?;
-                (cookie, ReplyHeader::Chunk { flags, kind, len })
-            }
-            STRUCTURED_REPLY_MAGIC => {
-                return Err(self.protocol(
-                    "structured reply chunk although structured replies were refused".into(),
-                ));
-            }
-            _ => {
-                return Err(self.protocol(format!(
-                    "reply to {} has magic {magic:#010x}",
-                    command_name(command)
-                )));
-            }
-        };
-        if header.0 != expected_cookie {
-            return Err(self.protocol(format!(
-                "reply carries cookie {}, but the only request in flight is {} with cookie {expected_cookie}",
-                header.0,
-                command_name(command)
-            )));
-        }
-        Ok(header.1)
-    }
-
-    fn read_one(&mut self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        let len = buf.len() as u32;
-        let cookie = self.send_request(CMD_READ, offset, len)?;
-        let end = offset + u64::from(len);
-        let mut covered: Vec<(u64, u64)> = Vec::new();
-        let mut failure = None;
-        loop {
-            match self.read_reply_header(cookie, CMD_READ)? {
-                ReplyHeader::Simple { error: 0 } if !self.structured => {
-                    return self.read_exact(buf, "read data from");
-                }
-                ReplyHeader::Simple { error: 0 } => {
-                    return Err(self.protocol(
-                        "simple reply without error to NBD_CMD_READ after structured replies were agreed".into(),
-                    ));
-                }
-                ReplyHeader::Simple { error } => {
-                    return Err(self.command_error(
-                        CMD_READ,
-                        offset,
-                        u64::from(len),
-                        error,
-                        String::new(),
-                    ));
-                }
-                ReplyHeader::Chunk {
-                    flags,
-                    kind,
-                    len: chunk_len,
-                } => {
-                    match kind {
-                        REPLY_TYPE_OFFSET_DATA => {
-                            if chunk_len <= 8 || chunk_len - 8 > len {
-                                return Err(self.protocol(format!(
-                                    "NBD_REPLY_TYPE_OFFSET_DATA of {chunk_len} bytes for a read of {len}"
-                                )));
-                            }
-                            let at = self.read_u64("read a reply from")?;
-                            let data_len = u64::from(chunk_len - 8);
-                            let start = self.check_inside(
-                                at,
-                                data_len,
-                                offset,
-                                end,
-                                "NBD_REPLY_TYPE_OFFSET_DATA",
-                            )?;
-                            let dst = &mut buf[start..start + data_len as usize];
-                            self.read_exact(dst, "read data from")?;
-                            covered.push((at, at + data_len));
-                        }
-                        REPLY_TYPE_OFFSET_HOLE => {
-                            if chunk_len != 12 {
-                                return Err(self.protocol(format!(
-                                    "NBD_REPLY_TYPE_OFFSET_HOLE of {chunk_len} bytes, not 12"
-                                )));
-                            }
-                            let at = self.read_u64("read a reply from")?;
-                            let hole = u64::from(self.read_u32("read a reply from")?);
-                            if hole == 0 {
-                                return Err(
-                                    self.protocol("NBD_REPLY_TYPE_OFFSET_HOLE of length 0".into())
-                                );
-                            }
-                            let start = self.check_inside(
-                                at,
-                                hole,
-                                offset,
-                                end,
-                                "NBD_REPLY_TYPE_OFFSET_HOLE",
-                            )?;
-                            buf[start..start + hole as usize].fill(0);
-                            covered.push((at, at + hole));
-                        }
-                        REPLY_TYPE_NONE if chunk_len == 0 && flags & REPLY_FLAG_DONE != 0 => {}
-                        k if k & REPLY_TYPE_ERROR_BIT != 0 => {
-                            let e = self.read_error_chunk(k, chunk_len, CMD_READ, offset, end)?;
-                            failure.get_or_insert(e);
-                        }
-                        _ => {
-                            return Err(self.protocol(format!(
-                                "reply chunk of type {kind} and {chunk_len} bytes is not valid for NBD_CMD_READ"
-                            )));
-                        }
-                    }
-                    if flags & REPLY_FLAG_DONE != 0 {
-                        break;
-                    }
-                }
-            }
-        }
-        if let Some(e) = failure {
-            return Err(e);
-        }
-        covered.sort_unstable();
-        let mut pos = offset;
-        for (from, to) in covered {
-            if from < pos {
-                return Err(self.protocol(format!("read reply chunks overlap at offset {from}")));
-            }
-            if from > pos {
-                break;
-            }
-            pos = to;
-        }
-        if pos != end {
-            return Err(self.protocol(format!(
-                "read of {len} bytes at {offset} finished with bytes from {pos} not sent"
-            )));
-        }
-        Ok(())
-    }
-
-    fn block_status_one(&mut self, offset: u64, len: u32, want: u32) -> Result<Vec<Extent>> {
-        let cookie = self.send_request(CMD_BLOCK_STATUS, offset, len)?;
-        let end = offset + u64::from(len);
-        let mut seen: Vec<u32> = Vec::new();
-        let mut result = None;
-        let mut failure = None;
-        loop {
-            match self.read_reply_header(cookie, CMD_BLOCK_STATUS)? {
-                ReplyHeader::Simple { error: 0 } => {
-                    return Err(
-                        self.protocol("simple reply without error to NBD_CMD_BLOCK_STATUS".into())
-                    );
-                }
-                ReplyHeader::Simple { error } => {
-                    return Err(self.command_error(
-                        CMD_BLOCK_STATUS,
-                        offset,
-                        u64::from(len),
-                        error,
-                        String::new(),
-                    ));
-                }
-                ReplyHeader::Chunk {
-                    flags,
-                    kind,
-                    len: chunk_len,
-                } => {
-                    match kind {
-                        REPLY_TYPE_BLOCK_STATUS => {
-                            let max = 4 + 8 * MAX_BLOCK_STATUS_DESCRIPTORS;
-                            if chunk_len < 12 || (chunk_len - 4) % 8 != 0 || chunk_len > max {
-                                return Err(self.protocol(format!(
-                                    "NBD_REPLY_TYPE_BLOCK_STATUS of {chunk_len} bytes (needs 4 + 8n, at most {max})"
-                                )));
-                            }
-                            let id = self.read_u32("read a reply from")?;
-                            if !self.contexts.iter().any(|&(_, i)| i == id) || seen.contains(&id) {
-                                return Err(self.protocol(format!(
-                                    "block status for context id {id}, which was not negotiated or came twice"
-                                )));
-                            }
-                            seen.push(id);
-                            let mut raw = vec![0u8; (chunk_len - 4) as usize];
-                            self.read_exact(&mut raw, "read a reply from")?;
-                            let extents = self.parse_descriptors(&raw, offset, end)?;
-                            if id == want {
-                                result = Some(extents);
-                            }
-                        }
-                        REPLY_TYPE_NONE if chunk_len == 0 && flags & REPLY_FLAG_DONE != 0 => {}
-                        k if k & REPLY_TYPE_ERROR_BIT != 0 => {
-                            let e =
-                                self.read_error_chunk(k, chunk_len, CMD_BLOCK_STATUS, offset, end)?;
-                            failure.get_or_insert(e);
-                        }
-                        _ => {
-                            return Err(self.protocol(format!(
-                                "reply chunk of type {kind} and {chunk_len} bytes is not valid for NBD_CMD_BLOCK_STATUS"
-                            )));
-                        }
-                    }
-                    if flags & REPLY_FLAG_DONE != 0 {
-                        break;
-                    }
-                }
-            }
-        }
-        if let Some(e) = failure {
-            return Err(e);
-        }
-        result.ok_or_else(|| {
-            self.protocol(format!(
-                "block status at {offset} of {len} bytes finished without extents for context id {want}"
-            ))
-        })
-    }
-
-    /// Descriptors as extents from `offset`, clipped to `end` (a server may describe more than asked).
-    fn parse_descriptors(&self, raw: &[u8], offset: u64, end: u64) -> Result<Vec<Extent>> {
-        let mut extents = Vec::new();
-        let mut pos = offset;
-        for d in raw.chunks_exact(8) {
-            if pos >= end {
-                break;
-            }
-            let len = u64::from(u32::from_be_bytes([d[0], d[1], d[2], d[3]]));
-            let flags = u32::from_be_bytes([d[4], d[5], d[6], d[7]]);
-            if len == 0 {
-                return Err(self.protocol(format!(
-                    "block status descriptor of length 0 at offset {pos}"
-                )));
-            }
-            let len = len.min(end - pos);
-            extents.push(Extent {
-                offset: pos,
-                len,
-                flags,
-            });
-            pos += len;
-        }
-        Ok(extents)
-    }
-
-    /// Reads an error chunk's payload (error value, message, and for `ERROR_OFFSET` an offset) into a
-    /// command error.
-    fn read_error_chunk(
-        &mut self,
-        kind: u16,
-        chunk_len: u32,
-        command: u16,
-        offset: u64,
-        end: u64,
-    ) -> Result<NbdError> {
-        if !(6..=MAX_ERROR_PAYLOAD).contains(&chunk_len) {
-            return Err(self.protocol(format!("error chunk of {chunk_len} bytes")));
-        }
-        let mut raw = vec![0u8; chunk_len as usize];
-        self.read_exact(&mut raw, "read a reply from")?;
-        let errno = u32::from_be_bytes([raw[0], raw[1], raw[2], raw[3]]);
-        let msg_len = usize::from(u16::from_be_bytes([raw[4], raw[5]]));
-        if errno == 0 {
-            return Err(self.protocol("error chunk with error value 0".into()));
-        }
-        let rest = raw.len() - 6;
-        let (message, err_offset) = match kind {
-            REPLY_TYPE_ERROR if msg_len == rest => (&raw[6..], None),
-            REPLY_TYPE_ERROR_OFFSET if msg_len + 8 == rest => {
-                let at = u64::from_be_bytes(raw[6 + msg_len..].try_into().expect("8 bytes"));
-                if at < offset || at >= end {
-                    return Err(self.protocol(format!(
-                        "NBD_REPLY_TYPE_ERROR_OFFSET at {at}, outside the request [{offset}, {end})"
-                    )));
-                }
-                (&raw[6..6 + msg_len], Some(at))
-            }
-            REPLY_TYPE_ERROR | REPLY_TYPE_ERROR_OFFSET => {
-                return Err(self.protocol(format!(
-                    "error chunk of {chunk_len} bytes with a message of {msg_len}"
-                )));
-            }
-            // Unknown error types are still errors; their payload starts the same way.
-            _ => (&raw[6..6 + msg_len.min(rest)], None),
-        };
-        let mut message = String::from_utf8_lossy(message).into_owned();
-        if let Some(at) = err_offset {
-            message = format!("at offset {at}: {message}");
-        }
-        Ok(self.command_error(command, offset, end - offset, errno, message))
-    }
-
-    /// Index of `[at, at + len)` in the request's buffer, if the range lies inside `[offset, end)`.
-    fn check_inside(&self, at: u64, len: u64, offset: u64, end: u64, what: &str) -> Result<usize> {
-        match at.checked_add(len) {
-            Some(to) if at >= offset && to <= end => Ok((at - offset) as usize),
-            _ => Err(self.protocol(format!(
-                "{what} at {at} of {len} bytes is outside the request [{offset}, {end})"
-            ))),
-        }
-    }
-
-    fn command_error(
-        &self,
-        command: u16,
-        offset: u64,
-        length: u64,
-        errno: u32,
-        message: String,
-    ) -> NbdError {
-        NbdError::Command {
-            peer: self.peer.clone(),
-            command: command_name(command),
-            offset,
-            length,
-            errno,
-            message,
-        }
     }
 
     // ---- Bytes ------------------------------------------------------------------------------------------
@@ -881,6 +698,20 @@ impl Client {
         Ok(u64::from_be_bytes(b))
     }
 
+    /// Writes a request header and its payload, then flushes once.
+    fn write_parts(&mut self, head: &[u8], payload: &[u8], op: &'static str) -> Result<()> {
+        let stream = self.stream.get_mut();
+        stream
+            .write_all(head)
+            .and_then(|()| stream.write_all(payload))
+            .and_then(|()| stream.flush())
+            .map_err(|source| NbdError::Io {
+                op,
+                peer: self.peer.clone(),
+                source,
+            })
+    }
+
     fn write_all(&mut self, bytes: &[u8], op: &'static str) -> Result<()> {
         let stream = self.stream.get_mut();
         stream
@@ -898,11 +729,6 @@ impl Drop for Client {
     fn drop(&mut self) {
         let _ = self.disconnect();
     }
-}
-
-enum ReplyHeader {
-    Simple { error: u32 },
-    Chunk { flags: u16, kind: u16, len: u32 },
 }
 
 /// Appends a length-prefixed string, refusing the lengths the specification forbids.

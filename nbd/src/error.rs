@@ -11,7 +11,8 @@
 //!   from it.
 //! - After an I/O or protocol error in the middle of a reply the stream position is unknown, so the
 //!   [`crate::Client`] refuses further requests with [`NbdError::Broken`]; open a new connection. A command
-//!   error reported by the server ([`NbdError::Command`]) leaves the connection usable.
+//!   error reported by the server ([`NbdError::Command`]) leaves the connection usable: with several
+//!   requests in flight, the client sends no more and reads the replies of the others before returning it.
 //! - [`NbdError::is_retryable`] says whether a new connection repeating the same operation can succeed without
 //!   anyone changing the server's configuration: a timeout, a reset connection, a server shutting down.
 //!   Protocol violations, refused options, missing exports or contexts and caller mistakes are not.
@@ -78,6 +79,16 @@ pub enum NbdError {
     #[error("connection to NBD server {peer} is unusable after an earlier error: {reason}")]
     Broken { peer: String, reason: String },
 
+    /// A write, write zeroes or trim to an export the server offers read-only (`NBD_FLAG_READ_ONLY`). Refused
+    /// before anything is sent; the connection stays usable. Not retryable: the server must be started
+    /// writable.
+    #[error("NBD server {peer} exports {export:?} read-only: refusing {command}")]
+    ReadOnly {
+        peer: String,
+        export: String,
+        command: &'static str,
+    },
+
     /// The caller asked for something impossible: a range past the end of the export, a context that was not
     /// negotiated at connect time. Not retryable: a bug or a bad option.
     #[error("invalid argument: {0}")]
@@ -113,6 +124,7 @@ impl NbdError {
             NbdError::Broken { .. } => true,
             NbdError::Protocol { .. }
             | NbdError::MetaContextUnavailable { .. }
+            | NbdError::ReadOnly { .. }
             | NbdError::InvalidArgument(_) => false,
         }
     }

@@ -1,34 +1,49 @@
-//! A synchronous NBD client for reading VM disks exported by QEMU (`qemu-nbd`, libvirt's pull-mode backup).
+//! A synchronous NBD client for VM disks exported by QEMU (`qemu-nbd`, libvirt's pull-mode backup): reads
+//! and block status for backups, writes for restoring into an image through a writable `qemu-nbd`.
 //!
 //! # What it supports
 //! - The fixed newstyle handshake only (`NBDMAGIC`, `IHAVEOPT`), over a unix socket or TCP
-//!   ([`Transport`]), with read and write timeouts so a silent server becomes an error, not a hang.
+//!   ([`Transport`]), with read and write timeouts so a silent server becomes an error, not a hang. Any
+//!   other blocking `Read + Write` stream works too ([`Transport::from_stream`]): in-memory scripts in
+//!   tests and the fuzzer, where the end of the script is an error rather than a wait.
 //! - `NBD_OPT_STRUCTURED_REPLY`, then `NBD_OPT_SET_META_CONTEXT` for the contexts the caller names
 //!   (`base:allocation`, `qemu:dirty-bitmap:NAME`) and `NBD_OPT_GO` asking for `NBD_INFO_BLOCK_SIZE`. A
 //!   requested context that is not granted fails the connect: an incremental backup must not quietly fall
 //!   back to copying nothing.
-//! - [`Client::read_at`]: `NBD_CMD_READ`, split at the server's maximum block size (capped at 32 MiB),
-//!   accepting structured replies (data chunks, holes filled with zeros, error chunks) and, when the server
-//!   refused structured replies, simple replies.
+//! - Pipelining: up to [`Client::max_in_flight`] requests outstanding on one connection (default
+//!   [`DEFAULT_MAX_IN_FLIGHT`], set with [`Client::set_max_in_flight`]). Replies are matched to requests
+//!   by cookie in whatever order the server sends them, structured chunks of different requests may
+//!   interleave; see [`client`]'s `inflight` module for the invariants.
+//! - [`Client::read_at`] and [`Client::read_vectored_at`] (consecutive buffers from one offset):
+//!   `NBD_CMD_READ`, split at the server's maximum block size (capped at 32 MiB) and pipelined, accepting
+//!   structured replies (data chunks, holes filled with zeros, error chunks) and, when the server refused
+//!   structured replies, simple replies.
+//! - [`Client::write_at`] (`NBD_CMD_WRITE`, split and pipelined like reads), [`Client::write_zeroes`]
+//!   (`NBD_CMD_WRITE_ZEROES` allowing holes when the export offers it, zero-filled writes otherwise) and
+//!   [`Client::flush`] (`NBD_CMD_FLUSH` when offered). Writes to a read-only export are refused before
+//!   anything is sent ([`NbdError::ReadOnly`]).
 //! - [`Client::block_status`]: `NBD_CMD_BLOCK_STATUS`, repeated until the range is covered, returning
 //!   coalesced extents of one context. Flags: [`STATE_HOLE`], [`STATE_ZERO`], [`STATE_DIRTY`].
-//! - Every reply is checked against the request it answers (cookie, type, offsets, lengths that add up);
-//!   see the policy in [`error`].
+//! - Every reply is checked against the request it answers (cookie, type, offsets, lengths that add up,
+//!   ranges covered exactly once); see the policy in [`error`]. The reply parser is fuzzed
+//!   (`scripts/fuzz.sh`, target `fuzz/fuzz_targets/replies.rs`).
 //!
 //! # What it does not do yet, and why
-//! - One request at a time per connection (`&mut self`). Pipelining several requests needs cookie-keyed
-//!   reassembly of interleaved chunks; the first consumer reads 32 MiB requests, where one round trip per
-//!   request costs little on a local socket. It is the next step for TCP.
 //! - No connection pool for `NBD_FLAG_CAN_MULTI_CONN` exports: [`Client::can_multi_conn`] reports the flag
-//!   and a caller may open several clients itself.
+//!   and a caller may open several clients itself. One pipelined connection already keeps a local
+//!   server busy.
+//! - Block status is one request at a time: each request starts where the previous answer ended, which
+//!   the client learns only from that answer.
+//! - No `NBD_CMD_TRIM`, `NBD_CMD_CACHE`, `NBD_CMD_FLAG_FUA` or fast zero: a restore writes, zeroes and
+//!   flushes once at the end, which is all it needs.
 //! - No TLS (`NBD_OPT_STARTTLS`): libvirt's pull-mode exports used by Backflow are local unix sockets.
-//! - No writes, trims or flushes: this crate reads sources of backups. Restore writes go elsewhere.
 //! - No extended headers (64-bit lengths), no `NBD_OPT_EXPORT_NAME` fallback for servers without
 //!   `NBD_OPT_GO`, no oldstyle handshake: QEMU since 2.x and nbdkit all speak what is here.
 //!
 //! # Layout
-//! - [`client`]: the handshake and the requests.
-//! - [`transport`]: unix or TCP stream with timeouts.
+//! - [`client`]: the handshake and the public operations; its `inflight` module sends requests and
+//!   matches replies to them.
+//! - [`transport`]: unix or TCP stream with timeouts, or a caller's stream.
 //! - [`proto`]: wire constants, named as in the specification.
 //! - [`error`]: the error type and policy.
 
@@ -37,6 +52,9 @@ pub mod error;
 pub mod proto;
 pub mod transport;
 
-pub use client::{BlockSize, Client, Extent, MAX_REQUEST, STATE_DIRTY, STATE_HOLE, STATE_ZERO};
+pub use client::{
+    BlockSize, Client, DEFAULT_MAX_IN_FLIGHT, Extent, MAX_IN_FLIGHT, MAX_REQUEST, STATE_DIRTY,
+    STATE_HOLE, STATE_ZERO,
+};
 pub use error::{NbdError, Result};
-pub use transport::{DEFAULT_IO_TIMEOUT, Transport};
+pub use transport::{ByteStream, DEFAULT_IO_TIMEOUT, Transport};

@@ -55,6 +55,12 @@ pub const INFO_BLOCK_SIZE: u16 = 3;
 
 pub const FLAG_HAS_FLAGS: u16 = 1 << 0;
 pub const FLAG_READ_ONLY: u16 = 1 << 1;
+/// Transmission flag: the server accepts `NBD_CMD_FLUSH`.
+pub const FLAG_SEND_FLUSH: u16 = 1 << 2;
+pub const FLAG_SEND_FUA: u16 = 1 << 3;
+pub const FLAG_SEND_TRIM: u16 = 1 << 5;
+/// Transmission flag: the server accepts `NBD_CMD_WRITE_ZEROES`.
+pub const FLAG_SEND_WRITE_ZEROES: u16 = 1 << 6;
 /// Transmission flag: several connections to this export see each other's writes and flushes, so a client
 /// may spread requests over parallel connections.
 pub const FLAG_CAN_MULTI_CONN: u16 = 1 << 8;
@@ -64,8 +70,17 @@ pub const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
 pub const STRUCTURED_REPLY_MAGIC: u32 = 0x668e_33ef;
 
 pub const CMD_READ: u16 = 0;
+pub const CMD_WRITE: u16 = 1;
 pub const CMD_DISC: u16 = 2;
+pub const CMD_FLUSH: u16 = 3;
+pub const CMD_TRIM: u16 = 4;
+pub const CMD_WRITE_ZEROES: u16 = 6;
 pub const CMD_BLOCK_STATUS: u16 = 7;
+
+/// Command flag: reply only once the data is on stable storage.
+pub const CMD_FLAG_FUA: u16 = 1 << 0;
+/// Command flag of `NBD_CMD_WRITE_ZEROES`: allocate the zeros instead of punching a hole.
+pub const CMD_FLAG_NO_HOLE: u16 = 1 << 1;
 
 /// Structured reply flag: this chunk is the last one for the request.
 pub const REPLY_FLAG_DONE: u16 = 1 << 0;
@@ -124,7 +139,11 @@ pub fn reply_name(reply: u32) -> &'static str {
 pub fn command_name(command: u16) -> &'static str {
     match command {
         CMD_READ => "NBD_CMD_READ",
+        CMD_WRITE => "NBD_CMD_WRITE",
         CMD_DISC => "NBD_CMD_DISC",
+        CMD_FLUSH => "NBD_CMD_FLUSH",
+        CMD_TRIM => "NBD_CMD_TRIM",
+        CMD_WRITE_ZEROES => "NBD_CMD_WRITE_ZEROES",
         CMD_BLOCK_STATUS => "NBD_CMD_BLOCK_STATUS",
         _ => "an unknown command",
     }

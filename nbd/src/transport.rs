@@ -1,7 +1,9 @@
 //! The byte stream under a [`crate::Client`]: a unix socket (libvirt's pull-mode backup, `qemu-nbd --socket`)
 //! or TCP. Both get read and write timeouts, so a server that stops answering turns into an error instead of
-//! a hung backup.
+//! a hung backup. Any other `Read + Write` stream can be wrapped too ([`Transport::from_stream`]): an
+//! in-memory script of a server's answers for tests and the fuzzer, or a tunnel the caller set up.
 
+use std::fmt;
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::os::unix::net::UnixStream;
@@ -16,10 +18,47 @@ use crate::error::{NbdError, Result};
 pub const DEFAULT_IO_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// A connected stream with its address, kept for error messages.
-#[derive(Debug)]
 pub enum Transport {
-    Unix { stream: UnixStream, path: PathBuf },
-    Tcp { stream: TcpStream, addr: SocketAddr },
+    Unix {
+        stream: UnixStream,
+        path: PathBuf,
+    },
+    Tcp {
+        stream: TcpStream,
+        addr: SocketAddr,
+    },
+    /// A stream this crate did not open: no timeouts are set (the stream's own apply) and closing only
+    /// drops it. `name` stands for the server in error messages.
+    Stream {
+        stream: Box<dyn ByteStream>,
+        name: String,
+    },
+}
+
+/// What [`Transport::from_stream`] accepts: any blocking byte stream that can move to another thread.
+pub trait ByteStream: Read + Write + Send {}
+
+impl<T: Read + Write + Send> ByteStream for T {}
+
+impl fmt::Debug for Transport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Transport::Unix { stream, path } => f
+                .debug_struct("Unix")
+                .field("stream", stream)
+                .field("path", path)
+                .finish(),
+            Transport::Tcp { stream, addr } => f
+                .debug_struct("Tcp")
+                .field("stream", stream)
+                .field("addr", addr)
+                .finish(),
+            Transport::Stream { name, .. } => f
+                .debug_struct("Stream")
+                .field("name", name)
+                .finish_non_exhaustive(),
+        }
+    }
 }
 
 impl Transport {
@@ -83,11 +122,22 @@ impl Transport {
         })
     }
 
+    /// Wraps a stream that is already connected to a server (or plays one): an in-memory script of
+    /// replies in tests and fuzzing, a pipe to `nbdkit -s`, an SSH channel. A read that finds the end of
+    /// the stream is an error (`UnexpectedEof`), never a wait, so a finite script cannot hang the client.
+    pub fn from_stream(stream: impl ByteStream + 'static, name: impl Into<String>) -> Self {
+        Transport::Stream {
+            stream: Box::new(stream),
+            name: name.into(),
+        }
+    }
+
     /// The server's address as written in error messages.
     pub fn peer(&self) -> String {
         match self {
             Transport::Unix { path, .. } => format!("unix:{}", path.display()),
             Transport::Tcp { addr, .. } => format!("tcp:{addr}"),
+            Transport::Stream { name, .. } => name.clone(),
         }
     }
 
@@ -96,6 +146,8 @@ impl Transport {
         let _ = match self {
             Transport::Unix { stream, .. } => stream.shutdown(std::net::Shutdown::Both),
             Transport::Tcp { stream, .. } => stream.shutdown(std::net::Shutdown::Both),
+            // Dropping the client drops the stream, which is all a foreign stream offers.
+            Transport::Stream { .. } => Ok(()),
         };
     }
 }
@@ -105,6 +157,7 @@ impl Read for Transport {
         match self {
             Transport::Unix { stream, .. } => stream.read(buf),
             Transport::Tcp { stream, .. } => stream.read(buf),
+            Transport::Stream { stream, .. } => stream.read(buf),
         }
     }
 }
@@ -114,6 +167,7 @@ impl Write for Transport {
         match self {
             Transport::Unix { stream, .. } => stream.write(buf),
             Transport::Tcp { stream, .. } => stream.write(buf),
+            Transport::Stream { stream, .. } => stream.write(buf),
         }
     }
 
@@ -121,6 +175,7 @@ impl Write for Transport {
         match self {
             Transport::Unix { stream, .. } => stream.flush(),
             Transport::Tcp { stream, .. } => stream.flush(),
+            Transport::Stream { stream, .. } => stream.flush(),
         }
     }
 }

@@ -51,7 +51,7 @@ fn read_option(s: &mut UnixStream) -> (u32, Vec<u8>) {
     (option, data)
 }
 
-fn option_reply(s: &mut UnixStream, option: u32, kind: u32, data: &[u8]) {
+fn option_reply(s: &mut impl Write, option: u32, kind: u32, data: &[u8]) {
     let mut msg = REP_MAGIC.to_be_bytes().to_vec();
     msg.extend_from_slice(&option.to_be_bytes());
     msg.extend_from_slice(&kind.to_be_bytes());
@@ -60,8 +60,19 @@ fn option_reply(s: &mut UnixStream, option: u32, kind: u32, data: &[u8]) {
     s.write_all(&msg).unwrap();
 }
 
-/// A well-behaved handshake: each requested meta context gets id 7, 8, ...; the export is [`SIZE`] bytes.
+/// A well-behaved handshake: each requested meta context gets id 7, 8, ...; the export is [`SIZE`] bytes,
+/// read-only.
 fn negotiate(s: &mut UnixStream, structured: bool) {
+    negotiate_with(
+        s,
+        structured,
+        FLAG_HAS_FLAGS | FLAG_READ_ONLY | FLAG_CAN_MULTI_CONN,
+        None,
+    );
+}
+
+/// [`negotiate`] with other transmission flags and, when given, `NBD_INFO_BLOCK_SIZE` with this maximum.
+fn negotiate_with(s: &mut UnixStream, structured: bool, flags: u16, max_block: Option<u32>) {
     greet(s);
     loop {
         let (option, data) = read_option(s);
@@ -85,10 +96,15 @@ fn negotiate(s: &mut UnixStream, structured: bool) {
             OPT_GO => {
                 let mut info = INFO_EXPORT.to_be_bytes().to_vec();
                 info.extend_from_slice(&SIZE.to_be_bytes());
-                info.extend_from_slice(
-                    &(FLAG_HAS_FLAGS | FLAG_READ_ONLY | FLAG_CAN_MULTI_CONN).to_be_bytes(),
-                );
+                info.extend_from_slice(&flags.to_be_bytes());
                 option_reply(s, option, REP_INFO, &info);
+                if let Some(max) = max_block {
+                    let mut info = INFO_BLOCK_SIZE.to_be_bytes().to_vec();
+                    for word in [1u32, 4096, max] {
+                        info.extend_from_slice(&word.to_be_bytes());
+                    }
+                    option_reply(s, option, REP_INFO, &info);
+                }
                 option_reply(s, option, REP_ACK, &[]);
                 return;
             }
@@ -120,7 +136,7 @@ fn read_request(s: &mut UnixStream) -> Request {
 }
 
 /// A structured chunk header announcing `len` payload bytes, followed by `payload` (which may be shorter).
-fn chunk(s: &mut UnixStream, flags: u16, kind: u16, cookie: u64, len: u32, payload: &[u8]) {
+fn chunk(s: &mut impl Write, flags: u16, kind: u16, cookie: u64, len: u32, payload: &[u8]) {
     let mut msg = STRUCTURED_REPLY_MAGIC.to_be_bytes().to_vec();
     msg.extend_from_slice(&flags.to_be_bytes());
     msg.extend_from_slice(&kind.to_be_bytes());
@@ -130,7 +146,7 @@ fn chunk(s: &mut UnixStream, flags: u16, kind: u16, cookie: u64, len: u32, paylo
     let _ = s.write_all(&msg);
 }
 
-fn data_chunk(s: &mut UnixStream, flags: u16, cookie: u64, offset: u64, data: &[u8]) {
+fn data_chunk(s: &mut impl Write, flags: u16, cookie: u64, offset: u64, data: &[u8]) {
     let mut payload = offset.to_be_bytes().to_vec();
     payload.extend_from_slice(data);
     chunk(
@@ -143,7 +159,7 @@ fn data_chunk(s: &mut UnixStream, flags: u16, cookie: u64, offset: u64, data: &[
     );
 }
 
-fn simple_reply(s: &mut UnixStream, error: u32, cookie: u64, data: &[u8]) {
+fn simple_reply(s: &mut impl Write, error: u32, cookie: u64, data: &[u8]) {
     let mut msg = SIMPLE_REPLY_MAGIC.to_be_bytes().to_vec();
     msg.extend_from_slice(&error.to_be_bytes());
     msg.extend_from_slice(&cookie.to_be_bytes());
@@ -530,4 +546,395 @@ fn block_status_loops_over_short_answers_and_clips() {
         client.block_status(0, 4096, "base:allocation").unwrap_err(),
         "4 + 8n",
     );
+}
+
+// ---- Writes ---------------------------------------------------------------------------------------------
+
+fn read_payload(s: &mut UnixStream, req: &Request) -> Vec<u8> {
+    let mut data = vec![0; req.len as usize];
+    s.read_exact(&mut data).unwrap();
+    data
+}
+
+fn error_chunk(s: &mut UnixStream, flags: u16, cookie: u64, errno: u32, message: &str) {
+    let mut payload = errno.to_be_bytes().to_vec();
+    payload.extend_from_slice(&(message.len() as u16).to_be_bytes());
+    payload.extend_from_slice(message.as_bytes());
+    chunk(
+        s,
+        flags,
+        REPLY_TYPE_ERROR,
+        cookie,
+        payload.len() as u32,
+        &payload,
+    );
+}
+
+#[test]
+fn writes_accept_simple_and_structured_acks_and_zeroes_fall_back_to_writes() {
+    let (_dir, path) = serve(|mut s| {
+        // Writable, with flush but without write zeroes.
+        negotiate_with(&mut s, true, FLAG_HAS_FLAGS | FLAG_SEND_FLUSH, None);
+        let req = read_request(&mut s);
+        assert_eq!((req.command, req.offset, req.len), (CMD_WRITE, 0, 4096));
+        assert!(read_payload(&mut s, &req).iter().all(|&b| b == 1));
+        simple_reply(&mut s, 0, req.cookie, &[]);
+
+        let req = read_request(&mut s);
+        assert_eq!((req.command, req.offset, req.len), (CMD_WRITE, 4096, 100));
+        assert!(read_payload(&mut s, &req).iter().all(|&b| b == 2));
+        chunk(&mut s, REPLY_FLAG_DONE, REPLY_TYPE_NONE, req.cookie, 0, &[]);
+
+        let req = read_request(&mut s);
+        read_payload(&mut s, &req);
+        error_chunk(&mut s, 0, req.cookie, 28, "disk full");
+        chunk(&mut s, REPLY_FLAG_DONE, REPLY_TYPE_NONE, req.cookie, 0, &[]);
+
+        // Zeroes without NBD_FLAG_SEND_WRITE_ZEROES arrive as a write of zeros.
+        let req = read_request(&mut s);
+        assert_eq!((req.command, req.offset, req.len), (CMD_WRITE, 8192, 3000));
+        assert!(read_payload(&mut s, &req).iter().all(|&b| b == 0));
+        simple_reply(&mut s, 0, req.cookie, &[]);
+
+        let req = read_request(&mut s);
+        assert_eq!((req.command, req.offset, req.len), (CMD_FLUSH, 0, 0));
+        chunk(&mut s, REPLY_FLAG_DONE, REPLY_TYPE_NONE, req.cookie, 0, &[]);
+
+        // A data chunk is no answer to a write.
+        let req = read_request(&mut s);
+        read_payload(&mut s, &req);
+        data_chunk(&mut s, REPLY_FLAG_DONE, req.cookie, req.offset, &[0; 10]);
+        let mut rest = Vec::new();
+        let _ = s.read_to_end(&mut rest);
+    });
+    let mut client = connect(&path, &[]).unwrap();
+    assert!(!client.is_read_only());
+    client.write_at(0, &[1; 4096]).unwrap();
+    client.write_at(4096, &[2; 100]).unwrap();
+    match client.write_at(0, &[3; 512]) {
+        Err(NbdError::Command {
+            errno: 28,
+            command: "NBD_CMD_WRITE",
+            message,
+            ..
+        }) => assert!(message.contains("disk full"), "{message}"),
+        other => panic!("expected ENOSPC, got {other:?}"),
+    }
+    client.write_zeroes(8192, 3000).unwrap();
+    client.flush().unwrap();
+    assert_protocol(
+        client.write_at(0, &[4; 10]).unwrap_err(),
+        "not valid for NBD_CMD_WRITE",
+    );
+    assert!(matches!(client.flush(), Err(NbdError::Broken { .. })));
+}
+
+// ---- Pipelining -----------------------------------------------------------------------------------------
+
+/// The byte a test server serves at `offset`.
+fn byte_at(offset: u64) -> u8 {
+    (offset % 251) as u8
+}
+
+fn bytes_at(offset: u64, len: u64) -> Vec<u8> {
+    (offset..offset + len).map(byte_at).collect()
+}
+
+/// Answers a read completely with one data chunk.
+fn answer(s: &mut UnixStream, req: &Request) {
+    data_chunk(
+        s,
+        REPLY_FLAG_DONE,
+        req.cookie,
+        req.offset,
+        &bytes_at(req.offset, u64::from(req.len)),
+    );
+}
+
+/// Whether the client sent anything more within 200 ms.
+fn client_sent_more(s: &mut UnixStream) -> bool {
+    thread::sleep(Duration::from_millis(200));
+    s.set_nonblocking(true).unwrap();
+    let mut byte = [0; 1];
+    // Anything read here fails the test anyway, so consuming it is fine.
+    let more = match s.read(&mut byte) {
+        Ok(n) => n > 0,
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => false,
+        Err(e) => panic!("peek: {e}"),
+    };
+    s.set_nonblocking(false).unwrap();
+    more
+}
+
+#[test]
+fn pipelined_reads_accept_out_of_order_interleaved_chunks() {
+    let (_dir, path) = serve(|mut s| {
+        negotiate_with(&mut s, true, FLAG_HAS_FLAGS | FLAG_READ_ONLY, Some(4096));
+        // Three buffers of 8 KiB at 1000, split at the 4 KiB maximum block: six requests, all sent
+        // before any reply because the window is eight.
+        let reqs: Vec<Request> = (0..6).map(|_| read_request(&mut s)).collect();
+        for (i, req) in reqs.iter().enumerate() {
+            assert_eq!(
+                (req.command, req.offset, req.len),
+                (CMD_READ, 1000 + 4096 * i as u64, 4096)
+            );
+        }
+        // Last request first; then the chunks of requests 0 and 1 interleaved, each in pieces and one
+        // with a hole; then the rest in reverse.
+        answer(&mut s, &reqs[5]);
+        let (a, b) = (&reqs[0], &reqs[1]);
+        data_chunk(
+            &mut s,
+            0,
+            b.cookie,
+            b.offset + 2048,
+            &bytes_at(b.offset + 2048, 2048),
+        );
+        data_chunk(&mut s, 0, a.cookie, a.offset, &bytes_at(a.offset, 1000));
+        data_chunk(
+            &mut s,
+            REPLY_FLAG_DONE,
+            b.cookie,
+            b.offset,
+            &bytes_at(b.offset, 2048),
+        );
+        data_chunk(
+            &mut s,
+            0,
+            a.cookie,
+            a.offset + 1000,
+            &bytes_at(a.offset + 1000, 3096),
+        );
+        chunk(&mut s, REPLY_FLAG_DONE, REPLY_TYPE_NONE, a.cookie, 0, &[]);
+        for req in reqs[2..5].iter().rev() {
+            answer(&mut s, req);
+        }
+
+        // Second call with a window of two: exactly two requests arrive until one is answered.
+        let first = read_request(&mut s);
+        let second = read_request(&mut s);
+        assert!(
+            !client_sent_more(&mut s),
+            "a third request was sent past the window of two"
+        );
+        answer(&mut s, &second);
+        let third = read_request(&mut s);
+        assert!(!client_sent_more(&mut s));
+        answer(&mut s, &third);
+        answer(&mut s, &first);
+        let req = read_request(&mut s);
+        assert_eq!(req.command, CMD_DISC);
+    });
+    let mut client = connect(&path, &[]).unwrap();
+    assert_eq!(client.max_block(), 4096);
+    assert_eq!(client.max_in_flight(), backflow_nbd::DEFAULT_MAX_IN_FLIGHT);
+    let mut bufs = [[0x5au8; 8192]; 3];
+    let mut slices: Vec<&mut [u8]> = bufs.iter_mut().map(|b| &mut b[..]).collect();
+    client.read_vectored_at(1000, &mut slices).unwrap();
+    for (i, buf) in bufs.iter().enumerate() {
+        assert!(
+            buf[..] == bytes_at(1000 + 8192 * i as u64, 8192)[..],
+            "buffer {i}"
+        );
+    }
+
+    client.set_max_in_flight(2);
+    assert_eq!(client.max_in_flight(), 2);
+    let mut buf = vec![0; 3 * 4096];
+    client.read_at(0, &mut buf).unwrap();
+    assert_eq!(buf, bytes_at(0, 3 * 4096));
+    client.close().unwrap();
+}
+
+/// Sends three 4 KiB reads at 0, 4096, 8192 in one vectored call to a server that answers with `reply`
+/// (given the three requests); returns the client's error and checks that the connection is then refused.
+fn pipelined_error(reply: fn(&mut UnixStream, &[Request])) -> NbdError {
+    let (_dir, path) = serve(move |mut s| {
+        negotiate(&mut s, true);
+        let reqs: Vec<Request> = (0..3).map(|_| read_request(&mut s)).collect();
+        reply(&mut s, &reqs);
+        let mut rest = Vec::new();
+        let _ = s.read_to_end(&mut rest);
+    });
+    let mut client = connect(&path, &[]).unwrap();
+    let mut bufs = [[0u8; 4096]; 3];
+    let mut slices: Vec<&mut [u8]> = bufs.iter_mut().map(|b| &mut b[..]).collect();
+    let err = client.read_vectored_at(0, &mut slices).unwrap_err();
+    if matches!(err, NbdError::Io { .. } | NbdError::Protocol { .. }) {
+        let mut buf = [0; 10];
+        assert!(matches!(
+            client.read_at(0, &mut buf),
+            Err(NbdError::Broken { .. })
+        ));
+    }
+    err
+}
+
+#[test]
+fn pipelined_reply_to_an_unknown_cookie() {
+    assert_protocol(
+        pipelined_error(|s, reqs| {
+            answer(s, &reqs[1]);
+            let cookies: Vec<u64> = reqs.iter().map(|r| r.cookie).collect();
+            let stranger = (1..).find(|c| !cookies.contains(c)).unwrap();
+            data_chunk(s, REPLY_FLAG_DONE, stranger, 0, &[0; 4096]);
+        }),
+        "matches no request in flight",
+    );
+}
+
+#[test]
+fn pipelined_duplicated_reply() {
+    assert_protocol(
+        pipelined_error(|s, reqs| {
+            answer(s, &reqs[0]);
+            answer(s, &reqs[0]);
+            answer(s, &reqs[1]);
+            answer(s, &reqs[2]);
+        }),
+        "matches no request in flight",
+    );
+}
+
+#[test]
+fn pipelined_chunk_outside_its_own_request() {
+    // Valid for the neighbouring request, but not for the cookie it carries.
+    assert_protocol(
+        pipelined_error(|s, reqs| {
+            data_chunk(
+                s,
+                REPLY_FLAG_DONE,
+                reqs[0].cookie,
+                reqs[1].offset,
+                &[0; 4096],
+            );
+        }),
+        "outside the request",
+    );
+}
+
+#[test]
+fn pipelined_simple_reply_after_chunks() {
+    assert_protocol(
+        pipelined_error(|s, reqs| {
+            data_chunk(s, 0, reqs[2].cookie, reqs[2].offset, &[0; 100]);
+            simple_reply(s, 0, reqs[2].cookie, &[]);
+        }),
+        "simple reply",
+    );
+}
+
+#[test]
+fn pipelined_missing_data() {
+    assert_protocol(
+        pipelined_error(|s, reqs| {
+            answer(s, &reqs[0]);
+            data_chunk(
+                s,
+                REPLY_FLAG_DONE,
+                reqs[1].cookie,
+                reqs[1].offset + 1,
+                &[0; 4095],
+            );
+        }),
+        "not sent",
+    );
+}
+
+#[test]
+fn pipelined_command_error_drains_the_other_replies() {
+    let (_dir, path) = serve(|mut s| {
+        negotiate(&mut s, true);
+        let reqs: Vec<Request> = (0..3).map(|_| read_request(&mut s)).collect();
+        answer(&mut s, &reqs[2]);
+        error_chunk(&mut s, REPLY_FLAG_DONE, reqs[1].cookie, 5, "bad sector");
+        answer(&mut s, &reqs[0]);
+        // The client sent nothing more after the error, and reads on afterwards.
+        let req = read_request(&mut s);
+        assert_eq!((req.command, req.offset), (CMD_READ, 100));
+        answer(&mut s, &req);
+    });
+    let mut client = connect(&path, &[]).unwrap();
+    let mut bufs = [[0u8; 4096]; 3];
+    let mut slices: Vec<&mut [u8]> = bufs.iter_mut().map(|b| &mut b[..]).collect();
+    match client.read_vectored_at(0, &mut slices) {
+        Err(NbdError::Command {
+            errno: 5,
+            offset: 4096,
+            ..
+        }) => {}
+        other => panic!("expected EIO at 4096, got {other:?}"),
+    }
+    let mut buf = vec![0; 50];
+    client.read_at(100, &mut buf).unwrap();
+    assert_eq!(buf, bytes_at(100, 50));
+}
+
+#[test]
+fn pipelined_reads_time_out_on_a_silent_server() {
+    let (_dir, path) = serve(|mut s| {
+        negotiate(&mut s, true);
+        let reqs: Vec<Request> = (0..3).map(|_| read_request(&mut s)).collect();
+        answer(&mut s, &reqs[1]);
+        thread::sleep(Duration::from_secs(3));
+    });
+    let transport = Transport::unix(&path, Duration::from_millis(200)).unwrap();
+    let mut client = Client::connect(transport, "", &[]).unwrap();
+    let mut bufs = [[0u8; 4096]; 3];
+    let mut slices: Vec<&mut [u8]> = bufs.iter_mut().map(|b| &mut b[..]).collect();
+    let err = client.read_vectored_at(0, &mut slices).unwrap_err();
+    assert!(matches!(err, NbdError::Io { .. }), "{err:?}");
+    assert!(err.is_retryable(), "{err:?}");
+    assert!(matches!(
+        client.read_at(0, &mut [0; 10]),
+        Err(NbdError::Broken { .. })
+    ));
+}
+
+#[test]
+fn in_memory_script_that_ends_early_fails_instead_of_waiting() {
+    // A server's whole side of the conversation, as bytes: greeting, structured replies agreed, the
+    // export, then a read reply cut off in the middle of its data.
+    let mut script = NBDMAGIC.to_be_bytes().to_vec();
+    script.extend_from_slice(&IHAVEOPT.to_be_bytes());
+    script.extend_from_slice(&FLAG_FIXED_NEWSTYLE.to_be_bytes());
+    option_reply(&mut script, OPT_STRUCTURED_REPLY, REP_ACK, &[]);
+    let mut info = INFO_EXPORT.to_be_bytes().to_vec();
+    info.extend_from_slice(&SIZE.to_be_bytes());
+    info.extend_from_slice(&(FLAG_HAS_FLAGS | FLAG_READ_ONLY).to_be_bytes());
+    option_reply(&mut script, OPT_GO, REP_INFO, &info);
+    option_reply(&mut script, OPT_GO, REP_ACK, &[]);
+    data_chunk(&mut script, REPLY_FLAG_DONE, 1, 0, &[9; 100]);
+    script.truncate(script.len() - 50);
+
+    /// Replays `script` and ignores what the client sends.
+    struct Replay(std::io::Cursor<Vec<u8>>);
+    impl Read for Replay {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            self.0.read(buf)
+        }
+    }
+    impl Write for Replay {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let transport = Transport::from_stream(Replay(std::io::Cursor::new(script)), "script");
+    let mut client = Client::connect(transport, "", &[]).unwrap();
+    assert_eq!(client.size(), SIZE);
+    let mut buf = [0; 100];
+    match client.read_at(0, &mut buf).unwrap_err() {
+        NbdError::Io { source, peer, .. } => {
+            assert_eq!(source.kind(), std::io::ErrorKind::UnexpectedEof);
+            assert_eq!(peer, "script");
+        }
+        other => panic!("expected end of file, got {other:?}"),
+    }
+    assert!(matches!(
+        client.read_at(0, &mut buf),
+        Err(NbdError::Broken { .. })
+    ));
 }

@@ -7,8 +7,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use backflow_nbd::proto::FLAG_SEND_WRITE_ZEROES;
 use backflow_nbd::{Client, Extent, STATE_HOLE, STATE_ZERO};
-use common::{assert_exact_cover, merged, ranges_with};
+use common::{assert_exact_cover, json_bool, merged, nbdinfo_json, ranges_with};
 
 const MIB: u64 = 1 << 20;
 const KIB: u64 = 1 << 10;
@@ -285,4 +286,97 @@ fn file_plugin_serves_a_sparse_raw_file() {
     );
     assert_zero_extents_read_zero(&extents, &got);
     client.close().unwrap();
+}
+
+#[test]
+fn pipelined_vectored_read_of_the_data_plugin() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = format!("data={}", data_expression());
+    let size = format!("size={DATA_SIZE}");
+    let server = Nbdkit::start(dir.path(), &["-r", "data", &data, &size]);
+    let mut client = Client::connect_unix(&server.socket, "", &[]).unwrap();
+    let mut expected = vec![0u8; DATA_SIZE as usize];
+    for (offset, bytes) in data_layout() {
+        expected[offset as usize..][..bytes.len()].copy_from_slice(&bytes);
+    }
+    // 64 buffers of 128 KiB ending past the bytes that straddle 32 MiB, 16 requests in flight.
+    client.set_max_in_flight(16);
+    let offset = 32 * MIB - 4 * MIB - 3;
+    let mut bufs = vec![vec![0x5au8; 128 * KIB as usize]; 64];
+    let mut slices: Vec<&mut [u8]> = bufs.iter_mut().map(|b| b.as_mut_slice()).collect();
+    client.read_vectored_at(offset, &mut slices).unwrap();
+    assert!(
+        bufs.concat()[..] == expected[offset as usize..][..(8 * MIB) as usize],
+        "vectored read differs from the data= layout"
+    );
+    // From the start, covering the bytes at 1, 2 and 4 MiB.
+    let mut bufs = vec![vec![0x5au8; 128 * KIB as usize]; 64];
+    let mut slices: Vec<&mut [u8]> = bufs.iter_mut().map(|b| b.as_mut_slice()).collect();
+    client.read_vectored_at(0, &mut slices).unwrap();
+    assert!(bufs.concat()[..] == expected[..(8 * MIB) as usize]);
+    client.close().unwrap();
+}
+
+#[test]
+fn memory_plugin_writes_read_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Nbdkit::start(dir.path(), &["memory", "size=16M"]);
+    let mut client = Client::connect_unix(&server.socket, "", &[]).unwrap();
+    assert_ne!(client.transmission_flags() & FLAG_SEND_WRITE_ZEROES, 0);
+    let mut expected = vec![0u8; 16 * MIB as usize];
+    let data: Vec<u8> = (0..3 * MIB + 5).map(|i| (i % 253) as u8 + 1).collect();
+    client.write_at(MIB - 1, &data).unwrap();
+    expected[(MIB - 1) as usize..][..data.len()].copy_from_slice(&data);
+    client.write_zeroes(2 * MIB, 64 * KIB + 1).unwrap();
+    expected[(2 * MIB) as usize..][..(64 * KIB + 1) as usize].fill(0);
+    client.flush().unwrap();
+    let mut got = vec![0x5a; 16 * MIB as usize];
+    client.read_at(0, &mut got).unwrap();
+    assert!(got == expected, "memory disk differs from what was written");
+    client.close().unwrap();
+}
+
+#[test]
+fn zeroes_fall_back_to_writes_without_server_support() {
+    let dir = tempfile::tempdir().unwrap();
+    // The nozero filter hides NBD_CMD_WRITE_ZEROES from clients.
+    let server = Nbdkit::start(dir.path(), &["--filter=nozero", "memory", "size=8M"]);
+    let mut client = Client::connect_unix(&server.socket, "", &[]).unwrap();
+    assert_eq!(client.transmission_flags() & FLAG_SEND_WRITE_ZEROES, 0);
+    client.write_at(0, &vec![0xee; 8 * MIB as usize]).unwrap();
+    client.write_zeroes(MIB + 3, 5 * MIB).unwrap();
+    let mut got = vec![0; 8 * MIB as usize];
+    client.read_at(0, &mut got).unwrap();
+    let (from, to) = ((MIB + 3) as usize, (6 * MIB + 3) as usize);
+    assert!(got[..from].iter().all(|&b| b == 0xee));
+    assert!(got[from..to].iter().all(|&b| b == 0));
+    assert!(got[to..].iter().all(|&b| b == 0xee));
+    client.close().unwrap();
+}
+
+#[test]
+fn multi_conn_flag_matches_nbdinfo() {
+    let mut seen = Vec::new();
+    for args in [
+        &["memory", "size=1M"][..],
+        &[
+            "--filter=multi-conn",
+            "memory",
+            "size=1M",
+            "multi-conn-mode=disable",
+        ][..],
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let server = Nbdkit::start(dir.path(), args);
+        let client = Client::connect_unix(&server.socket, "", &[]).unwrap();
+        let json = nbdinfo_json(&server.socket);
+        assert_eq!(
+            client.can_multi_conn(),
+            json_bool(&json, "can_multi_conn"),
+            "nbdkit {args:?}: {json}"
+        );
+        seen.push(client.can_multi_conn());
+        client.close().unwrap();
+    }
+    assert_eq!(seen, [true, false], "both values of the flag were checked");
 }

@@ -206,3 +206,66 @@ fn tcp_transport_reads_the_same_bytes() {
     assert_exact_cover(&extents, 0, 4 * MIB);
     client.close().unwrap();
 }
+
+#[test]
+fn pipelined_vectored_reads_match_the_image() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = qcow2_fixture(dir.path(), &["-x", "vda"]);
+    let mut client = Client::connect_unix(&server.socket, "vda", &[]).unwrap();
+    let expected = expected_bytes();
+
+    // 64 buffers of 128 KiB from an unaligned offset: 64 requests through a window of 8, covering
+    // the writes at 1 MiB, 4 MiB and 5 MiB.
+    let offset = 512;
+    let mut bufs = vec![vec![0x5au8; 128 * KIB as usize]; 64];
+    let mut slices: Vec<&mut [u8]> = bufs.iter_mut().map(|b| b.as_mut_slice()).collect();
+    client.read_vectored_at(offset, &mut slices).unwrap();
+    let got = bufs.concat();
+    assert!(
+        got[..] == expected[offset as usize..][..got.len()],
+        "vectored read differs from the written patterns"
+    );
+
+    // Uneven buffers, one empty and one larger than the 32 MiB maximum block (split in two requests),
+    // through a window of three: the whole image.
+    client.set_max_in_flight(3);
+    let sizes = [3 * MIB + 7, 0, 35 * MIB, IMAGE_SIZE - 38 * MIB - 7];
+    let mut bufs: Vec<Vec<u8>> = sizes.iter().map(|&n| vec![0x5a; n as usize]).collect();
+    let mut slices: Vec<&mut [u8]> = bufs.iter_mut().map(|b| b.as_mut_slice()).collect();
+    client.read_vectored_at(0, &mut slices).unwrap();
+    assert!(
+        bufs.concat() == expected,
+        "whole-image vectored read differs"
+    );
+
+    // Past the end is refused before anything is sent.
+    let mut a = vec![0; 4096];
+    let mut b = vec![0; 4096];
+    assert!(matches!(
+        client.read_vectored_at(IMAGE_SIZE - 6000, &mut [&mut a, &mut b]),
+        Err(NbdError::InvalidArgument(_))
+    ));
+    client.close().unwrap();
+}
+
+#[test]
+fn multi_conn_flag_matches_nbdinfo() {
+    let mut seen = Vec::new();
+    for extra in [&[][..], &["--shared=2"][..]] {
+        let dir = tempfile::tempdir().unwrap();
+        let server = qcow2_fixture(dir.path(), extra);
+        // nbdinfo first: with --shared=1 qemu-nbd serves one client at a time.
+        let json = nbdinfo_json(&server.socket);
+        let client = Client::connect_unix(&server.socket, "", &[]).unwrap();
+        assert_eq!(
+            client.can_multi_conn(),
+            json_bool(&json, "can_multi_conn"),
+            "qemu-nbd {extra:?}: {json}"
+        );
+        assert_eq!(client.is_read_only(), json_bool(&json, "is_read_only"));
+        seen.push(client.can_multi_conn());
+        client.close().unwrap();
+    }
+    // qemu-nbd advertises multi-conn only when it accepts several clients, so both values were checked.
+    assert_eq!(seen, [false, true]);
+}

@@ -129,11 +129,17 @@ pub fn damage_a_raw_chunk(repo: &Repository, table: &[ChunkRef], at: u64) -> (us
 /// Restores the latest snapshot of `repo` to `to` with `specs/restore.yaml`, loaded through the
 /// real catalog: what `backflow restore` runs.
 pub fn restore_with_spec(repo: &Path, to: &Path, sync: bool) -> RunReport {
+    restore_with_format(repo, to, sync, "raw")
+}
+
+/// [`restore_with_spec`] writing images in `format` (`raw` or `qcow2`).
+pub fn restore_with_format(repo: &Path, to: &Path, sync: bool, format: &str) -> RunReport {
     let spec = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../specs/restore.yaml");
     let vars = [
         ("repo", repo.display().to_string()),
         ("to", to.display().to_string()),
         ("sync", sync.to_string()),
+        ("format", format.to_owned()),
     ]
     .map(|(k, v)| (k.to_owned(), v));
     let pipeline = backflow_pipeline::spec::load_file(&spec, &vars, &backflow_stages::Stages)

@@ -23,25 +23,62 @@ pub fn run(program: &str, args: &[&str]) {
     );
 }
 
-/// A read-only `qemu-nbd` on a private unix socket (or a loopback port), killed by pid on drop.
+/// A `qemu-nbd` (read-only unless started with [`QemuNbd::start_writable`]) on a private unix socket (or a
+/// loopback port), killed by pid on drop or [`QemuNbd::stop`].
 pub struct QemuNbd {
     pub socket: PathBuf,
     pub port: u16,
     pid: String,
+    stopped: bool,
 }
 
 impl QemuNbd {
-    /// Exports `image` on `dir/nbd.sock` as the default export "" (or `-x name`), with extra arguments such
-    /// as `-B b0`.
+    /// Exports `image` read-only on `dir/nbd.sock` as the default export "" (or `-x name`), with extra
+    /// arguments such as `-B b0`.
     pub fn start(dir: &Path, image: &Path, format: &str, extra: &[&str]) -> Self {
+        let mut args = vec!["--read-only"];
+        args.extend_from_slice(extra);
+        Self::start_with(dir, image, format, &args)
+    }
+
+    /// Exports `image` writable on `dir/nbd.sock`.
+    pub fn start_writable(dir: &Path, image: &Path, format: &str, extra: &[&str]) -> Self {
+        Self::start_with(dir, image, format, extra)
+    }
+
+    fn start_with(dir: &Path, image: &Path, format: &str, args: &[&str]) -> Self {
         let socket = dir.join("nbd.sock");
         let listen = ["--socket", socket.to_str().unwrap()];
-        let pid = Self::spawn(dir, image, format, &listen, extra);
+        let pid = Self::spawn(dir, image, format, &listen, args);
         QemuNbd {
             socket,
             port: 0,
             pid,
+            stopped: false,
         }
+    }
+
+    /// Terminates the server (SIGTERM: qemu-nbd flushes and closes the image) and waits until it has
+    /// exited, so the image can be opened by another program.
+    pub fn stop(mut self) {
+        self.terminate();
+    }
+
+    fn terminate(&mut self) {
+        if self.stopped {
+            return;
+        }
+        self.stopped = true;
+        let _ = Command::new("kill").arg(&self.pid).status();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while std::time::Instant::now() < deadline {
+            if !process_alive(&self.pid) {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let _ = Command::new("kill").args(["-KILL", &self.pid]).status();
+        panic!("qemu-nbd {} did not exit within 10 s of SIGTERM", self.pid);
     }
 
     /// Exports `image` on 127.0.0.1 at a port the kernel just handed out (a small race with other
@@ -54,18 +91,18 @@ impl QemuNbd {
             .port();
         let port_arg = port.to_string();
         let listen = ["--bind", "127.0.0.1", "--port", &port_arg];
-        let pid = Self::spawn(dir, image, format, &listen, &[]);
+        let pid = Self::spawn(dir, image, format, &listen, &["--read-only"]);
         QemuNbd {
             socket: PathBuf::new(),
             port,
             pid,
+            stopped: false,
         }
     }
 
     fn spawn(dir: &Path, image: &Path, format: &str, listen: &[&str], extra: &[&str]) -> String {
         let pid_file = dir.join("qemu-nbd.pid");
         let mut args = vec![
-            "--read-only",
             "--persistent",
             "--fork",
             "--pid-file",
@@ -86,7 +123,51 @@ impl QemuNbd {
 
 impl Drop for QemuNbd {
     fn drop(&mut self) {
-        let _ = Command::new("kill").arg(&self.pid).status();
+        if !self.stopped {
+            self.stopped = true;
+            let _ = Command::new("kill").arg(&self.pid).status();
+        }
+    }
+}
+
+/// Whether `pid` still runs: gone, or a zombie that nobody reaps (PID 1 here does not), counts as exited.
+pub fn process_alive(pid: &str) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .is_ok_and(|stat| !stat.rsplit(')').next().unwrap_or("").starts_with(" Z"))
+}
+
+/// `nbdinfo --json` of the default export on a unix socket, under timeout(1).
+pub fn nbdinfo_json(socket: &Path) -> String {
+    let uri = format!("nbd+unix:///?socket={}", socket.display());
+    let out = Command::new("timeout")
+        .args(["60", "nbdinfo", "--json", &uri])
+        .output()
+        .expect("timeout (coreutils) runs nbdinfo");
+    assert!(
+        out.status.success(),
+        "nbdinfo --json {uri} failed (apt-get install libnbd-bin): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("nbdinfo prints UTF-8")
+}
+
+/// The value of `"key": true|false` in nbdinfo's JSON (a flat scan: the keys used are unique).
+pub fn json_bool(json: &str, key: &str) -> bool {
+    let quoted = format!("\"{key}\"");
+    let at = json
+        .find(&quoted)
+        .unwrap_or_else(|| panic!("no {key} in {json}"));
+    let rest = json[at + quoted.len()..].trim_start();
+    let rest = rest
+        .strip_prefix(':')
+        .expect("a colon after the key")
+        .trim_start();
+    if rest.starts_with("true") {
+        true
+    } else if rest.starts_with("false") {
+        false
+    } else {
+        panic!("{key} is not a boolean in {json}")
     }
 }
 
@@ -94,7 +175,6 @@ impl Drop for QemuNbd {
 
 pub const MIB: u64 = 1 << 20;
 pub const KIB: u64 = 1 << 10;
-/// Larger than QEMU's 32 MiB maximum block size, so whole-image reads are split.
 /// Larger than QEMU's 32 MiB maximum block size, so whole-image reads are split.
 pub const IMAGE_SIZE: u64 = 40 * MIB;
 

@@ -16,6 +16,7 @@ use serde::de::DeserializeOwned;
 pub enum Kind {
     Image,
     QemuNbd,
+    Nbd,
     Full,
     DirtyBitmap,
     Reader,
@@ -52,9 +53,10 @@ pub struct OptionDoc {
 }
 
 impl Kind {
-    pub const ALL: [Kind; 14] = [
+    pub const ALL: [Kind; 15] = [
         Kind::Image,
         Kind::QemuNbd,
+        Kind::Nbd,
         Kind::Full,
         Kind::DirtyBitmap,
         Kind::Reader,
@@ -73,6 +75,7 @@ impl Kind {
         match self {
             Kind::Image => stage_image::KIND,
             Kind::QemuNbd => stage_qemu_nbd::KIND,
+            Kind::Nbd => stage_nbd::KIND,
             Kind::Full => stage_full_map::KIND,
             Kind::DirtyBitmap => stage_dirty_bitmap::KIND,
             Kind::Reader => stage_reader::KIND,
@@ -98,6 +101,9 @@ impl Kind {
             Kind::QemuNbd => {
                 "source: any image QEMU reads (qcow2), through a private qemu-nbd; unallocated clusters are skipped"
             }
+            Kind::Nbd => {
+                "source: an NBD export someone else serves (qemu-nbd, nbdkit); zero ranges are skipped"
+            }
             Kind::Full => "changed-block map: every allocated extent (holes are skipped)",
             Kind::DirtyBitmap => {
                 "changed-block map: only what the source's change tracking (qcow2 bitmap) says changed since the parent; a full read with a warning when that is not certain"
@@ -113,7 +119,9 @@ impl Kind {
             Kind::RepoReader => "restore source: a snapshot's chunks, read ahead by its workers",
             Kind::Unzstd => "decodes stored chunks to plaintext",
             Kind::Verify => "checks each chunk against its digest before it is written",
-            Kind::DiskWriter => "writes chunks into sparse raw images or devices, in parallel",
+            Kind::DiskWriter => {
+                "writes chunks into sparse raw images, devices or qcow2 images, in parallel"
+            }
         }
     }
 
@@ -144,6 +152,7 @@ impl Kind {
         match self {
             Kind::Image => make(options, stage_image::ImageSource::new),
             Kind::QemuNbd => make(options, stage_qemu_nbd::QemuNbd::new),
+            Kind::Nbd => make(options, stage_nbd::NbdSource::new),
             Kind::Full => make(options, stage_full_map::FullMap::new),
             Kind::DirtyBitmap => make(options, stage_dirty_bitmap::DirtyBitmap::new),
             Kind::Reader => make(options, stage_reader::Reader::new),
@@ -165,6 +174,7 @@ impl Kind {
         match self {
             Kind::Image => (None, Some(Disk)),
             Kind::QemuNbd => (None, Some(Disk)),
+            Kind::Nbd => (None, Some(Disk)),
             Kind::Full | Kind::DirtyBitmap => (Some(Disk), Some(Extent)),
             Kind::Reader => (Some(Extent), Some(Chunk)),
             Kind::Dedup => (Some(Chunk), Some(HashedChunk)),
@@ -188,6 +198,7 @@ impl Kind {
             Kind::DirtyBitmap => option_docs::<stage_dirty_bitmap::DirtyBitmapOptions>(
                 stage_dirty_bitmap::OPTION_DOCS,
             ),
+            Kind::Nbd => option_docs::<stage_nbd::NbdOptions>(stage_nbd::OPTION_DOCS),
             Kind::Full => {
                 option_docs::<stage_full_map::FullMapOptions>(stage_full_map::OPTION_DOCS)
             }

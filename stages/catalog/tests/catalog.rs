@@ -40,6 +40,7 @@ fn documented_message_types_match_the_built_stages() {
         let yaml = match kind {
             Kind::Image | Kind::QemuNbd => "path: /dev/null\n",
             Kind::DiskWriter => "path: /tmp/out.raw\n",
+            Kind::Nbd => "socket: /run/nbd.sock\ndisk: vda\n",
             _ => "{}\n",
         };
         let options = Options::from_yaml(yaml, true).unwrap();

@@ -1,27 +1,72 @@
-//! Disk writer stage (restores): writes verified chunks into raw images or block devices.
+//! Disk writer stage (restores): writes verified chunks into raw images, block devices or qcow2
+//! images.
 //!
 //! Workers write in parallel at each chunk's offset, so arrival order does not matter. A new image
-//! is written as `NAME.partial`, sized first so that zero chunks stay holes (sparse output), and
-//! renamed into place only when the whole run succeeded: a failed restore leaves no file that
-//! looks complete. Block devices are written in place, with zero chunks written out as zeros.
+//! is written as `NAME.partial` and renamed into place only when the whole run succeeded: a failed
+//! or interrupted restore leaves no file that looks complete (the cleanup action removes the
+//! `.partial`).
 //!
 //! `path` names the output file when one disk is restored; when it is an existing directory each
-//! disk goes to `DIR/DISK.raw`.
+//! disk goes to `DIR/DISK.raw` (`DIR/DISK.qcow2` with `format: qcow2`).
+//!
+//! # Raw (`format: raw`, the default)
+//! The `.partial` file is sized first so that zero chunks stay holes (sparse output) and written
+//! with `pwrite`; a background thread flushes what was written every [`FLUSH_EVERY`] bytes when
+//! `sync` is on. Block devices are written in place, with zero chunks written out as zeros.
+//!
+//! # qcow2 (`format: qcow2`)
+//! QEMU writes the format, so that the images are what QEMU itself would make: `qemu-img create`
+//! makes an empty `.partial` qcow2 of the disk's size (rounded up to 512 bytes: qcow2 sizes are
+//! whole sectors), and a private writable `qemu-nbd` serves it on a unix socket in a 0700
+//! directory under the system's temporary directory. The workers write every non-zero chunk over
+//! a pool of NBD connections (one per worker at most); zero chunks are not written at all, since
+//! a fresh qcow2 reads as zeros, so the image allocates only what holds data. The cleanup action
+//! that stops the server by its pid and removes its directory is registered before the server
+//! starts, so no `qemu-nbd` outlives the run whatever happens. When every stage succeeded, the
+//! stage flushes each connection (`sync`), disconnects, stops the server (which closes the image
+//! cleanly), fsyncs the file (`sync`) and renames it into place. qcow2 is written to files only,
+//! not to block devices.
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
+use std::io;
 use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use backflow_nbd::{Client, NbdError};
 use backflow_pipeline::{
     Disk, InvalidOption, Message, MessageType, Outcome, Payload, RunContext, Stage, StageError,
     StageIo, Work, Worker, stage::unexpected,
 };
 use serde::{Deserialize, Serialize};
+use stage_qemu_nbd::server::EXPORT_NAME;
+use stage_qemu_nbd::{ClientPool, QemuNbdServer, ServerConfig, ServerDir};
 
 pub const KIND: &str = "disk-writer";
+
+/// The format restored images are written in.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ImageFormat {
+    /// A plain image (sparse file) or a block device, written with `pwrite`.
+    #[default]
+    Raw,
+    /// A qcow2 image made by `qemu-img` and written through a private `qemu-nbd`.
+    Qcow2,
+}
+
+impl ImageFormat {
+    /// The name in specs and on the command line, also the extension of `DIR/DISK.EXT` files.
+    pub fn name(self) -> &'static str {
+        match self {
+            ImageFormat::Raw => "raw",
+            ImageFormat::Qcow2 => "qcow2",
+        }
+    }
+}
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -31,6 +76,9 @@ pub struct DiskWriterOptions {
     /// Make the data durable (fsync) before the restore reports success.
     #[serde(default = "yes")]
     pub sync: bool,
+    /// The format of the images written.
+    #[serde(default)]
+    pub format: ImageFormat,
 }
 
 impl Default for DiskWriterOptions {
@@ -38,6 +86,7 @@ impl Default for DiskWriterOptions {
         DiskWriterOptions {
             path: None,
             sync: true,
+            format: ImageFormat::Raw,
         }
     }
 }
@@ -49,11 +98,15 @@ fn yes() -> bool {
 pub const OPTION_DOCS: &[(&str, &str)] = &[
     (
         "path",
-        "output file for one disk, or an existing directory for DIR/DISK.raw per disk (required)",
+        "output file for one disk, or an existing directory for DIR/DISK.raw (DIR/DISK.qcow2) per disk (required)",
     ),
     (
         "sync",
         "make the restored data durable (fsync) before reporting success; flushing starts during the restore",
+    ),
+    (
+        "format",
+        "raw (sparse file or block device) or qcow2 (through a private writable qemu-nbd; files only)",
     ),
 ];
 
@@ -63,20 +116,30 @@ pub const OPTION_DOCS: &[(&str, &str)] = &[
 pub const FLUSH_EVERY: u64 = 128 << 20;
 
 struct Output {
-    file: Arc<File>,
+    sink: Sink,
     /// Where the data is written now, and where it goes once the run succeeded (same for devices).
     writing: PathBuf,
     final_path: PathBuf,
-    /// Holes need not be written: the file was created empty and sized.
-    sparse: bool,
     disk: Arc<Disk>,
     /// Bytes written, to trigger background flushes.
     written: AtomicU64,
 }
 
+enum Sink {
+    /// A raw image or a block device.
+    File {
+        file: Arc<File>,
+        /// Holes need not be written: the file was created empty and sized.
+        sparse: bool,
+    },
+    /// A fresh qcow2 image served by a private writable `qemu-nbd`: reads as zeros until written.
+    Qcow2 { pool: ClientPool, server: ServerDir },
+}
+
 pub struct DiskWriter {
     path: PathBuf,
     sync: bool,
+    format: ImageFormat,
     outputs: Mutex<HashMap<String, Arc<Output>>>,
     flusher: Mutex<Option<Flusher>>,
 }
@@ -98,18 +161,27 @@ impl DiskWriter {
         Ok(DiskWriter {
             path,
             sync: options.sync,
+            format: options.format,
             outputs: Mutex::new(HashMap::new()),
             flusher: Mutex::new(None),
         })
     }
 
-    fn output(&self, ctx: &RunContext, disk: &Arc<Disk>) -> Result<Arc<Output>, StageError> {
+    /// The output of `disk`, created by the first worker that gets one of its chunks. `workers`
+    /// is the stage's worker count: the most NBD connections a qcow2 output needs.
+    fn output(
+        &self,
+        ctx: &RunContext,
+        workers: usize,
+        disk: &Arc<Disk>,
+    ) -> Result<Arc<Output>, StageError> {
         let mut outputs = self.outputs.lock().unwrap();
         if let Some(out) = outputs.get(disk.name()) {
             return Ok(out.clone());
         }
         let target = if self.path.is_dir() {
-            self.path.join(format!("{}.raw", disk.name()))
+            self.path
+                .join(format!("{}.{}", disk.name(), self.format.name()))
         } else if outputs.is_empty() {
             self.path.clone()
         } else {
@@ -121,16 +193,26 @@ impl DiskWriter {
         let is_device = std::fs::metadata(&target)
             .map(|m| m.file_type().is_block_device())
             .unwrap_or(false);
-        let output = if is_device {
+        let output = if self.format == ImageFormat::Qcow2 {
+            if is_device {
+                return Err(StageError::Config(format!(
+                    "{} is a block device: qcow2 images are written to files (use format raw)",
+                    target.display()
+                )));
+            }
+            qcow2_output(ctx, workers, disk, target)?
+        } else if is_device {
             let file = OpenOptions::new()
                 .write(true)
                 .open(&target)
                 .map_err(|e| StageError::io(format!("opening {}", target.display()), e))?;
             Output {
-                file: Arc::new(file),
+                sink: Sink::File {
+                    file: Arc::new(file),
+                    sparse: false,
+                },
                 writing: target.clone(),
                 final_path: target,
-                sparse: false,
                 disk: disk.clone(),
                 written: AtomicU64::new(0),
             }
@@ -144,21 +226,14 @@ impl DiskWriter {
                 .map_err(|e| StageError::io(format!("creating {}", writing.display()), e))?;
             file.set_len(disk.size())
                 .map_err(|e| StageError::io(format!("sizing {}", writing.display()), e))?;
-            let partial = writing.clone();
-            ctx.on_cleanup(
-                format!("remove {}", partial.display()),
-                Box::new(move |outcome| {
-                    if *outcome != Outcome::Succeeded && partial.exists() {
-                        std::fs::remove_file(&partial).map_err(|e| e.to_string())?;
-                    }
-                    Ok(())
-                }),
-            );
+            remove_on_failure(ctx, &writing);
             Output {
-                file: Arc::new(file),
+                sink: Sink::File {
+                    file: Arc::new(file),
+                    sparse: true,
+                },
                 writing,
                 final_path: target,
-                sparse: true,
                 disk: disk.clone(),
                 written: AtomicU64::new(0),
             }
@@ -169,10 +244,144 @@ impl DiskWriter {
     }
 }
 
+/// Registers the removal of `partial` for when the run did not succeed.
+fn remove_on_failure(ctx: &RunContext, partial: &Path) {
+    let partial = partial.to_owned();
+    ctx.on_cleanup(
+        format!("remove {}", partial.display()),
+        Box::new(move |outcome| {
+            if *outcome != Outcome::Succeeded && partial.exists() {
+                std::fs::remove_file(&partial).map_err(|e| e.to_string())?;
+            }
+            Ok(())
+        }),
+    );
+}
+
+/// Creates `TARGET.partial` as an empty qcow2 of the disk's size and serves it writable through a
+/// private `qemu-nbd` with at most `connections` clients. The cleanup actions (remove the
+/// `.partial` unless the run succeeded; stop the server) are registered before either exists, so
+/// that a failure at any later step leaves nothing behind.
+fn qcow2_output(
+    ctx: &RunContext,
+    connections: usize,
+    disk: &Arc<Disk>,
+    target: PathBuf,
+) -> Result<Output, StageError> {
+    let writing = partial_path(&target);
+    // Absolute, so that QEMU never reads a `name:` prefix of a relative path as a protocol.
+    let image = std::path::absolute(&writing)
+        .map_err(|e| StageError::io(format!("resolving {}", writing.display()), e))?;
+    remove_on_failure(ctx, &writing);
+    if !disk.size().is_multiple_of(QCOW2_SECTOR) {
+        ctx.warn(format!(
+            "disk {} is {} bytes, not a multiple of {QCOW2_SECTOR}: its qcow2 image {} has a virtual size rounded up to {}",
+            disk.name(),
+            disk.size(),
+            target.display(),
+            disk.size().next_multiple_of(QCOW2_SECTOR)
+        ));
+    }
+    let created = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&image)
+        .arg(disk.size().to_string())
+        .output()
+        .map_err(|e| {
+            StageError::io(
+                format!("creating {}: running qemu-img", writing.display()),
+                e,
+            )
+        })?;
+    if !created.status.success() {
+        return Err(StageError::io(
+            format!("creating {} with qemu-img", writing.display()),
+            io::Error::other(format!(
+                "qemu-img exited with {}: {}",
+                created.status,
+                String::from_utf8_lossy(&created.stderr).trim()
+            )),
+        ));
+    }
+
+    let parent = std::env::temp_dir();
+    let server = ServerDir::create(&parent).map_err(|e| {
+        StageError::io(
+            format!(
+                "{}: creating a socket directory in {}",
+                writing.display(),
+                parent.display()
+            ),
+            e,
+        )
+    })?;
+    let stop = server.clone();
+    ctx.on_cleanup(
+        format!("stopping qemu-nbd for {}", writing.display()),
+        Box::new(move |_| stop.stop_and_remove()),
+    );
+    let started = QemuNbdServer::start(
+        &server,
+        &ServerConfig {
+            image: &image,
+            format: ImageFormat::Qcow2.name(),
+            connections,
+            read_only: false,
+            bitmaps: &[],
+        },
+    )
+    .map_err(|e| StageError::io(format!("{}: starting qemu-nbd", writing.display()), e))?;
+    let first = Client::connect_unix(started.socket(), EXPORT_NAME, &[])
+        .map_err(|e| nbd_error(format!("{}: connecting to qemu-nbd", writing.display()), e))?;
+    if first.is_read_only() {
+        return Err(StageError::Internal(format!(
+            "qemu-nbd serves {} read-only",
+            writing.display()
+        )));
+    }
+    if first.size() < disk.size() {
+        return Err(StageError::Internal(format!(
+            "qemu-nbd serves {} with {} bytes for a disk of {} bytes",
+            writing.display(),
+            first.size(),
+            disk.size()
+        )));
+    }
+    tracing::debug!(
+        disk = %disk.name(),
+        path = %writing.display(),
+        pid = started.pid(),
+        "qcow2 output served."
+    );
+    Ok(Output {
+        sink: Sink::Qcow2 {
+            pool: ClientPool::new(
+                started.socket().to_owned(),
+                EXPORT_NAME,
+                &[],
+                connections,
+                Some(first),
+            ),
+            server,
+        },
+        writing,
+        final_path: target,
+        disk: disk.clone(),
+        written: AtomicU64::new(0),
+    })
+}
+
+/// qcow2 virtual sizes are whole 512-byte sectors; `qemu-img create` rounds up.
+const QCOW2_SECTOR: u64 = 512;
+
+fn nbd_error(context: String, e: NbdError) -> StageError {
+    StageError::io(context, io::Error::other(e))
+}
+
 impl DiskWriter {
     /// Counts `bytes` written to `out` and, each time another [`FLUSH_EVERY`] bytes were written,
     /// asks the flusher to write back what is dirty. A busy flusher is not waited for.
-    fn written(&self, out: &Output, bytes: u64) {
+    fn written(&self, out: &Output, file: &Arc<File>, bytes: u64) {
         if !self.sync {
             return;
         }
@@ -198,7 +407,7 @@ impl DiskWriter {
             });
         }
         if let Some(f) = flusher.as_ref() {
-            let _ = f.requests.try_send(out.file.clone());
+            let _ = f.requests.try_send(file.clone());
         }
     }
 
@@ -249,26 +458,33 @@ impl Stage for DiskWriter {
                     chunk.disk.name()
                 )));
             }
-            let out = self.output(worker.ctx(), &chunk.disk)?;
-            let write_err = |e| {
-                StageError::io(
-                    format!(
-                        "writing {} at offset {}",
-                        out.writing.display(),
-                        chunk.offset()
-                    ),
-                    e,
+            let out = self.output(worker.ctx(), worker.count(), &chunk.disk)?;
+            let context = || {
+                format!(
+                    "writing {} at offset {}",
+                    out.writing.display(),
+                    chunk.offset()
                 )
             };
-            match &chunk.payload {
-                Payload::Raw(data) => {
-                    out.file
-                        .write_all_at(data, chunk.offset())
-                        .map_err(write_err)?;
+            let write_err = |e| StageError::io(context(), e);
+            match (&chunk.payload, &out.sink) {
+                (Payload::Raw(data), Sink::File { file, .. }) => {
+                    file.write_all_at(data, chunk.offset()).map_err(write_err)?;
                     worker.count_out(data.len() as u64);
-                    self.written(&out, data.len() as u64);
+                    self.written(&out, file, data.len() as u64);
                 }
-                Payload::Zero { count } if !out.sparse => {
+                (Payload::Raw(data), Sink::Qcow2 { pool, .. }) => {
+                    pool.with_client(|c| c.write_at(chunk.offset(), data))
+                        .map_err(|e| nbd_error(context(), e))?;
+                    worker.count_out(data.len() as u64);
+                }
+                (
+                    Payload::Zero { count },
+                    Sink::File {
+                        file,
+                        sparse: false,
+                    },
+                ) => {
                     let start = chunk.offset();
                     let end = ((chunk.index + count) * u64::from(chunk.disk.chunk_size))
                         .min(chunk.disk.size());
@@ -276,11 +492,12 @@ impl Stage for DiskWriter {
                     let mut at = start;
                     while at < end {
                         let n = ((end - at) as usize).min(ZERO_BLOCK);
-                        out.file.write_all_at(&zeros[..n], at).map_err(write_err)?;
+                        file.write_all_at(&zeros[..n], at).map_err(write_err)?;
                         at += n as u64;
                     }
                 }
-                Payload::Zero { .. } => {}
+                // Holes of a sized file, or a fresh qcow2: both read as zeros already.
+                (Payload::Zero { .. }, _) => {}
                 _ => return Err(unexpected(KIND, &Message::Chunk(chunk))),
             }
         }
@@ -292,10 +509,15 @@ impl Stage for DiskWriter {
         let outputs = self.outputs.lock().unwrap();
         let mut restored = Vec::new();
         for out in outputs.values() {
-            if self.sync {
-                out.file
-                    .sync_all()
-                    .map_err(|e| StageError::io(format!("syncing {}", out.writing.display()), e))?;
+            match &out.sink {
+                Sink::File { file, .. } => {
+                    if self.sync {
+                        file.sync_all().map_err(|e| {
+                            StageError::io(format!("syncing {}", out.writing.display()), e)
+                        })?;
+                    }
+                }
+                Sink::Qcow2 { pool, server } => self.close_qcow2(out, pool, server)?,
             }
             if out.writing != out.final_path {
                 std::fs::rename(&out.writing, &out.final_path).map_err(|e| {
@@ -317,9 +539,70 @@ impl Stage for DiskWriter {
                 "disk": out.disk.name(),
                 "path": out.final_path.display().to_string(),
                 "size": out.disk.size(),
+                "format": self.format.name(),
             }));
         }
         ctx.set_result("restored", serde_json::Value::Array(restored));
         Ok(())
+    }
+}
+
+impl DiskWriter {
+    /// Ends a qcow2 output before its rename: every write made durable over NBD (`sync`), the
+    /// clients disconnected, the server stopped (it closes the image, writing its metadata out),
+    /// then the file fsynced (`sync`) for what the close wrote.
+    fn close_qcow2(
+        &self,
+        out: &Output,
+        pool: &ClientPool,
+        server: &ServerDir,
+    ) -> Result<(), StageError> {
+        let path = out.writing.display();
+        if self.sync {
+            pool.for_each_idle(Client::flush)
+                .map_err(|e| nbd_error(format!("flushing {path} over NBD"), e))?;
+        }
+        pool.close_all()
+            .map_err(|e| nbd_error(format!("disconnecting from qemu-nbd for {path}"), e))?;
+        server.stop_and_remove().map_err(|e| {
+            StageError::io(format!("stopping qemu-nbd for {path}"), io::Error::other(e))
+        })?;
+        if self.sync {
+            File::open(&out.writing)
+                .and_then(|f| f.sync_all())
+                .map_err(|e| StageError::io(format!("syncing {path}"), e))?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn options(json: &str) -> Result<DiskWriterOptions, serde_json::Error> {
+        serde_json::from_str(json)
+    }
+
+    #[test]
+    fn format_defaults_to_raw_and_accepts_only_raw_and_qcow2() {
+        assert_eq!(
+            options(r#"{"path": "a"}"#).unwrap().format,
+            ImageFormat::Raw
+        );
+        assert_eq!(
+            options(r#"{"path": "a", "format": "qcow2"}"#)
+                .unwrap()
+                .format,
+            ImageFormat::Qcow2
+        );
+        let vmdk = options(r#"{"path": "a", "format": "vmdk"}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(vmdk.contains("raw") && vmdk.contains("qcow2"), "{vmdk}");
+        assert_eq!(
+            serde_json::to_value(DiskWriterOptions::default()).unwrap()["format"],
+            "raw"
+        );
     }
 }

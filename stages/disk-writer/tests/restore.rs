@@ -240,6 +240,7 @@ fn writer(to: &Path) -> Harness {
             DiskWriter::new(DiskWriterOptions {
                 path: Some(to.to_owned()),
                 sync: false,
+                ..Default::default()
             })
             .unwrap(),
         ))

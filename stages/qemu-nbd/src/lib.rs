@@ -19,6 +19,7 @@
 
 pub mod bitmap;
 pub mod export;
+pub mod pool;
 pub mod server;
 
 use std::path::PathBuf;
@@ -33,6 +34,7 @@ use serde::{Deserialize, Serialize};
 
 pub use bitmap::{BitmapChain, BitmapTracking};
 pub use export::NbdExport;
+pub use pool::ClientPool;
 pub use server::{QemuNbdServer, ServerConfig, ServerDir};
 
 pub const KIND: &str = "qemu-nbd";

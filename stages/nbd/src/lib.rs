@@ -1,0 +1,369 @@
+//! Source stage `nbd`: a disk read from an NBD export that someone else serves: a `qemu-nbd` or
+//! `nbdkit` started by hand, or (later) libvirt's pull-mode backup export.
+//!
+//! The difference from the `qemu-nbd` stage is ownership of the server: that stage starts a
+//! private server and stops it when the run ends; this one only connects. It neither starts nor
+//! stops anything, so a server that is missing at run time is an error naming the endpoint, and a
+//! server that outlives the run is whoever started it's business.
+//!
+//! Reading goes through [`stage_qemu_nbd::NbdExport`]: a pool of at most `connections` NBD
+//! clients, one request at a time each, and `base:allocation` so that ranges the server reports as
+//! zeros are never read.
+//!
+//! # Endpoints
+//! `socket` (a unix socket) is supported. `host` + `port` (TCP) are accepted by the options so
+//! that specs can be written against the final schema, but are refused by validation for now:
+//! [`NbdExport::open`] connects over unix sockets only.
+
+use std::io;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use backflow_pipeline::{
+    BlockSource, DiskSource, InvalidOption, Message, MessageType, Stage, StageError, StageIo, Work,
+    Worker,
+};
+use serde::{Deserialize, Serialize};
+use stage_qemu_nbd::NbdExport;
+
+pub const KIND: &str = "nbd";
+
+/// Default number of NBD connections: one per reader worker of the shipped specs.
+pub const DEFAULT_CONNECTIONS: usize = 2;
+
+/// Options of the `nbd` source.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct NbdOptions {
+    /// The server's unix socket; either this or `host` and `port`.
+    #[serde(default)]
+    pub socket: Option<PathBuf>,
+    /// The server's host name or address, for TCP.
+    #[serde(default)]
+    pub host: String,
+    /// The server's TCP port.
+    #[serde(default)]
+    pub port: Option<u16>,
+    /// The export name to ask for; servers that serve one export accept "".
+    #[serde(default)]
+    pub export: String,
+    /// The disk's name in the manifest (required: an export has no file name to take it from).
+    #[serde(default)]
+    pub disk: Option<String>,
+    /// The machine the snapshot belongs to; empty: the disk's name.
+    #[serde(default)]
+    pub vm: String,
+    /// Most NBD connections open at once.
+    #[serde(default = "default_connections")]
+    pub connections: usize,
+}
+
+fn default_connections() -> usize {
+    DEFAULT_CONNECTIONS
+}
+
+impl Default for NbdOptions {
+    fn default() -> Self {
+        NbdOptions {
+            socket: None,
+            host: String::new(),
+            port: None,
+            export: String::new(),
+            disk: None,
+            vm: String::new(),
+            connections: DEFAULT_CONNECTIONS,
+        }
+    }
+}
+
+/// Documentation of each option, for `backflow stages`.
+pub const OPTION_DOCS: &[(&str, &str)] = &[
+    (
+        "socket",
+        "the NBD server's unix socket; either this or host and port",
+    ),
+    (
+        "host",
+        "the NBD server's host, for TCP (not supported yet: use socket)",
+    ),
+    ("port", "the NBD server's TCP port, with host"),
+    ("export", "the export name; \"\" for a server's only export"),
+    ("disk", "the disk's name in the manifest (required)"),
+    (
+        "vm",
+        "the machine the snapshot belongs to; empty: the disk's name",
+    ),
+    ("connections", "most NBD connections open at once"),
+];
+
+/// Where the server listens.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Endpoint {
+    Unix(PathBuf),
+    Tcp { host: String, port: u16 },
+}
+
+impl Endpoint {
+    /// The export as an NBD URI (the syntax of qemu, libnbd and nbdcopy), for the manifest and
+    /// error messages.
+    pub fn uri(&self, export: &str) -> String {
+        match self {
+            Endpoint::Unix(socket) => format!("nbd+unix:///{export}?socket={}", socket.display()),
+            Endpoint::Tcp { host, port } if host.contains(':') => {
+                format!("nbd://[{host}]:{port}/{export}")
+            }
+            Endpoint::Tcp { host, port } => format!("nbd://{host}:{port}/{export}"),
+        }
+    }
+}
+
+/// The runtime value: connects when the run starts.
+#[derive(Debug)]
+pub struct NbdSource {
+    endpoint: Endpoint,
+    export: String,
+    disk: String,
+    vm: String,
+    connections: usize,
+}
+
+impl NbdSource {
+    pub fn new(options: NbdOptions) -> Result<Self, InvalidOption> {
+        let socket = options.socket.filter(|p| !p.as_os_str().is_empty());
+        let endpoint = match (socket, options.host.is_empty(), options.port) {
+            (Some(_), false, _) | (Some(_), _, Some(_)) => {
+                return Err(InvalidOption::new(
+                    "socket",
+                    "give either socket (unix) or host and port (TCP), not both",
+                ));
+            }
+            (Some(socket), true, None) => Endpoint::Unix(socket),
+            (None, true, None) => {
+                return Err(InvalidOption::new(
+                    "socket",
+                    "is required: the NBD server's unix socket (or host and port for TCP)",
+                ));
+            }
+            (None, false, None) => {
+                return Err(InvalidOption::new("port", "is required with host"));
+            }
+            (None, true, Some(_)) => {
+                return Err(InvalidOption::new("host", "is required with port"));
+            }
+            (None, false, Some(0)) => {
+                return Err(InvalidOption::new("port", "must be 1..65535"));
+            }
+            (None, false, Some(port)) => Endpoint::Tcp {
+                host: options.host,
+                port,
+            },
+        };
+        if let Endpoint::Tcp { .. } = endpoint {
+            return Err(InvalidOption::new(
+                "host",
+                "NBD over TCP is not supported yet; serve the export on a unix socket and set socket",
+            ));
+        }
+        let disk = options.disk.filter(|d| !d.is_empty()).ok_or_else(|| {
+            InvalidOption::new(
+                "disk",
+                "is required: the disk's name in the manifest (an export has no file name)",
+            )
+        })?;
+        if options.connections == 0 {
+            return Err(InvalidOption::new("connections", "must be at least 1"));
+        }
+        let vm = if options.vm.is_empty() {
+            disk.clone()
+        } else {
+            options.vm
+        };
+        Ok(NbdSource {
+            endpoint,
+            export: options.export,
+            disk,
+            vm,
+            connections: options.connections,
+        })
+    }
+
+    pub fn endpoint(&self) -> &Endpoint {
+        &self.endpoint
+    }
+
+    /// The export as an NBD URI.
+    pub fn uri(&self) -> String {
+        self.endpoint.uri(&self.export)
+    }
+
+    /// Connects to the export (once, to learn its size; the pool opens the other connections as
+    /// readers need them).
+    pub fn open(&self) -> Result<NbdExport, StageError> {
+        let uri = self.uri();
+        match &self.endpoint {
+            Endpoint::Unix(socket) => {
+                if !socket.exists() {
+                    return Err(StageError::io(
+                        format!(
+                            "NBD export {uri}: the socket {} does not exist (is the NBD server running?)",
+                            socket.display()
+                        ),
+                        io::Error::from(io::ErrorKind::NotFound),
+                    ));
+                }
+                NbdExport::open(
+                    socket.clone(),
+                    &self.export,
+                    PathBuf::from(&uri),
+                    self.connections,
+                )
+                .map_err(|e| StageError::io(format!("NBD export {uri}: connecting"), e))
+            }
+            Endpoint::Tcp { .. } => Err(StageError::Config(format!(
+                "NBD export {uri}: NBD over TCP is not supported yet"
+            ))),
+        }
+    }
+}
+
+impl Stage for NbdSource {
+    fn io(&self) -> StageIo {
+        StageIo {
+            input: None,
+            output: Some(MessageType::Disk),
+        }
+    }
+
+    fn work(&self) -> Work {
+        Work::Io
+    }
+
+    fn run(&self, worker: &mut Worker<'_>) -> Result<(), StageError> {
+        if worker.index() != 0 {
+            return Ok(());
+        }
+        let export = self.open()?;
+        tracing::debug!(export = %self.uri(), size = export.size(), "NBD export opened.");
+        let disk = DiskSource {
+            vm: self.vm.clone(),
+            name: self.disk.clone(),
+            location: PathBuf::from(self.uri()),
+            reader: Arc::new(export),
+            tracking: None,
+        };
+        let _ = worker.send(Message::Disk(Arc::new(disk)));
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn unix(socket: &str) -> NbdOptions {
+        NbdOptions {
+            socket: Some(socket.into()),
+            disk: Some("vda".into()),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn defaults() {
+        let stage = NbdSource::new(unix("/run/nbd.sock")).unwrap();
+        assert_eq!(stage.endpoint(), &Endpoint::Unix("/run/nbd.sock".into()));
+        assert_eq!(stage.vm, "vda");
+        assert_eq!(stage.connections, DEFAULT_CONNECTIONS);
+        assert_eq!(stage.uri(), "nbd+unix:///?socket=/run/nbd.sock");
+        let named = NbdSource::new(NbdOptions {
+            export: "vda".into(),
+            vm: "web01".into(),
+            ..unix("/run/nbd.sock")
+        })
+        .unwrap();
+        assert_eq!(named.vm, "web01");
+        assert_eq!(named.uri(), "nbd+unix:///vda?socket=/run/nbd.sock");
+    }
+
+    #[test]
+    fn options_deserialize_with_defaults() {
+        let options: NbdOptions =
+            serde_json::from_str(r#"{"socket": "/s", "disk": "vda"}"#).expect("valid options");
+        assert_eq!(options.connections, DEFAULT_CONNECTIONS);
+        assert!(serde_json::from_str::<NbdOptions>(r#"{"sokcet": "/s"}"#).is_err());
+    }
+
+    #[test]
+    fn invalid_options_name_the_option() {
+        let err = |o: NbdOptions| NbdSource::new(o).unwrap_err().option;
+        assert_eq!(
+            err(NbdOptions {
+                disk: Some("vda".into()),
+                ..Default::default()
+            }),
+            "socket"
+        );
+        assert_eq!(
+            err(NbdOptions {
+                disk: Some(String::new()),
+                ..unix("/s")
+            }),
+            "disk"
+        );
+        assert_eq!(
+            err(NbdOptions {
+                host: "127.0.0.1".into(),
+                port: Some(10809),
+                ..unix("/s")
+            }),
+            "socket"
+        );
+        assert_eq!(
+            err(NbdOptions {
+                socket: None,
+                host: "127.0.0.1".into(),
+                ..unix("/s")
+            }),
+            "port"
+        );
+        assert_eq!(
+            err(NbdOptions {
+                socket: None,
+                port: Some(10809),
+                ..unix("/s")
+            }),
+            "host"
+        );
+        assert_eq!(
+            err(NbdOptions {
+                connections: 0,
+                ..unix("/s")
+            }),
+            "connections"
+        );
+        // Until NbdExport can connect over TCP.
+        assert_eq!(
+            err(NbdOptions {
+                socket: None,
+                host: "127.0.0.1".into(),
+                port: Some(10809),
+                ..unix("/s")
+            }),
+            "host"
+        );
+    }
+
+    #[test]
+    fn tcp_uris() {
+        let v4 = Endpoint::Tcp {
+            host: "127.0.0.1".into(),
+            port: 10809,
+        };
+        assert_eq!(v4.uri("vda"), "nbd://127.0.0.1:10809/vda");
+        let v6 = Endpoint::Tcp {
+            host: "::1".into(),
+            port: 10809,
+        };
+        assert_eq!(v6.uri(""), "nbd://[::1]:10809/");
+    }
+}

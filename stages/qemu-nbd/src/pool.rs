@@ -1,0 +1,328 @@
+//! A pool of NBD connections to one export, shared by the workers of a stage.
+//!
+//! An NBD [`Client`] serves one request at a time (`&mut self`), while a stage reads or writes with
+//! several workers. [`ClientPool::with_client`] lends a client for one closure: an idle one, or a
+//! new connection while fewer than `max_connections` exist, or else it waits until one comes back.
+//! A client comes back only if the closure succeeded: after a failed request its stream may be out
+//! of step, so it is dropped and a later call connects afresh.
+//!
+//! The pool knows nothing of reads or writes: the export reader (`base:allocation` reads) and the
+//! disk writer (writes into a qcow2) both use it.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
+
+use backflow_nbd::{Client, Result};
+
+#[derive(Debug)]
+pub struct ClientPool {
+    socket: PathBuf,
+    export: String,
+    /// Meta contexts every connection negotiates (none for plain reads and writes).
+    contexts: Vec<String>,
+    max_connections: usize,
+    state: Mutex<State>,
+    returned: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    idle: Vec<Client>,
+    /// Clients in existence: idle, lent out, or being connected.
+    open: usize,
+}
+
+impl ClientPool {
+    /// A pool of at most `max_connections` (at least one) connections to `export` on the unix
+    /// socket `socket`. `first` is a client the caller already connected (to learn the export's
+    /// size, say); it joins the pool as an idle client and counts against the maximum.
+    pub fn new(
+        socket: PathBuf,
+        export: &str,
+        contexts: &[&str],
+        max_connections: usize,
+        first: Option<Client>,
+    ) -> ClientPool {
+        let idle: Vec<Client> = first.into_iter().collect();
+        ClientPool {
+            socket,
+            export: export.to_owned(),
+            contexts: contexts.iter().map(|c| (*c).to_owned()).collect(),
+            max_connections: max_connections.max(1),
+            state: Mutex::new(State {
+                open: idle.len(),
+                idle,
+            }),
+            returned: Condvar::new(),
+        }
+    }
+
+    /// Connects the first client now, so that a server that cannot be reached fails here, and
+    /// keeps it in the pool.
+    pub fn connect(
+        socket: PathBuf,
+        export: &str,
+        contexts: &[&str],
+        max_connections: usize,
+    ) -> Result<ClientPool> {
+        let first = Client::connect_unix(&socket, export, contexts)?;
+        Ok(ClientPool::new(
+            socket,
+            export,
+            contexts,
+            max_connections,
+            Some(first),
+        ))
+    }
+
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    pub fn export(&self) -> &str {
+        &self.export
+    }
+
+    pub fn max_connections(&self) -> usize {
+        self.max_connections
+    }
+
+    /// Connections that exist now: idle or lent out.
+    pub fn open_connections(&self) -> usize {
+        self.lock().open
+    }
+
+    /// Runs `f` on a pooled client. The client goes back to the pool only if `f` succeeded; a
+    /// failed one (or one whose closure panicked) is dropped and its slot freed.
+    pub fn with_client<T>(&self, f: impl FnOnce(&mut Client) -> Result<T>) -> Result<T> {
+        let mut lent = Lent {
+            pool: self,
+            client: Some(self.take()?),
+        };
+        let value = f(lent.client.as_mut().expect("a lent client"))?;
+        lent.give_back();
+        Ok(value)
+    }
+
+    /// Runs `f` on every idle client, one after the other (for example a flush on each connection
+    /// once the writers are done: NBD promises a flush only for the writes of its own connection).
+    /// Clients for which `f` failed are dropped; every client is tried, the first error returned.
+    pub fn for_each_idle(&self, mut f: impl FnMut(&mut Client) -> Result<()>) -> Result<()> {
+        let clients = std::mem::take(&mut self.lock().idle);
+        let mut first_error = None;
+        let mut lent: Vec<Lent<'_>> = clients
+            .into_iter()
+            .map(|client| Lent {
+                pool: self,
+                client: Some(client),
+            })
+            .collect();
+        for mut one in lent.drain(..) {
+            match f(one.client.as_mut().expect("a lent client")) {
+                Ok(()) => one.give_back(),
+                // Dropping `one` forgets the client.
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    /// Disconnects every idle client politely (`NBD_CMD_DISC`) and returns the first error.
+    /// Clients lent out at the time are not touched; the pool stays usable and would connect again.
+    pub fn close_all(&self) -> Result<()> {
+        let clients = {
+            let mut state = self.lock();
+            let clients = std::mem::take(&mut state.idle);
+            state.open -= clients.len();
+            clients
+        };
+        self.returned.notify_all();
+        let mut first_error = None;
+        for client in clients {
+            if let Err(e) = client.close() {
+                first_error.get_or_insert(e);
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    fn take(&self) -> Result<Client> {
+        let mut state = self.lock();
+        loop {
+            if let Some(client) = state.idle.pop() {
+                return Ok(client);
+            }
+            if state.open < self.max_connections {
+                state.open += 1;
+                drop(state);
+                let contexts: Vec<&str> = self.contexts.iter().map(String::as_str).collect();
+                return Client::connect_unix(&self.socket, &self.export, &contexts).inspect_err(
+                    |_| {
+                        self.forget_one();
+                    },
+                );
+            }
+            state = self
+                .returned
+                .wait(state)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+
+    fn forget_one(&self) {
+        self.lock().open -= 1;
+        self.returned.notify_one();
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// A client lent out by [`ClientPool::with_client`]: given back explicitly on success, forgotten
+/// (its slot freed) when dropped otherwise, so that a failing or panicking closure cannot leak a
+/// slot and leave the other workers waiting forever.
+struct Lent<'a> {
+    pool: &'a ClientPool,
+    client: Option<Client>,
+}
+
+impl Lent<'_> {
+    fn give_back(mut self) {
+        if let Some(client) = self.client.take() {
+            self.pool.lock().idle.push(client);
+            self.pool.returned.notify_one();
+        }
+    }
+}
+
+impl Drop for Lent<'_> {
+    fn drop(&mut self) {
+        if let Some(client) = self.client.take() {
+            drop(client);
+            self.pool.forget_one();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Against a real read-only `qemu-nbd` on a small raw image (needs `qemu-nbd` on the PATH).
+
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    use super::*;
+    use crate::server::{EXPORT_NAME, QemuNbdServer, ServerConfig, ServerDir};
+
+    const SIZE: u64 = 1 << 20;
+
+    /// A server on a 1 MiB raw image whose byte `i` is `i % 251`; stopped when dropped.
+    struct Served {
+        _tmp: tempfile::TempDir,
+        dir: ServerDir,
+        socket: PathBuf,
+    }
+
+    impl Drop for Served {
+        fn drop(&mut self) {
+            self.dir.stop_and_remove().unwrap();
+        }
+    }
+
+    fn served(connections: usize) -> Served {
+        let tmp = tempfile::tempdir().unwrap();
+        let image = tmp.path().join("disk.raw");
+        let data: Vec<u8> = (0..SIZE).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&image, data).unwrap();
+        let dir = ServerDir::create(tmp.path()).unwrap();
+        let server =
+            QemuNbdServer::start(&dir, &ServerConfig::read_only(&image, "raw", connections))
+                .unwrap();
+        Served {
+            socket: server.socket().to_owned(),
+            dir,
+            _tmp: tmp,
+        }
+    }
+
+    #[test]
+    fn never_more_connections_than_the_maximum_and_reused_after() {
+        let s = served(4);
+        let pool = ClientPool::new(s.socket.clone(), EXPORT_NAME, &[], 2, None);
+        let busy = AtomicUsize::new(0);
+        let most = AtomicUsize::new(0);
+        std::thread::scope(|scope| {
+            for t in 0..6u64 {
+                let (pool, busy, most) = (&pool, &busy, &most);
+                scope.spawn(move || {
+                    for i in 0..5u64 {
+                        let at = (t * 5 + i) * 4096;
+                        let mut buf = [0u8; 16];
+                        pool.with_client(|c| {
+                            let now = busy.fetch_add(1, Ordering::SeqCst) + 1;
+                            most.fetch_max(now, Ordering::SeqCst);
+                            std::thread::sleep(Duration::from_millis(2));
+                            let r = c.read_at(at, &mut buf);
+                            busy.fetch_sub(1, Ordering::SeqCst);
+                            r
+                        })
+                        .unwrap();
+                        assert_eq!(buf[0], (at % 251) as u8);
+                    }
+                });
+            }
+        });
+        assert_eq!(most.load(Ordering::SeqCst), 2);
+        assert_eq!(pool.open_connections(), 2);
+        pool.close_all().unwrap();
+        assert_eq!(pool.open_connections(), 0);
+    }
+
+    #[test]
+    fn a_first_client_is_used_and_a_failed_client_is_dropped() {
+        let s = served(2);
+        let first = Client::connect_unix(&s.socket, EXPORT_NAME, &[]).unwrap();
+        assert_eq!(first.size(), SIZE);
+        let pool = ClientPool::new(s.socket.clone(), EXPORT_NAME, &[], 1, Some(first));
+        assert_eq!(pool.open_connections(), 1);
+
+        // A read past the end fails: that client is not given back.
+        let mut buf = [0u8; 8];
+        assert!(pool.with_client(|c| c.read_at(SIZE, &mut buf)).is_err());
+        assert_eq!(pool.open_connections(), 0);
+
+        // The only slot is free again: the next call connects a new client.
+        pool.with_client(|c| c.read_at(251, &mut buf)).unwrap();
+        assert_eq!(buf[0], 0);
+        assert_eq!(pool.open_connections(), 1);
+
+        // A panicking closure frees its slot too.
+        let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            pool.with_client(|_| -> Result<()> { panic!("boom") })
+        }));
+        assert!(caught.is_err());
+        assert_eq!(pool.open_connections(), 0);
+
+        pool.with_client(|c| c.read_at(0, &mut buf)).unwrap();
+        let mut calls = 0;
+        pool.for_each_idle(|c| {
+            calls += 1;
+            c.read_at(8, &mut buf)
+        })
+        .unwrap();
+        assert_eq!(calls, 1);
+        assert_eq!(buf[0], 8);
+        pool.close_all().unwrap();
+        assert_eq!(pool.open_connections(), 0);
+    }
+
+    #[test]
+    fn connect_fails_when_nothing_listens() {
+        let tmp = tempfile::tempdir().unwrap();
+        let err = ClientPool::connect(tmp.path().join("sock"), EXPORT_NAME, &[], 2).unwrap_err();
+        assert!(err.to_string().contains("sock"), "{err}");
+    }
+}
