@@ -23,6 +23,9 @@ command -v qemu-nbd >/dev/null && command -v qemu-img >/dev/null || need+=(qemu-
 # newer qemu-utils stays.
 command -v nbdkit >/dev/null || need+=(nbdkit)
 command -v nbdinfo >/dev/null || need+=(libnbd-bin)
+# python3 writes the NBD fuzzer's seed conversations (fuzz/make_seeds.py); libFuzzer itself is built
+# by cargo-fuzz with the C++ compiler of build-essential.
+command -v python3 >/dev/null || need+=(python3)
 if [ ${#need[@]} -gt 0 ]; then
   echo "setup: installing ${need[*]}" >&2
   $SUDO apt-get update -qq

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite: installs what is missing, then runs every test of the workspace
 # (unit tests, integration tests against real files, repositories and processes, every spec file,
-# the 2 GiB round trip), in release mode. Ends with one line: "tests: N passed, N failed, N skipped".
+# the 2 GiB round trip), in release mode, then fuzzes the NBD client for 30 s (scripts/fuzz.sh).
+# Ends with one line: "tests: N passed, N failed, N skipped".
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -10,6 +11,7 @@ log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 status=0
 cargo test --release --workspace "$@" 2>&1 | tee "$log" || status=$?
+bash scripts/fuzz.sh 30 || status=$?  # the NBD reply parser under libFuzzer; a crash fails the run
 awk '/^test result:/ { passed += $4; failed += $6; ignored += $8 }
      END { printf "tests: %d passed, %d failed, %d skipped\n", passed, failed, ignored }' "$log"
 exit "$status"
