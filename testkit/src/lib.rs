@@ -134,9 +134,22 @@ pub fn restore_with_spec(repo: &Path, to: &Path, sync: bool) -> RunReport {
 
 /// [`restore_with_spec`] writing images in `format` (`raw` or `qcow2`).
 pub fn restore_with_format(repo: &Path, to: &Path, sync: bool, format: &str) -> RunReport {
+    restore_snapshot(repo, "latest", to, sync, format)
+}
+
+/// Restores `snapshot` (an id, or `latest`) of `repo` to `to` in `format` with
+/// `specs/restore.yaml`.
+pub fn restore_snapshot(
+    repo: &Path,
+    snapshot: &str,
+    to: &Path,
+    sync: bool,
+    format: &str,
+) -> RunReport {
     let spec = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../specs/restore.yaml");
     let vars = [
         ("repo", repo.display().to_string()),
+        ("snapshot", snapshot.to_owned()),
         ("to", to.display().to_string()),
         ("sync", sync.to_string()),
         ("format", format.to_owned()),

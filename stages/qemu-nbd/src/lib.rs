@@ -229,10 +229,18 @@ impl Stage for QemuNbd {
                 let chain = BitmapChain::inspect(&self.path, prefix).map_err(|e| {
                     StageError::io(format!("image {image}: reading its bitmaps"), e)
                 })?;
-                chain.add_next().map_err(|e| {
-                    StageError::io(format!("image {image}: adding bitmap {}", chain.next()), e)
-                })?;
-                Some(Arc::new(chain))
+                // Without a bitmap of its own this run cannot start the next link: it reads
+                // everything (the map stage says so) rather than fail.
+                match chain.add_next() {
+                    Ok(()) => Some(Arc::new(chain)),
+                    Err(e) => {
+                        worker.ctx().warn(format!(
+                            "image {image}: changes cannot be tracked: adding bitmap {}: {e}",
+                            chain.next()
+                        ));
+                        None
+                    }
+                }
             }
             None => None,
         };
