@@ -20,75 +20,25 @@
 use std::sync::Arc;
 
 use backflow_pipeline::{
-    ByteSize, Changes, Disk, InvalidOption, Message, MessageType, ParentChunks, Stage, StageError,
-    StageIo, Work, Worker, stage::unexpected,
+    Changes, Disk, InvalidOption, Message, MessageType, ParentChunks, Stage, StageError, StageIo,
+    Work, Worker, stage::unexpected,
 };
-use serde::{Deserialize, Serialize};
-use stage_full_map::{
-    DEFAULT_MAX_EXTENT_CHUNKS, check_chunk_size, find_parent, plan_chunks, plan_incremental,
-    send_plan,
-};
+use stage_full_map::{MapSettings, find_parent, plan_chunks, plan_incremental, send_plan};
 
 pub const KIND: &str = "dirty-bitmap";
 
-#[derive(Clone, Debug, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct DirtyBitmapOptions {
-    /// Chunk size when the pipeline has no repository; with one, the repository's is used.
-    #[serde(default)]
-    pub chunk_size: Option<ByteSize>,
-    /// Largest extent handed to one reader, in chunks.
-    #[serde(default = "default_max_extent_chunks")]
-    pub max_extent_chunks: u64,
-}
-
-impl Default for DirtyBitmapOptions {
-    fn default() -> Self {
-        DirtyBitmapOptions {
-            chunk_size: None,
-            max_extent_chunks: DEFAULT_MAX_EXTENT_CHUNKS,
-        }
-    }
-}
-
-fn default_max_extent_chunks() -> u64 {
-    DEFAULT_MAX_EXTENT_CHUNKS
-}
-
-pub const OPTION_DOCS: &[(&str, &str)] = &[
-    (
-        "chunk_size",
-        "chunk size without a repository (with one, the repository's chunk size is used)",
-    ),
-    (
-        "max_extent_chunks",
-        "largest extent handed to one reader worker, in chunks",
-    ),
-];
+/// The same options as `full`: where the chunk size comes from, and how long an extent may be.
+pub use stage_full_map::{FullMapOptions as DirtyBitmapOptions, OPTION_DOCS};
 
 #[derive(Debug)]
 pub struct DirtyBitmap {
-    chunk_size: Option<u32>,
-    max_extent_chunks: u64,
+    settings: MapSettings,
 }
 
 impl DirtyBitmap {
     pub fn new(options: DirtyBitmapOptions) -> Result<Self, InvalidOption> {
-        let chunk_size = match options.chunk_size {
-            Some(size) => Some(
-                check_chunk_size(size.bytes()).map_err(|e| InvalidOption::new("chunk_size", e))?,
-            ),
-            None => None,
-        };
-        if options.max_extent_chunks == 0 {
-            return Err(InvalidOption::new(
-                "max_extent_chunks",
-                "must be at least 1",
-            ));
-        }
         Ok(DirtyBitmap {
-            chunk_size,
-            max_extent_chunks: options.max_extent_chunks,
+            settings: MapSettings::new(options)?,
         })
     }
 }
@@ -110,10 +60,7 @@ impl Stage for DirtyBitmap {
             let Message::Disk(source) = message else {
                 return Err(unexpected(KIND, &message));
             };
-            let chunk_size = match worker.ctx().repository() {
-                Ok(repo) => repo.chunk_size(),
-                Err(e) => self.chunk_size.ok_or(e)?,
-            };
+            let chunk_size = self.settings.chunk_size(worker)?;
             let name = source.name.clone();
             let parent = find_parent(worker, &source, chunk_size)?;
             let allocated = source
@@ -148,7 +95,7 @@ impl Stage for DirtyBitmap {
                         chunk_size,
                         &dirty,
                         allocated.as_deref(),
-                        self.max_extent_chunks,
+                        self.settings.max_extent_chunks,
                     )
                 }
                 Changes::Unknown(reason) => {
@@ -167,7 +114,7 @@ impl Stage for DirtyBitmap {
                         size,
                         chunk_size,
                         allocated.as_deref(),
-                        self.max_extent_chunks,
+                        self.settings.max_extent_chunks,
                     )
                 }
             };

@@ -75,7 +75,12 @@ fn plan(
         tracking,
     };
     let (report, out) = harness.run(vec![Message::Disk(Arc::new(source))]);
-    assert_eq!(report.outcome, OutcomeKind::Succeeded, "{:?}", report.errors);
+    assert_eq!(
+        report.outcome,
+        OutcomeKind::Succeeded,
+        "{:?}",
+        report.errors
+    );
     let mut runs: Vec<_> = out
         .into_iter()
         .map(|m| match m {
@@ -128,8 +133,14 @@ fn uncertain_changes_mean_a_full_read_and_a_warning_naming_why() {
     assert_eq!(runs, vec![(0, CHUNKS, ExtentClass::Data)]);
     assert_eq!(warnings.len(), 1, "{warnings:?}");
     let w = &warnings[0];
-    assert!(w.contains("vda") && w.contains("bitmap b.1 is disabled"), "{w}");
-    assert!(w.contains("reading all of it") && w.contains(&parent), "{w}");
+    assert!(
+        w.contains("vda") && w.contains("bitmap b.1 is disabled"),
+        "{w}"
+    );
+    assert!(
+        w.contains("reading all of it") && w.contains(&parent),
+        "{w}"
+    );
 }
 
 #[test]

@@ -55,13 +55,14 @@ pub const OPTION_DOCS: &[(&str, &str)] = &[
     ),
 ];
 
-#[derive(Debug)]
-pub struct FullMap {
+/// The validated options of a changed-block map (`full`, `dirty-bitmap`).
+#[derive(Clone, Copy, Debug)]
+pub struct MapSettings {
     chunk_size: Option<u32>,
-    max_extent_chunks: u64,
+    pub max_extent_chunks: u64,
 }
 
-impl FullMap {
+impl MapSettings {
     pub fn new(options: FullMapOptions) -> Result<Self, InvalidOption> {
         let chunk_size = match options.chunk_size {
             Some(size) => Some(
@@ -75,9 +76,30 @@ impl FullMap {
                 "must be at least 1",
             ));
         }
-        Ok(FullMap {
+        Ok(MapSettings {
             chunk_size,
             max_extent_chunks: options.max_extent_chunks,
+        })
+    }
+
+    /// The repository's chunk size, or the option's when the pipeline has no repository.
+    pub fn chunk_size(&self, worker: &Worker<'_>) -> Result<u32, StageError> {
+        match worker.ctx().repository() {
+            Ok(repo) => Ok(repo.chunk_size()),
+            Err(e) => self.chunk_size.ok_or(e),
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct FullMap {
+    settings: MapSettings,
+}
+
+impl FullMap {
+    pub fn new(options: FullMapOptions) -> Result<Self, InvalidOption> {
+        Ok(FullMap {
+            settings: MapSettings::new(options)?,
         })
     }
 }
@@ -339,10 +361,7 @@ impl Stage for FullMap {
             let Message::Disk(source) = message else {
                 return Err(unexpected(KIND, &message));
             };
-            let chunk_size = match worker.ctx().repository() {
-                Ok(repo) => repo.chunk_size(),
-                Err(e) => self.chunk_size.ok_or(e)?,
-            };
+            let chunk_size = self.settings.chunk_size(worker)?;
             let parent = find_parent(worker, &source, chunk_size)?;
             let allocated = source.reader.allocated().map_err(|e| {
                 StageError::io(format!("mapping allocated ranges of {}", source.name), e)
@@ -357,7 +376,7 @@ impl Stage for FullMap {
                 disk.size(),
                 chunk_size,
                 allocated.as_deref(),
-                self.max_extent_chunks,
+                self.settings.max_extent_chunks,
             );
             if send_plan(worker, &disk, plan).is_err() {
                 return Ok(());
