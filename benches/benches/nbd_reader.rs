@@ -1,13 +1,19 @@
 //! `reader` over NBD: reading every chunk of a fully allocated 64 MiB qcow2 (pseudo-random data,
 //! nothing to skip, no zero chunks) through a `qemu-nbd` export, as the `qemu-nbd` and `nbd`
 //! sources hand it to the reader. Compared with `reader/mixed` (pread from the page cache), this
-//! measures the NBD round trips: one request per chunk per worker, each worker on its own
-//! connection from the export's pool. The server runs for the whole benchmark, its qcow2 in the
-//! page cache; connections stay open between runs, as they do during one backup.
+//! measures the NBD round trips, each worker on its own connection from the export's pool:
+//! - `qcow2-random`: what the reader does, a group of chunks per `read_chunks_at`, pipelined on
+//!   one connection (several requests in flight);
+//! - `qcow2-random/per-chunk`: the same export behind a source that only has `read_exact_at`
+//!   (the trait's default `read_chunks_at`), so one request per chunk, each waiting for its reply.
+//!
+//! The server runs for the whole benchmark, its qcow2 in the page cache; connections stay open
+//! between runs, as they do during one backup.
 //!
 //! Needs `qemu-img` and `qemu-nbd` on the PATH: without them the benchmark panics, it does not
 //! skip.
 
+use std::io;
 use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
@@ -15,7 +21,7 @@ use std::sync::Arc;
 use backflow_benches::{
     CHUNK_SIZE, DATA_BYTES, SEED, bench_case, case_id, criterion_config, harness,
 };
-use backflow_pipeline::{Disk, DiskSource, Extent, Message};
+use backflow_pipeline::{BlockSource, Disk, DiskSource, Extent, Message};
 use criterion::{Criterion, SamplingMode, Throughput, criterion_group, criterion_main};
 use stage_qemu_nbd::{NbdExport, QemuNbdServer, ServerConfig, ServerDir, server::EXPORT_NAME};
 use stage_reader::{Reader, ReaderOptions};
@@ -51,12 +57,33 @@ fn run_tool(program: &str, args: &[&str]) {
     );
 }
 
+/// The export without its `read_chunks_at`: every chunk is its own request, as before the reader
+/// read in groups.
+#[derive(Debug)]
+struct PerChunk(Arc<NbdExport>);
+
+impl BlockSource for PerChunk {
+    fn size(&self) -> u64 {
+        self.0.size()
+    }
+
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.0.read_exact_at(buf, offset)
+    }
+
+    fn allocated(&self) -> io::Result<Option<Vec<(u64, u64)>>> {
+        self.0.allocated()
+    }
+}
+
 /// A qemu-nbd serving a fully allocated qcow2 from a temporary directory; stopped by its pid when
 /// dropped.
 struct Export {
     dir: tempfile::TempDir,
     server_dir: ServerDir,
     disk: Arc<Disk>,
+    /// The same export read chunk by chunk ([`PerChunk`]).
+    per_chunk: Arc<Disk>,
 }
 
 impl Export {
@@ -87,34 +114,40 @@ impl Export {
         .unwrap_or_else(|e| {
             panic!("qemu-nbd is required for the nbd_reader benchmark (Debian: qemu-utils): {e}")
         });
-        let export = NbdExport::open(
-            server.socket().to_owned(),
-            EXPORT_NAME,
-            qcow2.clone(),
-            MAX_WORKERS,
-        )
-        .expect("opening the NBD export");
-        let disk = Arc::new(Disk {
-            source: Arc::new(DiskSource {
-                vm: "bench-nbd".into(),
-                name: "random".into(),
-                location: qcow2,
-                reader: Arc::new(export),
-                tracking: None,
-            }),
-            chunk_size: CHUNK_SIZE,
-            parent: None,
-        });
+        let export = Arc::new(
+            NbdExport::open(
+                server.socket().to_owned(),
+                EXPORT_NAME,
+                qcow2.clone(),
+                MAX_WORKERS,
+            )
+            .expect("opening the NBD export"),
+        );
+        let disk_over = |reader: Arc<dyn BlockSource>| {
+            Arc::new(Disk {
+                source: Arc::new(DiskSource {
+                    vm: "bench-nbd".into(),
+                    name: "random".into(),
+                    location: qcow2.clone(),
+                    reader,
+                    tracking: None,
+                }),
+                chunk_size: CHUNK_SIZE,
+                parent: None,
+            })
+        };
         Export {
             dir,
             server_dir,
-            disk,
+            per_chunk: disk_over(Arc::new(PerChunk(export.clone()))),
+            disk: disk_over(export),
         }
     }
 
-    /// The extents the `full` map plans from the export's `base:allocation`: all data here.
-    fn extents(&self) -> Vec<Message> {
-        let reader = &self.disk.source.reader;
+    /// The extents the `full` map plans from the export's `base:allocation` (all data here), over
+    /// `disk`.
+    fn extents(&self, disk: &Arc<Disk>) -> Vec<Message> {
+        let reader = &disk.source.reader;
         let allocated = reader.allocated().expect("NBD block status");
         let planned = stage_full_map::plan_chunks(
             reader.size(),
@@ -126,7 +159,7 @@ impl Export {
             .into_iter()
             .map(|(first, count, class)| {
                 Message::Extent(Extent {
-                    disk: self.disk.clone(),
+                    disk: disk.clone(),
                     first,
                     count,
                     class,
@@ -149,10 +182,15 @@ fn nbd_reader(c: &mut Criterion) {
     group.sampling_mode(SamplingMode::Flat);
     let export = Export::start(DATA_BYTES);
     group.throughput(Throughput::Bytes(export.disk.size()));
-    let extents = export.extents();
+    let cases = [
+        ("qcow2-random", export.extents(&export.disk)),
+        ("qcow2-random/per-chunk", export.extents(&export.per_chunk)),
+    ];
     for workers in [1, MAX_WORKERS] {
-        let harness = harness(Reader::new(ReaderOptions {}).unwrap(), workers);
-        bench_case!(group, case_id("qcow2-random", workers), harness, extents);
+        for (name, extents) in &cases {
+            let harness = harness(Reader::new(ReaderOptions {}).unwrap(), workers);
+            bench_case!(group, case_id(name, workers), harness, extents);
+        }
     }
     group.finish();
 }

@@ -65,6 +65,18 @@ pub trait BlockSource: Send + Sync + fmt::Debug {
     fn size(&self) -> u64;
     /// Fills `buf` from `offset`; reading past the end is an error.
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    /// Fills consecutive buffers from `offset`: `bufs[i]` receives the bytes right after those of
+    /// `bufs[i - 1]`. A source that can keep several requests in flight (NBD) overrides this so that
+    /// a run of chunks costs one round trip's latency instead of one per chunk; the default reads
+    /// the buffers one after the other.
+    fn read_chunks_at(&self, bufs: &mut [&mut [u8]], offset: u64) -> io::Result<()> {
+        let mut at = offset;
+        for buf in bufs.iter_mut() {
+            self.read_exact_at(buf, at)?;
+            at += buf.len() as u64;
+        }
+        Ok(())
+    }
     /// The allocated (possibly non-zero) ranges as `(offset, len)`, sorted and disjoint, when the
     /// source can tell cheaply; `None` means "assume everything is allocated".
     fn allocated(&self) -> io::Result<Option<Vec<(u64, u64)>>>;

@@ -7,13 +7,13 @@
 //! server that outlives the run is whoever started it's business.
 //!
 //! Reading goes through [`stage_qemu_nbd::NbdExport`]: a pool of at most `connections` NBD
-//! clients, one request at a time each, and `base:allocation` so that ranges the server reports as
-//! zeros are never read.
+//! clients, each lent to one reader at a time (which may keep several requests in flight on it),
+//! and `base:allocation` so that ranges the server reports as zeros are never read.
 //!
 //! # Endpoints
-//! `socket` (a unix socket) is supported. `host` + `port` (TCP) are accepted by the options so
-//! that specs can be written against the final schema, but are refused by validation for now:
-//! [`NbdExport::open`] connects over unix sockets only.
+//! Either `socket` (a unix socket) or `host` + `port` (TCP, plain: no TLS). The manifest records
+//! the export as an NBD URI (`nbd+unix:///NAME?socket=PATH`, `nbd://HOST:PORT/NAME`), and errors
+//! name it the same way.
 
 use std::io;
 use std::path::PathBuf;
@@ -25,6 +25,7 @@ use backflow_pipeline::{
 };
 use serde::{Deserialize, Serialize};
 use stage_qemu_nbd::NbdExport;
+pub use stage_qemu_nbd::pool::NbdAddress;
 
 pub const KIND: &str = "nbd";
 
@@ -84,7 +85,7 @@ pub const OPTION_DOCS: &[(&str, &str)] = &[
     ),
     (
         "host",
-        "the NBD server's host, for TCP (not supported yet: use socket)",
+        "the NBD server's host name or address, for TCP (plain, no TLS)",
     ),
     ("port", "the NBD server's TCP port, with host"),
     ("export", "the export name; \"\" for a server's only export"),
@@ -96,31 +97,10 @@ pub const OPTION_DOCS: &[(&str, &str)] = &[
     ("connections", "most NBD connections open at once"),
 ];
 
-/// Where the server listens.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Endpoint {
-    Unix(PathBuf),
-    Tcp { host: String, port: u16 },
-}
-
-impl Endpoint {
-    /// The export as an NBD URI (the syntax of qemu, libnbd and nbdcopy), for the manifest and
-    /// error messages.
-    pub fn uri(&self, export: &str) -> String {
-        match self {
-            Endpoint::Unix(socket) => format!("nbd+unix:///{export}?socket={}", socket.display()),
-            Endpoint::Tcp { host, port } if host.contains(':') => {
-                format!("nbd://[{host}]:{port}/{export}")
-            }
-            Endpoint::Tcp { host, port } => format!("nbd://{host}:{port}/{export}"),
-        }
-    }
-}
-
 /// The runtime value: connects when the run starts.
 #[derive(Debug)]
 pub struct NbdSource {
-    endpoint: Endpoint,
+    endpoint: NbdAddress,
     export: String,
     disk: String,
     vm: String,
@@ -137,7 +117,7 @@ impl NbdSource {
                     "give either socket (unix) or host and port (TCP), not both",
                 ));
             }
-            (Some(socket), true, None) => Endpoint::Unix(socket),
+            (Some(socket), true, None) => NbdAddress::Unix(socket),
             (None, true, None) => {
                 return Err(InvalidOption::new(
                     "socket",
@@ -153,17 +133,11 @@ impl NbdSource {
             (None, false, Some(0)) => {
                 return Err(InvalidOption::new("port", "must be 1..65535"));
             }
-            (None, false, Some(port)) => Endpoint::Tcp {
+            (None, false, Some(port)) => NbdAddress::Tcp {
                 host: options.host,
                 port,
             },
         };
-        if let Endpoint::Tcp { .. } = endpoint {
-            return Err(InvalidOption::new(
-                "host",
-                "NBD over TCP is not supported yet; serve the export on a unix socket and set socket",
-            ));
-        }
         let disk = options.disk.filter(|d| !d.is_empty()).ok_or_else(|| {
             InvalidOption::new(
                 "disk",
@@ -187,7 +161,7 @@ impl NbdSource {
         })
     }
 
-    pub fn endpoint(&self) -> &Endpoint {
+    pub fn endpoint(&self) -> &NbdAddress {
         &self.endpoint
     }
 
@@ -200,29 +174,25 @@ impl NbdSource {
     /// readers need them).
     pub fn open(&self) -> Result<NbdExport, StageError> {
         let uri = self.uri();
-        match &self.endpoint {
-            Endpoint::Unix(socket) => {
-                if !socket.exists() {
-                    return Err(StageError::io(
-                        format!(
-                            "NBD export {uri}: the socket {} does not exist (is the NBD server running?)",
-                            socket.display()
-                        ),
-                        io::Error::from(io::ErrorKind::NotFound),
-                    ));
-                }
-                NbdExport::open(
-                    socket.clone(),
-                    &self.export,
-                    PathBuf::from(&uri),
-                    self.connections,
-                )
-                .map_err(|e| StageError::io(format!("NBD export {uri}: connecting"), e))
-            }
-            Endpoint::Tcp { .. } => Err(StageError::Config(format!(
-                "NBD export {uri}: NBD over TCP is not supported yet"
-            ))),
+        if let NbdAddress::Unix(socket) = &self.endpoint
+            && !socket.exists()
+        {
+            return Err(StageError::io(
+                format!(
+                    "NBD export {uri}: the socket {} does not exist (is the NBD server running?)",
+                    socket.display()
+                ),
+                io::Error::from(io::ErrorKind::NotFound),
+            ));
         }
+        NbdExport::connect(
+            self.endpoint.clone(),
+            &self.export,
+            format!("NBD export {uri}"),
+            self.connections,
+            &[],
+        )
+        .map_err(|e| StageError::io(format!("NBD export {uri}: connecting"), e))
     }
 }
 
@@ -271,7 +241,7 @@ mod tests {
     #[test]
     fn defaults() {
         let stage = NbdSource::new(unix("/run/nbd.sock")).unwrap();
-        assert_eq!(stage.endpoint(), &Endpoint::Unix("/run/nbd.sock".into()));
+        assert_eq!(stage.endpoint(), &NbdAddress::Unix("/run/nbd.sock".into()));
         assert_eq!(stage.vm, "vda");
         assert_eq!(stage.connections, DEFAULT_CONNECTIONS);
         assert_eq!(stage.uri(), "nbd+unix:///?socket=/run/nbd.sock");
@@ -341,26 +311,45 @@ mod tests {
             }),
             "connections"
         );
-        // Until NbdExport can connect over TCP.
         assert_eq!(
             err(NbdOptions {
                 socket: None,
                 host: "127.0.0.1".into(),
-                port: Some(10809),
+                port: Some(0),
                 ..unix("/s")
             }),
-            "host"
+            "port"
         );
     }
 
     #[test]
+    fn tcp_endpoints() {
+        let stage = NbdSource::new(NbdOptions {
+            socket: None,
+            host: "127.0.0.1".into(),
+            port: Some(10809),
+            export: "vda".into(),
+            ..unix("/s")
+        })
+        .unwrap();
+        assert_eq!(
+            stage.endpoint(),
+            &NbdAddress::Tcp {
+                host: "127.0.0.1".into(),
+                port: 10809
+            }
+        );
+        assert_eq!(stage.uri(), "nbd://127.0.0.1:10809/vda");
+    }
+
+    #[test]
     fn tcp_uris() {
-        let v4 = Endpoint::Tcp {
+        let v4 = NbdAddress::Tcp {
             host: "127.0.0.1".into(),
             port: 10809,
         };
         assert_eq!(v4.uri("vda"), "nbd://127.0.0.1:10809/vda");
-        let v6 = Endpoint::Tcp {
+        let v6 = NbdAddress::Tcp {
             host: "::1".into(),
             port: 10809,
         };

@@ -34,7 +34,7 @@ use serde::{Deserialize, Serialize};
 
 pub use bitmap::{BitmapChain, BitmapTracking};
 pub use export::NbdExport;
-pub use pool::ClientPool;
+pub use pool::{ClientPool, NbdAddress};
 pub use server::{QemuNbdServer, ServerConfig, ServerDir};
 
 pub const KIND: &str = "qemu-nbd";

@@ -7,16 +7,55 @@
 //! of step, so it is dropped and a later call connects afresh.
 //!
 //! The pool knows nothing of reads or writes: the export reader (`base:allocation` reads) and the
-//! disk writer (writes into a qcow2) both use it.
+//! disk writer (writes into a qcow2) both use it. It connects over a unix socket or TCP
+//! ([`NbdAddress`]).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 
 use backflow_nbd::{Client, Result};
 
+/// Where an NBD server listens.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NbdAddress {
+    Unix(PathBuf),
+    /// `host` is a name or an address (IPv6 without brackets); every address it resolves to is
+    /// tried in turn.
+    Tcp {
+        host: String,
+        port: u16,
+    },
+}
+
+impl NbdAddress {
+    /// Opens a connection with the client's default timeout and negotiates `export` and `contexts`.
+    pub fn connect(&self, export: &str, contexts: &[&str]) -> Result<Client> {
+        match self {
+            NbdAddress::Unix(socket) => Client::connect_unix(socket, export, contexts),
+            NbdAddress::Tcp { host, port } => {
+                Client::connect_tcp((host.as_str(), *port), export, contexts)
+            }
+        }
+    }
+
+    /// `export` at this address as an NBD URI (the syntax of qemu, libnbd and nbdcopy), for
+    /// manifests and error messages.
+    pub fn uri(&self, export: &str) -> String {
+        match self {
+            NbdAddress::Unix(socket) => {
+                format!("nbd+unix:///{export}?socket={}", socket.display())
+            }
+            NbdAddress::Tcp { host, port } if host.contains(':') => {
+                format!("nbd://[{host}]:{port}/{export}")
+            }
+            NbdAddress::Tcp { host, port } => format!("nbd://{host}:{port}/{export}"),
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct ClientPool {
-    socket: PathBuf,
+    address: NbdAddress,
     export: String,
     /// Meta contexts every connection negotiates (none for plain reads and writes).
     contexts: Vec<String>,
@@ -34,8 +73,7 @@ struct State {
 
 impl ClientPool {
     /// A pool of at most `max_connections` (at least one) connections to `export` on the unix
-    /// socket `socket`. `first` is a client the caller already connected (to learn the export's
-    /// size, say); it joins the pool as an idle client and counts against the maximum.
+    /// socket `socket`: [`with_address`](Self::with_address) with [`NbdAddress::Unix`].
     pub fn new(
         socket: PathBuf,
         export: &str,
@@ -43,9 +81,28 @@ impl ClientPool {
         max_connections: usize,
         first: Option<Client>,
     ) -> ClientPool {
+        Self::with_address(
+            NbdAddress::Unix(socket),
+            export,
+            contexts,
+            max_connections,
+            first,
+        )
+    }
+
+    /// A pool of at most `max_connections` (at least one) connections to `export` at `address`.
+    /// `first` is a client the caller already connected (to learn the export's size, say); it
+    /// joins the pool as an idle client and counts against the maximum.
+    pub fn with_address(
+        address: NbdAddress,
+        export: &str,
+        contexts: &[&str],
+        max_connections: usize,
+        first: Option<Client>,
+    ) -> ClientPool {
         let idle: Vec<Client> = first.into_iter().collect();
         ClientPool {
-            socket,
+            address,
             export: export.to_owned(),
             contexts: contexts.iter().map(|c| (*c).to_owned()).collect(),
             max_connections: max_connections.max(1),
@@ -58,16 +115,27 @@ impl ClientPool {
     }
 
     /// Connects the first client now, so that a server that cannot be reached fails here, and
-    /// keeps it in the pool.
+    /// keeps it in the pool: [`connect_to`](Self::connect_to) a unix socket.
     pub fn connect(
         socket: PathBuf,
         export: &str,
         contexts: &[&str],
         max_connections: usize,
     ) -> Result<ClientPool> {
-        let first = Client::connect_unix(&socket, export, contexts)?;
-        Ok(ClientPool::new(
-            socket,
+        Self::connect_to(NbdAddress::Unix(socket), export, contexts, max_connections)
+    }
+
+    /// Connects the first client now, so that a server that cannot be reached fails here, and
+    /// keeps it in the pool.
+    pub fn connect_to(
+        address: NbdAddress,
+        export: &str,
+        contexts: &[&str],
+        max_connections: usize,
+    ) -> Result<ClientPool> {
+        let first = address.connect(export, contexts)?;
+        Ok(ClientPool::with_address(
+            address,
             export,
             contexts,
             max_connections,
@@ -75,8 +143,13 @@ impl ClientPool {
         ))
     }
 
-    pub fn socket(&self) -> &Path {
-        &self.socket
+    pub fn address(&self) -> &NbdAddress {
+        &self.address
+    }
+
+    /// The export as an NBD URI.
+    pub fn uri(&self) -> String {
+        self.address.uri(&self.export)
     }
 
     pub fn export(&self) -> &str {
@@ -158,11 +231,10 @@ impl ClientPool {
                 state.open += 1;
                 drop(state);
                 let contexts: Vec<&str> = self.contexts.iter().map(String::as_str).collect();
-                return Client::connect_unix(&self.socket, &self.export, &contexts).inspect_err(
-                    |_| {
-                        self.forget_one();
-                    },
-                );
+                return self
+                    .address
+                    .connect(&self.export, &contexts)
+                    .inspect_err(|_| self.forget_one());
             }
             state = self
                 .returned
