@@ -274,11 +274,15 @@ impl BitmapTracking {
 
 impl ChangeTracking for BitmapTracking {
     fn next_state(&self) -> serde_json::Value {
+        // The bitmap's random token is the disk's identity in the chain: only an image that
+        // carries this exact bitmap (this one, or a copy of it taken with its bitmaps) can answer
+        // for the changes since this snapshot. The path is for people reading the manifest.
         json!({
             "method": METHOD,
             "bitmap": self.chain.next,
             "granularity": GRANULARITY,
             "size": self.chain.size,
+            "image": self.chain.image.display().to_string(),
         })
     }
 
