@@ -8,27 +8,16 @@ mod common;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use backflow_testkit::qemu::{
+    assert_no_process_naming, bitmaps, compare_images, qemu_io, run_command,
+};
 use common::*;
 
 const CHUNK: u64 = 128 << 10;
 const GRANULE: u64 = 64 << 10;
-
-fn tool(program: &str, args: &[&str], paths: &[&Path]) -> Output {
-    let out = Command::new(program)
-        .args(args)
-        .args(paths)
-        .output()
-        .unwrap_or_else(|e| panic!("{program} is required for these tests: {e}"));
-    assert!(
-        out.status.success(),
-        "{program} {args:?} {paths:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
 
 /// One test's files. Its own TMPDIR keeps the servers' socket directories apart from other
 /// tests', so that "nothing left behind" can be checked.
@@ -48,10 +37,11 @@ impl Case {
         let raw = dir.path().join("source.raw");
         backflow_fixtures::generate_image(&raw, size, seed).unwrap();
         let image = dir.path().join("vm1.qcow2");
-        tool(
-            "qemu-img",
-            &["convert", "-q", "-f", "raw", "-O", "qcow2"],
-            &[&raw, &image],
+        run_command(
+            Command::new("qemu-img")
+                .args(["convert", "-q", "-f", "raw", "-O", "qcow2"])
+                .arg(&raw)
+                .arg(&image),
         );
         std::fs::remove_file(&raw).unwrap();
         let repo = dir.path().join("repo");
@@ -100,21 +90,21 @@ impl Case {
     /// qemu-io writes of 64 KiB (pattern varying per write) at each granule index.
     fn write(&self, granules: &[u64]) {
         for batch in granules.chunks(512) {
-            let mut cmd = Command::new("qemu-io");
-            cmd.args(["-f", "qcow2"]);
-            for (i, g) in batch.iter().enumerate() {
-                cmd.arg("-c").arg(format!(
-                    "write -P {} {} {}",
-                    1 + (g + i as u64) % 250,
-                    g * GRANULE,
-                    GRANULE
-                ));
-            }
-            let out = cmd.arg(&self.image).output().expect("qemu-io is required");
-            assert!(
-                out.status.success(),
-                "qemu-io: {}",
-                String::from_utf8_lossy(&out.stderr)
+            let writes: Vec<String> = batch
+                .iter()
+                .enumerate()
+                .map(|(i, g)| {
+                    format!(
+                        "write -P {} {} {}",
+                        1 + (g + i as u64) % 250,
+                        g * GRANULE,
+                        GRANULE
+                    )
+                })
+                .collect();
+            qemu_io(
+                &self.image,
+                &writes.iter().map(String::as_str).collect::<Vec<_>>(),
             );
         }
     }
@@ -129,18 +119,9 @@ impl Case {
                 "restore {id}: {}",
                 String::from_utf8_lossy(&restored.stderr)
             );
-            let compare = Command::new("qemu-img")
-                .args(["compare", "-f", "raw", "-F", "qcow2"])
-                .arg(&out)
-                .arg(copy)
-                .output()
-                .unwrap();
-            assert!(
-                compare.status.success(),
-                "snapshot {id} differs from {}: {}",
-                copy.display(),
-                String::from_utf8_lossy(&compare.stdout)
-            );
+            if let Err(verdict) = compare_images(&out, "raw", copy, "qcow2") {
+                panic!("snapshot {id} differs from {}: {verdict}", copy.display());
+            }
             std::fs::remove_file(&out).unwrap();
         }
     }
@@ -151,28 +132,10 @@ impl Case {
 
     /// No server still runs on the image and no socket directory is left.
     fn assert_nothing_left(&self) {
-        let needle = self.image.as_os_str().as_encoded_bytes();
-        let servers: Vec<u32> = std::fs::read_dir("/proc")
-            .unwrap()
-            .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-            .filter(|pid| {
-                std::fs::read(format!("/proc/{pid}/cmdline"))
-                    .is_ok_and(|c| c.windows(needle.len()).any(|w| w == needle))
-            })
-            .collect();
-        assert_eq!(servers, Vec::<u32>::new(), "qemu-nbd still runs");
+        assert_no_process_naming(&self.image);
         let left: Vec<_> = std::fs::read_dir(&self.tmp).unwrap().collect();
         assert!(left.is_empty(), "left in TMPDIR: {left:?}");
     }
-}
-
-fn bitmaps(image: &Path) -> Vec<serde_json::Value> {
-    let out = tool("qemu-img", &["info", "--output=json", "-U"], &[image]);
-    let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    info["format-specific"]["data"]["bitmaps"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default()
 }
 
 fn names(bitmaps: &[serde_json::Value]) -> Vec<String> {
@@ -267,16 +230,11 @@ fn a_2gib_qcow2_incremental_reads_only_the_dirty_chunks() {
 
 /// `qemu-img bitmap OP IMAGE NAME`.
 fn bitmap_op(image: &Path, op: &str, name: &str) {
-    let out = Command::new("qemu-img")
-        .args(["bitmap", op])
-        .arg(image)
-        .arg(name)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "qemu-img bitmap {op}: {}",
-        String::from_utf8_lossy(&out.stderr)
+    run_command(
+        Command::new("qemu-img")
+            .args(["bitmap", op])
+            .arg(image)
+            .arg(name),
     );
 }
 
@@ -340,16 +298,11 @@ fn a_disabled_bitmap_means_a_full_read_with_a_warning_and_is_retired() {
 fn a_resized_disk_means_a_full_read_with_a_warning() {
     let (mut case, full) = small_case(34);
     let base = assert_chain_bitmap(&case);
-    let out = Command::new("qemu-img")
-        .args(["resize", "-q", "-f", "qcow2"])
-        .arg(&case.image)
-        .arg("+16M")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    run_command(
+        Command::new("qemu-img")
+            .args(["resize", "-q", "-f", "qcow2"])
+            .arg(&case.image)
+            .arg("+16M"),
     );
     // Data in the new tail and in the old part.
     case.write(&[10, 1030]);

@@ -4,8 +4,9 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
 
+use backflow_testkit::qemu::{assert_images_equal, image_info};
 use common::*;
 
 fn restore_as(repo: &Path, to: &Path, format: &str) -> Output {
@@ -18,31 +19,16 @@ fn restore_as(repo: &Path, to: &Path, format: &str) -> Output {
         .unwrap()
 }
 
-fn qemu_img(args: &[&str], paths: &[&Path]) -> Output {
-    Command::new("qemu-img")
-        .args(args)
-        .args(paths)
-        .output()
-        .expect("qemu-img is required for these tests")
-}
-
+/// `qcow2` is a qcow2 image of the same size as `raw` that QEMU reads back equal to it.
 fn assert_qcow2_equals_raw(raw: &Path, qcow2: &Path) {
-    let info = qemu_img(&["info", "--output=json"], &[qcow2]);
-    assert!(info.status.success());
-    let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+    let info = image_info(qcow2);
     assert_eq!(info["format"], "qcow2", "{info}");
     assert_eq!(
         info["virtual-size"],
         std::fs::metadata(raw).unwrap().len(),
         "{info}"
     );
-    let compare = qemu_img(&["compare", "-f", "raw", "-F", "qcow2"], &[raw, qcow2]);
-    assert!(
-        compare.status.success(),
-        "qemu-img compare: {}{}",
-        String::from_utf8_lossy(&compare.stdout),
-        String::from_utf8_lossy(&compare.stderr)
-    );
+    assert_images_equal(raw, "raw", qcow2, "qcow2");
 }
 
 #[test]

@@ -1,5 +1,10 @@
 //! Helpers shared by the integration tests of the stage crates. A dev-dependency only: nothing
 //! in a pipeline uses it.
+//!
+//! The crate root holds pipeline and repository helpers; [`qemu`] runs QEMU's tools and checks
+//! the processes they leave.
+
+pub mod qemu;
 
 use std::collections::HashSet;
 use std::os::unix::fs::FileExt;
@@ -7,8 +12,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use backflow_pipeline::{
-    ChunkRef, Codec, Digest, Message, MessageType, PlacedStage, RunOptions, RunReport, Stage,
-    StageError, StageIo, Worker, digest_of,
+    Chunk, ChunkRef, Codec, Digest, Disk, DiskSource, Message, MessageType, OutcomeKind, Payload,
+    PlacedStage, RunOptions, RunReport, SizeOnly, Stage, StageError, StageIo, Worker, digest_of,
 };
 use backflow_repository::{DiskMeta, Repository};
 use bytes::Bytes;
@@ -158,4 +163,53 @@ pub fn restore_snapshot(
     let pipeline = backflow_pipeline::spec::load_file(&spec, &vars, &backflow_stages::Stages)
         .unwrap_or_else(|e| panic!("{} does not load: {e}", spec.display()));
     pipeline.run(RunOptions::default())
+}
+
+/// Disk `vda` of VM `web01` at `/dev/vda`: `size` bytes cut into `chunk_size` chunks, with no data
+/// behind it, for feeding a writer synthetic chunks.
+pub fn synthetic_disk(size: u64, chunk_size: u32) -> Arc<Disk> {
+    Arc::new(Disk {
+        source: Arc::new(DiskSource {
+            vm: "web01".into(),
+            name: "vda".into(),
+            location: PathBuf::from("/dev/vda"),
+            reader: Arc::new(SizeOnly(size)),
+            tracking: None,
+        }),
+        chunk_size,
+        parent: None,
+    })
+}
+
+/// Chunk `index` of `disk` as the verify stage passes it on: verified, with the digest of its
+/// plaintext when it has one.
+pub fn verified_chunk(disk: &Arc<Disk>, index: u64, payload: Payload) -> Message {
+    let digest = match &payload {
+        Payload::Raw(b) => Some(digest_of(b)),
+        _ => None,
+    };
+    Message::Chunk(Chunk {
+        disk: disk.clone(),
+        index,
+        digest,
+        verified: true,
+        payload,
+    })
+}
+
+/// Where the disk writer writes `path` until the run succeeds: `NAME.partial` beside it.
+pub fn partial_path(path: &Path) -> PathBuf {
+    let mut name = path.file_name().unwrap().to_owned();
+    name.push(".partial");
+    path.with_file_name(name)
+}
+
+/// Asserts that a run succeeded, showing its errors when it did not.
+pub fn assert_succeeded(report: &RunReport) {
+    assert_eq!(
+        report.outcome,
+        OutcomeKind::Succeeded,
+        "{:?}",
+        report.errors
+    );
 }

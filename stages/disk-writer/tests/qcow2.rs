@@ -7,18 +7,24 @@
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use backflow_pipeline::harness::Harness;
 use backflow_pipeline::{
-    CancelToken, Chunk, ChunkRef, Disk, DiskSource, Message, MessageType, OutcomeKind, Payload,
-    Pipeline, RunOptions, RunReport, SizeOnly, Stage, StageError, StageIo, Worker, digest_of,
+    CancelToken, ChunkRef, Disk, Message, MessageType, OutcomeKind, Payload, Pipeline, RunOptions,
+    Stage, StageError, StageIo, Worker,
 };
 use backflow_repository::Repository;
 use backflow_stages::Stages;
-use backflow_testkit::{damage_a_raw_chunk, placed, restore_with_format};
+use backflow_testkit::qemu::{
+    assert_images_equal, assert_no_process_naming, image_info, make_qcow2, qemu_nbd_naming,
+    run_tool,
+};
+use backflow_testkit::{
+    assert_succeeded, damage_a_raw_chunk, partial_path, placed, restore_with_format,
+    synthetic_disk, verified_chunk,
+};
 use bytes::Bytes;
 use stage_disk_writer::{DiskWriter, DiskWriterOptions, ImageFormat};
 
@@ -27,20 +33,6 @@ const CHUNK: u32 = 64 * 1024;
 const MIB: u64 = 1 << 20;
 /// The source's virtual size.
 const VIRTUAL: u64 = 64 * MIB;
-
-fn run_tool(program: &str, args: &[&str]) -> Vec<u8> {
-    let out = Command::new(program)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{program} is required for these tests: {e}"));
-    assert!(
-        out.status.success(),
-        "{program} {args:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out.stdout
-}
 
 /// Seeded bytes that zstd cannot shrink, so that they are stored raw.
 fn noise(len: usize, mut seed: u64) -> Vec<u8> {
@@ -61,31 +53,28 @@ fn make_source(dir: &Path) -> PathBuf {
     let image = dir.join("web01.qcow2");
     let noise_file = dir.join("noise.bin");
     std::fs::write(&noise_file, noise(MIB as usize, 0x9e37_79b9_7f4a_7c15)).unwrap();
-    let p = image.to_str().unwrap();
-    run_tool("qemu-img", &["create", "-q", "-f", "qcow2", p, "64M"]);
     let write_noise = format!("write -s {} 16M 1M", noise_file.display());
-    run_tool(
-        "qemu-io",
+    make_qcow2(
+        &image,
+        "64M",
         &[
-            "-f",
-            "qcow2",
-            "-c",
             "write -P 0xab 1M 256k",
-            "-c",
             "write -P 0x11 8M 1M",
-            "-c",
             "write -z 8M 1M",
-            "-c",
             &write_noise,
-            "-c",
             "write -P 0xcd 40M 1M",
-            p,
         ],
     );
     // The fixture has what it claims: a range that is allocated yet reads as zeros.
     let map: serde_json::Value = serde_json::from_slice(&run_tool(
         "qemu-img",
-        &["map", "--output=json", "-f", "qcow2", p],
+        &[
+            "map",
+            "--output=json",
+            "-f",
+            "qcow2",
+            image.to_str().unwrap(),
+        ],
     ))
     .unwrap();
     assert!(
@@ -121,12 +110,7 @@ fn backed_up() -> BackedUp {
     let pipeline =
         backflow_pipeline::spec::load_file(&spec, &vars, &Stages).unwrap_or_else(|e| panic!("{e}"));
     let report = pipeline.run(RunOptions::default());
-    assert_eq!(
-        report.outcome,
-        OutcomeKind::Succeeded,
-        "{:?}",
-        report.errors
-    );
+    assert_succeeded(&report);
     BackedUp {
         snapshot: report.snapshot.unwrap(),
         dir,
@@ -135,80 +119,14 @@ fn backed_up() -> BackedUp {
     }
 }
 
-fn succeeded(report: &RunReport) {
-    assert_eq!(
-        report.outcome,
-        OutcomeKind::Succeeded,
-        "{:?}",
-        report.errors
-    );
-}
-
-fn info(image: &Path) -> serde_json::Value {
-    let out = run_tool(
-        "qemu-img",
-        &["info", "--output=json", image.to_str().unwrap()],
-    );
-    serde_json::from_slice(&out).unwrap()
-}
-
-/// `qemu-img compare`: the same guest-visible bytes (an unallocated range equals one of zeros).
-fn assert_identical(a: &Path, b: &Path) {
-    let out = Command::new("qemu-img")
-        .args(["compare", "-f", "qcow2", "-F", "qcow2"])
-        .arg(a)
-        .arg(b)
-        .output()
-        .expect("qemu-img is required");
-    assert!(
-        out.status.success(),
-        "qemu-img compare {} {}: {}{}",
-        a.display(),
-        b.display(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn partial(path: &Path) -> PathBuf {
-    let mut name = path.file_name().unwrap().to_owned();
-    name.push(".partial");
-    path.with_file_name(name)
-}
-
-/// Live `qemu-nbd` processes whose command line names something under `dir` (the image they
-/// serve). A zombie has an empty command line: nothing reaps orphans here, and it runs no more.
-fn servers_under(dir: &Path) -> Vec<u32> {
-    let needle = dir.as_os_str().as_encoded_bytes();
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| {
-            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
-                c.starts_with(b"qemu-nbd") && c.windows(needle.len()).any(|w| w == needle)
-            })
-        })
-        .filter(|pid| {
-            std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
-                stat.rsplit_once(')')
-                    .and_then(|(_, rest)| rest.split_whitespace().next())
-                    .is_some_and(|state| state != "Z" && state != "X")
-            })
-        })
-        .collect()
-}
-
+/// Neither a file nor a process (such as the writer's `qemu-nbd`) is left in or on `out_dir`.
 fn assert_nothing_left(out_dir: &Path) {
     let left: Vec<_> = std::fs::read_dir(out_dir)
         .unwrap()
         .map(|e| e.unwrap().file_name())
         .collect();
     assert!(left.is_empty(), "a failed restore left {left:?}");
-    assert_eq!(
-        servers_under(out_dir),
-        Vec::<u32>::new(),
-        "qemu-nbd still runs"
-    );
+    assert_no_process_naming(out_dir);
 }
 
 #[test]
@@ -216,7 +134,7 @@ fn a_qcow2_restore_equals_the_source_and_allocates_only_its_data() {
     let b = backed_up();
     let out = b.dir.path().join("restored.qcow2");
     let report = restore_with_format(&b.repo, &out, true, "qcow2");
-    succeeded(&report);
+    assert_succeeded(&report);
     assert_eq!(report.results["restored_snapshot"], b.snapshot.as_str());
     let restored = &report.results["restored"][0];
     assert_eq!(restored["disk"], "vda");
@@ -224,16 +142,16 @@ fn a_qcow2_restore_equals_the_source_and_allocates_only_its_data() {
     assert_eq!(restored["format"], "qcow2");
     assert_eq!(restored["size"], VIRTUAL);
 
-    let info = info(&out);
+    let info = image_info(&out);
     assert_eq!(info["format"], "qcow2", "{info}");
     assert_eq!(info["virtual-size"], VIRTUAL, "{info}");
-    assert_identical(&b.source, &out);
+    assert_images_equal(&b.source, "qcow2", &out, "qcow2");
     run_tool(
         "qemu-img",
         &["check", "-q", "-f", "qcow2", out.to_str().unwrap()],
     );
-    assert!(!partial(&out).exists());
-    assert_eq!(servers_under(b.dir.path()), Vec::<u32>::new());
+    assert!(!partial_path(&out).exists());
+    assert_no_process_naming(b.dir.path());
 
     // 2.25 MiB of data in 64 MiB: zero chunks were never written, so the image holds the data and
     // a little metadata (a full write would take 64 MiB).
@@ -251,15 +169,15 @@ fn a_qcow2_restore_into_a_directory_is_named_after_the_disk() {
     let to = b.dir.path().join("out");
     std::fs::create_dir(&to).unwrap();
     // Without sync: the server is still stopped before the rename, so the image is complete.
-    succeeded(&restore_with_format(&b.repo, &to, false, "qcow2"));
+    assert_succeeded(&restore_with_format(&b.repo, &to, false, "qcow2"));
     let names: Vec<_> = std::fs::read_dir(&to)
         .unwrap()
         .map(|e| e.unwrap().file_name())
         .collect();
     assert_eq!(names, vec!["vda.qcow2"]);
-    assert_eq!(info(&to.join("vda.qcow2"))["format"], "qcow2");
-    assert_identical(&b.source, &to.join("vda.qcow2"));
-    assert_eq!(servers_under(b.dir.path()), Vec::<u32>::new());
+    assert_eq!(image_info(&to.join("vda.qcow2"))["format"], "qcow2");
+    assert_images_equal(&b.source, "qcow2", &to.join("vda.qcow2"), "qcow2");
+    assert_no_process_naming(b.dir.path());
 }
 
 #[test]
@@ -291,34 +209,6 @@ fn a_damaged_chunk_fails_a_qcow2_restore_and_leaves_nothing() {
     assert_nothing_left(&to);
 }
 
-fn synthetic_disk(size: u64) -> Arc<Disk> {
-    Arc::new(Disk {
-        source: Arc::new(DiskSource {
-            vm: "web01".into(),
-            name: "vda".into(),
-            location: PathBuf::from("/dev/vda"),
-            reader: Arc::new(SizeOnly(size)),
-            tracking: None,
-        }),
-        chunk_size: CHUNK,
-        parent: None,
-    })
-}
-
-fn verified(disk: &Arc<Disk>, index: u64, payload: Payload) -> Message {
-    let digest = match &payload {
-        Payload::Raw(b) => Some(digest_of(b)),
-        _ => None,
-    };
-    Message::Chunk(Chunk {
-        disk: disk.clone(),
-        index,
-        digest,
-        verified: true,
-        payload,
-    })
-}
-
 fn qcow2_writer(to: &Path, sync: bool) -> Arc<DiskWriter> {
     Arc::new(
         DiskWriter::new(DiskWriterOptions {
@@ -334,10 +224,10 @@ fn qcow2_writer(to: &Path, sync: bool) -> Arc<DiskWriter> {
 fn an_unverified_chunk_fails_a_qcow2_write_and_leaves_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let to = dir.path().join("out.qcow2");
-    let disk = synthetic_disk(40 * u64::from(CHUNK));
+    let disk = synthetic_disk(40 * u64::from(CHUNK), CHUNK);
     let mut input: Vec<Message> = (0..30)
         .map(|i| {
-            verified(
+            verified_chunk(
                 &disk,
                 i,
                 Payload::Raw(Bytes::from(vec![i as u8 + 1; CHUNK as usize])),
@@ -383,14 +273,14 @@ impl Stage for SendThenCancel {
         for i in 0..4 {
             let data = Bytes::from(vec![i as u8 + 1; CHUNK as usize]);
             if worker
-                .send(verified(&self.disk, i, Payload::Raw(data)))
+                .send(verified_chunk(&self.disk, i, Payload::Raw(data)))
                 .is_err()
             {
                 return Ok(());
             }
         }
         let deadline = Instant::now() + Duration::from_secs(20);
-        while servers_under(&self.watch).is_empty() {
+        while qemu_nbd_naming(&self.watch).is_empty() {
             assert!(Instant::now() < deadline, "the writer started no qemu-nbd");
             std::thread::sleep(Duration::from_millis(5));
         }
@@ -403,7 +293,7 @@ impl Stage for SendThenCancel {
 fn an_interrupted_qcow2_restore_stops_the_server_and_leaves_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let to = dir.path().join("out.qcow2");
-    let disk = synthetic_disk(64 * u64::from(CHUNK));
+    let disk = synthetic_disk(64 * u64::from(CHUNK), CHUNK);
     let pipeline = Pipeline {
         name: "interrupted".into(),
         repository: None,
@@ -439,24 +329,24 @@ fn a_synthetic_qcow2_restore_keeps_data_and_holes() {
     let dir = tempfile::tempdir().unwrap();
     let to = dir.path().join("sparse.qcow2");
     let size = 64 * MIB;
-    let disk = synthetic_disk(size);
+    let disk = synthetic_disk(size, CHUNK);
     let a = Bytes::from(vec![0xa5u8; CHUNK as usize]);
     let b = Bytes::from(noise(CHUNK as usize, 5));
     let last = disk.chunk_count() - 1;
     let input = vec![
-        verified(&disk, 0, Payload::Zero { count: 10 }),
-        verified(&disk, 10, Payload::Raw(a.clone())),
-        verified(&disk, 11, Payload::Zero { count: 500 }),
-        verified(&disk, 511, Payload::Raw(b.clone())),
-        verified(&disk, 512, Payload::Zero { count: last - 512 }),
-        verified(&disk, last, Payload::Zero { count: 1 }),
+        verified_chunk(&disk, 0, Payload::Zero { count: 10 }),
+        verified_chunk(&disk, 10, Payload::Raw(a.clone())),
+        verified_chunk(&disk, 11, Payload::Zero { count: 500 }),
+        verified_chunk(&disk, 511, Payload::Raw(b.clone())),
+        verified_chunk(&disk, 512, Payload::Zero { count: last - 512 }),
+        verified_chunk(&disk, last, Payload::Zero { count: 1 }),
     ];
     let harness = Harness {
         workers: 2,
         ..Harness::new(qcow2_writer(&to, false))
     };
     let (report, _) = harness.run(input);
-    succeeded(&report);
+    assert_succeeded(&report);
 
     // The guest-visible bytes, read back by QEMU as raw.
     let raw = dir.path().join("back.raw");
@@ -503,15 +393,15 @@ fn an_odd_sized_disk_is_rounded_up_to_whole_sectors_with_a_warning() {
     let dir = tempfile::tempdir().unwrap();
     let to = dir.path().join("odd.qcow2");
     let size = 3 * u64::from(CHUNK) + 100;
-    let disk = synthetic_disk(size);
+    let disk = synthetic_disk(size, CHUNK);
     let tail = Bytes::from(vec![0x5au8; 100]);
     let input = vec![
-        verified(&disk, 0, Payload::Zero { count: 3 }),
-        verified(&disk, 3, Payload::Raw(tail)),
+        verified_chunk(&disk, 0, Payload::Zero { count: 3 }),
+        verified_chunk(&disk, 3, Payload::Raw(tail)),
     ];
     let (report, _) = Harness::new(qcow2_writer(&to, true)).run(input);
-    succeeded(&report);
-    assert_eq!(info(&to)["virtual-size"], size.next_multiple_of(512));
+    assert_succeeded(&report);
+    assert_eq!(image_info(&to)["virtual-size"], size.next_multiple_of(512));
     assert!(
         report.warnings.iter().any(|w| w.contains("rounded up")),
         "{:?}",

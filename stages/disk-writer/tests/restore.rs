@@ -7,10 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use backflow_pipeline::harness::Harness;
-use backflow_pipeline::{
-    Chunk, ChunkRef, Disk, DiskSource, Message, OutcomeKind, Payload, Pipeline, RunOptions,
-    SizeOnly, digest_of,
-};
+use backflow_pipeline::{ChunkRef, Message, OutcomeKind, Payload, Pipeline, RunOptions};
 use backflow_repository::Repository;
 use bytes::Bytes;
 use stage_dedup::{Dedup, DedupOptions};
@@ -21,7 +18,10 @@ use stage_reader::{Reader, ReaderOptions};
 use stage_repo_writer::{RepoWriter, RepoWriterOptions};
 use stage_zstd::{Zstd, ZstdOptions};
 
-use backflow_testkit::{damage_a_raw_chunk, placed, restore_with_spec};
+use backflow_testkit::{
+    assert_succeeded, damage_a_raw_chunk, partial_path, placed, restore_with_spec, synthetic_disk,
+    verified_chunk,
+};
 
 const CHUNK: u32 = 64 * 1024;
 /// 16 MiB and a partial last chunk.
@@ -74,19 +74,8 @@ fn back_up(repo: &Path, image: &Path) -> String {
         finaliser: None,
     };
     let report = pipeline.run(RunOptions::default());
-    assert_eq!(
-        report.outcome,
-        OutcomeKind::Succeeded,
-        "{:?}",
-        report.errors
-    );
+    assert_succeeded(&report);
     report.snapshot.unwrap()
-}
-
-fn partial(path: &Path) -> PathBuf {
-    let mut name = path.file_name().unwrap().to_owned();
-    name.push(".partial");
-    path.with_file_name(name)
 }
 
 /// Bytes the file system allocated to `path`.
@@ -121,12 +110,7 @@ fn restored_image_equals_the_original_with_zero_chunks_as_holes() {
     let b = backed_up();
     let out = b.dir.path().join("restored.raw");
     let report = restore_with_spec(&b.repo, &out, true);
-    assert_eq!(
-        report.outcome,
-        OutcomeKind::Succeeded,
-        "{:?}",
-        report.errors
-    );
+    assert_succeeded(&report);
     assert_eq!(report.results["restored_snapshot"], b.snapshot.as_str());
     let restored = &report.results["restored"][0];
     assert_eq!(restored["disk"], "vda");
@@ -140,7 +124,7 @@ fn restored_image_equals_the_original_with_zero_chunks_as_holes() {
         copy == original,
         "the restored image differs from the original"
     );
-    assert!(!partial(&out).exists());
+    assert!(!partial_path(&out).exists());
 
     // Holes: only the non-zero chunks take space (plus a little extent metadata).
     let data_chunks = original
@@ -165,12 +149,7 @@ fn restoring_into_a_directory_names_the_file_after_the_disk() {
     let to = b.dir.path().join("out");
     std::fs::create_dir(&to).unwrap();
     let report = restore_with_spec(&b.repo, &to, true);
-    assert_eq!(
-        report.outcome,
-        OutcomeKind::Succeeded,
-        "{:?}",
-        report.errors
-    );
+    assert_succeeded(&report);
     let names: Vec<_> = std::fs::read_dir(&to)
         .unwrap()
         .map(|e| e.unwrap().file_name())
@@ -200,37 +179,9 @@ fn a_damaged_chunk_fails_the_restore_and_leaves_no_file() {
     }
     assert!(!out.exists(), "a failed restore left the final file");
     assert!(
-        !partial(&out).exists(),
+        !partial_path(&out).exists(),
         "a failed restore left the partial file"
     );
-}
-
-fn synthetic_disk(size: u64) -> Arc<Disk> {
-    Arc::new(Disk {
-        source: Arc::new(DiskSource {
-            vm: "web01".into(),
-            name: "vda".into(),
-            location: PathBuf::from("/dev/vda"),
-            reader: Arc::new(SizeOnly(size)),
-            tracking: None,
-        }),
-        chunk_size: CHUNK,
-        parent: None,
-    })
-}
-
-fn verified(disk: &Arc<Disk>, index: u64, payload: Payload) -> Message {
-    let digest = match &payload {
-        Payload::Raw(b) => Some(digest_of(b)),
-        _ => None,
-    };
-    Message::Chunk(Chunk {
-        disk: disk.clone(),
-        index,
-        digest,
-        verified: true,
-        payload,
-    })
 }
 
 fn writer(to: &Path) -> Harness {
@@ -252,25 +203,20 @@ fn a_mostly_empty_disk_is_restored_sparse() {
     let dir = tempfile::tempdir().unwrap();
     let to = dir.path().join("sparse.raw");
     let size = 64 << 20;
-    let disk = synthetic_disk(size);
+    let disk = synthetic_disk(size, CHUNK);
     let a = Bytes::from(vec![0xa5u8; CHUNK as usize]);
     let b = Bytes::from((0..CHUNK).map(|i| (i % 251) as u8 + 1).collect::<Vec<u8>>());
     let last = disk.chunk_count() - 1;
     let input = vec![
-        verified(&disk, 0, Payload::Zero { count: 10 }),
-        verified(&disk, 10, Payload::Raw(a.clone())),
-        verified(&disk, 11, Payload::Zero { count: 500 }),
-        verified(&disk, 511, Payload::Raw(b.clone())),
-        verified(&disk, 512, Payload::Zero { count: last - 512 }),
-        verified(&disk, last, Payload::Zero { count: 1 }),
+        verified_chunk(&disk, 0, Payload::Zero { count: 10 }),
+        verified_chunk(&disk, 10, Payload::Raw(a.clone())),
+        verified_chunk(&disk, 11, Payload::Zero { count: 500 }),
+        verified_chunk(&disk, 511, Payload::Raw(b.clone())),
+        verified_chunk(&disk, 512, Payload::Zero { count: last - 512 }),
+        verified_chunk(&disk, last, Payload::Zero { count: 1 }),
     ];
     let (report, _) = writer(&to).run(input);
-    assert_eq!(
-        report.outcome,
-        OutcomeKind::Succeeded,
-        "{:?}",
-        report.errors
-    );
+    assert_succeeded(&report);
     let data = std::fs::read(&to).unwrap();
     assert_eq!(data.len() as u64, size);
     let at = |i: u64| &data[(i * u64::from(CHUNK)) as usize..((i + 1) * u64::from(CHUNK)) as usize];
@@ -289,10 +235,10 @@ fn a_mostly_empty_disk_is_restored_sparse() {
 fn an_unverified_chunk_fails_the_run_and_leaves_no_file() {
     let dir = tempfile::tempdir().unwrap();
     let to = dir.path().join("out.raw");
-    let disk = synthetic_disk(40 * u64::from(CHUNK));
+    let disk = synthetic_disk(40 * u64::from(CHUNK), CHUNK);
     let mut input: Vec<Message> = (0..30)
         .map(|i| {
-            verified(
+            verified_chunk(
                 &disk,
                 i,
                 Payload::Raw(Bytes::from(vec![i as u8 + 1; CHUNK as usize])),

@@ -17,7 +17,8 @@ use std::time::{Duration, Instant};
 use backflow_pipeline::{OutcomeKind, RunOptions, RunReport};
 use backflow_repository::Repository;
 use backflow_stages::Stages;
-use backflow_testkit::restore_with_spec;
+use backflow_testkit::qemu::{assert_images_equal, live, make_qcow2, run_tool};
+use backflow_testkit::{assert_succeeded, restore_with_spec};
 
 /// 1 MiB chunks, so that reading only the allocated ranges is visible in whole chunks.
 const CHUNK: u32 = 1 << 20;
@@ -49,27 +50,6 @@ stages:
 cleanup:
   kind: cleanup
 "#;
-
-fn run_tool(program: &str, args: &[&str]) {
-    let out = Command::new(program)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{program} is required for these tests: {e}"));
-    assert!(
-        out.status.success(),
-        "{program} {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// Whether `pid` exists and is not a zombie (PID 1 here may not reap orphaned daemons).
-fn live(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
-        stat.rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().next())
-            .is_some_and(|state| state != "Z" && state != "X")
-    })
-}
 
 fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
     let deadline = Instant::now() + SERVER_WAIT;
@@ -247,15 +227,6 @@ fn backup_tcp(host: &str, port: u16, export: &str, repo: &Path) -> RunReport {
     pipeline.run(RunOptions::default())
 }
 
-fn assert_succeeded(report: &RunReport) {
-    assert_eq!(
-        report.outcome,
-        OutcomeKind::Succeeded,
-        "{:?}",
-        report.errors
-    );
-}
-
 /// Restores the latest snapshot of `repo` into `dir/restored.raw`.
 fn restore(dir: &Path, repo: &Path) -> PathBuf {
     let out = dir.join("restored.raw");
@@ -273,20 +244,13 @@ fn init_repo(dir: &Path) -> PathBuf {
 fn backs_up_a_qcow2_served_by_qemu_nbd_and_leaves_the_server_running() {
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("web01.qcow2");
-    let p = image.to_str().unwrap();
-    run_tool("qemu-img", &["create", "-q", "-f", "qcow2", p, "64M"]);
-    run_tool(
-        "qemu-io",
+    make_qcow2(
+        &image,
+        "64M",
         &[
-            "-f",
-            "qcow2",
-            "-c",
             "write -P 0xab 1M 256k",
-            "-c",
             "write -P 0xcd 40M 1M",
-            "-c",
             "write -z 50M 1M",
-            p,
         ],
     );
     let server = Server::qemu_nbd(dir.path(), &image, "vda");
@@ -303,18 +267,7 @@ fn backs_up_a_qcow2_served_by_qemu_nbd_and_leaves_the_server_running() {
     );
 
     let out = restore(dir.path(), &repo);
-    run_tool(
-        "qemu-img",
-        &[
-            "compare",
-            "-f",
-            "qcow2",
-            "-F",
-            "raw",
-            p,
-            out.to_str().unwrap(),
-        ],
-    );
+    assert_images_equal(&image, "qcow2", &out, "raw");
 
     // The snapshot belongs to the named machine and records the export it came from.
     let snapshot = Repository::open(&repo)
@@ -395,10 +348,7 @@ fn a_missing_socket_fails_naming_it() {
 fn an_unknown_export_name_fails_naming_it() {
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("web01.qcow2");
-    run_tool(
-        "qemu-img",
-        &["create", "-q", "-f", "qcow2", image.to_str().unwrap(), "1M"],
-    );
+    make_qcow2(&image, "1M", &[]);
     let server = Server::qemu_nbd(dir.path(), &image, "vda");
     let repo = init_repo(dir.path());
     let report = backup(&server.socket, "vdb", &repo);
@@ -412,22 +362,14 @@ fn an_unknown_export_name_fails_naming_it() {
 /// A 64 MiB qcow2 with data in three chunks, a zeroed MiB and unwritten space.
 fn written_qcow2(dir: &Path) -> PathBuf {
     let image = dir.join("web01.qcow2");
-    let p = image.to_str().unwrap();
-    run_tool("qemu-img", &["create", "-q", "-f", "qcow2", p, "64M"]);
-    run_tool(
-        "qemu-io",
+    make_qcow2(
+        &image,
+        "64M",
         &[
-            "-f",
-            "qcow2",
-            "-c",
             "write -P 0xab 1M 256k",
-            "-c",
             "write -P 0xcd 40M 1M",
-            "-c",
             "write -z 50M 1M",
-            "-c",
             "write -P 0x5a 63M 1M",
-            p,
         ],
     );
     image
@@ -448,18 +390,7 @@ fn backs_up_a_qcow2_served_by_qemu_nbd_over_tcp() {
     assert!(server.alive());
 
     let out = restore(dir.path(), &repo);
-    run_tool(
-        "qemu-img",
-        &[
-            "compare",
-            "-f",
-            "qcow2",
-            "-F",
-            "raw",
-            image.to_str().unwrap(),
-            out.to_str().unwrap(),
-        ],
-    );
+    assert_images_equal(&image, "qcow2", &out, "raw");
     let snapshot = Repository::open(&repo)
         .unwrap()
         .open_snapshot("latest")

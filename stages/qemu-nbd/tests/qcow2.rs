@@ -5,48 +5,19 @@
 //! These tests need `qemu-img`, `qemu-io` and `qemu-nbd` on the PATH and fail if they are missing.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Arc;
 
 use backflow_pipeline::{OutcomeKind, Pipeline, RunOptions};
 use backflow_repository::Repository;
 use backflow_stages::Stages;
+use backflow_testkit::qemu::{
+    assert_images_equal, assert_no_process_naming, live, make_qcow2, processes_naming,
+};
+use backflow_testkit::{assert_succeeded, restore_with_spec};
 use stage_qemu_nbd::{QemuNbd, QemuNbdOptions, QemuNbdServer, ServerConfig, ServerDir};
 
 /// 1 MiB chunks, so that rounding allocated data to whole chunks is visible.
-use backflow_testkit::restore_with_spec;
-
 const CHUNK: u32 = 1 << 20;
-
-fn run_tool(program: &str, args: &[&str]) {
-    let out = Command::new(program)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{program} is required for these tests: {e}"));
-    assert!(
-        out.status.success(),
-        "{program} {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// A 64 MiB qcow2 with 256 KiB of 0xab at 1 MiB and 1 MiB of 0xcd at 40 MiB.
-fn make_qcow2(path: &Path) {
-    let p = path.to_str().unwrap();
-    run_tool("qemu-img", &["create", "-q", "-f", "qcow2", p, "64M"]);
-    run_tool(
-        "qemu-io",
-        &[
-            "-f",
-            "qcow2",
-            "-c",
-            "write -P 0xab 1M 256k",
-            "-c",
-            "write -P 0xcd 40M 1M",
-            p,
-        ],
-    );
-}
 
 struct Fixture {
     dir: tempfile::TempDir,
@@ -58,7 +29,12 @@ struct Fixture {
 fn fixture() -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("web01.qcow2");
-    make_qcow2(&image);
+    // 256 KiB of 0xab at 1 MiB and 1 MiB of 0xcd at 40 MiB.
+    make_qcow2(
+        &image,
+        "64M",
+        &["write -P 0xab 1M 256k", "write -P 0xcd 40M 1M"],
+    );
     let sockets = dir.path().join("sockets");
     std::fs::create_dir(&sockets).unwrap();
     Fixture {
@@ -92,34 +68,9 @@ fn backup_pipeline(f: &Fixture, repo: &Path) -> Pipeline {
     pipeline
 }
 
-/// Live processes whose command line names `image` (a zombie has an empty command line).
-fn servers_of(image: &Path) -> Vec<u32> {
-    let needle = image.as_os_str().as_encoded_bytes();
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| {
-            std::fs::read(format!("/proc/{pid}/cmdline"))
-                .is_ok_and(|c| c.windows(needle.len()).any(|w| w == needle))
-        })
-        .collect()
-}
-
-/// Whether `pid` exists and is not a zombie.
-fn live(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
-        stat.rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().next())
-            .is_some_and(|state| state != "Z" && state != "X")
-    })
-}
-
+/// No `qemu-nbd` (nor anything else) runs on the image, and the socket directory is empty.
 fn assert_server_gone(f: &Fixture) {
-    assert_eq!(
-        servers_of(&f.image),
-        Vec::<u32>::new(),
-        "qemu-nbd still runs"
-    );
+    assert_no_process_naming(&f.image);
     let left: Vec<_> = std::fs::read_dir(&f.sockets).unwrap().collect();
     assert!(left.is_empty(), "socket directory left behind: {left:?}");
 }
@@ -131,12 +82,7 @@ fn qcow2_backs_up_its_allocated_clusters_and_restores_identical() {
     Repository::init(&repo, CHUNK).unwrap();
 
     let report = backup_pipeline(&f, &repo).run(RunOptions::default());
-    assert_eq!(
-        report.outcome,
-        OutcomeKind::Succeeded,
-        "{:?}",
-        report.errors
-    );
+    assert_succeeded(&report);
     assert!(report.snapshot.is_some());
     // 256 KiB at 1 MiB and 1 MiB at 40 MiB: two whole 1 MiB chunks, not 64 MiB.
     assert_eq!(report.source_bytes_read, 2 * u64::from(CHUNK));
@@ -144,24 +90,8 @@ fn qcow2_backs_up_its_allocated_clusters_and_restores_identical() {
 
     let out = f.dir.path().join("restored.raw");
     let restored = restore_with_spec(&repo, &out, false);
-    assert_eq!(
-        restored.outcome,
-        OutcomeKind::Succeeded,
-        "{:?}",
-        restored.errors
-    );
-    let compare = Command::new("qemu-img")
-        .args(["compare", "-f", "qcow2", "-F", "raw"])
-        .arg(&f.image)
-        .arg(&out)
-        .output()
-        .expect("qemu-img is required for these tests");
-    assert!(
-        compare.status.success(),
-        "qemu-img compare: {}{}",
-        String::from_utf8_lossy(&compare.stdout),
-        String::from_utf8_lossy(&compare.stderr)
-    );
+    assert_succeeded(&restored);
+    assert_images_equal(&f.image, "qcow2", &out, "raw");
 }
 
 #[test]
@@ -200,7 +130,7 @@ fn an_image_qemu_cannot_open_fails_naming_it() {
         errors.contains(&bogus.display().to_string()),
         "errors do not name the image: {errors}"
     );
-    assert_eq!(servers_of(&bogus), Vec::<u32>::new());
+    assert_no_process_naming(&bogus);
     assert_server_gone(&f);
 }
 
@@ -217,7 +147,7 @@ fn the_server_runs_until_stopped_by_its_pid_file() {
         QemuNbdServer::start(&dir, &ServerConfig::read_only(&f.image, "qcow2", 2)).unwrap();
     let pid = server.pid().expect("qemu-nbd wrote no pid file");
     assert!(server.socket().exists());
-    assert_eq!(servers_of(&f.image), vec![pid]);
+    assert_eq!(processes_naming(&f.image), vec![pid]);
     assert!(live(pid));
     dir.stop_and_remove().unwrap();
     // `kill -0` would still succeed on a zombie when nothing reaps orphans (PID 1 in some
