@@ -92,7 +92,9 @@ impl ClientPool {
 
     /// A pool of at most `max_connections` (at least one) connections to `export` at `address`.
     /// `first` is a client the caller already connected (to learn the export's size, say); it
-    /// joins the pool as an idle client and counts against the maximum.
+    /// joins the pool as an idle client and counts against the maximum. A server that does not
+    /// advertise `NBD_FLAG_CAN_MULTI_CONN` to it gets one connection only: without the flag, what
+    /// one connection writes or flushes need not be seen consistently by another.
     pub fn with_address(
         address: NbdAddress,
         export: &str,
@@ -100,6 +102,16 @@ impl ClientPool {
         max_connections: usize,
         first: Option<Client>,
     ) -> ClientPool {
+        let max_connections = match &first {
+            Some(client) if !client.can_multi_conn() && max_connections > 1 => {
+                tracing::debug!(
+                    export,
+                    "The server does not allow multi-conn: one connection."
+                );
+                1
+            }
+            _ => max_connections,
+        };
         let idle: Vec<Client> = first.into_iter().collect();
         ClientPool {
             address,
@@ -351,6 +363,19 @@ mod tests {
         assert_eq!(pool.open_connections(), 2);
         pool.close_all().unwrap();
         assert_eq!(pool.open_connections(), 0);
+    }
+
+    #[test]
+    fn several_connections_only_where_the_server_allows_multi_conn() {
+        // qemu-nbd advertises multi-conn with --shared 2 or more, not with 1.
+        for (shared, expected) in [(1, 1), (4, 3)] {
+            let s = served(shared);
+            let first = Client::connect_unix(&s.socket, EXPORT_NAME, &[]).unwrap();
+            assert_eq!(first.can_multi_conn(), shared > 1);
+            let pool = ClientPool::new(s.socket.clone(), EXPORT_NAME, &[], 3, Some(first));
+            assert_eq!(pool.max_connections(), expected, "--shared {shared}");
+            pool.close_all().unwrap();
+        }
     }
 
     #[test]
