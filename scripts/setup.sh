@@ -23,6 +23,9 @@ command -v qemu-nbd >/dev/null && command -v qemu-img >/dev/null || need+=(qemu-
 # newer qemu-utils stays.
 command -v nbdkit >/dev/null || need+=(nbdkit)
 command -v nbdinfo >/dev/null || need+=(libnbd-bin)
+# libvirt's client library and headers: the `virt` crate of the libvirt connector links it (found
+# through pkg-config); its tests use libvirt's in-process test driver, no daemon. Removes nothing.
+pkg-config --exists libvirt 2>/dev/null || need+=(libvirt-dev)
 # python3 writes the NBD fuzzer's seed conversations (fuzz/make_seeds.py); libFuzzer itself is built
 # by cargo-fuzz with the C++ compiler of build-essential.
 command -v python3 >/dev/null || need+=(python3)

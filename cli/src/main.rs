@@ -3,6 +3,7 @@
 
 mod demo;
 mod display;
+mod vms;
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -111,6 +112,15 @@ enum Command {
         repo: PathBuf,
         #[arg(long)]
         read_data: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the VMs of a libvirt connection with their state, host and disks.
+    Vms {
+        /// libvirt URI, e.g. qemu:///system or qemu+ssh://root@kvm1/system (default: libvirt's).
+        #[arg(long)]
+        uri: Option<String>,
+        /// JSON: an array of VMs with every field but the domain XML.
         #[arg(long)]
         json: bool,
     },
@@ -280,6 +290,7 @@ fn execute(command: Command) -> Result<()> {
             }
             Ok(())
         }
+        Command::Vms { uri, json } => vms::run(uri.as_deref(), json),
         Command::Demo { dir, size } => demo::run(&dir, size.bytes()),
     }
 }
