@@ -35,6 +35,27 @@ if [ ${#need[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 
+# libvirtd and QEMU: the tests run throwaway domains on qemu:///system (no OS, no NIC). Installing
+# qemu-system-x86 from Debian 12 removes the newer qemu-utils of a fresh machine and leaves no
+# qemu-img at all, so Debian's qemu-utils (7.2) and libnbd-bin are installed again right after.
+if ! command -v libvirtd >/dev/null || ! command -v virsh >/dev/null \
+  || ! command -v qemu-system-x86_64 >/dev/null; then
+  echo "setup: installing libvirt and QEMU" >&2
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq \
+    libvirt-daemon-system libvirt-clients qemu-system-x86 >/dev/null
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq qemu-utils libnbd-bin >/dev/null
+fi
+for tool in qemu-img qemu-io qemu-nbd; do
+  if ! "$tool" --version >/dev/null 2>&1; then
+    echo "setup: $tool does not run after installing QEMU (apt-get install qemu-utils?)" >&2
+    exit 1
+  fi
+done
+# Starts virtlogd and libvirtd when no libvirtd answers (no systemd here); they keep running for
+# the tests. `bash scripts/libvirtd.sh stop` stops what it started.
+$SUDO bash "$(dirname "$0")/libvirtd.sh" start
+
 if ! command -v cargo >/dev/null; then
   echo "setup: cargo is missing: install the Rust toolchain (rustup) first" >&2
   exit 1

@@ -2,8 +2,9 @@
 //! in a pipeline uses it.
 //!
 //! The crate root holds pipeline and repository helpers; [`qemu`] runs QEMU's tools and checks
-//! the processes they leave.
+//! the processes they leave; [`libvirt`] runs throwaway domains on `qemu:///system`.
 
+pub mod libvirt;
 pub mod qemu;
 
 use std::collections::HashSet;
