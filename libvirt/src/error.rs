@@ -43,6 +43,15 @@ pub enum LibvirtError {
         cause: VirtError,
     },
 
+    /// An argument libvirt cannot take (a string holding a NUL byte), refused before `call`.
+    #[error("{uri}: {call}{}: {detail}", vm.as_deref().map(|v| format!(" of VM `{v}`")).unwrap_or_default())]
+    Argument {
+        uri: String,
+        vm: Option<String>,
+        call: &'static str,
+        detail: String,
+    },
+
     /// The domain XML libvirt returned is not what its schema promises.
     #[error("{uri}: VM `{vm}`: cannot read the domain XML: {detail}")]
     Xml {
@@ -58,7 +67,9 @@ impl LibvirtError {
         match self {
             LibvirtError::Connect { unreachable, .. } => *unreachable,
             LibvirtError::Call { cause, .. } => is_transport(cause),
-            LibvirtError::NoSuchVm { .. } | LibvirtError::Xml { .. } => false,
+            LibvirtError::NoSuchVm { .. }
+            | LibvirtError::Xml { .. }
+            | LibvirtError::Argument { .. } => false,
         }
     }
 
@@ -66,7 +77,9 @@ impl LibvirtError {
     pub fn libvirt_error(&self) -> Option<&VirtError> {
         match self {
             LibvirtError::Connect { cause, .. } | LibvirtError::Call { cause, .. } => Some(cause),
-            LibvirtError::NoSuchVm { .. } | LibvirtError::Xml { .. } => None,
+            LibvirtError::NoSuchVm { .. }
+            | LibvirtError::Xml { .. }
+            | LibvirtError::Argument { .. } => None,
         }
     }
 }

@@ -1,12 +1,15 @@
 //! The manager connector for libvirt: finds VMs, the host that runs them, their disks and their
-//! definitions, through libvirt's client library (the `virt` crate, safe API only).
+//! definitions, through libvirt's client library (the `virt` crate: its safe API, and in [`backup`] a few raw calls
+//! it does not wrap).
 //!
 //! # Layout
 //! - this file: [`Connection`] (open a URI, list and describe VMs), [`VmInfo`], [`VmState`];
 //! - `domain_xml`: the `<disk>` elements of a domain XML ([`DiskInfo`], [`DiskSource`]);
 //! - `capacity`: a disk's size without unsafe code (storage volume, or `qemu-img` on local
 //!   connections);
-//! - `error`: [`LibvirtError`] and the error policy.
+//! - `error`: [`LibvirtError`] and the error policy;
+//! - [`backup`]: the incremental backup API (pull mode) and checkpoints, over raw `virt::sys` calls
+//!   (the only module allowed unsafe code).
 //!
 //! # Which XML
 //! A VM is described from two documents. Its disks come from the live XML (`virDomainGetXMLDesc` with
@@ -23,6 +26,7 @@
 //! libvirt's default (`LIBVIRT_DEFAULT_URI`, `uri_default` in libvirt.conf, else probing: `qemu:///system`
 //! for root).
 
+pub mod backup;
 mod capacity;
 mod domain_xml;
 mod error;
