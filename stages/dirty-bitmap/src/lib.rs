@@ -23,7 +23,7 @@ use backflow_pipeline::{
     Changes, Disk, InvalidOption, Message, MessageType, ParentChunks, Stage, StageError, StageIo,
     Work, Worker, stage::unexpected,
 };
-use stage_full_map::{MapSettings, find_parent, plan_chunks, plan_incremental, send_plan};
+use stage_full_map::{MapSettings, OpenedDisk, plan_chunks, plan_incremental, send_plan};
 
 pub const KIND: &str = "dirty-bitmap";
 
@@ -60,13 +60,12 @@ impl Stage for DirtyBitmap {
             let Message::Disk(source) = message else {
                 return Err(unexpected(KIND, &message));
             };
-            let chunk_size = self.settings.chunk_size(worker)?;
             let name = source.name.clone();
-            let parent = find_parent(worker, &source, chunk_size)?;
-            let allocated = source
-                .reader
-                .allocated()
-                .map_err(|e| StageError::io(format!("mapping allocated ranges of {name}"), e))?;
+            let OpenedDisk {
+                chunk_size,
+                parent,
+                allocated,
+            } = self.settings.open(worker, &source)?;
             // What changed since the parent, or why that cannot be known.
             let changes = match (&source.tracking, &parent) {
                 (None, _) => Changes::Unknown(

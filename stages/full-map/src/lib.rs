@@ -91,6 +91,30 @@ impl MapSettings {
     }
 }
 
+/// What a map stage knows of a disk before it plans: the chunk size, the parent snapshot's disk
+/// (when its geometry matches) and the ranges that may hold data.
+pub struct OpenedDisk {
+    pub chunk_size: u32,
+    pub parent: Option<Arc<SnapshotParent>>,
+    pub allocated: Option<Vec<(u64, u64)>>,
+}
+
+impl MapSettings {
+    /// Looks up the parent of `source` and asks it for its allocated ranges.
+    pub fn open(&self, worker: &Worker<'_>, source: &DiskSource) -> Result<OpenedDisk, StageError> {
+        let chunk_size = self.chunk_size(worker)?;
+        let parent = find_parent(worker, source, chunk_size)?;
+        let allocated = source.reader.allocated().map_err(|e| {
+            StageError::io(format!("mapping allocated ranges of {}", source.name), e)
+        })?;
+        Ok(OpenedDisk {
+            chunk_size,
+            parent,
+            allocated,
+        })
+    }
+}
+
 #[derive(Debug)]
 pub struct FullMap {
     settings: MapSettings,
@@ -210,41 +234,41 @@ pub fn plan_chunks(
 ) -> Vec<(u64, u64, ExtentClass)> {
     let chunk_size = u64::from(chunk_size);
     let count = size.div_ceil(chunk_size);
-    let mut data_runs: Vec<(u64, u64)> = Vec::new(); // (first, end) in chunks
-    match allocated {
-        None => data_runs.push((0, count)),
-        Some(ranges) => {
-            for &(offset, len) in ranges {
-                if len == 0 || offset >= size {
-                    continue;
-                }
-                let first = offset / chunk_size;
-                let end = (offset + len).min(size).div_ceil(chunk_size);
-                match data_runs.last_mut() {
-                    Some(last) if first <= last.1 => last.1 = last.1.max(end),
-                    _ => data_runs.push((first, end)),
-                }
-            }
-        }
-    }
     let mut plan = Vec::new();
     let mut next = 0;
-    for (first, end) in data_runs {
+    for (first, end) in chunk_runs(size, chunk_size, allocated) {
         if first > next {
             plan.push((next, first - next, ExtentClass::Zero));
         }
-        let mut at = first.max(next);
-        while at < end {
-            let n = (end - at).min(max_run);
-            plan.push((at, n, ExtentClass::Data));
-            at += n;
-        }
-        next = end.max(next);
+        plan.push((first, end - first, ExtentClass::Data));
+        next = end;
     }
     if next < count {
         plan.push((next, count - next, ExtentClass::Zero));
     }
-    plan
+    split_data_runs(plan, max_run)
+}
+
+/// Splits the `Data` runs of a plan into runs of at most `max_run` chunks, so that several reader
+/// workers share one long run; other runs travel whole.
+fn split_data_runs(
+    plan: Vec<(u64, u64, ExtentClass)>,
+    max_run: u64,
+) -> Vec<(u64, u64, ExtentClass)> {
+    let mut split = Vec::with_capacity(plan.len());
+    for (first, count, class) in plan {
+        if class != ExtentClass::Data {
+            split.push((first, count, class));
+            continue;
+        }
+        let mut at = first;
+        while at < first + count {
+            let n = (first + count - at).min(max_run);
+            split.push((at, n, class));
+            at += n;
+        }
+    }
+    split
 }
 
 /// The chunk runs `[first, end)` touched by byte ranges, merged; `None` means every chunk.
@@ -310,20 +334,7 @@ pub fn plan_incremental(
             _ => plan.push((first, end - first, class)),
         }
     }
-    let mut split = Vec::with_capacity(plan.len());
-    for (first, count, class) in plan {
-        if class != ExtentClass::Data {
-            split.push((first, count, class));
-            continue;
-        }
-        let mut at = first;
-        while at < first + count {
-            let n = (first + count - at).min(max_run);
-            split.push((at, n, class));
-            at += n;
-        }
-    }
-    split
+    split_data_runs(plan, max_run)
 }
 
 /// Sends a plan as extents of `disk`; stops early when nobody downstream takes them.
@@ -361,11 +372,11 @@ impl Stage for FullMap {
             let Message::Disk(source) = message else {
                 return Err(unexpected(KIND, &message));
             };
-            let chunk_size = self.settings.chunk_size(worker)?;
-            let parent = find_parent(worker, &source, chunk_size)?;
-            let allocated = source.reader.allocated().map_err(|e| {
-                StageError::io(format!("mapping allocated ranges of {}", source.name), e)
-            })?;
+            let OpenedDisk {
+                chunk_size,
+                parent,
+                allocated,
+            } = self.settings.open(worker, &source)?;
             let disk = Arc::new(Disk {
                 source: source.clone(),
                 chunk_size,
