@@ -1,8 +1,10 @@
 //! `dedup`: BLAKE3 of each plaintext chunk and the "already stored?" decision, without and with
 //! lookups in a repository's index.
 
-use backflow_benches::{DATA_BYTES, Data, Repo, criterion_config, harness, run};
-use criterion::{BatchSize, Criterion, SamplingMode, Throughput, criterion_group, criterion_main};
+use backflow_benches::{
+    DATA_BYTES, Data, Repo, bench_fresh_case, case_id, criterion_config, harness,
+};
+use criterion::{Criterion, SamplingMode, Throughput, criterion_group, criterion_main};
 use stage_dedup::{Dedup, DedupOptions};
 use stage_generate::Mix;
 
@@ -24,17 +26,12 @@ fn dedup(c: &mut Criterion) {
     for (data, workers) in [(&random, &[1, 2][..]), (&text, &[1][..])] {
         let input = data.plain();
         for &workers in workers {
-            let id = match workers {
-                1 => data.name().to_owned(),
-                _ => format!("{}/w{workers}", data.name()),
-            };
-            group.bench_function(id, |b| {
-                b.iter_batched(
-                    || (harness(no_lookup(), workers), input.clone()),
-                    |(harness, input)| run(&harness, input),
-                    BatchSize::PerIteration,
-                )
-            });
+            bench_fresh_case!(
+                group,
+                case_id(data.name(), workers),
+                || harness(no_lookup(), workers),
+                input
+            );
         }
     }
 
@@ -45,17 +42,12 @@ fn dedup(c: &mut Criterion) {
     same.commit(random.encoded(1));
     let input = random.plain();
     for (case, repo) in [("random/repo-new", &other), ("random/repo-known", &same)] {
-        group.bench_function(case, |b| {
-            b.iter_batched(
-                || {
-                    let mut h = harness(Dedup::new(DedupOptions::default()).unwrap(), 1);
-                    h.repository = Some(repo.path());
-                    (h, input.clone())
-                },
-                |(harness, input)| run(&harness, input),
-                BatchSize::PerIteration,
-            )
-        });
+        let lookup = || {
+            let mut h = harness(Dedup::new(DedupOptions::default()).unwrap(), 1);
+            h.repository = Some(repo.path());
+            h
+        };
+        bench_fresh_case!(group, case, lookup, input);
     }
     group.finish();
 }

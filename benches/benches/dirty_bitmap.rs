@@ -4,10 +4,10 @@
 
 use std::sync::Arc;
 
-use backflow_benches::{criterion_config, harness, run};
+use backflow_benches::{bench_case, criterion_config, harness};
 use backflow_pipeline::{ChangeTracking, Changes, DiskSource, Message, SizeOnly};
 use backflow_repository::{ChunkRef, DiskMeta, Repository};
-use criterion::{BatchSize, Criterion, SamplingMode, Throughput, criterion_group, criterion_main};
+use criterion::{Criterion, SamplingMode, Throughput, criterion_group, criterion_main};
 use stage_dirty_bitmap::{DirtyBitmap, DirtyBitmapOptions};
 
 /// 16 GiB in 128 KiB chunks, with 5% of it dirty in 64 KiB granules spread evenly.
@@ -59,23 +59,17 @@ fn dirty_bitmap(c: &mut Criterion) {
     let dirty: Vec<(u64, u64)> = (0..granules / 20)
         .map(|i| (i * 20 * GRANULE, GRANULE))
         .collect();
-    let disk = Message::Disk(Arc::new(DiskSource {
+    let disk = vec![Message::Disk(Arc::new(DiskSource {
         vm: "bench".into(),
         name: "vda".into(),
         location: "bench".into(),
         reader: Arc::new(SizeOnly(SIZE)),
         tracking: Some(Arc::new(Dirty(dirty))),
-    }));
+    }))];
     let mut harness = harness(DirtyBitmap::new(DirtyBitmapOptions::default()).unwrap(), 1);
     harness.repository = Some(root.clone());
     group.throughput(Throughput::Bytes(SIZE));
-    group.bench_function("scattered-5pct", |b| {
-        b.iter_batched(
-            || vec![disk.clone()],
-            |input| run(&harness, input),
-            BatchSize::PerIteration,
-        )
-    });
+    bench_case!(group, "scattered-5pct", harness, disk);
     group.finish();
 }
 

@@ -1,9 +1,11 @@
 //! `disk-writer`: restoring a generated image's verified chunks into a sparse file (holes and zero
 //! chunks are not written), including the final fsync and rename. Throughput counts the image size.
 
-use backflow_benches::{DATA_BYTES, Image, SEED, criterion_config, harness, run};
+use backflow_benches::{
+    DATA_BYTES, Image, SEED, bench_fresh_case, case_id, criterion_config, harness,
+};
 use backflow_pipeline::Message;
-use criterion::{BatchSize, Criterion, SamplingMode, Throughput, criterion_group, criterion_main};
+use criterion::{Criterion, SamplingMode, Throughput, criterion_group, criterion_main};
 use stage_disk_writer::{DiskWriter, DiskWriterOptions};
 
 fn disk_writer(c: &mut Criterion) {
@@ -25,29 +27,17 @@ fn disk_writer(c: &mut Criterion) {
     let dir = tempfile::tempdir().unwrap();
     let target = dir.path().join("restored.raw");
     for workers in [1, 2] {
-        let id = match workers {
-            1 => "sparse".to_owned(),
-            _ => format!("sparse/w{workers}"),
+        let fresh = || {
+            // Removing the previous restore is not part of the measurement.
+            let _ = std::fs::remove_file(&target);
+            let options = DiskWriterOptions {
+                path: Some(target.clone()),
+                sync: true,
+                ..Default::default()
+            };
+            harness(DiskWriter::new(options).unwrap(), workers)
         };
-        group.bench_function(id, |b| {
-            b.iter_batched(
-                || {
-                    // Removing the previous restore is not part of the measurement.
-                    let _ = std::fs::remove_file(&target);
-                    let options = DiskWriterOptions {
-                        path: Some(target.clone()),
-                        sync: true,
-                        ..Default::default()
-                    };
-                    (
-                        harness(DiskWriter::new(options).unwrap(), workers),
-                        input.clone(),
-                    )
-                },
-                |(harness, input)| run(&harness, input),
-                BatchSize::PerIteration,
-            )
-        });
+        bench_fresh_case!(group, case_id("sparse", workers), fresh, input);
     }
     group.finish();
 }

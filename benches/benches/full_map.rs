@@ -4,10 +4,11 @@
 use std::sync::Arc;
 
 use backflow_benches::{
-    CHUNK_SIZE, DATA_BYTES, Image, SEED, criterion_config, fragmented_sparse_file, harness, run,
+    CHUNK_SIZE, DATA_BYTES, Image, SEED, bench_case, criterion_config, fragmented_sparse_file,
+    harness,
 };
 use backflow_pipeline::{ByteSize, DiskSource, Message};
-use criterion::{BatchSize, Criterion, SamplingMode, Throughput, criterion_group, criterion_main};
+use criterion::{Criterion, SamplingMode, Throughput, criterion_group, criterion_main};
 use stage_full_map::{FullMap, FullMapOptions};
 use stage_image::ImageFile;
 
@@ -35,30 +36,18 @@ fn full_map(c: &mut Criterion) {
     let harness = harness(FullMap::new(options()).unwrap(), 1);
 
     let dir = tempfile::tempdir().unwrap();
-    let sparse = disk(&fragmented_sparse_file(
+    let sparse = vec![disk(&fragmented_sparse_file(
         dir.path(),
         SPARSE_SIZE,
         SPARSE_EXTENTS,
-    ));
+    ))];
     group.throughput(Throughput::Bytes(SPARSE_SIZE));
-    group.bench_function("sparse-map", |b| {
-        b.iter_batched(
-            || vec![sparse.clone()],
-            |input| run(&harness, input),
-            BatchSize::PerIteration,
-        )
-    });
+    bench_case!(group, "sparse-map", harness, sparse);
 
     let image = Image::generate(DATA_BYTES, SEED);
-    let mixed = disk(&image.path);
+    let mixed = vec![disk(&image.path)];
     group.throughput(Throughput::Bytes(image.size()));
-    group.bench_function("mixed", |b| {
-        b.iter_batched(
-            || vec![mixed.clone()],
-            |input| run(&harness, input),
-            BatchSize::PerIteration,
-        )
-    });
+    bench_case!(group, "mixed", harness, mixed);
     group.finish();
 }
 

@@ -1,6 +1,6 @@
 //! `unzstd`: decoding stored chunks back to plaintext (zstd frames, or a copy of raw ones).
 
-use backflow_benches::{DATA_BYTES, Data, bench_case, criterion_config, harness};
+use backflow_benches::{DATA_BYTES, Data, bench_case, case_id, criterion_config, harness};
 use criterion::{Criterion, SamplingMode, Throughput, criterion_group, criterion_main};
 use stage_generate::Mix;
 use stage_unzstd::{Unzstd, UnzstdOptions};
@@ -15,11 +15,7 @@ fn unzstd(c: &mut Criterion) {
         let input = data.encoded(1);
         for workers in [1, 2] {
             let harness = harness(Unzstd::new(UnzstdOptions {}).unwrap(), workers);
-            let id = match workers {
-                1 => data.name().to_owned(),
-                _ => format!("{}/w{workers}", data.name()),
-            };
-            bench_case!(group, id, harness, input);
+            bench_case!(group, case_id(data.name(), workers), harness, input);
         }
     }
     group.finish();

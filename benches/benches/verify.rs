@@ -1,6 +1,6 @@
 //! `verify`: BLAKE3 of each restored plaintext chunk, compared with its digest.
 
-use backflow_benches::{DATA_BYTES, Data, bench_case, criterion_config, harness};
+use backflow_benches::{DATA_BYTES, Data, bench_case, case_id, criterion_config, harness};
 use criterion::{Criterion, SamplingMode, Throughput, criterion_group, criterion_main};
 use stage_generate::Mix;
 use stage_verify::{Verify, VerifyOptions};
@@ -14,11 +14,7 @@ fn verify(c: &mut Criterion) {
     let input = data.hashed();
     for workers in [1, 2] {
         let harness = harness(Verify::new(VerifyOptions {}).unwrap(), workers);
-        let id = match workers {
-            1 => data.name().to_owned(),
-            _ => format!("{}/w{workers}", data.name()),
-        };
-        bench_case!(group, id, harness, input);
+        bench_case!(group, case_id(data.name(), workers), harness, input);
     }
     group.finish();
 }

@@ -77,6 +77,22 @@ macro_rules! bench_case {
     };
 }
 
+/// Times one case whose stage value must be fresh for each run (a stage that keeps state between
+/// runs, or one whose setup must be redone): `make_harness()` and a copy of `input` are built per
+/// iteration, outside the timed part; the run, and dropping the harness, are timed.
+#[macro_export]
+macro_rules! bench_fresh_case {
+    ($group:expr, $id:expr, $make_harness:expr, $input:expr) => {
+        $group.bench_function($id, |b| {
+            b.iter_batched(
+                || (($make_harness)(), $input.clone()),
+                |(harness, input)| $crate::run(&harness, input),
+                ::criterion::BatchSize::PerIteration,
+            )
+        })
+    };
+}
+
 /// A case's name: the data's name, with `/wN` when more than one worker runs.
 pub fn case_id(name: &str, workers: usize) -> String {
     match workers {
