@@ -59,7 +59,6 @@ pub struct ClientPool {
     export: String,
     /// Meta contexts every connection negotiates (none for plain reads and writes).
     contexts: Vec<String>,
-    max_connections: usize,
     state: Mutex<State>,
     returned: Condvar,
 }
@@ -69,6 +68,19 @@ struct State {
     idle: Vec<Client>,
     /// Clients in existence: idle, lent out, or being connected.
     open: usize,
+    /// Most clients at once: as asked, or one once the server turns out not to allow multi-conn.
+    limit: usize,
+}
+
+impl State {
+    /// A server that does not advertise `NBD_FLAG_CAN_MULTI_CONN` gets one connection only:
+    /// without the flag, what one connection writes or flushes need not be seen by another.
+    fn learn(&mut self, client: &Client) {
+        if !client.can_multi_conn() && self.limit > 1 {
+            tracing::debug!("The server does not allow multi-conn: one connection.");
+            self.limit = 1;
+        }
+    }
 }
 
 impl ClientPool {
@@ -92,9 +104,8 @@ impl ClientPool {
 
     /// A pool of at most `max_connections` (at least one) connections to `export` at `address`.
     /// `first` is a client the caller already connected (to learn the export's size, say); it
-    /// joins the pool as an idle client and counts against the maximum. A server that does not
-    /// advertise `NBD_FLAG_CAN_MULTI_CONN` to it gets one connection only: without the flag, what
-    /// one connection writes or flushes need not be seen consistently by another.
+    /// joins the pool as an idle client and counts against the maximum. The maximum drops to one as
+    /// soon as any connection shows that the server does not allow multi-conn.
     pub fn with_address(
         address: NbdAddress,
         export: &str,
@@ -102,26 +113,21 @@ impl ClientPool {
         max_connections: usize,
         first: Option<Client>,
     ) -> ClientPool {
-        let max_connections = match &first {
-            Some(client) if !client.can_multi_conn() && max_connections > 1 => {
-                tracing::debug!(
-                    export,
-                    "The server does not allow multi-conn: one connection."
-                );
-                1
-            }
-            _ => max_connections,
+        let mut state = State {
+            idle: Vec::new(),
+            open: 0,
+            limit: max_connections.max(1),
         };
-        let idle: Vec<Client> = first.into_iter().collect();
+        if let Some(first) = first {
+            state.learn(&first);
+            state.idle.push(first);
+            state.open = 1;
+        }
         ClientPool {
             address,
             export: export.to_owned(),
             contexts: contexts.iter().map(|c| (*c).to_owned()).collect(),
-            max_connections: max_connections.max(1),
-            state: Mutex::new(State {
-                open: idle.len(),
-                idle,
-            }),
+            state: Mutex::new(state),
             returned: Condvar::new(),
         }
     }
@@ -169,7 +175,7 @@ impl ClientPool {
     }
 
     pub fn max_connections(&self) -> usize {
-        self.max_connections
+        self.lock().limit
     }
 
     /// Connections that exist now: idle or lent out.
@@ -239,14 +245,16 @@ impl ClientPool {
             if let Some(client) = state.idle.pop() {
                 return Ok(client);
             }
-            if state.open < self.max_connections {
+            if state.open < state.limit {
                 state.open += 1;
                 drop(state);
                 let contexts: Vec<&str> = self.contexts.iter().map(String::as_str).collect();
-                return self
+                let client = self
                     .address
                     .connect(&self.export, &contexts)
-                    .inspect_err(|_| self.forget_one());
+                    .inspect_err(|_| self.forget_one())?;
+                self.lock().learn(&client);
+                return Ok(client);
             }
             state = self
                 .returned
@@ -375,6 +383,16 @@ mod tests {
             let pool = ClientPool::new(s.socket.clone(), EXPORT_NAME, &[], 3, Some(first));
             assert_eq!(pool.max_connections(), expected, "--shared {shared}");
             pool.close_all().unwrap();
+            // The same when the pool makes its first connection itself.
+            let lazy = ClientPool::new(s.socket.clone(), EXPORT_NAME, &[], 3, None);
+            assert_eq!(lazy.max_connections(), 3);
+            lazy.with_client(|c| c.read_at(0, &mut [0u8; 16])).unwrap();
+            assert_eq!(
+                lazy.max_connections(),
+                expected,
+                "--shared {shared}, lazily"
+            );
+            lazy.close_all().unwrap();
         }
     }
 
