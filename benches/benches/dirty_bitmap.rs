@@ -65,6 +65,7 @@ fn dirty_bitmap(c: &mut Criterion) {
         location: "bench".into(),
         reader: Arc::new(SizeOnly(SIZE)),
         tracking: Some(Arc::new(Dirty(dirty))),
+        definition: None,
     }))];
     let mut harness = harness(DirtyBitmap::new(DirtyBitmapOptions::default()).unwrap(), 1);
     harness.repository = Some(root.clone());

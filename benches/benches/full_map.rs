@@ -23,6 +23,7 @@ fn disk(path: &std::path::Path) -> Message {
         location: path.to_owned(),
         reader: Arc::new(ImageFile::open(path).expect("opening the image")),
         tracking: None,
+        definition: None,
     }))
 }
 

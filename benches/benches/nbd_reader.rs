@@ -131,6 +131,7 @@ impl Export {
                     location: qcow2.clone(),
                     reader,
                     tracking: None,
+                    definition: None,
                 }),
                 chunk_size: CHUNK_SIZE,
                 parent: None,

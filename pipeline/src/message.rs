@@ -127,6 +127,9 @@ pub struct DiskSource {
     pub reader: Arc<dyn BlockSource>,
     /// Changed block tracking the source offers for this disk, if any.
     pub tracking: Option<Arc<dyn ChangeTracking>>,
+    /// The machine's definition (a libvirt domain XML) when the source knows it; the repository
+    /// writer stores it with the snapshot, so that a restore can define the machine again.
+    pub definition: Option<Arc<str>>,
 }
 
 impl DiskSource {

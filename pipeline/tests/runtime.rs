@@ -18,6 +18,7 @@ fn disk() -> Arc<Disk> {
             location: "test".into(),
             reader: Arc::new(SizeOnly(1 << 30)),
             tracking: None,
+            definition: None,
         }),
         chunk_size: 65536,
         parent: None,

@@ -176,6 +176,7 @@ pub fn synthetic_disk(size: u64, chunk_size: u32) -> Arc<Disk> {
             location: PathBuf::from("/dev/vda"),
             reader: Arc::new(SizeOnly(size)),
             tracking: None,
+            definition: None,
         }),
         chunk_size,
         parent: None,

@@ -137,6 +137,7 @@ mod tests {
                 location: "test".into(),
                 reader: Arc::new(SizeOnly(u64::MAX / 2)),
                 tracking: None,
+                definition: None,
             }),
             chunk_size: 65536,
             parent: None,

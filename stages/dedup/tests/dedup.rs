@@ -61,6 +61,7 @@ fn disk(vm: &str, chunks: u64, parent: Option<Arc<dyn ParentChunks>>) -> Arc<Dis
             location: PathBuf::from("test"),
             reader: Arc::new(SizeOnly(chunks * u64::from(CHUNK))),
             tracking: None,
+            definition: None,
         }),
         chunk_size: CHUNK,
         parent,

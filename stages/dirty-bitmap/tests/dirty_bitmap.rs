@@ -73,6 +73,7 @@ fn plan(
         location: "/images/vda.qcow2".into(),
         reader: Arc::new(SizeOnly(CHUNKS * C)),
         tracking,
+        definition: None,
     };
     let (report, out) = harness.run(vec![Message::Disk(Arc::new(source))]);
     assert_eq!(

@@ -74,6 +74,7 @@ fn takes_messages_of_every_kind() {
         location: PathBuf::from("d"),
         reader: Arc::new(SizeOnly(CHUNK)),
         tracking: None,
+        definition: None,
     });
     let disk = Arc::new(Disk {
         source: source.clone(),

@@ -61,6 +61,7 @@ fn disk_message(vm: &str, name: &str, path: &Path) -> Message {
         location: path.to_owned(),
         reader: Arc::new(ImageFile::open(path).unwrap()),
         tracking: None,
+        definition: None,
     }))
 }
 

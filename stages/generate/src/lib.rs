@@ -113,6 +113,7 @@ impl Generate {
                 location: "generate".into(),
                 reader: Arc::new(SizeOnly(options.size.bytes())),
                 tracking: None,
+                definition: None,
             }),
             chunk_size: chunk_size as u32,
             parent: None,

@@ -96,6 +96,7 @@ impl Stage for ImageSource {
             location: self.path.clone(),
             reader: Arc::new(file),
             tracking: None,
+            definition: None,
         };
         let _ = worker.send(Message::Disk(Arc::new(disk)));
         Ok(())

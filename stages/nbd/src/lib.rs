@@ -220,6 +220,7 @@ impl Stage for NbdSource {
             location: PathBuf::from(self.uri()),
             reader: Arc::new(export),
             tracking: None,
+            definition: None,
         };
         let _ = worker.send(Message::Disk(Arc::new(disk)));
         Ok(())

@@ -313,6 +313,7 @@ impl Stage for QemuNbd {
             location: self.path.clone(),
             reader: export,
             tracking,
+            definition: None,
         };
         let _ = worker.send(Message::Disk(Arc::new(disk)));
         Ok(())

@@ -119,6 +119,7 @@ fn read_all(source: Arc<dyn BlockSource>) -> (RunReport, Vec<Seen>) {
             location: PathBuf::from("memory"),
             reader: source,
             tracking: None,
+            definition: None,
         }),
         chunk_size: CHUNK,
         parent: None,

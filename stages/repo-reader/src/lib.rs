@@ -89,6 +89,7 @@ impl RepoReader {
                         location: meta.location.clone().into(),
                         reader: Arc::new(SizeOnly(meta.size)),
                         tracking: None,
+                        definition: None,
                     };
                     let disk = Disk {
                         source: Arc::new(source),

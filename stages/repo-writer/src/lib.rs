@@ -281,6 +281,11 @@ impl Stage for RepoWriter {
                 )));
             }
         }
+        // Every disk of a machine carries the same definition; the first one found is stored.
+        let definition = state
+            .disks
+            .values()
+            .find_map(|d| d.disk.source.definition.as_deref().map(str::to_owned));
         let tracked: Vec<_> = state
             .disks
             .values()
@@ -291,7 +296,7 @@ impl Stage for RepoWriter {
         let session = Arc::try_unwrap(session).map_err(|_| {
             StageError::Internal("the backup session is still in use at commit".into())
         })?;
-        let info = session.commit(None)?;
+        let info = session.commit(definition)?;
         tracing::info!(snapshot = %info.id, vm = %info.vm, "Snapshot committed.");
         for tracking in tracked {
             tracking.committed(&info.id);

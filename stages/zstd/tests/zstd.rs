@@ -31,6 +31,7 @@ fn image_chunks() -> (Arc<Disk>, Vec<Chunk>) {
             location: PathBuf::from("vda.raw"),
             reader: Arc::new(SizeOnly(IMAGE_SIZE)),
             tracking: None,
+            definition: None,
         }),
         chunk_size: CHUNK,
         parent: None,
