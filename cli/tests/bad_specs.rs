@@ -161,7 +161,7 @@ fn every_spec_in_specs_validates() {
         let text = std::fs::read_to_string(&path).unwrap();
         let mut cmd = backflow();
         cmd.arg("validate").arg(&path);
-        for var in ["source", "repo", "to", "disk", "snapshot"] {
+        for var in ["source", "repo", "to", "disk", "snapshot", "name", "domain"] {
             if text.contains(&format!("  {var}: ~")) {
                 cmd.args(["--var", &format!("{var}=placeholder")]);
             }

@@ -139,6 +139,47 @@ pub fn delete_checkpoint(domain: &Domain, name: &str) -> Result<()> {
     Ok(())
 }
 
+/// The XML of checkpoint `name` without the domain definition it embeds: which disks it covers
+/// (`<disk name='vda' checkpoint='bitmap' bitmap='NAME'/>`).
+pub fn checkpoint_xml(domain: &Domain, name: &str) -> Result<String> {
+    const LOOKUP: &str = "virDomainCheckpointLookupByName";
+    let c_name = c_string(domain, LOOKUP, name)?;
+    // SAFETY: the domain pointer is valid while `domain` is borrowed; `c_name` outlives the call.
+    let ptr = unsafe { sys::virDomainCheckpointLookupByName(domain.as_ptr(), c_name.as_ptr(), 0) };
+    let checkpoint = CheckpointRef::new(ptr).ok_or_else(|| call_error(domain, LOOKUP))?;
+    // SAFETY: `checkpoint` holds a valid reference until it is dropped, after the call.
+    let xml = unsafe {
+        sys::virDomainCheckpointGetXMLDesc(checkpoint.0, sys::VIR_DOMAIN_CHECKPOINT_XML_NO_DOMAIN)
+    };
+    if xml.is_null() {
+        return Err(call_error(domain, "virDomainCheckpointGetXMLDesc"));
+    }
+    // SAFETY: a non-null return is a NUL-terminated heap string the caller owns; freed once, here.
+    Ok(unsafe { owned_string(xml) })
+}
+
+/// Freezes the guest's filesystems through the QEMU guest agent (`virDomainFSFreeze`, all mounted
+/// filesystems); returns how many were frozen. Fails when no agent answers.
+pub fn fs_freeze(domain: &Domain) -> Result<u32> {
+    // SAFETY: the domain pointer is valid while `domain` is borrowed; a null list with count 0 means
+    // every filesystem.
+    let n = unsafe { sys::virDomainFSFreeze(domain.as_ptr(), std::ptr::null_mut(), 0, 0) };
+    if n < 0 {
+        return Err(call_error(domain, "virDomainFSFreeze"));
+    }
+    Ok(n as u32)
+}
+
+/// Thaws the filesystems [`fs_freeze`] froze; returns how many were thawed.
+pub fn fs_thaw(domain: &Domain) -> Result<u32> {
+    // SAFETY: as in fs_freeze.
+    let n = unsafe { sys::virDomainFSThaw(domain.as_ptr(), std::ptr::null_mut(), 0, 0) };
+    if n < 0 {
+        return Err(call_error(domain, "virDomainFSThaw"));
+    }
+    Ok(n as u32)
+}
+
 /// A checkpoint reference we own (non-null), released with `virDomainCheckpointFree` when dropped.
 struct CheckpointRef(sys::virDomainCheckpointPtr);
 

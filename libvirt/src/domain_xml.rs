@@ -102,7 +102,8 @@ pub fn parse_disks(xml: &str) -> Result<Vec<DiskInfo>, String> {
         .collect()
 }
 
-fn parse_disk(disk: roxmltree::Node<'_, '_>) -> Result<DiskInfo, String> {
+/// One `<disk>` element; `Err` says what is missing.
+pub(crate) fn parse_disk(disk: roxmltree::Node<'_, '_>) -> Result<DiskInfo, String> {
     let target_el = child(disk, "target").ok_or("no <target>")?;
     let target = target_el
         .attribute("dev")

@@ -11,7 +11,7 @@
 //!   [`LibvirtError::Xml`], never a panic.
 //! - [`LibvirtError::is_retryable`] says whether trying again later, without anyone changing the
 //!   configuration, can succeed: a daemon that does not answer (yet), a connection that broke. A VM that
-//!   does not exist, a refused call or a bad definition is not.
+//!   does not exist, a refused call or a bad definition is not; nor is a name already taken.
 
 use virt::error::{Error as VirtError, ErrorDomain, ErrorNumber};
 
@@ -59,6 +59,14 @@ pub enum LibvirtError {
         vm: String,
         detail: String,
     },
+
+    /// A domain of that name exists already: defining another would replace or clash with it.
+    #[error("{uri}: a VM named `{name}` exists already; choose another name for the new one")]
+    VmExists { uri: String, name: String },
+
+    /// A backed-up definition that cannot become a new domain's (see [`crate::define`]).
+    #[error("cannot make a new domain from the backed-up definition: {0}")]
+    Definition(#[from] crate::define::DefinitionError),
 }
 
 impl LibvirtError {
@@ -69,7 +77,9 @@ impl LibvirtError {
             LibvirtError::Call { cause, .. } => is_transport(cause),
             LibvirtError::NoSuchVm { .. }
             | LibvirtError::Xml { .. }
-            | LibvirtError::Argument { .. } => false,
+            | LibvirtError::Argument { .. }
+            | LibvirtError::VmExists { .. }
+            | LibvirtError::Definition(_) => false,
         }
     }
 
@@ -79,7 +89,9 @@ impl LibvirtError {
             LibvirtError::Connect { cause, .. } | LibvirtError::Call { cause, .. } => Some(cause),
             LibvirtError::NoSuchVm { .. }
             | LibvirtError::Xml { .. }
-            | LibvirtError::Argument { .. } => None,
+            | LibvirtError::Argument { .. }
+            | LibvirtError::VmExists { .. }
+            | LibvirtError::Definition(_) => None,
         }
     }
 }

@@ -5,6 +5,8 @@
 //! # Layout
 //! - this file: [`Connection`] (open a URI, list and describe VMs), [`VmInfo`], [`VmState`];
 //! - `domain_xml`: the `<disk>` elements of a domain XML ([`DiskInfo`], [`DiskSource`]);
+//! - [`define`]: a backed-up domain XML rewritten into a new domain's definition on restored
+//!   images ([`new_definition`]), which [`Connection::define_vm`] defines;
 //! - `capacity`: a disk's size without unsafe code (storage volume, or `qemu-img` on local
 //!   connections);
 //! - `error`: [`LibvirtError`] and the error policy;
@@ -28,8 +30,10 @@
 
 pub mod backup;
 mod capacity;
+pub mod define;
 mod domain_xml;
 mod error;
+pub mod job_xml;
 
 use serde::Serialize;
 use tracing::debug;
@@ -37,6 +41,7 @@ use virt::connect::Connect;
 use virt::domain::{Domain, DomainState};
 use virt::enumutil::Enum;
 
+pub use define::{DefinitionError, NewDefinition, RestoredDisk, new_definition};
 pub use domain_xml::{DiskInfo, DiskSource, parse_disks};
 pub use error::{LibvirtError, Result};
 
@@ -137,6 +142,67 @@ impl Connection {
     pub fn vm(&self, name: &str) -> Result<VmInfo> {
         let domain = self.conn_lookup(name)?;
         self.describe(&domain)
+    }
+
+    /// Defines a new persistent domain from `xml` (not started) and describes it. Refuses, without
+    /// calling libvirt's define, when a domain of the XML's `<name>` exists: libvirt would replace
+    /// its definition when the UUIDs match, and a restore must never change an existing VM.
+    pub fn define_vm(&self, xml: &str) -> Result<VmInfo> {
+        let doc = roxmltree::Document::parse(xml)
+            .map_err(|e| define::DefinitionError::Malformed(e.to_string()))?;
+        let name = doc
+            .root_element()
+            .children()
+            .find(|n| n.has_tag_name("name"))
+            .and_then(|n| n.text())
+            .map(|t| t.trim().to_owned())
+            .ok_or(define::DefinitionError::NoName)?;
+        match self.conn_lookup(&name) {
+            Ok(_) => {
+                return Err(LibvirtError::VmExists {
+                    uri: self.uri.clone(),
+                    name,
+                });
+            }
+            Err(LibvirtError::NoSuchVm { .. }) => {}
+            Err(e) => return Err(e),
+        }
+        if xml.contains('\0') {
+            return Err(LibvirtError::Argument {
+                uri: self.uri.clone(),
+                vm: Some(name),
+                call: "virDomainDefineXMLFlags",
+                detail: "the domain XML holds a NUL byte".into(),
+            });
+        }
+        let domain = self
+            .conn
+            .define_domain_xml_flags(xml, virt::sys::VIR_DOMAIN_DEFINE_VALIDATE)
+            .map_err(|cause| self.call_error("virDomainDefineXMLFlags", Some(&name), cause))?;
+        debug!(uri = %self.uri, vm = %name, "Domain defined.");
+        self.describe(&domain)
+    }
+
+    /// Starts the defined, shut-off domain `name`.
+    pub fn start_vm(&self, name: &str) -> Result<()> {
+        let domain = self.conn_lookup(name)?;
+        domain
+            .create()
+            .map_err(|cause| self.call_error("virDomainCreate", Some(name), cause))?;
+        debug!(uri = %self.uri, vm = %name, "Domain started.");
+        Ok(())
+    }
+
+    /// Whether the hypervisor runs on this machine, so that its image files can be opened here.
+    pub fn is_local(&self) -> bool {
+        self.local
+    }
+
+    /// The libvirt handle of VM `name`, for the calls of [`backup`], and its description.
+    pub fn domain(&self, name: &str) -> Result<(Domain, VmInfo)> {
+        let domain = self.conn_lookup(name)?;
+        let info = self.describe(&domain)?;
+        Ok((domain, info))
     }
 
     fn conn_lookup(&self, name: &str) -> Result<Domain> {

@@ -14,11 +14,13 @@
 //! - [`spec`]: loading, substituting and validating YAML specs, with file:line:column errors.
 //! - [`units`]: sizes with suffixes (`128K`), for options and the command line.
 //! - [`harness`]: one stage alone on prepared input, for stage tests and benchmarks.
+//! - [`hooks`]: test hooks that pause a run at a named moment, for crash tests.
 //! - [`error`]: the stage error type and the error policy.
 
 pub mod context;
 pub mod error;
 pub mod harness;
+pub mod hooks;
 pub mod message;
 pub mod runtime;
 pub mod spec;

@@ -151,6 +151,69 @@ impl Domain {
         );
     }
 
+    /// Adds a qcow2 virtio disk `target` of `size` to the running domain and to its definition
+    /// (`virsh attach-disk --persistent`).
+    pub fn attach_disk(&mut self, target: &str, size: &str) {
+        let path = self.dir.path().join(format!("{target}.qcow2"));
+        make_qcow2(&path, size, &[]);
+        let source = path.to_str().unwrap().to_owned();
+        virsh(&[
+            "attach-disk",
+            &self.name,
+            &source,
+            target,
+            "--driver",
+            "qemu",
+            "--subdriver",
+            "qcow2",
+            "--targetbus",
+            "virtio",
+            "--persistent",
+        ]);
+        self.disks.push((target.to_owned(), path));
+    }
+
+    /// Stops the domain at once (`virsh destroy`: QEMU gets SIGTERM, as at a host shutdown).
+    pub fn destroy(&self) {
+        virsh(&["destroy", &self.name]);
+    }
+
+    /// Starts the (shut-off) domain again.
+    pub fn start_again(&mut self) {
+        virsh(&["start", &self.name]);
+        self.pid = self
+            .qemu_pid()
+            .unwrap_or_else(|| panic!("domain {} runs but has no QEMU pid", self.name));
+    }
+
+    /// The names of the domain's checkpoints, sorted.
+    pub fn checkpoints(&self) -> Vec<String> {
+        let mut names: Vec<String> = virsh(&["checkpoint-list", &self.name, "--name"])
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .map(str::to_owned)
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// Whether a backup job runs on the domain (`virsh backup-dumpxml` answers).
+    pub fn has_backup_job(&self) -> bool {
+        try_virsh(&["backup-dumpxml", &self.name]).is_ok()
+    }
+
+    /// A raw copy of disk `target` as it is now (`qemu-img convert -U`: QEMU holds the image's
+    /// lock; guest writes through [`Domain::guest_write`] are flushed, so the file is complete).
+    pub fn copy_disk(&self, target: &str, to: &Path) {
+        crate::qemu::run_command(
+            Command::new("qemu-img")
+                .args(["convert", "-U", "-q", "-f", "qcow2", "-O", "raw"])
+                .arg(self.disk(target))
+                .arg(to),
+        );
+    }
+
     /// The pid of the domain's QEMU process, from libvirt's pid file (none once it stopped).
     pub fn qemu_pid(&self) -> Option<u32> {
         std::fs::read_to_string(format!("/run/libvirt/qemu/{}.pid", self.name))
@@ -186,10 +249,12 @@ impl Domain {
             })
             .collect();
         // No <cpu>: host-model and host-passthrough abort QEMU here ("failed to set MSR").
+        // ACPI: without it the PCI bus takes no hot-plugged disks (attach_disk).
         format!(
             "<domain type='{kind}'>\n  <name>{name}</name>\n  \
              <memory unit='MiB'>{MEMORY_MIB}</memory>\n  <vcpu>1</vcpu>\n  \
              <os><type arch='x86_64' machine='pc'>hvm</type></os>\n  \
+             <features><acpi/></features>\n  \
              <on_crash>destroy</on_crash>\n  <devices>\n{disks}    \
              <memballoon model='none'/>\n  </devices>\n</domain>\n",
             name = self.name

@@ -17,8 +17,10 @@ pub enum Kind {
     Image,
     QemuNbd,
     Nbd,
+    Libvirt,
     Full,
     DirtyBitmap,
+    LibvirtCheckpoint,
     Reader,
     Dedup,
     Zstd,
@@ -53,12 +55,14 @@ pub struct OptionDoc {
 }
 
 impl Kind {
-    pub const ALL: [Kind; 15] = [
+    pub const ALL: [Kind; 17] = [
         Kind::Image,
         Kind::QemuNbd,
         Kind::Nbd,
+        Kind::Libvirt,
         Kind::Full,
         Kind::DirtyBitmap,
+        Kind::LibvirtCheckpoint,
         Kind::Reader,
         Kind::Dedup,
         Kind::Zstd,
@@ -76,8 +80,10 @@ impl Kind {
             Kind::Image => stage_image::KIND,
             Kind::QemuNbd => stage_qemu_nbd::KIND,
             Kind::Nbd => stage_nbd::KIND,
+            Kind::Libvirt => stage_libvirt::KIND,
             Kind::Full => stage_full_map::KIND,
             Kind::DirtyBitmap => stage_dirty_bitmap::KIND,
+            Kind::LibvirtCheckpoint => stage_dirty_bitmap::LIBVIRT_KIND,
             Kind::Reader => stage_reader::KIND,
             Kind::Dedup => stage_dedup::KIND,
             Kind::Zstd => stage_zstd::KIND,
@@ -104,9 +110,15 @@ impl Kind {
             Kind::Nbd => {
                 "source: an NBD export someone else serves (qemu-nbd, nbdkit); zero ranges are skipped"
             }
+            Kind::Libvirt => {
+                "snapshot source: every disk of a libvirt VM at one instant (pull-mode backup job with a checkpoint; qemu-nbd over the images when the VM is off)"
+            }
             Kind::Full => "changed-block map: every allocated extent (holes are skipped)",
             Kind::DirtyBitmap => {
                 "changed-block map: only what the source's change tracking (qcow2 bitmap) says changed since the parent; a full read with a warning when that is not certain"
+            }
+            Kind::LibvirtCheckpoint => {
+                "changed-block map: only what libvirt's checkpoint bitmap says changed since the parent; a full read with a warning when the checkpoint cannot be trusted"
             }
             Kind::Reader => {
                 "reads chunk-aligned extents into chunks; all-zero chunks are not stored"
@@ -154,7 +166,9 @@ impl Kind {
             Kind::QemuNbd => make(options, stage_qemu_nbd::QemuNbd::new),
             Kind::Nbd => make(options, stage_nbd::NbdSource::new),
             Kind::Full => make(options, stage_full_map::FullMap::new),
+            Kind::Libvirt => make(options, stage_libvirt::LibvirtSource::new),
             Kind::DirtyBitmap => make(options, stage_dirty_bitmap::DirtyBitmap::new),
+            Kind::LibvirtCheckpoint => make(options, stage_dirty_bitmap::DirtyBitmap::libvirt),
             Kind::Reader => make(options, stage_reader::Reader::new),
             Kind::Dedup => make(options, stage_dedup::Dedup::new),
             Kind::Zstd => make(options, stage_zstd::Zstd::new),
@@ -174,8 +188,8 @@ impl Kind {
         match self {
             Kind::Image => (None, Some(Disk)),
             Kind::QemuNbd => (None, Some(Disk)),
-            Kind::Nbd => (None, Some(Disk)),
-            Kind::Full | Kind::DirtyBitmap => (Some(Disk), Some(Extent)),
+            Kind::Nbd | Kind::Libvirt => (None, Some(Disk)),
+            Kind::Full | Kind::DirtyBitmap | Kind::LibvirtCheckpoint => (Some(Disk), Some(Extent)),
             Kind::Reader => (Some(Extent), Some(Chunk)),
             Kind::Dedup => (Some(Chunk), Some(HashedChunk)),
             Kind::Zstd => (Some(HashedChunk), Some(CompressedChunk)),
@@ -195,9 +209,14 @@ impl Kind {
             Kind::QemuNbd => {
                 option_docs::<stage_qemu_nbd::QemuNbdOptions>(stage_qemu_nbd::OPTION_DOCS)
             }
-            Kind::DirtyBitmap => option_docs::<stage_dirty_bitmap::DirtyBitmapOptions>(
-                stage_dirty_bitmap::OPTION_DOCS,
-            ),
+            Kind::DirtyBitmap | Kind::LibvirtCheckpoint => {
+                option_docs::<stage_dirty_bitmap::DirtyBitmapOptions>(
+                    stage_dirty_bitmap::OPTION_DOCS,
+                )
+            }
+            Kind::Libvirt => {
+                option_docs::<stage_libvirt::LibvirtOptions>(stage_libvirt::OPTION_DOCS)
+            }
             Kind::Nbd => option_docs::<stage_nbd::NbdOptions>(stage_nbd::OPTION_DOCS),
             Kind::Full => {
                 option_docs::<stage_full_map::FullMapOptions>(stage_full_map::OPTION_DOCS)
@@ -268,7 +287,7 @@ fn doc_of(docs: &'static [(&'static str, &'static str)], name: &str) -> &'static
 }
 
 /// Finaliser kinds.
-pub const FINALISER_KINDS: [&str; 1] = [stage_cleanup::KIND];
+pub const FINALISER_KINDS: [&str; 2] = [stage_cleanup::KIND, stage_libvirt_define::KIND];
 
 pub fn cleanup_doc() -> KindDoc {
     KindDoc {
@@ -279,6 +298,24 @@ pub fn cleanup_doc() -> KindDoc {
         needs_repository: false,
         options: option_docs::<stage_cleanup::CleanupOptions>(stage_cleanup::OPTION_DOCS),
     }
+}
+
+pub fn libvirt_define_doc() -> KindDoc {
+    KindDoc {
+        kind: stage_libvirt_define::KIND,
+        summary: "finaliser: after a successful restore, defines the restored VM as a new libvirt domain (new name, UUID and MACs) on the restored images; then does what `cleanup` does",
+        input: None,
+        output: None,
+        needs_repository: true,
+        options: option_docs::<stage_libvirt_define::LibvirtDefineOptions>(
+            stage_libvirt_define::OPTION_DOCS,
+        ),
+    }
+}
+
+/// The documentation of every finaliser kind, in [`FINALISER_KINDS`] order.
+pub fn finaliser_docs() -> Vec<KindDoc> {
+    vec![cleanup_doc(), libvirt_define_doc()]
 }
 
 /// The catalog the spec loader uses.
@@ -312,6 +349,12 @@ impl Catalog for Stages {
         kind: &str,
         options: &Options<'_>,
     ) -> Result<Arc<dyn Finaliser>, Vec<SpecError>> {
+        if kind == stage_libvirt_define::KIND {
+            let parsed = options.deserialize::<stage_libvirt_define::LibvirtDefineOptions>()?;
+            return stage_libvirt_define::LibvirtDefine::new(parsed)
+                .map(|f| Arc::new(f) as Arc<dyn Finaliser>)
+                .map_err(|e| vec![options.error(e.option, e.message)]);
+        }
         if kind != stage_cleanup::KIND {
             return Err(vec![
                 options.error("kind", format!("unknown finaliser kind `{kind}`")),

@@ -20,7 +20,7 @@ fn every_spec_in_specs_loads_with_the_real_catalog() {
         }
         let text = std::fs::read_to_string(&path).unwrap();
         // Required variables (declared as `name: ~`) get a placeholder.
-        let vars: Vec<(String, String)> = ["source", "repo", "to"]
+        let vars: Vec<(String, String)> = ["source", "repo", "to", "name", "domain"]
             .iter()
             .filter(|v| text.contains(&format!("  {v}: ~")))
             .map(|v| (v.to_string(), format!("/placeholder/{v}")))
@@ -41,6 +41,7 @@ fn documented_message_types_match_the_built_stages() {
             Kind::Image | Kind::QemuNbd => "path: /dev/null\n",
             Kind::DiskWriter => "path: /tmp/out.raw\n",
             Kind::Nbd => "socket: /run/nbd.sock\ndisk: vda\n",
+            Kind::Libvirt => "domain: web01\n",
             _ => "{}\n",
         };
         let options = Options::from_yaml(yaml, true).unwrap();

@@ -15,6 +15,16 @@
 //! run's report carries a warning saying why; the run does not fail. The snapshot then records the
 //! source's new state, so the chain starts again from it.
 //!
+//! # Two kinds, one plan
+//! The same stage serves two kinds, which differ only in the tracking they expect from the source
+//! and the hint when a disk has none:
+//! - `dirty-bitmap`, after the `qemu-nbd` source (qcow2 bitmaps it rotates itself);
+//! - `libvirt-checkpoint`, after the `libvirt` source: the changes are the
+//!   `qemu:dirty-bitmap:backup-DISK` context of libvirt's incremental backup job. The chain checks
+//!   (checkpoint still there, same VM, host, image and size) happen in the source, before the job
+//!   begins, since the job must be begun incremental or full; what they decide reaches this stage
+//!   as `Changes::Unknown(reason)`.
+//!
 //! [`ChangeTracking::changed_since`]: backflow_pipeline::ChangeTracking::changed_since
 
 use std::sync::Arc;
@@ -27,18 +37,32 @@ use stage_full_map::{MapSettings, OpenedDisk, plan_chunks, plan_incremental, sen
 
 pub const KIND: &str = "dirty-bitmap";
 
+/// The kind of the same map after the `libvirt` source.
+pub const LIBVIRT_KIND: &str = "libvirt-checkpoint";
+
 /// The same options as `full`: where the chunk size comes from, and how long an extent may be.
 pub use stage_full_map::{FullMapOptions as DirtyBitmapOptions, OPTION_DOCS};
 
 #[derive(Debug)]
 pub struct DirtyBitmap {
     settings: MapSettings,
+    /// Why a disk without tracking has none, for the warning.
+    untracked: &'static str,
 }
 
 impl DirtyBitmap {
     pub fn new(options: DirtyBitmapOptions) -> Result<Self, InvalidOption> {
         Ok(DirtyBitmap {
             settings: MapSettings::new(options)?,
+            untracked: "its source offers no change tracking (set `bitmap` on the qemu-nbd source)",
+        })
+    }
+
+    /// The `libvirt-checkpoint` kind.
+    pub fn libvirt(options: DirtyBitmapOptions) -> Result<Self, InvalidOption> {
+        Ok(DirtyBitmap {
+            settings: MapSettings::new(options)?,
+            untracked: "its source offers no change tracking (the libvirt source's `checkpoint` is empty)",
         })
     }
 }
@@ -68,10 +92,7 @@ impl Stage for DirtyBitmap {
             } = self.settings.open(worker, &source)?;
             // What changed since the parent, or why that cannot be known.
             let changes = match (&source.tracking, &parent) {
-                (None, _) => Changes::Unknown(
-                    "its source offers no change tracking (set `bitmap` on the qemu-nbd source)"
-                        .into(),
-                ),
+                (None, _) => Changes::Unknown(self.untracked.into()),
                 // The first backup of the disk (or the parent was unusable, already reported).
                 (Some(_), None) => Changes::Unknown(String::new()),
                 (Some(tracking), Some(parent)) => match parent.cbt() {

@@ -289,7 +289,7 @@ fn alive(pid: u32) -> bool {
 
 /// `"PID STARTTIME"` of a live process (start time in clock ticks since boot, field 22 of
 /// `/proc/PID/stat`), which identifies it even after its pid is reused; `None` when it is gone.
-fn process_identity(pid: u32) -> Option<String> {
+pub fn process_identity(pid: u32) -> Option<String> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let (_, rest) = stat.rsplit_once(')')?;
     let fields: Vec<&str> = rest.split_whitespace().collect();

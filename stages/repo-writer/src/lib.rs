@@ -217,22 +217,7 @@ impl RepoWriter {
 /// `PATH` once every chunk is stored and waits (at most ten minutes) until `PATH` is removed before
 /// committing. Crash tests use it to kill a backup at the one moment when everything was read and
 /// nothing committed.
-pub const PAUSE_BEFORE_COMMIT: &str = "BACKFLOW_PAUSE_BEFORE_COMMIT";
-
-fn pause_before_commit() {
-    let Some(path) = std::env::var_os(PAUSE_BEFORE_COMMIT) else {
-        return;
-    };
-    let path = std::path::PathBuf::from(path);
-    if let Err(e) = std::fs::write(&path, b"paused before commit\n") {
-        tracing::warn!(path = %path.display(), "Cannot create the pause file: {e}.");
-        return;
-    }
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(600);
-    while path.exists() && std::time::Instant::now() < deadline {
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-}
+pub use backflow_pipeline::hooks::PAUSE_BEFORE_COMMIT;
 
 impl Stage for RepoWriter {
     fn io(&self) -> StageIo {
@@ -292,7 +277,7 @@ impl Stage for RepoWriter {
             .filter_map(|d| d.disk.source.tracking.clone())
             .collect();
         state.disks.clear();
-        pause_before_commit();
+        backflow_pipeline::hooks::pause_at(PAUSE_BEFORE_COMMIT, "before commit");
         let session = Arc::try_unwrap(session).map_err(|_| {
             StageError::Internal("the backup session is still in use at commit".into())
         })?;

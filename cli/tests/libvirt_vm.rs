@@ -1,0 +1,516 @@
+//! Backing up running libvirt VMs, end to end: the real binary, `specs/backup-vm.yaml`, a real
+//! libvirtd and QEMU (`scripts/setup.sh` starts them), throwaway domains with qcow2 disks, guest
+//! writes through QEMU's monitor.
+//!
+//! Every test keeps a raw copy of each disk as it was at each backup and checks that every
+//! restore point restores identical to it (`qemu-img compare`), and after every run that no
+//! backup job, job directory or scratch file is left.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use backflow_testkit::libvirt::Domain;
+use backflow_testkit::qemu::compare_images;
+use common::*;
+
+const CHUNK: u64 = 128 << 10;
+
+/// One restore point: the snapshot, and a raw copy of each disk when it was taken.
+struct Point {
+    id: String,
+    disks: Vec<(String, PathBuf)>,
+}
+
+/// One test's VM, repository and files.
+struct Case {
+    vm: Domain,
+    dir: tempfile::TempDir,
+    repo: PathBuf,
+    /// The TMPDIR of the runs: where the job directories go, checked empty after each run.
+    tmp: PathBuf,
+    points: Vec<Point>,
+}
+
+impl Case {
+    fn new(disks: &[(&str, &str)]) -> Case {
+        let vm = Domain::start("bf-vm", disks);
+        let dir = tempfile::tempdir().unwrap();
+        let repo = dir.path().join("repo");
+        init_repo(&repo, "128K");
+        let tmp = dir.path().join("tmp");
+        std::fs::create_dir(&tmp).unwrap();
+        // QEMU (user libvirt-qemu) creates the NBD socket in a job directory under it.
+        for d in [dir.path(), tmp.as_path()] {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        Case {
+            vm,
+            dir,
+            repo,
+            tmp,
+            points: Vec::new(),
+        }
+    }
+
+    /// The VM's disks (`virsh domblklist`), running or not.
+    fn targets(&self) -> Vec<String> {
+        let list = backflow_testkit::libvirt::virsh(&["domblklist", self.vm.name(), "--details"]);
+        list.lines()
+            .filter(|l| l.contains(" disk "))
+            .filter_map(|l| l.split_whitespace().nth(2).map(str::to_owned))
+            .collect()
+    }
+
+    fn command(&self, extra: &[&str]) -> Command {
+        let mut cmd = backflow();
+        cmd.env("TMPDIR", &self.tmp)
+            .arg("run")
+            .arg(spec("backup-vm.yaml"))
+            .arg("--var")
+            .arg(format!("domain={}", self.vm.name()))
+            .arg("--var")
+            .arg(format!("repo={}", self.repo.display()))
+            .args(["--var", "freeze=off", "--quiet"])
+            .args(extra);
+        cmd
+    }
+
+    fn report_path(&self) -> PathBuf {
+        self.dir.path().join("report.json")
+    }
+
+    /// Copies every disk as it is now, for the restore point about to be taken.
+    fn copies(&self) -> Vec<(String, PathBuf)> {
+        let n = self.points.len();
+        self.targets()
+            .into_iter()
+            .map(|t| {
+                let copy = self.dir.path().join(format!("at-{n}-{t}.raw"));
+                let _ = std::fs::remove_file(&copy);
+                self.vm.copy_disk(&t, &copy);
+                (t, copy)
+            })
+            .collect()
+    }
+
+    /// Runs a backup that must succeed and keeps the disks' copies for its restore point.
+    fn backup(&mut self) -> serde_json::Value {
+        let disks = self.copies();
+        let report = self.report_path();
+        run_ok(self.command(&[]).arg("--report").arg(&report));
+        let report = read_report(&report);
+        self.taken(&report, disks);
+        report
+    }
+
+    fn taken(&mut self, report: &serde_json::Value, disks: Vec<(String, PathBuf)>) {
+        let id = report["snapshot"].as_str().expect("a snapshot").to_owned();
+        self.points.push(Point { id, disks });
+        self.assert_nothing_left();
+    }
+
+    /// Every restore point restores identical to the disks as they were then.
+    fn assert_restores(&self) {
+        for point in &self.points {
+            let out = self.dir.path().join("restored");
+            let _ = std::fs::remove_dir_all(&out);
+            std::fs::create_dir(&out).unwrap();
+            let restored = restore(&self.repo, &point.id, &out);
+            assert!(
+                restored.status.success(),
+                "restore {}: {}",
+                point.id,
+                String::from_utf8_lossy(&restored.stderr)
+            );
+            for (target, copy) in &point.disks {
+                let image = out.join(format!("{target}.raw"));
+                if let Err(verdict) = compare_images(&image, "raw", copy, "raw") {
+                    panic!(
+                        "snapshot {} disk {target} differs from {}: {verdict}",
+                        point.id,
+                        copy.display()
+                    );
+                }
+            }
+            let restored_disks = std::fs::read_dir(&out).unwrap().count();
+            assert_eq!(restored_disks, point.disks.len(), "snapshot {}", point.id);
+        }
+    }
+
+    /// No backup job on the VM, nothing in the runs' TMPDIR (job directories, scratch files,
+    /// qemu-nbd sockets).
+    fn assert_nothing_left(&self) {
+        assert!(
+            !self.vm.has_backup_job(),
+            "a backup job is left on {}",
+            self.vm.name()
+        );
+        let left: Vec<_> = std::fs::read_dir(&self.tmp).unwrap().collect();
+        assert!(left.is_empty(), "left in TMPDIR: {left:?}");
+    }
+
+    /// The one checkpoint left is the one the newest snapshot recorded for every disk.
+    fn assert_one_checkpoint(&self, report: &serde_json::Value) {
+        let checkpoints = self.vm.checkpoints();
+        assert_eq!(checkpoints.len(), 1, "{checkpoints:?}");
+        assert!(
+            checkpoints[0].starts_with("backflow."),
+            "{checkpoints:?} after {report}"
+        );
+    }
+
+    /// A run with the pause hook: returns the running child once the VM's snapshot exists.
+    fn paused_backup(&self) -> (Child, PathBuf) {
+        let pause = self.dir.path().join("pause");
+        let _ = std::fs::remove_file(&pause);
+        let child = self
+            .command(&[])
+            .arg("--report")
+            .arg(self.report_path())
+            .env("BACKFLOW_PAUSE_AFTER_SNAPSHOT", &pause)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !pause.exists() {
+            assert!(
+                Instant::now() < deadline,
+                "the backup never reached its pause"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        (child, pause)
+    }
+}
+
+fn read_report(path: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+fn warnings(report: &serde_json::Value) -> Vec<String> {
+    report["warnings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w.as_str().unwrap().to_owned())
+        .collect()
+}
+
+fn bytes_read(report: &serde_json::Value) -> u64 {
+    report["source_bytes_read"].as_u64().unwrap()
+}
+
+/// The chunks `(offset, len)` writes touch, times the chunk size: what an exact incremental reads.
+fn chunk_bytes(writes: &[(u64, u64)]) -> u64 {
+    let mut chunks: Vec<u64> = writes
+        .iter()
+        .flat_map(|&(offset, len)| offset / CHUNK..(offset + len).div_ceil(CHUNK))
+        .collect();
+    chunks.sort_unstable();
+    chunks.dedup();
+    chunks.len() as u64 * CHUNK
+}
+
+/// Guest writes of `(offset, len)` with a pattern per write.
+fn write(vm: &Domain, target: &str, writes: &[(u64, u64)], seed: u64) {
+    for (i, &(offset, len)) in writes.iter().enumerate() {
+        let pattern = 1 + (seed + i as u64) % 250;
+        vm.guest_write(target, &format!("write -P {pattern} {offset} {len}"));
+    }
+}
+
+const MIB: u64 = 1 << 20;
+const VDA_FIRST: &[(u64, u64)] = &[(0, 2 * MIB), (10 * MIB, 4 * MIB), (40 * MIB, MIB)];
+const VDB_FIRST: &[(u64, u64)] = &[(MIB, 3 * MIB), (20 * MIB, 64 << 10)];
+/// Scattered, some unaligned and some spanning two chunks.
+const VDA_SECOND: &[(u64, u64)] = &[
+    (4096, 4096),
+    (5 * MIB + (120 << 10), 16 << 10),
+    (33 * MIB, 200 << 10),
+];
+const VDB_SECOND: &[(u64, u64)] = &[(MIB, 64 << 10), (30 * MIB - (64 << 10), 64 << 10)];
+
+fn two_disk_case() -> Case {
+    let case = Case::new(&[("vda", "64M"), ("vdb", "32M")]);
+    write(&case.vm, "vda", VDA_FIRST, 1);
+    write(&case.vm, "vdb", VDB_FIRST, 2);
+    case
+}
+
+#[test]
+fn two_disks_full_then_incremental_reads_only_the_dirty_extents() {
+    let mut case = two_disk_case();
+    let full = case.backup();
+    assert!(warnings(&full).is_empty(), "{full}");
+    let written = chunk_bytes(VDA_FIRST) + chunk_bytes(VDB_FIRST);
+    assert_eq!(bytes_read(&full), written, "the full read holds the data");
+    case.assert_one_checkpoint(&full);
+
+    write(&case.vm, "vda", VDA_SECOND, 3);
+    write(&case.vm, "vdb", VDB_SECOND, 4);
+    let incremental = case.backup();
+    assert!(warnings(&incremental).is_empty(), "{incremental}");
+    assert_eq!(
+        bytes_read(&incremental),
+        chunk_bytes(VDA_SECOND) + chunk_bytes(VDB_SECOND),
+        "the incremental reads exactly the chunks written since the full"
+    );
+    case.assert_one_checkpoint(&incremental);
+
+    // Nothing written: nothing read.
+    let idle = case.backup();
+    assert_eq!(bytes_read(&idle), 0, "{idle}");
+    case.assert_restores();
+
+    // The snapshots keep the domain's definition.
+    let repo = backflow_repository::Repository::open(&case.repo).unwrap();
+    let snapshot = repo.open_snapshot(&case.points[0].id).unwrap();
+    let xml = snapshot.meta().domain_xml.as_deref().expect("domain XML");
+    assert!(
+        xml.contains(&format!("<name>{}</name>", case.vm.name())),
+        "{xml}"
+    );
+}
+
+#[test]
+fn guest_writes_during_the_backup_are_not_in_it() {
+    let mut case = two_disk_case();
+    case.backup();
+    write(&case.vm, "vda", VDA_SECOND, 5);
+    let (child, pause) = case.paused_backup();
+    // The job began: the disks as they are now are the restore point.
+    let at_begin = case.copies();
+    let during: &[(u64, u64)] = &[(0, MIB), (50 * MIB, 2 * MIB)];
+    write(&case.vm, "vda", during, 6);
+    write(&case.vm, "vdb", during[..1].as_ref(), 7);
+    std::fs::remove_file(&pause).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report = read_report(&case.report_path());
+    case.taken(&report, at_begin);
+    // The writes made during the backup are in the next one.
+    let next = case.backup();
+    assert_eq!(
+        bytes_read(&next),
+        chunk_bytes(during) + chunk_bytes(&during[..1])
+    );
+    case.assert_restores();
+}
+
+#[test]
+fn vm_destroyed_mid_backup_fails_cleanly_and_the_next_run_reads_it_offline() {
+    let mut case = two_disk_case();
+    case.backup();
+    write(&case.vm, "vda", VDA_SECOND, 8);
+    let (child, pause) = case.paused_backup();
+    case.vm.destroy();
+    std::fs::remove_file(&pause).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(!out.status.success(), "the backup of a destroyed VM failed");
+    assert_eq!(snapshot_ids(&case.repo).len(), 1, "nothing committed");
+    case.assert_nothing_left();
+
+    // Shut off now: read from the images, only what changed since the last commit.
+    let report = case.backup();
+    assert_eq!(bytes_read(&report), chunk_bytes(VDA_SECOND), "{report}");
+    case.vm.start_again();
+    write(&case.vm, "vdb", VDB_SECOND, 9);
+    let report = case.backup();
+    assert!(
+        bytes_read(&report) >= chunk_bytes(VDB_SECOND),
+        "the writes after the restart are read: {report}"
+    );
+    case.assert_one_checkpoint(&report);
+    case.assert_restores();
+}
+
+#[test]
+fn killed_backup_leaves_a_job_the_next_run_ends() {
+    let mut case = two_disk_case();
+    case.backup();
+    write(&case.vm, "vdb", VDB_SECOND, 10);
+    let (mut child, pause) = case.paused_backup();
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let _ = std::fs::remove_file(&pause);
+    assert!(case.vm.has_backup_job(), "libvirt keeps a killed run's job");
+    assert_eq!(snapshot_ids(&case.repo).len(), 1, "nothing committed");
+
+    let report = case.backup();
+    let warnings = warnings(&report);
+    assert!(
+        warnings
+            .iter()
+            .any(|w| w.contains("cleaned up after a run that was killed") && w.contains("aborted")),
+        "{warnings:?}"
+    );
+    assert_eq!(
+        bytes_read(&report),
+        chunk_bytes(VDB_SECOND),
+        "only what changed since the last commit"
+    );
+    case.assert_one_checkpoint(&report);
+    case.assert_restores();
+}
+
+#[test]
+fn checkpoint_deleted_behind_our_back_means_a_full_read_then_incremental_again() {
+    let mut case = two_disk_case();
+    case.backup();
+    for name in case.vm.checkpoints() {
+        backflow_testkit::libvirt::virsh(&["checkpoint-delete", case.vm.name(), &name]);
+    }
+    write(&case.vm, "vda", VDA_SECOND, 11);
+    let report = case.backup();
+    let warnings = warnings(&report);
+    assert_eq!(warnings.len(), 2, "one per disk: {warnings:?}");
+    assert!(
+        warnings
+            .iter()
+            .all(|w| w.contains("no longer exists") && w.contains("reading all of it")),
+        "{warnings:?}"
+    );
+    let all = chunk_bytes(VDA_FIRST) + chunk_bytes(VDB_FIRST) + chunk_bytes(VDA_SECOND)
+        - overlap(VDA_FIRST, VDA_SECOND);
+    assert_eq!(bytes_read(&report), all, "a full read");
+    write(&case.vm, "vdb", VDB_SECOND, 12);
+    let report = case.backup();
+    assert!(self::warnings(&report).is_empty(), "{report}");
+    assert_eq!(bytes_read(&report), chunk_bytes(VDB_SECOND));
+    case.assert_one_checkpoint(&report);
+    case.assert_restores();
+}
+
+/// Chunk bytes that two sets of writes both touch.
+fn overlap(a: &[(u64, u64)], b: &[(u64, u64)]) -> u64 {
+    chunk_bytes(a) + chunk_bytes(b) - chunk_bytes(&[a, b].concat())
+}
+
+#[test]
+fn disk_added_is_read_whole_while_the_others_stay_incremental() {
+    let mut case = two_disk_case();
+    case.backup();
+    case.vm.attach_disk("vdc", "16M");
+    let vdc: &[(u64, u64)] = &[(MIB, 2 * MIB)];
+    write(&case.vm, "vdc", vdc, 13);
+    write(&case.vm, "vda", VDA_SECOND, 14);
+    let report = case.backup();
+    let warnings = warnings(&report);
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert!(
+        warnings[0].contains("vdc") && warnings[0].contains("new since"),
+        "{warnings:?}"
+    );
+    assert_eq!(
+        bytes_read(&report),
+        chunk_bytes(VDA_SECOND) + chunk_bytes(vdc)
+    );
+    assert_eq!(case.points[1].disks.len(), 3);
+    case.assert_one_checkpoint(&report);
+    // And the new disk is incremental from now on.
+    write(&case.vm, "vdc", &[(8 * MIB, 4096)], 15);
+    let report = case.backup();
+    assert_eq!(bytes_read(&report), CHUNK, "{report}");
+    case.assert_restores();
+}
+
+#[test]
+fn disk_resized_is_read_whole_with_a_warning() {
+    let mut case = two_disk_case();
+    case.backup();
+    backflow_testkit::libvirt::virsh(&["blockresize", case.vm.name(), "vda", "80M"]);
+    let tail: &[(u64, u64)] = &[(70 * MIB, MIB)];
+    write(&case.vm, "vda", tail, 16);
+    write(&case.vm, "vdb", VDB_SECOND, 17);
+    let report = case.backup();
+    let warnings = warnings(&report);
+    assert!(
+        warnings
+            .iter()
+            .any(|w| w.contains("vda") && w.contains("size")),
+        "{warnings:?}"
+    );
+    assert_eq!(
+        bytes_read(&report),
+        chunk_bytes(VDA_FIRST) + chunk_bytes(tail) + chunk_bytes(VDB_SECOND),
+        "vda in full, vdb incremental"
+    );
+    let restored = case.dir.path().join("vda-80M.raw");
+    let out = run_ok(
+        backflow()
+            .args(["restore", "--quiet", "--repo"])
+            .arg(&case.repo)
+            .args(["--snapshot", &case.points[1].id, "--disk", "vda", "--to"])
+            .arg(&restored),
+    );
+    drop(out);
+    assert_eq!(std::fs::metadata(&restored).unwrap().len(), 80 * MIB);
+    case.assert_restores();
+}
+
+#[test]
+fn vm_shut_off_between_runs_is_read_from_its_images() {
+    let mut case = two_disk_case();
+    case.backup();
+    write(&case.vm, "vda", VDA_SECOND, 18);
+    case.vm.destroy();
+    let offline = case.backup();
+    assert!(warnings(&offline).is_empty(), "{offline}");
+    assert_eq!(bytes_read(&offline), chunk_bytes(VDA_SECOND), "{offline}");
+    // Off and untouched: nothing to read.
+    let idle = case.backup();
+    assert_eq!(
+        bytes_read(&idle),
+        chunk_bytes(VDA_SECOND),
+        "the chain stays at the last running checkpoint"
+    );
+    case.vm.start_again();
+    write(&case.vm, "vdb", VDB_SECOND, 19);
+    let online = case.backup();
+    assert!(warnings(&online).is_empty(), "{online}");
+    assert_eq!(
+        bytes_read(&online),
+        chunk_bytes(VDA_SECOND) + chunk_bytes(VDB_SECOND),
+        "changes since the last running checkpoint"
+    );
+    case.assert_one_checkpoint(&online);
+    case.assert_restores();
+}
+
+#[test]
+fn without_a_guest_agent_the_backup_warns_it_is_crash_consistent() {
+    let case = Case::new(&[("vda", "16M")]);
+    let report = case.report_path();
+    run_ok(
+        case.command(&["--var", "freeze=auto"])
+            .arg("--report")
+            .arg(&report),
+    );
+    let warnings = warnings(&read_report(&report));
+    assert!(
+        warnings.iter().any(|w| w.contains("crash-consistent")),
+        "{warnings:?}"
+    );
+    let out = case
+        .command(&["--var", "freeze=required"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("cannot be frozen"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    case.assert_nothing_left();
+    // The failed run's checkpoint was deleted; the first one stays.
+    assert_eq!(case.vm.checkpoints().len(), 1);
+}

@@ -1,0 +1,30 @@
+//! Test hooks: moments a crash test needs to reach exactly (kill the process there, or act on the
+//! VM there). Each is an environment variable naming a file; without the variable nothing happens.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+/// With `BACKFLOW_PAUSE_BEFORE_COMMIT=PATH` in the environment, the repository writer pauses once
+/// every chunk is stored, before committing.
+pub const PAUSE_BEFORE_COMMIT: &str = "BACKFLOW_PAUSE_BEFORE_COMMIT";
+
+/// With `BACKFLOW_PAUSE_AFTER_SNAPSHOT=PATH` in the environment, a snapshot source pauses once its
+/// point-in-time view exists, before anything is read from it.
+pub const PAUSE_AFTER_SNAPSHOT: &str = "BACKFLOW_PAUSE_AFTER_SNAPSHOT";
+
+/// When the environment variable `var` names a file: creates it (saying `what`) and waits, at most
+/// ten minutes, until someone removes it.
+pub fn pause_at(var: &str, what: &str) {
+    let Some(path) = std::env::var_os(var) else {
+        return;
+    };
+    let path = PathBuf::from(path);
+    if let Err(e) = std::fs::write(&path, format!("paused {what}\n")) {
+        tracing::warn!(path = %path.display(), "Cannot create the pause file: {e}.");
+        return;
+    }
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while path.exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

@@ -1,0 +1,210 @@
+//! The private directory of one backup job, and finding the jobs of killed runs.
+//!
+//! libvirt's QEMU (user `libvirt-qemu` on Debian) creates the NBD socket and the scratch files, so
+//! the directory is owned by QEMU's user and group with mode 0770 (libvirt-qemu must write, we
+//! are root). Besides the socket and scratch files it holds `owner` (our pid and start time) and
+//! `domain` (the VM's UUID): a pull-mode job outlives a killed backup (libvirt keeps it until it is
+//! aborted), and the next run of the same VM recognises it by these two files.
+
+use std::fs::Permissions;
+use std::io;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use stage_qemu_nbd::server::process_identity;
+
+/// Name prefix of the job directories in the socket directory.
+pub const DIR_PREFIX: &str = "backflow-libvirt-";
+
+/// How long an aborted job may take to remove its socket (libvirt ends it asynchronously).
+const END_WAIT: Duration = Duration::from_secs(20);
+
+#[derive(Clone, Debug)]
+pub struct JobDir {
+    path: PathBuf,
+}
+
+/// Who a job directory belongs to.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Owner {
+    /// A live process (this one, or another run).
+    Alive(String),
+    /// Gone: the run was killed before its cleanup ran.
+    Gone(String),
+}
+
+impl JobDir {
+    /// Creates `PARENT/backflow-libvirt-XXXX` for a job on the VM `uuid`, writable by `qemu_user`
+    /// (uid, gid) and nobody else.
+    pub fn create(parent: &Path, uuid: &str, qemu_user: Option<(u32, u32)>) -> io::Result<JobDir> {
+        let path = tempfile::Builder::new()
+            .prefix(DIR_PREFIX)
+            .tempdir_in(parent)?
+            .keep();
+        let dir = JobDir { path };
+        let written = (|| {
+            std::fs::write(
+                dir.owner_file(),
+                process_identity(std::process::id()).unwrap_or_default(),
+            )?;
+            std::fs::write(dir.path.join("domain"), uuid)?;
+            match qemu_user {
+                Some((uid, gid)) => {
+                    std::os::unix::fs::chown(&dir.path, Some(uid), Some(gid))?;
+                    std::fs::set_permissions(&dir.path, Permissions::from_mode(0o770))
+                }
+                None => std::fs::set_permissions(&dir.path, Permissions::from_mode(0o700)),
+            }
+        })();
+        if let Err(e) = written {
+            let _ = std::fs::remove_dir_all(&dir.path);
+            return Err(e);
+        }
+        Ok(dir)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.path.join("nbd.sock")
+    }
+
+    pub fn scratch(&self, target: &str) -> PathBuf {
+        self.path.join(format!("{target}.scratch"))
+    }
+
+    fn owner_file(&self) -> PathBuf {
+        self.path.join("owner")
+    }
+
+    /// The VM UUID the directory's job was for.
+    pub fn domain(&self) -> Option<String> {
+        std::fs::read_to_string(self.path.join("domain")).ok()
+    }
+
+    pub fn owner(&self) -> Owner {
+        let recorded = std::fs::read_to_string(self.owner_file()).unwrap_or_default();
+        let alive = recorded
+            .split_whitespace()
+            .next()
+            .and_then(|pid| pid.parse::<u32>().ok())
+            .and_then(process_identity)
+            .is_some_and(|now| now == recorded);
+        let pid = recorded
+            .split_whitespace()
+            .next()
+            .unwrap_or("unknown")
+            .to_owned();
+        if alive {
+            Owner::Alive(pid)
+        } else {
+            Owner::Gone(pid)
+        }
+    }
+
+    /// Waits until libvirt removed the socket of an ended job (at most [`END_WAIT`]).
+    pub fn wait_socket_gone(&self) -> Result<(), String> {
+        let deadline = Instant::now() + END_WAIT;
+        while self.socket().exists() {
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "the NBD socket {} is still there {} s after the job ended",
+                    self.socket().display(),
+                    END_WAIT.as_secs()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    }
+
+    /// Removes the directory and what is left in it.
+    pub fn remove(&self) -> Result<(), String> {
+        match std::fs::remove_dir_all(&self.path) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                Err(format!("removing {}: {e}", self.path.display()))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// The job directories in `parent` that belong to the VM `uuid`.
+    pub fn of_domain(parent: &Path, uuid: &str) -> Vec<JobDir> {
+        let Ok(entries) = std::fs::read_dir(parent) else {
+            return Vec::new();
+        };
+        entries
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with(DIR_PREFIX))
+            .map(|e| JobDir { path: e.path() })
+            .filter(|d| d.domain().as_deref() == Some(uuid))
+            .collect()
+    }
+
+    /// The directory holding `socket`, if it is one of ours in `parent`.
+    pub fn holding(parent: &Path, socket: &Path) -> Option<JobDir> {
+        let dir = socket.parent()?;
+        (dir.parent() == Some(parent)
+            && dir
+                .file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with(DIR_PREFIX)))
+        .then(|| JobDir {
+            path: dir.to_owned(),
+        })
+    }
+}
+
+/// The uid and gid QEMU runs as for a domain: those of its running process (libvirt's pid file),
+/// else of the `libvirt-qemu` user (Debian's default).
+pub fn qemu_user(domain: &str) -> Option<(u32, u32)> {
+    let from_process = std::fs::read_to_string(format!("/run/libvirt/qemu/{domain}.pid"))
+        .ok()
+        .and_then(|pid| std::fs::read_to_string(format!("/proc/{}/status", pid.trim())).ok())
+        .and_then(|status| {
+            let field = |name: &str| {
+                status
+                    .lines()
+                    .find_map(|l| l.strip_prefix(name))
+                    .and_then(|v| v.split_whitespace().next())
+                    .and_then(|v| v.parse::<u32>().ok())
+            };
+            Some((field("Uid:")?, field("Gid:")?))
+        });
+    from_process.or_else(|| {
+        let passwd = std::fs::read_to_string("/etc/passwd").ok()?;
+        passwd.lines().find_map(|line| {
+            let fields: Vec<&str> = line.split(':').collect();
+            (fields.first() == Some(&"libvirt-qemu"))
+                .then(|| Some((fields.get(2)?.parse().ok()?, fields.get(3)?.parse().ok()?)))
+                .flatten()
+        })
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_directory_knows_its_domain_and_owner() {
+        let parent = tempfile::tempdir().unwrap();
+        let dir = JobDir::create(parent.path(), "uuid-1", None).unwrap();
+        assert_eq!(dir.domain().as_deref(), Some("uuid-1"));
+        assert_eq!(dir.owner(), Owner::Alive(std::process::id().to_string()));
+        let mode = std::fs::metadata(dir.path()).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700);
+        assert_eq!(JobDir::of_domain(parent.path(), "uuid-1").len(), 1);
+        assert!(JobDir::of_domain(parent.path(), "uuid-2").is_empty());
+        let held = JobDir::holding(parent.path(), &dir.socket()).unwrap();
+        assert_eq!(held.path(), dir.path());
+        assert!(JobDir::holding(parent.path(), Path::new("/elsewhere/sock")).is_none());
+        // A dead owner: a pid that cannot be alive with that start time.
+        std::fs::write(dir.owner_file(), "4194304 1").unwrap();
+        assert_eq!(dir.owner(), Owner::Gone("4194304".into()));
+        dir.remove().unwrap();
+        assert!(!dir.path().exists());
+    }
+}

@@ -1,0 +1,996 @@
+//! Snapshot stage `libvirt`: every disk of one libvirt VM, as one point-in-time view, read over NBD.
+//!
+//! # A running VM: a pull-mode backup job
+//! The stage asks libvirt for a pull-mode backup job (`virDomainBackupBegin`) covering the chosen
+//! disks. QEMU then exports each disk over NBD, as it was at the instant the job began: guest
+//! writes made while we read go to the disk, and the data they overwrite is first copied to a
+//! scratch file (copy-before-write), so what we read never changes. All disks share that instant.
+//! At the same instant the job creates a checkpoint `PREFIX.TOKEN` (`checkpoint` option): a
+//! persistent dirty bitmap in each qcow2 disk that records every later guest write.
+//!
+//! With `freeze` (default `auto`) the guest's filesystems are frozen through the QEMU guest agent
+//! for the instant the job begins, and thawed right after: the backup is then consistent as the
+//! filesystems see it. Without an agent the run goes on crash-consistent, with a warning
+//! (`freeze: required` fails instead; `off` does not ask).
+//!
+//! # Changed blocks
+//! Each disk carries a [`CheckpointTracking`](tracking::CheckpointTracking) for the map stage
+//! (`libvirt-checkpoint`). The job is begun incremental per disk: from the checkpoint the
+//! parent snapshot recorded, when [`tracking::base_for`] trusts it (same VM UUID, host, image
+//! and size, the checkpoint still there with a bitmap of the disk); QEMU then exports the changes
+//! since as the `qemu:dirty-bitmap:backup-DISK` context. Any doubt begins that disk full instead,
+//! and the map stage reads all of it, deduplicated against the parent, with the reason as a
+//! warning. Disks never share a fate: one resized disk is read whole while the others stay
+//! incremental.
+//!
+//! The new checkpoint becomes the base only once the snapshot is committed (the repository
+//! writer tells the tracking). Then the cleanup deletes every older `PREFIX.*` checkpoint, which
+//! no future run needs (each bitmap costs the guest some write speed). A run that fails, is
+//! cancelled or killed keeps the parent's checkpoint as the base: its own checkpoint is deleted
+//! by its cleanup, or, if it was killed, by the next successful run.
+//!
+//! # A shut-off VM: the offline path
+//! libvirt cannot back up, nor create checkpoints of, an inactive VM. The stage then reads the
+//! disk images directly through a private read-only `qemu-nbd` per disk (on the VM's host only).
+//! The checkpoint bitmaps libvirt left in the qcow2 images still hold every write since their
+//! checkpoint: the parent's checkpoint bitmap is exported (`-B`) and answers for the changes,
+//! under the same rules. The chain does not move: nothing can write to the disks while the VM is
+//! off (and `qemu-nbd` holds the images' lock, so the VM cannot start while we read), so the
+//! snapshot records the same checkpoint as its parent, and the next run counts from there.
+//!
+//! # Cleanup
+//! One cleanup action, registered before the job begins, runs whatever happens (success,
+//! failure, SIGINT/SIGTERM, the VM gone): it aborts the job if it is still there (libvirt then
+//! removes the socket and scratch files), settles the checkpoints as above, and removes the job
+//! directory. A run killed with SIGKILL leaves its job running on the VM: the next run of the same
+//! VM finds it by its directory (whose owner is gone), aborts it and says so in a warning.
+//!
+//! # Layout
+//! - [`tracking`]: the chain rules and the [`ChangeTracking`](backflow_pipeline::ChangeTracking).
+//! - [`job`]: the job's private directory and finding the jobs of killed runs.
+
+pub mod job;
+pub mod tracking;
+
+use std::collections::BTreeMap;
+use std::io;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+
+use backflow_libvirt::backup;
+use backflow_libvirt::job_xml::{self, DiskMode, JobDisk};
+use backflow_libvirt::{Connection, DiskInfo, LibvirtError, VmInfo};
+use backflow_pipeline::hooks::{PAUSE_AFTER_SNAPSHOT, pause_at};
+use backflow_pipeline::{
+    BlockSource, ChangeTracking, DiskSource, InvalidOption, Message, MessageType, RunContext,
+    Stage, StageError, StageIo, Work, Worker,
+};
+use serde::{Deserialize, Serialize};
+use stage_qemu_nbd::{NbdAddress, NbdExport, QemuNbdServer, ServerConfig, ServerDir};
+use virt::domain::Domain;
+
+use crate::job::{JobDir, Owner};
+use crate::tracking::{CheckpointTracking, Checkpoints, Committed, DiskNow, METHOD, State};
+
+pub const KIND: &str = "libvirt";
+
+/// Default number of NBD connections per disk: one per reader worker of the shipped spec.
+pub const DEFAULT_CONNECTIONS: usize = 2;
+
+/// Values of the `freeze` option.
+pub const FREEZE: &[&str] = &["auto", "off", "required"];
+
+/// Options of the `libvirt` source.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LibvirtOptions {
+    /// The VM's name (required).
+    #[serde(default)]
+    pub domain: String,
+    /// libvirt connection URI; empty: libvirt's default.
+    #[serde(default)]
+    pub uri: String,
+    /// The disks to back up, by target (`vda`); empty: every disk of device type `disk`.
+    #[serde(default)]
+    pub disks: Vec<String>,
+    /// Name prefix of the checkpoints; empty: no checkpoints, every run reads everything.
+    #[serde(default = "default_checkpoint")]
+    pub checkpoint: String,
+    /// Guest filesystem freeze through the guest agent: auto, off or required.
+    #[serde(default = "default_freeze")]
+    pub freeze: String,
+    /// Where the job's private directory (NBD socket, scratch files) is made.
+    #[serde(default)]
+    pub socket_dir: Option<PathBuf>,
+    /// Most NBD connections open at once, per disk.
+    #[serde(default = "default_connections")]
+    pub connections: usize,
+}
+
+fn default_checkpoint() -> String {
+    "backflow".to_owned()
+}
+
+fn default_freeze() -> String {
+    "auto".to_owned()
+}
+
+fn default_connections() -> usize {
+    DEFAULT_CONNECTIONS
+}
+
+impl Default for LibvirtOptions {
+    fn default() -> Self {
+        LibvirtOptions {
+            domain: String::new(),
+            uri: String::new(),
+            disks: Vec::new(),
+            checkpoint: default_checkpoint(),
+            freeze: default_freeze(),
+            socket_dir: None,
+            connections: DEFAULT_CONNECTIONS,
+        }
+    }
+}
+
+/// Documentation of each option, for `backflow stages`.
+pub const OPTION_DOCS: &[(&str, &str)] = &[
+    ("domain", "the VM's name (required)"),
+    (
+        "uri",
+        "libvirt connection URI (qemu:///system); empty: libvirt's default",
+    ),
+    (
+        "disks",
+        "the disks to back up, by target (vda); empty: every disk of device type disk",
+    ),
+    (
+        "checkpoint",
+        "name prefix of the checkpoints (PREFIX.TOKEN); empty: none, every run reads everything",
+    ),
+    (
+        "freeze",
+        "freeze the guest's filesystems through the guest agent: auto (warn when none answers), off, required",
+    ),
+    (
+        "socket_dir",
+        "where the job's private directory (NBD socket, scratch files) is made; unset: the system's temporary directory",
+    ),
+    ("connections", "most NBD connections open at once, per disk"),
+];
+
+/// The runtime value: connects to libvirt when the run starts.
+#[derive(Debug)]
+pub struct LibvirtSource {
+    domain: String,
+    uri: Option<String>,
+    disks: Vec<String>,
+    checkpoint: Option<String>,
+    freeze: String,
+    socket_dir: PathBuf,
+    connections: usize,
+}
+
+impl LibvirtSource {
+    pub fn new(options: LibvirtOptions) -> Result<Self, InvalidOption> {
+        if options.domain.is_empty() {
+            return Err(InvalidOption::new(
+                "domain",
+                "is required: the name of the VM to back up",
+            ));
+        }
+        if !FREEZE.contains(&options.freeze.as_str()) {
+            return Err(InvalidOption::new(
+                "freeze",
+                format!("`{}` is not one of: {}", options.freeze, FREEZE.join(", ")),
+            ));
+        }
+        let checkpoint = match options.checkpoint.as_str() {
+            "" => None,
+            prefix => {
+                if prefix.len() > 64
+                    || !prefix
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+                {
+                    return Err(InvalidOption::new(
+                        "checkpoint",
+                        format!(
+                            "`{prefix}` is not a checkpoint prefix: use at most 64 letters, digits, - and _"
+                        ),
+                    ));
+                }
+                Some(prefix.to_owned())
+            }
+        };
+        if options.connections == 0 {
+            return Err(InvalidOption::new("connections", "must be at least 1"));
+        }
+        Ok(LibvirtSource {
+            domain: options.domain,
+            uri: Some(options.uri).filter(|u| !u.is_empty()),
+            disks: options.disks,
+            checkpoint,
+            freeze: options.freeze,
+            socket_dir: options
+                .socket_dir
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or_else(std::env::temp_dir),
+            connections: options.connections,
+        })
+    }
+
+    /// The disks to read: every backup candidate, or those named in `disks` (each must exist).
+    fn chosen<'a>(&self, vm: &'a VmInfo) -> Result<Vec<&'a DiskInfo>, StageError> {
+        let candidates: Vec<&DiskInfo> = vm.backup_disks().collect();
+        if self.disks.is_empty() {
+            if candidates.is_empty() {
+                return Err(StageError::Config(format!(
+                    "VM {} has no disk to back up",
+                    vm.name
+                )));
+            }
+            return Ok(candidates);
+        }
+        self.disks
+            .iter()
+            .map(|name| {
+                candidates
+                    .iter()
+                    .find(|d| &d.target == name)
+                    .copied()
+                    .ok_or_else(|| {
+                        StageError::Config(format!(
+                            "VM {} has no disk {name}; its disks: {}",
+                            vm.name,
+                            candidates
+                                .iter()
+                                .map(|d| d.target.as_str())
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        ))
+                    })
+            })
+            .collect()
+    }
+}
+
+/// A libvirt error as a stage error: transport failures may pass on a retry, the rest do not.
+fn libvirt_error(e: LibvirtError) -> StageError {
+    if e.is_retryable() {
+        StageError::io("libvirt", io::Error::other(e.to_string()))
+    } else {
+        StageError::Config(e.to_string())
+    }
+}
+
+/// The newest snapshot of the VM in the repository, and each of its disks' tracking state.
+struct Parent {
+    id: String,
+    disks: BTreeMap<String, Option<serde_json::Value>>,
+}
+
+fn parent_of(ctx: &RunContext, vm: &str) -> Result<Option<Parent>, StageError> {
+    let Ok(repo) = ctx.repository() else {
+        return Ok(None);
+    };
+    let Some(info) = repo
+        .list_snapshots()?
+        .into_iter()
+        .rev()
+        .find(|s| s.vm == vm)
+    else {
+        return Ok(None);
+    };
+    let snapshot = repo.open_snapshot(&info.id)?;
+    Ok(Some(Parent {
+        id: info.id,
+        disks: snapshot
+            .meta()
+            .disks
+            .iter()
+            .map(|d| (d.name.clone(), d.cbt.clone()))
+            .collect(),
+    }))
+}
+
+/// Warns about disks added to or removed from the VM since the parent snapshot.
+fn warn_disk_changes(ctx: &RunContext, vm: &str, parent: &Parent, disks: &[&DiskInfo]) {
+    for disk in disks {
+        if !parent.disks.contains_key(&disk.target) {
+            ctx.warn(format!(
+                "disk {}: new since snapshot {} of VM {vm}; reading all of it",
+                disk.target, parent.id
+            ));
+        }
+    }
+    for name in parent.disks.keys() {
+        if !disks.iter().any(|d| &d.target == name) {
+            ctx.warn(format!(
+                "disk {name} of snapshot {} is no longer backed up from VM {vm} (removed, or not chosen); this snapshot leaves it out",
+                parent.id
+            ));
+        }
+    }
+}
+
+/// A new checkpoint's name: the prefix, then seconds since the epoch and a random part, so names
+/// sort by age and never repeat.
+fn new_checkpoint_name(prefix: &str) -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default();
+    format!("{prefix}.{secs}-{:04x}", rand::random::<u16>())
+}
+
+/// Checkpoints as libvirt knows them for a VM (both paths), plus the image's own bitmaps when the
+/// VM is off (libvirt's metadata and the image can disagree after a crash).
+struct LibvirtCheckpoints<'a> {
+    domain: &'a Domain,
+    names: Vec<String>,
+    /// Offline: the images, to check that the bitmap is there, enabled and consistent.
+    images: Option<BTreeMap<String, PathBuf>>,
+}
+
+impl Checkpoints for LibvirtCheckpoints<'_> {
+    fn covers(&self, checkpoint: &str, disk: &str) -> Result<(), String> {
+        if !self.names.iter().any(|n| n == checkpoint) {
+            return Err(format!("checkpoint {checkpoint} no longer exists"));
+        }
+        let xml = backup::checkpoint_xml(self.domain, checkpoint)
+            .map_err(|e| format!("checkpoint {checkpoint} cannot be read ({e})"))?;
+        let covered = job_xml::checkpoint_bitmap_disks(&xml)
+            .map_err(|e| format!("checkpoint {checkpoint} is not understood ({e})"))?;
+        if !covered.iter().any(|d| d == disk) {
+            return Err(format!(
+                "checkpoint {checkpoint} holds no bitmap of this disk"
+            ));
+        }
+        if let Some(image) = self.images.as_ref().and_then(|i| i.get(disk)) {
+            let info = stage_qemu_nbd::bitmap::image_info(image)
+                .map_err(|e| format!("the bitmaps of {} cannot be read ({e})", image.display()))?;
+            match info.bitmaps.iter().find(|b| b.name == checkpoint) {
+                None => {
+                    return Err(format!(
+                        "bitmap {checkpoint} is no longer in {}",
+                        image.display()
+                    ));
+                }
+                Some(b) if !b.consistent() => {
+                    return Err(format!(
+                        "bitmap {checkpoint} in {} is inconsistent (QEMU did not close it cleanly)",
+                        image.display()
+                    ));
+                }
+                Some(b) if !b.enabled() => {
+                    return Err(format!(
+                        "bitmap {checkpoint} in {} is disabled",
+                        image.display()
+                    ));
+                }
+                Some(_) => {}
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What the cleanup action needs to know about the job, filled in as the run goes.
+#[derive(Debug, Default)]
+struct JobState {
+    /// The job began (and with it the new checkpoint).
+    begun: bool,
+}
+
+impl LibvirtSource {
+    /// The base checkpoint of each chosen disk (or why there is none).
+    fn bases(
+        &self,
+        vm: &VmInfo,
+        host: &str,
+        disks: &[&DiskInfo],
+        parent: Option<&Parent>,
+        checkpoints: &dyn Checkpoints,
+    ) -> Vec<Result<String, String>> {
+        disks
+            .iter()
+            .map(|disk| {
+                let Some(parent) = parent else {
+                    return Err(String::new());
+                };
+                let Some(recorded) = parent.disks.get(&disk.target) else {
+                    return Err(String::new()); // new disk: warned about already
+                };
+                let Some(recorded) = recorded else {
+                    return Err(format!(
+                        "snapshot {} recorded no change tracking for it",
+                        parent.id
+                    ));
+                };
+                let Some(size) = disk.capacity else {
+                    return Err(format!(
+                        "its size cannot be read ({})",
+                        disk.capacity_unknown.as_deref().unwrap_or("unknown")
+                    ));
+                };
+                let source = disk.source.to_string();
+                let now = DiskNow {
+                    domain_uuid: &vm.uuid,
+                    host,
+                    disk: &disk.target,
+                    source: &source,
+                    size,
+                    bitmaps: disk.format.as_deref() == Some("qcow2"),
+                };
+                let base = tracking::base_for(recorded, &parent.id, &now, checkpoints);
+                if let Ok(base) = &base {
+                    tracing::debug!(disk = %disk.target, %base, "Incremental from checkpoint.");
+                }
+                base
+            })
+            .collect()
+    }
+
+    fn state(
+        &self,
+        vm: &VmInfo,
+        host: &str,
+        disk: &DiskInfo,
+        size: u64,
+        checkpoint: Option<String>,
+    ) -> State {
+        State {
+            method: METHOD.to_owned(),
+            checkpoint,
+            domain_uuid: vm.uuid.clone(),
+            host: host.to_owned(),
+            disk: disk.target.clone(),
+            source: disk.source.to_string(),
+            size,
+        }
+    }
+
+    /// Ends the jobs that killed runs left on this VM (their directory's owner is gone), and
+    /// refuses to start while another live run, or someone else's job, holds the VM.
+    fn end_orphaned_jobs(
+        &self,
+        ctx: &RunContext,
+        domain: &Domain,
+        vm: &VmInfo,
+    ) -> Result<(), StageError> {
+        let running = backup::backup_xml(domain)
+            .ok()
+            .and_then(|xml| job_xml::parse_running_job(&xml).ok());
+        for dir in JobDir::of_domain(&self.socket_dir, &vm.uuid) {
+            match dir.owner() {
+                Owner::Alive(pid) => {
+                    return Err(StageError::Config(format!(
+                        "VM {} is being backed up by another backflow run (pid {pid}, job directory {})",
+                        vm.name,
+                        dir.path().display()
+                    )));
+                }
+                Owner::Gone(pid) => {
+                    let ours = running
+                        .as_ref()
+                        .and_then(|job| job.socket.as_deref())
+                        .is_some_and(|s| s == dir.socket());
+                    let mut what = format!("job directory {} removed", dir.path().display());
+                    if ours {
+                        backup::abort_job(domain).map_err(libvirt_error)?;
+                        dir.wait_socket_gone().map_err(StageError::Config)?;
+                        what = format!("its backup job on VM {} aborted, {what}", vm.name);
+                    }
+                    dir.remove().map_err(StageError::Config)?;
+                    ctx.warn(format!(
+                        "cleaned up after a run that was killed (pid {pid}): {what}"
+                    ));
+                }
+            }
+        }
+        if let Ok(xml) = backup::backup_xml(domain) {
+            let socket = job_xml::parse_running_job(&xml)
+                .ok()
+                .and_then(|j| j.socket)
+                .map(|s| s.display().to_string())
+                .unwrap_or_else(|| "not a unix socket".into());
+            return Err(StageError::Config(format!(
+                "VM {} already has a backup job that backflow did not start (NBD socket: {socket}); end it with `virsh domjobabort {}` once its owner is done",
+                vm.name, vm.name
+            )));
+        }
+        Ok(())
+    }
+
+    /// A running VM: one pull-mode backup job for every chosen disk.
+    fn online(
+        &self,
+        worker: &mut Worker<'_>,
+        conn: &Connection,
+        domain: Domain,
+        vm: &VmInfo,
+        disks: &[&DiskInfo],
+        parent: Option<&Parent>,
+    ) -> Result<(), StageError> {
+        let ctx = worker.ctx();
+        self.end_orphaned_jobs(ctx, &domain, vm)?;
+        let host = conn.hostname().to_owned();
+        let bases = match &self.checkpoint {
+            Some(_) => {
+                let checkpoints = LibvirtCheckpoints {
+                    domain: &domain,
+                    names: backup::list_checkpoints(&domain).map_err(libvirt_error)?,
+                    images: None,
+                };
+                self.bases(vm, &host, disks, parent, &checkpoints)
+            }
+            None => disks.iter().map(|_| Err(String::new())).collect(),
+        };
+        // The new checkpoint: a bitmap in every chosen qcow2 disk, none elsewhere.
+        let new_checkpoint = self.checkpoint.as_deref().map(new_checkpoint_name);
+        let bitmapped: Vec<String> = disks
+            .iter()
+            .filter(|d| d.format.as_deref() == Some("qcow2"))
+            .map(|d| d.target.clone())
+            .collect();
+        let others: Vec<String> = vm
+            .disks
+            .iter()
+            .map(|d| d.target.clone())
+            .filter(|t| !bitmapped.contains(t))
+            .collect();
+        let skipped: Vec<String> = vm
+            .disks
+            .iter()
+            .map(|d| d.target.clone())
+            .filter(|t| !disks.iter().any(|d| &d.target == t))
+            .collect();
+        let checkpoint_xml = new_checkpoint
+            .as_deref()
+            .filter(|_| !bitmapped.is_empty())
+            .map(|name| job_xml::checkpoint(name, &bitmapped, &others));
+
+        let dir =
+            JobDir::create(&self.socket_dir, &vm.uuid, job::qemu_user(&vm.name)).map_err(|e| {
+                StageError::io(
+                    format!(
+                        "VM {}: creating a job directory in {}",
+                        vm.name,
+                        self.socket_dir.display()
+                    ),
+                    e,
+                )
+            })?;
+        let job_disks: Vec<JobDisk> = disks
+            .iter()
+            .zip(&bases)
+            .map(|(disk, base)| JobDisk {
+                target: disk.target.clone(),
+                mode: match base {
+                    Ok(from) => DiskMode::Incremental(from.clone()),
+                    Err(_) => DiskMode::Full,
+                },
+                scratch: dir.scratch(&disk.target),
+            })
+            .collect();
+        let backup_xml = job_xml::pull_backup(&dir.socket(), &job_disks, &skipped);
+
+        let committed = Committed::default();
+        let state = Arc::new(Mutex::new(JobState::default()));
+        ctx.on_cleanup(
+            format!("ending the backup job of VM {}", vm.name),
+            Box::new({
+                let domain = domain.clone();
+                let dir = dir.clone();
+                let committed = committed.clone();
+                let state = state.clone();
+                let prefix = self.checkpoint.clone();
+                let new_checkpoint = checkpoint_xml.as_ref().and(new_checkpoint.clone());
+                move |_outcome| {
+                    let begun = state.lock().unwrap().begun;
+                    end_job(
+                        &domain,
+                        &dir,
+                        begun,
+                        prefix.as_deref(),
+                        new_checkpoint.as_deref(),
+                        committed.load(Ordering::SeqCst),
+                    )
+                }
+            }),
+        );
+
+        // The instant of the backup: freeze, begin (checkpoint included), thaw.
+        let frozen = self.freeze(ctx, &domain, vm)?;
+        let begun = backup::begin_backup(&domain, &backup_xml, checkpoint_xml.as_deref());
+        if frozen && let Err(e) = backup::fs_thaw(&domain) {
+            ctx.warn(format!(
+                "VM {}: thawing its filesystems failed: {e}",
+                vm.name
+            ));
+        }
+        begun.map_err(libvirt_error)?;
+        state.lock().unwrap().begun = true;
+        tracing::info!(vm = %vm.name, checkpoint = ?checkpoint_xml.as_ref().and(new_checkpoint.as_ref()), "Backup job begun.");
+        pause_at(PAUSE_AFTER_SNAPSHOT, "after the snapshot");
+
+        let running = backup::backup_xml(&domain)
+            .map_err(libvirt_error)
+            .and_then(|xml| {
+                job_xml::parse_running_job(&xml).map_err(|e| {
+                    StageError::Internal(format!("libvirt's backup job XML is not understood: {e}"))
+                })
+            })?;
+        for ((disk, base), job_disk) in disks.iter().zip(bases).zip(&job_disks) {
+            let exported = running
+                .disks
+                .iter()
+                .find(|d| d.target == disk.target)
+                .ok_or_else(|| {
+                    StageError::Internal(format!(
+                        "the backup job of VM {} does not export disk {}",
+                        vm.name, disk.target
+                    ))
+                })?;
+            let bitmaps: Vec<String> = exported.bitmap.iter().cloned().collect();
+            let address = NbdAddress::Unix(dir.socket());
+            let label = format!(
+                "VM {} disk {} ({})",
+                vm.name,
+                disk.target,
+                address.uri(&exported.export)
+            );
+            let export = Arc::new(
+                NbdExport::connect(
+                    address,
+                    &exported.export,
+                    label.clone(),
+                    self.connections,
+                    &bitmaps,
+                )
+                .map_err(|e| StageError::io(format!("{label}: connecting"), e))?,
+            );
+            let tracking = self.checkpoint.as_ref().map(|_| {
+                let checkpoint = bitmapped
+                    .contains(&disk.target)
+                    .then(|| new_checkpoint.clone())
+                    .flatten();
+                let base = match (&job_disk.mode, base) {
+                    (DiskMode::Incremental(_), Ok(from)) => Ok(from),
+                    (_, Err(reason)) => Err(reason),
+                    (DiskMode::Full, Ok(_)) => {
+                        unreachable!("a disk with a base begins incremental")
+                    }
+                };
+                Arc::new(CheckpointTracking {
+                    next: self.state(vm, &host, disk, export.size(), checkpoint),
+                    base,
+                    export: export.clone(),
+                    bitmap: exported.bitmap.clone(),
+                    committed: committed.clone(),
+                }) as Arc<dyn ChangeTracking>
+            });
+            let source = DiskSource {
+                vm: vm.name.clone(),
+                name: disk.target.clone(),
+                location: PathBuf::from(disk.source.to_string()),
+                reader: export,
+                tracking,
+                definition: Some(Arc::from(vm.definition.as_str())),
+            };
+            if worker.send(Message::Disk(Arc::new(source))).is_err() {
+                return Ok(());
+            }
+        }
+        Ok(())
+    }
+
+    /// Freezes the guest's filesystems when asked to and possible; `true` when they are frozen.
+    fn freeze(&self, ctx: &RunContext, domain: &Domain, vm: &VmInfo) -> Result<bool, StageError> {
+        if self.freeze == "off" {
+            return Ok(false);
+        }
+        match backup::fs_freeze(domain) {
+            Ok(n) => {
+                tracing::info!(vm = %vm.name, filesystems = n, "Guest filesystems frozen.");
+                Ok(true)
+            }
+            Err(e) if self.freeze == "required" => Err(StageError::Config(format!(
+                "VM {}: its filesystems cannot be frozen (freeze: required): {e}",
+                vm.name
+            ))),
+            Err(e) => {
+                ctx.warn(format!(
+                    "VM {}: no guest agent froze its filesystems ({}); the backup is crash-consistent, as after a power cut",
+                    vm.name,
+                    e.libvirt_error().map(|c| c.message().to_owned()).unwrap_or_else(|| e.to_string())
+                ));
+                Ok(false)
+            }
+        }
+    }
+
+    /// A shut-off VM: a private read-only `qemu-nbd` per disk image.
+    fn offline(
+        &self,
+        worker: &mut Worker<'_>,
+        conn: &Connection,
+        domain: Domain,
+        vm: &VmInfo,
+        disks: &[&DiskInfo],
+        parent: Option<&Parent>,
+    ) -> Result<(), StageError> {
+        let ctx = worker.ctx();
+        if !conn.is_local() {
+            return Err(StageError::Config(format!(
+                "VM {} is shut off on host {}: its images are read directly, which needs backflow to run on that host",
+                vm.name,
+                conn.hostname()
+            )));
+        }
+        let mut images = BTreeMap::new();
+        for disk in disks {
+            let path = match &disk.source {
+                backflow_libvirt::DiskSource::File { path }
+                | backflow_libvirt::DiskSource::Block { path } => PathBuf::from(path),
+                other => {
+                    return Err(StageError::Config(format!(
+                        "VM {} is shut off and disk {} reads from {other}: a shut-off VM's disks are read from local files and devices only",
+                        vm.name, disk.target
+                    )));
+                }
+            };
+            images.insert(disk.target.clone(), path);
+        }
+        tracing::info!(vm = %vm.name, "VM is shut off: reading its images directly.");
+        let host = conn.hostname().to_owned();
+        let bases = match &self.checkpoint {
+            Some(_) => {
+                let checkpoints = LibvirtCheckpoints {
+                    domain: &domain,
+                    names: backup::list_checkpoints(&domain).map_err(libvirt_error)?,
+                    images: Some(images.clone()),
+                };
+                self.bases(vm, &host, disks, parent, &checkpoints)
+            }
+            None => disks.iter().map(|_| Err(String::new())).collect(),
+        };
+        for cleaned in ServerDir::sweep_orphans(&self.socket_dir) {
+            ctx.warn(format!("cleaned up after a run that was killed: {cleaned}"));
+        }
+        let committed = Committed::default();
+        for (disk, base) in disks.iter().zip(bases) {
+            let image = &images[&disk.target];
+            let format = match disk.format.as_deref() {
+                Some(f @ ("qcow2" | "raw")) => f,
+                other => {
+                    return Err(StageError::Config(format!(
+                        "VM {} disk {}: format {} cannot be read offline (qcow2 or raw)",
+                        vm.name,
+                        disk.target,
+                        other.unwrap_or("unknown")
+                    )));
+                }
+            };
+            let dir = ServerDir::create(&self.socket_dir).map_err(|e| {
+                StageError::io(
+                    format!(
+                        "creating a socket directory in {}",
+                        self.socket_dir.display()
+                    ),
+                    e,
+                )
+            })?;
+            let stop = dir.clone();
+            ctx.on_cleanup(
+                format!("stopping qemu-nbd for {}", image.display()),
+                Box::new(move |_| stop.stop_and_remove()),
+            );
+            let bitmaps: Vec<String> = base.iter().cloned().collect();
+            let label = format!("VM {} disk {} ({})", vm.name, disk.target, image.display());
+            let server = QemuNbdServer::start(
+                &dir,
+                &ServerConfig {
+                    bitmaps: &bitmaps,
+                    ..ServerConfig::read_only(image, format, self.connections)
+                },
+            )
+            .map_err(|e| StageError::io(format!("{label}: starting qemu-nbd"), e))?;
+            let export = Arc::new(
+                NbdExport::open_with_bitmaps(
+                    server.socket().to_owned(),
+                    stage_qemu_nbd::server::EXPORT_NAME,
+                    image.clone(),
+                    self.connections,
+                    &bitmaps,
+                )
+                .map_err(|e| StageError::io(format!("{label}: opening the NBD export"), e))?,
+            );
+            let tracking = self.checkpoint.as_ref().map(|_| {
+                Arc::new(CheckpointTracking {
+                    // The chain does not move while the VM is off: the parent's checkpoint still
+                    // counts every change after this snapshot.
+                    next: self.state(vm, &host, disk, export.size(), base.clone().ok()),
+                    bitmap: base.clone().ok(),
+                    base,
+                    export: export.clone(),
+                    committed: committed.clone(),
+                }) as Arc<dyn ChangeTracking>
+            });
+            let source = DiskSource {
+                vm: vm.name.clone(),
+                name: disk.target.clone(),
+                location: image.clone(),
+                reader: export,
+                tracking,
+                definition: Some(Arc::from(vm.definition.as_str())),
+            };
+            if worker.send(Message::Disk(Arc::new(source))).is_err() {
+                return Ok(());
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The cleanup of a running VM's job: abort it if it is still there, settle the checkpoints,
+/// remove the directory. Says what it could not do; every step is tried.
+fn end_job(
+    domain: &Domain,
+    dir: &JobDir,
+    begun: bool,
+    prefix: Option<&str>,
+    new_checkpoint: Option<&str>,
+    committed: bool,
+) -> Result<(), String> {
+    let mut problems = Vec::new();
+    let job = backup::backup_xml(domain)
+        .ok()
+        .and_then(|xml| job_xml::parse_running_job(&xml).ok());
+    if job
+        .and_then(|j| j.socket)
+        .is_some_and(|s| s == dir.socket())
+    {
+        match backup::abort_job(domain) {
+            Ok(()) => {
+                if let Err(e) = dir.wait_socket_gone() {
+                    problems.push(e);
+                }
+            }
+            Err(e) => problems.push(format!("aborting the backup job: {e}")),
+        }
+    }
+    if begun && let (Some(prefix), Some(new)) = (prefix, new_checkpoint) {
+        let running = domain.is_active().unwrap_or(false);
+        if committed {
+            // The new checkpoint is the base now: every older one of ours can go.
+            let names = backup::list_checkpoints(domain).unwrap_or_default();
+            for old in names
+                .iter()
+                .filter(|n| n.as_str() != new && is_ours(n, prefix))
+            {
+                if let Err(e) = backup::delete_checkpoint(domain, old) {
+                    tracing::warn!("Checkpoint {old} left, the next run removes it: {e}.");
+                }
+            }
+        } else if running {
+            if let Err(e) = backup::delete_checkpoint(domain, new) {
+                tracing::warn!("Checkpoint {new} left, the next successful run removes it: {e}.");
+            }
+        } else {
+            tracing::warn!(
+                "Checkpoint {new} left: libvirt deletes checkpoints of running VMs only; the next successful run removes it."
+            );
+        }
+    }
+    if let Err(e) = dir.remove() {
+        problems.push(e);
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(problems.join("; "))
+    }
+}
+
+/// Whether a checkpoint name belongs to the chain of `prefix` (`PREFIX.anything`).
+fn is_ours(name: &str, prefix: &str) -> bool {
+    name.strip_prefix(prefix)
+        .is_some_and(|rest| rest.starts_with('.'))
+}
+
+impl Stage for LibvirtSource {
+    fn io(&self) -> StageIo {
+        StageIo {
+            input: None,
+            output: Some(MessageType::Disk),
+        }
+    }
+
+    fn work(&self) -> Work {
+        Work::Io
+    }
+
+    fn run(&self, worker: &mut Worker<'_>) -> Result<(), StageError> {
+        if worker.index() != 0 {
+            return Ok(());
+        }
+        let conn = Connection::open(self.uri.as_deref()).map_err(libvirt_error)?;
+        let (domain, vm) = conn.domain(&self.domain).map_err(libvirt_error)?;
+        let disks = self.chosen(&vm)?;
+        let parent = parent_of(worker.ctx(), &vm.name)?;
+        if let Some(parent) = &parent {
+            warn_disk_changes(worker.ctx(), &vm.name, parent, &disks);
+        }
+        let active = domain.is_active().map_err(|cause| {
+            libvirt_error(LibvirtError::Call {
+                uri: conn.uri().to_owned(),
+                vm: Some(vm.name.clone()),
+                call: "virDomainIsActive",
+                cause,
+            })
+        })?;
+        if active {
+            self.online(worker, &conn, domain, &vm, &disks, parent.as_ref())
+        } else {
+            self.offline(worker, &conn, domain, &vm, &disks, parent.as_ref())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options_default_and_validate() {
+        let missing = LibvirtSource::new(LibvirtOptions::default()).unwrap_err();
+        assert_eq!(missing.option, "domain");
+        let ok = LibvirtSource::new(LibvirtOptions {
+            domain: "web01".into(),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(ok.checkpoint.as_deref(), Some("backflow"));
+        assert_eq!(ok.uri, None);
+        for (field, options) in [
+            (
+                "freeze",
+                LibvirtOptions {
+                    domain: "a".into(),
+                    freeze: "sometimes".into(),
+                    ..Default::default()
+                },
+            ),
+            (
+                "checkpoint",
+                LibvirtOptions {
+                    domain: "a".into(),
+                    checkpoint: "a.b".into(),
+                    ..Default::default()
+                },
+            ),
+            (
+                "connections",
+                LibvirtOptions {
+                    domain: "a".into(),
+                    connections: 0,
+                    ..Default::default()
+                },
+            ),
+        ] {
+            assert_eq!(LibvirtSource::new(options).unwrap_err().option, field);
+        }
+    }
+
+    #[test]
+    fn checkpoint_names_belong_to_their_prefix() {
+        let name = new_checkpoint_name("backflow");
+        assert!(is_ours(&name, "backflow"), "{name}");
+        assert!(!is_ours(&name, "backflo"));
+        assert!(!is_ours("backflow-other.1", "backflow"));
+        assert!(!is_ours("virtnbdbackup.0", "backflow"));
+    }
+}
