@@ -359,7 +359,7 @@ pub fn run_pipeline(
 
 fn print_stages(json: bool) {
     let mut docs: Vec<_> = backflow_stages::Kind::ALL.iter().map(|k| k.doc()).collect();
-    docs.push(backflow_stages::cleanup_doc());
+    docs.extend(backflow_stages::finaliser_docs());
     if json {
         println!(
             "{}",
@@ -386,7 +386,7 @@ fn print_stages(json: bool) {
         for o in &d.options {
             println!("    {:<20} default {:<10} {}", o.name, o.default, o.doc);
         }
-        if d.kind != backflow_stages::cleanup_doc().kind {
+        if !backflow_stages::FINALISER_KINDS.contains(&d.kind) {
             println!("    (every stage also takes: name, workers, capacity)");
         }
         println!();

@@ -310,3 +310,31 @@ fn json_has_everything_but_the_definition() {
     assert_eq!(json["disks"][0]["source"]["path"], "/guest/diskimage1");
     assert!(json.get("definition").is_none(), "{json}");
 }
+
+#[test]
+fn define_vm_defines_a_new_domain_and_refuses_a_name_in_use() {
+    let conn = open();
+    let original = define(&conn, "backflow-define-original", "");
+    let xml = conn.vm(&original.1).unwrap().definition;
+    let new = backflow_libvirt::new_definition(&xml, "backflow-define-copy", &[]).unwrap();
+    let copy = Defined(&conn, "backflow-define-copy".to_owned());
+    let vm = conn.define_vm(&new.xml).unwrap();
+    assert_eq!(vm.name, copy.1);
+    assert_eq!(vm.state, VmState::ShutOff);
+    assert_ne!(vm.uuid, conn.vm(&original.1).unwrap().uuid);
+    conn.start_vm(&vm.name).unwrap();
+    assert_eq!(conn.vm(&vm.name).unwrap().state, VmState::Running);
+
+    // The original's name (its definition unchanged, even with its own UUID): refused.
+    for xml in [&xml, &new.xml.replace("backflow-define-copy", &original.1)] {
+        let before = conn.vm(&original.1).unwrap().definition;
+        match conn.define_vm(xml) {
+            Err(LibvirtError::VmExists { name, .. }) => assert_eq!(name, original.1),
+            other => panic!("expected VmExists, got {other:?}"),
+        }
+        assert_eq!(conn.vm(&original.1).unwrap().definition, before);
+    }
+    let err = conn.define_vm("<domain>").unwrap_err();
+    assert!(matches!(err, LibvirtError::Definition(_)), "{err}");
+    assert!(!err.is_retryable());
+}
