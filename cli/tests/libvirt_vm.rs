@@ -363,6 +363,36 @@ fn killed_backup_leaves_a_job_the_next_run_ends() {
 }
 
 #[test]
+fn sigterm_mid_backup_ends_the_job_and_keeps_the_chain() {
+    let mut case = two_disk_case();
+    case.backup();
+    let checkpoints = case.vm.checkpoints();
+    write(&case.vm, "vda", VDA_SECOND, 20);
+    let (child, pause) = case.paused_backup();
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    std::fs::remove_file(&pause).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        !out.status.success(),
+        "an interrupted backup does not succeed"
+    );
+    assert_eq!(snapshot_ids(&case.repo).len(), 1, "nothing committed");
+    case.assert_nothing_left();
+    assert_eq!(
+        case.vm.checkpoints(),
+        checkpoints,
+        "the run's own checkpoint is gone"
+    );
+    let report = case.backup();
+    assert_eq!(bytes_read(&report), chunk_bytes(VDA_SECOND), "{report}");
+    case.assert_restores();
+}
+
+#[test]
 fn checkpoint_deleted_behind_our_back_means_a_full_read_then_incremental_again() {
     let mut case = two_disk_case();
     case.backup();

@@ -2,19 +2,16 @@
 //! throwaway domain's two disks (with its definition) is restored as a new domain that libvirt
 //! starts, on images equal to the originals; a name that exists already defines nothing.
 //!
-//! The snapshot is written through the repository API from the domain's real images (converted
-//! to raw), so that this test does not depend on the VM backup stage.
+//! The snapshot is taken from the running domain with `specs/backup-vm.yaml`.
 
 mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use backflow_pipeline::digest_of;
-use backflow_repository::{ChunkRef, Codec, DiskMeta, Repository};
 use backflow_testkit::libvirt::{Domain, URI, domain_names, virsh};
-use backflow_testkit::qemu::{assert_images_equal, run_command};
-use common::{backflow, init_repo, spec};
+use backflow_testkit::qemu::assert_images_equal;
+use common::{backflow, init_repo, run_ok, spec};
 
 /// A domain the restore may define: destroyed and undefined when the test ends, passed or not.
 struct Defined(String);
@@ -27,41 +24,21 @@ impl Drop for Defined {
     }
 }
 
-/// Stores the images (raw) as one snapshot of `vm`, chunks uncompressed, with `domain_xml`.
-fn snapshot_of(repo: &Path, vm: &str, disks: &[(&str, &Path)], domain_xml: String) -> String {
-    let repo = Repository::open(repo).unwrap();
-    let session = repo.begin_backup(vm).unwrap();
-    let mut packs = session.pack_writer();
-    let chunk = repo.chunk_size() as usize;
-    for (name, path) in disks {
-        let data = std::fs::read(path).unwrap();
-        let slot = session
-            .add_disk(DiskMeta {
-                name: (*name).into(),
-                size: data.len() as u64,
-                chunk_size: repo.chunk_size(),
-                location: path.display().to_string(),
-                cbt: None,
-            })
-            .unwrap();
-        let mut stored = std::collections::HashSet::new();
-        for (i, plain) in data.chunks(chunk).enumerate() {
-            let r = if plain.iter().all(|&b| b == 0) {
-                ChunkRef::Zero
-            } else {
-                let digest = digest_of(plain);
-                if stored.insert(digest) && repo.lookup(&digest).unwrap().is_none() {
-                    packs
-                        .add(digest, Codec::None, plain.len() as u32, plain)
-                        .unwrap();
-                }
-                ChunkRef::Data(digest)
-            };
-            session.set_chunk(slot, i as u64, r).unwrap();
-        }
-    }
-    packs.finish().unwrap();
-    session.commit(Some(domain_xml)).unwrap().id
+/// Backs the running domain up with `specs/backup-vm.yaml`; returns the snapshot id.
+fn backup_vm(repo: &Path, domain: &str, report: &Path) -> String {
+    run_ok(
+        backflow()
+            .arg("run")
+            .arg(spec("backup-vm.yaml"))
+            .arg("--var")
+            .arg(format!("repo={}", repo.display()))
+            .args(["--var", &format!("domain={domain}"), "--var", "freeze=off"])
+            .args(["--quiet", "--report"])
+            .arg(report),
+    );
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(report).unwrap()).unwrap();
+    report["snapshot"].as_str().unwrap().to_owned()
 }
 
 fn restore_vm(repo: &Path, to: &Path, name: &str, report: &Path) -> Output {
@@ -103,30 +80,14 @@ fn restore_vm_defines_a_new_domain_on_the_restored_images() {
     original.guest_write("vda", "write -P 0x11 0 1M");
     original.guest_write("vda", "write -P 0x22 40M 512k");
     original.guest_write("vdb", "write -P 0x33 1M 2M");
-    virsh(&["destroy", original.name()]);
-    let xml = virsh(&["dumpxml", "--inactive", original.name()]);
     let original_uuid = uuid_of(original.name());
-
     let work = tempfile::tempdir().unwrap();
-    let mut raws = Vec::new();
-    for disk in ["vda", "vdb"] {
-        let raw = work.path().join(format!("{disk}.raw"));
-        run_command(
-            Command::new("qemu-img")
-                .args(["convert", "-f", "qcow2", "-O", "raw"])
-                .arg(original.disk(disk))
-                .arg(&raw),
-        );
-        raws.push(raw);
-    }
     let repo = work.path().join("repo");
     init_repo(&repo, "64K");
-    let id = snapshot_of(
-        &repo,
-        original.name(),
-        &[("vda", &raws[0]), ("vdb", &raws[1])],
-        xml,
-    );
+    // Backed up running, through libvirt's backup job; then stopped, so that its images stay as
+    // they were at the backup.
+    let id = backup_vm(&repo, original.name(), &work.path().join("backup.json"));
+    virsh(&["destroy", original.name()]);
 
     let new_name = format!("{}-copy", original.name());
     let defined = Defined(new_name.clone());

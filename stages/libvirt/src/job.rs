@@ -18,7 +18,7 @@ use stage_qemu_nbd::server::process_identity;
 pub const DIR_PREFIX: &str = "backflow-libvirt-";
 
 /// How long an aborted job may take to remove its socket (libvirt ends it asynchronously).
-const END_WAIT: Duration = Duration::from_secs(20);
+pub const END_WAIT: Duration = Duration::from_secs(20);
 
 #[derive(Clone, Debug)]
 pub struct JobDir {

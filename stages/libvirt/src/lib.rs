@@ -480,7 +480,7 @@ impl LibvirtSource {
                     let mut what = format!("job directory {} removed", dir.path().display());
                     if ours {
                         backup::abort_job(domain).map_err(libvirt_error)?;
-                        dir.wait_socket_gone().map_err(StageError::Config)?;
+                        wait_job_gone(domain, &dir).map_err(StageError::Config)?;
                         what = format!("its backup job on VM {} aborted, {what}", vm.name);
                     }
                     dir.remove().map_err(StageError::Config)?;
@@ -744,6 +744,8 @@ impl LibvirtSource {
             };
             images.insert(disk.target.clone(), path);
         }
+        // A job a killed run left ended with the VM; its directory may still be there.
+        self.end_orphaned_jobs(ctx, &domain, vm)?;
         tracing::info!(vm = %vm.name, "VM is shut off: reading its images directly.");
         let host = conn.hostname().to_owned();
         let bases = match &self.checkpoint {
@@ -855,7 +857,7 @@ fn end_job(
     {
         match backup::abort_job(domain) {
             Ok(()) => {
-                if let Err(e) = dir.wait_socket_gone() {
+                if let Err(e) = wait_job_gone(domain, dir) {
                     problems.push(e);
                 }
             }
@@ -893,6 +895,23 @@ fn end_job(
     } else {
         Err(problems.join("; "))
     }
+}
+
+/// Waits until an aborted job is gone: libvirt ends it asynchronously, first the NBD socket, then
+/// the job itself (until then a new job cannot begin).
+fn wait_job_gone(domain: &Domain, dir: &JobDir) -> Result<(), String> {
+    dir.wait_socket_gone()?;
+    let deadline = std::time::Instant::now() + job::END_WAIT;
+    while backup::backup_xml(domain).is_ok() {
+        if std::time::Instant::now() > deadline {
+            return Err(format!(
+                "the backup job is still there {} s after it was aborted",
+                job::END_WAIT.as_secs()
+            ));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    Ok(())
 }
 
 /// Whether a checkpoint name belongs to the chain of `prefix` (`PREFIX.anything`).
