@@ -6,7 +6,11 @@
 //!   export each disk (a point-in-time view) over NBD, optionally creating a checkpoint at the same
 //!   instant. [`backup_xml`] (`virDomainBackupGetXMLDesc`) describes the running job; [`abort_job`]
 //!   (`virDomainAbortJob`) ends it (a pull-mode job only ends that way: the socket and scratch files go).
-//! - [`create_checkpoint`], [`list_checkpoints`], [`delete_checkpoint`]: checkpoints by name.
+//! - [`create_checkpoint`], [`list_checkpoints`], [`checkpoint_xml`], [`delete_checkpoint`]:
+//!   checkpoints by name (libvirt refuses to create or delete them while the VM is shut off).
+//! - [`fs_freeze`], [`fs_thaw`]: the guest's filesystems, through the QEMU guest agent.
+//!
+//! The XML these calls take and return is written and read in [`crate::job_xml`].
 //!
 //! Every failure is a [`LibvirtError::Call`] naming the libvirt function, the connection URI and the
 //! VM, with libvirt's own error (fetched right after the failing call, before any other libvirt call
@@ -19,7 +23,8 @@
 //! - Strings passed in are `CString`s that outlive the call; a NUL byte inside is refused before any
 //!   call ([`LibvirtError::Argument`]).
 //! - What libvirt returns, and who frees it:
-//!   - `virDomainBackupGetXMLDesc` and `virConnectGetURI` return a heap string the caller owns: copied
+//!   - `virDomainBackupGetXMLDesc`, `virDomainCheckpointGetXMLDesc` and `virConnectGetURI` return a
+//!     heap string the caller owns: copied
 //!     into a `String`, then `libc::free`d.
 //!   - `virDomainCheckpointCreateXML` and `virDomainCheckpointLookupByName` return a checkpoint the
 //!     caller holds a reference to: released with `virDomainCheckpointFree` by [`CheckpointRef`]'s

@@ -11,7 +11,8 @@
 //!   connections);
 //! - `error`: [`LibvirtError`] and the error policy;
 //! - [`backup`]: the incremental backup API (pull mode) and checkpoints, over raw `virt::sys` calls
-//!   (the only module allowed unsafe code).
+//!   (the only module allowed unsafe code);
+//! - [`job_xml`]: the XML of pull-mode backup jobs and checkpoints, written and read back.
 //!
 //! # Which XML
 //! A VM is described from two documents. Its disks come from the live XML (`virDomainGetXMLDesc` with
