@@ -27,12 +27,12 @@
 //!     heap string the caller owns: copied
 //!     into a `String`, then `libc::free`d.
 //!   - `virDomainCheckpointCreateXML` and `virDomainCheckpointLookupByName` return a checkpoint the
-//!     caller holds a reference to: released with `virDomainCheckpointFree` by [`CheckpointRef`]'s
+//!     caller holds a reference to: released with `virDomainCheckpointFree` by `CheckpointRef`'s
 //!     `Drop`, on every path.
 //!   - `virDomainCheckpointGetName` returns a string owned by the checkpoint object: copied, never
 //!     freed, and only read while the checkpoint is held.
 //!   - `virDomainListAllCheckpoints` returns a heap array of `n` checkpoints: each one is wrapped in a
-//!     [`CheckpointRef`] (so each is freed), then the array itself is `libc::free`d.
+//!     `CheckpointRef` (so each is freed), then the array itself is `libc::free`d.
 //!   - `virDomainGetConnect` returns the domain's connection without a new reference: used only while
 //!     the domain is borrowed, never freed.
 //! - Null pointers are checked before use; a null or negative return is an error.

@@ -14,7 +14,7 @@
 //! (`freeze: required` fails instead; `off` does not ask).
 //!
 //! # Changed blocks
-//! Each disk carries a [`CheckpointTracking`](tracking::CheckpointTracking) for the map stage
+//! Each disk carries a [`CheckpointTracking`] for the map stage
 //! (`libvirt-checkpoint`). The job is begun incremental per disk: from the checkpoint the
 //! parent snapshot recorded, when [`tracking::base_for`] trusts it (same VM UUID, host, image
 //! and size, the checkpoint still there with a bitmap of the disk); QEMU then exports the changes
@@ -46,7 +46,7 @@
 //! VM finds it by its directory (whose owner is gone), aborts it and says so in a warning.
 //!
 //! # Layout
-//! - [`tracking`]: the chain rules and the [`ChangeTracking`](backflow_pipeline::ChangeTracking).
+//! - [`tracking`]: the chain rules and the [`ChangeTracking`].
 //! - [`job`]: the job's private directory and finding the jobs of killed runs.
 
 pub mod job;
