@@ -26,6 +26,14 @@ pub const RESTORE_SPEC: (&str, &str) = (
     "specs/restore.yaml",
     include_str!("../../specs/restore.yaml"),
 );
+pub const BACKUP_VM_SPEC: (&str, &str) = (
+    "specs/backup-vm.yaml",
+    include_str!("../../specs/backup-vm.yaml"),
+);
+pub const RESTORE_VM_SPEC: (&str, &str) = (
+    "specs/restore-vm.yaml",
+    include_str!("../../specs/restore-vm.yaml"),
+);
 
 #[derive(Parser)]
 #[command(
@@ -124,12 +132,15 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Generate an image, back it up, change 5% of it, back it up again, restore both and compare.
+    /// Run a throwaway VM (backflow-demo on qemu:///system) on a generated disk, back it up, write
+    /// 5% of its disk through the guest, back it up again (incrementally), restore both restore
+    /// points and compare, restore the second as a new VM, then remove both VMs.
     Demo {
-        /// Working directory (image, repository, restores); default ./backflow-demo.
+        /// Working directory (disk image, repository, restores); default ./backflow-demo. QEMU
+        /// (user libvirt-qemu) must be able to traverse it.
         #[arg(long, default_value = "backflow-demo")]
         dir: PathBuf,
-        /// Size of the generated image.
+        /// Size of the VM's generated disk.
         #[arg(long, default_value = "256M")]
         size: ByteSize,
     },
