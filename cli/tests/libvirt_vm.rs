@@ -544,3 +544,39 @@ fn without_a_guest_agent_the_backup_warns_it_is_crash_consistent() {
     // The failed run's checkpoint was deleted; the first one stays.
     assert_eq!(case.vm.checkpoints().len(), 1);
 }
+
+#[test]
+fn tcp_transport_reads_the_export_over_the_network() {
+    let mut case = two_disk_case();
+    // A port nobody listens on now (the kernel's pick), for QEMU's NBD server on loopback.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+        .to_string();
+    let tcp = ["--var", "transport=tcp", "--var", "host=127.0.0.1", "--var"];
+    let port_var = format!("port={port}");
+    for round in 0..2 {
+        if round == 1 {
+            write(&case.vm, "vda", VDA_SECOND, 21);
+        }
+        let disks = case.copies();
+        let report = case.report_path();
+        run_ok(
+            case.command(&tcp)
+                .arg(&port_var)
+                .arg("--report")
+                .arg(&report),
+        );
+        let report = read_report(&report);
+        let expected = if round == 0 {
+            chunk_bytes(VDA_FIRST) + chunk_bytes(VDB_FIRST)
+        } else {
+            chunk_bytes(VDA_SECOND)
+        };
+        assert_eq!(bytes_read(&report), expected, "{report}");
+        case.taken(&report, disks);
+    }
+    case.assert_restores();
+}

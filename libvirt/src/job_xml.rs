@@ -5,7 +5,7 @@
 //! [`backup::checkpoint_xml`](crate::backup::checkpoint_xml).
 
 use std::fmt::Write as _;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 /// How one disk takes part in a backup job.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -23,19 +23,45 @@ pub struct JobDisk {
     /// The target (`vda`).
     pub target: String,
     pub mode: DiskMode,
-    /// Where libvirt keeps the copy-before-write data while the job runs (deleted when it ends).
-    pub scratch: PathBuf,
+    /// Where libvirt keeps the copy-before-write data while the job runs (deleted when it ends);
+    /// `None`: libvirt's choice, in its own directory on the VM's host.
+    pub scratch: Option<PathBuf>,
 }
 
-/// `<domainbackup mode='pull'>` exporting `disks` over NBD on the unix socket `socket`. Every disk of
-/// the domain that is not listed is left out of the job (`backup='no'`).
-pub fn pull_backup(socket: &Path, disks: &[JobDisk], skipped: &[String]) -> String {
+/// Where the job's NBD server listens.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Endpoint {
+    /// A unix socket on the VM's host.
+    Unix(PathBuf),
+    /// TCP (plain NBD, no TLS): `host` is the address QEMU listens on and clients connect to.
+    Tcp { host: String, port: u16 },
+}
+
+impl std::fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Endpoint::Unix(socket) => write!(f, "unix:{}", socket.display()),
+            Endpoint::Tcp { host, port } => write!(f, "tcp:{host}:{port}"),
+        }
+    }
+}
+
+/// `<domainbackup mode='pull'>` exporting `disks` over NBD at `endpoint`. Every disk of the domain
+/// in `skipped` is left out of the job (`backup='no'`).
+pub fn pull_backup(endpoint: &Endpoint, disks: &[JobDisk], skipped: &[String]) -> String {
     let mut xml = String::from("<domainbackup mode='pull'>\n");
-    let _ = writeln!(
-        xml,
-        "  <server transport='unix' socket='{}'/>",
-        escape(&socket.to_string_lossy())
-    );
+    let _ = match endpoint {
+        Endpoint::Unix(socket) => writeln!(
+            xml,
+            "  <server transport='unix' socket='{}'/>",
+            escape(&socket.to_string_lossy())
+        ),
+        Endpoint::Tcp { host, port } => writeln!(
+            xml,
+            "  <server transport='tcp' name='{}' port='{port}'/>",
+            escape(host)
+        ),
+    };
     xml.push_str("  <disks>\n");
     for disk in disks {
         let mode = match &disk.mode {
@@ -44,12 +70,19 @@ pub fn pull_backup(socket: &Path, disks: &[JobDisk], skipped: &[String]) -> Stri
                 format!("backupmode='incremental' incremental='{}'", escape(from))
             }
         };
-        let _ = writeln!(
-            xml,
-            "    <disk name='{}' backup='yes' type='file' {mode}>\n      <scratch file='{}'/>\n    </disk>",
-            escape(&disk.target),
-            escape(&disk.scratch.to_string_lossy())
-        );
+        let _ = match &disk.scratch {
+            Some(scratch) => writeln!(
+                xml,
+                "    <disk name='{}' backup='yes' type='file' {mode}>\n      <scratch file='{}'/>\n    </disk>",
+                escape(&disk.target),
+                escape(&scratch.to_string_lossy())
+            ),
+            None => writeln!(
+                xml,
+                "    <disk name='{}' backup='yes' {mode}/>",
+                escape(&disk.target)
+            ),
+        };
     }
     for target in skipped {
         let _ = writeln!(xml, "    <disk name='{}' backup='no'/>", escape(target));
@@ -81,8 +114,8 @@ pub fn checkpoint(name: &str, bitmaps: &[String], without: &[String]) -> String 
 /// A running job as libvirt describes it.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct RunningJob {
-    /// The NBD server's unix socket (`None`: a TCP server, or a push-mode job).
-    pub socket: Option<PathBuf>,
+    /// Where the NBD server listens (`None`: a push-mode job).
+    pub endpoint: Option<Endpoint>,
     pub disks: Vec<ExportedDisk>,
 }
 
@@ -109,12 +142,17 @@ pub fn parse_running_job(xml: &str) -> Result<RunningJob, String> {
             root.tag_name().name()
         ));
     }
-    let socket = root
+    let endpoint = root
         .children()
         .find(|n| n.has_tag_name("server"))
-        .filter(|s| s.attribute("transport") == Some("unix"))
-        .and_then(|s| s.attribute("socket"))
-        .map(PathBuf::from);
+        .and_then(|s| match s.attribute("transport").unwrap_or("tcp") {
+            "unix" => s.attribute("socket").map(|p| Endpoint::Unix(p.into())),
+            "tcp" => Some(Endpoint::Tcp {
+                host: s.attribute("name")?.to_owned(),
+                port: s.attribute("port")?.parse().ok()?,
+            }),
+            _ => None,
+        });
     let disks = root
         .descendants()
         .filter(|n| n.has_tag_name("disk") && n.attribute("backup") != Some("no"))
@@ -128,7 +166,7 @@ pub fn parse_running_job(xml: &str) -> Result<RunningJob, String> {
             })
         })
         .collect();
-    Ok(RunningJob { socket, disks })
+    Ok(RunningJob { endpoint, disks })
 }
 
 /// The disks a checkpoint (from [`checkpoint_xml`](crate::backup::checkpoint_xml)) holds a bitmap
@@ -165,17 +203,17 @@ mod tests {
     #[test]
     fn pull_backup_lists_modes_and_escapes() {
         let xml = pull_backup(
-            Path::new("/run/b'f/sock"),
+            &Endpoint::Unix("/run/b'f/sock".into()),
             &[
                 JobDisk {
                     target: "vda".into(),
                     mode: DiskMode::Incremental("backflow.1".into()),
-                    scratch: "/run/bf/vda.scratch".into(),
+                    scratch: Some("/run/bf/vda.scratch".into()),
                 },
                 JobDisk {
                     target: "vdb".into(),
                     mode: DiskMode::Full,
-                    scratch: "/run/bf/vdb.scratch".into(),
+                    scratch: None,
                 },
             ],
             &["vdc".into()],
@@ -223,7 +261,7 @@ mod tests {
   </disks>
 </domainbackup>";
         let job = parse_running_job(xml).unwrap();
-        assert_eq!(job.socket.as_deref(), Some(Path::new("/tmp/x/sock")));
+        assert_eq!(job.endpoint, Some(Endpoint::Unix("/tmp/x/sock".into())));
         assert_eq!(
             job.disks,
             [
@@ -242,6 +280,29 @@ mod tests {
             ]
         );
         assert!(parse_running_job("<domain/>").is_err());
+        let tcp = parse_running_job(
+            "<domainbackup mode='pull'><server transport='tcp' name='127.0.0.1' port='10809'/></domainbackup>",
+        )
+        .unwrap();
+        assert_eq!(
+            tcp.endpoint,
+            Some(Endpoint::Tcp {
+                host: "127.0.0.1".into(),
+                port: 10809
+            })
+        );
+        let xml = pull_backup(
+            &Endpoint::Tcp {
+                host: "kvm1".into(),
+                port: 10900,
+            },
+            &[],
+            &[],
+        );
+        assert!(
+            xml.contains("<server transport='tcp' name='kvm1' port='10900'/>"),
+            "{xml}"
+        );
 
         let cp = checkpoint("backflow.b", &["vda".into()], &["vdb".into()]);
         assert_eq!(checkpoint_bitmap_disks(&cp).unwrap(), ["vda"]);

@@ -12,6 +12,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use backflow_libvirt::job_xml::Endpoint;
 use stage_qemu_nbd::server::process_identity;
 
 /// Name prefix of the job directories in the socket directory.
@@ -80,6 +81,18 @@ impl JobDir {
         self.path.join("owner")
     }
 
+    /// Records where the job's NBD server listens (as [`Endpoint`]'s `Display` writes it), so that
+    /// a later run can recognise the job if this one is killed.
+    pub fn record_endpoint(&self, endpoint: &Endpoint) -> io::Result<()> {
+        std::fs::write(self.path.join("endpoint"), endpoint.to_string())
+    }
+
+    /// Whether `endpoint` is the one this directory's job recorded.
+    pub fn is_endpoint_of_job(&self, endpoint: &Endpoint) -> bool {
+        std::fs::read_to_string(self.path.join("endpoint"))
+            .is_ok_and(|recorded| recorded == endpoint.to_string())
+    }
+
     /// The VM UUID the directory's job was for.
     pub fn domain(&self) -> Option<String> {
         std::fs::read_to_string(self.path.join("domain")).ok()
@@ -143,18 +156,6 @@ impl JobDir {
             .filter(|d| d.domain().as_deref() == Some(uuid))
             .collect()
     }
-
-    /// The directory holding `socket`, if it is one of ours in `parent`.
-    pub fn holding(parent: &Path, socket: &Path) -> Option<JobDir> {
-        let dir = socket.parent()?;
-        (dir.parent() == Some(parent)
-            && dir
-                .file_name()
-                .is_some_and(|n| n.to_string_lossy().starts_with(DIR_PREFIX)))
-        .then(|| JobDir {
-            path: dir.to_owned(),
-        })
-    }
 }
 
 /// The uid and gid QEMU runs as for a domain: those of its running process (libvirt's pid file),
@@ -198,9 +199,14 @@ mod tests {
         assert_eq!(mode & 0o777, 0o700);
         assert_eq!(JobDir::of_domain(parent.path(), "uuid-1").len(), 1);
         assert!(JobDir::of_domain(parent.path(), "uuid-2").is_empty());
-        let held = JobDir::holding(parent.path(), &dir.socket()).unwrap();
-        assert_eq!(held.path(), dir.path());
-        assert!(JobDir::holding(parent.path(), Path::new("/elsewhere/sock")).is_none());
+        let tcp = Endpoint::Tcp {
+            host: "127.0.0.1".into(),
+            port: 10809,
+        };
+        assert!(!dir.is_endpoint_of_job(&tcp));
+        dir.record_endpoint(&tcp).unwrap();
+        assert!(dir.is_endpoint_of_job(&tcp));
+        assert!(!dir.is_endpoint_of_job(&Endpoint::Unix(dir.socket())));
         // A dead owner: a pid that cannot be alive with that start time.
         std::fs::write(dir.owner_file(), "4194304 1").unwrap();
         assert_eq!(dir.owner(), Owner::Gone("4194304".into()));

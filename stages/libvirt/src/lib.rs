@@ -59,7 +59,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use backflow_libvirt::backup;
-use backflow_libvirt::job_xml::{self, DiskMode, JobDisk};
+use backflow_libvirt::job_xml::{self, DiskMode, Endpoint, JobDisk};
 use backflow_libvirt::{Connection, DiskInfo, LibvirtError, VmInfo};
 use backflow_pipeline::hooks::{PAUSE_AFTER_SNAPSHOT, pause_at};
 use backflow_pipeline::{
@@ -103,6 +103,16 @@ pub struct LibvirtOptions {
     /// Where the job's private directory (NBD socket, scratch files) is made.
     #[serde(default)]
     pub socket_dir: Option<PathBuf>,
+    /// How the job's NBD server is reached: unix (a socket on the VM's host) or tcp.
+    #[serde(default = "default_transport")]
+    pub transport: String,
+    /// tcp: the address QEMU listens on and we connect to; empty: 127.0.0.1 on a local
+    /// connection, else the VM's host as libvirt names it.
+    #[serde(default)]
+    pub host: String,
+    /// tcp: the port QEMU listens on (libvirt 9.0 needs one).
+    #[serde(default = "default_port")]
+    pub port: u16,
     /// Most NBD connections open at once, per disk.
     #[serde(default = "default_connections")]
     pub connections: usize,
@@ -120,6 +130,20 @@ fn default_connections() -> usize {
     DEFAULT_CONNECTIONS
 }
 
+fn default_transport() -> String {
+    "unix".to_owned()
+}
+
+/// NBD's registered port.
+pub const DEFAULT_PORT: u16 = 10809;
+
+fn default_port() -> u16 {
+    DEFAULT_PORT
+}
+
+/// Values of the `transport` option.
+pub const TRANSPORTS: &[&str] = &["unix", "tcp"];
+
 impl Default for LibvirtOptions {
     fn default() -> Self {
         LibvirtOptions {
@@ -129,6 +153,9 @@ impl Default for LibvirtOptions {
             checkpoint: default_checkpoint(),
             freeze: default_freeze(),
             socket_dir: None,
+            transport: default_transport(),
+            host: String::new(),
+            port: DEFAULT_PORT,
             connections: DEFAULT_CONNECTIONS,
         }
     }
@@ -157,6 +184,15 @@ pub const OPTION_DOCS: &[(&str, &str)] = &[
         "socket_dir",
         "where the job's private directory (NBD socket, scratch files) is made; unset: the system's temporary directory",
     ),
+    (
+        "transport",
+        "how the job's NBD server is reached: unix (a socket, backflow on the VM's host) or tcp (plain NBD, no TLS: a trusted network only)",
+    ),
+    (
+        "host",
+        "tcp: the address QEMU listens on and backflow connects to; empty: 127.0.0.1 on a local connection, else the VM's host",
+    ),
+    ("port", "tcp: the port QEMU listens on"),
     ("connections", "most NBD connections open at once, per disk"),
 ];
 
@@ -169,6 +205,7 @@ pub struct LibvirtSource {
     checkpoint: Option<String>,
     freeze: String,
     socket_dir: PathBuf,
+    tcp: Option<(String, u16)>,
     connections: usize,
 }
 
@@ -207,6 +244,19 @@ impl LibvirtSource {
         if options.connections == 0 {
             return Err(InvalidOption::new("connections", "must be at least 1"));
         }
+        let tcp = match options.transport.as_str() {
+            "unix" => None,
+            "tcp" if options.port == 0 => {
+                return Err(InvalidOption::new("port", "must be 1..65535"));
+            }
+            "tcp" => Some((options.host, options.port)),
+            other => {
+                return Err(InvalidOption::new(
+                    "transport",
+                    format!("`{other}` is not one of: {}", TRANSPORTS.join(", ")),
+                ));
+            }
+        };
         Ok(LibvirtSource {
             domain: options.domain,
             uri: Some(options.uri).filter(|u| !u.is_empty()),
@@ -217,6 +267,7 @@ impl LibvirtSource {
                 .socket_dir
                 .filter(|p| !p.as_os_str().is_empty())
                 .unwrap_or_else(std::env::temp_dir),
+            tcp,
             connections: options.connections,
         })
     }
@@ -475,8 +526,8 @@ impl LibvirtSource {
                 Owner::Gone(pid) => {
                     let ours = running
                         .as_ref()
-                        .and_then(|job| job.socket.as_deref())
-                        .is_some_and(|s| s == dir.socket());
+                        .and_then(|job| job.endpoint.as_ref())
+                        .is_some_and(|e| dir.is_endpoint_of_job(e));
                     let mut what = format!("job directory {} removed", dir.path().display());
                     if ours {
                         backup::abort_job(domain).map_err(libvirt_error)?;
@@ -491,13 +542,13 @@ impl LibvirtSource {
             }
         }
         if let Ok(xml) = backup::backup_xml(domain) {
-            let socket = job_xml::parse_running_job(&xml)
+            let endpoint = job_xml::parse_running_job(&xml)
                 .ok()
-                .and_then(|j| j.socket)
-                .map(|s| s.display().to_string())
-                .unwrap_or_else(|| "not a unix socket".into());
+                .and_then(|j| j.endpoint)
+                .map(|e| e.to_string())
+                .unwrap_or_else(|| "unknown".into());
             return Err(StageError::Config(format!(
-                "VM {} already has a backup job that backflow did not start (NBD socket: {socket}); end it with `virsh domjobabort {}` once its owner is done",
+                "VM {} already has a backup job that backflow did not start (NBD server at {endpoint}); end it with `virsh domjobabort {}` once its owner is done",
                 vm.name, vm.name
             )));
         }
@@ -515,6 +566,13 @@ impl LibvirtSource {
         parent: Option<&Parent>,
     ) -> Result<(), StageError> {
         let ctx = worker.ctx();
+        if self.tcp.is_none() && !conn.is_local() {
+            return Err(StageError::Config(format!(
+                "VM {} runs on host {}, not here: set `transport: tcp` (with `host` and `port`) to read its disks over the network, or run backflow on that host",
+                vm.name,
+                conn.hostname()
+            )));
+        }
         self.end_orphaned_jobs(ctx, &domain, vm)?;
         let host = conn.hostname().to_owned();
         let bases = match &self.checkpoint {
@@ -572,10 +630,28 @@ impl LibvirtSource {
                     Ok(from) => DiskMode::Incremental(from.clone()),
                     Err(_) => DiskMode::Full,
                 },
-                scratch: dir.scratch(&disk.target),
+                // Scratch files in our directory when it is on the VM's host; else libvirt's.
+                scratch: conn.is_local().then(|| dir.scratch(&disk.target)),
             })
             .collect();
-        let backup_xml = job_xml::pull_backup(&dir.socket(), &job_disks, &skipped);
+        let endpoint = match &self.tcp {
+            None => Endpoint::Unix(dir.socket()),
+            Some((host, port)) => Endpoint::Tcp {
+                host: match host.as_str() {
+                    "" if conn.is_local() => "127.0.0.1".to_owned(),
+                    "" => conn.hostname().to_owned(),
+                    host => host.to_owned(),
+                },
+                port: *port,
+            },
+        };
+        dir.record_endpoint(&endpoint).map_err(|e| {
+            StageError::io(
+                format!("VM {}: writing into {}", vm.name, dir.path().display()),
+                e,
+            )
+        })?;
+        let backup_xml = job_xml::pull_backup(&endpoint, &job_disks, &skipped);
 
         let committed = Committed::default();
         let state = Arc::new(Mutex::new(JobState::default()));
@@ -588,11 +664,13 @@ impl LibvirtSource {
                 let state = state.clone();
                 let prefix = self.checkpoint.clone();
                 let new_checkpoint = checkpoint_xml.as_ref().and(new_checkpoint.clone());
+                let endpoint = endpoint.clone();
                 move |_outcome| {
                     let begun = state.lock().unwrap().begun;
                     end_job(
                         &domain,
                         &dir,
+                        &endpoint,
                         begun,
                         prefix.as_deref(),
                         new_checkpoint.as_deref(),
@@ -635,7 +713,13 @@ impl LibvirtSource {
                     ))
                 })?;
             let bitmaps: Vec<String> = exported.bitmap.iter().cloned().collect();
-            let address = NbdAddress::Unix(dir.socket());
+            let address = match &endpoint {
+                Endpoint::Unix(socket) => NbdAddress::Unix(socket.clone()),
+                Endpoint::Tcp { host, port } => NbdAddress::Tcp {
+                    host: host.clone(),
+                    port: *port,
+                },
+            };
             let label = format!(
                 "VM {} disk {} ({})",
                 vm.name,
@@ -842,6 +926,7 @@ impl LibvirtSource {
 fn end_job(
     domain: &Domain,
     dir: &JobDir,
+    endpoint: &Endpoint,
     begun: bool,
     prefix: Option<&str>,
     new_checkpoint: Option<&str>,
@@ -851,10 +936,7 @@ fn end_job(
     let job = backup::backup_xml(domain)
         .ok()
         .and_then(|xml| job_xml::parse_running_job(&xml).ok());
-    if job
-        .and_then(|j| j.socket)
-        .is_some_and(|s| s == dir.socket())
-    {
+    if job.and_then(|j| j.endpoint).as_ref() == Some(endpoint) {
         match backup::abort_job(domain) {
             Ok(()) => {
                 if let Err(e) = wait_job_gone(domain, dir) {
@@ -900,7 +982,7 @@ fn end_job(
 /// Waits until an aborted job is gone: libvirt ends it asynchronously, first the NBD socket, then
 /// the job itself (until then a new job cannot begin).
 fn wait_job_gone(domain: &Domain, dir: &JobDir) -> Result<(), String> {
-    dir.wait_socket_gone()?;
+    dir.wait_socket_gone()?; // a tcp job has no socket there: returns at once
     let deadline = std::time::Instant::now() + job::END_WAIT;
     while backup::backup_xml(domain).is_ok() {
         if std::time::Instant::now() > deadline {

@@ -79,14 +79,14 @@ pub fn base_for(
             });
         }
     };
+    if !now.bitmaps {
+        return Err("its image is not qcow2, which alone holds checkpoint bitmaps".into());
+    }
     let Some(checkpoint) = state.checkpoint else {
         return Err(format!(
             "snapshot {parent} was taken without a checkpoint (the VM was shut off, or tracking was off)"
         ));
     };
-    if !now.bitmaps {
-        return Err("its image is not qcow2, which alone holds checkpoint bitmaps".into());
-    }
     if state.domain_uuid != now.domain_uuid {
         return Err(format!(
             "the VM was redefined (UUID {} now, {} in snapshot {parent})",
