@@ -63,9 +63,20 @@ fn plan(
     repo: &Path,
     tracking: Option<Arc<dyn ChangeTracking>>,
 ) -> (Vec<(u64, u64, ExtentClass)>, Vec<String>) {
-    let mut harness = Harness::new(Arc::new(
+    plan_with(
         DirtyBitmap::new(DirtyBitmapOptions::default()).unwrap(),
-    ));
+        repo,
+        tracking,
+    )
+}
+
+/// [`plan`] with the map of either kind.
+fn plan_with(
+    map: DirtyBitmap,
+    repo: &Path,
+    tracking: Option<Arc<dyn ChangeTracking>>,
+) -> (Vec<(u64, u64, ExtentClass)>, Vec<String>) {
+    let mut harness = Harness::new(Arc::new(map));
     harness.repository = Some(repo.to_owned());
     let source = DiskSource {
         vm: "vm1".into(),
@@ -166,6 +177,28 @@ fn a_source_without_tracking_means_a_full_read_and_a_warning() {
     assert_eq!(runs, vec![(0, CHUNKS, ExtentClass::Data)]);
     assert!(
         warnings.len() == 1 && warnings[0].contains("no change tracking"),
+        "{warnings:?}"
+    );
+}
+
+#[test]
+fn the_libvirt_kind_plans_the_same_and_names_its_own_remedy() {
+    let dir = tempfile::tempdir().unwrap();
+    let (repo, _) = repo_with_parent(dir.path(), Some(json!({"method": "fake"})));
+    let libvirt = || DirtyBitmap::libvirt(DirtyBitmapOptions::default()).unwrap();
+    let dirty = Changes::Since(vec![(3 * C + 5, 10), (10 * C, 2 * C)]);
+    let expected = plan(&repo, Some(fake(dirty.clone()))).0;
+    assert!(
+        expected.iter().any(|r| r.2 == ExtentClass::Unchanged),
+        "{expected:?}"
+    );
+    let (runs, warnings) = plan_with(libvirt(), &repo, Some(fake(dirty)));
+    assert_eq!(runs, expected);
+    assert!(warnings.is_empty(), "{warnings:?}");
+    let (runs, warnings) = plan_with(libvirt(), &repo, None);
+    assert_eq!(runs, vec![(0, CHUNKS, ExtentClass::Data)]);
+    assert!(
+        warnings.len() == 1 && warnings[0].contains("libvirt source's `checkpoint` is empty"),
         "{warnings:?}"
     );
 }
