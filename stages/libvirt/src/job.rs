@@ -129,7 +129,7 @@ impl JobDir {
                     END_WAIT.as_secs()
                 ));
             }
-            std::thread::sleep(Duration::from_millis(50));
+            std::thread::sleep(Duration::from_millis(10));
         }
         Ok(())
     }

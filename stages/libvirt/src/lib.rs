@@ -991,7 +991,7 @@ fn wait_job_gone(domain: &Domain, dir: &JobDir) -> Result<(), String> {
                 job::END_WAIT.as_secs()
             ));
         }
-        std::thread::sleep(std::time::Duration::from_millis(50));
+        std::thread::sleep(std::time::Duration::from_millis(10));
     }
     Ok(())
 }
