@@ -8,7 +8,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -186,23 +186,6 @@ impl Case {
         }
         (child, pause)
     }
-}
-
-fn read_report(path: &Path) -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
-}
-
-fn warnings(report: &serde_json::Value) -> Vec<String> {
-    report["warnings"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|w| w.as_str().unwrap().to_owned())
-        .collect()
-}
-
-fn bytes_read(report: &serde_json::Value) -> u64 {
-    report["source_bytes_read"].as_u64().unwrap()
 }
 
 /// The chunks `(offset, len)` writes touch, times the chunk size: what an exact incremental reads.

@@ -74,8 +74,7 @@ impl Case {
     fn backup(&mut self) -> serde_json::Value {
         let report_path = self.dir.path().join("report.json");
         run_ok(self.command().arg("--report").arg(&report_path));
-        let report: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(&report_path).unwrap()).unwrap();
+        let report = read_report(&report_path);
         let id = report["snapshot"].as_str().expect("a snapshot").to_owned();
         let copy = self
             .dir
@@ -165,19 +164,6 @@ fn assert_chain_bitmap(case: &Case) -> String {
     assert_eq!(cbt["bitmap"], name, "{cbt}");
     assert_eq!(cbt["method"], "qcow2-bitmap");
     name
-}
-
-fn warnings(report: &serde_json::Value) -> Vec<String> {
-    report["warnings"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|w| w.as_str().unwrap().to_owned())
-        .collect()
-}
-
-fn bytes_read(report: &serde_json::Value) -> u64 {
-    report["source_bytes_read"].as_u64().unwrap()
 }
 
 /// `count` distinct granules spread over `size` bytes (a fixed LCG: the same every run).

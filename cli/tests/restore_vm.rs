@@ -11,7 +11,7 @@ use std::process::{Command, Output};
 
 use backflow_testkit::libvirt::{Domain, URI, domain_names, virsh};
 use backflow_testkit::qemu::assert_images_equal;
-use common::{backflow, init_repo, run_ok, spec};
+use common::{backflow, init_repo, read_report, run_ok, spec};
 
 /// A domain the restore may define: destroyed and undefined when the test ends, passed or not.
 struct Defined(String);
@@ -36,8 +36,7 @@ fn backup_vm(repo: &Path, domain: &str, report: &Path) -> String {
             .args(["--quiet", "--report"])
             .arg(report),
     );
-    let report: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(report).unwrap()).unwrap();
+    let report = read_report(report);
     report["snapshot"].as_str().unwrap().to_owned()
 }
 
@@ -101,8 +100,7 @@ fn restore_vm_defines_a_new_domain_on_the_restored_images() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    let report: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&report_path).unwrap()).unwrap();
+    let report = read_report(&report_path);
     let domain = &report["results"]["domain"];
     assert_eq!(domain["name"], new_name.as_str(), "{report}");
     assert_eq!(domain["snapshot"], id.as_str(), "{report}");

@@ -24,6 +24,8 @@ use std::ops::Range;
 
 use roxmltree::Node;
 
+use crate::job_xml::escape;
+
 /// One disk of the snapshot as the restore wrote it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RestoredDisk {
@@ -281,22 +283,6 @@ fn children<'a, 'input: 'a>(
     name: &'a str,
 ) -> impl Iterator<Item = Node<'a, 'input>> + 'a {
     node.children().filter(move |n| n.has_tag_name(name))
-}
-
-/// Text for an attribute value in single or double quotes, or element content.
-fn escape(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '\'' => out.push_str("&apos;"),
-            '"' => out.push_str("&quot;"),
-            c => out.push(c),
-        }
-    }
-    out
 }
 
 #[cfg(test)]

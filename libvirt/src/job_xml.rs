@@ -180,8 +180,8 @@ pub fn checkpoint_bitmap_disks(xml: &str) -> Result<Vec<String>, String> {
         .collect())
 }
 
-/// `s` with XML's special characters escaped, for attribute values and text.
-fn escape(s: &str) -> String {
+/// `s` with XML's special characters escaped, for attribute values (in either quotes) and text.
+pub(crate) fn escape(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for c in s.chars() {
         match c {

@@ -124,3 +124,23 @@ pub fn copy_sparse(from: &Path, to: &Path) {
         .unwrap();
     assert!(status.success());
 }
+
+/// A run report written with `--report`.
+pub fn read_report(path: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+/// The warnings of a run report.
+pub fn warnings(report: &serde_json::Value) -> Vec<String> {
+    report["warnings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w.as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// What a run read from its source.
+pub fn bytes_read(report: &serde_json::Value) -> u64 {
+    report["source_bytes_read"].as_u64().unwrap()
+}

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use backflow_libvirt::job_xml::Endpoint;
-use stage_qemu_nbd::server::process_identity;
+use stage_qemu_nbd::server::{is_alive, process_identity};
 
 /// Name prefix of the job directories in the socket directory.
 pub const DIR_PREFIX: &str = "backflow-libvirt-";
@@ -100,12 +100,7 @@ impl JobDir {
 
     pub fn owner(&self) -> Owner {
         let recorded = std::fs::read_to_string(self.owner_file()).unwrap_or_default();
-        let alive = recorded
-            .split_whitespace()
-            .next()
-            .and_then(|pid| pid.parse::<u32>().ok())
-            .and_then(process_identity)
-            .is_some_and(|now| now == recorded);
+        let alive = is_alive(&recorded);
         let pid = recorded
             .split_whitespace()
             .next()

@@ -436,16 +436,27 @@ struct JobState {
 }
 
 impl LibvirtSource {
-    /// The base checkpoint of each chosen disk (or why there is none).
+    /// The base checkpoint of each chosen disk (or why there is none). `images`: the VM is off,
+    /// and the bitmaps are checked in its images too.
     fn bases(
         &self,
+        domain: &Domain,
         vm: &VmInfo,
         host: &str,
         disks: &[&DiskInfo],
         parent: Option<&Parent>,
-        checkpoints: &dyn Checkpoints,
-    ) -> Vec<Result<String, String>> {
-        disks
+        images: Option<BTreeMap<String, PathBuf>>,
+    ) -> Result<Vec<Result<String, String>>, StageError> {
+        if self.checkpoint.is_none() {
+            return Ok(disks.iter().map(|_| Err(String::new())).collect());
+        }
+        let checkpoints = LibvirtCheckpoints {
+            domain,
+            names: backup::list_checkpoints(domain).map_err(libvirt_error)?,
+            images,
+        };
+        let checkpoints: &dyn Checkpoints = &checkpoints;
+        Ok(disks
             .iter()
             .map(|disk| {
                 let Some(parent) = parent else {
@@ -481,7 +492,7 @@ impl LibvirtSource {
                 }
                 base
             })
-            .collect()
+            .collect())
     }
 
     fn state(
@@ -575,17 +586,7 @@ impl LibvirtSource {
         }
         self.end_orphaned_jobs(ctx, &domain, vm)?;
         let host = conn.hostname().to_owned();
-        let bases = match &self.checkpoint {
-            Some(_) => {
-                let checkpoints = LibvirtCheckpoints {
-                    domain: &domain,
-                    names: backup::list_checkpoints(&domain).map_err(libvirt_error)?,
-                    images: None,
-                };
-                self.bases(vm, &host, disks, parent, &checkpoints)
-            }
-            None => disks.iter().map(|_| Err(String::new())).collect(),
-        };
+        let bases = self.bases(&domain, vm, &host, disks, parent, None)?;
         // The new checkpoint: a bitmap in every chosen qcow2 disk, none elsewhere.
         let new_checkpoint = self.checkpoint.as_deref().map(new_checkpoint_name);
         let bitmapped: Vec<String> = disks
@@ -756,15 +757,8 @@ impl LibvirtSource {
                     committed: committed.clone(),
                 }) as Arc<dyn ChangeTracking>
             });
-            let source = DiskSource {
-                vm: vm.name.clone(),
-                name: disk.target.clone(),
-                location: PathBuf::from(disk.source.to_string()),
-                reader: export,
-                tracking,
-                definition: Some(Arc::from(vm.definition.as_str())),
-            };
-            if worker.send(Message::Disk(Arc::new(source))).is_err() {
+            let location = PathBuf::from(disk.source.to_string());
+            if !send_disk(worker, vm, disk, location, export, tracking) {
                 return Ok(());
             }
         }
@@ -832,17 +826,7 @@ impl LibvirtSource {
         self.end_orphaned_jobs(ctx, &domain, vm)?;
         tracing::info!(vm = %vm.name, "VM is shut off: reading its images directly.");
         let host = conn.hostname().to_owned();
-        let bases = match &self.checkpoint {
-            Some(_) => {
-                let checkpoints = LibvirtCheckpoints {
-                    domain: &domain,
-                    names: backup::list_checkpoints(&domain).map_err(libvirt_error)?,
-                    images: Some(images.clone()),
-                };
-                self.bases(vm, &host, disks, parent, &checkpoints)
-            }
-            None => disks.iter().map(|_| Err(String::new())).collect(),
-        };
+        let bases = self.bases(&domain, vm, &host, disks, parent, Some(images.clone()))?;
         for cleaned in ServerDir::sweep_orphans(&self.socket_dir) {
             ctx.warn(format!("cleaned up after a run that was killed: {cleaned}"));
         }
@@ -905,20 +889,33 @@ impl LibvirtSource {
                     committed: committed.clone(),
                 }) as Arc<dyn ChangeTracking>
             });
-            let source = DiskSource {
-                vm: vm.name.clone(),
-                name: disk.target.clone(),
-                location: image.clone(),
-                reader: export,
-                tracking,
-                definition: Some(Arc::from(vm.definition.as_str())),
-            };
-            if worker.send(Message::Disk(Arc::new(source))).is_err() {
+            if !send_disk(worker, vm, disk, image.clone(), export, tracking) {
                 return Ok(());
             }
         }
         Ok(())
     }
+}
+
+/// Sends one disk of the VM, with its definition, to the map stage; `false` when the pipeline
+/// stopped.
+fn send_disk(
+    worker: &mut Worker<'_>,
+    vm: &VmInfo,
+    disk: &DiskInfo,
+    location: PathBuf,
+    export: Arc<NbdExport>,
+    tracking: Option<Arc<dyn ChangeTracking>>,
+) -> bool {
+    let source = DiskSource {
+        vm: vm.name.clone(),
+        name: disk.target.clone(),
+        location,
+        reader: export,
+        tracking,
+        definition: Some(Arc::from(vm.definition.as_str())),
+    };
+    worker.send(Message::Disk(Arc::new(source))).is_ok()
 }
 
 /// The cleanup of a running VM's job: abort it if it is still there, settle the checkpoints,

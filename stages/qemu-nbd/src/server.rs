@@ -63,13 +63,7 @@ impl ServerDir {
             let Ok(owner) = std::fs::read_to_string(dir.owner_file()) else {
                 continue;
             };
-            let owner_alive = owner
-                .split_whitespace()
-                .next()
-                .and_then(|pid| pid.parse::<u32>().ok())
-                .and_then(process_identity)
-                .is_some_and(|now| now == owner);
-            if owner_alive {
+            if is_alive(&owner) {
                 continue;
             }
             let server = dir.pid().filter(|&pid| {
@@ -285,6 +279,16 @@ fn alive(pid: u32) -> bool {
             .status()
             .is_ok_and(|s| s.success()),
     }
+}
+
+/// Whether the process a [`process_identity`] names still runs (the same pid and start time).
+pub fn is_alive(identity: &str) -> bool {
+    identity
+        .split_whitespace()
+        .next()
+        .and_then(|pid| pid.parse::<u32>().ok())
+        .and_then(process_identity)
+        .is_some_and(|now| now == identity)
 }
 
 /// `"PID STARTTIME"` of a live process (start time in clock ticks since boot, field 22 of
