@@ -622,19 +622,6 @@ impl LibvirtSource {
                     e,
                 )
             })?;
-        let job_disks: Vec<JobDisk> = disks
-            .iter()
-            .zip(&bases)
-            .map(|(disk, base)| JobDisk {
-                target: disk.target.clone(),
-                mode: match base {
-                    Ok(from) => DiskMode::Incremental(from.clone()),
-                    Err(_) => DiskMode::Full,
-                },
-                // Scratch files in our directory when it is on the VM's host; else libvirt's.
-                scratch: conn.is_local().then(|| dir.scratch(&disk.target)),
-            })
-            .collect();
         let endpoint = match &self.tcp {
             None => Endpoint::Unix(dir.socket()),
             Some((host, port)) => Endpoint::Tcp {
@@ -646,14 +633,7 @@ impl LibvirtSource {
                 port: *port,
             },
         };
-        dir.record_endpoint(&endpoint).map_err(|e| {
-            StageError::io(
-                format!("VM {}: writing into {}", vm.name, dir.path().display()),
-                e,
-            )
-        })?;
-        let backup_xml = job_xml::pull_backup(&endpoint, &job_disks, &skipped);
-
+        // The cleanup first, so that whatever fails from here on leaves nothing behind.
         let committed = Committed::default();
         let state = Arc::new(Mutex::new(JobState::default()));
         ctx.on_cleanup(
@@ -680,6 +660,26 @@ impl LibvirtSource {
                 }
             }),
         );
+        dir.record_endpoint(&endpoint).map_err(|e| {
+            StageError::io(
+                format!("VM {}: writing into {}", vm.name, dir.path().display()),
+                e,
+            )
+        })?;
+        let job_disks: Vec<JobDisk> = disks
+            .iter()
+            .zip(&bases)
+            .map(|(disk, base)| JobDisk {
+                target: disk.target.clone(),
+                mode: match base {
+                    Ok(from) => DiskMode::Incremental(from.clone()),
+                    Err(_) => DiskMode::Full,
+                },
+                // Scratch files in our directory when it is on the VM's host; else libvirt's.
+                scratch: conn.is_local().then(|| dir.scratch(&disk.target)),
+            })
+            .collect();
+        let backup_xml = job_xml::pull_backup(&endpoint, &job_disks, &skipped);
 
         // The instant of the backup: freeze, begin (checkpoint included), thaw.
         let frozen = self.freeze(ctx, &domain, vm)?;
