@@ -150,7 +150,8 @@ fn restore_vm_defines_a_new_domain_on_the_restored_images() {
     assert_eq!(virsh(&["domstate", &new_name]).trim(), "running");
     virsh(&["destroy", &new_name]);
 
-    // A name that exists already (the original's): the run fails, nothing is defined or changed.
+    // A name that exists already (the original's): the run fails before it restores anything,
+    // nothing is defined or changed.
     let before = domain_names();
     let again = image_dir(work.path(), "again");
     let out = restore_vm(&repo, &again, original.name(), &report_path);
@@ -161,6 +162,11 @@ fn restore_vm_defines_a_new_domain_on_the_restored_images() {
         "{stderr}"
     );
     assert_eq!(domain_names(), before);
+    assert_eq!(
+        std::fs::read_dir(&again).unwrap().count(),
+        0,
+        "the name is refused before anything is restored"
+    );
     assert_eq!(
         uuid_of(original.name()),
         original_uuid,

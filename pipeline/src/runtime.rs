@@ -213,8 +213,20 @@ impl Pipeline {
         senders.remove(0);
         senders.push(None);
 
+        let prepared = match &self.finaliser {
+            Some(finaliser) => finaliser.prepare(&ctx).map_err(|e| {
+                failures
+                    .lock()
+                    .unwrap()
+                    .push(format!("before the run: {e}"));
+            }),
+            None => Ok(()),
+        };
         let done = CancelToken::new();
         std::thread::scope(|scope| {
+            if prepared.is_err() {
+                return;
+            }
             let mut supervisors = Vec::with_capacity(self.stages.len());
             for (i, placed) in self.stages.iter().enumerate() {
                 let input = receivers[i].take();

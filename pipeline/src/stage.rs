@@ -57,6 +57,12 @@ pub fn unexpected(stage: &str, message: &Message) -> StageError {
 
 /// The finaliser a pipeline runs after its data stages stopped, whatever the outcome.
 pub trait Finaliser: Send + Sync + 'static {
+    /// Called once before any stage starts: a check that would otherwise fail only after all the
+    /// data moved (a restore's target name taken) fails the run here, before anything ran.
+    fn prepare(&self, _ctx: &RunContext) -> Result<(), StageError> {
+        Ok(())
+    }
+
     fn finalise(
         &self,
         ctx: &RunContext,

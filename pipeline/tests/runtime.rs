@@ -361,3 +361,47 @@ fn several_workers_share_the_input_and_statistics_add_up() {
     assert_eq!(report.stages[1].bytes_in, 500 * 16);
     assert_eq!(report.stages[1].bytes_out, 500 * 16);
 }
+
+/// A finaliser whose preparation fails, recording the outcome it is finally given.
+struct RefuseToStart(Arc<Mutex<Option<Outcome>>>);
+
+impl Finaliser for RefuseToStart {
+    fn prepare(&self, _ctx: &RunContext) -> Result<(), StageError> {
+        Err(StageError::Config("the target name is taken".into()))
+    }
+
+    fn finalise(&self, _ctx: &RunContext, outcome: &Outcome) -> Result<(), StageError> {
+        *self.0.lock().unwrap() = Some(outcome.clone());
+        Ok(())
+    }
+}
+
+#[test]
+fn a_failed_preparation_runs_no_stage_and_still_finalises() {
+    let sent = Arc::new(AtomicU64::new(0));
+    let outcome = Arc::new(Mutex::new(None));
+    let pipeline = Pipeline {
+        name: "refused".into(),
+        repository: None,
+        stages: vec![
+            placed(
+                "source",
+                0,
+                Source {
+                    count: 10,
+                    sent: sent.clone(),
+                },
+            ),
+            placed("sink", 4, Sink::default()),
+        ],
+        finaliser: Some(Arc::new(RefuseToStart(outcome.clone()))),
+    };
+    let report = pipeline.run(RunOptions::default());
+    assert_eq!(report.outcome, OutcomeKind::Failed);
+    assert_eq!(
+        report.errors,
+        vec!["before the run: the target name is taken".to_owned()]
+    );
+    assert_eq!(sent.load(Ordering::SeqCst), 0, "no stage ran");
+    assert!(matches!(*outcome.lock().unwrap(), Some(Outcome::Failed(_))));
+}

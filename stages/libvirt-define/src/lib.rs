@@ -155,6 +155,19 @@ impl LibvirtDefine {
 }
 
 impl Finaliser for LibvirtDefine {
+    /// Refuses a name in use before anything is restored (the definition checks it again).
+    fn prepare(&self, _ctx: &RunContext) -> Result<(), StageError> {
+        let conn = Connection::open(Some(&self.uri)).map_err(libvirt_error)?;
+        match conn.domain(&self.name) {
+            Ok(_) => Err(libvirt_error(LibvirtError::VmExists {
+                uri: conn.uri().to_owned(),
+                name: self.name.clone(),
+            })),
+            Err(LibvirtError::NoSuchVm { .. }) => Ok(()),
+            Err(e) => Err(libvirt_error(e)),
+        }
+    }
+
     fn finalise(&self, ctx: &RunContext, outcome: &Outcome) -> Result<(), StageError> {
         let defined = match outcome {
             Outcome::Succeeded => self.define(ctx),
