@@ -307,10 +307,31 @@ impl fmt::Display for SpecErrors {
 
 impl std::error::Error for SpecErrors {}
 
+/// A stage option set from outside the spec (a job file), over what the spec says: `stage` is the
+/// stage's name (its kind when it has no name), `value` YAML text (`3`, `"text"`, `[a, b]`).
+/// Overrides are applied after variables are substituted and validated like the spec's own
+/// options.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Override {
+    pub stage: String,
+    pub option: String,
+    pub value: String,
+}
+
 /// Loads a spec file. A file that cannot be read, or is not UTF-8, is one error at 1:1.
 pub fn load_file(
     path: &Path,
     vars: &[(String, String)],
+    catalog: &dyn Catalog,
+) -> Result<Pipeline, SpecErrors> {
+    load_file_with(path, vars, &[], catalog)
+}
+
+/// [`load_file`] with stage options overridden.
+pub fn load_file_with(
+    path: &Path,
+    vars: &[(String, String)],
+    overrides: &[Override],
     catalog: &dyn Catalog,
 ) -> Result<Pipeline, SpecErrors> {
     let file = path.display().to_string();
@@ -329,7 +350,7 @@ pub fn load_file(
             e.utf8_error().valid_up_to()
         ))
     })?;
-    load_str(&file, &text, vars, catalog)
+    load_str_with(&file, &text, vars, overrides, catalog)
 }
 
 /// Loads a spec from text; `file_name` is what errors call the file.
@@ -339,5 +360,16 @@ pub fn load_str(
     vars: &[(String, String)],
     catalog: &dyn Catalog,
 ) -> Result<Pipeline, SpecErrors> {
-    build::load(file_name, text, vars, catalog)
+    build::load(file_name, text, vars, &[], catalog)
+}
+
+/// [`load_str`] with stage options overridden.
+pub fn load_str_with(
+    file_name: &str,
+    text: &str,
+    vars: &[(String, String)],
+    overrides: &[Override],
+    catalog: &dyn Catalog,
+) -> Result<Pipeline, SpecErrors> {
+    build::load(file_name, text, vars, overrides, catalog)
 }

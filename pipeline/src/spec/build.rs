@@ -10,7 +10,7 @@ use super::path::{self, Seg, stage_field};
 use super::suggest::unknown;
 use super::vars::Variables;
 use super::yaml::{self, Entry, Loc, Node, Resolved, Value, describe};
-use super::{Catalog, MAX_CHANNEL_CAPACITY, MAX_WORKERS, Options, SpecError, SpecErrors};
+use super::{Catalog, MAX_CHANNEL_CAPACITY, MAX_WORKERS, Options, Override, SpecError, SpecErrors};
 use crate::runtime::{DEFAULT_CHANNEL_CAPACITY, Pipeline};
 use crate::stage::{Finaliser, PlacedStage, Stage, StageIo};
 
@@ -32,6 +32,7 @@ pub(crate) fn load(
     file: &str,
     text: &str,
     cli: &[(String, String)],
+    overrides: &[Override],
     catalog: &dyn Catalog,
 ) -> Result<Pipeline, SpecErrors> {
     let one = |loc: Loc, field: &str, message: String| {
@@ -73,9 +74,12 @@ pub(crate) fn load(
             vars.substitute(&mut entry.value, &mut at, &mut problems, &mut poisoned);
         }
     }
+    let kinds = catalog.kinds();
+    if let Err(e) = apply_overrides(entries, overrides, &kinds) {
+        return Err(one(Loc::START, "stages", e));
+    }
     let entries: &[Entry] = entries;
 
-    let kinds = catalog.kinds();
     let labels = stage_labels(entries, &kinds);
     let mut cx = Cx {
         file,
@@ -193,6 +197,90 @@ pub(crate) fn load(
 }
 
 /// How each stage is named in error paths: its `name`, else its kind when that is a known one.
+/// Sets each override's option in the stage it names (by the stage's label: its name, else its
+/// kind), replacing the option if the spec sets it. The value is placed where the stage starts, so
+/// errors about it point at that stage.
+fn apply_overrides(
+    entries: &mut [Entry],
+    overrides: &[Override],
+    kinds: &[&str],
+) -> Result<(), String> {
+    if overrides.is_empty() {
+        return Ok(());
+    }
+    let labels = stage_labels(entries, kinds);
+    let Some(Value::Seq(stages)) = entries
+        .iter_mut()
+        .find(|e| e.key_text() == "stages")
+        .map(|e| &mut e.value.value)
+    else {
+        return Err("overrides need a `stages` list".into());
+    };
+    for o in overrides {
+        let at = labels
+            .iter()
+            .position(|l| l.as_deref() == Some(o.stage.as_str()))
+            .ok_or_else(|| {
+                let known: Vec<&str> = labels.iter().flatten().map(String::as_str).collect();
+                format!(
+                    "override {}.{}: the spec has no stage `{}`; its stages: {}",
+                    o.stage,
+                    o.option,
+                    o.stage,
+                    known.join(", ")
+                )
+            })?;
+        let stage = &mut stages[at];
+        let loc = stage.loc;
+        let value = yaml::parse(&o.value)
+            .ok()
+            .and_then(|p| p.root)
+            .map(|mut node| {
+                relocate(&mut node, loc);
+                node
+            })
+            .ok_or_else(|| {
+                format!(
+                    "override {}.{}: `{}` is not a YAML value",
+                    o.stage, o.option, o.value
+                )
+            })?;
+        let Value::Map(fields) = &mut stage.value else {
+            return Err(format!(
+                "override {}.{}: the stage is not a mapping",
+                o.stage, o.option
+            ));
+        };
+        match fields.iter_mut().find(|e| e.key_text() == o.option) {
+            Some(entry) => entry.value = value,
+            None => fields.push(Entry {
+                key: Node {
+                    loc,
+                    value: Value::Scalar(yaml::Scalar {
+                        text: o.option.clone(),
+                        typed: false,
+                    }),
+                },
+                value,
+            }),
+        }
+    }
+    Ok(())
+}
+
+/// Moves every position in `node` to `loc`.
+fn relocate(node: &mut Node, loc: Loc) {
+    node.loc = loc;
+    match &mut node.value {
+        Value::Scalar(_) => {}
+        Value::Seq(items) => items.iter_mut().for_each(|n| relocate(n, loc)),
+        Value::Map(entries) => entries.iter_mut().for_each(|e| {
+            relocate(&mut e.key, loc);
+            relocate(&mut e.value, loc);
+        }),
+    }
+}
+
 fn stage_labels(entries: &[Entry], kinds: &[&str]) -> Vec<Option<String>> {
     let Some(Value::Seq(items)) = entries
         .iter()

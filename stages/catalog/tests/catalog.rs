@@ -81,3 +81,52 @@ fn documented_options_are_the_accepted_ones() {
         "required"
     );
 }
+
+#[test]
+fn overrides_set_stage_options_and_are_validated_like_the_spec() {
+    let path = specs_dir().join("backup-vm.yaml");
+    let vars = vec![
+        ("domain".to_owned(), "web01".to_owned()),
+        ("repo".to_owned(), "/placeholder/repo".to_owned()),
+    ];
+    let set = |stage: &str, option: &str, value: &str| spec::Override {
+        stage: stage.into(),
+        option: option.into(),
+        value: value.into(),
+    };
+    let pipeline = spec::load_file_with(
+        &path,
+        &vars,
+        &[set("reader", "workers", "4"), set("zstd", "level", "3")],
+        &Stages,
+    )
+    .unwrap();
+    let reader = pipeline.stages.iter().find(|s| s.kind == "reader").unwrap();
+    assert_eq!(reader.workers, 4);
+
+    let bad = spec::load_file_with(&path, &vars, &[set("zstd", "level", "99")], &Stages)
+        .err()
+        .expect("level 99 is refused")
+        .to_string();
+    assert!(
+        bad.contains("(zstd).level") && bad.contains("between -7 and 19"),
+        "{bad}"
+    );
+    let unknown = spec::load_file_with(&path, &vars, &[set("gzip", "level", "1")], &Stages)
+        .err()
+        .expect("an unknown stage is refused")
+        .to_string();
+    assert!(
+        unknown.contains("no stage `gzip`")
+            && unknown.contains("libvirt, libvirt-checkpoint, reader"),
+        "{unknown}"
+    );
+    let option = spec::load_file_with(&path, &vars, &[set("zstd", "levle", "1")], &Stages)
+        .err()
+        .expect("an unknown option is refused")
+        .to_string();
+    assert!(
+        option.contains("levle") && option.contains("level"),
+        "{option}"
+    );
+}
