@@ -29,6 +29,11 @@ pkg-config --exists libvirt 2>/dev/null || need+=(libvirt-dev)
 # python3 writes the NBD fuzzer's seed conversations (fuzz/make_seeds.py); libFuzzer itself is built
 # by cargo-fuzz with the C++ compiler of build-essential.
 command -v python3 >/dev/null || need+=(python3)
+# aiosmtpd: the notification tests mail reports to a real SMTP server on loopback
+# (notify/tests/smtp_server.py). Debian's package serves /usr/bin/python3, which the tests also try
+# when the python3 on the PATH (pyenv, venv) lacks it.
+/usr/bin/python3 -c 'import aiosmtpd' 2>/dev/null || python3 -c 'import aiosmtpd' 2>/dev/null \
+  || need+=(python3-aiosmtpd)
 if [ ${#need[@]} -gt 0 ]; then
   echo "setup: installing ${need[*]}" >&2
   $SUDO apt-get update -qq

@@ -1,0 +1,310 @@
+//! The text of a notification: a subject that says the outcome at a glance, and a plain-text body
+//! with one row per VM, then every error and warning in full.
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use crate::{Outcome, Session};
+
+/// Subject and plain-text body of the message reporting `session`.
+pub fn render(session: &Session) -> (String, String) {
+    (subject(session), body(session))
+}
+
+fn subject(session: &Session) -> String {
+    let total = session.vms.len();
+    let detail = match session.outcome() {
+        Outcome::Failure => format!(
+            "{} of {} failed",
+            session.count(Outcome::Failure),
+            vms(total)
+        ),
+        Outcome::Warning if total == 0 => "no VMs".to_string(),
+        Outcome::Warning => format!(
+            "{} of {} with warnings",
+            session.count(Outcome::Warning),
+            vms(total)
+        ),
+        Outcome::Success => format!("{} backed up", vms(total)),
+    };
+    format!(
+        "[backflow] job {}: {} ({detail})",
+        session.job,
+        session.outcome()
+    )
+}
+
+/// "1 VM", "3 VMs".
+fn vms(n: usize) -> String {
+    if n == 1 {
+        "1 VM".to_string()
+    } else {
+        format!("{n} VMs")
+    }
+}
+
+const HEADERS: [&str; 7] = [
+    "VM",
+    "RESULT",
+    "SNAPSHOT",
+    "READ",
+    "WRITTEN",
+    "DURATION",
+    "BOTTLENECK",
+];
+
+fn body(session: &Session) -> String {
+    let mut out = String::new();
+    let elapsed = Duration::from_secs(session.ended.saturating_sub(session.started));
+    // Writing to a String cannot fail: the results are ignored throughout.
+    let _ = writeln!(out, "Job:      {}", session.job);
+    let _ = writeln!(out, "Outcome:  {}", session.outcome());
+    let _ = writeln!(out, "Started:  {}", utc(session.started));
+    let _ = writeln!(
+        out,
+        "Ended:    {} (took {})",
+        utc(session.ended),
+        duration(elapsed)
+    );
+    let _ = writeln!(
+        out,
+        "VMs:      {} total, {} succeeded, {} with warnings, {} failed",
+        session.vms.len(),
+        session.count(Outcome::Success),
+        session.count(Outcome::Warning),
+        session.count(Outcome::Failure)
+    );
+    out.push('\n');
+
+    if session.vms.is_empty() {
+        out.push_str("The job covered no VM.\n");
+        return out;
+    }
+
+    let rows: Vec<[String; 7]> = session
+        .vms
+        .iter()
+        .map(|vm| {
+            [
+                vm.vm.clone(),
+                vm.result.to_string(),
+                vm.snapshot.clone().unwrap_or_else(|| "-".into()),
+                bytes(vm.bytes_read),
+                bytes(vm.bytes_written),
+                duration(vm.duration),
+                vm.bottleneck.clone().unwrap_or_else(|| "-".into()),
+            ]
+        })
+        .collect();
+    let mut widths = HEADERS.map(str::len);
+    for row in &rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    table_line(&mut out, &HEADERS.map(String::from), &widths);
+    for row in &rows {
+        table_line(&mut out, row, &widths);
+    }
+
+    let errors: Vec<_> = session
+        .vms
+        .iter()
+        .filter_map(|vm| vm.error.as_deref().map(|e| (&vm.vm, e)))
+        .collect();
+    if !errors.is_empty() {
+        out.push_str("\nErrors:\n");
+        for (vm, error) in errors {
+            let _ = writeln!(out, "  {vm}: {}", indent_continuation(error));
+        }
+    }
+    let warnings: Vec<_> = session
+        .vms
+        .iter()
+        .flat_map(|vm| vm.warnings.iter().map(move |w| (&vm.vm, w)))
+        .collect();
+    if !warnings.is_empty() {
+        out.push_str("\nWarnings:\n");
+        for (vm, warning) in warnings {
+            let _ = writeln!(out, "  {vm}: {}", indent_continuation(warning));
+        }
+    }
+    out
+}
+
+/// Left-aligned text columns, right-aligned numbers (READ, WRITTEN, DURATION), two spaces apart.
+fn table_line(out: &mut String, cells: &[String; 7], widths: &[usize; 7]) {
+    let mut line = String::new();
+    for (i, (cell, width)) in cells.iter().zip(widths).enumerate() {
+        if i > 0 {
+            line.push_str("  ");
+        }
+        if (3..=5).contains(&i) {
+            let _ = write!(line, "{cell:>width$}");
+        } else {
+            let _ = write!(line, "{cell:<width$}");
+        }
+    }
+    out.push_str(line.trim_end());
+    out.push('\n');
+}
+
+/// Multi-line messages stay under their VM's name.
+fn indent_continuation(text: &str) -> String {
+    text.trim_end().replace('\n', "\n    ")
+}
+
+/// Binary units with one decimal: "0 B", "512 B", "1.5 KiB", "3.0 GiB".
+pub(crate) fn bytes(n: u64) -> String {
+    const UNITS: [&str; 6] = ["KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
+    if n < 1024 {
+        return format!("{n} B");
+    }
+    let mut value = n as f64 / 1024.0;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    format!("{value:.1} {}", UNITS[unit])
+}
+
+/// "0.4s", "42s", "3m 07s", "2h 05m 09s".
+pub(crate) fn duration(d: Duration) -> String {
+    let secs = d.as_secs();
+    if secs < 10 && d.subsec_millis() > 0 {
+        return format!("{:.1}s", d.as_secs_f64());
+    }
+    match secs {
+        0..60 => format!("{secs}s"),
+        60..3600 => format!("{}m {:02}s", secs / 60, secs % 60),
+        _ => format!(
+            "{}h {:02}m {:02}s",
+            secs / 3600,
+            secs % 3600 / 60,
+            secs % 60
+        ),
+    }
+}
+
+/// Unix seconds as "2026-11-27 17:22:28 UTC" (proleptic Gregorian calendar).
+pub(crate) fn utc(unix: u64) -> String {
+    let days = unix / 86_400;
+    let rem = unix % 86_400;
+    let (y, m, d) = civil_from_days(days as i64);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// Days since 1970-01-01 to (year, month, day): Howard Hinnant's `civil_from_days`.
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (if m <= 2 { y + 1 } else { y }, m, d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::VmReport;
+
+    #[test]
+    fn dates_are_utc_calendar_dates() {
+        assert_eq!(utc(0), "1970-01-01 00:00:00 UTC");
+        assert_eq!(utc(951_782_400), "2000-02-29 00:00:00 UTC");
+        assert_eq!(utc(1_795_800_148), "2026-11-27 17:22:28 UTC");
+    }
+
+    #[test]
+    fn sizes_and_durations_read_like_a_person_wrote_them() {
+        assert_eq!(bytes(0), "0 B");
+        assert_eq!(bytes(1536), "1.5 KiB");
+        assert_eq!(bytes(3 << 30), "3.0 GiB");
+        assert_eq!(duration(Duration::from_millis(400)), "0.4s");
+        assert_eq!(duration(Duration::from_secs(187)), "3m 07s");
+        assert_eq!(duration(Duration::from_secs(7509)), "2h 05m 09s");
+    }
+
+    #[test]
+    fn subject_counts_the_vms_behind_the_outcome() {
+        let mut session = Session {
+            job: "nightly".into(),
+            started: 0,
+            ended: 60,
+            vms: vec![
+                VmReport::new("web01", Outcome::Success),
+                VmReport::new("web02", Outcome::Warning),
+                VmReport::new("db01", Outcome::Failure),
+            ],
+        };
+        assert_eq!(
+            render(&session).0,
+            "[backflow] job nightly: failure (1 of 3 VMs failed)"
+        );
+        session.vms.pop();
+        assert_eq!(
+            render(&session).0,
+            "[backflow] job nightly: warning (1 of 2 VMs with warnings)"
+        );
+        session.vms.pop();
+        assert_eq!(
+            render(&session).0,
+            "[backflow] job nightly: success (1 VM backed up)"
+        );
+        session.vms.clear();
+        assert_eq!(
+            render(&session).0,
+            "[backflow] job nightly: warning (no VMs)"
+        );
+    }
+
+    #[test]
+    fn body_has_a_row_per_vm_then_errors_and_warnings() {
+        let mut web = VmReport::new("web01", Outcome::Warning);
+        web.snapshot = Some("5f3a9c".into());
+        web.bytes_read = 2 << 30;
+        web.bytes_written = 300 << 20;
+        web.duration = Duration::from_secs(75);
+        web.bottleneck = Some("reader".into());
+        web.warnings = vec!["no checkpoint: full backup".into()];
+        let mut db = VmReport::new("db01", Outcome::Failure);
+        db.error = Some("libvirt: domain not found\nsecond line".into());
+        let session = Session {
+            job: "nightly".into(),
+            started: 1_795_800_148,
+            ended: 1_795_800_148 + 3725,
+            vms: vec![web, db],
+        };
+        let body = render(&session).1;
+        let expected = "\
+Job:      nightly
+Outcome:  failure
+Started:  2026-11-27 17:22:28 UTC
+Ended:    2026-11-27 18:24:33 UTC (took 1h 02m 05s)
+VMs:      2 total, 0 succeeded, 1 with warnings, 1 failed
+
+VM     RESULT   SNAPSHOT     READ    WRITTEN  DURATION  BOTTLENECK
+web01  warning  5f3a9c    2.0 GiB  300.0 MiB    1m 15s  reader
+db01   failure  -             0 B        0 B        0s  -
+
+Errors:
+  db01: libvirt: domain not found
+    second line
+
+Warnings:
+  web01: no checkpoint: full backup
+";
+        assert_eq!(body, expected);
+    }
+}
