@@ -3,6 +3,8 @@
 
 mod demo;
 mod display;
+mod forget;
+mod jobs;
 mod vms;
 
 use std::io::IsTerminal;
@@ -123,6 +125,14 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Forget snapshots by a keep policy (keep-last, daily/weekly/monthly/yearly), each VM on its
+    /// own; --dry-run lists what would go. Chunks stay until a garbage collection.
+    Forget(forget::Args),
+    /// Backup jobs: `job run FILE` runs one now, `job validate FILE` checks its file.
+    #[command(subcommand)]
+    Job(jobs::JobCommand),
+    /// The sessions (runs of jobs) recorded in a repository, oldest first.
+    Sessions(jobs::SessionsArgs),
     /// List the VMs of a libvirt connection with their state, host and disks.
     Vms {
         /// libvirt URI, e.g. qemu:///system or qemu+ssh://root@kvm1/system (default: libvirt's).
@@ -301,6 +311,9 @@ fn execute(command: Command) -> Result<()> {
             }
             Ok(())
         }
+        Command::Forget(args) => forget::run(args),
+        Command::Job(command) => jobs::run(command),
+        Command::Sessions(args) => jobs::sessions(args),
         Command::Vms { uri, json } => vms::run(uri.as_deref(), json),
         Command::Demo { dir, size } => demo::run(&dir, size.bytes()),
     }

@@ -304,7 +304,11 @@ mod tests {
                 "j.yaml:4:1: ",
                 "unknown field `retension`",
             ),
-            ("name: a\nvms: [x]\n", "j.yaml:", "missing field `repository`"),
+            (
+                "name: a\nvms: [x]\n",
+                "j.yaml:",
+                "missing field `repository`",
+            ),
         ];
         for (text, at, what) in cases {
             let e = parse(text, "j.yaml").unwrap_err();

@@ -3,7 +3,13 @@
 //!
 //! # Layout
 //! - [`file`]: the job file, read with positions in every error.
+//! - [`select`]: which VMs and disks a job backs up, from a libvirt listing.
+//! - [`run`]: one run of a job (a session): each VM its own pipeline run, `parallel` at a time,
+//!   recorded in the repository's session history.
 
 pub mod file;
+pub mod run;
+pub mod select;
 
 pub use file::{Job, load, parse};
+pub use run::{RunJobOptions, SessionRecord, Verdict, VmRecord, run_job, sessions};

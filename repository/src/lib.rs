@@ -144,6 +144,14 @@
 //! - Readers (list, open, lookup, read, verify) take no lock: committed files are immutable. Restores running
 //!   during a future gc will need the shared lock too; that is gc's design to finish.
 //!
+//! ## Forgetting snapshots
+//! [`Repository::forget`] unlinks one manifest `snapshots/<id>.snap` and fsyncs `snapshots/`; nothing else
+//! changes. Every snapshot is a logical full, so no other snapshot depends on it; its chunks stay in their packs
+//! (and keep serving as dedup targets) until a garbage collection removes what no manifest references. Forget
+//! takes the shared lock like a backup: it runs next to backups, never during a gc, which must see the set of
+//! manifests it decides on. Which snapshots to forget is a pure policy, [`plan`] with a [`KeepPolicy`]
+//! (keep-last and grandfather-father-son daily/weekly/monthly/yearly, per VM; the rules are at [`plan`]).
+//!
 //! ## What `verify` checks
 //! Without reading data: every manifest's checksum and structure, that every referenced digest is in the
 //! index, every index file's checksum and order, and that every pack the index names exists with an intact
@@ -161,10 +169,12 @@
 mod config;
 mod error;
 mod format;
+mod history;
 mod ids;
 mod index;
 mod pack;
 mod repository;
+mod retention;
 mod scratch;
 mod session;
 mod snapshot;
@@ -180,6 +190,7 @@ pub use format::FORMAT_VERSION;
 pub use ids::rfc3339;
 pub use pack::{PackEntry, PackTrailer, PackWriter, decode, decode_into, read_pack_trailer};
 pub use repository::{RebuildReport, Repository};
+pub use retention::{Decision, KeepPolicy, plan};
 pub use session::BackupSession;
 pub use snapshot::{DiskInfo, DiskMeta, Snapshot, SnapshotInfo, SnapshotMeta};
 pub use types::{BadDigest, ChunkLocation, ChunkRef, Codec, Digest, PackId, StoredChunk};

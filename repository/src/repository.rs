@@ -241,6 +241,36 @@ impl Repository {
         Ok(out)
     }
 
+    /// Removes the snapshot `id`: unlinks its manifest and fsyncs `snapshots/`, so the removal survives a crash
+    /// once this returns. Only the manifest goes; its chunks stay until a garbage collection, and no other
+    /// snapshot depends on it (each is a logical full). Takes the repository lock shared, like a backup: it runs
+    /// next to backups and is refused with a retryable [`RepoError::Locked`] while a gc or index rebuild runs.
+    /// An unknown id (or `latest`, which names no file) is [`RepoError::SnapshotNotFound`]. A damaged manifest
+    /// can be forgotten too: nothing here reads it.
+    pub fn forget(&self, id: &str) -> Result<()> {
+        let not_found = || RepoError::SnapshotNotFound {
+            repo: self.inner.path.clone(),
+            id: id.to_owned(),
+        };
+        if !crate::ids::valid_id(id) {
+            return Err(not_found());
+        }
+        let _lock = lock_repository(
+            &self.inner.path,
+            LockMode::Shared,
+            "a garbage collection or index rebuild holds it exclusively",
+        )?;
+        let path = snapshot_path(&self.inner.path, id);
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(not_found()),
+            Err(e) => return Err(RepoError::io("remove snapshot", path, e)),
+        }
+        sync_dir(&self.inner.path.join("snapshots"))?;
+        info!(snapshot = id, "Snapshot forgotten.");
+        Ok(())
+    }
+
     /// Ids of all manifest files, readable ones in time order, then unreadable ones (for `verify`).
     pub(crate) fn snapshot_ids(&self) -> Result<Vec<String>> {
         let dir = self.inner.path.join("snapshots");

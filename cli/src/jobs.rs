@@ -1,0 +1,195 @@
+//! `backflow job run FILE` and `backflow sessions`: backup jobs run by hand, and their history.
+
+use std::path::PathBuf;
+
+use anyhow::{Result, bail};
+use backflow_jobs::{RunJobOptions, SessionRecord, Verdict};
+use backflow_pipeline::{ByteSize, CancelToken};
+
+use crate::{BadInput, Interrupted, display};
+
+#[derive(clap::Subcommand)]
+pub enum JobCommand {
+    /// Run a job now: every VM it selects, `parallel` at a time; the session is recorded in the
+    /// repository (see `backflow sessions`).
+    Run {
+        /// The job file (YAML).
+        file: PathBuf,
+        /// Only this VM of the job.
+        #[arg(long)]
+        vm: Option<String>,
+        /// Write the session record as JSON to FILE.
+        #[arg(long)]
+        report: Option<PathBuf>,
+        /// No summary table.
+        #[arg(long, short)]
+        quiet: bool,
+    },
+    /// Check a job file without running it.
+    Validate { file: PathBuf },
+}
+
+#[derive(clap::Args)]
+pub struct SessionsArgs {
+    #[arg(long)]
+    repo: PathBuf,
+    /// Only this job's sessions.
+    #[arg(long)]
+    job: Option<String>,
+    /// JSON: the records, each VM's run report included.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(command: JobCommand) -> Result<()> {
+    match command {
+        JobCommand::Validate { file } => {
+            let job = backflow_jobs::load(&file).map_err(BadInput)?;
+            println!(
+                "{}: valid: job {}, {} VM pattern(s), repository {}",
+                file.display(),
+                job.name.0,
+                job.vms.len(),
+                job.repository.display()
+            );
+            Ok(())
+        }
+        JobCommand::Run {
+            file,
+            vm,
+            report,
+            quiet,
+        } => {
+            let job = backflow_jobs::load(&file).map_err(BadInput)?;
+            let cancel = CancelToken::new();
+            let _signals = display::cancel_on_signals(cancel.clone());
+            let (record, stored) = backflow_jobs::run_job(
+                &job,
+                &RunJobOptions {
+                    cancel: cancel.clone(),
+                    only: vm,
+                },
+            );
+            if !quiet {
+                print!("{}", summary(&record));
+            }
+            if let Some(path) = report {
+                std::fs::write(&path, serde_json::to_string_pretty(&record)?)?;
+            }
+            if let Err(e) = stored {
+                eprintln!("backflow: warning: {e}");
+            }
+            if let Some(e) = &record.error {
+                bail!("{e}");
+            }
+            match record.result {
+                Verdict::Success | Verdict::Warning => Ok(()),
+                Verdict::Cancelled => Err(Interrupted.into()),
+                Verdict::Failure => {
+                    let failed: Vec<&str> = record
+                        .vms
+                        .iter()
+                        .filter(|v| v.result == Verdict::Failure)
+                        .map(|v| v.vm.as_str())
+                        .collect();
+                    bail!(
+                        "job {}: {} of {} VMs failed: {}",
+                        record.job,
+                        failed.len(),
+                        record.vms.len(),
+                        failed.join(", ")
+                    )
+                }
+            }
+        }
+    }
+}
+
+/// One line per VM, then its warnings and error.
+fn summary(record: &SessionRecord) -> String {
+    let mut out = format!(
+        "job {}, session {}: {}\n{:<24} {:<9} {:>10} {:>10} {:>8}  snapshot\n",
+        record.job,
+        record.id,
+        verdict(record.result),
+        "vm",
+        "result",
+        "read",
+        "written",
+        "seconds"
+    );
+    for vm in &record.vms {
+        out.push_str(&format!(
+            "{:<24} {:<9} {:>10} {:>10} {:>8.1}  {}\n",
+            vm.vm,
+            verdict(vm.result),
+            ByteSize(vm.bytes_read).to_string(),
+            ByteSize(vm.bytes_written).to_string(),
+            vm.seconds,
+            vm.snapshot.as_deref().unwrap_or("-")
+        ));
+        for w in &vm.warnings {
+            out.push_str(&format!("  warning: {w}\n"));
+        }
+        if let Some(e) = &vm.error {
+            out.push_str(&format!("  error: {e}\n"));
+        }
+    }
+    out
+}
+
+fn verdict(v: Verdict) -> &'static str {
+    match v {
+        Verdict::Success => "success",
+        Verdict::Warning => "warning",
+        Verdict::Failure => "failure",
+        Verdict::Cancelled => "cancelled",
+    }
+}
+
+pub fn sessions(args: SessionsArgs) -> Result<()> {
+    let mut records = backflow_jobs::sessions(&args.repo).map_err(anyhow::Error::msg)?;
+    if let Some(job) = &args.job {
+        records.retain(|r| r["job"].as_str() == Some(job.as_str()));
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&records)?);
+        return Ok(());
+    }
+    println!(
+        "{:<25} {:<16} {:<21} {:>7} {:<9} vms",
+        "session", "job", "started (UTC)", "seconds", "result"
+    );
+    for r in &records {
+        let started = r["started"].as_i64().unwrap_or_default();
+        let seconds = r["ended"].as_i64().unwrap_or(started) - started;
+        let vms: Vec<String> = r["vms"]
+            .as_array()
+            .map(|vms| {
+                vms.iter()
+                    .map(|v| {
+                        format!(
+                            "{} {}",
+                            v["vm"].as_str().unwrap_or("?"),
+                            v["result"].as_str().unwrap_or("?")
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        println!(
+            "{:<25} {:<16} {:<21} {:>7} {:<9} {}",
+            r["id"].as_str().unwrap_or("?"),
+            r["job"].as_str().unwrap_or("?"),
+            backflow_repository::rfc3339(started),
+            seconds,
+            r["result"].as_str().unwrap_or("?"),
+            if vms.is_empty() {
+                r["error"].as_str().unwrap_or("").to_owned()
+            } else {
+                vms.join(", ")
+            }
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,334 @@
+//! Running a job once: every selected VM through the job's pipeline spec, `parallel` at a time,
+//! then the session's record.
+//!
+//! Each VM is its own pipeline run (its own snapshot, cleanup and report): one VM failing does not
+//! stop the others, and the session's outcome is the worst of its VMs'.
+
+use std::collections::VecDeque;
+use std::path::Path;
+use std::sync::Mutex;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use backflow_libvirt::Connection;
+use backflow_pipeline::spec::{self, Override};
+use backflow_pipeline::{CancelToken, OutcomeKind, RunOptions, RunReport};
+use backflow_repository::Repository;
+use backflow_stages::Stages;
+use serde::Serialize;
+
+use crate::file::Job;
+use crate::select::{Selected, select};
+
+/// The built-in spec a job runs when its file names none.
+pub const BACKUP_VM_SPEC: &str = include_str!("../../specs/backup-vm.yaml");
+
+/// How one VM's backup in a session ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Verdict {
+    Success,
+    /// Succeeded, with warnings (a full read where an incremental was expected, no guest agent).
+    Warning,
+    Failure,
+    Cancelled,
+}
+
+/// One VM of a session.
+#[derive(Clone, Debug, Serialize)]
+pub struct VmRecord {
+    pub vm: String,
+    pub result: Verdict,
+    pub snapshot: Option<String>,
+    pub disks: Vec<String>,
+    pub excluded_disks: Vec<String>,
+    pub bytes_read: u64,
+    pub bytes_written: u64,
+    pub seconds: f64,
+    pub warnings: Vec<String>,
+    pub error: Option<String>,
+    pub bottleneck: Option<String>,
+    /// The run's whole report (as `backflow run --report` writes it).
+    pub report: Option<serde_json::Value>,
+}
+
+/// One run of a job.
+#[derive(Clone, Debug, Serialize)]
+pub struct SessionRecord {
+    pub id: String,
+    pub job: String,
+    /// Unix seconds.
+    pub started: i64,
+    pub ended: i64,
+    pub result: Verdict,
+    pub vms: Vec<VmRecord>,
+    /// A failure before any VM ran (job file, libvirt connection, selection).
+    pub error: Option<String>,
+}
+
+/// What a run may be told from outside.
+#[derive(Clone, Debug, Default)]
+pub struct RunJobOptions {
+    /// Cancels the VMs running and skips those not started (they are recorded `cancelled`).
+    pub cancel: CancelToken,
+    /// Only this VM (it must be one the job selects).
+    pub only: Option<String>,
+}
+
+fn now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or_default()
+}
+
+/// Runs `job` once and records the session in its repository (when the repository opens). The
+/// record is returned whatever happened; only a repository that cannot be opened, or a record
+/// that cannot be written, is an `Err` besides it.
+pub fn run_job(job: &Job, options: &RunJobOptions) -> (SessionRecord, Result<(), String>) {
+    let started = now();
+    let mut record = SessionRecord {
+        id: Repository::new_session_id(started),
+        job: job.name.0.clone(),
+        started,
+        ended: started,
+        result: Verdict::Success,
+        vms: Vec::new(),
+        error: None,
+    };
+    match plan(job, options) {
+        Ok(selected) => record.vms = run_all(job, &selected, options),
+        Err(e) => {
+            record.error = Some(e);
+            record.result = Verdict::Failure;
+        }
+    }
+    record.ended = now();
+    if record.error.is_none() {
+        record.result = worst(record.vms.iter().map(|v| v.result));
+    }
+    let stored = Repository::open(&job.repository)
+        .and_then(|repo| {
+            repo.record_session(
+                &record.id,
+                &serde_json::to_value(&record).expect("a session record serialises"),
+            )
+        })
+        .map_err(|e| format!("recording session {}: {e}", record.id));
+    (record, stored)
+}
+
+/// The worst of the VMs' results: failure over cancelled over warning over success.
+fn worst(results: impl Iterator<Item = Verdict>) -> Verdict {
+    results.fold(Verdict::Success, |acc, r| {
+        let rank = |r: Verdict| match r {
+            Verdict::Success => 0,
+            Verdict::Warning => 1,
+            Verdict::Cancelled => 2,
+            Verdict::Failure => 3,
+        };
+        if rank(r) > rank(acc) { r } else { acc }
+    })
+}
+
+/// The VMs to back up now.
+fn plan(job: &Job, options: &RunJobOptions) -> Result<Vec<Selected>, String> {
+    let conn = Connection::open_read_only(Some(&job.uri)).map_err(|e| e.to_string())?;
+    let vms = conn.list_vms().map_err(|e| e.to_string())?;
+    let mut selected = select(job, &vms)?;
+    if let Some(only) = &options.only {
+        selected.retain(|s| &s.vm == only);
+        if selected.is_empty() {
+            return Err(format!("job {}: it does not back up VM {only}", job.name.0));
+        }
+    }
+    Ok(selected)
+}
+
+/// Runs the selected VMs, `parallel` at a time; records come back in selection order.
+fn run_all(job: &Job, selected: &[Selected], options: &RunJobOptions) -> Vec<VmRecord> {
+    let queue = Mutex::new(selected.iter().enumerate().collect::<VecDeque<_>>());
+    let done = Mutex::new(Vec::new());
+    let workers = (job.parallel.0 as usize).min(selected.len()).max(1);
+    std::thread::scope(|scope| {
+        for _ in 0..workers {
+            scope.spawn(|| {
+                loop {
+                    let Some((i, vm)) = queue.lock().unwrap().pop_front() else {
+                        break;
+                    };
+                    let record = if options.cancel.is_cancelled() {
+                        skipped(vm)
+                    } else {
+                        run_vm(job, vm, &options.cancel)
+                    };
+                    done.lock().unwrap().push((i, record));
+                }
+            });
+        }
+    });
+    let mut done = done.into_inner().unwrap();
+    done.sort_by_key(|(i, _)| *i);
+    done.into_iter().map(|(_, r)| r).collect()
+}
+
+fn skipped(vm: &Selected) -> VmRecord {
+    VmRecord {
+        vm: vm.vm.clone(),
+        result: Verdict::Cancelled,
+        snapshot: None,
+        disks: vm.disks.clone(),
+        excluded_disks: vm.excluded_disks.clone(),
+        bytes_read: 0,
+        bytes_written: 0,
+        seconds: 0.0,
+        warnings: Vec::new(),
+        error: Some("not started: the session was stopped".into()),
+        bottleneck: None,
+        report: None,
+    }
+}
+
+/// The spec variables and overrides for one VM.
+fn inputs(job: &Job, vm: &Selected) -> (Vec<(String, String)>, Vec<Override>) {
+    let mut vars: Vec<(String, String)> = job
+        .variables
+        .iter()
+        .map(|(k, v)| (k.clone(), yaml_scalar(v)))
+        .collect();
+    vars.push(("domain".into(), vm.vm.clone()));
+    vars.push(("repo".into(), job.repository.display().to_string()));
+    vars.push(("uri".into(), job.uri.clone()));
+    let mut overrides: Vec<Override> = job
+        .overrides
+        .iter()
+        .flat_map(|(stage, options)| {
+            options.iter().map(move |(option, value)| Override {
+                stage: stage.clone(),
+                option: option.clone(),
+                // JSON is YAML (flow style).
+                value: value.to_string(),
+            })
+        })
+        .collect();
+    if !vm.excluded_disks.is_empty() {
+        overrides.push(Override {
+            stage: "libvirt".into(),
+            option: "disks".into(),
+            value: serde_json::to_string(&vm.disks).expect("a list of names serialises"),
+        });
+    }
+    (vars, overrides)
+}
+
+/// A variable's value as `--var` would give it.
+fn yaml_scalar(value: &serde_json::Value) -> String {
+    match value {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Null => "~".into(),
+        other => other.to_string(),
+    }
+}
+
+fn run_vm(job: &Job, vm: &Selected, cancel: &CancelToken) -> VmRecord {
+    let started = Instant::now();
+    let (vars, overrides) = inputs(job, vm);
+    let loaded = match &job.spec {
+        Some(path) => spec::load_file_with(path, &vars, &overrides, &Stages),
+        None => spec::load_str_with(
+            "specs/backup-vm.yaml (built in)",
+            BACKUP_VM_SPEC,
+            &vars,
+            &overrides,
+            &Stages,
+        ),
+    };
+    let mut record = skipped(vm);
+    record.error = None;
+    let pipeline = match loaded {
+        Ok(p) => p,
+        Err(e) => {
+            record.result = Verdict::Failure;
+            record.error = Some(format!("job {}: the spec: {e}", job.name.0));
+            return record;
+        }
+    };
+    tracing::info!(job = %job.name.0, vm = %vm.vm, "Backing up.");
+    let report = pipeline.run(RunOptions {
+        cancel: cancel.clone(),
+        on_progress: None,
+    });
+    record.seconds = started.elapsed().as_secs_f64();
+    fill(&mut record, &report);
+    record
+}
+
+fn fill(record: &mut VmRecord, report: &RunReport) {
+    record.result = match report.outcome {
+        OutcomeKind::Succeeded if report.warnings.is_empty() => Verdict::Success,
+        OutcomeKind::Succeeded => Verdict::Warning,
+        OutcomeKind::Failed => Verdict::Failure,
+        OutcomeKind::Cancelled => Verdict::Cancelled,
+    };
+    record.snapshot = report.snapshot.clone();
+    record.bytes_read = report.source_bytes_read;
+    record.bytes_written = report.repo_bytes_written;
+    record.warnings = report.warnings.clone();
+    record.error = (!report.errors.is_empty()).then(|| report.errors.join("; "));
+    record.bottleneck = report.bottleneck.clone();
+    record.report = serde_json::to_value(report).ok();
+}
+
+/// The sessions recorded in the repository at `path`, oldest first, as records were written.
+pub fn sessions(path: &Path) -> Result<Vec<serde_json::Value>, String> {
+    Repository::open(path)
+        .and_then(|r| r.list_sessions())
+        .map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_worst_result_wins() {
+        use Verdict::*;
+        assert_eq!(worst([].into_iter()), Success);
+        assert_eq!(worst([Success, Warning].into_iter()), Warning);
+        assert_eq!(worst([Warning, Cancelled, Success].into_iter()), Cancelled);
+        assert_eq!(worst([Failure, Cancelled, Warning].into_iter()), Failure);
+    }
+
+    #[test]
+    fn variables_and_overrides_for_a_vm() {
+        let job = crate::parse(
+            "name: j\nrepository: /r\nvms: [a]\nvariables: {checkpoint: nightly, freeze: off}\n\
+             overrides: {zstd: {level: 3}}\n",
+            "/j.yaml",
+        )
+        .unwrap();
+        let vm = Selected {
+            vm: "a".into(),
+            disks: vec!["vda".into()],
+            excluded_disks: vec!["vdb".into()],
+        };
+        let (vars, overrides) = inputs(&job, &vm);
+        assert!(vars.contains(&("checkpoint".into(), "nightly".into())));
+        assert!(vars.contains(&("domain".into(), "a".into())));
+        assert!(vars.contains(&("repo".into(), "/r".into())));
+        assert_eq!(
+            overrides,
+            [
+                Override {
+                    stage: "zstd".into(),
+                    option: "level".into(),
+                    value: "3".into()
+                },
+                Override {
+                    stage: "libvirt".into(),
+                    option: "disks".into(),
+                    value: "[\"vda\"]".into()
+                }
+            ]
+        );
+    }
+}
