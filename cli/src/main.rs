@@ -1,6 +1,7 @@
 //! The `backflow` command line. Library crates return typed errors; here they become one line on
 //! stderr and an exit code: 0 success, 1 failure, 2 bad input (spec, arguments), 130 interrupted.
 
+mod daemon;
 mod demo;
 mod display;
 mod forget;
@@ -133,6 +134,9 @@ enum Command {
     Job(jobs::JobCommand),
     /// The sessions (runs of jobs) recorded in a repository, oldest first.
     Sessions(jobs::SessionsArgs),
+    /// Run the jobs of a directory (every *.yaml) on their schedules, until SIGTERM/SIGINT: one
+    /// run per job and per VM at a time, a run missed while stopped caught up once at start.
+    Daemon(daemon::Args),
     /// List the VMs of a libvirt connection with their state, host and disks.
     Vms {
         /// libvirt URI, e.g. qemu:///system or qemu+ssh://root@kvm1/system (default: libvirt's).
@@ -314,6 +318,7 @@ fn execute(command: Command) -> Result<()> {
         Command::Forget(args) => forget::run(args),
         Command::Job(command) => jobs::run(command),
         Command::Sessions(args) => jobs::sessions(args),
+        Command::Daemon(args) => daemon::run(args),
         Command::Vms { uri, json } => vms::run(uri.as_deref(), json),
         Command::Demo { dir, size } => demo::run(&dir, size.bytes()),
     }

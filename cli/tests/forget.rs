@@ -9,26 +9,10 @@ use common::*;
 
 /// Backs `image` up as disk (and so VM) `name`; returns the snapshot id.
 fn backup_as(image: &Path, repo: &Path, name: &str) -> String {
-    let report = repo.with_extension(format!("report-{name}.json"));
-    run_ok(
-        backflow()
-            .arg("run")
-            .arg(spec("backup-image.yaml"))
-            .arg("--var")
-            .arg(format!("source={}", image.display()))
-            .arg("--var")
-            .arg(format!("repo={}", repo.display()))
-            .arg("--var")
-            .arg(format!("disk={name}"))
-            .args(["--quiet", "--report"])
-            .arg(&report),
-    );
-    let id = read_report(&report)["snapshot"]
+    backup_named(image, repo, name)["snapshot"]
         .as_str()
         .unwrap()
-        .to_owned();
-    std::fs::remove_file(&report).unwrap();
-    id
+        .to_owned()
 }
 
 fn forget(repo: &Path, args: &[&str]) -> std::process::Output {
@@ -159,23 +143,10 @@ fn forget_keeps_the_newest_per_vm_and_the_rest_restores() {
     assert!(decisions(&json).iter().all(|(_, keep)| *keep));
 
     // What is left restores to the images as they were, and the repository verifies.
-    for (id, copy) in &copies {
-        if !left.contains(id) {
-            continue;
-        }
-        let out = dir.path().join(format!("restored-{id}.img"));
-        let restored = restore(&repo, id, &out);
-        assert!(
-            restored.status.success(),
-            "{}",
-            String::from_utf8_lossy(&restored.stderr)
-        );
-        assert_same_file(copy, &out);
-    }
-    let verified = verify(&repo, true);
-    assert!(
-        verified.status.success(),
-        "{}",
-        String::from_utf8_lossy(&verified.stdout)
-    );
+    let left: Vec<(&str, &Path)> = copies
+        .iter()
+        .filter(|(id, _)| left.contains(id))
+        .map(|(id, copy)| (id.as_str(), copy.as_path()))
+        .collect();
+    assert_restores_then_verifies(&repo, &left, dir.path());
 }

@@ -157,3 +157,100 @@ fn job_file_mistakes_are_reported_with_file_line_and_column() {
         "{stderr}"
     );
 }
+
+#[test]
+fn retention_keeps_what_it_says_and_the_sessions_are_mailed() {
+    use backflow_testkit::smtp::{Options, SmtpServer};
+    let server = SmtpServer::start(Options::default());
+    let vms: Vec<Domain> = (0..2)
+        .map(|_| Domain::start("bf-keep", &[("vda", "16M")]))
+        .collect();
+    let prefix = vms[0].name().rsplit_once('-').unwrap().0.to_owned();
+    let work = tempfile::tempdir().unwrap();
+    let repo = work.path().join("repo");
+    init_repo(&repo, "128K");
+    let file = job_file(
+        work.path(),
+        &format!(
+            "name: keep2\nrepository: {}\nvms: [\"{prefix}-*\"]\nvariables: {{freeze: \"off\"}}\n\
+             retention: {{keep_last: 2}}\nnotify:\n  server: 127.0.0.1\n  port: {}\n  \
+             security: none\n  from: backflow@test.invalid\n  to: [ops@test.invalid]\n  \
+             when: [success, failure]\n",
+            repo.display(),
+            server.port
+        ),
+    );
+    let report = work.path().join("session.json");
+    let mut kept: Vec<Vec<String>> = vec![Vec::new(); vms.len()];
+    for round in 0..3 {
+        for vm in &vms {
+            vm.guest_write("vda", &format!("write -P {} {}M 1M", 40 + round, round));
+        }
+        let out = run_job(&file, &report);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let session = read_report(&report);
+        assert_eq!(session["notified"], true, "{session}");
+        for (i, record) in session["vms"].as_array().unwrap().iter().enumerate() {
+            kept[i].push(record["snapshot"].as_str().unwrap().to_owned());
+            let forgotten: Vec<&str> = record["forgotten"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|f| f.as_str().unwrap())
+                .collect();
+            if round == 2 {
+                // The third backup of each VM retires its first.
+                assert_eq!(forgotten, [kept[i][0].as_str()]);
+            } else {
+                assert!(forgotten.is_empty(), "{forgotten:?}");
+            }
+        }
+    }
+    // Exactly the two newest of each VM remain, and they restore.
+    let mut remaining = snapshot_ids(&repo);
+    remaining.sort();
+    let mut expected: Vec<String> = kept.iter().flat_map(|k| k[1..].to_vec()).collect();
+    expected.sort();
+    assert_eq!(remaining, expected);
+    let out = verify(&repo, true);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // A failing VM: a failure mail naming it and the error.
+    vms[1].destroy();
+    std::fs::remove_file(vms[1].disk("vda")).unwrap();
+    let out = run_job(&file, &report);
+    assert_eq!(out.status.code(), Some(1));
+    let mail = server.messages();
+    assert_eq!(mail.len(), 4, "three successes and a failure");
+    for m in &mail[..3] {
+        let subject = m["subject"].as_str().unwrap();
+        assert_eq!(subject, "[backflow] job keep2: success (2 VMs backed up)");
+        let body = m["body"].as_str().unwrap();
+        assert!(
+            body.contains(vms[0].name()) && body.contains(vms[1].name()),
+            "{body}"
+        );
+    }
+    let failure = &mail[3];
+    let subject = failure["subject"].as_str().unwrap();
+    assert_eq!(subject, "[backflow] job keep2: failure (1 of 2 VMs failed)");
+    let body = failure["body"].as_str().unwrap();
+    assert!(
+        body.contains(vms[1].name()) && body.contains("vda"),
+        "{body}"
+    );
+    assert_eq!(
+        snapshot_ids(&repo).len(),
+        4,
+        "a failed backup forgets nothing: {:?}",
+        snapshot_ids(&repo)
+    );
+}

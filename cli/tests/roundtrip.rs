@@ -37,21 +37,10 @@ fn round_trip(size: u64, chunk_size: &str) {
     );
     assert!(first["repo_bytes_written"].as_u64().unwrap() > grown);
 
-    for (id, original) in [(&first_id, &at_first), (&second_id, &image)] {
-        let out = dir.path().join(format!("restored-{id}.img"));
-        let restored = restore(&repo, id, &out);
-        assert!(
-            restored.status.success(),
-            "{}",
-            String::from_utf8_lossy(&restored.stderr)
-        );
-        assert_same_file(original, &out);
-    }
-    let verified = verify(&repo, true);
-    assert!(
-        verified.status.success(),
-        "{}",
-        String::from_utf8_lossy(&verified.stdout)
+    assert_restores_then_verifies(
+        &repo,
+        &[(&first_id, &at_first), (&second_id, &image)],
+        dir.path(),
     );
 }
 

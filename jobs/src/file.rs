@@ -17,6 +17,15 @@
 //!   reader: {workers: 4}
 //! parallel: 1                        # VMs backed up at once
 //! schedule: ["0 2 * * *"]            # cron expressions (minute hour day month weekday), UTC
+//! retention: {keep_last: 7, keep_daily: 14, keep_weekly: 8, keep_monthly: 12}
+//! notify:                            # mail the session's report
+//!   server: smtp.example.com
+//!   security: starttls               # none, starttls or tls
+//!   username: backflow
+//!   password_file: /etc/backflow/smtp-password
+//!   from: backflow@example.com
+//!   to: [ops@example.com]
+//!   when: [warning, failure]         # and/or success
 //! ```
 
 use std::collections::BTreeMap;
@@ -48,6 +57,12 @@ pub struct Job {
     pub parallel: Parallel,
     #[serde(default)]
     pub schedule: Vec<Schedule>,
+    /// What to keep of each VM's snapshots, applied after each of its successful backups.
+    #[serde(default)]
+    pub retention: Option<backflow_repository::KeepPolicy>,
+    /// Mail the session's report (see `backflow-notify`).
+    #[serde(default)]
+    pub notify: Option<backflow_notify::SmtpConfig>,
 }
 
 fn default_uri() -> String {

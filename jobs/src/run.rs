@@ -47,6 +47,8 @@ pub struct VmRecord {
     pub warnings: Vec<String>,
     pub error: Option<String>,
     pub bottleneck: Option<String>,
+    /// Snapshots of this VM that the job's retention forgot after this backup.
+    pub forgotten: Vec<String>,
     /// The run's whole report (as `backflow run --report` writes it).
     pub report: Option<serde_json::Value>,
 }
@@ -63,6 +65,8 @@ pub struct SessionRecord {
     pub vms: Vec<VmRecord>,
     /// A failure before any VM ran (job file, libvirt connection, selection).
     pub error: Option<String>,
+    /// Whether the mail server accepted the session's report (`None`: none was due).
+    pub notified: Option<bool>,
 }
 
 /// What a run may be told from outside.
@@ -94,6 +98,7 @@ pub fn run_job(job: &Job, options: &RunJobOptions) -> (SessionRecord, Result<(),
         result: Verdict::Success,
         vms: Vec::new(),
         error: None,
+        notified: None,
     };
     match plan(job, options) {
         Ok(selected) => record.vms = run_all(job, &selected, options),
@@ -105,6 +110,12 @@ pub fn run_job(job: &Job, options: &RunJobOptions) -> (SessionRecord, Result<(),
     record.ended = now();
     if record.error.is_none() {
         record.result = worst(record.vms.iter().map(|v| v.result));
+    }
+    if let Some(config) = &job.notify {
+        let session = mail(&record);
+        if backflow_notify::should_send(config, session.outcome()) {
+            record.notified = Some(backflow_notify::notify(config, &session));
+        }
     }
     let stored = Repository::open(&job.repository)
         .and_then(|repo| {
@@ -184,6 +195,7 @@ fn skipped(vm: &Selected) -> VmRecord {
         warnings: Vec::new(),
         error: Some("not started: the session was stopped".into()),
         bottleneck: None,
+        forgotten: Vec::new(),
         report: None,
     }
 }
@@ -259,7 +271,79 @@ fn run_vm(job: &Job, vm: &Selected, cancel: &CancelToken) -> VmRecord {
     });
     record.seconds = started.elapsed().as_secs_f64();
     fill(&mut record, &report);
+    if let (Some(policy), Verdict::Success | Verdict::Warning) = (&job.retention, record.result) {
+        match retain(job, &vm.vm, policy) {
+            Ok(forgotten) => record.forgotten = forgotten,
+            Err(e) => {
+                // The backup itself is committed: retention failing makes it a warning.
+                record.warnings.push(format!("retention: {e}"));
+                record.result = Verdict::Warning;
+            }
+        }
+    }
     record
+}
+
+/// Applies the retention policy to `vm`'s snapshots; returns the ids it forgot.
+fn retain(
+    job: &Job,
+    vm: &str,
+    policy: &backflow_repository::KeepPolicy,
+) -> Result<Vec<String>, String> {
+    let repo = Repository::open(&job.repository).map_err(|e| e.to_string())?;
+    let snapshots: Vec<_> = repo
+        .list_snapshots()
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .filter(|s| s.vm == vm)
+        .collect();
+    let mut forgotten = Vec::new();
+    for decision in backflow_repository::plan(&snapshots, policy) {
+        if !decision.keep {
+            repo.forget(&decision.id).map_err(|e| e.to_string())?;
+            tracing::info!(vm, snapshot = %decision.id, "Forgotten by the job's retention.");
+            forgotten.push(decision.id);
+        }
+    }
+    Ok(forgotten)
+}
+
+/// The session as the mail reports it.
+fn mail(record: &SessionRecord) -> backflow_notify::Session {
+    use backflow_notify::{Outcome, VmReport};
+    let mut vms: Vec<VmReport> = record
+        .vms
+        .iter()
+        .map(|v| VmReport {
+            snapshot: v.snapshot.clone(),
+            bytes_read: v.bytes_read,
+            bytes_written: v.bytes_written,
+            duration: std::time::Duration::from_secs_f64(v.seconds.max(0.0)),
+            warnings: v.warnings.clone(),
+            error: v.error.clone(),
+            bottleneck: v.bottleneck.clone(),
+            ..VmReport::new(
+                v.vm.clone(),
+                match v.result {
+                    Verdict::Success => Outcome::Success,
+                    Verdict::Warning => Outcome::Warning,
+                    Verdict::Failure | Verdict::Cancelled => Outcome::Failure,
+                },
+            )
+        })
+        .collect();
+    if let Some(e) = &record.error {
+        // Nothing ran: the session failed as a whole.
+        let mut failed = VmReport::new("(job)", Outcome::Failure);
+        failed.error = Some(e.clone());
+        vms.push(failed);
+    }
+    backflow_notify::Session {
+        job: record.job.clone(),
+        started: record.started.max(0) as u64,
+        ended: record.ended.max(0) as u64,
+        vms,
+    }
 }
 
 fn fill(record: &mut VmRecord, report: &RunReport) {

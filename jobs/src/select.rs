@@ -79,3 +79,87 @@ fn names(vms: &[VmInfo]) -> String {
         .collect::<Vec<_>>()
         .join(", ")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use backflow_libvirt::{DiskInfo, DiskSource, VmState};
+
+    fn vm(name: &str, disks: &[(&str, &str)]) -> VmInfo {
+        VmInfo {
+            name: name.into(),
+            uuid: format!("uuid-{name}"),
+            state: VmState::Running,
+            persistent: true,
+            host: "kvm1".into(),
+            disks: disks
+                .iter()
+                .map(|(target, device)| DiskInfo {
+                    target: (*target).into(),
+                    device: (*device).into(),
+                    bus: Some("virtio".into()),
+                    format: Some("qcow2".into()),
+                    source: DiskSource::File {
+                        path: format!("/img/{name}-{target}.qcow2"),
+                    },
+                    capacity: Some(1 << 30),
+                    capacity_unknown: None,
+                })
+                .collect(),
+            definition: String::new(),
+        }
+    }
+
+    fn job(extra: &str) -> Job {
+        crate::parse(&format!("name: j\nrepository: /r\n{extra}"), "/j.yaml").unwrap()
+    }
+
+    fn names(selected: &[Selected]) -> Vec<&str> {
+        selected.iter().map(|s| s.vm.as_str()).collect()
+    }
+
+    #[test]
+    fn globs_exclusions_and_disks() {
+        let vms = [
+            vm("web02", &[("vda", "disk"), ("hdc", "cdrom")]),
+            vm("web01", &[("vda", "disk"), ("vdb", "disk")]),
+            vm("web01-test", &[("vda", "disk")]),
+            vm("db01", &[("vda", "disk"), ("vdb", "disk"), ("vdc", "disk")]),
+        ];
+        let all = select(&job("vms: [\"*\"]\n"), &vms).unwrap();
+        assert_eq!(names(&all), ["db01", "web01", "web01-test", "web02"]);
+        assert_eq!(all[3].disks, ["vda"], "cdroms are never backed up");
+
+        let some = select(
+            &job(
+                "vms: [\"web*\", db01]\nexclude: [\"*-test\"]\nexclude_disks: [vdb, \"db*:vdc\"]\n",
+            ),
+            &vms,
+        )
+        .unwrap();
+        assert_eq!(names(&some), ["db01", "web01", "web02"]);
+        assert_eq!(some[0].disks, ["vda"]);
+        assert_eq!(some[0].excluded_disks, ["vdb", "vdc"]);
+        assert_eq!(some[1].disks, ["vda"]);
+    }
+
+    #[test]
+    fn nothing_selected_is_an_error_that_says_what_exists() {
+        let vms = [vm("web01", &[("vda", "disk")])];
+        let typo = select(&job("vms: [web1]\n"), &vms).unwrap_err();
+        assert!(
+            typo.contains("no VM named `web1`") && typo.contains("web01"),
+            "{typo}"
+        );
+        let none = select(&job("vms: [\"db*\"]\n"), &vms).unwrap_err();
+        assert!(
+            none.contains("no VM on qemu:///system matches db*"),
+            "{none}"
+        );
+        let empty = select(&job("vms: [web01]\nexclude_disks: [vda]\n"), &vms).unwrap_err();
+        assert!(
+            empty.contains("every disk of VM web01 is excluded"),
+            "{empty}"
+        );
+    }
+}

@@ -187,31 +187,10 @@ pub(crate) fn duration(d: Duration) -> String {
     }
 }
 
-/// Unix seconds as "2026-11-27 17:22:28 UTC" (proleptic Gregorian calendar).
+/// Unix seconds as "2026-11-27 17:22:28 UTC": the repository's RFC 3339 time, spelled for people.
 pub(crate) fn utc(unix: u64) -> String {
-    let days = unix / 86_400;
-    let rem = unix % 86_400;
-    let (y, m, d) = civil_from_days(days as i64);
-    format!(
-        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
-}
-
-/// Days since 1970-01-01 to (year, month, day): Howard Hinnant's `civil_from_days`.
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let y = yoe + era * 400;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    (if m <= 2 { y + 1 } else { y }, m, d)
+    let rfc3339 = backflow_repository::rfc3339(unix.min(i64::MAX as u64) as i64);
+    format!("{} UTC", rfc3339.replace('T', " ").trim_end_matches('Z'))
 }
 
 #[cfg(test)]

@@ -1,7 +1,5 @@
 //! Notifications sent to a real SMTP server on loopback (aiosmtpd), read back and checked.
-//! These tests fail, not skip, when aiosmtpd is missing: see `server::python`.
-
-mod server;
+//! These tests fail, not skip, when aiosmtpd is missing: see `backflow_testkit::smtp`.
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -12,8 +10,8 @@ use backflow_notify::{
     NotifyError, Outcome, Secret, Security, Session, SmtpConfig, VmReport, notify, send,
     should_send,
 };
+use backflow_testkit::smtp::{Options, SmtpServer, free_port};
 use serde_json::Value;
-use server::{Options, SmtpServer, free_port};
 
 fn vm(name: &str, result: Outcome) -> VmReport {
     let mut vm = VmReport::new(name, result);

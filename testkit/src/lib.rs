@@ -2,10 +2,12 @@
 //! in a pipeline uses it.
 //!
 //! The crate root holds pipeline and repository helpers; [`qemu`] runs QEMU's tools and checks
-//! the processes they leave; [`libvirt`] runs throwaway domains on `qemu:///system`.
+//! the processes they leave; [`libvirt`] runs throwaway domains on `qemu:///system`; [`smtp`] a
+//! real SMTP server on loopback.
 
 pub mod libvirt;
 pub mod qemu;
+pub mod smtp;
 
 use std::collections::HashSet;
 use std::os::unix::fs::FileExt;

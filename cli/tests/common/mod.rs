@@ -43,8 +43,13 @@ pub fn init_repo(repo: &Path, chunk_size: &str) {
     );
 }
 
-/// Backs `image` up with specs/backup-image.yaml and returns the report.
+/// Backs `image` up with specs/backup-image.yaml as disk (and so VM) `disk0`; returns the report.
 pub fn backup(image: &Path, repo: &Path) -> serde_json::Value {
+    backup_named(image, repo, "disk0")
+}
+
+/// Backs `image` up with specs/backup-image.yaml as disk (and so VM) `name`; returns the report.
+pub fn backup_named(image: &Path, repo: &Path, name: &str) -> serde_json::Value {
     let report = repo.with_extension(format!("report-{}.json", rand_suffix()));
     run_ok(
         backflow()
@@ -54,12 +59,36 @@ pub fn backup(image: &Path, repo: &Path) -> serde_json::Value {
             .arg(format!("source={}", image.display()))
             .arg("--var")
             .arg(format!("repo={}", repo.display()))
-            .args(["--var", "disk=disk0", "--quiet", "--report"])
+            .arg("--var")
+            .arg(format!("disk={name}"))
+            .args(["--quiet", "--report"])
             .arg(&report),
     );
-    let json = std::fs::read_to_string(&report).unwrap();
+    let json = read_report(&report);
     std::fs::remove_file(&report).unwrap();
-    serde_json::from_str(&json).unwrap()
+    json
+}
+
+/// Every `(snapshot, image)` restores (`backflow restore`) byte-identical to its image, then
+/// `verify --read-data` passes. Restores go to `scratch`.
+pub fn assert_restores_then_verifies(repo: &Path, points: &[(&str, &Path)], scratch: &Path) {
+    for (id, original) in points {
+        let out = scratch.join(format!("restored-{id}.img"));
+        let restored = restore(repo, id, &out);
+        assert!(
+            restored.status.success(),
+            "{}",
+            String::from_utf8_lossy(&restored.stderr)
+        );
+        assert_same_file(original, &out);
+        std::fs::remove_file(&out).unwrap();
+    }
+    let verified = verify(repo, true);
+    assert!(
+        verified.status.success(),
+        "{}",
+        String::from_utf8_lossy(&verified.stdout)
+    );
 }
 
 pub fn restore(repo: &Path, snapshot: &str, to: &Path) -> Output {

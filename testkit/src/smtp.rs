@@ -1,5 +1,6 @@
 //! A real SMTP server on loopback for the tests: aiosmtpd (`python3-aiosmtpd`), driven by
-//! `tests/smtp_server.py`, which writes every accepted message to a directory as JSON.
+//! `testkit/smtp_server.py`, which writes every accepted message to a directory as JSON. Tests
+//! that use it fail, never skip, when aiosmtpd is missing.
 
 use std::io::Read;
 use std::net::{TcpListener, TcpStream};
@@ -66,7 +67,7 @@ impl SmtpServer {
         let dir = tempfile::tempdir().unwrap();
         let mail = dir.path().join("mail");
         std::fs::create_dir(&mail).unwrap();
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/smtp_server.py");
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("smtp_server.py");
         let port = free_port();
         let mut command = Command::new(&python);
         command.arg(&script).arg(port.to_string()).arg(&mail);

@@ -1,0 +1,225 @@
+//! `backflow daemon --jobs DIR`: runs the jobs of DIR (every `*.yaml`) on their schedules.
+//!
+//! The job files are read once, at start (a bad one stops the daemon before anything runs: exit
+//! 2 with file:line:column); restart the daemon after changing them. Each job's last session is
+//! read from its repository, so that a run missed while the daemon was down, or cancelled by its
+//! stop, is caught up once at start (see `backflow_jobs::schedule` for the rules). Each run is a
+//! thread calling `backflow_jobs::run_job`; its session is recorded in the repository and logged
+//! here.
+//!
+//! SIGTERM or SIGINT: no run starts any more, the running ones are cancelled (their pipelines
+//! stop, cleanup runs, nothing half-committed, the sessions are recorded `cancelled`), the daemon
+//! waits for them and exits 0. A second signal exits at once (130).
+
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result};
+use backflow_jobs::schedule::Scheduler;
+use backflow_jobs::{Job, RunJobOptions, SessionRecord, Verdict};
+use backflow_libvirt::Connection;
+use backflow_pipeline::CancelToken;
+use backflow_repository::Repository;
+
+use crate::{BadInput, display};
+
+/// The longest sleep between two checks: how late a signal or a run's end may be noticed
+/// (a run's end usually wakes the daemon at once).
+const TICK: Duration = Duration::from_secs(1);
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// The directory of job files: every `*.yaml` in it is a job (read at start).
+    #[arg(long)]
+    jobs: PathBuf,
+}
+
+/// A run that ended: the job's index, then its session and whether the record was stored, or
+/// `None` when the run panicked (the panic message is on stderr).
+type Ended = (usize, Option<(SessionRecord, Result<(), String>)>);
+
+pub fn run(args: Args) -> Result<()> {
+    let jobs = load_jobs(&args.jobs)?;
+    let cancel = CancelToken::new();
+    display::cancel_on_signals(cancel.clone()).context("installing the signal handlers")?;
+
+    let now = unix_now();
+    let jobs: Vec<(Job, Option<i64>)> = jobs
+        .into_iter()
+        .map(|job| {
+            let last = last_started(&job);
+            (job, last)
+        })
+        .collect();
+    let mut scheduler = Scheduler::new(jobs, now);
+    for i in 0..scheduler.len() {
+        let job = scheduler.job(i);
+        tracing::info!(
+            job = %job.name.0,
+            next = ?backflow_jobs::schedule::next_due(job, now).map(backflow_repository::rfc3339),
+            "Job loaded."
+        );
+    }
+    tracing::info!(jobs = scheduler.len(), dir = %args.jobs.display(), "Daemon started.");
+
+    let (ended_tx, ended_rx) = mpsc::channel::<Ended>();
+    loop {
+        while let Ok(ended) = ended_rx.try_recv() {
+            finished(&mut scheduler, ended);
+        }
+        if cancel.is_cancelled() {
+            break;
+        }
+        let now = unix_now();
+        for i in scheduler.due(now) {
+            let job = scheduler.job(i).clone();
+            if !scheduler.start(i, selected_vms(&job)) {
+                tracing::debug!(job = %job.name.0, "Due, waiting for VMs another job backs up.");
+                continue;
+            }
+            tracing::info!(job = %job.name.0, "Session starting.");
+            let options = RunJobOptions {
+                cancel: cancel.clone(),
+                only: None,
+            };
+            let tx = ended_tx.clone();
+            // Not joined: its end comes through the channel (a dropped handle detaches).
+            let spawned = std::thread::Builder::new()
+                .name(format!("job {}", job.name.0))
+                .spawn(move || {
+                    let ended = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        backflow_jobs::run_job(&job, &options)
+                    }));
+                    let _ = tx.send((i, ended.ok()));
+                });
+            if let Err(e) = spawned {
+                tracing::error!(error = %e, "Cannot start a thread for the session.");
+                scheduler.finish(i);
+            }
+        }
+        let wait = scheduler
+            .next_wake()
+            .map(|t| Duration::from_secs(u64::try_from(t - unix_now()).unwrap_or(0)))
+            .unwrap_or(TICK)
+            .min(TICK);
+        if let Ok(ended) = ended_rx.recv_timeout(wait) {
+            finished(&mut scheduler, ended);
+        }
+    }
+
+    if scheduler.running() > 0 {
+        tracing::info!(
+            running = scheduler.running(),
+            "Stopping: waiting for the running sessions."
+        );
+    }
+    // Every running session's thread sends its end, panic or not.
+    while scheduler.running() > 0 {
+        let Ok(ended) = ended_rx.recv() else { break };
+        finished(&mut scheduler, ended);
+    }
+    tracing::info!("Daemon stopped.");
+    Ok(())
+}
+
+/// Every `*.yaml` of `dir`, in name order. Any bad file, or two jobs of one name, is bad input.
+fn load_jobs(dir: &Path) -> Result<Vec<Job>> {
+    let entries = std::fs::read_dir(dir)
+        .map_err(|e| BadInput(format!("{}: cannot list the job files: {e}", dir.display())))?;
+    let mut files: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "yaml") && p.is_file())
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        return Err(BadInput(format!("{}: no job files (*.yaml)", dir.display())).into());
+    }
+    let mut jobs: Vec<Job> = Vec::new();
+    for file in &files {
+        let job = backflow_jobs::load(file).map_err(BadInput)?;
+        if jobs.iter().any(|j| j.name == job.name) {
+            return Err(BadInput(format!(
+                "{}: a second job named {} in {}",
+                file.display(),
+                job.name.0,
+                dir.display()
+            ))
+            .into());
+        }
+        if job.schedule.is_empty() {
+            tracing::warn!(job = %job.name.0, file = %file.display(), "The job has no schedule: it never runs here.");
+        }
+        jobs.push(job);
+    }
+    Ok(jobs)
+}
+
+/// The start of the job's latest recorded session that was not cancelled: a run cut short by
+/// stopping the daemon is owed, and caught up at the next start. (A failed run is not: retrying
+/// it at every start could loop.) A repository that cannot be read counts as no session (the job
+/// waits for its next time; its run will report the repository's error).
+fn last_started(job: &Job) -> Option<i64> {
+    let sessions = Repository::open(&job.repository).and_then(|r| r.list_sessions());
+    match sessions {
+        Ok(sessions) => sessions
+            .iter()
+            .filter(|s| s["job"].as_str() == Some(job.name.0.as_str()))
+            .filter(|s| s["result"].as_str() != Some("cancelled"))
+            .filter_map(|s| s["started"].as_i64())
+            .max(),
+        Err(e) => {
+            tracing::warn!(job = %job.name.0, error = %e, "Cannot read the job's sessions.");
+            None
+        }
+    }
+}
+
+/// The VMs the job selects now, to keep two jobs off one VM. When the listing fails the run goes
+/// ahead with none marked busy: it will fail on the same listing and record why.
+fn selected_vms(job: &Job) -> Vec<String> {
+    Connection::open_read_only(Some(&job.uri))
+        .and_then(|conn| conn.list_vms())
+        .map_err(|e| e.to_string())
+        .and_then(|vms| backflow_jobs::select::select(job, &vms))
+        .map(|selected| selected.into_iter().map(|s| s.vm).collect())
+        .unwrap_or_default()
+}
+
+fn finished(scheduler: &mut Scheduler, (index, ended): Ended) {
+    scheduler.finish(index);
+    let Some((record, stored)) = ended else {
+        tracing::error!(job = %scheduler.job(index).name.0, "Session panicked; not recorded.");
+        return;
+    };
+    let vms = record.vms.len();
+    let failed = record
+        .vms
+        .iter()
+        .filter(|v| v.result == Verdict::Failure)
+        .count();
+    let seconds = record.ended - record.started;
+    match record.result {
+        Verdict::Success | Verdict::Warning => tracing::info!(
+            job = %record.job, session = %record.id, result = ?record.result, vms, seconds,
+            "Session ended."
+        ),
+        Verdict::Cancelled => tracing::warn!(
+            job = %record.job, session = %record.id, vms, seconds, "Session cancelled."
+        ),
+        Verdict::Failure => tracing::error!(
+            job = %record.job, session = %record.id, vms, failed, seconds,
+            error = record.error.as_deref().unwrap_or(""), "Session failed."
+        ),
+    }
+    if let Err(e) = stored {
+        tracing::error!(job = %record.job, error = %e, "The session was not recorded.");
+    }
+}
+
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or_default()
+}

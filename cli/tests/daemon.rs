@@ -1,0 +1,276 @@
+//! `backflow daemon --jobs DIR` against real libvirt domains (`qemu:///system`, started by
+//! `scripts/setup.sh`). Time is driven through the session history: a fake session recorded an
+//! hour ago makes the daemon catch the job up at once, instead of waiting for its time.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use backflow_repository::Repository;
+use backflow_testkit::libvirt::Domain;
+use common::*;
+
+const JOB: &str = "every-minute";
+
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+/// Three domains named `PREFIX-PID-N`, data written on each, and the glob selecting them.
+fn domains(prefix: &str) -> (Vec<Domain>, String) {
+    let vms: Vec<Domain> = (0..3)
+        .map(|_| Domain::start(prefix, &[("vda", "16M")]))
+        .collect();
+    for (i, vm) in vms.iter().enumerate() {
+        vm.guest_write("vda", &format!("write -P {} 1M 1M", 0x11 + i));
+    }
+    let glob = format!("{}-*", vms[0].name().rsplit_once('-').unwrap().0);
+    (vms, glob)
+}
+
+/// A job directory with the every-minute job over `glob` (plus the YAML lines `extra`), and a
+/// session of it recorded an hour ago, so that the daemon owes it a run at start.
+fn job_dir(work: &Path, repo: &Path, glob: &str, extra: &str) -> std::path::PathBuf {
+    let dir = work.join("jobs");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::write(
+        dir.join("every-minute.yaml"),
+        format!(
+            "name: {JOB}\nrepository: {}\nvms: [\"{glob}\"]\nschedule: [\"* * * * *\"]\n\
+             variables: {{freeze: \"off\"}}\n{extra}",
+            repo.display()
+        ),
+    )
+    .unwrap();
+    let an_hour_ago = unix_now() - 3600;
+    let id = Repository::new_session_id(an_hour_ago);
+    Repository::open(repo)
+        .unwrap()
+        .record_session(
+            &id,
+            &serde_json::json!({
+                "id": id, "job": JOB, "started": an_hour_ago, "ended": an_hour_ago,
+                "result": "success", "vms": [], "error": null,
+            }),
+        )
+        .unwrap();
+    dir
+}
+
+/// The daemon, with its log lines (info) sent to the returned channel as they come.
+fn start_daemon(jobs: &Path) -> (Child, mpsc::Receiver<String>) {
+    let mut child = backflow()
+        .args(["--log", "info", "daemon", "--jobs"])
+        .arg(jobs)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = mpsc::channel();
+    let stderr = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            eprintln!("daemon: {line}");
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    (child, rx)
+}
+
+/// Waits for a log line containing `what`.
+fn wait_for_line(lines: &mpsc::Receiver<String>, what: &str, timeout: Duration) -> String {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match lines.recv_timeout(left) {
+            Ok(line) if line.contains(what) => return line,
+            Ok(_) => {}
+            Err(e) => panic!("no log line with {what:?} within {timeout:?}: {e}"),
+        }
+    }
+}
+
+/// The job's recorded sessions, the fake one included, oldest first.
+fn sessions(repo: &Path) -> Vec<serde_json::Value> {
+    let out = run_ok(
+        backflow()
+            .args(["sessions", "--json", "--job", JOB, "--repo"])
+            .arg(repo),
+    );
+    let all: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let mut all = all.as_array().unwrap().clone();
+    all.sort_by_key(|s| s["started"].as_i64());
+    all
+}
+
+fn sigterm(child: &Child) {
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+fn wait_exit(child: &mut Child, timeout: Duration) -> std::process::ExitStatus {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the daemon did not exit within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn snapshots_per_vm(repo: &Path, vms: &[Domain]) -> Vec<usize> {
+    let out = run_ok(backflow().args(["snapshots", "--json", "--repo"]).arg(repo));
+    let snapshots: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let snapshots = snapshots.as_array().unwrap();
+    vms.iter()
+        .map(|vm| snapshots.iter().filter(|s| s["vm"] == vm.name()).count())
+        .collect()
+}
+
+#[test]
+fn the_daemon_catches_up_once_then_runs_on_schedule_and_stops_on_sigterm() {
+    let (vms, glob) = domains("bf-daemon");
+    let work = tempfile::tempdir().unwrap();
+    let repo = work.path().join("repo");
+    init_repo(&repo, "128K");
+    let jobs = job_dir(work.path(), &repo, &glob, "retention: {keep_last: 1}\n");
+
+    let (mut daemon, lines) = start_daemon(&jobs);
+    // The run missed an hour ago is caught up at once: one session, not one per missed minute.
+    wait_for_line(&lines, "Session ended.", Duration::from_secs(60));
+    let history = sessions(&repo);
+    assert_eq!(history.len(), 2, "{history:#?}");
+    assert_eq!(history[1]["result"], "success", "{:#}", history[1]);
+    assert_eq!(history[1]["vms"].as_array().unwrap().len(), 3);
+    assert_eq!(snapshots_per_vm(&repo, &vms), [1, 1, 1]);
+
+    // Then the schedule: the next run starts at the next minute (on it, give or take a second).
+    for (i, vm) in vms.iter().enumerate() {
+        vm.guest_write("vda", &format!("write -P {} 4M 1M", 0x21 + i));
+    }
+    wait_for_line(&lines, "Session ended.", Duration::from_secs(120));
+    let history = sessions(&repo);
+    assert_eq!(history.len(), 3, "{history:#?}");
+    assert_eq!(history[2]["result"], "success", "{:#}", history[2]);
+    let started = history[2]["started"].as_i64().unwrap();
+    assert!(started % 60 <= 2, "started at {started}, not on a minute");
+    // Its retention (keep_last: 1) forgot each VM's first snapshot after the second.
+    assert_eq!(snapshots_per_vm(&repo, &vms), [1, 1, 1]);
+    for vm in history[2]["vms"].as_array().unwrap() {
+        assert_eq!(vm["forgotten"].as_array().unwrap().len(), 1, "{vm}");
+    }
+
+    sigterm(&daemon);
+    let status = wait_exit(&mut daemon, Duration::from_secs(60));
+    assert_eq!(status.code(), Some(0));
+    for vm in &vms {
+        assert!(!vm.has_backup_job(), "{} has a backup job left", vm.name());
+    }
+    // `sessions` shows every run, the table too.
+    let table = run_ok(backflow().args(["sessions", "--repo"]).arg(&repo));
+    let table = String::from_utf8_lossy(&table.stdout);
+    assert_eq!(
+        table.lines().filter(|l| l.contains(JOB)).count(),
+        3,
+        "{table}"
+    );
+}
+
+#[test]
+fn sigterm_during_a_session_cancels_it_cleanly_and_the_next_start_runs_it() {
+    let (vms, glob) = domains("bf-daemon-stop");
+    let work = tempfile::tempdir().unwrap();
+    let repo = work.path().join("repo");
+    init_repo(&repo, "128K");
+    let jobs = job_dir(work.path(), &repo, &glob, "");
+
+    let (mut daemon, lines) = start_daemon(&jobs);
+    // The first VM's pipeline is running (parallel: 1, so the other two are still to come) when
+    // the signal lands.
+    wait_for_line(&lines, "Backing up.", Duration::from_secs(60));
+    sigterm(&daemon);
+    let status = wait_exit(&mut daemon, Duration::from_secs(120));
+    assert_eq!(status.code(), Some(0));
+    let history = sessions(&repo);
+    assert_eq!(history.len(), 2, "{history:#?}");
+    assert_eq!(history[1]["result"], "cancelled", "{:#}", history[1]);
+    let results: Vec<&str> = history[1]["vms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["result"].as_str().unwrap())
+        .collect();
+    assert_eq!(results.len(), 3);
+    assert_eq!(results[2], "cancelled", "{results:?}");
+    // Nothing left behind: no backup job, no snapshot for a cancelled VM, a sound repository.
+    for vm in &vms {
+        assert!(!vm.has_backup_job(), "{} has a backup job left", vm.name());
+    }
+    let snapshots = snapshots_per_vm(&repo, &vms);
+    for (result, count) in results.iter().zip(&snapshots) {
+        assert_eq!(
+            *count,
+            usize::from(*result == "success"),
+            "{results:?} {snapshots:?}"
+        );
+    }
+    run_ok(backflow().args(["verify", "--repo"]).arg(&repo));
+
+    // The cancelled run is owed: started again, the daemon runs it at once, in full.
+    let (mut daemon, lines) = start_daemon(&jobs);
+    wait_for_line(&lines, "Session ended.", Duration::from_secs(60));
+    sigterm(&daemon);
+    assert_eq!(
+        wait_exit(&mut daemon, Duration::from_secs(60)).code(),
+        Some(0)
+    );
+    let history = sessions(&repo);
+    assert_eq!(history.len(), 3, "{history:#?}");
+    assert_eq!(history[2]["result"], "success", "{:#}", history[2]);
+    let after: Vec<usize> = snapshots_per_vm(&repo, &vms);
+    let expected: Vec<usize> = snapshots.iter().map(|n| n + 1).collect();
+    assert_eq!(after, expected);
+}
+
+#[test]
+fn a_bad_job_file_stops_the_daemon_at_start_with_its_position() {
+    let work = tempfile::tempdir().unwrap();
+    std::fs::write(
+        work.path().join("good.yaml"),
+        "name: good\nrepository: /srv/b\nvms: [a]\nschedule: [\"0 2 * * *\"]\n",
+    )
+    .unwrap();
+    let bad = work.path().join("nightly.yaml");
+    std::fs::write(
+        &bad,
+        "name: nightly\nrepository: /srv/b\nvms: [a]\nschedule: [\"0 25 * * *\"]\n",
+    )
+    .unwrap();
+    let out = backflow()
+        .args(["daemon", "--jobs"])
+        .arg(work.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!("{}:4:", bad.display())) && stderr.contains("cron expression"),
+        "{stderr}"
+    );
+}
