@@ -31,18 +31,13 @@ fn time_backup(image: &Path, repo: &Path) -> Duration {
     started.elapsed()
 }
 
-fn assert_restores(repo: &Path, snapshots: &[(String, std::path::PathBuf)], scratch: &Path) {
-    for (id, original) in snapshots {
-        let out = scratch.join(format!("check-{id}.img"));
-        let restored = restore(repo, id, &out);
-        assert!(
-            restored.status.success(),
-            "{}",
-            String::from_utf8_lossy(&restored.stderr)
-        );
-        assert_same_file(original, &out);
-        std::fs::remove_file(&out).unwrap();
-    }
+/// The common check over owned `(id, image)` pairs.
+fn assert_all_restore(repo: &Path, snapshots: &[(String, std::path::PathBuf)], scratch: &Path) {
+    let points: Vec<(&str, &Path)> = snapshots
+        .iter()
+        .map(|(id, image)| (id.as_str(), image.as_path()))
+        .collect();
+    assert_restores(repo, &points, scratch);
 }
 
 #[test]
@@ -93,12 +88,12 @@ fn sigkill_at_many_moments_never_loses_a_committed_snapshot() {
         committed.len() < KILLS as usize + 1,
         "no kill landed mid-run"
     );
-    assert_restores(&repo, &committed, dir.path());
+    assert_all_restore(&repo, &committed, dir.path());
 
     // The next backup after all this succeeds and restores identical.
     let report = backup(&image, &repo);
     let id = report["snapshot"].as_str().unwrap().to_owned();
-    assert_restores(&repo, &[(id, image.clone())], dir.path());
+    assert_all_restore(&repo, &[(id, image.clone())], dir.path());
 }
 
 #[test]
@@ -136,5 +131,5 @@ fn sigterm_stops_cleanly_commits_nothing_and_leaves_no_scratch() {
     // And the next backup succeeds and restores identical.
     let report = backup(&image, &repo);
     let id = report["snapshot"].as_str().unwrap().to_owned();
-    assert_restores(&repo, &[(id, image.clone())], dir.path());
+    assert_all_restore(&repo, &[(id, image.clone())], dir.path());
 }

@@ -69,9 +69,9 @@ pub fn backup_named(image: &Path, repo: &Path, name: &str) -> serde_json::Value 
     json
 }
 
-/// Every `(snapshot, image)` restores (`backflow restore`) byte-identical to its image, then
-/// `verify --read-data` passes. Restores go to `scratch`.
-pub fn assert_restores_then_verifies(repo: &Path, points: &[(&str, &Path)], scratch: &Path) {
+/// Every `(snapshot, image)` restores (`backflow restore`) byte-identical to its image. Restores
+/// go to `scratch` and are removed after the comparison.
+pub fn assert_restores(repo: &Path, points: &[(&str, &Path)], scratch: &Path) {
     for (id, original) in points {
         let out = scratch.join(format!("restored-{id}.img"));
         let restored = restore(repo, id, &out);
@@ -83,6 +83,11 @@ pub fn assert_restores_then_verifies(repo: &Path, points: &[(&str, &Path)], scra
         assert_same_file(original, &out);
         std::fs::remove_file(&out).unwrap();
     }
+}
+
+/// [`assert_restores`], then `verify --read-data` passes.
+pub fn assert_restores_then_verifies(repo: &Path, points: &[(&str, &Path)], scratch: &Path) {
+    assert_restores(repo, points, scratch);
     let verified = verify(repo, true);
     assert!(
         verified.status.success(),
