@@ -90,9 +90,12 @@ fn a_job_backs_up_the_vms_it_selects_and_records_the_session() {
         }
     }
 
-    // One VM failing does not stop the others: vms[2] shut off, its vda image gone.
+    // One VM failing does not stop (or cancel) the others running beside it: vms[2] shut off,
+    // its vda image gone, all three at once.
     vms[2].destroy();
     std::fs::remove_file(vms[2].disk("vda")).unwrap();
+    let text = std::fs::read_to_string(&file).unwrap();
+    std::fs::write(&file, text.replace("parallel: 2", "parallel: 3")).unwrap();
     let out = run_job(&file, &report);
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);

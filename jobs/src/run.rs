@@ -7,6 +7,7 @@
 use std::collections::VecDeque;
 use std::path::Path;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use backflow_libvirt::Connection;
@@ -265,9 +266,26 @@ fn run_vm(job: &Job, vm: &Selected, cancel: &CancelToken) -> VmRecord {
         }
     };
     tracing::info!(job = %job.name.0, vm = %vm.vm, "Backing up.");
-    let report = pipeline.run(RunOptions {
-        cancel: cancel.clone(),
-        on_progress: None,
+    // A run cancels its own token when one of its stages fails: each VM gets a token of its own,
+    // which the session's cancels, so that one VM failing never cancels the others.
+    let own = CancelToken::new();
+    let finished = AtomicBool::new(false);
+    let report = std::thread::scope(|scope| {
+        scope.spawn(|| {
+            while !finished.load(Ordering::SeqCst) {
+                if cancel.is_cancelled() {
+                    own.cancel();
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+        });
+        let report = pipeline.run(RunOptions {
+            cancel: own.clone(),
+            on_progress: None,
+        });
+        finished.store(true, Ordering::SeqCst);
+        report
     });
     record.seconds = started.elapsed().as_secs_f64();
     fill(&mut record, &report);
