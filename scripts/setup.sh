@@ -30,7 +30,7 @@ pkg-config --exists libvirt 2>/dev/null || need+=(libvirt-dev)
 # by cargo-fuzz with the C++ compiler of build-essential.
 command -v python3 >/dev/null || need+=(python3)
 # aiosmtpd: the notification tests mail reports to a real SMTP server on loopback
-# (notify/tests/smtp_server.py). Debian's package serves /usr/bin/python3, which the tests also try
+# (testkit/smtp_server.py). Debian's package serves /usr/bin/python3, which the tests also try
 # when the python3 on the PATH (pyenv, venv) lacks it.
 /usr/bin/python3 -c 'import aiosmtpd' 2>/dev/null || python3 -c 'import aiosmtpd' 2>/dev/null \
   || need+=(python3-aiosmtpd)
