@@ -24,6 +24,7 @@ use std::ops::Range;
 
 use roxmltree::Node;
 
+use crate::domain_xml::child;
 use crate::job_xml::escape;
 
 /// One disk of the snapshot as the restore wrote it.
@@ -272,10 +273,6 @@ impl<'a> Edits<'a> {
         out.push_str(&self.text[at..]);
         out
     }
-}
-
-fn child<'a, 'input>(node: Node<'a, 'input>, name: &str) -> Option<Node<'a, 'input>> {
-    node.children().find(|n| n.has_tag_name(name))
 }
 
 fn children<'a, 'input: 'a>(

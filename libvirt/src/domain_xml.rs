@@ -170,7 +170,8 @@ pub(crate) fn parse_disk(disk: roxmltree::Node<'_, '_>) -> Result<DiskInfo, Stri
     })
 }
 
-fn child<'a, 'input>(
+/// The first child element named `name`.
+pub(crate) fn child<'a, 'input>(
     node: roxmltree::Node<'a, 'input>,
     name: &str,
 ) -> Option<roxmltree::Node<'a, 'input>> {

@@ -196,7 +196,6 @@ pub(crate) fn load(
     })
 }
 
-/// How each stage is named in error paths: its `name`, else its kind when that is a known one.
 /// Sets each override's option in the stage it names (by the stage's label: its name, else its
 /// kind), replacing the option if the spec sets it. The value is placed where the stage starts, so
 /// errors about it point at that stage.
@@ -281,6 +280,7 @@ fn relocate(node: &mut Node, loc: Loc) {
     }
 }
 
+/// How each stage is named in error paths: its `name`, else its kind when that is a known one.
 fn stage_labels(entries: &[Entry], kinds: &[&str]) -> Vec<Option<String>> {
     let Some(Value::Seq(items)) = entries
         .iter()

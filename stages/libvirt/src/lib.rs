@@ -52,11 +52,12 @@
 pub mod job;
 pub mod tracking;
 
+use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::io;
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use backflow_libvirt::backup;
 use backflow_libvirt::job_xml::{self, DiskMode, Endpoint, JobDisk};
@@ -382,7 +383,25 @@ struct LibvirtCheckpoints<'a> {
     domain: &'a Domain,
     names: Vec<String>,
     /// Offline: the images, to check that the bitmap is there, enabled and consistent.
-    images: Option<BTreeMap<String, PathBuf>>,
+    images: Option<&'a BTreeMap<String, PathBuf>>,
+    /// The disks each checkpoint holds a bitmap of (or why that is not known), read once per
+    /// checkpoint: the disks of one VM usually share their base.
+    covered: RefCell<BTreeMap<String, Result<Vec<String>, String>>>,
+}
+
+impl LibvirtCheckpoints<'_> {
+    fn bitmap_disks(&self, checkpoint: &str) -> Result<Vec<String>, String> {
+        self.covered
+            .borrow_mut()
+            .entry(checkpoint.to_owned())
+            .or_insert_with(|| {
+                let xml = backup::checkpoint_xml(self.domain, checkpoint)
+                    .map_err(|e| format!("checkpoint {checkpoint} cannot be read ({e})"))?;
+                job_xml::checkpoint_bitmap_disks(&xml)
+                    .map_err(|e| format!("checkpoint {checkpoint} is not understood ({e})"))
+            })
+            .clone()
+    }
 }
 
 impl Checkpoints for LibvirtCheckpoints<'_> {
@@ -390,16 +409,13 @@ impl Checkpoints for LibvirtCheckpoints<'_> {
         if !self.names.iter().any(|n| n == checkpoint) {
             return Err(format!("checkpoint {checkpoint} no longer exists"));
         }
-        let xml = backup::checkpoint_xml(self.domain, checkpoint)
-            .map_err(|e| format!("checkpoint {checkpoint} cannot be read ({e})"))?;
-        let covered = job_xml::checkpoint_bitmap_disks(&xml)
-            .map_err(|e| format!("checkpoint {checkpoint} is not understood ({e})"))?;
+        let covered = self.bitmap_disks(checkpoint)?;
         if !covered.iter().any(|d| d == disk) {
             return Err(format!(
                 "checkpoint {checkpoint} holds no bitmap of this disk"
             ));
         }
-        if let Some(image) = self.images.as_ref().and_then(|i| i.get(disk)) {
+        if let Some(image) = self.images.and_then(|i| i.get(disk)) {
             let info = stage_qemu_nbd::bitmap::image_info(image)
                 .map_err(|e| format!("the bitmaps of {} cannot be read ({e})", image.display()))?;
             match info.bitmaps.iter().find(|b| b.name == checkpoint) {
@@ -428,13 +444,6 @@ impl Checkpoints for LibvirtCheckpoints<'_> {
     }
 }
 
-/// What the cleanup action needs to know about the job, filled in as the run goes.
-#[derive(Debug, Default)]
-struct JobState {
-    /// The job began (and with it the new checkpoint).
-    begun: bool,
-}
-
 impl LibvirtSource {
     /// The base checkpoint of each chosen disk (or why there is none). `images`: the VM is off,
     /// and the bitmaps are checked in its images too.
@@ -445,7 +454,7 @@ impl LibvirtSource {
         host: &str,
         disks: &[&DiskInfo],
         parent: Option<&Parent>,
-        images: Option<BTreeMap<String, PathBuf>>,
+        images: Option<&BTreeMap<String, PathBuf>>,
     ) -> Result<Vec<Result<String, String>>, StageError> {
         if self.checkpoint.is_none() {
             return Ok(disks.iter().map(|_| Err(String::new())).collect());
@@ -454,6 +463,7 @@ impl LibvirtSource {
             domain,
             names: backup::list_checkpoints(domain).map_err(libvirt_error)?,
             images,
+            covered: RefCell::default(),
         };
         let checkpoints: &dyn Checkpoints = &checkpoints;
         Ok(disks
@@ -522,9 +532,9 @@ impl LibvirtSource {
         domain: &Domain,
         vm: &VmInfo,
     ) -> Result<(), StageError> {
-        let running = backup::backup_xml(domain)
-            .ok()
-            .and_then(|xml| job_xml::parse_running_job(&xml).ok());
+        // `Some(None)`: a job runs whose XML is not understood.
+        let running = running_job(domain);
+        let mut aborted = false;
         for dir in JobDir::of_domain(&self.socket_dir, &vm.uuid) {
             match dir.owner() {
                 Owner::Alive(pid) => {
@@ -537,12 +547,13 @@ impl LibvirtSource {
                 Owner::Gone(pid) => {
                     let ours = running
                         .as_ref()
-                        .and_then(|job| job.endpoint.as_ref())
+                        .and_then(|job| job.as_ref()?.endpoint.as_ref())
                         .is_some_and(|e| dir.is_endpoint_of_job(e));
                     let mut what = format!("job directory {} removed", dir.path().display());
                     if ours {
                         backup::abort_job(domain).map_err(libvirt_error)?;
                         wait_job_gone(domain, &dir).map_err(StageError::Config)?;
+                        aborted = true;
                         what = format!("its backup job on VM {} aborted, {what}", vm.name);
                     }
                     dir.remove().map_err(StageError::Config)?;
@@ -552,9 +563,8 @@ impl LibvirtSource {
                 }
             }
         }
-        if let Ok(xml) = backup::backup_xml(domain) {
-            let endpoint = job_xml::parse_running_job(&xml)
-                .ok()
+        if let Some(job) = running.filter(|_| !aborted) {
+            let endpoint = job
                 .and_then(|j| j.endpoint)
                 .map(|e| e.to_string())
                 .unwrap_or_else(|| "unknown".into());
@@ -606,9 +616,10 @@ impl LibvirtSource {
             .map(|d| d.target.clone())
             .filter(|t| !disks.iter().any(|d| &d.target == t))
             .collect();
+        // Only made when some disk holds its bitmap.
+        let new_checkpoint = new_checkpoint.filter(|_| !bitmapped.is_empty());
         let checkpoint_xml = new_checkpoint
             .as_deref()
-            .filter(|_| !bitmapped.is_empty())
             .map(|name| job_xml::checkpoint(name, &bitmapped, &others));
 
         let dir =
@@ -635,24 +646,24 @@ impl LibvirtSource {
         };
         // The cleanup first, so that whatever fails from here on leaves nothing behind.
         let committed = Committed::default();
-        let state = Arc::new(Mutex::new(JobState::default()));
+        // The job began (and with it the new checkpoint).
+        let begun = Arc::new(AtomicBool::new(false));
         ctx.on_cleanup(
             format!("ending the backup job of VM {}", vm.name),
             Box::new({
                 let domain = domain.clone();
                 let dir = dir.clone();
                 let committed = committed.clone();
-                let state = state.clone();
+                let begun = begun.clone();
                 let prefix = self.checkpoint.clone();
-                let new_checkpoint = checkpoint_xml.as_ref().and(new_checkpoint.clone());
+                let new_checkpoint = new_checkpoint.clone();
                 let endpoint = endpoint.clone();
                 move |_outcome| {
-                    let begun = state.lock().unwrap().begun;
                     end_job(
                         &domain,
                         &dir,
                         &endpoint,
-                        begun,
+                        begun.load(Ordering::SeqCst),
                         prefix.as_deref(),
                         new_checkpoint.as_deref(),
                         committed.load(Ordering::SeqCst),
@@ -683,16 +694,16 @@ impl LibvirtSource {
 
         // The instant of the backup: freeze, begin (checkpoint included), thaw.
         let frozen = self.freeze(ctx, &domain, vm)?;
-        let begun = backup::begin_backup(&domain, &backup_xml, checkpoint_xml.as_deref());
+        let result = backup::begin_backup(&domain, &backup_xml, checkpoint_xml.as_deref());
         if frozen && let Err(e) = backup::fs_thaw(&domain) {
             ctx.warn(format!(
                 "VM {}: thawing its filesystems failed: {e}",
                 vm.name
             ));
         }
-        begun.map_err(libvirt_error)?;
-        state.lock().unwrap().begun = true;
-        tracing::info!(vm = %vm.name, checkpoint = ?checkpoint_xml.as_ref().and(new_checkpoint.as_ref()), "Backup job begun.");
+        result.map_err(libvirt_error)?;
+        begun.store(true, Ordering::SeqCst);
+        tracing::info!(vm = %vm.name, checkpoint = ?new_checkpoint, "Backup job begun.");
         pause_at(PAUSE_AFTER_SNAPSHOT, "after the snapshot");
 
         let running = backup::backup_xml(&domain)
@@ -702,7 +713,14 @@ impl LibvirtSource {
                     StageError::Internal(format!("libvirt's backup job XML is not understood: {e}"))
                 })
             })?;
-        for ((disk, base), job_disk) in disks.iter().zip(bases).zip(&job_disks) {
+        let address = match &endpoint {
+            Endpoint::Unix(socket) => NbdAddress::Unix(socket.clone()),
+            Endpoint::Tcp { host, port } => NbdAddress::Tcp {
+                host: host.clone(),
+                port: *port,
+            },
+        };
+        for (disk, base) in disks.iter().zip(bases) {
             let exported = running
                 .disks
                 .iter()
@@ -714,13 +732,6 @@ impl LibvirtSource {
                     ))
                 })?;
             let bitmaps: Vec<String> = exported.bitmap.iter().cloned().collect();
-            let address = match &endpoint {
-                Endpoint::Unix(socket) => NbdAddress::Unix(socket.clone()),
-                Endpoint::Tcp { host, port } => NbdAddress::Tcp {
-                    host: host.clone(),
-                    port: *port,
-                },
-            };
             let label = format!(
                 "VM {} disk {} ({})",
                 vm.name,
@@ -729,7 +740,7 @@ impl LibvirtSource {
             );
             let export = Arc::new(
                 NbdExport::connect(
-                    address,
+                    address.clone(),
                     &exported.export,
                     label.clone(),
                     self.connections,
@@ -742,13 +753,6 @@ impl LibvirtSource {
                     .contains(&disk.target)
                     .then(|| new_checkpoint.clone())
                     .flatten();
-                let base = match (&job_disk.mode, base) {
-                    (DiskMode::Incremental(_), Ok(from)) => Ok(from),
-                    (_, Err(reason)) => Err(reason),
-                    (DiskMode::Full, Ok(_)) => {
-                        unreachable!("a disk with a base begins incremental")
-                    }
-                };
                 Arc::new(CheckpointTracking {
                     next: self.state(vm, &host, disk, export.size(), checkpoint),
                     base,
@@ -826,7 +830,7 @@ impl LibvirtSource {
         self.end_orphaned_jobs(ctx, &domain, vm)?;
         tracing::info!(vm = %vm.name, "VM is shut off: reading its images directly.");
         let host = conn.hostname().to_owned();
-        let bases = self.bases(&domain, vm, &host, disks, parent, Some(images.clone()))?;
+        let bases = self.bases(&domain, vm, &host, disks, parent, Some(&images))?;
         for cleaned in ServerDir::sweep_orphans(&self.socket_dir) {
             ctx.warn(format!("cleaned up after a run that was killed: {cleaned}"));
         }
@@ -930,10 +934,12 @@ fn end_job(
     committed: bool,
 ) -> Result<(), String> {
     let mut problems = Vec::new();
-    let job = backup::backup_xml(domain)
-        .ok()
-        .and_then(|xml| job_xml::parse_running_job(&xml).ok());
-    if job.and_then(|j| j.endpoint).as_ref() == Some(endpoint) {
+    if running_job(domain)
+        .flatten()
+        .and_then(|j| j.endpoint)
+        .as_ref()
+        == Some(endpoint)
+    {
         match backup::abort_job(domain) {
             Ok(()) => {
                 if let Err(e) = wait_job_gone(domain, dir) {
@@ -974,6 +980,13 @@ fn end_job(
     } else {
         Err(problems.join("; "))
     }
+}
+
+/// The domain's running backup job: `None` when there is none, `Some(None)` when its XML is not
+/// understood.
+fn running_job(domain: &Domain) -> Option<Option<job_xml::RunningJob>> {
+    let xml = backup::backup_xml(domain).ok()?;
+    Some(job_xml::parse_running_job(&xml).ok())
 }
 
 /// Waits until an aborted job is gone: libvirt ends it asynchronously, first the NBD socket, then
