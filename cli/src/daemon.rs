@@ -11,6 +11,7 @@
 //! stop, cleanup runs, nothing half-committed, the sessions are recorded `cancelled`), the daemon
 //! waits for them and exits 0. A second signal exits at once (130).
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -64,18 +65,26 @@ pub fn run(args: Args) -> Result<()> {
     tracing::info!(jobs = scheduler.len(), dir = %args.jobs.display(), "Daemon started.");
 
     let (ended_tx, ended_rx) = mpsc::channel::<Ended>();
+    // Jobs due but refused for busy VMs: only a run ending frees VMs, so they are tried again
+    // (their VMs listed again) then, not at every tick.
+    let mut waiting = BTreeSet::new();
     loop {
         while let Ok(ended) = ended_rx.try_recv() {
             finished(&mut scheduler, ended);
+            waiting.clear();
         }
         if cancel.is_cancelled() {
             break;
         }
         let now = unix_now();
         for i in scheduler.due(now) {
+            if waiting.contains(&i) {
+                continue;
+            }
             let job = scheduler.job(i).clone();
             if !scheduler.start(i, selected_vms(&job)) {
                 tracing::debug!(job = %job.name.0, "Due, waiting for VMs another job backs up.");
+                waiting.insert(i);
                 continue;
             }
             tracing::info!(job = %job.name.0, "Session starting.");
@@ -105,6 +114,7 @@ pub fn run(args: Args) -> Result<()> {
             .min(TICK);
         if let Ok(ended) = ended_rx.recv_timeout(wait) {
             finished(&mut scheduler, ended);
+            waiting.clear();
         }
     }
 

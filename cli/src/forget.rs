@@ -68,11 +68,10 @@ pub fn run(args: Args) -> Result<()> {
     let repository = crate::open_repo(&args.repo)?;
     let mut snapshots = repository.list_snapshots()?;
     if let Some(vm) = &args.vm {
-        let mut vms: Vec<String> = snapshots.iter().map(|s| s.vm.clone()).collect();
-        vms.sort();
-        vms.dedup();
-        snapshots.retain(|s| &s.vm == vm);
-        if snapshots.is_empty() {
+        if !snapshots.iter().any(|s| &s.vm == vm) {
+            let mut vms: Vec<&str> = snapshots.iter().map(|s| s.vm.as_str()).collect();
+            vms.sort();
+            vms.dedup();
             return Err(BadInput(format!(
                 "backflow forget: no snapshots of VM {vm:?} in {} (VMs with snapshots: {})",
                 args.repo.display(),
@@ -84,6 +83,7 @@ pub fn run(args: Args) -> Result<()> {
             ))
             .into());
         }
+        snapshots.retain(|s| &s.vm == vm);
     }
     let decisions = backflow_repository::plan(&snapshots, &policy);
 
@@ -152,11 +152,8 @@ fn table(decisions: &[Decision], policy: &KeepPolicy, dry_run: bool) -> String {
         out.push_str("no snapshots\n");
         return out;
     }
-    let mut rest = decisions;
-    while let Some(first) = rest.first() {
-        let n = rest.iter().take_while(|d| d.vm == first.vm).count();
-        let (vm, tail) = rest.split_at(n);
-        rest = tail;
+    for vm in decisions.chunk_by(|a, b| a.vm == b.vm) {
+        let (first, n) = (&vm[0], vm.len());
         let keep = vm.iter().filter(|d| d.keep).count();
         out.push_str(&format!(
             "\nvm {}: {n} snapshot{}, keep {keep}, {forget_word} {}\n",

@@ -109,20 +109,13 @@ pub fn run(command: JobCommand) -> Result<()> {
 fn summary(record: &SessionRecord) -> String {
     let mut out = format!(
         "job {}, session {}: {}\n{:<24} {:<9} {:>10} {:>10} {:>8}  snapshot\n",
-        record.job,
-        record.id,
-        verdict(record.result),
-        "vm",
-        "result",
-        "read",
-        "written",
-        "seconds"
+        record.job, record.id, record.result, "vm", "result", "read", "written", "seconds"
     );
     for vm in &record.vms {
         out.push_str(&format!(
             "{:<24} {:<9} {:>10} {:>10} {:>8.1}  {}\n",
             vm.vm,
-            verdict(vm.result),
+            vm.result,
             ByteSize(vm.bytes_read).to_string(),
             ByteSize(vm.bytes_written).to_string(),
             vm.seconds,
@@ -136,15 +129,6 @@ fn summary(record: &SessionRecord) -> String {
         }
     }
     out
-}
-
-fn verdict(v: Verdict) -> &'static str {
-    match v {
-        Verdict::Success => "success",
-        Verdict::Warning => "warning",
-        Verdict::Failure => "failure",
-        Verdict::Cancelled => "cancelled",
-    }
 }
 
 pub fn sessions(args: SessionsArgs) -> Result<()> {

@@ -6,8 +6,7 @@
 
 use std::collections::VecDeque;
 use std::path::Path;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, OnceLock};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use backflow_libvirt::Connection;
@@ -23,15 +22,28 @@ use crate::select::{Selected, select};
 /// The built-in spec a job runs when its file names none.
 pub const BACKUP_VM_SPEC: &str = include_str!("../../specs/backup-vm.yaml");
 
-/// How one VM's backup in a session ended.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+/// How one VM's backup in a session ended. Ordered from best to worst: a session's result is
+/// the greatest of its VMs'.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Verdict {
     Success,
     /// Succeeded, with warnings (a full read where an incremental was expected, no guest agent).
     Warning,
-    Failure,
     Cancelled,
+    Failure,
+}
+
+impl std::fmt::Display for Verdict {
+    /// The name the session record gives it (`success`, `warning`, `cancelled`, `failure`).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(match self {
+            Verdict::Success => "success",
+            Verdict::Warning => "warning",
+            Verdict::Cancelled => "cancelled",
+            Verdict::Failure => "failure",
+        })
+    }
 }
 
 /// One VM of a session.
@@ -101,8 +113,10 @@ pub fn run_job(job: &Job, options: &RunJobOptions) -> (SessionRecord, Result<(),
         error: None,
         notified: None,
     };
+    // Opened once, on first use: by a VM's retention, else to record the session.
+    let repo = OnceLock::new();
     match plan(job, options) {
-        Ok(selected) => record.vms = run_all(job, &selected, options),
+        Ok(selected) => record.vms = run_all(job, &selected, options, &repo),
         Err(e) => {
             record.error = Some(e);
             record.result = Verdict::Failure;
@@ -118,28 +132,31 @@ pub fn run_job(job: &Job, options: &RunJobOptions) -> (SessionRecord, Result<(),
             record.notified = Some(backflow_notify::notify(config, &session));
         }
     }
-    let stored = Repository::open(&job.repository)
+    let stored = open(job, &repo)
         .and_then(|repo| {
             repo.record_session(
                 &record.id,
                 &serde_json::to_value(&record).expect("a session record serialises"),
             )
+            .map_err(|e| e.to_string())
         })
         .map_err(|e| format!("recording session {}: {e}", record.id));
     (record, stored)
 }
 
+/// The job's repository, opened at the first call of a session and shared by its VMs.
+fn open<'a>(
+    job: &Job,
+    repo: &'a OnceLock<Result<Repository, String>>,
+) -> Result<&'a Repository, String> {
+    repo.get_or_init(|| Repository::open(&job.repository).map_err(|e| e.to_string()))
+        .as_ref()
+        .map_err(Clone::clone)
+}
+
 /// The worst of the VMs' results: failure over cancelled over warning over success.
 fn worst(results: impl Iterator<Item = Verdict>) -> Verdict {
-    results.fold(Verdict::Success, |acc, r| {
-        let rank = |r: Verdict| match r {
-            Verdict::Success => 0,
-            Verdict::Warning => 1,
-            Verdict::Cancelled => 2,
-            Verdict::Failure => 3,
-        };
-        if rank(r) > rank(acc) { r } else { acc }
-    })
+    results.max().unwrap_or(Verdict::Success)
 }
 
 /// The VMs to back up now.
@@ -157,7 +174,12 @@ fn plan(job: &Job, options: &RunJobOptions) -> Result<Vec<Selected>, String> {
 }
 
 /// Runs the selected VMs, `parallel` at a time; records come back in selection order.
-fn run_all(job: &Job, selected: &[Selected], options: &RunJobOptions) -> Vec<VmRecord> {
+fn run_all(
+    job: &Job,
+    selected: &[Selected],
+    options: &RunJobOptions,
+    repo: &OnceLock<Result<Repository, String>>,
+) -> Vec<VmRecord> {
     let queue = Mutex::new(selected.iter().enumerate().collect::<VecDeque<_>>());
     let done = Mutex::new(Vec::new());
     let workers = (job.parallel.0 as usize).min(selected.len()).max(1);
@@ -171,7 +193,7 @@ fn run_all(job: &Job, selected: &[Selected], options: &RunJobOptions) -> Vec<VmR
                     let record = if options.cancel.is_cancelled() {
                         skipped(vm)
                     } else {
-                        run_vm(job, vm, &options.cancel)
+                        run_vm(job, vm, &options.cancel, repo)
                     };
                     done.lock().unwrap().push((i, record));
                 }
@@ -242,7 +264,12 @@ fn yaml_scalar(value: &serde_json::Value) -> String {
     }
 }
 
-fn run_vm(job: &Job, vm: &Selected, cancel: &CancelToken) -> VmRecord {
+fn run_vm(
+    job: &Job,
+    vm: &Selected,
+    cancel: &CancelToken,
+    repo: &OnceLock<Result<Repository, String>>,
+) -> VmRecord {
     let started = Instant::now();
     let (vars, overrides) = inputs(job, vm);
     let loaded = match &job.spec {
@@ -266,31 +293,16 @@ fn run_vm(job: &Job, vm: &Selected, cancel: &CancelToken) -> VmRecord {
         }
     };
     tracing::info!(job = %job.name.0, vm = %vm.vm, "Backing up.");
-    // A run cancels its own token when one of its stages fails: each VM gets a token of its own,
-    // which the session's cancels, so that one VM failing never cancels the others.
-    let own = CancelToken::new();
-    let finished = AtomicBool::new(false);
-    let report = std::thread::scope(|scope| {
-        scope.spawn(|| {
-            while !finished.load(Ordering::SeqCst) {
-                if cancel.is_cancelled() {
-                    own.cancel();
-                    break;
-                }
-                std::thread::sleep(std::time::Duration::from_millis(20));
-            }
-        });
-        let report = pipeline.run(RunOptions {
-            cancel: own.clone(),
-            on_progress: None,
-        });
-        finished.store(true, Ordering::SeqCst);
-        report
+    // A run cancels its own token when one of its stages fails: each VM gets a child of the
+    // session's token, so that one VM failing never cancels the others.
+    let report = pipeline.run(RunOptions {
+        cancel: cancel.child(),
+        on_progress: None,
     });
     record.seconds = started.elapsed().as_secs_f64();
     fill(&mut record, &report);
     if let (Some(policy), Verdict::Success | Verdict::Warning) = (&job.retention, record.result) {
-        match retain(job, &vm.vm, policy) {
+        match open(job, repo).and_then(|repo| retain(repo, &vm.vm, policy)) {
             Ok(forgotten) => record.forgotten = forgotten,
             Err(e) => {
                 // The backup itself is committed: retention failing makes it a warning.
@@ -304,11 +316,10 @@ fn run_vm(job: &Job, vm: &Selected, cancel: &CancelToken) -> VmRecord {
 
 /// Applies the retention policy to `vm`'s snapshots; returns the ids it forgot.
 fn retain(
-    job: &Job,
+    repo: &Repository,
     vm: &str,
     policy: &backflow_repository::KeepPolicy,
 ) -> Result<Vec<String>, String> {
-    let repo = Repository::open(&job.repository).map_err(|e| e.to_string())?;
     let snapshots: Vec<_> = repo
         .list_snapshots()
         .map_err(|e| e.to_string())?

@@ -107,29 +107,27 @@ fn body(session: &Session) -> String {
         table_line(&mut out, row, &widths);
     }
 
-    let errors: Vec<_> = session
+    let errors = session
         .vms
         .iter()
-        .filter_map(|vm| vm.error.as_deref().map(|e| (&vm.vm, e)))
-        .collect();
-    if !errors.is_empty() {
-        out.push_str("\nErrors:\n");
-        for (vm, error) in errors {
-            let _ = writeln!(out, "  {vm}: {}", indent_continuation(error));
-        }
-    }
-    let warnings: Vec<_> = session
+        .filter_map(|vm| vm.error.as_deref().map(|e| (vm.vm.as_str(), e)));
+    messages(&mut out, "Errors", errors);
+    let warnings = session
         .vms
         .iter()
-        .flat_map(|vm| vm.warnings.iter().map(move |w| (&vm.vm, w)))
-        .collect();
-    if !warnings.is_empty() {
-        out.push_str("\nWarnings:\n");
-        for (vm, warning) in warnings {
-            let _ = writeln!(out, "  {vm}: {}", indent_continuation(warning));
-        }
-    }
+        .flat_map(|vm| vm.warnings.iter().map(|w| (vm.vm.as_str(), w.as_str())));
+    messages(&mut out, "Warnings", warnings);
     out
+}
+
+/// A titled list of `(vm, message)`, each message under its VM's name; nothing when there is none.
+fn messages<'a>(out: &mut String, title: &str, items: impl Iterator<Item = (&'a str, &'a str)>) {
+    for (i, (vm, message)) in items.enumerate() {
+        if i == 0 {
+            let _ = writeln!(out, "\n{title}:");
+        }
+        let _ = writeln!(out, "  {vm}: {}", indent_continuation(message));
+    }
 }
 
 /// Left-aligned text columns, right-aligned numbers (READ, WRITTEN, DURATION), two spaces apart.

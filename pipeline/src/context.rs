@@ -13,19 +13,32 @@ use crate::runtime::Outcome;
 /// Set once to stop a run: by Ctrl-C / SIGTERM, or by the runtime when a stage failed. Sources stop
 /// producing, every worker's `recv`/`send` returns `None`/`Err` within a tick, and sinks do not commit.
 #[derive(Clone, Debug, Default)]
-pub struct CancelToken(Arc<AtomicBool>);
+pub struct CancelToken {
+    flag: Arc<AtomicBool>,
+    /// The token this one was made from by [`CancelToken::child`]: cancelling it cancels this one.
+    parent: Option<Arc<CancelToken>>,
+}
 
 impl CancelToken {
     pub fn new() -> Self {
         Self::default()
     }
 
+    /// A token cancelled when this one is, or on its own: cancelling the child (as a run does when
+    /// one of its stages fails) leaves this one, and its other children, running.
+    pub fn child(&self) -> CancelToken {
+        CancelToken {
+            flag: Arc::default(),
+            parent: Some(Arc::new(self.clone())),
+        }
+    }
+
     pub fn cancel(&self) {
-        self.0.store(true, Ordering::SeqCst);
+        self.flag.store(true, Ordering::SeqCst);
     }
 
     pub fn is_cancelled(&self) -> bool {
-        self.0.load(Ordering::SeqCst)
+        self.flag.load(Ordering::SeqCst) || self.parent.as_ref().is_some_and(|p| p.is_cancelled())
     }
 }
 
@@ -117,5 +130,21 @@ impl RunContext {
 
     pub fn warnings(&self) -> Vec<String> {
         self.warnings.lock().unwrap().clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::CancelToken;
+
+    #[test]
+    fn a_child_follows_its_parent_but_not_the_other_way() {
+        let parent = CancelToken::new();
+        let (a, b) = (parent.child(), parent.child());
+        a.cancel();
+        assert!(a.is_cancelled());
+        assert!(!parent.is_cancelled() && !b.is_cancelled());
+        parent.cancel();
+        assert!(b.is_cancelled() && b.clone().is_cancelled());
     }
 }
