@@ -29,7 +29,6 @@ WORK=${BENCH_DIR:-/var/tmp/backflow-e2e-qcow2}
 source benches/peers.sh
 peers_setup qemu-img:qemu-utils
 IMG=$WORK/disk.qcow2
-json_num() { awk -F'[:,]' -v k="\"$1\"" '$1 ~ k {gsub(/ /, "", $2); print $2 + 0; exit}' "$2"; }
 
 bf_backup() { # $1: name of the measurement
   # An empty bitmap turns tracking off (the spec's default is `backflow`).
@@ -54,23 +53,13 @@ measure borg_full borg create --compression lz4 "$WORK/borg::one" "$IMG"
 measure restic_full restic -q -r "$WORK/restic" backup "$IMG"
 for t in bf borg restic; do echo "${t}_size_full $(size_of "$WORK/$t")" >>"$WORK/times"; done
 
-# ---- 5% of the disk rewritten: distinct 64 KiB blocks drawn by a 64-bit LCG (bash arithmetic
-# wraps the same everywhere), each filled with a non-zero byte pattern.
-BLOCK=65536
-BLOCKS=$((BYTES / BLOCK))
-WANT=$((BLOCKS * 5 / 100))
-declare -A taken=()
+# ---- 5% of the disk rewritten: distinct 64 KiB blocks, a non-zero byte pattern each (peers.sh)
+change_blocks "$BYTES" "$CHANGE_SEED" >"$WORK/change.blocks"
 commands=()
-state=$CHANGE_SEED
-next() { state=$(( state * 6364136223846793005 + 1442695040888963407 )); r=$(( (state >> 33) & 0x7fffffff )); }
-while [ ${#taken[@]} -lt "$WANT" ]; do
-  next; block=$((r % BLOCKS))
-  [ -n "${taken[$block]:-}" ] && continue
-  taken[$block]=1
-  next; pattern=$((1 + r % 255))
+while read -r block pattern; do
   commands+=(-c "write -q -P $pattern $((block * BLOCK)) $BLOCK")
-done
-echo "rewriting ${#taken[@]} blocks of 64 KiB ($((WANT * BLOCK / 1048576)) MiB) with qemu-io" >&2
+done <"$WORK/change.blocks"
+echo "rewriting $WANT blocks of 64 KiB ($((WANT * BLOCK / 1048576)) MiB) with qemu-io" >&2
 qemu-io -f qcow2 "${commands[@]}" "$IMG" >/dev/null
 qemu-img convert -f qcow2 -O raw "$IMG" "$WORK/at-second.raw"   # for the restore check
 cat "$IMG" >/dev/null

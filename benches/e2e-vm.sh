@@ -115,20 +115,11 @@ done
 # ---- the change: the blocks and patterns of e2e-qcow2.sh (64-bit LCG, seed CHANGE_SEED), written
 # through the guest device so that the domain's dirty bitmaps record them. One virsh session for
 # all of them (commands on stdin): one qemu-monitor-command per 64 KiB write, then a flush.
-BLOCK=65536
-BLOCKS=$((BYTES / BLOCK))
-WANT=$((BLOCKS * 5 / 100))
 DEV=/machine/peripheral/virtio-disk0/virtio-backend
-declare -A taken=()
-state=$CHANGE_SEED
-next() { state=$(( state * 6364136223846793005 + 1442695040888963407 )); r=$(( (state >> 33) & 0x7fffffff )); }
-while [ ${#taken[@]} -lt "$WANT" ]; do
-  next; block=$((r % BLOCKS))
-  [ -n "${taken[$block]:-}" ] && continue
-  taken[$block]=1
-  next; pattern=$((1 + r % 255))
+change_blocks "$BYTES" "$CHANGE_SEED" >"$WORK/change.blocks"
+while read -r block pattern; do
   echo "qemu-monitor-command DOM --hmp 'qemu-io -d $DEV \"write -q -P $pattern $((block * BLOCK)) $BLOCK\"'"
-done >"$WORK/change.virsh"
+done <"$WORK/change.blocks" >"$WORK/change.virsh"
 echo "qemu-monitor-command DOM --hmp 'qemu-io -d $DEV \"flush\"'" >>"$WORK/change.virsh"
 change() { # $1: tool, whose domain gets the change
   echo "rewriting $WANT blocks of 64 KiB ($((WANT * BLOCK / 1048576)) MiB) through the virtio device of $PREFIX-$1" >&2
@@ -207,7 +198,6 @@ fi
 # ---- the table
 mib() { awk -v b="$1" 'BEGIN {printf "%.0f", b / 1048576}'; }
 rate() { awk -v b="$BYTES" -v s="$1" 'BEGIN {printf "%.0f", b / 1048576 / s}'; }
-json_num() { awk -F'[:,]' -v k="\"$1\"" '$1 ~ k {gsub(/ /, "", $2); print $2 + 0; exit}' "$2"; }
 div() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%.2f", a / b}'; }
 echo
 echo "Domains: one per tool ($KIND), one virtio disk (vda) holding the $SIZE image generated with seed 1 as qcow2 ($(mib "$QCOW2_FULL") MiB file); 5% rewritten through the guest device between the two backups, the same on both ($WANT writes of 64 KiB, seed $CHANGE_SEED, ${CHANGE_SECONDS} s per domain through one virsh session). virtnbdbackup $(virtnbdbackup -V 2>&1 | tail -1) (flags: -l full / -l inc -n${VNB_FLAGS:+ $VNB_FLAGS}). Machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); load average $LOAD0 at the start, $LOAD1 before the first backup, $(cut -d' ' -f1 /proc/loadavg) at the end."

@@ -30,3 +30,26 @@ measure() {
 }
 size_of() { du -sb "$1" | cut -f1; }
 get() { awk -v k="$1" '$1==k {print $'"$2"'}' "$WORK/times"; }
+# json_num KEY FILE: the first number under "KEY" in the JSON report FILE (one key a line).
+json_num() { awk -F'[:,]' -v k="\"$1\"" '$1 ~ k {gsub(/ /, "", $2); print $2 + 0; exit}' "$2"; }
+
+# change_blocks BYTES SEED: the 5% change of the end-to-end scripts. Sets BLOCK (64 KiB) and WANT
+# (5% of the BYTES / BLOCK blocks); prints WANT lines "BLOCK_INDEX PATTERN": distinct blocks drawn
+# by a 64-bit LCG from SEED (bash arithmetic wraps the same everywhere), each with a non-zero
+# byte pattern. Call it without a subshell (BLOCK and WANT are for the caller): redirect its output.
+change_blocks() {
+  local blocks state r block
+  BLOCK=65536
+  blocks=$(($1 / BLOCK))
+  WANT=$((blocks * 5 / 100))
+  local -A taken=()
+  state=$2
+  while [ ${#taken[@]} -lt "$WANT" ]; do
+    state=$(( state * 6364136223846793005 + 1442695040888963407 )); r=$(( (state >> 33) & 0x7fffffff ))
+    block=$((r % blocks))
+    [ -n "${taken[$block]:-}" ] && continue
+    taken[$block]=1
+    state=$(( state * 6364136223846793005 + 1442695040888963407 )); r=$(( (state >> 33) & 0x7fffffff ))
+    echo "$block $((1 + r % 255))"
+  done
+}

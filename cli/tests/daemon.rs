@@ -25,13 +25,10 @@ fn unix_now() -> i64 {
 
 /// Three domains named `PREFIX-PID-N`, data written on each, and the glob selecting them.
 fn domains(prefix: &str) -> (Vec<Domain>, String) {
-    let vms: Vec<Domain> = (0..3)
-        .map(|_| Domain::start(prefix, &[("vda", "16M")]))
-        .collect();
+    let (vms, glob) = Domain::start_many(prefix, 3, &[("vda", "16M")]);
     for (i, vm) in vms.iter().enumerate() {
         vm.guest_write("vda", &format!("write -P {} 1M 1M", 0x11 + i));
     }
-    let glob = format!("{}-*", vms[0].name().rsplit_once('-').unwrap().0);
     (vms, glob)
 }
 

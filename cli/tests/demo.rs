@@ -8,9 +8,8 @@
 mod common;
 
 use std::path::Path;
-use std::process::Command;
 
-use backflow_testkit::libvirt::{URI, domain_names, virsh};
+use backflow_testkit::libvirt::{domain_names, try_virsh, virsh};
 use common::backflow;
 
 const DOMAIN: &str = "backflow-demo";
@@ -21,10 +20,27 @@ struct Foreign;
 
 impl Drop for Foreign {
     fn drop(&mut self) {
-        let _ = Command::new("virsh")
-            .args(["-c", URI, "undefine", DOMAIN])
-            .output();
+        let _ = try_virsh(&["undefine", DOMAIN]);
     }
+}
+
+/// Defines (does not start) a domain named [`DOMAIN`] whose `vda` is the `format` image `source`;
+/// its XML goes in `dir`.
+fn define_shut_off(dir: &Path, format: &str, source: &Path) {
+    let xml = dir.join(format!("{DOMAIN}-{format}.xml"));
+    std::fs::write(
+        &xml,
+        format!(
+            "<domain type='qemu'><name>{DOMAIN}</name><memory unit='MiB'>64</memory>\
+             <os><type arch='x86_64' machine='pc'>hvm</type></os><devices>\
+             <disk type='file' device='disk'><driver name='qemu' type='{format}'/>\
+             <source file='{}'/><target dev='vda' bus='virtio'/></disk>\
+             </devices></domain>",
+            source.display()
+        ),
+    )
+    .unwrap();
+    virsh(&["define", xml.to_str().unwrap()]);
 }
 
 fn demo(dir: &Path) -> std::process::Output {
@@ -50,19 +66,7 @@ fn demo_backs_up_and_restores_a_running_vm_and_removes_its_domains() {
     // A shut-off domain of the demo's name whose disk is elsewhere is the user's: refused, kept.
     {
         let foreign = Foreign;
-        let xml = tmp.path().join("foreign.xml");
-        std::fs::write(
-            &xml,
-            format!(
-                "<domain type='qemu'><name>{DOMAIN}</name><memory unit='MiB'>64</memory>\
-                 <os><type arch='x86_64' machine='pc'>hvm</type></os><devices>\
-                 <disk type='file' device='disk'><driver name='qemu' type='raw'/>\
-                 <source file='/nonexistent/foreign.raw'/><target dev='vda' bus='virtio'/></disk>\
-                 </devices></domain>"
-            ),
-        )
-        .unwrap();
-        virsh(&["define", xml.to_str().unwrap()]);
+        define_shut_off(tmp.path(), "raw", Path::new("/nonexistent/foreign.raw"));
         let out = demo(&dir);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "the demo ran over a foreign domain");
@@ -109,20 +113,7 @@ fn demo_backs_up_and_restores_a_running_vm_and_removes_its_domains() {
 
     // A domain a previous demo in this directory left (its disk is there) is removed by the next.
     let leftover = Foreign;
-    let xml = tmp.path().join("leftover.xml");
-    std::fs::write(
-        &xml,
-        format!(
-            "<domain type='qemu'><name>{DOMAIN}</name><memory unit='MiB'>64</memory>\
-             <os><type arch='x86_64' machine='pc'>hvm</type></os><devices>\
-             <disk type='file' device='disk'><driver name='qemu' type='qcow2'/>\
-             <source file='{}'/><target dev='vda' bus='virtio'/></disk>\
-             </devices></domain>",
-            dir.join("disk.qcow2").display()
-        ),
-    )
-    .unwrap();
-    virsh(&["define", xml.to_str().unwrap()]);
+    define_shut_off(tmp.path(), "qcow2", &dir.join("disk.qcow2"));
     let out = demo(&dir);
     assert!(
         out.status.success(),

@@ -27,14 +27,11 @@ fn run_job(file: &Path, report: &Path) -> std::process::Output {
 
 #[test]
 fn a_job_backs_up_the_vms_it_selects_and_records_the_session() {
-    let vms: Vec<Domain> = (0..4)
-        .map(|_| Domain::start("bf-job", &[("vda", "16M"), ("vdb", "8M")]))
-        .collect();
+    let (vms, glob) = Domain::start_many("bf-job", 4, &[("vda", "16M"), ("vdb", "8M")]);
     for (i, vm) in vms.iter().enumerate() {
         vm.guest_write("vda", &format!("write -P {} 1M 2M", 10 + i));
         vm.guest_write("vdb", &format!("write -P {} 0 1M", 20 + i));
     }
-    let prefix = vms[0].name().rsplit_once('-').unwrap().0.to_owned();
     let work = tempfile::tempdir().unwrap();
     let repo = work.path().join("repo");
     init_repo(&repo, "128K");
@@ -42,7 +39,7 @@ fn a_job_backs_up_the_vms_it_selects_and_records_the_session() {
     let file = job_file(
         work.path(),
         &format!(
-            "name: nightly\nrepository: {}\nvms: [\"{prefix}-*\"]\nexclude: [{}]\n\
+            "name: nightly\nrepository: {}\nvms: [\"{glob}\"]\nexclude: [{}]\n\
              exclude_disks: [\"{}:vdb\"]\nvariables: {{freeze: \"off\"}}\n\
              overrides: {{zstd: {{level: 3}}, reader: {{workers: 1}}}}\nparallel: 2\n",
             repo.display(),
@@ -165,17 +162,14 @@ fn job_file_mistakes_are_reported_with_file_line_and_column() {
 fn retention_keeps_what_it_says_and_the_sessions_are_mailed() {
     use backflow_testkit::smtp::{Options, SmtpServer};
     let server = SmtpServer::start(Options::default());
-    let vms: Vec<Domain> = (0..2)
-        .map(|_| Domain::start("bf-keep", &[("vda", "16M")]))
-        .collect();
-    let prefix = vms[0].name().rsplit_once('-').unwrap().0.to_owned();
+    let (vms, glob) = Domain::start_many("bf-keep", 2, &[("vda", "16M")]);
     let work = tempfile::tempdir().unwrap();
     let repo = work.path().join("repo");
     init_repo(&repo, "128K");
     let file = job_file(
         work.path(),
         &format!(
-            "name: keep2\nrepository: {}\nvms: [\"{prefix}-*\"]\nvariables: {{freeze: \"off\"}}\n\
+            "name: keep2\nrepository: {}\nvms: [\"{glob}\"]\nvariables: {{freeze: \"off\"}}\n\
              retention: {{keep_last: 2}}\nnotify:\n  server: 127.0.0.1\n  port: {}\n  \
              security: none\n  from: backflow@test.invalid\n  to: [ops@test.invalid]\n  \
              when: [success, failure]\n",

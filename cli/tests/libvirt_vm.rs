@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use backflow_testkit::libvirt::Domain;
+use backflow_testkit::libvirt::{Domain, make_traversable};
 use backflow_testkit::qemu::compare_images;
 use common::*;
 
@@ -44,8 +44,7 @@ impl Case {
         std::fs::create_dir(&tmp).unwrap();
         // QEMU (user libvirt-qemu) creates the NBD socket in a job directory under it.
         for d in [dir.path(), tmp.as_path()] {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).unwrap();
+            make_traversable(d);
         }
         Case {
             vm,
@@ -532,12 +531,7 @@ fn without_a_guest_agent_the_backup_warns_it_is_crash_consistent() {
 fn tcp_transport_reads_the_export_over_the_network() {
     let mut case = two_disk_case();
     // A port nobody listens on now (the kernel's pick), for QEMU's NBD server on loopback.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-        .to_string();
+    let port = backflow_testkit::smtp::free_port().to_string();
     let tcp = ["--var", "transport=tcp", "--var", "host=127.0.0.1", "--var"];
     let port_var = format!("port={port}");
     for round in 0..2 {

@@ -7,9 +7,9 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
-use backflow_testkit::libvirt::{Domain, URI, domain_names, virsh};
+use backflow_testkit::libvirt::{Domain, URI, domain_names, make_traversable, try_virsh, virsh};
 use backflow_testkit::qemu::assert_images_equal;
 use common::{backflow, init_repo, read_report, run_ok, spec};
 
@@ -19,7 +19,7 @@ struct Defined(String);
 impl Drop for Defined {
     fn drop(&mut self) {
         for args in [["destroy", &self.0], ["undefine", &self.0]] {
-            let _ = Command::new("virsh").arg("-c").arg(URI).args(args).output();
+            let _ = try_virsh(&args);
         }
     }
 }
@@ -62,10 +62,9 @@ fn restore_vm(repo: &Path, to: &Path, name: &str, report: &Path) -> Output {
 
 /// A directory QEMU (running as libvirt-qemu) can reach the images in.
 fn image_dir(parent: &Path, name: &str) -> PathBuf {
-    use std::os::unix::fs::PermissionsExt;
     let dir = parent.join(name);
     std::fs::create_dir(&dir).unwrap();
-    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    make_traversable(&dir);
     dir
 }
 

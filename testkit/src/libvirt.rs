@@ -101,6 +101,20 @@ impl Domain {
         domain
     }
 
+    /// `count` domains of [`Domain::start`]`(name_prefix, disks)`, and the glob (`PREFIX-PID-*`)
+    /// that selects them and no other test process's.
+    pub fn start_many(
+        name_prefix: &str,
+        count: usize,
+        disks: &[(&str, &str)],
+    ) -> (Vec<Domain>, String) {
+        let vms: Vec<Domain> = (0..count)
+            .map(|_| Domain::start(name_prefix, disks))
+            .collect();
+        let glob = format!("{name_prefix}-{}-*", std::process::id());
+        (vms, glob)
+    }
+
     pub fn name(&self) -> &str {
         &self.name
     }
@@ -281,7 +295,7 @@ impl Drop for Domain {
 }
 
 /// Runs `virsh` with `args`; its stdout, or an error naming the command with its output.
-fn try_virsh(args: &[&str]) -> Result<String, String> {
+pub fn try_virsh(args: &[&str]) -> Result<String, String> {
     let out = Command::new("virsh")
         .arg("-c")
         .arg(URI)
@@ -312,7 +326,9 @@ fn virtio_index(target: &str) -> u32 {
         - 1
 }
 
-fn make_traversable(dir: &Path) {
+/// Lets QEMU (user `libvirt-qemu`) through `dir`: mode 0755. libvirt chowns the images it is
+/// given, not the directories above them.
+pub fn make_traversable(dir: &Path) {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
 }
