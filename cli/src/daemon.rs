@@ -188,6 +188,10 @@ fn last_started(job: &Job) -> Option<i64> {
 /// The VMs the job selects now, to keep two jobs off one VM. When the listing fails the run goes
 /// ahead with none marked busy: it will fail on the same listing and record why.
 fn selected_vms(job: &Job) -> Vec<String> {
+    // A health check backs up no VM: it runs beside any backup.
+    if job.health_check.is_some() {
+        return Vec::new();
+    }
     Connection::open_read_only(Some(&job.uri))
         .and_then(|conn| conn.list_vms())
         .map_err(|e| e.to_string())

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::{Result, bail};
-use backflow_jobs::{RunJobOptions, SessionRecord, Verdict};
+use backflow_jobs::{HealthCheckRecord, RunJobOptions, SessionRecord, Verdict};
 use backflow_pipeline::{ByteSize, CancelToken};
 
 use crate::{BadInput, Interrupted, display};
@@ -45,11 +45,15 @@ pub fn run(command: JobCommand) -> Result<()> {
     match command {
         JobCommand::Validate { file } => {
             let job = backflow_jobs::load(&file).map_err(BadInput)?;
+            let what = match job.health_check() {
+                Some(check) if check.read_data => "health check reading every chunk".to_owned(),
+                Some(_) => "health check of the structure".to_owned(),
+                None => format!("{} VM pattern(s)", job.vms.len()),
+            };
             println!(
-                "{}: valid: job {}, {} VM pattern(s), repository {}",
+                "{}: valid: job {}, {what}, repository {}",
                 file.display(),
                 job.name.0,
-                job.vms.len(),
                 job.repository.display()
             );
             Ok(())
@@ -85,6 +89,12 @@ pub fn run(command: JobCommand) -> Result<()> {
             match record.result {
                 Verdict::Success | Verdict::Warning => Ok(()),
                 Verdict::Cancelled => Err(Interrupted.into()),
+                Verdict::Failure if record.health_check.is_some() => {
+                    bail!(
+                        "job {}: the health check found damage (see above)",
+                        record.job
+                    )
+                }
                 Verdict::Failure => {
                     let failed: Vec<&str> = record
                         .vms
@@ -105,12 +115,20 @@ pub fn run(command: JobCommand) -> Result<()> {
     }
 }
 
-/// One line per VM, then its warnings and error.
+/// One line per VM, then its warnings and error; or what a health check found.
 fn summary(record: &SessionRecord) -> String {
     let mut out = format!(
-        "job {}, session {}: {}\n{:<24} {:<9} {:>10} {:>10} {:>8}  snapshot\n",
-        record.job, record.id, record.result, "vm", "result", "read", "written", "seconds"
+        "job {}, session {}: {}\n",
+        record.job, record.id, record.result
     );
+    if let Some(check) = &record.health_check {
+        out.push_str(&check_summary(check));
+        return out;
+    }
+    out.push_str(&format!(
+        "{:<24} {:<9} {:>10} {:>10} {:>8}  snapshot\n",
+        "vm", "result", "read", "written", "seconds"
+    ));
     for vm in &record.vms {
         out.push_str(&format!(
             "{:<24} {:<9} {:>10} {:>10} {:>8.1}  {}\n",
@@ -127,6 +145,39 @@ fn summary(record: &SessionRecord) -> String {
         if let Some(e) = &vm.error {
             out.push_str(&format!("  error: {e}\n"));
         }
+    }
+    out
+}
+
+/// What a health check read and found.
+fn check_summary(check: &HealthCheckRecord) -> String {
+    let mut out = format!(
+        "health check: {} snapshots, {} chunks read ({}), {:.1} s\n",
+        check.snapshots,
+        check.chunks_read,
+        ByteSize(check.bytes_read),
+        check.seconds
+    );
+    if let Some(e) = &check.error {
+        out.push_str(&format!("  error: {e}\n"));
+    }
+    for f in &check.damaged_files {
+        out.push_str(&format!("  damaged file {f}\n"));
+    }
+    if check.damaged_chunks > 0 {
+        out.push_str(&format!(
+            "  {} damaged chunks marked ({} new); the next backup of a VM that still has the data \
+             stores it again\n  snapshots affected: {}\n",
+            check.damaged_chunks,
+            check.new_marks,
+            check.affected_snapshots.join(", ")
+        ));
+    }
+    if check.healed_chunks > 0 {
+        out.push_str(&format!(
+            "  {} damaged chunk copies superseded by healthy copies stored later\n",
+            check.healed_chunks
+        ));
     }
     out
 }

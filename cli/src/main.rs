@@ -5,6 +5,7 @@ mod daemon;
 mod demo;
 mod display;
 mod forget;
+mod gc;
 mod jobs;
 mod vms;
 
@@ -85,6 +86,9 @@ enum Command {
         /// Chunk size: a multiple of 64K (default 128K).
         #[arg(long)]
         chunk_size: Option<ByteSize>,
+        /// Size at which pack files are closed (default 32M; 64K to 1G).
+        #[arg(long)]
+        pack_size: Option<ByteSize>,
     },
     /// List the snapshots (restore points) of a repository.
     Snapshots {
@@ -126,6 +130,12 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Remove what no snapshot references (after `forget`), rewriting partly used packs. Runs next
+    /// to backups; deletion waits for backups that were running when it began (the next gc
+    /// finishes it). Can be killed and run again at any moment.
+    Gc(gc::Args),
+    /// Rebuild the index from the packs alone (repair; no backup may run meanwhile).
+    RebuildIndex(gc::RebuildArgs),
     /// Forget snapshots by a keep policy (keep-last, daily/weekly/monthly/yearly), each VM on its
     /// own; --dry-run lists what would go. Chunks stay until a garbage collection.
     Forget(forget::Args),
@@ -238,11 +248,21 @@ fn execute(command: Command) -> Result<()> {
             print_stages(json);
             Ok(())
         }
-        Command::Init { repo, chunk_size } => {
+        Command::Init {
+            repo,
+            chunk_size,
+            pack_size,
+        } => {
             let chunk_size = chunk_size
                 .map(|c| u32::try_from(c.bytes()).unwrap_or(u32::MAX))
                 .unwrap_or(backflow_repository::DEFAULT_CHUNK_SIZE);
-            Repository::init(&repo, chunk_size)
+            let options = backflow_repository::InitOptions {
+                chunk_size,
+                pack_target_size: pack_size
+                    .map(|p| p.bytes())
+                    .unwrap_or(backflow_repository::DEFAULT_PACK_TARGET_SIZE),
+            };
+            Repository::init_with(&repo, &options)
                 .with_context(|| format!("creating a repository in {}", repo.display()))?;
             println!(
                 "created repository {} (chunk size {})",
@@ -304,7 +324,7 @@ fn execute(command: Command) -> Result<()> {
             json,
         } => {
             let repository = open_repo(&repo)?;
-            let report = repository.verify(read_data)?;
+            let report = repository.verify_and_mark(read_data)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
@@ -316,6 +336,8 @@ fn execute(command: Command) -> Result<()> {
             Ok(())
         }
         Command::Forget(args) => forget::run(args),
+        Command::Gc(args) => gc::run(args),
+        Command::RebuildIndex(args) => gc::rebuild(args),
         Command::Job(command) => jobs::run(command),
         Command::Sessions(args) => jobs::sessions(args),
         Command::Daemon(args) => daemon::run(args),
@@ -324,7 +346,7 @@ fn execute(command: Command) -> Result<()> {
     }
 }
 
-fn open_repo(path: &Path) -> Result<Repository> {
+pub(crate) fn open_repo(path: &Path) -> Result<Repository> {
     Repository::open(path).with_context(|| format!("opening repository {}", path.display()))
 }
 
@@ -454,8 +476,11 @@ pub fn verify_text(report: &backflow_repository::VerifyReport) -> String {
     }
     for p in &report.problems {
         out.push_str(&format!(
-            "DAMAGED chunk {} ({:?}): {}\n",
-            p.digest, p.kind, p.detail
+            "{} chunk {} ({:?}): {}\n",
+            if p.healed { "HEALED" } else { "DAMAGED" },
+            p.digest,
+            p.kind,
+            p.detail
         ));
         if let Some(pack) = &p.pack {
             out.push_str(&format!(
@@ -464,7 +489,11 @@ pub fn verify_text(report: &backflow_repository::VerifyReport) -> String {
                 p.offset.unwrap_or(0)
             ));
         }
-        if p.snapshots.is_empty() {
+        if p.healed {
+            out.push_str(
+                "    superseded by a healthy copy stored later: no restore point needs this one\n",
+            );
+        } else if p.snapshots.is_empty() {
             out.push_str("    no snapshot uses it\n");
         } else {
             out.push_str(&format!(
@@ -472,6 +501,17 @@ pub fn verify_text(report: &backflow_repository::VerifyReport) -> String {
                 p.snapshots.join(", ")
             ));
         }
+    }
+    let unhealed = report
+        .problems
+        .iter()
+        .filter(|p| !p.healed && p.pack.is_some())
+        .count();
+    if report.marked > 0 && unhealed > 0 {
+        out.push_str(&format!(
+            "{unhealed} damaged chunks marked; the next backup of a VM that still has the data \
+             stores it again\n"
+        ));
     }
     out.push_str(if report.is_ok() {
         "repository OK\n"

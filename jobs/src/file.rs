@@ -27,11 +27,22 @@
 //!   to: [ops@example.com]
 //!   when: [warning, failure]         # and/or success
 //! ```
+//!
+//! A health-check job verifies the repository instead of backing up (no `vms`; `uri`, `exclude`,
+//! `exclude_disks`, `spec`, `variables`, `overrides`, `parallel` and `retention` do not apply):
+//! ```yaml
+//! name: weekly-check
+//! repository: /srv/backflow
+//! health_check: {read_data: true}    # read_data: decode and hash every chunk (default true)
+//! schedule: ["0 3 * * 0"]
+//! notify: ...
+//! ```
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
+use serde_saphyr::Spanned;
 
 /// A job as its file says.
 #[derive(Clone, Debug, Deserialize)]
@@ -41,6 +52,8 @@ pub struct Job {
     #[serde(default = "default_uri")]
     pub uri: String,
     pub repository: PathBuf,
+    /// The VMs to back up; empty for a health check.
+    #[serde(default)]
     pub vms: Vec<Pattern>,
     #[serde(default)]
     pub exclude: Vec<Pattern>,
@@ -63,6 +76,30 @@ pub struct Job {
     /// Mail the session's report (see `backflow-notify`).
     #[serde(default)]
     pub notify: Option<backflow_notify::SmtpConfig>,
+    /// Verify the repository instead of backing up (a job has this or `vms`, not both).
+    #[serde(default)]
+    pub health_check: Option<Spanned<HealthCheck>>,
+}
+
+/// What a health-check job checks: `verify`, which marks the damaged chunks it finds so that the
+/// next backup of a VM that still has the data stores it again.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheck {
+    /// Read, decode and hash every chunk (`verify --read-data`); false checks structure only.
+    #[serde(default = "yes")]
+    pub read_data: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl Job {
+    /// The health check this job runs instead of backups, if it is one.
+    pub fn health_check(&self) -> Option<&HealthCheck> {
+        self.health_check.as_ref().map(|h| &h.value)
+    }
 }
 
 fn default_uri() -> String {
@@ -83,6 +120,24 @@ pub fn load(path: &Path) -> Result<Job, String> {
 /// Parses a job from text; `file` is what errors call it.
 pub fn parse(text: &str, file: &str) -> Result<Job, String> {
     let job: Job = serde_saphyr::from_str(text).map_err(|e| located(&e.to_string(), file))?;
+    match (&job.health_check, job.vms.is_empty()) {
+        (Some(check), false) => {
+            let at = check.referenced;
+            return Err(format!(
+                "{file}:{}:{}: health_check: a job either backs up `vms` or checks the repository \
+                 (`health_check`), not both; write two jobs",
+                at.line(),
+                at.column()
+            ));
+        }
+        (None, true) => {
+            return Err(format!(
+                "{file}: a job needs `vms` (the VMs to back up) or `health_check` (to verify the \
+                 repository)"
+            ));
+        }
+        _ => {}
+    }
     let relative_to = Path::new(file).parent().unwrap_or(Path::new("."));
     Ok(Job {
         // Paths in a job file are relative to the file, as people expect of configuration.
@@ -292,6 +347,20 @@ mod tests {
     }
 
     #[test]
+    fn a_health_check_job_reads() {
+        let job = parse(
+            "name: weekly-check\nrepository: /srv/backflow\nhealth_check: {read_data: false}\n\
+             schedule: [\"0 3 * * 0\"]\n",
+            "j.yaml",
+        )
+        .unwrap();
+        assert!(job.vms.is_empty());
+        assert!(!job.health_check().unwrap().read_data);
+        let job = parse("name: c\nrepository: r\nhealth_check: {}\n", "j.yaml").unwrap();
+        assert!(job.health_check().unwrap().read_data);
+    }
+
+    #[test]
     fn mistakes_name_file_line_column_and_what_was_expected() {
         let cases = [
             (
@@ -324,6 +393,17 @@ mod tests {
                 "j.yaml:",
                 "missing field `repository`",
             ),
+            (
+                "name: a\nrepository: r\nvms: [x]\nhealth_check: {read_data: true}\n",
+                "j.yaml:4:15: ",
+                "not both",
+            ),
+            (
+                "name: a\nrepository: r\nhealth_check: {read_dat: true}\n",
+                "j.yaml:3:",
+                "unknown field `read_dat`",
+            ),
+            ("name: a\nrepository: r\n", "j.yaml: ", "a job needs `vms`"),
         ];
         for (text, at, what) in cases {
             let e = parse(text, "j.yaml").unwrap_err();

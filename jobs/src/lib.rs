@@ -15,4 +15,6 @@ pub mod schedule;
 pub mod select;
 
 pub use file::{Job, load, parse};
-pub use run::{RunJobOptions, SessionRecord, Verdict, VmRecord, run_job, sessions};
+pub use run::{
+    HealthCheckRecord, RunJobOptions, SessionRecord, Verdict, VmRecord, run_job, sessions,
+};

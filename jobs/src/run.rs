@@ -3,6 +3,12 @@
 //!
 //! Each VM is its own pipeline run (its own snapshot, cleanup and report): one VM failing does not
 //! stop the others, and the session's outcome is the worst of its VMs'.
+//!
+//! A health-check job runs `verify` instead ([`Repository::verify_and_mark`]): the damaged chunks
+//! it finds are marked, so that the next backup of a VM that still has the data stores it again.
+//! Its session is a failure when a restore point needs a damaged chunk, a warning when damage was
+//! found that a later copy already heals, a success otherwise; the record holds the counts and the
+//! affected snapshots.
 
 use std::collections::VecDeque;
 use std::path::Path;
@@ -80,6 +86,33 @@ pub struct SessionRecord {
     pub error: Option<String>,
     /// Whether the mail server accepted the session's report (`None`: none was due).
     pub notified: Option<bool>,
+    /// What a health-check job found (`None` for backups).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub health_check: Option<HealthCheckRecord>,
+}
+
+/// What a health check found.
+#[derive(Clone, Debug, Serialize)]
+pub struct HealthCheckRecord {
+    pub read_data: bool,
+    pub seconds: f64,
+    pub snapshots: u64,
+    pub chunks_read: u64,
+    pub bytes_read: u64,
+    /// Damaged chunks that restore points need (no healthy copy is stored).
+    pub damaged_chunks: u64,
+    /// Damaged copies of chunks that a later backup stored again: no restore point needs them.
+    pub healed_chunks: u64,
+    /// Damaged copies this check marked that were not marked before.
+    pub new_marks: u64,
+    /// Manifests, index files and packs that could not be read at all.
+    pub damaged_files: Vec<String>,
+    /// Snapshots that need a damaged chunk: they do not restore whole until it is healed.
+    pub affected_snapshots: Vec<String>,
+    /// Why the check could not run.
+    pub error: Option<String>,
+    /// `verify`'s whole report (as `backflow verify --json` prints it).
+    pub report: Option<serde_json::Value>,
 }
 
 /// What a run may be told from outside.
@@ -112,18 +145,25 @@ pub fn run_job(job: &Job, options: &RunJobOptions) -> (SessionRecord, Result<(),
         vms: Vec::new(),
         error: None,
         notified: None,
+        health_check: None,
     };
     // Opened once, on first use: by a VM's retention, else to record the session.
     let repo = OnceLock::new();
-    match plan(job, options) {
-        Ok(selected) => record.vms = run_all(job, &selected, options, &repo),
-        Err(e) => {
-            record.error = Some(e);
-            record.result = Verdict::Failure;
+    if let Some(check) = job.health_check() {
+        let (result, found) = health_check(job, check.read_data, &repo);
+        record.result = result;
+        record.health_check = Some(found);
+    } else {
+        match plan(job, options) {
+            Ok(selected) => record.vms = run_all(job, &selected, options, &repo),
+            Err(e) => {
+                record.error = Some(e);
+                record.result = Verdict::Failure;
+            }
         }
     }
     record.ended = now();
-    if record.error.is_none() {
+    if record.error.is_none() && record.health_check.is_none() {
         record.result = worst(record.vms.iter().map(|v| v.result));
     }
     if let Some(config) = &job.notify {
@@ -142,6 +182,72 @@ pub fn run_job(job: &Job, options: &RunJobOptions) -> (SessionRecord, Result<(),
         })
         .map_err(|e| format!("recording session {}: {e}", record.id));
     (record, stored)
+}
+
+/// Runs the job's health check: verify, marking what it finds.
+fn health_check(
+    job: &Job,
+    read_data: bool,
+    repo: &OnceLock<Result<Repository, String>>,
+) -> (Verdict, HealthCheckRecord) {
+    let started = Instant::now();
+    tracing::info!(job = %job.name.0, read_data, "Checking the repository.");
+    let mut found = HealthCheckRecord {
+        read_data,
+        seconds: 0.0,
+        snapshots: 0,
+        chunks_read: 0,
+        bytes_read: 0,
+        damaged_chunks: 0,
+        healed_chunks: 0,
+        new_marks: 0,
+        damaged_files: Vec::new(),
+        affected_snapshots: Vec::new(),
+        error: None,
+        report: None,
+    };
+    let report = open(job, repo).and_then(|r| {
+        r.verify_and_mark(read_data)
+            .map_err(|e| format!("verify: {e}"))
+    });
+    found.seconds = started.elapsed().as_secs_f64();
+    let report = match report {
+        Ok(report) => report,
+        Err(e) => {
+            found.error = Some(e);
+            return (Verdict::Failure, found);
+        }
+    };
+    found.snapshots = report.snapshots;
+    found.chunks_read = report.chunks_read;
+    found.bytes_read = report.bytes_read;
+    found.healed_chunks = report.problems.iter().filter(|p| p.healed).count() as u64;
+    found.damaged_chunks = report.problems.len() as u64 - found.healed_chunks;
+    found.new_marks = report.new_marks;
+    found.damaged_files = report
+        .damaged_snapshots
+        .iter()
+        .chain(&report.damaged_index_files)
+        .chain(&report.damaged_packs)
+        .map(|f| format!("{}: {}", f.path, f.error))
+        .collect();
+    let mut affected: Vec<String> = report
+        .problems
+        .iter()
+        .flat_map(|p| p.snapshots.iter().cloned())
+        .collect();
+    affected.sort();
+    affected.dedup();
+    found.affected_snapshots = affected;
+    found.report = serde_json::to_value(&report).ok();
+    let result = if !report.is_ok() {
+        Verdict::Failure
+    } else if found.healed_chunks > 0 {
+        Verdict::Warning
+    } else {
+        Verdict::Success
+    };
+    (result, found)
 }
 
 /// The job's repository, opened at the first call of a session and shared by its VMs.
@@ -361,6 +467,9 @@ fn mail(record: &SessionRecord) -> backflow_notify::Session {
             )
         })
         .collect();
+    if let Some(check) = &record.health_check {
+        vms.push(check_row(check, record));
+    }
     if let Some(e) = &record.error {
         // Nothing ran: the session failed as a whole.
         let mut failed = VmReport::new("(job)", Outcome::Failure);
@@ -373,6 +482,53 @@ fn mail(record: &SessionRecord) -> backflow_notify::Session {
         ended: record.ended.max(0) as u64,
         vms,
     }
+}
+
+/// A health check as the mail's one row: what it read, the damage and what happens next.
+fn check_row(check: &HealthCheckRecord, record: &SessionRecord) -> backflow_notify::VmReport {
+    use backflow_notify::{Outcome, VmReport};
+    let mut row = VmReport::new(
+        "(health check)",
+        match record.result {
+            Verdict::Success => Outcome::Success,
+            Verdict::Warning => Outcome::Warning,
+            Verdict::Failure | Verdict::Cancelled => Outcome::Failure,
+        },
+    );
+    row.bytes_read = check.bytes_read;
+    row.duration = std::time::Duration::from_secs_f64(check.seconds.max(0.0));
+    if check.healed_chunks > 0 {
+        row.warnings.push(format!(
+            "{} damaged chunk copies are superseded by healthy copies stored later (a garbage \
+             collection removes them)",
+            check.healed_chunks
+        ));
+    }
+    let mut problems = Vec::new();
+    if let Some(e) = &check.error {
+        problems.push(e.clone());
+    }
+    if check.damaged_chunks > 0 {
+        problems.push(format!(
+            "{} damaged chunks ({} newly marked); the next backup of a VM that still has the data \
+             stores it again; snapshots affected: {}",
+            check.damaged_chunks,
+            check.new_marks,
+            if check.affected_snapshots.is_empty() {
+                "none".to_owned()
+            } else {
+                check.affected_snapshots.join(", ")
+            }
+        ));
+    }
+    problems.extend(
+        check
+            .damaged_files
+            .iter()
+            .map(|f| format!("damaged file {f}")),
+    );
+    row.error = (!problems.is_empty()).then(|| problems.join("; "));
+    row
 }
 
 fn fill(record: &mut VmRecord, report: &RunReport) {

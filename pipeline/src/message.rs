@@ -157,6 +157,12 @@ pub trait ParentChunks: Send + Sync + fmt::Debug {
     fn chunk_count(&self) -> u64;
     fn get(&self, index: u64) -> io::Result<ChunkRef>;
 
+    /// Whether the parent's chunk at `index` must not be referenced: the repository marked its stored copies
+    /// damaged and holds no healthy one, so the chunk is read and stored again even when it did not change.
+    fn must_store_again(&self, _index: u64) -> bool {
+        false
+    }
+
     /// Entries `[first, first + out.len())`, for copying unchanged runs in bulk.
     fn get_range(&self, first: u64, out: &mut [ChunkRef]) -> io::Result<()> {
         for (i, slot) in out.iter_mut().enumerate() {

@@ -191,3 +191,99 @@ fn a_session_does_not_commit_chunks_it_lost() {
     assert!(repo.list_snapshots().unwrap().is_empty());
     assert!(repo.verify(true).unwrap().is_ok());
 }
+
+/// The garbage collection's hardest case: a backup (the "stale" one) finds condemned chunks in the index it
+/// had open, commits, and its snapshot is forgotten while the cycle is pending; a later backup, begun after
+/// the chunks were condemned, copies the forgotten snapshot's references as its parent. The chunks must
+/// survive, because the forgotten manifest waits in `gc/forgotten/` for the end of the cycle.
+#[test]
+fn gc_keeps_chunks_that_running_and_later_backups_took_from_a_forgotten_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    // `admin` commits, forgets and collects; a gc never waits for its own handle.
+    let admin = Repository::init(dir.path(), CHUNK as u32).unwrap();
+    let first = commit(&admin, &[1, 2, 3]);
+    commit(&admin, &[4, 5]);
+
+    // A handle opened before the gc: its backup will use chunks 1-3 without storing them.
+    let stale = Repository::open(dir.path()).unwrap();
+    stale.lookup(&digest(&chunk(1))).unwrap();
+    admin.forget(&first).unwrap();
+    let pending = admin.gc(&GcOptions::default()).unwrap();
+    assert!(pending.waiting_for.is_some(), "{pending:?}");
+    assert_eq!(pending.chunks_removed, 3);
+
+    // The stale backup still finds the condemned chunks in the index files it opened before.
+    let (session, writer) = start(&stale, &[1, 2, 3, 6]);
+    writer.finish().unwrap();
+    let stale_id = session.commit(None).unwrap().id;
+    // Its snapshot is opened as a parent by a backup that begins now, then forgotten.
+    let later = Repository::open(dir.path()).unwrap();
+    let parent = later.open_snapshot(&stale_id).unwrap();
+    admin.forget(&stale_id).unwrap();
+    assert!(
+        dir.path()
+            .join("gc/forgotten")
+            .join(format!("{stale_id}.snap"))
+            .exists()
+    );
+    let session = later.begin_backup("vm").unwrap();
+    let disk = session
+        .add_disk(DiskMeta {
+            name: "vda".into(),
+            size: 4 * CHUNK as u64,
+            chunk_size: CHUNK as u32,
+            location: "test".into(),
+            cbt: None,
+        })
+        .unwrap();
+    session.copy_chunks(disk, &parent, 0, 0, 4).unwrap();
+    // While the stale handle is open, the deletion still waits.
+    assert!(
+        admin
+            .gc(&GcOptions::default())
+            .unwrap()
+            .waiting_for
+            .is_some()
+    );
+    drop(stale);
+    let finished = admin.gc(&GcOptions::default()).unwrap();
+    let earlier = finished.earlier_cycle.expect("the pending cycle finished");
+    assert_eq!(earlier.waiting_for, None);
+    assert_eq!(earlier.chunks_kept_for_running_backups, 3);
+    let later_id = session.commit(None).unwrap().id;
+    restores(&later, &later_id, &[1, 2, 3, 6]);
+    assert!(!dir.path().join("gc/forgotten").exists());
+    assert!(later.verify(true).unwrap().is_ok());
+}
+
+fn commit(repo: &Repository, seeds: &[u64]) -> String {
+    let (session, writer) = start(repo, seeds);
+    writer.finish().unwrap();
+    session.commit(None).unwrap().id
+}
+
+/// Every index record a gc reads is checked: a flipped bit in an index file stops the gc before it changes
+/// anything.
+#[test]
+fn gc_refuses_a_damaged_index_and_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = Repository::init(dir.path(), CHUNK as u32).unwrap();
+    let first = commit(&repo, &[1, 2, 3]);
+    commit(&repo, &[4]);
+    repo.forget(&first).unwrap();
+    let index = std::fs::read_dir(dir.path().join("index"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let mut bytes = std::fs::read(&index).unwrap();
+    let n = bytes.len();
+    bytes[n - 40] ^= 0x10;
+    std::fs::write(&index, &bytes).unwrap();
+    let packs_before = repo.list_packs().unwrap();
+    let err = repo.gc(&GcOptions::default()).unwrap_err().to_string();
+    assert!(err.contains("stopped before changing anything"), "{err}");
+    assert_eq!(repo.list_packs().unwrap(), packs_before);
+    assert!(!dir.path().join("gc/state.json").exists());
+}

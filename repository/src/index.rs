@@ -3,8 +3,6 @@
 //! The byte layout and the reasons for it are in the crate root ("Index files"). A damaged (unsorted) file
 //! can make a lookup miss; it can never make it loop, read out of bounds or allocate from a bad count.
 
-use std::cmp::Reverse;
-use std::collections::BinaryHeap;
 use std::fs::File;
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
@@ -13,6 +11,7 @@ use crate::config::{MAX_CHUNK_SIZE, MAX_STORED_LEN};
 use crate::error::{IoContext, RepoError, Result, read_exact_at};
 use crate::format::{CHECKSUM_SIZE, FORMAT_VERSION, FieldReader, FieldWriter, HashingWriter};
 use crate::pack::PackEntry;
+use crate::sort::Sorter;
 use crate::{ChunkLocation, Codec, Digest, PackId};
 
 pub(crate) const INDEX_MAGIC: [u8; 8] = *b"BFLWIDX\0";
@@ -22,9 +21,9 @@ const FANOUT_SIZE: usize = 256 * 8;
 const _: () = assert!(INDEX_HEADER_SIZE == 8 + 4 + 4 + 8 + 4 + 4);
 const _: () = assert!(INDEX_RECORD_SIZE == 32 + 4 + 1 + 3 + 8 + 4 + 4);
 
-/// Records a builder keeps in memory before it sorts them into a run file in scratch: 512 Ki records are about
-/// 28 MiB. A full backup of a 2 TiB disk with 64 KiB chunks has 32 Mi new chunks; the builder then holds 64
-/// sorted runs on disk and merges them into the index file at commit with one 64 KiB buffer per run.
+/// Records a session's builder keeps in memory before it sorts them into a run file in scratch: 512 Ki records
+/// are about 28 MiB. A full backup of a 2 TiB disk with 64 KiB chunks has 32 Mi new chunks; the runs are merged
+/// as they accumulate (see `sort.rs`) and into the index file at commit.
 pub(crate) const INDEX_SPILL_RECORDS: usize = 512 * 1024;
 
 /// Read buffer of each run during the merge.
@@ -364,17 +363,136 @@ pub(crate) fn scan_index(path: &Path, mut f: impl FnMut(&IndexRecord, PackId)) -
     Ok(header.record_count)
 }
 
-/// Collects the entries of finished packs and writes them as one sorted index file, with memory bounded by
-/// [`INDEX_SPILL_RECORDS`]: beyond it, sorted runs go to the scratch directory and are merged at the end.
+/// Pack tables up to this many entries (1 MiB) are read into memory by [`IndexStream`]; larger ones are read
+/// by position for each record, so a stream's memory does not grow with the repository.
+const STREAM_PACK_TABLE_IN_MEMORY: u32 = 64 * 1024;
+
+/// Reads an index file's records in order, one at a time: the pull form of [`scan_index`], for merging many
+/// index files (garbage collection). Checks sort order as it goes and the checksum once the last record has
+/// been read, so a consumer that acts only after the stream ended never acts on a damaged file.
+pub(crate) struct IndexStream {
+    path: PathBuf,
+    reader: BufReader<File>,
+    hasher: blake3::Hasher,
+    remaining: u64,
+    pack_count: u32,
+    packs: Vec<PackId>,
+    /// The file again, for pack ids read by position when the table is large.
+    table: File,
+    packs_offset: u64,
+    prev: Option<Digest>,
+}
+
+impl IndexStream {
+    pub(crate) fn open(path: &Path) -> Result<IndexStream> {
+        let file = File::open(path).ctx("open index", path)?;
+        let table = file.try_clone().ctx("open index", path)?;
+        let len = file.metadata().ctx("stat", path)?.len();
+        let mut reader = BufReader::with_capacity(RUN_READ_BUFFER, file);
+        let mut hasher = blake3::Hasher::new();
+        let mut hb = [0u8; INDEX_HEADER_SIZE];
+        reader
+            .read_exact(&mut hb)
+            .map_err(|_| RepoError::corrupt(path, "truncated in the header"))?;
+        hasher.update(&hb);
+        let header = IndexHeader::decode(&hb, path)?;
+        if header.file_len() != Some(len) {
+            return Err(RepoError::corrupt(
+                path,
+                format!("truncated or extended: {len} bytes do not match the header"),
+            ));
+        }
+        let mut packs = Vec::new();
+        for _ in 0..header.pack_count {
+            let mut b = [0u8; 16];
+            reader
+                .read_exact(&mut b)
+                .map_err(|e| RepoError::io("read", path, e))?;
+            hasher.update(&b);
+            if header.pack_count <= STREAM_PACK_TABLE_IN_MEMORY {
+                packs.push(PackId(b));
+            }
+        }
+        let mut fb = [0u8; FANOUT_SIZE];
+        reader
+            .read_exact(&mut fb)
+            .map_err(|e| RepoError::io("read", path, e))?;
+        hasher.update(&fb);
+        decode_fanout(&fb, header.record_count, path)?;
+        Ok(IndexStream {
+            path: path.to_owned(),
+            reader,
+            hasher,
+            remaining: header.record_count,
+            pack_count: header.pack_count,
+            packs,
+            table,
+            packs_offset: header.packs_offset(),
+            prev: None,
+        })
+    }
+
+    /// The next record and its pack id; `None` after the last one, once the checksum has been checked.
+    pub(crate) fn next_record(&mut self) -> Result<Option<(IndexRecord, PackId)>> {
+        if self.remaining == 0 {
+            let mut sum = [0u8; CHECKSUM_SIZE];
+            self.reader
+                .read_exact(&mut sum)
+                .map_err(|e| RepoError::io("read", &self.path, e))?;
+            if self.hasher.finalize().as_bytes() != &sum {
+                return Err(RepoError::corrupt(
+                    &self.path,
+                    "checksum mismatch: the index changed after it was written",
+                ));
+            }
+            // Checked once: a second call finds nothing more to read.
+            self.remaining = u64::MAX;
+            return Ok(None);
+        }
+        if self.remaining == u64::MAX {
+            return Ok(None);
+        }
+        let mut b = [0u8; INDEX_RECORD_SIZE];
+        self.reader
+            .read_exact(&mut b)
+            .map_err(|_| RepoError::corrupt(&self.path, "truncated in the records"))?;
+        self.hasher.update(&b);
+        self.remaining -= 1;
+        let rec = IndexRecord::decode(&b, self.pack_count, &self.path)?;
+        if self.prev.is_some_and(|p| p > rec.digest) {
+            return Err(RepoError::corrupt(
+                &self.path,
+                format!("record {} is out of order", rec.digest),
+            ));
+        }
+        self.prev = Some(rec.digest);
+        let pack = match self.packs.get(rec.pack as usize) {
+            Some(id) => *id,
+            None => {
+                let mut id = [0u8; 16];
+                read_exact_at(
+                    &self.table,
+                    &mut id,
+                    self.packs_offset + 16 * u64::from(rec.pack),
+                    &self.path,
+                    "pack table",
+                )?;
+                PackId(id)
+            }
+        };
+        Ok(Some((rec, pack)))
+    }
+}
+
+/// Collects the entries of finished packs and writes them as one sorted index file. The records go through a
+/// [`Sorter`], so memory is bounded by the spill size (default [`INDEX_SPILL_RECORDS`]), plus 16 bytes per pack
+/// for the pack table.
 #[derive(Debug)]
 pub(crate) struct IndexBuilder {
-    scratch: PathBuf,
     packs: Vec<PackId>,
-    pending: Vec<IndexRecord>,
-    runs: Vec<PathBuf>,
-    /// Per first byte, records already in run files.
-    run_counts: Box<[u64; 256]>,
-    spill_at: usize,
+    records: Sorter<INDEX_RECORD_SIZE>,
+    /// Records per first byte of the digest: the fanout.
+    counts: Box<[u64; 256]>,
 }
 
 impl IndexBuilder {
@@ -384,83 +502,55 @@ impl IndexBuilder {
 
     pub(crate) fn with_spill(scratch: PathBuf, spill_at: usize) -> IndexBuilder {
         IndexBuilder {
-            scratch,
             packs: Vec::new(),
-            pending: Vec::new(),
-            runs: Vec::new(),
-            run_counts: Box::new([0; 256]),
-            spill_at: spill_at.max(1),
+            records: Sorter::with_buffer(
+                &scratch,
+                "index",
+                false,
+                spill_at.clamp(1, usize::MAX / INDEX_RECORD_SIZE) * INDEX_RECORD_SIZE,
+            ),
+            counts: Box::new([0; 256]),
         }
     }
 
     pub(crate) fn is_empty(&self) -> bool {
-        self.pending.is_empty() && self.runs.is_empty()
+        self.counts.iter().all(|c| *c == 0)
     }
 
     pub(crate) fn pack_count(&self) -> usize {
         self.packs.len()
     }
 
+    /// Adds a pack's entries. A digest may come twice (two writers raced to store it); both records are
+    /// kept, and a lookup finds either.
     pub(crate) fn add_pack(&mut self, id: PackId, entries: &[PackEntry]) -> Result<()> {
         let pack = u32::try_from(self.packs.len())
             .map_err(|_| RepoError::InvalidArgument("more than 2^32 packs in one index".into()))?;
         self.packs.push(id);
         for e in entries {
-            self.pending.push(IndexRecord {
+            let record = IndexRecord {
                 digest: e.digest,
                 pack,
                 codec: e.codec,
                 offset: e.offset,
                 stored_len: e.stored_len,
                 raw_len: e.raw_len,
-            });
-            if self.pending.len() >= self.spill_at {
-                self.spill()?;
-            }
+            };
+            self.records.push(record.encode())?;
+            self.counts[e.digest.0[0] as usize] += 1;
         }
-        Ok(())
-    }
-
-    fn sort_pending(&mut self) {
-        self.pending.sort_unstable_by_key(|r| r.digest);
-        self.pending.dedup_by(|a, b| a.digest == b.digest);
-    }
-
-    fn spill(&mut self) -> Result<()> {
-        self.sort_pending();
-        let path = self.scratch.join(format!("index-run-{}", self.runs.len()));
-        let file = File::create(&path).ctx("create index run", &path)?;
-        let mut out = BufWriter::with_capacity(RUN_READ_BUFFER, file);
-        for r in &self.pending {
-            out.write_all(&r.encode()).ctx("write index run", &path)?;
-            self.run_counts[r.digest.0[0] as usize] += 1;
-        }
-        out.flush().ctx("write index run", &path)?;
-        self.runs.push(path);
-        self.pending.clear();
         Ok(())
     }
 
     /// Writes the complete index file to `dest` (a temporary name) and fsyncs it. The caller renames it.
-    pub(crate) fn write(mut self, dest: &Path) -> Result<u64> {
-        let mut counts: Box<[u64; 256]>;
-        if self.runs.is_empty() {
-            self.sort_pending();
-            counts = Box::new([0; 256]);
-        } else {
-            if !self.pending.is_empty() {
-                self.spill()?;
-            }
-            counts = self.run_counts.clone();
-        }
-        for r in &self.pending {
-            counts[r.digest.0[0] as usize] += 1;
-        }
+    /// Records sort by their encoded bytes, whose first 32 are the digest: the byte order of a digest is its
+    /// sort order.
+    pub(crate) fn write(self, dest: &Path) -> Result<u64> {
         let mut fanout = [0u8; FANOUT_SIZE];
         let mut total = 0u64;
         {
             let mut w = FieldWriter::new(&mut fanout);
-            for c in counts.iter() {
+            for c in self.counts.iter() {
                 total += c;
                 w.u64(total);
             }
@@ -470,6 +560,7 @@ impl IndexBuilder {
             record_count: total,
             pack_count: u32::try_from(self.packs.len()).expect("checked in add_pack"),
         };
+        let mut records = self.records.finish()?;
         let file = File::options()
             .write(true)
             .create_new(true)
@@ -481,12 +572,8 @@ impl IndexBuilder {
             out.write_all(&p.0).ctx("write index", dest)?;
         }
         out.write_all(&fanout).ctx("write index", dest)?;
-        if self.runs.is_empty() {
-            for r in &self.pending {
-                out.write_all(&r.encode()).ctx("write index", dest)?;
-            }
-        } else {
-            self.merge_runs(&mut out, dest)?;
+        while let Some(r) = records.next_record()? {
+            out.write_all(&r).ctx("write index", dest)?;
         }
         debug_assert_eq!(
             Some(out.written() + CHECKSUM_SIZE as u64),
@@ -497,44 +584,7 @@ impl IndexBuilder {
             .and_then(|w| w.into_inner().map_err(|e| e.into_error()))
             .ctx("write index", dest)?;
         file.sync_all().ctx("fsync index", dest)?;
-        for run in &self.runs {
-            let _ = std::fs::remove_file(run);
-        }
         Ok(total)
-    }
-
-    fn merge_runs(&self, out: &mut impl Write, dest: &Path) -> Result<()> {
-        let mut readers = Vec::with_capacity(self.runs.len());
-        for path in &self.runs {
-            let f = File::open(path).ctx("open index run", path)?;
-            readers.push((BufReader::with_capacity(RUN_READ_BUFFER, f), path));
-        }
-        let next = |i: usize,
-                    readers: &mut Vec<(BufReader<File>, &PathBuf)>|
-         -> Result<Option<[u8; INDEX_RECORD_SIZE]>> {
-            let mut b = [0u8; INDEX_RECORD_SIZE];
-            let (r, path) = &mut readers[i];
-            match r.read_exact(&mut b) {
-                Ok(()) => Ok(Some(b)),
-                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(None),
-                Err(e) => Err(RepoError::io("read index run", path.as_path(), e)),
-            }
-        };
-        let mut heap = BinaryHeap::with_capacity(readers.len());
-        for i in 0..readers.len() {
-            if let Some(b) = next(i, &mut readers)? {
-                heap.push(Reverse((b, i)));
-            }
-        }
-        // Records compare by their encoded bytes, whose first 32 are the digest: the byte order of a digest
-        // is its sort order.
-        while let Some(Reverse((b, i))) = heap.pop() {
-            out.write_all(&b).ctx("write index", dest)?;
-            if let Some(b) = next(i, &mut readers)? {
-                heap.push(Reverse((b, i)));
-            }
-        }
-        Ok(())
     }
 }
 

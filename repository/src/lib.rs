@@ -25,6 +25,9 @@
 //! index/rebuild-<hex>.idx     the single index written by `rebuild_index`, replacing all others
 //! snapshots/<snapshot id>.snap  one manifest per restore point
 //! tmp/<session id>/           scratch of a running session: chunk tables, unfinished packs, temp files
+//! users/<pid>-<hex>           one per open repository handle, flocked while it is open (see gc)
+//! gc/                         garbage collection: run.lock, fence, and while a cycle is pending state.json,
+//!                             condemned, doomed-packs, forgotten/<snapshot id>.snap
 //! ```
 //! Pack ids are 128 random bits (32 hex digits). Snapshot ids are `YYYYMMDDTHHMMSSZ-xxxxxx`: the UTC second
 //! the backup began and 24 random bits, so `ls snapshots/` is chronological; the session id is the same string.
@@ -90,8 +93,7 @@
 //! in its scratch directory, merged into the index file at commit: a full backup of a 2 TiB disk costs the
 //! same memory as a small one. A digest may appear twice (two writer threads raced to store it); either copy
 //! is valid. A lookup costs one binary search per index file, so many small index files make lookups slower:
-//! merging them (with gc) is left to a later version, and the per-session count is the reason the rebuilt
-//! index is a single file.
+//! a gc merges them all into one (and so does an index rebuild).
 //!
 //! ## Snapshot manifests
 //! ```text
@@ -135,22 +137,70 @@
 //! were never stored.
 //!
 //! ## Locking
-//! - Backup sessions hold a shared `flock` on `lock` from `begin_backup` until commit or drop; a future
-//!   garbage collection and [`Repository::rebuild_index`] take it exclusively, so they never delete or
-//!   re-index packs of a running session. Both use `try_lock`: a conflict is an immediate, retryable
-//!   [`RepoError::Locked`], never a hang.
+//! - Backup sessions, `forget` and `gc` hold a shared `flock` on `lock`; [`Repository::rebuild_index`] takes
+//!   it exclusively, so it never re-indexes packs of a running session. All use `try_lock`: a conflict is an
+//!   immediate, retryable [`RepoError::Locked`], never a hang. One gc at a time: `gc/run.lock`.
 //! - Each session holds an exclusive `flock` on its scratch directory. The kernel releases it when the process
 //!   dies, so a free lock means an abandoned directory.
-//! - Readers (list, open, lookup, read, verify) take no lock: committed files are immutable. Restores running
-//!   during a future gc will need the shared lock too; that is gc's design to finish.
+//! - Readers (list, open, lookup, read, verify) take no lock: committed files are immutable, and a gc deletes
+//!   nothing a registered handle could have seen (below).
 //!
 //! ## Forgetting snapshots
 //! [`Repository::forget`] unlinks one manifest `snapshots/<id>.snap` and fsyncs `snapshots/`; nothing else
 //! changes. Every snapshot is a logical full, so no other snapshot depends on it; its chunks stay in their packs
 //! (and keep serving as dedup targets) until a garbage collection removes what no manifest references. Forget
-//! takes the shared lock like a backup: it runs next to backups, never during a gc, which must see the set of
-//! manifests it decides on. Which snapshots to forget is a pure policy, [`plan`] with a [`KeepPolicy`]
+//! takes the shared lock like a backup and runs next to backups and gc ("Garbage collection" says how the two
+//! meet). Which snapshots to forget is a pure policy, [`plan`] with a [`KeepPolicy`]
 //! (keep-last and grandfather-father-son daily/weekly/monthly/yearly, per VM; the rules are at [`plan`]).
+//!
+//! ## Garbage collection
+//! [`Repository::gc`] removes what no snapshot references, while backups, restores and forgets go on. It never
+//! takes the repository away from them, so it cannot simply delete: a backup that began earlier may have
+//! found a chunk in the index (deduplication) or in its parent snapshot, and reference it in a manifest it
+//! commits later. The gc therefore works in a cycle of two phases, with its state in `gc/`:
+//!
+//! 1. **Condemn.** Mark: every manifest's digests go through an external sort into a sorted list of
+//!    referenced digests. Every index file is streamed (checksum and order checked: a damaged index stops the
+//!    gc before it changes anything) and merged with that list; each record is live (one copy per referenced
+//!    digest) or dead, and goes into a second external sort by pack. Per pack: no dead record, keep it; no
+//!    live record, delete it; at least `repack_threshold`% (20 by default) of its bytes dead, rewrite it
+//!    (its live chunks are read, verified against their digests and copied into new packs; a damaged chunk
+//!    keeps the pack as it is); otherwise keep it, dead records included (they still serve deduplication). Then,
+//!    in this order, each step durable before the next: the new packs; one new index file `gc-<hex>.idx`
+//!    holding every kept record; `gc/condemned` (the dead records of deleted and rewritten packs, sorted by
+//!    digest), `gc/doomed-packs` and `gc/state.json`; removal of the index files that were read; and the
+//!    list of the handles registered in `users/` (see below), recorded in the state. Nothing is deleted yet,
+//!    and lookups no longer find the condemned chunks, so no backup that begins from now on relies on them.
+//! 2. **Sweep**, as soon as every handle listed in the state has closed (at once, when none was open; else at
+//!    the next `gc`, which reports what it waits for). Snapshots committed since the mark (and those forgotten
+//!    meanwhile, see below) are read; condemned chunks they reference are copied into a new pack and indexed
+//!    again. The state becomes `sweeping`; then the doomed packs are deleted, and the packs no index named
+//!    (left by killed sessions: orphans) unless a session's index file written since names them. The state
+//!    files go last.
+//!
+//! Why this is safe:
+//! - Every [`Repository`] handle registers itself in `users/` with a file it holds `flock`ed until it is
+//!   dropped; the kernel frees the lock when the process dies. A backup's lookups, its parent snapshot and
+//!   its unindexed packs all come through a handle. A handle open before the condemned chunks left the index
+//!   is listed, and the sweep waits for it; whatever its backup committed by then is read by the sweep.
+//!   A handle opened later cannot find condemned chunks through the index, only through a manifest committed
+//!   by an earlier handle, which the sweep reads too.
+//! - `forget` takes `gc/fence` shared, the gc takes it exclusively while it publishes a cycle and while the
+//!   sweep reads the new snapshots. While a cycle is pending, `forget` moves the manifest to `gc/forgotten/`
+//!   instead of deleting it, so a snapshot a later backup took as its parent cannot vanish from the sweep's
+//!   sight.
+//! - While a cycle is pending, restores and `verify` find condemned chunks in `gc/condemned`
+//!   ([`Repository::locate`]; never deduplication), so a snapshot committed during the gc restores at once.
+//!   A read that finds its pack gone (the sweep moved the chunk) lists the index again and retries.
+//! - A kill at any step leaves a state the next `gc` finishes: before `state.json` exists, the old index
+//!   files are all still there (the new one, if written, only duplicates records), and new packs are orphans;
+//!   after, the state says what remains to do, and every step repeats harmlessly. [`RepoError::Locked`] refuses
+//!   [`Repository::rebuild_index`] while a cycle is pending, since it would index doomed packs again.
+//!
+//! Memory is bounded whatever the repository size: the external sorts hold 8 MiB and spill sorted runs to the
+//! gc's scratch directory; one pack's records, the snapshot ids and the orphan list are in memory. Time is a
+//! few sequential passes over the manifests and the index, plus reading the live chunks of rewritten packs.
+//! Merging the many per-session index files into one is a side effect that makes lookups cheaper.
 //!
 //! ## What `verify` checks
 //! Without reading data: every manifest's checksum and structure, that every referenced digest is in the
@@ -165,10 +215,35 @@
 //! manifest metadata at most 16 MiB; snapshot and session ids are `[A-Za-z0-9_-]{1,64}`. Each open
 //! [`Repository`] keeps one file descriptor per index file and up to 16 open packs. Reading never allocates
 //! more than a chunk's bounded length from a value read on disk.
+//!
+//! ## Damaged chunks
+//! `verify` finds damaged *copies* of chunks: a blob that does not decode or hash to its digest, or one in a
+//! pack that is missing, truncated or damaged. [`Repository::verify_and_mark`] (what `backflow verify` and
+//! health-check jobs run) records each as `digest pack offset` in the text file `damaged` at the root (header
+//! `backflow-damaged 1`, one mark per line, sorted), merged with the marks already there under an exclusive
+//! `flock` on `damaged.lock`, written through `damaged.tmp`, fsynced and renamed like every other file. Marks
+//! are locations, never digests, and are only added; a mark whose pack a gc removed matches nothing.
+//!
+//! [`Repository::lookup`] never returns a marked copy: it goes on to the next index file, where a later
+//! backup may have stored the chunk again. That is the whole of self-healing:
+//! - dedup's lookup misses a chunk whose only copies are marked, so a backup that reads the data stores it;
+//! - the map stages ask [`Repository::damaged_digests`] (marked, and no healthy copy) once per disk, and an
+//!   incremental reads those of its parent's chunks instead of referencing them unchanged (nothing is asked
+//!   per chunk when nothing is marked);
+//! - older snapshots reference the same digest, so they restore from the new copy; no manifest changes.
+//!
+//! A handle reads `damaged` at its first lookup and checks at most once a second whether it was replaced,
+//! so a running backup sees new marks within a second. `verify` reports a damaged
+//! copy that has a healthy copy elsewhere as healed ([`ChunkProblem::healed`]): it affects no restore point
+//! and does not fail the check. A `damaged` file that cannot be parsed makes lookups fail with an error
+//! naming its line, rather than letting backups reference damaged data; removing it and running
+//! `verify --read-data` marks the damage again.
 
 mod config;
+mod damaged;
 mod error;
 mod format;
+mod gc;
 mod history;
 mod ids;
 mod index;
@@ -178,6 +253,7 @@ mod retention;
 mod scratch;
 mod session;
 mod snapshot;
+mod sort;
 mod types;
 mod verify;
 
@@ -185,8 +261,13 @@ pub use config::{
     CHUNK_SIZE_ALIGN, DEFAULT_CHUNK_SIZE, DEFAULT_PACK_TARGET_SIZE, InitOptions, MAX_CHUNK_SIZE,
     MAX_PACK_TARGET_SIZE, MAX_STORED_LEN, MIN_CHUNK_SIZE, MIN_PACK_TARGET_SIZE, RepositoryConfig,
 };
+pub use damaged::{DamageMarks, DamagedCopy};
 pub use error::{RepoError, Result};
 pub use format::FORMAT_VERSION;
+pub use gc::{
+    DEFAULT_REPACK_THRESHOLD, GcOptions, GcReport, KILL_AT as GC_KILL_AT,
+    KILL_POINTS as GC_KILL_POINTS,
+};
 pub use ids::rfc3339;
 pub use pack::{PackEntry, PackTrailer, PackWriter, decode, decode_into, read_pack_trailer};
 pub use repository::{RebuildReport, Repository};
@@ -201,6 +282,12 @@ impl Repository {
     /// `Err` means verify itself could not run (the repository directory is unreadable).
     pub fn verify(&self, read_data: bool) -> Result<VerifyReport> {
         verify::verify(self, read_data)
+    }
+
+    /// Removes what no snapshot references; see "Garbage collection" above. Runs next to backups, forgets and
+    /// restores; refused with a retryable [`RepoError::Locked`] while another gc or an index rebuild runs.
+    pub fn gc(&self, options: &GcOptions) -> Result<GcReport> {
+        gc::gc(self, options)
     }
 }
 

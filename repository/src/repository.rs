@@ -95,9 +95,17 @@ impl IndexSet {
         Ok(added)
     }
 
-    fn lookup_from(&self, start: usize, digest: &Digest) -> Result<Option<ChunkLocation>> {
+    /// The first copy of `digest` in the files from `start` on that is not marked `damaged`.
+    fn lookup_from(
+        &self,
+        start: usize,
+        digest: &Digest,
+        damaged: &crate::damaged::DamageMarks,
+    ) -> Result<Option<ChunkLocation>> {
         for f in self.files.iter().skip(start) {
-            if let Some(loc) = f.lookup(digest)? {
+            if let Some(loc) = f.lookup(digest)?
+                && !damaged.contains(digest, &loc)
+            {
                 return Ok(Some(loc));
             }
         }
@@ -112,6 +120,10 @@ struct Inner {
     indexes: RwLock<IndexSet>,
     /// Most recently used last.
     packs: Mutex<Vec<(PackId, Arc<PackHandle>)>>,
+    /// Damaged copies that lookups skip (see `damaged.rs`).
+    damaged: crate::damaged::MarksCache,
+    /// This handle's entry in `users/`: a gc deletes nothing this handle could have seen until it closes.
+    user: Option<crate::gc::UserEntry>,
 }
 
 /// A repository on a local (or POSIX cluster) file system. Cheap to clone: clones share open files and caches.
@@ -195,6 +207,8 @@ impl Repository {
                 config,
                 indexes: RwLock::new(IndexSet::default()),
                 packs: Mutex::new(Vec::with_capacity(PACK_CACHE_SIZE)),
+                damaged: Default::default(),
+                user: crate::gc::UserEntry::register(path),
             }),
         })
     }
@@ -203,12 +217,21 @@ impl Repository {
         &self.inner.path
     }
 
+    /// This handle's name in `users/`, if it could register.
+    pub(crate) fn user_name(&self) -> Option<String> {
+        self.inner.user.as_ref().map(|u| u.name.clone())
+    }
+
     pub fn chunk_size(&self) -> u32 {
         self.inner.config.chunk_size
     }
 
     pub fn config(&self) -> &RepositoryConfig {
         &self.inner.config
+    }
+
+    pub(crate) fn marks_cache(&self) -> &crate::damaged::MarksCache {
+        &self.inner.damaged
     }
 
     /// All snapshots, oldest first. Reads each manifest's header and metadata only. A manifest that cannot be
@@ -261,11 +284,11 @@ impl Repository {
             "a garbage collection or index rebuild holds it exclusively",
         )?;
         let path = snapshot_path(&self.inner.path, id);
-        match std::fs::remove_file(&path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(not_found()),
-            Err(e) => return Err(RepoError::io("remove snapshot", path, e)),
+        let _fence = crate::gc::fence(&self.inner.path, LockMode::Shared)?;
+        if !path.exists() {
+            return Err(not_found());
         }
+        crate::gc::remove_manifest(&self.inner.path, id, &path)?;
         sync_dir(&self.inner.path.join("snapshots"))?;
         info!(snapshot = id, "Snapshot forgotten.");
         Ok(())
@@ -333,11 +356,13 @@ impl Repository {
     /// Index files are listed on the first lookup, not at open. When a lookup misses and the `index/` directory
     /// changed since it was listed (another process committed a backup), the new files are opened and searched
     /// too, so a long-running process sees other sessions' chunks without reopening. A hit never lists.
+    /// Copies marked damaged (`damaged`) are never returned: the search goes on to a healthy copy, if any.
     pub fn lookup(&self, digest: &Digest) -> Result<Option<ChunkLocation>> {
+        let damaged = self.damage_marks()?;
         let dir = self.index_dir();
         let (seen, generation) = {
             let set = self.inner.indexes.read().unwrap_or_else(|e| e.into_inner());
-            if let Some(loc) = set.lookup_from(0, digest)? {
+            if let Some(loc) = set.lookup_from(0, digest, &damaged)? {
                 return Ok(Some(loc));
             }
             if !set.may_be_stale(&dir) {
@@ -361,7 +386,52 @@ impl Repository {
         } else {
             0
         };
-        set.lookup_from(start, digest)
+        set.lookup_from(start, digest, &damaged)
+    }
+
+    /// Where to read a chunk from, for restores: [`Repository::lookup`], and while a garbage collection cycle
+    /// is pending, the chunks it condemned (a snapshot committed by a backup that ran during the gc may use
+    /// them; the end of the cycle stores them again). Not for deduplication.
+    pub fn locate(&self, digest: &Digest) -> Result<Option<ChunkLocation>> {
+        match self.lookup(digest)? {
+            Some(loc) => Ok(Some(loc)),
+            None => crate::gc::find_condemned(&self.inner.path, digest),
+        }
+    }
+
+    /// [`Repository::read_chunk`] of the chunk `digest`, found with [`Repository::locate`]. A pack that a
+    /// garbage collection removed after the lookup (it moved the chunk) makes it list the index afresh and
+    /// try once more. `None`: no copy is known.
+    pub fn read_digest(&self, digest: &Digest) -> Result<Option<(ChunkLocation, StoredChunk)>> {
+        let Some(loc) = self.locate(digest)? else {
+            return Ok(None);
+        };
+        match self.read_chunk(&loc) {
+            Ok(stored) => Ok(Some((loc, stored))),
+            Err(RepoError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+                self.reload_index()?;
+                let Some(loc) = self.locate(digest)? else {
+                    return Ok(None);
+                };
+                Ok(Some((loc, self.read_chunk(&loc)?)))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Forgets every open index file and lists `index/` again: index files a gc replaced are dropped.
+    pub fn reload_index(&self) -> Result<()> {
+        let mut set = self
+            .inner
+            .indexes
+            .write()
+            .unwrap_or_else(|e| e.into_inner());
+        let generation = set.generation + 1;
+        *set = IndexSet {
+            generation,
+            ..IndexSet::default()
+        };
+        set.rescan(&self.index_dir()).map(|_| ())
     }
 
     /// Lists `index/` now rather than at the next lookup miss.
@@ -428,13 +498,12 @@ impl Repository {
 
     /// Looks up, reads, decodes and verifies one chunk: the plaintext whose BLAKE3 is `digest`, or an error.
     pub fn load_chunk(&self, digest: &Digest) -> Result<Vec<u8>> {
-        let loc = self.lookup(digest)?.ok_or_else(|| {
+        let (loc, stored) = self.read_digest(digest)?.ok_or_else(|| {
             RepoError::corrupt(
                 self.index_dir(),
                 format!("chunk {digest} is in no index file"),
             )
         })?;
-        let stored = self.read_chunk(&loc)?;
         let plain =
             crate::decode(stored.codec, &stored.data, stored.raw_len).map_err(|e| match e {
                 RepoError::Decode { detail, .. } => RepoError::Decode {
@@ -496,6 +565,14 @@ impl Repository {
     pub fn rebuild_index(&self) -> Result<RebuildReport> {
         let root = &self.inner.path;
         let _lock = lock_repository(root, LockMode::Exclusive, "backups are running")?;
+        if crate::gc::cycle_pending(root) {
+            return Err(RepoError::Locked {
+                path: root.clone(),
+                detail: "a garbage collection has condemned chunks and not yet deleted them; run `backflow gc` \
+                         to finish it first"
+                    .into(),
+            });
+        }
         let (scratch, _scratch_lock) = crate::scratch::create(root, || {
             format!("rebuild-{}", crate::format::hex(&rand::random::<[u8; 6]>()))
         })?;
@@ -542,17 +619,7 @@ impl Repository {
             std::fs::remove_file(p).ctx("remove old index", p)?;
         }
         sync_dir(&index_dir)?;
-        let mut set = self
-            .inner
-            .indexes
-            .write()
-            .unwrap_or_else(|e| e.into_inner());
-        let generation = set.generation + 1;
-        *set = IndexSet {
-            generation,
-            ..IndexSet::default()
-        };
-        set.rescan(&index_dir)?;
+        self.reload_index()?;
         info!(
             packs = report.packs,
             chunks = report.chunks,
@@ -576,13 +643,7 @@ pub(crate) enum LockMode {
 /// detail says who holds it (`held_by`). The lock lasts as long as the returned file is open.
 pub(crate) fn lock_repository(root: &Path, mode: LockMode, held_by: &str) -> Result<File> {
     let lock_path = root.join("lock");
-    let lock = File::options()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&lock_path)
-        .ctx("open", &lock_path)?;
+    let lock = open_lock_file(&lock_path)?;
     let taken = match mode {
         LockMode::Shared => lock.try_lock_shared(),
         LockMode::Exclusive => lock.try_lock(),
@@ -595,4 +656,15 @@ pub(crate) fn lock_repository(root: &Path, mode: LockMode, held_by: &str) -> Res
         }),
         Err(std::fs::TryLockError::Error(e)) => Err(RepoError::io("lock", lock_path, e)),
     }
+}
+
+/// Opens (creating it if needed) a file used only for its `flock`.
+pub(crate) fn open_lock_file(path: &Path) -> Result<File> {
+    File::options()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .ctx("open", path)
 }

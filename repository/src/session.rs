@@ -54,6 +54,56 @@ impl SessionShared {
         p.get_or_insert(reason);
     }
 
+    /// The shared state of a session writing packs into `scratch`, with an index builder that spills beyond
+    /// `spill_at` records. The locks are the caller's: for a gc, clones of its descriptors (which share their
+    /// `flock`).
+    pub(crate) fn new(
+        id: String,
+        repo: &Repository,
+        scratch: PathBuf,
+        spill_at: usize,
+        scratch_lock: File,
+        repo_lock: File,
+    ) -> Arc<SessionShared> {
+        Arc::new(SessionShared {
+            id,
+            repo: repo.path().to_owned(),
+            index: Mutex::new(IndexBuilder::with_spill(scratch.clone(), spill_at)),
+            scratch,
+            pack_target_size: repo.config().pack_target_size,
+            live_writers: AtomicUsize::new(0),
+            poisoned: Mutex::new(None),
+            _scratch_lock: scratch_lock,
+            _repo_lock: repo_lock,
+        })
+    }
+
+    /// Takes the index entries collected so far, once every pack writer is finished and nothing failed.
+    pub(crate) fn take_index(&self) -> Result<IndexBuilder> {
+        let failed = |reason: String| RepoError::SessionFailed {
+            session: self.id.clone(),
+            reason,
+        };
+        if let Some(reason) = self
+            .poisoned
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+        {
+            return Err(failed(reason));
+        }
+        let live = self.live_writers.load(Ordering::SeqCst);
+        if live > 0 {
+            return Err(failed(format!(
+                "{live} pack writers are still open; finish them first"
+            )));
+        }
+        Ok(std::mem::replace(
+            &mut *self.index.lock().unwrap_or_else(|e| e.into_inner()),
+            IndexBuilder::new(self.scratch.clone()),
+        ))
+    }
+
     /// Records a durable pack's entries for the session's index file.
     pub(crate) fn add_pack(&self, id: PackId, entries: &[PackEntry]) -> Result<()> {
         let mut index = self.index.lock().unwrap_or_else(|e| e.into_inner());
@@ -141,17 +191,14 @@ impl BackupSession {
             .unwrap_or_default()
             .to_owned();
         info!(session = %id, vm, "Backup session started.");
-        let shared = Arc::new(SessionShared {
+        let shared = SessionShared::new(
             id,
-            repo: root,
-            index: Mutex::new(IndexBuilder::new(scratch.clone())),
+            repo,
             scratch,
-            pack_target_size: repo.config().pack_target_size,
-            live_writers: AtomicUsize::new(0),
-            poisoned: Mutex::new(None),
-            _scratch_lock: scratch_lock,
-            _repo_lock: repo_lock,
-        });
+            crate::index::INDEX_SPILL_RECORDS,
+            scratch_lock,
+            repo_lock,
+        );
         Ok(BackupSession {
             shared,
             vm: vm.to_owned(),
@@ -352,28 +399,10 @@ impl BackupSession {
             session: self.shared.id.clone(),
             reason,
         };
-        if let Some(reason) = self
-            .shared
-            .poisoned
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-        {
-            return Err(failed(reason));
-        }
-        let live = self.shared.live_writers.load(Ordering::SeqCst);
-        if live > 0 {
-            return Err(failed(format!(
-                "{live} pack writers are still open; finish them first"
-            )));
-        }
+        let builder = self.shared.take_index()?;
         self.crash_here(CrashPoint::BeforeIndex, crash)?;
 
         let root = self.shared.repo.clone();
-        let builder = std::mem::replace(
-            &mut *self.shared.index.lock().unwrap_or_else(|e| e.into_inner()),
-            IndexBuilder::new(self.shared.scratch.clone()),
-        );
         if !builder.is_empty() {
             let packs = builder.pack_count();
             let tmp = self.shared.scratch.join("index.tmp");

@@ -5,10 +5,14 @@
 //! 2. Each of those packs: present, footer and trailer intact (checksum), and with `read_data` every blob
 //!    read, decoded and hashed against its digest.
 //! 3. Each index file streamed: checksum, sort order, and every record against the state of its pack.
-//! 4. Each manifest opened (checksum) and every referenced digest looked up in the index.
-//! 5. Only if something is damaged: a second pass over the manifests attaches to each damaged digest the ids
-//!    of the snapshots that use it (the set of damaged digests is small; the set of all referenced digests
-//!    would not be).
+//! 4. Only if something is damaged: the index files streamed again to find, for each damaged copy, another
+//!    copy of the same chunk that is neither damaged nor marked `damaged` (a later backup stored the chunk
+//!    again). Such a copy heals the problem: lookups return it, so no restore point needs the damaged one.
+//! 5. Each manifest opened (checksum) and every referenced digest looked up in the index (which skips marked
+//!    copies: a chunk whose every copy is marked is reported [`ProblemKind::MarkedDamaged`]).
+//! 6. Only if something is damaged and not healed: a second pass over the manifests attaches to each damaged
+//!    digest the ids of the snapshots that use it (the set of damaged digests is small; the set of all
+//!    referenced digests would not be).
 
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
@@ -40,6 +44,9 @@ pub enum ProblemKind {
     DecodeFailed,
     /// The blob decodes, but to bytes with another digest.
     DigestMismatch,
+    /// Every stored copy of the chunk is marked `damaged` by an earlier verify, and this one did not read it
+    /// again (no `read_data`); the next backup of a VM that still has the data stores it again.
+    MarkedDamaged,
 }
 
 /// One damaged or missing chunk.
@@ -52,6 +59,9 @@ pub struct ChunkProblem {
     pub detail: String,
     /// Ids of the snapshots that reference the chunk (empty: no restore point is affected).
     pub snapshots: Vec<String>,
+    /// Another, healthy copy of the same chunk is stored (a later backup stored it again): lookups return
+    /// that one, so this damaged copy affects no restore point. A garbage collection removes it.
+    pub healed: bool,
 }
 
 /// A file that could not be read at all.
@@ -81,12 +91,17 @@ pub struct VerifyReport {
     pub damaged_index_files: Vec<DamagedFile>,
     pub damaged_packs: Vec<DamagedFile>,
     pub problems: Vec<ChunkProblem>,
+    /// Damaged copies of this report recorded in `damaged` ([`Repository::verify_and_mark`]; 0 otherwise).
+    pub marked: u64,
+    /// Of those, how many were not marked before.
+    pub new_marks: u64,
 }
 
 impl VerifyReport {
-    /// Nothing is damaged: every snapshot restores.
+    /// Nothing is damaged that a restore needs: every snapshot restores. Healed problems (damaged copies with
+    /// a healthy copy elsewhere) do not count.
     pub fn is_ok(&self) -> bool {
-        self.problems.is_empty()
+        self.problems.iter().all(|p| p.healed)
             && self.damaged_snapshots.is_empty()
             && self.damaged_index_files.is_empty()
             && self.damaged_packs.is_empty()
@@ -222,6 +237,7 @@ pub(crate) fn verify(repo: &Repository, read_data: bool) -> Result<VerifyReport>
                                     kind,
                                     detail,
                                     snapshots: Vec::new(),
+                                    healed: false,
                                 });
                             }
                         }
@@ -236,8 +252,8 @@ pub(crate) fn verify(repo: &Repository, read_data: bool) -> Result<VerifyReport>
     }
 
     // 3. Index files against their packs.
-    for path in readable {
-        let scanned = scan_index(&path, |rec, pack| {
+    for path in &readable {
+        let scanned = scan_index(path, |rec, pack| {
             let (kind, detail) = match packs.get(&pack) {
                 Some(PackState::Ok { data_end }) => {
                     if rec.offset + u64::from(rec.stored_len) <= *data_end
@@ -271,6 +287,7 @@ pub(crate) fn verify(repo: &Repository, read_data: bool) -> Result<VerifyReport>
                 kind,
                 detail,
                 snapshots: Vec::new(),
+                healed: false,
             });
         });
         match scanned {
@@ -282,7 +299,42 @@ pub(crate) fn verify(repo: &Repository, read_data: bool) -> Result<VerifyReport>
         }
     }
 
-    // 4. Manifests against the index.
+    // 4. Healthy copies of damaged chunks.
+    let marks = repo.damage_marks()?;
+    if !problems.list.is_empty() {
+        let bad: HashSet<(PackId, u64)> = problems
+            .list
+            .iter()
+            .filter_map(|p| Some((p.pack?, p.offset?)))
+            .collect();
+        let mut healthy: HashSet<Digest> = HashSet::new();
+        for path in &readable {
+            // A file that cannot be scanned was reported in pass 3; it offers no healthy copies.
+            let _ = scan_index(path, |rec, pack| {
+                if !problems.by_digest.contains_key(&rec.digest)
+                    || bad.contains(&(pack, rec.offset))
+                    || !matches!(packs.get(&pack), Some(PackState::Ok { .. }))
+                {
+                    return;
+                }
+                let loc = crate::ChunkLocation {
+                    pack,
+                    offset: rec.offset,
+                    stored_len: rec.stored_len,
+                    raw_len: rec.raw_len,
+                    codec: rec.codec,
+                };
+                if !marks.contains(&rec.digest, &loc) {
+                    healthy.insert(rec.digest);
+                }
+            });
+        }
+        for p in &mut problems.list {
+            p.healed = healthy.contains(&p.digest);
+        }
+    }
+
+    // 5. Manifests against the index.
     let mut confirmed: HashSet<Digest> = HashSet::new();
     let mut good_snapshots = Vec::new();
     for id in repo.snapshot_ids()? {
@@ -305,10 +357,18 @@ pub(crate) fn verify(repo: &Repository, read_data: bool) -> Result<VerifyReport>
                 if confirmed.contains(&d) || problems.by_digest.contains_key(&d) {
                     continue;
                 }
-                let missing = match repo.lookup(&d) {
+                let missing = match repo.locate(&d) {
                     Ok(Some(_)) => None,
-                    Ok(None) => Some("no index file lists it".to_owned()),
-                    Err(e) => Some(format!("lookup failed: {e}")),
+                    Ok(None) if marks.is_marked(&d) => Some((
+                        ProblemKind::MarkedDamaged,
+                        "every stored copy is marked damaged (in the repository's `damaged` file)"
+                            .to_owned(),
+                    )),
+                    Ok(None) => Some((
+                        ProblemKind::MissingFromIndex,
+                        "no index file lists it".to_owned(),
+                    )),
+                    Err(e) => Some((ProblemKind::MissingFromIndex, format!("lookup failed: {e}"))),
                 };
                 match missing {
                     None => {
@@ -317,13 +377,14 @@ pub(crate) fn verify(repo: &Repository, read_data: bool) -> Result<VerifyReport>
                         }
                         confirmed.insert(d);
                     }
-                    Some(detail) => problems.push(ChunkProblem {
+                    Some((kind, detail)) => problems.push(ChunkProblem {
                         digest: d,
                         pack: None,
                         offset: None,
-                        kind: ProblemKind::MissingFromIndex,
+                        kind,
                         detail,
                         snapshots: Vec::new(),
+                        healed: false,
                     }),
                 }
             }
@@ -337,8 +398,8 @@ pub(crate) fn verify(repo: &Repository, read_data: bool) -> Result<VerifyReport>
         }
     }
 
-    // 5. Which snapshots use the damaged chunks.
-    if !problems.list.is_empty() {
+    // 6. Which snapshots use the damaged chunks that are not healed.
+    if problems.list.iter().any(|p| !p.healed) {
         for id in &good_snapshots {
             let snap = repo.open_snapshot(id)?;
             for disk in 0..snap.meta().disks.len() {
@@ -346,6 +407,9 @@ pub(crate) fn verify(repo: &Repository, read_data: bool) -> Result<VerifyReport>
                     let ChunkRef::Data(d) = r? else { continue };
                     if let Some(at) = problems.by_digest.get(&d) {
                         for &i in at {
+                            if problems.list[i].healed {
+                                continue;
+                            }
                             let users = &mut problems.list[i].snapshots;
                             if users.last() != Some(id) {
                                 users.push(id.clone());

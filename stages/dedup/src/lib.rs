@@ -5,7 +5,9 @@
 //! known chunk costs no compression at all. A chunk is known when the parent snapshot has the same
 //! digest at the same index (the common case for an unchanged chunk: no index lookup), when the
 //! repository's index has it (dedup across disks, machines and hosts), or when another chunk of
-//! this run already carried it.
+//! this run already carried it. A parent's chunk whose stored copies are marked damaged (and that
+//! has no healthy copy) is not known: the index lookup skips damaged copies too, so the chunk is
+//! stored again and heals every snapshot that references it.
 
 use std::collections::HashSet;
 use std::sync::Mutex;
@@ -82,7 +84,7 @@ impl Dedup {
                     e,
                 )
             })?;
-            if parent_ref == ChunkRef::Data(*digest) {
+            if parent_ref == ChunkRef::Data(*digest) && !parent.must_store_again(chunk.index) {
                 return Ok(true);
             }
         }

@@ -176,6 +176,7 @@ fn the_parents_chunk_at_the_same_index_is_known_without_a_repository() {
         snapshot: Arc::new(repo.open_snapshot(&id).unwrap()),
         disk: 0,
         chunks: 8,
+        store_again: Vec::new(),
     };
     let d = disk("web01", 8, Some(Arc::new(parent)));
     let input = vec![

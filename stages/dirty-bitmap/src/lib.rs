@@ -7,7 +7,9 @@
 //! 2. The parent's manifest holds the tracking state it was taken with; the source is asked what
 //!    changed since that state ([`ChangeTracking::changed_since`]).
 //! 3. Chunks touched by a change are read (or marked zero when they now read as zeros); every
-//!    other chunk is `Unchanged`, referenced from the parent without being read.
+//!    other chunk is `Unchanged`, referenced from the parent without being read, except the
+//!    parent's chunks marked damaged in the repository with no healthy copy: those are read and
+//!    stored again ([`reread_damaged`]), which heals every snapshot that references them.
 //!
 //! Whenever the changes cannot be known for certain (no parent, a parent without tracking state,
 //! a bitmap that is missing, disabled, inconsistent or from another chain, a resized disk, a source
@@ -26,6 +28,7 @@
 //!   as `Changes::Unknown(reason)`.
 //!
 //! [`ChangeTracking::changed_since`]: backflow_pipeline::ChangeTracking::changed_since
+//! [`reread_damaged`]: stage_full_map::reread_damaged
 
 use std::sync::Arc;
 
@@ -33,7 +36,9 @@ use backflow_pipeline::{
     Changes, Disk, InvalidOption, Message, MessageType, ParentChunks, Stage, StageError, StageIo,
     Work, Worker, stage::unexpected,
 };
-use stage_full_map::{MapSettings, OpenedDisk, plan_chunks, plan_incremental, send_plan};
+use stage_full_map::{
+    MapSettings, OpenedDisk, plan_chunks, plan_incremental, reread_damaged, send_plan,
+};
 
 pub const KIND: &str = "dirty-bitmap";
 
@@ -110,13 +115,15 @@ impl Stage for DirtyBitmap {
                 Changes::Since(dirty) => {
                     let bytes: u64 = dirty.iter().map(|r| r.1).sum();
                     tracing::info!(disk = %name, dirty_bytes = bytes, extents = dirty.len(), "Incremental read.");
-                    plan_incremental(
+                    let plan = plan_incremental(
                         size,
                         chunk_size,
                         &dirty,
                         allocated.as_deref(),
                         self.settings.max_extent_chunks,
-                    )
+                    );
+                    let store_again = parent.as_ref().map_or(&[][..], |p| &p.store_again);
+                    reread_damaged(plan, store_again, self.settings.max_extent_chunks)
                 }
                 Changes::Unknown(reason) => {
                     if !reason.is_empty() {

@@ -4,6 +4,11 @@
 //! zero without reading. The chunk size comes from the pipeline's repository (or the `chunk_size`
 //! option without one), and the disk's parent (the same disk in the machine's latest snapshot, when
 //! its size and chunk size match) is attached so that the deduplicator can compare with it first.
+//!
+//! When the repository has chunks marked damaged with no healthy copy (see the repository's
+//! "Damaged chunks"), the parent's table is scanned once for them: the deduplicator stores those
+//! chunks again instead of trusting the parent's digest, and incremental maps read them instead of
+//! referencing them unchanged ([`reread_damaged`]). Without marks nothing of this costs anything.
 
 use std::sync::Arc;
 
@@ -146,6 +151,9 @@ pub struct SnapshotParent {
     pub snapshot: Arc<Snapshot>,
     pub disk: usize,
     pub chunks: u64,
+    /// Indexes of the parent's chunks whose stored copies are all marked damaged, sorted: they are
+    /// read and stored again, never referenced. Empty when the repository has no marks.
+    pub store_again: Vec<u64>,
 }
 
 impl SnapshotParent {
@@ -168,6 +176,10 @@ impl ParentChunks for SnapshotParent {
         self.snapshot
             .chunk(self.disk, index)
             .map_err(std::io::Error::other)
+    }
+
+    fn must_store_again(&self, index: u64) -> bool {
+        !self.store_again.is_empty() && self.store_again.binary_search(&index).is_ok()
     }
 
     fn get_range(&self, first: u64, out: &mut [ChunkRef]) -> std::io::Result<()> {
@@ -217,11 +229,84 @@ pub fn find_parent(
         return Ok(None);
     }
     let chunks = size.div_ceil(u64::from(chunk_size));
+    let store_again = damaged_chunks(repo, &snapshot, disk)?;
+    if !store_again.is_empty() {
+        worker.ctx().warn(format!(
+            "disk {}: {} chunks of snapshot {} are marked damaged with no healthy copy; reading and \
+             storing them again",
+            source.name,
+            store_again.len(),
+            snapshot.info().id
+        ));
+    }
     Ok(Some(Arc::new(SnapshotParent {
         snapshot: Arc::new(snapshot),
         disk,
         chunks,
+        store_again,
     })))
+}
+
+/// The indexes of `disk`'s chunks in `snapshot` that are marked damaged in the repository with no
+/// healthy copy, sorted. One pass over the table, and only when the repository has such chunks.
+fn damaged_chunks(
+    repo: &backflow_repository::Repository,
+    snapshot: &Snapshot,
+    disk: usize,
+) -> Result<Vec<u64>, StageError> {
+    let damaged = repo.damaged_digests()?;
+    if damaged.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut out = Vec::new();
+    for (index, entry) in snapshot.chunks(disk).enumerate() {
+        if let ChunkRef::Data(d) = entry?
+            && damaged.contains(&d)
+        {
+            out.push(index as u64);
+        }
+    }
+    Ok(out)
+}
+
+/// Makes the chunks of `store_again` (sorted indexes) that a plan marks `Unchanged` into `Data`, so
+/// that they are read and stored again instead of referenced from the parent; runs of data are
+/// split at `max_run` chunks.
+pub fn reread_damaged(
+    plan: Vec<(u64, u64, ExtentClass)>,
+    store_again: &[u64],
+    max_run: u64,
+) -> Vec<(u64, u64, ExtentClass)> {
+    if store_again.is_empty() {
+        return plan;
+    }
+    let mut out: Vec<(u64, u64, ExtentClass)> = Vec::with_capacity(plan.len());
+    let push = |out: &mut Vec<(u64, u64, ExtentClass)>, first: u64, count: u64, class| match out
+        .last_mut()
+    {
+        Some(last) if last.2 == class && last.0 + last.1 == first => last.1 += count,
+        _ => out.push((first, count, class)),
+    };
+    for (first, count, class) in plan {
+        if class != ExtentClass::Unchanged {
+            push(&mut out, first, count, class);
+            continue;
+        }
+        let end = first + count;
+        let mut at = first;
+        let from = store_again.partition_point(|&i| i < first);
+        for &index in store_again[from..].iter().take_while(|&&i| i < end) {
+            if index > at {
+                push(&mut out, at, index - at, ExtentClass::Unchanged);
+            }
+            push(&mut out, index, 1, ExtentClass::Data);
+            at = index + 1;
+        }
+        if at < end {
+            push(&mut out, at, end - at, ExtentClass::Unchanged);
+        }
+    }
+    split_data_runs(out, max_run)
 }
 
 /// Turns allocated byte ranges into chunk classes, merged into runs: a chunk touching any
@@ -481,6 +566,27 @@ mod tests {
             plan_incremental(12 * C + 1, C as u32, &[], None, 2),
             vec![(0, 13, Unchanged)]
         );
+    }
+
+    #[test]
+    fn damaged_parent_chunks_are_read_again() {
+        use ExtentClass::Unchanged;
+        let plan = vec![(0, 4, Unchanged), (4, 2, Data), (6, 6, Unchanged)];
+        // Chunk 0 (a run's first), 6 and 7 (adjacent to each other), 11 (a run's last); 5 is read
+        // anyway.
+        assert_eq!(
+            reread_damaged(plan.clone(), &[0, 5, 6, 7, 11], 3),
+            vec![
+                (0, 1, Data),
+                (1, 3, Unchanged),
+                (4, 3, Data),
+                (7, 1, Data),
+                (8, 3, Unchanged),
+                (11, 1, Data),
+            ]
+        );
+        // Without marks the plan is returned as it was.
+        assert_eq!(reread_damaged(plan.clone(), &[], 3), plan);
     }
 
     #[test]

@@ -162,14 +162,19 @@ impl Stage for RepoReader {
                     {
                         return Ok(());
                     }
-                    let location = repo.lookup(&digest)?.ok_or_else(|| {
-                        StageError::Corrupt(format!(
-                            "snapshot {}, disk {}, chunk {index}: chunk {digest} is missing from the repository",
+                    let Some((_, stored)) = repo.read_digest(&digest)? else {
+                        let why = if repo.damage_marks()?.is_marked(&digest) {
+                            "is damaged (every stored copy is marked damaged by verify; the next \
+                             backup of a VM that still has the data stores it again)"
+                        } else {
+                            "is missing from the repository"
+                        };
+                        return Err(StageError::Corrupt(format!(
+                            "snapshot {}, disk {}, chunk {index}: chunk {digest} {why}",
                             snapshot.info().id,
                             disk.name()
-                        ))
-                    })?;
-                    let stored = repo.read_chunk(&location)?;
+                        )));
+                    };
                     worker
                         .ctx()
                         .source_bytes_read

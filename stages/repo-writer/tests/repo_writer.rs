@@ -125,6 +125,7 @@ fn case() -> Case {
         snapshot: Arc::new(repo.open_snapshot(&parent_id).unwrap()),
         disk: 0,
         chunks: CHUNKS,
+        store_again: Vec::new(),
     };
     let disk = disk("web01", Some(Arc::new(parent)));
     let mut compressor = Zstd::new(ZstdOptions::default())
@@ -474,6 +475,7 @@ fn a_long_unchanged_run_copies_the_parent_table_exactly() {
         snapshot: Arc::new(repo.open_snapshot(&parent_id).unwrap()),
         disk: 0,
         chunks: LONG,
+        store_again: Vec::new(),
     };
     let disk = Arc::new(Disk {
         source: Arc::new(DiskSource {

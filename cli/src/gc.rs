@@ -1,0 +1,114 @@
+//! `backflow gc` and `backflow rebuild-index`: the repository's housekeeping.
+
+use std::path::PathBuf;
+
+use anyhow::{Result, bail};
+use backflow_repository::{DEFAULT_REPACK_THRESHOLD, GcOptions, GcReport};
+
+#[derive(clap::Args)]
+pub struct Args {
+    #[arg(long, required_unless_present = "list_kill_points")]
+    repo: Option<PathBuf>,
+    /// Rewrite a pack once this percentage of its bytes is unreferenced (0-100); wholly unreferenced
+    /// packs are always deleted.
+    #[arg(long, default_value_t = DEFAULT_REPACK_THRESHOLD,
+          value_parser = clap::value_parser!(u8).range(0..=100))]
+    repack_threshold: u8,
+    /// The report as JSON.
+    #[arg(long)]
+    json: bool,
+    /// Tests: print the steps BACKFLOW_GC_KILL_AT can name, one per line.
+    #[arg(long, hide = true)]
+    list_kill_points: bool,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    if args.list_kill_points {
+        for p in backflow_repository::GC_KILL_POINTS {
+            println!("{p}");
+        }
+        return Ok(());
+    }
+    let repo = crate::open_repo(args.repo.as_deref().expect("required by clap"))?;
+    let report = repo.gc(&GcOptions {
+        repack_threshold: args.repack_threshold,
+    })?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", text(&report));
+    }
+    Ok(())
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
+}
+
+/// The report for people.
+pub fn text(r: &GcReport) -> String {
+    let mut out = String::new();
+    if let Some(earlier) = &r.earlier_cycle {
+        out.push_str("finished the collection an earlier gc had begun:\n");
+        for line in text(earlier).lines() {
+            out.push_str(&format!("  {line}\n"));
+        }
+        out.push_str("then collected again:\n");
+    }
+    out.push_str(&format!(
+        "{} snapshots reference {} chunks; {} index records read\n",
+        r.snapshots, r.referenced_chunks, r.indexed_chunks
+    ));
+    out.push_str(&format!(
+        "packs: {} kept, {} rewritten, {} removed ({} left by interrupted runs)\n",
+        r.packs_kept, r.packs_repacked, r.packs_removed, r.orphan_packs
+    ));
+    out.push_str(&format!(
+        "chunks: {} removed, {} moved out of rewritten packs, {} kept for backups that ran meanwhile\n",
+        r.chunks_removed, r.chunks_moved, r.chunks_kept_for_running_backups
+    ));
+    match &r.waiting_for {
+        Some(why) => out.push_str(&format!("nothing deleted yet: {why}\n")),
+        None => out.push_str(&format!(
+            "deleted {} of packs, wrote {}: {} freed\n",
+            mib(r.bytes_deleted),
+            mib(r.bytes_written),
+            mib(r.bytes_deleted.saturating_sub(r.bytes_written))
+        )),
+    }
+    if r.missing_chunks > 0 {
+        out.push_str(&format!(
+            "{} referenced chunks are in no index: run `backflow verify` to see which snapshots they affect\n",
+            r.missing_chunks
+        ));
+    }
+    for p in &r.damaged_packs {
+        out.push_str(&format!(
+            "pack {p} has a damaged chunk and was left as it is\n"
+        ));
+    }
+    out
+}
+
+#[derive(clap::Args)]
+pub struct RebuildArgs {
+    #[arg(long)]
+    repo: PathBuf,
+}
+
+/// Replaces the index by one read from the packs (no backup may run).
+pub fn rebuild(args: RebuildArgs) -> Result<()> {
+    let repo = crate::open_repo(&args.repo)?;
+    let report = repo.rebuild_index()?;
+    println!(
+        "index rebuilt from {} packs ({} chunks)",
+        report.packs, report.chunks
+    );
+    for (pack, why) in &report.damaged_packs {
+        println!("pack {pack} left out: {why}");
+    }
+    if !report.damaged_packs.is_empty() {
+        bail!("{} packs could not be read", report.damaged_packs.len());
+    }
+    Ok(())
+}

@@ -1,0 +1,402 @@
+//! `backflow gc` on real backups: it frees what forgotten snapshots used, what remains restores
+//! identical, a backup running during the gc commits a snapshot that restores identical, and a gc
+//! SIGKILLed at any step (named steps and random moments) loses nothing once run again.
+
+mod common;
+
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn gc_json(repo: &Path, extra: &[&str]) -> serde_json::Value {
+    let out = run_ok(
+        backflow()
+            .args(["gc", "--json", "--repo"])
+            .arg(repo)
+            .args(extra),
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn num(v: &serde_json::Value, key: &str) -> u64 {
+    v[key].as_u64().unwrap_or_else(|| panic!("{key} in {v:#}"))
+}
+
+/// Total size of the pack files.
+fn pack_bytes(repo: &Path) -> u64 {
+    let mut total = 0;
+    for sub in std::fs::read_dir(repo.join("packs")).unwrap() {
+        for f in std::fs::read_dir(sub.unwrap().path()).unwrap() {
+            total += f.unwrap().metadata().unwrap().len();
+        }
+    }
+    total
+}
+
+fn forget_all_but_newest(repo: &Path) {
+    run_ok(
+        backflow()
+            .args(["forget", "--keep-last", "1", "--repo"])
+            .arg(repo),
+    );
+}
+
+fn init_small_packs(repo: &Path) {
+    run_ok(
+        backflow()
+            .args([
+                "init",
+                "--chunk-size",
+                "64K",
+                "--pack-size",
+                "256K",
+                "--repo",
+            ])
+            .arg(repo),
+    );
+}
+
+/// Three backups of one image, 40% changed between them, each with a copy of the image as it was;
+/// then all but the newest forgotten. Returns (newest id, its copy).
+fn three_then_forget(dir: &Path, repo: &Path) -> (String, PathBuf) {
+    init_small_packs(repo);
+    let image = dir.join("disk.img");
+    backflow_fixtures::generate_image(&image, 8 << 20, 7).unwrap();
+    let mut last = None;
+    for run in 0..3u64 {
+        if run > 0 {
+            backflow_fixtures::change_image(&image, 0.4, 100 + run).unwrap();
+        }
+        let id = backup(&image, repo)["snapshot"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let copy = dir.join(format!("{id}.img"));
+        copy_sparse(&image, &copy);
+        last = Some((id, copy));
+    }
+    forget_all_but_newest(repo);
+    assert_eq!(snapshot_ids(repo).len(), 1);
+    last.unwrap()
+}
+
+#[test]
+fn gc_after_forget_frees_the_space_and_what_remains_restores() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = dir.path().join("repo");
+    let (newest, copy) = three_then_forget(dir.path(), &repo);
+    let before = pack_bytes(&repo);
+
+    // Threshold 0: every pack with anything unreferenced is rewritten, so afterwards the index
+    // holds exactly the referenced chunks.
+    let report = gc_json(&repo, &["--repack-threshold", "0"]);
+    assert!(report["waiting_for"].is_null(), "{report:#}");
+    assert!(num(&report, "chunks_removed") > 0, "{report:#}");
+    assert!(
+        num(&report, "packs_removed") + num(&report, "packs_repacked") > 0,
+        "{report:#}"
+    );
+    assert_eq!(num(&report, "missing_chunks"), 0);
+    let after = pack_bytes(&repo);
+    assert!(after < before, "{after} >= {before}");
+
+    // The space left is what the newest snapshot needs: no more than a fresh repository holding
+    // only that image (plus pack headers and trailers of the rewritten packs).
+    let fresh = dir.path().join("fresh");
+    init_small_packs(&fresh);
+    backup(&copy, &fresh);
+    let needed = pack_bytes(&fresh);
+    assert!(
+        after <= needed + needed / 20,
+        "after gc {after} bytes, a fresh repository needs {needed}"
+    );
+
+    // A second gc finds nothing more to do.
+    let again = gc_json(&repo, &["--repack-threshold", "0"]);
+    assert_eq!(num(&again, "chunks_removed"), 0, "{again:#}");
+    assert_eq!(num(&again, "packs_removed"), 0, "{again:#}");
+    assert_eq!(
+        num(&again, "indexed_chunks"),
+        num(&again, "referenced_chunks"),
+        "{again:#}"
+    );
+    assert_eq!(pack_bytes(&repo), after);
+
+    assert_restores_then_verifies(&repo, &[(&newest, &copy)], dir.path());
+    // gc leaves no scratch, and no registered handle behind.
+    assert_eq!(std::fs::read_dir(repo.join("tmp")).unwrap().count(), 0);
+    assert_eq!(std::fs::read_dir(repo.join("users")).unwrap().count(), 0);
+}
+
+#[test]
+fn the_default_threshold_deletes_unused_packs_and_keeps_mostly_used_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = dir.path().join("repo");
+    let (newest, copy) = three_then_forget(dir.path(), &repo);
+    let report = gc_json(&repo, &[]);
+    assert!(num(&report, "chunks_removed") > 0, "{report:#}");
+    assert!(num(&report, "packs_kept") > 0, "{report:#}");
+    // Threshold 100: only wholly unused packs go, nothing is rewritten.
+    let dir2 = tempfile::tempdir().unwrap();
+    let repo2 = dir2.path().join("repo");
+    three_then_forget(dir2.path(), &repo2);
+    let only_delete = gc_json(&repo2, &["--repack-threshold", "100"]);
+    assert_eq!(num(&only_delete, "packs_repacked"), 0, "{only_delete:#}");
+    assert_eq!(num(&only_delete, "bytes_written"), 0, "{only_delete:#}");
+    assert_restores_then_verifies(&repo, &[(&newest, &copy)], dir.path());
+}
+
+/// Starts a backup of `image` that pauses before its commit; returns once it is paused.
+fn paused_backup(image: &Path, repo: &Path, pause: &Path) -> std::process::Child {
+    let mut child = backflow()
+        .arg("run")
+        .arg(spec("backup-image.yaml"))
+        .arg("--var")
+        .arg(format!("source={}", image.display()))
+        .arg("--var")
+        .arg(format!("repo={}", repo.display()))
+        .arg("--quiet")
+        .env(stage_repo_writer::PAUSE_BEFORE_COMMIT, pause)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !pause.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the backup never reached its commit"
+        );
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("the backup ended early: {status}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child
+}
+
+#[test]
+fn a_backup_running_during_gc_commits_a_snapshot_that_restores() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = dir.path().join("repo");
+    init_small_packs(&repo);
+    let image = dir.path().join("disk.img");
+    backflow_fixtures::generate_image(&image, 8 << 20, 3).unwrap();
+    let v1 = dir.path().join("v1.img");
+    copy_sparse(&image, &v1);
+    backup(&image, &repo);
+    backflow_fixtures::change_image(&image, 0.5, 9).unwrap();
+    let v2 = dir.path().join("v2.img");
+    copy_sparse(&image, &v2);
+    let second = backup(&image, &repo)["snapshot"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    // The third backup is of the first image again: it finds v1's chunks, which only the first
+    // snapshot references, in the index. It pauses before its commit.
+    copy_sparse(&v1, &image);
+    let pause = dir.path().join("paused");
+    let child = paused_backup(&image, &repo, &pause);
+
+    // The first snapshot is forgotten and a gc runs: v1's chunks are unreferenced now, but the
+    // running backup uses them. The gc condemns them and waits for the backup's handle.
+    forget_all_but_newest(&repo);
+    let before = pack_bytes(&repo);
+    let first = gc_json(&repo, &["--repack-threshold", "0"]);
+    assert!(num(&first, "chunks_removed") > 0, "{first:#}");
+    assert!(first["waiting_for"].is_string(), "{first:#}");
+    assert!(pack_bytes(&repo) >= before, "nothing is deleted yet");
+    // A gc meanwhile still waits.
+    let waiting = gc_json(&repo, &[]);
+    assert!(waiting["waiting_for"].is_string(), "{waiting:#}");
+
+    std::fs::remove_file(&pause).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ids = snapshot_ids(&repo);
+    assert_eq!(ids.len(), 2);
+    let third = ids.into_iter().find(|id| *id != second).unwrap();
+    // It restores at once, before a gc finishes the cycle: its chunks are read from where the gc
+    // condemned them.
+    assert_restores_then_verifies(&repo, &[(&third, &v1)], dir.path());
+
+    // The next gc sees that the committed backup used condemned chunks, stores them again, and
+    // deletes the rest.
+    let finish = gc_json(&repo, &["--repack-threshold", "0"]);
+    assert!(finish["waiting_for"].is_null(), "{finish:#}");
+    let earlier = &finish["earlier_cycle"];
+    assert!(earlier["waiting_for"].is_null(), "{finish:#}");
+    assert!(
+        num(earlier, "chunks_kept_for_running_backups") > 0,
+        "{finish:#}"
+    );
+    assert!(num(earlier, "bytes_deleted") > 0, "{finish:#}");
+    assert_restores_then_verifies(&repo, &[(&second, &v2), (&third, &v1)], dir.path());
+    // And a last gc has nothing to remove.
+    let last = gc_json(&repo, &["--repack-threshold", "0"]);
+    assert_eq!(num(&last, "chunks_removed"), 0, "{last:#}");
+}
+
+/// A repository with forgotten snapshots, copied for each kill.
+struct Template {
+    dir: tempfile::TempDir,
+    repo: PathBuf,
+    newest: String,
+    copy: PathBuf,
+    /// Pack bytes after an uninterrupted gc.
+    clean_bytes: u64,
+}
+
+fn template() -> Template {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = dir.path().join("template");
+    let (newest, copy) = three_then_forget(dir.path(), &repo);
+    let clean = dir.path().join("clean");
+    cp_a(&repo, &clean);
+    gc_json(&clean, &["--repack-threshold", "0"]);
+    Template {
+        clean_bytes: pack_bytes(&clean),
+        dir,
+        repo,
+        newest,
+        copy,
+    }
+}
+
+fn cp_a(from: &Path, to: &Path) {
+    let status = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(from)
+        .arg(to)
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+/// After a killed gc: a gc runs to the end, a second finds nothing left, the space is what an
+/// uninterrupted gc leaves, and the newest snapshot restores and verifies.
+fn assert_recovers(t: &Template, repo: &Path, what: &str) {
+    gc_json(repo, &["--repack-threshold", "0"]);
+    let again = gc_json(repo, &["--repack-threshold", "0"]);
+    assert_eq!(num(&again, "chunks_removed"), 0, "{what}: {again:#}");
+    assert_eq!(num(&again, "packs_removed"), 0, "{what}: {again:#}");
+    let left = pack_bytes(repo);
+    assert!(
+        left <= t.clean_bytes + t.clean_bytes / 50,
+        "{what}: {left} bytes of packs after recovery, {} after an uninterrupted gc",
+        t.clean_bytes
+    );
+    assert_restores_then_verifies(repo, &[(&t.newest, &t.copy)], t.dir.path());
+    assert!(!repo.join("gc/state.json").exists(), "{what}");
+}
+
+#[test]
+fn sigkill_at_every_step_of_gc_loses_nothing() {
+    let t = template();
+    let points: Vec<String> = {
+        let out = run_ok(backflow().args(["gc", "--list-kill-points"]));
+        String::from_utf8(out.stdout)
+            .unwrap()
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    };
+    assert!(points.len() >= 8, "{points:?}");
+    for point in &points {
+        let repo = t.dir.path().join(format!("kill-{point}"));
+        cp_a(&t.repo, &repo);
+        let out = backflow()
+            .args(["gc", "--repack-threshold", "0", "--repo"])
+            .arg(&repo)
+            .env(backflow_repository::GC_KILL_AT, point)
+            .output()
+            .unwrap();
+        assert_eq!(
+            out.status.signal(),
+            Some(9),
+            "gc was to be killed at {point}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // Killed, the repository still restores before any repair.
+        assert_restores(&repo, &[(&t.newest, &t.copy)], t.dir.path());
+        assert_recovers(&t, &repo, point);
+        std::fs::remove_dir_all(&repo).unwrap();
+    }
+}
+
+#[test]
+fn sigkill_at_random_moments_loses_nothing() {
+    let t = template();
+    let mut seed = 0x5eed_u64;
+    for round in 0..12 {
+        let repo = t.dir.path().join(format!("random-{round}"));
+        cp_a(&t.repo, &repo);
+        // Several kills in a row on the same repository, each at a random moment.
+        for _ in 0..3 {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let delay = Duration::from_micros((seed >> 33) % 40_000);
+            let mut child = backflow()
+                .args(["gc", "--repack-threshold", "0", "--repo"])
+                .arg(&repo)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap();
+            std::thread::sleep(delay);
+            let _ = child.kill();
+            child.wait().unwrap();
+        }
+        assert_recovers(&t, &repo, &format!("round {round}"));
+        std::fs::remove_dir_all(&repo).unwrap();
+    }
+}
+
+#[test]
+fn a_second_gc_and_an_index_rebuild_are_refused_while_one_is_pending() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = dir.path().join("repo");
+    let (newest, copy) = three_then_forget(dir.path(), &repo);
+    // A handle held open by a paused backup keeps the cycle pending.
+    let image = dir.path().join("disk.img");
+    let pause = dir.path().join("paused");
+    let mut child = paused_backup(&image, &repo, &pause);
+    let first = gc_json(&repo, &[]);
+    assert!(first["waiting_for"].is_string(), "{first:#}");
+    let rebuild = backflow()
+        .args(["rebuild-index", "--repo"])
+        .arg(&repo)
+        .output()
+        .unwrap();
+    assert!(!rebuild.status.success());
+    let said = String::from_utf8_lossy(&rebuild.stderr);
+    assert!(
+        said.contains("backups are running") || said.contains("garbage collection"),
+        "{said}"
+    );
+    std::fs::remove_file(&pause).unwrap();
+    assert!(child.wait().unwrap().success());
+    // With the backup done, the rebuild is still refused until the gc finishes its cycle.
+    let rebuild = backflow()
+        .args(["rebuild-index", "--repo"])
+        .arg(&repo)
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&rebuild.stderr).contains("backflow gc"),
+        "{}",
+        String::from_utf8_lossy(&rebuild.stderr)
+    );
+    gc_json(&repo, &[]);
+    run_ok(backflow().args(["rebuild-index", "--repo"]).arg(&repo));
+    assert_restores_then_verifies(&repo, &[(&newest, &copy)], dir.path());
+}

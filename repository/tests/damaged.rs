@@ -1,0 +1,81 @@
+//! Damage marks through the public API: verify marks a damaged copy, lookups skip it, storing the chunk
+//! again heals every snapshot that references it, and verify then calls the old copy healed.
+
+mod common;
+
+use std::os::unix::fs::FileExt;
+
+use backflow_repository::{ChunkRef, DamagedCopy};
+use common::*;
+
+#[test]
+fn a_marked_copy_is_skipped_and_a_new_copy_heals_the_old_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = init(dir.path());
+    let data = image(5, "rtrzat", 100);
+    let first = backup(&repo, "web", &[("vda", &data)]);
+    let snap = repo.open_snapshot(&first.id).unwrap();
+    let ChunkRef::Data(victim) = snap.chunk(0, 1).unwrap() else {
+        panic!("chunk 1 is data")
+    };
+    let old = repo.lookup(&victim).unwrap().unwrap();
+
+    // One flipped byte in the middle of the blob.
+    let pack = files(repo.path(), "packs", "pack")
+        .into_iter()
+        .find(|p| p.file_stem().unwrap().to_string_lossy() == old.pack.to_hex())
+        .unwrap();
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&pack)
+        .unwrap();
+    let at = old.offset + u64::from(old.stored_len) / 2;
+    let mut byte = [0u8];
+    file.read_exact_at(&mut byte, at).unwrap();
+    file.write_all_at(&[!byte[0]], at).unwrap();
+
+    let report = repo.verify_and_mark(true).unwrap();
+    assert!(!report.is_ok());
+    assert_eq!((report.marked, report.new_marks), (1, 1), "{report:#?}");
+    assert_eq!(
+        report.problems[0].snapshots,
+        std::slice::from_ref(&first.id)
+    );
+    assert!(!report.problems[0].healed);
+    let marks = repo.damage_marks().unwrap();
+    assert_eq!(
+        marks.copies(),
+        [DamagedCopy {
+            digest: victim,
+            pack: old.pack,
+            offset: old.offset
+        }]
+    );
+    // The only copy is marked: lookups miss it, so a backup stores it again.
+    assert_eq!(repo.lookup(&victim).unwrap(), None);
+    assert!(repo.damaged_digests().unwrap().contains(&victim));
+    // Without reading data, verify still says what is wrong with it.
+    let quick = repo.verify(false).unwrap();
+    assert!(!quick.is_ok());
+    assert!(
+        quick.problems.iter().any(
+            |p| p.digest == victim && p.kind == backflow_repository::ProblemKind::MarkedDamaged
+        ),
+        "{quick:#?}"
+    );
+
+    let second = backup(&repo, "web", &[("vda", &data)]);
+    let new = repo.lookup(&victim).unwrap().expect("stored again");
+    assert_ne!((new.pack, new.offset), (old.pack, old.offset));
+    assert!(repo.damaged_digests().unwrap().is_empty());
+    // Both snapshots restore, the old one from the new copy.
+    for id in [&first.id, &second.id] {
+        assert_eq!(restore(&repo, &repo.open_snapshot(id).unwrap(), 0), data);
+    }
+    let report = repo.verify_and_mark(true).unwrap();
+    assert!(report.is_ok(), "{report:#?}");
+    assert_eq!(report.problems.len(), 1);
+    assert!(report.problems[0].healed && report.problems[0].snapshots.is_empty());
+    assert_eq!((report.marked, report.new_marks), (1, 0));
+}
