@@ -188,8 +188,8 @@ fn last_started(job: &Job) -> Option<i64> {
 /// The VMs the job selects now, to keep two jobs off one VM. When the listing fails the run goes
 /// ahead with none marked busy: it will fail on the same listing and record why.
 fn selected_vms(job: &Job) -> Vec<String> {
-    // A health check backs up no VM: it runs beside any backup.
-    if job.health_check.is_some() {
+    // A health check or a gc backs up no VM: it runs beside any backup.
+    if job.is_maintenance() {
         return Vec::new();
     }
     Connection::open_read_only(Some(&job.uri))

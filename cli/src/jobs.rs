@@ -45,10 +45,16 @@ pub fn run(command: JobCommand) -> Result<()> {
     match command {
         JobCommand::Validate { file } => {
             let job = backflow_jobs::load(&file).map_err(BadInput)?;
-            let what = match job.health_check() {
-                Some(check) if check.read_data => "health check reading every chunk".to_owned(),
-                Some(_) => "health check of the structure".to_owned(),
-                None => format!("{} VM pattern(s)", job.vms.len()),
+            let what = match (job.health_check(), job.gc()) {
+                (Some(check), _) if check.read_data => {
+                    "health check reading every chunk".to_owned()
+                }
+                (Some(_), _) => "health check of the structure".to_owned(),
+                (None, Some(gc)) => format!(
+                    "garbage collection (repack threshold {}%)",
+                    gc.repack_threshold.0
+                ),
+                (None, None) => format!("{} VM pattern(s)", job.vms.len()),
             };
             println!(
                 "{}: valid: job {}, {what}, repository {}",
@@ -89,6 +95,12 @@ pub fn run(command: JobCommand) -> Result<()> {
             match record.result {
                 Verdict::Success | Verdict::Warning => Ok(()),
                 Verdict::Cancelled => Err(Interrupted.into()),
+                Verdict::Failure if record.gc.is_some() => {
+                    bail!(
+                        "job {}: the garbage collection failed (see above)",
+                        record.job
+                    )
+                }
                 Verdict::Failure if record.health_check.is_some() => {
                     bail!(
                         "job {}: the health check found damage (see above)",
@@ -123,6 +135,15 @@ fn summary(record: &SessionRecord) -> String {
     );
     if let Some(check) = &record.health_check {
         out.push_str(&check_summary(check));
+        return out;
+    }
+    if let Some(gc) = &record.gc {
+        if let Some(report) = &gc.report {
+            out.push_str(&crate::gc::text(report));
+        }
+        if let Some(e) = &gc.error {
+            out.push_str(&format!("  error: {e}\n"));
+        }
         return out;
     }
     out.push_str(&format!(

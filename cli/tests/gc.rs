@@ -400,3 +400,119 @@ fn a_second_gc_and_an_index_rebuild_are_refused_while_one_is_pending() {
     run_ok(backflow().args(["rebuild-index", "--repo"]).arg(&repo));
     assert_restores_then_verifies(&repo, &[(&newest, &copy)], dir.path());
 }
+
+/// A gc job file, run by `backflow job run` and then by the daemon on its schedule: each session
+/// is recorded with the gc's report, and the space is freed.
+#[test]
+fn gc_runs_as_a_job_and_under_the_daemon() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = dir.path().join("repo");
+    let (newest, copy) = three_then_forget(dir.path(), &repo);
+    let jobs = dir.path().join("jobs");
+    std::fs::create_dir(&jobs).unwrap();
+    let job = jobs.join("weekly-gc.yaml");
+    std::fs::write(
+        &job,
+        format!(
+            "name: weekly-gc\nrepository: {}\ngc: {{repack_threshold: 0}}\nschedule: [\"0 4 * * 6\"]\n",
+            repo.display()
+        ),
+    )
+    .unwrap();
+    let before = pack_bytes(&repo);
+    let out = run_ok(backflow().args(["job", "run"]).arg(&job));
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains("freed"), "{said}");
+    assert!(pack_bytes(&repo) < before);
+
+    // The daemon catches a weekly job up at start when its last session is eight days old: the
+    // same job under another name, whose only session is that old one. A second forget leaves
+    // garbage for it.
+    std::fs::write(
+        &job,
+        format!(
+            "name: daemon-gc\nrepository: {}\ngc: {{repack_threshold: 0}}\nschedule: [\"0 4 * * 6\"]\n",
+            repo.display()
+        ),
+    )
+    .unwrap();
+    let image = dir.path().join("disk.img");
+    backflow_fixtures::change_image(&image, 0.4, 777).unwrap();
+    let latest = backup(&image, &repo)["snapshot"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let latest_copy = dir.path().join("latest.img");
+    copy_sparse(&image, &latest_copy);
+    forget_all_but_newest(&repo);
+    let then = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+        - 8 * 86400;
+    let id = backflow_repository::Repository::new_session_id(then);
+    backflow_repository::Repository::open(&repo)
+        .unwrap()
+        .record_session(
+            &id,
+            &serde_json::json!({
+                "id": id, "job": "daemon-gc", "started": then, "ended": then,
+                "result": "success", "vms": [], "error": null,
+            }),
+        )
+        .unwrap();
+    let before = pack_bytes(&repo);
+    let mut daemon = backflow()
+        .args(["--log", "info", "daemon", "--jobs"])
+        .arg(&jobs)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = daemon.stderr.take().unwrap();
+    let (tx, lines) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match lines.recv_timeout(left) {
+            Ok(line) if line.contains("Session ended.") => break,
+            Ok(line) => assert!(!line.contains("Session failed."), "{line}"),
+            Err(e) => panic!("the gc job did not end within a minute: {e}"),
+        }
+    }
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &daemon.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    assert_eq!(daemon.wait().unwrap().code(), Some(0));
+    assert!(pack_bytes(&repo) < before, "the daemon's gc freed space");
+
+    for (name, runs) in [("weekly-gc", 1), ("daemon-gc", 2)] {
+        let sessions = run_ok(
+            backflow()
+                .args(["sessions", "--json", "--job", name, "--repo"])
+                .arg(&repo),
+        );
+        let sessions: serde_json::Value = serde_json::from_slice(&sessions.stdout).unwrap();
+        let recorded = sessions.as_array().unwrap();
+        assert_eq!(recorded.len(), runs, "{sessions:#}");
+        let run = recorded.last().unwrap();
+        assert_eq!(run["result"], "success", "{run:#}");
+        assert!(num(&run["gc"]["report"], "chunks_removed") > 0, "{run:#}");
+    }
+    assert_eq!(snapshot_ids(&repo), vec![latest.clone()]);
+    assert_restores_then_verifies(&repo, &[(&latest, &latest_copy)], dir.path());
+    let _ = (newest, copy);
+}

@@ -37,6 +37,13 @@
 //! schedule: ["0 3 * * 0"]
 //! notify: ...
 //! ```
+//! or one that collects garbage (`backflow gc`), on a schedule of its own:
+//! ```yaml
+//! name: weekly-gc
+//! repository: /srv/backflow
+//! gc: {repack_threshold: 20}          # rewrite packs at least 20% unused (default)
+//! schedule: ["0 4 * * 6"]
+//! ```
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -76,9 +83,42 @@ pub struct Job {
     /// Mail the session's report (see `backflow-notify`).
     #[serde(default)]
     pub notify: Option<backflow_notify::SmtpConfig>,
-    /// Verify the repository instead of backing up (a job has this or `vms`, not both).
+    /// Verify the repository instead of backing up (a job does one of `vms`, `health_check`, `gc`).
     #[serde(default)]
     pub health_check: Option<Spanned<HealthCheck>>,
+    /// Collect garbage in the repository instead of backing up.
+    #[serde(default)]
+    pub gc: Option<Spanned<GcJob>>,
+}
+
+/// What a garbage-collection job does: `backflow gc` on the job's repository.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GcJob {
+    /// Rewrite a pack once this percentage of its bytes is unreferenced (0-100).
+    #[serde(default = "default_repack_threshold")]
+    pub repack_threshold: Percent,
+}
+
+fn default_repack_threshold() -> Percent {
+    Percent(backflow_repository::DEFAULT_REPACK_THRESHOLD)
+}
+
+/// A whole percentage, 0 to 100.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Percent(pub u8);
+
+impl<'de> Deserialize<'de> for Percent {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let n = u64::deserialize(d)?;
+        u8::try_from(n)
+            .ok()
+            .filter(|n| *n <= 100)
+            .map(Percent)
+            .ok_or_else(|| {
+                serde::de::Error::custom(format!("expected a percentage from 0 to 100, not {n}"))
+            })
+    }
 }
 
 /// What a health-check job checks: `verify`, which marks the damaged chunks it finds so that the
@@ -100,6 +140,16 @@ impl Job {
     pub fn health_check(&self) -> Option<&HealthCheck> {
         self.health_check.as_ref().map(|h| &h.value)
     }
+
+    /// The garbage collection this job runs instead of backups, if it is one.
+    pub fn gc(&self) -> Option<&GcJob> {
+        self.gc.as_ref().map(|g| &g.value)
+    }
+
+    /// Whether the job backs up no VM (a health check or a gc): it runs beside any backup.
+    pub fn is_maintenance(&self) -> bool {
+        self.health_check.is_some() || self.gc.is_some()
+    }
 }
 
 fn default_uri() -> String {
@@ -120,23 +170,35 @@ pub fn load(path: &Path) -> Result<Job, String> {
 /// Parses a job from text; `file` is what errors call it.
 pub fn parse(text: &str, file: &str) -> Result<Job, String> {
     let job: Job = serde_saphyr::from_str(text).map_err(|e| located(&e.to_string(), file))?;
-    match (&job.health_check, job.vms.is_empty()) {
-        (Some(check), false) => {
-            let at = check.referenced;
+    // Exactly one of: VMs to back up, a health check, a gc. The second one found is the error.
+    let mut kinds: Vec<(&str, Option<(u64, u64)>)> = Vec::new();
+    if !job.vms.is_empty() {
+        kinds.push(("vms", None));
+    }
+    if let Some(check) = &job.health_check {
+        let at = check.referenced;
+        kinds.push(("health_check", Some((at.line(), at.column()))));
+    }
+    if let Some(gc) = &job.gc {
+        let at = gc.referenced;
+        kinds.push(("gc", Some((at.line(), at.column()))));
+    }
+    match kinds.as_slice() {
+        [] => {
             return Err(format!(
-                "{file}:{}:{}: health_check: a job either backs up `vms` or checks the repository \
-                 (`health_check`), not both; write two jobs",
-                at.line(),
-                at.column()
+                "{file}: a job needs `vms` (the VMs to back up), `health_check` (to verify the \
+                 repository) or `gc` (to collect its garbage)"
             ));
         }
-        (None, true) => {
+        [_] => {}
+        [(first, _), (second, at), ..] => {
+            let (line, column) = at.unwrap_or((1, 1));
             return Err(format!(
-                "{file}: a job needs `vms` (the VMs to back up) or `health_check` (to verify the \
-                 repository)"
+                "{file}:{line}:{column}: {second}: a job does one thing: back up `vms`, check the \
+                 repository (`health_check`) or collect its garbage (`gc`); this one already has \
+                 `{first}`; write two jobs"
             ));
         }
-        _ => {}
     }
     let relative_to = Path::new(file).parent().unwrap_or(Path::new("."));
     Ok(Job {
@@ -361,6 +423,23 @@ mod tests {
     }
 
     #[test]
+    fn a_gc_job_reads() {
+        let job = parse(
+            "name: weekly-gc\nrepository: /srv/backflow\ngc: {repack_threshold: 5}\n\
+             schedule: [\"0 4 * * 6\"]\n",
+            "j.yaml",
+        )
+        .unwrap();
+        assert_eq!(job.gc().unwrap().repack_threshold, Percent(5));
+        assert!(job.is_maintenance());
+        let job = parse("name: g\nrepository: r\ngc: {}\n", "j.yaml").unwrap();
+        assert_eq!(
+            job.gc().unwrap().repack_threshold,
+            Percent(backflow_repository::DEFAULT_REPACK_THRESHOLD)
+        );
+    }
+
+    #[test]
     fn mistakes_name_file_line_column_and_what_was_expected() {
         let cases = [
             (
@@ -396,7 +475,17 @@ mod tests {
             (
                 "name: a\nrepository: r\nvms: [x]\nhealth_check: {read_data: true}\n",
                 "j.yaml:4:15: ",
-                "not both",
+                "already has `vms`",
+            ),
+            (
+                "name: a\nrepository: r\nhealth_check: {}\ngc: {}\n",
+                "j.yaml:4:5: ",
+                "already has `health_check`",
+            ),
+            (
+                "name: a\nrepository: r\ngc: {repack_threshold: 101}\n",
+                "j.yaml:3:",
+                "expected a percentage from 0 to 100, not 101",
             ),
             (
                 "name: a\nrepository: r\nhealth_check: {read_dat: true}\n",

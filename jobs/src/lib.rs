@@ -14,7 +14,7 @@ pub mod run;
 pub mod schedule;
 pub mod select;
 
-pub use file::{Job, load, parse};
+pub use file::{GcJob, Job, Percent, load, parse};
 pub use run::{
-    HealthCheckRecord, RunJobOptions, SessionRecord, Verdict, VmRecord, run_job, sessions,
+    GcRecord, HealthCheckRecord, RunJobOptions, SessionRecord, Verdict, VmRecord, run_job, sessions,
 };

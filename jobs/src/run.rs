@@ -89,6 +89,19 @@ pub struct SessionRecord {
     /// What a health-check job found (`None` for backups).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub health_check: Option<HealthCheckRecord>,
+    /// What a gc job did (`None` for other jobs).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gc: Option<GcRecord>,
+}
+
+/// What a gc job did.
+#[derive(Clone, Debug, Serialize)]
+pub struct GcRecord {
+    pub seconds: f64,
+    /// `backflow gc --json`'s report; `None` when the gc could not run.
+    pub report: Option<backflow_repository::GcReport>,
+    /// Why the gc could not run.
+    pub error: Option<String>,
 }
 
 /// What a health check found.
@@ -146,6 +159,7 @@ pub fn run_job(job: &Job, options: &RunJobOptions) -> (SessionRecord, Result<(),
         error: None,
         notified: None,
         health_check: None,
+        gc: None,
     };
     // Opened once, on first use: by a VM's retention, else to record the session.
     let repo = OnceLock::new();
@@ -153,6 +167,10 @@ pub fn run_job(job: &Job, options: &RunJobOptions) -> (SessionRecord, Result<(),
         let (result, found) = health_check(job, check.read_data, &repo);
         record.result = result;
         record.health_check = Some(found);
+    } else if let Some(gc) = job.gc() {
+        let (result, done) = collect(job, gc, &repo);
+        record.result = result;
+        record.gc = Some(done);
     } else {
         match plan(job, options) {
             Ok(selected) => record.vms = run_all(job, &selected, options, &repo),
@@ -163,7 +181,7 @@ pub fn run_job(job: &Job, options: &RunJobOptions) -> (SessionRecord, Result<(),
         }
     }
     record.ended = now();
-    if record.error.is_none() && record.health_check.is_none() {
+    if record.error.is_none() && !job.is_maintenance() {
         record.result = worst(record.vms.iter().map(|v| v.result));
     }
     if let Some(config) = &job.notify {
@@ -248,6 +266,42 @@ fn health_check(
         Verdict::Success
     };
     (result, found)
+}
+
+/// Runs the job's garbage collection. A gc that must wait for backups that were running is a
+/// success: the next one finishes it.
+fn collect(
+    job: &Job,
+    gc: &crate::GcJob,
+    repo: &OnceLock<Result<Repository, String>>,
+) -> (Verdict, GcRecord) {
+    let started = Instant::now();
+    tracing::info!(job = %job.name.0, "Collecting garbage.");
+    let done = open(job, repo).and_then(|r| {
+        r.gc(&backflow_repository::GcOptions {
+            repack_threshold: gc.repack_threshold.0,
+        })
+        .map_err(|e| format!("gc: {e}"))
+    });
+    let seconds = started.elapsed().as_secs_f64();
+    match done {
+        Ok(report) => (
+            Verdict::Success,
+            GcRecord {
+                seconds,
+                report: Some(report),
+                error: None,
+            },
+        ),
+        Err(e) => (
+            Verdict::Failure,
+            GcRecord {
+                seconds,
+                report: None,
+                error: Some(e),
+            },
+        ),
+    }
 }
 
 /// The job's repository, opened at the first call of a session and shared by its VMs.
@@ -470,6 +524,9 @@ fn mail(record: &SessionRecord) -> backflow_notify::Session {
     if let Some(check) = &record.health_check {
         vms.push(check_row(check, record));
     }
+    if let Some(gc) = &record.gc {
+        vms.push(gc_row(gc, record));
+    }
     if let Some(e) = &record.error {
         // Nothing ran: the session failed as a whole.
         let mut failed = VmReport::new("(job)", Outcome::Failure);
@@ -482,6 +539,28 @@ fn mail(record: &SessionRecord) -> backflow_notify::Session {
         ended: record.ended.max(0) as u64,
         vms,
     }
+}
+
+/// A gc as the mail's one row: what it freed, or what it waits for.
+fn gc_row(gc: &GcRecord, record: &SessionRecord) -> backflow_notify::VmReport {
+    use backflow_notify::{Outcome, VmReport};
+    let mut row = VmReport::new(
+        "(garbage collection)",
+        match record.result {
+            Verdict::Success => Outcome::Success,
+            Verdict::Warning => Outcome::Warning,
+            Verdict::Failure | Verdict::Cancelled => Outcome::Failure,
+        },
+    );
+    row.duration = std::time::Duration::from_secs_f64(gc.seconds.max(0.0));
+    row.error = gc.error.clone();
+    if let Some(r) = &gc.report {
+        row.bytes_written = r.bytes_written;
+        if let Some(why) = &r.waiting_for {
+            row.warnings.push(format!("nothing deleted yet: {why}"));
+        }
+    }
+    row
 }
 
 /// A health check as the mail's one row: what it read, the damage and what happens next.
