@@ -13,7 +13,27 @@ pub fn render(session: &Session) -> (String, String) {
 
 fn subject(session: &Session) -> String {
     let total = session.vms.len();
-    let detail = match session.outcome() {
+    // A session whose one row is not a VM (a health check, a gc, a job that failed before any VM
+    // ran) is named by that row.
+    let not_a_vm = match session.vms.as_slice() {
+        [only] if only.vm.starts_with('(') => Some(only.vm.trim_matches(['(', ')'])),
+        _ => None,
+    };
+    let detail = match (session.outcome(), not_a_vm) {
+        (_, Some("job")) => "nothing ran".to_string(),
+        (_, Some(what)) => what.to_string(),
+        (outcome, None) => counted(session, outcome, total),
+    };
+    format!(
+        "[backflow] job {}: {} ({detail})",
+        session.job,
+        session.outcome()
+    )
+}
+
+/// "2 of 3 VMs failed", "3 VMs backed up".
+fn counted(session: &Session, outcome: Outcome, total: usize) -> String {
+    match outcome {
         Outcome::Failure => format!(
             "{} of {} failed",
             session.count(Outcome::Failure),
@@ -26,12 +46,7 @@ fn subject(session: &Session) -> String {
             vms(total)
         ),
         Outcome::Success => format!("{} backed up", vms(total)),
-    };
-    format!(
-        "[backflow] job {}: {} ({detail})",
-        session.job,
-        session.outcome()
-    )
+    }
 }
 
 /// "1 VM", "3 VMs".
@@ -211,6 +226,25 @@ mod tests {
         assert_eq!(duration(Duration::from_millis(400)), "0.4s");
         assert_eq!(duration(Duration::from_secs(187)), "3m 07s");
         assert_eq!(duration(Duration::from_secs(7509)), "2h 05m 09s");
+    }
+
+    #[test]
+    fn a_session_of_one_non_vm_row_is_named_by_it() {
+        let mut session = Session {
+            job: "weekly-check".into(),
+            started: 0,
+            ended: 60,
+            vms: vec![VmReport::new("(health check)", Outcome::Failure)],
+        };
+        assert_eq!(
+            render(&session).0,
+            "[backflow] job weekly-check: failure (health check)"
+        );
+        session.vms = vec![VmReport::new("(job)", Outcome::Failure)];
+        assert_eq!(
+            render(&session).0,
+            "[backflow] job weekly-check: failure (nothing ran)"
+        );
     }
 
     #[test]
