@@ -619,7 +619,12 @@ impl Gc<'_> {
         let marked = self.repo.snapshot_ids()?;
         let mut referenced = Sorter::<32>::new(&self.scratch, "referenced", true);
         for id in &marked {
-            let snapshot = self.repo.open_snapshot(id).map_err(|e| {
+            let snapshot = match self.repo.open_snapshot(id) {
+                // Forgotten since the listing (retention of a job running now): nothing to keep for it.
+                Err(RepoError::SnapshotNotFound { .. }) => continue,
+                other => other,
+            };
+            let snapshot = snapshot.map_err(|e| {
                 RepoError::InvalidArgument(format!(
                     "garbage collection stopped before changing anything: snapshot {id} cannot be read ({e}); \
                      a gc must know every chunk a snapshot uses. Run `backflow verify`, then forget the damaged \
