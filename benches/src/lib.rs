@@ -10,6 +10,8 @@
 //! This library does not depend on criterion (building the workspace does not build it); the
 //! benchmarks take their settings from [`criterion_config!`].
 
+pub mod gc_repo;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;

@@ -3,9 +3,11 @@
 //! chunks.
 //!
 //! A [`Sorter`] keeps a fixed buffer of records; a full buffer is sorted and written as a run file in a scratch
-//! directory. Once [`MAX_RUNS`] runs exist they are merged into one, so reading back never needs more than
-//! `MAX_RUNS` read buffers, however many records went in: memory is the buffer plus `MAX_RUNS * RUN_BUFFER`,
-//! and the cost of very large inputs is one more pass over their runs per factor of `MAX_RUNS`.
+//! directory. Runs are merged in tiers, like a log-structured merge tree: [`MAX_RUNS`] runs of one tier become
+//! one run of the next. Each record is rewritten once per tier, so very large inputs cost one more pass per
+//! factor of `MAX_RUNS` (1 Gi records of 2 MiB runs: 3 tiers), and reading back merges at most
+//! `MAX_RUNS - 1` runs per tier: memory is the buffer plus a read buffer per run, a few MiB however many
+//! records went in.
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
@@ -30,7 +32,8 @@ pub(crate) struct Sorter<const N: usize> {
     name: &'static str,
     buf: Vec<[u8; N]>,
     cap: usize,
-    runs: Vec<PathBuf>,
+    /// Sorted runs with their tier, tiers decreasing from the first: the tail is the lowest tier.
+    runs: Vec<(u32, PathBuf)>,
     /// Runs written so far, for fresh names.
     written: usize,
     unique: bool,
@@ -83,18 +86,39 @@ impl<const N: usize> Sorter<N> {
             out.write_all(r).ctx("write sort run", &path)?;
         }
         out.flush().ctx("write sort run", &path)?;
-        self.runs.push(path);
+        self.runs.push((0, path));
         self.buf.clear();
-        if self.runs.len() >= MAX_RUNS {
-            self.compact()?;
-        }
-        Ok(())
+        self.compact()
     }
 
-    /// Merges every run into one.
+    /// While the lowest tier has `MAX_RUNS` runs, merges them into one run of the next tier.
     fn compact(&mut self) -> Result<()> {
+        loop {
+            let Some(&(tier, _)) = self.runs.last() else {
+                return Ok(());
+            };
+            let same = self
+                .runs
+                .iter()
+                .rev()
+                .take_while(|(t, _)| *t == tier)
+                .count();
+            if same < MAX_RUNS {
+                return Ok(());
+            }
+            let group: Vec<PathBuf> = self
+                .runs
+                .split_off(self.runs.len() - same)
+                .into_iter()
+                .map(|(_, p)| p)
+                .collect();
+            let merged = self.merge_into_run(group)?;
+            self.runs.push((tier + 1, merged));
+        }
+    }
+
+    fn merge_into_run(&mut self, runs: Vec<PathBuf>) -> Result<PathBuf> {
         let path = self.run_path();
-        let runs = std::mem::take(&mut self.runs);
         let mut merged = Sorted::<N>::merge(runs, self.unique)?;
         let file = File::create(&path).ctx("create sort run", &path)?;
         let mut out = BufWriter::with_capacity(RUN_BUFFER, file);
@@ -103,8 +127,7 @@ impl<const N: usize> Sorter<N> {
         }
         out.flush().ctx("write sort run", &path)?;
         drop(merged);
-        self.runs.push(path);
-        Ok(())
+        Ok(path)
     }
 
     /// The records in order.
@@ -124,7 +147,8 @@ impl<const N: usize> Sorter<N> {
             self.spill()?;
         }
         self.buf = Vec::new();
-        Sorted::merge(std::mem::take(&mut self.runs), self.unique)
+        let runs = std::mem::take(&mut self.runs);
+        Sorted::merge(runs.into_iter().map(|(_, p)| p).collect(), self.unique)
     }
 }
 
@@ -202,6 +226,27 @@ impl<const N: usize> Drop for Sorted<N> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn runs_merge_in_tiers_so_few_stay_open() {
+        let dir = tempfile::tempdir().unwrap();
+        // One record per run: 5000 runs merge into tiers of 32 (1, 32, 1024 records per run).
+        let mut s = Sorter::<8>::with_buffer(dir.path(), "t", false, 8);
+        for i in 0..5000u64 {
+            s.push((5000 - i).to_be_bytes()).unwrap();
+        }
+        let tiers: Vec<u32> = s.runs.iter().map(|(t, _)| *t).collect();
+        assert!(tiers.windows(2).all(|w| w[0] >= w[1]), "{tiers:?}");
+        // 5000 = 4 * 1024 + 28 * 32 + 8
+        assert_eq!(tiers.iter().filter(|t| **t == 2).count(), 4);
+        assert_eq!(tiers.iter().filter(|t| **t == 1).count(), 28);
+        assert_eq!(tiers.iter().filter(|t| **t == 0).count(), 8);
+        let mut sorted = s.finish().unwrap();
+        for i in 1..=5000u64 {
+            assert_eq!(sorted.next_record().unwrap(), Some(i.to_be_bytes()));
+        }
+        assert_eq!(sorted.next_record().unwrap(), None);
+    }
 
     #[test]
     fn the_sorter_sorts_and_deduplicates_across_runs() {
