@@ -3,26 +3,8 @@
 mod common;
 
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
 
 use common::*;
-
-fn packs(repo: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    for sub in std::fs::read_dir(repo.join("packs")).unwrap() {
-        let sub = sub.unwrap().path();
-        if sub.is_dir() {
-            for f in std::fs::read_dir(&sub).unwrap() {
-                let f = f.unwrap().path();
-                if f.extension().is_some_and(|e| e == "pack") {
-                    out.push(f);
-                }
-            }
-        }
-    }
-    out.sort();
-    out
-}
 
 #[test]
 fn a_flipped_byte_is_named_by_verify_and_stops_restore() {
@@ -42,7 +24,7 @@ fn a_flipped_byte_is_named_by_verify_and_stops_restore() {
     assert!(verify(&repo, true).status.success());
 
     // Flip one byte in the middle of the first pack's data (past its header).
-    let pack = packs(&repo).into_iter().next().expect("a pack");
+    let pack = pack_files(&repo).into_iter().next().expect("a pack");
     let file = std::fs::OpenOptions::new()
         .read(true)
         .write(true)

@@ -4,24 +4,14 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
 
-use backflow_repository::Repository;
 use backflow_testkit::libvirt::Domain;
 use common::*;
 
 const JOB: &str = "every-minute";
-
-fn unix_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64
-}
 
 /// Three domains named `PREFIX-PID-N`, data written on each, and the glob selecting them.
 fn domains(prefix: &str) -> (Vec<Domain>, String) {
@@ -46,54 +36,8 @@ fn job_dir(work: &Path, repo: &Path, glob: &str, extra: &str) -> std::path::Path
         ),
     )
     .unwrap();
-    let an_hour_ago = unix_now() - 3600;
-    let id = Repository::new_session_id(an_hour_ago);
-    Repository::open(repo)
-        .unwrap()
-        .record_session(
-            &id,
-            &serde_json::json!({
-                "id": id, "job": JOB, "started": an_hour_ago, "ended": an_hour_ago,
-                "result": "success", "vms": [], "error": null,
-            }),
-        )
-        .unwrap();
+    record_old_session(repo, JOB, 3600);
     dir
-}
-
-/// The daemon, with its log lines (info) sent to the returned channel as they come.
-fn start_daemon(jobs: &Path) -> (Child, mpsc::Receiver<String>) {
-    let mut child = backflow()
-        .args(["--log", "info", "daemon", "--jobs"])
-        .arg(jobs)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let (tx, rx) = mpsc::channel();
-    let stderr = child.stderr.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            eprintln!("daemon: {line}");
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    (child, rx)
-}
-
-/// Waits for a log line containing `what`.
-fn wait_for_line(lines: &mpsc::Receiver<String>, what: &str, timeout: Duration) -> String {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match lines.recv_timeout(left) {
-            Ok(line) if line.contains(what) => return line,
-            Ok(_) => {}
-            Err(e) => panic!("no log line with {what:?} within {timeout:?}: {e}"),
-        }
-    }
 }
 
 /// The job's recorded sessions, the fake one included, oldest first.

@@ -7,7 +7,7 @@ mod common;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 
@@ -27,13 +27,10 @@ fn num(v: &serde_json::Value, key: &str) -> u64 {
 
 /// Total size of the pack files.
 fn pack_bytes(repo: &Path) -> u64 {
-    let mut total = 0;
-    for sub in std::fs::read_dir(repo.join("packs")).unwrap() {
-        for f in std::fs::read_dir(sub.unwrap().path()).unwrap() {
-            total += f.unwrap().metadata().unwrap().len();
-        }
-    }
-    total
+    pack_files(repo)
+        .iter()
+        .map(|p| p.metadata().unwrap().len())
+        .sum()
 }
 
 fn forget_all_but_newest(repo: &Path) {
@@ -151,30 +148,13 @@ fn the_default_threshold_deletes_unused_packs_and_keeps_mostly_used_ones() {
 
 /// Starts a backup of `image` that pauses before its commit; returns once it is paused.
 fn paused_backup(image: &Path, repo: &Path, pause: &Path) -> std::process::Child {
-    let mut child = backflow()
-        .arg("run")
-        .arg(spec("backup-image.yaml"))
-        .arg("--var")
-        .arg(format!("source={}", image.display()))
-        .arg("--var")
-        .arg(format!("repo={}", repo.display()))
-        .arg("--quiet")
+    let mut child = backup_command(image, repo, "disk0")
         .env(stage_repo_writer::PAUSE_BEFORE_COMMIT, pause)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while !pause.exists() {
-        assert!(
-            Instant::now() < deadline,
-            "the backup never reached its commit"
-        );
-        if let Some(status) = child.try_wait().unwrap() {
-            panic!("the backup ended early: {status}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for_pause(&mut child, pause, 120);
     child
 }
 
@@ -445,58 +425,11 @@ fn gc_runs_as_a_job_and_under_the_daemon() {
     let latest_copy = dir.path().join("latest.img");
     copy_sparse(&image, &latest_copy);
     forget_all_but_newest(&repo);
-    let then = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64
-        - 8 * 86400;
-    let id = backflow_repository::Repository::new_session_id(then);
-    backflow_repository::Repository::open(&repo)
-        .unwrap()
-        .record_session(
-            &id,
-            &serde_json::json!({
-                "id": id, "job": "daemon-gc", "started": then, "ended": then,
-                "result": "success", "vms": [], "error": null,
-            }),
-        )
-        .unwrap();
+    record_old_session(&repo, "daemon-gc", 8 * 86400);
     let before = pack_bytes(&repo);
-    let mut daemon = backflow()
-        .args(["--log", "info", "daemon", "--jobs"])
-        .arg(&jobs)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = daemon.stderr.take().unwrap();
-    let (tx, lines) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        for line in std::io::BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-        {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match lines.recv_timeout(left) {
-            Ok(line) if line.contains("Session ended.") => break,
-            Ok(line) => assert!(!line.contains("Session failed."), "{line}"),
-            Err(e) => panic!("the gc job did not end within a minute: {e}"),
-        }
-    }
-    let killed = std::process::Command::new("kill")
-        .args(["-TERM", &daemon.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(killed.success());
-    assert_eq!(daemon.wait().unwrap().code(), Some(0));
+    // The gc job ends "Session ended." (or "Session failed.", which the sessions check below
+    // catches).
+    run_daemon_until(&jobs, "Session ");
     assert!(pack_bytes(&repo) < before, "the daemon's gc freed space");
 
     for (name, runs) in [("weekly-gc", 1), ("daemon-gc", 2)] {

@@ -5,37 +5,18 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
 
-use backflow_repository::{PackEntry, Repository, read_pack_trailer};
+use backflow_repository::{PackEntry, read_pack_trailer};
 use backflow_testkit::qemu::run_command;
 use common::*;
-
-fn packs(repo: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    for sub in std::fs::read_dir(repo.join("packs")).unwrap() {
-        let sub = sub.unwrap().path();
-        if sub.is_dir() {
-            for f in std::fs::read_dir(&sub).unwrap() {
-                let f = f.unwrap().path();
-                if f.extension().is_some_and(|e| e == "pack") {
-                    out.push(f);
-                }
-            }
-        }
-    }
-    out.sort();
-    out
-}
 
 /// Flips one byte in the middle of the largest blob of the repository's first pack; returns the
 /// pack's path and the blob's trailer entry.
 fn damage_a_blob(repo: &Path) -> (PathBuf, PackEntry) {
-    let pack = packs(repo).into_iter().next().expect("a pack");
+    let pack = pack_files(repo).into_iter().next().expect("a pack");
     let trailer = read_pack_trailer(&pack).unwrap();
     let entry = trailer
         .entries
@@ -318,55 +299,8 @@ fn the_daemon_runs_a_health_check_job() {
     let jobs = dir.path().join("jobs");
     std::fs::create_dir(&jobs).unwrap();
     check_job(&jobs, &repo);
-    let then = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64
-        - 8 * 86400;
-    let id = Repository::new_session_id(then);
-    Repository::open(&repo)
-        .unwrap()
-        .record_session(
-            &id,
-            &serde_json::json!({
-                "id": id, "job": "weekly-check", "started": then, "ended": then,
-                "result": "success", "vms": [], "error": null,
-            }),
-        )
-        .unwrap();
-
-    let mut daemon = backflow()
-        .args(["--log", "info", "daemon", "--jobs"])
-        .arg(&jobs)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = daemon.stderr.take().unwrap();
-    let (tx, lines) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            eprintln!("daemon: {line}");
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match lines.recv_timeout(left) {
-            Ok(line) if line.contains("Session failed.") => break,
-            Ok(_) => {}
-            Err(e) => panic!("the health check did not end within a minute: {e}"),
-        }
-    }
-    let killed = Command::new("kill")
-        .args(["-TERM", &daemon.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(killed.success());
-    assert_eq!(daemon.wait().unwrap().code(), Some(0));
+    let id = record_old_session(&repo, "weekly-check", 8 * 86400);
+    run_daemon_until(&jobs, "Session failed.");
 
     let sessions = run_ok(
         backflow()

@@ -9,14 +9,7 @@ use std::time::{Duration, Instant};
 use common::*;
 
 fn start_backup(image: &Path, repo: &Path) -> Child {
-    backflow()
-        .arg("run")
-        .arg(spec("backup-image.yaml"))
-        .arg("--var")
-        .arg(format!("source={}", image.display()))
-        .arg("--var")
-        .arg(format!("repo={}", repo.display()))
-        .args(["--var", "disk=disk0", "--quiet"])
+    backup_command(image, repo, "disk0")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()

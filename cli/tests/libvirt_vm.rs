@@ -10,7 +10,6 @@ mod common;
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 
 use backflow_testkit::libvirt::{Domain, make_traversable};
 use backflow_testkit::qemu::compare_images;
@@ -166,7 +165,7 @@ impl Case {
     fn paused_backup(&self) -> (Child, PathBuf) {
         let pause = self.dir.path().join("pause");
         let _ = std::fs::remove_file(&pause);
-        let child = self
+        let mut child = self
             .command(&[])
             .arg("--report")
             .arg(self.report_path())
@@ -175,14 +174,7 @@ impl Case {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !pause.exists() {
-            assert!(
-                Instant::now() < deadline,
-                "the backup never reached its pause"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_for_pause(&mut child, &pause, 60);
         (child, pause)
     }
 }

@@ -9,7 +9,6 @@ mod common;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
 
 use backflow_testkit::qemu::{
     assert_no_process_naming, bitmaps, compare_images, qemu_io, run_command,
@@ -347,18 +346,7 @@ fn sigkill_after_the_read_before_the_commit_resumes_from_the_old_base() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while !pause.exists() {
-        assert!(
-            Instant::now() < deadline,
-            "the backup never reached its commit"
-        );
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "the backup ended early"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for_pause(&mut child, &pause, 120);
     child.kill().unwrap();
     child.wait().unwrap();
     std::fs::remove_file(&pause).unwrap();

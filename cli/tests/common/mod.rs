@@ -1,8 +1,10 @@
 //! Shared helpers of the command-line tests: run the real binary on real files.
 #![allow(dead_code)]
 
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 pub fn backflow() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_backflow"));
@@ -48,20 +50,27 @@ pub fn backup(image: &Path, repo: &Path) -> serde_json::Value {
     backup_named(image, repo, "disk0")
 }
 
+/// `backflow run specs/backup-image.yaml` of `image` as disk (and so VM) `name`, quiet.
+pub fn backup_command(image: &Path, repo: &Path, name: &str) -> Command {
+    let mut cmd = backflow();
+    cmd.arg("run")
+        .arg(spec("backup-image.yaml"))
+        .arg("--var")
+        .arg(format!("source={}", image.display()))
+        .arg("--var")
+        .arg(format!("repo={}", repo.display()))
+        .arg("--var")
+        .arg(format!("disk={name}"))
+        .arg("--quiet");
+    cmd
+}
+
 /// Backs `image` up with specs/backup-image.yaml as disk (and so VM) `name`; returns the report.
 pub fn backup_named(image: &Path, repo: &Path, name: &str) -> serde_json::Value {
     let report = repo.with_extension(format!("report-{}.json", rand_suffix()));
     run_ok(
-        backflow()
-            .arg("run")
-            .arg(spec("backup-image.yaml"))
-            .arg("--var")
-            .arg(format!("source={}", image.display()))
-            .arg("--var")
-            .arg(format!("repo={}", repo.display()))
-            .arg("--var")
-            .arg(format!("disk={name}"))
-            .args(["--quiet", "--report"])
+        backup_command(image, repo, name)
+            .arg("--report")
             .arg(&report),
     );
     let json = read_report(&report);
@@ -177,4 +186,111 @@ pub fn warnings(report: &serde_json::Value) -> Vec<String> {
 /// What a run read from its source.
 pub fn bytes_read(report: &serde_json::Value) -> u64 {
     report["source_bytes_read"].as_u64().unwrap()
+}
+
+/// Every pack file of a repository, sorted.
+pub fn pack_files(repo: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for sub in std::fs::read_dir(repo.join("packs")).unwrap() {
+        let sub = sub.unwrap().path();
+        if sub.is_dir() {
+            for f in std::fs::read_dir(&sub).unwrap() {
+                let f = f.unwrap().path();
+                if f.extension().is_some_and(|e| e == "pack") {
+                    out.push(f);
+                }
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Waits (at most `secs` seconds) until a run started with a pause hook creates `pause`; fails
+/// the test if `child` ends first.
+pub fn wait_for_pause(child: &mut Child, pause: &Path, secs: u64) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !pause.exists() {
+        assert!(Instant::now() < deadline, "the run never reached its pause");
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("the run ended before its pause: {status}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Records a finished session of job `job` that started `seconds` seconds ago, so that a daemon
+/// started now owes the job its next run. Returns the session id.
+pub fn record_old_session(repo: &Path, job: &str, seconds: i64) -> String {
+    let then = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+        - seconds;
+    let id = backflow_repository::Repository::new_session_id(then);
+    backflow_repository::Repository::open(repo)
+        .unwrap()
+        .record_session(
+            &id,
+            &serde_json::json!({
+                "id": id, "job": job, "started": then, "ended": then,
+                "result": "success", "vms": [], "error": null,
+            }),
+        )
+        .unwrap();
+    id
+}
+
+/// `backflow daemon --jobs DIR`, with its log lines (info) sent to the returned channel as they
+/// come (and echoed to the test's output).
+pub fn start_daemon(jobs: &Path) -> (Child, std::sync::mpsc::Receiver<String>) {
+    let mut child = backflow()
+        .args(["--log", "info", "daemon", "--jobs"])
+        .arg(jobs)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stderr = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            eprintln!("daemon: {line}");
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    (child, rx)
+}
+
+/// Waits for a log line containing `what`; returns it. Fails the test after `timeout`.
+pub fn wait_for_line(
+    lines: &std::sync::mpsc::Receiver<String>,
+    what: &str,
+    timeout: Duration,
+) -> String {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match lines.recv_timeout(left) {
+            Ok(line) if line.contains(what) => return line,
+            Ok(_) => {}
+            Err(e) => panic!("no log line with {what:?} within {timeout:?}: {e}"),
+        }
+    }
+}
+
+/// Runs the daemon on `jobs` until it logs a line containing `until` (at most a minute), then
+/// stops it with SIGTERM and checks that it exits 0. Returns that line.
+pub fn run_daemon_until(jobs: &Path, until: &str) -> String {
+    let (mut daemon, lines) = start_daemon(jobs);
+    let line = wait_for_line(&lines, until, Duration::from_secs(60));
+    let killed = Command::new("kill")
+        .args(["-TERM", &daemon.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    assert_eq!(daemon.wait().unwrap().code(), Some(0));
+    line
 }
