@@ -209,6 +209,11 @@ fn a_damaged_chunk_is_marked_by_the_check_and_stored_again_by_the_next_backup() 
     let gc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(gc["chunks_removed"].as_u64().unwrap() >= 1, "{gc:#}");
     assert!(!pack.exists(), "the damaged pack is gone");
+    let marks = std::fs::read_to_string(repo.join("damaged")).unwrap();
+    assert!(
+        !marks.contains(&entry.digest.to_hex()),
+        "the deleted copy's mark went with it: {marks}"
+    );
     assert_restores_then_verifies(
         &repo,
         &[

@@ -301,35 +301,52 @@ impl Repository {
         if found.is_empty() {
             return Ok(0);
         }
+        let added =
+            self.update_marks(|marks| found.into_iter().filter(|c| marks.insert(*c)).count())?;
+        if added > 0 {
+            tracing::warn!(added, "Damaged chunks marked; backups store them again.");
+        }
+        Ok(added)
+    }
+
+    /// Drops the marks of copies whose pack no longer exists (a garbage collection deleted it). Returns how
+    /// many went.
+    pub(crate) fn drop_marks_of_deleted_packs(&self) -> Result<usize> {
+        if !self.path().join(FILE).exists() {
+            return Ok(0);
+        }
+        let root = self.path().to_owned();
+        self.update_marks(|marks| {
+            let before = marks.copies.len();
+            marks
+                .copies
+                .retain(|c| crate::pack::pack_path(&root, &c.pack).exists());
+            before - marks.copies.len()
+        })
+    }
+
+    /// Changes the marks under `damaged.lock`: `change` returns how many marks it changed, and only then
+    /// is the file written again (temporary name, fsync, rename). A file that cannot be parsed is an error
+    /// and is left as it is.
+    fn update_marks(&self, change: impl FnOnce(&mut DamageMarks) -> usize) -> Result<usize> {
         let root = self.path();
         let lock_path = root.join(LOCK_FILE);
-        let lock = File::options()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&lock_path)
-            .ctx("open", &lock_path)?;
+        let lock = crate::repository::open_lock_file(&lock_path)?;
         // Held for a read and a small write: waiting is shorter than failing and retrying.
         lock.lock().ctx("lock", &lock_path)?;
         let path = root.join(FILE);
         let mut marks = load(&path)?;
-        let added = found.into_iter().filter(|c| marks.insert(*c)).count();
-        if added > 0 {
+        let changed = change(&mut marks);
+        if changed > 0 {
             let tmp = root.join(TMP_FILE);
             let mut file = File::create(&tmp).ctx("create", &tmp)?;
             file.write_all(marks.render().as_bytes())
                 .ctx("write", &tmp)?;
             file.sync_all().ctx("fsync", &tmp)?;
             durable_rename(&tmp, &path)?;
-            tracing::warn!(
-                added,
-                total = marks.len(),
-                "Damaged chunks marked; backups store them again."
-            );
         }
         self.marks_cache().invalidate();
-        Ok(added)
+        Ok(changed)
     }
 
     /// Digests marked damaged that have no healthy copy in the index: the chunks a backup must read and store

@@ -968,6 +968,10 @@ impl Gc<'_> {
         std::fs::remove_file(self.paths.state()).ctx("remove", &self.paths.state())?;
         sync_dir(&self.paths.dir)?;
         kill_point("swept");
+        let unmarked = self.repo.drop_marks_of_deleted_packs()?;
+        if unmarked > 0 {
+            info!(marks = unmarked, "Damage marks of deleted packs dropped.");
+        }
         info!(
             removed = state.report.chunks_removed,
             freed = state.report.bytes_deleted,
