@@ -14,6 +14,9 @@ pub struct Args {
     #[arg(long, default_value_t = DEFAULT_REPACK_THRESHOLD,
           value_parser = clap::value_parser!(u8).range(0..=100))]
     repack_threshold: u8,
+    /// Report what a gc would remove and rewrite; change nothing.
+    #[arg(long)]
+    dry_run: bool,
     /// The report as JSON.
     #[arg(long)]
     json: bool,
@@ -32,6 +35,7 @@ pub fn run(args: Args) -> Result<()> {
     let repo = crate::open_repo(args.repo.as_deref().expect("required by clap"))?;
     let report = repo.gc(&GcOptions {
         repack_threshold: args.repack_threshold,
+        dry_run: args.dry_run,
     })?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -48,6 +52,9 @@ fn mib(bytes: u64) -> String {
 /// The report for people.
 pub fn text(r: &GcReport) -> String {
     let mut out = String::new();
+    if r.dry_run {
+        out.push_str("dry run, nothing changed; a gc now would find:\n");
+    }
     if let Some(earlier) = &r.earlier_cycle {
         out.push_str("finished the collection an earlier gc had begun:\n");
         for line in text(earlier).lines() {
@@ -69,6 +76,12 @@ pub fn text(r: &GcReport) -> String {
     ));
     match &r.waiting_for {
         Some(why) => out.push_str(&format!("nothing deleted yet: {why}\n")),
+        None if r.dry_run => out.push_str(&format!(
+            "it would delete {} of packs and write {}: {} freed\n",
+            mib(r.bytes_deleted),
+            mib(r.bytes_written),
+            mib(r.bytes_deleted.saturating_sub(r.bytes_written))
+        )),
         None => out.push_str(&format!(
             "deleted {} of packs, wrote {}: {} freed\n",
             mib(r.bytes_deleted),

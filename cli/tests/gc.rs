@@ -86,6 +86,23 @@ fn gc_after_forget_frees_the_space_and_what_remains_restores() {
     let repo = dir.path().join("repo");
     let (newest, copy) = three_then_forget(dir.path(), &repo);
     let before = pack_bytes(&repo);
+    let listing = |dir: &str| -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(repo.join(dir))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    };
+    let index_before = listing("index");
+
+    // A dry run says what the gc will do and changes nothing.
+    let dry = gc_json(&repo, &["--repack-threshold", "0", "--dry-run"]);
+    assert_eq!(dry["dry_run"], true, "{dry:#}");
+    assert!(num(&dry, "chunks_removed") > 0, "{dry:#}");
+    assert_eq!(pack_bytes(&repo), before);
+    assert_eq!(listing("index"), index_before);
+    assert!(!repo.join("gc/state.json").exists());
 
     // Threshold 0: every pack with anything unreferenced is rewritten, so afterwards the index
     // holds exactly the referenced chunks.
@@ -97,6 +114,19 @@ fn gc_after_forget_frees_the_space_and_what_remains_restores() {
         "{report:#}"
     );
     assert_eq!(num(&report, "missing_chunks"), 0);
+    for key in [
+        "chunks_removed",
+        "chunks_moved",
+        "packs_removed",
+        "packs_repacked",
+        "bytes_deleted",
+    ] {
+        assert_eq!(
+            num(&report, key),
+            num(&dry, key),
+            "{key}: {report:#} {dry:#}"
+        );
+    }
     let after = pack_bytes(&repo);
     assert!(after < before, "{after} >= {before}");
 

@@ -280,6 +280,7 @@ fn collect(
     let done = open(job, repo).and_then(|r| {
         r.gc(&backflow_repository::GcOptions {
             repack_threshold: gc.repack_threshold.0,
+            dry_run: false,
         })
         .map_err(|e| format!("gc: {e}"))
     });

@@ -65,12 +65,15 @@ pub struct GcOptions {
     /// Rewrite a pack once at least this percentage of its indexed bytes is unreferenced (0 rewrites every
     /// pack with anything unreferenced, 100 only deletes packs that are wholly unreferenced).
     pub repack_threshold: u8,
+    /// Decide and report, change nothing (`bytes_written` is then the live bytes the rewrites would copy).
+    pub dry_run: bool,
 }
 
 impl Default for GcOptions {
     fn default() -> Self {
         GcOptions {
             repack_threshold: DEFAULT_REPACK_THRESHOLD,
+            dry_run: false,
         }
     }
 }
@@ -78,6 +81,9 @@ impl Default for GcOptions {
 /// Outcome of a garbage collection.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct GcReport {
+    /// Nothing was changed: the report says what a gc would do now.
+    #[serde(default)]
+    pub dry_run: bool,
     /// What finishing the cycle an earlier gc had begun (and had to leave waiting, or was killed in) did
     /// first: its deletions happen in this run.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -528,7 +534,9 @@ pub(crate) fn gc(repo: &Repository, options: &GcOptions) -> Result<GcReport> {
             detail: "another garbage collection runs".into(),
         });
     }
-    repo.remove_stale_scratch()?;
+    if !options.dry_run {
+        repo.remove_stale_scratch()?;
+    }
     let (scratch, scratch_lock) =
         crate::scratch::create(&root, || format!("gc-{}", hex(&rand::random::<[u8; 6]>())))?;
     let ctx = Gc {
@@ -558,6 +566,21 @@ struct Gc<'a> {
 
 impl Gc<'_> {
     fn run(&self, options: &GcOptions) -> Result<GcReport> {
+        if options.dry_run {
+            if let Some(state) = load_state(&self.paths)? {
+                let mut report = state.report;
+                report.dry_run = true;
+                report.waiting_for = Some(
+                    "an earlier gc condemned these chunks; the next gc deletes them once the backups \
+                     that were running then have ended"
+                        .into(),
+                );
+                return Ok(report);
+            }
+            let mut report = self.condemn(options)?.report;
+            report.dry_run = true;
+            return Ok(report);
+        }
         let mut earlier = None;
         if let Some(state) = load_state(&self.paths)? {
             match self.finish_cycle(state)? {
@@ -597,7 +620,8 @@ impl Gc<'_> {
         Ok(Some(name))
     }
 
-    /// Phase 1: mark, decide per pack, rewrite, index, publish the cycle. Deletes nothing.
+    /// Phase 1: mark, decide per pack, rewrite, index, publish the cycle. Deletes nothing. A dry run stops
+    /// after the decisions, having written nothing but scratch.
     fn condemn(&self, options: &GcOptions) -> Result<CycleState> {
         let mut report = GcReport::default();
 
@@ -706,7 +730,7 @@ impl Gc<'_> {
 
         // Per pack: keep, rewrite or delete.
         let session = self.writer_session("repack")?;
-        let mut writer = PackWriter::new(session.clone());
+        let mut writer = (!options.dry_run).then(|| PackWriter::new(session.clone()));
         let mut condemned = Sorter::<LOCATED_SIZE>::new(&self.scratch, "condemned", false);
         let mut doomed = Sorter::<16>::new(&self.scratch, "doomed", false);
         let mut by_pack = by_pack.finish()?;
@@ -725,7 +749,7 @@ impl Gc<'_> {
                     &group,
                     options,
                     &session,
-                    &mut writer,
+                    writer.as_mut(),
                     &mut condemned,
                     &mut report,
                 )?;
@@ -743,14 +767,28 @@ impl Gc<'_> {
                 None => break,
             }
         }
-        writer.finish()?;
+        if let Some(writer) = writer {
+            writer.finish()?;
+        }
         drop(by_pack);
+        if options.dry_run {
+            return Ok(CycleState {
+                version: STATE_VERSION,
+                phase: Phase::Condemned,
+                marked: BTreeSet::new(),
+                old_index: Vec::new(),
+                users: None,
+                orphans: Vec::new(),
+                report,
+            });
+        }
 
         // Publish: the new index, the condemned chunks and doomed packs, the state; then the old index goes.
         let new_index = self.write_index(&session)?;
         kill_point("indexed");
         let fence = fence(&self.root, LockMode::Exclusive)?;
-        report.chunks_removed = write_list(&self.paths.condemned(), condemned.finish()?)?;
+        let condemned_count = write_list(&self.paths.condemned(), condemned.finish()?)?;
+        debug_assert_eq!(condemned_count, report.chunks_removed);
         let doomed_count = write_list(&self.paths.doomed(), doomed.finish()?)?;
         let mut state = CycleState {
             version: STATE_VERSION,
@@ -787,7 +825,7 @@ impl Gc<'_> {
         group: &[Located],
         options: &GcOptions,
         session: &SessionShared,
-        writer: &mut PackWriter,
+        writer: Option<&mut PackWriter>,
         condemned: &mut Sorter<LOCATED_SIZE>,
         report: &mut GcReport,
     ) -> Result<bool> {
@@ -816,7 +854,12 @@ impl Gc<'_> {
             report.packs_kept += 1;
             return Ok(false);
         }
-        if live > 0 {
+        if let (true, None) = (live > 0, &writer) {
+            // A dry run: what the rewrite would copy.
+            report.bytes_written += live;
+            report.chunks_moved += group.iter().filter(|r| r.live).count() as u64;
+            report.packs_repacked += 1;
+        } else if let (true, Some(writer)) = (live > 0, writer) {
             let file = File::open(&path).ctx("open pack", &path)?;
             // Every live chunk is read and checked against its digest before it is copied.
             let mut blobs = Vec::new();
@@ -862,6 +905,7 @@ impl Gc<'_> {
         }
         for r in group.iter().filter(|r| !r.live) {
             condemned.push(r.by_digest())?;
+            report.chunks_removed += 1;
         }
         report.bytes_deleted += size;
         Ok(true)
