@@ -479,3 +479,36 @@ fn gc_runs_as_a_job_and_under_the_daemon() {
     assert_restores_then_verifies(&repo, &[(&latest, &latest_copy)], dir.path());
     let _ = (newest, copy);
 }
+
+/// The packs of a backup killed before its commit are referenced by no index: gc removes them (and
+/// nothing else).
+#[test]
+fn gc_removes_the_packs_of_a_killed_backup() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = dir.path().join("repo");
+    init_small_packs(&repo);
+    let image = dir.path().join("disk.img");
+    backflow_fixtures::generate_image(&image, 8 << 20, 21).unwrap();
+    let kept = backup(&image, &repo)["snapshot"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let copy = dir.path().join("kept.img");
+    copy_sparse(&image, &copy);
+    let clean = pack_bytes(&repo);
+
+    let other = dir.path().join("other.img");
+    backflow_fixtures::generate_image(&other, 8 << 20, 22).unwrap();
+    let pause = dir.path().join("paused");
+    let mut child = paused_backup(&other, &repo, &pause);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    std::fs::remove_file(&pause).unwrap();
+    assert!(pack_bytes(&repo) > clean, "the killed backup wrote packs");
+
+    let report = gc_json(&repo, &[]);
+    assert!(num(&report, "orphan_packs") > 0, "{report:#}");
+    assert!(report["waiting_for"].is_null(), "{report:#}");
+    assert_eq!(pack_bytes(&repo), clean);
+    assert_restores_then_verifies(&repo, &[(&kept, &copy)], dir.path());
+}
