@@ -80,13 +80,13 @@ pub fn text(r: &GcReport) -> String {
             "it would delete {} of packs and write {}: {} freed\n",
             mib(r.bytes_deleted),
             mib(r.bytes_written),
-            mib(r.bytes_deleted.saturating_sub(r.bytes_written))
+            mib(r.bytes_freed())
         )),
         None => out.push_str(&format!(
             "deleted {} of packs, wrote {}: {} freed\n",
             mib(r.bytes_deleted),
             mib(r.bytes_written),
-            mib(r.bytes_deleted.saturating_sub(r.bytes_written))
+            mib(r.bytes_freed())
         )),
     }
     if r.missing_chunks > 0 {

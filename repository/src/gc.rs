@@ -9,7 +9,7 @@
 
 use std::collections::{BTreeSet, HashSet};
 use std::fs::File;
-use std::io::{BufReader, BufWriter, Read, Write};
+use std::io::{BufReader, BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -22,13 +22,9 @@ use crate::pack::{PackEntry, PackWriter, pack_path};
 use crate::repository::{LockMode, lock_repository};
 use crate::session::SessionShared;
 use crate::snapshot::Snapshot;
-use crate::sort::{Sorted, Sorter};
+use crate::sort::{RUN_BUFFER, Sorted, Sorter};
 use crate::{ChunkRef, Codec, Digest, PackId, Repository};
 
-/// Live chunks of a pack being rewritten that are read and checked before they are copied.
-const REPACK_BATCH: usize = 8 * 1024 * 1024;
-/// Read and write buffer of the gc's own lists.
-const RUN_BUFFER: usize = 64 * 1024;
 /// Default share of a pack's indexed bytes that must be unreferenced before the pack is rewritten.
 pub const DEFAULT_REPACK_THRESHOLD: u8 = 20;
 
@@ -97,8 +93,9 @@ pub struct GcReport {
     pub missing_chunks: u64,
     pub packs_kept: u64,
     pub packs_repacked: u64,
-    /// Wholly unreferenced packs, and packs left by killed sessions (orphans).
+    /// Wholly unreferenced packs.
     pub packs_removed: u64,
+    /// Packs no index names (left by killed sessions), removed unless a backup that was running commits them.
     pub orphan_packs: u64,
     /// Chunks taken out of the index (and out of the repository once the cycle is swept).
     pub chunks_removed: u64,
@@ -106,7 +103,7 @@ pub struct GcReport {
     pub chunks_moved: u64,
     /// Chunks a backup that ran during the gc used after all, kept.
     pub chunks_kept_for_running_backups: u64,
-    /// Size of the pack files deleted.
+    /// Size of the unreferenced and rewritten pack files deleted (orphans not counted).
     pub bytes_deleted: u64,
     /// Size of the pack files written (rewritten packs' live chunks).
     pub bytes_written: u64,
@@ -118,9 +115,9 @@ pub struct GcReport {
 }
 
 impl GcReport {
-    /// Bytes freed on disk by this run: deleted pack files minus what was written.
-    pub fn bytes_freed(&self) -> i64 {
-        self.bytes_deleted as i64 - self.bytes_written as i64
+    /// Bytes freed on disk: deleted pack files minus what was written.
+    pub fn bytes_freed(&self) -> u64 {
+        self.bytes_deleted.saturating_sub(self.bytes_written)
     }
 }
 
@@ -228,12 +225,30 @@ fn write_list<const N: usize>(dest: &Path, mut records: Sorted<N>) -> Result<u64
     let mut file = out
         .into_inner()
         .map_err(|e| RepoError::io("write", &tmp, e.into_error()))?;
-    use std::io::{Seek, SeekFrom};
     file.seek(SeekFrom::Start(8)).ctx("write", &tmp)?;
     file.write_all(&n.to_le_bytes()).ctx("write", &tmp)?;
     file.sync_all().ctx("fsync", &tmp)?;
     durable_rename(&tmp, dest)?;
     Ok(n)
+}
+
+/// Opens a list written by [`write_list`] of `N`-byte records and checks its magic and length: the file
+/// and its record count.
+fn open_list<const N: usize>(path: &Path) -> Result<(File, u64)> {
+    let file = File::open(path).ctx("open", path)?;
+    let len = file.metadata().ctx("stat", path)?.len();
+    let mut head = [0u8; 16];
+    read_exact_at(&file, &mut head, 0, path, "header")?;
+    let count = u64::from_le_bytes(head[8..].try_into().expect("8 bytes"));
+    if head[..8] != LIST_MAGIC
+        || count.checked_mul(N as u64).and_then(|b| b.checked_add(16)) != Some(len)
+    {
+        return Err(RepoError::corrupt(
+            path,
+            "damaged gc list (bad magic or length)",
+        ));
+    }
+    Ok((file, count))
 }
 
 /// Reads a list written by [`write_list`], record by record.
@@ -245,21 +260,9 @@ struct ListReader<const N: usize> {
 
 impl<const N: usize> ListReader<N> {
     fn open(path: &Path) -> Result<Self> {
-        let file = File::open(path).ctx("open", path)?;
-        let len = file.metadata().ctx("stat", path)?.len();
-        let mut head = [0u8; 16];
-        read_exact_at(&file, &mut head, 0, path, "header")?;
-        let count = u64::from_le_bytes(head[8..].try_into().expect("8 bytes"));
-        if head[..8] != LIST_MAGIC
-            || count.checked_mul(N as u64).and_then(|b| b.checked_add(16)) != Some(len)
-        {
-            return Err(RepoError::corrupt(
-                path,
-                "damaged gc list (bad magic or length)",
-            ));
-        }
+        let (file, count) = open_list::<N>(path)?;
         let mut reader = BufReader::with_capacity(RUN_BUFFER, file);
-        reader.read_exact(&mut head).ctx("read", path)?;
+        reader.read_exact(&mut [0u8; 16]).ctx("read", path)?;
         Ok(ListReader {
             path: path.to_owned(),
             reader,
@@ -302,7 +305,7 @@ struct CycleState {
     old_index: Vec<String>,
     /// Repository handles open once the old index was gone: the deletion waits until all have closed.
     users: Option<Vec<String>>,
-    /// Packs no index named, older than the gc: left by killed sessions.
+    /// Packs no index named when the cycle began: left by killed sessions.
     orphans: Vec<String>,
     /// What the cycle will have done, for the report of the run that finishes it.
     report: GcReport,
@@ -406,23 +409,13 @@ pub(crate) fn remove_manifest(root: &Path, id: &str, path: &Path) -> Result<()> 
 /// condemned chunk.
 pub(crate) fn find_condemned(root: &Path, digest: &Digest) -> Result<Option<crate::ChunkLocation>> {
     let path = GcPaths::new(root).condemned();
-    let file = match File::open(&path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(RepoError::io("open", path, e)),
+    let (file, count) = match open_list::<LOCATED_SIZE>(&path) {
+        Ok(opened) => opened,
+        Err(RepoError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+            return Ok(None);
+        }
+        Err(e) => return Err(e),
     };
-    let len = file.metadata().ctx("stat", &path)?.len();
-    let mut head = [0u8; 16];
-    read_exact_at(&file, &mut head, 0, &path, "header")?;
-    let count = u64::from_le_bytes(head[8..].try_into().expect("8 bytes"));
-    if head[..8] != LIST_MAGIC
-        || count.checked_mul(LOCATED_SIZE as u64).map(|b| b + 16) != Some(len)
-    {
-        return Err(RepoError::corrupt(
-            &path,
-            "damaged gc list (bad magic or length)",
-        ));
-    }
     let (mut lo, mut hi) = (0u64, count);
     while lo < hi {
         let mid = lo + (hi - lo) / 2;
@@ -661,22 +654,15 @@ impl Gc<'_> {
         let mut referenced = referenced.finish()?;
         kill_point("marked");
 
-        // Packs no index names: left by killed sessions (or a killed gc). Found before this gc writes any.
+        // Every index record, read one file at a time (checksum and order checked) and sorted by digest:
+        // memory and open files stay bounded however many index files there are. The pack tables give the
+        // packs the index names.
+        let mut records = Sorter::<LOCATED_SIZE>::new(&self.scratch, "records", false);
         let mut indexed_packs = Sorter::<16>::new(&self.scratch, "indexed-packs", true);
         for name in &old_index {
-            let file = IndexFile::open(&index_dir.join(name)).map_err(damaged_index)?;
-            for id in file.pack_ids()? {
-                indexed_packs.push(id.0)?;
-            }
-        }
-        let orphans = self.find_orphans(indexed_packs.finish()?)?;
-        report.orphan_packs = orphans.len() as u64;
-
-        // Every index record, read one file at a time (checksum and order checked) and sorted by digest:
-        // memory and open files stay bounded however many index files there are.
-        let mut records = Sorter::<LOCATED_SIZE>::new(&self.scratch, "records", false);
-        for name in &old_index {
-            let mut stream = IndexStream::open(&index_dir.join(name)).map_err(damaged_index)?;
+            let mut stream =
+                IndexStream::open(&index_dir.join(name), |id| indexed_packs.push(id.0))
+                    .map_err(damaged_index)?;
             while let Some((rec, pack)) = stream.next_record().map_err(damaged_index)? {
                 let located = Located {
                     digest: rec.digest,
@@ -691,6 +677,9 @@ impl Gc<'_> {
             }
         }
         let mut records = records.finish()?;
+        // Packs no index names: left by killed sessions (or a killed gc). Found before this gc writes any.
+        let orphans = self.find_orphans(indexed_packs.finish()?)?;
+        report.orphan_packs = orphans.len() as u64;
 
         // Joined with the referenced digests: one copy of each referenced digest is live, never one marked
         // damaged (a health check found it bad; a later backup stored a healthy copy); other copies (two
@@ -837,71 +826,49 @@ impl Gc<'_> {
             .sum();
         let total: u64 = group.iter().map(|r| u64::from(r.stored_len)).sum();
         let dead = total - live;
-        let path = pack_path(&self.root, &pack);
-        let size = match std::fs::metadata(&path) {
-            Ok(m) => m.len(),
-            // A pack the index names but that is gone: `verify` reports it; the gc leaves its records.
-            Err(_) => {
-                session.add_pack(pack, &group.iter().map(Located::entry).collect::<Vec<_>>())?;
-                report.packs_kept += 1;
-                return Ok(false);
-            }
-        };
-        let keep = dead == 0
-            || (live > 0 && dead * 100 < u64::from(options.repack_threshold) * total.max(1));
-        if keep {
+        let keep = |report: &mut GcReport| -> Result<bool> {
             session.add_pack(pack, &group.iter().map(Located::entry).collect::<Vec<_>>())?;
             report.packs_kept += 1;
-            return Ok(false);
+            Ok(false)
+        };
+        let size = match std::fs::metadata(pack_path(&self.root, &pack)) {
+            Ok(m) => m.len(),
+            // A pack the index names but that is gone: `verify` reports it; the gc leaves its records.
+            Err(_) => return keep(report),
+        };
+        if dead == 0 || (live > 0 && dead * 100 < u64::from(options.repack_threshold) * total) {
+            return keep(report);
         }
-        if let (true, None) = (live > 0, &writer) {
-            // A dry run: what the rewrite would copy.
-            report.bytes_written += live;
-            report.chunks_moved += group.iter().filter(|r| r.live).count() as u64;
-            report.packs_repacked += 1;
-        } else if let (true, Some(writer)) = (live > 0, writer) {
-            let file = File::open(&path).ctx("open pack", &path)?;
-            // Every live chunk is read and checked against its digest before it is copied.
-            let mut blobs = Vec::new();
-            let mut plain = Vec::new();
-            let mut damaged = None;
-            let mut held = 0usize;
-            for r in group.iter().filter(|r| r.live) {
-                let mut data = vec![0u8; r.stored_len as usize];
-                let ok = read_exact_at(&file, &mut data, r.offset, &path, "chunk").is_ok()
-                    && crate::decode_into(r.codec, &data, r.raw_len, &mut plain).is_ok()
-                    && blake3::hash(&plain).as_bytes() == r.digest.as_bytes();
-                if !ok {
-                    damaged = Some(r.digest);
-                    break;
-                }
-                held += data.len();
-                blobs.push((r, data));
-                // Copied in batches of a few MiB: a chunk found damaged later keeps the pack whole, and the
-                // copies already made are harmless duplicates.
-                if held >= REPACK_BATCH {
-                    held = 0;
-                    for (r, data) in blobs.drain(..) {
-                        writer.add(r.digest, r.codec, r.raw_len, &data)?;
-                        report.bytes_written += data.len() as u64;
+        if live == 0 {
+            report.packs_removed += 1;
+        } else {
+            let live_chunks = group.iter().filter(|r| r.live);
+            match writer {
+                // A dry run: what the rewrite would copy.
+                None => report.bytes_written += live,
+                Some(writer) => {
+                    for r in live_chunks.clone() {
+                        // Each chunk is checked against its digest before it is copied. A damaged one
+                        // keeps the pack as it is (the copies already made are harmless duplicates).
+                        let stored = match self.repo.read_chunk(&r.location()).and_then(|stored| {
+                            self.repo.plaintext(&r.digest, &r.location(), &stored)?;
+                            Ok(stored)
+                        }) {
+                            Ok(stored) => stored,
+                            Err(e) => {
+                                warn!(pack = %pack, chunk = %r.digest, error = %e,
+                                      "A chunk of a pack to rewrite is damaged; the pack stays as it is.");
+                                report.damaged_packs.push(pack.to_hex());
+                                return keep(report);
+                            }
+                        };
+                        writer.add(r.digest, r.codec, r.raw_len, &stored.data)?;
+                        report.bytes_written += stored.data.len() as u64;
                     }
                 }
             }
-            if let Some(digest) = damaged {
-                warn!(pack = %pack, chunk = %digest, "A chunk of a pack to rewrite is damaged; the pack stays as it is.");
-                report.damaged_packs.push(pack.to_hex());
-                session.add_pack(pack, &group.iter().map(Located::entry).collect::<Vec<_>>())?;
-                report.packs_kept += 1;
-                return Ok(false);
-            }
-            for (r, data) in blobs {
-                writer.add(r.digest, r.codec, r.raw_len, &data)?;
-                report.bytes_written += data.len() as u64;
-            }
-            report.chunks_moved += group.iter().filter(|r| r.live).count() as u64;
+            report.chunks_moved += live_chunks.count() as u64;
             report.packs_repacked += 1;
-        } else {
-            report.packs_removed += 1;
         }
         for r in group.iter().filter(|r| !r.live) {
             condemned.push(r.by_digest())?;
@@ -955,12 +922,7 @@ impl Gc<'_> {
     fn remove_old_index(&self, state: &CycleState) -> Result<()> {
         let dir = self.root.join("index");
         for name in &state.old_index {
-            let path = dir.join(name);
-            match std::fs::remove_file(&path) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(RepoError::io("remove old index", path, e)),
-            }
+            remove_if_present(&dir.join(name), "remove old index")?;
         }
         sync_dir(&dir)
     }
@@ -1003,11 +965,7 @@ impl Gc<'_> {
         }
         self.sweep(&state)?;
         for p in [self.paths.condemned(), self.paths.doomed()] {
-            match std::fs::remove_file(&p) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(RepoError::io("remove", p, e)),
-            }
+            remove_if_present(&p, "remove")?;
         }
         std::fs::remove_file(self.paths.state()).ctx("remove", &self.paths.state())?;
         sync_dir(&self.paths.dir)?;
@@ -1070,17 +1028,13 @@ impl Gc<'_> {
             if next_ref != Some(r.digest.0) || last == Some(r.digest) {
                 continue;
             }
-            let path = pack_path(&self.root, &r.pack);
-            let mut data = vec![0u8; r.stored_len as usize];
-            let file = File::open(&path).ctx("open pack", &path)?;
-            read_exact_at(&file, &mut data, r.offset, &path, "chunk")?;
-            let plain = crate::decode(r.codec, &data, r.raw_len)?;
-            if blake3::hash(&plain).as_bytes() != r.digest.as_bytes() {
+            let stored = self.repo.read_chunk(&r.location())?;
+            if let Err(e) = self.repo.plaintext(&r.digest, &r.location(), &stored) {
                 // Another copy may be healthy; this one cannot serve.
-                warn!(chunk = %r.digest, pack = %r.pack, "A condemned copy a backup used is damaged.");
+                warn!(chunk = %r.digest, pack = %r.pack, error = %e, "A condemned copy a backup used is damaged.");
                 continue;
             }
-            writer.add(r.digest, r.codec, r.raw_len, &data)?;
+            writer.add(r.digest, r.codec, r.raw_len, &stored.data)?;
             last = Some(r.digest);
             count += 1;
         }
@@ -1099,12 +1053,7 @@ impl Gc<'_> {
     fn sweep(&self, state: &CycleState) -> Result<()> {
         let mut touched = [false; 256];
         let mut remove = |id: PackId| -> Result<()> {
-            let path = pack_path(&self.root, &id);
-            match std::fs::remove_file(&path) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(RepoError::io("remove pack", path, e)),
-            }
+            remove_if_present(&pack_path(&self.root, &id), "remove pack")?;
             touched[id.0[0] as usize] = true;
             Ok(())
         };
@@ -1148,6 +1097,15 @@ impl Gc<'_> {
             }
         }
         Ok(())
+    }
+}
+
+/// Removes `path`; one already gone is fine (a gc resumed after a kill repeats its steps).
+fn remove_if_present(path: &Path, what: &'static str) -> Result<()> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(RepoError::io(what, path, e)),
     }
 }
 

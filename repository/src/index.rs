@@ -11,7 +11,7 @@ use crate::config::{MAX_CHUNK_SIZE, MAX_STORED_LEN};
 use crate::error::{IoContext, RepoError, Result, read_exact_at};
 use crate::format::{CHECKSUM_SIZE, FORMAT_VERSION, FieldReader, FieldWriter, HashingWriter};
 use crate::pack::PackEntry;
-use crate::sort::Sorter;
+use crate::sort::{RUN_BUFFER, Sorter};
 use crate::{ChunkLocation, Codec, Digest, PackId};
 
 pub(crate) const INDEX_MAGIC: [u8; 8] = *b"BFLWIDX\0";
@@ -25,9 +25,6 @@ const _: () = assert!(INDEX_RECORD_SIZE == 32 + 4 + 1 + 3 + 8 + 4 + 4);
 /// are about 28 MiB. A full backup of a 2 TiB disk with 64 KiB chunks has 32 Mi new chunks; the runs are merged
 /// as they accumulate (see `sort.rs`) and into the index file at commit.
 pub(crate) const INDEX_SPILL_RECORDS: usize = 512 * 1024;
-
-/// Read buffer of each run during the merge.
-const RUN_READ_BUFFER: usize = 64 * 1024;
 
 /// One index record with its pack as a position in the file's (or builder's) pack table.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -301,80 +298,31 @@ impl IndexFile {
 }
 
 /// Streams a whole index file in order, checking its checksum, sort order and every record, and calls `f` with
-/// each record and its pack id. Memory: the pack table and a read buffer. Used by `verify`.
+/// each record and its pack id. Memory: a read buffer and at most [`STREAM_PACK_TABLE_IN_MEMORY`] pack ids.
+/// Used by `verify`.
 pub(crate) fn scan_index(path: &Path, mut f: impl FnMut(&IndexRecord, PackId)) -> Result<u64> {
-    let file = File::open(path).ctx("open index", path)?;
-    let len = file.metadata().ctx("stat", path)?.len();
-    let mut hasher = blake3::Hasher::new();
-    let mut r = BufReader::with_capacity(256 * 1024, file);
-    let mut read = |buf: &mut [u8], what: &str, hasher: &mut blake3::Hasher| -> Result<()> {
-        r.read_exact(buf).map_err(|e| match e.kind() {
-            std::io::ErrorKind::UnexpectedEof => {
-                RepoError::corrupt(path, format!("truncated in the {what}"))
-            }
-            _ => RepoError::io("read", path, e),
-        })?;
-        hasher.update(buf);
-        Ok(())
-    };
-    let mut hb = [0u8; INDEX_HEADER_SIZE];
-    read(&mut hb, "header", &mut hasher)?;
-    let header = IndexHeader::decode(&hb, path)?;
-    if header.file_len() != Some(len) {
-        return Err(RepoError::corrupt(
-            path,
-            format!("truncated or extended: {len} bytes do not match the header"),
-        ));
+    let mut stream = IndexStream::open(path, |_| Ok(()))?;
+    while let Some((rec, pack)) = stream.next_record()? {
+        f(&rec, pack);
     }
-    let mut packs = Vec::with_capacity(header.pack_count as usize);
-    for _ in 0..header.pack_count {
-        let mut b = [0u8; 16];
-        read(&mut b, "pack table", &mut hasher)?;
-        packs.push(PackId(b));
-    }
-    let mut fb = [0u8; FANOUT_SIZE];
-    read(&mut fb, "fanout", &mut hasher)?;
-    let fanout = decode_fanout(&fb, header.record_count, path)?;
-    let mut prev: Option<Digest> = None;
-    for i in 0..header.record_count {
-        let mut b = [0u8; INDEX_RECORD_SIZE];
-        read(&mut b, "records", &mut hasher)?;
-        let rec = IndexRecord::decode(&b, header.pack_count, path)?;
-        let first = rec.digest.0[0] as usize;
-        let bucket_start = if first == 0 { 0 } else { fanout[first - 1] };
-        if prev.is_some_and(|p| p > rec.digest) || i < bucket_start || i >= fanout[first] {
-            return Err(RepoError::corrupt(
-                path,
-                format!("record {i} ({}) is out of order", rec.digest),
-            ));
-        }
-        prev = Some(rec.digest);
-        f(&rec, packs[rec.pack as usize]);
-    }
-    let mut sum = [0u8; CHECKSUM_SIZE];
-    r.read_exact(&mut sum)
-        .map_err(|e| RepoError::io("read", path, e))?;
-    if hasher.finalize().as_bytes() != &sum {
-        return Err(RepoError::corrupt(
-            path,
-            "checksum mismatch: the index changed after it was written",
-        ));
-    }
-    Ok(header.record_count)
+    Ok(stream.record_count)
 }
 
-/// Pack tables up to this many entries (1 MiB) are read into memory by [`IndexStream`]; larger ones are read
+/// Pack tables up to this many entries (1 MiB) are kept in memory by [`IndexStream`]; larger ones are read
 /// by position for each record, so a stream's memory does not grow with the repository.
 const STREAM_PACK_TABLE_IN_MEMORY: u32 = 64 * 1024;
 
-/// Reads an index file's records in order, one at a time: the pull form of [`scan_index`], for merging many
-/// index files (garbage collection). Checks sort order as it goes and the checksum once the last record has
-/// been read, so a consumer that acts only after the stream ended never acts on a damaged file.
+/// Reads an index file's records in order, one at a time. Checks every record, the sort order and each
+/// record's fanout bucket as it goes, and the checksum once the last record has been read, so a consumer
+/// that acts only after the stream ended never acts on a damaged file.
 pub(crate) struct IndexStream {
     path: PathBuf,
     reader: BufReader<File>,
     hasher: blake3::Hasher,
-    remaining: u64,
+    record_count: u64,
+    /// Records read so far; `u64::MAX` once the checksum has been checked.
+    read: u64,
+    fanout: Box<[u64; 256]>,
     pack_count: u32,
     packs: Vec<PackId>,
     /// The file again, for pack ids read by position when the table is large.
@@ -384,17 +332,21 @@ pub(crate) struct IndexStream {
 }
 
 impl IndexStream {
-    pub(crate) fn open(path: &Path) -> Result<IndexStream> {
+    /// Opens `path` and reads its header, pack table (each id goes to `on_pack` as it is read) and fanout.
+    pub(crate) fn open(
+        path: &Path,
+        mut on_pack: impl FnMut(PackId) -> Result<()>,
+    ) -> Result<IndexStream> {
         let file = File::open(path).ctx("open index", path)?;
         let table = file.try_clone().ctx("open index", path)?;
         let len = file.metadata().ctx("stat", path)?.len();
-        let mut reader = BufReader::with_capacity(RUN_READ_BUFFER, file);
+        let mut reader = BufReader::with_capacity(RUN_BUFFER, file);
         let mut hasher = blake3::Hasher::new();
+        let mut read = |buf: &mut [u8], what: &str, hasher: &mut blake3::Hasher| -> Result<()> {
+            read_hashed(&mut reader, buf, what, hasher, path)
+        };
         let mut hb = [0u8; INDEX_HEADER_SIZE];
-        reader
-            .read_exact(&mut hb)
-            .map_err(|_| RepoError::corrupt(path, "truncated in the header"))?;
-        hasher.update(&hb);
+        read(&mut hb, "header", &mut hasher)?;
         let header = IndexHeader::decode(&hb, path)?;
         if header.file_len() != Some(len) {
             return Err(RepoError::corrupt(
@@ -405,25 +357,22 @@ impl IndexStream {
         let mut packs = Vec::new();
         for _ in 0..header.pack_count {
             let mut b = [0u8; 16];
-            reader
-                .read_exact(&mut b)
-                .map_err(|e| RepoError::io("read", path, e))?;
-            hasher.update(&b);
+            read(&mut b, "pack table", &mut hasher)?;
+            on_pack(PackId(b))?;
             if header.pack_count <= STREAM_PACK_TABLE_IN_MEMORY {
                 packs.push(PackId(b));
             }
         }
         let mut fb = [0u8; FANOUT_SIZE];
-        reader
-            .read_exact(&mut fb)
-            .map_err(|e| RepoError::io("read", path, e))?;
-        hasher.update(&fb);
-        decode_fanout(&fb, header.record_count, path)?;
+        read(&mut fb, "fanout", &mut hasher)?;
+        let fanout = decode_fanout(&fb, header.record_count, path)?;
         Ok(IndexStream {
             path: path.to_owned(),
             reader,
             hasher,
-            remaining: header.record_count,
+            record_count: header.record_count,
+            read: 0,
+            fanout,
             pack_count: header.pack_count,
             packs,
             table,
@@ -434,7 +383,10 @@ impl IndexStream {
 
     /// The next record and its pack id; `None` after the last one, once the checksum has been checked.
     pub(crate) fn next_record(&mut self) -> Result<Option<(IndexRecord, PackId)>> {
-        if self.remaining == 0 {
+        if self.read == u64::MAX {
+            return Ok(None);
+        }
+        if self.read == self.record_count {
             let mut sum = [0u8; CHECKSUM_SIZE];
             self.reader
                 .read_exact(&mut sum)
@@ -445,27 +397,34 @@ impl IndexStream {
                     "checksum mismatch: the index changed after it was written",
                 ));
             }
-            // Checked once: a second call finds nothing more to read.
-            self.remaining = u64::MAX;
-            return Ok(None);
-        }
-        if self.remaining == u64::MAX {
+            self.read = u64::MAX;
             return Ok(None);
         }
         let mut b = [0u8; INDEX_RECORD_SIZE];
-        self.reader
-            .read_exact(&mut b)
-            .map_err(|_| RepoError::corrupt(&self.path, "truncated in the records"))?;
-        self.hasher.update(&b);
-        self.remaining -= 1;
+        read_hashed(
+            &mut self.reader,
+            &mut b,
+            "records",
+            &mut self.hasher,
+            &self.path,
+        )?;
         let rec = IndexRecord::decode(&b, self.pack_count, &self.path)?;
-        if self.prev.is_some_and(|p| p > rec.digest) {
+        let i = self.read;
+        let first = rec.digest.0[0] as usize;
+        let bucket_start = if first == 0 {
+            0
+        } else {
+            self.fanout[first - 1]
+        };
+        if self.prev.is_some_and(|p| p > rec.digest) || i < bucket_start || i >= self.fanout[first]
+        {
             return Err(RepoError::corrupt(
                 &self.path,
-                format!("record {} is out of order", rec.digest),
+                format!("record {i} ({}) is out of order", rec.digest),
             ));
         }
         self.prev = Some(rec.digest);
+        self.read += 1;
         let pack = match self.packs.get(rec.pack as usize) {
             Some(id) => *id,
             None => {
@@ -482,6 +441,24 @@ impl IndexStream {
         };
         Ok(Some((rec, pack)))
     }
+}
+
+/// Reads exactly `buf` from `r` and adds it to `hasher`; a short file is corrupt ("truncated in the WHAT").
+fn read_hashed(
+    r: &mut impl Read,
+    buf: &mut [u8],
+    what: &str,
+    hasher: &mut blake3::Hasher,
+    path: &Path,
+) -> Result<()> {
+    r.read_exact(buf).map_err(|e| match e.kind() {
+        std::io::ErrorKind::UnexpectedEof => {
+            RepoError::corrupt(path, format!("truncated in the {what}"))
+        }
+        _ => RepoError::io("read", path, e),
+    })?;
+    hasher.update(buf);
+    Ok(())
 }
 
 /// Collects the entries of finished packs and writes them as one sorted index file. The records go through a

@@ -504,6 +504,17 @@ impl Repository {
                 format!("chunk {digest} is in no index file"),
             )
         })?;
+        self.plaintext(digest, &loc, &stored)
+    }
+
+    /// Decodes a blob read from `loc` and checks it against `digest`: the plaintext, or an error naming the
+    /// pack and offset.
+    pub(crate) fn plaintext(
+        &self,
+        digest: &Digest,
+        loc: &ChunkLocation,
+        stored: &StoredChunk,
+    ) -> Result<Vec<u8>> {
         let plain =
             crate::decode(stored.codec, &stored.data, stored.raw_len).map_err(|e| match e {
                 RepoError::Decode { detail, .. } => RepoError::Decode {

@@ -20,7 +20,7 @@ use crate::error::{IoContext, RepoError, Result};
 /// Default bytes of records a [`Sorter`] holds before it spills a sorted run.
 pub(crate) const SORT_BUFFER: usize = 2 * 1024 * 1024;
 /// Read buffer of each run during a merge.
-const RUN_BUFFER: usize = 64 * 1024;
+pub(crate) const RUN_BUFFER: usize = 64 * 1024;
 /// Runs merged into one as soon as there are this many.
 pub(crate) const MAX_RUNS: usize = 32;
 
