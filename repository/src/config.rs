@@ -1,9 +1,8 @@
 //! The `config` file: what a reader must know before it reads anything else.
 
-use std::io::Write;
 use std::path::Path;
 
-use crate::error::{IoContext, RepoError, Result};
+use crate::error::{RepoError, Result};
 use crate::format::FORMAT_VERSION;
 
 /// Chunk sizes are multiples of the QEMU dirty-bitmap granularity, so a dirty extent maps to whole chunks.
@@ -96,10 +95,7 @@ impl RepositoryConfig {
         let path = repo.join("config");
         let mut text = serde_json::to_vec_pretty(self).expect("config serializes");
         text.push(b'\n');
-        let mut f = std::fs::File::create(&tmp).ctx("create", &tmp)?;
-        f.write_all(&text).ctx("write", &tmp)?;
-        f.sync_all().ctx("fsync", &tmp)?;
-        crate::format::durable_rename(&tmp, &path)
+        crate::format::write_durably(&tmp, &path, &text)
     }
 
     pub(crate) fn load(repo: &Path) -> Result<RepositoryConfig> {

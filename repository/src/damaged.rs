@@ -7,8 +7,8 @@
 //! <digest, 64 hex> <pack id, 32 hex> <offset of the blob in the pack, decimal>
 //! ```
 //! A mark names a *location*, not a digest: a later backup that stores the same chunk again writes a new,
-//! healthy copy elsewhere, and the mark keeps pointing at the old one only. Marks are never removed here; a
-//! mark whose pack is gone (after a garbage collection) matches no index record and costs nothing.
+//! healthy copy elsewhere, and the mark keeps pointing at the old one only. A garbage collection drops the
+//! marks of the packs it deleted (`Repository::drop_marks_of_deleted_packs`); nothing else removes one.
 //!
 //! [`Repository::mark_damaged`] merges new marks into the file under an exclusive `flock` on `damaged.lock`
 //! (two verifies marking at once must not lose each other's marks), writes `damaged.tmp`, fsyncs it, renames
@@ -21,14 +21,13 @@
 
 use std::collections::HashSet;
 use std::fs::File;
-use std::io::Write;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::error::{IoContext, RepoError, Result};
-use crate::format::{durable_rename, hex, parse_hex};
+use crate::format::{hex, parse_hex, write_durably};
 use crate::verify::ChunkProblem;
 use crate::{ChunkLocation, Digest, PackId, Repository, VerifyReport};
 
@@ -80,11 +79,16 @@ impl DamageMarks {
 
     /// Whether the copy of `digest` at `loc` is marked damaged.
     pub fn contains(&self, digest: &Digest, loc: &ChunkLocation) -> bool {
+        self.contains_at(digest, loc.pack, loc.offset)
+    }
+
+    /// Whether the copy of `digest` at `offset` in `pack` is marked damaged. Without marks, no hashing.
+    pub(crate) fn contains_at(&self, digest: &Digest, pack: PackId, offset: u64) -> bool {
         !self.copies.is_empty()
             && self.copies.contains(&DamagedCopy {
                 digest: *digest,
-                pack: loc.pack,
-                offset: loc.offset,
+                pack,
+                offset,
             })
     }
 
@@ -338,12 +342,7 @@ impl Repository {
         let mut marks = load(&path)?;
         let changed = change(&mut marks);
         if changed > 0 {
-            let tmp = root.join(TMP_FILE);
-            let mut file = File::create(&tmp).ctx("create", &tmp)?;
-            file.write_all(marks.render().as_bytes())
-                .ctx("write", &tmp)?;
-            file.sync_all().ctx("fsync", &tmp)?;
-            durable_rename(&tmp, &path)?;
+            write_durably(&root.join(TMP_FILE), &path, marks.render().as_bytes())?;
         }
         self.marks_cache().invalidate();
         Ok(changed)

@@ -178,6 +178,15 @@ pub(crate) fn durable_rename(from: &Path, to: &Path) -> Result<()> {
     sync_dir(to.parent().unwrap_or(Path::new(".")))
 }
 
+/// Writes `bytes` to `dest` durably and whole: through `tmp`, fsynced, renamed, the directory fsynced. A
+/// crash leaves either the old file or the new one.
+pub(crate) fn write_durably(tmp: &Path, dest: &Path, bytes: &[u8]) -> Result<()> {
+    let mut f = File::create(tmp).ctx("create", tmp)?;
+    std::io::Write::write_all(&mut f, bytes).ctx("write", tmp)?;
+    f.sync_all().ctx("fsync", tmp)?;
+    durable_rename(tmp, dest)
+}
+
 /// Lower-case hex of `bytes`.
 pub(crate) fn hex(bytes: &[u8]) -> String {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";

@@ -360,10 +360,7 @@ fn store_state(paths: &GcPaths, state: &CycleState) -> Result<()> {
     let path = paths.state();
     let tmp = paths.dir.join("state.json.tmp");
     let text = serde_json::to_vec_pretty(state).expect("the state serialises");
-    let mut f = File::create(&tmp).ctx("create", &tmp)?;
-    f.write_all(&text).ctx("write", &tmp)?;
-    f.sync_all().ctx("fsync", &tmp)?;
-    durable_rename(&tmp, &path)
+    crate::format::write_durably(&tmp, &path, &text)
 }
 
 /// Whether a gc cycle is under way (its chunks condemned, their packs not yet deleted).

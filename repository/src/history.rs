@@ -5,8 +5,6 @@
 //! Each is written once, under a temporary name, fsynced and renamed, like every other file. The
 //! directory is optional: a repository without it has no history yet. `verify` ignores it.
 
-use std::io::Write;
-
 use crate::error::{IoContext, Result};
 use crate::repository::Repository;
 
@@ -25,10 +23,7 @@ impl Repository {
         let dest = dir.join(format!("{id}.json"));
         let tmp = dir.join(format!(".{id}.json.tmp"));
         let text = serde_json::to_vec_pretty(record).expect("a JSON value serialises");
-        let mut file = std::fs::File::create(&tmp).ctx("create", &tmp)?;
-        file.write_all(&text).ctx("write", &tmp)?;
-        file.sync_all().ctx("fsync", &tmp)?;
-        crate::format::durable_rename(&tmp, &dest)
+        crate::format::write_durably(&tmp, &dest, &text)
     }
 
     /// Every session record, oldest first. A record that cannot be read is skipped with a

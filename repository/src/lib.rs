@@ -222,7 +222,7 @@
 //! health-check jobs run) records each as `digest pack offset` in the text file `damaged` at the root (header
 //! `backflow-damaged 1`, one mark per line, sorted), merged with the marks already there under an exclusive
 //! `flock` on `damaged.lock`, written through `damaged.tmp`, fsynced and renamed like every other file. Marks
-//! are locations, never digests, and are only added; a mark whose pack a gc removed matches nothing.
+//! are locations, never digests. `verify` only adds them; a gc drops the marks of the packs it deleted.
 //!
 //! [`Repository::lookup`] never returns a marked copy: it goes on to the next index file, where a later
 //! backup may have stored the chunk again. That is the whole of self-healing:

@@ -358,6 +358,8 @@ impl Repository {
     /// too, so a long-running process sees other sessions' chunks without reopening. A hit never lists.
     /// Copies marked damaged (`damaged`) are never returned: the search goes on to a healthy copy, if any.
     pub fn lookup(&self, digest: &Digest) -> Result<Option<ChunkLocation>> {
+        // Read first, even for a miss: a marks file that cannot be read fails every lookup rather than risk
+        // returning a marked copy. The cost is a lock and a clock read; the file is checked once a second.
         let damaged = self.damage_marks()?;
         let dir = self.index_dir();
         let (seen, generation) = {

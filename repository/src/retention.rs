@@ -14,38 +14,22 @@ use crate::SnapshotInfo;
 /// `keep_weekly`, `keep_monthly` and `keep_yearly`, each optional; unknown keys are refused. A missing rule
 /// and a rule of 0 both mean "this rule keeps nothing".
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct KeepPolicy {
     /// The N newest snapshots.
-    #[serde(rename = "keep_last", default, skip_serializing_if = "Option::is_none")]
+    #[serde(rename = "keep_last", skip_serializing_if = "Option::is_none")]
     pub last: Option<u32>,
     /// The newest snapshot of each of the N most recent UTC days that have snapshots.
-    #[serde(
-        rename = "keep_daily",
-        default,
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(rename = "keep_daily", skip_serializing_if = "Option::is_none")]
     pub daily: Option<u32>,
     /// The newest snapshot of each of the N most recent ISO weeks that have snapshots.
-    #[serde(
-        rename = "keep_weekly",
-        default,
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(rename = "keep_weekly", skip_serializing_if = "Option::is_none")]
     pub weekly: Option<u32>,
     /// The newest snapshot of each of the N most recent calendar months that have snapshots.
-    #[serde(
-        rename = "keep_monthly",
-        default,
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(rename = "keep_monthly", skip_serializing_if = "Option::is_none")]
     pub monthly: Option<u32>,
     /// The newest snapshot of each of the N most recent years that have snapshots.
-    #[serde(
-        rename = "keep_yearly",
-        default,
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(rename = "keep_yearly", skip_serializing_if = "Option::is_none")]
     pub yearly: Option<u32>,
 }
 

@@ -317,14 +317,7 @@ pub(crate) fn verify(repo: &Repository, read_data: bool) -> Result<VerifyReport>
                 {
                     return;
                 }
-                let loc = crate::ChunkLocation {
-                    pack,
-                    offset: rec.offset,
-                    stored_len: rec.stored_len,
-                    raw_len: rec.raw_len,
-                    codec: rec.codec,
-                };
-                if !marks.contains(&rec.digest, &loc) {
+                if !marks.contains_at(&rec.digest, pack, rec.offset) {
                     healthy.insert(rec.digest);
                 }
             });

@@ -179,7 +179,7 @@ impl ParentChunks for SnapshotParent {
     }
 
     fn must_store_again(&self, index: u64) -> bool {
-        !self.store_again.is_empty() && self.store_again.binary_search(&index).is_ok()
+        self.store_again.binary_search(&index).is_ok()
     }
 
     fn get_range(&self, first: u64, out: &mut [ChunkRef]) -> std::io::Result<()> {
@@ -281,15 +281,9 @@ pub fn reread_damaged(
         return plan;
     }
     let mut out: Vec<(u64, u64, ExtentClass)> = Vec::with_capacity(plan.len());
-    let push = |out: &mut Vec<(u64, u64, ExtentClass)>, first: u64, count: u64, class| match out
-        .last_mut()
-    {
-        Some(last) if last.2 == class && last.0 + last.1 == first => last.1 += count,
-        _ => out.push((first, count, class)),
-    };
     for (first, count, class) in plan {
         if class != ExtentClass::Unchanged {
-            push(&mut out, first, count, class);
+            push_run(&mut out, first, count, class);
             continue;
         }
         let end = first + count;
@@ -297,16 +291,25 @@ pub fn reread_damaged(
         let from = store_again.partition_point(|&i| i < first);
         for &index in store_again[from..].iter().take_while(|&&i| i < end) {
             if index > at {
-                push(&mut out, at, index - at, ExtentClass::Unchanged);
+                push_run(&mut out, at, index - at, ExtentClass::Unchanged);
             }
-            push(&mut out, index, 1, ExtentClass::Data);
+            push_run(&mut out, index, 1, ExtentClass::Data);
             at = index + 1;
         }
         if at < end {
-            push(&mut out, at, end - at, ExtentClass::Unchanged);
+            push_run(&mut out, at, end - at, ExtentClass::Unchanged);
         }
     }
     split_data_runs(out, max_run)
+}
+
+/// Appends the run `[first, first + count)` of `class` to a plan, merged into the last run when
+/// that one has the same class and ends at `first`.
+fn push_run(plan: &mut Vec<(u64, u64, ExtentClass)>, first: u64, count: u64, class: ExtentClass) {
+    match plan.last_mut() {
+        Some(last) if last.2 == class && last.0 + last.1 == first => last.1 += count,
+        _ => plan.push((first, count, class)),
+    }
 }
 
 /// Turns allocated byte ranges into chunk classes, merged into runs: a chunk touching any
@@ -414,10 +417,7 @@ pub fn plan_incremental(
         } else {
             ExtentClass::Zero
         };
-        match plan.last_mut() {
-            Some(last) if last.2 == class && last.0 + last.1 == first => last.1 += end - first,
-            _ => plan.push((first, end - first, class)),
-        }
+        push_run(&mut plan, first, end - first, class);
     }
     split_data_runs(plan, max_run)
 }
