@@ -14,14 +14,13 @@
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use backflow_jobs::schedule::Scheduler;
+use backflow_jobs::select::Selected;
 use backflow_jobs::{Job, RunJobOptions, SessionRecord, Verdict};
-use backflow_libvirt::Connection;
 use backflow_pipeline::CancelToken;
-use backflow_repository::Repository;
 
 use crate::{BadInput, display};
 
@@ -45,7 +44,7 @@ pub fn run(args: Args) -> Result<()> {
     let cancel = CancelToken::new();
     display::cancel_on_signals(cancel.clone()).context("installing the signal handlers")?;
 
-    let now = unix_now();
+    let now = backflow_jobs::run::now();
     let jobs: Vec<(Job, Option<i64>)> = jobs
         .into_iter()
         .map(|job| {
@@ -76,13 +75,16 @@ pub fn run(args: Args) -> Result<()> {
         if cancel.is_cancelled() {
             break;
         }
-        let now = unix_now();
+        let now = backflow_jobs::run::now();
         for i in scheduler.due(now) {
             if waiting.contains(&i) {
                 continue;
             }
             let job = scheduler.job(i).clone();
-            if !scheduler.start(i, selected_vms(&job)) {
+            // Listed once: the selection marks the VMs busy and is what the run backs up. A health
+            // check or a gc backs up no VM: it runs beside any backup.
+            let selected = (!job.is_maintenance()).then(|| backflow_jobs::run::plan(&job, None));
+            if !scheduler.start(i, busy_vms(selected.as_ref())) {
                 tracing::debug!(job = %job.name.0, "Due, waiting for VMs another job backs up.");
                 waiting.insert(i);
                 continue;
@@ -91,6 +93,7 @@ pub fn run(args: Args) -> Result<()> {
             let options = RunJobOptions {
                 cancel: cancel.clone(),
                 only: None,
+                selected,
             };
             let tx = ended_tx.clone();
             // Not joined: its end comes through the channel (a dropped handle detaches).
@@ -109,7 +112,7 @@ pub fn run(args: Args) -> Result<()> {
         }
         let wait = scheduler
             .next_wake()
-            .map(|t| Duration::from_secs(u64::try_from(t - unix_now()).unwrap_or(0)))
+            .map(|t| Duration::from_secs(u64::try_from(t - backflow_jobs::run::now()).unwrap_or(0)))
             .unwrap_or(TICK)
             .min(TICK);
         if let Ok(ended) = ended_rx.recv_timeout(wait) {
@@ -170,8 +173,7 @@ fn load_jobs(dir: &Path) -> Result<Vec<Job>> {
 /// it at every start could loop.) A repository that cannot be read counts as no session (the job
 /// waits for its next time; its run will report the repository's error).
 fn last_started(job: &Job) -> Option<i64> {
-    let sessions = Repository::open(&job.repository).and_then(|r| r.list_sessions());
-    match sessions {
+    match backflow_jobs::sessions(&job.repository) {
         Ok(sessions) => sessions
             .iter()
             .filter(|s| s["job"].as_str() == Some(job.name.0.as_str()))
@@ -185,19 +187,13 @@ fn last_started(job: &Job) -> Option<i64> {
     }
 }
 
-/// The VMs the job selects now, to keep two jobs off one VM. When the listing fails the run goes
-/// ahead with none marked busy: it will fail on the same listing and record why.
-fn selected_vms(job: &Job) -> Vec<String> {
-    // A health check or a gc backs up no VM: it runs beside any backup.
-    if job.is_maintenance() {
-        return Vec::new();
+/// The VMs a run selected, to keep two jobs off one VM. When the selection failed the run goes
+/// ahead with none marked busy: it records why.
+fn busy_vms(selected: Option<&Result<Vec<Selected>, String>>) -> Vec<String> {
+    match selected {
+        Some(Ok(selected)) => selected.iter().map(|s| s.vm.clone()).collect(),
+        _ => Vec::new(),
     }
-    Connection::open_read_only(Some(&job.uri))
-        .and_then(|conn| conn.list_vms())
-        .map_err(|e| e.to_string())
-        .and_then(|vms| backflow_jobs::select::select(job, &vms))
-        .map(|selected| selected.into_iter().map(|s| s.vm).collect())
-        .unwrap_or_default()
 }
 
 fn finished(scheduler: &mut Scheduler, (index, ended): Ended) {
@@ -229,11 +225,4 @@ fn finished(scheduler: &mut Scheduler, (index, ended): Ended) {
     if let Err(e) = stored {
         tracing::error!(job = %record.job, error = %e, "The session was not recorded.");
     }
-}
-
-fn unix_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or_default()
 }

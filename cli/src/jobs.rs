@@ -78,6 +78,7 @@ pub fn run(command: JobCommand) -> Result<()> {
                 &RunJobOptions {
                     cancel: cancel.clone(),
                     only: vm,
+                    selected: None,
                 },
             );
             if !quiet {

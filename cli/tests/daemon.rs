@@ -5,8 +5,7 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Child, Command};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use backflow_testkit::libvirt::Domain;
 use common::*;
@@ -51,28 +50,6 @@ fn sessions(repo: &Path) -> Vec<serde_json::Value> {
     let mut all = all.as_array().unwrap().clone();
     all.sort_by_key(|s| s["started"].as_i64());
     all
-}
-
-fn sigterm(child: &Child) {
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-}
-
-fn wait_exit(child: &mut Child, timeout: Duration) -> std::process::ExitStatus {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("the daemon did not exit within {timeout:?}");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 fn snapshots_per_vm(repo: &Path, vms: &[Domain]) -> Vec<usize> {
@@ -174,13 +151,7 @@ fn sigterm_during_a_session_cancels_it_cleanly_and_the_next_start_runs_it() {
     run_ok(backflow().args(["verify", "--repo"]).arg(&repo));
 
     // The cancelled run is owed: started again, the daemon runs it at once, in full.
-    let (mut daemon, lines) = start_daemon(&jobs);
-    wait_for_line(&lines, "Session ended.", Duration::from_secs(60));
-    sigterm(&daemon);
-    assert_eq!(
-        wait_exit(&mut daemon, Duration::from_secs(60)).code(),
-        Some(0)
-    );
+    run_daemon_until(&jobs, "Session ended.");
     let history = sessions(&repo);
     assert_eq!(history.len(), 3, "{history:#?}");
     assert_eq!(history[2]["result"], "success", "{:#}", history[2]);

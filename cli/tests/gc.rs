@@ -224,13 +224,7 @@ fn a_backup_running_during_gc_commits_a_snapshot_that_restores() {
     let waiting = gc_json(&repo, &[]);
     assert!(waiting["waiting_for"].is_string(), "{waiting:#}");
 
-    std::fs::remove_file(&pause).unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    resume_ok(child, &pause);
     let ids = snapshot_ids(&repo);
     assert_eq!(ids.len(), 2);
     let third = ids.into_iter().find(|id| *id != second).unwrap();
@@ -386,7 +380,7 @@ fn a_second_gc_and_an_index_rebuild_are_refused_while_one_is_pending() {
     // A handle held open by a paused backup keeps the cycle pending.
     let image = dir.path().join("disk.img");
     let pause = dir.path().join("paused");
-    let mut child = paused_backup(&image, &repo, &pause);
+    let child = paused_backup(&image, &repo, &pause);
     let first = gc_json(&repo, &[]);
     assert!(first["waiting_for"].is_string(), "{first:#}");
     let rebuild = backflow()
@@ -400,8 +394,7 @@ fn a_second_gc_and_an_index_rebuild_are_refused_while_one_is_pending() {
         said.contains("backups are running") || said.contains("garbage collection"),
         "{said}"
     );
-    std::fs::remove_file(&pause).unwrap();
-    assert!(child.wait().unwrap().success());
+    resume_ok(child, &pause);
     // With the backup done, the rebuild is still refused until the gc finishes its cycle.
     let rebuild = backflow()
         .args(["rebuild-index", "--repo"])

@@ -7,10 +7,8 @@ mod common;
 
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use backflow_repository::{PackEntry, read_pack_trailer};
-use backflow_testkit::qemu::run_command;
 use common::*;
 
 /// Flips one byte in the middle of the largest blob of the repository's first pack; returns the
@@ -233,12 +231,7 @@ fn an_incremental_backup_reads_the_damaged_chunk_again() {
     let raw = dir.path().join("source.raw");
     backflow_fixtures::generate_image(&raw, 16 << 20, 12).unwrap();
     let image = dir.path().join("vm1.qcow2");
-    run_command(
-        Command::new("qemu-img")
-            .args(["convert", "-q", "-f", "raw", "-O", "qcow2"])
-            .arg(&raw)
-            .arg(&image),
-    );
+    backflow_testkit::qemu::raw_to_qcow2(&raw, &image);
     let repo = dir.path().join("repo");
     init_repo(&repo, "128K");
     let tmp = dir.path().join("tmp");

@@ -4,25 +4,39 @@
 
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::process::Command;
 
 use backflow_testkit::libvirt::Domain;
 use backflow_testkit::qemu::compare_images;
 use common::*;
 
-fn job_file(dir: &Path, body: &str) -> std::path::PathBuf {
+fn job_file(dir: &Path, body: &str) -> PathBuf {
     let path = dir.join("job.yaml");
     std::fs::write(&path, body).unwrap();
     path
 }
 
-fn run_job(file: &Path, report: &Path) -> std::process::Output {
-    backflow()
-        .args(["job", "run", "--quiet", "--report"])
+/// A new repository in a scratch directory, and a job file there whose text `body` makes from
+/// the repository's path.
+fn job_in_new_repo(body: impl FnOnce(&Path) -> String) -> (tempfile::TempDir, PathBuf, PathBuf) {
+    let work = tempfile::tempdir().unwrap();
+    let repo = work.path().join("repo");
+    init_repo(&repo, "128K");
+    let file = job_file(work.path(), &body(&repo));
+    (work, repo, file)
+}
+
+fn job_run(file: &Path, report: &Path) -> Command {
+    let mut cmd = backflow();
+    cmd.args(["job", "run", "--quiet", "--report"])
         .arg(report)
-        .arg(file)
-        .output()
-        .unwrap()
+        .arg(file);
+    cmd
+}
+
+fn run_job(file: &Path, report: &Path) -> std::process::Output {
+    job_run(file, report).output().unwrap()
 }
 
 #[test]
@@ -32,28 +46,19 @@ fn a_job_backs_up_the_vms_it_selects_and_records_the_session() {
         vm.guest_write("vda", &format!("write -P {} 1M 2M", 10 + i));
         vm.guest_write("vdb", &format!("write -P {} 0 1M", 20 + i));
     }
-    let work = tempfile::tempdir().unwrap();
-    let repo = work.path().join("repo");
-    init_repo(&repo, "128K");
     // vms[3] excluded by name; vdb excluded on vms[1] only; zstd overridden.
-    let file = job_file(
-        work.path(),
-        &format!(
+    let (work, repo, file) = job_in_new_repo(|repo| {
+        format!(
             "name: nightly\nrepository: {}\nvms: [\"{glob}\"]\nexclude: [{}]\n\
              exclude_disks: [\"{}:vdb\"]\nvariables: {{freeze: \"off\"}}\n\
              overrides: {{zstd: {{level: 3}}, reader: {{workers: 1}}}}\nparallel: 2\n",
             repo.display(),
             vms[3].name(),
             vms[1].name()
-        ),
-    );
+        )
+    });
     let report = work.path().join("session.json");
-    let out = run_job(&file, &report);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run_ok(&mut job_run(&file, &report));
     let session = read_report(&report);
     assert_eq!(session["result"], "success", "{session}");
     let records = session["vms"].as_array().unwrap();
@@ -163,32 +168,23 @@ fn retention_keeps_what_it_says_and_the_sessions_are_mailed() {
     use backflow_testkit::smtp::{Options, SmtpServer};
     let server = SmtpServer::start(Options::default());
     let (vms, glob) = Domain::start_many("bf-keep", 2, &[("vda", "16M")]);
-    let work = tempfile::tempdir().unwrap();
-    let repo = work.path().join("repo");
-    init_repo(&repo, "128K");
-    let file = job_file(
-        work.path(),
-        &format!(
+    let (work, repo, file) = job_in_new_repo(|repo| {
+        format!(
             "name: keep2\nrepository: {}\nvms: [\"{glob}\"]\nvariables: {{freeze: \"off\"}}\n\
              retention: {{keep_last: 2}}\nnotify:\n  server: 127.0.0.1\n  port: {}\n  \
              security: none\n  from: backflow@test.invalid\n  to: [ops@test.invalid]\n  \
              when: [success, failure]\n",
             repo.display(),
             server.port
-        ),
-    );
+        )
+    });
     let report = work.path().join("session.json");
     let mut kept: Vec<Vec<String>> = vec![Vec::new(); vms.len()];
     for round in 0..3 {
         for vm in &vms {
             vm.guest_write("vda", &format!("write -P {} {}M 1M", 40 + round, round));
         }
-        let out = run_job(&file, &report);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        run_ok(&mut job_run(&file, &report));
         let session = read_report(&report);
         assert_eq!(session["notified"], true, "{session}");
         for (i, record) in session["vms"].as_array().unwrap().iter().enumerate() {

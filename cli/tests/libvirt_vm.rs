@@ -262,13 +262,7 @@ fn guest_writes_during_the_backup_are_not_in_it() {
     let during: &[(u64, u64)] = &[(0, MIB), (50 * MIB, 2 * MIB)];
     write(&case.vm, "vda", during, 6);
     write(&case.vm, "vdb", during[..1].as_ref(), 7);
-    std::fs::remove_file(&pause).unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    resume_ok(child, &pause);
     let report = read_report(&case.report_path());
     case.taken(&report, at_begin);
     // The writes made during the backup are in the next one.
@@ -287,8 +281,7 @@ fn vm_destroyed_mid_backup_fails_cleanly_and_the_next_run_reads_it_offline() {
     write(&case.vm, "vda", VDA_SECOND, 8);
     let (child, pause) = case.paused_backup();
     case.vm.destroy();
-    std::fs::remove_file(&pause).unwrap();
-    let out = child.wait_with_output().unwrap();
+    let out = resume(child, &pause);
     assert!(!out.status.success(), "the backup of a destroyed VM failed");
     assert_eq!(snapshot_ids(&case.repo).len(), 1, "nothing committed");
     case.assert_nothing_left();
@@ -348,8 +341,7 @@ fn sigterm_mid_backup_ends_the_job_and_keeps_the_chain() {
         .status()
         .unwrap();
     assert!(status.success());
-    std::fs::remove_file(&pause).unwrap();
-    let out = child.wait_with_output().unwrap();
+    let out = resume(child, &pause);
     assert!(
         !out.status.success(),
         "an interrupted backup does not succeed"

@@ -36,12 +36,7 @@ impl Case {
         let raw = dir.path().join("source.raw");
         backflow_fixtures::generate_image(&raw, size, seed).unwrap();
         let image = dir.path().join("vm1.qcow2");
-        run_command(
-            Command::new("qemu-img")
-                .args(["convert", "-q", "-f", "raw", "-O", "qcow2"])
-                .arg(&raw)
-                .arg(&image),
-        );
+        backflow_testkit::qemu::raw_to_qcow2(&raw, &image);
         std::fs::remove_file(&raw).unwrap();
         let repo = dir.path().join("repo");
         init_repo(&repo, "128K");

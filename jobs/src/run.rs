@@ -135,9 +135,13 @@ pub struct RunJobOptions {
     pub cancel: CancelToken,
     /// Only this VM (it must be one the job selects).
     pub only: Option<String>,
+    /// The VMs to back up, when the caller already selected them with [`plan`] (the daemon does,
+    /// to keep two jobs off one VM); `None`: the run lists and selects them itself.
+    pub selected: Option<Result<Vec<Selected>, String>>,
 }
 
-fn now() -> i64 {
+/// The time now, in unix seconds.
+pub fn now() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
@@ -172,8 +176,15 @@ pub fn run_job(job: &Job, options: &RunJobOptions) -> (SessionRecord, Result<(),
         record.result = result;
         record.gc = Some(done);
     } else {
-        match plan(job, options) {
-            Ok(selected) => record.vms = run_all(job, &selected, options, &repo),
+        let selected = options
+            .selected
+            .clone()
+            .unwrap_or_else(|| plan(job, options.only.as_deref()));
+        match selected {
+            Ok(selected) => {
+                record.vms = run_all(job, &selected, options, &repo);
+                record.result = worst(record.vms.iter().map(|v| v.result));
+            }
             Err(e) => {
                 record.error = Some(e);
                 record.result = Verdict::Failure;
@@ -181,9 +192,6 @@ pub fn run_job(job: &Job, options: &RunJobOptions) -> (SessionRecord, Result<(),
         }
     }
     record.ended = now();
-    if record.error.is_none() && !job.is_maintenance() {
-        record.result = worst(record.vms.iter().map(|v| v.result));
-    }
     if let Some(config) = &job.notify {
         let session = mail(&record);
         if backflow_notify::should_send(config, session.outcome()) {
@@ -320,13 +328,14 @@ fn worst(results: impl Iterator<Item = Verdict>) -> Verdict {
     results.max().unwrap_or(Verdict::Success)
 }
 
-/// The VMs to back up now.
-fn plan(job: &Job, options: &RunJobOptions) -> Result<Vec<Selected>, String> {
+/// The VMs to back up now (only `only`, when given): the job's selection from its connection's
+/// listing.
+pub fn plan(job: &Job, only: Option<&str>) -> Result<Vec<Selected>, String> {
     let conn = Connection::open_read_only(Some(&job.uri)).map_err(|e| e.to_string())?;
     let vms = conn.list_vms().map_err(|e| e.to_string())?;
     let mut selected = select(job, &vms)?;
-    if let Some(only) = &options.only {
-        selected.retain(|s| &s.vm == only);
+    if let Some(only) = only {
+        selected.retain(|s| s.vm == only);
         if selected.is_empty() {
             return Err(format!("job {}: it does not back up VM {only}", job.name.0));
         }
@@ -498,6 +507,21 @@ fn retain(
     Ok(forgotten)
 }
 
+/// A result as the mail reports it: a cancelled run is a failure there.
+fn outcome(result: Verdict) -> backflow_notify::Outcome {
+    use backflow_notify::Outcome;
+    match result {
+        Verdict::Success => Outcome::Success,
+        Verdict::Warning => Outcome::Warning,
+        Verdict::Failure | Verdict::Cancelled => Outcome::Failure,
+    }
+}
+
+/// A record's seconds as the mail's duration.
+fn duration(seconds: f64) -> std::time::Duration {
+    std::time::Duration::from_secs_f64(seconds.max(0.0))
+}
+
 /// The session as the mail reports it.
 fn mail(record: &SessionRecord) -> backflow_notify::Session {
     use backflow_notify::{Outcome, VmReport};
@@ -508,25 +532,18 @@ fn mail(record: &SessionRecord) -> backflow_notify::Session {
             snapshot: v.snapshot.clone(),
             bytes_read: v.bytes_read,
             bytes_written: v.bytes_written,
-            duration: std::time::Duration::from_secs_f64(v.seconds.max(0.0)),
+            duration: duration(v.seconds),
             warnings: v.warnings.clone(),
             error: v.error.clone(),
             bottleneck: v.bottleneck.clone(),
-            ..VmReport::new(
-                v.vm.clone(),
-                match v.result {
-                    Verdict::Success => Outcome::Success,
-                    Verdict::Warning => Outcome::Warning,
-                    Verdict::Failure | Verdict::Cancelled => Outcome::Failure,
-                },
-            )
+            ..VmReport::new(v.vm.clone(), outcome(v.result))
         })
         .collect();
     if let Some(check) = &record.health_check {
-        vms.push(check_row(check, record));
+        vms.push(check_row(check, record.result));
     }
     if let Some(gc) = &record.gc {
-        vms.push(gc_row(gc, record));
+        vms.push(gc_row(gc, record.result));
     }
     if let Some(e) = &record.error {
         // Nothing ran: the session failed as a whole.
@@ -543,17 +560,9 @@ fn mail(record: &SessionRecord) -> backflow_notify::Session {
 }
 
 /// A gc as the mail's one row: what it freed, or what it waits for.
-fn gc_row(gc: &GcRecord, record: &SessionRecord) -> backflow_notify::VmReport {
-    use backflow_notify::{Outcome, VmReport};
-    let mut row = VmReport::new(
-        "(garbage collection)",
-        match record.result {
-            Verdict::Success => Outcome::Success,
-            Verdict::Warning => Outcome::Warning,
-            Verdict::Failure | Verdict::Cancelled => Outcome::Failure,
-        },
-    );
-    row.duration = std::time::Duration::from_secs_f64(gc.seconds.max(0.0));
+fn gc_row(gc: &GcRecord, result: Verdict) -> backflow_notify::VmReport {
+    let mut row = backflow_notify::VmReport::new("(garbage collection)", outcome(result));
+    row.duration = duration(gc.seconds);
     row.error = gc.error.clone();
     if let Some(r) = &gc.report {
         row.bytes_written = r.bytes_written;
@@ -565,18 +574,10 @@ fn gc_row(gc: &GcRecord, record: &SessionRecord) -> backflow_notify::VmReport {
 }
 
 /// A health check as the mail's one row: what it read, the damage and what happens next.
-fn check_row(check: &HealthCheckRecord, record: &SessionRecord) -> backflow_notify::VmReport {
-    use backflow_notify::{Outcome, VmReport};
-    let mut row = VmReport::new(
-        "(health check)",
-        match record.result {
-            Verdict::Success => Outcome::Success,
-            Verdict::Warning => Outcome::Warning,
-            Verdict::Failure | Verdict::Cancelled => Outcome::Failure,
-        },
-    );
+fn check_row(check: &HealthCheckRecord, result: Verdict) -> backflow_notify::VmReport {
+    let mut row = backflow_notify::VmReport::new("(health check)", outcome(result));
     row.bytes_read = check.bytes_read;
-    row.duration = std::time::Duration::from_secs_f64(check.seconds.max(0.0));
+    row.duration = duration(check.seconds);
     if check.healed_chunks > 0 {
         row.warnings.push(format!(
             "{} damaged chunk copies are superseded by healthy copies stored later (a garbage \

@@ -259,25 +259,19 @@ mod tests {
                 VmReport::new("db01", Outcome::Failure),
             ],
         };
-        assert_eq!(
-            render(&session).0,
-            "[backflow] job nightly: failure (1 of 3 VMs failed)"
-        );
-        session.vms.pop();
-        assert_eq!(
-            render(&session).0,
-            "[backflow] job nightly: warning (1 of 2 VMs with warnings)"
-        );
-        session.vms.pop();
-        assert_eq!(
-            render(&session).0,
-            "[backflow] job nightly: success (1 VM backed up)"
-        );
-        session.vms.clear();
-        assert_eq!(
-            render(&session).0,
-            "[backflow] job nightly: warning (no VMs)"
-        );
+        // Each subject, then the last VM dropped for the next.
+        for expected in [
+            "failure (1 of 3 VMs failed)",
+            "warning (1 of 2 VMs with warnings)",
+            "success (1 VM backed up)",
+            "warning (no VMs)",
+        ] {
+            assert_eq!(
+                render(&session).0,
+                format!("[backflow] job nightly: {expected}")
+            );
+            session.vms.pop();
+        }
     }
 
     #[test]

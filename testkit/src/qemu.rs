@@ -53,6 +53,16 @@ pub fn make_qcow2(image: &Path, size: &str, writes: &[&str]) {
     }
 }
 
+/// Converts the raw image `raw` into the qcow2 image `image` (`qemu-img convert`).
+pub fn raw_to_qcow2(raw: &Path, image: &Path) {
+    run_command(
+        Command::new("qemu-img")
+            .args(["convert", "-q", "-f", "raw", "-O", "qcow2"])
+            .arg(raw)
+            .arg(image),
+    );
+}
+
 /// `qemu-img compare` of `a` (in format `a_format`) with `b`: `Ok` when the guest sees the same
 /// bytes in both (an unallocated range equals one of zeros), else qemu-img's verdict, its stdout
 /// and stderr. Panics when qemu-img cannot be started.

@@ -219,6 +219,24 @@ pub fn wait_for_pause(child: &mut Child, pause: &Path, secs: u64) {
     }
 }
 
+/// Lets a run paused by a pause hook go on (removes `pause`) and waits for it: its output.
+pub fn resume(child: Child, pause: &Path) -> Output {
+    std::fs::remove_file(pause).unwrap();
+    child.wait_with_output().unwrap()
+}
+
+/// [`resume`], and the run succeeded.
+pub fn resume_ok(child: Child, pause: &Path) -> Output {
+    let out = resume(child, pause);
+    assert!(
+        out.status.success(),
+        "the resumed run failed ({}):\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 /// Records a finished session of job `job` that started `seconds` seconds ago, so that a daemon
 /// started now owes the job its next run. Returns the session id.
 pub fn record_old_session(repo: &Path, job: &str, seconds: i64) -> String {
@@ -281,16 +299,39 @@ pub fn wait_for_line(
     }
 }
 
+/// Sends SIGTERM to `child`.
+pub fn sigterm(child: &Child) {
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+/// Waits for `child` to exit; kills it and fails the test after `timeout`.
+pub fn wait_exit(child: &mut Child, timeout: Duration) -> std::process::ExitStatus {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the process did not exit within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// Runs the daemon on `jobs` until it logs a line containing `until` (at most a minute), then
-/// stops it with SIGTERM and checks that it exits 0. Returns that line.
+/// stops it with SIGTERM and checks that it exits 0 (within a minute). Returns that line.
 pub fn run_daemon_until(jobs: &Path, until: &str) -> String {
     let (mut daemon, lines) = start_daemon(jobs);
     let line = wait_for_line(&lines, until, Duration::from_secs(60));
-    let killed = Command::new("kill")
-        .args(["-TERM", &daemon.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(killed.success());
-    assert_eq!(daemon.wait().unwrap().code(), Some(0));
+    sigterm(&daemon);
+    assert_eq!(
+        wait_exit(&mut daemon, Duration::from_secs(60)).code(),
+        Some(0)
+    );
     line
 }
