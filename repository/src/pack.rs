@@ -283,18 +283,38 @@ pub(crate) fn pack_path(repo: &Path, id: &PackId) -> PathBuf {
 pub(crate) struct PackHandle {
     pub file: File,
     pub path: PathBuf,
+    /// Where blobs end: the trailer's offset, or the file's length when the frame is damaged.
     pub data_end: u64,
+    /// Why the pack's header or footer could not be trusted, if so (see [`PackHandle::open`]).
+    pub frame_damage: Option<String>,
 }
 
 impl PackHandle {
+    /// Opens a pack for reading blobs at offsets the index gives. A pack whose header or footer is damaged
+    /// stays readable: blobs are then bounded by the file's length instead of the trailer's offset. That is
+    /// safe because every blob read is checked against its digest before its bytes are used, and it keeps
+    /// a flipped byte in a 32-byte header from making every chunk of a 32 MiB pack unreadable. A pack that
+    /// cannot be opened, or that is too short to hold a header and a footer, is still an error.
     pub(crate) fn open(repo: &Path, id: PackId) -> Result<PackHandle> {
         let path = pack_path(repo, &id);
         let file = File::open(&path).ctx("open pack", &path)?;
-        let footer = read_frame(&file, &path, Some(id))?;
+        let (data_end, frame_damage) = match read_frame(&file, &path, Some(id)) {
+            Ok(footer) => (footer.trailer_offset, None),
+            Err(e @ RepoError::Corrupt { .. }) | Err(e @ RepoError::UnsupportedVersion { .. }) => {
+                let len = file.metadata().ctx("stat", &path)?.len();
+                if len < (PACK_HEADER_SIZE + PACK_FOOTER_SIZE) as u64 {
+                    return Err(e);
+                }
+                debug!(pack = %path.display(), error = %e, "Reading blobs of a pack with a damaged frame.");
+                (len - PACK_FOOTER_SIZE as u64, Some(e.to_string()))
+            }
+            Err(e) => return Err(e),
+        };
         Ok(PackHandle {
             file,
             path,
-            data_end: footer.trailer_offset,
+            data_end,
+            frame_damage,
         })
     }
 }

@@ -90,6 +90,10 @@ pub struct VerifyReport {
     pub damaged_snapshots: Vec<DamagedFile>,
     pub damaged_index_files: Vec<DamagedFile>,
     pub damaged_packs: Vec<DamagedFile>,
+    /// Damaged side files: damage marks, gc state and lists, session records, one copy of `config`. None of
+    /// them blocks a restore or a backup; `error` says what is wrong and what was done about it (repaired,
+    /// or ignored until repaired).
+    pub side_files: Vec<DamagedFile>,
     pub problems: Vec<ChunkProblem>,
     /// Damaged copies of this report recorded in `damaged` ([`Repository::verify_and_mark`]; 0 otherwise).
     pub marked: u64,
