@@ -248,6 +248,7 @@ mod history;
 mod ids;
 mod index;
 mod pack;
+mod readable;
 mod recovery;
 mod repository;
 mod retention;
@@ -271,6 +272,7 @@ pub use gc::{
 };
 pub use ids::rfc3339;
 pub use pack::{PackEntry, PackTrailer, PackWriter, decode, decode_into, read_pack_trailer};
+pub use readable::ParentCheck;
 pub use repository::{RebuildReport, Repository};
 pub use retention::{Decision, KeepPolicy, plan};
 pub use session::BackupSession;
