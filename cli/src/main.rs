@@ -137,7 +137,8 @@ enum Command {
     /// Rebuild the index from the packs alone (repair; no backup may run meanwhile).
     RebuildIndex(gc::RebuildArgs),
     /// Forget snapshots by a keep policy (keep-last, daily/weekly/monthly/yearly), each VM on its
-    /// own; --dry-run lists what would go. Chunks stay until a garbage collection.
+    /// own, or by id (--snapshot ID, damaged ones too); --dry-run lists what would go. Chunks stay
+    /// until a garbage collection.
     Forget(forget::Args),
     /// Backup jobs: `job run FILE` runs one now, `job validate FILE` checks its file.
     #[command(subcommand)]
@@ -326,7 +327,7 @@ fn execute(command: Command) -> Result<()> {
             let repository = open_repo(&repo)?;
             let report = repository.verify_and_mark(read_data)?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
+                println!("{}", serde_json::to_string_pretty(&verify_json(&report)?)?);
             } else {
                 print!("{}", verify_text(&report));
             }
@@ -444,6 +445,26 @@ fn print_stages(json: bool) {
     }
 }
 
+/// The snapshot id of a manifest path (`.../snapshots/ID.snap`).
+fn manifest_id(path: &str) -> Option<&str> {
+    Path::new(path).file_name()?.to_str()?.strip_suffix(".snap")
+}
+
+/// The verify report as JSON: the report's fields, each damaged manifest with its `snapshot` id too.
+fn verify_json(report: &backflow_repository::VerifyReport) -> Result<serde_json::Value> {
+    let mut json = serde_json::to_value(report)?;
+    if let Some(list) = json["damaged_snapshots"].as_array_mut() {
+        for entry in list {
+            let id = entry["path"]
+                .as_str()
+                .and_then(manifest_id)
+                .map(str::to_owned);
+            entry["snapshot"] = id.into();
+        }
+    }
+    Ok(json)
+}
+
 /// The verify report for people: counts, then one block per problem naming the chunk, where it
 /// is stored and the restore points that need it.
 pub fn verify_text(report: &backflow_repository::VerifyReport) -> String {
@@ -465,14 +486,33 @@ pub fn verify_text(report: &backflow_repository::VerifyReport) -> String {
             report.unreferenced_packs
         ));
     }
+    for f in &report.damaged_snapshots {
+        // The manifest is REPO/snapshots/ID.snap.
+        let repo = Path::new(&f.path).parent().and_then(Path::parent);
+        match (manifest_id(&f.path), repo) {
+            (Some(id), Some(repo)) => out.push_str(&format!(
+                "DAMAGED snapshot {id} (manifest {}): {}\n    if it cannot be repaired, `backflow forget \
+                 --repo {} --snapshot {id}` removes it (a gc stops until then)\n",
+                f.path,
+                f.error,
+                repo.display()
+            )),
+            _ => out.push_str(&format!(
+                "DAMAGED snapshot manifest {}: {}\n",
+                f.path, f.error
+            )),
+        }
+    }
     for (what, files) in [
-        ("snapshot manifest", &report.damaged_snapshots),
         ("index file", &report.damaged_index_files),
         ("pack", &report.damaged_packs),
     ] {
         for f in files {
             out.push_str(&format!("DAMAGED {what} {}: {}\n", f.path, f.error));
         }
+    }
+    for f in &report.side_files {
+        out.push_str(&format!("DAMAGED side file {}: {}\n", f.path, f.error));
     }
     for p in &report.problems {
         out.push_str(&format!(

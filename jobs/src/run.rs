@@ -288,7 +288,7 @@ fn collect(
     let done = open(job, repo).and_then(|r| {
         r.gc(&backflow_repository::GcOptions {
             repack_threshold: gc.repack_threshold.0,
-            dry_run: false,
+            ..Default::default()
         })
         .map_err(|e| format!("gc: {e}"))
     });

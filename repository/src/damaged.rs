@@ -313,18 +313,36 @@ impl Repository {
         Ok(added)
     }
 
-    /// Drops the marks of copies whose pack no longer exists (a garbage collection deleted it). Returns how
-    /// many went.
+    /// Drops the marks of copies whose pack no longer exists (a garbage collection deleted it). A pack a
+    /// gc moved to the quarantine keeps the marks of the chunks that have no healthy copy in the index (it
+    /// could not salvage them): `verify` and the backups' re-reading go on naming them. Returns how many went.
     pub(crate) fn drop_marks_of_deleted_packs(&self) -> Result<usize> {
         if !self.path().join(FILE).exists() {
             return Ok(0);
         }
         let root = self.path().to_owned();
+        let in_packs = |c: &DamagedCopy| crate::pack::pack_path(&root, &c.pack).exists();
+        let mut unsalvaged = HashSet::new();
+        let quarantined: Vec<DamagedCopy> = self
+            .damage_marks()?
+            .copies()
+            .into_iter()
+            .filter(|c| !in_packs(c) && crate::gc::quarantine_path(&root, &c.pack).exists())
+            .collect();
+        if !quarantined.is_empty() {
+            // The index the gc just wrote, not the files this handle opened before.
+            self.reload_index()?;
+            for c in quarantined {
+                if self.lookup(&c.digest)?.is_none() {
+                    unsalvaged.insert(c);
+                }
+            }
+        }
         self.update_marks(|marks| {
             let before = marks.copies.len();
             marks
                 .copies
-                .retain(|c| crate::pack::pack_path(&root, &c.pack).exists());
+                .retain(|c| in_packs(c) || unsalvaged.contains(c));
             before - marks.copies.len()
         })
     }

@@ -266,7 +266,7 @@ pub use error::{RepoError, Result};
 pub use format::FORMAT_VERSION;
 pub use gc::{
     DEFAULT_REPACK_THRESHOLD, GcOptions, GcReport, KILL_AT as GC_KILL_AT,
-    KILL_POINTS as GC_KILL_POINTS,
+    KILL_POINTS as GC_KILL_POINTS, QUARANTINE_DIR,
 };
 pub use ids::rfc3339;
 pub use pack::{PackEntry, PackTrailer, PackWriter, decode, decode_into, read_pack_trailer};
@@ -288,6 +288,12 @@ impl Repository {
     /// restores; refused with a retryable [`RepoError::Locked`] while another gc or an index rebuild runs.
     pub fn gc(&self, options: &GcOptions) -> Result<GcReport> {
         gc::gc(self, options)
+    }
+
+    /// The id of every manifest in `snapshots/`: readable ones oldest first, then those that cannot be read
+    /// (which [`Repository::list_snapshots`] leaves out), so that `forget --snapshot` reaches a damaged one.
+    pub fn manifest_ids(&self) -> Result<Vec<String>> {
+        self.snapshot_ids()
     }
 }
 

@@ -424,5 +424,6 @@ pub(crate) fn verify(repo: &Repository, read_data: bool) -> Result<VerifyReport>
         .iter()
         .filter(|p| !indexed.contains(p))
         .count() as u64;
+    report.side_files.extend(crate::gc::state_problems(root));
     Ok(report)
 }
