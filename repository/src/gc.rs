@@ -1283,11 +1283,10 @@ impl Gc<'_> {
                         quarantine.push(pack.to_hex());
                     }
                 }
-                if matches!(fate, Fate::Quarantine) || (fate == Fate::Delete && !orphan) {
-                    if !repacked_one {
-                        repacked_one = true;
-                        kill_point("repacking");
-                    }
+                let leaves = fate == Fate::Quarantine || (fate == Fate::Delete && !orphan);
+                if leaves && !repacked_one {
+                    repacked_one = true;
+                    kill_point("repacking");
                 }
                 group.clear();
             }
@@ -1447,7 +1446,9 @@ impl Gc<'_> {
             return Ok(());
         }
         let marked = |r: &Located| marks.contains_at(&r.digest, r.pack, r.offset);
-        let healthy = |r: &Located| !marked(r) && !frames.damaged.contains(&r.pack);
+        let healthy = |r: &Located| {
+            !marked(r) && (frames.damaged.is_empty() || !frames.damaged.contains(&r.pack))
+        };
         let choice = copies
             .iter()
             .position(|r| r.indexed && healthy(r))
@@ -2209,6 +2210,52 @@ mod tests {
         assert_restores(&repo, &id, &[1, 2, 3, 4, 5, 6]);
     }
 
+    /// A pack with a damaged header and, besides, one damaged blob: the intact chunk is salvaged, the
+    /// damaged one cannot be. The pack goes to the quarantine, the damaged chunk keeps its mark and verify
+    /// keeps naming its snapshot, until a backup that has the data stores it again.
+    #[test]
+    fn an_unsalvageable_chunk_of_a_quarantined_pack_keeps_its_mark() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = init(dir.path());
+        let id = commit(&repo, &[1, 2, 3, 4]);
+        let bad = repo.lookup(&digest(2)).unwrap().unwrap();
+        let path = pack_path(repo.path(), &bad.pack);
+        flip(&path, 19);
+        flip(&path, bad.offset + 100);
+        let checked = repo.verify_and_mark(true).unwrap();
+        assert_eq!(checked.marked, 2, "{checked:?}");
+
+        let report = repo.gc(&GcOptions::default()).unwrap();
+        assert_eq!(
+            (report.chunks_salvaged, report.chunks_unsalvageable),
+            (1, 1),
+            "{report:?}"
+        );
+        assert_eq!(report.packs_quarantined, vec![bad.pack.to_hex()]);
+        assert!(quarantine_path(repo.path(), &bad.pack).exists());
+        let marks = repo.damage_marks().unwrap().copies();
+        assert_eq!(marks.len(), 1, "{marks:?}");
+        assert_eq!((marks[0].digest, marks[0].pack), (digest(2), bad.pack));
+        let after = repo.verify(false).unwrap();
+        assert!(!after.is_ok());
+        let named: Vec<_> = after
+            .problems
+            .iter()
+            .filter(|p| !p.healed)
+            .map(|p| (p.digest, p.snapshots.clone()))
+            .collect();
+        assert_eq!(named, vec![(digest(2), vec![id.clone()])], "{after:?}");
+        assert_eq!(repo.load_chunk(&digest(1)).unwrap(), chunk(1));
+
+        // A backup that still has the data stores it again; the next gc drops the mark.
+        let again = commit(&repo, &[2]);
+        repo.gc(&GcOptions::default()).unwrap();
+        assert!(repo.damage_marks().unwrap().is_empty());
+        assert_restores(&repo, &id, &[1, 2, 3, 4]);
+        assert_restores(&repo, &again, &[2]);
+        assert!(repo.verify(true).unwrap().is_ok());
+    }
+
     /// A cycle left pending by a handle open during the gc: `first` forgotten, its packs doomed.
     fn pending(dir: &Path) -> (Repository, String) {
         let repo = init(dir);
@@ -2276,7 +2323,8 @@ mod tests {
         let original = load_state(&paths).unwrap().unwrap();
         let manifest = crate::snapshot::snapshot_path(repo.path(), &second);
         let traversal = format!("../snapshots/{second}.snap");
-        let crafted: [(&str, fn(&mut CycleState, &str)); 3] = [
+        type Craft = fn(&mut CycleState, &str);
+        let crafted: [(&str, Craft); 3] = [
             ("is not the name of an index file", |s, t| {
                 s.old_index.push(t.to_owned());
                 s.users = None;
