@@ -409,13 +409,17 @@ impl<const N: usize> ListReader<N> {
         reader.read_exact(&mut head).ctx("read", path)?;
         let mut hasher = blake3::Hasher::new();
         hasher.update(&head);
-        Ok(ListReader {
+        let mut list = ListReader {
             path: path.to_owned(),
             reader,
             hasher,
             count,
             remaining: count,
-        })
+        };
+        if count == 0 {
+            list.check_sum()?;
+        }
+        Ok(list)
     }
 
     fn next_record(&mut self) -> Result<Option<[u8; N]>> {
@@ -451,9 +455,6 @@ impl<const N: usize> ListReader<N> {
 
     /// Reads the list to its end (checksum included); returns its record count.
     fn check_whole(mut self) -> Result<u64> {
-        if self.count == 0 {
-            self.check_sum()?;
-        }
         while self.next_record()?.is_some() {}
         Ok(self.count)
     }
@@ -1144,7 +1145,7 @@ impl Gc<'_> {
                 other => other,
             };
             let snapshot = snapshot.map_err(|e| self.unreadable_snapshot(id, e))?;
-            push_references(&snapshot, &mut referenced)
+            push_references(&snapshot, &mut referenced)?
                 .map_err(|e| self.unreadable_snapshot(id, e))?;
         }
         report.snapshots = marked.len() as u64;
@@ -1753,7 +1754,7 @@ impl Gc<'_> {
                 .repo
                 .open_snapshot(&id)
                 .map_err(|e| self.unreadable_snapshot(&id, e))?;
-            push_references(&snapshot, &mut referenced)
+            push_references(&snapshot, &mut referenced)?
                 .map_err(|e| self.unreadable_snapshot(&id, e))?;
         }
         let forgotten = self.paths.forgotten();
@@ -1769,8 +1770,10 @@ impl Gc<'_> {
                 any = true;
                 // A manifest forgotten because it is damaged tells nothing; no backup could have taken it
                 // as its parent either (opening it checks it).
-                let read = Snapshot::open_path(&path, &id)
-                    .and_then(|s| push_references(&s, &mut referenced));
+                let read = match Snapshot::open_path(&path, &id) {
+                    Ok(snapshot) => push_references(&snapshot, &mut referenced)?,
+                    Err(e) => Err(e),
+                };
                 if let Err(e) = read {
                     warn!(file = %path.display(), error = %e, "A forgotten snapshot cannot be read; skipped.");
                 }
@@ -2009,15 +2012,19 @@ fn damaged_index(e: RepoError) -> RepoError {
     ))
 }
 
-fn push_references(snapshot: &Snapshot, sorter: &mut Sorter<32>) -> Result<()> {
+/// Pushes the digests `snapshot` references. The outer error is the sort's (the gc's scratch space), the
+/// inner one the manifest's: the callers treat a manifest that cannot be read differently.
+fn push_references(snapshot: &Snapshot, sorter: &mut Sorter<32>) -> Result<Result<()>> {
     for disk in 0..snapshot.meta().disks.len() {
         for r in snapshot.chunks(disk) {
-            if let ChunkRef::Data(d) = r? {
-                sorter.push(d.0)?;
+            match r {
+                Ok(ChunkRef::Data(d)) => sorter.push(d.0)?,
+                Ok(ChunkRef::Zero) => {}
+                Err(e) => return Ok(Err(e)),
             }
         }
     }
-    Ok(())
+    Ok(Ok(()))
 }
 
 #[cfg(test)]
