@@ -327,7 +327,7 @@ fn execute(command: Command) -> Result<()> {
             let repository = open_repo(&repo)?;
             let report = repository.verify_and_mark(read_data)?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&verify_json(&report)?)?);
+                println!("{}", serde_json::to_string_pretty(&verify_json(&report))?);
             } else {
                 print!("{}", verify_text(&report));
             }
@@ -450,19 +450,25 @@ fn manifest_id(path: &str) -> Option<&str> {
     Path::new(path).file_name()?.to_str()?.strip_suffix(".snap")
 }
 
-/// The verify report as JSON: the report's fields, each damaged manifest with its `snapshot` id too.
-fn verify_json(report: &backflow_repository::VerifyReport) -> Result<serde_json::Value> {
-    let mut json = serde_json::to_value(report)?;
-    if let Some(list) = json["damaged_snapshots"].as_array_mut() {
-        for entry in list {
-            let id = entry["path"]
-                .as_str()
-                .and_then(manifest_id)
-                .map(str::to_owned);
-            entry["snapshot"] = id.into();
-        }
+/// What `verify --json` prints: the report's fields, in order, then the snapshot ids of its damaged
+/// manifests (what `forget --snapshot` takes).
+#[derive(serde::Serialize)]
+struct VerifyJson<'a> {
+    #[serde(flatten)]
+    report: &'a backflow_repository::VerifyReport,
+    /// The id of each of `damaged_snapshots`, in the same order.
+    damaged_snapshot_ids: Vec<&'a str>,
+}
+
+fn verify_json(report: &backflow_repository::VerifyReport) -> VerifyJson<'_> {
+    VerifyJson {
+        report,
+        damaged_snapshot_ids: report
+            .damaged_snapshots
+            .iter()
+            .map(|f| manifest_id(&f.path).unwrap_or(f.path.as_str()))
+            .collect(),
     }
-    Ok(json)
 }
 
 /// The verify report for people: counts, then one block per problem naming the chunk, where it

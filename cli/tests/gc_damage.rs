@@ -331,8 +331,8 @@ fn a_damaged_manifest_is_named_by_verify_and_forgotten_by_id_so_that_gc_runs() {
     assert!(text.contains(&command), "{text}");
     let (_, json) = verify_json(&repo, false);
     assert_eq!(
-        json["damaged_snapshots"][0]["snapshot"],
-        first.as_str(),
+        json["damaged_snapshot_ids"],
+        serde_json::json!([first]),
         "{json:#}"
     );
 
