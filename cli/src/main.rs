@@ -137,7 +137,8 @@ enum Command {
     /// Rebuild the index from the packs alone (repair; no backup may run meanwhile).
     RebuildIndex(gc::RebuildArgs),
     /// Forget snapshots by a keep policy (keep-last, daily/weekly/monthly/yearly), each VM on its
-    /// own; --dry-run lists what would go. Chunks stay until a garbage collection.
+    /// own, or by id (--snapshot ID, damaged ones too); --dry-run lists what would go. Chunks stay
+    /// until a garbage collection.
     Forget(forget::Args),
     /// Backup jobs: `job run FILE` runs one now, `job validate FILE` checks its file.
     #[command(subcommand)]
@@ -465,8 +466,25 @@ pub fn verify_text(report: &backflow_repository::VerifyReport) -> String {
             report.unreferenced_packs
         ));
     }
+    for (f, id) in report
+        .damaged_snapshots
+        .iter()
+        .zip(&report.damaged_snapshot_ids)
+    {
+        // The manifest is REPO/snapshots/ID.snap.
+        let repo = Path::new(&f.path)
+            .parent()
+            .and_then(Path::parent)
+            .unwrap_or(Path::new("REPO"));
+        out.push_str(&format!(
+            "DAMAGED snapshot {id} (manifest {}): {}\n    if it cannot be repaired, `backflow forget \
+             --repo {} --snapshot {id}` removes it (a gc stops until then)\n",
+            f.path,
+            f.error,
+            repo.display()
+        ));
+    }
     for (what, files) in [
-        ("snapshot manifest", &report.damaged_snapshots),
         ("index file", &report.damaged_index_files),
         ("pack", &report.damaged_packs),
     ] {
@@ -529,11 +547,10 @@ pub fn verify_text(report: &backflow_repository::VerifyReport) -> String {
              stores it again\n"
         ));
     }
-    let broken = report.damaged_snapshot_ids();
-    if !broken.is_empty() {
+    if !report.unrestorable_snapshots.is_empty() {
         out.push_str(&format!(
             "snapshots that cannot be restored whole: {}\n",
-            broken.join(", ")
+            report.unrestorable_snapshots.join(", ")
         ));
     }
     out.push_str(if report.is_ok() {
