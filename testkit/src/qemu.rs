@@ -131,6 +131,17 @@ pub fn live(pid: u32) -> bool {
     })
 }
 
+/// Makes this process a child subreaper: an orphan anywhere below it (a daemonised grandchild
+/// whose parent exited) becomes its child instead of PID 1's, so that a process a child let go of
+/// without reaping shows up as a zombie of this process ([`zombies_of`]), as it would stay for
+/// good under an init that never reaps (some containers' PID 1, or a daemon running as PID 1).
+/// For the whole process: a test binary that calls it must keep its tests from spawning anything
+/// concurrently with its checks.
+pub fn adopt_orphans() {
+    let me = rustix::process::Pid::from_raw(std::process::id() as i32);
+    rustix::process::set_child_subreaper(me).expect("prctl(PR_SET_CHILD_SUBREAPER)");
+}
+
 /// The zombies (exited, not yet reaped) whose parent is `parent`, as `PID (COMMAND)`: children
 /// it failed to wait for, or orphans it adopted (as PID 1 of a container, or as a subreaper) and
 /// did not reap.
