@@ -1035,12 +1035,16 @@ impl OnlineJob {
                 },
                 "",
             ),
-            Err(e) => fail(
+            Err(e) if e.is_retryable() => fail(
                 format!(
                     "the connection to libvirt broke during the backup and libvirt did not answer again within {} s ({e}): nothing tells whether the backup job ran to the end",
                     live::RECONNECT_WAIT.as_secs()
                 ),
                 "; the next run ends the job if it is still there",
+            ),
+            Err(e) => fail(
+                format!("the VM is not found again after the connection to libvirt broke ({e})"),
+                "",
             ),
         }
     }
@@ -1068,13 +1072,14 @@ impl OnlineJob {
                     }
                 }
             }
-            Ok(_) => {}
-            Err(e) => {
+            Err(e) if e.is_retryable() => {
                 problems.push(format!(
                     "libvirt cannot be reached to end the backup job: {e}"
                 ));
                 left = Some("libvirt could not be reached to end its backup job");
             }
+            // No job to end: none of ours, or the VM is gone (not found again by its UUID).
+            Ok(_) | Err(_) => {}
         }
         if self.begun.load(Ordering::SeqCst)
             && let (Some(prefix), Some(new)) = (&self.prefix, &self.new_checkpoint)
