@@ -1063,12 +1063,12 @@ impl OnlineJob {
                     Ok(()) => {
                         if let Err(e) = self.wait_gone() {
                             problems.push(e);
-                            left = Some("its backup job did not end when aborted");
+                            left = Some("the job did not end when aborted");
                         }
                     }
                     Err(e) => {
                         problems.push(format!("aborting the backup job: {e}"));
-                        left = Some("aborting its backup job failed");
+                        left = Some("aborting the job failed");
                     }
                 }
             }
@@ -1076,7 +1076,7 @@ impl OnlineJob {
                 problems.push(format!(
                     "libvirt cannot be reached to end the backup job: {e}"
                 ));
-                left = Some("libvirt could not be reached to end its backup job");
+                left = Some("libvirt could not be reached");
             }
             // No job to end: none of ours, or the VM is gone (not found again by its UUID).
             Ok(_) | Err(_) => {}
