@@ -7,11 +7,12 @@
 //!
 //! # Lifetime of the server
 //! At run time the stage creates a private directory (mode 0700) for the socket, pid file and
-//! the server's stderr, registers a cleanup action that stops the server by the pid in the pid file
-//! and removes the directory whatever the outcome, and only then starts
-//! `qemu-nbd --read-only --persistent --fork`. `--fork` returns once the socket accepts
-//! connections. The cleanup action is registered first so that a server which started but failed
-//! later (or a run that failed elsewhere) is still stopped.
+//! the server's stderr, registers a cleanup action that stops the server and removes the
+//! directory whatever the outcome, and only then starts `qemu-nbd --read-only --persistent` as
+//! its child, ready once it wrote its pid file. The cleanup action is registered first so that a
+//! server which started but failed later (or a run that failed elsewhere) is still stopped; the
+//! server is our child, waited for when stopped, so it never stays behind as a zombie (see
+//! [`server`]).
 //!
 //! # Layout
 //! - [`server`]: starting and stopping the `qemu-nbd` process.
