@@ -89,9 +89,8 @@ fn disk_and_vm_names_that_could_be_paths_are_refused_with_their_position() {
             let (code, stderr) = run_bounded(args);
             assert_eq!(code, Some(2), "{command} disk={name:?}: {stderr}");
             assert!(
-                stderr.contains(&format!(
-                    "specs/backup-image.yaml:16:11: stages[0] (image).disk: disk name"
-                )) && stderr.contains(problem),
+                stderr.contains("specs/backup-image.yaml:16:11: stages[0] (image).disk: disk name")
+                    && stderr.contains(problem),
                 "{command} disk={name:?}: {stderr}"
             );
         }
@@ -254,7 +253,7 @@ fn specs_and_job_files_that_never_end_or_block_are_refused_before_reading() {
             };
             assert_eq!(code, Some(2), "{command:?} {}: {stderr}", path.display());
             assert!(
-                stderr.contains(&format!("{}", path.display()))
+                stderr.contains(&path.display().to_string())
                     && stderr.contains(&format!("{what} {problem}")),
                 "{command:?} {}: {stderr}",
                 path.display()

@@ -860,6 +860,19 @@ impl LibvirtSource {
         let committed = Committed::default();
         for (disk, base) in disks.iter().zip(bases) {
             let image = &images[&disk.target];
+            // Before qemu-nbd opens it: a FIFO would block it, and this run, for good.
+            backflow_pipeline::input::check_source(image).map_err(|e| {
+                let what = format!(
+                    "VM {} disk {}: image {}",
+                    vm.name,
+                    disk.target,
+                    image.display()
+                );
+                match e {
+                    backflow_pipeline::input::InputError::Io(e) => StageError::io(what, e),
+                    other => StageError::Config(format!("{what} {other}")),
+                }
+            })?;
             let format = match disk.format.as_deref() {
                 Some(f @ ("qcow2" | "raw")) => f,
                 other => {
