@@ -349,3 +349,31 @@ impl BlockSource for SizeOnly {
         Ok(None)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_of_file_backed_sources_are_checked_where_they_come_from() {
+        let named = |path: &str, disk: &str, vm: &str| {
+            DiskSource::checked_names_for(Path::new(path), disk.into(), vm.into())
+        };
+        assert_eq!(
+            named("/srv/web01.qcow2", "", "").unwrap(),
+            ("web01".into(), "web01".into())
+        );
+        assert_eq!(
+            named("/srv/x.raw", "vdb", "db-2.prod").unwrap(),
+            ("vdb".into(), "db-2.prod".into())
+        );
+        let error = named("/srv/x.raw", "../x", "").unwrap_err();
+        assert_eq!(error.option, "disk");
+        assert!(error.message.contains("contains `/`"), "{}", error.message);
+        let error = named("/srv/.hidden.raw", "", "").unwrap_err();
+        assert_eq!(error.option, "path");
+        assert!(error.message.contains("set `disk`"), "{}", error.message);
+        let error = named("/srv/x.raw", "", "web\n01").unwrap_err();
+        assert_eq!(error.option, "vm");
+    }
+}

@@ -1120,6 +1120,21 @@ mod tests {
                 },
             ),
             (
+                "domain",
+                LibvirtOptions {
+                    domain: "../web01".into(),
+                    ..Default::default()
+                },
+            ),
+            (
+                "disks",
+                LibvirtOptions {
+                    domain: "a".into(),
+                    disks: vec!["vda".into(), "/dev/sda".into()],
+                    ..Default::default()
+                },
+            ),
+            (
                 "connections",
                 LibvirtOptions {
                     domain: "a".into(),
