@@ -170,6 +170,9 @@ fn sigterm_at_any_moment_exits_130_or_commits_and_leaves_no_scratch() {
             String::from_utf8_lossy(&verified.stdout)
         );
     }
+    println!(
+        "backup of {duration:?}; {interrupted} runs interrupted (130), {committed} committed (0)"
+    );
     // The moments covered both outcomes: runs stopped mid-way, runs that had finished.
     assert!(
         interrupted > 0 && committed > 0,

@@ -1,7 +1,8 @@
 //! The job file: YAML, read with `serde-saphyr`, so that every mistake is reported with the file,
 //! line and column, the field and what was expected. Values that need more than a type (cron
 //! expressions, VM patterns, disk exclusions, stage overrides) are checked while they are read,
-//! so their errors carry a position too.
+//! so their errors carry a position too. A job file is a regular file of at most
+//! [`MAX_JOB_FILE_SIZE`] bytes: a FIFO or a device is refused before it is opened.
 //!
 //! ```yaml
 //! name: nightly                      # required: names the job's sessions
