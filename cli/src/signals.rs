@@ -8,8 +8,9 @@
 //! valid at every moment. Every other command calls [`exit_on_signals`]: they can be killed at any
 //! moment (gc, verify, forget are built for that), so a signal ends them with 130 right away.
 //!
-//! Before `main` the dynamic loader runs (a millisecond or two): nothing of ours has run then, and a
-//! signal there still kills the process by the default action, having done nothing.
+//! Before `main` the dynamic loader maps and relocates some fifty shared libraries (libvirt's among
+//! them): a few milliseconds, tens on a loaded machine, in which nothing of ours has run and a signal
+//! still kills the process by the default action, having done nothing.
 //!
 //! Handlers are installed with `signal-hook` (no signal is ever blocked, so the helper processes we
 //! start, such as `qemu-nbd`, inherit no blocked mask and keep their own default actions: exec resets
