@@ -7,6 +7,7 @@ mod display;
 mod forget;
 mod gc;
 mod jobs;
+mod signals;
 mod vms;
 
 use std::io::IsTerminal;
@@ -196,6 +197,8 @@ impl std::fmt::Display for Interrupted {
 impl std::error::Error for Interrupted {}
 
 fn main() -> ExitCode {
+    // Before anything else: a signal from here on ends the process with 130, never by the signal.
+    signals::install();
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cli.log));
@@ -221,6 +224,19 @@ fn main() -> ExitCode {
 }
 
 fn execute(command: Command) -> Result<()> {
+    // Commands that run pipelines or jobs hand their cancel token to the signal handling when they
+    // have one (a signal before that cancels it at once); every other one can stop at any moment.
+    let cancellable = matches!(
+        command,
+        Command::Run { .. }
+            | Command::Restore { .. }
+            | Command::Job(jobs::JobCommand::Run { .. })
+            | Command::Daemon(_)
+            | Command::Demo { .. }
+    );
+    if !cancellable {
+        signals::exit_on_signals();
+    }
     match command {
         Command::Run {
             spec,
@@ -381,7 +397,7 @@ pub fn run_pipeline(
     quiet: bool,
 ) -> Result<RunReport> {
     let cancel = CancelToken::new();
-    let _signals = display::cancel_on_signals(cancel.clone());
+    signals::cancel_on_signals(cancel.clone());
     let live = !quiet && std::io::stderr().is_terminal();
     let on_progress = live.then(|| Arc::new(display::LiveDisplay::default().into_callback()) as _);
     let report = pipeline.run(RunOptions {

@@ -237,6 +237,12 @@ impl LibvirtSource {
                 "is required: the name of the VM to back up",
             ));
         }
+        backflow_repository::check_vm_name(&options.domain)
+            .map_err(|e| InvalidOption::new("domain", e.to_string()))?;
+        for target in &options.disks {
+            backflow_repository::check_disk_name(target)
+                .map_err(|e| InvalidOption::new("disks", e.to_string()))?;
+        }
         if !FREEZE.contains(&options.freeze.as_str()) {
             return Err(InvalidOption::new(
                 "freeze",
@@ -294,7 +300,24 @@ impl LibvirtSource {
     }
 
     /// The disks to read: every backup candidate, or those named in `disks` (each must exist).
+    /// The VM's name and the targets read from its XML become names in the manifest (and file names
+    /// at restore): one outside their alphabet fails the run before anything is read.
     fn chosen<'a>(&self, vm: &'a VmInfo) -> Result<Vec<&'a DiskInfo>, StageError> {
+        let chosen = self.chosen_unchecked(vm)?;
+        backflow_repository::check_vm_name(&vm.name)
+            .map_err(|e| StageError::Config(format!("cannot back up this VM: {e}")))?;
+        for disk in &chosen {
+            backflow_repository::check_disk_name(&disk.target).map_err(|e| {
+                StageError::Config(format!(
+                    "VM {}: cannot back up the disk whose <target dev> is {:?}: {e}",
+                    vm.name, disk.target
+                ))
+            })?;
+        }
+        Ok(chosen)
+    }
+
+    fn chosen_unchecked<'a>(&self, vm: &'a VmInfo) -> Result<Vec<&'a DiskInfo>, StageError> {
         let candidates: Vec<&DiskInfo> = vm.backup_disks().collect();
         if self.disks.is_empty() {
             if candidates.is_empty() {
@@ -898,6 +921,19 @@ impl LibvirtSource {
         let committed = Committed::default();
         for (disk, base) in disks.iter().zip(bases) {
             let image = &images[&disk.target];
+            // Before qemu-nbd opens it: a FIFO would block it, and this run, for good.
+            backflow_pipeline::input::check_source(image).map_err(|e| {
+                let what = format!(
+                    "VM {} disk {}: image {}",
+                    vm.name,
+                    disk.target,
+                    image.display()
+                );
+                match e {
+                    backflow_pipeline::input::InputError::Io(e) => StageError::io(what, e),
+                    other => StageError::Config(format!("{what} {other}")),
+                }
+            })?;
             let format = match disk.format.as_deref() {
                 Some(f @ ("qcow2" | "raw")) => f,
                 other => {
@@ -1298,6 +1334,21 @@ mod tests {
                 LibvirtOptions {
                     domain: "a".into(),
                     checkpoint: "a.b".into(),
+                    ..Default::default()
+                },
+            ),
+            (
+                "domain",
+                LibvirtOptions {
+                    domain: "../web01".into(),
+                    ..Default::default()
+                },
+            ),
+            (
+                "disks",
+                LibvirtOptions {
+                    domain: "a".into(),
+                    disks: vec!["vda".into(), "/dev/sda".into()],
                     ..Default::default()
                 },
             ),

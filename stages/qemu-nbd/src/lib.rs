@@ -27,6 +27,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use backflow_pipeline::input::InputError;
 use backflow_pipeline::{
     BlockSource, ChangeTracking, DiskSource, InvalidOption, Message, MessageType, Outcome, Stage,
     StageError, StageIo, Work, Worker,
@@ -171,7 +172,7 @@ impl QemuNbd {
                 Some(name.to_owned())
             }
         };
-        let (disk, vm) = DiskSource::names_for(&path, options.disk, options.vm);
+        let (disk, vm) = DiskSource::checked_names_for(&path, options.disk, options.vm)?;
         let socket_dir = options
             .socket_dir
             .filter(|p| !p.as_os_str().is_empty())
@@ -219,6 +220,11 @@ impl Stage for QemuNbd {
             return Ok(());
         }
         let image = self.path.display().to_string();
+        // Before qemu-img or qemu-nbd opens it: a FIFO would block them (and this run) for good.
+        backflow_pipeline::input::check_source(&self.path).map_err(|e| match e {
+            InputError::Io(e) => StageError::io(format!("image {image}"), e),
+            other => StageError::Config(format!("image {image} {other}")),
+        })?;
         for cleaned in ServerDir::sweep_orphans(&self.socket_dir) {
             worker
                 .ctx()
