@@ -292,10 +292,11 @@
 //!
 //! ## Limits
 //! Chunk sizes 64 KiB..=16 MiB; encoded blobs at most [`MAX_STORED_LEN`]; pack target 64 KiB..=1 GiB;
-//! manifest metadata at most 16 MiB; snapshot and session ids are `[A-Za-z0-9_-]{1,64}`. Disk and VM names are
-//! 1 to [`MAX_NAME_LEN`] characters from `A-Z a-z 0-9 . _ -`, the first a letter, a digit or `_`, so that a
-//! name is never a path (see [`check_disk_name`]): a session refuses others, and restores refuse a manifest
-//! holding one before they write a file of that name. Each open
+//! manifest metadata at most 16 MiB; snapshot and session ids are `[A-Za-z0-9_-]{1,64}`. Disk names are
+//! 1 to [`MAX_NAME_LEN`] characters from `A-Z a-z 0-9 . _ -`, the first a letter, a digit or `_`, and VM names
+//! 1 to [`MAX_NAME_LEN`] characters without `/`, control characters or a space at either end, so that a name is
+//! never a path or a second line (see [`check_disk_name`], [`check_vm_name`]): a session refuses others, and
+//! restores refuse a manifest holding one before they write a file of that name. Each open
 //! [`Repository`] keeps one file descriptor per index file and up to 16 open packs. Reading never allocates
 //! more than a chunk's bounded length from a value read on disk.
 //!
@@ -357,7 +358,8 @@ pub use gc::{
 };
 pub use ids::rfc3339;
 pub use names::{
-    BadName, MAX_NAME_LEN, NAME_RULE, NameKind, check_disk_name, check_vm_name, is_valid_name,
+    BadName, MAX_NAME_LEN, NAME_RULE, NameKind, VM_NAME_RULE, check_disk_name, check_vm_name,
+    is_valid_name,
 };
 pub use pack::{PackEntry, PackTrailer, PackWriter, decode, decode_into, read_pack_trailer};
 pub use readable::ParentCheck;

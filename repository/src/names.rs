@@ -2,17 +2,17 @@
 //!
 //! A disk's name becomes a file name when a snapshot is restored into a directory (`DIR/NAME.raw`) and a
 //! `<target dev>` when it is defined again as a libvirt domain; a VM's name appears in listings, session
-//! records and mail subjects. Neither may therefore ever be read as a path (`../x`, `/etc/x`), hide a file
-//! (`.x`), look like a command-line option (`-x`) or break a line (a newline, a NUL). One alphabet serves
-//! both, checked where names enter (spec options, libvirt's domain XML, [`crate::BackupSession`]) and again
-//! where a name read from a manifest becomes a file name, since a manifest written by an older or hostile
-//! tool may hold anything:
+//! records and mail subjects. Neither may therefore ever be read as a path (`../x`, `/etc/x`) or break a
+//! line (a newline, a NUL); a disk's name may not hide a file (`.x`) or look like a command-line option
+//! (`-x`) either. The rules are checked where names enter (spec options, libvirt's domain XML,
+//! [`crate::BackupSession`]) and again where a name read from a manifest becomes a file name, since a
+//! manifest written by an older or hostile tool may hold anything:
 //!
-//! 1 to [`MAX_NAME_LEN`] characters from `A-Z a-z 0-9 . _ -`, the first a letter, a digit or `_`.
-//!
-//! Every target libvirt gives a disk (`vda`, `sdb`, `hdc`, `xvda`, `nvme0n1`) and the usual VM names
-//! (`web01`, `db-2.prod`, `my_vm`) are valid; a VM whose libvirt name uses other characters (a space, a
-//! non-ASCII letter) cannot be backed up under that name.
+//! - a disk: 1 to [`MAX_NAME_LEN`] characters from `A-Z a-z 0-9 . _ -`, the first a letter, a digit or `_`
+//!   (every target libvirt gives a disk: `vda`, `sdb`, `hdc`, `xvda`, `nvme0n1`);
+//! - a VM: 1 to [`MAX_NAME_LEN`] characters, none of them `/` or a control character, not `.` or `..`, and
+//!   no space at either end: every name libvirt accepts for a domain, spaces and non-ASCII letters
+//!   included (`web01`, `db-2.prod`, `Mail Server`, `сервер`), never a path or a second line.
 
 use std::fmt;
 
@@ -20,9 +20,13 @@ use std::fmt;
 /// stays far below the 255 bytes a file name may have.
 pub const MAX_NAME_LEN: usize = 128;
 
-/// The rule, in the words of error messages.
-pub const NAME_RULE: &str = "a name has 1 to 128 characters from A-Z, a-z, 0-9, `.`, `_` and `-`, \
+/// The rule for disk names, in the words of error messages.
+pub const NAME_RULE: &str = "a disk name has 1 to 128 characters from A-Z, a-z, 0-9, `.`, `_` and `-`, \
                              and starts with a letter, a digit or `_`";
+
+/// The rule for VM names, in the words of error messages.
+pub const VM_NAME_RULE: &str = "a VM name has 1 to 128 characters, none of them `/` or a control \
+                                character, is not `.` or `..`, and has no space at either end";
 
 /// What a name names, for messages.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -43,7 +47,7 @@ impl fmt::Display for NameKind {
 /// A name outside the alphabet: which name (quoted, escaped and shortened, so that a newline or a megabyte
 /// of it does not garble the message), what is wrong with it, and the rule.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("{kind} name {shown} {problem}: {NAME_RULE}")]
+#[error("{kind} name {shown} {problem}: {}", match kind { NameKind::Disk => NAME_RULE, NameKind::Vm => VM_NAME_RULE })]
 pub struct BadName {
     pub kind: NameKind,
     /// The name as messages show it: quoted, with escapes, at most about 64 characters.
@@ -56,18 +60,18 @@ pub fn check_disk_name(name: &str) -> Result<(), BadName> {
     check(NameKind::Disk, name)
 }
 
-/// Checks a VM name against the alphabet above.
+/// Checks a VM name against the rule above.
 pub fn check_vm_name(name: &str) -> Result<(), BadName> {
     check(NameKind::Vm, name)
 }
 
-/// Whether `name` is a valid disk or VM name (the same alphabet).
+/// Whether `name` is a valid disk name (and so a valid VM name too).
 pub fn is_valid_name(name: &str) -> bool {
-    problem(name).is_none()
+    problem(NameKind::Disk, name).is_none()
 }
 
 fn check(kind: NameKind, name: &str) -> Result<(), BadName> {
-    match problem(name) {
+    match problem(kind, name) {
         None => Ok(()),
         Some(problem) => Err(BadName {
             kind,
@@ -77,7 +81,7 @@ fn check(kind: NameKind, name: &str) -> Result<(), BadName> {
     }
 }
 
-fn problem(name: &str) -> Option<String> {
+fn problem(kind: NameKind, name: &str) -> Option<String> {
     let Some(first) = name.chars().next() else {
         return Some("is empty".into());
     };
@@ -87,6 +91,18 @@ fn problem(name: &str) -> Option<String> {
     }
     if name == "." || name == ".." {
         return Some("names a directory".into());
+    }
+    if kind == NameKind::Vm {
+        if let Some(bad) = name.chars().find(|&c| c == '/' || c.is_control()) {
+            return Some(match bad {
+                '/' => "contains `/`".to_owned(),
+                _ => format!("contains {:?}", bad),
+            });
+        }
+        if name.starts_with(char::is_whitespace) || name.ends_with(char::is_whitespace) {
+            return Some("has a space at one end".to_owned());
+        }
+        return None;
     }
     if let Some(bad) = name
         .chars()
@@ -142,6 +158,29 @@ mod tests {
             assert!(check_vm_name(name).is_ok(), "{name}");
         }
         assert!(check_vm_name(&"x".repeat(MAX_NAME_LEN)).is_ok());
+        // Any name libvirt takes for a domain, as long as it is no path and one line.
+        for name in [
+            "Mail Server",
+            "сервер",
+            "web 01 (old)",
+            ".hidden-vm",
+            "-odd",
+        ] {
+            assert!(check_vm_name(name).is_ok(), "{name}");
+            assert!(check_disk_name(name).is_err(), "{name}");
+        }
+        for (name, says) in [
+            ("a/b", "contains `/`"),
+            ("a\nb", "contains '\\n'"),
+            ("a\u{1b}[2J", "contains '\\u{1b}'"),
+            (" web", "a space at one end"),
+            ("..", "names a directory"),
+            ("", "is empty"),
+        ] {
+            let error = check_vm_name(name).unwrap_err();
+            assert!(error.problem.contains(says), "{name:?}: {error}");
+            assert!(error.to_string().contains(VM_NAME_RULE), "{error}");
+        }
     }
 
     #[test]
