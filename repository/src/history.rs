@@ -5,8 +5,9 @@
 //! Each is written once, under a temporary name, fsynced and renamed, like every other file. The
 //! directory is optional: a repository without it has no history yet.
 //!
-//! A file holds `{"checksum": HEX, "record": RECORD}`, the checksum being the BLAKE3 of the record's
-//! compact JSON (records of earlier releases are the bare record and are read as they are). A
+//! A file holds `{"checksum":"HEX","record":RECORD}`, the checksum being the BLAKE3 of the record's
+//! text exactly as it stands in the file (records of earlier releases are the bare record and are
+//! read as they are). A
 //! record that cannot be read, or whose checksum fails, is a side file's damage: listings skip it
 //! with a warning and `verify` reports it; nothing else depends on it.
 
@@ -29,9 +30,12 @@ impl Repository {
         std::fs::create_dir_all(&dir).ctx("create", &dir)?;
         let dest = dir.join(format!("{id}.json"));
         let tmp = dir.join(format!(".{id}.json.tmp"));
-        let wrapped = serde_json::json!({ "checksum": checksum(record), "record": record });
-        let text = serde_json::to_vec_pretty(&wrapped).expect("a JSON value serialises");
-        crate::format::write_durably(&tmp, &dest, &text)
+        let body = serde_json::to_string_pretty(record).expect("a JSON value serialises");
+        let text = format!(
+            "{{\"checksum\":\"{}\",\"record\":{body}}}\n",
+            blake3::hash(body.as_bytes()).to_hex()
+        );
+        crate::format::write_durably(&tmp, &dest, text.as_bytes())
     }
 
     /// Every session record, oldest first. A record that cannot be read is skipped with a
@@ -103,9 +107,13 @@ impl Repository {
 /// Largest session record read: a job over thousands of VMs with their reports stays far below.
 const MAX_RECORD_LEN: u64 = 64 << 20;
 
-fn checksum(record: &serde_json::Value) -> String {
-    let compact = serde_json::to_vec(record).expect("a JSON value serialises");
-    blake3::hash(&compact).to_hex().to_string()
+/// A record file as written by [`Repository::record_session`]: the record's text, untouched, beside its
+/// checksum (parsing numbers and printing them again need not give the same text).
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Wrapped {
+    checksum: String,
+    record: Box<serde_json::value::RawValue>,
 }
 
 fn read_record(path: &Path) -> std::result::Result<serde_json::Value, String> {
@@ -119,20 +127,15 @@ fn read_record(path: &Path) -> std::result::Result<serde_json::Value, String> {
     if bytes.len() as u64 > MAX_RECORD_LEN {
         return Err(format!("larger than {MAX_RECORD_LEN} bytes"));
     }
-    let value: serde_json::Value =
-        serde_json::from_slice(&bytes).map_err(|e| format!("not JSON: {e}"))?;
-    match value {
-        serde_json::Value::Object(mut map)
-            if map.len() == 2 && map.contains_key("checksum") && map.contains_key("record") =>
-        {
-            let record = map.remove("record").expect("checked");
-            if map.get("checksum").and_then(|c| c.as_str()) != Some(checksum(&record).as_str()) {
-                return Err("checksum mismatch: the record changed after it was written".into());
-            }
-            Ok(record)
+    if let Ok(wrapped) = serde_json::from_slice::<Wrapped>(&bytes) {
+        let text = wrapped.record.get();
+        if *blake3::hash(text.as_bytes()).to_hex() != *wrapped.checksum {
+            return Err("checksum mismatch: the record changed after it was written".into());
         }
-        bare => Ok(bare),
+        return serde_json::from_str(text).map_err(|e| format!("not JSON: {e}"));
     }
+    // A record of an earlier release, or a damaged one.
+    serde_json::from_slice(&bytes).map_err(|e| format!("not JSON: {e}"))
 }
 
 #[cfg(test)]
@@ -151,6 +154,28 @@ mod tests {
         repo.record_session(&earlier, &serde_json::json!({"id": earlier}))
             .unwrap();
         std::fs::write(dir.path().join("r/sessions/junk.json"), "{").unwrap();
+        // Numbers that do not print back the same after parsing keep their checksum.
+        let odd = Repository::new_session_id(1_500_000_000);
+        let record =
+            serde_json::json!({"id": odd, "seconds": 123456789.123456789f64, "tiny": 1e-7});
+        repo.record_session(&odd, &record).unwrap();
+        assert!(repo.session_record_problems().unwrap().len() == 1);
+        let flipped = dir.path().join(format!("r/sessions/{odd}.json"));
+        let text = std::fs::read_to_string(&flipped).unwrap();
+        let listed = repo.list_sessions().unwrap();
+        assert!(
+            listed.iter().any(|r| r["id"] == odd && r["tiny"] == 1e-7),
+            "{listed:?}"
+        );
+        std::fs::write(&flipped, text.replace("1e-7", "2e-7")).unwrap();
+        let problems = repo.session_record_problems().unwrap();
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.error.contains("checksum mismatch")),
+            "{problems:?}"
+        );
+        std::fs::remove_file(&flipped).unwrap();
         let ids: Vec<_> = repo
             .list_sessions()
             .unwrap()

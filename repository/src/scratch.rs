@@ -27,7 +27,13 @@ pub(crate) fn create(repo: &Path, mut name: impl FnMut() -> String) -> Result<(P
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
             Err(e) => return Err(RepoError::io("create scratch directory", dir, e)),
         }
-        let handle = File::open(&dir).ctx("open scratch directory", &dir)?;
+        // Removed before it was locked (another process's `remove_stale` took it for abandoned): a lost
+        // race, like a lock that cannot be taken.
+        let handle = match File::open(&dir) {
+            Ok(h) => h,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(RepoError::io("open scratch directory", dir, e)),
+        };
         if handle.try_lock().is_err() {
             continue;
         }

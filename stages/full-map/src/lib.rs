@@ -224,7 +224,22 @@ pub fn find_parent(
     let Some(info) = newest else {
         return Ok(None);
     };
-    let snapshot = repo.open_snapshot(&info.id)?;
+    // A damaged newest manifest is no parent, and no older snapshot may stand in for it: the changes
+    // the source reports are relative to the newest one. The disk is read in full.
+    let snapshot = match repo.open_snapshot(&info.id) {
+        Ok(s) => s,
+        Err(
+            e @ (backflow_repository::RepoError::Corrupt { .. }
+            | backflow_repository::RepoError::SnapshotNotFound { .. }),
+        ) => {
+            worker.ctx().warn(format!(
+                "disk {}: snapshot {}, the parent, cannot be read ({e}); reading all of the disk",
+                source.name, info.id
+            ));
+            return Ok(None);
+        }
+        Err(e) => return Err(e.into()),
+    };
     let size = source.reader.size();
     let Some(disk) = snapshot.disk_index(&source.name) else {
         return Ok(None);

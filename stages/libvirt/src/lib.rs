@@ -378,7 +378,19 @@ fn parent_of(ctx: &RunContext, vm: &str) -> Result<Option<Parent>, StageError> {
     else {
         return Ok(None);
     };
-    let snapshot = repo.open_snapshot(&info.id)?;
+    // A damaged newest manifest cannot be the base of an incremental (nor can an older snapshot stand in
+    // for it: the newest checkpoint is its): the backup is full, and the map stage says why.
+    let snapshot = match repo.open_snapshot(&info.id) {
+        Ok(s) => s,
+        Err(
+            e @ (backflow_repository::RepoError::Corrupt { .. }
+            | backflow_repository::RepoError::SnapshotNotFound { .. }),
+        ) => {
+            tracing::warn!(vm, snapshot = %info.id, error = %e, "The newest snapshot cannot be read; a full backup.");
+            return Ok(None);
+        }
+        Err(e) => return Err(e.into()),
+    };
     Ok(Some(Parent {
         id: info.id,
         disks: snapshot
