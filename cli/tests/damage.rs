@@ -10,9 +10,8 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -65,14 +64,9 @@ fn read_manifest(path: &Path) -> Manifest {
     let meta_end = (SNAP_HEADER + meta_len) as usize;
     let entries = b[meta_end..b.len() - CHECKSUM as usize]
         .chunks_exact(SNAP_ENTRY as usize)
-        .map(|e| {
-            (!e.iter().all(|&x| x == 0)).then(|| <[u8; 32]>::try_from(e).unwrap())
-        })
+        .map(|e| (!e.iter().all(|&x| x == 0)).then(|| <[u8; 32]>::try_from(e).unwrap()))
         .collect();
-    Manifest {
-        meta_len,
-        entries,
-    }
+    Manifest { meta_len, entries }
 }
 
 /// Where the record of `digest` is in index file `path`: (offset of the record, offset of the
@@ -260,11 +254,19 @@ fn clear_failure(ran: &Ran, repo: &Path) -> Result<(), String> {
         return Err(format!("panicked: {}", ran.stderr));
     }
     if ran.status.code() != Some(1) {
-        return Err(format!("exit {} (expected 1): {}", ran.status, ran.describe()));
+        return Err(format!(
+            "exit {} (expected 1): {}",
+            ran.status,
+            ran.describe()
+        ));
     }
     let lines = ran.error_lines();
     let [line] = lines[..] else {
-        return Err(format!("{} error lines, expected one: {}", lines.len(), ran.stderr));
+        return Err(format!(
+            "{} error lines, expected one: {}",
+            lines.len(),
+            ran.stderr
+        ));
     };
     let names_digest = line
         .split(|c: char| !c.is_ascii_hexdigit())
@@ -316,7 +318,12 @@ fn verify_json(repo: &Path) -> Result<Verified, String> {
 /// A verify report in one line: what it found damaged, for failure messages.
 fn summary(report: &serde_json::Value) -> String {
     let mut parts = Vec::new();
-    for key in ["damaged_snapshots", "damaged_index_files", "damaged_packs", "side_files"] {
+    for key in [
+        "damaged_snapshots",
+        "damaged_index_files",
+        "damaged_packs",
+        "side_files",
+    ] {
         for f in report[key].as_array().into_iter().flatten() {
             parts.push(format!("{key}: {}: {}", f["path"], f["error"]));
         }
@@ -341,9 +348,15 @@ fn summary(report: &serde_json::Value) -> String {
 
 /// Whether a verify report says anything is wrong (healed copies included).
 fn reports_damage(report: &serde_json::Value) -> bool {
-    ["damaged_snapshots", "damaged_index_files", "damaged_packs", "side_files", "problems"]
-        .iter()
-        .any(|k| report[k].as_array().is_some_and(|a| !a.is_empty()))
+    [
+        "damaged_snapshots",
+        "damaged_index_files",
+        "damaged_packs",
+        "side_files",
+        "problems",
+    ]
+    .iter()
+    .any(|k| report[k].as_array().is_some_and(|a| !a.is_empty()))
 }
 
 /// The file named `name` anywhere under `dir`.
@@ -418,7 +431,10 @@ fn a_flipped_pack_header_byte_loses_nothing_and_new_backups_restore() {
         if let Err(e) = verify_json(&repo) {
             fail(e);
         }
-        match run_timed(backflow().args(["gc", "--repo"]).arg(&repo).args(gc_args), HANG) {
+        match run_timed(
+            backflow().args(["gc", "--repo"]).arg(&repo).args(gc_args),
+            HANG,
+        ) {
             Err(e) => fail(e),
             Ok(ran) if !ran.success() => fail(format!("gc failed: {}", ran.describe())),
             Ok(_) => {}
@@ -426,7 +442,10 @@ fn a_flipped_pack_header_byte_loses_nothing_and_new_backups_restore() {
         // Salvaged and quarantined: out of packs/, but not deleted.
         let left: Vec<PathBuf> = find_named(&repo, &pack_name);
         if left.is_empty() {
-            fail(format!("gc deleted the header-damaged pack {}", pack_rel.display()));
+            fail(format!(
+                "gc deleted the header-damaged pack {}",
+                pack_rel.display()
+            ));
         } else if left.iter().any(|p| p.starts_with(repo.join("packs"))) {
             fail(format!(
                 "the header-damaged pack {} is still in packs/, not quarantined",
@@ -548,15 +567,15 @@ enum How {
 #[derive(Clone, Copy, Debug)]
 enum Names {
     /// `damaged_packs` names the pack file, or a problem names the pack.
-    Pack,
+    PackFile,
     /// A problem (not healed) names the target chunk.
     Chunk,
     /// `damaged_index_files` names the index file.
-    Index,
+    IndexFile,
     /// `damaged_snapshots` names the manifest.
-    Snapshot,
+    SnapshotFile,
     /// `side_files` names the file.
-    Side,
+    SideFile,
     /// Something is reported (a removed file leaves nothing to name but what is missing).
     Anything,
 }
@@ -605,63 +624,67 @@ use At::*;
 use Base::*;
 use Gc::*;
 use How::*;
+use Names::*;
 use Target::*;
 
-/// Every kind of file and field of the format (repository/src/lib.rs), one damage each.
+/// Every kind of file and field of the format (repository/src/lib.rs), one damage each: a table,
+/// one row per line (hence no rustfmt).
+#[rustfmt::skip]
 const CASES: &[Case] = &[
+    //   name                                base       file            where                     how                verify names  gc
     // Pack: header (magic, version, pack id), trailer entry, footer, blob data, whole file.
-    case("pack header magic", Plain, Pack, Byte(0), Flip, Names::Pack, Runs),
-    case("pack header version", Plain, Pack, Byte(8), Flip, Names::Pack, Runs),
-    case("pack header pack id (byte 19)", Plain, Pack, Byte(19), Flip, Names::Pack, Runs),
-    case("pack trailer entry digest", Plain, Pack, TrailerEntry(5), Flip, Names::Pack, Runs),
-    case("pack trailer entry offset", Plain, Pack, TrailerEntry(32), Flip, Names::Pack, Runs),
-    case("pack trailer entry length", Plain, Pack, TrailerEntry(40), Flip, Names::Pack, Runs),
-    case("pack trailer entry codec", Plain, Pack, TrailerEntry(48), Flip, Names::Pack, Runs),
-    case("pack footer trailer offset", Plain, Pack, FromEnd(PACK_FOOTER), Flip, Names::Pack, Runs),
-    case("pack footer entry count", Plain, Pack, FromEnd(PACK_FOOTER - 8), Flip, Names::Pack, Runs),
-    case("pack footer checksum", Plain, Pack, FromEnd(35), Flip, Names::Pack, Runs),
-    case("pack footer magic", Plain, Pack, FromEnd(1), Flip, Names::Pack, Runs),
-    case("pack footer zeroed", Plain, Pack, FromEnd(PACK_FOOTER), Zero(PACK_FOOTER), Names::Pack, Runs),
-    case("pack truncated (footer cut)", Plain, Pack, FromEnd(10), Truncate, Names::Pack, Runs),
-    case("pack blob data", Plain, Pack, Blob, Flip, Names::Chunk, Runs),
-    case("pack removed", Plain, Pack, File, Remove, Names::Pack, Runs),
+    case("pack header magic",                Plain,     Pack,           Byte(0),                  Flip,              PackFile,     Runs),
+    case("pack header version",              Plain,     Pack,           Byte(8),                  Flip,              PackFile,     Runs),
+    case("pack header pack id (byte 19)",    Plain,     Pack,           Byte(19),                 Flip,              PackFile,     Runs),
+    case("pack trailer entry digest",        Plain,     Pack,           TrailerEntry(5),          Flip,              PackFile,     Runs),
+    case("pack trailer entry offset",        Plain,     Pack,           TrailerEntry(32),         Flip,              PackFile,     Runs),
+    case("pack trailer entry length",        Plain,     Pack,           TrailerEntry(40),         Flip,              PackFile,     Runs),
+    case("pack trailer entry codec",         Plain,     Pack,           TrailerEntry(48),         Flip,              PackFile,     Runs),
+    case("pack footer trailer offset",       Plain,     Pack,           FromEnd(PACK_FOOTER),     Flip,              PackFile,     Runs),
+    case("pack footer entry count",          Plain,     Pack,           FromEnd(PACK_FOOTER - 8), Flip,              PackFile,     Runs),
+    case("pack footer checksum",             Plain,     Pack,           FromEnd(35),              Flip,              PackFile,     Runs),
+    case("pack footer magic",                Plain,     Pack,           FromEnd(1),               Flip,              PackFile,     Runs),
+    case("pack footer zeroed",               Plain,     Pack,           FromEnd(PACK_FOOTER),     Zero(PACK_FOOTER), PackFile,     Runs),
+    case("pack truncated (footer cut)",      Plain,     Pack,           FromEnd(10),              Truncate,          PackFile,     Runs),
+    case("pack blob data",                   Plain,     Pack,           Blob,                     Flip,              Chunk,        Runs),
+    case("pack removed",                     Plain,     Pack,           File,                     Remove,            PackFile,     Runs),
     // Index: header, pack table, fanout, record (digest, offset, length), checksum, whole file.
-    case("index header magic", Plain, Index, Byte(0), Flip, Names::Index, MayRefuse),
-    case("index header record count", Plain, Index, Byte(16), Flip, Names::Index, MayRefuse),
-    case("index header pack count", Plain, Index, Byte(24), Flip, Names::Index, MayRefuse),
-    case("index pack table", Plain, Index, PackTable, Flip, Names::Index, MayRefuse),
-    case("index fanout", Plain, Index, Fanout, Flip, Names::Index, MayRefuse),
-    case("index record digest", Plain, Index, Record(5), Flip, Names::Index, MayRefuse),
-    case("index record offset", Plain, Index, Record(40), Flip, Names::Index, MayRefuse),
-    case("index record length", Plain, Index, Record(48), Flip, Names::Index, MayRefuse),
-    case("index checksum", Plain, Index, FromEnd(27), Flip, Names::Index, MayRefuse),
-    case("index truncated", Plain, Index, FromEnd(10), Truncate, Names::Index, MayRefuse),
-    case("index removed", Plain, Index, File, Remove, Names::Anything, MayRefuse),
+    case("index header magic",               Plain,     Index,          Byte(0),                  Flip,              IndexFile,    MayRefuse),
+    case("index header record count",        Plain,     Index,          Byte(16),                 Flip,              IndexFile,    MayRefuse),
+    case("index header pack count",          Plain,     Index,          Byte(24),                 Flip,              IndexFile,    MayRefuse),
+    case("index pack table",                 Plain,     Index,          PackTable,                Flip,              IndexFile,    MayRefuse),
+    case("index fanout",                     Plain,     Index,          Fanout,                   Flip,              IndexFile,    MayRefuse),
+    case("index record digest",              Plain,     Index,          Record(5),                Flip,              IndexFile,    MayRefuse),
+    case("index record offset",              Plain,     Index,          Record(40),               Flip,              IndexFile,    MayRefuse),
+    case("index record length",              Plain,     Index,          Record(48),               Flip,              IndexFile,    MayRefuse),
+    case("index checksum",                   Plain,     Index,          FromEnd(27),              Flip,              IndexFile,    MayRefuse),
+    case("index truncated",                  Plain,     Index,          FromEnd(10),              Truncate,          IndexFile,    MayRefuse),
+    case("index removed",                    Plain,     Index,          File,                     Remove,            Anything,     MayRefuse),
     // Manifest: header, metadata, chunk table, checksum; the newest one (a backup's parent).
-    case("manifest header magic", Plain, Manifest, Byte(0), Flip, Names::Snapshot, MayRefuse),
-    case("manifest header meta length", Plain, Manifest, Byte(16), Flip, Names::Snapshot, MayRefuse),
-    case("manifest header entry count", Plain, Manifest, Byte(24), Flip, Names::Snapshot, MayRefuse),
-    case("manifest metadata", Plain, Manifest, Meta, Flip, Names::Snapshot, MayRefuse),
-    case("manifest chunk table", Plain, Manifest, TableEntry, Flip, Names::Snapshot, MayRefuse),
-    case("manifest checksum", Plain, Manifest, FromEnd(27), Flip, Names::Snapshot, MayRefuse),
-    case("manifest truncated", Plain, Manifest, FromEnd(100), Truncate, Names::Snapshot, MayRefuse),
-    case("newest manifest (a parent) table", Plain, NewestManifest, TableEntry, Flip, Names::Snapshot, MayRefuse),
+    case("manifest header magic",            Plain,     Manifest,       Byte(0),                  Flip,              SnapshotFile, MayRefuse),
+    case("manifest header meta length",      Plain,     Manifest,       Byte(16),                 Flip,              SnapshotFile, MayRefuse),
+    case("manifest header entry count",      Plain,     Manifest,       Byte(24),                 Flip,              SnapshotFile, MayRefuse),
+    case("manifest metadata",                Plain,     Manifest,       Meta,                     Flip,              SnapshotFile, MayRefuse),
+    case("manifest chunk table",             Plain,     Manifest,       TableEntry,               Flip,              SnapshotFile, MayRefuse),
+    case("manifest checksum",                Plain,     Manifest,       FromEnd(27),              Flip,              SnapshotFile, MayRefuse),
+    case("manifest truncated",               Plain,     Manifest,       FromEnd(100),             Truncate,          SnapshotFile, MayRefuse),
+    case("newest manifest (a parent) table", Plain,     NewestManifest, TableEntry,               Flip,              SnapshotFile, MayRefuse),
     // config: one damaged copy.
-    case("config flipped", Plain, Config, Middle, Flip, Names::Side, Runs),
-    case("config emptied", Plain, Config, Byte(0), Truncate, Names::Side, Runs),
-    case("config removed", Plain, Config, File, Remove, Names::Side, Runs),
+    case("config flipped",                   Plain,     Config,         Middle,                   Flip,              SideFile,     Runs),
+    case("config emptied",                   Plain,     Config,         Byte(0),                  Truncate,          SideFile,     Runs),
+    case("config removed",                   Plain,     Config,         File,                     Remove,            SideFile,     Runs),
     // Damage marks.
-    case("marks header", Marked, Marks, Byte(3), Flip, Names::Side, Runs),
-    case("marks line", Marked, Marks, FromEnd(70), Flip, Names::Side, Runs),
-    case("marks truncated mid-line", Marked, Marks, FromEnd(10), Truncate, Names::Side, Runs),
+    case("marks header",                     Marked,    Marks,          Byte(3),                  Flip,              SideFile,     Runs),
+    case("marks line",                       Marked,    Marks,          FromEnd(70),              Flip,              SideFile,     Runs),
+    case("marks truncated mid-line",         Marked,    Marks,          FromEnd(10),              Truncate,          SideFile,     Runs),
     // gc state and lists of a pending cycle.
-    case("gc state flipped", GcPending, GcState, Middle, Flip, Names::Side, MayRefuse),
-    case("gc state truncated", GcPending, GcState, Middle, Truncate, Names::Side, MayRefuse),
-    case("gc condemned list", GcPending, GcCondemned, Middle, Flip, Names::Side, MayRefuse),
-    case("gc doomed-packs list", GcPending, GcDoomed, Middle, Flip, Names::Side, MayRefuse),
+    case("gc state flipped",                 GcPending, GcState,        Middle,                   Flip,              SideFile,     MayRefuse),
+    case("gc state truncated",               GcPending, GcState,        Middle,                   Truncate,          SideFile,     MayRefuse),
+    case("gc condemned list",                GcPending, GcCondemned,    Middle,                   Flip,              SideFile,     MayRefuse),
+    case("gc doomed-packs list",             GcPending, GcDoomed,       Middle,                   Flip,              SideFile,     MayRefuse),
     // Session records.
-    case("session record flipped", Plain, Session, Middle, Flip, Names::Side, Runs),
-    case("session record truncated", Plain, Session, Middle, Truncate, Names::Side, Runs),
+    case("session record flipped",           Plain,     Session,        Middle,                   Flip,              SideFile,     Runs),
+    case("session record truncated",         Plain,     Session,        Middle,                   Truncate,          SideFile,     Runs),
 ];
 
 /// A prepared repository and its snapshots.
@@ -707,7 +730,14 @@ fn build_template() -> Template {
     let plain = dir.path().join("plain");
     run_ok(
         backflow()
-            .args(["init", "--chunk-size", "64K", "--pack-size", "256K", "--repo"])
+            .args([
+                "init",
+                "--chunk-size",
+                "64K",
+                "--pack-size",
+                "256K",
+                "--repo",
+            ])
             .arg(&plain),
     );
     // Six backups of each image, the oldest of each then forgotten: garbage for gc to collect.
@@ -729,7 +759,11 @@ fn build_template() -> Template {
     // Marked: the target blob damaged, and marked by a verify.
     let marked = dir.path().join("marked");
     cp_a(&plain, &marked);
-    flip_byte(&marked.join(&layout.pack), layout.blob.0 + layout.blob.1 / 2).unwrap();
+    flip_byte(
+        &marked.join(&layout.pack),
+        layout.blob.0 + layout.blob.1 / 2,
+    )
+    .unwrap();
     assert!(!verify(&marked, true).status.success());
     assert!(marked.join("damaged").exists(), "verify marked nothing");
 
@@ -909,7 +943,11 @@ fn resolve(layout: &Layout, repo: &Path, target: Target, at: At) -> (PathBuf, u6
         }
         File => 0,
     };
-    assert!(offset <= len, "{}: offset {offset} past {len}", rel.display());
+    assert!(
+        offset <= len,
+        "{}: offset {offset} past {len}",
+        rel.display()
+    );
     (rel, offset)
 }
 
@@ -942,20 +980,20 @@ fn names_the_damage(report: &serde_json::Value, names: Names, rel: &Path, layout
     let lists = |key: &str| list(key).iter().any(|p| Path::new(p).ends_with(rel));
     let problems = report["problems"].as_array().cloned().unwrap_or_default();
     match names {
-        Names::Pack => {
+        PackFile => {
             let id = rel.file_stem().unwrap().to_string_lossy().into_owned();
             lists("damaged_packs") || problems.iter().any(|p| p["pack"] == id.as_str())
         }
-        Names::Chunk => {
+        Chunk => {
             let hex: String = layout.digest.iter().map(|b| format!("{b:02x}")).collect();
             problems
                 .iter()
                 .any(|p| p["digest"] == hex.as_str() && p["healed"] != true)
         }
-        Names::Index => lists("damaged_index_files"),
-        Names::Snapshot => lists("damaged_snapshots"),
-        Names::Side => lists("side_files"),
-        Names::Anything => {
+        IndexFile => lists("damaged_index_files"),
+        SnapshotFile => lists("damaged_snapshots"),
+        SideFile => lists("side_files"),
+        Anything => {
             reports_damage(report) || report["unreferenced_packs"].as_u64().unwrap_or(0) > 0
         }
     }
@@ -969,7 +1007,10 @@ fn run_case(t: &Template, case: &Case, dir: &Path, allow_damaged: bool) -> (Vec<
     let (rel, offset) = resolve(&t.layout, &repo, case.target, case.at);
     let mut failures = Vec::new();
     if let Err(e) = damage(&repo.join(&rel), offset, case.how) {
-        return (vec![format!("cannot damage {}: {e}", rel.display())], String::new());
+        return (
+            vec![format!("cannot damage {}: {e}", rel.display())],
+            String::new(),
+        );
     }
 
     // verify predicts: whatever it does not name restores, whatever it names fails clearly.
@@ -997,7 +1038,11 @@ fn run_case(t: &Template, case: &Case, dir: &Path, allow_damaged: bool) -> (Vec<
             }
         }
         for (e, ids) in by_error {
-            failures.push(format!("{when}: {} snapshot(s) {}: {e}", ids.len(), ids.join(", ")));
+            failures.push(format!(
+                "{when}: {} snapshot(s) {}: {e}",
+                ids.len(),
+                ids.join(", ")
+            ));
         }
         restored
     };
@@ -1044,7 +1089,7 @@ fn run_case(t: &Template, case: &Case, dir: &Path, allow_damaged: bool) -> (Vec<
     };
     // A pack whose header, trailer or footer is damaged still holds readable blobs: gc salvages
     // them and quarantines the pack, never deletes it.
-    if matches!((case.target, case.names), (Pack, Names::Pack)) && !matches!(case.how, Remove) {
+    if matches!((case.target, case.names), (Pack, PackFile)) && !matches!(case.how, Remove) {
         let name = rel.file_name().unwrap();
         if find_named(&repo, name).is_empty() {
             failures.push(format!("gc deleted the damaged pack {}", rel.display()));
@@ -1066,7 +1111,9 @@ fn run_case(t: &Template, case: &Case, dir: &Path, allow_damaged: bool) -> (Vec<
     }
     let after = check(&named_after, &mut failures, "after gc");
     for id in restored.difference(&after) {
-        failures.push(format!("gc destroyed data: snapshot {id} restored before gc, not after"));
+        failures.push(format!(
+            "gc destroyed data: snapshot {id} restored before gc, not after"
+        ));
     }
 
     // The next backup of the intact sources restores byte-identical.
@@ -1114,7 +1161,11 @@ fn every_restore_failure_is_predicted_by_verify() {
     eprintln!(
         "template built in {:?}; --allow-damaged {}",
         started.elapsed(),
-        if allow_damaged { "exists" } else { "does not exist" }
+        if allow_damaged {
+            "exists"
+        } else {
+            "does not exist"
+        }
     );
     let next = AtomicUsize::new(0);
     let results: Mutex<BTreeMap<usize, (Vec<String>, String)>> = Mutex::new(BTreeMap::new());
@@ -1166,4 +1217,206 @@ fn every_restore_failure_is_predicted_by_verify() {
         results.len()
     );
     eprintln!("{table}{} cases pass in {took:?}", results.len());
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. No false alarms.
+
+/// A clean, retryable refusal because another operation holds the repository lock.
+fn locked(ran: &Ran) -> bool {
+    ran.status.code() == Some(1)
+        && matches!(ran.error_lines()[..], [line] if line.contains("is locked"))
+}
+
+/// Fewest runs each loop must make for the test to mean anything.
+const MIN_LOOPS: usize = 3;
+/// Problems listed in full when the test fails (the same false alarm can repeat hundreds of times).
+const SHOWN_PROBLEMS: usize = 12;
+
+/// On a healthy repository, for [`CONCURRENT_RUN`], four loops at once: `verify --read-data`,
+/// backups of two images (changed a little between backups), `forget --keep-last 2` and `gc`.
+/// No verify may report damage or fail; a backup, forget or gc may only be refused cleanly as
+/// "locked". Afterwards verify is clean and every remaining snapshot restores byte-identical.
+#[test]
+fn verify_beside_backups_forgets_and_gcs_reports_no_damage() {
+    let dir = tempfile::tempdir().unwrap();
+    let sources = two_images(dir.path(), [41, 42]);
+    let repo = dir.path().join("repo");
+    // Small packs: many files for gc to delete and rewrite, many index files for it to merge.
+    run_ok(
+        backflow()
+            .args([
+                "init",
+                "--chunk-size",
+                "64K",
+                "--pack-size",
+                "256K",
+                "--repo",
+            ])
+            .arg(&repo),
+    );
+    let copies = dir.path().join("copies");
+    let kept: Mutex<HashMap<String, PathBuf>> = Mutex::new(
+        back_up_rounds(&repo, &sources, 1, &copies, 700)
+            .into_iter()
+            .map(|p| (p.id, p.copy))
+            .collect(),
+    );
+    let stop = AtomicBool::new(false);
+    let problems: Mutex<Vec<String>> = Mutex::new(Vec::new());
+    let problem = |what: String| problems.lock().unwrap().push(what);
+    // Runs of each loop, and refusals as locked.
+    let runs: [AtomicUsize; 4] = Default::default();
+    let refusals = AtomicUsize::new(0);
+    let (verifies, backups, forgets, gcs) = (&runs[0], &runs[1], &runs[2], &runs[3]);
+    // A forget, gc or backup: done, or refused as locked; anything else is a problem.
+    let ran_or_locked = |what: &str, result: Result<Ran, String>| -> Option<Ran> {
+        match result {
+            Ok(ran) if ran.success() => Some(ran),
+            Ok(ran) if locked(&ran) => {
+                refusals.fetch_add(1, Ordering::SeqCst);
+                None
+            }
+            Ok(ran) => {
+                problem(format!("{what} failed: {}", ran.describe()));
+                None
+            }
+            Err(e) => {
+                problem(format!("{what}: {e}"));
+                None
+            }
+        }
+    };
+
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            while !stop.load(Ordering::SeqCst) {
+                let n = verifies.fetch_add(1, Ordering::SeqCst);
+                match verify_json(&repo) {
+                    Err(e) => problem(format!("verify #{n}: {e}")),
+                    Ok(v) if !v.ran.success() || reports_damage(&v.report) => problem(format!(
+                        "verify #{n} on a healthy repository ({}): {}",
+                        v.ran.status,
+                        summary(&v.report)
+                    )),
+                    Ok(_) => {}
+                }
+            }
+        });
+        s.spawn(|| {
+            let mut round = 1u64;
+            while !stop.load(Ordering::SeqCst) {
+                for (i, (vm, image)) in sources.iter().enumerate() {
+                    backflow_fixtures::change_image(image, 0.02, 7000 + 10 * round + i as u64)
+                        .unwrap();
+                    let copy = copies.join(format!("next-{vm}.img"));
+                    copy_sparse(image, &copy);
+                    let report = dir.path().join(format!("report-{vm}.json"));
+                    backups.fetch_add(1, Ordering::SeqCst);
+                    let ran = run_timed(
+                        backup_command(image, &repo, vm)
+                            .arg("--report")
+                            .arg(&report),
+                        HANG,
+                    );
+                    if ran_or_locked("backup", ran).is_some() {
+                        let id = read_report(&report)["snapshot"]
+                            .as_str()
+                            .unwrap()
+                            .to_owned();
+                        let named = copies.join(format!("{id}.img"));
+                        std::fs::rename(&copy, &named).unwrap();
+                        kept.lock().unwrap().insert(id, named);
+                    }
+                }
+                // Copies of forgotten snapshots go (a forgotten snapshot never comes back).
+                kept.lock().unwrap().retain(|id, copy| {
+                    let exists = snapshot_exists(&repo, id);
+                    if !exists {
+                        std::fs::remove_file(copy).unwrap();
+                    }
+                    exists
+                });
+                round += 1;
+            }
+        });
+        s.spawn(|| {
+            while !stop.load(Ordering::SeqCst) {
+                forgets.fetch_add(1, Ordering::SeqCst);
+                ran_or_locked(
+                    "forget",
+                    run_timed(
+                        backflow()
+                            .args(["forget", "--keep-last", "2", "--repo"])
+                            .arg(&repo),
+                        HANG,
+                    ),
+                );
+                // Pacing, not synchronisation: forget is cheap, and each one leaves gc work.
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        });
+        s.spawn(|| {
+            while !stop.load(Ordering::SeqCst) {
+                gcs.fetch_add(1, Ordering::SeqCst);
+                ran_or_locked(
+                    "gc",
+                    run_timed(backflow().args(["gc", "--json", "--repo"]).arg(&repo), HANG),
+                );
+            }
+        });
+        std::thread::sleep(CONCURRENT_RUN);
+        stop.store(true, Ordering::SeqCst);
+    });
+
+    let counts: Vec<usize> = runs.iter().map(|r| r.load(Ordering::SeqCst)).collect();
+    eprintln!(
+        "in {CONCURRENT_RUN:?}: {} verifies, {} backups, {} forgets, {} gcs; {} refused as locked",
+        counts[0],
+        counts[1],
+        counts[2],
+        counts[3],
+        refusals.load(Ordering::SeqCst)
+    );
+    let mut problems = problems.into_inner().unwrap();
+    for (what, n) in ["verify", "backup", "forget", "gc"].iter().zip(&counts) {
+        if *n < MIN_LOOPS {
+            problems.push(format!("{what} ran {n} times, fewer than {MIN_LOOPS}"));
+        }
+    }
+    match verify_json(&repo) {
+        Ok(v) if v.ran.success() && !reports_damage(&v.report) => {}
+        Ok(v) => problems.push(format!(
+            "the last verify ({}): {}",
+            v.ran.status,
+            summary(&v.report)
+        )),
+        Err(e) => problems.push(format!("the last verify: {e}")),
+    }
+    let kept = kept.into_inner().unwrap();
+    let ids = snapshot_ids(&repo);
+    assert!(ids.len() >= 2, "{ids:?}");
+    for id in ids {
+        let Some(copy) = kept.get(&id) else {
+            problems.push(format!(
+                "snapshot {id} was committed by no backup of this test"
+            ));
+            continue;
+        };
+        let point = Point {
+            id: id.clone(),
+            vm: String::new(),
+            copy: copy.clone(),
+        };
+        if let Err(e) = restores_identical(&repo, &point, dir.path()) {
+            problems.push(format!("snapshot {id}: {e}"));
+        }
+    }
+    assert!(
+        problems.is_empty(),
+        "{} problems; the first {}:\n{}",
+        problems.len(),
+        problems.len().min(SHOWN_PROBLEMS),
+        problems[..problems.len().min(SHOWN_PROBLEMS)].join("\n")
+    );
 }

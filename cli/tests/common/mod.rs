@@ -344,7 +344,12 @@ pub fn cp_a(from: &Path, to: &Path) {
         .arg(to)
         .status()
         .unwrap();
-    assert!(status.success(), "cp -a {} {}", from.display(), to.display());
+    assert!(
+        status.success(),
+        "cp -a {} {}",
+        from.display(),
+        to.display()
+    );
 }
 
 /// Whether two files have the same bytes (`cmp -s`), for tests that collect failures instead of
