@@ -502,6 +502,22 @@ pub fn verify_text(report: &backflow_repository::VerifyReport) -> String {
             ));
         }
     }
+    if report.unindexed_chunks > 0 {
+        out.push_str(&format!(
+            "{} referenced chunks were found only in pack trailers (an index file is damaged or lost): \
+             they restore, slowly; `backflow rebuild-index` indexes them again\n",
+            report.unindexed_chunks
+        ));
+    }
+    for f in &report.side_files {
+        out.push_str(&format!("WARNING side file {}: {}\n", f.path, f.error));
+    }
+    if report.cleared_marks > 0 {
+        out.push_str(&format!(
+            "{} chunks marked damaged earlier read back whole: their marks were dropped\n",
+            report.cleared_marks
+        ));
+    }
     let unhealed = report
         .problems
         .iter()
@@ -511,6 +527,13 @@ pub fn verify_text(report: &backflow_repository::VerifyReport) -> String {
         out.push_str(&format!(
             "{unhealed} damaged chunks marked; the next backup of a VM that still has the data \
              stores it again\n"
+        ));
+    }
+    let broken = report.damaged_snapshot_ids();
+    if !broken.is_empty() {
+        out.push_str(&format!(
+            "snapshots that cannot be restored whole: {}\n",
+            broken.join(", ")
         ));
     }
     out.push_str(if report.is_ok() {

@@ -122,6 +122,44 @@ impl RunContext {
     }
 
     /// A warning for the report: the run goes on (for example a fallback to a full read).
+    /// The repository, if a stage opened it (never opens it).
+    pub fn opened_repository(&self) -> Option<&Repository> {
+        self.repository.get().and_then(|r| r.as_ref().ok())
+    }
+
+    /// The plaintext of a restored chunk whose stored copy did not decode or verify (`why`): read again
+    /// from the next stored copy that does ([`Repository::load_chunk`]), with a warning, so that a damaged
+    /// copy fails a restore only when no other copy is good. Without a digest or a repository, the error.
+    pub fn reload_chunk(
+        &self,
+        chunk: &crate::message::Chunk,
+        why: &str,
+    ) -> Result<bytes::Bytes, StageError> {
+        let fail = |detail: String| {
+            StageError::Corrupt(format!(
+                "disk {}, chunk {} at offset {}: {detail}",
+                chunk.disk.name(),
+                chunk.index,
+                chunk.offset()
+            ))
+        };
+        let (Some(digest), Some(repo)) = (chunk.digest, self.opened_repository()) else {
+            return Err(fail(why.to_owned()));
+        };
+        match repo.load_chunk(&digest) {
+            Ok(plain) => {
+                self.warn(format!(
+                    "disk {}, chunk {}: the stored copy read first {why}; restored from another copy \
+                     (`backflow verify --read-data` marks the damaged one)",
+                    chunk.disk.name(),
+                    chunk.index
+                ));
+                Ok(bytes::Bytes::from(plain))
+            }
+            Err(e) => Err(fail(format!("{why}, and no other copy is readable: {e}"))),
+        }
+    }
+
     pub fn warn(&self, message: impl Into<String>) {
         let message = message.into();
         tracing::warn!("{message}");

@@ -291,6 +291,9 @@ impl Pipeline {
                 errors.push(format!("cleanup ({what}): {e}"));
             }
         }
+        if let Some(notice) = ctx.opened_repository().and_then(|r| r.recovery_notice()) {
+            ctx.warn(notice);
+        }
         warnings.extend(ctx.warnings());
 
         let wall = started.elapsed();

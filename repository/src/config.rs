@@ -1,6 +1,14 @@
 //! The `config` file: what a reader must know before it reads anything else.
+//!
+//! It is kept twice: `config` (JSON, what earlier releases read) and `config.copy`, the same text followed by
+//! a line `checksum <BLAKE3 of the text, hex>`. One damaged or missing copy does not make the repository
+//! unreadable: the copy whose checksum holds wins (a `config` that parses but differs from it was changed
+//! after it was written), a damaged copy is ignored with a warning, and `verify` writes the damaged one
+//! again from the good one. A repository of an earlier release has no copy; `verify` adds it.
 
 use std::path::Path;
+
+use tracing::warn;
 
 use crate::error::{RepoError, Result};
 use crate::format::FORMAT_VERSION;
@@ -88,65 +96,178 @@ impl RepositoryConfig {
         })
     }
 
-    /// Writes `config` through a temporary name so a crash during `init` leaves no half-written config (a
-    /// directory without `config` is not a repository and `init` may be retried).
+    /// Writes `config.copy`, then `config`, each through a temporary name, so a crash during `init` leaves no
+    /// half-written config (a directory without `config` is not a repository and `init` may be retried).
     pub(crate) fn store(&self, repo: &Path) -> Result<()> {
-        let tmp = repo.join("config.tmp");
-        let path = repo.join("config");
-        let mut text = serde_json::to_vec_pretty(self).expect("config serializes");
-        text.push(b'\n');
-        crate::format::write_durably(&tmp, &path, &text)
+        let text = self.text();
+        crate::format::write_durably(
+            &repo.join("config.copy.tmp"),
+            &repo.join(COPY),
+            &with_checksum(&text),
+        )?;
+        crate::format::write_durably(&repo.join("config.tmp"), &repo.join(FILE), &text)
     }
 
+    fn text(&self) -> Vec<u8> {
+        let mut text = serde_json::to_vec_pretty(self).expect("config serializes");
+        text.push(b'\n');
+        text
+    }
+
+    /// Reads the config from whichever copy is intact (see the module docs), warning about the other.
     pub(crate) fn load(repo: &Path) -> Result<RepositoryConfig> {
-        let path = repo.join("config");
-        let not_repo = |reason: String| RepoError::NotARepository {
-            path: repo.to_owned(),
-            reason,
-        };
-        let text = match std::fs::read(&path) {
-            Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(not_repo("it has no `config` file".into()));
-            }
-            Err(e) => return Err(RepoError::io("read", path, e)),
-        };
-        if text.len() > 64 * 1024 {
-            return Err(not_repo(format!(
-                "`config` is {} bytes, far larger than any config",
-                text.len()
-            )));
-        }
-        let value: serde_json::Value = serde_json::from_slice(&text)
-            .map_err(|e| not_repo(format!("`config` is not JSON: {e}")))?;
-        if value.get("format").and_then(|f| f.as_str()) != Some(FORMAT_NAME) {
-            return Err(not_repo(format!(
-                "`config` does not say \"format\": \"{FORMAT_NAME}\""
-            )));
-        }
-        let version = value.get("version").and_then(|v| v.as_u64()).unwrap_or(0);
-        if version != u64::from(FORMAT_VERSION) {
-            return Err(RepoError::UnsupportedVersion {
-                path,
-                found: u32::try_from(version).unwrap_or(u32::MAX),
-                supported: FORMAT_VERSION,
-            });
-        }
-        let config: RepositoryConfig = serde_json::from_value(value)
-            .map_err(|e| RepoError::corrupt(&path, format!("invalid config: {e}")))?;
-        check_chunk_size(config.chunk_size)
-            .map_err(|e| RepoError::corrupt(&path, e.to_string()))?;
-        if !(MIN_PACK_TARGET_SIZE..=MAX_PACK_TARGET_SIZE).contains(&config.pack_target_size) {
-            return Err(RepoError::corrupt(
-                &path,
-                format!(
-                    "pack_target_size {} is out of range",
-                    config.pack_target_size
-                ),
-            ));
+        let (config, problems) = read_both(repo)?;
+        for p in &problems {
+            warn!(repo = %repo.display(), problem = %p, "A copy of the repository's config is damaged; the other one is used (`backflow verify` repairs it).");
         }
         Ok(config)
     }
+}
+
+/// The main copy, read by every release.
+const FILE: &str = "config";
+/// The checksummed second copy.
+const COPY: &str = "config.copy";
+
+fn with_checksum(text: &[u8]) -> Vec<u8> {
+    let mut out = text.to_vec();
+    out.extend_from_slice(format!("checksum {}\n", blake3::hash(text).to_hex()).as_bytes());
+    out
+}
+
+/// The config, and what is wrong with either copy (empty when both are intact and agree).
+fn read_both(repo: &Path) -> Result<(RepositoryConfig, Vec<String>)> {
+    let main = parse_file(repo, FILE, |t| Ok(t.to_vec()));
+    let copy = parse_file(repo, COPY, checked_text);
+    match (main, copy) {
+        (Ok(m), Ok(c)) if m == c => Ok((m, Vec::new())),
+        (Ok(_), Ok(c)) => Ok((
+            c,
+            vec![format!(
+                "`{FILE}` differs from its checksummed copy `{COPY}`: it was changed after it was written; \
+                 the copy is used"
+            )],
+        )),
+        (Ok(m), Err(RepoError::NotARepository { .. })) => Ok((
+            m,
+            vec![format!(
+                "`{COPY}` is missing (a repository of an earlier release)"
+            )],
+        )),
+        (Ok(m), Err(e)) => Ok((m, vec![format!("`{COPY}` is damaged: {e}")])),
+        // Both unreadable: the error of the main copy says the most to a user.
+        (Err(e @ RepoError::UnsupportedVersion { .. }), _) => Err(e),
+        (Err(e), Ok(c)) => Ok((c, vec![format!("`{FILE}` is damaged: {e}")])),
+        (Err(e), Err(_)) => Err(e),
+    }
+}
+
+/// The text of `config.copy` without its checksum line, if the checksum holds.
+fn checked_text(bytes: &[u8]) -> std::result::Result<Vec<u8>, String> {
+    let body_end = bytes[..bytes.len().saturating_sub(1)]
+        .iter()
+        .rposition(|&b| b == b'\n')
+        .map_or(0, |i| i + 1);
+    let (body, last) = bytes.split_at(body_end);
+    let last = std::str::from_utf8(last).map_err(|_| "its checksum line is not text".to_owned())?;
+    let sum = last
+        .trim_end()
+        .strip_prefix("checksum ")
+        .ok_or_else(|| "no checksum line at the end".to_owned())?;
+    if crate::format::parse_hex::<32>(sum) != Some(*blake3::hash(body).as_bytes()) {
+        return Err("checksum mismatch: it changed after it was written".to_owned());
+    }
+    Ok(body.to_vec())
+}
+
+/// Reads and checks one copy; `text` turns the file's bytes into the JSON text (or says why not).
+fn parse_file(
+    repo: &Path,
+    name: &str,
+    text: impl FnOnce(&[u8]) -> std::result::Result<Vec<u8>, String>,
+) -> Result<RepositoryConfig> {
+    let path = repo.join(name);
+    let not_repo = |reason: String| RepoError::NotARepository {
+        path: repo.to_owned(),
+        reason,
+    };
+    let bytes = match std::fs::File::open(&path) {
+        Ok(f) => {
+            let mut b = Vec::new();
+            std::io::Read::read_to_end(&mut std::io::Read::take(f, MAX_LEN + 1), &mut b)
+                .map_err(|e| RepoError::io("read", &path, e))?;
+            b
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(not_repo(format!("it has no `{name}` file")));
+        }
+        Err(e) => return Err(RepoError::io("read", path, e)),
+    };
+    if bytes.len() as u64 > MAX_LEN {
+        return Err(RepoError::corrupt(
+            &path,
+            format!("more than {MAX_LEN} bytes, far larger than any config"),
+        ));
+    }
+    let json = text(&bytes).map_err(|e| RepoError::corrupt(&path, e))?;
+    let value: serde_json::Value = serde_json::from_slice(&json)
+        .map_err(|e| not_repo(format!("`{name}` is not JSON: {e}")))?;
+    if value.get("format").and_then(|f| f.as_str()) != Some(FORMAT_NAME) {
+        return Err(not_repo(format!(
+            "`{name}` does not say \"format\": \"{FORMAT_NAME}\""
+        )));
+    }
+    let version = value.get("version").and_then(|v| v.as_u64()).unwrap_or(0);
+    if version != u64::from(FORMAT_VERSION) {
+        return Err(RepoError::UnsupportedVersion {
+            path,
+            found: u32::try_from(version).unwrap_or(u32::MAX),
+            supported: FORMAT_VERSION,
+        });
+    }
+    let config: RepositoryConfig = serde_json::from_value(value)
+        .map_err(|e| RepoError::corrupt(&path, format!("invalid config: {e}")))?;
+    check_chunk_size(config.chunk_size).map_err(|e| RepoError::corrupt(&path, e.to_string()))?;
+    if !(MIN_PACK_TARGET_SIZE..=MAX_PACK_TARGET_SIZE).contains(&config.pack_target_size) {
+        return Err(RepoError::corrupt(
+            &path,
+            format!(
+                "pack_target_size {} is out of range",
+                config.pack_target_size
+            ),
+        ));
+    }
+    Ok(config)
+}
+
+/// Largest config file read.
+const MAX_LEN: u64 = 64 * 1024;
+
+/// What `verify` reports about the two copies (empty: both intact and equal).
+pub(crate) fn copy_problems(repo: &Path) -> Vec<crate::DamagedFile> {
+    match read_both(repo) {
+        Ok((_, problems)) => problems
+            .into_iter()
+            .map(|p| crate::DamagedFile {
+                path: repo.join(FILE).display().to_string(),
+                error: format!("{p}; `backflow verify` writes both copies again"),
+            })
+            .collect(),
+        Err(e) => vec![crate::DamagedFile {
+            path: repo.join(FILE).display().to_string(),
+            error: e.to_string(),
+        }],
+    }
+}
+
+/// Writes both copies again from the intact one when either is damaged or missing; returns whether it did.
+pub(crate) fn repair(repo: &Path) -> Result<bool> {
+    let (config, problems) = read_both(repo)?;
+    if problems.is_empty() {
+        return Ok(false);
+    }
+    config.store(repo)?;
+    Ok(true)
 }
 
 #[cfg(test)]
@@ -169,8 +290,9 @@ mod tests {
         let c = RepositoryConfig::new(&InitOptions::default()).unwrap();
         c.store(dir.path()).unwrap();
         assert_eq!(RepositoryConfig::load(dir.path()).unwrap(), c);
+        assert!(copy_problems(dir.path()).is_empty());
         std::fs::write(
-            dir.path().join("config"),
+            dir.path().join(FILE),
             br#"{"format":"backflow-repository","version":2}"#,
         )
         .unwrap();
@@ -178,10 +300,77 @@ mod tests {
             RepositoryConfig::load(dir.path()),
             Err(RepoError::UnsupportedVersion { found: 2, .. })
         ));
-        std::fs::write(dir.path().join("config"), b"\0\0").unwrap();
+        std::fs::remove_file(dir.path().join(COPY)).unwrap();
+        std::fs::write(dir.path().join(FILE), b"\0\0").unwrap();
         assert!(matches!(
             RepositoryConfig::load(dir.path()),
             Err(RepoError::NotARepository { .. })
         ));
+    }
+
+    #[test]
+    fn one_damaged_copy_is_survived_and_repaired() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let c = RepositoryConfig::new(&InitOptions::default()).unwrap();
+        c.store(root).unwrap();
+        let main = std::fs::read(root.join(FILE)).unwrap();
+        let copy = std::fs::read(root.join(COPY)).unwrap();
+        // A changed digit that still parses: only the copy's checksum tells.
+        let alter = |b: &[u8]| {
+            String::from_utf8(b.to_vec())
+                .unwrap()
+                .replace("33554432", "33554433")
+                .into_bytes()
+        };
+        let altered = alter(&main);
+        let bad_copy = alter(&copy);
+        assert!(altered != main && bad_copy != copy);
+        type Case<'a> = (&'a str, Option<Vec<u8>>, Option<Vec<u8>>, &'a str);
+        let cases: Vec<Case> = vec![
+            (
+                "config garbled",
+                Some(b"{\x01".to_vec()),
+                Some(copy.clone()),
+                "`config` is damaged",
+            ),
+            (
+                "config altered",
+                Some(altered),
+                Some(copy.clone()),
+                "differs from its checksummed copy",
+            ),
+            (
+                "config missing",
+                None,
+                Some(copy.clone()),
+                "`config` is damaged",
+            ),
+            (
+                "copy altered",
+                Some(main.clone()),
+                Some(bad_copy),
+                "checksum mismatch",
+            ),
+            ("copy missing", Some(main.clone()), None, "is missing"),
+        ];
+        for (name, m, k, expected) in cases {
+            for (file, bytes) in [(FILE, &m), (COPY, &k)] {
+                match bytes {
+                    Some(b) => std::fs::write(root.join(file), b).unwrap(),
+                    None => std::fs::remove_file(root.join(file)).unwrap(),
+                }
+            }
+            assert_eq!(RepositoryConfig::load(root).unwrap(), c, "{name}");
+            let problems = copy_problems(root);
+            assert!(
+                problems.len() == 1 && problems[0].error.contains(expected),
+                "{name}: {problems:?}"
+            );
+            assert!(repair(root).unwrap(), "{name}");
+            assert!(copy_problems(root).is_empty(), "{name}");
+            assert_eq!(std::fs::read(root.join(FILE)).unwrap(), main, "{name}");
+            assert_eq!(std::fs::read(root.join(COPY)).unwrap(), copy, "{name}");
+        }
     }
 }

@@ -1,19 +1,29 @@
 //! Damage marks: the stored chunk copies that `verify` found damaged, kept in the file `damaged` so that
 //! lookups stop returning them and the next backup that still has the data stores it again.
 //!
-//! The file is text, one copy per line after a header, sorted and without duplicates:
+//! The file is text, one copy per line after a header, sorted and without duplicates, and ends with the
+//! BLAKE3 of everything before its last line:
 //! ```text
-//! backflow-damaged 1
+//! backflow-damaged 2
 //! <digest, 64 hex> <pack id, 32 hex> <offset of the blob in the pack, decimal>
+//! checksum <64 hex>
 //! ```
-//! A mark names a *location*, not a digest: a later backup that stores the same chunk again writes a new,
-//! healthy copy elsewhere, and the mark keeps pointing at the old one only. A garbage collection drops the
-//! marks of the packs it deleted (`Repository::drop_marks_of_deleted_packs`); nothing else removes one.
+//! (Version 1, written by earlier releases, has no checksum line; it is read, and written as version 2 on
+//! the next change.) A mark names a *location*, not a digest: a later backup that stores the same chunk
+//! again writes a new, healthy copy elsewhere, and the mark keeps pointing at the old one only. A garbage
+//! collection drops the marks of the packs it deleted (`Repository::drop_marks_of_deleted_packs`), and
+//! `verify --read-data` drops the marks of copies that read back whole.
 //!
 //! [`Repository::mark_damaged`] merges new marks into the file under an exclusive `flock` on `damaged.lock`
 //! (two verifies marking at once must not lose each other's marks), writes `damaged.tmp`, fsyncs it, renames
 //! it over `damaged` and fsyncs the directory: readers see the old set or the new one, never half of one.
 //! Readers take no lock.
+//!
+//! **A damaged marks file blocks nothing.** It is a side file: lines that cannot be read are skipped, a
+//! wrong header or checksum is noted, and every reader goes on with the marks it could read, with a warning.
+//! `verify` reports the damage and `verify_and_mark` writes the file again from what it read and what it
+//! found (repair). The price of a lost mark is what it was before marks existed: a lookup may return that
+//! damaged copy until the next `verify --read-data` marks it again.
 //!
 //! A [`Repository`] reads the file at its first lookup and checks at most once per [`RECHECK`] whether it was
 //! replaced (inode, length and modification time), so a long-running backup sees marks a verify wrote after
@@ -38,7 +48,11 @@ const LOCK_FILE: &str = "damaged.lock";
 /// Where a new version of the file is written before its rename.
 const TMP_FILE: &str = "damaged.tmp";
 /// The first line: format name and version.
-const HEADER: &str = "backflow-damaged 1";
+const HEADER: &str = "backflow-damaged 2";
+/// The first line of files written by earlier releases (no checksum line).
+const HEADER_V1: &str = "backflow-damaged 1";
+/// The last line's prefix, followed by the BLAKE3 (hex) of every byte before that line.
+const CHECKSUM_PREFIX: &str = "checksum ";
 
 /// How long a handle trusts the marks it read before it checks the file again. A backup that starts after a
 /// verify marked chunks sees the marks at once (it reads them at its first lookup); one already running sees
@@ -50,7 +64,7 @@ pub const RECHECK: Duration = Duration::from_secs(1);
 const RACY_WINDOW: Duration = Duration::from_secs(2);
 
 /// Largest marks file read (about 550,000 marks): a bigger one is damaged, not a list of damaged chunks, and
-/// is refused rather than read into memory.
+/// only its first this many bytes are read.
 const MAX_FILE_LEN: u64 = 64 << 20;
 
 /// One stored copy of a chunk that is damaged.
@@ -66,6 +80,8 @@ pub struct DamagedCopy {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DamageMarks {
     copies: HashSet<DamagedCopy>,
+    /// The digests of `copies`, for [`DamageMarks::is_marked`].
+    digests: HashSet<Digest>,
 }
 
 impl DamageMarks {
@@ -94,7 +110,7 @@ impl DamageMarks {
 
     /// Whether any copy of `digest` is marked.
     pub fn is_marked(&self, digest: &Digest) -> bool {
-        self.copies.iter().any(|c| c.digest == *digest)
+        self.digests.contains(digest)
     }
 
     /// The marks, sorted.
@@ -106,68 +122,103 @@ impl DamageMarks {
 
     /// Adds a mark; returns whether it is new.
     pub fn insert(&mut self, copy: DamagedCopy) -> bool {
+        self.digests.insert(copy.digest);
         self.copies.insert(copy)
     }
 
-    /// Parses the file's text; `path` names the file in errors.
+    /// Keeps the marks `keep` takes; returns how many went.
+    pub(crate) fn retain(&mut self, mut keep: impl FnMut(&DamagedCopy) -> bool) -> usize {
+        let before = self.copies.len();
+        self.copies.retain(|c| keep(c));
+        self.digests = self.copies.iter().map(|c| c.digest).collect();
+        before - self.copies.len()
+    }
+
+    /// Parses the file's text strictly: the first problem is an error naming its line (`path` names the
+    /// file). Readers use [`DamageMarks::parse_lenient`].
     pub fn parse(text: &str, path: &Path) -> Result<DamageMarks> {
-        let bad = |line: usize, what: String| {
-            RepoError::corrupt(
+        let (marks, problems) = DamageMarks::parse_lenient(text);
+        match problems.into_iter().next() {
+            None => Ok(marks),
+            Some(problem) => Err(RepoError::corrupt(
                 path,
                 format!(
-                    "line {line}: {what} (the file lists damaged chunks; remove it and run `verify --read-data` \
-                     to mark them again)"
+                    "{problem} (the file lists damaged chunks; `backflow verify --read-data` writes it again)"
                 ),
-            )
-        };
-        let mut lines = text.lines();
-        match lines.next() {
-            Some(HEADER) => {}
-            Some(other) => {
-                return Err(bad(
-                    1,
-                    format!("expected the header {HEADER:?}, found {other:?}"),
-                ));
-            }
-            None => return Err(bad(1, format!("empty; expected the header {HEADER:?}"))),
+            )),
         }
+    }
+
+    /// Parses what can be parsed: the marks of every well-formed line, and a description of each problem
+    /// ("line N: ..."): a wrong header, a malformed line, a missing or wrong checksum.
+    pub fn parse_lenient(text: &str) -> (DamageMarks, Vec<String>) {
+        let mut problems = Vec::new();
         let mut marks = DamageMarks::default();
-        for (i, line) in lines.enumerate() {
+        let mut lines = text.split_inclusive('\n');
+        let checked = match lines.next().map(|l| l.trim_end_matches('\n')) {
+            Some(HEADER) => true,
+            Some(HEADER_V1) => false,
+            Some(other) => {
+                problems.push(format!(
+                    "line 1: expected the header {HEADER:?}, found {:?}",
+                    truncate(other)
+                ));
+                true
+            }
+            None => {
+                problems.push(format!("line 1: empty; expected the header {HEADER:?}"));
+                return (marks, problems);
+            }
+        };
+        let mut hashed = text.len();
+        let mut checksum = None;
+        let mut offset = text.find('\n').map_or(text.len(), |i| i + 1);
+        for (i, raw) in lines.enumerate() {
             let number = i + 2;
+            let line = raw.trim_end_matches('\n');
+            let at = offset;
+            offset += raw.len();
             if line.is_empty() {
                 continue;
             }
-            let fields: Vec<&str> = line.split(' ').collect();
-            let [digest, pack, offset] = fields[..] else {
-                return Err(bad(
-                    number,
-                    format!("expected `DIGEST PACK OFFSET`, found {line:?}"),
-                ));
-            };
-            let digest = parse_hex::<32>(digest).map(Digest).ok_or_else(|| {
-                bad(
-                    number,
-                    format!("{digest:?} is not a digest (64 hex digits)"),
-                )
-            })?;
-            let pack = parse_hex::<16>(pack)
-                .map(PackId)
-                .ok_or_else(|| bad(number, format!("{pack:?} is not a pack id (32 hex digits)")))?;
-            let offset = offset
-                .parse::<u64>()
-                .map_err(|_| bad(number, format!("{offset:?} is not an offset")))?;
-            marks.insert(DamagedCopy {
-                digest,
-                pack,
-                offset,
-            });
+            if let Some(sum) = line.strip_prefix(CHECKSUM_PREFIX) {
+                hashed = at;
+                checksum = Some((number, sum.to_owned()));
+                continue;
+            }
+            if let Some((n, _)) = &checksum {
+                problems.push(format!("line {number}: a mark after the checksum line {n}"));
+                checksum = None;
+                hashed = text.len();
+            }
+            match parse_line(line) {
+                Ok(copy) => {
+                    marks.insert(copy);
+                }
+                Err(what) => problems.push(format!("line {number}: {what}")),
+            }
         }
-        Ok(marks)
+        if checked {
+            match checksum {
+                None => {
+                    problems.push("no checksum line at the end: the file is cut short".to_owned())
+                }
+                Some((number, sum)) => {
+                    let actual = blake3::hash(&text.as_bytes()[..hashed]);
+                    if parse_hex::<32>(&sum) != Some(*actual.as_bytes()) {
+                        problems.push(format!(
+                            "line {number}: checksum mismatch: the file changed after it was written"
+                        ));
+                    }
+                }
+            }
+        }
+        (marks, problems)
     }
 
-    /// The file's text: the header, then the marks sorted.
+    /// The file's text: the header, the marks sorted, then the checksum line.
     pub fn render(&self) -> String {
-        let mut out = String::with_capacity(HEADER.len() + 1 + self.copies.len() * 120);
+        let mut out = String::with_capacity(HEADER.len() + 1 + self.copies.len() * 120 + 74);
         out.push_str(HEADER);
         out.push('\n');
         for c in self.copies() {
@@ -178,35 +229,77 @@ impl DamageMarks {
                 c.offset
             ));
         }
+        let sum = blake3::hash(out.as_bytes()).to_hex();
+        out.push_str(CHECKSUM_PREFIX);
+        out.push_str(&sum);
+        out.push('\n');
         out
     }
 }
 
-/// Reads the marks file at `path`; a missing file is no marks.
-fn load(path: &Path) -> Result<DamageMarks> {
+/// At most 80 characters of `s`, for error messages about lines that may be anything.
+fn truncate(s: &str) -> &str {
+    match s.char_indices().nth(80) {
+        Some((i, _)) => &s[..i],
+        None => s,
+    }
+}
+
+/// One mark line: `DIGEST PACK OFFSET`.
+fn parse_line(line: &str) -> std::result::Result<DamagedCopy, String> {
+    let fields: Vec<&str> = line.split(' ').collect();
+    let [digest, pack, offset] = fields[..] else {
+        return Err(format!(
+            "expected `DIGEST PACK OFFSET`, found {:?}",
+            truncate(line)
+        ));
+    };
+    let digest = parse_hex::<32>(digest)
+        .map(Digest)
+        .ok_or_else(|| format!("{:?} is not a digest (64 hex digits)", truncate(digest)))?;
+    let pack = parse_hex::<16>(pack)
+        .map(PackId)
+        .ok_or_else(|| format!("{:?} is not a pack id (32 hex digits)", truncate(pack)))?;
+    let offset = offset
+        .parse::<u64>()
+        .map_err(|_| format!("{:?} is not an offset", truncate(offset)))?;
+    Ok(DamagedCopy {
+        digest,
+        pack,
+        offset,
+    })
+}
+
+/// Reads the marks file at `path` leniently: a missing file is no marks; what cannot be read is described in
+/// the second value (only I/O errors other than a missing file are errors).
+fn load(path: &Path) -> Result<(DamageMarks, Vec<String>)> {
     let file = match File::open(path) {
         Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(DamageMarks::default()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Ok((DamageMarks::default(), Vec::new()));
+        }
         Err(e) => return Err(RepoError::io("open", path, e)),
     };
-    let len = file.metadata().ctx("stat", path)?.len();
-    if len > MAX_FILE_LEN {
-        return Err(RepoError::corrupt(
-            path,
-            format!(
-                "{len} bytes, more than the {MAX_FILE_LEN} a list of damaged chunks may have; remove it and run \
-                 `verify --read-data` to mark them again"
-            ),
+    let mut bytes = Vec::new();
+    std::io::Read::read_to_end(&mut std::io::Read::take(file, MAX_FILE_LEN + 1), &mut bytes)
+        .ctx("read", path)?;
+    let mut extra = Vec::new();
+    if bytes.len() as u64 > MAX_FILE_LEN {
+        bytes.truncate(MAX_FILE_LEN as usize);
+        extra.push(format!(
+            "more than the {MAX_FILE_LEN} bytes a list of damaged chunks may have; only the first were read"
         ));
     }
-    let text = std::io::read_to_string(file).map_err(|e| {
-        if e.kind() == std::io::ErrorKind::InvalidData {
-            RepoError::corrupt(path, "not text (invalid UTF-8)")
-        } else {
-            RepoError::io("read", path, e)
+    let text = match String::from_utf8(bytes) {
+        Ok(t) => t,
+        Err(e) => {
+            extra.push("not text (invalid UTF-8); the readable lines were used".to_owned());
+            String::from_utf8_lossy(e.as_bytes()).into_owned()
         }
-    })?;
-    DamageMarks::parse(&text, path)
+    };
+    let (marks, mut problems) = DamageMarks::parse_lenient(&text);
+    problems.extend(extra);
+    Ok((marks, problems))
 }
 
 /// What identifies one version of the file: it is replaced by a rename, never modified in place.
@@ -265,8 +358,14 @@ impl MarksCache {
                 .map_or(true, |d| d < RACY_WINDOW)
         });
         if s.checked.is_none() || now != s.stamp || racy {
-            // A file that cannot be read leaves the handle unchecked: the next lookup tries again.
-            s.marks = Arc::new(load(&path)?);
+            // A file that cannot be opened or read leaves the handle unchecked: the next lookup tries again.
+            let (marks, problems) = load(&path)?;
+            if !problems.is_empty() && (s.stamp != now || s.checked.is_none()) {
+                tracing::warn!(file = %path.display(), problems = %problems.join("; "),
+                    "The list of damaged chunks is damaged; going on with the marks that could be read \
+                     (`backflow verify --read-data` writes it again).");
+            }
+            s.marks = Arc::new(marks);
             s.stamp = now;
         }
         s.checked = Some(Instant::now());
@@ -298,8 +397,7 @@ impl Repository {
     }
 
     /// Records the damaged copies among `problems` (those with a pack and an offset) in `damaged`, merged
-    /// with the marks already there, durably. Returns how many were not marked before. A marks file that
-    /// cannot be parsed is an error and is left as it is.
+    /// with the marks already there, durably. Returns how many were not marked before.
     pub fn mark_damaged(&self, problems: &[ChunkProblem]) -> Result<usize> {
         let found: Vec<DamagedCopy> = problems.iter().filter_map(copy_of).collect();
         if found.is_empty() {
@@ -320,18 +418,11 @@ impl Repository {
             return Ok(0);
         }
         let root = self.path().to_owned();
-        self.update_marks(|marks| {
-            let before = marks.copies.len();
-            marks
-                .copies
-                .retain(|c| crate::pack::pack_path(&root, &c.pack).exists());
-            before - marks.copies.len()
-        })
+        self.update_marks(|marks| marks.retain(|c| crate::pack::pack_path(&root, &c.pack).exists()))
     }
 
     /// Changes the marks under `damaged.lock`: `change` returns how many marks it changed, and only then
-    /// is the file written again (temporary name, fsync, rename). A file that cannot be parsed is an error
-    /// and is left as it is.
+    /// (or when the file is damaged) is the file written again (temporary name, fsync, rename).
     fn update_marks(&self, change: impl FnOnce(&mut DamageMarks) -> usize) -> Result<usize> {
         let root = self.path();
         let lock_path = root.join(LOCK_FILE);
@@ -339,9 +430,10 @@ impl Repository {
         // Held for a read and a small write: waiting is shorter than failing and retrying.
         lock.lock().ctx("lock", &lock_path)?;
         let path = root.join(FILE);
-        let mut marks = load(&path)?;
+        let (mut marks, problems) = load(&path)?;
         let changed = change(&mut marks);
-        if changed > 0 {
+        // A damaged file is written again whole, from the marks that could be read: the repair.
+        if changed > 0 || !problems.is_empty() {
             write_durably(&root.join(TMP_FILE), &path, marks.render().as_bytes())?;
         }
         self.marks_cache().invalidate();
@@ -362,13 +454,46 @@ impl Repository {
     }
 
     /// [`Repository::verify`], then marks every damaged copy it found ([`Repository::mark_damaged`]), so that
-    /// lookups skip them and the next backup of a VM that still has the data stores it again. The report's
-    /// `marked` and `new_marks` say what was marked.
+    /// lookups skip them and the next backup of a VM that still has the data stores it again; with
+    /// `read_data`, drops the marks of copies that read back whole. A damaged marks file is written again
+    /// (repaired) in the same step. The report's `marked`, `new_marks` and `cleared_marks` say what changed.
     pub fn verify_and_mark(&self, read_data: bool) -> Result<VerifyReport> {
-        let mut report = self.verify(read_data)?;
-        report.new_marks = self.mark_damaged(&report.problems)? as u64;
-        report.marked = report.problems.iter().filter_map(copy_of).count() as u64;
+        let (mut report, good) = crate::verify::verify(self, read_data)?;
+        if crate::config::repair(self.path())? {
+            tracing::warn!("A damaged or missing copy of the config was written again.");
+        }
+        let found: Vec<DamagedCopy> = report.problems.iter().filter_map(copy_of).collect();
+        let good: HashSet<DamagedCopy> = good.into_iter().collect();
+        let mut added = 0;
+        let mut cleared = 0;
+        self.update_marks(|marks| {
+            added = found.iter().filter(|c| marks.insert(**c)).count();
+            cleared = marks.retain(|c| !good.contains(c));
+            added + cleared
+        })?;
+        if added > 0 {
+            tracing::warn!(added, "Damaged chunks marked; backups store them again.");
+        }
+        report.new_marks = added as u64;
+        report.cleared_marks = cleared as u64;
+        report.marked = found.len() as u64;
         Ok(report)
+    }
+
+    /// What is wrong with the marks file, for `verify` (empty: nothing, or no file).
+    pub(crate) fn marks_problems(&self) -> Result<Vec<crate::DamagedFile>> {
+        let path = self.path().join(FILE);
+        let (_, problems) = load(&path)?;
+        Ok(problems
+            .into_iter()
+            .map(|p| crate::DamagedFile {
+                path: path.display().to_string(),
+                error: format!(
+                    "{p}; lookups go on with the marks that could be read, and `verify_and_mark` (the \
+                     `verify` command) writes the file again"
+                ),
+            })
+            .collect())
     }
 }
 
@@ -434,7 +559,7 @@ mod tests {
         assert!(marks.is_marked(&Digest([1; 32])) && !marks.is_marked(&Digest([2; 32])));
         // Written whole: the header, the sorted marks, and no temporary file left.
         let text = std::fs::read_to_string(repo.path().join(FILE)).unwrap();
-        assert_eq!(text.lines().count(), 3);
+        assert_eq!(text.lines().count(), 4, "header, two marks, checksum");
         assert!(text.starts_with(HEADER));
         assert_eq!(DamageMarks::parse(&text, Path::new("x")).unwrap(), *marks);
         assert!(!repo.path().join(TMP_FILE).exists());
@@ -451,52 +576,74 @@ mod tests {
     }
 
     #[test]
-    fn a_bad_file_is_a_clear_error_and_is_not_overwritten() {
+    fn a_damaged_file_blocks_nothing_and_is_written_again() {
         let (_dir, repo) = repo();
         let path = repo.path().join(FILE);
-        let cases = [
-            ("", "line 1: empty"),
-            ("something else\n", "line 1: expected the header"),
+        repo.mark_damaged(&[problem(1, Some(9), 32), problem(3, Some(9), 99)])
+            .unwrap();
+        let good = std::fs::read_to_string(&path).unwrap();
+        let lines: Vec<&str> = good.lines().collect();
+        let second_mark = lines[2];
+        let cases: Vec<(String, &str, usize)> = vec![
+            (String::new(), "line 1: empty", 0),
             (
-                "backflow-damaged 1\nabc 00 1\n",
-                "line 2: \"abc\" is not a digest",
+                good.replacen(HEADER, "something else", 1),
+                "line 1: expected the header",
+                2,
             ),
             (
-                &format!("backflow-damaged 1\n{} zz 1\n", "ab".repeat(32)),
-                "line 2: \"zz\" is not a pack id",
+                good.replacen(&second_mark[..3], "xyz", 1),
+                "is not a digest",
+                1,
             ),
+            (good.replace(" 99\n", " -1\n"), "is not an offset", 1),
+            (good.replace(" 99\n", " 98\n"), "checksum mismatch", 2),
+            (lines[..3].join("\n") + "\n", "no checksum line", 2),
             (
-                &format!(
-                    "backflow-damaged 1\n{} {} -1\n",
-                    "ab".repeat(32),
-                    "cd".repeat(16)
-                ),
-                "line 2: \"-1\" is not an offset",
-            ),
-            (
-                "backflow-damaged 1\none two\n",
+                good.replacen(&lines[1][64..], "", 1),
                 "expected `DIGEST PACK OFFSET`",
+                1,
+            ),
+            // A file of an earlier release: no checksum, no problem.
+            (
+                good.replacen(HEADER, HEADER_V1, 1)
+                    .replace(lines[3], "")
+                    .trim_end()
+                    .to_owned()
+                    + "\n",
+                "",
+                2,
             ),
         ];
-        for (text, expected) in cases {
-            std::fs::write(&path, text).unwrap();
+        for (text, expected, marks) in cases {
+            std::fs::write(&path, &text).unwrap();
             let fresh = Repository::open(repo.path()).unwrap();
-            let e = fresh.damage_marks().unwrap_err().to_string();
-            assert!(
-                e.contains(expected) && e.contains("damaged"),
-                "{text:?}: {e}"
-            );
-            // Lookups refuse too, rather than return copies that may be marked.
-            assert!(fresh.lookup(&Digest([1; 32])).is_err());
-            let marked = fresh.mark_damaged(&[problem(1, Some(9), 32)]);
-            assert!(marked.is_err());
-            assert_eq!(std::fs::read_to_string(&path).unwrap(), text);
+            // Lookups and the marks go on with what could be read.
+            assert_eq!(fresh.damage_marks().unwrap().len(), marks, "{text:?}");
+            assert!(fresh.lookup(&Digest([1; 32])).is_ok());
+            let problems = fresh.marks_problems().unwrap();
+            if expected.is_empty() {
+                assert!(problems.is_empty(), "{problems:?}");
+            } else {
+                assert!(
+                    problems.iter().any(|p| p.error.contains(expected)),
+                    "{text:?}: {problems:?}"
+                );
+                assert!(DamageMarks::parse(&text, &path).is_err());
+            }
+            // The next change writes the file again whole, and it reads back clean.
+            fresh.mark_damaged(&[problem(7, Some(7), 70)]).unwrap();
+            let fresh = Repository::open(repo.path()).unwrap();
+            assert!(fresh.marks_problems().unwrap().is_empty());
+            assert_eq!(fresh.damage_marks().unwrap().len(), marks + 1);
         }
         std::fs::write(&path, [0xff, 0xfe]).unwrap();
-        let e = Repository::open(repo.path())
-            .unwrap()
-            .damage_marks()
-            .unwrap_err();
-        assert!(e.to_string().contains("not text"), "{e}");
+        let fresh = Repository::open(repo.path()).unwrap();
+        assert!(fresh.damage_marks().unwrap().is_empty());
+        let problems = fresh.marks_problems().unwrap();
+        assert!(
+            problems.iter().any(|p| p.error.contains("not text")),
+            "{problems:?}"
+        );
     }
 }

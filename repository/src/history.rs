@@ -3,7 +3,14 @@
 //! Records are opaque to the repository (the job runner writes them, `backflow sessions` reads
 //! them) and kept beside the snapshots, so that the history travels with the data it describes.
 //! Each is written once, under a temporary name, fsynced and renamed, like every other file. The
-//! directory is optional: a repository without it has no history yet. `verify` ignores it.
+//! directory is optional: a repository without it has no history yet.
+//!
+//! A file holds `{"checksum": HEX, "record": RECORD}`, the checksum being the BLAKE3 of the record's
+//! compact JSON (records of earlier releases are the bare record and are read as they are). A
+//! record that cannot be read, or whose checksum fails, is a side file's damage: listings skip it
+//! with a warning and `verify` reports it; nothing else depends on it.
+
+use std::path::{Path, PathBuf};
 
 use crate::error::{IoContext, Result};
 use crate::repository::Repository;
@@ -22,20 +29,59 @@ impl Repository {
         std::fs::create_dir_all(&dir).ctx("create", &dir)?;
         let dest = dir.join(format!("{id}.json"));
         let tmp = dir.join(format!(".{id}.json.tmp"));
-        let text = serde_json::to_vec_pretty(record).expect("a JSON value serialises");
+        let wrapped = serde_json::json!({ "checksum": checksum(record), "record": record });
+        let text = serde_json::to_vec_pretty(&wrapped).expect("a JSON value serialises");
         crate::format::write_durably(&tmp, &dest, &text)
     }
 
     /// Every session record, oldest first. A record that cannot be read is skipped with a
     /// warning in the log.
     pub fn list_sessions(&self) -> Result<Vec<serde_json::Value>> {
+        let mut records = Vec::new();
+        for (id, path, read) in self.session_files()? {
+            match read {
+                Ok(record) => records.push((id, record)),
+                Err(e) => {
+                    tracing::warn!(file = %path.display(), error = %e, "Skipping an unreadable session record.")
+                }
+            }
+        }
+        records.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(records.into_iter().map(|(_, r)| r).collect())
+    }
+
+    /// The session records that cannot be read, for `verify`.
+    pub(crate) fn session_record_problems(&self) -> Result<Vec<crate::DamagedFile>> {
+        Ok(self
+            .session_files()?
+            .into_iter()
+            .filter_map(|(_, path, read)| {
+                read.err().map(|e| crate::DamagedFile {
+                    path: path.display().to_string(),
+                    error: format!("{e}; `sessions` leaves it out (remove it to silence this)"),
+                })
+            })
+            .collect())
+    }
+
+    /// Each record file: its id, path, and record or why it cannot be read.
+    #[allow(clippy::type_complexity)]
+    fn session_files(
+        &self,
+    ) -> Result<
+        Vec<(
+            String,
+            PathBuf,
+            std::result::Result<serde_json::Value, String>,
+        )>,
+    > {
         let dir = self.path().join(DIR);
         let entries = match std::fs::read_dir(&dir) {
             Ok(entries) => entries,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
             Err(e) => return Err(e).ctx("list", &dir),
         };
-        let mut records = Vec::new();
+        let mut out = Vec::new();
         for entry in entries {
             let path = entry.ctx("list", &dir)?.path();
             let Some(id) = path
@@ -47,18 +93,45 @@ impl Repository {
             else {
                 continue;
             };
-            match std::fs::read(&path)
-                .map_err(|e| e.to_string())
-                .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
-            {
-                Ok(record) => records.push((id, record)),
-                Err(e) => {
-                    tracing::warn!(file = %path.display(), error = %e, "Skipping an unreadable session record.")
-                }
-            }
+            let read = read_record(&path);
+            out.push((id, path, read));
         }
-        records.sort_by(|a, b| a.0.cmp(&b.0));
-        Ok(records.into_iter().map(|(_, r)| r).collect())
+        Ok(out)
+    }
+}
+
+/// Largest session record read: a job over thousands of VMs with their reports stays far below.
+const MAX_RECORD_LEN: u64 = 64 << 20;
+
+fn checksum(record: &serde_json::Value) -> String {
+    let compact = serde_json::to_vec(record).expect("a JSON value serialises");
+    blake3::hash(&compact).to_hex().to_string()
+}
+
+fn read_record(path: &Path) -> std::result::Result<serde_json::Value, String> {
+    let file = std::fs::File::open(path).map_err(|e| e.to_string())?;
+    let mut bytes = Vec::new();
+    std::io::Read::read_to_end(
+        &mut std::io::Read::take(file, MAX_RECORD_LEN + 1),
+        &mut bytes,
+    )
+    .map_err(|e| e.to_string())?;
+    if bytes.len() as u64 > MAX_RECORD_LEN {
+        return Err(format!("larger than {MAX_RECORD_LEN} bytes"));
+    }
+    let value: serde_json::Value =
+        serde_json::from_slice(&bytes).map_err(|e| format!("not JSON: {e}"))?;
+    match value {
+        serde_json::Value::Object(mut map)
+            if map.len() == 2 && map.contains_key("checksum") && map.contains_key("record") =>
+        {
+            let record = map.remove("record").expect("checked");
+            if map.get("checksum").and_then(|c| c.as_str()) != Some(checksum(&record).as_str()) {
+                return Err("checksum mismatch: the record changed after it was written".into());
+            }
+            Ok(record)
+        }
+        bare => Ok(bare),
     }
 }
 

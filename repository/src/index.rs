@@ -262,34 +262,79 @@ impl IndexFile {
         Ok(PackId(b))
     }
 
-    /// Binary search within the digest's fanout bucket. A damaged (unsorted) file can make this miss, never
-    /// loop or read out of bounds.
-    pub(crate) fn lookup(&self, digest: &Digest) -> Result<Option<ChunkLocation>> {
+    /// The first copy of `digest` that `accept` takes, in file order. A digest is stored twice when two
+    /// writers raced, or when a later backup stored a chunk again after a copy was marked damaged and gc merged
+    /// the files: all copies are adjacent. A lower-bound binary search within the digest's fanout bucket, then
+    /// the equal records that follow. A damaged (unsorted) file can make this miss, never loop or read out of
+    /// bounds.
+    pub(crate) fn lookup_where(
+        &self,
+        digest: &Digest,
+        mut accept: impl FnMut(&ChunkLocation) -> bool,
+    ) -> Result<Option<ChunkLocation>> {
+        let mut found = None;
+        self.each_copy(digest, |loc| {
+            if accept(&loc) {
+                found = Some(loc);
+                return true;
+            }
+            false
+        })?;
+        Ok(found)
+    }
+
+    /// Calls `f` with each copy of `digest` in file order until it returns true.
+    fn each_copy(&self, digest: &Digest, mut f: impl FnMut(ChunkLocation) -> bool) -> Result<()> {
         let first = digest.0[0] as usize;
         let mut lo = if first == 0 {
             0
         } else {
             self.fanout[first - 1]
         };
-        let mut hi = self.fanout[first];
+        let end = self.fanout[first];
+        let mut hi = end;
         while lo < hi {
             let mid = lo + (hi - lo) / 2;
-            match self.digest_at(mid)?.cmp(digest) {
-                std::cmp::Ordering::Less => lo = mid + 1,
-                std::cmp::Ordering::Greater => hi = mid,
-                std::cmp::Ordering::Equal => {
-                    let r = self.record_at(mid)?;
-                    return Ok(Some(ChunkLocation {
-                        pack: self.pack_id(r.pack)?,
-                        offset: r.offset,
-                        stored_len: r.stored_len,
-                        raw_len: r.raw_len,
-                        codec: r.codec,
-                    }));
-                }
+            if self.digest_at(mid)? < *digest {
+                lo = mid + 1;
+            } else {
+                hi = mid;
             }
         }
-        Ok(None)
+        let mut i = lo;
+        while i < end && self.digest_at(i)? == *digest {
+            let r = self.record_at(i)?;
+            let loc = ChunkLocation {
+                pack: self.pack_id(r.pack)?,
+                offset: r.offset,
+                stored_len: r.stored_len,
+                raw_len: r.raw_len,
+                codec: r.codec,
+            };
+            if f(loc) {
+                break;
+            }
+            i += 1;
+        }
+        Ok(())
+    }
+
+    /// The first copy of `digest` in this file.
+    #[cfg(test)]
+    pub(crate) fn lookup(&self, digest: &Digest) -> Result<Option<ChunkLocation>> {
+        self.lookup_where(digest, |_| true)
+    }
+
+    /// A stream over this open file (which stays readable after a gc removed its name).
+    pub(crate) fn stream(&self) -> Result<IndexStream> {
+        let file = self.file.try_clone().ctx("open index", &self.path)?;
+        IndexStream::over(file, &self.path, |_| Ok(()))
+    }
+
+    /// Reads the whole file through BLAKE3 and compares the trailing checksum.
+    pub(crate) fn check_checksum(&self) -> Result<()> {
+        let len = self.file.metadata().ctx("stat", &self.path)?.len();
+        crate::format::check_trailing_checksum(&self.file, len, &self.path)
     }
 
     pub(crate) fn pack_ids(&self) -> Result<Vec<PackId>> {
@@ -299,13 +344,28 @@ impl IndexFile {
 
 /// Streams a whole index file in order, checking its checksum, sort order and every record, and calls `f` with
 /// each record and its pack id. Memory: a read buffer and at most [`STREAM_PACK_TABLE_IN_MEMORY`] pack ids.
-/// Used by `verify`.
+#[cfg(test)]
 pub(crate) fn scan_index(path: &Path, mut f: impl FnMut(&IndexRecord, PackId)) -> Result<u64> {
     let mut stream = IndexStream::open(path, |_| Ok(()))?;
     while let Some((rec, pack)) = stream.next_record()? {
         f(&rec, pack);
     }
     Ok(stream.record_count)
+}
+
+/// Sequential reads through `pread`: streams over a descriptor that lookups share never move its offset.
+#[derive(Debug)]
+struct PosReader {
+    file: File,
+    pos: u64,
+}
+
+impl Read for PosReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = std::os::unix::fs::FileExt::read_at(&self.file, buf, self.pos)?;
+        self.pos += n as u64;
+        Ok(n)
+    }
 }
 
 /// Pack tables up to this many entries (1 MiB) are kept in memory by [`IndexStream`]; larger ones are read
@@ -317,7 +377,7 @@ const STREAM_PACK_TABLE_IN_MEMORY: u32 = 64 * 1024;
 /// that acts only after the stream ended never acts on a damaged file.
 pub(crate) struct IndexStream {
     path: PathBuf,
-    reader: BufReader<File>,
+    reader: BufReader<PosReader>,
     hasher: blake3::Hasher,
     record_count: u64,
     /// Records read so far; `u64::MAX` once the checksum has been checked.
@@ -335,12 +395,21 @@ impl IndexStream {
     /// Opens `path` and reads its header, pack table (each id goes to `on_pack` as it is read) and fanout.
     pub(crate) fn open(
         path: &Path,
-        mut on_pack: impl FnMut(PackId) -> Result<()>,
+        on_pack: impl FnMut(PackId) -> Result<()>,
     ) -> Result<IndexStream> {
         let file = File::open(path).ctx("open index", path)?;
+        IndexStream::over(file, path, on_pack)
+    }
+
+    /// [`IndexStream::open`] on a descriptor already open (`path` names it in errors).
+    fn over(
+        file: File,
+        path: &Path,
+        mut on_pack: impl FnMut(PackId) -> Result<()>,
+    ) -> Result<IndexStream> {
         let table = file.try_clone().ctx("open index", path)?;
         let len = file.metadata().ctx("stat", path)?.len();
-        let mut reader = BufReader::with_capacity(RUN_BUFFER, file);
+        let mut reader = BufReader::with_capacity(RUN_BUFFER, PosReader { file, pos: 0 });
         let mut hasher = blake3::Hasher::new();
         let mut read = |buf: &mut [u8], what: &str, hasher: &mut blake3::Hasher| -> Result<()> {
             read_hashed(&mut reader, buf, what, hasher, path)

@@ -248,6 +248,7 @@ mod history;
 mod ids;
 mod index;
 mod pack;
+mod recovery;
 mod repository;
 mod retention;
 mod scratch;
@@ -281,7 +282,7 @@ impl Repository {
     /// Checks the repository; see "What `verify` checks" above. Problems are in the report, not an `Err`: an
     /// `Err` means verify itself could not run (the repository directory is unreadable).
     pub fn verify(&self, read_data: bool) -> Result<VerifyReport> {
-        verify::verify(self, read_data)
+        verify::verify(self, read_data).map(|(report, _)| report)
     }
 
     /// Removes what no snapshot references; see "Garbage collection" above. Runs next to backups, forgets and

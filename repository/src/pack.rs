@@ -286,6 +286,7 @@ pub(crate) struct PackHandle {
     /// Where blobs end: the trailer's offset, or the file's length when the frame is damaged.
     pub data_end: u64,
     /// Why the pack's header or footer could not be trusted, if so (see [`PackHandle::open`]).
+    #[allow(dead_code)]
     pub frame_damage: Option<String>,
 }
 

@@ -30,7 +30,7 @@ const RACY_MTIME_WINDOW: Duration = Duration::from_secs(2);
 /// The index files known to a repository handle.
 #[derive(Debug, Default)]
 struct IndexSet {
-    files: Vec<IndexFile>,
+    files: Vec<Arc<IndexFile>>,
     /// Names already opened or found damaged, so a listing only opens new files.
     known: HashSet<OsString>,
     /// Index files that could not be opened, with why; lookups skip them, `verify` reports them.
@@ -72,7 +72,7 @@ impl IndexSet {
             let path = entry.path();
             match IndexFile::open(&path) {
                 Ok(f) => {
-                    self.files.push(f);
+                    self.files.push(Arc::new(f));
                     added = true;
                 }
                 // Removed between listing and opening (an index rebuild in another process).
@@ -95,21 +95,33 @@ impl IndexSet {
         Ok(added)
     }
 
-    /// The first copy of `digest` in the files from `start` on that is not marked `damaged`.
-    fn lookup_from(
+    /// The first copy of `digest` in the files from `start` on that `accept` takes: files in the order they
+    /// were listed, copies in file order.
+    fn find_from(
         &self,
         start: usize,
         digest: &Digest,
-        damaged: &crate::damaged::DamageMarks,
+        accept: &mut dyn FnMut(&ChunkLocation) -> bool,
     ) -> Result<Option<ChunkLocation>> {
         for f in self.files.iter().skip(start) {
-            if let Some(loc) = f.lookup(digest)?
-                && !damaged.contains(digest, &loc)
-            {
+            if let Some(loc) = f.lookup_where(digest, &mut *accept)? {
                 return Ok(Some(loc));
             }
         }
         Ok(None)
+    }
+
+    /// Stops using the file at `path` for lookups (its checksum failed): its chunks are then found through
+    /// the pack trailers (see [`crate::recovery`]). Returns whether it was in use.
+    fn distrust(&mut self, path: &Path, why: String) -> bool {
+        let before = self.files.len();
+        self.files.retain(|f| f.path != path);
+        if self.files.len() == before {
+            return false;
+        }
+        warn!(file = %path.display(), error = %why, "Index file damaged; its chunks are found from pack trailers.");
+        self.damaged.push((path.to_owned(), why));
+        true
     }
 }
 
@@ -124,6 +136,8 @@ struct Inner {
     damaged: crate::damaged::MarksCache,
     /// This handle's entry in `users/`: a gc deletes nothing this handle could have seen until it closes.
     user: Option<crate::gc::UserEntry>,
+    /// The recovery index (`recovery.rs`), built on the first restore lookup the index cannot serve.
+    recovery: Mutex<Option<Arc<crate::recovery::Recovery>>>,
 }
 
 /// A repository on a local (or POSIX cluster) file system. Cheap to clone: clones share open files and caches.
@@ -209,6 +223,7 @@ impl Repository {
                 packs: Mutex::new(Vec::with_capacity(PACK_CACHE_SIZE)),
                 damaged: Default::default(),
                 user: crate::gc::UserEntry::register(path),
+                recovery: Mutex::new(None),
             }),
         })
     }
@@ -351,20 +366,30 @@ impl Repository {
         self.inner.path.join("index")
     }
 
-    /// Where a committed chunk is stored, if any committed index has it.
+    /// Where a committed chunk is stored, if any committed index has it: the first copy that is not marked
+    /// damaged, in index files in the order they were listed, copies in file order. This one rule ("the first
+    /// healthy copy wins") serves deduplication, restores ([`Repository::locate`] extends it) and `verify`.
     ///
     /// Index files are listed on the first lookup, not at open. When a lookup misses and the `index/` directory
     /// changed since it was listed (another process committed a backup), the new files are opened and searched
     /// too, so a long-running process sees other sessions' chunks without reopening. A hit never lists.
-    /// Copies marked damaged (`damaged`) are never returned: the search goes on to a healthy copy, if any.
     pub fn lookup(&self, digest: &Digest) -> Result<Option<ChunkLocation>> {
-        // Read first, even for a miss: a marks file that cannot be read fails every lookup rather than risk
-        // returning a marked copy. The cost is a lock and a clock read; the file is checked once a second.
-        let damaged = self.damage_marks()?;
+        // Read first, even for a miss: a marks file that cannot be read must not let a marked copy through. The
+        // cost is a lock and a clock read; the file is checked once a second.
+        let marks = self.damage_marks()?;
+        self.find_indexed(digest, &mut |loc| !marks.contains(digest, loc))
+    }
+
+    /// The first copy of `digest` in the index files that `accept` takes (see [`Repository::lookup`]).
+    fn find_indexed(
+        &self,
+        digest: &Digest,
+        accept: &mut dyn FnMut(&ChunkLocation) -> bool,
+    ) -> Result<Option<ChunkLocation>> {
         let dir = self.index_dir();
         let (seen, generation) = {
             let set = self.inner.indexes.read().unwrap_or_else(|e| e.into_inner());
-            if let Some(loc) = set.lookup_from(0, digest, &damaged)? {
+            if let Some(loc) = set.find_from(0, digest, accept)? {
                 return Ok(Some(loc));
             }
             if !set.may_be_stale(&dir) {
@@ -388,22 +413,43 @@ impl Repository {
         } else {
             0
         };
-        set.lookup_from(start, digest, &damaged)
+        set.find_from(start, digest, accept)
     }
 
-    /// Where to read a chunk from, for restores: [`Repository::lookup`], and while a garbage collection cycle
-    /// is pending, the chunks it condemned (a snapshot committed by a backup that ran during the gc may use
-    /// them; the end of the cycle stores them again). Not for deduplication.
-    pub fn locate(&self, digest: &Digest) -> Result<Option<ChunkLocation>> {
-        match self.lookup(digest)? {
-            Some(loc) => Ok(Some(loc)),
-            None => crate::gc::find_condemned(&self.inner.path, digest),
+    /// The first copy of `digest` that `accept` takes, where restores look: the index files (as
+    /// [`Repository::lookup`]); while a garbage collection cycle is pending, the chunks it condemned (a
+    /// snapshot committed by a backup that ran during the gc may use them; the end of the cycle stores them
+    /// again); and when neither has one, the pack trailers of packs that no intact index file names
+    /// ([`crate::recovery`]: a damaged or lost index file must not make restores fail). Never for
+    /// deduplication: a backup must not newly rely on a condemned chunk or on an unindexed pack, which a gc
+    /// may be about to delete.
+    pub(crate) fn find_copy(
+        &self,
+        digest: &Digest,
+        accept: &mut dyn FnMut(&ChunkLocation) -> bool,
+    ) -> Result<Option<ChunkLocation>> {
+        if let Some(loc) = self.find_indexed(digest, accept)? {
+            return Ok(Some(loc));
         }
+        if let Some(loc) = crate::gc::find_condemned(&self.inner.path, digest)?
+            && accept(&loc)
+        {
+            return Ok(Some(loc));
+        }
+        self.recovery()?.find(digest, accept)
+    }
+
+    /// Where to read a chunk from, for restores and `verify`: the first copy not marked damaged, in the order
+    /// of [`Repository::find_copy`]. Not for deduplication.
+    pub fn locate(&self, digest: &Digest) -> Result<Option<ChunkLocation>> {
+        let marks = self.damage_marks()?;
+        self.find_copy(digest, &mut |loc| !marks.contains(digest, loc))
     }
 
     /// [`Repository::read_chunk`] of the chunk `digest`, found with [`Repository::locate`]. A pack that a
     /// garbage collection removed after the lookup (it moved the chunk) makes it list the index afresh and
-    /// try once more. `None`: no copy is known.
+    /// try once more. `None`: no copy is known. The bytes are not verified here: a reader that finds them
+    /// damaged asks [`Repository::load_chunk`], which tries every copy.
     pub fn read_digest(&self, digest: &Digest) -> Result<Option<(ChunkLocation, StoredChunk)>> {
         let Some(loc) = self.locate(digest)? else {
             return Ok(None);
@@ -421,7 +467,8 @@ impl Repository {
         }
     }
 
-    /// Forgets every open index file and lists `index/` again: index files a gc replaced are dropped.
+    /// Forgets every open index file and lists `index/` again: index files a gc replaced are dropped, and the
+    /// recovery index is built again when next needed.
     pub fn reload_index(&self) -> Result<()> {
         let mut set = self
             .inner
@@ -433,7 +480,45 @@ impl Repository {
             generation,
             ..IndexSet::default()
         };
+        *self
+            .recovery_slot()
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = None;
         set.rescan(&self.index_dir()).map(|_| ())
+    }
+
+    pub(crate) fn recovery_slot(&self) -> &Mutex<Option<Arc<crate::recovery::Recovery>>> {
+        &self.inner.recovery
+    }
+
+    /// The index files lookups use now (opened, not found damaged), in lookup order. Holding them keeps them
+    /// readable even after a gc replaced them: `verify` reads one consistent set this way.
+    pub(crate) fn index_files(&self) -> Vec<Arc<IndexFile>> {
+        self.inner
+            .indexes
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .files
+            .clone()
+    }
+
+    /// Checks every index file lookups use against its checksum (reading each whole); those that fail are no
+    /// longer used, and are returned with why (with the ones already known damaged).
+    pub(crate) fn check_index_checksums(&self) -> Result<Vec<(PathBuf, String)>> {
+        for file in self.index_files() {
+            match file.check_checksum() {
+                Ok(()) => {}
+                Err(e @ RepoError::Corrupt { .. }) => {
+                    self.inner
+                        .indexes
+                        .write()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .distrust(&file.path, e.to_string());
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(self.damaged_index_files())
     }
 
     /// Lists `index/` now rather than at the next lookup miss.
@@ -499,14 +584,64 @@ impl Repository {
     }
 
     /// Looks up, reads, decodes and verifies one chunk: the plaintext whose BLAKE3 is `digest`, or an error.
+    /// Every copy not marked damaged is tried in the order of [`Repository::find_copy`] until one reads back
+    /// whole, so a damaged index record or blob costs a restore nothing while another copy is good (the
+    /// restore stages call this when the copy they read first does not decode or verify).
     pub fn load_chunk(&self, digest: &Digest) -> Result<Vec<u8>> {
-        let (loc, stored) = self.read_digest(digest)?.ok_or_else(|| {
-            RepoError::corrupt(
-                self.index_dir(),
-                format!("chunk {digest} is in no index file"),
-            )
-        })?;
-        self.plaintext(digest, &loc, &stored)
+        let mut moved = false;
+        loop {
+            let marks = self.damage_marks()?;
+            let mut plain = None;
+            let mut failed: Option<RepoError> = None;
+            self.find_copy(digest, &mut |loc| {
+                if marks.contains(digest, loc) {
+                    return false;
+                }
+                match self
+                    .read_chunk(loc)
+                    .and_then(|stored| self.plaintext(digest, loc, &stored))
+                {
+                    Ok(p) => {
+                        plain = Some(p);
+                        true
+                    }
+                    Err(e) => {
+                        warn!(chunk = %digest, pack = %loc.pack, offset = loc.offset, error = %e,
+                              "A stored copy of a chunk cannot be read; trying the next one.");
+                        failed.get_or_insert(e);
+                        false
+                    }
+                }
+            })?;
+            if let Some(p) = plain {
+                return Ok(p);
+            }
+            match failed {
+                // A garbage collection moved the chunk after the index was listed: list it again, once.
+                Some(RepoError::Io { source, .. })
+                    if source.kind() == std::io::ErrorKind::NotFound && !moved =>
+                {
+                    moved = true;
+                    self.reload_index()?;
+                }
+                Some(e) => return Err(e),
+                None if marks.is_marked(digest) => {
+                    return Err(RepoError::corrupt(
+                        self.index_dir(),
+                        format!(
+                            "chunk {digest} is damaged: every stored copy is marked damaged by verify (the \
+                             next backup of a VM that still has the data stores it again)"
+                        ),
+                    ));
+                }
+                None => {
+                    return Err(RepoError::corrupt(
+                        self.index_dir(),
+                        format!("chunk {digest} is in no index file and no pack"),
+                    ));
+                }
+            }
+        }
     }
 
     /// Decodes a blob read from `loc` and checks it against `digest`: the plaintext, or an error naming the

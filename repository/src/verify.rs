@@ -1,42 +1,55 @@
 //! `verify`: finds what cannot be restored, and which restore points it affects.
 //!
-//! Passes, each streaming so memory stays bounded whatever the repository size:
-//! 1. The pack tables of all index files give the set of packs the index refers to (16 bytes per pack).
-//! 2. Each of those packs: present, footer and trailer intact (checksum), and with `read_data` every blob
-//!    read, decoded and hashed against its digest.
-//! 3. Each index file streamed: checksum, sort order, and every record against the state of its pack.
-//! 4. Only if something is damaged: the index files streamed again to find, for each damaged copy, another
-//!    copy of the same chunk that is neither damaged nor marked `damaged` (a later backup stored the chunk
-//!    again). Such a copy heals the problem: lookups return it, so no restore point needs the damaged one.
-//! 5. Each manifest opened (checksum) and every referenced digest looked up in the index (which skips marked
-//!    copies: a chunk whose every copy is marked is reported [`ProblemKind::MarkedDamaged`]).
-//! 6. Only if something is damaged and not healed: a second pass over the manifests attaches to each damaged
+//! Its verdicts follow the rule restores follow ([`Repository::find_copy`]: the first copy not marked
+//! damaged, in the index files, the chunks a pending gc condemned, then the pack trailers of packs no intact
+//! index file names), so that every restore failure is predicted: a snapshot `verify --read-data` does not
+//! name restores, and one it names does not. Passes, each streaming so memory stays bounded whatever the
+//! repository size:
+//! 1. The index files lookups use, held open for the whole run (a gc that replaces them meanwhile cannot
+//!    make them vanish from under it: the same protection restores get), each checked against its checksum.
+//!    A file that fails is reported and no longer used; its chunks are found from the pack trailers.
+//! 2. Every pack those index files name, and every pack none names (the recovery index's): present, footer
+//!    and trailer intact (checksum), and with `read_data` every blob read, decoded and hashed against its
+//!    digest.
+//! 3. Each index file streamed: sort order, and every record against the state of its pack. The blobs of a
+//!    pack whose header, footer or trailer is damaged are read at the records' offsets and checked (always:
+//!    restores read such a pack that way, so only its blobs tell whether they can).
+//! 4. Each manifest opened (checksum) and every referenced digest resolved with the restore rule, skipping
+//!    the copies found bad above: a digest with no good copy is a problem (or adds its snapshots to the
+//!    damaged copies'). A damaged copy of a digest that has a good copy is reported healed.
+//! 5. Only if something is damaged and not healed: a second pass over the manifests attaches to each damaged
 //!    digest the ids of the snapshots that use it (the set of damaged digests is small; the set of all
 //!    referenced digests would not be).
+//! 6. Side files that never block a restore (damage marks, gc state, session records, the copies of
+//!    `config`): each problem is reported with what was done about it.
+//!
+//! A snapshot forgotten while verify runs is skipped, not reported: verify runs beside backups, `forget`
+//! and gc, and must never call healthy data damaged.
 
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
 
+use crate::damaged::DamagedCopy;
 use crate::error::{RepoError, Result, read_exact_at};
-use crate::index::{IndexFile, scan_index};
 use crate::pack::{PACK_HEADER_SIZE, pack_path, read_pack_trailer};
-use crate::{ChunkRef, Digest, PackId, Repository, decode_into};
+use crate::{ChunkLocation, ChunkRef, Digest, PackId, Repository, decode_into};
 
-/// Digests already found in the index during the manifest pass, so that the many snapshots sharing a chunk do
-/// not look it up again. Cleared when full: about 50 MiB at most.
+/// Digests already resolved during the manifest pass, so that the many snapshots sharing a chunk do not look
+/// it up again. Cleared when full: about 50 MiB at most.
 const CONFIRMED_CACHE: usize = 1 << 20;
 
 /// What is wrong with a chunk.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum ProblemKind {
-    /// A snapshot references a digest that no index file lists.
+    /// A snapshot references a digest that no index file lists and no pack holds.
     MissingFromIndex,
     /// The index points into a pack file that does not exist.
     PackMissing,
     /// The index points past the end of a pack that is shorter than its blobs.
     PackTruncated,
-    /// The pack exists but its header, footer or trailer is damaged, so it cannot be read safely.
+    /// The pack's header, footer or trailer is damaged, and the blob the index points to does not read back
+    /// as its chunk.
     PackDamaged,
     /// The index record points outside the pack's data region.
     OutOfBounds,
@@ -59,7 +72,7 @@ pub struct ChunkProblem {
     pub detail: String,
     /// Ids of the snapshots that reference the chunk (empty: no restore point is affected).
     pub snapshots: Vec<String>,
-    /// Another, healthy copy of the same chunk is stored (a later backup stored it again): lookups return
+    /// Another, healthy copy of the same chunk is stored (a later backup stored it again): restores read
     /// that one, so this damaged copy affects no restore point. A garbage collection removes it.
     pub healed: bool,
 }
@@ -80,13 +93,17 @@ pub struct VerifyReport {
     pub chunk_refs: u64,
     pub index_files: u64,
     pub index_records: u64,
-    /// Packs referenced by the index whose structure was checked.
+    /// Packs whose structure was checked: those the index names, and those no intact index file names.
     pub packs: u64,
-    /// Blobs read, decoded and hashed (`read_data` only).
+    /// Blobs read, decoded and hashed (`read_data`, and the blobs of packs with a damaged frame).
     pub chunks_read: u64,
     pub bytes_read: u64,
-    /// Packs no index refers to: left by interrupted sessions (or being written right now), for gc.
+    /// Packs no intact index file refers to: left by interrupted sessions (or being written right now), for
+    /// gc; or named only by a damaged index file.
     pub unreferenced_packs: u64,
+    /// Referenced chunks found only in the trailers of packs that no intact index file names (a damaged or
+    /// lost index file): they restore, slowly; `rebuild-index` indexes them again.
+    pub unindexed_chunks: u64,
     pub damaged_snapshots: Vec<DamagedFile>,
     pub damaged_index_files: Vec<DamagedFile>,
     pub damaged_packs: Vec<DamagedFile>,
@@ -99,42 +116,99 @@ pub struct VerifyReport {
     pub marked: u64,
     /// Of those, how many were not marked before.
     pub new_marks: u64,
+    /// Marks dropped because their copy read back whole (`read_data`; [`Repository::verify_and_mark`]).
+    pub cleared_marks: u64,
 }
 
 impl VerifyReport {
-    /// Nothing is damaged that a restore needs: every snapshot restores. Healed problems (damaged copies with
-    /// a healthy copy elsewhere) do not count.
+    /// Nothing is damaged that a restore needs, and nothing slows restores down: every snapshot restores.
+    /// Healed problems (damaged copies with a healthy copy elsewhere) and repaired side files do not count.
     pub fn is_ok(&self) -> bool {
         self.problems.iter().all(|p| p.healed)
             && self.damaged_snapshots.is_empty()
             && self.damaged_index_files.is_empty()
             && self.damaged_packs.is_empty()
+            && self.unindexed_chunks == 0
+    }
+
+    /// Ids of the snapshots that cannot be restored whole: those using a damaged chunk that has no good
+    /// copy, and those whose manifest is damaged.
+    pub fn damaged_snapshot_ids(&self) -> Vec<String> {
+        let mut ids: Vec<String> = self
+            .problems
+            .iter()
+            .filter(|p| !p.healed)
+            .flat_map(|p| p.snapshots.iter().cloned())
+            .chain(
+                self.damaged_snapshots
+                    .iter()
+                    .filter_map(|d| crate::snapshot::id_of_path(&d.path)),
+            )
+            .collect();
+        ids.sort();
+        ids.dedup();
+        ids
     }
 }
 
 enum PackState {
     Unchecked,
-    Ok { data_end: u64 },
+    Ok {
+        data_end: u64,
+    },
     Missing,
-    Damaged { len: u64, error: String },
+    /// Header, footer or trailer damaged: blobs are read at the index's offsets, bounded by the length.
+    FrameDamaged {
+        len: u64,
+        error: String,
+    },
 }
 
 struct Problems {
     list: Vec<ChunkProblem>,
     by_digest: HashMap<Digest, Vec<usize>>,
+    /// Copies found bad, by location: the restore rule skips them.
+    bad: HashSet<(PackId, u64)>,
 }
 
 impl Problems {
     fn push(&mut self, p: ChunkProblem) {
+        if let (Some(pack), Some(offset)) = (p.pack, p.offset) {
+            self.bad.insert((pack, offset));
+        }
         self.by_digest
             .entry(p.digest)
             .or_default()
             .push(self.list.len());
         self.list.push(p);
     }
+
+    fn copy(
+        &mut self,
+        digest: Digest,
+        pack: PackId,
+        offset: u64,
+        kind: ProblemKind,
+        detail: String,
+    ) {
+        self.push(ChunkProblem {
+            digest,
+            pack: Some(pack),
+            offset: Some(offset),
+            kind,
+            detail,
+            snapshots: Vec::new(),
+            healed: false,
+        });
+    }
 }
 
-pub(crate) fn verify(repo: &Repository, read_data: bool) -> Result<VerifyReport> {
+/// Runs the passes of the module docs. Also returns the marked copies that read back whole (with
+/// `read_data`), whose marks [`Repository::verify_and_mark`] drops.
+pub(crate) fn verify(
+    repo: &Repository,
+    read_data: bool,
+) -> Result<(VerifyReport, Vec<DamagedCopy>)> {
     let root = repo.path();
     repo.refresh()?;
     let mut report = VerifyReport {
@@ -144,35 +218,30 @@ pub(crate) fn verify(repo: &Repository, read_data: bool) -> Result<VerifyReport>
     let mut problems = Problems {
         list: Vec::new(),
         by_digest: HashMap::new(),
+        bad: HashSet::new(),
     };
+    let marks = repo.damage_marks()?;
+    let mut good_marked: Vec<DamagedCopy> = Vec::new();
 
-    // 1. Packs named by index files.
-    let index_dir = root.join("index");
-    let mut index_paths: Vec<_> = std::fs::read_dir(&index_dir)
-        .map_err(|e| RepoError::io("list", &index_dir, e))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "idx"))
-        .collect();
-    index_paths.sort();
+    // 1. Index files, held open, checksums checked.
+    for (path, error) in repo.check_index_checksums()? {
+        report.damaged_index_files.push(DamagedFile {
+            path: path.display().to_string(),
+            error,
+        });
+    }
+    let files = repo.index_files();
+    report.index_files = (files.len() + report.damaged_index_files.len()) as u64;
     let mut packs: HashMap<PackId, PackState> = HashMap::new();
-    let mut readable = Vec::new();
-    for path in index_paths {
-        report.index_files += 1;
-        match IndexFile::open(&path).and_then(|f| f.pack_ids()) {
-            Ok(ids) => {
-                for id in ids {
-                    packs.entry(id).or_insert(PackState::Unchecked);
-                }
-                readable.push(path);
-            }
-            Err(RepoError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
-                report.index_files -= 1;
-            }
-            Err(e) => report.damaged_index_files.push(DamagedFile {
-                path: path.display().to_string(),
-                error: e.to_string(),
-            }),
+    for file in &files {
+        for id in file.pack_ids()? {
+            packs.entry(id).or_insert(PackState::Unchecked);
         }
+    }
+    let indexed: HashSet<PackId> = packs.keys().copied().collect();
+    let recovery = repo.recovery()?;
+    for id in &recovery.packs {
+        packs.entry(*id).or_insert(PackState::Unchecked);
     }
 
     // 2. The packs themselves.
@@ -197,7 +266,7 @@ pub(crate) fn verify(repo: &Repository, read_data: bool) -> Result<VerifyReport>
                         path: path.display().to_string(),
                         error: e.to_string(),
                     });
-                    PackState::Damaged {
+                    PackState::FrameDamaged {
                         len: meta.len(),
                         error: e.to_string(),
                     }
@@ -233,16 +302,17 @@ pub(crate) fn verify(repo: &Repository, read_data: bool) -> Result<VerifyReport>
                                 }
                                 Ok(()) => None,
                             };
-                            if let Some((kind, detail)) = fail {
-                                problems.push(ChunkProblem {
-                                    digest: e.digest,
-                                    pack: Some(id),
-                                    offset: Some(e.offset),
-                                    kind,
-                                    detail,
-                                    snapshots: Vec::new(),
-                                    healed: false,
-                                });
+                            match fail {
+                                Some((kind, detail)) => {
+                                    problems.copy(e.digest, id, e.offset, kind, detail)
+                                }
+                                None if marks.contains_at(&e.digest, id, e.offset) => good_marked
+                                    .push(DamagedCopy {
+                                        digest: e.digest,
+                                        pack: id,
+                                        offset: e.offset,
+                                    }),
+                                None => {}
                             }
                         }
                     }
@@ -255,15 +325,22 @@ pub(crate) fn verify(repo: &Repository, read_data: bool) -> Result<VerifyReport>
         packs.insert(id, state);
     }
 
-    // 3. Index files against their packs.
-    for path in &readable {
-        let scanned = scan_index(path, |rec, pack| {
+    // 3. Index records against their packs.
+    for file in &files {
+        let mut stream = file.stream()?;
+        let scanned = loop {
+            let (rec, pack) = match stream.next_record() {
+                Ok(Some(r)) => r,
+                Ok(None) => break Ok(()),
+                Err(e) => break Err(e),
+            };
+            report.index_records += 1;
             let (kind, detail) = match packs.get(&pack) {
                 Some(PackState::Ok { data_end }) => {
                     if rec.offset + u64::from(rec.stored_len) <= *data_end
                         && rec.offset >= PACK_HEADER_SIZE as u64
                     {
-                        return;
+                        continue;
                     }
                     (
                         ProblemKind::OutOfBounds,
@@ -274,71 +351,74 @@ pub(crate) fn verify(repo: &Repository, read_data: bool) -> Result<VerifyReport>
                     ProblemKind::PackMissing,
                     "the pack file does not exist".to_owned(),
                 ),
-                Some(PackState::Damaged { len, error }) => {
-                    let kind = if rec.offset + u64::from(rec.stored_len) > *len {
-                        ProblemKind::PackTruncated
-                    } else {
-                        ProblemKind::PackDamaged
+                Some(PackState::FrameDamaged { len, error }) => {
+                    let loc = ChunkLocation {
+                        pack,
+                        offset: rec.offset,
+                        stored_len: rec.stored_len,
+                        raw_len: rec.raw_len,
+                        codec: rec.codec,
                     };
-                    (kind, error.clone())
+                    report.chunks_read += 1;
+                    report.bytes_read += u64::from(rec.stored_len);
+                    match repo
+                        .read_chunk(&loc)
+                        .and_then(|stored| repo.plaintext(&rec.digest, &loc, &stored))
+                    {
+                        Ok(_) => {
+                            if marks.contains_at(&rec.digest, pack, rec.offset) {
+                                good_marked.push(DamagedCopy {
+                                    digest: rec.digest,
+                                    pack,
+                                    offset: rec.offset,
+                                });
+                            }
+                            continue;
+                        }
+                        Err(e) if rec.offset + u64::from(rec.stored_len) > *len => {
+                            (ProblemKind::PackTruncated, format!("{error}; {e}"))
+                        }
+                        Err(e) => (ProblemKind::PackDamaged, format!("{error}; {e}")),
+                    }
                 }
-                Some(PackState::Unchecked) | None => return,
+                Some(PackState::Unchecked) | None => continue,
             };
-            problems.push(ChunkProblem {
-                digest: rec.digest,
-                pack: Some(pack),
-                offset: Some(rec.offset),
-                kind,
-                detail,
-                snapshots: Vec::new(),
-                healed: false,
-            });
-        });
-        match scanned {
-            Ok(n) => report.index_records += n,
-            Err(e) => report.damaged_index_files.push(DamagedFile {
-                path: path.display().to_string(),
+            problems.copy(rec.digest, pack, rec.offset, kind, detail);
+        };
+        // The checksum was checked in pass 1, so this is a file that changed since, or a sort order that
+        // was wrong when it was written.
+        if let Err(e) = scanned {
+            report.damaged_index_files.push(DamagedFile {
+                path: file.path.display().to_string(),
                 error: e.to_string(),
-            }),
-        }
-    }
-
-    // 4. Healthy copies of damaged chunks.
-    let marks = repo.damage_marks()?;
-    if !problems.list.is_empty() {
-        let bad: HashSet<(PackId, u64)> = problems
-            .list
-            .iter()
-            .filter_map(|p| Some((p.pack?, p.offset?)))
-            .collect();
-        let mut healthy: HashSet<Digest> = HashSet::new();
-        for path in &readable {
-            // A file that cannot be scanned was reported in pass 3; it offers no healthy copies.
-            let _ = scan_index(path, |rec, pack| {
-                if !problems.by_digest.contains_key(&rec.digest)
-                    || bad.contains(&(pack, rec.offset))
-                    || !matches!(packs.get(&pack), Some(PackState::Ok { .. }))
-                {
-                    return;
-                }
-                if !marks.contains_at(&rec.digest, pack, rec.offset) {
-                    healthy.insert(rec.digest);
-                }
             });
         }
-        for p in &mut problems.list {
-            p.healed = healthy.contains(&p.digest);
-        }
     }
 
-    // 5. Manifests against the index.
+    // 4. Manifests: every referenced digest resolved with the restore rule, minus the copies found bad.
+    let good_marks: HashSet<(PackId, u64)> =
+        good_marked.iter().map(|c| (c.pack, c.offset)).collect();
+    let recovered_before = recovery.found();
+    let readable = |d: &Digest, bad: &HashSet<(PackId, u64)>| -> Result<bool> {
+        let found = repo.find_copy(d, &mut |loc| {
+            let at = (loc.pack, loc.offset);
+            !bad.contains(&at)
+                && !matches!(packs.get(&loc.pack), Some(PackState::Missing))
+                && (!marks.contains(d, loc) || good_marks.contains(&at))
+        })?;
+        Ok(found.is_some())
+    };
     let mut confirmed: HashSet<Digest> = HashSet::new();
+    let mut unreadable: Vec<ChunkProblem> = Vec::new();
+    let mut unreadable_digests: HashSet<Digest> = HashSet::new();
     let mut good_snapshots = Vec::new();
     for id in repo.snapshot_ids()? {
-        report.snapshots += 1;
         let snap = match repo.open_snapshot(&id) {
             Ok(s) => s,
+            // Forgotten since the listing: not damage.
+            Err(RepoError::SnapshotNotFound { .. }) => continue,
             Err(e) => {
+                report.snapshots += 1;
                 let path = crate::snapshot::snapshot_path(root, &id);
                 report.damaged_snapshots.push(DamagedFile {
                     path: path.display().to_string(),
@@ -347,58 +427,68 @@ pub(crate) fn verify(repo: &Repository, read_data: bool) -> Result<VerifyReport>
                 continue;
             }
         };
+        report.snapshots += 1;
         for disk in 0..snap.meta().disks.len() {
             for r in snap.chunks(disk) {
                 let ChunkRef::Data(d) = r? else { continue };
                 report.chunk_refs += 1;
-                if confirmed.contains(&d) || problems.by_digest.contains_key(&d) {
+                if confirmed.contains(&d) {
                     continue;
                 }
-                let missing = match repo.locate(&d) {
-                    Ok(Some(_)) => None,
-                    Ok(None) if marks.is_marked(&d) => Some((
-                        ProblemKind::MarkedDamaged,
-                        "every stored copy is marked damaged (in the repository's `damaged` file)"
-                            .to_owned(),
-                    )),
-                    Ok(None) => Some((
-                        ProblemKind::MissingFromIndex,
-                        "no index file lists it".to_owned(),
-                    )),
-                    Err(e) => Some((ProblemKind::MissingFromIndex, format!("lookup failed: {e}"))),
-                };
-                match missing {
-                    None => {
-                        if confirmed.len() >= CONFIRMED_CACHE {
-                            confirmed.clear();
-                        }
-                        confirmed.insert(d);
+                if readable(&d, &problems.bad)? {
+                    if confirmed.len() >= CONFIRMED_CACHE {
+                        confirmed.clear();
                     }
-                    Some((kind, detail)) => problems.push(ChunkProblem {
-                        digest: d,
-                        pack: None,
-                        offset: None,
-                        kind,
-                        detail,
-                        snapshots: Vec::new(),
-                        healed: false,
-                    }),
+                    confirmed.insert(d);
+                    continue;
                 }
+                if problems.by_digest.contains_key(&d) || !unreadable_digests.insert(d) {
+                    continue;
+                }
+                let (kind, detail) = if marks.is_marked(&d) {
+                    (
+                        ProblemKind::MarkedDamaged,
+                        "every stored copy is marked damaged (in the repository's `damaged` file)",
+                    )
+                } else {
+                    (
+                        ProblemKind::MissingFromIndex,
+                        "no index file lists it and no pack holds it",
+                    )
+                };
+                unreadable.push(ChunkProblem {
+                    digest: d,
+                    pack: None,
+                    offset: None,
+                    kind,
+                    detail: detail.to_owned(),
+                    snapshots: Vec::new(),
+                    healed: false,
+                });
             }
         }
         good_snapshots.push(id);
     }
-    for (path, error) in repo.damaged_index_files() {
-        let path = path.display().to_string();
-        if !report.damaged_index_files.iter().any(|d| d.path == path) {
-            report.damaged_index_files.push(DamagedFile { path, error });
+    for p in unreadable {
+        problems.push(p);
+    }
+    report.unindexed_chunks = recovery.found() - recovered_before;
+    let digests: Vec<Digest> = problems.by_digest.keys().copied().collect();
+    for d in digests {
+        let healed = readable(&d, &problems.bad)?;
+        for &i in &problems.by_digest[&d] {
+            problems.list[i].healed = healed;
         }
     }
 
-    // 6. Which snapshots use the damaged chunks that are not healed.
+    // 5. Which snapshots use the damaged chunks that are not healed.
     if problems.list.iter().any(|p| !p.healed) {
         for id in &good_snapshots {
-            let snap = repo.open_snapshot(id)?;
+            let snap = match repo.open_snapshot(id) {
+                Ok(s) => s,
+                Err(RepoError::SnapshotNotFound { .. }) => continue,
+                Err(e) => return Err(e),
+            };
             for disk in 0..snap.meta().disks.len() {
                 for r in snap.chunks(disk) {
                     let ChunkRef::Data(d) = r? else { continue };
@@ -418,11 +508,27 @@ pub(crate) fn verify(repo: &Repository, read_data: bool) -> Result<VerifyReport>
         }
     }
     report.problems = problems.list;
-    let indexed: HashSet<PackId> = packs.keys().copied().collect();
     report.unreferenced_packs = repo
         .list_packs()?
         .iter()
         .filter(|p| !indexed.contains(p))
         .count() as u64;
-    Ok(report)
+
+    // 6. Side files.
+    report.side_files = side_file_problems(repo)?;
+    // The recovery index was built for this run; a later restore through this handle builds its own.
+    drop(recovery);
+    *repo
+        .recovery_slot()
+        .lock()
+        .unwrap_or_else(|e| e.into_inner()) = None;
+    Ok((report, good_marked))
+}
+
+/// Problems of the files that never block a restore or a backup (module docs, pass 6).
+fn side_file_problems(repo: &Repository) -> Result<Vec<DamagedFile>> {
+    let mut out = repo.marks_problems()?;
+    out.extend(repo.session_record_problems()?);
+    out.extend(crate::config::copy_problems(repo.path()));
+    Ok(out)
 }

@@ -79,3 +79,46 @@ fn a_marked_copy_is_skipped_and_a_new_copy_heals_the_old_snapshot() {
     assert!(report.problems[0].healed && report.problems[0].snapshots.is_empty());
     assert_eq!((report.marked, report.new_marks), (1, 0));
 }
+
+/// Two copies of one chunk in one index file (two writers stored it; or a later backup stored it again and
+/// gc merged the index files), the first marked damaged: lookups, restores and verify all take the healthy
+/// second copy (one rule: the first healthy copy wins).
+#[test]
+fn the_first_healthy_copy_in_a_file_wins_for_lookups_restores_and_verify() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = init(dir.path());
+    let data = image(6, "r", 0);
+    let digest = backflow_repository::Digest(*blake3::hash(&data).as_bytes());
+    let session = repo.begin_backup("web").unwrap();
+    let disk = session.add_disk(disk_meta("vda", data.len())).unwrap();
+    for _ in 0..2 {
+        let mut w = session.pack_writer();
+        w.add(digest, backflow_repository::Codec::None, CHUNK, &data)
+            .unwrap();
+        w.finish().unwrap();
+    }
+    session.set_chunk(disk, 0, ChunkRef::Data(digest)).unwrap();
+    let snap = session.commit(None).unwrap();
+    let first = repo.lookup(&digest).unwrap().unwrap();
+    // Damage the first copy and mark it, as verify would.
+    let pack = files(repo.path(), "packs", "pack")
+        .into_iter()
+        .find(|p| p.file_stem().unwrap().to_string_lossy() == first.pack.to_hex())
+        .unwrap();
+    let file = std::fs::OpenOptions::new().write(true).open(&pack).unwrap();
+    file.write_all_at(&[0xff; 16], first.offset + 100).unwrap();
+    let report = repo.verify_and_mark(true).unwrap();
+    assert_eq!(report.new_marks, 1, "{report:#?}");
+    assert!(report.is_ok(), "the other copy heals it: {report:#?}");
+    assert!(report.problems.iter().all(|p| p.healed));
+
+    let second = repo.lookup(&digest).unwrap().expect("the healthy copy");
+    assert_ne!((second.pack, second.offset), (first.pack, first.offset));
+    assert_eq!(repo.locate(&digest).unwrap(), Some(second));
+    assert_eq!(repo.load_chunk(&digest).unwrap(), data);
+    assert_eq!(
+        restore(&repo, &repo.open_snapshot(&snap.id).unwrap(), 0),
+        data
+    );
+    assert!(repo.damaged_digests().unwrap().is_empty());
+}

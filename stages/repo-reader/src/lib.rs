@@ -162,33 +162,57 @@ impl Stage for RepoReader {
                     {
                         return Ok(());
                     }
-                    let Some((_, stored)) = repo.read_digest(&digest)? else {
-                        let why = if repo.damage_marks()?.is_marked(&digest) {
-                            "is damaged (every stored copy is marked damaged by verify; the next \
-                             backup of a VM that still has the data stores it again)"
-                        } else {
-                            "is missing from the repository"
-                        };
-                        return Err(StageError::Corrupt(format!(
+                    let missing = |why: String| {
+                        StageError::Corrupt(format!(
                             "snapshot {}, disk {}, chunk {index}: chunk {digest} {why}",
                             snapshot.info().id,
                             disk.name()
-                        )));
+                        ))
                     };
-                    worker
-                        .ctx()
-                        .source_bytes_read
-                        .fetch_add(stored.data.len() as u64, Ordering::Relaxed);
+                    let payload = match repo.read_digest(&digest) {
+                        Ok(Some((_, stored))) => {
+                            worker
+                                .ctx()
+                                .source_bytes_read
+                                .fetch_add(stored.data.len() as u64, Ordering::Relaxed);
+                            Payload::Encoded {
+                                codec: stored.codec,
+                                data: Bytes::from(stored.data),
+                                raw_len: stored.raw_len,
+                            }
+                        }
+                        Ok(None) if repo.damage_marks()?.is_marked(&digest) => {
+                            return Err(missing(
+                                "is damaged (every stored copy is marked damaged by verify; the \
+                                 next backup of a VM that still has the data stores it again)"
+                                    .into(),
+                            ));
+                        }
+                        Ok(None) => return Err(missing("is missing from the repository".into())),
+                        // The copy the index names cannot be read (a damaged record or pack): the next
+                        // good copy, decoded and verified, if there is one.
+                        Err(e) => match repo.load_chunk(&digest) {
+                            Ok(plain) => {
+                                worker.ctx().warn(format!(
+                                    "disk {}, chunk {index}: the stored copy read first cannot be read \
+                                     ({e}); restored from another copy",
+                                    disk.name()
+                                ));
+                                Payload::Raw(Bytes::from(plain))
+                            }
+                            Err(again) => {
+                                return Err(missing(format!(
+                                    "cannot be read ({e}), and no other copy is readable ({again})"
+                                )));
+                            }
+                        },
+                    };
                     let chunk = Chunk {
                         disk: disk.clone(),
                         index,
                         digest: Some(digest),
                         verified: false,
-                        payload: Payload::Encoded {
-                            codec: stored.codec,
-                            data: Bytes::from(stored.data),
-                            raw_len: stored.raw_len,
-                        },
+                        payload,
                     };
                     if worker.send(Message::Chunk(chunk)).is_err() {
                         return Ok(());

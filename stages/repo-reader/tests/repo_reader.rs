@@ -1,6 +1,6 @@
 //! The restore source against a real repository: every chunk of the chosen snapshot and disks
-//! comes out once, as stored, with its digest; zero chunks as runs; and a chunk the index lost
-//! fails the run naming it.
+//! comes out once, as stored, with its digest; zero chunks as runs; chunks whose index files are
+//! lost come from the pack trailers; and a chunk no pack holds fails the run naming it.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -59,7 +59,7 @@ fn assert_restores(repo: &Repository, chunks: &[Chunk], table: &[ChunkRef], imag
             } => {
                 let digest = c.digest.expect("a stored chunk carries its digest");
                 assert_eq!(table[c.index as usize], ChunkRef::Data(digest));
-                let location = repo.lookup(&digest).unwrap().unwrap();
+                let location = repo.locate(&digest).unwrap().unwrap();
                 let stored = repo.read_chunk(&location).unwrap();
                 assert_eq!((stored.codec, &stored.data[..]), (*codec, &data[..]));
                 let plain = backflow_repository::decode(*codec, data, *raw_len).unwrap();
@@ -161,7 +161,7 @@ fn latest_and_disk_select_what_is_read() {
 }
 
 #[test]
-fn a_chunk_missing_from_the_index_fails_the_run_naming_it() {
+fn lost_index_files_cost_speed_not_the_restore_and_a_lost_pack_fails_it_naming_the_chunk() {
     let dir = tempfile::tempdir().unwrap();
     let repo_path = dir.path().join("repo");
     let repo = Repository::init(&repo_path, CHUNK).unwrap();
@@ -176,6 +176,26 @@ fn a_chunk_missing_from_the_index_fails_the_run_naming_it() {
         unreachable!()
     };
 
+    // Every chunk is found in the pack trailers; the run says how to make that fast again.
+    let (report, chunks) = read(&repo_path, &id, "", 1);
+    assert_eq!(
+        report.outcome,
+        OutcomeKind::Succeeded,
+        "{:?}",
+        report.errors
+    );
+    let data = std::fs::read(&image).unwrap();
+    assert_restores(&repo, &chunks, &tables[0], &data);
+    assert!(
+        report.warnings.iter().any(|w| w.contains("rebuild-index")),
+        "{:?}",
+        report.warnings
+    );
+
+    // With the packs gone too, the run fails and names what is missing.
+    for entry in walk(&repo_path.join("packs")) {
+        std::fs::remove_file(entry).unwrap();
+    }
     let (report, chunks) = read(&repo_path, &id, "", 1);
     assert_eq!(report.outcome, OutcomeKind::Failed);
     assert!(
@@ -193,4 +213,18 @@ fn a_chunk_missing_from_the_index_fails_the_run_naming_it() {
     ] {
         assert!(error.contains(part), "{part:?} not in {error}");
     }
+}
+
+/// Every file under `dir`, recursively.
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            out.extend(walk(&path));
+        } else {
+            out.push(path);
+        }
+    }
+    out
 }

@@ -1,5 +1,8 @@
 //! Decompressor stage `unzstd` (restores): decodes stored chunks back to plaintext. The digest
-//! travels along unchecked; the verifier after it checks it.
+//! travels along unchecked; the verifier after it checks it. A blob that does not decode is read
+//! again from the repository's next good copy, if any ([`RunContext::reload_chunk`]).
+//!
+//! [`RunContext::reload_chunk`]: backflow_pipeline::RunContext::reload_chunk
 
 use backflow_pipeline::{InvalidOption, MessageType, Payload, Stage, StageError, StageIo, Worker};
 use bytes::Bytes;
@@ -31,22 +34,19 @@ impl Stage for Unzstd {
     }
 
     fn run(&self, worker: &mut Worker<'_>) -> Result<(), StageError> {
-        worker.map_chunks(KIND, |_, chunk| {
+        worker.map_chunks(KIND, |ctx, chunk| {
             if let Payload::Encoded {
                 codec,
                 data,
                 raw_len,
             } = &chunk.payload
             {
-                let plain = backflow_repository::decode(*codec, data, *raw_len).map_err(|e| {
-                    StageError::Corrupt(format!(
-                        "disk {}, chunk {} at offset {}: {e}",
-                        chunk.disk.name(),
-                        chunk.index,
-                        chunk.offset()
-                    ))
-                })?;
-                chunk.payload = Payload::Raw(Bytes::from(plain));
+                chunk.payload =
+                    Payload::Raw(match backflow_repository::decode(*codec, data, *raw_len) {
+                        Ok(plain) => Bytes::from(plain),
+                        // Another stored copy may be good; the verifier after this stage checks it too.
+                        Err(e) => ctx.reload_chunk(chunk, &format!("does not decode: {e}"))?,
+                    });
             }
             Ok(())
         })

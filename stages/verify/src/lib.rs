@@ -1,5 +1,7 @@
 //! Verifier stage: checks every plaintext chunk against its digest before anything writes it, so
-//! a restore never writes silently wrong data. A mismatch fails the run and names the chunk.
+//! a restore never writes silently wrong data. A mismatch reads the chunk again from the
+//! repository's next good copy (verified there), and fails the run naming the chunk when there is
+//! none.
 
 use backflow_pipeline::{
     InvalidOption, MessageType, Payload, Stage, StageError, StageIo, Worker, digest_of,
@@ -32,36 +34,37 @@ impl Stage for Verify {
     }
 
     fn run(&self, worker: &mut Worker<'_>) -> Result<(), StageError> {
-        worker.map_chunks(KIND, |_, chunk| {
+        worker.map_chunks(KIND, |ctx, chunk| {
             match &chunk.payload {
-            Payload::Raw(data) => {
-                let Some(expected) = chunk.digest else {
+                Payload::Raw(data) => {
+                    let Some(expected) = chunk.digest else {
+                        return Err(StageError::Internal(format!(
+                            "chunk {} of disk {} has no digest to verify",
+                            chunk.index,
+                            chunk.disk.name()
+                        )));
+                    };
+                    if digest_of(data) != expected {
+                        // Another stored copy may be good; what it returns is verified by the repository.
+                        let plain = ctx.reload_chunk(
+                            chunk,
+                            &format!(
+                                "does not match its digest {expected} (the stored chunk is damaged)"
+                            ),
+                        )?;
+                        chunk.payload = Payload::Raw(plain);
+                    }
+                }
+                Payload::Zero { .. } => {}
+                _ => {
                     return Err(StageError::Internal(format!(
-                        "chunk {} of disk {} has no digest to verify",
+                        "chunk {} of disk {}: only plaintext and zero chunks can be verified",
                         chunk.index,
                         chunk.disk.name()
                     )));
-                };
-                let actual = digest_of(data);
-                if actual != expected {
-                    return Err(StageError::Corrupt(format!(
-                        "disk {}, chunk {} at offset {}: content does not match its digest {expected} (the stored chunk is damaged)",
-                        chunk.disk.name(),
-                        chunk.index,
-                        chunk.offset()
-                    )));
                 }
             }
-            Payload::Zero { .. } => {}
-            _ => {
-                return Err(StageError::Internal(format!(
-                    "chunk {} of disk {}: only plaintext and zero chunks can be verified",
-                    chunk.index,
-                    chunk.disk.name()
-                )));
-            }
-        }
-        chunk.verified = true;
+            chunk.verified = true;
             Ok(())
         })
     }
