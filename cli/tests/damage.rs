@@ -388,7 +388,7 @@ fn allow_damaged_exists() -> bool {
 /// header: the blobs are intact), `verify --read-data`, `gc` (default threshold, then on another
 /// copy threshold 0), new backups of both images: every snapshot restores byte-identical (gc
 /// salvaged the pack's blobs and quarantined the pack instead of deleting it) and verify then
-/// finds the repository whole.
+/// passes.
 #[test]
 fn a_flipped_pack_header_byte_loses_nothing_and_new_backups_restore() {
     let dir = tempfile::tempdir().unwrap();
@@ -475,10 +475,12 @@ fn a_flipped_pack_header_byte_loses_nothing_and_new_backups_restore() {
                 ));
             }
         }
+        // Everything restores, so verify must find the repository whole (a note on the
+        // quarantined pack or a healed copy may remain, nothing that fails the check).
         match verify_json(&repo) {
             Err(e) => fail(e),
-            Ok(v) if !v.ran.success() || reports_damage(&v.report) => fail(format!(
-                "verify after the new backups is not clean ({}): {}",
+            Ok(v) if !v.ran.success() || !v.named.is_empty() => fail(format!(
+                "verify after the new backups fails ({}): {}",
                 v.ran.status,
                 summary(&v.report)
             )),
