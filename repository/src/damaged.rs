@@ -440,19 +440,6 @@ impl Repository {
         Ok(changed)
     }
 
-    /// Digests marked damaged that have no healthy copy in the index: the chunks a backup must read and store
-    /// again rather than reference. Empty, at the cost of one check, when nothing is marked.
-    pub fn damaged_digests(&self) -> Result<HashSet<Digest>> {
-        let marks = self.damage_marks()?;
-        let mut out = HashSet::new();
-        for digest in marks.copies.iter().map(|c| c.digest) {
-            if !out.contains(&digest) && self.lookup(&digest)?.is_none() {
-                out.insert(digest);
-            }
-        }
-        Ok(out)
-    }
-
     /// [`Repository::verify`], then marks every damaged copy it found ([`Repository::mark_damaged`]), so that
     /// lookups skip them and the next backup of a VM that still has the data stores it again; with
     /// `read_data`, drops the marks of copies that read back whole. A damaged marks file is written again

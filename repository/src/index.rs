@@ -337,8 +337,58 @@ impl IndexFile {
         crate::format::check_trailing_checksum(&self.file, len, &self.path)
     }
 
+    /// The pack table, read at once (16 bytes per pack).
     pub(crate) fn pack_ids(&self) -> Result<Vec<PackId>> {
-        (0..self.pack_count).map(|p| self.pack_id(p)).collect()
+        let mut b = vec![0u8; self.pack_count as usize * 16];
+        read_exact_at(
+            &self.file,
+            &mut b,
+            self.packs_offset,
+            &self.path,
+            "pack table",
+        )?;
+        Ok(b.chunks_exact(16)
+            .map(|c| PackId(c.try_into().expect("16 bytes")))
+            .collect())
+    }
+
+    pub(crate) fn record_count(&self) -> u64 {
+        self.fanout[255]
+    }
+
+    pub(crate) fn pack_count(&self) -> usize {
+        self.pack_count as usize
+    }
+
+    /// A sequential reader of the records from record `first` on.
+    pub(crate) fn reader_at(&self, first: u64) -> Result<PosReader> {
+        Ok(PosReader {
+            file: self.file.try_clone().ctx("open index", &self.path)?,
+            pos: self.records_offset + first * INDEX_RECORD_SIZE as u64,
+        })
+    }
+
+    /// Decodes one record read from this file, with its pack id from `packs` (the pack table).
+    pub(crate) fn decode_record(
+        &self,
+        b: &[u8; INDEX_RECORD_SIZE],
+        packs: &[PackId],
+    ) -> Result<(Digest, ChunkLocation)> {
+        let r = IndexRecord::decode(b, self.pack_count, &self.path)?;
+        let pack = match packs.get(r.pack as usize) {
+            Some(id) => *id,
+            None => self.pack_id(r.pack)?,
+        };
+        Ok((
+            r.digest,
+            ChunkLocation {
+                pack,
+                offset: r.offset,
+                stored_len: r.stored_len,
+                raw_len: r.raw_len,
+                codec: r.codec,
+            },
+        ))
     }
 }
 
@@ -355,7 +405,7 @@ pub(crate) fn scan_index(path: &Path, mut f: impl FnMut(&IndexRecord, PackId)) -
 
 /// Sequential reads through `pread`: streams over a descriptor that lookups share never move its offset.
 #[derive(Debug)]
-struct PosReader {
+pub(crate) struct PosReader {
     file: File,
     pos: u64,
 }

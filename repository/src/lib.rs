@@ -14,17 +14,23 @@
 //!   file is shared and modified. Two hosts backing up into one repository only share a read lock.
 //! - **Damage is found, named and contained.** Every file has a magic, a version and a checksum; every read
 //!   checks lengths and offsets before using them; a damaged file affects the chunks it holds, not the rest.
+//! - **Damage never spreads.** A restore point whose chunks can be read restores, whatever else is damaged;
+//!   side files (damage marks, gc state, session records, one copy of `config`) never block a restore or a
+//!   backup; a backup never takes over a chunk the repository cannot read ("Reading after damage").
 //! - **The index is a cache.** Packs describe themselves, so the index can be rebuilt from packs alone.
 //!
 //! ## Layout
 //! ```text
 //! config                      JSON: format name, version, repository id, chunk size, pack target size
+//! config.copy                 the same text and a checksum line: the second copy (see `config`)
+//! damaged                     damage marks: copies of chunks that verify found damaged (see Damaged chunks)
 //! lock                        empty; flock'ed shared by backups, exclusively by gc / index rebuild
 //! packs/XX/<pack id>.pack     immutable chunk containers (XX = first two hex digits of the id)
 //! index/<session id>.idx      one per committed session: digest -> (pack, offset, lengths, codec)
 //! index/rebuild-<hex>.idx     the single index written by `rebuild_index`, replacing all others
 //! snapshots/<snapshot id>.snap  one manifest per restore point
 //! tmp/<session id>/           scratch of a running session: chunk tables, unfinished packs, temp files
+//! tmp/recovery-<hex>/         a handle's recovery index, while it lives (see Reading after damage)
 //! users/<pid>-<hex>           one per open repository handle, flocked while it is open (see gc)
 //! gc/                         garbage collection: run.lock, fence, and while a cycle is pending state.json,
 //!                             condemned, doomed-packs, forgotten/<snapshot id>.snap
@@ -41,7 +47,11 @@
 //! ## `config`
 //! JSON (`{"format":"backflow-repository","version":1,"id":…,"chunk_size":…,"pack_target_size":…}`), written
 //! through `config.tmp` and a rename as the last step of `init`: a directory without `config` is not a
-//! repository, so an interrupted `init` can simply be repeated. The chunk size is a multiple of 64 KiB (the
+//! repository, so an interrupted `init` can simply be repeated. It is written twice: `config.copy` (first)
+//! holds the same text followed by a line `checksum <BLAKE3 of the text, hex>`. A reader uses the copy whose
+//! checksum holds when `config` is unreadable or differs from it (changed after it was written), and
+//! `config` when the copy is damaged or missing (repositories of earlier releases), with a warning either
+//! way; `verify` writes both again from the good one. The chunk size is a multiple of 64 KiB (the
 //! QEMU dirty-bitmap granularity, so a dirty extent maps to whole chunks) from [`MIN_CHUNK_SIZE`] to
 //! [`MAX_CHUNK_SIZE`]; [`DEFAULT_CHUNK_SIZE`] is 128 KiB. It applies to new disks: each disk records its own
 //! chunk size in the manifest.
@@ -202,13 +212,35 @@
 //! few sequential passes over the manifests and the index, plus reading the live chunks of rewritten packs.
 //! Merging the many per-session index files into one is a side effect that makes lookups cheaper.
 //!
+//! ## Reading after damage
+//! One rule says where a chunk is read from, for deduplication, restores and `verify` alike: **the first copy
+//! not marked damaged wins**, in the index files in the order a handle listed them, copies of one digest in
+//! file order (they are adjacent). Restores ([`Repository::locate`], [`Repository::load_chunk`]) extend the
+//! search, in this order, to the chunks a pending gc condemned, and then to a *recovery index*: the trailers
+//! of the packs that no intact index file names, read when a lookup first misses (every index file is then
+//! checked against its checksum, and one that fails is no longer used). So a damaged or lost index file costs
+//! restores speed, not data, and the run says that `rebuild-index` makes them fast again; deduplication never
+//! looks there, since a gc may delete an unindexed pack. A pack whose header, footer or trailer is damaged
+//! stays readable: blobs are bounded by its length instead of its trailer offset. Every blob read is checked
+//! against its digest; a restore whose first copy does not decode or verify takes the next good one.
+//!
+//! A backup takes chunks over from its parent snapshot only when the index has a healthy copy of each:
+//! [`Repository::check_parent`] finds, with index lookups only, the parent's chunks that have no unmarked
+//! copy in an existing pack, and the map stages read those from the source and store them again (a parent
+//! with too many of them is not used: the disk is read in full, deduplicated, with a warning).
+//!
 //! ## What `verify` checks
-//! Without reading data: every manifest's checksum and structure, that every referenced digest is in the
-//! index, every index file's checksum and order, and that every pack the index names exists with an intact
-//! footer and trailer (checksum) and covers the records that point into it. With `read_data`, in addition,
-//! every blob of every indexed pack is read, decoded and hashed against its digest. Each damaged chunk is
-//! reported with its digest, pack and offset, what is wrong, and the ids of the snapshots that use it (found by
-//! a second pass over the manifests, so memory stays bounded). See [`VerifyReport`].
+//! `verify` follows the rule above, so that a snapshot it does not name restores and one it names does not.
+//! It holds its index files open for the whole run (a gc that replaces them meanwhile cannot make them
+//! vanish: the protection restores get) and skips snapshots forgotten while it runs. Without reading data:
+//! every manifest's checksum and structure, every index file's checksum and order, that every pack the index
+//! names (and every pack none names) exists with an intact footer and trailer (checksum) and covers the
+//! records that point into it, the blobs of packs with a damaged frame (read and checked: restores read them
+//! that way), and that every referenced digest has a copy the rule finds. With `read_data`, in addition, every
+//! blob of every pack is read, decoded and hashed against its digest. Each damaged chunk is reported with its
+//! digest, pack and offset, what is wrong, and the ids of the snapshots that use it (found by a second pass
+//! over the manifests, so memory stays bounded); side files are reported with what was done about them. See
+//! [`VerifyReport`].
 //!
 //! ## Limits
 //! Chunk sizes 64 KiB..=16 MiB; encoded blobs at most [`MAX_STORED_LEN`]; pack target 64 KiB..=1 GiB;
@@ -220,24 +252,24 @@
 //! `verify` finds damaged *copies* of chunks: a blob that does not decode or hash to its digest, or one in a
 //! pack that is missing, truncated or damaged. [`Repository::verify_and_mark`] (what `backflow verify` and
 //! health-check jobs run) records each as `digest pack offset` in the text file `damaged` at the root (header
-//! `backflow-damaged 1`, one mark per line, sorted), merged with the marks already there under an exclusive
-//! `flock` on `damaged.lock`, written through `damaged.tmp`, fsynced and renamed like every other file. Marks
-//! are locations, never digests. `verify` only adds them; a gc drops the marks of the packs it deleted.
+//! `backflow-damaged 2`, one mark per line, sorted, then a checksum line), merged with the marks already there
+//! under an exclusive `flock` on `damaged.lock`, written through `damaged.tmp`, fsynced and renamed like every
+//! other file. Marks are locations, never digests. `verify` adds them, and with `read_data` drops those whose
+//! copy reads back whole; a gc drops the marks of the packs it deleted.
 //!
 //! [`Repository::lookup`] never returns a marked copy: it goes on to the next index file, where a later
 //! backup may have stored the chunk again. That is the whole of self-healing:
 //! - dedup's lookup misses a chunk whose only copies are marked, so a backup that reads the data stores it;
-//! - the map stages ask [`Repository::damaged_digests`] (marked, and no healthy copy) once per disk, and an
-//!   incremental reads those of its parent's chunks instead of referencing them unchanged (nothing is asked
-//!   per chunk when nothing is marked);
+//! - the map stages ask [`Repository::check_parent`] once per disk, and an incremental reads the parent's
+//!   chunks without a healthy copy instead of referencing them unchanged;
 //! - older snapshots reference the same digest, so they restore from the new copy; no manifest changes.
 //!
 //! A handle reads `damaged` at its first lookup and checks at most once a second whether it was replaced,
 //! so a running backup sees new marks within a second. `verify` reports a damaged
 //! copy that has a healthy copy elsewhere as healed ([`ChunkProblem::healed`]): it affects no restore point
-//! and does not fail the check. A `damaged` file that cannot be parsed makes lookups fail with an error
-//! naming its line, rather than letting backups reference damaged data; removing it and running
-//! `verify --read-data` marks the damage again.
+//! and does not fail the check. A `damaged` file that is damaged blocks nothing: readers go on with the marks
+//! they could read (a lost mark costs what it did before marks existed, until the next `verify --read-data`
+//! marks it again), `verify` reports it and writes it again.
 
 mod config;
 mod damaged;
@@ -248,6 +280,7 @@ mod history;
 mod ids;
 mod index;
 mod pack;
+mod readable;
 mod recovery;
 mod repository;
 mod retention;
@@ -271,6 +304,7 @@ pub use gc::{
 };
 pub use ids::rfc3339;
 pub use pack::{PackEntry, PackTrailer, PackWriter, decode, decode_into, read_pack_trailer};
+pub use readable::ParentCheck;
 pub use repository::{RebuildReport, Repository};
 pub use retention::{Decision, KeepPolicy, plan};
 pub use session::BackupSession;

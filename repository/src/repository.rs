@@ -440,7 +440,7 @@ impl Repository {
     }
 
     /// Where to read a chunk from, for restores and `verify`: the first copy not marked damaged, in the order
-    /// of [`Repository::find_copy`]. Not for deduplication.
+    /// of the crate root's "Reading after damage". Not for deduplication.
     pub fn locate(&self, digest: &Digest) -> Result<Option<ChunkLocation>> {
         let marks = self.damage_marks()?;
         self.find_copy(digest, &mut |loc| !marks.contains(digest, loc))
@@ -584,7 +584,7 @@ impl Repository {
     }
 
     /// Looks up, reads, decodes and verifies one chunk: the plaintext whose BLAKE3 is `digest`, or an error.
-    /// Every copy not marked damaged is tried in the order of [`Repository::find_copy`] until one reads back
+    /// Every copy not marked damaged is tried in the order of the crate root's "Reading after damage" until one reads back
     /// whole, so a damaged index record or blob costs a restore nothing while another copy is good (the
     /// restore stages call this when the copy they read first does not decode or verify).
     pub fn load_chunk(&self, digest: &Digest) -> Result<Vec<u8>> {

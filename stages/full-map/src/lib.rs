@@ -5,10 +5,13 @@
 //! option without one), and the disk's parent (the same disk in the machine's latest snapshot, when
 //! its size and chunk size match) is attached so that the deduplicator can compare with it first.
 //!
-//! When the repository has chunks marked damaged with no healthy copy (see the repository's
-//! "Damaged chunks"), the parent's table is scanned once for them: the deduplicator stores those
-//! chunks again instead of trusting the parent's digest, and incremental maps read them instead of
-//! referencing them unchanged ([`reread_damaged`]). Without marks nothing of this costs anything.
+//! A backup never takes over a parent's chunk the repository cannot read. Before planning, the
+//! parent's chunks are checked against the index (index lookups, no reads of chunk data:
+//! [`backflow_repository::Repository::check_parent`]); those missing from the index or whose every
+//! copy is marked damaged are read from the source and stored again: the deduplicator does not
+//! trust the parent's digest for them, and incremental maps read them instead of referencing them
+//! unchanged ([`reread_damaged`]). Past [`STORE_AGAIN_LIMIT`] such chunks the parent is dropped and
+//! the disk read in full, with a warning.
 
 use std::sync::Arc;
 
@@ -24,6 +27,12 @@ pub const KIND: &str = "full";
 /// Extents handed to readers are at most this many chunks, so that several reader workers share
 /// one large allocated range.
 pub const DEFAULT_MAX_EXTENT_CHUNKS: u64 = 32;
+
+/// Most chunks of a parent that a backup reads again one by one because the repository has no
+/// healthy copy of them (512 KiB of chunk indexes). Beyond this the parent is not used at all: the
+/// disk is read in full and deduplicated against the index, which costs a full read but never
+/// memory that grows with the damage.
+pub const STORE_AGAIN_LIMIT: usize = 64 * 1024;
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -151,8 +160,9 @@ pub struct SnapshotParent {
     pub snapshot: Arc<Snapshot>,
     pub disk: usize,
     pub chunks: u64,
-    /// Indexes of the parent's chunks whose stored copies are all marked damaged, sorted: they are
-    /// read and stored again, never referenced. Empty when the repository has no marks.
+    /// Indexes of the parent's chunks that the repository has no healthy copy of (missing from the
+    /// index, or every copy marked damaged), sorted: they are read and stored again, never
+    /// referenced ([`backflow_repository::Repository::check_parent`]).
     pub store_again: Vec<u64>,
 }
 
@@ -229,13 +239,24 @@ pub fn find_parent(
         return Ok(None);
     }
     let chunks = size.div_ceil(u64::from(chunk_size));
-    let store_again = damaged_chunks(repo, &snapshot, disk)?;
-    if !store_again.is_empty() {
+    let check = repo.check_parent(&snapshot, disk, STORE_AGAIN_LIMIT)?;
+    if check.count > check.unreadable.len() as u64 {
         worker.ctx().warn(format!(
-            "disk {}: {} chunks of snapshot {} are marked damaged with no healthy copy; reading and \
-             storing them again",
+            "disk {}: {} or more chunks of snapshot {} have no healthy copy in the repository (missing \
+             from the index or marked damaged); reading the whole disk again, deduplicated, instead of \
+             taking chunks over from it",
             source.name,
-            store_again.len(),
+            check.count,
+            snapshot.info().id
+        ));
+        return Ok(None);
+    }
+    if !check.unreadable.is_empty() {
+        worker.ctx().warn(format!(
+            "disk {}: {} chunks of snapshot {} have no healthy copy in the repository (missing from the \
+             index or marked damaged); reading them from the disk and storing them again",
+            source.name,
+            check.count,
             snapshot.info().id
         ));
     }
@@ -243,30 +264,8 @@ pub fn find_parent(
         snapshot: Arc::new(snapshot),
         disk,
         chunks,
-        store_again,
+        store_again: check.unreadable,
     })))
-}
-
-/// The indexes of `disk`'s chunks in `snapshot` that are marked damaged in the repository with no
-/// healthy copy, sorted. One pass over the table, and only when the repository has such chunks.
-fn damaged_chunks(
-    repo: &backflow_repository::Repository,
-    snapshot: &Snapshot,
-    disk: usize,
-) -> Result<Vec<u64>, StageError> {
-    let damaged = repo.damaged_digests()?;
-    if damaged.is_empty() {
-        return Ok(Vec::new());
-    }
-    let mut out = Vec::new();
-    for (index, entry) in snapshot.chunks(disk).enumerate() {
-        if let ChunkRef::Data(d) = entry?
-            && damaged.contains(&d)
-        {
-            out.push(index as u64);
-        }
-    }
-    Ok(out)
 }
 
 /// Makes the chunks of `store_again` (sorted indexes) that a plan marks `Unchanged` into `Data`, so
