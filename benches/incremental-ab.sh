@@ -9,8 +9,9 @@
 # `cargo build --release -p backflow`); the new one is this tree's target/release/backflow (built
 # here). Both start every run from the same state: copies of the repository after the full backup
 # and of the image after the change. The order alternates (old first, then new first). Prints each
-# run's seconds, the median per build, and new / old. One incremental of each build is then
-# restored and compared with the image (qemu-img compare, not timed).
+# run's wall time, and per build the medians of wall time, CPU time (user + system: less sensitive
+# to other work on the machine) and the changed-block map stage's busy time, and new / old. One
+# incremental of each build is then restored and compared with the image (not timed).
 # Needs about 4x SIZE of free disk in $BENCH_DIR (default /var/tmp/backflow-incremental-ab).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -51,14 +52,18 @@ reset_state() {
   cp -a "$WORK/repo.base" "$WORK/repo"
   cp --sparse=always "$WORK/image.base" "$IMG"
 }
-run_one() { # $1 name, $2 binary
+run_one() { # $1 name, $2 binary, $3 run number
   reset_state
-  /usr/bin/time -f "%e" -o "$WORK/t" "$2" run specs/backup-qcow2.yaml --quiet --var source="$IMG" \
-    --var repo="$WORK/repo" --var disk=disk --report "$WORK/$1.json" >/dev/null
-  echo "$1 $(cat "$WORK/t")" | tee -a "$WORK/times" >&2
+  /usr/bin/time -f "%e %U %S" -o "$WORK/t" "$2" run specs/backup-qcow2.yaml --quiet --var source="$IMG" \
+    --var repo="$WORK/repo" --var disk=disk --report "$WORK/$1-$3.json" >/dev/null
+  # wall, CPU (user + system), and the busy time of the changed-block map stage (where the plan, and
+  # with it the check of the parent's chunks, is made)
+  read -r wall user sys <"$WORK/t"
+  map=$(python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); print(sum(s["busy_seconds"] for s in r["stages"] if s["kind"] in ("dirty-bitmap","full")))' "$WORK/$1-$3.json")
+  echo "$1 $wall $(awk -v u="$user" -v s="$sys" 'BEGIN {print u + s}') $map" | tee -a "$WORK/times" >&2
 }
 for i in $(seq "$RUNS"); do
-  if [ $((i % 2)) -eq 1 ]; then run_one old "$OLD"; run_one new "$NEW"; else run_one new "$NEW"; run_one old "$OLD"; fi
+  if [ $((i % 2)) -eq 1 ]; then run_one old "$OLD" "$i"; run_one new "$NEW" "$i"; else run_one new "$NEW" "$i"; run_one old "$OLD" "$i"; fi
 done
 
 # Correctness, untimed: each build's incremental restores to the changed image.
@@ -72,14 +77,16 @@ for name in old new; do
   rm -f "$WORK/restored.raw"
 done
 
-median() { awk -v k="$1" '$1==k {print $2}' "$WORK/times" | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
-OLD_MED=$(median old)
-NEW_MED=$(median new)
-echo "| build | runs (s) | median (s) |"
-echo "|---|---|---:|"
+median() { # $1 name, $2 column
+  awk -v k="$1" -v c="$2" '$1==k {print $c}' "$WORK/times" | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'
+}
+echo "| build | wall (s), each run | median wall (s) | median CPU (s) | median map stage busy (s) |"
+echo "|---|---|---:|---:|---:|"
 for name in old new; do
-  echo "| $name | $(awk -v k=$name '$1==k {printf "%s ", $2}' "$WORK/times") | $(median $name) |"
+  echo "| $name | $(awk -v k=$name '$1==k {printf "%s ", $2}' "$WORK/times")| $(median $name 2) | $(median $name 3) | $(median $name 4) |"
 done
 echo
-echo "new / old (median): $(awk -v a="$NEW_MED" -v b="$OLD_MED" 'BEGIN {printf "%.3f", a / b}')"
-echo "read by the incremental: $(json_num source_bytes_read "$WORK/new.json") bytes (new), $(json_num source_bytes_read "$WORK/old.json") bytes (old)"
+for col in 2:wall 3:CPU; do
+  echo "new / old, median ${col#*:}: $(awk -v a="$(median new "${col%%:*}")" -v b="$(median old "${col%%:*}")" 'BEGIN {printf "%.3f", a / b}')"
+done
+echo "read by the incremental: $(json_num source_bytes_read "$WORK/new-1.json") bytes (new), $(json_num source_bytes_read "$WORK/old-1.json") bytes (old)"

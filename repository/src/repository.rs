@@ -23,6 +23,9 @@ use crate::{ChunkLocation, Digest, PackId, StoredChunk};
 /// file descriptors a reader holds.
 const PACK_CACHE_SIZE: usize = 16;
 
+/// Packs whose presence a handle remembers (about 40 bytes each) before it starts over.
+const PACK_EXISTS_CACHE: usize = 64 * 1024;
+
 /// A directory whose modification time is this close to the moment it was listed may change again without
 /// its time changing (file systems with coarse timestamps), so it is listed again on the next lookup miss.
 const RACY_MTIME_WINDOW: Duration = Duration::from_secs(2);
@@ -138,6 +141,8 @@ struct Inner {
     user: Option<crate::gc::UserEntry>,
     /// The recovery index (`recovery.rs`), built on the first restore lookup the index cannot serve.
     recovery: Mutex<Option<Arc<crate::recovery::Recovery>>>,
+    /// Packs a lookup found there or missing ([`Repository::lookup`]).
+    pack_exists: RwLock<std::collections::HashMap<PackId, bool>>,
 }
 
 /// A repository on a local (or POSIX cluster) file system. Cheap to clone: clones share open files and caches.
@@ -224,6 +229,7 @@ impl Repository {
                 damaged: Default::default(),
                 user: crate::gc::UserEntry::register(path),
                 recovery: Mutex::new(None),
+                pack_exists: RwLock::new(std::collections::HashMap::new()),
             }),
         })
     }
@@ -367,7 +373,7 @@ impl Repository {
     }
 
     /// Where a committed chunk is stored, if any committed index has it: the first copy that is not marked
-    /// damaged, in index files in the order they were listed, copies in file order. This one rule ("the first
+    /// damaged (and whose pack is there), in index files in the order they were listed, copies in file order. This one rule ("the first
     /// healthy copy wins") serves deduplication, restores ([`Repository::locate`] extends it) and `verify`.
     ///
     /// Index files are listed on the first lookup, not at open. When a lookup misses and the `index/` directory
@@ -377,7 +383,31 @@ impl Repository {
         // Read first, even for a miss: a marks file that cannot be read must not let a marked copy through. The
         // cost is a lock and a clock read; the file is checked once a second.
         let marks = self.damage_marks()?;
-        self.find_indexed(digest, &mut |loc| !marks.contains(digest, loc))
+        self.find_indexed(digest, &mut |loc| {
+            !marks.contains(digest, loc) && self.pack_exists(&loc.pack)
+        })
+    }
+
+    /// Whether a pack file is there, remembered per handle: a lookup must not hand deduplication a copy in
+    /// a pack that was lost (a gc deletes only packs whose chunks left the index, so a remembered "there"
+    /// stays true for every copy a lookup can still find).
+    fn pack_exists(&self, id: &PackId) -> bool {
+        if let Some(there) = self
+            .inner
+            .pack_exists
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(id)
+        {
+            return *there;
+        }
+        let mut known = self.inner.pack_exists.write().unwrap_or_else(|e| e.into_inner());
+        if known.len() >= PACK_EXISTS_CACHE {
+            known.clear();
+        }
+        let there = crate::pack::pack_path(&self.inner.path, id).exists();
+        known.insert(*id, there);
+        there
     }
 
     /// The first copy of `digest` in the index files that `accept` takes (see [`Repository::lookup`]).

@@ -251,7 +251,13 @@ pub(crate) fn verify(
     ids.sort();
     for id in ids {
         let path = pack_path(root, &id);
+        let gone = |e: &RepoError| matches!(e, RepoError::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound);
         let state = match std::fs::metadata(&path) {
+            // A pack no index names that a gc's sweep removed meanwhile (a killed session's): not damage.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !indexed.contains(&id) => {
+                packs.remove(&id);
+                continue;
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 report.damaged_packs.push(DamagedFile {
                     path: path.display().to_string(),
@@ -261,6 +267,10 @@ pub(crate) fn verify(
             }
             Err(e) => return Err(RepoError::io("stat", path, e)),
             Ok(meta) => match read_pack_trailer(&path) {
+                Err(e) if gone(&e) && !indexed.contains(&id) => {
+                    packs.remove(&id);
+                    continue;
+                }
                 Err(e) => {
                     report.damaged_packs.push(DamagedFile {
                         path: path.display().to_string(),
@@ -274,8 +284,14 @@ pub(crate) fn verify(
                 Ok(trailer) => {
                     report.packs += 1;
                     if read_data {
-                        let file =
-                            File::open(&path).map_err(|e| RepoError::io("open pack", &path, e))?;
+                        let file = match File::open(&path) {
+                            Ok(f) => f,
+                            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !indexed.contains(&id) => {
+                                packs.remove(&id);
+                                continue;
+                            }
+                            Err(e) => return Err(RepoError::io("open pack", &path, e)),
+                        };
                         for e in &trailer.entries {
                             blob.resize(e.stored_len as usize, 0);
                             let read = read_exact_at(&file, &mut blob, e.offset, &path, "chunk");
