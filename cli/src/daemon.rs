@@ -16,13 +16,13 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use backflow_jobs::schedule::Scheduler;
 use backflow_jobs::select::Selected;
 use backflow_jobs::{Job, RunJobOptions, SessionRecord, Verdict};
 use backflow_pipeline::CancelToken;
 
-use crate::{BadInput, display};
+use crate::{BadInput, signals};
 
 /// The longest sleep between two checks: how late a signal or a run's end may be noticed
 /// (a run's end usually wakes the daemon at once).
@@ -42,7 +42,7 @@ type Ended = (usize, Option<(SessionRecord, Result<(), String>)>);
 pub fn run(args: Args) -> Result<()> {
     let jobs = load_jobs(&args.jobs)?;
     let cancel = CancelToken::new();
-    display::cancel_on_signals(cancel.clone()).context("installing the signal handlers")?;
+    signals::cancel_on_signals(cancel.clone());
 
     let now = backflow_jobs::run::now();
     let jobs: Vec<(Job, Option<i64>)> = jobs

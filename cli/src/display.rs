@@ -1,60 +1,10 @@
-//! Terminal output: the live per-stage display and signal handling.
+//! Terminal output: the live per-stage display.
 
 use std::io::Write;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use backflow_pipeline::{CancelToken, Progress};
-
-/// Cancels the run on the first SIGINT or SIGTERM (the pipeline stops, cleanup runs, nothing is
-/// committed); a second one exits at once, which is still safe: the repository is valid at every
-/// moment. Returns once the handlers are installed.
-pub fn cancel_on_signals(cancel: CancelToken) -> std::io::Result<()> {
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    std::thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || {
-            let runtime = match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(r) => r,
-                Err(e) => {
-                    let _ = ready_tx.send(Err(e));
-                    return;
-                }
-            };
-            runtime.block_on(async move {
-                use tokio::signal::unix::{SignalKind, signal};
-                let (mut int, mut term) = match (
-                    signal(SignalKind::interrupt()),
-                    signal(SignalKind::terminate()),
-                ) {
-                    (Ok(i), Ok(t)) => (i, t),
-                    (Err(e), _) | (_, Err(e)) => {
-                        let _ = ready_tx.send(Err(e));
-                        return;
-                    }
-                };
-                let _ = ready_tx.send(Ok(()));
-                for round in 0..2 {
-                    tokio::select! {
-                        _ = int.recv() => {}
-                        _ = term.recv() => {}
-                    }
-                    if round == 0 {
-                        eprintln!("\nbackflow: stopping (again to quit at once)...");
-                        cancel.cancel();
-                    } else {
-                        std::process::exit(130);
-                    }
-                }
-            });
-        })?;
-    ready_rx
-        .recv_timeout(Duration::from_secs(5))
-        .map_err(std::io::Error::other)?
-}
+use backflow_pipeline::Progress;
 
 /// Redraws a small table on stderr about twice a second.
 #[derive(Default)]

@@ -1,5 +1,5 @@
-//! `backflow forget`: applies a keep policy to each VM's snapshots and removes the manifests it does not keep
-//! (the chunks stay until a garbage collection).
+//! `backflow forget`: applies a keep policy to each VM's snapshots and removes the manifests it does not keep,
+//! or removes the snapshots named with `--snapshot` (the chunks stay until a garbage collection).
 
 use std::path::PathBuf;
 
@@ -12,6 +12,12 @@ use crate::BadInput;
 pub struct Args {
     #[arg(long)]
     repo: PathBuf,
+    /// Forget this snapshot (its id, or a prefix that names one snapshot; repeatable), whatever a
+    /// policy would say: also one whose manifest is damaged (`backflow verify` names those).
+    #[arg(long, value_name = "ID", conflicts_with_all = [
+        "vm", "keep_last", "keep_daily", "keep_weekly", "keep_monthly", "keep_yearly",
+    ])]
+    snapshot: Vec<String>,
     /// Only this VM's snapshots (default: every VM, each on its own).
     #[arg(long, value_name = "NAME")]
     vm: Option<String>,
@@ -48,7 +54,137 @@ struct Output<'a> {
     forgotten: &'a [String],
 }
 
+/// One snapshot named with `--snapshot`, as `--json` prints it.
+#[derive(serde::Serialize)]
+struct Named {
+    id: String,
+    /// `None` when the manifest's metadata cannot be read (`damaged`).
+    vm: Option<String>,
+    time_utc: Option<String>,
+    damaged: bool,
+}
+
+/// What `--json` prints with `--snapshot`.
+#[derive(serde::Serialize)]
+struct NamedOutput<'a> {
+    dry_run: bool,
+    snapshots: &'a [Named],
+    /// Ids actually removed (empty on a dry run).
+    forgotten: &'a [String],
+}
+
+/// The snapshot id `wanted` names among `ids`: itself, or the one id it is a prefix of.
+fn resolve(wanted: &str, ids: &[String], repo: &std::path::Path) -> Result<String, BadInput> {
+    if ids.iter().any(|id| id == wanted) {
+        return Ok(wanted.to_owned());
+    }
+    let matches: Vec<&String> = if wanted.is_empty() {
+        Vec::new()
+    } else {
+        ids.iter().filter(|id| id.starts_with(wanted)).collect()
+    };
+    match matches[..] {
+        [one] => Ok(one.clone()),
+        [] => Err(BadInput(format!(
+            "backflow forget: --snapshot {wanted:?}: no snapshot in {} has this id or an id starting with it              (`backflow snapshots` lists them; `backflow verify` names damaged ones)",
+            repo.display()
+        ))),
+        _ => Err(BadInput(format!(
+            "backflow forget: --snapshot {wanted:?} is the start of {} snapshot ids, give more of the one              to forget: {}",
+            matches.len(),
+            matches
+                .iter()
+                .map(|s| s.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))),
+    }
+}
+
+/// `--snapshot`: every id is resolved before anything is removed.
+fn run_named(args: &Args) -> Result<()> {
+    let repository = crate::open_repo(&args.repo)?;
+    let ids = repository.manifest_ids()?;
+    let infos: std::collections::HashMap<String, backflow_repository::SnapshotInfo> = repository
+        .list_snapshots()?
+        .into_iter()
+        .map(|s| (s.id.clone(), s))
+        .collect();
+    let mut named: Vec<Named> = Vec::new();
+    for wanted in &args.snapshot {
+        let id = resolve(wanted, &ids, &args.repo)?;
+        if named.iter().any(|n| n.id == id) {
+            continue;
+        }
+        let info = infos.get(&id);
+        named.push(Named {
+            vm: info.map(|i| i.vm.clone()),
+            time_utc: info.map(|i| i.time_utc.clone()),
+            damaged: info.is_none(),
+            id,
+        });
+    }
+    let mut forgotten = Vec::new();
+    let mut failures = Vec::new();
+    if !args.dry_run {
+        for n in &named {
+            match repository.forget(&n.id) {
+                Ok(()) => forgotten.push(n.id.clone()),
+                Err(e) => failures.push(format!("{}: {e}", n.id)),
+            }
+        }
+    }
+    if args.json {
+        let out = NamedOutput {
+            dry_run: args.dry_run,
+            snapshots: &named,
+            forgotten: &forgotten,
+        };
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        let action = if args.dry_run {
+            "would forget"
+        } else {
+            "forget"
+        };
+        for n in &named {
+            match (&n.vm, &n.time_utc) {
+                (Some(vm), Some(time)) => println!("{action} {}  vm {vm}, {time}", n.id),
+                _ => println!(
+                    "{action} {}  (damaged manifest: its metadata cannot be read)",
+                    n.id
+                ),
+            }
+        }
+        if args.dry_run {
+            println!(
+                "dry run: nothing was removed; {} snapshot{} would be forgotten",
+                named.len(),
+                plural(named.len())
+            );
+        } else {
+            println!(
+                "forgot {} snapshot{}; their chunks stay until a garbage collection",
+                forgotten.len(),
+                plural(forgotten.len())
+            );
+        }
+    }
+    if !failures.is_empty() {
+        bail!(
+            "{} of {} snapshots could not be forgotten: {}",
+            failures.len(),
+            named.len(),
+            failures.join("; ")
+        );
+    }
+    Ok(())
+}
+
 pub fn run(args: Args) -> Result<()> {
+    if !args.snapshot.is_empty() {
+        return run_named(&args);
+    }
     let policy = KeepPolicy {
         last: args.keep_last,
         daily: args.keep_daily,
@@ -60,7 +196,7 @@ pub fn run(args: Args) -> Result<()> {
         return Err(BadInput(
             "backflow forget: no keep rule given: pass at least one of --keep-last, --keep-daily, \
              --keep-weekly, --keep-monthly, --keep-yearly with N >= 1 (forgetting every snapshot is \
-             never the default)"
+             never the default), or name the snapshots to forget with --snapshot ID"
                 .into(),
         )
         .into());

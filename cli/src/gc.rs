@@ -15,8 +15,16 @@ pub struct Args {
           value_parser = clap::value_parser!(u8).range(0..=100))]
     repack_threshold: u8,
     /// Report what a gc would remove and rewrite; change nothing.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "reset_state")]
     dry_run: bool,
+    /// Also delete the damaged packs an earlier gc moved to the quarantine (quarantine/ in the
+    /// repository) after salvaging what snapshots use.
+    #[arg(long)]
+    drop_quarantine: bool,
+    /// Abandon a pending gc cycle whose state (gc/) is damaged, deleting nothing, then collect
+    /// again; run it when no backup or restore runs (`backflow verify` says when it is needed).
+    #[arg(long)]
+    reset_state: bool,
     /// The report as JSON.
     #[arg(long)]
     json: bool,
@@ -36,6 +44,8 @@ pub fn run(args: Args) -> Result<()> {
     let report = repo.gc(&GcOptions {
         repack_threshold: args.repack_threshold,
         dry_run: args.dry_run,
+        drop_quarantine: args.drop_quarantine,
+        reset_state: args.reset_state,
     })?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -54,6 +64,19 @@ pub fn text(r: &GcReport) -> String {
     let mut out = String::new();
     if r.dry_run {
         out.push_str("dry run, nothing changed; a gc now would find:\n");
+    }
+    if r.state_reset {
+        out.push_str(
+            "abandoned the pending gc cycle whose state could not be trusted (nothing was deleted)\n",
+        );
+    }
+    if r.quarantine_dropped > 0 {
+        out.push_str(&format!(
+            "{} {} quarantined packs: {} freed\n",
+            if r.dry_run { "would delete" } else { "deleted" },
+            r.quarantine_dropped,
+            mib(r.quarantine_bytes_freed)
+        ));
     }
     if let Some(earlier) = &r.earlier_cycle {
         out.push_str("finished the collection an earlier gc had begun:\n");
@@ -98,6 +121,32 @@ pub fn text(r: &GcReport) -> String {
     for p in &r.damaged_packs {
         out.push_str(&format!(
             "pack {p} has a damaged chunk and was left as it is\n"
+        ));
+    }
+    if r.chunks_salvaged > 0 {
+        out.push_str(&format!(
+            "salvaged {} chunks that snapshots use from damaged copies (each checked against its digest, \
+             stored again)\n",
+            r.chunks_salvaged
+        ));
+    }
+    for p in &r.packs_quarantined {
+        out.push_str(&format!(
+            "pack {p} is damaged (header, trailer or footer): {} to {}/ (`--drop-quarantine` deletes it)\n",
+            if r.waiting_for.is_some() || r.dry_run {
+                "to be moved"
+            } else {
+                "moved"
+            },
+            backflow_repository::QUARANTINE_DIR
+        ));
+    }
+    if r.chunks_unsalvageable > 0 {
+        out.push_str(&format!(
+            "{} chunks that snapshots use have no copy that decodes to its digest: kept with their damage \
+             marks; `backflow verify` names the snapshots, and the next backup of a VM that still has the \
+             data stores them again\n",
+            r.chunks_unsalvageable
         ));
     }
     out

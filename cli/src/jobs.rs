@@ -6,7 +6,7 @@ use anyhow::{Result, bail};
 use backflow_jobs::{HealthCheckRecord, RunJobOptions, SessionRecord, Verdict};
 use backflow_pipeline::{ByteSize, CancelToken};
 
-use crate::{BadInput, Interrupted, display};
+use crate::{BadInput, Interrupted, signals};
 
 #[derive(clap::Subcommand)]
 pub enum JobCommand {
@@ -72,7 +72,7 @@ pub fn run(command: JobCommand) -> Result<()> {
         } => {
             let job = backflow_jobs::load(&file).map_err(BadInput)?;
             let cancel = CancelToken::new();
-            let _signals = display::cancel_on_signals(cancel.clone());
+            signals::cancel_on_signals(cancel.clone());
             let (record, stored) = backflow_jobs::run_job(
                 &job,
                 &RunJobOptions {

@@ -7,6 +7,7 @@ mod display;
 mod forget;
 mod gc;
 mod jobs;
+mod signals;
 mod vms;
 
 use std::io::IsTerminal;
@@ -137,7 +138,8 @@ enum Command {
     /// Rebuild the index from the packs alone (repair; no backup may run meanwhile).
     RebuildIndex(gc::RebuildArgs),
     /// Forget snapshots by a keep policy (keep-last, daily/weekly/monthly/yearly), each VM on its
-    /// own; --dry-run lists what would go. Chunks stay until a garbage collection.
+    /// own, or by id (--snapshot ID, damaged ones too); --dry-run lists what would go. Chunks stay
+    /// until a garbage collection.
     Forget(forget::Args),
     /// Backup jobs: `job run FILE` runs one now, `job validate FILE` checks its file.
     #[command(subcommand)]
@@ -195,6 +197,8 @@ impl std::fmt::Display for Interrupted {
 impl std::error::Error for Interrupted {}
 
 fn main() -> ExitCode {
+    // Before anything else: a signal from here on ends the process with 130, never by the signal.
+    signals::install();
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cli.log));
@@ -220,6 +224,19 @@ fn main() -> ExitCode {
 }
 
 fn execute(command: Command) -> Result<()> {
+    // Commands that run pipelines or jobs hand their cancel token to the signal handling when they
+    // have one (a signal before that cancels it at once); every other one can stop at any moment.
+    let cancellable = matches!(
+        command,
+        Command::Run { .. }
+            | Command::Restore { .. }
+            | Command::Job(jobs::JobCommand::Run { .. })
+            | Command::Daemon(_)
+            | Command::Demo { .. }
+    );
+    if !cancellable {
+        signals::exit_on_signals();
+    }
     match command {
         Command::Run {
             spec,
@@ -380,7 +397,7 @@ pub fn run_pipeline(
     quiet: bool,
 ) -> Result<RunReport> {
     let cancel = CancelToken::new();
-    let _signals = display::cancel_on_signals(cancel.clone());
+    signals::cancel_on_signals(cancel.clone());
     let live = !quiet && std::io::stderr().is_terminal();
     let on_progress = live.then(|| Arc::new(display::LiveDisplay::default().into_callback()) as _);
     let report = pipeline.run(RunOptions {
@@ -465,8 +482,25 @@ pub fn verify_text(report: &backflow_repository::VerifyReport) -> String {
             report.unreferenced_packs
         ));
     }
+    for (f, id) in report
+        .damaged_snapshots
+        .iter()
+        .zip(&report.damaged_snapshot_ids)
+    {
+        // The manifest is REPO/snapshots/ID.snap.
+        let repo = Path::new(&f.path)
+            .parent()
+            .and_then(Path::parent)
+            .unwrap_or(Path::new("REPO"));
+        out.push_str(&format!(
+            "DAMAGED snapshot {id} (manifest {}): {}\n    if it cannot be repaired, `backflow forget \
+             --repo {} --snapshot {id}` removes it (a gc stops until then)\n",
+            f.path,
+            f.error,
+            repo.display()
+        ));
+    }
     for (what, files) in [
-        ("snapshot manifest", &report.damaged_snapshots),
         ("index file", &report.damaged_index_files),
         ("pack", &report.damaged_packs),
     ] {
@@ -529,11 +563,10 @@ pub fn verify_text(report: &backflow_repository::VerifyReport) -> String {
              stores it again\n"
         ));
     }
-    let broken = report.damaged_snapshot_ids();
-    if !broken.is_empty() {
+    if !report.unrestorable_snapshots.is_empty() {
         out.push_str(&format!(
             "snapshots that cannot be restored whole: {}\n",
-            broken.join(", ")
+            report.unrestorable_snapshots.join(", ")
         ));
     }
     out.push_str(if report.is_ok() {

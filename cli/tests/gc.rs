@@ -4,6 +4,7 @@
 
 mod common;
 
+use std::os::unix::fs::FileExt;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -249,25 +250,55 @@ fn a_backup_running_during_gc_commits_a_snapshot_that_restores() {
     assert_eq!(num(&last, "chunks_removed"), 0, "{last:#}");
 }
 
-/// A repository with forgotten snapshots, copied for each kill.
+/// A repository with forgotten snapshots, copied for each kill; with `damaged`, one pack's header is
+/// damaged too (and marked by `verify`), so that the gc salvages and quarantines as well as it deletes
+/// and rewrites.
 struct Template {
     dir: tempfile::TempDir,
     repo: PathBuf,
     newest: String,
     copy: PathBuf,
+    /// The damaged pack, relative to the repository (`packs/XX/ID.pack`).
+    damaged: Option<PathBuf>,
     /// Pack bytes after an uninterrupted gc.
     clean_bytes: u64,
 }
 
-fn template() -> Template {
+/// Kill points reached only when the repository holds damage (see `GC_KILL_POINTS`).
+const DAMAGE_ONLY_KILL_POINTS: &[&str] = &["salvaging", "quarantining"];
+
+fn template(damaged: bool) -> Template {
     let dir = tempfile::tempdir().unwrap();
     let repo = dir.path().join("template");
     let (newest, copy) = three_then_forget(dir.path(), &repo);
+    let damaged = damaged.then(|| {
+        // The last pack written holds chunks only the newest snapshot uses: byte 19 is in its header.
+        let pack = pack_files(&repo)
+            .into_iter()
+            .max_by_key(|p| p.metadata().unwrap().modified().unwrap())
+            .unwrap();
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&pack)
+            .unwrap();
+        let mut byte = [0u8];
+        file.read_exact_at(&mut byte, 19).unwrap();
+        file.write_all_at(&[byte[0] ^ 0x40], 19).unwrap();
+        assert!(!verify(&repo, true).status.success());
+        pack.strip_prefix(&repo).unwrap().to_owned()
+    });
     let clean = dir.path().join("clean");
     cp_a(&repo, &clean);
-    gc_json(&clean, &["--repack-threshold", "0"]);
+    let report = gc_json(&clean, &["--repack-threshold", "0"]);
+    assert_eq!(
+        report["packs_quarantined"].as_array().unwrap().len(),
+        usize::from(damaged.is_some()),
+        "{report:#}"
+    );
     Template {
         clean_bytes: pack_bytes(&clean),
+        damaged,
         dir,
         repo,
         newest,
@@ -300,35 +331,55 @@ fn assert_recovers(t: &Template, repo: &Path, what: &str) {
     );
     assert_restores_then_verifies(repo, &[(&t.newest, &t.copy)], t.dir.path());
     assert!(!repo.join("gc/state.json").exists(), "{what}");
+    if let Some(damaged) = &t.damaged {
+        assert!(!repo.join(damaged).exists(), "{what}");
+        assert!(
+            repo.join(backflow_repository::QUARANTINE_DIR)
+                .join(damaged)
+                .exists(),
+            "{what}: the damaged pack is not in the quarantine"
+        );
+    }
+}
+
+fn kill_points() -> Vec<String> {
+    let out = run_ok(backflow().args(["gc", "--list-kill-points"]));
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Runs a gc on a copy of the template that kills itself at `point`.
+fn killed_at(t: &Template, point: &str) -> PathBuf {
+    let repo = t.dir.path().join(format!("kill-{point}"));
+    cp_a(&t.repo, &repo);
+    let out = backflow()
+        .args(["gc", "--repack-threshold", "0", "--repo"])
+        .arg(&repo)
+        .env(backflow_repository::GC_KILL_AT, point)
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.signal(),
+        Some(9),
+        "gc was to be killed at {point}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    repo
 }
 
 #[test]
 fn sigkill_at_every_step_of_gc_loses_nothing() {
-    let t = template();
-    let points: Vec<String> = {
-        let out = run_ok(backflow().args(["gc", "--list-kill-points"]));
-        String::from_utf8(out.stdout)
-            .unwrap()
-            .lines()
-            .map(str::to_owned)
-            .collect()
-    };
-    assert!(points.len() >= 8, "{points:?}");
-    for point in &points {
-        let repo = t.dir.path().join(format!("kill-{point}"));
-        cp_a(&t.repo, &repo);
-        let out = backflow()
-            .args(["gc", "--repack-threshold", "0", "--repo"])
-            .arg(&repo)
-            .env(backflow_repository::GC_KILL_AT, point)
-            .output()
-            .unwrap();
-        assert_eq!(
-            out.status.signal(),
-            Some(9),
-            "gc was to be killed at {point}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+    let t = template(false);
+    let points = kill_points();
+    assert!(points.len() >= 10, "{points:?}");
+    for point in points
+        .iter()
+        .filter(|p| !DAMAGE_ONLY_KILL_POINTS.contains(&p.as_str()))
+    {
+        let repo = killed_at(&t, point);
         // Killed, the repository still restores before any repair.
         assert_restores(&repo, &[(&t.newest, &t.copy)], t.dir.path());
         assert_recovers(&t, &repo, point);
@@ -336,9 +387,21 @@ fn sigkill_at_every_step_of_gc_loses_nothing() {
     }
 }
 
+/// The same with a damaged pack whose chunks the newest snapshot needs (it restores only once a gc
+/// salvaged them): every step, the salvage and the quarantine included, can be killed and resumed.
+#[test]
+fn sigkill_at_every_step_of_a_gc_that_salvages_loses_nothing() {
+    let t = template(true);
+    for point in kill_points() {
+        let repo = killed_at(&t, &point);
+        assert_recovers(&t, &repo, &point);
+        std::fs::remove_dir_all(&repo).unwrap();
+    }
+}
+
 #[test]
 fn sigkill_at_random_moments_loses_nothing() {
-    let t = template();
+    let t = template(true);
     let mut seed = 0x5eed_u64;
     // Kills that found the gc still running (the others came after it ended).
     let mut interrupted = 0;

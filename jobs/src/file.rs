@@ -1,7 +1,8 @@
 //! The job file: YAML, read with `serde-saphyr`, so that every mistake is reported with the file,
 //! line and column, the field and what was expected. Values that need more than a type (cron
 //! expressions, VM patterns, disk exclusions, stage overrides) are checked while they are read,
-//! so their errors carry a position too.
+//! so their errors carry a position too. A job file is a regular file of at most
+//! [`MAX_JOB_FILE_SIZE`] bytes: a FIFO or a device is refused before it is opened.
 //!
 //! ```yaml
 //! name: nightly                      # required: names the job's sessions
@@ -50,6 +51,9 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 use serde_saphyr::Spanned;
+
+/// Largest job file, in bytes: the limit of specs ([`backflow_pipeline::input::MAX_SPEC_SIZE`]).
+pub const MAX_JOB_FILE_SIZE: u64 = backflow_pipeline::input::MAX_SPEC_SIZE;
 
 /// A job as its file says.
 #[derive(Clone, Debug, Deserialize)]
@@ -160,10 +164,15 @@ fn one() -> Parallel {
     Parallel(1)
 }
 
-/// Reads and checks a job file. The error is the whole message, file and position included.
+/// Reads and checks a job file. The error is the whole message, file and position included. The file
+/// must be a regular file of at most [`MAX_JOB_FILE_SIZE`] bytes: a FIFO or a device is refused before
+/// it is opened (it could block or never end).
 pub fn load(path: &Path) -> Result<Job, String> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("{}: cannot read the job file: {e}", path.display()))?;
+    use backflow_pipeline::input::{InputError, read_text_file};
+    let text = read_text_file(path, MAX_JOB_FILE_SIZE).map_err(|e| match e {
+        InputError::Io(e) => format!("{}: cannot read the job file: {e}", path.display()),
+        other => format!("{}: the job file {other}", path.display()),
+    })?;
     parse(&text, &path.display().to_string())
 }
 

@@ -288,7 +288,7 @@ fn collect(
     let done = open(job, repo).and_then(|r| {
         r.gc(&backflow_repository::GcOptions {
             repack_threshold: gc.repack_threshold.0,
-            dry_run: false,
+            ..Default::default()
         })
         .map_err(|e| format!("gc: {e}"))
     });
@@ -568,6 +568,18 @@ fn gc_row(gc: &GcRecord, result: Verdict) -> backflow_notify::VmReport {
         row.bytes_written = r.bytes_written;
         if let Some(why) = &r.waiting_for {
             row.warnings.push(format!("nothing deleted yet: {why}"));
+        }
+        for pack in &r.packs_quarantined {
+            row.warnings.push(format!(
+                "pack {pack} is damaged: what snapshots use was salvaged, the pack moved to the quarantine"
+            ));
+        }
+        if r.chunks_unsalvageable > 0 {
+            row.warnings.push(format!(
+                "{} chunks that snapshots use have no copy that decodes to its digest; `backflow verify` \
+                 names the snapshots",
+                r.chunks_unsalvageable
+            ));
         }
     }
     row

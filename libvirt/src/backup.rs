@@ -163,6 +163,19 @@ pub fn checkpoint_xml(domain: &Domain, name: &str) -> Result<String> {
     Ok(unsafe { owned_string(xml) })
 }
 
+/// Whether the domain runs (`virDomainIsActive`).
+pub fn is_active(domain: &Domain) -> Result<bool> {
+    domain.is_active().map_err(|cause| {
+        let (uri, vm) = describe(domain);
+        LibvirtError::Call {
+            uri,
+            vm,
+            call: "virDomainIsActive",
+            cause,
+        }
+    })
+}
+
 /// Freezes the guest's filesystems through the QEMU guest agent (`virDomainFSFreeze`, all mounted
 /// filesystems); returns how many were frozen. Fails when no agent answers.
 pub fn fs_freeze(domain: &Domain) -> Result<u32> {

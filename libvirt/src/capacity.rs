@@ -53,6 +53,14 @@ pub(crate) fn find(conn: &Connect, local: bool, source: &DiskSource) -> Result<u
 }
 
 fn qemu_img_virtual_size(path: &str, source: &DiskSource) -> Result<u64, String> {
+    // qemu-img would wait forever to open a FIFO (and this listing with it).
+    use std::os::unix::fs::FileTypeExt;
+    let kind = std::fs::metadata(path)
+        .map_err(|e| format!("{path}: {e}"))?
+        .file_type();
+    if !(kind.is_file() || kind.is_block_device()) {
+        return Err(format!("{path} is not a regular file or a block device"));
+    }
     let mut cmd = Command::new("qemu-img");
     cmd.args(["info", "--output=json", "-U"]);
     // A block device is read as raw: probing the format of a device a guest writes is what libvirt and

@@ -130,6 +130,8 @@ pub struct ExportedDisk {
     pub bitmap: Option<String>,
     /// The checkpoint an incremental disk's changes are counted from.
     pub incremental: Option<String>,
+    /// Where libvirt keeps the disk's copy-before-write data while the job runs.
+    pub scratch: Option<PathBuf>,
 }
 
 /// Reads [`backup_xml`](crate::backup::backup_xml)'s answer.
@@ -162,6 +164,11 @@ pub fn parse_running_job(xml: &str) -> Result<RunningJob, String> {
                 export: d.attribute("exportname").unwrap_or(&target).to_owned(),
                 bitmap: d.attribute("exportbitmap").map(str::to_owned),
                 incremental: d.attribute("incremental").map(str::to_owned),
+                scratch: d
+                    .children()
+                    .find(|n| n.has_tag_name("scratch"))
+                    .and_then(|n| n.attribute("file"))
+                    .map(PathBuf::from),
                 target,
             })
         })
@@ -270,12 +277,14 @@ mod tests {
                     export: "vda".into(),
                     bitmap: Some("backup-vda".into()),
                     incremental: Some("backflow.a".into()),
+                    scratch: Some("/tmp/x/vda.scratch".into()),
                 },
                 ExportedDisk {
                     target: "vdb".into(),
                     export: "vdb".into(),
                     bitmap: None,
                     incremental: None,
+                    scratch: None,
                 },
             ]
         );

@@ -206,6 +206,14 @@ impl Connection {
         Ok((domain, info))
     }
 
+    /// The libvirt handle of the VM with this UUID: the same VM even if it was renamed (a new
+    /// connection finds a VM again by it).
+    pub fn domain_by_uuid(&self, uuid: &str) -> Result<Domain> {
+        self.conn
+            .lookup_domain_by_uuid_string(uuid)
+            .map_err(|cause| self.call_error("virDomainLookupByUUIDString", None, cause))
+    }
+
     fn conn_lookup(&self, name: &str) -> Result<Domain> {
         self.conn.lookup_domain_by_name(name).map_err(|cause| {
             if error::is_no_domain(&cause) {

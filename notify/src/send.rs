@@ -64,14 +64,42 @@ fn password(config: &SmtpConfig) -> Result<Option<String>> {
         ))),
         (Some(_), Some(password), None) => Ok(Some(password.expose().to_owned())),
         (Some(_), None, Some(path)) => {
-            let text =
-                std::fs::read_to_string(path).map_err(|source| NotifyError::PasswordFile {
+            let text = read_small_file(path)
+                .and_then(|b| String::from_utf8(b).map_err(std::io::Error::other))
+                .map_err(|source| NotifyError::PasswordFile {
                     path: path.clone(),
                     source,
                 })?;
             Ok(Some(text.trim_end_matches(['\r', '\n']).to_owned()))
         }
     }
+}
+
+/// Largest password or CA file read, in bytes: far above any real one.
+const MAX_SECRET_FILE_SIZE: u64 = 1 << 20;
+
+/// Reads a password or CA file: a regular file (checked before it is opened, so that a FIFO cannot
+/// block the mail, and the session with it) of at most [`MAX_SECRET_FILE_SIZE`] bytes.
+fn read_small_file(path: &std::path::Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let meta = std::fs::metadata(path)?;
+    if !meta.is_file() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a regular file",
+        ));
+    }
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)?
+        .take(MAX_SECRET_FILE_SIZE + 1)
+        .read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > MAX_SECRET_FILE_SIZE {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("larger than {MAX_SECRET_FILE_SIZE} bytes"),
+        ));
+    }
+    Ok(bytes)
 }
 
 fn tls_parameters(config: &SmtpConfig) -> Result<Option<TlsParameters>> {
@@ -84,7 +112,7 @@ fn tls_parameters(config: &SmtpConfig) -> Result<Option<TlsParameters>> {
             path: path.clone(),
             reason,
         };
-        let pem = std::fs::read(path).map_err(|e| ca_error(e.to_string()))?;
+        let pem = read_small_file(path).map_err(|e| ca_error(e.to_string()))?;
         let cert = Certificate::from_pem(&pem).map_err(|e| ca_error(e.to_string()))?;
         builder = builder.add_root_certificate(cert);
     }

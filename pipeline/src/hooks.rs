@@ -2,6 +2,7 @@
 //! VM there). Each is an environment variable naming a file; without the variable nothing happens.
 
 use std::path::PathBuf;
+use std::sync::{Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
 /// With `BACKFLOW_PAUSE_BEFORE_COMMIT=PATH` in the environment, the repository writer pauses once
@@ -11,6 +12,29 @@ pub const PAUSE_BEFORE_COMMIT: &str = "BACKFLOW_PAUSE_BEFORE_COMMIT";
 /// With `BACKFLOW_PAUSE_AFTER_SNAPSHOT=PATH` in the environment, a snapshot source pauses once its
 /// point-in-time view exists, before anything is read from it.
 pub const PAUSE_AFTER_SNAPSHOT: &str = "BACKFLOW_PAUSE_AFTER_SNAPSHOT";
+
+/// With `BACKFLOW_PAUSE_MID_TRANSFER=PATH` in the environment, the reads of a source served over
+/// NBD pause in the middle of the transfer: the first read to return pauses, and every other read
+/// waits until that pause ends. Something was read and the rest is still to come, however many
+/// readers there are: the moment to restart libvirtd, or to destroy the VM. Once per process.
+pub const PAUSE_MID_TRANSFER: &str = "BACKFLOW_PAUSE_MID_TRANSFER";
+
+/// The moment of [`PAUSE_MID_TRANSFER`], reached after every read of an NBD source. Without the
+/// variable it costs one atomic load.
+pub fn mid_transfer() {
+    static GATE: OnceLock<Option<Mutex<bool>>> = OnceLock::new();
+    let Some(gate) =
+        GATE.get_or_init(|| std::env::var_os(PAUSE_MID_TRANSFER).map(|_| Mutex::new(false)))
+    else {
+        return;
+    };
+    // Held through the pause: the other readers wait here.
+    let mut paused = gate.lock().unwrap_or_else(PoisonError::into_inner);
+    if !*paused {
+        *paused = true;
+        pause_at(PAUSE_MID_TRANSFER, "mid-transfer");
+    }
+}
 
 /// When the environment variable `var` names a file: creates it (saying `what`) and waits, at most
 /// ten minutes, until someone removes it.

@@ -14,6 +14,8 @@
 //! - [`spec`]: loading, substituting and validating YAML specs, with file:line:column errors.
 //! - [`units`]: sizes with suffixes (`128K`), for options and the command line.
 //! - [`harness`]: one stage alone on prepared input, for stage tests and benchmarks.
+//! - [`input`]: specs, job files and sources checked for what they are before they are read, and
+//!   bounded: nothing people hand a run can block it or fill its memory.
 //! - [`hooks`]: test hooks that pause a run at a named moment, for crash tests.
 //! - [`error`]: the stage error type and the error policy.
 
@@ -21,6 +23,7 @@ pub mod context;
 pub mod error;
 pub mod harness;
 pub mod hooks;
+pub mod input;
 pub mod message;
 pub mod runtime;
 pub mod spec;

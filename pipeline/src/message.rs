@@ -148,6 +148,36 @@ impl DiskSource {
         let vm = if vm.is_empty() { disk.clone() } else { vm };
         (disk, vm)
     }
+
+    /// [`DiskSource::names_for`], each name checked against the alphabet of disk and VM names
+    /// ([`backflow_repository::check_disk_name`]): for the options of a file-backed source, so that a
+    /// bad name is reported at the option that gave it (`disk`, `vm`, or `path` when the name comes
+    /// from the file name).
+    pub fn checked_names_for(
+        path: &Path,
+        disk: String,
+        vm: String,
+    ) -> Result<(String, String), crate::InvalidOption> {
+        use backflow_repository::{check_disk_name, check_vm_name};
+        let (disk_given, vm_given) = (!disk.is_empty(), !vm.is_empty());
+        let (disk, vm) = Self::names_for(path, disk, vm);
+        if let Err(e) = check_disk_name(&disk) {
+            return Err(if disk_given {
+                crate::InvalidOption::new("disk", e.to_string())
+            } else {
+                crate::InvalidOption::new(
+                    "path",
+                    format!(
+                        "the file name gives the disk its name, but {e}; set `disk` to a valid name"
+                    ),
+                )
+            });
+        }
+        if vm_given && let Err(e) = check_vm_name(&vm) {
+            return Err(crate::InvalidOption::new("vm", e.to_string()));
+        }
+        Ok((disk, vm))
+    }
 }
 
 /// The chunk table of the same disk in the parent snapshot, for dedup and for unchanged chunks.
@@ -317,5 +347,33 @@ impl BlockSource for SizeOnly {
 
     fn allocated(&self) -> io::Result<Option<Vec<(u64, u64)>>> {
         Ok(None)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_of_file_backed_sources_are_checked_where_they_come_from() {
+        let named = |path: &str, disk: &str, vm: &str| {
+            DiskSource::checked_names_for(Path::new(path), disk.into(), vm.into())
+        };
+        assert_eq!(
+            named("/srv/web01.qcow2", "", "").unwrap(),
+            ("web01".into(), "web01".into())
+        );
+        assert_eq!(
+            named("/srv/x.raw", "vdb", "db-2.prod").unwrap(),
+            ("vdb".into(), "db-2.prod".into())
+        );
+        let error = named("/srv/x.raw", "../x", "").unwrap_err();
+        assert_eq!(error.option, "disk");
+        assert!(error.message.contains("contains `/`"), "{}", error.message);
+        let error = named("/srv/.hidden.raw", "", "").unwrap_err();
+        assert_eq!(error.option, "path");
+        assert!(error.message.contains("set `disk`"), "{}", error.message);
+        let error = named("/srv/x.raw", "", "web\n01").unwrap_err();
+        assert_eq!(error.option, "vm");
     }
 }

@@ -318,7 +318,9 @@ pub struct Override {
     pub value: String,
 }
 
-/// Loads a spec file. A file that cannot be read, or is not UTF-8, is one error at 1:1.
+/// Loads a spec file. A file that cannot be read, is not a regular file, is larger than
+/// [`MAX_SPEC_SIZE`](crate::input::MAX_SPEC_SIZE) or is not UTF-8 is one error at 1:1; a FIFO or a
+/// device is refused before it is opened, so that none can block or read without end.
 pub fn load_file(
     path: &Path,
     vars: &[(String, String)],
@@ -343,12 +345,11 @@ pub fn load_file_with(
             message,
         )])
     };
-    let bytes = std::fs::read(path).map_err(|e| fail(format!("cannot read the spec: {e}")))?;
-    let text = String::from_utf8(bytes).map_err(|e| {
-        fail(format!(
-            "the spec is not valid UTF-8 (invalid byte at offset {})",
-            e.utf8_error().valid_up_to()
-        ))
+    let text = crate::input::read_text_file(path, crate::input::MAX_SPEC_SIZE).map_err(|e| {
+        fail(match e {
+            crate::input::InputError::Io(e) => format!("cannot read the spec: {e}"),
+            other => format!("the spec {other}"),
+        })
     })?;
     load_str_with(&file, &text, vars, overrides, catalog)
 }

@@ -6,10 +6,13 @@
 //! ```text
 //! backflow-damaged 2
 //! <digest, 64 hex> <pack id, 32 hex> <offset of the blob in the pack, decimal>
+//! frame <pack id, 32 hex>
 //! checksum <64 hex>
 //! ```
-//! (Version 1, written by earlier releases, has no checksum line; it is read, and written as version 2 on
-//! the next change.) A mark names a *location*, not a digest: a later backup that stores the same chunk
+//! A `frame` line marks a pack whose header, trailer or footer is damaged while the blobs the index points
+//! to read back whole: lookups and restores go on using them, and a gc salvages them and quarantines the
+//! pack. (Version 1, written by earlier releases, has no checksum and no frame lines; it is read, and written
+//! as version 2 on the next change.) A mark names a *location*, not a digest: a later backup that stores the same chunk
 //! again writes a new, healthy copy elsewhere, and the mark keeps pointing at the old one only. A garbage
 //! collection drops the marks of the packs it deleted (`Repository::drop_marks_of_deleted_packs`), and
 //! `verify --read-data` drops the marks of copies that read back whole.
@@ -51,6 +54,8 @@ const TMP_FILE: &str = "damaged.tmp";
 const HEADER: &str = "backflow-damaged 2";
 /// The first line of files written by earlier releases (no checksum line).
 const HEADER_V1: &str = "backflow-damaged 1";
+/// The prefix of a pack's frame mark, followed by the pack id (hex).
+const FRAME_PREFIX: &str = "frame ";
 /// The last line's prefix, followed by the BLAKE3 (hex) of every byte before that line.
 const CHECKSUM_PREFIX: &str = "checksum ";
 
@@ -82,11 +87,14 @@ pub struct DamageMarks {
     copies: HashSet<DamagedCopy>,
     /// The digests of `copies`, for [`DamageMarks::is_marked`].
     digests: HashSet<Digest>,
+    /// Packs whose header, trailer or footer is damaged while their blobs read back whole: nothing a lookup
+    /// skips (a restore reads those blobs), but what a gc salvages and quarantines.
+    frames: std::collections::BTreeSet<PackId>,
 }
 
 impl DamageMarks {
     pub fn is_empty(&self) -> bool {
-        self.copies.is_empty()
+        self.copies.is_empty() && self.frames.is_empty()
     }
 
     pub fn len(&self) -> usize {
@@ -118,6 +126,23 @@ impl DamageMarks {
         let mut all: Vec<DamagedCopy> = self.copies.iter().copied().collect();
         all.sort_unstable();
         all
+    }
+
+    /// The packs marked for a damaged frame, sorted.
+    pub fn frames(&self) -> Vec<PackId> {
+        self.frames.iter().copied().collect()
+    }
+
+    /// Marks a pack's frame damaged; returns whether it is new.
+    pub fn insert_frame(&mut self, pack: PackId) -> bool {
+        self.frames.insert(pack)
+    }
+
+    /// Keeps the frame marks `keep` takes; returns how many went.
+    pub(crate) fn retain_frames(&mut self, mut keep: impl FnMut(&PackId) -> bool) -> usize {
+        let before = self.frames.len();
+        self.frames.retain(|p| keep(p));
+        before - self.frames.len()
     }
 
     /// Adds a mark; returns whether it is new.
@@ -191,6 +216,18 @@ impl DamageMarks {
                 checksum = None;
                 hashed = text.len();
             }
+            if let Some(pack) = line.strip_prefix(FRAME_PREFIX) {
+                match parse_hex::<16>(pack) {
+                    Some(id) => {
+                        marks.insert_frame(PackId(id));
+                    }
+                    None => problems.push(format!(
+                        "line {number}: {:?} is not a pack id (32 hex digits)",
+                        truncate(pack)
+                    )),
+                }
+                continue;
+            }
             match parse_line(line) {
                 Ok(copy) => {
                     marks.insert(copy);
@@ -228,6 +265,11 @@ impl DamageMarks {
                 hex(&c.pack.0),
                 c.offset
             ));
+        }
+        for p in &self.frames {
+            out.push_str(FRAME_PREFIX);
+            out.push_str(&hex(&p.0));
+            out.push('\n');
         }
         let sum = blake3::hash(out.as_bytes()).to_hex();
         out.push_str(CHECKSUM_PREFIX);
@@ -411,14 +453,35 @@ impl Repository {
         Ok(added)
     }
 
-    /// Drops the marks of copies whose pack no longer exists (a garbage collection deleted it). Returns how
-    /// many went.
+    /// Drops the marks of copies whose pack no longer exists (a garbage collection deleted it). A pack a
+    /// gc moved to the quarantine keeps the marks of the chunks that have no healthy copy in the index (it
+    /// could not salvage them): `verify` and the backups' re-reading go on naming them. Returns how many went.
     pub(crate) fn drop_marks_of_deleted_packs(&self) -> Result<usize> {
         if !self.path().join(FILE).exists() {
             return Ok(0);
         }
         let root = self.path().to_owned();
-        self.update_marks(|marks| marks.retain(|c| crate::pack::pack_path(&root, &c.pack).exists()))
+        let in_packs = |c: &DamagedCopy| crate::pack::pack_path(&root, &c.pack).exists();
+        let mut unsalvaged = HashSet::new();
+        let quarantined: Vec<DamagedCopy> = self
+            .damage_marks()?
+            .copies()
+            .into_iter()
+            .filter(|c| !in_packs(c) && crate::gc::quarantine_path(&root, &c.pack).exists())
+            .collect();
+        if !quarantined.is_empty() {
+            // The index the gc just wrote, not the files this handle opened before.
+            self.reload_index()?;
+            for c in quarantined {
+                if self.lookup(&c.digest)?.is_none() {
+                    unsalvaged.insert(c);
+                }
+            }
+        }
+        self.update_marks(|marks| {
+            marks.retain(|c| in_packs(c) || unsalvaged.contains(c))
+                + marks.retain_frames(|p| crate::pack::pack_path(&root, p).exists())
+        })
     }
 
     /// Changes the marks under `damaged.lock`: `change` returns how many marks it changed, and only then
@@ -442,21 +505,28 @@ impl Repository {
 
     /// [`Repository::verify`], then marks every damaged copy it found ([`Repository::mark_damaged`]), so that
     /// lookups skip them and the next backup of a VM that still has the data stores it again; with
-    /// `read_data`, drops the marks of copies that read back whole. A damaged marks file is written again
+    /// `read_data`, drops the marks of copies that read back whole. Packs with a damaged frame get a frame
+    /// mark (for gc to salvage and quarantine them), and lose it once their frame reads back whole. A damaged marks file is written again
     /// (repaired) in the same step. The report's `marked`, `new_marks` and `cleared_marks` say what changed.
     pub fn verify_and_mark(&self, read_data: bool) -> Result<VerifyReport> {
-        let (mut report, good) = crate::verify::verify(self, read_data)?;
+        let (mut report, findings) = crate::verify::verify(self, read_data)?;
         if crate::config::repair(self.path())? {
             tracing::warn!("A damaged or missing copy of the config was written again.");
         }
         let found: Vec<DamagedCopy> = report.problems.iter().filter_map(copy_of).collect();
-        let good: HashSet<DamagedCopy> = good.into_iter().collect();
+        let good: HashSet<DamagedCopy> = findings.good_marked.into_iter().collect();
         let mut added = 0;
         let mut cleared = 0;
         self.update_marks(|marks| {
             added = found.iter().filter(|c| marks.insert(**c)).count();
             cleared = marks.retain(|c| !good.contains(c));
-            added + cleared
+            let frames = findings
+                .damaged_frames
+                .iter()
+                .filter(|p| marks.insert_frame(**p))
+                .count();
+            let sound = marks.retain_frames(|p| !findings.sound_frames.contains(p));
+            added + cleared + frames + sound
         })?;
         if added > 0 {
             tracing::warn!(added, "Damaged chunks marked; backups store them again.");

@@ -4,36 +4,49 @@
 //!
 //! Memory: every set that grows with the repository (referenced digests, index records, condemned records,
 //! pack ids) goes through [`Sorter`], which keeps [`SORT_BUFFER`] bytes in memory and spills sorted runs to
-//! the gc's scratch directory. What stays in memory is one pack's entries at a time, the snapshot ids and the
-//! packs left behind by killed sessions (orphans).
+//! the gc's scratch directory. What stays in memory is one pack's entries at a time, the copies of one digest
+//! at a time, the snapshot ids, the packs left behind by killed sessions (orphans), and the few packs with
+//! damage marks or a damaged frame.
+//!
+//! [`SORT_BUFFER`]: crate::sort::SORT_BUFFER
 
 use std::collections::{BTreeSet, HashSet};
 use std::fs::File;
-use std::io::{BufReader, BufWriter, Read, Seek, SeekFrom, Write};
+use std::io::{BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
+use crate::damaged::DamageMarks;
 use crate::error::{IoContext, RepoError, Result, read_exact_at};
-use crate::format::{durable_rename, hex, sync_dir};
-use crate::index::{IndexFile, IndexStream};
-use crate::pack::{PackEntry, PackWriter, pack_path};
+use crate::format::{durable_rename, hex, parse_hex, sync_dir};
+use crate::index::IndexStream;
+use crate::pack::{PackEntry, PackWriter, pack_path, read_pack_trailer, salvage_entries};
 use crate::repository::{LockMode, lock_repository};
 use crate::session::SessionShared;
 use crate::snapshot::Snapshot;
 use crate::sort::{RUN_BUFFER, Sorted, Sorter};
-use crate::{ChunkRef, Codec, Digest, PackId, Repository};
+use crate::verify::DamagedFile;
+use crate::{ChunkRef, Codec, Digest, PackId, Repository, StoredChunk};
 
 /// Default share of a pack's indexed bytes that must be unreferenced before the pack is rewritten.
 pub const DEFAULT_REPACK_THRESHOLD: u8 = 20;
 
+/// Where a gc moves the packs whose header, trailer or footer is damaged, once it has stored again what
+/// snapshots use from them: `quarantine/packs/XX/ID.pack`, the pack's own relative name. Nothing reads them
+/// there; they stay until `backflow gc --drop-quarantine` ([`GcOptions::drop_quarantine`]) deletes them.
+pub const QUARANTINE_DIR: &str = "quarantine";
+
 /// Test hook: with `BACKFLOW_GC_KILL_AT=STEP`, the gc SIGKILLs itself when it reaches `STEP`.
 pub const KILL_AT: &str = "BACKFLOW_GC_KILL_AT";
 
-/// The steps [`KILL_AT`] can name, in the order a gc reaches them.
+/// The steps [`KILL_AT`] can name, in the order a gc reaches them. `salvaging` and `quarantining` are
+/// reached only in a repository with damaged chunks or packs.
 pub const KILL_POINTS: &[&str] = &[
     "marked",
+    "salvaging",
     "repacking",
     "indexed",
     "published",
@@ -42,6 +55,7 @@ pub const KILL_POINTS: &[&str] = &[
     "resurrected",
     "sweeping",
     "deleting",
+    "quarantining",
     "swept",
 ];
 
@@ -63,6 +77,14 @@ pub struct GcOptions {
     pub repack_threshold: u8,
     /// Decide and report, change nothing (`bytes_written` is then the live bytes the rewrites would copy).
     pub dry_run: bool,
+    /// Also delete the packs in the quarantine ([`QUARANTINE_DIR`]). Never implied: a quarantined pack is
+    /// damaged, but its blobs that did not decode may still be worth an expert's look.
+    pub drop_quarantine: bool,
+    /// First abandon a pending cycle whose state cannot be trusted (see "Garbage collection" in the crate
+    /// root): its lists and state are removed, nothing is deleted, and the collection that follows keeps
+    /// whatever snapshots use, reading the packs the abandoned cycle had taken out of the index. Refused
+    /// while other repository handles (backups, restores) are open.
+    pub reset_state: bool,
 }
 
 impl Default for GcOptions {
@@ -70,6 +92,8 @@ impl Default for GcOptions {
         GcOptions {
             repack_threshold: DEFAULT_REPACK_THRESHOLD,
             dry_run: false,
+            drop_quarantine: false,
+            reset_state: false,
         }
     }
 }
@@ -85,17 +109,19 @@ pub struct GcReport {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub earlier_cycle: Option<Box<GcReport>>,
     pub snapshots: u64,
-    /// Distinct digests the snapshots reference.
+    /// Distinct digests the snapshots reference that some index record or pack trailer lists.
     pub referenced_chunks: u64,
     /// Index records read.
     pub indexed_chunks: u64,
-    /// Referenced digests no index file lists (damage that `verify` names; gc leaves it alone).
+    /// Referenced digests no index file and no trailer of a pack outside the index lists (damage that
+    /// `verify` names; gc leaves it alone).
     pub missing_chunks: u64,
     pub packs_kept: u64,
     pub packs_repacked: u64,
     /// Wholly unreferenced packs.
     pub packs_removed: u64,
-    /// Packs no index names (left by killed sessions), removed unless a backup that was running commits them.
+    /// Packs no index names (left by killed sessions), removed unless a backup that was running commits them
+    /// or snapshots use their chunks (then they are indexed again).
     pub orphan_packs: u64,
     /// Chunks taken out of the index (and out of the repository once the cycle is swept).
     pub chunks_removed: u64,
@@ -103,19 +129,41 @@ pub struct GcReport {
     pub chunks_moved: u64,
     /// Chunks a backup that ran during the gc used after all, kept.
     pub chunks_kept_for_running_backups: u64,
-    /// Size of the unreferenced and rewritten pack files deleted (orphans not counted).
+    /// Size of the unreferenced and rewritten pack files deleted (orphans and quarantined packs not counted).
     pub bytes_deleted: u64,
-    /// Size of the pack files written (rewritten packs' live chunks).
+    /// Size of the pack files written (rewritten packs' live chunks, salvaged chunks).
     pub bytes_written: u64,
     /// Packs rewritten by this gc that could not be read safely and were kept as they are.
     pub damaged_packs: Vec<String>,
+    /// Referenced chunks that had no healthy copy (every copy marked damaged, or in a pack whose header,
+    /// trailer or footer is damaged) and whose blob still decoded to its digest: stored again in new packs.
+    #[serde(default)]
+    pub chunks_salvaged: u64,
+    /// Referenced chunks of which no stored copy decodes to the digest. Their copies stay where they were
+    /// (with their damage marks, so that the next backup of a VM that still has the data stores them again),
+    /// or in the quarantine; `verify` names the snapshots that need them.
+    #[serde(default)]
+    pub chunks_unsalvageable: u64,
+    /// Packs whose header, trailer or footer is damaged: what snapshots use was salvaged, and the pack is
+    /// moved to the quarantine ([`QUARANTINE_DIR`]) when the cycle is swept, never deleted.
+    #[serde(default)]
+    pub packs_quarantined: Vec<String>,
+    /// Packs deleted from the quarantine ([`GcOptions::drop_quarantine`]), and their size.
+    #[serde(default)]
+    pub quarantine_dropped: u64,
+    #[serde(default)]
+    pub quarantine_bytes_freed: u64,
+    /// A pending cycle was abandoned first ([`GcOptions::reset_state`]).
+    #[serde(default)]
+    pub state_reset: bool,
     /// Set when the deletion waits: repository handles (backups, restores) that were open when the chunks
     /// were condemned still run. The next gc finishes the cycle.
     pub waiting_for: Option<String>,
 }
 
 impl GcReport {
-    /// Bytes freed on disk: deleted pack files minus what was written.
+    /// Bytes freed on disk by the collection: deleted pack files minus what was written (the quarantine
+    /// dropped is `quarantine_bytes_freed`).
     pub fn bytes_freed(&self) -> u64 {
         self.bytes_deleted.saturating_sub(self.bytes_written)
     }
@@ -124,7 +172,7 @@ impl GcReport {
 // ---------------------------------------------------------------------------------------------------------
 // Records the gc sorts.
 
-/// A chunk's location, as the gc files and sorts it.
+/// A stored copy of a chunk, as the gc files and sorts it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Located {
     digest: Digest,
@@ -134,10 +182,15 @@ struct Located {
     raw_len: u32,
     codec: Codec,
     live: bool,
+    /// Listed by an index file; otherwise only by the trailer of a pack (an orphan, or a damaged pack whose
+    /// trailer lists more than the index).
+    indexed: bool,
+    /// Live although no copy of the chunk decodes to its digest (see [`GcReport::chunks_unsalvageable`]).
+    unsalvageable: bool,
 }
 
 const LOCATED_SIZE: usize = 72;
-const _: () = assert!(LOCATED_SIZE == 16 + 8 + 32 + 4 + 4 + 1 + 1 + 6);
+const _: () = assert!(LOCATED_SIZE == 16 + 8 + 32 + 4 + 4 + 1 + 1 + 1 + 1 + 4);
 
 impl Located {
     /// Sorted by pack, then offset: the order a pack is read in.
@@ -150,7 +203,7 @@ impl Located {
         b
     }
 
-    /// Sorted by digest (the condemned file).
+    /// Sorted by digest, then pack and offset (the condemned file).
     fn by_digest(&self) -> [u8; LOCATED_SIZE] {
         let mut b = [0u8; LOCATED_SIZE];
         b[..32].copy_from_slice(&self.digest.0);
@@ -165,6 +218,8 @@ impl Located {
         b[4..8].copy_from_slice(&self.raw_len.to_le_bytes());
         b[8] = self.codec as u8;
         b[9] = u8::from(self.live);
+        b[10] = u8::from(self.indexed);
+        b[11] = u8::from(self.unsalvageable);
     }
 
     fn decode(b: &[u8; LOCATED_SIZE], by_pack: bool, path: &Path) -> Result<Located> {
@@ -183,7 +238,24 @@ impl Located {
             raw_len: u32::from_le_bytes(b[60..64].try_into().expect("4 bytes")),
             codec,
             live: b[65] == 1,
+            indexed: b[66] == 1,
+            unsalvageable: b[67] == 1,
         })
+    }
+
+    /// A copy listed by a pack trailer.
+    fn from_trailer(pack: PackId, e: &PackEntry) -> Located {
+        Located {
+            digest: e.digest,
+            pack,
+            offset: e.offset,
+            stored_len: e.stored_len,
+            raw_len: e.raw_len,
+            codec: e.codec,
+            live: false,
+            indexed: false,
+            unsalvageable: false,
+        }
     }
 
     fn location(&self) -> crate::ChunkLocation {
@@ -207,79 +279,184 @@ impl Located {
     }
 }
 
-/// A list of fixed-size records in `gc/`: a 16-byte header (magic, count) and the records, written whole
-/// through a temporary name. Damage shows as a wrong length or magic; a gc that finds it stops.
-const LIST_MAGIC: [u8; 8] = *b"BFLWGCL1";
+// ---------------------------------------------------------------------------------------------------------
+// Lists of records in `gc/`.
 
-fn write_list<const N: usize>(dest: &Path, mut records: Sorted<N>) -> Result<u64> {
+/// A list of fixed-size records in `gc/`, written whole through a temporary name:
+/// ```text
+/// 0      header (32): magic "BFLWGCL2" | record_size u32 | reserved u32 | cycle id [16]
+/// 32     count records of record_size bytes
+/// end-40 footer (40): count u64 | BLAKE3 of everything before the checksum [32]
+/// ```
+/// The cycle id is the one in `gc/state.json`: a list of another cycle (or repository) is refused, and so is
+/// a damaged one (checksum, length), before the gc acts on it.
+const LIST_MAGIC: [u8; 8] = *b"BFLWGCL2";
+/// The magic of version 1 lists, which had no checksum: refused with a clear message.
+const LIST_MAGIC_V1: [u8; 8] = *b"BFLWGCL1";
+const LIST_HEADER_SIZE: usize = 32;
+const LIST_FOOTER_SIZE: usize = 40;
+const _: () = assert!(LIST_HEADER_SIZE == 8 + 4 + 4 + 16);
+const _: () = assert!(LIST_FOOTER_SIZE == 8 + 32);
+
+/// A cycle's random id, in its state and in the header of its lists.
+type CycleId = [u8; 16];
+
+fn list_header<const N: usize>(cycle: &CycleId) -> [u8; LIST_HEADER_SIZE] {
+    let mut h = [0u8; LIST_HEADER_SIZE];
+    h[..8].copy_from_slice(&LIST_MAGIC);
+    h[8..12].copy_from_slice(&(N as u32).to_le_bytes());
+    h[16..].copy_from_slice(cycle);
+    h
+}
+
+fn write_list<const N: usize>(dest: &Path, cycle: &CycleId, mut records: Sorted<N>) -> Result<u64> {
     let tmp = dest.with_extension("tmp");
     let file = File::create(&tmp).ctx("create", &tmp)?;
     let mut out = BufWriter::with_capacity(RUN_BUFFER, file);
-    out.write_all(&LIST_MAGIC).ctx("write", &tmp)?;
-    out.write_all(&[0u8; 8]).ctx("write", &tmp)?;
+    let mut hasher = blake3::Hasher::new();
+    let header = list_header::<N>(cycle);
+    hasher.update(&header);
+    out.write_all(&header).ctx("write", &tmp)?;
     let mut n = 0u64;
     while let Some(r) = records.next_record()? {
+        hasher.update(&r);
         out.write_all(&r).ctx("write", &tmp)?;
         n += 1;
     }
-    let mut file = out
+    hasher.update(&n.to_le_bytes());
+    out.write_all(&n.to_le_bytes()).ctx("write", &tmp)?;
+    out.write_all(hasher.finalize().as_bytes())
+        .ctx("write", &tmp)?;
+    let file = out
         .into_inner()
         .map_err(|e| RepoError::io("write", &tmp, e.into_error()))?;
-    file.seek(SeekFrom::Start(8)).ctx("write", &tmp)?;
-    file.write_all(&n.to_le_bytes()).ctx("write", &tmp)?;
     file.sync_all().ctx("fsync", &tmp)?;
     durable_rename(&tmp, dest)?;
     Ok(n)
 }
 
-/// Opens a list written by [`write_list`] of `N`-byte records and checks its magic and length: the file
-/// and its record count.
-fn open_list<const N: usize>(path: &Path) -> Result<(File, u64)> {
+/// Opens a list written by [`write_list`] of `N`-byte records and checks its header (of cycle `cycle`,
+/// when given) and length, not its checksum: the file and its record count.
+fn open_list<const N: usize>(path: &Path, cycle: Option<&CycleId>) -> Result<(File, u64)> {
     let file = File::open(path).ctx("open", path)?;
     let len = file.metadata().ctx("stat", path)?.len();
-    let mut head = [0u8; 16];
+    let bad = |what: String| RepoError::corrupt(path, what);
+    if len < (LIST_HEADER_SIZE + LIST_FOOTER_SIZE) as u64 {
+        return Err(bad(format!(
+            "truncated gc list: {len} bytes, a list has at least {}",
+            LIST_HEADER_SIZE + LIST_FOOTER_SIZE
+        )));
+    }
+    let mut head = [0u8; LIST_HEADER_SIZE];
     read_exact_at(&file, &mut head, 0, path, "header")?;
-    let count = u64::from_le_bytes(head[8..].try_into().expect("8 bytes"));
-    if head[..8] != LIST_MAGIC
-        || count.checked_mul(N as u64).and_then(|b| b.checked_add(16)) != Some(len)
-    {
-        return Err(RepoError::corrupt(
-            path,
-            "damaged gc list (bad magic or length)",
+    if head[..8] == LIST_MAGIC_V1 {
+        return Err(bad(
+            "a gc list of version 1 (written by an earlier backflow, without a checksum)".into(),
         ));
+    }
+    if head[..8] != LIST_MAGIC {
+        return Err(bad("not a gc list (bad magic)".into()));
+    }
+    let size = u32::from_le_bytes(head[8..12].try_into().expect("4 bytes"));
+    if size as usize != N {
+        return Err(bad(format!("records of {size} bytes, expected {N}")));
+    }
+    if let Some(cycle) = cycle
+        && head[16..] != cycle[..]
+    {
+        return Err(bad(format!(
+            "the list belongs to gc cycle {}, not to the pending cycle {} of gc/state.json",
+            hex(&head[16..]),
+            hex(cycle)
+        )));
+    }
+    let mut count = [0u8; 8];
+    read_exact_at(
+        &file,
+        &mut count,
+        len - LIST_FOOTER_SIZE as u64,
+        path,
+        "footer",
+    )?;
+    let count = u64::from_le_bytes(count);
+    if count
+        .checked_mul(N as u64)
+        .and_then(|b| b.checked_add((LIST_HEADER_SIZE + LIST_FOOTER_SIZE) as u64))
+        != Some(len)
+    {
+        return Err(bad(format!(
+            "truncated or extended gc list: {len} bytes do not hold the {count} records its footer counts"
+        )));
     }
     Ok((file, count))
 }
 
-/// Reads a list written by [`write_list`], record by record.
+/// Reads a list written by [`write_list`], record by record, and checks its checksum after the last record:
+/// a consumer that acts only once the list is read to its end never acts on a damaged list.
 struct ListReader<const N: usize> {
     path: PathBuf,
     reader: BufReader<File>,
+    hasher: blake3::Hasher,
+    count: u64,
     remaining: u64,
 }
 
 impl<const N: usize> ListReader<N> {
-    fn open(path: &Path) -> Result<Self> {
-        let (file, count) = open_list::<N>(path)?;
+    fn open(path: &Path, cycle: &CycleId) -> Result<Self> {
+        let (file, count) = open_list::<N>(path, Some(cycle))?;
         let mut reader = BufReader::with_capacity(RUN_BUFFER, file);
-        reader.read_exact(&mut [0u8; 16]).ctx("read", path)?;
-        Ok(ListReader {
+        let mut head = [0u8; LIST_HEADER_SIZE];
+        reader.read_exact(&mut head).ctx("read", path)?;
+        let mut hasher = blake3::Hasher::new();
+        hasher.update(&head);
+        let mut list = ListReader {
             path: path.to_owned(),
             reader,
+            hasher,
+            count,
             remaining: count,
-        })
+        };
+        if count == 0 {
+            list.check_sum()?;
+        }
+        Ok(list)
     }
 
     fn next_record(&mut self) -> Result<Option<[u8; N]>> {
         if self.remaining == 0 {
             return Ok(None);
         }
-        self.remaining -= 1;
         let mut b = [0u8; N];
         self.reader
             .read_exact(&mut b)
             .ctx("read", self.path.as_path())?;
+        self.hasher.update(&b);
+        self.remaining -= 1;
+        if self.remaining == 0 {
+            self.check_sum()?;
+        }
         Ok(Some(b))
+    }
+
+    fn check_sum(&mut self) -> Result<()> {
+        let mut footer = [0u8; LIST_FOOTER_SIZE];
+        self.reader
+            .read_exact(&mut footer)
+            .ctx("read", self.path.as_path())?;
+        self.hasher.update(&footer[..8]);
+        if self.hasher.finalize().as_bytes()[..] != footer[8..] {
+            return Err(RepoError::corrupt(
+                &self.path,
+                "checksum mismatch: the gc list changed after it was written",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Reads the list to its end (checksum included); returns its record count.
+    fn check_whole(mut self) -> Result<u64> {
+        while self.next_record()?.is_some() {}
+        Ok(self.count)
     }
 }
 
@@ -296,22 +473,78 @@ enum Phase {
 }
 
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 struct CycleState {
     version: u32,
+    /// Random id of the cycle (32 hex digits), also in the header of its lists.
+    cycle: String,
     phase: Phase,
     /// Snapshots whose references the mark saw.
     marked: BTreeSet<String>,
     /// Index files the gc replaced by its own (removed after the state is durable).
     old_index: Vec<String>,
+    /// The index file the cycle wrote (kept records, moved and salvaged chunks): the old index files go
+    /// only while it exists.
+    new_index: Option<String>,
     /// Repository handles open once the old index was gone: the deletion waits until all have closed.
     users: Option<Vec<String>>,
     /// Packs no index named when the cycle began: left by killed sessions.
     orphans: Vec<String>,
+    /// Packs whose header, trailer or footer is damaged, moved to the quarantine by the sweep.
+    quarantine: Vec<String>,
     /// What the cycle will have done, for the report of the run that finishes it.
     report: GcReport,
 }
 
-const STATE_VERSION: u32 = 1;
+/// Version of `gc/state.json`. Version 1 (no checksums, in the state or its lists) is refused with the
+/// repair to run; see [`load_state`].
+const STATE_VERSION: u32 = 2;
+/// First word of `gc/state.json`: `backflow-gc-state VERSION CHECKSUM`, then the state as JSON. The checksum
+/// (BLAKE3, hex) covers the JSON bytes exactly as written.
+const STATE_HEADER: &str = "backflow-gc-state";
+
+impl CycleState {
+    fn cycle_id(&self) -> CycleId {
+        parse_hex::<16>(&self.cycle).expect("checked when loaded or created")
+    }
+
+    /// Checks what a damaged or crafted state could misuse: every name it holds must be what the gc
+    /// writes, so that no path it forms leaves the directory it belongs in.
+    fn check(&self, path: &Path) -> Result<()> {
+        let bad = |what: String| RepoError::corrupt(path, what);
+        if parse_hex::<16>(&self.cycle).is_none() {
+            return Err(bad(format!("cycle {:?} is not 32 hex digits", self.cycle)));
+        }
+        for name in self.old_index.iter().chain(&self.new_index) {
+            if !valid_index_name(name) {
+                return Err(bad(format!("{name:?} is not the name of an index file")));
+            }
+        }
+        if let Some(new) = &self.new_index
+            && self.old_index.contains(new)
+        {
+            return Err(bad(format!(
+                "the cycle's own index file {new} is listed among the old ones to remove"
+            )));
+        }
+        for id in self.orphans.iter().chain(&self.quarantine) {
+            if id.parse::<PackId>().is_err() {
+                return Err(bad(format!("{id:?} is not a pack id")));
+            }
+        }
+        for name in self.marked.iter().chain(self.users.iter().flatten()) {
+            if !crate::ids::valid_id(name) {
+                return Err(bad(format!("{name:?} is not a snapshot or handle name")));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Index file names a gc may remove: `NAME.idx` with NAME made of `[A-Za-z0-9_-]`.
+fn valid_index_name(name: &str) -> bool {
+    name.strip_suffix(".idx").is_some_and(crate::ids::valid_id)
+}
 
 struct GcPaths {
     dir: PathBuf,
@@ -337,35 +570,155 @@ impl GcPaths {
     }
 }
 
+/// Largest `gc/state.json` read: the snapshot ids and orphans it lists are a few MiB in a huge repository;
+/// a bigger file is damaged and is not read into memory.
+const MAX_STATE_LEN: u64 = 256 << 20;
+
+/// Reads `gc/state.json`: `None` when no cycle is pending. A state that is damaged (checksum, JSON, names
+/// that are not what a gc writes), or of version 1, is an error naming the file.
 fn load_state(paths: &GcPaths) -> Result<Option<CycleState>> {
     let path = paths.state();
-    let text = match std::fs::read(&path) {
-        Ok(t) => t,
+    let file = match File::open(&path) {
+        Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(RepoError::io("read", path, e)),
+        Err(e) => return Err(RepoError::io("open", path, e)),
     };
-    let state: CycleState = serde_json::from_slice(&text)
-        .map_err(|e| RepoError::corrupt(&path, format!("unreadable gc state: {e}")))?;
-    if state.version != STATE_VERSION {
+    let len = file.metadata().ctx("stat", &path)?.len();
+    if len > MAX_STATE_LEN {
+        return Err(RepoError::corrupt(
+            &path,
+            format!("{len} bytes, more than a gc state can have"),
+        ));
+    }
+    let mut text = Vec::new();
+    (&file).read_to_end(&mut text).ctx("read", &path)?;
+    let bad = |what: String| RepoError::corrupt(&path, what);
+    if text.first() == Some(&b'{') {
         return Err(RepoError::UnsupportedVersion {
-            path,
-            found: state.version,
+            path: path.clone(),
+            found: 1,
             supported: STATE_VERSION,
         });
     }
+    let newline = text.iter().position(|&b| b == b'\n').ok_or_else(|| {
+        bad(format!(
+            "truncated: no header line `{STATE_HEADER} VERSION CHECKSUM`"
+        ))
+    })?;
+    let (head, body) = (&text[..newline], &text[newline + 1..]);
+    let head = std::str::from_utf8(head).unwrap_or("");
+    let fields: Vec<&str> = head.split(' ').collect();
+    let [STATE_HEADER, version, sum] = fields[..] else {
+        return Err(bad(format!(
+            "line 1: expected `{STATE_HEADER} VERSION CHECKSUM`, found {head:?}"
+        )));
+    };
+    let version: u32 = version
+        .parse()
+        .map_err(|_| bad(format!("line 1: {version:?} is not a version")))?;
+    if version != STATE_VERSION {
+        return Err(RepoError::UnsupportedVersion {
+            path: path.clone(),
+            found: version,
+            supported: STATE_VERSION,
+        });
+    }
+    if parse_hex::<32>(sum) != Some(*blake3::hash(body).as_bytes()) {
+        return Err(bad(
+            "checksum mismatch: the gc state changed after it was written".into(),
+        ));
+    }
+    let state: CycleState =
+        serde_json::from_slice(body).map_err(|e| bad(format!("unreadable gc state: {e}")))?;
+    if state.version != STATE_VERSION {
+        return Err(bad(format!(
+            "the JSON says version {}, its header {STATE_VERSION}",
+            state.version
+        )));
+    }
+    state.check(&path)?;
     Ok(Some(state))
 }
 
 fn store_state(paths: &GcPaths, state: &CycleState) -> Result<()> {
     let path = paths.state();
     let tmp = paths.dir.join("state.json.tmp");
-    let text = serde_json::to_vec_pretty(state).expect("the state serialises");
+    let json = serde_json::to_vec_pretty(state).expect("the state serialises");
+    let mut text = format!(
+        "{STATE_HEADER} {STATE_VERSION} {}\n",
+        blake3::hash(&json).to_hex()
+    )
+    .into_bytes();
+    text.extend_from_slice(&json);
     crate::format::write_durably(&tmp, &path, &text)
+}
+
+/// The repair for gc state that cannot be trusted, for error messages and `verify`.
+fn reset_hint(root: &Path) -> String {
+    format!(
+        "run `backflow gc --repo {} --reset-state` once no backup or restore runs: it abandons the pending gc \
+         cycle without deleting anything, then collects again, keeping whatever snapshots use",
+        root.display()
+    )
+}
+
+/// A gc that stopped on gc state or lists it cannot trust.
+fn stopped(root: &Path, e: RepoError) -> RepoError {
+    RepoError::InvalidArgument(format!(
+        "garbage collection stopped; nothing was deleted: {e}; {}",
+        reset_hint(root)
+    ))
 }
 
 /// Whether a gc cycle is under way (its chunks condemned, their packs not yet deleted).
 pub(crate) fn cycle_pending(root: &Path) -> bool {
     GcPaths::new(root).state().exists()
+}
+
+/// Problems with the gc state files, for `verify` (`side_files`): each names the file, what is wrong and the
+/// repair. A damaged state stops garbage collection only; restores and backups go on (a restore that needs a
+/// chunk the pending cycle condemned ignores a damaged `gc/condemned`, with a warning).
+pub(crate) fn state_problems(root: &Path) -> Vec<DamagedFile> {
+    let paths = GcPaths::new(root);
+    let problem = |path: PathBuf, e: RepoError| DamagedFile {
+        path: path.display().to_string(),
+        error: format!(
+            "{e}; garbage collection stops on it (restores and backups go on); {}",
+            reset_hint(root)
+        ),
+    };
+    let state = match load_state(&paths) {
+        Ok(Some(state)) => state,
+        Ok(None) => return Vec::new(),
+        Err(e) => return vec![problem(paths.state(), e)],
+    };
+    check_lists(&paths, &state)
+        .err()
+        .map(|(path, e)| problem(path, e))
+        .into_iter()
+        .collect()
+}
+
+/// Reads the pending cycle's lists to their ends: whole (checksums), of this cycle, and present while the
+/// cycle needs them (a kill after the sweep removed them leaves the state alone, which is fine).
+fn check_lists(
+    paths: &GcPaths,
+    state: &CycleState,
+) -> std::result::Result<(), (PathBuf, RepoError)> {
+    let cycle = state.cycle_id();
+    let needed = state.phase == Phase::Condemned;
+    let check = |path: PathBuf, read: &dyn Fn(&Path) -> Result<u64>| {
+        if !needed && !path.exists() {
+            return Ok(());
+        }
+        read(&path).map(|_| ()).map_err(|e| (path, e))
+    };
+    check(paths.condemned(), &|p| {
+        ListReader::<LOCATED_SIZE>::open(p, &cycle)?.check_whole()
+    })?;
+    check(paths.doomed(), &|p| {
+        ListReader::<16>::open(p, &cycle)?.check_whole()
+    })
 }
 
 /// The fence between `forget` (shared) and a gc changing its cycle (exclusive): while a cycle is pending, a
@@ -403,15 +756,27 @@ pub(crate) fn remove_manifest(root: &Path, id: &str, path: &Path) -> Result<()> 
 /// Where a condemned chunk still is, while its cycle is pending: restores of snapshots committed by backups
 /// that ran during the gc read it from there until the end of the cycle stores it again. A binary search of
 /// `gc/condemned` with positioned reads. Never used for deduplication: a backup must not newly rely on a
-/// condemned chunk.
+/// condemned chunk. A list that cannot be read (damaged, or of version 1) is ignored with a warning: the
+/// restore goes on, and only a chunk that is nowhere else is then missing. Its checksum is not checked here
+/// (that would read the whole list for each miss): whatever is read from a location it gives is checked
+/// against the digest like every read.
 pub(crate) fn find_condemned(root: &Path, digest: &Digest) -> Result<Option<crate::ChunkLocation>> {
+    static WARNED: AtomicBool = AtomicBool::new(false);
     let path = GcPaths::new(root).condemned();
-    let (file, count) = match open_list::<LOCATED_SIZE>(&path) {
+    let ignore = |e: RepoError| {
+        if !WARNED.swap(true, Ordering::Relaxed) {
+            warn!(file = %path.display(), error = %e,
+                  "The list of chunks a pending garbage collection condemned cannot be read; it is ignored \
+                   (`backflow verify` says how to repair it).");
+        }
+        Ok(None)
+    };
+    let (file, count) = match open_list::<LOCATED_SIZE>(&path, None) {
         Ok(opened) => opened,
         Err(RepoError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
             return Ok(None);
         }
-        Err(e) => return Err(e),
+        Err(e) => return ignore(e),
     };
     let (mut lo, mut hi) = (0u64, count);
     while lo < hi {
@@ -420,7 +785,7 @@ pub(crate) fn find_condemned(root: &Path, digest: &Digest) -> Result<Option<crat
         read_exact_at(
             &file,
             &mut b,
-            16 + mid * LOCATED_SIZE as u64,
+            LIST_HEADER_SIZE as u64 + mid * LOCATED_SIZE as u64,
             &path,
             "record",
         )?;
@@ -428,11 +793,19 @@ pub(crate) fn find_condemned(root: &Path, digest: &Digest) -> Result<Option<crat
             std::cmp::Ordering::Less => lo = mid + 1,
             std::cmp::Ordering::Greater => hi = mid,
             std::cmp::Ordering::Equal => {
-                return Ok(Some(Located::decode(&b, false, &path)?.location()));
+                return match Located::decode(&b, false, &path) {
+                    Ok(r) => Ok(Some(r.location())),
+                    Err(e) => ignore(e),
+                };
             }
         }
     }
     Ok(None)
+}
+
+/// `quarantine/packs/XX/ID.pack`: where a damaged pack is moved.
+pub(crate) fn quarantine_path(root: &Path, id: &PackId) -> PathBuf {
+    pack_path(&root.join(QUARANTINE_DIR), id)
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -554,10 +927,47 @@ struct Gc<'a> {
     own_user: Option<String>,
 }
 
+/// What becomes of a pack once its records are settled.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Fate {
+    /// Stays, indexed by the new index file.
+    Keep,
+    /// Deleted by the sweep (an indexed pack), or left to the orphan sweep (an orphan).
+    Delete,
+    /// Moved to the quarantine by the sweep.
+    Quarantine,
+    /// An orphan that is gone already.
+    Gone,
+}
+
+/// Packs whose frame (header, trailer, footer) was checked during this condemnation, and those found damaged.
+#[derive(Default)]
+struct Frames {
+    checked: HashSet<PackId>,
+    damaged: HashSet<PackId>,
+}
+
 impl Gc<'_> {
     fn run(&self, options: &GcOptions) -> Result<GcReport> {
+        let state_reset = options.reset_state && !options.dry_run && self.reset_state()?;
+        let (dropped, dropped_bytes) = if options.drop_quarantine {
+            self.drop_quarantine(options.dry_run)?
+        } else {
+            (0, 0)
+        };
+        let mut report = self.collect(options)?;
+        report.state_reset = state_reset;
+        report.quarantine_dropped = dropped;
+        report.quarantine_bytes_freed = dropped_bytes;
+        if dropped > 0 && !options.dry_run {
+            self.repo.drop_marks_of_deleted_packs()?;
+        }
+        Ok(report)
+    }
+
+    fn collect(&self, options: &GcOptions) -> Result<GcReport> {
         if options.dry_run {
-            if let Some(state) = load_state(&self.paths)? {
+            if let Some(state) = self.load_state()? {
                 let mut report = state.report;
                 report.dry_run = true;
                 report.waiting_for = Some(
@@ -572,7 +982,7 @@ impl Gc<'_> {
             return Ok(report);
         }
         let mut earlier = None;
-        if let Some(state) = load_state(&self.paths)? {
+        if let Some(state) = self.load_state()? {
             match self.finish_cycle(state)? {
                 Some(report) if report.waiting_for.is_some() => return Ok(report),
                 report => earlier = report.map(Box::new),
@@ -584,6 +994,95 @@ impl Gc<'_> {
             .expect("a cycle just begun is finished or waiting");
         report.earlier_cycle = earlier;
         Ok(report)
+    }
+
+    /// The pending cycle's state; one that cannot be trusted stops the gc with the repair to run.
+    fn load_state(&self) -> Result<Option<CycleState>> {
+        load_state(&self.paths).map_err(|e| stopped(&self.root, e))
+    }
+
+    /// Abandons a pending cycle ([`GcOptions::reset_state`]): its state, lists and forgotten manifests go,
+    /// nothing else. Returns whether there was one. Safe once no other handle is open: the packs the cycle
+    /// took out of the index are then orphans, which the next condemnation reads (so snapshots committed
+    /// during the cycle keep what they use), and no backup can still take a forgotten manifest as its parent.
+    fn reset_state(&self) -> Result<bool> {
+        let leftovers = [
+            self.paths.state(),
+            self.paths.condemned(),
+            self.paths.doomed(),
+            self.paths.forgotten(),
+        ];
+        if !leftovers.iter().any(|p| p.exists()) {
+            return Ok(false);
+        }
+        let _fence = fence(&self.root, LockMode::Exclusive)?;
+        let alive = live_users(&self.root, self.own_user.as_deref(), None)?;
+        if !alive.is_empty() {
+            return Err(RepoError::Locked {
+                path: self.root.clone(),
+                detail: format!(
+                    "{} other repository handle(s) (backups, restores) are open; a pending gc cycle is abandoned \
+                     only when none is: run `backflow gc --reset-state` again once they have ended",
+                    alive.len()
+                ),
+            });
+        }
+        // The state first: once it is gone the cycle is no longer pending; leftover lists are harmless (the
+        // next condemnation writes new ones) and so are forgotten manifests (read by the next sweep).
+        remove_if_present(&self.paths.state(), "remove")?;
+        sync_dir(&self.paths.dir)?;
+        remove_if_present(&self.paths.condemned(), "remove")?;
+        remove_if_present(&self.paths.doomed(), "remove")?;
+        let forgotten = self.paths.forgotten();
+        if forgotten.exists() {
+            std::fs::remove_dir_all(&forgotten).ctx("remove", &forgotten)?;
+        }
+        sync_dir(&self.paths.dir)?;
+        warn!(
+            dir = %self.paths.dir.display(),
+            "Pending garbage collection cycle abandoned; nothing was deleted."
+        );
+        Ok(true)
+    }
+
+    /// Deletes the packs in the quarantine (or, for a dry run, counts them): how many and their size.
+    fn drop_quarantine(&self, dry_run: bool) -> Result<(u64, u64)> {
+        let dir = self.root.join(QUARANTINE_DIR).join("packs");
+        let subdirs = match std::fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((0, 0)),
+            Err(e) => return Err(RepoError::io("list", dir, e)),
+        };
+        let (mut count, mut bytes) = (0u64, 0u64);
+        for sub in subdirs {
+            let sub = sub.ctx("list", &dir)?.path();
+            if !sub.is_dir() {
+                continue;
+            }
+            let mut removed = false;
+            for entry in std::fs::read_dir(&sub).ctx("list", &sub)? {
+                let path = entry.ctx("list", &sub)?.path();
+                if path.extension().is_none_or(|e| e != "pack") {
+                    continue;
+                }
+                bytes += path.metadata().ctx("stat", &path)?.len();
+                count += 1;
+                if !dry_run {
+                    remove_if_present(&path, "remove quarantined pack")?;
+                    removed = true;
+                }
+            }
+            if removed {
+                sync_dir(&sub)?;
+            }
+        }
+        if count > 0 && !dry_run {
+            info!(
+                packs = count,
+                bytes, "Quarantined packs deleted on request."
+            );
+        }
+        Ok((count, bytes))
     }
 
     fn writer_session(&self, what: &str) -> Result<Arc<SessionShared>> {
@@ -610,8 +1109,15 @@ impl Gc<'_> {
         Ok(Some(name))
     }
 
-    /// Phase 1: mark, decide per pack, rewrite, index, publish the cycle. Deletes nothing. A dry run stops
-    /// after the decisions, having written nothing but scratch.
+    /// Reads a stored copy and checks it against its digest.
+    fn read_checked(&self, r: &Located) -> Result<StoredChunk> {
+        let stored = self.repo.read_chunk(&r.location())?;
+        self.repo.plaintext(&r.digest, &r.location(), &stored)?;
+        Ok(stored)
+    }
+
+    /// Phase 1: mark, decide per chunk and per pack, salvage, rewrite, index, publish the cycle. Deletes
+    /// nothing. A dry run stops after the decisions, having written nothing but scratch.
     fn condemn(&self, options: &GcOptions) -> Result<CycleState> {
         let mut report = GcReport::default();
 
@@ -630,7 +1136,7 @@ impl Gc<'_> {
         old_index.sort();
 
         // Mark.
-        let marked = self.repo.snapshot_ids()?;
+        let marked = self.repo.manifest_ids()?;
         let mut referenced = Sorter::<32>::new(&self.scratch, "referenced", true);
         for id in &marked {
             let snapshot = match self.repo.open_snapshot(id) {
@@ -638,14 +1144,9 @@ impl Gc<'_> {
                 Err(RepoError::SnapshotNotFound { .. }) => continue,
                 other => other,
             };
-            let snapshot = snapshot.map_err(|e| {
-                RepoError::InvalidArgument(format!(
-                    "garbage collection stopped before changing anything: snapshot {id} cannot be read ({e}); \
-                     a gc must know every chunk a snapshot uses. Run `backflow verify`, then forget the damaged \
-                     snapshot if it cannot be repaired"
-                ))
-            })?;
-            push_references(&snapshot, &mut referenced)?;
+            let snapshot = snapshot.map_err(|e| self.unreadable_snapshot(id, e))?;
+            push_references(&snapshot, &mut referenced)?
+                .map_err(|e| self.unreadable_snapshot(id, e))?;
         }
         report.snapshots = marked.len() as u64;
         let mut referenced = referenced.finish()?;
@@ -669,37 +1170,66 @@ impl Gc<'_> {
                     raw_len: rec.raw_len,
                     codec: rec.codec,
                     live: false,
+                    indexed: true,
+                    unsalvageable: false,
                 };
                 records.push(located.by_digest())?;
             }
         }
-        let mut records = records.finish()?;
         // Packs no index names: left by killed sessions (or a killed gc). Found before this gc writes any.
         let orphans = self.find_orphans(indexed_packs.finish()?)?;
         report.orphan_packs = orphans.len() as u64;
-
-        // Joined with the referenced digests: one copy of each referenced digest is live, never one marked
-        // damaged (a health check found it bad; a later backup stored a healthy copy); other copies (two
-        // sessions stored it, or damaged ones) and unreferenced chunks are dead.
         let marks = self.repo.damage_marks()?;
+        let frames = self.read_suspect_trailers(&orphans, &marks, &mut records)?;
+        let mut records = records.finish()?;
+
+        // Joined with the referenced digests, one digest's copies at a time (see `settle_digest`).
+        let session = self.writer_session("repack")?;
+        let mut writer = (!options.dry_run).then(|| PackWriter::new(session.clone()));
         let mut by_pack = Sorter::<LOCATED_SIZE>::new(&self.scratch, "by-pack", false);
         let mut next_ref = referenced.next_record()?;
         let records_path = self.scratch.join("records");
-        while let Some(b) = records.next_record()? {
-            let mut r = Located::decode(&b, false, &records_path)?;
-            report.indexed_chunks += 1;
-            while let Some(d) = next_ref
-                && d < r.digest.0
+        let mut copies: Vec<Located> = Vec::new();
+        loop {
+            let next = records
+                .next_record()?
+                .map(|b| Located::decode(&b, false, &records_path))
+                .transpose()?;
+            if let Some(first) = copies.first()
+                && next.is_none_or(|n| n.digest != first.digest)
             {
-                report.missing_chunks += 1;
-                next_ref = referenced.next_record()?;
+                let digest = first.digest;
+                while let Some(d) = next_ref
+                    && d < digest.0
+                {
+                    report.missing_chunks += 1;
+                    next_ref = referenced.next_record()?;
+                }
+                let is_referenced = next_ref == Some(digest.0);
+                if is_referenced {
+                    report.referenced_chunks += 1;
+                    next_ref = referenced.next_record()?;
+                }
+                self.settle_digest(
+                    &mut copies,
+                    is_referenced,
+                    &marks,
+                    &frames,
+                    writer.as_mut(),
+                    &mut report,
+                )?;
+                for r in &copies {
+                    by_pack.push(r.by_pack())?;
+                }
+                copies.clear();
             }
-            if next_ref == Some(r.digest.0) && !marks.contains(&r.digest, &r.location()) {
-                r.live = true;
-                report.referenced_chunks += 1;
-                next_ref = referenced.next_record()?;
+            match next {
+                Some(n) => {
+                    report.indexed_chunks += u64::from(n.indexed);
+                    copies.push(n);
+                }
+                None => break,
             }
-            by_pack.push(r.by_pack())?;
         }
         while next_ref.is_some() {
             report.missing_chunks += 1;
@@ -714,15 +1244,15 @@ impl Gc<'_> {
             );
         }
 
-        // Per pack: keep, rewrite or delete.
-        let session = self.writer_session("repack")?;
-        let mut writer = (!options.dry_run).then(|| PackWriter::new(session.clone()));
+        // Per pack: keep, rewrite, delete or quarantine.
         let mut condemned = Sorter::<LOCATED_SIZE>::new(&self.scratch, "condemned", false);
         let mut doomed = Sorter::<16>::new(&self.scratch, "doomed", false);
         let mut by_pack = by_pack.finish()?;
         let mut group: Vec<Located> = Vec::new();
         let by_pack_path = self.scratch.join("by-pack");
         let mut repacked_one = false;
+        let mut adopted = HashSet::new();
+        let mut quarantine = Vec::new();
         loop {
             let next = by_pack
                 .next_record()?
@@ -731,20 +1261,33 @@ impl Gc<'_> {
             if let Some(first) = group.first()
                 && next.is_none_or(|n| n.pack != first.pack)
             {
-                let outcome = self.settle_pack(
+                let pack = first.pack;
+                let orphan = group.iter().all(|r| !r.indexed);
+                let fate = self.settle_pack(
                     &group,
                     options,
                     &session,
                     writer.as_mut(),
                     &mut condemned,
+                    &frames,
                     &mut report,
                 )?;
-                if outcome {
-                    doomed.push(group[0].pack.0)?;
-                    if !repacked_one {
-                        repacked_one = true;
-                        kill_point("repacking");
+                match fate {
+                    Fate::Keep if orphan => {
+                        adopted.insert(pack);
                     }
+                    Fate::Keep | Fate::Gone => {}
+                    Fate::Delete if orphan => {}
+                    Fate::Delete => doomed.push(pack.0)?,
+                    Fate::Quarantine => {
+                        adopted.insert(pack);
+                        quarantine.push(pack.to_hex());
+                    }
+                }
+                let leaves = fate == Fate::Quarantine || (fate == Fate::Delete && !orphan);
+                if leaves && !repacked_one {
+                    repacked_one = true;
+                    kill_point("repacking");
                 }
                 group.clear();
             }
@@ -757,14 +1300,29 @@ impl Gc<'_> {
             writer.finish()?;
         }
         drop(by_pack);
+        if !adopted.is_empty() {
+            info!(
+                packs = adopted.len(),
+                "Packs no index named hold chunks that snapshots use: indexed again (or quarantined)."
+            );
+        }
+        let orphans: Vec<String> = orphans
+            .iter()
+            .filter(|id| !adopted.contains(id))
+            .map(PackId::to_hex)
+            .collect();
+        let cycle: CycleId = rand::random();
         if options.dry_run {
             return Ok(CycleState {
                 version: STATE_VERSION,
+                cycle: hex(&cycle),
                 phase: Phase::Condemned,
                 marked: BTreeSet::new(),
                 old_index: Vec::new(),
+                new_index: None,
                 users: None,
-                orphans: Vec::new(),
+                orphans,
+                quarantine,
                 report,
             });
         }
@@ -773,19 +1331,21 @@ impl Gc<'_> {
         let new_index = self.write_index(&session)?;
         kill_point("indexed");
         let fence = fence(&self.root, LockMode::Exclusive)?;
-        let condemned_count = write_list(&self.paths.condemned(), condemned.finish()?)?;
-        debug_assert_eq!(condemned_count, report.chunks_removed);
-        let doomed_count = write_list(&self.paths.doomed(), doomed.finish()?)?;
+        write_list(&self.paths.condemned(), &cycle, condemned.finish()?)?;
+        let doomed_count = write_list(&self.paths.doomed(), &cycle, doomed.finish()?)?;
         let mut state = CycleState {
             version: STATE_VERSION,
+            cycle: hex(&cycle),
             phase: Phase::Condemned,
             marked: marked.into_iter().collect(),
             old_index: old_index
                 .into_iter()
                 .filter(|n| Some(n) != new_index.as_ref())
                 .collect(),
+            new_index,
             users: None,
-            orphans: orphans.iter().map(PackId::to_hex).collect(),
+            orphans,
+            quarantine,
             report,
         };
         store_state(&self.paths, &state)?;
@@ -800,22 +1360,153 @@ impl Gc<'_> {
             condemned = state.report.chunks_removed,
             packs = doomed_count,
             orphans = state.orphans.len(),
+            quarantined = state.quarantine.len(),
             "Garbage collection: unreferenced chunks taken out of the index."
         );
         Ok(state)
     }
 
-    /// Decides one pack from its indexed records. Returns whether the pack file is to be deleted.
+    /// A snapshot the gc cannot read stops it: it must know every chunk a snapshot uses. The message names
+    /// the command that removes the snapshot.
+    fn unreadable_snapshot(&self, id: &str, e: RepoError) -> RepoError {
+        RepoError::InvalidArgument(format!(
+            "garbage collection stopped before changing anything: snapshot {id} cannot be read ({e}); a gc must \
+             know every chunk a snapshot uses. If `backflow verify` confirms the damage, forget the snapshot: \
+             `backflow forget --repo {} --snapshot {id}`",
+            self.root.display()
+        ))
+    }
+
+    /// Checks the frame (header, trailer, footer) of the packs that may be damaged or that nothing else
+    /// describes: every pack with a damage mark (a copy's, or its frame's: `verify` marks a pack whose
+    /// header, trailer or footer is damaged) and every orphan. The trailer entries of orphans and of damaged packs join `records` as
+    /// copies the index does not list (a damaged pack's trailer is read without trusting its checksum:
+    /// each copy is checked against its digest before it is used).
+    fn read_suspect_trailers(
+        &self,
+        orphans: &[PackId],
+        marks: &DamageMarks,
+        records: &mut Sorter<LOCATED_SIZE>,
+    ) -> Result<Frames> {
+        let mut frames = Frames::default();
+        let orphan_set: HashSet<PackId> = orphans.iter().copied().collect();
+        let suspects: BTreeSet<PackId> = marks
+            .copies()
+            .iter()
+            .map(|c| c.pack)
+            .chain(marks.frames())
+            .chain(orphans.iter().copied())
+            .collect();
+        for id in suspects {
+            let path = pack_path(&self.root, &id);
+            let entries = match read_pack_trailer(&path) {
+                Ok(t) if orphan_set.contains(&id) => t.entries,
+                Ok(_) => Vec::new(),
+                Err(RepoError::Io { source, .. })
+                    if source.kind() == std::io::ErrorKind::NotFound =>
+                {
+                    continue;
+                }
+                Err(e @ (RepoError::Corrupt { .. } | RepoError::UnsupportedVersion { .. })) => {
+                    warn!(pack = %path.display(), error = %e,
+                          "A pack's header, trailer or footer is damaged: what snapshots use is salvaged, the pack quarantined.");
+                    frames.damaged.insert(id);
+                    salvage_entries(&path)?
+                }
+                Err(e) => return Err(e),
+            };
+            frames.checked.insert(id);
+            for e in &entries {
+                records.push(Located::from_trailer(id, e).by_digest())?;
+            }
+        }
+        Ok(frames)
+    }
+
+    /// Decides which copy of one digest is live. `copies` are all the copies of the digest the index files
+    /// and the suspect trailers list. An unreferenced digest has none. A referenced one keeps one healthy copy
+    /// (not marked damaged, not in a pack whose frame is damaged; one the index lists first). When it has no
+    /// healthy copy, each copy is read and checked against the digest until one checks out, and that one is
+    /// stored again (salvaged): the old copies are then all dead. When none checks out, the best copy stays
+    /// live: nothing that might still be read is ever dropped, and its mark stays.
+    fn settle_digest(
+        &self,
+        copies: &mut Vec<Located>,
+        referenced: bool,
+        marks: &DamageMarks,
+        frames: &Frames,
+        writer: Option<&mut PackWriter>,
+        report: &mut GcReport,
+    ) -> Result<()> {
+        // The same copy listed twice (two index files after a killed gc, or the index and a trailer) counts
+        // once, as the index's.
+        copies.sort_by_key(|r| (r.pack, r.offset, !r.indexed));
+        copies.dedup_by(|later, earlier| {
+            later.pack == earlier.pack && later.offset == earlier.offset
+        });
+        if !referenced {
+            return Ok(());
+        }
+        let marked = |r: &Located| marks.contains_at(&r.digest, r.pack, r.offset);
+        let healthy = |r: &Located| {
+            !marked(r) && (frames.damaged.is_empty() || !frames.damaged.contains(&r.pack))
+        };
+        let choice = copies
+            .iter()
+            .position(|r| r.indexed && healthy(r))
+            .or_else(|| copies.iter().position(healthy));
+        if let Some(i) = choice {
+            copies[i].live = true;
+            return Ok(());
+        }
+        // No healthy copy. Unmarked copies first (a damaged frame leaves the blobs intact), indexed first.
+        let mut order: Vec<usize> = (0..copies.len()).collect();
+        order.sort_by_key(|&i| (marked(&copies[i]), !copies[i].indexed));
+        for &i in &order {
+            let r = copies[i];
+            match self.read_checked(&r) {
+                Ok(stored) => {
+                    if let Some(writer) = writer {
+                        writer.add(r.digest, r.codec, r.raw_len, &stored.data)?;
+                    }
+                    report.bytes_written += stored.data.len() as u64;
+                    report.chunks_salvaged += 1;
+                    debug!(chunk = %r.digest, pack = %r.pack, offset = r.offset, "Chunk salvaged.");
+                    if report.chunks_salvaged == 1 {
+                        kill_point("salvaging");
+                    }
+                    return Ok(());
+                }
+                Err(e) => {
+                    debug!(chunk = %r.digest, pack = %r.pack, offset = r.offset, error = %e,
+                           "A copy to salvage does not check out.");
+                }
+            }
+        }
+        let best = copies.iter().position(|r| r.indexed).unwrap_or(0);
+        copies[best].live = true;
+        copies[best].unsalvageable = true;
+        report.chunks_unsalvageable += 1;
+        warn!(chunk = %copies[best].digest, copies = copies.len(),
+              "No stored copy of a chunk that snapshots use decodes to its digest; it stays (marked) until a backup \
+               of a VM that still has the data stores it again.");
+        Ok(())
+    }
+
+    /// Decides one pack from its records (index records, and trailer entries of orphans and damaged packs).
+    #[allow(clippy::too_many_arguments)]
     fn settle_pack(
         &self,
         group: &[Located],
         options: &GcOptions,
         session: &SessionShared,
-        writer: Option<&mut PackWriter>,
+        mut writer: Option<&mut PackWriter>,
         condemned: &mut Sorter<LOCATED_SIZE>,
+        frames: &Frames,
         report: &mut GcReport,
-    ) -> Result<bool> {
+    ) -> Result<Fate> {
         let pack = group[0].pack;
+        let orphan = group.iter().all(|r| !r.indexed);
         let live: u64 = group
             .iter()
             .filter(|r| r.live)
@@ -823,56 +1514,110 @@ impl Gc<'_> {
             .sum();
         let total: u64 = group.iter().map(|r| u64::from(r.stored_len)).sum();
         let dead = total - live;
-        let keep = |report: &mut GcReport| -> Result<bool> {
+        let keep = |report: &mut GcReport| -> Result<Fate> {
             session.add_pack(pack, &group.iter().map(Located::entry).collect::<Vec<_>>())?;
             report.packs_kept += 1;
-            Ok(false)
+            Ok(Fate::Keep)
         };
-        let size = match std::fs::metadata(pack_path(&self.root, &pack)) {
+        let path = pack_path(&self.root, &pack);
+        let size = match std::fs::metadata(&path) {
             Ok(m) => m.len(),
+            Err(_) if orphan => return Ok(Fate::Gone),
             // A pack the index names but that is gone: `verify` reports it; the gc leaves its records.
             Err(_) => return keep(report),
         };
-        if dead == 0 || (live > 0 && dead * 100 < u64::from(options.repack_threshold) * total) {
-            return keep(report);
+        let keep_as_is =
+            dead == 0 || (live > 0 && dead * 100 < u64::from(options.repack_threshold) * total);
+        let mut damaged_frame = frames.damaged.contains(&pack);
+        if !damaged_frame && !keep_as_is && !frames.checked.contains(&pack) {
+            // Checked before anything leaves the pack: a damaged one is quarantined, never deleted.
+            damaged_frame = match read_pack_trailer(&path) {
+                Ok(_) => false,
+                Err(e @ (RepoError::Corrupt { .. } | RepoError::UnsupportedVersion { .. })) => {
+                    warn!(pack = %path.display(), error = %e,
+                          "A pack's header, trailer or footer is damaged: what snapshots use is salvaged, the pack quarantined.");
+                    true
+                }
+                Err(e) => return Err(e),
+            };
         }
-        if live == 0 {
-            report.packs_removed += 1;
-        } else {
-            let live_chunks = group.iter().filter(|r| r.live);
-            match writer {
-                // A dry run: what the rewrite would copy.
-                None => report.bytes_written += live,
-                Some(writer) => {
-                    for r in live_chunks.clone() {
-                        // Each chunk is checked against its digest before it is copied. A damaged one
-                        // keeps the pack as it is (the copies already made are harmless duplicates).
-                        let stored = match self.repo.read_chunk(&r.location()).and_then(|stored| {
-                            self.repo.plaintext(&r.digest, &r.location(), &stored)?;
-                            Ok(stored)
-                        }) {
-                            Ok(stored) => stored,
-                            Err(e) => {
-                                warn!(pack = %pack, chunk = %r.digest, error = %e,
-                                      "A chunk of a pack to rewrite is damaged; the pack stays as it is.");
-                                report.damaged_packs.push(pack.to_hex());
-                                return keep(report);
-                            }
-                        };
-                        writer.add(r.digest, r.codec, r.raw_len, &stored.data)?;
+        // Dead indexed copies leave the index; until the sweep, restores find them in `gc/condemned`.
+        let condemn = |condemned: &mut Sorter<LOCATED_SIZE>, removed: &mut u64| -> Result<()> {
+            for r in group.iter().filter(|r| !r.live && r.indexed) {
+                condemned.push(r.by_digest())?;
+                *removed += 1;
+            }
+            Ok(())
+        };
+        if damaged_frame {
+            // Its live copies were taken for healthy (the frame damage was found only now): each is checked
+            // and stored again. Unsalvageable copies leave the index with the pack (their marks stay).
+            for r in group.iter().filter(|r| r.live && !r.unsalvageable) {
+                match self.read_checked(r) {
+                    Ok(stored) => {
+                        if let Some(writer) = writer.as_deref_mut() {
+                            writer.add(r.digest, r.codec, r.raw_len, &stored.data)?;
+                        }
                         report.bytes_written += stored.data.len() as u64;
+                        report.chunks_salvaged += 1;
+                    }
+                    Err(e) => {
+                        warn!(pack = %pack, chunk = %r.digest, error = %e,
+                              "A chunk of a damaged pack does not decode to its digest.");
+                        report.chunks_unsalvageable += 1;
                     }
                 }
             }
-            report.chunks_moved += live_chunks.count() as u64;
-            report.packs_repacked += 1;
+            // Taken out of the index, not out of the repository: not counted as removed.
+            condemn(condemned, &mut 0)?;
+            report.packs_quarantined.push(pack.to_hex());
+            return Ok(Fate::Quarantine);
         }
-        for r in group.iter().filter(|r| !r.live) {
-            condemned.push(r.by_digest())?;
-            report.chunks_removed += 1;
+        if keep_as_is {
+            return keep(report);
         }
-        report.bytes_deleted += size;
-        Ok(true)
+        if live == 0 {
+            if !orphan {
+                report.packs_removed += 1;
+                report.bytes_deleted += size;
+            }
+            condemn(condemned, &mut report.chunks_removed)?;
+            return Ok(Fate::Delete);
+        }
+        // Rewrite. A live copy known to be damaged keeps the pack as it is: it is the best copy there is.
+        if group.iter().any(|r| r.live && r.unsalvageable) {
+            report.damaged_packs.push(pack.to_hex());
+            return keep(report);
+        }
+        let live_chunks = group.iter().filter(|r| r.live);
+        match writer {
+            // A dry run: what the rewrite would copy.
+            None => report.bytes_written += live,
+            Some(writer) => {
+                for r in live_chunks.clone() {
+                    // Each chunk is checked against its digest before it is copied. A damaged one keeps the
+                    // pack as it is (the copies already made are harmless duplicates).
+                    let stored = match self.read_checked(r) {
+                        Ok(stored) => stored,
+                        Err(e) => {
+                            warn!(pack = %pack, chunk = %r.digest, error = %e,
+                                  "A chunk of a pack to rewrite is damaged; the pack stays as it is.");
+                            report.damaged_packs.push(pack.to_hex());
+                            return keep(report);
+                        }
+                    };
+                    writer.add(r.digest, r.codec, r.raw_len, &stored.data)?;
+                    report.bytes_written += stored.data.len() as u64;
+                }
+            }
+        }
+        report.chunks_moved += live_chunks.count() as u64;
+        report.packs_repacked += 1;
+        condemn(condemned, &mut report.chunks_removed)?;
+        if !orphan {
+            report.bytes_deleted += size;
+        }
+        Ok(Fate::Delete)
     }
 
     /// Packs in `packs/` that no index file named (`indexed`, sorted). A session alive now that wrote one is
@@ -916,8 +1661,22 @@ impl Gc<'_> {
         Ok(orphans)
     }
 
+    /// Removes the index files the cycle replaced, once its own index file is in place.
     fn remove_old_index(&self, state: &CycleState) -> Result<()> {
         let dir = self.root.join("index");
+        if let Some(new) = &state.new_index
+            && !dir.join(new).exists()
+        {
+            return Err(stopped(
+                &self.root,
+                RepoError::corrupt(
+                    self.paths.state(),
+                    format!(
+                        "the cycle's index file index/{new} is missing; the old index files are left in place"
+                    ),
+                ),
+            ));
+        }
         for name in &state.old_index {
             remove_if_present(&dir.join(name), "remove old index")?;
         }
@@ -927,6 +1686,8 @@ impl Gc<'_> {
     /// Phase 2: once every handle open at condemnation has closed, stores again what backups used meanwhile,
     /// then deletes. `None` when there was nothing to finish; a report with `waiting_for` when it must wait.
     fn finish_cycle(&self, mut state: CycleState) -> Result<Option<GcReport>> {
+        // The lists must be whole and of this cycle before anything is done with them.
+        check_lists(&self.paths, &state).map_err(|(_, e)| stopped(&self.root, e))?;
         if state.phase == Phase::Condemned {
             let fence = fence(&self.root, LockMode::Exclusive)?;
             if state.users.is_none() {
@@ -974,6 +1735,7 @@ impl Gc<'_> {
         info!(
             removed = state.report.chunks_removed,
             freed = state.report.bytes_deleted,
+            quarantined = state.quarantine.len(),
             "Garbage collection finished."
         );
         Ok(Some(state.report))
@@ -984,12 +1746,17 @@ impl Gc<'_> {
     fn resurrect(&self, state: &CycleState) -> Result<u64> {
         let mut referenced = Sorter::<32>::new(&self.scratch, "remarked", true);
         let mut any = false;
-        for id in self.repo.snapshot_ids()? {
+        for id in self.repo.manifest_ids()? {
             if state.marked.contains(&id) {
                 continue;
             }
             any = true;
-            push_references(&self.repo.open_snapshot(&id)?, &mut referenced)?;
+            let snapshot = self
+                .repo
+                .open_snapshot(&id)
+                .map_err(|e| self.unreadable_snapshot(&id, e))?;
+            push_references(&snapshot, &mut referenced)?
+                .map_err(|e| self.unreadable_snapshot(&id, e))?;
         }
         let forgotten = self.paths.forgotten();
         if let Ok(entries) = std::fs::read_dir(&forgotten) {
@@ -1002,20 +1769,33 @@ impl Gc<'_> {
                     continue;
                 }
                 any = true;
-                push_references(&Snapshot::open_path(&path, &id)?, &mut referenced)?;
+                // A manifest forgotten because it is damaged tells nothing; no backup could have taken it
+                // as its parent either (opening it checks it).
+                let read = match Snapshot::open_path(&path, &id) {
+                    Ok(snapshot) => push_references(&snapshot, &mut referenced)?,
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = read {
+                    warn!(file = %path.display(), error = %e, "A forgotten snapshot cannot be read; skipped.");
+                }
             }
         }
         if !any {
             return Ok(0);
         }
         let mut referenced = referenced.finish()?;
-        let mut condemned = ListReader::<LOCATED_SIZE>::open(&self.paths.condemned())?;
+        let mut condemned =
+            ListReader::<LOCATED_SIZE>::open(&self.paths.condemned(), &state.cycle_id())
+                .map_err(|e| stopped(&self.root, e))?;
         let session = self.writer_session("resurrect")?;
         let mut writer = PackWriter::new(session.clone());
         let mut next_ref = referenced.next_record()?;
         let mut count = 0u64;
         let mut last: Option<Digest> = None;
-        while let Some(b) = condemned.next_record()? {
+        while let Some(b) = condemned
+            .next_record()
+            .map_err(|e| stopped(&self.root, e))?
+        {
             let r = Located::decode(&b, false, &self.paths.condemned())?;
             while let Some(d) = next_ref
                 && d < r.digest.0
@@ -1025,12 +1805,16 @@ impl Gc<'_> {
             if next_ref != Some(r.digest.0) || last == Some(r.digest) {
                 continue;
             }
-            let stored = self.repo.read_chunk(&r.location())?;
-            if let Err(e) = self.repo.plaintext(&r.digest, &r.location(), &stored) {
-                // Another copy may be healthy; this one cannot serve.
-                warn!(chunk = %r.digest, pack = %r.pack, error = %e, "A condemned copy a backup used is damaged.");
-                continue;
-            }
+            let stored = match self.read_checked(&r) {
+                Ok(stored) => stored,
+                // Another copy may be healthy; this one cannot serve. (A failed read is not skipped: the
+                // sweep would then delete what this snapshot needs.)
+                Err(e @ (RepoError::Corrupt { .. } | RepoError::Decode { .. })) => {
+                    warn!(chunk = %r.digest, pack = %r.pack, error = %e, "A condemned copy a backup used is damaged.");
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             writer.add(r.digest, r.codec, r.raw_len, &stored.data)?;
             last = Some(r.digest);
             count += 1;
@@ -1046,16 +1830,106 @@ impl Gc<'_> {
         Ok(count)
     }
 
-    /// Deletes the doomed packs and the orphans that still no index names.
+    /// Every pack an index file names now, sorted: what a sweep must not touch. An index file that cannot
+    /// be read stops the sweep, since it might name a pack the lists say to delete.
+    fn named_packs(&self) -> Result<Sorted<16>> {
+        let mut named = Sorter::<16>::new(&self.scratch, "named", true);
+        let dir = self.root.join("index");
+        for entry in std::fs::read_dir(&dir).ctx("list", &dir)? {
+            let path = entry.ctx("list", &dir)?.path();
+            if path.extension().is_none_or(|x| x != "idx") {
+                continue;
+            }
+            match IndexStream::open(&path, |id| named.push(id.0)) {
+                Ok(_) => {}
+                Err(RepoError::Io { source, .. })
+                    if source.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(stopped(&self.root, e)),
+            }
+        }
+        named.finish()
+    }
+
+    /// Deletes the doomed packs and the orphans that still no index names, and moves the damaged packs to the
+    /// quarantine. First, without changing anything: no doomed pack may be named by an index file (a list
+    /// that says otherwise is not this repository's, and the gc stops), and orphans and damaged packs that
+    /// an index file names (a backup that ran meanwhile committed them) stay where they are.
     fn sweep(&self, state: &CycleState) -> Result<()> {
+        let cycle = state.cycle_id();
+        let doomed_path = self.paths.doomed();
+        let has_doomed = doomed_path.exists();
+        let mut spared: HashSet<PackId> = HashSet::new();
+        {
+            let mut named = self.named_packs()?;
+            let mut doomed = if has_doomed {
+                Some(
+                    ListReader::<16>::open(&doomed_path, &cycle)
+                        .map_err(|e| stopped(&self.root, e))?,
+                )
+            } else {
+                None
+            };
+            let mut previous: Option<[u8; 16]> = None;
+            let mut next_doomed = || -> Result<Option<[u8; 16]>> {
+                let Some(list) = doomed.as_mut() else {
+                    return Ok(None);
+                };
+                let next = list.next_record().map_err(|e| stopped(&self.root, e))?;
+                if let Some(id) = next {
+                    if previous.is_some_and(|p| p >= id) {
+                        return Err(stopped(
+                            &self.root,
+                            RepoError::corrupt(&doomed_path, "the pack ids are not in order"),
+                        ));
+                    }
+                    previous = Some(id);
+                }
+                Ok(next)
+            };
+            let mut others: Vec<PackId> = state
+                .orphans
+                .iter()
+                .chain(&state.quarantine)
+                .filter_map(|h| h.parse().ok())
+                .collect();
+            others.sort();
+            let mut doomed_id = next_doomed()?;
+            while let Some(id) = named.next_record()? {
+                while let Some(d) = doomed_id
+                    && d < id
+                {
+                    doomed_id = next_doomed()?;
+                }
+                if doomed_id == Some(id) {
+                    return Err(stopped(
+                        &self.root,
+                        RepoError::corrupt(
+                            &doomed_path,
+                            format!(
+                                "it lists pack {} for deletion, but an index file names that pack: the list does \
+                                 not match this repository's index",
+                                PackId(id)
+                            ),
+                        ),
+                    ));
+                }
+                if others.binary_search(&PackId(id)).is_ok() {
+                    spared.insert(PackId(id));
+                }
+            }
+            while doomed_id.is_some() {
+                doomed_id = next_doomed()?;
+            }
+        }
+
         let mut touched = [false; 256];
         let mut remove = |id: PackId| -> Result<()> {
             remove_if_present(&pack_path(&self.root, &id), "remove pack")?;
             touched[id.0[0] as usize] = true;
             Ok(())
         };
-        if self.paths.doomed().exists() {
-            let mut doomed = ListReader::<16>::open(&self.paths.doomed())?;
+        if has_doomed {
+            let mut doomed = ListReader::<16>::open(&doomed_path, &cycle)?;
             let mut first = true;
             while let Some(id) = doomed.next_record()? {
                 remove(PackId(id))?;
@@ -1065,27 +1939,14 @@ impl Gc<'_> {
                 }
             }
         }
-        if !state.orphans.is_empty() {
-            // A session that committed after the listing named its packs in its own index file.
-            let mut named = HashSet::new();
-            let dir = self.root.join("index");
-            for entry in std::fs::read_dir(&dir).ctx("list", &dir)? {
-                let path = entry.ctx("list", &dir)?.path();
-                let is_session_index = path
-                    .file_name()
-                    .and_then(|n| n.to_str())
-                    .is_some_and(|n| n.ends_with(".idx") && !n.starts_with("gc-"));
-                if is_session_index {
-                    named.extend(IndexFile::open(&path)?.pack_ids()?);
-                }
-            }
-            for hex_id in &state.orphans {
-                let Ok(id) = hex_id.parse::<PackId>() else {
-                    continue;
-                };
-                if !named.contains(&id) {
-                    remove(id)?;
-                }
+        // A session that committed after the listing named its packs in its own index file.
+        for id in state
+            .orphans
+            .iter()
+            .filter_map(|h| h.parse::<PackId>().ok())
+        {
+            if !spared.contains(&id) {
+                remove(id)?;
             }
         }
         for (first, t) in touched.iter().enumerate() {
@@ -1093,6 +1954,44 @@ impl Gc<'_> {
                 sync_dir(&self.root.join("packs").join(hex(&[first as u8])))?;
             }
         }
+        let mut first = true;
+        for id in state
+            .quarantine
+            .iter()
+            .filter_map(|h| h.parse::<PackId>().ok())
+        {
+            if spared.contains(&id) {
+                continue;
+            }
+            self.move_to_quarantine(&id)?;
+            if first {
+                first = false;
+                kill_point("quarantining");
+            }
+        }
+        Ok(())
+    }
+
+    /// Moves a pack to `quarantine/packs/XX/ID.pack`, durably. One already moved (a resumed sweep) is fine.
+    fn move_to_quarantine(&self, id: &PackId) -> Result<()> {
+        let from = pack_path(&self.root, id);
+        let to = quarantine_path(&self.root, id);
+        let dir = to.parent().expect("quarantine/packs/XX");
+        if !dir.exists() {
+            std::fs::create_dir_all(dir).ctx("create directory", dir)?;
+            let top = self.root.join(QUARANTINE_DIR);
+            for d in [dir, &top.join("packs"), &top, &self.root] {
+                sync_dir(d)?;
+            }
+        }
+        match std::fs::rename(&from, &to) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(RepoError::io("move to the quarantine", from, e)),
+        }
+        sync_dir(dir)?;
+        sync_dir(from.parent().expect("packs/XX"))?;
+        warn!(pack = %from.display(), to = %to.display(), "Damaged pack moved to the quarantine.");
         Ok(())
     }
 }
@@ -1114,20 +2013,96 @@ fn damaged_index(e: RepoError) -> RepoError {
     ))
 }
 
-fn push_references(snapshot: &Snapshot, sorter: &mut Sorter<32>) -> Result<()> {
+/// Pushes the digests `snapshot` references. The outer error is the sort's (the gc's scratch space), the
+/// inner one the manifest's: the callers treat a manifest that cannot be read differently.
+fn push_references(snapshot: &Snapshot, sorter: &mut Sorter<32>) -> Result<Result<()>> {
     for disk in 0..snapshot.meta().disks.len() {
         for r in snapshot.chunks(disk) {
-            if let ChunkRef::Data(d) = r? {
-                sorter.push(d.0)?;
+            match r {
+                Ok(ChunkRef::Data(d)) => sorter.push(d.0)?,
+                Ok(ChunkRef::Zero) => {}
+                Err(e) => return Ok(Err(e)),
             }
         }
     }
-    Ok(())
+    Ok(Ok(()))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{DiskMeta, InitOptions};
+
+    const CHUNK: usize = 64 * 1024;
+
+    fn chunk(seed: u64) -> Vec<u8> {
+        let mut h = blake3::Hasher::new();
+        h.update(&seed.to_le_bytes());
+        let mut out = vec![0u8; CHUNK];
+        h.finalize_xof().fill(&mut out);
+        out
+    }
+
+    fn digest(seed: u64) -> Digest {
+        Digest(*blake3::hash(&chunk(seed)).as_bytes())
+    }
+
+    /// Two chunks per pack.
+    fn init(dir: &Path) -> Repository {
+        Repository::init_with(
+            dir,
+            &InitOptions {
+                chunk_size: CHUNK as u32,
+                pack_target_size: 2 * CHUNK as u64,
+            },
+        )
+        .unwrap()
+    }
+
+    /// Commits a snapshot of one disk whose chunks are `seeds`.
+    fn commit(repo: &Repository, seeds: &[u64]) -> String {
+        let session = repo.begin_backup("vm").unwrap();
+        let mut writer = session.pack_writer();
+        let disk = session
+            .add_disk(DiskMeta {
+                name: "vda".into(),
+                size: (seeds.len() * CHUNK) as u64,
+                chunk_size: CHUNK as u32,
+                location: "test".into(),
+                cbt: None,
+            })
+            .unwrap();
+        let mut seen = HashSet::new();
+        for (i, &s) in seeds.iter().enumerate() {
+            let d = digest(s);
+            if repo.lookup(&d).unwrap().is_none() && seen.insert(d) {
+                writer.add(d, Codec::None, CHUNK as u32, &chunk(s)).unwrap();
+            }
+            session
+                .set_chunk(disk, i as u64, ChunkRef::Data(d))
+                .unwrap();
+        }
+        writer.finish().unwrap();
+        session.commit(None).unwrap().id
+    }
+
+    fn assert_restores(repo: &Repository, id: &str, seeds: &[u64]) {
+        let snap = repo.open_snapshot(id).unwrap();
+        for (i, &s) in seeds.iter().enumerate() {
+            let ChunkRef::Data(d) = snap.chunk(0, i as u64).unwrap() else {
+                panic!("zero chunk")
+            };
+            assert_eq!(repo.load_chunk(&d).unwrap(), chunk(s), "chunk {i} of {id}");
+        }
+    }
+
+    fn flip(path: &Path, offset: u64) {
+        use std::os::unix::fs::FileExt;
+        let f = File::options().read(true).write(true).open(path).unwrap();
+        let mut b = [0u8];
+        f.read_exact_at(&mut b, offset).unwrap();
+        f.write_all_at(&[b[0] ^ 0x40], offset).unwrap();
+    }
 
     #[test]
     fn located_records_round_trip_in_both_orders() {
@@ -1139,6 +2114,8 @@ mod tests {
             raw_len: 65536,
             codec: Codec::Zstd,
             live: true,
+            indexed: true,
+            unsalvageable: true,
         };
         let p = Path::new("x");
         assert_eq!(Located::decode(&r.by_pack(), true, p).unwrap(), r);
@@ -1149,5 +2126,246 @@ mod tests {
             ..r
         };
         assert!(r.by_pack() < later.by_pack());
+    }
+
+    #[test]
+    fn salvage_entries_finds_the_trailer_of_a_pack_whose_frame_is_damaged() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = Repository::init_with(
+            dir.path(),
+            &InitOptions {
+                chunk_size: CHUNK as u32,
+                pack_target_size: 8 * CHUNK as u64,
+            },
+        )
+        .unwrap();
+        commit(&repo, &[1, 2, 3, 4, 5]);
+        let id = repo.list_packs().unwrap()[0];
+        let path = pack_path(repo.path(), &id);
+        let good = read_pack_trailer(&path).unwrap();
+        assert_eq!(good.entries.len(), 5);
+        let len = path.metadata().unwrap().len();
+        // A damaged header (the pack id), then a damaged footer magic (the trailer is found by walking
+        // back from where the footer starts), each time every entry.
+        for at in [19, len - 1] {
+            flip(&path, at);
+            assert!(read_pack_trailer(&path).is_err());
+            assert_eq!(salvage_entries(&path).unwrap(), good.entries, "byte {at}");
+            flip(&path, at);
+        }
+        // An entry that does not decode is left out; the others are found.
+        let codec_of_third = good.data_end + 2 * crate::pack::PACK_ENTRY_SIZE as u64 + 48;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .and_then(|f| {
+                use std::os::unix::fs::FileExt;
+                f.write_all_at(&[9], codec_of_third)
+            })
+            .unwrap();
+        let mut expected = good.entries.clone();
+        expected.remove(2);
+        assert_eq!(salvage_entries(&path).unwrap(), expected);
+        // A truncated pack has no trailer to find; nothing is made up.
+        File::options()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(len / 2)
+            .unwrap();
+        assert!(salvage_entries(&path).unwrap().is_empty());
+    }
+
+    /// A pack whose footer is damaged drops out of a rebuilt index (its trailer cannot be trusted), so gc
+    /// sees it as an orphan, which it used to delete with the chunks snapshots use. Its trailer is found and
+    /// its blobs salvaged, and the pack is quarantined.
+    #[test]
+    fn an_orphan_with_a_damaged_footer_is_salvaged_and_quarantined() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = init(dir.path());
+        let id = commit(&repo, &[1, 2, 3, 4, 5, 6]);
+        let loc = repo.lookup(&digest(1)).unwrap().unwrap();
+        let path = pack_path(repo.path(), &loc.pack);
+        flip(&path, path.metadata().unwrap().len() - 1);
+        let rebuilt = repo.rebuild_index().unwrap();
+        assert_eq!(rebuilt.damaged_packs.len(), 1, "{rebuilt:?}");
+        assert!(repo.lookup(&digest(1)).unwrap().is_none());
+
+        let report = repo.gc(&GcOptions::default()).unwrap();
+        assert_eq!(report.orphan_packs, 1, "{report:?}");
+        assert_eq!(report.chunks_salvaged, 2, "{report:?}");
+        assert_eq!(
+            report.packs_quarantined,
+            vec![loc.pack.to_hex()],
+            "{report:?}"
+        );
+        assert_eq!(report.missing_chunks, 0, "{report:?}");
+        assert!(!path.exists());
+        assert!(quarantine_path(repo.path(), &loc.pack).exists());
+        assert_restores(&repo, &id, &[1, 2, 3, 4, 5, 6]);
+        assert!(repo.verify(true).unwrap().is_ok());
+        // The quarantine is deleted only on request.
+        let again = repo.gc(&GcOptions::default()).unwrap();
+        assert_eq!(again.quarantine_dropped, 0);
+        let dropped = repo
+            .gc(&GcOptions {
+                drop_quarantine: true,
+                ..GcOptions::default()
+            })
+            .unwrap();
+        assert_eq!(dropped.quarantine_dropped, 1, "{dropped:?}");
+        assert!(!quarantine_path(repo.path(), &loc.pack).exists());
+        assert_restores(&repo, &id, &[1, 2, 3, 4, 5, 6]);
+    }
+
+    /// A pack with a damaged header and, besides, one damaged blob: the intact chunk is salvaged, the
+    /// damaged one cannot be. The pack goes to the quarantine, the damaged chunk keeps its mark and verify
+    /// keeps naming its snapshot, until a backup that has the data stores it again.
+    #[test]
+    fn an_unsalvageable_chunk_of_a_quarantined_pack_keeps_its_mark() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = init(dir.path());
+        let id = commit(&repo, &[1, 2, 3, 4]);
+        let bad = repo.lookup(&digest(2)).unwrap().unwrap();
+        let path = pack_path(repo.path(), &bad.pack);
+        flip(&path, 19);
+        flip(&path, bad.offset + 100);
+        let checked = repo.verify_and_mark(true).unwrap();
+        assert_eq!(
+            checked.marked, 1,
+            "the damaged blob only: the others read back whole {checked:?}"
+        );
+
+        let report = repo.gc(&GcOptions::default()).unwrap();
+        assert_eq!(
+            (report.chunks_salvaged, report.chunks_unsalvageable),
+            (1, 1),
+            "{report:?}"
+        );
+        assert_eq!(report.packs_quarantined, vec![bad.pack.to_hex()]);
+        assert!(quarantine_path(repo.path(), &bad.pack).exists());
+        let marks = repo.damage_marks().unwrap().copies();
+        assert_eq!(marks.len(), 1, "{marks:?}");
+        assert_eq!((marks[0].digest, marks[0].pack), (digest(2), bad.pack));
+        let after = repo.verify(false).unwrap();
+        assert!(!after.is_ok());
+        let named: Vec<_> = after
+            .problems
+            .iter()
+            .filter(|p| !p.healed)
+            .map(|p| (p.digest, p.snapshots.clone()))
+            .collect();
+        assert_eq!(named, vec![(digest(2), vec![id.clone()])], "{after:?}");
+        assert_eq!(repo.load_chunk(&digest(1)).unwrap(), chunk(1));
+
+        // A backup that still has the data stores it again; the next gc drops the mark.
+        let again = commit(&repo, &[2]);
+        repo.gc(&GcOptions::default()).unwrap();
+        assert!(repo.damage_marks().unwrap().is_empty());
+        assert_restores(&repo, &id, &[1, 2, 3, 4]);
+        assert_restores(&repo, &again, &[2]);
+        assert!(repo.verify(true).unwrap().is_ok());
+    }
+
+    /// A cycle left pending by a handle open during the gc: `first` forgotten, its packs doomed.
+    fn pending(dir: &Path) -> (Repository, String) {
+        let repo = init(dir);
+        let first = commit(&repo, &[1, 2, 3]);
+        let second = commit(&repo, &[4, 5, 6, 7]);
+        let stale = Repository::open(dir).unwrap();
+        stale.lookup(&digest(1)).unwrap();
+        repo.forget(&first).unwrap();
+        let waiting = repo
+            .gc(&GcOptions {
+                repack_threshold: 0,
+                ..GcOptions::default()
+            })
+            .unwrap();
+        assert!(waiting.waiting_for.is_some(), "{waiting:?}");
+        (repo, second)
+    }
+
+    /// A well-formed doomed list of the pending cycle (right magic, cycle id and checksum) that names the
+    /// packs the index still names: the sweep stops before deleting anything.
+    #[test]
+    fn a_crafted_doomed_list_naming_live_packs_stops_the_sweep() {
+        let dir = tempfile::tempdir().unwrap();
+        let (repo, second) = pending(dir.path());
+        let paths = GcPaths::new(repo.path());
+        let state = load_state(&paths).unwrap().unwrap();
+        let scratch = tempfile::tempdir().unwrap();
+        let mut all = Sorter::<16>::new(scratch.path(), "all", true);
+        for id in repo.list_packs().unwrap() {
+            all.push(id.0).unwrap();
+        }
+        write_list(&paths.doomed(), &state.cycle_id(), all.finish().unwrap()).unwrap();
+        let packs = repo.list_packs().unwrap();
+        let e = repo.gc(&GcOptions::default()).unwrap_err().to_string();
+        assert!(
+            e.contains("doomed-packs") && e.contains("an index file names that pack"),
+            "{e}"
+        );
+        assert!(e.contains("--reset-state"), "{e}");
+        assert_eq!(repo.list_packs().unwrap(), packs);
+        assert_restores(&repo, &second, &[4, 5, 6, 7]);
+        // Verify names the list only for what it can see (checksum and cycle are right); the repair
+        // works: the abandoned cycle's doomed packs are orphans for the next collection.
+        let report = repo
+            .gc(&GcOptions {
+                reset_state: true,
+                ..GcOptions::default()
+            })
+            .unwrap();
+        assert!(
+            report.state_reset && report.waiting_for.is_none(),
+            "{report:?}"
+        );
+        assert_restores(&repo, &second, &[4, 5, 6, 7]);
+        let verified = repo.verify(true).unwrap();
+        assert!(verified.is_ok(), "{verified:#?}");
+    }
+
+    /// A state with a valid checksum whose names would lead outside `index/`, or remove the cycle's own
+    /// index: the gc stops and names the file.
+    #[test]
+    fn a_crafted_state_cannot_make_gc_remove_other_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let (repo, second) = pending(dir.path());
+        let paths = GcPaths::new(repo.path());
+        let original = load_state(&paths).unwrap().unwrap();
+        let manifest = crate::snapshot::snapshot_path(repo.path(), &second);
+        let traversal = format!("../snapshots/{second}.snap");
+        type Craft = fn(&mut CycleState, &str);
+        let crafted: [(&str, Craft); 3] = [
+            ("is not the name of an index file", |s, t| {
+                s.old_index.push(t.to_owned());
+                s.users = None;
+            }),
+            ("listed among the old ones", |s, _| {
+                let own = s.new_index.clone().unwrap();
+                s.old_index.push(own);
+                s.users = None;
+            }),
+            ("is not a pack id", |s, t| s.orphans.push(t.to_owned())),
+        ];
+        for (expected, craft) in crafted {
+            let mut state = original.clone();
+            craft(&mut state, &traversal);
+            store_state(&paths, &state).unwrap();
+            let e = repo.gc(&GcOptions::default()).unwrap_err().to_string();
+            assert!(
+                e.contains("state.json") && e.contains(expected),
+                "{expected}: {e}"
+            );
+            assert!(manifest.exists());
+            let problems = state_problems(repo.path());
+            assert_eq!(problems.len(), 1, "{problems:?}");
+            assert!(problems[0].error.contains(expected), "{problems:?}");
+        }
+        store_state(&paths, &original).unwrap();
+        assert!(state_problems(repo.path()).is_empty());
+        let done = repo.gc(&GcOptions::default()).unwrap();
+        assert!(done.earlier_cycle.is_some(), "{done:?}");
+        assert_restores(&repo, &second, &[4, 5, 6, 7]);
     }
 }

@@ -34,6 +34,10 @@
 //! users/<pid>-<hex>           one per open repository handle, flocked while it is open (see gc)
 //! gc/                         garbage collection: run.lock, fence, and while a cycle is pending state.json,
 //!                             condemned, doomed-packs, forgotten/<snapshot id>.snap
+//! quarantine/packs/XX/<pack id>.pack  packs whose header, trailer or footer is damaged, moved here by a gc
+//!                             after it salvaged what snapshots use; read by nothing, deleted only by
+//!                             `gc --drop-quarantine`
+//! damaged                     damage marks (below)
 //! ```
 //! Pack ids are 128 random bits (32 hex digits). Snapshot ids are `YYYYMMDDTHHMMSSZ-xxxxxx`: the UTC second
 //! the backup began and 24 random bits, so `ls snapshots/` is chronological; the session id is the same string.
@@ -161,7 +165,9 @@
 //! (and keep serving as dedup targets) until a garbage collection removes what no manifest references. Forget
 //! takes the shared lock like a backup and runs next to backups and gc ("Garbage collection" says how the two
 //! meet). Which snapshots to forget is a pure policy, [`plan`] with a [`KeepPolicy`]
-//! (keep-last and grandfather-father-son daily/weekly/monthly/yearly, per VM; the rules are at [`plan`]).
+//! (keep-last and grandfather-father-son daily/weekly/monthly/yearly, per VM; the rules are at [`plan`]), or
+//! the operator's choice by id ([`Repository::manifest_ids`] lists them all): forget never reads the manifest,
+//! so it removes a damaged one too, which a gc needs (it stops on a manifest it cannot read).
 //!
 //! ## Garbage collection
 //! [`Repository::gc`] removes what no snapshot references, while backups, restores and forgets go on. It never
@@ -170,23 +176,28 @@
 //! commits later. The gc therefore works in a cycle of two phases, with its state in `gc/`:
 //!
 //! 1. **Condemn.** Mark: every manifest's digests go through an external sort into a sorted list of
-//!    referenced digests. Every index file is streamed (checksum and order checked: a damaged index stops the
-//!    gc before it changes anything) and merged with that list; each record is live (one copy per referenced
-//!    digest) or dead, and goes into a second external sort by pack. Per pack: no dead record, keep it; no
-//!    live record, delete it; at least `repack_threshold`% (20 by default) of its bytes dead, rewrite it
-//!    (its live chunks are read, verified against their digests and copied into new packs; a damaged chunk
-//!    keeps the pack as it is); otherwise keep it, dead records included (they still serve deduplication). Then,
-//!    in this order, each step durable before the next: the new packs; one new index file `gc-<hex>.idx`
-//!    holding every kept record; `gc/condemned` (the dead records of deleted and rewritten packs, sorted by
-//!    digest), `gc/doomed-packs` and `gc/state.json`; removal of the index files that were read; and the
-//!    list of the handles registered in `users/` (see below), recorded in the state. Nothing is deleted yet,
-//!    and lookups no longer find the condemned chunks, so no backup that begins from now on relies on them.
+//!    referenced digests (a manifest that cannot be read stops the gc, which names the
+//!    `backflow forget --snapshot ID` that removes it). Every index file is streamed (checksum and order
+//!    checked: a damaged index stops the gc before it changes anything) into a second sort by digest, with
+//!    the trailer entries of the packs no index names (orphans) and of the packs that may be damaged (below).
+//!    Each digest's copies are settled together (see "Damage" below): a referenced digest keeps one copy
+//!    live, every other copy and every unreferenced one is dead, and the records go into a third sort by
+//!    pack. Per pack: no dead record, keep it; no live record, delete it; at least `repack_threshold`% (20 by
+//!    default) of its bytes dead, rewrite it (its live chunks are read, verified against their digests and
+//!    copied into new packs; a damaged chunk keeps the pack as it is); otherwise keep it, dead records
+//!    included (they still serve deduplication). An orphan with a live copy is kept and indexed again; one
+//!    without is left for the sweep. Then, in this order, each step durable before the next: the new packs;
+//!    one new index file `gc-<hex>.idx` holding every kept record; `gc/condemned` (the dead records of
+//!    deleted, rewritten and quarantined packs, sorted by digest), `gc/doomed-packs` and `gc/state.json`;
+//!    removal of the index files that were read; and the list of the handles registered in `users/` (see
+//!    below), recorded in the state. Nothing is deleted yet, and lookups no longer find the condemned chunks,
+//!    so no backup that begins from now on relies on them.
 //! 2. **Sweep**, as soon as every handle listed in the state has closed (at once, when none was open; else at
 //!    the next `gc`, which reports what it waits for). Snapshots committed since the mark (and those forgotten
 //!    meanwhile, see below) are read; condemned chunks they reference are copied into a new pack and indexed
-//!    again. The state becomes `sweeping`; then the doomed packs are deleted, and the packs no index named
-//!    (left by killed sessions: orphans) unless a session's index file written since names them. The state
-//!    files go last.
+//!    again. The state becomes `sweeping`; then the doomed packs are deleted, the packs no index named (left
+//!    by killed sessions: orphans) unless an index file written since names them, and the damaged packs
+//!    moved to `quarantine/`. The state files go last.
 //!
 //! Why this is safe:
 //! - Every [`Repository`] handle registers itself in `users/` with a file it holds `flock`ed until it is
@@ -198,19 +209,56 @@
 //! - `forget` takes `gc/fence` shared, the gc takes it exclusively while it publishes a cycle and while the
 //!   sweep reads the new snapshots. While a cycle is pending, `forget` moves the manifest to `gc/forgotten/`
 //!   instead of deleting it, so a snapshot a later backup took as its parent cannot vanish from the sweep's
-//!   sight.
+//!   sight. (A forgotten manifest that cannot be read is skipped: no backup could have opened it either.)
 //! - While a cycle is pending, restores and `verify` find condemned chunks in `gc/condemned`
 //!   ([`Repository::locate`]; never deduplication), so a snapshot committed during the gc restores at once.
 //!   A read that finds its pack gone (the sweep moved the chunk) lists the index again and retries.
 //! - A kill at any step leaves a state the next `gc` finishes: before `state.json` exists, the old index
-//!   files are all still there (the new one, if written, only duplicates records), and new packs are orphans;
-//!   after, the state says what remains to do, and every step repeats harmlessly. [`RepoError::Locked`] refuses
-//!   [`Repository::rebuild_index`] while a cycle is pending, since it would index doomed packs again.
+//!   files are all still there (the new one, if written, only duplicates records), and new packs are orphans
+//!   (whose copies count only where no indexed copy is healthy); after, the state says what remains to do,
+//!   and every step repeats harmlessly. [`RepoError::Locked`] refuses [`Repository::rebuild_index`] while a
+//!   cycle is pending, since it would index doomed packs again.
+//!
+//! **The state cannot be trusted blindly.** `gc/state.json` is a first line `backflow-gc-state 2 <BLAKE3 of
+//! the rest, hex>` and the state as JSON; the lists are `BFLWGCL2` files whose header carries the cycle's
+//! random id (also in the state) and whose footer carries their count and BLAKE3 checksum. Before a pending
+//! cycle goes on, the state is checked (checksum, names that are what a gc writes: no path leaves `index/`)
+//! and both lists are read whole (checksum, cycle id, record size); before the sweep deletes anything, the
+//! doomed packs (in order) are checked against the pack tables of every index file present: a pack an index
+//! file names is never deleted, and a list that names one stops the gc. Anything wrong stops the gc with an
+//! error naming the file; nothing is deleted. Restores and backups never depend on the state (a damaged
+//! `gc/condemned` is ignored by restores, with a warning) and `verify` reports it among its side files. The
+//! repair is `backflow gc --reset-state` ([`GcOptions::reset_state`]), refused while any other handle is
+//! open: it removes the state, the lists and `gc/forgotten/`, deleting nothing, and collects again. That is
+//! safe because the packs the abandoned cycle took out of the index are then orphans, and a condemnation reads
+//! the trailers of orphans: what snapshots committed during the cycle use is kept and indexed again; and with
+//! no handle open, no backup can still take a forgotten manifest as its parent. Version 1 state (without
+//! checksums) is refused with the same repair.
+//!
+//! **Damage: gc never destroys what can be saved.** A copy is *healthy* when it is not marked damaged
+//! (`damaged`, below) and its pack's frame is not known damaged. A referenced digest keeps a healthy copy,
+//! an indexed one first. Without one, each copy (unmarked first) is read and checked against the digest, and
+//! the first that checks out is *salvaged*: stored again in a new pack, so that all old copies become dead. A
+//! marked copy that checks out was a false alarm or a frame problem; one that does not is never dropped
+//! either: when no copy checks out, the chunk is *unsalvageable* and its best copy stays live with its mark, so
+//! `verify` goes on naming the snapshots and the next backup of a VM that still has the data stores it again
+//! (once it did, the damaged copy is dead like any other). The frames (header, trailer checksum, footer) of
+//! the packs with damage marks and of the orphans are checked before the mark, and those of the packs about
+//! to be deleted or rewritten before their decision. A pack whose frame is damaged is never deleted: its
+//! candidates (the index records pointing into it, and its trailer entries read without trusting the
+//! checksum, found by walking back from the footer's place when the footer itself is damaged) are settled
+//! like any copy, its live copies salvaged, and the pack, its records out of the index, is moved to
+//! `quarantine/packs/XX/ID.pack` by the sweep. The damage marks of a quarantined pack stay for its chunks that
+//! have no healthy copy; `backflow gc --drop-quarantine` deletes the quarantine (and then those marks: the
+//! chunks are missing, which `verify` and backups treat alike). The report counts salvaged and unsalvageable
+//! chunks and names the quarantined packs.
 //!
 //! Memory is bounded whatever the repository size: the external sorts hold 8 MiB and spill sorted runs to the
-//! gc's scratch directory; one pack's records, the snapshot ids and the orphan list are in memory. Time is a
-//! few sequential passes over the manifests and the index, plus reading the live chunks of rewritten packs.
-//! Merging the many per-session index files into one is a side effect that makes lookups cheaper.
+//! gc's scratch directory; one pack's records, one digest's copies, the snapshot ids, the orphan list and the
+//! packs with damage marks are in memory. Time is a few sequential passes over the manifests and the index,
+//! plus reading the live chunks of rewritten packs, the frames of the packs deleted or rewritten, and the
+//! trailers of orphans and damaged packs. Merging the many per-session index files into one is a side effect
+//! that makes lookups cheaper.
 //!
 //! ## Reading after damage
 //! One rule says where a chunk is read from, for deduplication, restores and `verify` alike: **the first copy
@@ -244,7 +292,10 @@
 //!
 //! ## Limits
 //! Chunk sizes 64 KiB..=16 MiB; encoded blobs at most [`MAX_STORED_LEN`]; pack target 64 KiB..=1 GiB;
-//! manifest metadata at most 16 MiB; snapshot and session ids are `[A-Za-z0-9_-]{1,64}`. Each open
+//! manifest metadata at most 16 MiB; snapshot and session ids are `[A-Za-z0-9_-]{1,64}`. Disk and VM names are
+//! 1 to [`MAX_NAME_LEN`] characters from `A-Z a-z 0-9 . _ -`, the first a letter, a digit or `_`, so that a
+//! name is never a path (see [`check_disk_name`]): a session refuses others, and restores refuse a manifest
+//! holding one before they write a file of that name. Each open
 //! [`Repository`] keeps one file descriptor per index file and up to 16 open packs. Reading never allocates
 //! more than a chunk's bounded length from a value read on disk.
 //!
@@ -255,7 +306,8 @@
 //! `backflow-damaged 2`, one mark per line, sorted, then a checksum line), merged with the marks already there
 //! under an exclusive `flock` on `damaged.lock`, written through `damaged.tmp`, fsynced and renamed like every
 //! other file. Marks are locations, never digests. `verify` adds them, and with `read_data` drops those whose
-//! copy reads back whole; a gc drops the marks of the packs it deleted.
+//! copy reads back whole; a gc drops the marks of the packs it deleted and of quarantined copies whose chunk
+//! it salvaged, and keeps those of chunks it could not salvage.
 //!
 //! [`Repository::lookup`] never returns a marked copy: it goes on to the next index file, where a later
 //! backup may have stored the chunk again. That is the whole of self-healing:
@@ -279,6 +331,7 @@ mod gc;
 mod history;
 mod ids;
 mod index;
+mod names;
 mod pack;
 mod readable;
 mod recovery;
@@ -300,9 +353,12 @@ pub use error::{RepoError, Result};
 pub use format::FORMAT_VERSION;
 pub use gc::{
     DEFAULT_REPACK_THRESHOLD, GcOptions, GcReport, KILL_AT as GC_KILL_AT,
-    KILL_POINTS as GC_KILL_POINTS,
+    KILL_POINTS as GC_KILL_POINTS, QUARANTINE_DIR,
 };
 pub use ids::rfc3339;
+pub use names::{
+    BadName, MAX_NAME_LEN, NAME_RULE, NameKind, check_disk_name, check_vm_name, is_valid_name,
+};
 pub use pack::{PackEntry, PackTrailer, PackWriter, decode, decode_into, read_pack_trailer};
 pub use readable::ParentCheck;
 pub use repository::{RebuildReport, Repository};

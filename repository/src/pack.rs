@@ -668,6 +668,67 @@ fn encode_header(id: PackId) -> [u8; PACK_HEADER_SIZE] {
     b
 }
 
+/// The trailer entries of a pack whose trailer checksum, header or footer cannot be trusted: the candidates a
+/// garbage collection checks when it salvages a damaged pack. Nothing here is trusted: each entry is only a
+/// place to look, and the caller checks every blob read from it against the digest a snapshot references.
+/// With an intact footer (magic, and lengths that match the file), its entries are read where it says;
+/// otherwise the trailer is searched backwards from where the footer would start, entry by entry, as long
+/// as the entries chain (each blob ends where the next begins) and decode; the scan stops at the blob at
+/// offset 32. Entries that do not decode (unknown codec, out of bounds) are skipped. Memory is proportional
+/// to the entry count the file can hold (56 bytes per blob). Only a pack that cannot be opened is an error.
+pub(crate) fn salvage_entries(path: &Path) -> Result<Vec<PackEntry>> {
+    let file = File::open(path).ctx("open pack", path)?;
+    let len = file.metadata().ctx("stat", path)?.len();
+    let min = (PACK_HEADER_SIZE + PACK_FOOTER_SIZE) as u64;
+    if len < min {
+        return Ok(Vec::new());
+    }
+    let trailer_end = len - PACK_FOOTER_SIZE as u64;
+    let mut raw = [0u8; PACK_FOOTER_SIZE];
+    read_exact_at(&file, &mut raw, trailer_end, path, "pack footer")?;
+    let mut r = FieldReader::new(&raw);
+    let trailer_offset = r.u64();
+    let entry_count = r.u64();
+    let footer_fits = raw[PACK_FOOTER_SIZE - 8..] == PACK_FOOTER_MAGIC
+        && trailer_offset >= PACK_HEADER_SIZE as u64
+        && entry_count
+            .checked_mul(PACK_ENTRY_SIZE as u64)
+            .and_then(|t| t.checked_add(trailer_offset))
+            == Some(trailer_end);
+    if footer_fits {
+        let mut trailer = vec![0u8; entry_count as usize * PACK_ENTRY_SIZE];
+        read_exact_at(&file, &mut trailer, trailer_offset, path, "pack trailer")?;
+        return Ok(trailer
+            .chunks_exact(PACK_ENTRY_SIZE)
+            .filter_map(|b| PackEntry::decode(b, path, trailer_offset).ok())
+            .collect());
+    }
+    // No usable footer: walk back from its place. Each entry's blob ends where the next entry's begins, and
+    // the first blob begins right after the header.
+    let mut found: Vec<PackEntry> = Vec::new();
+    let mut pos = trailer_end;
+    let mut b = [0u8; PACK_ENTRY_SIZE];
+    while pos >= PACK_HEADER_SIZE as u64 + PACK_ENTRY_SIZE as u64 {
+        pos -= PACK_ENTRY_SIZE as u64;
+        read_exact_at(&file, &mut b, pos, path, "pack trailer")?;
+        let Ok(entry) = PackEntry::decode(&b, path, pos) else {
+            break;
+        };
+        if found
+            .last()
+            .is_some_and(|next| entry.offset + u64::from(entry.stored_len) != next.offset)
+        {
+            break;
+        }
+        found.push(entry);
+        if entry.offset == PACK_HEADER_SIZE as u64 {
+            break;
+        }
+    }
+    found.reverse();
+    Ok(found)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

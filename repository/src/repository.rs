@@ -315,8 +315,10 @@ impl Repository {
         Ok(())
     }
 
-    /// Ids of all manifest files, readable ones in time order, then unreadable ones (for `verify`).
-    pub(crate) fn snapshot_ids(&self) -> Result<Vec<String>> {
+    /// The id of every manifest in `snapshots/`: readable ones oldest first, then those that cannot be read
+    /// (which [`Repository::list_snapshots`] leaves out), so that `verify` names a damaged one and
+    /// `forget --snapshot` reaches it.
+    pub fn manifest_ids(&self) -> Result<Vec<String>> {
         let dir = self.inner.path.join("snapshots");
         let mut ids: Vec<String> = self.list_snapshots()?.into_iter().map(|s| s.id).collect();
         let listed: HashSet<String> = ids.iter().cloned().collect();
@@ -401,7 +403,11 @@ impl Repository {
         {
             return *there;
         }
-        let mut known = self.inner.pack_exists.write().unwrap_or_else(|e| e.into_inner());
+        let mut known = self
+            .inner
+            .pack_exists
+            .write()
+            .unwrap_or_else(|e| e.into_inner());
         if known.len() >= PACK_EXISTS_CACHE {
             known.clear();
         }

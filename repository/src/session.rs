@@ -168,11 +168,7 @@ fn hostname() -> String {
 
 impl BackupSession {
     pub(crate) fn begin(repo: &Repository, vm: &str) -> Result<BackupSession> {
-        if vm.is_empty() {
-            return Err(RepoError::InvalidArgument(
-                "a backup needs a VM name".into(),
-            ));
-        }
+        crate::names::check_vm_name(vm).map_err(|e| RepoError::InvalidArgument(e.to_string()))?;
         let root = repo.path().to_owned();
         let repo_lock = crate::repository::lock_repository(
             &root,
@@ -223,9 +219,8 @@ impl BackupSession {
     /// table lives in a sparse scratch file, so a 2 TiB disk costs no memory and little space until written.
     pub fn add_disk(&self, meta: DiskMeta) -> Result<usize> {
         check_chunk_size(meta.chunk_size)?;
-        if meta.name.is_empty() {
-            return Err(RepoError::InvalidArgument("a disk needs a name".into()));
-        }
+        crate::names::check_disk_name(&meta.name)
+            .map_err(|e| RepoError::InvalidArgument(e.to_string()))?;
         let mut disks = self.disks.write().unwrap_or_else(|e| e.into_inner());
         if disks.iter().any(|d| d.meta.name == meta.name) {
             return Err(RepoError::InvalidArgument(format!(

@@ -130,15 +130,6 @@ pub(crate) fn decode_ref(b: &[u8]) -> ChunkRef {
     }
 }
 
-/// The snapshot id of a manifest path (`.../snapshots/ID.snap`), as `verify` reports damaged ones.
-pub(crate) fn id_of_path(path: &str) -> Option<String> {
-    Path::new(path)
-        .file_name()?
-        .to_str()?
-        .strip_suffix(".snap")
-        .map(str::to_owned)
-}
-
 pub(crate) fn snapshot_path(repo: &Path, id: &str) -> PathBuf {
     repo.join("snapshots").join(format!("{id}.snap"))
 }

@@ -105,6 +105,11 @@ pub struct VerifyReport {
     /// lost index file): they restore, slowly; `rebuild-index` indexes them again.
     pub unindexed_chunks: u64,
     pub damaged_snapshots: Vec<DamagedFile>,
+    /// The snapshot id of each of `damaged_snapshots`, in the same order (what `forget --snapshot` takes).
+    pub damaged_snapshot_ids: Vec<String>,
+    /// Ids of the snapshots that cannot be restored whole, sorted: those using a damaged chunk that has no
+    /// good copy, and those whose manifest is damaged. Every other snapshot restores.
+    pub unrestorable_snapshots: Vec<String>,
     pub damaged_index_files: Vec<DamagedFile>,
     pub damaged_packs: Vec<DamagedFile>,
     /// Damaged side files: damage marks, gc state and lists, session records, one copy of `config`. None of
@@ -129,25 +134,6 @@ impl VerifyReport {
             && self.damaged_index_files.is_empty()
             && self.damaged_packs.is_empty()
             && self.unindexed_chunks == 0
-    }
-
-    /// Ids of the snapshots that cannot be restored whole: those using a damaged chunk that has no good
-    /// copy, and those whose manifest is damaged.
-    pub fn damaged_snapshot_ids(&self) -> Vec<String> {
-        let mut ids: Vec<String> = self
-            .problems
-            .iter()
-            .filter(|p| !p.healed)
-            .flat_map(|p| p.snapshots.iter().cloned())
-            .chain(
-                self.damaged_snapshots
-                    .iter()
-                    .filter_map(|d| crate::snapshot::id_of_path(&d.path)),
-            )
-            .collect();
-        ids.sort();
-        ids.dedup();
-        ids
     }
 }
 
@@ -203,14 +189,22 @@ impl Problems {
     }
 }
 
-/// Runs the passes of the module docs. Also returns the marked copies that read back whole (with
-/// `read_data`), whose marks [`Repository::verify_and_mark`] drops.
-pub(crate) fn verify(
-    repo: &Repository,
-    read_data: bool,
-) -> Result<(VerifyReport, Vec<DamagedCopy>)> {
+/// What [`Repository::verify_and_mark`] records besides the problems.
+#[derive(Debug, Default)]
+pub(crate) struct Findings {
+    /// Marked copies that read back whole (with `read_data`): their marks go.
+    pub good_marked: Vec<DamagedCopy>,
+    /// Packs whose header, trailer or footer is damaged: frame marks, for gc.
+    pub damaged_frames: Vec<PackId>,
+    /// Packs whose frame read back whole: frame marks they had go.
+    pub sound_frames: HashSet<PackId>,
+}
+
+/// Runs the passes of the module docs.
+pub(crate) fn verify(repo: &Repository, read_data: bool) -> Result<(VerifyReport, Findings)> {
     let root = repo.path();
-    repo.refresh()?;
+    // A fresh listing: a handle that ran a gc, or lived through one, may still hold index files it replaced.
+    repo.reload_index()?;
     let mut report = VerifyReport {
         read_data,
         ..VerifyReport::default()
@@ -222,6 +216,7 @@ pub(crate) fn verify(
     };
     let marks = repo.damage_marks()?;
     let mut good_marked: Vec<DamagedCopy> = Vec::new();
+    let mut findings = Findings::default();
 
     // 1. Index files, held open, checksums checked.
     for (path, error) in repo.check_index_checksums()? {
@@ -276,6 +271,7 @@ pub(crate) fn verify(
                         path: path.display().to_string(),
                         error: e.to_string(),
                     });
+                    findings.damaged_frames.push(id);
                     PackState::FrameDamaged {
                         len: meta.len(),
                         error: e.to_string(),
@@ -283,10 +279,14 @@ pub(crate) fn verify(
                 }
                 Ok(trailer) => {
                     report.packs += 1;
+                    findings.sound_frames.insert(id);
                     if read_data {
                         let file = match File::open(&path) {
                             Ok(f) => f,
-                            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !indexed.contains(&id) => {
+                            Err(e)
+                                if e.kind() == std::io::ErrorKind::NotFound
+                                    && !indexed.contains(&id) =>
+                            {
                                 packs.remove(&id);
                                 continue;
                             }
@@ -428,7 +428,7 @@ pub(crate) fn verify(
     let mut unreadable: Vec<ChunkProblem> = Vec::new();
     let mut unreadable_digests: HashSet<Digest> = HashSet::new();
     let mut good_snapshots = Vec::new();
-    for id in repo.snapshot_ids()? {
+    for id in repo.manifest_ids()? {
         let snap = match repo.open_snapshot(&id) {
             Ok(s) => s,
             // Forgotten since the listing: not damage.
@@ -440,6 +440,7 @@ pub(crate) fn verify(
                     path: path.display().to_string(),
                     error: e.to_string(),
                 });
+                report.damaged_snapshot_ids.push(id);
                 continue;
             }
         };
@@ -530,6 +531,8 @@ pub(crate) fn verify(
         .filter(|p| !indexed.contains(p))
         .count() as u64;
 
+    report.unrestorable_snapshots = unrestorable(&report);
+
     // 6. Side files.
     report.side_files = side_file_problems(repo)?;
     // The recovery index was built for this run; a later restore through this handle builds its own.
@@ -538,7 +541,22 @@ pub(crate) fn verify(
         .recovery_slot()
         .lock()
         .unwrap_or_else(|e| e.into_inner()) = None;
-    Ok((report, good_marked))
+    findings.good_marked = good_marked;
+    Ok((report, findings))
+}
+
+/// The snapshots `report` says cannot be restored whole, sorted.
+fn unrestorable(report: &VerifyReport) -> Vec<String> {
+    let mut ids: Vec<String> = report
+        .problems
+        .iter()
+        .filter(|p| !p.healed)
+        .flat_map(|p| p.snapshots.iter().cloned())
+        .chain(report.damaged_snapshot_ids.iter().cloned())
+        .collect();
+    ids.sort();
+    ids.dedup();
+    ids
 }
 
 /// Problems of the files that never block a restore or a backup (module docs, pass 6).
@@ -546,5 +564,6 @@ fn side_file_problems(repo: &Repository) -> Result<Vec<DamagedFile>> {
     let mut out = repo.marks_problems()?;
     out.extend(repo.session_record_problems()?);
     out.extend(crate::config::copy_problems(repo.path()));
+    out.extend(crate::gc::state_problems(repo.path()));
     Ok(out)
 }

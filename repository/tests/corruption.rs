@@ -159,7 +159,7 @@ fn a_damaged_index_is_reported_restores_from_pack_trailers_and_is_rebuilt() {
     let report = fresh.verify(false).unwrap();
     assert_eq!(report.damaged_index_files.len(), 2, "{report:#?}");
     assert!(report.problems.is_empty(), "{report:#?}");
-    assert!(report.damaged_snapshot_ids().is_empty());
+    assert!(report.unrestorable_snapshots.is_empty());
     assert!(
         report.unindexed_chunks > 0 && !report.is_ok(),
         "{report:#?}"

@@ -2,10 +2,11 @@
 //! in a pipeline uses it.
 //!
 //! The crate root holds pipeline and repository helpers; [`qemu`] runs QEMU's tools and checks
-//! the processes they leave; [`libvirt`] runs throwaway domains on `qemu:///system`; [`smtp`] a
-//! real SMTP server on loopback.
+//! the processes they leave; [`libvirt`] runs throwaway domains on `qemu:///system`;
+//! [`libvirtd`] a libvirtd of a test's own, to restart; [`smtp`] a real SMTP server on loopback.
 
 pub mod libvirt;
+pub mod libvirtd;
 pub mod qemu;
 pub mod smtp;
 

@@ -3,7 +3,9 @@
 //! writes are simulated through QEMU's monitor.
 //!
 //! Tests that use these need a libvirtd answering at `qemu:///system` (`scripts/setup.sh` starts
-//! one) and `virsh` and `qemu-img` on the PATH; they fail, never skip, when one is missing.
+//! one) and `virsh` and `qemu-img` on the PATH; they fail, never skip, when one is missing. A test
+//! that stops or restarts libvirtd runs its domains on a daemon of its own instead
+//! ([`crate::libvirtd::PrivateLibvirtd`]).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -20,11 +22,19 @@ const MEMORY_MIB: u32 = 64;
 /// Makes fixture names unique within one test process (the pid makes them unique across).
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
+/// Where the system daemon keeps the pid files of its domains' QEMU processes.
+const SYSTEM_QEMU_RUN_DIR: &str = "/run/libvirt/qemu";
+
 /// Runs `virsh -c qemu:///system` with `args`; panics with its output when it fails. Returns
 /// its stdout.
 pub fn virsh(args: &[&str]) -> String {
+    virsh_on(URI, args)
+}
+
+/// Runs `virsh -c URI` with `args`; panics with its output when it fails. Returns its stdout.
+pub fn virsh_on(uri: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(
-        &run_command(Command::new("virsh").arg("-c").arg(URI).args(args)).stdout,
+        &run_command(Command::new("virsh").arg("-c").arg(uri).args(args)).stdout,
     )
     .into_owned()
 }
@@ -42,6 +52,10 @@ pub fn domain_names() -> Vec<String> {
 /// A running domain, destroyed and undefined (with its disks removed) when dropped.
 pub struct Domain {
     name: String,
+    /// The daemon the domain runs on.
+    uri: String,
+    /// Where that daemon keeps its domains' QEMU pid files.
+    run_dir: PathBuf,
     /// Holds the disk images; removed on drop, after the domain.
     dir: tempfile::TempDir,
     /// Target (`vda`) and image path of each disk, in the order given.
@@ -55,6 +69,16 @@ impl Domain {
     /// `(target, size)` (`("vda", "64M")`: size in `qemu-img` syntax). KVM when `/dev/kvm`
     /// exists, and plain emulation (TCG) when it does not or the KVM domain fails to start.
     pub fn start(name_prefix: &str, disks: &[(&str, &str)]) -> Domain {
+        Self::start_on(URI, Path::new(SYSTEM_QEMU_RUN_DIR), name_prefix, disks)
+    }
+
+    /// [`Domain::start`] on the daemon at `uri`, which keeps its QEMU pid files in `run_dir`.
+    pub fn start_on(
+        uri: &str,
+        run_dir: &Path,
+        name_prefix: &str,
+        disks: &[(&str, &str)],
+    ) -> Domain {
         let name = format!(
             "{name_prefix}-{}-{}",
             std::process::id(),
@@ -77,6 +101,8 @@ impl Domain {
             .collect();
         let mut domain = Domain {
             name,
+            uri: uri.to_owned(),
+            run_dir: run_dir.to_owned(),
             dir,
             disks,
             pid: 0,
@@ -119,6 +145,21 @@ impl Domain {
         &self.name
     }
 
+    /// The URI of the daemon the domain runs on.
+    pub fn uri(&self) -> &str {
+        &self.uri
+    }
+
+    /// `virsh` with `args` on the domain's daemon; panics when it fails.
+    pub fn virsh(&self, args: &[&str]) -> String {
+        virsh_on(&self.uri, args)
+    }
+
+    /// `virsh` with `args` on the domain's daemon; its stdout, or an error with its output.
+    pub fn try_virsh(&self, args: &[&str]) -> Result<String, String> {
+        try_virsh_on(&self.uri, args)
+    }
+
     /// The image of disk `target`.
     pub fn disk(&self, target: &str) -> &Path {
         self.disks
@@ -157,7 +198,7 @@ impl Domain {
         // libvirt names the device of the n-th virtio disk virtio-disk<n> (by its target letter).
         let alias = format!("virtio-disk{}", virtio_index(&self.disks[index].0));
         let hmp = format!("qemu-io -d /machine/peripheral/{alias}/virtio-backend \"{command}\"");
-        let reply = virsh(&["qemu-monitor-command", &self.name, "--hmp", &hmp]);
+        let reply = self.virsh(&["qemu-monitor-command", &self.name, "--hmp", &hmp]);
         assert!(
             reply.trim().is_empty(),
             "{hmp} on domain {} failed: {reply}",
@@ -171,7 +212,7 @@ impl Domain {
         let path = self.dir.path().join(format!("{target}.qcow2"));
         make_qcow2(&path, size, &[]);
         let source = path.to_str().unwrap().to_owned();
-        virsh(&[
+        self.virsh(&[
             "attach-disk",
             &self.name,
             &source,
@@ -189,12 +230,12 @@ impl Domain {
 
     /// Stops the domain at once (`virsh destroy`: QEMU gets SIGTERM, as at a host shutdown).
     pub fn destroy(&self) {
-        virsh(&["destroy", &self.name]);
+        self.virsh(&["destroy", &self.name]);
     }
 
     /// Starts the (shut-off) domain again.
     pub fn start_again(&mut self) {
-        virsh(&["start", &self.name]);
+        self.virsh(&["start", &self.name]);
         self.pid = self
             .qemu_pid()
             .unwrap_or_else(|| panic!("domain {} runs but has no QEMU pid", self.name));
@@ -202,7 +243,8 @@ impl Domain {
 
     /// The names of the domain's checkpoints, sorted.
     pub fn checkpoints(&self) -> Vec<String> {
-        let mut names: Vec<String> = virsh(&["checkpoint-list", &self.name, "--name"])
+        let mut names: Vec<String> = self
+            .virsh(&["checkpoint-list", &self.name, "--name"])
             .lines()
             .map(str::trim)
             .filter(|l| !l.is_empty())
@@ -214,7 +256,7 @@ impl Domain {
 
     /// Whether a backup job runs on the domain (`virsh backup-dumpxml` answers).
     pub fn has_backup_job(&self) -> bool {
-        try_virsh(&["backup-dumpxml", &self.name]).is_ok()
+        self.try_virsh(&["backup-dumpxml", &self.name]).is_ok()
     }
 
     /// A raw copy of disk `target` as it is now (`qemu-img convert -U`: QEMU holds the image's
@@ -230,7 +272,7 @@ impl Domain {
 
     /// The pid of the domain's QEMU process, from libvirt's pid file (none once it stopped).
     pub fn qemu_pid(&self) -> Option<u32> {
-        std::fs::read_to_string(format!("/run/libvirt/qemu/{}.pid", self.name))
+        std::fs::read_to_string(self.run_dir.join(format!("{}.pid", self.name)))
             .ok()
             .and_then(|s| s.trim().parse().ok())
     }
@@ -244,8 +286,8 @@ impl Domain {
         let xml = self.dir.path().join(format!("domain-{kind}.xml"));
         std::fs::write(&xml, self.xml(kind)).unwrap();
         let xml = xml.to_str().unwrap();
-        try_virsh(&["define", xml])?;
-        try_virsh(&["start", &self.name]).map(drop)
+        self.try_virsh(&["define", xml])?;
+        self.try_virsh(&["start", &self.name]).map(drop)
     }
 
     fn xml(&self, kind: &str) -> String {
@@ -275,16 +317,35 @@ impl Domain {
         )
     }
 
+    /// Kills the domain's QEMU when its daemon cannot (a test failed while its private daemon
+    /// was stopped): only the process started for this domain, recognised by its command line.
+    fn kill_qemu(&self) {
+        let ours = std::fs::read(format!("/proc/{}/cmdline", self.pid)).is_ok_and(|cmdline| {
+            let needle = format!("guest={},", self.name);
+            cmdline
+                .windows(needle.len())
+                .any(|w| w == needle.as_bytes())
+        });
+        if ours && crate::qemu::live(self.pid) {
+            let _ = Command::new("kill")
+                .args(["-KILL", &self.pid.to_string()])
+                .status();
+        }
+    }
+
     fn undefine(&self) {
         // Checkpoints a test created would make a plain undefine fail.
-        let _ = try_virsh(&["undefine", &self.name, "--checkpoints-metadata"])
-            .or_else(|_| try_virsh(&["undefine", &self.name]));
+        let _ = self
+            .try_virsh(&["undefine", &self.name, "--checkpoints-metadata"])
+            .or_else(|_| self.try_virsh(&["undefine", &self.name]));
     }
 }
 
 impl Drop for Domain {
     fn drop(&mut self) {
-        let _ = try_virsh(&["destroy", &self.name]);
+        if self.try_virsh(&["destroy", &self.name]).is_err() {
+            self.kill_qemu();
+        }
         self.undefine();
         // QEMU's log of the domain is kept when the test failed, for the post-mortem.
         if !std::thread::panicking() {
@@ -296,9 +357,14 @@ impl Drop for Domain {
 
 /// Runs `virsh` with `args`; its stdout, or an error naming the command with its output.
 pub fn try_virsh(args: &[&str]) -> Result<String, String> {
+    try_virsh_on(URI, args)
+}
+
+/// Runs `virsh -c URI` with `args`; its stdout, or an error naming the command with its output.
+pub fn try_virsh_on(uri: &str, args: &[&str]) -> Result<String, String> {
     let out = Command::new("virsh")
         .arg("-c")
-        .arg(URI)
+        .arg(uri)
         .args(args)
         .output()
         .unwrap_or_else(|e| panic!("virsh is required for these tests: {e}"));

@@ -131,6 +131,50 @@ pub fn live(pid: u32) -> bool {
     })
 }
 
+/// Makes this process a child subreaper: an orphan anywhere below it (a daemonised grandchild
+/// whose parent exited) becomes its child instead of PID 1's, so that a process a child let go of
+/// without reaping shows up as a zombie of this process ([`zombies_of`]), as it would stay for
+/// good under an init that never reaps (some containers' PID 1, or a daemon running as PID 1).
+/// For the whole process: a test binary that calls it must keep its tests from spawning anything
+/// concurrently with its checks.
+pub fn adopt_orphans() {
+    let me = rustix::process::Pid::from_raw(std::process::id() as i32);
+    rustix::process::set_child_subreaper(me).expect("prctl(PR_SET_CHILD_SUBREAPER)");
+}
+
+/// The zombies (exited, not yet reaped) whose parent is `parent`, as `PID (COMMAND)`: children
+/// it failed to wait for, or orphans it adopted (as PID 1 of a container, or as a subreaper) and
+/// did not reap.
+pub fn zombies_of(parent: u32) -> Vec<String> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            let (head, rest) = stat.rsplit_once(')')?;
+            let mut fields = rest.split_whitespace();
+            let state = fields.next()?;
+            let ppid: u32 = fields.next()?.parse().ok()?;
+            (state == "Z" && ppid == parent).then(|| format!("{head})"))
+        })
+        .collect()
+}
+
+/// The children of `parent` (live or not), by pid.
+pub fn children_of(parent: u32) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+                stat.rsplit_once(')')
+                    .and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<u32>().ok())
+                    == Some(parent)
+            })
+        })
+        .collect()
+}
+
 /// Live processes whose command line contains `path` (an image, or a directory holding the files
 /// they use), each with its raw command line.
 fn naming(path: &Path) -> Vec<(u32, Vec<u8>)> {

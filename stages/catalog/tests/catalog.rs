@@ -19,11 +19,15 @@ fn every_spec_in_specs_loads_with_the_real_catalog() {
             continue;
         }
         let text = std::fs::read_to_string(&path).unwrap();
-        // Required variables (declared as `name: ~`) get a placeholder.
+        // Required variables (declared as `name: ~`) get a placeholder: a path, or a name for
+        // those that name a VM (names are never paths).
         let vars: Vec<(String, String)> = ["source", "repo", "to", "name", "domain"]
             .iter()
             .filter(|v| text.contains(&format!("  {v}: ~")))
-            .map(|v| (v.to_string(), format!("/placeholder/{v}")))
+            .map(|&v| match v {
+                "name" | "domain" => (v.to_owned(), format!("placeholder-{v}")),
+                _ => (v.to_owned(), format!("/placeholder/{v}")),
+            })
             .collect();
         let pipeline = spec::load_file(&path, &vars, &Stages)
             .unwrap_or_else(|e| panic!("{} does not load:\n{e}", path.display()));

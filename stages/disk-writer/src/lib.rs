@@ -7,7 +7,9 @@
 //! `.partial`).
 //!
 //! `path` names the output file when one disk is restored; when it is an existing directory each
-//! disk goes to `DIR/DISK.raw` (`DIR/DISK.qcow2` with `format: qcow2`).
+//! disk goes to `DIR/DISK.raw` (`DIR/DISK.qcow2` with `format: qcow2`). A disk name read from the
+//! manifest that is not a valid name ([`backflow_repository::check_disk_name`]: `../x`, `/etc/x`,
+//! `.`) fails the run before any file of that disk is made, naming the snapshot and the disk.
 //!
 //! # Raw (`format: raw`, the default)
 //! The `.partial` file is sized first so that zero chunks stay holes (sparse output) and written
@@ -180,6 +182,20 @@ impl DiskWriter {
             return Ok(out.clone());
         }
         let target = if self.path.is_dir() {
+            // The name comes from a manifest, which an older or hostile tool may have written:
+            // `../x` or `/etc/x` must never become a path outside the directory.
+            backflow_repository::check_disk_name(disk.name()).map_err(|e| {
+                let snapshot = ctx
+                    .results()
+                    .get("restored_snapshot")
+                    .and_then(|v| v.as_str().map(str::to_owned))
+                    .map_or_else(String::new, |id| format!("snapshot {id}: "));
+                StageError::Config(format!(
+                    "{snapshot}refusing to restore into {}: {e}; restore that disk alone to a \
+                     file instead",
+                    self.path.display()
+                ))
+            })?;
             self.path
                 .join(format!("{}.{}", disk.name(), self.format.name()))
         } else if outputs.is_empty() {

@@ -67,7 +67,7 @@ impl ImageSource {
                     "is required: the image file or block device to read",
                 )
             })?;
-        let (disk, vm) = DiskSource::names_for(&path, options.disk, options.vm);
+        let (disk, vm) = DiskSource::checked_names_for(&path, options.disk, options.vm)?;
         Ok(ImageSource { path, disk, vm })
     }
 }
@@ -88,8 +88,15 @@ impl Stage for ImageSource {
         if worker.index() != 0 {
             return Ok(());
         }
-        let file = ImageFile::open(&self.path)
-            .map_err(|e| StageError::io(format!("opening {}", self.path.display()), e))?;
+        let file = ImageFile::open(&self.path).map_err(|e| {
+            let context = format!("opening {}", self.path.display());
+            // Not a file or device: running again does not help.
+            if e.kind() == io::ErrorKind::InvalidInput {
+                StageError::Config(format!("{context}: {e}"))
+            } else {
+                StageError::io(context, e)
+            }
+        })?;
         let disk = DiskSource {
             vm: self.vm.clone(),
             name: self.disk.clone(),
@@ -113,19 +120,16 @@ pub struct ImageFile {
 }
 
 impl ImageFile {
+    /// Opens a regular file or a block device; anything else (a FIFO, `/dev/zero`, a directory) is
+    /// refused before it is opened, so that it can neither block nor read without end.
     pub fn open(path: &Path) -> io::Result<ImageFile> {
-        let file = File::open(path)?;
+        let file = backflow_pipeline::input::open_source(path)?;
         let meta = file.metadata()?;
         let (size, sparse_aware) = if meta.file_type().is_block_device() {
             let size = rustix::fs::seek(&file, rustix::fs::SeekFrom::End(0))?;
             (size, false)
-        } else if meta.is_file() {
-            (meta.len(), true)
         } else {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "not a regular file or block device",
-            ));
+            (meta.len(), true)
         };
         Ok(ImageFile {
             file,

@@ -109,6 +109,8 @@ fn a_directory_is_refused_with_its_path() {
     let dir = tempfile::tempdir().unwrap();
     let source = ImageSource::new(ImageOptions {
         path: Some(dir.path().to_owned()),
+        // The temporary directory's name (`.tmpXXXX`) is no disk name.
+        disk: "d".into(),
         ..Default::default()
     })
     .unwrap();

@@ -87,6 +87,8 @@ impl LibvirtDefine {
             .name
             .filter(|n| !n.trim().is_empty())
             .ok_or_else(|| InvalidOption::new("name", "is required: the name of the new domain"))?;
+        backflow_repository::check_vm_name(&name)
+            .map_err(|e| InvalidOption::new("name", e.to_string()))?;
         if options.uri.trim().is_empty() {
             return Err(InvalidOption::new(
                 "uri",
@@ -115,6 +117,14 @@ impl LibvirtDefine {
                 ))
             })?;
         let disks = restored_disks(results.get("restored"))?;
+        // Targets come from the manifest: one that is not a disk name never reaches the new XML.
+        for disk in &disks {
+            backflow_repository::check_disk_name(&disk.target).map_err(|e| {
+                StageError::Config(format!(
+                    "snapshot {snapshot_id}: cannot define the domain: {e}"
+                ))
+            })?;
+        }
         let snapshot = ctx.repository()?.open_snapshot(snapshot_id)?;
         let xml = snapshot.meta().domain_xml.as_deref().ok_or_else(|| {
             StageError::Config(format!(

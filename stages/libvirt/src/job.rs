@@ -2,9 +2,15 @@
 //!
 //! libvirt's QEMU (user `libvirt-qemu` on Debian) creates the NBD socket and the scratch files, so
 //! the directory is owned by QEMU's user and group with mode 0770 (libvirt-qemu must write, we
-//! are root). Besides the socket and scratch files it holds `owner` (our pid and start time) and
-//! `domain` (the VM's UUID): a pull-mode job outlives a killed backup (libvirt keeps it until it is
-//! aborted), and the next run of the same VM recognises it by these two files.
+//! are root). Besides the socket and scratch files it holds `owner` (our pid and start time),
+//! `domain` (the VM's UUID) and `endpoint` (where the job's NBD server listens): a pull-mode job
+//! outlives a killed backup (libvirt keeps it until it is aborted), and the next run of the same
+//! VM recognises it by these files. A run whose cleanup could not end its job (libvirt
+//! unreachable) keeps the directory for the same reason, and says why in `left`.
+//!
+//! The directory's name is the job's mark too: libvirt's description of a job names its socket
+//! and scratch files, which lie in the directory ([`of_job`]). A job whose directory is gone was
+//! left by a run that is over (a live run keeps its directory until its job is gone).
 
 use std::fs::Permissions;
 use std::io;
@@ -12,7 +18,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use backflow_libvirt::job_xml::Endpoint;
+use backflow_libvirt::job_xml::{Endpoint, RunningJob};
 use stage_qemu_nbd::server::{is_alive, process_identity};
 
 /// Name prefix of the job directories in the socket directory.
@@ -93,6 +99,16 @@ impl JobDir {
             .is_ok_and(|recorded| recorded == endpoint.to_string())
     }
 
+    /// Says, in the directory, why the run that made it leaves it (and its job) behind.
+    pub fn record_left(&self, reason: &str) -> io::Result<()> {
+        std::fs::write(self.path.join("left"), reason)
+    }
+
+    /// Why the run that made the directory left it behind, if it said so (else it was killed).
+    pub fn left(&self) -> Option<String> {
+        std::fs::read_to_string(self.path.join("left")).ok()
+    }
+
     /// The VM UUID the directory's job was for.
     pub fn domain(&self) -> Option<String> {
         std::fs::read_to_string(self.path.join("domain")).ok()
@@ -153,6 +169,26 @@ impl JobDir {
     }
 }
 
+/// The job directory of backflow (named `backflow-libvirt-*`) that a running job's NBD socket or
+/// scratch files lie in, whether it still exists or not: the job was begun by a backflow run.
+pub fn of_job(job: &RunningJob) -> Option<JobDir> {
+    let socket = match &job.endpoint {
+        Some(Endpoint::Unix(socket)) => Some(socket.as_path()),
+        _ => None,
+    };
+    socket
+        .into_iter()
+        .chain(job.disks.iter().filter_map(|d| d.scratch.as_deref()))
+        .filter_map(Path::parent)
+        .find(|dir| {
+            dir.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with(DIR_PREFIX))
+        })
+        .map(|dir| JobDir {
+            path: dir.to_owned(),
+        })
+}
+
 /// The uid and gid QEMU runs as for a domain: those of its running process (libvirt's pid file),
 /// else of the `libvirt-qemu` user (Debian's default).
 pub fn qemu_user(domain: &str) -> Option<(u32, u32)> {
@@ -202,10 +238,49 @@ mod tests {
         dir.record_endpoint(&tcp).unwrap();
         assert!(dir.is_endpoint_of_job(&tcp));
         assert!(!dir.is_endpoint_of_job(&Endpoint::Unix(dir.socket())));
+        assert_eq!(dir.left(), None);
+        dir.record_left("libvirt unreachable").unwrap();
+        assert_eq!(dir.left().as_deref(), Some("libvirt unreachable"));
         // A dead owner: a pid that cannot be alive with that start time.
         std::fs::write(dir.owner_file(), "4194304 1").unwrap();
         assert_eq!(dir.owner(), Owner::Gone("4194304".into()));
         dir.remove().unwrap();
         assert!(!dir.path().exists());
+    }
+
+    #[test]
+    fn a_job_is_ours_by_the_directory_of_its_socket_or_scratch_files() {
+        use backflow_libvirt::job_xml::ExportedDisk;
+        let disk = |scratch: Option<&str>| ExportedDisk {
+            target: "vda".into(),
+            export: "vda".into(),
+            bitmap: None,
+            incremental: None,
+            scratch: scratch.map(PathBuf::from),
+        };
+        let unix = RunningJob {
+            endpoint: Some(Endpoint::Unix("/tmp/backflow-libvirt-Ab12/nbd.sock".into())),
+            disks: vec![disk(None)],
+        };
+        assert_eq!(
+            of_job(&unix).unwrap().path(),
+            Path::new("/tmp/backflow-libvirt-Ab12")
+        );
+        let tcp = RunningJob {
+            endpoint: Some(Endpoint::Tcp {
+                host: "127.0.0.1".into(),
+                port: 10809,
+            }),
+            disks: vec![disk(Some("/run/x/backflow-libvirt-Cd34/vda.scratch"))],
+        };
+        assert_eq!(
+            of_job(&tcp).unwrap().path(),
+            Path::new("/run/x/backflow-libvirt-Cd34")
+        );
+        let foreign = RunningJob {
+            endpoint: Some(Endpoint::Unix("/var/tmp/virtnbdbackup.1/sock".into())),
+            disks: vec![disk(Some("/var/lib/libvirt/qemu/vda.scratch"))],
+        };
+        assert!(of_job(&foreign).is_none());
     }
 }

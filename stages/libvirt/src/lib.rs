@@ -43,21 +43,37 @@
 //! failure, SIGINT/SIGTERM, the VM gone): it aborts the job if it is still there (libvirt then
 //! removes the socket and scratch files), settles the checkpoints as above, and removes the job
 //! directory. A run killed with SIGKILL leaves its job running on the VM: the next run of the same
-//! VM finds it by its directory (whose owner is gone), aborts it and says so in a warning.
+//! VM finds it by its directory (whose owner is gone), aborts it and says so in a warning. On the
+//! VM's host a job whose directory is gone is still known as ours: libvirt's description of it
+//! names its socket and scratch files, in a directory named as ours ([`job::of_job`]).
+//!
+//! # libvirtd restarting mid-backup
+//! The reads go to QEMU, which keeps exporting when libvirtd restarts; the restarted daemon takes
+//! the job over (libvirt 9.0 does), and our connection breaks. A backup is committed only if its
+//! job outlived the reads: the source's `finish`, which runs before the repository writer
+//! commits, asks libvirt for the job, connecting again if it must ([`live::LiveDomain`]). Every
+//! read succeeded, and came from the job's view as long as the job ran (libvirt removes the
+//! export, and QEMU drops its clients, only when the job ends): so a job still there vouches for
+//! the data, and the run commits with a warning that the connection broke. A job that is gone,
+//! or a libvirt that does not answer again, vouches for nothing: the run fails and commits
+//! nothing. The cleanup ends the job through the new connection; when it cannot reach libvirt, it
+//! keeps the job directory (saying why, in `left`) so that the next run ends the job.
 //!
 //! # Layout
 //! - [`tracking`]: the chain rules and the [`ChangeTracking`].
 //! - [`job`]: the job's private directory and finding the jobs of killed runs.
+//! - [`live`]: the VM's handle that survives a libvirtd restart.
 
 pub mod job;
+pub mod live;
 pub mod tracking;
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::io;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use backflow_libvirt::backup;
 use backflow_libvirt::job_xml::{self, DiskMode, Endpoint, JobDisk};
@@ -72,6 +88,7 @@ use stage_qemu_nbd::{NbdAddress, NbdExport, QemuNbdServer, ServerConfig, ServerD
 use virt::domain::Domain;
 
 use crate::job::{JobDir, Owner};
+use crate::live::LiveDomain;
 use crate::tracking::{CheckpointTracking, Checkpoints, Committed, DiskNow, METHOD, State};
 
 pub const KIND: &str = "libvirt";
@@ -208,6 +225,8 @@ pub struct LibvirtSource {
     socket_dir: PathBuf,
     tcp: Option<(String, u16)>,
     connections: usize,
+    /// The running VM's job of this run, for the check before the commit.
+    job: Mutex<Option<Arc<OnlineJob>>>,
 }
 
 impl LibvirtSource {
@@ -217,6 +236,12 @@ impl LibvirtSource {
                 "domain",
                 "is required: the name of the VM to back up",
             ));
+        }
+        backflow_repository::check_vm_name(&options.domain)
+            .map_err(|e| InvalidOption::new("domain", e.to_string()))?;
+        for target in &options.disks {
+            backflow_repository::check_disk_name(target)
+                .map_err(|e| InvalidOption::new("disks", e.to_string()))?;
         }
         if !FREEZE.contains(&options.freeze.as_str()) {
             return Err(InvalidOption::new(
@@ -270,11 +295,29 @@ impl LibvirtSource {
                 .unwrap_or_else(std::env::temp_dir),
             tcp,
             connections: options.connections,
+            job: Mutex::default(),
         })
     }
 
     /// The disks to read: every backup candidate, or those named in `disks` (each must exist).
+    /// The VM's name and the targets read from its XML become names in the manifest (and file names
+    /// at restore): one outside their alphabet fails the run before anything is read.
     fn chosen<'a>(&self, vm: &'a VmInfo) -> Result<Vec<&'a DiskInfo>, StageError> {
+        let chosen = self.chosen_unchecked(vm)?;
+        backflow_repository::check_vm_name(&vm.name)
+            .map_err(|e| StageError::Config(format!("cannot back up this VM: {e}")))?;
+        for disk in &chosen {
+            backflow_repository::check_disk_name(&disk.target).map_err(|e| {
+                StageError::Config(format!(
+                    "VM {}: cannot back up the disk whose <target dev> is {:?}: {e}",
+                    vm.name, disk.target
+                ))
+            })?;
+        }
+        Ok(chosen)
+    }
+
+    fn chosen_unchecked<'a>(&self, vm: &'a VmInfo) -> Result<Vec<&'a DiskInfo>, StageError> {
         let candidates: Vec<&DiskInfo> = vm.backup_disks().collect();
         if self.disks.is_empty() {
             if candidates.is_empty() {
@@ -524,19 +567,22 @@ impl LibvirtSource {
         }
     }
 
-    /// Ends the jobs that killed runs left on this VM (their directory's owner is gone), and
-    /// refuses to start while another live run, or someone else's job, holds the VM.
+    /// Ends the jobs that earlier runs left on this VM (killed, or unable to reach libvirt to end
+    /// them), and refuses to start while another live run, or someone else's job, holds the VM.
+    ///
+    /// A job is an earlier run's when its job directory in `socket_dir` recorded its endpoint and
+    /// the directory's owner is gone; or, on this host, when its socket or scratch files lie in a
+    /// backflow job directory ([`job::of_job`]) that is gone or whose owner is gone.
     fn end_orphaned_jobs(
         &self,
         ctx: &RunContext,
+        conn: &Connection,
         domain: &Domain,
         vm: &VmInfo,
     ) -> Result<(), StageError> {
-        // `Some(None)`: a job runs whose XML is not understood.
-        let running = running_job(domain);
-        let mut aborted = false;
+        let mut running = find_job(domain).map_err(libvirt_error)?;
         for dir in JobDir::of_domain(&self.socket_dir, &vm.uuid) {
-            match dir.owner() {
+            let pid = match dir.owner() {
                 Owner::Alive(pid) => {
                     return Err(StageError::Config(format!(
                         "VM {} is being backed up by another backflow run (pid {pid}, job directory {})",
@@ -544,36 +590,69 @@ impl LibvirtSource {
                         dir.path().display()
                     )));
                 }
-                Owner::Gone(pid) => {
-                    let ours = running
-                        .as_ref()
-                        .and_then(|job| job.as_ref()?.endpoint.as_ref())
-                        .is_some_and(|e| dir.is_endpoint_of_job(e));
-                    let mut what = format!("job directory {} removed", dir.path().display());
-                    if ours {
-                        backup::abort_job(domain).map_err(libvirt_error)?;
-                        wait_job_gone(domain, &dir).map_err(StageError::Config)?;
-                        aborted = true;
-                        what = format!("its backup job on VM {} aborted, {what}", vm.name);
+                Owner::Gone(pid) => pid,
+            };
+            let mut what = format!("job directory {} removed", dir.path().display());
+            if let Found::Job(job) = &running
+                && job
+                    .endpoint
+                    .as_ref()
+                    .is_some_and(|e| dir.is_endpoint_of_job(e))
+            {
+                abort_orphan(domain, &dir)?;
+                running = Found::Nothing;
+                what = format!("its backup job on VM {} aborted, {what}", vm.name);
+            }
+            let earlier = earlier_run(&dir, &pid);
+            dir.remove().map_err(StageError::Config)?;
+            ctx.warn(format!("cleaned up after {earlier}: {what}"));
+        }
+        if let Found::Job(job) = &running
+            && conn.is_local()
+            && let Some(dir) = job::of_job(job)
+        {
+            let endpoint = job
+                .endpoint
+                .as_ref()
+                .map_or_else(|| "unknown".to_owned(), |e| e.to_string());
+            let earlier = if dir.path().exists() {
+                match dir.owner() {
+                    Owner::Alive(pid) => {
+                        return Err(StageError::Config(format!(
+                            "VM {} is being backed up by another backflow run (pid {pid}, job directory {})",
+                            vm.name,
+                            dir.path().display()
+                        )));
                     }
-                    dir.remove().map_err(StageError::Config)?;
-                    ctx.warn(format!(
-                        "cleaned up after a run that was killed (pid {pid}): {what}"
-                    ));
+                    Owner::Gone(pid) => earlier_run(&dir, &pid),
                 }
+            } else {
+                "an earlier run".to_owned()
+            };
+            abort_orphan(domain, &dir)?;
+            dir.remove().map_err(StageError::Config)?;
+            ctx.warn(format!(
+                "cleaned up after {earlier}: its backup job on VM {} (NBD server at {endpoint}, job directory {}) aborted",
+                vm.name,
+                dir.path().display()
+            ));
+            running = Found::Nothing;
+        }
+        match running {
+            Found::Nothing => Ok(()),
+            found => {
+                let endpoint = match found {
+                    Found::Job(job) => job.endpoint.map(|e| e.to_string()),
+                    _ => None,
+                };
+                Err(StageError::Config(format!(
+                    "VM {} already has a backup job that backflow did not start (NBD server at {}); end it with `virsh domjobabort {}` once its owner is done",
+                    vm.name,
+                    endpoint.as_deref().unwrap_or("unknown"),
+                    vm.name
+                )))
             }
         }
-        if let Some(job) = running.filter(|_| !aborted) {
-            let endpoint = job
-                .and_then(|j| j.endpoint)
-                .map(|e| e.to_string())
-                .unwrap_or_else(|| "unknown".into());
-            return Err(StageError::Config(format!(
-                "VM {} already has a backup job that backflow did not start (NBD server at {endpoint}); end it with `virsh domjobabort {}` once its owner is done",
-                vm.name, vm.name
-            )));
-        }
-        Ok(())
     }
 
     /// A running VM: one pull-mode backup job for every chosen disk.
@@ -594,7 +673,7 @@ impl LibvirtSource {
                 conn.hostname()
             )));
         }
-        self.end_orphaned_jobs(ctx, &domain, vm)?;
+        self.end_orphaned_jobs(ctx, conn, &domain, vm)?;
         let host = conn.hostname().to_owned();
         let bases = self.bases(&domain, vm, &host, disks, parent, None)?;
         // The new checkpoint: a bitmap in every chosen qcow2 disk, none elsewhere.
@@ -646,31 +725,24 @@ impl LibvirtSource {
         };
         // The cleanup first, so that whatever fails from here on leaves nothing behind.
         let committed = Committed::default();
-        // The job began (and with it the new checkpoint).
-        let begun = Arc::new(AtomicBool::new(false));
+        let job = Arc::new(OnlineJob {
+            live: LiveDomain::new(self.uri.clone(), &vm.uuid, domain.clone()),
+            vm: vm.name.clone(),
+            dir: dir.clone(),
+            endpoint: endpoint.clone(),
+            begun: AtomicBool::new(false),
+            prefix: self.checkpoint.clone(),
+            new_checkpoint: new_checkpoint.clone(),
+            committed: committed.clone(),
+        });
         ctx.on_cleanup(
             format!("ending the backup job of VM {}", vm.name),
             Box::new({
-                let domain = domain.clone();
-                let dir = dir.clone();
-                let committed = committed.clone();
-                let begun = begun.clone();
-                let prefix = self.checkpoint.clone();
-                let new_checkpoint = new_checkpoint.clone();
-                let endpoint = endpoint.clone();
-                move |_outcome| {
-                    end_job(
-                        &domain,
-                        &dir,
-                        &endpoint,
-                        begun.load(Ordering::SeqCst),
-                        prefix.as_deref(),
-                        new_checkpoint.as_deref(),
-                        committed.load(Ordering::SeqCst),
-                    )
-                }
+                let job = job.clone();
+                move |_outcome| job.end()
             }),
         );
+        *self.job.lock().unwrap_or_else(PoisonError::into_inner) = Some(job.clone());
         dir.record_endpoint(&endpoint).map_err(|e| {
             StageError::io(
                 format!("VM {}: writing into {}", vm.name, dir.path().display()),
@@ -701,18 +773,30 @@ impl LibvirtSource {
                 vm.name
             ));
         }
+        // A call cut off with the connection may have begun the job, checkpoint included.
+        let maybe_begun = result.as_ref().err().is_none_or(LibvirtError::is_retryable);
+        job.begun.store(maybe_begun, Ordering::SeqCst);
         result.map_err(libvirt_error)?;
-        begun.store(true, Ordering::SeqCst);
         tracing::info!(vm = %vm.name, checkpoint = ?new_checkpoint, "Backup job begun.");
         pause_at(PAUSE_AFTER_SNAPSHOT, "after the snapshot");
 
-        let running = backup::backup_xml(&domain)
-            .map_err(libvirt_error)
-            .and_then(|xml| {
-                job_xml::parse_running_job(&xml).map_err(|e| {
-                    StageError::Internal(format!("libvirt's backup job XML is not understood: {e}"))
-                })
-            })?;
+        let running = match job.live.call(find_job).map_err(libvirt_error)? {
+            Found::Job(running) => running,
+            Found::Unreadable(e) => {
+                return Err(StageError::Internal(format!(
+                    "libvirt's backup job XML is not understood: {e}"
+                )));
+            }
+            Found::Nothing => {
+                return Err(StageError::io(
+                    "libvirt",
+                    io::Error::other(format!(
+                        "VM {}: its backup job is gone right after it began (the VM stopped, or someone aborted the job)",
+                        vm.name
+                    )),
+                ));
+            }
+        };
         let address = match &endpoint {
             Endpoint::Unix(socket) => NbdAddress::Unix(socket.clone()),
             Endpoint::Tcp { host, port } => NbdAddress::Tcp {
@@ -827,7 +911,7 @@ impl LibvirtSource {
             images.insert(disk.target.clone(), path);
         }
         // A job a killed run left ended with the VM; its directory may still be there.
-        self.end_orphaned_jobs(ctx, &domain, vm)?;
+        self.end_orphaned_jobs(ctx, conn, &domain, vm)?;
         tracing::info!(vm = %vm.name, "VM is shut off: reading its images directly.");
         let host = conn.hostname().to_owned();
         let bases = self.bases(&domain, vm, &host, disks, parent, Some(&images))?;
@@ -837,6 +921,19 @@ impl LibvirtSource {
         let committed = Committed::default();
         for (disk, base) in disks.iter().zip(bases) {
             let image = &images[&disk.target];
+            // Before qemu-nbd opens it: a FIFO would block it, and this run, for good.
+            backflow_pipeline::input::check_source(image).map_err(|e| {
+                let what = format!(
+                    "VM {} disk {}: image {}",
+                    vm.name,
+                    disk.target,
+                    image.display()
+                );
+                match e {
+                    backflow_pipeline::input::InputError::Io(e) => StageError::io(what, e),
+                    other => StageError::Config(format!("{what} {other}")),
+                }
+            })?;
             let format = match disk.format.as_deref() {
                 Some(f @ ("qcow2" | "raw")) => f,
                 other => {
@@ -922,79 +1019,211 @@ fn send_disk(
     worker.send(Message::Disk(Arc::new(source))).is_ok()
 }
 
-/// The cleanup of a running VM's job: abort it if it is still there, settle the checkpoints,
-/// remove the directory. Says what it could not do; every step is tried.
-fn end_job(
-    domain: &Domain,
-    dir: &JobDir,
-    endpoint: &Endpoint,
-    begun: bool,
-    prefix: Option<&str>,
-    new_checkpoint: Option<&str>,
-    committed: bool,
-) -> Result<(), String> {
-    let mut problems = Vec::new();
-    if running_job(domain)
-        .flatten()
-        .and_then(|j| j.endpoint)
-        .as_ref()
-        == Some(endpoint)
-    {
-        match backup::abort_job(domain) {
-            Ok(()) => {
-                if let Err(e) = wait_job_gone(domain, dir) {
+/// What the final check and the cleanup of a running VM's backup job need.
+#[derive(Debug)]
+struct OnlineJob {
+    /// The VM, through a connection that survives a libvirtd restart.
+    live: LiveDomain,
+    vm: String,
+    dir: JobDir,
+    /// Where the job's NBD server listens: the job on the VM with this endpoint is ours.
+    endpoint: Endpoint,
+    /// The job began (or may have: the call was cut off), and with it the new checkpoint.
+    begun: AtomicBool,
+    prefix: Option<String>,
+    new_checkpoint: Option<String>,
+    committed: Committed,
+}
+
+impl OnlineJob {
+    /// Before the snapshot is committed, every disk read: the job must still run. All reads
+    /// succeeded, and they came from the job's point-in-time view as long as the job ran (libvirt
+    /// removes the export, and QEMU drops its clients, only when the job ends); a job that ran to
+    /// the end vouches for every read, through a libvirtd restart too. When the job is gone, or
+    /// libvirt cannot be asked, nothing vouches for the data and nothing is committed.
+    fn confirm(&self, ctx: &RunContext) -> Result<(), StageError> {
+        let fail = |detail: String, then: &str| {
+            Err(StageError::io(
+                format!("VM {}", self.vm),
+                io::Error::other(format!(
+                    "{detail}: what was read cannot be vouched for, so nothing is committed{then}"
+                )),
+            ))
+        };
+        match self.live.call(find_job) {
+            Ok(Found::Job(job)) if job.endpoint.as_ref() == Some(&self.endpoint) => {
+                if let Some(lost) = self.live.lost() {
+                    ctx.warn(format!(
+                        "VM {}: the connection to libvirt broke during the backup ({lost}); connected again, the backup job was still running, so every read came from its point-in-time view",
+                        self.vm
+                    ));
+                }
+                Ok(())
+            }
+            Ok(_) => fail(
+                match self.live.lost() {
+                    Some(lost) => format!(
+                        "the connection to libvirt broke during the backup ({lost}), and the backup job did not outlive it"
+                    ),
+                    None => {
+                        "the backup job ended before the backup did (someone aborted it)".into()
+                    }
+                },
+                "",
+            ),
+            Err(e) if e.is_retryable() => fail(
+                format!(
+                    "the connection to libvirt broke during the backup and libvirt did not answer again within {} s ({e}): nothing tells whether the backup job ran to the end",
+                    live::RECONNECT_WAIT.as_secs()
+                ),
+                "; the next run ends the job if it is still there",
+            ),
+            Err(e) => fail(
+                format!("the VM is not found again after the connection to libvirt broke ({e})"),
+                "",
+            ),
+        }
+    }
+
+    /// The cleanup: aborts the job if it is still there, settles the checkpoints, removes the
+    /// directory. Every step is tried; says what it could not do. When the job may still run
+    /// (libvirt unreachable, the abort failed) the directory stays, saying why, so that the next
+    /// run ends the job.
+    fn end(&self) -> Result<(), String> {
+        let mut problems = Vec::new();
+        // Why the job may still run, if it may.
+        let mut left = None;
+        match self.live.call(find_job) {
+            Ok(Found::Job(job)) if job.endpoint.as_ref() == Some(&self.endpoint) => {
+                match self.live.call(backup::abort_job) {
+                    Ok(()) => {
+                        if let Err(e) = self.wait_gone() {
+                            problems.push(e);
+                            left = Some("the job did not end when aborted");
+                        }
+                    }
+                    Err(e) => {
+                        problems.push(format!("aborting the backup job: {e}"));
+                        left = Some("aborting the job failed");
+                    }
+                }
+            }
+            Err(e) if e.is_retryable() => {
+                problems.push(format!(
+                    "libvirt cannot be reached to end the backup job: {e}"
+                ));
+                left = Some("libvirt could not be reached");
+            }
+            // No job to end: none of ours, or the VM is gone (not found again by its UUID).
+            Ok(_) | Err(_) => {}
+        }
+        if self.begun.load(Ordering::SeqCst)
+            && let (Some(prefix), Some(new)) = (&self.prefix, &self.new_checkpoint)
+        {
+            self.settle_checkpoints(prefix, new);
+        }
+        match left {
+            None => {
+                if let Err(e) = self.dir.remove() {
                     problems.push(e);
                 }
             }
-            Err(e) => problems.push(format!("aborting the backup job: {e}")),
+            Some(reason) => {
+                if let Err(e) = self.dir.record_left(reason) {
+                    tracing::warn!(dir = %self.dir.path().display(), "Cannot record why the job directory stays: {e}.");
+                }
+                problems.push(format!(
+                    "the job directory {} stays, so that the next run of VM {} ends the job",
+                    self.dir.path().display(),
+                    self.vm
+                ));
+            }
+        }
+        if problems.is_empty() {
+            if self.live.lost().is_some() {
+                tracing::warn!(vm = %self.vm, "Connected to libvirt again to end the backup job.");
+            }
+            Ok(())
+        } else {
+            Err(problems.join("; "))
         }
     }
-    if begun && let (Some(prefix), Some(new)) = (prefix, new_checkpoint) {
-        let running = domain.is_active().unwrap_or(false);
-        if committed {
-            // The new checkpoint is the base now: every older one of ours can go.
-            let names = backup::list_checkpoints(domain).unwrap_or_default();
-            for old in names
-                .iter()
-                .filter(|n| n.as_str() != new && is_ours(n, prefix))
-            {
-                if let Err(e) = backup::delete_checkpoint(domain, old) {
+
+    /// Committed: the new checkpoint is the base, every older one of ours can go. Not
+    /// committed: the new one goes, and the parent's stays the base.
+    fn settle_checkpoints(&self, prefix: &str, new: &str) {
+        if self.committed.load(Ordering::SeqCst) {
+            let names = match self.live.call(backup::list_checkpoints) {
+                Ok(names) => names,
+                Err(e) => {
+                    tracing::warn!("Older checkpoints left, the next run removes them: {e}.");
+                    return;
+                }
+            };
+            for old in names.iter().filter(|n| *n != new && is_ours(n, prefix)) {
+                if let Err(e) = self.live.call(|d| backup::delete_checkpoint(d, old)) {
                     tracing::warn!("Checkpoint {old} left, the next run removes it: {e}.");
                 }
             }
-        } else if running {
-            if let Err(e) = backup::delete_checkpoint(domain, new) {
-                tracing::warn!("Checkpoint {new} left, the next successful run removes it: {e}.");
+            return;
+        }
+        match self.live.call(backup::is_active) {
+            Ok(true) => {
+                if let Err(e) = self.live.call(|d| backup::delete_checkpoint(d, new)) {
+                    tracing::warn!(
+                        "Checkpoint {new} left, the next successful run removes it: {e}."
+                    );
+                }
             }
-        } else {
-            tracing::warn!(
+            Ok(false) => tracing::warn!(
                 "Checkpoint {new} left: libvirt deletes checkpoints of running VMs only; the next successful run removes it."
-            );
+            ),
+            Err(e) => {
+                tracing::warn!("Checkpoint {new} left, the next successful run removes it: {e}.")
+            }
         }
     }
-    if let Err(e) = dir.remove() {
-        problems.push(e);
-    }
-    if problems.is_empty() {
-        Ok(())
-    } else {
-        Err(problems.join("; "))
+
+    /// Waits until the aborted job is gone: libvirt ends it asynchronously, first the NBD socket,
+    /// then the job itself (until then a new job cannot begin).
+    fn wait_gone(&self) -> Result<(), String> {
+        self.dir.wait_socket_gone()?; // a tcp job has no socket there: returns at once
+        wait_job_gone(|| self.live.call(find_job))
     }
 }
 
-/// The domain's running backup job: `None` when there is none, `Some(None)` when its XML is not
-/// understood.
-fn running_job(domain: &Domain) -> Option<Option<job_xml::RunningJob>> {
-    let xml = backup::backup_xml(domain).ok()?;
-    Some(job_xml::parse_running_job(&xml).ok())
+/// A VM's backup job as libvirt describes it.
+#[derive(Debug)]
+enum Found {
+    /// None (or the VM cannot have one: it does not run, or is gone).
+    Nothing,
+    Job(job_xml::RunningJob),
+    /// A job whose XML is not understood: not ours.
+    Unreadable(String),
 }
 
-/// Waits until an aborted job is gone: libvirt ends it asynchronously, first the NBD socket, then
-/// the job itself (until then a new job cannot begin).
-fn wait_job_gone(domain: &Domain, dir: &JobDir) -> Result<(), String> {
-    dir.wait_socket_gone()?; // a tcp job has no socket there: returns at once
+/// The VM's backup job. Only a broken connection is an error: any other failure of the call
+/// means there is no job to see.
+fn find_job(domain: &Domain) -> Result<Found, LibvirtError> {
+    match backup::backup_xml(domain) {
+        Ok(xml) => Ok(match job_xml::parse_running_job(&xml) {
+            Ok(job) => Found::Job(job),
+            Err(e) => Found::Unreadable(e),
+        }),
+        Err(e) if e.is_retryable() => Err(e),
+        Err(_) => Ok(Found::Nothing),
+    }
+}
+
+/// Polls `find` until the job is gone (at most [`job::END_WAIT`]).
+fn wait_job_gone(find: impl Fn() -> Result<Found, LibvirtError>) -> Result<(), String> {
     let deadline = std::time::Instant::now() + job::END_WAIT;
-    while backup::backup_xml(domain).is_ok() {
+    loop {
+        match find() {
+            Ok(Found::Nothing) => return Ok(()),
+            Ok(_) => {}
+            Err(e) => return Err(format!("cannot tell whether the backup job ended: {e}")),
+        }
         if std::time::Instant::now() > deadline {
             return Err(format!(
                 "the backup job is still there {} s after it was aborted",
@@ -1003,7 +1232,21 @@ fn wait_job_gone(domain: &Domain, dir: &JobDir) -> Result<(), String> {
         }
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
-    Ok(())
+}
+
+/// Aborts the job an earlier run left (in `dir`) and waits until it is gone.
+fn abort_orphan(domain: &Domain, dir: &JobDir) -> Result<(), StageError> {
+    backup::abort_job(domain).map_err(libvirt_error)?;
+    dir.wait_socket_gone().map_err(StageError::Config)?;
+    wait_job_gone(|| find_job(domain)).map_err(StageError::Config)
+}
+
+/// How a warning names the run that made `dir` (its owner `pid`, gone).
+fn earlier_run(dir: &JobDir, pid: &str) -> String {
+    match dir.left() {
+        Some(reason) => format!("a run that could not end its backup job (pid {pid}: {reason})"),
+        None => format!("a run that was killed (pid {pid})"),
+    }
 }
 
 /// Whether a checkpoint name belongs to the chain of `prefix` (`PREFIX.anything`).
@@ -1022,6 +1265,17 @@ impl Stage for LibvirtSource {
 
     fn work(&self) -> Work {
         Work::Io
+    }
+
+    /// A running VM's job must have outlived the reads ([`OnlineJob::confirm`]); the source
+    /// finishes before the repository writer commits.
+    fn finish(&self, ctx: &RunContext) -> Result<(), StageError> {
+        let job = self
+            .job
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        job.map_or(Ok(()), |job| job.confirm(ctx))
     }
 
     fn run(&self, worker: &mut Worker<'_>) -> Result<(), StageError> {
@@ -1080,6 +1334,21 @@ mod tests {
                 LibvirtOptions {
                     domain: "a".into(),
                     checkpoint: "a.b".into(),
+                    ..Default::default()
+                },
+            ),
+            (
+                "domain",
+                LibvirtOptions {
+                    domain: "../web01".into(),
+                    ..Default::default()
+                },
+            ),
+            (
+                "disks",
+                LibvirtOptions {
+                    domain: "a".into(),
+                    disks: vec!["vda".into(), "/dev/sda".into()],
                     ..Default::default()
                 },
             ),

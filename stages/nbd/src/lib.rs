@@ -144,12 +144,16 @@ impl NbdSource {
                 "is required: the disk's name in the manifest (an export has no file name)",
             )
         })?;
+        backflow_repository::check_disk_name(&disk)
+            .map_err(|e| InvalidOption::new("disk", e.to_string()))?;
         if options.connections == 0 {
             return Err(InvalidOption::new("connections", "must be at least 1"));
         }
         let vm = if options.vm.is_empty() {
             disk.clone()
         } else {
+            backflow_repository::check_vm_name(&options.vm)
+                .map_err(|e| InvalidOption::new("vm", e.to_string()))?;
             options.vm
         };
         Ok(NbdSource {

@@ -161,7 +161,9 @@ impl BlockSource for NbdExport {
 
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         self.check_range(offset, buf.len() as u64)?;
-        self.with_client(|c| c.read_at(offset, buf))
+        self.with_client(|c| c.read_at(offset, buf))?;
+        backflow_pipeline::hooks::mid_transfer();
+        Ok(())
     }
 
     /// All buffers on one connection, with several requests in flight
@@ -172,7 +174,9 @@ impl BlockSource for NbdExport {
             .try_fold(0u64, |sum, b| sum.checked_add(b.len() as u64))
             .unwrap_or(u64::MAX);
         self.check_range(offset, len)?;
-        self.with_client(|c| c.read_vectored_at(offset, bufs))
+        self.with_client(|c| c.read_vectored_at(offset, bufs))?;
+        backflow_pipeline::hooks::mid_transfer();
+        Ok(())
     }
 
     /// Ranges whose `base:allocation` flags lack `NBD_STATE_ZERO`. Data that reads as zeros

@@ -7,11 +7,12 @@
 //!
 //! # Lifetime of the server
 //! At run time the stage creates a private directory (mode 0700) for the socket, pid file and
-//! the server's stderr, registers a cleanup action that stops the server by the pid in the pid file
-//! and removes the directory whatever the outcome, and only then starts
-//! `qemu-nbd --read-only --persistent --fork`. `--fork` returns once the socket accepts
-//! connections. The cleanup action is registered first so that a server which started but failed
-//! later (or a run that failed elsewhere) is still stopped.
+//! the server's stderr, registers a cleanup action that stops the server and removes the
+//! directory whatever the outcome, and only then starts `qemu-nbd --read-only --persistent` as
+//! its child, ready once it wrote its pid file. The cleanup action is registered first so that a
+//! server which started but failed later (or a run that failed elsewhere) is still stopped; the
+//! server is our child, waited for when stopped, so it never stays behind as a zombie (see
+//! [`server`]).
 //!
 //! # Layout
 //! - [`server`]: starting and stopping the `qemu-nbd` process.
@@ -26,6 +27,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use backflow_pipeline::input::InputError;
 use backflow_pipeline::{
     BlockSource, ChangeTracking, DiskSource, InvalidOption, Message, MessageType, Outcome, Stage,
     StageError, StageIo, Work, Worker,
@@ -170,7 +172,7 @@ impl QemuNbd {
                 Some(name.to_owned())
             }
         };
-        let (disk, vm) = DiskSource::names_for(&path, options.disk, options.vm);
+        let (disk, vm) = DiskSource::checked_names_for(&path, options.disk, options.vm)?;
         let socket_dir = options
             .socket_dir
             .filter(|p| !p.as_os_str().is_empty())
@@ -218,6 +220,11 @@ impl Stage for QemuNbd {
             return Ok(());
         }
         let image = self.path.display().to_string();
+        // Before qemu-img or qemu-nbd opens it: a FIFO would block them (and this run) for good.
+        backflow_pipeline::input::check_source(&self.path).map_err(|e| match e {
+            InputError::Io(e) => StageError::io(format!("image {image}"), e),
+            other => StageError::Config(format!("image {image} {other}")),
+        })?;
         for cleaned in ServerDir::sweep_orphans(&self.socket_dir) {
             worker
                 .ctx()

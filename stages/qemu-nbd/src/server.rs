@@ -1,14 +1,22 @@
 //! Starting and stopping a private `qemu-nbd`.
 //!
-//! The server is a daemon (`--fork`), not our child: it is found again, and stopped, by the pid it
-//! writes into its pid file. Everything it owns lives in one private directory, so removing that
-//! directory is the whole of the cleanup besides the signal.
+//! The server is our own child (no `--fork`), in a process group of its own so that a Ctrl-C on
+//! the terminal reaches us, not it: we stop it with SIGTERM and wait for it, so that it never
+//! stays behind as a zombie. (A daemon made with `--fork` would be adopted by whoever reaps
+//! orphans: where that is a process that never does, as a container's init that is not one, or
+//! a `backflow daemon` running as PID 1, its corpse and its intermediate parent's stayed as
+//! `qemu-nbd <defunct>` for good.) It writes a pid file once it listens, which says it is ready,
+//! and lets the next run stop a server whose run was killed before its cleanup. Everything it
+//! owns lives in one private directory, so removing that directory is the whole of the cleanup
+//! besides stopping it.
 
 use std::fs::{File, Permissions};
 use std::io;
 use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 /// The export name the server is started with and the clients ask for.
@@ -23,10 +31,39 @@ pub const STOP_GRACE: Duration = Duration::from_secs(5);
 /// Pause between checks of whether a signalled server is gone.
 const STOP_POLL: Duration = Duration::from_millis(10);
 
-/// The private directory of one server: socket, pid file and the server's stderr.
+/// How long a server may take to listen (its pid file appears) before it counts as failed.
+pub const START_WAIT: Duration = Duration::from_secs(30);
+
+/// Pause between checks of whether a starting server listens.
+const START_POLL: Duration = Duration::from_millis(5);
+
+/// The private directory of one server: socket, pid file and the server's stderr; and the server
+/// process, shared by the clones (a cleanup action holds one).
 #[derive(Clone, Debug)]
 pub struct ServerDir {
     path: PathBuf,
+    server: Arc<ServerProcess>,
+}
+
+/// The running server, our child; stopped and reaped when the last [`ServerDir`] of it goes
+/// without a [`ServerDir::stop_and_remove`] (a panic unwinding through the run).
+#[derive(Debug, Default)]
+struct ServerProcess(Mutex<Option<Child>>);
+
+impl ServerProcess {
+    fn lock(&self) -> MutexGuard<'_, Option<Child>> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        if let Some(child) = self.lock().take()
+            && let Err(e) = stop_child(child)
+        {
+            tracing::warn!("{e}.");
+        }
+    }
 }
 
 impl ServerDir {
@@ -37,7 +74,7 @@ impl ServerDir {
             .tempdir_in(parent)?
             .keep();
         std::fs::set_permissions(&dir, Permissions::from_mode(0o700))?;
-        let owner = ServerDir { path: dir };
+        let owner = ServerDir::at(dir);
         std::fs::write(
             owner.owner_file(),
             process_identity(std::process::id()).unwrap_or_default(),
@@ -59,7 +96,7 @@ impl ServerDir {
             if !name.to_string_lossy().starts_with(DIR_PREFIX) {
                 continue;
             }
-            let dir = ServerDir { path: entry.path() };
+            let dir = ServerDir::at(entry.path());
             let Ok(owner) = std::fs::read_to_string(dir.owner_file()) else {
                 continue;
             };
@@ -92,6 +129,13 @@ impl ServerDir {
         cleaned
     }
 
+    fn at(path: PathBuf) -> ServerDir {
+        ServerDir {
+            path,
+            server: Arc::default(),
+        }
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -120,11 +164,13 @@ impl ServerDir {
             .and_then(|s| s.trim().parse().ok())
     }
 
-    /// Stops the server (if it started) and removes the directory. Meant for a cleanup action:
-    /// runs whatever the outcome and says what it could not do.
+    /// Stops the server (if it started) and waits for it, then removes the directory. Meant for
+    /// a cleanup action: runs whatever the outcome, any number of times, and says what it could
+    /// not do.
     pub fn stop_and_remove(&self) -> Result<(), String> {
-        let stopped = match self.pid() {
-            Some(pid) => stop(pid),
+        let child = self.server.lock().take();
+        let stopped = match child {
+            Some(child) => stop_child(child),
             None => Ok(()),
         };
         let removed = match std::fs::remove_dir_all(&self.path) {
@@ -172,7 +218,8 @@ pub struct QemuNbdServer {
 }
 
 impl QemuNbdServer {
-    /// Starts `qemu-nbd` as `config` says in `dir`; returns once the socket is ready.
+    /// Starts `qemu-nbd` as `config` says in `dir`; returns once the socket is ready. The server
+    /// belongs to `dir` from then on: [`ServerDir::stop_and_remove`] stops it.
     pub fn start(dir: &ServerDir, config: &ServerConfig<'_>) -> io::Result<QemuNbdServer> {
         let stderr = File::create(dir.stderr_file())?;
         let mut command = Command::new("qemu-nbd");
@@ -182,9 +229,15 @@ impl QemuNbdServer {
         for bitmap in config.bitmaps {
             command.arg("--bitmap").arg(bitmap);
         }
-        let status = command
+        let mut slot = dir.server.lock();
+        if slot.is_some() {
+            return Err(io::Error::other(format!(
+                "a qemu-nbd runs in {} already",
+                dir.path.display()
+            )));
+        }
+        let child = command
             .arg("--persistent")
-            .arg("--fork")
             .arg("--pid-file")
             .arg(dir.pid_file())
             .arg("--socket")
@@ -199,20 +252,38 @@ impl QemuNbdServer {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(stderr)
-            .status()
+            .process_group(0)
+            .spawn()
             .map_err(|e| io::Error::new(e.kind(), format!("running qemu-nbd: {e}")))?;
-        if !status.success() {
-            let said = std::fs::read_to_string(dir.stderr_file()).unwrap_or_default();
-            return Err(io::Error::other(format!(
-                "qemu-nbd exited with {status}: {}",
-                said.trim()
-            )));
+        let pid = child.id();
+        // In the slot before anything can fail: whatever happens, it is stopped and reaped.
+        let child = slot.insert(child);
+        let deadline = Instant::now() + START_WAIT;
+        // qemu-nbd writes its pid file once it listens.
+        while !dir.pid_file().exists() {
+            if let Some(status) = child.try_wait()? {
+                slot.take();
+                let said = std::fs::read_to_string(dir.stderr_file()).unwrap_or_default();
+                return Err(io::Error::other(format!(
+                    "qemu-nbd exited with {status}: {}",
+                    said.trim()
+                )));
+            }
+            if Instant::now() > deadline {
+                drop(slot);
+                let stopped = dir.stop_and_remove();
+                return Err(io::Error::other(format!(
+                    "qemu-nbd did not listen within {} s{}",
+                    START_WAIT.as_secs(),
+                    stopped.err().map(|e| format!(" ({e})")).unwrap_or_default()
+                )));
+            }
+            std::thread::sleep(START_POLL);
         }
-        let pid = dir.pid();
         tracing::debug!(image = %config.image.display(), pid, "qemu-nbd started.");
         Ok(QemuNbdServer {
             socket: dir.socket(),
-            pid,
+            pid: Some(pid),
         })
     }
 
@@ -225,7 +296,35 @@ impl QemuNbdServer {
     }
 }
 
-/// SIGTERM, then SIGKILL after [`STOP_GRACE`]; returns once the process is gone.
+/// Our server: SIGTERM, then SIGKILL after [`STOP_GRACE`]; returns once it is reaped.
+fn stop_child(mut child: Child) -> Result<(), String> {
+    let pid = child.id();
+    let exited = |child: &mut Child| {
+        child
+            .try_wait()
+            .map_err(|e| format!("waiting for qemu-nbd (pid {pid}): {e}"))
+            .map(|status| status.is_some())
+    };
+    if exited(&mut child)? {
+        return Ok(());
+    }
+    signal(pid, "TERM")?;
+    let deadline = Instant::now() + STOP_GRACE;
+    while Instant::now() < deadline {
+        if exited(&mut child)? {
+            return Ok(());
+        }
+        std::thread::sleep(STOP_POLL);
+    }
+    child.kill().map_err(|e| format!("kill -KILL {pid}: {e}"))?;
+    child
+        .wait()
+        .map(drop)
+        .map_err(|e| format!("waiting for qemu-nbd (pid {pid}) after SIGKILL: {e}"))
+}
+
+/// A server that is not our child (one a killed run left): SIGTERM, then SIGKILL after
+/// [`STOP_GRACE`]; returns once the process is gone.
 fn stop(pid: u32) -> Result<(), String> {
     if !alive(pid) {
         return Ok(());
@@ -263,8 +362,8 @@ fn signal(pid: u32, name: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// Whether `pid` is a running process. A zombie counts as gone: the daemon is not our child and
-/// its reaping is up to whoever adopted it.
+/// Whether `pid` is a running process. A zombie counts as gone: a server a killed run left is
+/// not our child, and its reaping is up to whoever adopted it.
 fn alive(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         // The state follows the command name in parentheses, which may itself contain spaces.

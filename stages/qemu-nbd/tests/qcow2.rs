@@ -11,7 +11,7 @@ use backflow_pipeline::{OutcomeKind, Pipeline, RunOptions};
 use backflow_repository::Repository;
 use backflow_stages::Stages;
 use backflow_testkit::qemu::{
-    assert_images_equal, assert_no_process_naming, live, make_qcow2, processes_naming,
+    assert_images_equal, assert_no_process_naming, children_of, live, make_qcow2, processes_naming,
 };
 use backflow_testkit::{assert_succeeded, restore_with_spec};
 use stage_qemu_nbd::{QemuNbd, QemuNbdOptions, QemuNbdServer, ServerConfig, ServerDir};
@@ -135,7 +135,7 @@ fn an_image_qemu_cannot_open_fails_naming_it() {
 }
 
 #[test]
-fn the_server_runs_until_stopped_by_its_pid_file() {
+fn the_server_is_our_child_until_stopped_and_reaped() {
     let f = fixture();
     let dir = ServerDir::create(&f.sockets).unwrap();
     let mode = std::fs::metadata(dir.path()).unwrap().permissions();
@@ -149,9 +149,19 @@ fn the_server_runs_until_stopped_by_its_pid_file() {
     assert!(server.socket().exists());
     assert_eq!(processes_naming(&f.image), vec![pid]);
     assert!(live(pid));
+    // Ours to wait for, not a daemon left to whoever adopts orphans.
+    assert!(
+        children_of(std::process::id()).contains(&pid),
+        "qemu-nbd (pid {pid}) is not this process's child"
+    );
     dir.stop_and_remove().unwrap();
-    // `kill -0` would still succeed on a zombie when nothing reaps orphans (PID 1 in some
-    // containers); what matters is that no process runs.
     assert!(!live(pid), "pid {pid} still runs");
+    // Reaped: not even a zombie is left (a pid reused since would not be our child).
+    assert!(
+        !children_of(std::process::id()).contains(&pid),
+        "qemu-nbd (pid {pid}) was not reaped"
+    );
     assert_server_gone(&f);
+    // Stopping again is harmless.
+    dir.stop_and_remove().unwrap();
 }
