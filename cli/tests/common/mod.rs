@@ -335,3 +335,121 @@ pub fn run_daemon_until(jobs: &Path, until: &str) -> String {
     );
     line
 }
+
+/// `cp -a`: a repository copied with its permissions and timestamps, for one test case each.
+pub fn cp_a(from: &Path, to: &Path) {
+    let status = Command::new("cp")
+        .arg("-a")
+        .arg(from)
+        .arg(to)
+        .status()
+        .unwrap();
+    assert!(
+        status.success(),
+        "cp -a {} {}",
+        from.display(),
+        to.display()
+    );
+}
+
+/// Whether two files have the same bytes (`cmp -s`), for tests that collect failures instead of
+/// stopping at the first.
+pub fn same_bytes(a: &Path, b: &Path) -> bool {
+    Command::new("cmp")
+        .arg("-s")
+        .arg(a)
+        .arg(b)
+        .status()
+        .expect("running cmp")
+        .success()
+}
+
+/// Flips bits of the byte at `offset` of `path` (XOR 0x40: a letter changes case or becomes a
+/// control character, a digit becomes a letter, so text and binary fields both change).
+pub fn flip_byte(path: &Path, offset: u64) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)?;
+    let mut byte = [0u8];
+    file.read_exact_at(&mut byte, offset)?;
+    file.write_all_at(&[byte[0] ^ 0x40], offset)?;
+    file.sync_all()
+}
+
+/// What a command run by [`run_timed`] did.
+#[derive(Debug)]
+pub struct Ran {
+    pub status: std::process::ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Ran {
+    pub fn success(&self) -> bool {
+        self.status.success()
+    }
+
+    /// The lines of stderr the binary writes for a failure (`backflow: …`), without log lines.
+    pub fn error_lines(&self) -> Vec<&str> {
+        self.stderr
+            .lines()
+            .filter(|l| l.starts_with("backflow: "))
+            .collect()
+    }
+
+    /// The exit status and the error lines (or, without any, the last lines of stderr), for
+    /// messages.
+    pub fn describe(&self) -> String {
+        let errors = self.error_lines();
+        let said = if errors.is_empty() {
+            let lines: Vec<&str> = self.stderr.lines().collect();
+            lines[lines.len().saturating_sub(3)..].join(" | ")
+        } else {
+            errors.join(" | ")
+        };
+        format!("{}: {said}", self.status)
+    }
+}
+
+/// Runs `cmd` with its output captured; `Err` (after killing it) when it runs longer than `limit`:
+/// a hang is a failure of its own, not a test that never ends.
+pub fn run_timed(cmd: &mut Command, limit: Duration) -> Result<Ran, String> {
+    use std::io::Read;
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot start {cmd:?}: {e}"))?;
+    let drain = |mut from: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut text = Vec::new();
+            let _ = from.read_to_end(&mut text);
+            String::from_utf8_lossy(&text).into_owned()
+        })
+    };
+    let stdout = drain(Box::new(child.stdout.take().unwrap()));
+    let stderr = drain(Box::new(child.stderr.take().unwrap()));
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(format!(
+                "hung: {:?} did not end within {limit:?}",
+                cmd.get_args().collect::<Vec<_>>()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    Ok(Ran {
+        status,
+        stdout: stdout.join().unwrap(),
+        stderr: stderr.join().unwrap(),
+    })
+}
