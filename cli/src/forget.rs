@@ -156,28 +156,9 @@ fn run_named(args: &Args) -> Result<()> {
                 ),
             }
         }
-        if args.dry_run {
-            println!(
-                "dry run: nothing was removed; {} snapshot{} would be forgotten",
-                named.len(),
-                plural(named.len())
-            );
-        } else {
-            println!(
-                "forgot {} snapshot{}; their chunks stay until a garbage collection",
-                forgotten.len(),
-                plural(forgotten.len())
-            );
-        }
+        print_outcome(args.dry_run, named.len(), forgotten.len());
     }
-    if !failures.is_empty() {
-        bail!(
-            "{} of {} snapshots could not be forgotten: {}",
-            failures.len(),
-            named.len(),
-            failures.join("; ")
-        );
-    }
+    fail_if_any(&failures, named.len())?;
     Ok(())
 }
 
@@ -245,24 +226,32 @@ pub fn run(args: Args) -> Result<()> {
     } else {
         println!("{}", table(&decisions, &policy, args.dry_run));
         let going = decisions.iter().filter(|d| !d.keep).count();
-        if args.dry_run {
-            println!(
-                "dry run: nothing was removed; {going} snapshot{} would be forgotten",
-                plural(going)
-            );
-        } else {
-            println!(
-                "forgot {} snapshot{}; their chunks stay until a garbage collection",
-                forgotten.len(),
-                plural(forgotten.len())
-            );
-        }
+        print_outcome(args.dry_run, going, forgotten.len());
     }
+    fail_if_any(&failures, failures.len() + forgotten.len())
+}
+
+/// The last line of a forget: what a dry run would remove, or what was removed.
+fn print_outcome(dry_run: bool, going: usize, forgotten: usize) {
+    if dry_run {
+        println!(
+            "dry run: nothing was removed; {going} snapshot{} would be forgotten",
+            plural(going)
+        );
+    } else {
+        println!(
+            "forgot {forgotten} snapshot{}; their chunks stay until a garbage collection",
+            plural(forgotten)
+        );
+    }
+}
+
+/// An error listing the snapshots that could not be forgotten, of `tried`, if any.
+fn fail_if_any(failures: &[String], tried: usize) -> Result<()> {
     if !failures.is_empty() {
         bail!(
-            "{} of {} snapshots could not be forgotten: {}",
+            "{} of {tried} snapshots could not be forgotten: {}",
             failures.len(),
-            failures.len() + forgotten.len(),
             failures.join("; ")
         );
     }

@@ -118,7 +118,9 @@ impl RepositoryConfig {
     pub(crate) fn load(repo: &Path) -> Result<RepositoryConfig> {
         let (config, problems) = read_both(repo)?;
         for p in &problems {
-            warn!(repo = %repo.display(), problem = %p, "A copy of the repository's config is damaged; the other one is used (`backflow verify` repairs it).");
+            warn!(repo = %repo.display(), problem = %p,
+                  "A copy of the repository's config is damaged; the other one is used (`backflow verify` \
+                   repairs it).");
         }
         Ok(config)
     }

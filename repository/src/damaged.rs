@@ -9,13 +9,13 @@
 //! frame <pack id, 32 hex>
 //! checksum <64 hex>
 //! ```
-//! A `frame` line marks a pack whose header, trailer or footer is damaged while the blobs the index points
-//! to read back whole: lookups and restores go on using them, and a gc salvages them and quarantines the
-//! pack. (Version 1, written by earlier releases, has no checksum and no frame lines; it is read, and written
-//! as version 2 on the next change.) A mark names a *location*, not a digest: a later backup that stores the same chunk
-//! again writes a new, healthy copy elsewhere, and the mark keeps pointing at the old one only. A garbage
-//! collection drops the marks of the packs it deleted (`Repository::drop_marks_of_deleted_packs`), and
-//! `verify --read-data` drops the marks of copies that read back whole.
+//! A `frame` line marks a pack whose header, trailer or footer is damaged while the blobs the index points to
+//! read back whole: lookups and restores go on using them, and a gc salvages them and quarantines the pack.
+//! (Version 1, written by earlier releases, has no checksum and no frame lines; it is read, and written as
+//! version 2 on the next change.) A mark names a *location*, not a digest: a later backup that stores the
+//! same chunk again writes a new, healthy copy elsewhere, and the mark keeps pointing at the old one only. A
+//! garbage collection drops the marks of the packs it deleted (`Repository::drop_marks_of_deleted_packs`),
+//! and `verify --read-data` drops the marks of copies that read back whole.
 //!
 //! [`Repository::mark_damaged`] merges new marks into the file under an exclusive `flock` on `damaged.lock`
 //! (two verifies marking at once must not lose each other's marks), writes `damaged.tmp`, fsyncs it, renames
@@ -506,8 +506,9 @@ impl Repository {
     /// [`Repository::verify`], then marks every damaged copy it found ([`Repository::mark_damaged`]), so that
     /// lookups skip them and the next backup of a VM that still has the data stores it again; with
     /// `read_data`, drops the marks of copies that read back whole. Packs with a damaged frame get a frame
-    /// mark (for gc to salvage and quarantine them), and lose it once their frame reads back whole. A damaged marks file is written again
-    /// (repaired) in the same step. The report's `marked`, `new_marks` and `cleared_marks` say what changed.
+    /// mark (for gc to salvage and quarantine them), and lose it once their frame reads back whole. A damaged
+    /// marks file is written again (repaired) in the same step. The report's `marked`, `new_marks` and
+    /// `cleared_marks` say what changed.
     pub fn verify_and_mark(&self, read_data: bool) -> Result<VerifyReport> {
         let (mut report, findings) = crate::verify::verify(self, read_data)?;
         if crate::config::repair(self.path())? {

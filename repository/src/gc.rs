@@ -1176,8 +1176,10 @@ impl Gc<'_> {
                 records.push(located.by_digest())?;
             }
         }
-        // Packs no index names: left by killed sessions (or a killed gc). Found before this gc writes any.
-        let orphans = self.find_orphans(indexed_packs.finish()?)?;
+        // Packs no index names: left by killed sessions (or a killed gc). Found before this gc writes any. A
+        // session alive now that wrote one is a registered handle, so the deletion waits for it, and by then
+        // its index names the pack.
+        let orphans = crate::recovery::unindexed_packs(&self.root, indexed_packs.finish()?)?;
         report.orphan_packs = orphans.len() as u64;
         let marks = self.repo.damage_marks()?;
         let frames = self.read_suspect_trailers(&orphans, &marks, &mut records)?;
@@ -1379,9 +1381,9 @@ impl Gc<'_> {
 
     /// Checks the frame (header, trailer, footer) of the packs that may be damaged or that nothing else
     /// describes: every pack with a damage mark (a copy's, or its frame's: `verify` marks a pack whose
-    /// header, trailer or footer is damaged) and every orphan. The trailer entries of orphans and of damaged packs join `records` as
-    /// copies the index does not list (a damaged pack's trailer is read without trusting its checksum:
-    /// each copy is checked against its digest before it is used).
+    /// header, trailer or footer is damaged) and every orphan. The trailer entries of orphans and of damaged
+    /// packs join `records` as copies the index does not list (a damaged pack's trailer is read without
+    /// trusting its checksum: each copy is checked against its digest before it is used).
     fn read_suspect_trailers(
         &self,
         orphans: &[PackId],
@@ -1618,47 +1620,6 @@ impl Gc<'_> {
             report.bytes_deleted += size;
         }
         Ok(Fate::Delete)
-    }
-
-    /// Packs in `packs/` that no index file named (`indexed`, sorted). A session alive now that wrote one is
-    /// a registered handle, so the deletion waits for it, and by then its index names the pack.
-    fn find_orphans(&self, mut indexed: Sorted<16>) -> Result<Vec<PackId>> {
-        let mut orphans = Vec::new();
-        let mut next = indexed.next_record()?;
-        let packs = self.root.join("packs");
-        for first in 0..=255u8 {
-            let sub = packs.join(hex(&[first]));
-            let mut ids = Vec::new();
-            match std::fs::read_dir(&sub) {
-                Ok(entries) => {
-                    for entry in entries {
-                        let entry = entry.ctx("list", &sub)?;
-                        let name = entry.file_name();
-                        if let Some(id) = name
-                            .to_str()
-                            .and_then(|n| n.strip_suffix(".pack"))
-                            .and_then(|n| n.parse::<PackId>().ok())
-                        {
-                            ids.push(id);
-                        }
-                    }
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(RepoError::io("list", sub, e)),
-            }
-            ids.sort();
-            for id in ids {
-                while let Some(n) = next
-                    && n < id.0
-                {
-                    next = indexed.next_record()?;
-                }
-                if next != Some(id.0) {
-                    orphans.push(id);
-                }
-            }
-        }
-        Ok(orphans)
     }
 
     /// Removes the index files the cycle replaced, once its own index file is in place.

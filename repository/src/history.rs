@@ -157,7 +157,7 @@ mod tests {
         // Numbers that do not print back the same after parsing keep their checksum.
         let odd = Repository::new_session_id(1_500_000_000);
         let record =
-            serde_json::json!({"id": odd, "seconds": 123456789.123456789f64, "tiny": 1e-7});
+            serde_json::json!({"id": odd, "seconds": 123_456_789.123_456_79_f64, "tiny": 1e-7});
         repo.record_session(&odd, &record).unwrap();
         assert!(repo.session_record_problems().unwrap().len() == 1);
         let flipped = dir.path().join(format!("r/sessions/{odd}.json"));

@@ -283,11 +283,8 @@ pub(crate) fn pack_path(repo: &Path, id: &PackId) -> PathBuf {
 pub(crate) struct PackHandle {
     pub file: File,
     pub path: PathBuf,
-    /// Where blobs end: the trailer's offset, or the file's length when the frame is damaged.
+    /// Where blobs end: the trailer's offset, or where the footer begins when the frame is damaged.
     pub data_end: u64,
-    /// Why the pack's header or footer could not be trusted, if so (see [`PackHandle::open`]).
-    #[allow(dead_code)]
-    pub frame_damage: Option<String>,
 }
 
 impl PackHandle {
@@ -299,15 +296,15 @@ impl PackHandle {
     pub(crate) fn open(repo: &Path, id: PackId) -> Result<PackHandle> {
         let path = pack_path(repo, &id);
         let file = File::open(&path).ctx("open pack", &path)?;
-        let (data_end, frame_damage) = match read_frame(&file, &path, Some(id)) {
-            Ok(footer) => (footer.trailer_offset, None),
+        let data_end = match read_frame(&file, &path, Some(id)) {
+            Ok(footer) => footer.trailer_offset,
             Err(e @ RepoError::Corrupt { .. }) | Err(e @ RepoError::UnsupportedVersion { .. }) => {
                 let len = file.metadata().ctx("stat", &path)?.len();
                 if len < (PACK_HEADER_SIZE + PACK_FOOTER_SIZE) as u64 {
                     return Err(e);
                 }
                 debug!(pack = %path.display(), error = %e, "Reading blobs of a pack with a damaged frame.");
-                (len - PACK_FOOTER_SIZE as u64, Some(e.to_string()))
+                len - PACK_FOOTER_SIZE as u64
             }
             Err(e) => return Err(e),
         };
@@ -315,7 +312,6 @@ impl PackHandle {
             file,
             path,
             data_end,
-            frame_damage,
         })
     }
 }

@@ -115,16 +115,15 @@ impl IndexSet {
     }
 
     /// Stops using the file at `path` for lookups (its checksum failed): its chunks are then found through
-    /// the pack trailers (see [`crate::recovery`]). Returns whether it was in use.
-    fn distrust(&mut self, path: &Path, why: String) -> bool {
+    /// the pack trailers (see [`crate::recovery`]).
+    fn distrust(&mut self, path: &Path, why: String) {
         let before = self.files.len();
         self.files.retain(|f| f.path != path);
-        if self.files.len() == before {
-            return false;
+        if self.files.len() < before {
+            warn!(file = %path.display(), error = %why,
+                  "Index file damaged; its chunks are found from pack trailers.");
+            self.damaged.push((path.to_owned(), why));
         }
-        warn!(file = %path.display(), error = %why, "Index file damaged; its chunks are found from pack trailers.");
-        self.damaged.push((path.to_owned(), why));
-        true
     }
 }
 
@@ -375,8 +374,9 @@ impl Repository {
     }
 
     /// Where a committed chunk is stored, if any committed index has it: the first copy that is not marked
-    /// damaged (and whose pack is there), in index files in the order they were listed, copies in file order. This one rule ("the first
-    /// healthy copy wins") serves deduplication, restores ([`Repository::locate`] extends it) and `verify`.
+    /// damaged (and whose pack is there), in index files in the order they were listed, copies in file
+    /// order. This one rule ("the first healthy copy wins") serves deduplication, restores
+    /// ([`Repository::locate`] extends it) and `verify`.
     ///
     /// Index files are listed on the first lookup, not at open. When a lookup misses and the `index/` directory
     /// changed since it was listed (another process committed a backup), the new files are opened and searched
@@ -620,9 +620,9 @@ impl Repository {
     }
 
     /// Looks up, reads, decodes and verifies one chunk: the plaintext whose BLAKE3 is `digest`, or an error.
-    /// Every copy not marked damaged is tried in the order of the crate root's "Reading after damage" until one reads back
-    /// whole, so a damaged index record or blob costs a restore nothing while another copy is good (the
-    /// restore stages call this when the copy they read first does not decode or verify).
+    /// Every copy not marked damaged is tried in the order of the crate root's "Reading after damage" until
+    /// one reads back whole, so a damaged index record or blob costs a restore nothing while another copy is
+    /// good (the restore stages call this when the copy they read first does not decode or verify).
     pub fn load_chunk(&self, digest: &Digest) -> Result<Vec<u8>> {
         let mut moved = false;
         loop {
