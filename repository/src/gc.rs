@@ -687,17 +687,29 @@ pub(crate) fn state_problems(root: &Path) -> Vec<DamagedFile> {
             reset_hint(root)
         ),
     };
-    let state = match load_state(&paths) {
-        Ok(Some(state)) => state,
-        Ok(None) => return Vec::new(),
-        Err(e) => return vec![problem(paths.state(), e)],
-    };
-    check_lists(&paths, &state)
-        .err()
-        .map(|(path, e)| problem(path, e))
-        .into_iter()
-        .collect()
+    // A gc running meanwhile moves its cycle on (and removes the lists, then the state): a list is damaged
+    // only if the state that needs it is still the same once the list failed to read.
+    let mut tries = 0;
+    loop {
+        let state = match load_state(&paths) {
+            Ok(Some(state)) => state,
+            Ok(None) => return Vec::new(),
+            Err(e) => return vec![problem(paths.state(), e)],
+        };
+        let Err((path, e)) = check_lists(&paths, &state) else {
+            return Vec::new();
+        };
+        let same = matches!(load_state(&paths), Ok(Some(again))
+            if again.cycle_id() == state.cycle_id() && again.phase == state.phase);
+        tries += 1;
+        if same || tries == STATE_CHECK_TRIES {
+            return vec![problem(path, e)];
+        }
+    }
 }
+
+/// How often [`state_problems`] reads the state again when a gc moved its cycle on while it looked.
+const STATE_CHECK_TRIES: u32 = 5;
 
 /// Reads the pending cycle's lists to their ends: whole (checksums), of this cycle, and present while the
 /// cycle needs them (a kill after the sweep removed them leaves the state alone, which is fine).

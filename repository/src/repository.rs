@@ -506,6 +506,12 @@ impl Repository {
     /// Forgets every open index file and lists `index/` again: index files a gc replaced are dropped, and the
     /// recovery index is built again when next needed.
     pub fn reload_index(&self) -> Result<()> {
+        // The recovery slot is never locked while the index set is: building a recovery index reads the set
+        // with the slot held (lock order: slot, then set).
+        *self
+            .recovery_slot()
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = None;
         let mut set = self
             .inner
             .indexes
@@ -516,10 +522,6 @@ impl Repository {
             generation,
             ..IndexSet::default()
         };
-        *self
-            .recovery_slot()
-            .lock()
-            .unwrap_or_else(|e| e.into_inner()) = None;
         set.rescan(&self.index_dir()).map(|_| ())
     }
 

@@ -284,3 +284,36 @@ fn truncation_and_bit_flips_anywhere_never_panic() {
     }
     assert!(f.repo.verify(true).unwrap().is_ok());
 }
+
+/// Restores that need the pack trailers (a damaged index file) and index reloads (what a restore does when
+/// a gc moved a chunk) from several threads of one handle at once: each of the many interleavings ends.
+/// Building the recovery index reads the index set while holding its slot; a reload once held the set and
+/// waited for the slot, and two restore workers could wait for each other forever.
+#[test]
+fn recovery_and_index_reloads_from_many_threads_never_deadlock() {
+    let f = fixture();
+    let victim = first_data_digest(&f);
+    for idx in files(&f.root, "index", "idx") {
+        modify(&idx, |b| b.truncate(b.len() - 1));
+    }
+    let repo = Repository::open(&f.root).unwrap();
+    let (done, finished) = std::sync::mpsc::channel();
+    for _ in 0..4 {
+        let (repo, done) = (repo.clone(), done.clone());
+        std::thread::spawn(move || {
+            for _ in 0..100 {
+                repo.reload_index().unwrap();
+                assert_eq!(
+                    blake3::hash(&repo.load_chunk(&victim).unwrap()).as_bytes(),
+                    victim.as_bytes()
+                );
+            }
+            done.send(()).unwrap();
+        });
+    }
+    for _ in 0..4 {
+        finished
+            .recv_timeout(std::time::Duration::from_secs(120))
+            .expect("a thread is stuck: restores and reloads deadlocked");
+    }
+}
