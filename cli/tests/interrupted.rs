@@ -24,15 +24,6 @@ fn time_backup(image: &Path, repo: &Path) -> Duration {
     started.elapsed()
 }
 
-/// The common check over owned `(id, image)` pairs.
-fn assert_all_restore(repo: &Path, snapshots: &[(String, std::path::PathBuf)], scratch: &Path) {
-    let points: Vec<(&str, &Path)> = snapshots
-        .iter()
-        .map(|(id, image)| (id.as_str(), image.as_path()))
-        .collect();
-    assert_restores(repo, &points, scratch);
-}
-
 #[test]
 fn sigkill_at_many_moments_never_loses_a_committed_snapshot() {
     let dir = tempfile::tempdir().unwrap();
@@ -70,23 +61,18 @@ fn sigkill_at_many_moments_never_loses_a_committed_snapshot() {
             copy_sparse(&image, &copy);
             committed.push((new, copy));
         }
-        let verified = verify(&repo, true);
-        assert!(
-            verified.status.success(),
-            "round {round} (killed after {delay:?}): {}",
-            String::from_utf8_lossy(&verified.stdout)
-        );
+        assert_verifies(&repo, &format!("round {round} (killed after {delay:?})"));
     }
     assert!(
         committed.len() < KILLS as usize + 1,
         "no kill landed mid-run"
     );
-    assert_all_restore(&repo, &committed, dir.path());
+    assert_restores(&repo, &committed, dir.path());
 
     // The next backup after all this succeeds and restores identical.
     let report = backup(&image, &repo);
     let id = report["snapshot"].as_str().unwrap().to_owned();
-    assert_all_restore(&repo, &[(id, image.clone())], dir.path());
+    assert_restores(&repo, &[(id, image.clone())], dir.path());
 }
 
 #[test]
@@ -124,5 +110,5 @@ fn sigterm_stops_cleanly_commits_nothing_and_leaves_no_scratch() {
     // And the next backup succeeds and restores identical.
     let report = backup(&image, &repo);
     let id = report["snapshot"].as_str().unwrap().to_owned();
-    assert_all_restore(&repo, &[(id, image.clone())], dir.path());
+    assert_restores(&repo, &[(id, image.clone())], dir.path());
 }

@@ -163,12 +163,7 @@ fn sigterm_at_any_moment_exits_130_or_commits_and_leaves_no_scratch() {
         }
         let left = scratch_left(&repo);
         assert!(left.is_empty(), "{at}: scratch left: {left:?}");
-        let verified = verify(&repo, true);
-        assert!(
-            verified.status.success(),
-            "{at}: verify --read-data failed:\n{}",
-            String::from_utf8_lossy(&verified.stdout)
-        );
+        assert_verifies(&repo, &at);
     }
     println!(
         "backup of {duration:?}; {interrupted} runs interrupted (130), {committed} committed (0)"
