@@ -1,6 +1,8 @@
 //! Shared helpers of the command-line tests: run the real binary on real files.
 #![allow(dead_code)]
 
+pub mod vm;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -93,6 +95,15 @@ pub fn backup_named(image: &Path, repo: &Path, name: &str) -> serde_json::Value 
     let json = read_report(&report);
     std::fs::remove_file(&report).unwrap();
     json
+}
+
+/// A backup of `image` (as `disk0`), running: its stderr piped, its stdout discarded.
+pub fn start_backup(image: &Path, repo: &Path) -> Child {
+    backup_command(image, repo, "disk0")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
 }
 
 /// A backup of `image` as `name`; returns the snapshot id and a copy of the image as it was
