@@ -3,18 +3,9 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
-
-fn start_backup(image: &Path, repo: &Path) -> Child {
-    backup_command(image, repo, "disk0")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap()
-}
 
 /// How long an uninterrupted backup of `image` takes here, to spread kills over its whole run.
 fn time_backup(image: &Path, repo: &Path) -> Duration {
@@ -94,11 +85,7 @@ fn sigterm_stops_cleanly_commits_nothing_and_leaves_no_scratch() {
         );
         std::thread::sleep(Duration::from_millis(2));
     }
-    let status = std::process::Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    sigterm(&child);
     let out = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(130), "{stderr}");

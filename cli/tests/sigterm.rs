@@ -26,14 +26,6 @@ const PATIENCE: Duration = Duration::from_secs(60);
 /// not run on while a loaded machine lets the process wait.
 const HANDLER_CPU_BUDGET: Duration = Duration::from_millis(40);
 
-fn start_backup(image: &Path, repo: &Path) -> Child {
-    backup_command(image, repo, "disk0")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap()
-}
-
 /// The signals a process has handlers for (`SigCgt` of /proc/PID/status), or `None` once it is
 /// gone.
 fn caught_signals(child: &Child) -> Option<u64> {
