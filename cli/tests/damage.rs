@@ -140,12 +140,7 @@ fn back_up_rounds(
                 backflow_fixtures::change_image(image, CHANGE, seed + 10 * round + i as u64)
                     .unwrap();
             }
-            let id = backup_named(image, repo, vm)["snapshot"]
-                .as_str()
-                .unwrap()
-                .to_owned();
-            let copy = copies.join(format!("{id}.img"));
-            copy_sparse(image, &copy);
+            let (id, copy) = backup_kept(copies, image, repo, vm);
             points.push(Point {
                 id,
                 vm: vm.clone(),
@@ -288,7 +283,7 @@ struct Verified {
     named: BTreeSet<String>,
 }
 
-fn verify_json(repo: &Path) -> Result<Verified, String> {
+fn timed_verify(repo: &Path) -> Result<Verified, String> {
     let ran = run_timed(
         backflow()
             .args(["verify", "--read-data", "--json", "--repo"])
@@ -428,7 +423,7 @@ fn a_flipped_pack_header_byte_loses_nothing_and_new_backups_restore() {
         flip_byte(&repo.join(&pack_rel), 19).unwrap();
         let mut fail = |what: String| failures.push(format!("{label}: {what}"));
 
-        if let Err(e) = verify_json(&repo) {
+        if let Err(e) = timed_verify(&repo) {
             fail(e);
         }
         match run_timed(
@@ -477,7 +472,7 @@ fn a_flipped_pack_header_byte_loses_nothing_and_new_backups_restore() {
         }
         // Everything restores, so verify must find the repository whole (a note on the
         // quarantined pack or a healed copy may remain, nothing that fails the check).
-        match verify_json(&repo) {
+        match timed_verify(&repo) {
             Err(e) => fail(e),
             Ok(v) if !v.ran.success() || !v.named.is_empty() => fail(format!(
                 "verify after the new backups fails ({}): {}",
@@ -730,26 +725,11 @@ fn build_template() -> Template {
     let dir = tempfile::tempdir().unwrap();
     let sources = two_images(dir.path(), [21, 22]);
     let plain = dir.path().join("plain");
-    run_ok(
-        backflow()
-            .args([
-                "init",
-                "--chunk-size",
-                "64K",
-                "--pack-size",
-                "256K",
-                "--repo",
-            ])
-            .arg(&plain),
-    );
+    init_small_packs(&plain);
     // Six backups of each image, the oldest of each then forgotten: garbage for gc to collect.
     let all = back_up_rounds(&plain, &sources, 6, &dir.path().join("copies"), 100);
     let session = record_old_session(&plain, "nightly", 3600);
-    run_ok(
-        backflow()
-            .args(["forget", "--keep-last", "5", "--repo"])
-            .arg(&plain),
-    );
+    forget_keep_last(&plain, 5);
     let points: Vec<Point> = all
         .into_iter()
         .filter(|p| snapshot_exists(&plain, &p.id))
@@ -773,11 +753,7 @@ fn build_template() -> Template {
     // published (state and lists written, nothing deleted).
     let pending = dir.path().join("pending");
     cp_a(&plain, &pending);
-    run_ok(
-        backflow()
-            .args(["forget", "--keep-last", "3", "--repo"])
-            .arg(&pending),
-    );
+    forget_keep_last(&pending, 3);
     let killed = backflow()
         .args(["gc", "--repack-threshold", "0", "--repo"])
         .arg(&pending)
@@ -983,7 +959,7 @@ fn names_the_damage(report: &serde_json::Value, names: Names, rel: &Path, layout
     let problems = report["problems"].as_array().cloned().unwrap_or_default();
     match names {
         PackFile => {
-            let id = rel.file_stem().unwrap().to_string_lossy().into_owned();
+            let id = pack_id(rel);
             lists("damaged_packs") || problems.iter().any(|p| p["pack"] == id.as_str())
         }
         Chunk => {
@@ -1048,7 +1024,7 @@ fn run_case(t: &Template, case: &Case, dir: &Path, allow_damaged: bool) -> (Vec<
         }
         restored
     };
-    let named = match verify_json(&repo) {
+    let named = match timed_verify(&repo) {
         Ok(v) => {
             if !names_the_damage(&v.report, case.names, &rel, &t.layout) {
                 failures.push(format!(
@@ -1097,7 +1073,7 @@ fn run_case(t: &Template, case: &Case, dir: &Path, allow_damaged: bool) -> (Vec<
             failures.push(format!("gc deleted the damaged pack {}", rel.display()));
         }
     }
-    let named_after = match verify_json(&repo) {
+    let named_after = match timed_verify(&repo) {
         Ok(v) => v.named,
         Err(e) => {
             failures.push(format!("after gc: {e}"));
@@ -1244,19 +1220,7 @@ fn verify_beside_backups_forgets_and_gcs_reports_no_damage() {
     let dir = tempfile::tempdir().unwrap();
     let sources = two_images(dir.path(), [41, 42]);
     let repo = dir.path().join("repo");
-    // Small packs: many files for gc to delete and rewrite, many index files for it to merge.
-    run_ok(
-        backflow()
-            .args([
-                "init",
-                "--chunk-size",
-                "64K",
-                "--pack-size",
-                "256K",
-                "--repo",
-            ])
-            .arg(&repo),
-    );
+    init_small_packs(&repo);
     let copies = dir.path().join("copies");
     let kept: Mutex<HashMap<String, PathBuf>> = Mutex::new(
         back_up_rounds(&repo, &sources, 1, &copies, 700)
@@ -1294,7 +1258,7 @@ fn verify_beside_backups_forgets_and_gcs_reports_no_damage() {
         s.spawn(|| {
             while !stop.load(Ordering::SeqCst) {
                 let n = verifies.fetch_add(1, Ordering::SeqCst);
-                match verify_json(&repo) {
+                match timed_verify(&repo) {
                     Err(e) => problem(format!("verify #{n}: {e}")),
                     Ok(v) if !v.ran.success() || reports_damage(&v.report) => problem(format!(
                         "verify #{n} on a healthy repository ({}): {}",
@@ -1386,7 +1350,7 @@ fn verify_beside_backups_forgets_and_gcs_reports_no_damage() {
             problems.push(format!("{what} ran {n} times, fewer than {MIN_LOOPS}"));
         }
     }
-    match verify_json(&repo) {
+    match timed_verify(&repo) {
         Ok(v) if v.ran.success() && !reports_damage(&v.report) => {}
         Ok(v) => problems.push(format!(
             "the last verify ({}): {}",

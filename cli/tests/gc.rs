@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::os::unix::fs::FileExt;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -12,49 +11,12 @@ use std::time::Duration;
 
 use common::*;
 
-fn gc_json(repo: &Path, extra: &[&str]) -> serde_json::Value {
-    let out = run_ok(
-        backflow()
-            .args(["gc", "--json", "--repo"])
-            .arg(repo)
-            .args(extra),
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
-}
-
-fn num(v: &serde_json::Value, key: &str) -> u64 {
-    v[key].as_u64().unwrap_or_else(|| panic!("{key} in {v:#}"))
-}
-
 /// Total size of the pack files.
 fn pack_bytes(repo: &Path) -> u64 {
     pack_files(repo)
         .iter()
         .map(|p| p.metadata().unwrap().len())
         .sum()
-}
-
-fn forget_all_but_newest(repo: &Path) {
-    run_ok(
-        backflow()
-            .args(["forget", "--keep-last", "1", "--repo"])
-            .arg(repo),
-    );
-}
-
-fn init_small_packs(repo: &Path) {
-    run_ok(
-        backflow()
-            .args([
-                "init",
-                "--chunk-size",
-                "64K",
-                "--pack-size",
-                "256K",
-                "--repo",
-            ])
-            .arg(repo),
-    );
 }
 
 /// Three backups of one image, 40% changed between them, each with a copy of the image as it was;
@@ -68,15 +30,9 @@ fn three_then_forget(dir: &Path, repo: &Path) -> (String, PathBuf) {
         if run > 0 {
             backflow_fixtures::change_image(&image, 0.4, 100 + run).unwrap();
         }
-        let id = backup(&image, repo)["snapshot"]
-            .as_str()
-            .unwrap()
-            .to_owned();
-        let copy = dir.join(format!("{id}.img"));
-        copy_sparse(&image, &copy);
-        last = Some((id, copy));
+        last = Some(backup_kept(dir, &image, repo, "disk0"));
     }
-    forget_all_but_newest(repo);
+    forget_keep_last(repo, 1);
     assert_eq!(snapshot_ids(repo).len(), 1);
     last.unwrap()
 }
@@ -177,18 +133,6 @@ fn the_default_threshold_deletes_unused_packs_and_keeps_mostly_used_ones() {
     assert_restores_then_verifies(&repo, &[(&newest, &copy)], dir.path());
 }
 
-/// Starts a backup of `image` that pauses before its commit; returns once it is paused.
-fn paused_backup(image: &Path, repo: &Path, pause: &Path) -> std::process::Child {
-    let mut child = backup_command(image, repo, "disk0")
-        .env(stage_repo_writer::PAUSE_BEFORE_COMMIT, pause)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    wait_for_pause(&mut child, pause, 120);
-    child
-}
-
 #[test]
 fn a_backup_running_during_gc_commits_a_snapshot_that_restores() {
     let dir = tempfile::tempdir().unwrap();
@@ -215,7 +159,7 @@ fn a_backup_running_during_gc_commits_a_snapshot_that_restores() {
 
     // The first snapshot is forgotten and a gc runs: v1's chunks are unreferenced now, but the
     // running backup uses them. The gc condemns them and waits for the backup's handle.
-    forget_all_but_newest(&repo);
+    forget_keep_last(&repo, 1);
     let before = pack_bytes(&repo);
     let first = gc_json(&repo, &["--repack-threshold", "0"]);
     assert!(num(&first, "chunks_removed") > 0, "{first:#}");
@@ -277,14 +221,7 @@ fn template(damaged: bool) -> Template {
             .into_iter()
             .max_by_key(|p| p.metadata().unwrap().modified().unwrap())
             .unwrap();
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&pack)
-            .unwrap();
-        let mut byte = [0u8];
-        file.read_exact_at(&mut byte, 19).unwrap();
-        file.write_all_at(&[byte[0] ^ 0x40], 19).unwrap();
+        flip_byte(&pack, 19).unwrap();
         assert!(!verify(&repo, true).status.success());
         pack.strip_prefix(&repo).unwrap().to_owned()
     });
@@ -304,16 +241,6 @@ fn template(damaged: bool) -> Template {
         newest,
         copy,
     }
-}
-
-fn cp_a(from: &Path, to: &Path) {
-    let status = std::process::Command::new("cp")
-        .arg("-a")
-        .arg(from)
-        .arg(to)
-        .status()
-        .unwrap();
-    assert!(status.success());
 }
 
 /// After a killed gc: a gc runs to the end, a second finds nothing left, the space is what an
@@ -517,7 +444,7 @@ fn gc_runs_as_a_job_and_under_the_daemon() {
         .to_owned();
     let latest_copy = dir.path().join("latest.img");
     copy_sparse(&image, &latest_copy);
-    forget_all_but_newest(&repo);
+    forget_keep_last(&repo, 1);
     record_old_session(&repo, "daemon-gc", 8 * 86400);
     let before = pack_bytes(&repo);
     // The gc job ends "Session ended." (or "Session failed.", which the sessions check below

@@ -5,87 +5,9 @@
 
 mod common;
 
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::{Output, Stdio};
 
 use common::*;
-
-fn gc(repo: &Path, extra: &[&str]) -> Output {
-    backflow()
-        .args(["gc", "--json", "--repo"])
-        .arg(repo)
-        .args(extra)
-        .output()
-        .unwrap()
-}
-
-fn gc_json(repo: &Path, extra: &[&str]) -> serde_json::Value {
-    let out = gc(repo, extra);
-    assert!(
-        out.status.success(),
-        "gc {extra:?} failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
-}
-
-fn num(v: &serde_json::Value, key: &str) -> u64 {
-    v[key].as_u64().unwrap_or_else(|| panic!("{key} in {v:#}"))
-}
-
-fn verify_json(repo: &Path, read_data: bool) -> (bool, serde_json::Value) {
-    let mut cmd = backflow();
-    cmd.args(["verify", "--json", "--repo"]).arg(repo);
-    if read_data {
-        cmd.arg("--read-data");
-    }
-    let out = cmd.output().unwrap();
-    (
-        out.status.success(),
-        serde_json::from_slice(&out.stdout).unwrap(),
-    )
-}
-
-fn init_small_packs(repo: &Path) {
-    run_ok(
-        backflow()
-            .args([
-                "init",
-                "--chunk-size",
-                "64K",
-                "--pack-size",
-                "256K",
-                "--repo",
-            ])
-            .arg(repo),
-    );
-}
-
-fn flip_byte(path: &Path, offset: u64) {
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .unwrap();
-    let mut byte = [0u8];
-    file.read_exact_at(&mut byte, offset).unwrap();
-    file.write_all_at(&[byte[0] ^ 0x40], offset).unwrap();
-}
-
-fn cp_a(from: &Path, to: &Path) {
-    let status = std::process::Command::new("cp")
-        .arg("-a")
-        .arg(from)
-        .arg(to)
-        .status()
-        .unwrap();
-    assert!(status.success());
-}
-
-fn pack_id(pack: &Path) -> String {
-    pack.file_stem().unwrap().to_string_lossy().into_owned()
-}
 
 /// `REPO/quarantine/packs/XX/ID.pack` for a pack at `REPO/packs/XX/ID.pack`.
 fn quarantined(repo: &Path, pack: &Path) -> PathBuf {
@@ -93,24 +15,6 @@ fn quarantined(repo: &Path, pack: &Path) -> PathBuf {
     repo.join("quarantine/packs")
         .join(&id[..2])
         .join(format!("{id}.pack"))
-}
-
-/// A backup of `image` as `name`; returns the snapshot id and a copy of the image as it was.
-fn backup_kept(dir: &Path, image: &Path, repo: &Path, name: &str) -> (String, PathBuf) {
-    let id = backup_named(image, repo, name)["snapshot"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let copy = dir.join(format!("{id}.img"));
-    copy_sparse(image, &copy);
-    (id, copy)
-}
-
-fn restore_points(points: &[(String, PathBuf)]) -> Vec<(&str, &Path)> {
-    points
-        .iter()
-        .map(|(id, p)| (id.as_str(), p.as_path()))
-        .collect()
 }
 
 /// The reproduction, gc part: two images, five backups, byte 19 of one pack (in its header,
@@ -149,7 +53,7 @@ fn a_pack_with_a_damaged_header_is_salvaged_and_quarantined_never_deleted() {
         .min_by_key(|p| p.metadata().unwrap().modified().unwrap())
         .unwrap()
         .clone();
-    flip_byte(&pack, 19);
+    flip_byte(&pack, 19).unwrap();
     // verify names the pack, and no snapshot: its blobs read back whole, so every snapshot restores
     // (a pack's header is not needed to read a blob the index points to).
     let (ok, report) = verify_json(&repo, true);
@@ -161,7 +65,7 @@ fn a_pack_with_a_damaged_header_is_salvaged_and_quarantined_never_deleted() {
         serde_json::json!([]),
         "{report:#}"
     );
-    assert_restores(&repo, &restore_points(&points), dir.path());
+    assert_restores(&repo, &points, dir.path());
 
     for threshold in [None, Some("0")] {
         let r = dir
@@ -186,7 +90,7 @@ fn a_pack_with_a_damaged_header_is_salvaged_and_quarantined_never_deleted() {
             quarantined(&r, &pack).exists(),
             "the damaged pack is in the quarantine"
         );
-        assert_restores_then_verifies(&r, &restore_points(&points), dir.path());
+        assert_restores_then_verifies(&r, &points, dir.path());
         // Marks of copies salvaged elsewhere are gone with the pack.
         let marks = std::fs::read_to_string(r.join("damaged")).unwrap_or_default();
         assert!(!marks.contains(&pack_id(&pack)), "{marks}");
@@ -196,13 +100,13 @@ fn a_pack_with_a_damaged_header_is_salvaged_and_quarantined_never_deleted() {
         assert_eq!(num(&dropped, "quarantine_dropped"), 1, "{dropped:#}");
         assert_eq!(num(&dropped, "quarantine_bytes_freed"), size, "{dropped:#}");
         assert!(!quarantined(&r, &pack).exists());
-        assert_restores_then_verifies(&r, &restore_points(&points), dir.path());
+        assert_restores_then_verifies(&r, &points, dir.path());
 
         // The next backups of the intact sources restore byte-identical.
         let mut more = points.clone();
         more.push(backup_kept(dir.path(), &a, &r, "a"));
         more.push(backup_kept(dir.path(), &b, &r, "b"));
-        assert_restores_then_verifies(&r, &restore_points(&more), dir.path());
+        assert_restores_then_verifies(&r, &more, dir.path());
     }
 }
 
@@ -224,7 +128,7 @@ fn a_damaged_chunk_without_another_copy_keeps_its_mark_until_a_backup_stores_it_
         .into_iter()
         .max_by_key(|p| p.metadata().unwrap().len())
         .unwrap();
-    flip_byte(&pack, pack.metadata().unwrap().len() / 2);
+    flip_byte(&pack, pack.metadata().unwrap().len() / 2).unwrap();
     let (ok, before) = verify_json(&repo, true);
     assert!(!ok);
     let named = |report: &serde_json::Value| -> Vec<(String, Vec<String>)> {
@@ -282,7 +186,7 @@ fn a_damaged_chunk_without_another_copy_keeps_its_mark_until_a_backup_stores_it_
     let report = gc_json(&repo, &["--repack-threshold", "0"]);
     assert_eq!(num(&report, "chunks_unsalvageable"), 0, "{report:#}");
     assert!(!pack.exists());
-    assert_restores_then_verifies(&repo, &restore_points(&points), dir.path());
+    assert_restores_then_verifies(&repo, &points, dir.path());
     let marks = std::fs::read_to_string(repo.join("damaged")).unwrap();
     assert!(
         marks
@@ -318,7 +222,7 @@ fn a_damaged_manifest_is_named_by_verify_and_forgotten_by_id_so_that_gc_runs() {
     backflow_fixtures::generate_image(&other, 2 << 20, 46).unwrap();
     points.push(backup_kept(dir.path(), &other, &repo, "other"));
     let manifest = repo.join("snapshots").join(format!("{first}.snap"));
-    flip_byte(&manifest, 3);
+    flip_byte(&manifest, 3).unwrap();
 
     let out = verify(&repo, false);
     assert!(!out.status.success());
@@ -390,7 +294,7 @@ fn a_damaged_manifest_is_named_by_verify_and_forgotten_by_id_so_that_gc_runs() {
 
     let report = gc_json(&repo, &[]);
     assert_eq!(num(&report, "snapshots"), 2, "{report:#}");
-    assert_restores_then_verifies(&repo, &restore_points(&points), dir.path());
+    assert_restores_then_verifies(&repo, &points, dir.path());
 }
 
 /// A repository with a gc cycle pending: backups v1 and v2 of one image, a third backup of v1 paused
@@ -416,18 +320,8 @@ fn pending_cycle() -> Pending {
     let second = backup_kept(dir.path(), &image, &repo, "disk0");
     copy_sparse(&v1, &image);
     let pause = dir.path().join("paused");
-    let mut child = backup_command(&image, &repo, "disk0")
-        .env(stage_repo_writer::PAUSE_BEFORE_COMMIT, &pause)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    wait_for_pause(&mut child, &pause, 120);
-    run_ok(
-        backflow()
-            .args(["forget", "--keep-last", "1", "--repo"])
-            .arg(&repo),
-    );
+    let child = paused_backup(&image, &repo, &pause);
+    forget_keep_last(&repo, 1);
     let waiting = gc_json(&repo, &["--repack-threshold", "0"]);
     assert!(waiting["waiting_for"].is_string(), "{waiting:#}");
     resume_ok(child, &pause);
@@ -453,7 +347,7 @@ fn damaged_gc_state_stops_gc_deletes_nothing_and_reset_state_repairs_it() {
     let cases: [(&str, &str, Damage); 5] = [
         ("state-flipped", "gc/state.json", |r| {
             let p = r.join("gc/state.json");
-            flip_byte(&p, p.metadata().unwrap().len() / 2)
+            flip_byte(&p, p.metadata().unwrap().len() / 2).unwrap()
         }),
         ("state-truncated", "gc/state.json", |r| {
             let p = r.join("gc/state.json");
@@ -466,7 +360,7 @@ fn damaged_gc_state_stops_gc_deletes_nothing_and_reset_state_repairs_it() {
                 .unwrap();
         }),
         ("condemned-flipped", "gc/condemned", |r| {
-            flip_byte(&r.join("gc/condemned"), 1)
+            flip_byte(&r.join("gc/condemned"), 1).unwrap()
         }),
         ("doomed-truncated", "gc/doomed-packs", |r| {
             let p = r.join("gc/doomed-packs");
@@ -508,7 +402,7 @@ fn damaged_gc_state_stops_gc_deletes_nothing_and_reset_state_repairs_it() {
         // Restores go on: the second snapshot needs no condemned chunk; the third does, and finds
         // them in the list of condemned chunks, or, when that list is the damaged file (ignored, with
         // a warning), in the trailers of the packs no index file names any more.
-        assert_restores(&r, &restore_points(&t.points[..1]), t.dir.path());
+        assert_restores(&r, &t.points[..1], t.dir.path());
         let third = &t.points[1];
         let out = t.dir.path().join("third.img");
         let restored = restore(&r, &third.0, &out);
@@ -530,7 +424,7 @@ fn damaged_gc_state_stops_gc_deletes_nothing_and_reset_state_repairs_it() {
         let report = gc_json(&r, &["--reset-state", "--repack-threshold", "0"]);
         assert_eq!(report["state_reset"], true, "{name}: {report:#}");
         assert!(report["waiting_for"].is_null(), "{name}: {report:#}");
-        assert_restores_then_verifies(&r, &restore_points(&t.points), t.dir.path());
+        assert_restores_then_verifies(&r, &t.points, t.dir.path());
         assert!(!r.join("gc/state.json").exists(), "{name}");
         // And the next gc has nothing left to remove.
         let again = gc_json(&r, &["--repack-threshold", "0"]);

@@ -3,18 +3,9 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
-
-fn start_backup(image: &Path, repo: &Path) -> Child {
-    backup_command(image, repo, "disk0")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap()
-}
 
 /// How long an uninterrupted backup of `image` takes here, to spread kills over its whole run.
 fn time_backup(image: &Path, repo: &Path) -> Duration {
@@ -22,15 +13,6 @@ fn time_backup(image: &Path, repo: &Path) -> Duration {
     let status = start_backup(image, repo).wait().unwrap();
     assert!(status.success());
     started.elapsed()
-}
-
-/// The common check over owned `(id, image)` pairs.
-fn assert_all_restore(repo: &Path, snapshots: &[(String, std::path::PathBuf)], scratch: &Path) {
-    let points: Vec<(&str, &Path)> = snapshots
-        .iter()
-        .map(|(id, image)| (id.as_str(), image.as_path()))
-        .collect();
-    assert_restores(repo, &points, scratch);
 }
 
 #[test]
@@ -70,23 +52,18 @@ fn sigkill_at_many_moments_never_loses_a_committed_snapshot() {
             copy_sparse(&image, &copy);
             committed.push((new, copy));
         }
-        let verified = verify(&repo, true);
-        assert!(
-            verified.status.success(),
-            "round {round} (killed after {delay:?}): {}",
-            String::from_utf8_lossy(&verified.stdout)
-        );
+        assert_verifies(&repo, &format!("round {round} (killed after {delay:?})"));
     }
     assert!(
         committed.len() < KILLS as usize + 1,
         "no kill landed mid-run"
     );
-    assert_all_restore(&repo, &committed, dir.path());
+    assert_restores(&repo, &committed, dir.path());
 
     // The next backup after all this succeeds and restores identical.
     let report = backup(&image, &repo);
     let id = report["snapshot"].as_str().unwrap().to_owned();
-    assert_all_restore(&repo, &[(id, image.clone())], dir.path());
+    assert_restores(&repo, &[(id, image.clone())], dir.path());
 }
 
 #[test]
@@ -108,11 +85,7 @@ fn sigterm_stops_cleanly_commits_nothing_and_leaves_no_scratch() {
         );
         std::thread::sleep(Duration::from_millis(2));
     }
-    let status = std::process::Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    sigterm(&child);
     let out = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(130), "{stderr}");
@@ -124,5 +97,5 @@ fn sigterm_stops_cleanly_commits_nothing_and_leaves_no_scratch() {
     // And the next backup succeeds and restores identical.
     let report = backup(&image, &repo);
     let id = report["snapshot"].as_str().unwrap().to_owned();
-    assert_all_restore(&repo, &[(id, image.clone())], dir.path());
+    assert_restores(&repo, &[(id, image.clone())], dir.path());
 }

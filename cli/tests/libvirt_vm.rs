@@ -9,19 +9,11 @@
 mod common;
 
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 
-use backflow_testkit::libvirt::{Domain, make_traversable};
-use backflow_testkit::qemu::compare_images;
+use backflow_testkit::libvirt::Domain;
+use common::vm::*;
 use common::*;
-
-const CHUNK: u64 = 128 << 10;
-
-/// One restore point: the snapshot, and a raw copy of each disk when it was taken.
-struct Point {
-    id: String,
-    disks: Vec<(String, PathBuf)>,
-}
 
 /// One test's VM, repository and files.
 struct Case {
@@ -36,15 +28,7 @@ struct Case {
 impl Case {
     fn new(disks: &[(&str, &str)]) -> Case {
         let vm = Domain::start("bf-vm", disks);
-        let dir = tempfile::tempdir().unwrap();
-        let repo = dir.path().join("repo");
-        init_repo(&repo, "128K");
-        let tmp = dir.path().join("tmp");
-        std::fs::create_dir(&tmp).unwrap();
-        // QEMU (user libvirt-qemu) creates the NBD socket in a job directory under it.
-        for d in [dir.path(), tmp.as_path()] {
-            make_traversable(d);
-        }
+        let (dir, repo, tmp) = vm_dirs();
         Case {
             vm,
             dir,
@@ -64,16 +48,8 @@ impl Case {
     }
 
     fn command(&self, extra: &[&str]) -> Command {
-        let mut cmd = backflow();
-        cmd.env("TMPDIR", &self.tmp)
-            .arg("run")
-            .arg(spec("backup-vm.yaml"))
-            .arg("--var")
-            .arg(format!("domain={}", self.vm.name()))
-            .arg("--var")
-            .arg(format!("repo={}", self.repo.display()))
-            .args(["--var", "freeze=off", "--quiet"])
-            .args(extra);
+        let mut cmd = backup_vm_command(&self.tmp, self.vm.name(), &self.repo);
+        cmd.args(extra);
         cmd
     }
 
@@ -111,29 +87,10 @@ impl Case {
         self.assert_nothing_left();
     }
 
-    /// Every restore point restores identical to the disks as they were then.
+    /// Every restore point restores identical to the disks as they were then, and to no other.
     fn assert_restores(&self) {
         for point in &self.points {
-            let out = self.dir.path().join("restored");
-            let _ = std::fs::remove_dir_all(&out);
-            std::fs::create_dir(&out).unwrap();
-            let restored = restore(&self.repo, &point.id, &out);
-            assert!(
-                restored.status.success(),
-                "restore {}: {}",
-                point.id,
-                String::from_utf8_lossy(&restored.stderr)
-            );
-            for (target, copy) in &point.disks {
-                let image = out.join(format!("{target}.raw"));
-                if let Err(verdict) = compare_images(&image, "raw", copy, "raw") {
-                    panic!(
-                        "snapshot {} disk {target} differs from {}: {verdict}",
-                        point.id,
-                        copy.display()
-                    );
-                }
-            }
+            let out = restore_point(&self.repo, point, self.dir.path());
             let restored_disks = std::fs::read_dir(&out).unwrap().count();
             assert_eq!(restored_disks, point.disks.len(), "snapshot {}", point.id);
         }
@@ -142,13 +99,7 @@ impl Case {
     /// No backup job on the VM, nothing in the runs' TMPDIR (job directories, scratch files,
     /// qemu-nbd sockets).
     fn assert_nothing_left(&self) {
-        assert!(
-            !self.vm.has_backup_job(),
-            "a backup job is left on {}",
-            self.vm.name()
-        );
-        let left: Vec<_> = std::fs::read_dir(&self.tmp).unwrap().collect();
-        assert!(left.is_empty(), "left in TMPDIR: {left:?}");
+        assert_nothing_left(&self.vm, &self.tmp);
     }
 
     /// The one checkpoint left is the one the newest snapshot recorded for every disk.
@@ -165,42 +116,16 @@ impl Case {
     fn paused_backup(&self) -> (Child, PathBuf) {
         let pause = self.dir.path().join("pause");
         let _ = std::fs::remove_file(&pause);
-        let mut child = self
-            .command(&[])
-            .arg("--report")
-            .arg(self.report_path())
-            .env("BACKFLOW_PAUSE_AFTER_SNAPSHOT", &pause)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        wait_for_pause(&mut child, &pause, 60);
+        let child = spawn_paused(
+            self.command(&[]).arg("--report").arg(self.report_path()),
+            "BACKFLOW_PAUSE_AFTER_SNAPSHOT",
+            &pause,
+            60,
+        );
         (child, pause)
     }
 }
 
-/// The chunks `(offset, len)` writes touch, times the chunk size: what an exact incremental reads.
-fn chunk_bytes(writes: &[(u64, u64)]) -> u64 {
-    let mut chunks: Vec<u64> = writes
-        .iter()
-        .flat_map(|&(offset, len)| offset / CHUNK..(offset + len).div_ceil(CHUNK))
-        .collect();
-    chunks.sort_unstable();
-    chunks.dedup();
-    chunks.len() as u64 * CHUNK
-}
-
-/// Guest writes of `(offset, len)` with a pattern per write.
-fn write(vm: &Domain, target: &str, writes: &[(u64, u64)], seed: u64) {
-    for (i, &(offset, len)) in writes.iter().enumerate() {
-        let pattern = 1 + (seed + i as u64) % 250;
-        vm.guest_write(target, &format!("write -P {pattern} {offset} {len}"));
-    }
-}
-
-const MIB: u64 = 1 << 20;
-const VDA_FIRST: &[(u64, u64)] = &[(0, 2 * MIB), (10 * MIB, 4 * MIB), (40 * MIB, MIB)];
-const VDB_FIRST: &[(u64, u64)] = &[(MIB, 3 * MIB), (20 * MIB, 64 << 10)];
 /// Scattered, some unaligned and some spanning two chunks.
 const VDA_SECOND: &[(u64, u64)] = &[
     (4096, 4096),
@@ -211,8 +136,8 @@ const VDB_SECOND: &[(u64, u64)] = &[(MIB, 64 << 10), (30 * MIB - (64 << 10), 64 
 
 fn two_disk_case() -> Case {
     let case = Case::new(&[("vda", "64M"), ("vdb", "32M")]);
-    write(&case.vm, "vda", VDA_FIRST, 1);
-    write(&case.vm, "vdb", VDB_FIRST, 2);
+    guest_writes(&case.vm, "vda", VDA_FIRST, 1);
+    guest_writes(&case.vm, "vdb", VDB_FIRST, 2);
     case
 }
 
@@ -225,8 +150,8 @@ fn two_disks_full_then_incremental_reads_only_the_dirty_extents() {
     assert_eq!(bytes_read(&full), written, "the full read holds the data");
     case.assert_one_checkpoint(&full);
 
-    write(&case.vm, "vda", VDA_SECOND, 3);
-    write(&case.vm, "vdb", VDB_SECOND, 4);
+    guest_writes(&case.vm, "vda", VDA_SECOND, 3);
+    guest_writes(&case.vm, "vdb", VDB_SECOND, 4);
     let incremental = case.backup();
     assert!(warnings(&incremental).is_empty(), "{incremental}");
     assert_eq!(
@@ -255,13 +180,13 @@ fn two_disks_full_then_incremental_reads_only_the_dirty_extents() {
 fn guest_writes_during_the_backup_are_not_in_it() {
     let mut case = two_disk_case();
     case.backup();
-    write(&case.vm, "vda", VDA_SECOND, 5);
+    guest_writes(&case.vm, "vda", VDA_SECOND, 5);
     let (child, pause) = case.paused_backup();
     // The job began: the disks as they are now are the restore point.
     let at_begin = case.copies();
     let during: &[(u64, u64)] = &[(0, MIB), (50 * MIB, 2 * MIB)];
-    write(&case.vm, "vda", during, 6);
-    write(&case.vm, "vdb", during[..1].as_ref(), 7);
+    guest_writes(&case.vm, "vda", during, 6);
+    guest_writes(&case.vm, "vdb", during[..1].as_ref(), 7);
     resume_ok(child, &pause);
     let report = read_report(&case.report_path());
     case.taken(&report, at_begin);
@@ -278,7 +203,7 @@ fn guest_writes_during_the_backup_are_not_in_it() {
 fn vm_destroyed_mid_backup_fails_cleanly_and_the_next_run_reads_it_offline() {
     let mut case = two_disk_case();
     case.backup();
-    write(&case.vm, "vda", VDA_SECOND, 8);
+    guest_writes(&case.vm, "vda", VDA_SECOND, 8);
     let (child, pause) = case.paused_backup();
     case.vm.destroy();
     let out = resume(child, &pause);
@@ -290,7 +215,7 @@ fn vm_destroyed_mid_backup_fails_cleanly_and_the_next_run_reads_it_offline() {
     let report = case.backup();
     assert_eq!(bytes_read(&report), chunk_bytes(VDA_SECOND), "{report}");
     case.vm.start_again();
-    write(&case.vm, "vdb", VDB_SECOND, 9);
+    guest_writes(&case.vm, "vdb", VDB_SECOND, 9);
     let report = case.backup();
     assert!(
         bytes_read(&report) >= chunk_bytes(VDB_SECOND),
@@ -304,7 +229,7 @@ fn vm_destroyed_mid_backup_fails_cleanly_and_the_next_run_reads_it_offline() {
 fn killed_backup_leaves_a_job_the_next_run_ends() {
     let mut case = two_disk_case();
     case.backup();
-    write(&case.vm, "vdb", VDB_SECOND, 10);
+    guest_writes(&case.vm, "vdb", VDB_SECOND, 10);
     let (mut child, pause) = case.paused_backup();
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
@@ -334,13 +259,9 @@ fn sigterm_mid_backup_ends_the_job_and_keeps_the_chain() {
     let mut case = two_disk_case();
     case.backup();
     let checkpoints = case.vm.checkpoints();
-    write(&case.vm, "vda", VDA_SECOND, 20);
+    guest_writes(&case.vm, "vda", VDA_SECOND, 20);
     let (child, pause) = case.paused_backup();
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    sigterm(&child);
     let out = resume(child, &pause);
     assert!(
         !out.status.success(),
@@ -365,7 +286,7 @@ fn checkpoint_deleted_behind_our_back_means_a_full_read_then_incremental_again()
     for name in case.vm.checkpoints() {
         backflow_testkit::libvirt::virsh(&["checkpoint-delete", case.vm.name(), &name]);
     }
-    write(&case.vm, "vda", VDA_SECOND, 11);
+    guest_writes(&case.vm, "vda", VDA_SECOND, 11);
     let report = case.backup();
     let warnings = warnings(&report);
     assert_eq!(warnings.len(), 2, "one per disk: {warnings:?}");
@@ -378,7 +299,7 @@ fn checkpoint_deleted_behind_our_back_means_a_full_read_then_incremental_again()
     let all = chunk_bytes(VDA_FIRST) + chunk_bytes(VDB_FIRST) + chunk_bytes(VDA_SECOND)
         - overlap(VDA_FIRST, VDA_SECOND);
     assert_eq!(bytes_read(&report), all, "a full read");
-    write(&case.vm, "vdb", VDB_SECOND, 12);
+    guest_writes(&case.vm, "vdb", VDB_SECOND, 12);
     let report = case.backup();
     assert!(self::warnings(&report).is_empty(), "{report}");
     assert_eq!(bytes_read(&report), chunk_bytes(VDB_SECOND));
@@ -397,8 +318,8 @@ fn disk_added_is_read_whole_while_the_others_stay_incremental() {
     case.backup();
     case.vm.attach_disk("vdc", "16M");
     let vdc: &[(u64, u64)] = &[(MIB, 2 * MIB)];
-    write(&case.vm, "vdc", vdc, 13);
-    write(&case.vm, "vda", VDA_SECOND, 14);
+    guest_writes(&case.vm, "vdc", vdc, 13);
+    guest_writes(&case.vm, "vda", VDA_SECOND, 14);
     let report = case.backup();
     let warnings = warnings(&report);
     assert_eq!(warnings.len(), 1, "{warnings:?}");
@@ -413,7 +334,7 @@ fn disk_added_is_read_whole_while_the_others_stay_incremental() {
     assert_eq!(case.points[1].disks.len(), 3);
     case.assert_one_checkpoint(&report);
     // And the new disk is incremental from now on.
-    write(&case.vm, "vdc", &[(8 * MIB, 4096)], 15);
+    guest_writes(&case.vm, "vdc", &[(8 * MIB, 4096)], 15);
     let report = case.backup();
     assert_eq!(bytes_read(&report), CHUNK, "{report}");
     case.assert_restores();
@@ -425,8 +346,8 @@ fn disk_resized_is_read_whole_with_a_warning() {
     case.backup();
     backflow_testkit::libvirt::virsh(&["blockresize", case.vm.name(), "vda", "80M"]);
     let tail: &[(u64, u64)] = &[(70 * MIB, MIB)];
-    write(&case.vm, "vda", tail, 16);
-    write(&case.vm, "vdb", VDB_SECOND, 17);
+    guest_writes(&case.vm, "vda", tail, 16);
+    guest_writes(&case.vm, "vdb", VDB_SECOND, 17);
     let report = case.backup();
     let warnings = warnings(&report);
     assert!(
@@ -457,7 +378,7 @@ fn disk_resized_is_read_whole_with_a_warning() {
 fn vm_shut_off_between_runs_is_read_from_its_images() {
     let mut case = two_disk_case();
     case.backup();
-    write(&case.vm, "vda", VDA_SECOND, 18);
+    guest_writes(&case.vm, "vda", VDA_SECOND, 18);
     case.vm.destroy();
     let offline = case.backup();
     assert!(warnings(&offline).is_empty(), "{offline}");
@@ -470,7 +391,7 @@ fn vm_shut_off_between_runs_is_read_from_its_images() {
         "the chain stays at the last running checkpoint"
     );
     case.vm.start_again();
-    write(&case.vm, "vdb", VDB_SECOND, 19);
+    guest_writes(&case.vm, "vdb", VDB_SECOND, 19);
     let online = case.backup();
     assert!(warnings(&online).is_empty(), "{online}");
     assert_eq!(
@@ -520,7 +441,7 @@ fn tcp_transport_reads_the_export_over_the_network() {
     let port_var = format!("port={port}");
     for round in 0..2 {
         if round == 1 {
-            write(&case.vm, "vda", VDA_SECOND, 21);
+            guest_writes(&case.vm, "vda", VDA_SECOND, 21);
         }
         let disks = case.copies();
         let report = case.report_path();

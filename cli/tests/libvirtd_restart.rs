@@ -12,29 +12,17 @@
 mod common;
 
 use std::path::PathBuf;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Output};
 
-use backflow_testkit::libvirt::{Domain, make_traversable};
+use backflow_testkit::libvirt::Domain;
 use backflow_testkit::libvirtd::PrivateLibvirtd;
-use backflow_testkit::qemu::compare_images;
+use common::vm::*;
 use common::*;
 
-const CHUNK: u64 = 128 << 10;
-const MIB: u64 = 1 << 20;
-
-/// What the guest writes before the first backup, per disk.
-const VDA_FIRST: &[(u64, u64)] = &[(0, 2 * MIB), (10 * MIB, 4 * MIB), (40 * MIB, MIB)];
-const VDB_FIRST: &[(u64, u64)] = &[(MIB, 3 * MIB), (20 * MIB, 64 << 10)];
 /// Written between the first and the second backup.
 const VDA_SECOND: &[(u64, u64)] = &[(4096, 4096), (33 * MIB, 200 << 10)];
 /// Written while the second backup is paused: not in it, in the third.
 const DURING: &[(u64, u64)] = &[(0, MIB), (50 * MIB, 2 * MIB)];
-
-/// One restore point: the snapshot, and a raw copy of each disk when its job began.
-struct Point {
-    id: String,
-    disks: Vec<(String, PathBuf)>,
-}
 
 /// One test's VM on its own libvirtd, repository and files. The VM is dropped before the daemon
 /// (field order).
@@ -52,16 +40,9 @@ impl Case {
     fn new() -> Case {
         let libvirtd = PrivateLibvirtd::start();
         let vm = libvirtd.start_domain("bf-restart", &[("vda", "64M"), ("vdb", "32M")]);
-        let dir = tempfile::tempdir().unwrap();
-        let repo = dir.path().join("repo");
-        init_repo(&repo, "128K");
-        let tmp = dir.path().join("tmp");
-        std::fs::create_dir(&tmp).unwrap();
-        for d in [dir.path(), tmp.as_path()] {
-            make_traversable(d);
-        }
-        write(&vm, "vda", VDA_FIRST, 1);
-        write(&vm, "vdb", VDB_FIRST, 2);
+        let (dir, repo, tmp) = vm_dirs();
+        guest_writes(&vm, "vda", VDA_FIRST, 1);
+        guest_writes(&vm, "vdb", VDB_FIRST, 2);
         Case {
             vm,
             libvirtd,
@@ -73,17 +54,10 @@ impl Case {
     }
 
     fn command(&self) -> Command {
-        let mut cmd = backflow();
-        cmd.env("TMPDIR", &self.tmp)
-            .arg("run")
-            .arg(spec("backup-vm.yaml"))
-            .arg("--var")
-            .arg(format!("domain={}", self.vm.name()))
-            .arg("--var")
-            .arg(format!("repo={}", self.repo.display()))
-            .arg("--var")
+        let mut cmd = backup_vm_command(&self.tmp, self.vm.name(), &self.repo);
+        cmd.arg("--var")
             .arg(format!("uri={}", self.libvirtd.uri()))
-            .args(["--var", "freeze=off", "--quiet", "--report"])
+            .arg("--report")
             .arg(self.report_path());
         cmd
     }
@@ -122,48 +96,25 @@ impl Case {
     /// A run paused in the middle of its transfer: the running child once it paused.
     fn paused_backup(&self) -> (Child, PathBuf) {
         let pause = self.dir.path().join("pause");
-        let mut child = self
-            .command()
-            .env("BACKFLOW_PAUSE_MID_TRANSFER", &pause)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        wait_for_pause(&mut child, &pause, 120);
+        let child = spawn_paused(
+            &mut self.command(),
+            "BACKFLOW_PAUSE_MID_TRANSFER",
+            &pause,
+            120,
+        );
         (child, pause)
     }
 
     /// Every restore point restores identical to the disks as they were when its job began.
     fn assert_restores(&self) {
         for point in &self.points {
-            let out = self.dir.path().join("restored");
-            let _ = std::fs::remove_dir_all(&out);
-            std::fs::create_dir(&out).unwrap();
-            let restored = restore(&self.repo, &point.id, &out);
-            assert!(
-                restored.status.success(),
-                "restore {}: {}",
-                point.id,
-                String::from_utf8_lossy(&restored.stderr)
-            );
-            for (target, copy) in &point.disks {
-                let image = out.join(format!("{target}.raw"));
-                if let Err(verdict) = compare_images(&image, "raw", copy, "raw") {
-                    panic!("snapshot {} disk {target} differs: {verdict}", point.id);
-                }
-            }
+            restore_point(&self.repo, point, self.dir.path());
         }
     }
 
     /// No backup job on the VM, nothing in the runs' TMPDIR (job directories, scratch files).
     fn assert_nothing_left(&self) {
-        assert!(
-            !self.vm.has_backup_job(),
-            "a backup job is left on {}",
-            self.vm.name()
-        );
-        let left: Vec<_> = std::fs::read_dir(&self.tmp).unwrap().collect();
-        assert!(left.is_empty(), "left in TMPDIR: {left:?}");
+        assert_nothing_left(&self.vm, &self.tmp);
     }
 
     /// The one checkpoint left is ours: older ones went once a snapshot was committed.
@@ -172,25 +123,6 @@ impl Case {
         assert_eq!(checkpoints.len(), 1, "{checkpoints:?}");
         assert!(checkpoints[0].starts_with("backflow."), "{checkpoints:?}");
     }
-}
-
-/// Guest writes of `(offset, len)` with a pattern per write.
-fn write(vm: &Domain, target: &str, writes: &[(u64, u64)], seed: u64) {
-    for (i, &(offset, len)) in writes.iter().enumerate() {
-        let pattern = 1 + (seed + i as u64) % 250;
-        vm.guest_write(target, &format!("write -P {pattern} {offset} {len}"));
-    }
-}
-
-/// The chunks `(offset, len)` writes touch, times the chunk size: what an exact incremental reads.
-fn chunk_bytes(writes: &[(u64, u64)]) -> u64 {
-    let mut chunks: Vec<u64> = writes
-        .iter()
-        .flat_map(|&(offset, len)| offset / CHUNK..(offset + len).div_ceil(CHUNK))
-        .collect();
-    chunks.sort_unstable();
-    chunks.dedup();
-    chunks.len() as u64 * CHUNK
 }
 
 fn stderr(out: &Output) -> String {
@@ -203,7 +135,7 @@ fn libvirtd_restarted_mid_transfer_the_run_reconnects_commits_and_ends_its_job()
     case.backup();
     case.assert_nothing_left();
     let first_checkpoint = case.vm.checkpoints();
-    write(&case.vm, "vda", VDA_SECOND, 3);
+    guest_writes(&case.vm, "vda", VDA_SECOND, 3);
 
     let (child, pause) = case.paused_backup();
     let at_begin = case.copies();
@@ -214,8 +146,8 @@ fn libvirtd_restarted_mid_transfer_the_run_reconnects_commits_and_ends_its_job()
         "libvirtd recovers a pull-mode job"
     );
     // Written after the job began: not in this backup, in the next.
-    write(&case.vm, "vda", DURING, 4);
-    write(&case.vm, "vdb", &DURING[..1], 5);
+    guest_writes(&case.vm, "vda", DURING, 4);
+    guest_writes(&case.vm, "vdb", &DURING[..1], 5);
     let out = resume(child, &pause);
     assert!(
         out.status.success(),
@@ -254,7 +186,7 @@ fn libvirtd_gone_until_the_run_ended_it_fails_and_the_next_run_ends_the_job() {
     let mut case = Case::new();
     case.backup();
     let checkpoints = case.vm.checkpoints();
-    write(&case.vm, "vda", VDA_SECOND, 6);
+    guest_writes(&case.vm, "vda", VDA_SECOND, 6);
 
     let (child, pause) = case.paused_backup();
     case.libvirtd.stop();
@@ -300,7 +232,7 @@ fn libvirtd_gone_until_the_run_ended_it_fails_and_the_next_run_ends_the_job() {
 fn a_job_whose_directory_is_gone_is_recognised_as_ours_and_ended() {
     let mut case = Case::new();
     case.backup();
-    write(&case.vm, "vdb", &[(MIB, 64 << 10)], 7);
+    guest_writes(&case.vm, "vdb", &[(MIB, 64 << 10)], 7);
     // A run killed mid-transfer whose job directory was removed afterwards (as versions before
     // this one did when they could not reach libvirt): only the job's socket path says whose it
     // was.

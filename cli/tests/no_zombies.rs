@@ -11,12 +11,13 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use backflow_testkit::libvirt::{Domain, make_traversable};
+use backflow_testkit::libvirt::Domain;
 use backflow_testkit::qemu::{adopt_orphans, compare_images, zombies_of};
+use common::vm::{backup_vm_command, vm_dirs};
 use common::*;
 
 /// One test at a time (see the module docs).
@@ -51,28 +52,12 @@ impl Case {
     fn new(prefix: &str) -> Case {
         let vm = Domain::start(prefix, &[("vda", "32M")]);
         vm.guest_write("vda", "write -P 0x5a 1M 2M");
-        let dir = tempfile::tempdir().unwrap();
-        let repo = dir.path().join("repo");
-        init_repo(&repo, "128K");
-        let tmp = dir.path().join("tmp");
-        std::fs::create_dir(&tmp).unwrap();
-        for d in [dir.path(), tmp.as_path()] {
-            make_traversable(d);
-        }
+        let (dir, repo, tmp) = vm_dirs();
         Case { vm, dir, repo, tmp }
     }
 
     fn command(&self) -> Command {
-        let mut cmd = backflow();
-        cmd.env("TMPDIR", &self.tmp)
-            .arg("run")
-            .arg(spec("backup-vm.yaml"))
-            .arg("--var")
-            .arg(format!("domain={}", self.vm.name()))
-            .arg("--var")
-            .arg(format!("repo={}", self.repo.display()))
-            .args(["--var", "freeze=off", "--quiet"]);
-        cmd
+        backup_vm_command(&self.tmp, self.vm.name(), &self.repo)
     }
 
     /// A backup that must succeed; the raw copy of the disk it must restore to.
@@ -94,14 +79,12 @@ fn vm_destroyed_mid_backup_read_offline_then_running_again_leaves_no_zombie() {
     // Destroyed mid-transfer: the run fails.
     case.vm.guest_write("vda", "write -P 0x6b 8M 1M");
     let pause = case.dir.path().join("pause");
-    let mut child = case
-        .command()
-        .env("BACKFLOW_PAUSE_MID_TRANSFER", &pause)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    wait_for_pause(&mut child, &pause, 120);
+    let child = spawn_paused(
+        &mut case.command(),
+        "BACKFLOW_PAUSE_MID_TRANSFER",
+        &pause,
+        120,
+    );
     case.vm.destroy();
     let out = resume(child, &pause);
     assert!(!out.status.success(), "the backup of a destroyed VM failed");

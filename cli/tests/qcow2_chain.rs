@@ -8,7 +8,7 @@ mod common;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use backflow_testkit::qemu::{
     assert_no_process_naming, bitmaps, compare_images, qemu_io, run_command,
@@ -106,12 +106,7 @@ impl Case {
     fn assert_restores(&self) {
         for (id, copy) in &self.points {
             let out = self.dir.path().join("restored.raw");
-            let restored = restore(&self.repo, id, &out);
-            assert!(
-                restored.status.success(),
-                "restore {id}: {}",
-                String::from_utf8_lossy(&restored.stderr)
-            );
+            restore_ok(&self.repo, id, &out);
             if let Err(verdict) = compare_images(&out, "raw", copy, "qcow2") {
                 panic!("snapshot {id} differs from {}: {verdict}", copy.display());
             }
@@ -334,26 +329,19 @@ fn sigkill_after_the_read_before_the_commit_resumes_from_the_old_base() {
     case.write(&dirty);
 
     let pause = case.dir.path().join("paused");
-    let mut child = case
-        .command()
-        .env(stage_repo_writer::PAUSE_BEFORE_COMMIT, &pause)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    wait_for_pause(&mut child, &pause, 120);
+    let mut child = spawn_paused(
+        &mut case.command(),
+        stage_repo_writer::PAUSE_BEFORE_COMMIT,
+        &pause,
+        120,
+    );
     child.kill().unwrap();
     child.wait().unwrap();
     std::fs::remove_file(&pause).unwrap();
 
     // Nothing committed; the old base and the killed run's bitmap are both there.
     assert_eq!(snapshot_ids(&case.repo).len(), 1);
-    let verified = verify(&case.repo, true);
-    assert!(
-        verified.status.success(),
-        "{}",
-        String::from_utf8_lossy(&verified.stdout)
-    );
+    assert_verifies(&case.repo, "after the killed run");
     let left = names(&case.bitmaps());
     assert!(left.contains(&base) && left.len() == 2, "{left:?}");
 
@@ -376,10 +364,7 @@ fn chunks_the_index_lost_are_read_again_by_the_next_incremental() {
     assert_chain_bitmap(&case);
     let packs = pack_files(&case.repo);
     let victim = &packs[packs.len() / 2];
-    let mut bytes = std::fs::read(victim).unwrap();
-    let at = bytes.len() - 64 - 20;
-    bytes[at] ^= 0x40;
-    std::fs::write(victim, bytes).unwrap();
+    flip_byte(victim, victim.metadata().unwrap().len() - 64 - 20).unwrap();
     let rebuilt = backflow()
         .args(["rebuild-index", "--repo"])
         .arg(&case.repo)

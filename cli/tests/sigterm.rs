@@ -26,14 +26,6 @@ const PATIENCE: Duration = Duration::from_secs(60);
 /// not run on while a loaded machine lets the process wait.
 const HANDLER_CPU_BUDGET: Duration = Duration::from_millis(40);
 
-fn start_backup(image: &Path, repo: &Path) -> Child {
-    backup_command(image, repo, "disk0")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap()
-}
-
 /// The signals a process has handlers for (`SigCgt` of /proc/PID/status), or `None` once it is
 /// gone.
 fn caught_signals(child: &Child) -> Option<u64> {
@@ -163,12 +155,7 @@ fn sigterm_at_any_moment_exits_130_or_commits_and_leaves_no_scratch() {
         }
         let left = scratch_left(&repo);
         assert!(left.is_empty(), "{at}: scratch left: {left:?}");
-        let verified = verify(&repo, true);
-        assert!(
-            verified.status.success(),
-            "{at}: verify --read-data failed:\n{}",
-            String::from_utf8_lossy(&verified.stdout)
-        );
+        assert_verifies(&repo, &at);
     }
     println!(
         "backup of {duration:?}; {interrupted} runs interrupted (130), {committed} committed (0)"

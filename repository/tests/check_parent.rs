@@ -110,13 +110,7 @@ fn chunks_whose_only_copy_is_marked_are_listed() {
 fn a_lost_pack_or_index_file_lists_its_chunks() {
     let f = fixture();
     let victim = f.repo.lookup(&digest_at(&f.db, 0)).unwrap().unwrap().pack;
-    let pack = f
-        .repo
-        .path()
-        .join("packs")
-        .join(&victim.to_hex()[..2])
-        .join(format!("{}.pack", victim.to_hex()));
-    std::fs::remove_file(&pack).unwrap();
+    std::fs::remove_file(pack_file(f.repo.path(), &victim)).unwrap();
     let listed = check(&f, &f.db);
     assert!(listed.unreadable.contains(&0), "{listed:?}");
     assert_eq!(check(&f, &f.web), ParentCheck::default());
@@ -128,10 +122,7 @@ fn a_lost_pack_or_index_file_lists_its_chunks() {
 #[test]
 fn an_index_file_that_cannot_be_opened_lists_its_chunks() {
     let f = fixture();
-    let path = index_file_of(&f, &f.web);
-    let mut bytes = std::fs::read(&path).unwrap();
-    bytes[0] ^= 0xff;
-    std::fs::write(&path, bytes).unwrap();
+    modify(&index_file_of(&f, &f.web), |b| b[0] ^= 0xff);
     assert_eq!(check(&f, &f.web).count, 48);
     assert_eq!(check(&f, &f.db), ParentCheck::default());
 }

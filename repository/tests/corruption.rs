@@ -2,7 +2,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use backflow_repository::{ChunkRef, Digest, ProblemKind, RepoError, Repository, SnapshotInfo};
 use common::*;
@@ -41,20 +41,7 @@ fn first_data_digest(f: &Fixture) -> Digest {
 
 fn pack_of(f: &Fixture, d: &Digest) -> (PathBuf, u64) {
     let loc = f.repo.lookup(d).unwrap().unwrap();
-    let hex = loc.pack.to_hex();
-    (
-        f.root
-            .join("packs")
-            .join(&hex[..2])
-            .join(format!("{hex}.pack")),
-        loc.offset,
-    )
-}
-
-fn modify(path: &Path, f: impl FnOnce(&mut Vec<u8>)) {
-    let mut bytes = std::fs::read(path).unwrap();
-    f(&mut bytes);
-    std::fs::write(path, bytes).unwrap();
+    (pack_file(&f.root, &loc.pack), loc.offset)
 }
 
 #[test]

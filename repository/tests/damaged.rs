@@ -3,8 +3,6 @@
 
 mod common;
 
-use std::os::unix::fs::FileExt;
-
 use backflow_repository::{ChunkRef, DamagedCopy};
 use common::*;
 
@@ -21,19 +19,8 @@ fn a_marked_copy_is_skipped_and_a_new_copy_heals_the_old_snapshot() {
     let old = repo.lookup(&victim).unwrap().unwrap();
 
     // One flipped byte in the middle of the blob.
-    let pack = files(repo.path(), "packs", "pack")
-        .into_iter()
-        .find(|p| p.file_stem().unwrap().to_string_lossy() == old.pack.to_hex())
-        .unwrap();
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&pack)
-        .unwrap();
-    let at = old.offset + u64::from(old.stored_len) / 2;
-    let mut byte = [0u8];
-    file.read_exact_at(&mut byte, at).unwrap();
-    file.write_all_at(&[!byte[0]], at).unwrap();
+    let at = (old.offset + u64::from(old.stored_len) / 2) as usize;
+    modify(&pack_file(repo.path(), &old.pack), |b| b[at] = !b[at]);
 
     let report = repo.verify_and_mark(true).unwrap();
     assert!(!report.is_ok());
@@ -101,12 +88,10 @@ fn the_first_healthy_copy_in_a_file_wins_for_lookups_restores_and_verify() {
     let snap = session.commit(None).unwrap();
     let first = repo.lookup(&digest).unwrap().unwrap();
     // Damage the first copy and mark it, as verify would.
-    let pack = files(repo.path(), "packs", "pack")
-        .into_iter()
-        .find(|p| p.file_stem().unwrap().to_string_lossy() == first.pack.to_hex())
-        .unwrap();
-    let file = std::fs::OpenOptions::new().write(true).open(&pack).unwrap();
-    file.write_all_at(&[0xff; 16], first.offset + 100).unwrap();
+    let at = first.offset as usize + 100;
+    modify(&pack_file(repo.path(), &first.pack), |b| {
+        b[at..at + 16].fill(0xff)
+    });
     let report = repo.verify_and_mark(true).unwrap();
     assert_eq!(report.new_marks, 1, "{report:#?}");
     assert!(report.is_ok(), "the other copy heals it: {report:#?}");

@@ -1,6 +1,8 @@
 //! Shared helpers of the command-line tests: run the real binary on real files.
 #![allow(dead_code)]
 
+pub mod vm;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -45,6 +47,23 @@ pub fn init_repo(repo: &Path, chunk_size: &str) {
     );
 }
 
+/// A repository of 64 KiB chunks in packs of 256 KiB: many packs for gc to delete and rewrite, many
+/// index files for it to merge.
+pub fn init_small_packs(repo: &Path) {
+    run_ok(
+        backflow()
+            .args([
+                "init",
+                "--chunk-size",
+                "64K",
+                "--pack-size",
+                "256K",
+                "--repo",
+            ])
+            .arg(repo),
+    );
+}
+
 /// Backs `image` up with specs/backup-image.yaml as disk (and so VM) `disk0`; returns the report.
 pub fn backup(image: &Path, repo: &Path) -> serde_json::Value {
     backup_named(image, repo, "disk0")
@@ -78,31 +97,76 @@ pub fn backup_named(image: &Path, repo: &Path, name: &str) -> serde_json::Value 
     json
 }
 
+/// A backup of `image` (as `disk0`), running: its stderr piped, its stdout discarded.
+pub fn start_backup(image: &Path, repo: &Path) -> Child {
+    backup_command(image, repo, "disk0")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// A backup of `image` as `name`; returns the snapshot id and a copy of the image as it was
+/// (`dir/ID.img`).
+pub fn backup_kept(dir: &Path, image: &Path, repo: &Path, name: &str) -> (String, PathBuf) {
+    let id = backup_named(image, repo, name)["snapshot"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let copy = dir.join(format!("{id}.img"));
+    copy_sparse(image, &copy);
+    (id, copy)
+}
+
+/// Starts `cmd` with the pause hook `hook` (an environment variable naming the file the run
+/// creates, then waits for, at that point) set to `pause`; returns the child once it paused.
+/// Its stderr is piped for [`resume`].
+pub fn spawn_paused(cmd: &mut Command, hook: &str, pause: &Path, secs: u64) -> Child {
+    let mut child = cmd
+        .env(hook, pause)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_pause(&mut child, pause, secs);
+    child
+}
+
+/// Starts a backup of `image` (as `disk0`) that pauses before its commit; returns once it is
+/// paused.
+pub fn paused_backup(image: &Path, repo: &Path, pause: &Path) -> Child {
+    spawn_paused(
+        &mut backup_command(image, repo, "disk0"),
+        stage_repo_writer::PAUSE_BEFORE_COMMIT,
+        pause,
+        120,
+    )
+}
+
 /// Every `(snapshot, image)` restores (`backflow restore`) byte-identical to its image. Restores
 /// go to `scratch` and are removed after the comparison.
-pub fn assert_restores(repo: &Path, points: &[(&str, &Path)], scratch: &Path) {
+pub fn assert_restores<S: AsRef<str>, P: AsRef<Path>>(
+    repo: &Path,
+    points: &[(S, P)],
+    scratch: &Path,
+) {
     for (id, original) in points {
+        let id = id.as_ref();
         let out = scratch.join(format!("restored-{id}.img"));
-        let restored = restore(repo, id, &out);
-        assert!(
-            restored.status.success(),
-            "{}",
-            String::from_utf8_lossy(&restored.stderr)
-        );
-        assert_same_file(original, &out);
+        restore_ok(repo, id, &out);
+        assert_same_file(original.as_ref(), &out);
         std::fs::remove_file(&out).unwrap();
     }
 }
 
 /// [`assert_restores`], then `verify --read-data` passes.
-pub fn assert_restores_then_verifies(repo: &Path, points: &[(&str, &Path)], scratch: &Path) {
+pub fn assert_restores_then_verifies<S: AsRef<str>, P: AsRef<Path>>(
+    repo: &Path,
+    points: &[(S, P)],
+    scratch: &Path,
+) {
     assert_restores(repo, points, scratch);
-    let verified = verify(repo, true);
-    assert!(
-        verified.status.success(),
-        "{}",
-        String::from_utf8_lossy(&verified.stdout)
-    );
+    assert_verifies(repo, "after the restores");
 }
 
 pub fn restore(repo: &Path, snapshot: &str, to: &Path) -> Output {
@@ -113,6 +177,16 @@ pub fn restore(repo: &Path, snapshot: &str, to: &Path) -> Output {
         .arg(to)
         .output()
         .unwrap()
+}
+
+/// [`restore`], and it succeeded.
+pub fn restore_ok(repo: &Path, snapshot: &str, to: &Path) {
+    let restored = restore(repo, snapshot, to);
+    assert!(
+        restored.status.success(),
+        "restore {snapshot}: {}",
+        String::from_utf8_lossy(&restored.stderr)
+    );
 }
 
 pub fn assert_same_file(a: &Path, b: &Path) {
@@ -139,13 +213,70 @@ pub fn snapshot_ids(repo: &Path) -> Vec<String> {
         .collect()
 }
 
-pub fn verify(repo: &Path, read_data: bool) -> Output {
+fn verify_command(repo: &Path, read_data: bool) -> Command {
     let mut cmd = backflow();
     cmd.args(["verify", "--repo"]).arg(repo);
     if read_data {
         cmd.arg("--read-data");
     }
-    cmd.output().unwrap()
+    cmd
+}
+
+pub fn verify(repo: &Path, read_data: bool) -> Output {
+    verify_command(repo, read_data).output().unwrap()
+}
+
+/// `verify --read-data` passes; `what` says when, should it fail.
+pub fn assert_verifies(repo: &Path, what: &str) {
+    let verified = verify(repo, true);
+    assert!(
+        verified.status.success(),
+        "{what}: verify --read-data failed:\n{}",
+        String::from_utf8_lossy(&verified.stdout)
+    );
+}
+
+/// `verify --json`: whether it passed, and its report.
+pub fn verify_json(repo: &Path, read_data: bool) -> (bool, serde_json::Value) {
+    let out = verify_command(repo, read_data)
+        .arg("--json")
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        serde_json::from_slice(&out.stdout).unwrap(),
+    )
+}
+
+fn gc_command(repo: &Path, extra: &[&str]) -> Command {
+    let mut cmd = backflow();
+    cmd.args(["gc", "--json", "--repo"]).arg(repo).args(extra);
+    cmd
+}
+
+/// `gc --json` with `extra` arguments, whatever its outcome.
+pub fn gc(repo: &Path, extra: &[&str]) -> Output {
+    gc_command(repo, extra).output().unwrap()
+}
+
+/// `gc --json` with `extra` arguments, which must succeed: its report.
+pub fn gc_json(repo: &Path, extra: &[&str]) -> serde_json::Value {
+    let out = run_ok(&mut gc_command(repo, extra));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// `forget --keep-last N`, which must succeed.
+pub fn forget_keep_last(repo: &Path, n: u32) {
+    run_ok(
+        backflow()
+            .args(["forget", "--keep-last", &n.to_string(), "--repo"])
+            .arg(repo),
+    );
+}
+
+/// The number `key` of a JSON report; fails the test, showing the report, when it has none.
+pub fn num(v: &serde_json::Value, key: &str) -> u64 {
+    v[key].as_u64().unwrap_or_else(|| panic!("{key} in {v:#}"))
 }
 
 fn rand_suffix() -> u64 {
@@ -186,6 +317,11 @@ pub fn warnings(report: &serde_json::Value) -> Vec<String> {
 /// What a run read from its source.
 pub fn bytes_read(report: &serde_json::Value) -> u64 {
     report["source_bytes_read"].as_u64().unwrap()
+}
+
+/// A pack's id: the name of its file (`packs/XX/ID.pack`) without the extension.
+pub fn pack_id(pack: &Path) -> String {
+    pack.file_stem().unwrap().to_string_lossy().into_owned()
 }
 
 /// Every pack file of a repository, sorted.

@@ -2,10 +2,10 @@
 #![allow(dead_code)]
 
 use std::collections::HashSet;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use backflow_repository::{
-    BackupSession, ChunkRef, Codec, Digest, DiskMeta, InitOptions, PackWriter, Repository,
+    BackupSession, ChunkRef, Codec, Digest, DiskMeta, InitOptions, PackId, PackWriter, Repository,
     Snapshot, SnapshotInfo,
 };
 
@@ -161,7 +161,7 @@ pub fn restore(repo: &Repository, snap: &Snapshot, disk: usize) -> Vec<u8> {
 }
 
 /// Every file under `dir/sub` with the given extension.
-pub fn files(dir: &Path, sub: &str, ext: &str) -> Vec<std::path::PathBuf> {
+pub fn files(dir: &Path, sub: &str, ext: &str) -> Vec<PathBuf> {
     let mut out = Vec::new();
     let mut stack = vec![dir.join(sub)];
     while let Some(d) = stack.pop() {
@@ -176,4 +176,19 @@ pub fn files(dir: &Path, sub: &str, ext: &str) -> Vec<std::path::PathBuf> {
     }
     out.sort();
     out
+}
+
+/// The file of pack `id` in the repository at `root`: `packs/XX/ID.pack`.
+pub fn pack_file(root: &Path, id: &PackId) -> PathBuf {
+    let hex = id.to_hex();
+    root.join("packs")
+        .join(&hex[..2])
+        .join(format!("{hex}.pack"))
+}
+
+/// Rewrites the file at `path` with `change` applied to its bytes: damage, for the tests.
+pub fn modify(path: &Path, change: impl FnOnce(&mut Vec<u8>)) {
+    let mut bytes = std::fs::read(path).unwrap();
+    change(&mut bytes);
+    std::fs::write(path, bytes).unwrap();
 }

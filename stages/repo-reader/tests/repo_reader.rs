@@ -10,7 +10,7 @@ use backflow_pipeline::{Chunk, ChunkRef, Message, OutcomeKind, Payload, RunRepor
 use backflow_repository::Repository;
 use stage_repo_reader::{RepoReader, RepoReaderOptions};
 
-use backflow_testkit::backup_files as backup;
+use backflow_testkit::{assert_succeeded, backup_files as backup};
 
 const CHUNK: u32 = 64 * 1024;
 /// 8 MiB and a partial last chunk.
@@ -90,12 +90,7 @@ fn emits_every_chunk_of_the_snapshot_once_as_stored() {
     assert!(tables[0].contains(&ChunkRef::Zero));
 
     let (report, chunks) = read(&repo_path, &id, "", 2);
-    assert_eq!(
-        report.outcome,
-        OutcomeKind::Succeeded,
-        "{:?}",
-        report.errors
-    );
+    assert_succeeded(&report);
     assert_eq!(report.results["restored_snapshot"], id.as_str());
     let disk = chunks[0].disk.clone();
     assert!(chunks.iter().all(|c| Arc::ptr_eq(&c.disk, &disk)));
@@ -118,23 +113,13 @@ fn latest_and_disk_select_what_is_read() {
     let (id, tables) = backup(&repo, "web01", &[("vda", &vda), ("vdb", &vdb)]);
 
     let (report, chunks) = read(&repo_path, "latest", "vdb", 3);
-    assert_eq!(
-        report.outcome,
-        OutcomeKind::Succeeded,
-        "{:?}",
-        report.errors
-    );
+    assert_succeeded(&report);
     assert_eq!(report.results["restored_snapshot"], id.as_str());
     assert!(chunks.iter().all(|c| c.disk.name() == "vdb"));
     assert_restores(&repo, &chunks, &tables[1], &std::fs::read(&vdb).unwrap());
 
     let (report, chunks) = read(&repo_path, &id, "", 1);
-    assert_eq!(
-        report.outcome,
-        OutcomeKind::Succeeded,
-        "{:?}",
-        report.errors
-    );
+    assert_succeeded(&report);
     let (a, b): (Vec<Chunk>, Vec<Chunk>) = chunks.into_iter().partition(|c| c.disk.name() == "vda");
     assert_restores(&repo, &a, &tables[0], &std::fs::read(&vda).unwrap());
     assert_restores(&repo, &b, &tables[1], &std::fs::read(&vdb).unwrap());
@@ -178,12 +163,7 @@ fn lost_index_files_cost_speed_not_the_restore_and_a_lost_pack_fails_it_naming_t
 
     // Every chunk is found in the pack trailers; the run says how to make that fast again.
     let (report, chunks) = read(&repo_path, &id, "", 1);
-    assert_eq!(
-        report.outcome,
-        OutcomeKind::Succeeded,
-        "{:?}",
-        report.errors
-    );
+    assert_succeeded(&report);
     let data = std::fs::read(&image).unwrap();
     assert_restores(&repo, &chunks, &tables[0], &data);
     assert!(
