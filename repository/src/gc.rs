@@ -559,6 +559,10 @@ impl GcPaths {
     fn state(&self) -> PathBuf {
         self.dir.join("state.json")
     }
+    /// Held by a running gc for its whole run (and by `verify` while it reads the state).
+    fn run_lock(&self) -> PathBuf {
+        self.dir.join("run.lock")
+    }
     fn condemned(&self) -> PathBuf {
         self.dir.join("condemned")
     }
@@ -687,29 +691,28 @@ pub(crate) fn state_problems(root: &Path) -> Vec<DamagedFile> {
             reset_hint(root)
         ),
     };
-    // A gc running meanwhile moves its cycle on (and removes the lists, then the state): a list is damaged
-    // only if the state that needs it is still the same once the list failed to read.
-    let mut tries = 0;
-    loop {
-        let state = match load_state(&paths) {
-            Ok(Some(state)) => state,
-            Ok(None) => return Vec::new(),
-            Err(e) => return vec![problem(paths.state(), e)],
-        };
-        let Err((path, e)) = check_lists(&paths, &state) else {
-            return Vec::new();
-        };
-        let same = matches!(load_state(&paths), Ok(Some(again))
-            if again.cycle_id() == state.cycle_id() && again.phase == state.phase);
-        tries += 1;
-        if same || tries == STATE_CHECK_TRIES {
-            return vec![problem(path, e)];
-        }
+    // A gc that runs moves its cycle on (and removes the lists, then the state) and checks both itself
+    // before it acts: only the state of a gc that does not run is read, holding its run lock meanwhile.
+    let Ok(run_lock) = crate::repository::open_lock_file(&paths.run_lock()) else {
+        return Vec::new();
+    };
+    if run_lock.try_lock().is_err() {
+        return Vec::new();
     }
+    let state = match load_state(&paths) {
+        Ok(Some(state)) => state,
+        Ok(None) => return Vec::new(),
+        Err(e) => return vec![problem(paths.state(), e)],
+    };
+    check_lists(&paths, &state)
+        .err()
+        .map(|(path, e)| problem(path, e))
+        .into_iter()
+        .collect()
 }
 
-/// How often [`state_problems`] reads the state again when a gc moved its cycle on while it looked.
-const STATE_CHECK_TRIES: u32 = 5;
+/// How long a gc waits for `gc/run.lock` before it refuses: `verify` holds it for a moment.
+const RUN_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Reads the pending cycle's lists to their ends: whole (checksums), of this cycle, and present while the
 /// cycle needs them (a kill after the sweep removed them leaves the state alone, which is fine).
@@ -901,13 +904,19 @@ pub(crate) fn gc(repo: &Repository, options: &GcOptions) -> Result<GcReport> {
     )?;
     let paths = GcPaths::new(&root);
     std::fs::create_dir_all(&paths.dir).ctx("create directory", &paths.dir)?;
-    let run_lock_path = paths.dir.join("run.lock");
+    let run_lock_path = paths.run_lock();
     let run_lock = crate::repository::open_lock_file(&run_lock_path)?;
-    if run_lock.try_lock().is_err() {
-        return Err(RepoError::Locked {
-            path: root,
-            detail: "another garbage collection runs".into(),
-        });
+    // `verify` holds the lock for the few milliseconds it reads the state: wait that out; another gc holds
+    // it for its whole run: refuse.
+    let deadline = std::time::Instant::now() + RUN_LOCK_WAIT;
+    while run_lock.try_lock().is_err() {
+        if std::time::Instant::now() >= deadline {
+            return Err(RepoError::Locked {
+                path: root,
+                detail: "another garbage collection runs".into(),
+            });
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
     }
     if !options.dry_run {
         repo.remove_stale_scratch()?;
