@@ -8,9 +8,10 @@ use std::collections::HashSet;
 use crate::session::CrashPoint;
 use crate::*;
 
-const CHUNK: usize = 64 * 1024;
+pub(crate) const CHUNK: usize = 64 * 1024;
 
-fn chunk(seed: u64) -> Vec<u8> {
+/// 64 KiB of pseudo-random bytes from `seed`.
+pub(crate) fn chunk(seed: u64) -> Vec<u8> {
     let mut out = Vec::with_capacity(CHUNK);
     let mut h = blake3::Hasher::new();
     h.update(&seed.to_le_bytes());
@@ -25,7 +26,7 @@ fn digest(data: &[u8]) -> Digest {
 }
 
 /// A session with one disk of `seeds.len()` chunks; chunks not yet in the repository go through `writer`.
-fn start(repo: &Repository, seeds: &[u64]) -> (BackupSession, PackWriter) {
+pub(crate) fn start(repo: &Repository, seeds: &[u64]) -> (BackupSession, PackWriter) {
     let session = repo.begin_backup("vm").unwrap();
     let mut writer = session.pack_writer();
     let disk = session

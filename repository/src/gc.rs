@@ -2013,17 +2013,9 @@ fn push_references(snapshot: &Snapshot, sorter: &mut Sorter<32>) -> Result<Resul
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{DiskMeta, InitOptions};
+    use crate::InitOptions;
 
-    const CHUNK: usize = 64 * 1024;
-
-    fn chunk(seed: u64) -> Vec<u8> {
-        let mut h = blake3::Hasher::new();
-        h.update(&seed.to_le_bytes());
-        let mut out = vec![0u8; CHUNK];
-        h.finalize_xof().fill(&mut out);
-        out
-    }
+    use crate::crash_tests::{CHUNK, chunk};
 
     fn digest(seed: u64) -> Digest {
         Digest(*blake3::hash(&chunk(seed)).as_bytes())
@@ -2043,27 +2035,7 @@ mod tests {
 
     /// Commits a snapshot of one disk whose chunks are `seeds`.
     fn commit(repo: &Repository, seeds: &[u64]) -> String {
-        let session = repo.begin_backup("vm").unwrap();
-        let mut writer = session.pack_writer();
-        let disk = session
-            .add_disk(DiskMeta {
-                name: "vda".into(),
-                size: (seeds.len() * CHUNK) as u64,
-                chunk_size: CHUNK as u32,
-                location: "test".into(),
-                cbt: None,
-            })
-            .unwrap();
-        let mut seen = HashSet::new();
-        for (i, &s) in seeds.iter().enumerate() {
-            let d = digest(s);
-            if repo.lookup(&d).unwrap().is_none() && seen.insert(d) {
-                writer.add(d, Codec::None, CHUNK as u32, &chunk(s)).unwrap();
-            }
-            session
-                .set_chunk(disk, i as u64, ChunkRef::Data(d))
-                .unwrap();
-        }
+        let (session, writer) = crate::crash_tests::start(repo, seeds);
         writer.finish().unwrap();
         session.commit(None).unwrap().id
     }
