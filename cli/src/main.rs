@@ -7,38 +7,22 @@ mod display;
 mod forget;
 mod gc;
 mod jobs;
+mod repo;
+mod restore;
+mod run;
 mod signals;
 mod vms;
 
-use std::io::IsTerminal;
+pub(crate) use repo::verify_text;
+pub(crate) use run::{BACKUP_VM_SPEC, RESTORE_SPEC, RESTORE_VM_SPEC, run_pipeline, spec_errors};
+
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::Arc;
 
-use anyhow::{Context, Result, bail};
-use backflow_pipeline::spec::{self, SpecErrors};
-use backflow_pipeline::{ByteSize, CancelToken, OutcomeKind, Pipeline, RunOptions, RunReport};
+use anyhow::{Context, Result};
+use backflow_pipeline::ByteSize;
 use backflow_repository::Repository;
-use backflow_stages::Stages;
 use clap::{Parser, Subcommand};
-
-/// Specs built into the binary, so that `restore` and `demo` need no files.
-pub const BACKUP_IMAGE_SPEC: (&str, &str) = (
-    "specs/backup-image.yaml",
-    include_str!("../../specs/backup-image.yaml"),
-);
-pub const RESTORE_SPEC: (&str, &str) = (
-    "specs/restore.yaml",
-    include_str!("../../specs/restore.yaml"),
-);
-pub const BACKUP_VM_SPEC: (&str, &str) = (
-    "specs/backup-vm.yaml",
-    include_str!("../../specs/backup-vm.yaml"),
-);
-pub const RESTORE_VM_SPEC: (&str, &str) = (
-    "specs/restore-vm.yaml",
-    include_str!("../../specs/restore-vm.yaml"),
-);
 
 #[derive(Parser)]
 #[command(
@@ -57,80 +41,22 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run a pipeline spec.
-    Run {
-        spec: PathBuf,
-        /// Set a spec variable: KEY=VALUE (repeatable).
-        #[arg(long = "var", value_name = "KEY=VALUE")]
-        vars: Vec<String>,
-        /// Write the run report as JSON to FILE.
-        #[arg(long)]
-        report: Option<PathBuf>,
-        /// No live display and no summary table.
-        #[arg(long, short)]
-        quiet: bool,
-    },
+    Run(run::RunArgs),
     /// Check a spec without running it: every error, with file:line:column.
-    Validate {
-        spec: PathBuf,
-        #[arg(long = "var", value_name = "KEY=VALUE")]
-        vars: Vec<String>,
-    },
+    Validate(run::ValidateArgs),
     /// List every stage kind with its message types and options.
     Stages {
         #[arg(long)]
         json: bool,
     },
     /// Create an empty repository.
-    Init {
-        #[arg(long)]
-        repo: PathBuf,
-        /// Chunk size: a multiple of 64K (default 128K).
-        #[arg(long)]
-        chunk_size: Option<ByteSize>,
-        /// Size at which pack files are closed (default 32M; 64K to 1G).
-        #[arg(long)]
-        pack_size: Option<ByteSize>,
-    },
+    Init(repo::InitArgs),
     /// List the snapshots (restore points) of a repository.
-    Snapshots {
-        #[arg(long)]
-        repo: PathBuf,
-        #[arg(long)]
-        json: bool,
-    },
+    Snapshots(repo::SnapshotsArgs),
     /// Restore a snapshot's disks as raw or qcow2 images (runs specs/restore.yaml).
-    Restore {
-        #[arg(long)]
-        repo: PathBuf,
-        /// Snapshot id, or `latest`.
-        #[arg(long, default_value = "latest")]
-        snapshot: String,
-        /// Only this disk.
-        #[arg(long)]
-        disk: Option<String>,
-        /// Output file (one disk) or existing directory (DISK.raw, or DISK.qcow2, per disk).
-        #[arg(long)]
-        to: PathBuf,
-        /// Image format: raw (sparse file or block device) or qcow2 (needs qemu-img and qemu-nbd).
-        #[arg(long, default_value = "raw", value_parser = ["raw", "qcow2"])]
-        format: String,
-        /// Do not fsync: report success once the data is written to the page cache.
-        #[arg(long)]
-        no_sync: bool,
-        #[arg(long)]
-        report: Option<PathBuf>,
-        #[arg(long, short)]
-        quiet: bool,
-    },
+    Restore(restore::Args),
     /// Check the repository: structure, and with --read-data every chunk's content.
-    Verify {
-        #[arg(long)]
-        repo: PathBuf,
-        #[arg(long)]
-        read_data: bool,
-        #[arg(long)]
-        json: bool,
-    },
+    Verify(repo::VerifyArgs),
     /// Remove what no snapshot references (after `forget`), rewriting partly used packs. Runs next
     /// to backups; deletion waits for backups that were running when it began (the next gc
     /// finishes it). Can be killed and run again at any moment.
@@ -228,8 +154,8 @@ fn execute(command: Command) -> Result<()> {
     // have one (a signal before that cancels it at once); every other one can stop at any moment.
     let cancellable = matches!(
         command,
-        Command::Run { .. }
-            | Command::Restore { .. }
+        Command::Run(_)
+            | Command::Restore(_)
             | Command::Job(jobs::JobCommand::Run { .. })
             | Command::Daemon(_)
             | Command::Demo { .. }
@@ -238,120 +164,16 @@ fn execute(command: Command) -> Result<()> {
         signals::exit_on_signals();
     }
     match command {
-        Command::Run {
-            spec,
-            vars,
-            report,
-            quiet,
-        } => {
-            let pipeline = load_spec(&spec, &parse_vars(&vars)?)?;
-            run_pipeline(&pipeline, report.as_deref(), quiet).map(|_| ())
-        }
-        Command::Validate { spec, vars } => {
-            let pipeline = load_spec(&spec, &parse_vars(&vars)?)?;
-            println!(
-                "{}: valid: {}",
-                spec.display(),
-                pipeline
-                    .stages
-                    .iter()
-                    .map(|s| format!("{} ({}) x{}", s.name, s.kind, s.workers))
-                    .collect::<Vec<_>>()
-                    .join(" -> ")
-            );
-            Ok(())
-        }
+        Command::Run(args) => run::run(args),
+        Command::Validate(args) => run::validate(args),
         Command::Stages { json } => {
-            print_stages(json);
+            run::print_stages(json);
             Ok(())
         }
-        Command::Init {
-            repo,
-            chunk_size,
-            pack_size,
-        } => {
-            let chunk_size = chunk_size
-                .map(|c| u32::try_from(c.bytes()).unwrap_or(u32::MAX))
-                .unwrap_or(backflow_repository::DEFAULT_CHUNK_SIZE);
-            let options = backflow_repository::InitOptions {
-                chunk_size,
-                pack_target_size: pack_size
-                    .map(|p| p.bytes())
-                    .unwrap_or(backflow_repository::DEFAULT_PACK_TARGET_SIZE),
-            };
-            Repository::init_with(&repo, &options)
-                .with_context(|| format!("creating a repository in {}", repo.display()))?;
-            println!(
-                "created repository {} (chunk size {})",
-                repo.display(),
-                ByteSize(u64::from(chunk_size))
-            );
-            Ok(())
-        }
-        Command::Snapshots { repo, json } => {
-            let repository = open_repo(&repo)?;
-            let snapshots = repository.list_snapshots()?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&snapshots)?);
-            } else {
-                println!("{:<28} {:<20} {:<22} disks", "id", "vm", "time (UTC)");
-                for s in &snapshots {
-                    let disks: Vec<String> = s
-                        .disks
-                        .iter()
-                        .map(|d| format!("{} ({})", d.name, ByteSize(d.size)))
-                        .collect();
-                    println!(
-                        "{:<28} {:<20} {:<22} {}",
-                        s.id,
-                        s.vm,
-                        s.time_utc,
-                        disks.join(", ")
-                    );
-                }
-            }
-            Ok(())
-        }
-        Command::Restore {
-            repo,
-            snapshot,
-            disk,
-            to,
-            format,
-            no_sync,
-            report,
-            quiet,
-        } => {
-            open_repo(&repo)?;
-            let vars = vec![
-                ("repo".to_owned(), repo.display().to_string()),
-                ("snapshot".to_owned(), snapshot),
-                ("disk".to_owned(), disk.unwrap_or_default()),
-                ("to".to_owned(), to.display().to_string()),
-                ("sync".to_owned(), (!no_sync).to_string()),
-                ("format".to_owned(), format),
-            ];
-            let (name, text) = RESTORE_SPEC;
-            let pipeline = spec::load_str(name, text, &vars, &Stages).map_err(spec_errors)?;
-            run_pipeline(&pipeline, report.as_deref(), quiet).map(|_| ())
-        }
-        Command::Verify {
-            repo,
-            read_data,
-            json,
-        } => {
-            let repository = open_repo(&repo)?;
-            let report = repository.verify_and_mark(read_data)?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
-            } else {
-                print!("{}", verify_text(&report));
-            }
-            if !report.is_ok() {
-                bail!("the repository has damaged or missing data (see above)");
-            }
-            Ok(())
-        }
+        Command::Init(args) => repo::init(args),
+        Command::Snapshots(args) => repo::snapshots(args),
+        Command::Restore(args) => restore::run(args),
+        Command::Verify(args) => repo::verify(args),
         Command::Forget(args) => forget::run(args),
         Command::Gc(args) => gc::run(args),
         Command::RebuildIndex(args) => gc::rebuild(args),
@@ -374,205 +196,4 @@ fn parse_vars(vars: &[String]) -> Result<Vec<(String, String)>> {
             _ => Err(BadInput(format!("--var {v:?}: expected KEY=VALUE")).into()),
         })
         .collect()
-}
-
-fn spec_errors(errors: SpecErrors) -> anyhow::Error {
-    let count = errors.0.len();
-    BadInput(format!(
-        "{errors}\n{count} error{} in the spec; nothing was run",
-        if count == 1 { "" } else { "s" }
-    ))
-    .into()
-}
-
-pub fn load_spec(path: &Path, vars: &[(String, String)]) -> Result<Pipeline> {
-    spec::load_file(path, vars, &Stages).map_err(spec_errors)
-}
-
-/// Runs a pipeline with Ctrl-C/SIGTERM handling, the live display on a terminal, the summary
-/// table and the JSON report. Errors when the run did not succeed.
-pub fn run_pipeline(
-    pipeline: &Pipeline,
-    report_path: Option<&Path>,
-    quiet: bool,
-) -> Result<RunReport> {
-    let cancel = CancelToken::new();
-    signals::cancel_on_signals(cancel.clone());
-    let live = !quiet && std::io::stderr().is_terminal();
-    let on_progress = live.then(|| Arc::new(display::LiveDisplay::default().into_callback()) as _);
-    let report = pipeline.run(RunOptions {
-        cancel,
-        on_progress,
-    });
-    if live {
-        display::clear_live();
-    }
-    if !quiet {
-        print!("{}", report.summary_table());
-        for w in &report.warnings {
-            eprintln!("warning: {w}");
-        }
-    }
-    if let Some(path) = report_path {
-        let json = serde_json::to_string_pretty(&report)?;
-        std::fs::write(path, json)
-            .with_context(|| format!("writing the report {}", path.display()))?;
-    }
-    match report.outcome {
-        OutcomeKind::Succeeded => Ok(report),
-        OutcomeKind::Cancelled => Err(Interrupted.into()),
-        OutcomeKind::Failed => bail!("{}", report.errors.join("; ")),
-    }
-}
-
-fn print_stages(json: bool) {
-    let mut docs: Vec<_> = backflow_stages::Kind::ALL.iter().map(|k| k.doc()).collect();
-    docs.extend(backflow_stages::finaliser_docs());
-    if json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&docs).unwrap_or_default()
-        );
-        return;
-    }
-    for d in docs {
-        let io = |t: Option<backflow_pipeline::MessageType>| {
-            t.map(|t| t.to_string()).unwrap_or_else(|| "-".into())
-        };
-        println!(
-            "{}  ({} -> {}){}\n    {}",
-            d.kind,
-            io(d.input),
-            io(d.output),
-            if d.needs_repository {
-                "  needs repository"
-            } else {
-                ""
-            },
-            d.summary
-        );
-        for o in &d.options {
-            println!("    {:<20} default {:<10} {}", o.name, o.default, o.doc);
-        }
-        if !backflow_stages::FINALISER_KINDS.contains(&d.kind) {
-            println!("    (every stage also takes: name, workers, capacity)");
-        }
-        println!();
-    }
-}
-
-/// The verify report for people: counts, then one block per problem naming the chunk, where it
-/// is stored and the restore points that need it.
-pub fn verify_text(report: &backflow_repository::VerifyReport) -> String {
-    let mut out = format!(
-        "checked {} snapshots, {} chunk references, {} index files ({} records), {} packs",
-        report.snapshots, report.chunk_refs, report.index_files, report.index_records, report.packs
-    );
-    if report.read_data {
-        out.push_str(&format!(
-            "; read {} chunks ({:.1} MiB)",
-            report.chunks_read,
-            report.bytes_read as f64 / (1024.0 * 1024.0)
-        ));
-    }
-    out.push('\n');
-    if report.unreferenced_packs > 0 {
-        out.push_str(&format!(
-            "{} packs are not referenced by any index (left by interrupted runs; harmless)\n",
-            report.unreferenced_packs
-        ));
-    }
-    for (f, id) in report
-        .damaged_snapshots
-        .iter()
-        .zip(&report.damaged_snapshot_ids)
-    {
-        // The manifest is REPO/snapshots/ID.snap.
-        let repo = Path::new(&f.path)
-            .parent()
-            .and_then(Path::parent)
-            .unwrap_or(Path::new("REPO"));
-        out.push_str(&format!(
-            "DAMAGED snapshot {id} (manifest {}): {}\n    if it cannot be repaired, `backflow forget \
-             --repo {} --snapshot {id}` removes it (a gc stops until then)\n",
-            f.path,
-            f.error,
-            repo.display()
-        ));
-    }
-    for (what, files) in [
-        ("index file", &report.damaged_index_files),
-        ("pack", &report.damaged_packs),
-    ] {
-        for f in files {
-            out.push_str(&format!("DAMAGED {what} {}: {}\n", f.path, f.error));
-        }
-    }
-    for p in &report.problems {
-        out.push_str(&format!(
-            "{} chunk {} ({:?}): {}\n",
-            if p.healed { "HEALED" } else { "DAMAGED" },
-            p.digest,
-            p.kind,
-            p.detail
-        ));
-        if let Some(pack) = &p.pack {
-            out.push_str(&format!(
-                "    stored in pack {} at offset {}\n",
-                pack.to_hex(),
-                p.offset.unwrap_or(0)
-            ));
-        }
-        if p.healed {
-            out.push_str(
-                "    superseded by a healthy copy stored later: no restore point needs this one\n",
-            );
-        } else if p.snapshots.is_empty() {
-            out.push_str("    no snapshot uses it\n");
-        } else {
-            out.push_str(&format!(
-                "    used by snapshots: {}\n",
-                p.snapshots.join(", ")
-            ));
-        }
-    }
-    if report.unindexed_chunks > 0 {
-        out.push_str(&format!(
-            "{} referenced chunks were found only in pack trailers (an index file is damaged or lost): \
-             they restore, slowly; `backflow rebuild-index` indexes them again\n",
-            report.unindexed_chunks
-        ));
-    }
-    for f in &report.side_files {
-        out.push_str(&format!("WARNING side file {}: {}\n", f.path, f.error));
-    }
-    if report.cleared_marks > 0 {
-        out.push_str(&format!(
-            "{} chunks marked damaged earlier read back whole: their marks were dropped\n",
-            report.cleared_marks
-        ));
-    }
-    let unhealed = report
-        .problems
-        .iter()
-        .filter(|p| !p.healed && p.pack.is_some())
-        .count();
-    if report.marked > 0 && unhealed > 0 {
-        out.push_str(&format!(
-            "{unhealed} damaged chunks marked; the next backup of a VM that still has the data \
-             stores it again\n"
-        ));
-    }
-    if !report.unrestorable_snapshots.is_empty() {
-        out.push_str(&format!(
-            "snapshots that cannot be restored whole: {}\n",
-            report.unrestorable_snapshots.join(", ")
-        ));
-    }
-    out.push_str(if report.is_ok() {
-        "repository OK\n"
-    } else {
-        "repository DAMAGED\n"
-    });
-    out
 }

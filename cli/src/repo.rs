@@ -1,0 +1,225 @@
+//! `init`, `snapshots` and `verify`: the repository itself.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use backflow_pipeline::ByteSize;
+use backflow_repository::Repository;
+
+use crate::open_repo;
+
+#[derive(clap::Args)]
+pub struct InitArgs {
+    #[arg(long)]
+    pub repo: PathBuf,
+    /// Chunk size: a multiple of 64K (default 128K).
+    #[arg(long)]
+    pub chunk_size: Option<ByteSize>,
+    /// Size at which pack files are closed (default 32M; 64K to 1G).
+    #[arg(long)]
+    pub pack_size: Option<ByteSize>,
+}
+
+#[derive(clap::Args)]
+pub struct SnapshotsArgs {
+    #[arg(long)]
+    pub repo: PathBuf,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(clap::Args)]
+pub struct VerifyArgs {
+    #[arg(long)]
+    pub repo: PathBuf,
+    #[arg(long)]
+    pub read_data: bool,
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn init(args: InitArgs) -> Result<()> {
+    let InitArgs {
+        repo,
+        chunk_size,
+        pack_size,
+    } = args;
+    let chunk_size = chunk_size
+        .map(|c| u32::try_from(c.bytes()).unwrap_or(u32::MAX))
+        .unwrap_or(backflow_repository::DEFAULT_CHUNK_SIZE);
+    let options = backflow_repository::InitOptions {
+        chunk_size,
+        pack_target_size: pack_size
+            .map(|p| p.bytes())
+            .unwrap_or(backflow_repository::DEFAULT_PACK_TARGET_SIZE),
+    };
+    Repository::init_with(&repo, &options)
+        .with_context(|| format!("creating a repository in {}", repo.display()))?;
+    println!(
+        "created repository {} (chunk size {})",
+        repo.display(),
+        ByteSize(u64::from(chunk_size))
+    );
+    Ok(())
+}
+
+pub fn snapshots(args: SnapshotsArgs) -> Result<()> {
+    let SnapshotsArgs { repo, json } = args;
+    let repository = open_repo(&repo)?;
+    let snapshots = repository.list_snapshots()?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&snapshots)?);
+    } else {
+        println!("{:<28} {:<20} {:<22} disks", "id", "vm", "time (UTC)");
+        for s in &snapshots {
+            let disks: Vec<String> = s
+                .disks
+                .iter()
+                .map(|d| format!("{} ({})", d.name, ByteSize(d.size)))
+                .collect();
+            println!(
+                "{:<28} {:<20} {:<22} {}",
+                s.id,
+                s.vm,
+                s.time_utc,
+                disks.join(", ")
+            );
+        }
+    }
+    Ok(())
+}
+
+pub fn verify(args: VerifyArgs) -> Result<()> {
+    let VerifyArgs {
+        repo,
+        read_data,
+        json,
+    } = args;
+    let repository = open_repo(&repo)?;
+    let report = repository.verify_and_mark(read_data)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", verify_text(&report));
+    }
+    if !report.is_ok() {
+        bail!("the repository has damaged or missing data (see above)");
+    }
+    Ok(())
+}
+
+/// The verify report for people: counts, then one block per problem naming the chunk, where it
+/// is stored and the restore points that need it.
+pub fn verify_text(report: &backflow_repository::VerifyReport) -> String {
+    let mut out = format!(
+        "checked {} snapshots, {} chunk references, {} index files ({} records), {} packs",
+        report.snapshots, report.chunk_refs, report.index_files, report.index_records, report.packs
+    );
+    if report.read_data {
+        out.push_str(&format!(
+            "; read {} chunks ({:.1} MiB)",
+            report.chunks_read,
+            report.bytes_read as f64 / (1024.0 * 1024.0)
+        ));
+    }
+    out.push('\n');
+    if report.unreferenced_packs > 0 {
+        out.push_str(&format!(
+            "{} packs are not referenced by any index (left by interrupted runs; harmless)\n",
+            report.unreferenced_packs
+        ));
+    }
+    for (f, id) in report
+        .damaged_snapshots
+        .iter()
+        .zip(&report.damaged_snapshot_ids)
+    {
+        // The manifest is REPO/snapshots/ID.snap.
+        let repo = Path::new(&f.path)
+            .parent()
+            .and_then(Path::parent)
+            .unwrap_or(Path::new("REPO"));
+        out.push_str(&format!(
+            "DAMAGED snapshot {id} (manifest {}): {}\n    if it cannot be repaired, `backflow forget \
+             --repo {} --snapshot {id}` removes it (a gc stops until then)\n",
+            f.path,
+            f.error,
+            repo.display()
+        ));
+    }
+    for (what, files) in [
+        ("index file", &report.damaged_index_files),
+        ("pack", &report.damaged_packs),
+    ] {
+        for f in files {
+            out.push_str(&format!("DAMAGED {what} {}: {}\n", f.path, f.error));
+        }
+    }
+    for p in &report.problems {
+        out.push_str(&format!(
+            "{} chunk {} ({:?}): {}\n",
+            if p.healed { "HEALED" } else { "DAMAGED" },
+            p.digest,
+            p.kind,
+            p.detail
+        ));
+        if let Some(pack) = &p.pack {
+            out.push_str(&format!(
+                "    stored in pack {} at offset {}\n",
+                pack.to_hex(),
+                p.offset.unwrap_or(0)
+            ));
+        }
+        if p.healed {
+            out.push_str(
+                "    superseded by a healthy copy stored later: no restore point needs this one\n",
+            );
+        } else if p.snapshots.is_empty() {
+            out.push_str("    no snapshot uses it\n");
+        } else {
+            out.push_str(&format!(
+                "    used by snapshots: {}\n",
+                p.snapshots.join(", ")
+            ));
+        }
+    }
+    if report.unindexed_chunks > 0 {
+        out.push_str(&format!(
+            "{} referenced chunks were found only in pack trailers (an index file is damaged or lost): \
+             they restore, slowly; `backflow rebuild-index` indexes them again\n",
+            report.unindexed_chunks
+        ));
+    }
+    for f in &report.side_files {
+        out.push_str(&format!("WARNING side file {}: {}\n", f.path, f.error));
+    }
+    if report.cleared_marks > 0 {
+        out.push_str(&format!(
+            "{} chunks marked damaged earlier read back whole: their marks were dropped\n",
+            report.cleared_marks
+        ));
+    }
+    let unhealed = report
+        .problems
+        .iter()
+        .filter(|p| !p.healed && p.pack.is_some())
+        .count();
+    if report.marked > 0 && unhealed > 0 {
+        out.push_str(&format!(
+            "{unhealed} damaged chunks marked; the next backup of a VM that still has the data \
+             stores it again\n"
+        ));
+    }
+    if !report.unrestorable_snapshots.is_empty() {
+        out.push_str(&format!(
+            "snapshots that cannot be restored whole: {}\n",
+            report.unrestorable_snapshots.join(", ")
+        ));
+    }
+    out.push_str(if report.is_ok() {
+        "repository OK\n"
+    } else {
+        "repository DAMAGED\n"
+    });
+    out
+}

@@ -1,0 +1,60 @@
+//! `restore`: runs the built-in restore spec on a snapshot's disks.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use backflow_pipeline::spec;
+use backflow_stages::Stages;
+
+use crate::open_repo;
+use crate::run::{RESTORE_SPEC, run_pipeline, spec_errors};
+
+#[derive(clap::Args)]
+pub struct Args {
+    #[arg(long)]
+    pub repo: PathBuf,
+    /// Snapshot id, or `latest`.
+    #[arg(long, default_value = "latest")]
+    pub snapshot: String,
+    /// Only this disk.
+    #[arg(long)]
+    pub disk: Option<String>,
+    /// Output file (one disk) or existing directory (DISK.raw, or DISK.qcow2, per disk).
+    #[arg(long)]
+    pub to: PathBuf,
+    /// Image format: raw (sparse file or block device) or qcow2 (needs qemu-img and qemu-nbd).
+    #[arg(long, default_value = "raw", value_parser = ["raw", "qcow2"])]
+    pub format: String,
+    /// Do not fsync: report success once the data is written to the page cache.
+    #[arg(long)]
+    pub no_sync: bool,
+    #[arg(long)]
+    pub report: Option<PathBuf>,
+    #[arg(long, short)]
+    pub quiet: bool,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let Args {
+        repo,
+        snapshot,
+        disk,
+        to,
+        format,
+        no_sync,
+        report,
+        quiet,
+    } = args;
+    open_repo(&repo)?;
+    let vars = vec![
+        ("repo".to_owned(), repo.display().to_string()),
+        ("snapshot".to_owned(), snapshot),
+        ("disk".to_owned(), disk.unwrap_or_default()),
+        ("to".to_owned(), to.display().to_string()),
+        ("sync".to_owned(), (!no_sync).to_string()),
+        ("format".to_owned(), format),
+    ];
+    let (name, text) = RESTORE_SPEC;
+    let pipeline = spec::load_str(name, text, &vars, &Stages).map_err(spec_errors)?;
+    run_pipeline(&pipeline, report.as_deref(), quiet).map(|_| ())
+}
