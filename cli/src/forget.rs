@@ -10,7 +10,7 @@ use crate::BadInput;
 
 #[derive(clap::Args)]
 pub struct Args {
-    #[arg(long)]
+    #[arg(long, env = crate::REPO_ENV, value_name = "DIR", help = crate::REPO_HELP)]
     repo: PathBuf,
     /// Forget this snapshot (its id, or a prefix that names one snapshot; repeatable), whatever a
     /// policy would say: also one whose manifest is damaged (`backflow verify` names those).

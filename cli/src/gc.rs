@@ -7,7 +7,8 @@ use backflow_repository::{DEFAULT_REPACK_THRESHOLD, GcOptions, GcReport};
 
 #[derive(clap::Args)]
 pub struct Args {
-    #[arg(long, required_unless_present = "list_kill_points")]
+    #[arg(long, env = crate::REPO_ENV, value_name = "DIR", help = crate::REPO_HELP,
+          required_unless_present = "list_kill_points")]
     repo: Option<PathBuf>,
     /// Rewrite a pack once this percentage of its bytes is unreferenced (0-100); wholly unreferenced
     /// packs are always deleted.
@@ -154,7 +155,7 @@ pub fn text(r: &GcReport) -> String {
 
 #[derive(clap::Args)]
 pub struct RebuildArgs {
-    #[arg(long)]
+    #[arg(long, env = crate::REPO_ENV, value_name = "DIR", help = crate::REPO_HELP)]
     repo: PathBuf,
 }
 

@@ -31,7 +31,7 @@ pub enum JobCommand {
 
 #[derive(clap::Args)]
 pub struct SessionsArgs {
-    #[arg(long)]
+    #[arg(long, env = crate::REPO_ENV, value_name = "DIR", help = crate::REPO_HELP)]
     repo: PathBuf,
     /// Only this job's sessions.
     #[arg(long)]

@@ -10,7 +10,7 @@ use crate::open_repo;
 
 #[derive(clap::Args)]
 pub struct InitArgs {
-    #[arg(long)]
+    #[arg(long, env = crate::REPO_ENV, value_name = "DIR", help = crate::REPO_HELP)]
     pub repo: PathBuf,
     /// Chunk size: a multiple of 64K (default 128K).
     #[arg(long)]
@@ -22,7 +22,7 @@ pub struct InitArgs {
 
 #[derive(clap::Args)]
 pub struct SnapshotsArgs {
-    #[arg(long)]
+    #[arg(long, env = crate::REPO_ENV, value_name = "DIR", help = crate::REPO_HELP)]
     pub repo: PathBuf,
     #[arg(long)]
     pub json: bool,
@@ -30,7 +30,7 @@ pub struct SnapshotsArgs {
 
 #[derive(clap::Args)]
 pub struct VerifyArgs {
-    #[arg(long)]
+    #[arg(long, env = crate::REPO_ENV, value_name = "DIR", help = crate::REPO_HELP)]
     pub repo: PathBuf,
     #[arg(long)]
     pub read_data: bool,

@@ -11,7 +11,7 @@ use crate::run::{RESTORE_SPEC, run_pipeline, spec_errors};
 
 #[derive(clap::Args)]
 pub struct Args {
-    #[arg(long)]
+    #[arg(long, env = crate::REPO_ENV, value_name = "DIR", help = crate::REPO_HELP)]
     pub repo: PathBuf,
     /// Snapshot id, or `latest`.
     #[arg(long, default_value = "latest")]
