@@ -98,6 +98,10 @@ pub fn run_pipeline(
     if live {
         display::clear_live();
     }
+    if report.refused {
+        // Nothing moved: the cause alone, as bad input, without a table of idle stages.
+        return Err(BadInput(report.errors.join("; ")).into());
+    }
     if !quiet {
         print!("{}", report.summary_table());
         for w in &report.warnings {

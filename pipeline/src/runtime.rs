@@ -213,7 +213,7 @@ impl Pipeline {
         senders.remove(0);
         senders.push(None);
 
-        let prepared = match &self.finaliser {
+        let mut prepared = match &self.finaliser {
             Some(finaliser) => finaliser.prepare(&ctx).map_err(|e| {
                 failures
                     .lock()
@@ -222,6 +222,16 @@ impl Pipeline {
             }),
             None => Ok(()),
         };
+        if prepared.is_ok() {
+            for placed in &self.stages {
+                if let Err(e) = placed.stage.preflight(&ctx) {
+                    failures.lock().unwrap().push(format!("{}: {e}", placed.name));
+                    prepared = Err(());
+                    break;
+                }
+            }
+        }
+        let refused = prepared.is_err();
         let done = CancelToken::new();
         std::thread::scope(|scope| {
             if prepared.is_err() {
@@ -316,6 +326,7 @@ impl Pipeline {
                 _ => OutcomeKind::Failed,
             },
             errors,
+            refused,
             warnings,
             snapshot: results
                 .get("snapshot")

@@ -40,6 +40,14 @@ pub trait Stage: Send + Sync + 'static {
     /// [`Worker::send`] reports that the run stopped.
     fn run(&self, worker: &mut Worker<'_>) -> Result<(), StageError>;
 
+    /// Called once before any worker of any stage starts, in pipeline order: where a stage checks
+    /// what it can check without moving data (a restore's target, the snapshot a reader names).
+    /// An error here ends the run as refused ([`crate::RunReport::refused`]): nothing was read or
+    /// written, and the command line reports it as bad input.
+    fn preflight(&self, _ctx: &RunContext) -> Result<(), StageError> {
+        Ok(())
+    }
+
     /// Called once after every stage's workers finished and only when the run succeeded so far,
     /// in pipeline order: where a sink commits what it wrote. An error here fails the run.
     fn finish(&self, _ctx: &RunContext) -> Result<(), StageError> {

@@ -131,6 +131,9 @@ pub struct RunReport {
     pub outcome: OutcomeKind,
     /// One line per failure (stage errors, then cleanup errors).
     pub errors: Vec<String>,
+    /// The run failed before any data moved, in a check of its input (a finaliser's `prepare`,
+    /// a stage's `preflight`): bad input, not a failed run.
+    pub refused: bool,
     pub warnings: Vec<String>,
     /// The id of the snapshot the run committed, if it committed one.
     pub snapshot: Option<String>,
