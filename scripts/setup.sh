@@ -65,3 +65,14 @@ if ! command -v cargo >/dev/null; then
   echo "setup: cargo is missing: install the Rust toolchain (rustup) first" >&2
   exit 1
 fi
+# The test command checks formatting and lints too.
+for component in rustfmt clippy; do
+  if ! cargo "${component/rustfmt/fmt}" --version >/dev/null 2>&1; then
+    if command -v rustup >/dev/null; then
+      rustup component add "$component"
+    else
+      echo "setup: cargo $component is missing and there is no rustup to add it" >&2
+      exit 1
+    fi
+  fi
+done

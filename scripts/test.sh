@@ -1,11 +1,16 @@
 #!/usr/bin/env bash
-# The whole test suite: installs what is missing, then runs every test of the workspace
+# The whole test suite: installs what is missing, checks formatting, lints (clippy, warnings denied)
+# and the documentation (cargo doc, warnings denied), then runs every test of the workspace
 # (unit tests, integration tests against real files, repositories and processes, every spec file,
 # the 2 GiB round trip), in release mode, then fuzzes the NBD client for 30 s (scripts/fuzz.sh).
 # Ends with one line: "tests: N passed, N failed, N skipped".
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+# Checks first: formatting, lints and the documentation (broken links, warnings) fail the run.
+cargo fmt --all -- --check
+cargo clippy --release --workspace --all-targets -- -D warnings
+RUSTDOCFLAGS="-D warnings" cargo doc --release --workspace --no-deps
 cargo build --release --workspace --all-targets
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT

@@ -2,7 +2,7 @@
 //! (a pipeline spec, with overrides of stage options) and when (cron schedules).
 //!
 //! # Layout
-//! - [`file`]: the job file, read with positions in every error.
+//! - [`file`](mod@file): the job file, read with positions in every error.
 //! - [`select`]: which VMs and disks a job backs up, from a libvirt listing.
 //! - [`run`]: one run of a job (a session): each VM its own pipeline run, `parallel` at a time,
 //!   recorded in the repository's session history.

@@ -1279,7 +1279,7 @@ impl Stage for LibvirtSource {
         Work::Io
     }
 
-    /// A running VM's job must have outlived the reads ([`OnlineJob::confirm`]); the source
+    /// A running VM's job must have outlived the reads (`OnlineJob::confirm`); the source
     /// finishes before the repository writer commits.
     fn finish(&self, ctx: &RunContext) -> Result<(), StageError> {
         let job = self

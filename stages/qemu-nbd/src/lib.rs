@@ -16,7 +16,7 @@
 //!
 //! # Layout
 //! - [`server`]: starting and stopping the `qemu-nbd` process.
-//! - [`export`]: the [`BlockSource`](backflow_pipeline::BlockSource) over a pool of NBD clients.
+//! - [`export`]: the [`BlockSource`] over a pool of NBD clients.
 
 pub mod bitmap;
 pub mod export;
