@@ -1,5 +1,15 @@
 //! The `backflow` command line. Library crates return typed errors; here they become one line on
-//! stderr and an exit code: 0 success, 1 failure, 2 bad input (spec, arguments), 130 interrupted.
+//! stderr and an exit code: 0 success, 1 failure, 2 bad input, 130 interrupted.
+//!
+//! Bad input is whatever is found wrong before any data moved: arguments, a spec or job file (its
+//! `file:line:column` errors), a repository path that is missing or is no repository, a target or
+//! snapshot that a stage refuses in its preflight. It is said in one line, with the fix where
+//! there is one, and without the stage table of a run that never started. A cause is said once
+//! (see [`error_chain`]).
+//!
+//! Logs (`tracing`) go to stderr: text, colored only on a terminal, or JSON lines
+//! (`--log-format json`); a run's warnings are logged once, when they happen, and not printed
+//! again after its summary.
 
 mod daemon;
 mod demo;
