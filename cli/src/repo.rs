@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use backflow_pipeline::ByteSize;
 use backflow_repository::Repository;
 
@@ -89,8 +89,12 @@ pub fn init(args: InitArgs) -> Result<()> {
         chunk_size,
         pack_target_size,
     };
-    Repository::init_with(&repo, &options)
-        .with_context(|| format!("creating a repository in {}", repo.display()))?;
+    // Each error names the directory already (`cannot create a repository in DIR: ...`).
+    Repository::init_with(&repo, &options).map_err(|e| match e {
+        // Not a directory, or one that is not empty: what was typed is wrong, nothing was made.
+        backflow_repository::RepoError::InitRefused { .. } => BadInput::new(e.to_string()).into(),
+        other => anyhow::Error::new(other),
+    })?;
     println!(
         "created repository {} (chunk size {})",
         repo.display(),

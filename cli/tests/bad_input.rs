@@ -70,6 +70,14 @@ const CASES: &[Case] = &[
         "--pack-size 2G: expected a size from 64K to 1G",
     ),
     case(
+        "init --repo {repo}",
+        "cannot create a repository in {repo}: ",
+    ),
+    case(
+        "init --repo {image}",
+        "cannot create a repository in {image}: it is not a directory",
+    ),
+    case(
         "run backup-image --var source",
         "--var source: expected KEY=VALUE",
     ),
