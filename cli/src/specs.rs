@@ -2,8 +2,8 @@
 //! directory and an installed binary needs no copy of the source tree; and `backflow specs`, which
 //! lists them with their variables.
 //!
-//! A spec argument is a path when it names an existing file, contains `/` or ends in `.yaml` or
-//! `.yml`; otherwise it is the name of a built-in spec. So a file in the current directory always
+//! A spec argument is a path when it names an existing file (not a directory), contains `/` or
+//! ends in `.yaml` or `.yml`; otherwise it is the name of a built-in spec. So a file in the current directory always
 //! wins over a built-in spec of the same name, and `./backup-vm` forces the file.
 //!
 //! The variables' defaults and comments shown by `backflow specs` are read from the spec's text
@@ -77,7 +77,8 @@ impl SpecSource {
 pub fn resolve(arg: &str) -> Result<SpecSource> {
     let path = Path::new(arg);
     let looks_like_path = arg.contains('/') || arg.ends_with(".yaml") || arg.ends_with(".yml");
-    if looks_like_path || path.exists() {
+    // A directory of that name (`restore/`, where images are restored to) is no spec file.
+    if looks_like_path || (path.exists() && !path.is_dir()) {
         return Ok(SpecSource::File(path.to_owned()));
     }
     match builtin(arg) {

@@ -138,6 +138,12 @@ fn a_file_wins_over_the_builtin_spec_of_the_same_name() {
         valid.trim(),
         "tune-dedup: valid: generate (generate) x1 -> discard (discard) x1"
     );
+    // A directory of a built-in spec's name is not a spec file.
+    std::fs::create_dir(dir.path().join("restore")).unwrap();
+    let valid = stdout(
+        backflow_in(dir.path()).args(["validate", "restore", "--var", "repo=r", "--var", "to=t"]),
+    );
+    assert!(valid.starts_with("restore: valid: repo-reader"), "{valid}");
     // Something that looks like a path is never a built-in spec.
     let out = backflow_in(dir.path())
         .args(["validate", "./tune-compress"])
