@@ -61,7 +61,7 @@ enum LogFormat {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run a pipeline spec.
+    /// Run a pipeline spec: a built-in one by name (`backflow specs` lists them) or a file.
     Run(run::RunArgs),
     /// Check a spec without running it: every error, with file:line:column.
     Validate(run::ValidateArgs),

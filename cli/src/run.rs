@@ -120,7 +120,9 @@ pub fn run_pipeline(
     }
     if report.refused {
         // Nothing moved: the cause alone, as bad input, without a table of idle stages.
-        return Err(BadInput(report.errors.join("; ")).into());
+        // One line, whatever the stages' messages hold.
+        let cause = report.errors.join("; ").replace('\n', " ");
+        return Err(BadInput(cause).into());
     }
     if !quiet {
         // The report's warnings were logged when they happened (`RunContext::warn`), at the
