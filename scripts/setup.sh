@@ -34,6 +34,8 @@ command -v python3 >/dev/null || need+=(python3)
 # when the python3 on the PATH (pyenv, venv) lacks it.
 /usr/bin/python3 -c 'import aiosmtpd' 2>/dev/null || python3 -c 'import aiosmtpd' 2>/dev/null \
   || need+=(python3-aiosmtpd)
+# systemd-analyze (systemd): the test that checks dist/backflow-daemon.service with `verify`.
+command -v systemd-analyze >/dev/null || need+=(systemd)
 if [ ${#need[@]} -gt 0 ]; then
   echo "setup: installing ${need[*]}" >&2
   $SUDO apt-get update -qq

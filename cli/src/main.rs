@@ -1,5 +1,15 @@
 //! The `backflow` command line. Library crates return typed errors; here they become one line on
-//! stderr and an exit code: 0 success, 1 failure, 2 bad input (spec, arguments), 130 interrupted.
+//! stderr and an exit code: 0 success, 1 failure, 2 bad input, 130 interrupted.
+//!
+//! Bad input is whatever is found wrong before any data moved: arguments, a spec or job file (its
+//! `file:line:column` errors), a repository path that is missing or is no repository, a target or
+//! snapshot that a stage refuses in its preflight. It is said in one line, with the fix where
+//! there is one, and without the stage table of a run that never started. A cause is said once
+//! (see [`error_chain`]).
+//!
+//! Logs (`tracing`) go to stderr: text, colored only on a terminal, or JSON lines
+//! (`--log-format json`); a run's warnings are logged once, when they happen, and not printed
+//! again after its summary.
 
 mod daemon;
 mod demo;
@@ -11,6 +21,7 @@ mod repo;
 mod restore;
 mod run;
 mod signals;
+mod specs;
 mod vms;
 
 pub(crate) use repo::verify_text;
@@ -22,7 +33,7 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use backflow_pipeline::ByteSize;
 use backflow_repository::Repository;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 #[derive(Parser)]
 #[command(
@@ -31,21 +42,34 @@ use clap::{Parser, Subcommand};
     about = "Agentless, deduplicating backup of KVM/QEMU disks as YAML pipelines"
 )]
 struct Cli {
-    /// Log level filter (also RUST_LOG), e.g. info, debug, backflow=debug.
-    #[arg(long, global = true, default_value = "warn")]
+    /// What to log on stderr: a level (error, warn, info, debug, trace) or tracing's filter
+    /// syntax (`info,backflow_repository=debug`). RUST_LOG, when set, wins.
+    #[arg(long, global = true, default_value = "warn", value_name = "FILTER")]
     log: String,
+    /// Log lines as text (for people) or JSON, one object per line (for log collectors).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
 }
 
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
 #[derive(Subcommand)]
 enum Command {
-    /// Run a pipeline spec.
+    /// Run a pipeline spec: a built-in one by name (`backflow specs` lists them) or a file.
     Run(run::RunArgs),
     /// Check a spec without running it: every error, with file:line:column.
     Validate(run::ValidateArgs),
+    /// List the specs built into the binary with their variables, or print one (`specs NAME`).
+    Specs(specs::Args),
     /// List every stage kind with its message types and options.
     Stages {
+        /// JSON: an array of stage kinds with their options.
         #[arg(long)]
         json: bool,
     },
@@ -96,18 +120,35 @@ enum Command {
         #[arg(long, default_value = "256M")]
         size: ByteSize,
     },
+    /// Print a shell completion script: `backflow completions bash > /etc/bash_completion.d/backflow`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff) on stdout, or write one page per command into --dir.
+    Man {
+        /// Write backflow.1 and backflow-COMMAND.1 for every command into this directory.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
 }
 
 /// The environment variable that names the repository wherever `--repo` is accepted.
 pub const REPO_ENV: &str = "BACKFLOW_REPOSITORY";
 
 /// The help of every `--repo`.
-pub const REPO_HELP: &str =
-    "The repository's directory (made by `backflow init`)";
+pub const REPO_HELP: &str = "The repository's directory (made by `backflow init`)";
 
-/// Failures that map to exit code 2 (the input was wrong, nothing ran).
+/// Failures that map to exit code 2 (the input was wrong, nothing ran): one line, printed after
+/// `backflow: `, that says what was wrong and how to put it right.
 #[derive(Debug)]
 struct BadInput(String);
+
+impl BadInput {
+    fn new(message: impl Into<String>) -> Self {
+        BadInput(message.into())
+    }
+}
 
 impl std::fmt::Display for BadInput {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -116,6 +157,19 @@ impl std::fmt::Display for BadInput {
 }
 
 impl std::error::Error for BadInput {}
+
+/// A spec that does not load: every error on its own `FILE:LINE:COLUMN:` line, then a count.
+/// Exit code 2, like [`BadInput`], printed as it is.
+#[derive(Debug)]
+struct SpecInvalid(String);
+
+impl std::fmt::Display for SpecInvalid {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for SpecInvalid {}
 
 /// The run ended on Ctrl-C / SIGTERM: exit code 130.
 #[derive(Debug)]
@@ -133,27 +187,61 @@ fn main() -> ExitCode {
     // Before anything else: a signal from here on ends the process with 130, never by the signal.
     signals::install();
     let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cli.log));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+    init_logging(&cli.log, cli.log_format);
     match execute(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             if let Some(bad) = e.downcast_ref::<BadInput>() {
-                eprintln!("{bad}");
+                eprintln!("backflow: {bad}");
+                return ExitCode::from(2);
+            }
+            if let Some(spec) = e.downcast_ref::<SpecInvalid>() {
+                eprintln!("{spec}");
                 return ExitCode::from(2);
             }
             if e.downcast_ref::<Interrupted>().is_some() {
                 eprintln!("backflow: {e}");
                 return ExitCode::from(130);
             }
-            eprintln!("backflow: {e:#}");
+            eprintln!("backflow: {}", error_chain(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// Logs go to stderr, colored only when it is a terminal (escape codes in a file or a journal
+/// are noise).
+fn init_logging(log: &str, format: LogFormat) {
+    use std::io::IsTerminal;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(log));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+/// An error and its causes on one line, `: `-separated, each cause left out when the text so far
+/// already ends with it: library errors often show their source in their own message (`cannot
+/// read X: Not a directory (os error 20)`) and also return it as `source()`, and printing both
+/// says the cause twice.
+fn error_chain(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.ends_with(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
 }
 
 fn execute(command: Command) -> Result<()> {
@@ -173,6 +261,7 @@ fn execute(command: Command) -> Result<()> {
     match command {
         Command::Run(args) => run::run(args),
         Command::Validate(args) => run::validate(args),
+        Command::Specs(args) => specs::run(args),
         Command::Stages { json } => {
             run::print_stages(json);
             Ok(())
@@ -189,18 +278,74 @@ fn execute(command: Command) -> Result<()> {
         Command::Daemon(args) => daemon::run(args),
         Command::Vms { uri, json } => vms::run(uri.as_deref(), json),
         Command::Demo { dir, size } => demo::run(&dir, size.bytes()),
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "backflow",
+                &mut std::io::stdout(),
+            );
+            Ok(())
+        }
+        Command::Man { dir } => man(dir.as_deref()),
     }
 }
 
+/// The manual page of `backflow` (every command listed) on stdout, or with `dir` one page per
+/// command there as well, `backflow-COMMAND.1`, as git's pages are laid out.
+fn man(dir: Option<&Path>) -> Result<()> {
+    let command = Cli::command();
+    let Some(dir) = dir else {
+        clap_mangen::Man::new(command).render(&mut std::io::stdout())?;
+        return Ok(());
+    };
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    clap_mangen::generate_to(command, dir)
+        .with_context(|| format!("writing the manual pages into {}", dir.display()))?;
+    Ok(())
+}
+
+/// Opens the repository of a `--repo` (or a spec's `repository:`). A path that is missing, is not
+/// a directory or is not a repository is bad input, said with the fix.
 pub(crate) fn open_repo(path: &Path) -> Result<Repository> {
-    Repository::open(path).with_context(|| format!("opening repository {}", path.display()))
+    use backflow_repository::RepoError;
+    let shown = path.display();
+    match std::fs::metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(BadInput::new(format!(
+                "{shown} does not exist; create a repository there with `backflow init --repo {shown}`"
+            ))
+            .into());
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotADirectory => {
+            return Err(BadInput::new(format!(
+                "{shown} cannot be a repository: a part of the path is a file, not a directory"
+            ))
+            .into());
+        }
+        Ok(meta) if !meta.is_dir() => {
+            return Err(BadInput::new(format!(
+                "{shown} is a file, not a repository (a repository is a directory made by \
+                 `backflow init --repo DIR`)"
+            ))
+            .into());
+        }
+        _ => {}
+    }
+    Repository::open(path).map_err(|e| match e {
+        RepoError::NotARepository { .. } => BadInput::new(format!(
+            "{e}; create one with `backflow init --repo {shown}`"
+        ))
+        .into(),
+        other => anyhow::Error::new(other).context(format!("opening repository {shown}")),
+    })
 }
 
 fn parse_vars(vars: &[String]) -> Result<Vec<(String, String)>> {
     vars.iter()
         .map(|v| match v.split_once('=') {
             Some((k, val)) if !k.is_empty() => Ok((k.to_owned(), val.to_owned())),
-            _ => Err(BadInput(format!("--var {v:?}: expected KEY=VALUE")).into()),
+            _ => Err(BadInput::new(format!("--var {v}: expected KEY=VALUE")).into()),
         })
         .collect()
 }

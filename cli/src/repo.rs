@@ -2,22 +2,22 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use backflow_pipeline::ByteSize;
 use backflow_repository::Repository;
 
-use crate::open_repo;
+use crate::{BadInput, open_repo};
 
 #[derive(clap::Args)]
 pub struct InitArgs {
     #[arg(long, env = crate::REPO_ENV, value_name = "DIR", help = crate::REPO_HELP)]
     pub repo: PathBuf,
-    /// Chunk size: a multiple of 64K (default 128K).
-    #[arg(long)]
-    pub chunk_size: Option<ByteSize>,
-    /// Size at which pack files are closed (default 32M; 64K to 1G).
-    #[arg(long)]
-    pub pack_size: Option<ByteSize>,
+    /// Chunk size: a multiple of 64K from 64K to 16M (default 128K).
+    #[arg(long, value_name = "SIZE")]
+    pub chunk_size: Option<String>,
+    /// Size at which pack files are closed, 64K to 1G (default 32M).
+    #[arg(long, value_name = "SIZE")]
+    pub pack_size: Option<String>,
 }
 
 #[derive(clap::Args)]
@@ -39,28 +39,86 @@ pub struct VerifyArgs {
 }
 
 pub fn init(args: InitArgs) -> Result<()> {
+    use backflow_repository::{
+        CHUNK_SIZE_ALIGN, DEFAULT_CHUNK_SIZE, DEFAULT_PACK_TARGET_SIZE, MAX_CHUNK_SIZE,
+        MAX_PACK_TARGET_SIZE, MIN_CHUNK_SIZE, MIN_PACK_TARGET_SIZE,
+    };
     let InitArgs {
         repo,
         chunk_size,
         pack_size,
     } = args;
-    let chunk_size = chunk_size
-        .map(|c| u32::try_from(c.bytes()).unwrap_or(u32::MAX))
-        .unwrap_or(backflow_repository::DEFAULT_CHUNK_SIZE);
+    let chunk_size = match chunk_size {
+        None => DEFAULT_CHUNK_SIZE,
+        Some(typed) => {
+            let size = size_option(
+                "--chunk-size",
+                &typed,
+                |b| {
+                    (u64::from(MIN_CHUNK_SIZE)..=u64::from(MAX_CHUNK_SIZE)).contains(&b)
+                        && b.is_multiple_of(u64::from(CHUNK_SIZE_ALIGN))
+                },
+                || {
+                    format!(
+                        "a multiple of {} from {} to {}",
+                        ByteSize(CHUNK_SIZE_ALIGN.into()),
+                        ByteSize(MIN_CHUNK_SIZE.into()),
+                        ByteSize(MAX_CHUNK_SIZE.into())
+                    )
+                },
+            )?;
+            u32::try_from(size).expect("at most MAX_CHUNK_SIZE")
+        }
+    };
+    let pack_target_size = match pack_size {
+        None => DEFAULT_PACK_TARGET_SIZE,
+        Some(typed) => size_option(
+            "--pack-size",
+            &typed,
+            |b| (MIN_PACK_TARGET_SIZE..=MAX_PACK_TARGET_SIZE).contains(&b),
+            || {
+                format!(
+                    "a size from {} to {}",
+                    ByteSize(MIN_PACK_TARGET_SIZE),
+                    ByteSize(MAX_PACK_TARGET_SIZE)
+                )
+            },
+        )?,
+    };
     let options = backflow_repository::InitOptions {
         chunk_size,
-        pack_target_size: pack_size
-            .map(|p| p.bytes())
-            .unwrap_or(backflow_repository::DEFAULT_PACK_TARGET_SIZE),
+        pack_target_size,
     };
-    Repository::init_with(&repo, &options)
-        .with_context(|| format!("creating a repository in {}", repo.display()))?;
+    // Each error names the directory already (`cannot create a repository in DIR: ...`).
+    Repository::init_with(&repo, &options).map_err(|e| match e {
+        // Not a directory, or one that is not empty: what was typed is wrong, nothing was made.
+        backflow_repository::RepoError::InitRefused { .. } => BadInput::new(e.to_string()).into(),
+        other => anyhow::Error::new(other),
+    })?;
     println!(
         "created repository {} (chunk size {})",
         repo.display(),
         ByteSize(u64::from(chunk_size))
     );
     Ok(())
+}
+
+/// A size option as typed (`64K`, `1M`), in bytes; what was typed is echoed when it is not a size
+/// or out of range, so that the message shows the mistake.
+fn size_option(
+    option: &str,
+    typed: &str,
+    fits: impl Fn(u64) -> bool,
+    expected: impl Fn() -> String,
+) -> Result<u64> {
+    match typed.parse::<ByteSize>() {
+        Ok(size) if fits(size.bytes()) => Ok(size.bytes()),
+        _ => Err(BadInput::new(format!(
+            "{option} {typed}: expected {} (K, M and G are powers of 1024)",
+            expected()
+        ))
+        .into()),
+    }
 }
 
 pub fn snapshots(args: SnapshotsArgs) -> Result<()> {

@@ -10,26 +10,23 @@ use backflow_pipeline::spec::{self, SpecErrors};
 use backflow_pipeline::{CancelToken, OutcomeKind, Pipeline, RunOptions, RunReport};
 use backflow_stages::Stages;
 
-use crate::{BadInput, Interrupted, display, parse_vars, signals};
+use backflow_pipeline::input::{MAX_SPEC_SIZE, read_text_file};
 
-/// Specs built into the binary, so that `restore` and `demo` need no files.
-pub const RESTORE_SPEC: (&str, &str) = (
-    "specs/restore.yaml",
-    include_str!("../../specs/restore.yaml"),
-);
-pub const BACKUP_VM_SPEC: (&str, &str) = (
-    "specs/backup-vm.yaml",
-    include_str!("../../specs/backup-vm.yaml"),
-);
-pub const RESTORE_VM_SPEC: (&str, &str) = (
-    "specs/restore-vm.yaml",
-    include_str!("../../specs/restore-vm.yaml"),
-);
+use crate::specs::{self, SpecSource};
+use crate::{BadInput, Interrupted, SpecInvalid, display, parse_vars, signals};
+
+/// Specs built into the binary, so that `restore` and `demo` need no files: (file, text).
+pub const RESTORE_SPEC: (&str, &str) = (specs::RESTORE.file, specs::RESTORE.text);
+pub const BACKUP_VM_SPEC: (&str, &str) = (specs::BACKUP_VM.file, specs::BACKUP_VM.text);
+pub const RESTORE_VM_SPEC: (&str, &str) = (specs::RESTORE_VM.file, specs::RESTORE_VM.text);
 
 #[derive(clap::Args)]
 pub struct RunArgs {
-    pub spec: PathBuf,
-    /// Set a spec variable: KEY=VALUE (repeatable).
+    /// A built-in spec's name (`backflow specs` lists them) or a spec file: a path wins when the
+    /// argument names an existing file, contains `/` or ends in `.yaml`.
+    #[arg(value_name = "SPEC")]
+    pub spec: String,
+    /// Set a spec variable: KEY=VALUE (repeatable). `repo` defaults to $BACKFLOW_REPOSITORY.
     #[arg(long = "var", value_name = "KEY=VALUE")]
     pub vars: Vec<String>,
     /// Write the run report as JSON to FILE.
@@ -42,21 +39,25 @@ pub struct RunArgs {
 
 #[derive(clap::Args)]
 pub struct ValidateArgs {
-    pub spec: PathBuf,
+    /// A built-in spec's name or a spec file, as for `run`.
+    #[arg(value_name = "SPEC")]
+    pub spec: String,
+    /// Set a spec variable: KEY=VALUE (repeatable). `repo` defaults to $BACKFLOW_REPOSITORY.
     #[arg(long = "var", value_name = "KEY=VALUE")]
     pub vars: Vec<String>,
 }
 
 pub fn run(args: RunArgs) -> Result<()> {
-    let pipeline = load_spec(&args.spec, &parse_vars(&args.vars)?)?;
+    let pipeline = load_spec(&specs::resolve(&args.spec)?, parse_vars(&args.vars)?)?;
     run_pipeline(&pipeline, args.report.as_deref(), args.quiet).map(|_| ())
 }
 
 pub fn validate(args: ValidateArgs) -> Result<()> {
-    let pipeline = load_spec(&args.spec, &parse_vars(&args.vars)?)?;
+    let source = specs::resolve(&args.spec)?;
+    let pipeline = load_spec(&source, parse_vars(&args.vars)?)?;
     println!(
         "{}: valid: {}",
-        args.spec.display(),
+        source.display(),
         pipeline
             .stages
             .iter()
@@ -69,15 +70,28 @@ pub fn validate(args: ValidateArgs) -> Result<()> {
 
 pub fn spec_errors(errors: SpecErrors) -> anyhow::Error {
     let count = errors.0.len();
-    BadInput(format!(
+    SpecInvalid(format!(
         "{errors}\n{count} error{} in the spec; nothing was run",
         if count == 1 { "" } else { "s" }
     ))
     .into()
 }
 
-pub fn load_spec(path: &Path, vars: &[(String, String)]) -> Result<Pipeline> {
-    spec::load_file(path, vars, &Stages).map_err(spec_errors)
+/// Loads a spec with the `--var` pairs, `repo` defaulting to `BACKFLOW_REPOSITORY`.
+pub fn load_spec(source: &SpecSource, vars: Vec<(String, String)>) -> Result<Pipeline> {
+    match source {
+        SpecSource::File(path) => {
+            // Read here only to see whether it declares `repo`; the loader reads it again and
+            // reports what is wrong with it.
+            let text = read_text_file(path, MAX_SPEC_SIZE).ok();
+            let vars = specs::with_repo_default(text.as_deref(), vars);
+            spec::load_file(path, &vars, &Stages).map_err(spec_errors)
+        }
+        SpecSource::Builtin(builtin) => {
+            let vars = specs::with_repo_default(Some(builtin.text), vars);
+            spec::load_str(builtin.file, builtin.text, &vars, &Stages).map_err(spec_errors)
+        }
+    }
 }
 
 /// Runs a pipeline with Ctrl-C/SIGTERM handling, the live display on a terminal, the summary
@@ -87,6 +101,12 @@ pub fn run_pipeline(
     report_path: Option<&Path>,
     quiet: bool,
 ) -> Result<RunReport> {
+    if let Some(repo) = &pipeline.repository {
+        // A missing or foreign repository is bad input found before any data moved: said here
+        // once, with the fix, rather than by the first stage that needs it, after a source was
+        // opened and beside a table of idle stages.
+        crate::open_repo(repo)?;
+    }
     let cancel = CancelToken::new();
     signals::cancel_on_signals(cancel.clone());
     let live = !quiet && std::io::stderr().is_terminal();
@@ -100,13 +120,14 @@ pub fn run_pipeline(
     }
     if report.refused {
         // Nothing moved: the cause alone, as bad input, without a table of idle stages.
-        return Err(BadInput(report.errors.join("; ")).into());
+        // One line, whatever the stages' messages hold.
+        let cause = report.errors.join("; ").replace('\n', " ");
+        return Err(BadInput(cause).into());
     }
     if !quiet {
+        // The report's warnings were logged when they happened (`RunContext::warn`), at the
+        // default log level: not repeated here.
         print!("{}", report.summary_table());
-        for w in &report.warnings {
-            eprintln!("warning: {w}");
-        }
     }
     if let Some(path) = report_path {
         let json = serde_json::to_string_pretty(&report)?;
