@@ -35,9 +35,13 @@ pub struct RunArgs {
     /// Write the run report as JSON to FILE.
     #[arg(long)]
     pub report: Option<PathBuf>,
-    /// No live display and no summary table.
+    /// No live progress and no summary.
     #[arg(long, short)]
     pub quiet: bool,
+    /// After the summary, the per-stage table: items and bytes each stage handled, its rate, how
+    /// its time went, and the bottleneck.
+    #[arg(long, conflicts_with = "quiet")]
+    pub stats: bool,
 }
 
 #[derive(clap::Args)]
@@ -49,7 +53,8 @@ pub struct ValidateArgs {
 
 pub fn run(args: RunArgs) -> Result<()> {
     let pipeline = load_spec(&args.spec, &parse_vars(&args.vars)?)?;
-    run_pipeline(&pipeline, args.report.as_deref(), args.quiet).map(|_| ())
+    let output = display::Output::new(args.quiet, args.stats);
+    run_pipeline(&pipeline, args.report.as_deref(), output).map(|_| ())
 }
 
 pub fn validate(args: ValidateArgs) -> Result<()> {
@@ -80,30 +85,34 @@ pub fn load_spec(path: &Path, vars: &[(String, String)]) -> Result<Pipeline> {
     spec::load_file(path, vars, &Stages).map_err(spec_errors)
 }
 
-/// Runs a pipeline with Ctrl-C/SIGTERM handling, the live display on a terminal, the summary
-/// table and the JSON report. Errors when the run did not succeed.
+/// Runs a pipeline with Ctrl-C/SIGTERM handling, the live progress on a terminal, the summary
+/// (and with `--stats` the per-stage table) and the JSON report. Errors when the run did not
+/// succeed.
 pub fn run_pipeline(
     pipeline: &Pipeline,
     report_path: Option<&Path>,
-    quiet: bool,
+    output: display::Output,
 ) -> Result<RunReport> {
     let cancel = CancelToken::new();
     signals::cancel_on_signals(cancel.clone());
-    let live = !quiet && std::io::stderr().is_terminal();
-    let on_progress = live.then(|| Arc::new(display::LiveDisplay::default().into_callback()) as _);
+    let live = (output != display::Output::Quiet && std::io::stderr().is_terminal())
+        .then(|| Arc::new(display::LiveDisplay::default()));
+    let on_progress = live
+        .clone()
+        .map(|live| Arc::new(move |p: &backflow_pipeline::Progress<'_>| live.draw(p)) as _);
     let report = pipeline.run(RunOptions {
         cancel,
         on_progress,
     });
-    if live {
-        display::clear_live();
+    if let Some(live) = &live {
+        live.clear();
     }
     if report.refused {
         // Nothing moved: the cause alone, as bad input, without a table of idle stages.
         return Err(BadInput(report.errors.join("; ")).into());
     }
-    if !quiet {
-        print!("{}", report.summary_table());
+    print!("{}", display::after_run(&report, output));
+    if output != display::Output::Quiet {
         for w in &report.warnings {
             eprintln!("warning: {w}");
         }
