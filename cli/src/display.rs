@@ -130,7 +130,9 @@ impl LiveDisplay {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         if state.lines > 0 {
             let mut err = std::io::stderr().lock();
-            let _ = write!(err, "\x1b[{}A\x1b[J", state.lines);
+            // Line by line, upwards: clearing the screen below the frame at once would push a
+            // frame at the top of the screen into the scrollback on some terminals (tmux).
+            let _ = write!(err, "{}", "\x1b[1A\x1b[2K".repeat(state.lines));
             let _ = err.flush();
             state.lines = 0;
         }
