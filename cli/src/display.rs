@@ -20,7 +20,7 @@
 use std::collections::VecDeque;
 use std::fmt::Write as _;
 use std::io::Write;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use backflow_pipeline::{Measure, OutcomeKind, Progress, RunReport};
@@ -97,6 +97,32 @@ pub struct LiveDisplay {
     state: Mutex<LiveState>,
 }
 
+/// The live display being drawn, if any, for [`log_writer`].
+static ON_SCREEN: Mutex<Option<Arc<LiveDisplay>>> = Mutex::new(None);
+
+/// Where log lines go: stderr, after the live frame (if one is on screen) is erased. A log line
+/// written under a frame would be drawn over by the next frame, and leave that frame's first line
+/// behind; erased first, the line stays and the next frame is drawn below it.
+pub fn log_writer() -> LogWriter {
+    LogWriter
+}
+
+pub struct LogWriter;
+
+impl Write for LogWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let live = ON_SCREEN.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        if let Some(live) = live {
+            live.clear();
+        }
+        std::io::stderr().write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stderr().flush()
+    }
+}
+
 #[derive(Default)]
 struct LiveState {
     /// Lines of the frame on screen.
@@ -108,6 +134,19 @@ struct LiveState {
 }
 
 impl LiveDisplay {
+    /// A display that log lines make room for until [`LiveDisplay::finish`].
+    pub fn start() -> Arc<LiveDisplay> {
+        let live = Arc::new(LiveDisplay::default());
+        *ON_SCREEN.lock().unwrap_or_else(|e| e.into_inner()) = Some(live.clone());
+        live
+    }
+
+    /// Erases the frame on screen for what follows, and draws no more.
+    pub fn finish(&self) {
+        ON_SCREEN.lock().unwrap_or_else(|e| e.into_inner()).take();
+        self.clear();
+    }
+
     pub fn draw(&self, p: &Progress<'_>) {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         let frame = state.frame(p);
@@ -126,7 +165,7 @@ impl LiveDisplay {
     }
 
     /// Erases the frame on screen, so that what follows takes its place.
-    pub fn clear(&self) {
+    fn clear(&self) {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         if state.lines > 0 {
             let mut err = std::io::stderr().lock();

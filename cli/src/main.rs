@@ -136,7 +136,7 @@ fn main() -> ExitCode {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cli.log));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(display::log_writer)
         .init();
     match execute(cli.command) {
         Ok(()) => ExitCode::SUCCESS,

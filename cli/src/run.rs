@@ -96,7 +96,7 @@ pub fn run_pipeline(
     let cancel = CancelToken::new();
     signals::cancel_on_signals(cancel.clone());
     let live = (output != display::Output::Quiet && std::io::stderr().is_terminal())
-        .then(|| Arc::new(display::LiveDisplay::default()));
+        .then(display::LiveDisplay::start);
     let on_progress = live
         .clone()
         .map(|live| Arc::new(move |p: &backflow_pipeline::Progress<'_>| live.draw(p)) as _);
@@ -105,7 +105,7 @@ pub fn run_pipeline(
         on_progress,
     });
     if let Some(live) = &live {
-        live.clear();
+        live.finish();
     }
     if report.refused {
         // Nothing moved: the cause alone, as bad input, without a table of idle stages.

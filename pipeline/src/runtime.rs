@@ -267,7 +267,7 @@ impl Pipeline {
                         let elapsed = started.elapsed();
                         // About twice a second, aligned to ticks so that the end is not delayed.
                         if elapsed.as_millis() % 500 < TICK.as_millis() {
-                            progress(&snapshot_progress(stages, counters, &ctx, elapsed));
+                            progress(&snapshot_progress(stages, counters, ctx, elapsed));
                         }
                     }
                 });
