@@ -141,6 +141,30 @@ fn a_backups_summary_names_the_vm_the_snapshot_and_the_bytes_read_and_stored() {
 }
 
 #[test]
+fn a_warning_off_a_terminal_carries_no_escape_sequence() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = image(dir.path(), 8 << 20, 35);
+    let repo = dir.path().join("repo");
+    init_repo(&repo, "64K");
+    let report_path = dir.path().join("report.json");
+    run_ok(&mut backup_image_command(&image, &repo, &report_path));
+    // A larger disk has no parent to compare with: the second backup warns, in the log too.
+    std::fs::File::options()
+        .write(true)
+        .open(&image)
+        .unwrap()
+        .set_len(12 << 20)
+        .unwrap();
+    let out = run_ok(&mut backup_image_command(&image, &repo, &report_path));
+    let (stdout, stderr) = text(&out);
+    assert!(stderr.contains("size or chunk size changed"), "{stderr}");
+    assert!(
+        !stdout.contains('\x1b') && !stderr.contains('\x1b'),
+        "{stdout:?} {stderr:?}"
+    );
+}
+
+#[test]
 fn a_restores_summary_names_the_snapshot_the_target_and_the_data_written() {
     let dir = tempfile::tempdir().unwrap();
     let image = image(dir.path(), 16 << 20, 32);
