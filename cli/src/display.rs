@@ -169,8 +169,7 @@ impl LiveDisplay {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         if state.lines > 0 {
             let mut err = std::io::stderr().lock();
-            // Line by line, upwards: clearing the screen below the frame at once would push a
-            // frame at the top of the screen into the scrollback on some terminals (tmux).
+            // The frame's own lines, upwards, ending on its first line: nothing else is touched.
             let _ = write!(err, "{}", "\x1b[1A\x1b[2K".repeat(state.lines));
             let _ = err.flush();
             state.lines = 0;
