@@ -23,6 +23,8 @@ command -v qemu-nbd >/dev/null && command -v qemu-img >/dev/null || need+=(qemu-
 # newer qemu-utils stays.
 command -v nbdkit >/dev/null || need+=(nbdkit)
 command -v nbdinfo >/dev/null || need+=(libnbd-bin)
+# tmux: the progress test drives the real binary on a terminal and reads the screen back.
+command -v tmux >/dev/null || need+=(tmux)
 # libvirt's client library and headers: the `virt` crate of the libvirt connector links it (found
 # through pkg-config); its tests use libvirt's in-process test driver, no daemon. Removes nothing.
 pkg-config --exists libvirt 2>/dev/null || need+=(libvirt-dev)

@@ -511,7 +511,7 @@ fn backup(repo: &Path) -> Result<RunReport> {
     ];
     let (name, text) = BACKUP_VM_SPEC;
     let pipeline = spec::load_str(name, text, &vars, &Stages).map_err(crate::spec_errors)?;
-    run_pipeline(&pipeline, None, false)
+    run_pipeline(&pipeline, None, crate::display::Output::Summary)
 }
 
 fn restore(repo: &Path, snapshot: &str, to: &Path) -> Result<()> {
@@ -523,7 +523,7 @@ fn restore(repo: &Path, snapshot: &str, to: &Path) -> Result<()> {
     ];
     let (name, text) = RESTORE_SPEC;
     let pipeline = spec::load_str(name, text, &vars, &Stages).map_err(crate::spec_errors)?;
-    run_pipeline(&pipeline, None, false)?;
+    run_pipeline(&pipeline, None, crate::display::Output::Summary)?;
     Ok(())
 }
 
@@ -538,6 +538,6 @@ fn restore_vm(repo: &Path, snapshot: &str, to: &Path) -> Result<()> {
     ];
     let (name, text) = RESTORE_VM_SPEC;
     let pipeline = spec::load_str(name, text, &vars, &Stages).map_err(crate::spec_errors)?;
-    run_pipeline(&pipeline, None, false)?;
+    run_pipeline(&pipeline, None, crate::display::Output::Summary)?;
     Ok(())
 }

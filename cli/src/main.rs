@@ -217,7 +217,9 @@ fn init_logging(log: &str, format: LogFormat) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(log));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        // Through the live display, which erases its frame before a log line is written.
+        .with_writer(crate::display::log_writer)
+        // Colours only for a person: a log file or a pipe gets no escape sequences.
         .with_ansi(std::io::stderr().is_terminal());
     match format {
         LogFormat::Text => builder.init(),

@@ -32,6 +32,9 @@ pub struct Args {
     pub report: Option<PathBuf>,
     #[arg(long, short)]
     pub quiet: bool,
+    /// After the summary, the per-stage table.
+    #[arg(long, conflicts_with = "quiet")]
+    pub stats: bool,
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -44,6 +47,7 @@ pub fn run(args: Args) -> Result<()> {
         no_sync,
         report,
         quiet,
+        stats,
     } = args;
     open_repo(&repo)?;
     let vars = vec![
@@ -56,5 +60,6 @@ pub fn run(args: Args) -> Result<()> {
     ];
     let (name, text) = RESTORE_SPEC;
     let pipeline = spec::load_str(name, text, &vars, &Stages).map_err(spec_errors)?;
-    run_pipeline(&pipeline, report.as_deref(), quiet).map(|_| ())
+    let output = crate::display::Output::new(quiet, stats);
+    run_pipeline(&pipeline, report.as_deref(), output).map(|_| ())
 }

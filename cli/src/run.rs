@@ -32,9 +32,13 @@ pub struct RunArgs {
     /// Write the run report as JSON to FILE.
     #[arg(long)]
     pub report: Option<PathBuf>,
-    /// No live display and no summary table.
+    /// No live progress and no summary.
     #[arg(long, short)]
     pub quiet: bool,
+    /// After the summary, the per-stage table: items and bytes each stage handled, its rate, how
+    /// its time went, and the bottleneck.
+    #[arg(long, conflicts_with = "quiet")]
+    pub stats: bool,
 }
 
 #[derive(clap::Args)]
@@ -49,7 +53,8 @@ pub struct ValidateArgs {
 
 pub fn run(args: RunArgs) -> Result<()> {
     let pipeline = load_spec(&specs::resolve(&args.spec)?, parse_vars(&args.vars)?)?;
-    run_pipeline(&pipeline, args.report.as_deref(), args.quiet).map(|_| ())
+    let output = display::Output::new(args.quiet, args.stats);
+    run_pipeline(&pipeline, args.report.as_deref(), output).map(|_| ())
 }
 
 pub fn validate(args: ValidateArgs) -> Result<()> {
@@ -94,12 +99,13 @@ pub fn load_spec(source: &SpecSource, vars: Vec<(String, String)>) -> Result<Pip
     }
 }
 
-/// Runs a pipeline with Ctrl-C/SIGTERM handling, the live display on a terminal, the summary
-/// table and the JSON report. Errors when the run did not succeed.
+/// Runs a pipeline with Ctrl-C/SIGTERM handling, the live progress on a terminal, the summary
+/// (and with `--stats` the per-stage table) and the JSON report. Errors when the run did not
+/// succeed.
 pub fn run_pipeline(
     pipeline: &Pipeline,
     report_path: Option<&Path>,
-    quiet: bool,
+    output: display::Output,
 ) -> Result<RunReport> {
     if let Some(repo) = &pipeline.repository {
         // A missing or foreign repository is bad input found before any data moved: said here
@@ -109,14 +115,17 @@ pub fn run_pipeline(
     }
     let cancel = CancelToken::new();
     signals::cancel_on_signals(cancel.clone());
-    let live = !quiet && std::io::stderr().is_terminal();
-    let on_progress = live.then(|| Arc::new(display::LiveDisplay::default().into_callback()) as _);
+    let live = (output != display::Output::Quiet && std::io::stderr().is_terminal())
+        .then(display::LiveDisplay::start);
+    let on_progress = live
+        .clone()
+        .map(|live| Arc::new(move |p: &backflow_pipeline::Progress<'_>| live.draw(p)) as _);
     let report = pipeline.run(RunOptions {
         cancel,
         on_progress,
     });
-    if live {
-        display::clear_live();
+    if let Some(live) = &live {
+        live.finish();
     }
     if report.refused {
         // Nothing moved: the cause alone, as bad input, without a table of idle stages.
@@ -124,11 +133,9 @@ pub fn run_pipeline(
         let cause = report.errors.join("; ").replace('\n', " ");
         return Err(BadInput(cause).into());
     }
-    if !quiet {
-        // The report's warnings were logged when they happened (`RunContext::warn`), at the
-        // default log level: not repeated here.
-        print!("{}", report.summary_table());
-    }
+    // The report's warnings were logged when they happened (`RunContext::warn`), at the
+    // default log level: not repeated here.
+    print!("{}", display::after_run(&report, output));
     if let Some(path) = report_path {
         let json = serde_json::to_string_pretty(&report)?;
         std::fs::write(path, json)

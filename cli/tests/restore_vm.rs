@@ -54,7 +54,7 @@ fn restore_vm(repo: &Path, to: &Path, name: &str, report: &Path) -> Output {
             "--var",
             &format!("uri={URI}"),
         ])
-        .args(["--quiet", "--report"])
+        .arg("--report")
         .arg(report)
         .output()
         .unwrap()
@@ -109,6 +109,12 @@ fn restore_vm_defines_a_new_domain_on_the_restored_images() {
     assert!(domain_names().contains(&new_name));
     let new_uuid = uuid_of(&new_name);
     assert_eq!(domain["uuid"], new_uuid.as_str(), "{report}");
+    // The summary says it in the user's terms.
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains(&format!("defined domain {new_name} (UUID {new_uuid})")),
+        "{stdout}"
+    );
     assert_ne!(new_uuid, original_uuid);
     assert_eq!(
         uuid_of(original.name()),

@@ -42,6 +42,24 @@ impl CancelToken {
     }
 }
 
+/// Bytes done of bytes planned, for the whole run: what an overall progress line shows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Overall {
+    pub measure: Measure,
+    pub done: u64,
+    /// 0 until a planning stage has said how much there is to do.
+    pub planned: u64,
+}
+
+/// What [`Overall`] counts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Measure {
+    /// Bytes read from the sources (a backup).
+    Read,
+    /// Data written to the targets (a restore).
+    Written,
+}
+
 /// A cleanup action registered by a stage (stop a helper process, end a backup job, remove a file).
 /// It runs in the finaliser whatever the outcome, in reverse order of registration.
 pub type CleanupAction = Box<dyn FnOnce(&Outcome) -> Result<(), String> + Send>;
@@ -57,6 +75,13 @@ pub struct RunContext {
     pub source_bytes_read: AtomicU64,
     /// Bytes written into the repository (packs), before index and manifest.
     pub repo_bytes_written: AtomicU64,
+    /// Data written to a restore's targets (image files, block devices): the plaintext of data
+    /// chunks; holes and zero runs are not counted.
+    pub target_bytes_written: AtomicU64,
+    /// What the planning stages said the run has to read from its sources and to write to its
+    /// targets ([`RunContext::plan_read`], [`RunContext::plan_write`]).
+    planned_read: AtomicU64,
+    planned_write: AtomicU64,
     results: Mutex<BTreeMap<String, serde_json::Value>>,
     warnings: Mutex<Vec<String>>,
 }
@@ -70,6 +95,9 @@ impl RunContext {
             cleanup: Mutex::new(Vec::new()),
             source_bytes_read: AtomicU64::new(0),
             repo_bytes_written: AtomicU64::new(0),
+            target_bytes_written: AtomicU64::new(0),
+            planned_read: AtomicU64::new(0),
+            planned_write: AtomicU64::new(0),
             results: Mutex::new(BTreeMap::new()),
             warnings: Mutex::new(Vec::new()),
         }
@@ -110,6 +138,37 @@ impl RunContext {
         let mut actions = std::mem::take(&mut *self.cleanup.lock().unwrap());
         actions.reverse();
         actions
+    }
+
+    /// Adds `bytes` to what the sources will read, counted done in `source_bytes_read`. A stage that
+    /// plans the reads (a changed-block map) calls it before it hands its plan on, so that the
+    /// overall progress has its total long before the data has moved.
+    pub fn plan_read(&self, bytes: u64) {
+        self.planned_read.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// Adds `bytes` to the data the run will write to its targets (a restore), counted done in
+    /// `target_bytes_written`.
+    pub fn plan_write(&self, bytes: u64) {
+        self.planned_write.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// The run's progress as a whole. A run that planned writes is measured by them: a restore
+    /// also reads the repository, but what its user waits for is the data on the target.
+    pub fn overall(&self) -> Overall {
+        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        match load(&self.planned_write) {
+            0 => Overall {
+                measure: Measure::Read,
+                done: load(&self.source_bytes_read),
+                planned: load(&self.planned_read),
+            },
+            planned => Overall {
+                measure: Measure::Written,
+                done: load(&self.target_bytes_written),
+                planned,
+            },
+        }
     }
 
     /// Records a result of the run for the report (for example `snapshot`).

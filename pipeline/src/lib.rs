@@ -9,7 +9,8 @@
 //! - [`message`]: what travels on the edges, and the message types stages declare.
 //! - [`stage`]: the [`Stage`] trait (a stage's runtime value) and the [`Finaliser`].
 //! - [`runtime`]: channels, workers, cancellation, the finaliser; [`Pipeline::run`].
-//! - [`context`]: what the stages of one run share (repository, cleanup actions, results).
+//! - [`context`]: what the stages of one run share (repository, cleanup actions, results, the
+//!   bytes planned and done that the overall progress shows).
 //! - [`stats`]: counters measured around every send and receive, and the run report.
 //! - [`spec`]: loading, substituting and validating YAML specs, with file:line:column errors.
 //! - [`units`]: sizes with suffixes (`128K`), for options and the command line.
@@ -31,7 +32,7 @@ pub mod stage;
 pub mod stats;
 pub mod units;
 
-pub use context::{CancelToken, RunContext};
+pub use context::{CancelToken, Measure, Overall, RunContext};
 pub use error::StageError;
 pub use message::{
     BlockSource, ChangeTracking, Changes, Chunk, ChunkRef, Codec, Digest, Disk, DiskSource, Extent,

@@ -227,6 +227,15 @@ impl Disk {
         (self.size() - start).min(u64::from(self.chunk_size)) as u32
     }
 
+    /// Bytes of the chunks `[first, first + count)` (the last chunk may be short).
+    pub fn run_len(&self, first: u64, count: u64) -> u64 {
+        let chunk_size = u64::from(self.chunk_size);
+        let size = self.size();
+        ((first + count) * chunk_size)
+            .min(size)
+            .saturating_sub(first * chunk_size)
+    }
+
     pub fn name(&self) -> &str {
         &self.source.name
     }

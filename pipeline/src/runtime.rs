@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, SendTimeoutError, Sender};
 
-use crate::context::{CancelToken, RunContext};
+use crate::context::{CancelToken, Overall, RunContext};
 use crate::error::StageError;
 use crate::message::Message;
 use crate::stage::{Finaliser, PlacedStage};
@@ -168,13 +168,17 @@ pub type ProgressFn = Arc<dyn Fn(&Progress) + Send + Sync>;
 #[derive(Clone, Default)]
 pub struct RunOptions {
     pub cancel: CancelToken,
-    /// Called about every half second with the live statistics (for a terminal display).
+    /// Called about every half second with the live statistics (for a terminal display), and once
+    /// more when the stages have ended, with their final counts, before the run commits and
+    /// finalises (which the caller's summary then reports).
     pub on_progress: Option<ProgressFn>,
 }
 
 /// A live view of the run, given to `RunOptions::on_progress`.
 pub struct Progress<'a> {
     pub elapsed: Duration,
+    /// Bytes done of bytes planned, for the whole run.
+    pub overall: Overall,
     pub stages: Vec<ProgressStage<'a>>,
 }
 
@@ -256,14 +260,14 @@ impl Pipeline {
                 supervisors.push(handle);
             }
             if let Some(progress) = &options.on_progress {
-                let (done, counters, stages) = (&done, &counters, &self.stages);
+                let (done, counters, stages, ctx) = (&done, &counters, &self.stages, &ctx);
                 scope.spawn(move || {
                     while !done.is_cancelled() {
                         std::thread::sleep(TICK);
                         let elapsed = started.elapsed();
                         // About twice a second, aligned to ticks so that the end is not delayed.
                         if elapsed.as_millis() % 500 < TICK.as_millis() {
-                            progress(&snapshot_progress(stages, counters, elapsed));
+                            progress(&snapshot_progress(stages, counters, ctx, elapsed));
                         }
                     }
                 });
@@ -274,6 +278,14 @@ impl Pipeline {
             }
             done.cancel();
         });
+        if let Some(progress) = options.on_progress.as_ref().filter(|_| !refused) {
+            progress(&snapshot_progress(
+                &self.stages,
+                &counters,
+                &ctx,
+                started.elapsed(),
+            ));
+        }
 
         let mut errors = failures.into_inner().unwrap();
         let outcome = if !errors.is_empty() {
@@ -337,6 +349,7 @@ impl Pipeline {
                 .map(str::to_owned),
             source_bytes_read: ctx.source_bytes_read.load(Ordering::Relaxed),
             repo_bytes_written: ctx.repo_bytes_written.load(Ordering::Relaxed),
+            target_bytes_written: ctx.target_bytes_written.load(Ordering::Relaxed),
             wall_seconds: wall.as_secs_f64(),
             bottleneck: RunReport::find_bottleneck(&stages),
             stages,
@@ -348,6 +361,7 @@ impl Pipeline {
 fn snapshot_progress<'a>(
     stages: &'a [PlacedStage],
     counters: &'a [StageCounters],
+    ctx: &RunContext,
     elapsed: Duration,
 ) -> Progress<'a> {
     let stages = stages
@@ -370,7 +384,11 @@ fn snapshot_progress<'a>(
             }
         })
         .collect();
-    Progress { elapsed, stages }
+    Progress {
+        elapsed,
+        overall: ctx.overall(),
+        stages,
+    }
 }
 
 /// Runs all workers of one stage, records their failures, then closes the stage's output.

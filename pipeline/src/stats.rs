@@ -139,6 +139,9 @@ pub struct RunReport {
     pub snapshot: Option<String>,
     pub source_bytes_read: u64,
     pub repo_bytes_written: u64,
+    /// Data written to a restore's targets (image files, block devices): the plaintext of the
+    /// snapshot's data chunks, without holes and zero runs.
+    pub target_bytes_written: u64,
     pub wall_seconds: f64,
     /// The stage that limited throughput (highest utilisation), if any did work.
     pub bottleneck: Option<String>,
@@ -157,37 +160,37 @@ impl RunReport {
             .map(|s| s.name.clone())
     }
 
-    /// The end-of-run table for a terminal.
+    /// The per-stage table for a terminal: what each stage handled, in items (messages: disks,
+    /// extents, chunks) and in bytes, and how its time went. The outcome in the user's terms is the
+    /// caller's summary; this is for tuning a spec.
     pub fn summary_table(&self) -> String {
-        let mut out = String::new();
-        out.push_str(&format!(
-            "{:<14} {:<12} {:>3} {:>9} {:>10} {:>10} {:>9} {:>7} {:>8} {:>8}\n",
+        let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+        let mut out = format!(
+            "{:<14} {:<18} {:>7} {:>9} {:>10} {:>10} {:>9} {:>5} {:>9} {:>9}\n",
             "stage",
             "kind",
-            "w",
+            "workers",
             "items",
             "in MiB",
             "out MiB",
             "MiB/s",
-            "busy%",
-            "starved",
-            "backpr."
-        ));
+            "busy",
+            "starved s",
+            "backpr. s"
+        );
         for s in &self.stages {
-            let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
-            let moved = s.bytes_in.max(s.bytes_out);
             let rate = if self.wall_seconds > 0.0 {
-                mib(moved) / self.wall_seconds
+                mib(s.bytes_in.max(s.bytes_out)) / self.wall_seconds
             } else {
                 0.0
             };
             let mark = if self.bottleneck.as_deref() == Some(s.name.as_str()) {
-                " <- bottleneck"
+                "  <- bottleneck"
             } else {
                 ""
             };
             out.push_str(&format!(
-                "{:<14} {:<12} {:>3} {:>9} {:>10.1} {:>10.1} {:>9.1} {:>6.0}% {:>7.2}s {:>7.2}s{}\n",
+                "{:<14} {:<18} {:>7} {:>9} {:>10.1} {:>10.1} {:>9.1} {:>4.0}% {:>9.2} {:>9.2}{mark}\n",
                 s.name,
                 s.kind,
                 s.workers,
@@ -198,24 +201,8 @@ impl RunReport {
                 s.utilisation * 100.0,
                 s.starved_seconds,
                 s.backpressured_seconds,
-                mark
             ));
         }
-        out.push_str(&format!(
-            "{}: read {:.1} MiB, wrote {:.1} MiB to the repository in {:.2}s{}\n",
-            match self.outcome {
-                OutcomeKind::Succeeded => "succeeded",
-                OutcomeKind::Failed => "FAILED",
-                OutcomeKind::Cancelled => "CANCELLED",
-            },
-            self.source_bytes_read as f64 / (1024.0 * 1024.0),
-            self.repo_bytes_written as f64 / (1024.0 * 1024.0),
-            self.wall_seconds,
-            self.snapshot
-                .as_deref()
-                .map(|s| format!(", snapshot {s}"))
-                .unwrap_or_default()
-        ));
         out
     }
 }

@@ -125,6 +125,8 @@ struct Output {
     disk: Arc<Disk>,
     /// Bytes written, to trigger background flushes.
     written: AtomicU64,
+    /// Data written, for the report (counted whether or not `sync` is on).
+    data: AtomicU64,
 }
 
 enum Sink {
@@ -231,6 +233,7 @@ impl DiskWriter {
                 final_path: target,
                 disk: disk.clone(),
                 written: AtomicU64::new(0),
+                data: AtomicU64::new(0),
             }
         } else {
             let writing = partial_path(&target);
@@ -252,6 +255,7 @@ impl DiskWriter {
                 final_path: target,
                 disk: disk.clone(),
                 written: AtomicU64::new(0),
+                data: AtomicU64::new(0),
             }
         };
         let output = Arc::new(output);
@@ -384,6 +388,7 @@ fn qcow2_output(
         final_path: target,
         disk: disk.clone(),
         written: AtomicU64::new(0),
+        data: AtomicU64::new(0),
     })
 }
 
@@ -441,6 +446,17 @@ impl Drop for DiskWriter {
     }
 }
 
+/// Counts data written to an output: for the stage, the output's line in the report and the
+/// run's overall progress.
+fn count_data(worker: &Worker<'_>, out: &Output, bytes: u64) {
+    worker.count_out(bytes);
+    out.data.fetch_add(bytes, Ordering::Relaxed);
+    worker
+        .ctx()
+        .target_bytes_written
+        .fetch_add(bytes, Ordering::Relaxed);
+}
+
 fn partial_path(target: &Path) -> PathBuf {
     let mut name = target.file_name().unwrap_or_default().to_os_string();
     name.push(".partial");
@@ -486,13 +502,13 @@ impl Stage for DiskWriter {
             match (&chunk.payload, &out.sink) {
                 (Payload::Raw(data), Sink::File { file, .. }) => {
                     file.write_all_at(data, chunk.offset()).map_err(write_err)?;
-                    worker.count_out(data.len() as u64);
+                    count_data(worker, &out, data.len() as u64);
                     self.written(&out, file, data.len() as u64);
                 }
                 (Payload::Raw(data), Sink::Qcow2 { pool, .. }) => {
                     pool.with_client(|c| c.write_at(chunk.offset(), data))
                         .map_err(|e| nbd_error(context(), e))?;
-                    worker.count_out(data.len() as u64);
+                    count_data(worker, &out, data.len() as u64);
                 }
                 (
                     Payload::Zero { count },
@@ -555,6 +571,7 @@ impl Stage for DiskWriter {
                 "disk": out.disk.name(),
                 "path": out.final_path.display().to_string(),
                 "size": out.disk.size(),
+                "written": out.data.load(Ordering::Relaxed),
                 "format": self.format.name(),
             }));
         }

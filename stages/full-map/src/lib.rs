@@ -436,12 +436,19 @@ pub fn plan_incremental(
     split_data_runs(plan, max_run)
 }
 
-/// Sends a plan as extents of `disk`; stops early when nobody downstream takes them.
+/// Sends a plan as extents of `disk`, its data runs added to the bytes the run plans to read;
+/// stops early when nobody downstream takes them.
 pub fn send_plan(
     worker: &mut Worker<'_>,
     disk: &Arc<Disk>,
     plan: Vec<(u64, u64, ExtentClass)>,
 ) -> Result<(), backflow_pipeline::Stopped> {
+    worker.ctx().plan_read(
+        plan.iter()
+            .filter(|run| run.2 == ExtentClass::Data)
+            .map(|&(first, count, _)| disk.run_len(first, count))
+            .sum(),
+    );
     for (first, count, class) in plan {
         let extent = Extent {
             disk: disk.clone(),

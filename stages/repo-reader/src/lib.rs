@@ -112,6 +112,16 @@ impl RepoReader {
                         names.join(", ")
                     ));
                 }
+                // The data to restore, for the overall progress: one pass over the chunk tables.
+                let mut data = 0;
+                for (slot, disk) in &disks {
+                    for (index, entry) in snapshot.chunks(*slot).enumerate() {
+                        if let ChunkRef::Data(_) = entry.map_err(|e| e.to_string())? {
+                            data += disk.run_len(index as u64, 1);
+                        }
+                    }
+                }
+                worker.ctx().plan_write(data);
                 worker.ctx().set_result(
                     "restored_snapshot",
                     serde_json::Value::String(snapshot.info().id.clone()),

@@ -276,6 +276,16 @@ impl Stage for RepoWriter {
             .values()
             .filter_map(|d| d.disk.source.tracking.clone())
             .collect();
+        // For the summary: what was backed up, in the user's terms.
+        let mut disks: Vec<_> = state.disks.values().map(|d| &d.disk).collect();
+        disks.sort_by(|a, b| a.name().cmp(b.name()));
+        let disks: Vec<_> = disks
+            .into_iter()
+            .map(|d| {
+                let location = d.source.location.display().to_string();
+                serde_json::json!({ "name": d.name(), "size": d.size(), "location": location })
+            })
+            .collect();
         state.disks.clear();
         backflow_pipeline::hooks::pause_at(PAUSE_BEFORE_COMMIT, "before commit");
         let session = Arc::try_unwrap(session).map_err(|_| {
@@ -287,6 +297,8 @@ impl Stage for RepoWriter {
             tracking.committed(&info.id);
         }
         ctx.set_result("snapshot", serde_json::Value::String(info.id.clone()));
+        ctx.set_result("vm", serde_json::Value::String(info.vm.clone()));
+        ctx.set_result("disks", serde_json::Value::Array(disks));
         Ok(())
     }
 }
