@@ -31,9 +31,10 @@ use clap::{Parser, Subcommand};
     about = "Agentless, deduplicating backup of KVM/QEMU disks as YAML pipelines"
 )]
 struct Cli {
-    /// Log level filter (also RUST_LOG), e.g. info, debug, backflow=debug.
-    #[arg(long, global = true, default_value = "warn")]
-    log: String,
+    /// Log level filter (also RUST_LOG), e.g. info, debug, backflow=debug [default: warn; the
+    /// daemon's own lines at info].
+    #[arg(long, global = true)]
+    log: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -102,8 +103,7 @@ enum Command {
 pub const REPO_ENV: &str = "BACKFLOW_REPOSITORY";
 
 /// The help of every `--repo`.
-pub const REPO_HELP: &str =
-    "The repository's directory (made by `backflow init`)";
+pub const REPO_HELP: &str = "The repository's directory (made by `backflow init`)";
 
 /// Failures that map to exit code 2 (the input was wrong, nothing ran).
 #[derive(Debug)]
@@ -133,8 +133,13 @@ fn main() -> ExitCode {
     // Before anything else: a signal from here on ends the process with 130, never by the signal.
     signals::install();
     let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cli.log));
+    let default_log = match cli.command {
+        Command::Daemon(_) => daemon::DEFAULT_LOG,
+        _ => "warn",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new(cli.log.as_deref().unwrap_or(default_log))
+    });
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -107,6 +107,9 @@ pub fn run_pipeline(
         for w in &report.warnings {
             eprintln!("warning: {w}");
         }
+        for n in &report.notes {
+            eprintln!("note: {n}");
+        }
     }
     if let Some(path) = report_path {
         let json = serde_json::to_string_pretty(&report)?;

@@ -59,6 +59,7 @@ pub struct RunContext {
     pub repo_bytes_written: AtomicU64,
     results: Mutex<BTreeMap<String, serde_json::Value>>,
     warnings: Mutex<Vec<String>>,
+    notes: Mutex<Vec<String>>,
 }
 
 impl RunContext {
@@ -72,6 +73,7 @@ impl RunContext {
             repo_bytes_written: AtomicU64::new(0),
             results: Mutex::new(BTreeMap::new()),
             warnings: Mutex::new(Vec::new()),
+            notes: Mutex::new(Vec::new()),
         }
     }
 
@@ -168,6 +170,19 @@ impl RunContext {
 
     pub fn warnings(&self) -> Vec<String> {
         self.warnings.lock().unwrap().clone()
+    }
+
+    /// A note for the report: worth knowing, nothing wrong (a backup that is crash-consistent
+    /// because the VM has no guest agent). Unlike a warning it makes no session a `warning`, and
+    /// so mails no one.
+    pub fn note(&self, message: impl Into<String>) {
+        let message = message.into();
+        tracing::info!("{message}");
+        self.notes.lock().unwrap().push(message);
+    }
+
+    pub fn notes(&self) -> Vec<String> {
+        self.notes.lock().unwrap().clone()
     }
 }
 

@@ -225,7 +225,10 @@ impl Pipeline {
         if prepared.is_ok() {
             for placed in &self.stages {
                 if let Err(e) = placed.stage.preflight(&ctx) {
-                    failures.lock().unwrap().push(format!("{}: {e}", placed.name));
+                    failures
+                        .lock()
+                        .unwrap()
+                        .push(format!("{}: {e}", placed.name));
                     prepared = Err(());
                     break;
                 }
@@ -328,6 +331,7 @@ impl Pipeline {
             errors,
             refused,
             warnings,
+            notes: ctx.notes(),
             snapshot: results
                 .get("snapshot")
                 .and_then(|v| v.as_str())
