@@ -93,10 +93,12 @@ fn check_patterns(job: &Job, found: &mut Validation) -> Option<Selected> {
     }
     match crate::select::select(job, &vms) {
         Ok(selected) => selected.into_iter().next(),
-        Err(e) => {
+        // A pattern matching nothing is warned about above, VM by VM.
+        Err(e @ crate::JobError::EveryDiskExcluded { .. }) => {
             found.warnings.push(e.to_string());
             None
         }
+        Err(_) => None,
     }
 }
 
