@@ -24,11 +24,12 @@ pub enum JobError {
         at: Option<(u64, u64)>,
         message: String,
     },
-    /// The libvirt connection cannot be opened or listed.
+    /// The libvirt connection cannot be opened or listed (boxed: libvirt's errors are large,
+    /// and every `Result` of this crate carries the size of its largest error).
     #[error("job {job}: {source}")]
     Libvirt {
         job: String,
-        source: backflow_libvirt::LibvirtError,
+        source: Box<backflow_libvirt::LibvirtError>,
     },
     /// An exact VM name of `vms` that no VM of the connection has (a typo must not back up
     /// nothing).

@@ -3,7 +3,7 @@
 //! options) and when (cron schedules); or a health check or a garbage collection of a repository.
 //!
 //! # Layout
-//! - [`file`]: the job file, read with positions in every error; [`Job::kind`] says what it does.
+//! - [`file`](mod@file): the job file, read with positions in every error; [`Job::kind`] says what it does.
 //! - [`select`]: which VMs and disks a job backs up, from a libvirt listing.
 //! - [`run`]: one run of a job (a session): each VM and each image its own pipeline run,
 //!   `parallel` at a time, recorded in the repository's session history.

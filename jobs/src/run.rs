@@ -441,7 +441,7 @@ pub fn plan(job: &Job, only: Option<&str>) -> Result<Vec<Source>, JobError> {
     if !job.vms.is_empty() {
         let libvirt = |source| JobError::Libvirt {
             job: job.name.0.clone(),
-            source,
+            source: Box::new(source),
         };
         let conn = Connection::open_read_only(Some(&job.uri)).map_err(libvirt)?;
         let vms = conn.list_vms().map_err(libvirt)?;
