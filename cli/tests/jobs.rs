@@ -1,6 +1,7 @@
 //! `backflow job run` and `backflow sessions` against real libvirt domains (`qemu:///system`,
 //! started by `scripts/setup.sh`): VMs chosen by glob with exclusions, per-disk exclusion, stage
-//! overrides, one VM failing without stopping the others, and the recorded history.
+//! overrides, one VM failing without stopping the others, the recorded history, and a VM without
+//! a guest agent (a note, not a warning; a failure with `freeze: required`).
 
 mod common;
 
