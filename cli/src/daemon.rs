@@ -7,6 +7,12 @@
 //! thread calling `backflow_jobs::run_job`; its session is recorded in the repository and logged
 //! here.
 //!
+//! The daemon's own lines (each job loaded with its next run; each session's start; its end with
+//! the outcome, the time it took and the job's next run) are logged at `info`, and shown at the
+//! default log level ([`DEFAULT_LOG`]): a daemon's log is its operator's record of what ran.
+//! Values are written for people: times in UTC, durations as `3m 07s`, `never` for a job
+//! without a schedule.
+//!
 //! SIGTERM or SIGINT: no run starts any more, the running ones are cancelled (their pipelines
 //! stop, cleanup runs, nothing half-committed, the sessions are recorded `cancelled`), the daemon
 //! waits for them and exits 0. A second signal exits at once (130).
@@ -18,8 +24,7 @@ use std::time::Duration;
 
 use anyhow::Result;
 use backflow_jobs::schedule::Scheduler;
-use backflow_jobs::select::Selected;
-use backflow_jobs::{Job, RunJobOptions, SessionRecord, Verdict};
+use backflow_jobs::{Job, JobError, RunJobOptions, SessionRecord, Source, Verdict};
 use backflow_pipeline::CancelToken;
 
 use crate::{BadInput, signals};
@@ -27,6 +32,10 @@ use crate::{BadInput, signals};
 /// The longest sleep between two checks: how late a signal or a run's end may be noticed
 /// (a run's end usually wakes the daemon at once).
 const TICK: Duration = Duration::from_secs(1);
+
+/// The log filter of `backflow daemon` when neither `--log` nor `RUST_LOG` says otherwise: the
+/// global default (`warn`), and the daemon's own lines at `info`.
+pub const DEFAULT_LOG: &str = "warn,backflow::daemon=info";
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -37,7 +46,7 @@ pub struct Args {
 
 /// A run that ended: the job's index, then its session and whether the record was stored, or
 /// `None` when the run panicked (the panic message is on stderr).
-type Ended = (usize, Option<(SessionRecord, Result<(), String>)>);
+type Ended = (usize, Option<(SessionRecord, Result<(), JobError>)>);
 
 pub fn run(args: Args) -> Result<()> {
     let jobs = load_jobs(&args.jobs)?;
@@ -57,7 +66,7 @@ pub fn run(args: Args) -> Result<()> {
         let job = scheduler.job(i);
         tracing::info!(
             job = %job.name.0,
-            next = ?backflow_jobs::schedule::next_due(job, now).map(backflow_repository::rfc3339),
+            next = %when(backflow_jobs::schedule::next_due(job, now)),
             "Job loaded."
         );
     }
@@ -89,7 +98,11 @@ pub fn run(args: Args) -> Result<()> {
                 waiting.insert(i);
                 continue;
             }
-            tracing::info!(job = %job.name.0, "Session starting.");
+            tracing::info!(
+                job = %job.name.0,
+                sources = selected.as_ref().and_then(|s| s.as_ref().ok()).map_or(0, Vec::len),
+                "Session started."
+            );
             let options = RunJobOptions {
                 cancel: cancel.clone(),
                 only: None,
@@ -150,7 +163,7 @@ fn load_jobs(dir: &Path) -> Result<Vec<Job>> {
     }
     let mut jobs: Vec<Job> = Vec::new();
     for file in &files {
-        let job = backflow_jobs::load(file).map_err(BadInput)?;
+        let job = backflow_jobs::load(file).map_err(|e| BadInput(e.to_string()))?;
         if jobs.iter().any(|j| j.name == job.name) {
             return Err(BadInput(format!(
                 "{}: a second job named {} in {}",
@@ -176,9 +189,8 @@ fn last_started(job: &Job) -> Option<i64> {
     match backflow_jobs::sessions(&job.repository) {
         Ok(sessions) => sessions
             .iter()
-            .filter(|s| s["job"].as_str() == Some(job.name.0.as_str()))
-            .filter(|s| s["result"].as_str() != Some("cancelled"))
-            .filter_map(|s| s["started"].as_i64())
+            .filter(|s| s.job == job.name.0 && s.result != Verdict::Cancelled)
+            .map(|s| s.started)
             .max(),
         Err(e) => {
             tracing::warn!(job = %job.name.0, error = %e, "Cannot read the job's sessions.");
@@ -187,13 +199,19 @@ fn last_started(job: &Job) -> Option<i64> {
     }
 }
 
-/// The VMs a run selected, to keep two jobs off one VM. When the selection failed the run goes
-/// ahead with none marked busy: it records why.
-fn busy_vms(selected: Option<&Result<Vec<Selected>, String>>) -> Vec<String> {
+/// The VMs and images a run selected, to keep two jobs off one. When the selection failed the
+/// run goes ahead with none marked busy: it records why.
+fn busy_vms(selected: Option<&Result<Vec<Source>, JobError>>) -> Vec<String> {
     match selected {
-        Some(Ok(selected)) => selected.iter().map(|s| s.vm.clone()).collect(),
+        Some(Ok(selected)) => selected.iter().map(Source::key).collect(),
         _ => Vec::new(),
     }
+}
+
+/// A scheduled time as the log shows it: `2026-12-04 02:00:00 UTC`, or `never`.
+fn when(time: Option<i64>) -> String {
+    time.map(|t| backflow_jobs::notify::utc(t.max(0) as u64))
+        .unwrap_or_else(|| "never".into())
 }
 
 fn finished(scheduler: &mut Scheduler, (index, ended): Ended) {
@@ -202,24 +220,30 @@ fn finished(scheduler: &mut Scheduler, (index, ended): Ended) {
         tracing::error!(job = %scheduler.job(index).name.0, "Session panicked; not recorded.");
         return;
     };
-    let vms = record.vms.len();
+    let sources = record.vms.len();
     let failed = record
         .vms
         .iter()
         .filter(|v| v.result == Verdict::Failure)
         .count();
-    let seconds = record.ended - record.started;
-    match record.result {
-        Verdict::Success | Verdict::Warning => tracing::info!(
-            job = %record.job, session = %record.id, result = ?record.result, vms, seconds,
+    let took = backflow_jobs::notify::duration(Duration::from_secs(
+        u64::try_from(record.ended - record.started).unwrap_or(0),
+    ));
+    let next = when(scheduler.next_run(index));
+    let (job, session, outcome) = (&record.job, &record.id, record.result);
+    match (record.result, &record.error) {
+        (Verdict::Success, _) => tracing::info!(
+            job = %job, session = %session, %outcome, sources, %took, %next, "Session ended."
+        ),
+        (Verdict::Warning | Verdict::Cancelled, _) => tracing::warn!(
+            job = %job, session = %session, %outcome, sources, %took, %next, "Session ended."
+        ),
+        (Verdict::Failure, Some(error)) => tracing::error!(
+            job = %job, session = %session, %outcome, %error, %took, %next, "Session ended."
+        ),
+        (Verdict::Failure, None) => tracing::error!(
+            job = %job, session = %session, %outcome, sources, failed, %took, %next,
             "Session ended."
-        ),
-        Verdict::Cancelled => tracing::warn!(
-            job = %record.job, session = %record.id, vms, seconds, "Session cancelled."
-        ),
-        Verdict::Failure => tracing::error!(
-            job = %record.job, session = %record.id, vms, failed, seconds,
-            error = record.error.as_deref().unwrap_or(""), "Session failed."
         ),
     }
     if let Err(e) = stored {

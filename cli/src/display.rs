@@ -400,6 +400,10 @@ pub fn after_run(report: &RunReport, output: Output) -> String {
     if report.outcome == OutcomeKind::Succeeded {
         out.push_str(&summary(report));
     }
+    // Notes (a crash-consistent backup) are facts about the run, not warnings: said with it.
+    for n in &report.notes {
+        out.push_str(&format!("note: {n}\n"));
+    }
     if output == Output::Stats {
         if !out.is_empty() {
             out.push('\n');

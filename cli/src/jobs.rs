@@ -1,21 +1,22 @@
-//! `backflow job run FILE` and `backflow sessions`: backup jobs run by hand, and their history.
+//! `backflow job run FILE`, `backflow job validate FILE` and `backflow sessions`: backup jobs run
+//! by hand, checked without running, and their history.
 
 use std::path::PathBuf;
 
 use anyhow::{Result, bail};
-use backflow_jobs::{HealthCheckRecord, RunJobOptions, SessionRecord, Verdict};
+use backflow_jobs::{HealthCheckRecord, JobKind, RunJobOptions, SessionRecord, Verdict};
 use backflow_pipeline::{ByteSize, CancelToken};
 
 use crate::{BadInput, Interrupted, signals};
 
 #[derive(clap::Subcommand)]
 pub enum JobCommand {
-    /// Run a job now: every VM it selects, `parallel` at a time; the session is recorded in the
-    /// repository (see `backflow sessions`).
+    /// Run a job now: every VM it selects and every image it names, `parallel` at a time; the
+    /// session is recorded in the repository (see `backflow sessions`).
     Run {
         /// The job file (YAML).
         file: PathBuf,
-        /// Only this VM of the job.
+        /// Only this VM, or image (its name in the job, or its path), of the job.
         #[arg(long)]
         vm: Option<String>,
         /// Write the session record as JSON to FILE.
@@ -25,7 +26,9 @@ pub enum JobCommand {
         #[arg(long, short)]
         quiet: bool,
     },
-    /// Check a job file without running it.
+    /// Check a job without running it: its file, the repository, the spec and the variables the
+    /// job sets, the images, the VM patterns against the connection's VMs (a warning when one
+    /// matches none), and the next run times of each schedule.
     Validate { file: PathBuf },
 }
 
@@ -43,34 +46,14 @@ pub struct SessionsArgs {
 
 pub fn run(command: JobCommand) -> Result<()> {
     match command {
-        JobCommand::Validate { file } => {
-            let job = backflow_jobs::load(&file).map_err(BadInput)?;
-            let what = match (job.health_check(), job.gc()) {
-                (Some(check), _) if check.read_data => {
-                    "health check reading every chunk".to_owned()
-                }
-                (Some(_), _) => "health check of the structure".to_owned(),
-                (None, Some(gc)) => format!(
-                    "garbage collection (repack threshold {}%)",
-                    gc.repack_threshold.0
-                ),
-                (None, None) => format!("{} VM pattern(s)", job.vms.len()),
-            };
-            println!(
-                "{}: valid: job {}, {what}, repository {}",
-                file.display(),
-                job.name.0,
-                job.repository.display()
-            );
-            Ok(())
-        }
+        JobCommand::Validate { file } => validate(&file),
         JobCommand::Run {
             file,
             vm,
             report,
             quiet,
         } => {
-            let job = backflow_jobs::load(&file).map_err(BadInput)?;
+            let job = backflow_jobs::load(&file).map_err(|e| BadInput(e.to_string()))?;
             let cancel = CancelToken::new();
             signals::cancel_on_signals(cancel.clone());
             let (record, stored) = backflow_jobs::run_job(
@@ -128,6 +111,75 @@ pub fn run(command: JobCommand) -> Result<()> {
     }
 }
 
+/// Checks a job without running it: errors exit 2, warnings are printed and exit 0.
+fn validate(file: &std::path::Path) -> Result<()> {
+    let job = backflow_jobs::load(file).map_err(|e| BadInput(e.to_string()))?;
+    let found = backflow_jobs::validate::validate(
+        &job,
+        &file.display().to_string(),
+        backflow_jobs::run::now(),
+    );
+    for w in &found.warnings {
+        eprintln!("warning: {w}");
+    }
+    if !found.errors.is_empty() {
+        let count = found.errors.len();
+        return Err(BadInput(format!(
+            "{}\n{count} error{} in the job; nothing was run",
+            found.errors.join("\n"),
+            if count == 1 { "" } else { "s" }
+        ))
+        .into());
+    }
+    let what = match job.kind() {
+        JobKind::HealthCheck(check) if check.read_data => {
+            "health check reading every chunk".to_owned()
+        }
+        JobKind::HealthCheck(_) => "health check of the structure".to_owned(),
+        JobKind::Gc(gc) => format!(
+            "garbage collection (repack threshold {}%)",
+            gc.repack_threshold.0
+        ),
+        JobKind::Backup { vms, images } => {
+            let mut what = Vec::new();
+            if !vms.is_empty() {
+                what.push(format!("{} VM pattern(s)", vms.len()));
+            }
+            if !images.is_empty() {
+                what.push(format!("{} image(s)", images.len()));
+            }
+            format!("backup of {}", what.join(" and "))
+        }
+    };
+    println!(
+        "{}: valid: job {}, {what}, repository {}",
+        file.display(),
+        job.name.0,
+        job.repository.display()
+    );
+    for spec in &found.specs {
+        println!("  spec {spec}");
+    }
+    if found.next_runs.is_empty() {
+        println!("  no schedule: it runs only by hand (`backflow job run`)");
+    }
+    for (schedule, times) in &found.next_runs {
+        let times: Vec<String> = times
+            .iter()
+            .map(|t| backflow_jobs::notify::utc(*t as u64))
+            .collect();
+        println!(
+            "  schedule \"{schedule}\": next {}",
+            if times.is_empty() {
+                "never".to_owned()
+            } else {
+                times.join(", ")
+            }
+        );
+    }
+    Ok(())
+}
+
 /// One line per VM, then its warnings and error; or what a health check found.
 fn summary(record: &SessionRecord) -> String {
     let mut out = format!(
@@ -163,6 +215,9 @@ fn summary(record: &SessionRecord) -> String {
         ));
         for w in &vm.warnings {
             out.push_str(&format!("  warning: {w}\n"));
+        }
+        for n in &vm.notes {
+            out.push_str(&format!("  note: {n}\n"));
         }
         if let Some(e) = &vm.error {
             out.push_str(&format!("  error: {e}\n"));
@@ -205,9 +260,9 @@ fn check_summary(check: &HealthCheckRecord) -> String {
 }
 
 pub fn sessions(args: SessionsArgs) -> Result<()> {
-    let mut records = backflow_jobs::sessions(&args.repo).map_err(anyhow::Error::msg)?;
+    let mut records = backflow_jobs::sessions(&args.repo)?;
     if let Some(job) = &args.job {
-        records.retain(|r| r["job"].as_str() == Some(job.as_str()));
+        records.retain(|r| &r.job == job);
     }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&records)?);
@@ -218,31 +273,20 @@ pub fn sessions(args: SessionsArgs) -> Result<()> {
         "session", "job", "started (UTC)", "seconds", "result"
     );
     for r in &records {
-        let started = r["started"].as_i64().unwrap_or_default();
-        let seconds = r["ended"].as_i64().unwrap_or(started) - started;
-        let vms: Vec<String> = r["vms"]
-            .as_array()
-            .map(|vms| {
-                vms.iter()
-                    .map(|v| {
-                        format!(
-                            "{} {}",
-                            v["vm"].as_str().unwrap_or("?"),
-                            v["result"].as_str().unwrap_or("?")
-                        )
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
+        let vms: Vec<String> = r
+            .vms
+            .iter()
+            .map(|v| format!("{} {}", v.vm, v.result))
+            .collect();
         println!(
             "{:<25} {:<16} {:<21} {:>7} {:<9} {}",
-            r["id"].as_str().unwrap_or("?"),
-            r["job"].as_str().unwrap_or("?"),
-            backflow_repository::rfc3339(started),
-            seconds,
-            r["result"].as_str().unwrap_or("?"),
+            r.id,
+            r.job,
+            backflow_repository::rfc3339(r.started),
+            r.ended - r.started,
+            r.result,
             if vms.is_empty() {
-                r["error"].as_str().unwrap_or("").to_owned()
+                r.error.clone().unwrap_or_default()
             } else {
                 vms.join(", ")
             }

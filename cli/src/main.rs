@@ -43,9 +43,10 @@ use clap::{CommandFactory, Parser, Subcommand};
 )]
 struct Cli {
     /// What to log on stderr: a level (error, warn, info, debug, trace) or tracing's filter
-    /// syntax (`info,backflow_repository=debug`). RUST_LOG, when set, wins.
-    #[arg(long, global = true, default_value = "warn", value_name = "FILTER")]
-    log: String,
+    /// syntax (`info,backflow_repository=debug`). RUST_LOG, when set, wins. Default: warn, and
+    /// for `daemon` its own lines at info.
+    #[arg(long, global = true, value_name = "FILTER")]
+    log: Option<String>,
     /// Log lines as text (for people) or JSON, one object per line (for log collectors).
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -187,7 +188,11 @@ fn main() -> ExitCode {
     // Before anything else: a signal from here on ends the process with 130, never by the signal.
     signals::install();
     let cli = Cli::parse();
-    init_logging(&cli.log, cli.log_format);
+    let default_log = match cli.command {
+        Command::Daemon(_) => daemon::DEFAULT_LOG,
+        _ => "warn",
+    };
+    init_logging(cli.log.as_deref().unwrap_or(default_log), cli.log_format);
     match execute(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -303,7 +303,7 @@ fn the_daemon_runs_a_health_check_job() {
     std::fs::create_dir(&jobs).unwrap();
     check_job(&jobs, &repo);
     let id = record_old_session(&repo, "weekly-check", 8 * 86400);
-    run_daemon_until(&jobs, "Session failed.");
+    run_daemon_until(&jobs, "Session ended.");
 
     let sessions = run_ok(
         backflow()

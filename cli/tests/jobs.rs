@@ -1,6 +1,7 @@
 //! `backflow job run` and `backflow sessions` against real libvirt domains (`qemu:///system`,
 //! started by `scripts/setup.sh`): VMs chosen by glob with exclusions, per-disk exclusion, stage
-//! overrides, one VM failing without stopping the others, and the recorded history.
+//! overrides, one VM failing without stopping the others, the recorded history, and a VM without
+//! a guest agent (a note, not a warning; a failure with `freeze: required`).
 
 mod common;
 
@@ -241,4 +242,55 @@ fn retention_keeps_what_it_says_and_the_sessions_are_mailed() {
         "a failed backup forgets nothing: {:?}",
         snapshot_ids(&repo)
     );
+}
+
+#[test]
+fn a_vm_without_a_guest_agent_is_a_note_not_a_warning_unless_the_job_requires_a_freeze() {
+    use backflow_testkit::smtp::{Options, SmtpServer};
+    let server = SmtpServer::start(Options::default());
+    // The test domains have no guest agent; the job leaves `freeze` at its default (auto) and
+    // mails warnings and failures only.
+    let (vms, _) = Domain::start_many("bf-note", 1, &[("vda", "16M")]);
+    let vm = &vms[0];
+    vm.guest_write("vda", "write -P 7 1M 1M");
+    let (work, _repo, file) = job_in_new_repo(|repo| {
+        format!(
+            "name: agentless\nrepository: {}\nvms: [{}]\nnotify:\n  server: 127.0.0.1\n  \
+             port: {}\n  security: none\n  from: backflow@test.invalid\n  \
+             to: [ops@test.invalid]\n  when: [warning, failure]\n",
+            repo.display(),
+            vm.name(),
+            server.port
+        )
+    });
+    let report = work.path().join("session.json");
+    run_ok(&mut job_run(&file, &report));
+    let session = read_report(&report);
+    assert_eq!(session["result"], "success", "{session:#}");
+    let record = &session["vms"][0];
+    assert_eq!(record["warnings"], serde_json::json!([]), "{record:#}");
+    let notes = record["notes"].as_array().unwrap();
+    assert!(
+        notes.len() == 1 && notes[0].as_str().unwrap().contains("crash-consistent"),
+        "{record:#}"
+    );
+    assert_eq!(session["notified"], serde_json::Value::Null, "{session:#}");
+    assert!(server.messages().is_empty(), "a quiet night mails no one");
+
+    // `freeze: required`: the same VM fails, and that is mailed.
+    let text = std::fs::read_to_string(&file).unwrap();
+    std::fs::write(&file, format!("{text}freeze: required\n")).unwrap();
+    let out = run_job(&file, &report);
+    assert_eq!(out.status.code(), Some(1));
+    let session = read_report(&report);
+    assert_eq!(session["result"], "failure", "{session:#}");
+    let error = session["vms"][0]["error"].as_str().unwrap();
+    assert!(error.contains("cannot be frozen"), "{error}");
+    let mail = server.messages();
+    assert_eq!(mail.len(), 1);
+    assert_eq!(
+        mail[0]["subject"],
+        "[backflow] job agentless: failure (1 of 1 VM failed)"
+    );
+    assert!(!vm.has_backup_job());
 }

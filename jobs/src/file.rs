@@ -11,13 +11,19 @@
 //! vms: [web01, "db-*"]               # names or globs (* and ?); "*" is every VM
 //! exclude: ["*-test"]                # names or globs left out
 //! exclude_disks: [vdb, "db01:vdc"]   # TARGET on every VM, or VM:TARGET
-//! spec: /etc/backflow/my-backup.yaml # default: the built-in specs/backup-vm.yaml
+//! images:                            # image files, block devices, qcow2 images
+//!   - /var/lib/images/web01.raw      # a path; its snapshots are named as the spec names them
+//!   - {path: /dev/vg0/db, name: db01}              # `name`: the spec's `name` variable
+//!   - {path: /srv/tpl.img, format: qcow2}          # raw or qcow2; default: by its first bytes
+//! spec: /etc/backflow/my-backup.yaml # default: built in, backup-vm, backup-image or backup-qcow2
 //! variables: {checkpoint: nightly}   # the spec's variables (domain, repo, uri are set per VM)
+//! freeze: auto                       # VMs' guest filesystems: auto, off or required
 //! overrides:                         # stage options over the spec's, by stage name (or kind)
 //!   zstd: {level: 3}
 //!   reader: {workers: 4}
-//! parallel: 1                        # VMs backed up at once
-//! schedule: ["0 2 * * *"]            # cron expressions (minute hour day month weekday), UTC
+//! parallel: 1                        # VMs and images backed up at once
+//! schedule: "0 2 * * *"              # cron (minute hour day-of-month month day-of-week), UTC;
+//!                                    #   or a list of them
 //! retention: {keep_last: 7, keep_daily: 14, keep_weekly: 8, keep_monthly: 12}
 //! notify:                            # mail the session's report
 //!   server: smtp.example.com
@@ -29,8 +35,9 @@
 //!   when: [warning, failure]         # and/or success
 //! ```
 //!
-//! A health-check job verifies the repository instead of backing up (no `vms`; `uri`, `exclude`,
-//! `exclude_disks`, `spec`, `variables`, `overrides`, `parallel` and `retention` do not apply):
+//! A health-check job verifies the repository instead of backing up (no `vms` or `images`; `uri`,
+//! `exclude`, `exclude_disks`, `spec`, `variables`, `overrides`, `parallel` and `retention` do not
+//! apply):
 //! ```yaml
 //! name: weekly-check
 //! repository: /srv/backflow
@@ -52,6 +59,8 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use serde_saphyr::Spanned;
 
+use crate::error::JobError;
+
 /// Largest job file, in bytes: the limit of specs ([`backflow_pipeline::input::MAX_SPEC_SIZE`]).
 pub const MAX_JOB_FILE_SIZE: u64 = backflow_pipeline::input::MAX_SPEC_SIZE;
 
@@ -63,36 +72,182 @@ pub struct Job {
     #[serde(default = "default_uri")]
     pub uri: String,
     pub repository: PathBuf,
-    /// The VMs to back up; empty for a health check.
+    /// The VMs to back up.
     #[serde(default)]
     pub vms: Vec<Pattern>,
+    /// The image files, block devices and qcow2 images to back up.
+    #[serde(default)]
+    pub images: Vec<ImageSource>,
     #[serde(default)]
     pub exclude: Vec<Pattern>,
     #[serde(default)]
     pub exclude_disks: Vec<DiskExclusion>,
-    /// A spec file; `None`: the built-in `specs/backup-vm.yaml`.
+    /// A spec file; `None`: the built-in spec for each source (see [`crate::run`]).
     #[serde(default)]
     pub spec: Option<PathBuf>,
+    /// The spec's variables, with where the file sets them (for `job validate`).
     #[serde(default)]
-    pub variables: BTreeMap<String, serde_json::Value>,
+    pub variables: BTreeMap<String, Spanned<serde_json::Value>>,
+    /// The VMs' guest filesystem freeze: the spec's `freeze` variable, when set.
+    #[serde(default)]
+    pub freeze: Option<Spanned<Freeze>>,
     #[serde(default)]
     pub overrides: BTreeMap<String, BTreeMap<String, serde_json::Value>>,
     #[serde(default = "one")]
     pub parallel: Parallel,
-    #[serde(default)]
+    /// One cron expression or a list of them.
+    #[serde(default, deserialize_with = "one_or_more")]
     pub schedule: Vec<Schedule>,
-    /// What to keep of each VM's snapshots, applied after each of its successful backups.
+    /// What to keep of each VM's (each image's) snapshots, applied after each of its successful
+    /// backups.
     #[serde(default)]
     pub retention: Option<backflow_repository::KeepPolicy>,
     /// Mail the session's report (see `backflow-notify`).
     #[serde(default)]
     pub notify: Option<backflow_notify::SmtpConfig>,
-    /// Verify the repository instead of backing up (a job does one of `vms`, `health_check`, `gc`).
+    /// Verify the repository instead of backing up (a job backs up, or does one of
+    /// `health_check`, `gc`).
     #[serde(default)]
     pub health_check: Option<Spanned<HealthCheck>>,
     /// Collect garbage in the repository instead of backing up.
     #[serde(default)]
     pub gc: Option<Spanned<GcJob>>,
+}
+
+/// What a job does: its file has exactly one of these.
+#[derive(Clone, Copy, Debug)]
+pub enum JobKind<'a> {
+    /// Back up VMs and/or images (at least one of the two lists is not empty).
+    Backup {
+        vms: &'a [Pattern],
+        images: &'a [ImageSource],
+    },
+    /// Verify the repository.
+    HealthCheck(&'a HealthCheck),
+    /// Collect the repository's garbage.
+    Gc(&'a GcJob),
+}
+
+/// How a backup freezes the guest's filesystems through the QEMU guest agent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Freeze {
+    /// Freeze when an agent answers; without one the backup is crash-consistent (a note, not a
+    /// warning).
+    Auto,
+    /// Never ask.
+    Off,
+    /// Fail the VM's backup when no agent freezes its filesystems.
+    Required,
+}
+
+impl Freeze {
+    /// The `freeze` variable's value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Freeze::Auto => "auto",
+            Freeze::Off => "off",
+            Freeze::Required => "required",
+        }
+    }
+}
+
+/// An image to back up: a raw file, a block device or a qcow2 image.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ImageSource {
+    /// Relative paths are relative to the job file.
+    pub path: PathBuf,
+    /// Its snapshots' name (the spec's `name` variable); `None`: the spec's default.
+    pub name: Option<String>,
+    /// `None`: told by its first bytes when it runs (qcow2's magic, else raw).
+    pub format: Option<ImageFormat>,
+}
+
+/// The formats an image source can have: each has its built-in spec.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ImageFormat {
+    Raw,
+    Qcow2,
+}
+
+impl<'de> Deserialize<'de> for ImageSource {
+    /// A path alone, or `{path, name, format}`.
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Fields {
+            path: PathBuf,
+            #[serde(default)]
+            name: Option<String>,
+            #[serde(default)]
+            format: Option<ImageFormat>,
+        }
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = ImageSource;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an image's path, or {path: PATH, name: NAME, format: raw|qcow2}")
+            }
+            fn visit_str<E: serde::de::Error>(self, path: &str) -> Result<ImageSource, E> {
+                if path.is_empty() {
+                    return Err(E::custom("an empty image path"));
+                }
+                Ok(ImageSource {
+                    path: path.into(),
+                    name: None,
+                    format: None,
+                })
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<ImageSource, A::Error> {
+                use serde::de::Error;
+                let f = Fields::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
+                if f.path.as_os_str().is_empty() {
+                    return Err(A::Error::custom("an empty image path"));
+                }
+                if let Some(name) = &f.name {
+                    backflow_repository::check_vm_name(name)
+                        .map_err(|e| A::Error::custom(format!("name: {e}")))?;
+                }
+                Ok(ImageSource {
+                    path: f.path,
+                    name: f.name,
+                    format: f.format,
+                })
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
+}
+
+/// `schedule: "0 2 * * *"` or `schedule: ["0 2 * * *", "0 4 * * 0"]`.
+fn one_or_more<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Schedule>, D::Error> {
+    struct Visitor;
+    impl<'de> serde::de::Visitor<'de> for Visitor {
+        type Value = Vec<Schedule>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a cron expression or a list of them")
+        }
+        fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<Vec<Schedule>, E> {
+            Schedule::try_from(text.to_owned())
+                .map(|s| vec![s])
+                .map_err(E::custom)
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(
+            self,
+            mut seq: A,
+        ) -> Result<Vec<Schedule>, A::Error> {
+            let mut all = Vec::new();
+            while let Some(s) = seq.next_element()? {
+                all.push(s);
+            }
+            Ok(all)
+        }
+    }
+    d.deserialize_any(Visitor)
 }
 
 /// What a garbage-collection job does: `backflow gc` on the job's repository.
@@ -150,9 +305,44 @@ impl Job {
         self.gc.as_ref().map(|g| &g.value)
     }
 
-    /// Whether the job backs up no VM (a health check or a gc): it runs beside any backup.
+    /// Whether the job backs up nothing (a health check or a gc): it runs beside any backup.
     pub fn is_maintenance(&self) -> bool {
-        self.health_check.is_some() || self.gc.is_some()
+        !matches!(self.kind(), JobKind::Backup { .. })
+    }
+
+    /// What the job does ([`parse`] made sure it is one thing).
+    pub fn kind(&self) -> JobKind<'_> {
+        match (self.health_check(), self.gc()) {
+            (Some(check), _) => JobKind::HealthCheck(check),
+            (None, Some(gc)) => JobKind::Gc(gc),
+            (None, None) => JobKind::Backup {
+                vms: &self.vms,
+                images: &self.images,
+            },
+        }
+    }
+
+    /// The spec variables the job file sets for every source: `variables`, then `freeze`.
+    pub fn set_variables(&self) -> Vec<(String, String)> {
+        let mut vars: Vec<(String, String)> = self
+            .variables
+            .iter()
+            .map(|(k, v)| (k.clone(), yaml_scalar(&v.value)))
+            .collect();
+        if let Some(freeze) = &self.freeze {
+            vars.retain(|(k, _)| k != "freeze");
+            vars.push(("freeze".into(), freeze.value.as_str().into()));
+        }
+        vars
+    }
+}
+
+/// A variable's value as `--var` would give it.
+fn yaml_scalar(value: &serde_json::Value) -> String {
+    match value {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Null => "~".into(),
+        other => other.to_string(),
     }
 }
 
@@ -164,25 +354,30 @@ fn one() -> Parallel {
     Parallel(1)
 }
 
-/// Reads and checks a job file. The error is the whole message, file and position included. The file
-/// must be a regular file of at most [`MAX_JOB_FILE_SIZE`] bytes: a FIFO or a device is refused before
-/// it is opened (it could block or never end).
-pub fn load(path: &Path) -> Result<Job, String> {
+/// Reads and checks a job file. The file must be a regular file of at most [`MAX_JOB_FILE_SIZE`]
+/// bytes: a FIFO or a device is refused before it is opened (it could block or never end).
+pub fn load(path: &Path) -> Result<Job, JobError> {
     use backflow_pipeline::input::{InputError, read_text_file};
     let text = read_text_file(path, MAX_JOB_FILE_SIZE).map_err(|e| match e {
-        InputError::Io(e) => format!("{}: cannot read the job file: {e}", path.display()),
-        other => format!("{}: the job file {other}", path.display()),
+        InputError::Io(source) => JobError::Read {
+            file: path.to_owned(),
+            source,
+        },
+        other => JobError::Input {
+            file: path.to_owned(),
+            detail: other.to_string(),
+        },
     })?;
     parse(&text, &path.display().to_string())
 }
 
 /// Parses a job from text; `file` is what errors call it.
-pub fn parse(text: &str, file: &str) -> Result<Job, String> {
+pub fn parse(text: &str, file: &str) -> Result<Job, JobError> {
     let job: Job = serde_saphyr::from_str(text).map_err(|e| located(&e.to_string(), file))?;
-    // Exactly one of: VMs to back up, a health check, a gc. The second one found is the error.
+    // Exactly one of: sources to back up, a health check, a gc. The second one found is the error.
     let mut kinds: Vec<(&str, Option<(u64, u64)>)> = Vec::new();
-    if !job.vms.is_empty() {
-        kinds.push(("vms", None));
+    if !job.vms.is_empty() || !job.images.is_empty() {
+        kinds.push((if job.vms.is_empty() { "images" } else { "vms" }, None));
     }
     if let Some(check) = &job.health_check {
         let at = check.referenced;
@@ -194,18 +389,23 @@ pub fn parse(text: &str, file: &str) -> Result<Job, String> {
     }
     match kinds.as_slice() {
         [] => {
-            return Err(format!(
-                "{file}: a job needs `vms` (the VMs to back up), `health_check` (to verify the \
-                 repository) or `gc` (to collect its garbage)"
+            return Err(JobError::invalid(
+                file,
+                None,
+                "a job needs `vms` (the VMs to back up), `images` (image files to back up), \
+                 `health_check` (to verify the repository) or `gc` (to collect its garbage)",
             ));
         }
         [_] => {}
         [(first, _), (second, at), ..] => {
-            let (line, column) = at.unwrap_or((1, 1));
-            return Err(format!(
-                "{file}:{line}:{column}: {second}: a job does one thing: back up `vms`, check the \
-                 repository (`health_check`) or collect its garbage (`gc`); this one already has \
-                 `{first}`; write two jobs"
+            return Err(JobError::invalid(
+                file,
+                Some(at.unwrap_or((1, 1))),
+                format!(
+                    "{second}: a job does one thing: back up (`vms`, `images`), check the \
+                     repository (`health_check`) or collect its garbage (`gc`); this one already \
+                     has `{first}`; write two jobs"
+                ),
             ));
         }
     }
@@ -214,21 +414,29 @@ pub fn parse(text: &str, file: &str) -> Result<Job, String> {
         // Paths in a job file are relative to the file, as people expect of configuration.
         repository: relative_to.join(&job.repository),
         spec: job.spec.as_ref().map(|s| relative_to.join(s)),
+        images: job
+            .images
+            .iter()
+            .map(|i| ImageSource {
+                path: relative_to.join(&i.path),
+                ..i.clone()
+            })
+            .collect(),
         ..job
     })
 }
 
-/// serde-saphyr's message with the file named: `FILE:LINE:COLUMN: message`, then its snippet.
-fn located(message: &str, file: &str) -> String {
+/// serde-saphyr's message with the file named: `FILE:LINE:COLUMN: message` (then its snippet).
+fn located(message: &str, file: &str) -> JobError {
     let message = message.replace("<input>", file);
     let message = message.strip_prefix("error: ").unwrap_or(&message);
     match message.strip_prefix("line ").and_then(|rest| {
         let (line, rest) = rest.split_once(" column ")?;
         let (column, rest) = rest.split_once(": ")?;
-        Some((line.to_owned(), column.to_owned(), rest.to_owned()))
+        Some((line.parse().ok()?, column.parse().ok()?, rest.to_owned()))
     }) {
-        Some((line, column, rest)) => format!("{file}:{line}:{column}: {rest}"),
-        None => format!("{file}: {message}"),
+        Some((line, column, rest)) => JobError::invalid(file, Some((line, column)), rest),
+        None => JobError::invalid(file, None, message),
     }
 }
 
@@ -358,7 +566,9 @@ impl TryFrom<u32> for Parallel {
     }
 }
 
-/// A cron expression (five fields: minute hour day-of-month month day-of-week; UTC).
+/// A cron expression: five fields (minute hour day-of-month month day-of-week), UTC, or one of
+/// `@hourly`, `@daily`, `@weekly`, `@monthly`, `@yearly`. Six fields (seconds, as some cron
+/// dialects have) are refused: one dialect everywhere, the one the docs describe.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(try_from = "String")]
 pub struct Schedule {
@@ -366,15 +576,38 @@ pub struct Schedule {
     pub cron: croner::Cron,
 }
 
+/// The fields of a cron expression, in order.
+pub const CRON_FIELDS: [&str; 5] = ["minute", "hour", "day-of-month", "month", "day-of-week"];
+
 impl TryFrom<String> for Schedule {
     type Error = String;
 
     fn try_from(text: String) -> Result<Self, String> {
-        let cron = text.parse::<croner::Cron>().map_err(|e| {
-            format!(
-                "`{text}` is not a cron expression (minute hour day-of-month month day-of-week): {e}"
-            )
-        })?;
+        use croner::parser::{CronParser, Seconds, Year};
+        let fields = text.split_whitespace().count();
+        if !text.trim_start().starts_with('@') && fields != CRON_FIELDS.len() {
+            return Err(format!(
+                "schedule `{text}` has {fields} field{}: a cron expression has five ({}), UTC{}",
+                if fields == 1 { "" } else { "s" },
+                CRON_FIELDS.join(" "),
+                if fields == 6 {
+                    "; there is no seconds field"
+                } else {
+                    ""
+                }
+            ));
+        }
+        let cron = CronParser::builder()
+            .seconds(Seconds::Disallowed)
+            .year(Year::Disallowed)
+            .build()
+            .parse(&text)
+            .map_err(|e| {
+                format!(
+                    "schedule `{text}` is not a cron expression ({}): {e}",
+                    CRON_FIELDS.join(" ")
+                )
+            })?;
         Ok(Schedule { text, cron })
     }
 }
@@ -402,7 +635,7 @@ mod tests {
         let job = parse(
             "name: nightly\nrepository: repo\nvms: [web01, \"db-*\"]\nexclude: [\"*-test\"]\n\
              exclude_disks: [vdb, \"db01:vdc\"]\noverrides:\n  zstd: {level: 3}\nparallel: 2\n\
-             schedule: [\"0 2 * * *\"]\nvariables: {checkpoint: nightly}\n",
+             schedule: [\"0 2 * * *\"]\nvariables: {checkpoint: nightly}\nfreeze: off\n",
             "/etc/backflow/jobs/nightly.yaml",
         )
         .unwrap();
@@ -415,6 +648,66 @@ mod tests {
         assert!(!job.exclude_disks[1].excludes("web01", "vdc"));
         assert_eq!(job.overrides["zstd"]["level"], 3);
         assert_eq!(job.schedule[0].text, "0 2 * * *");
+        assert_eq!(
+            job.freeze.unwrap().value,
+            Freeze::Off,
+            "YAML 1.1's `off` is the word here"
+        );
+    }
+
+    #[test]
+    fn an_image_job_reads_with_one_schedule_string() {
+        let job = parse(
+            "name: imgs\nrepository: /srv/b\nimages:\n  - a.raw\n  - {path: /dev/vg0/db, name: db01}\n  \
+             - {path: t.qcow2, format: qcow2}\nschedule: \"0 2 * * *\"\nfreeze: required\n",
+            "/etc/backflow/jobs/imgs.yaml",
+        )
+        .unwrap();
+        assert!(job.vms.is_empty());
+        assert!(matches!(job.kind(), JobKind::Backup { images, .. } if images.len() == 3));
+        let expect = |path: &str, name: Option<&str>, format| ImageSource {
+            path: path.into(),
+            name: name.map(str::to_owned),
+            format,
+        };
+        assert_eq!(
+            job.images,
+            [
+                expect("/etc/backflow/jobs/a.raw", None, None),
+                expect("/dev/vg0/db", Some("db01"), None),
+                expect("/etc/backflow/jobs/t.qcow2", None, Some(ImageFormat::Qcow2)),
+            ]
+        );
+        assert_eq!(job.schedule.len(), 1);
+        assert_eq!(job.schedule[0].text, "0 2 * * *");
+        assert!(
+            job.set_variables()
+                .contains(&("freeze".into(), "required".into()))
+        );
+    }
+
+    #[test]
+    fn a_six_field_cron_is_refused_naming_the_field_and_the_dialect() {
+        for schedule in ["\"0 0 2 * * *\"", "[\"0 2 * * *\", \"0 0 2 * * *\"]"] {
+            let e = parse(
+                &format!("name: a\nrepository: r\nvms: [x]\nschedule: {schedule}\n"),
+                "j.yaml",
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(
+                e.starts_with("j.yaml:4:")
+                    && e.contains("schedule `0 0 2 * * *` has 6 fields")
+                    && e.contains("minute hour day-of-month month day-of-week")
+                    && e.contains("no seconds field"),
+                "{e}"
+            );
+        }
+        let daily = parse(
+            "name: a\nrepository: r\nvms: [x]\nschedule: \"@daily\"\n",
+            "j.yaml",
+        );
+        assert_eq!(daily.unwrap().schedule[0].text, "@daily");
     }
 
     #[test]
@@ -502,9 +795,24 @@ mod tests {
                 "unknown field `read_dat`",
             ),
             ("name: a\nrepository: r\n", "j.yaml: ", "a job needs `vms`"),
+            (
+                "name: a\nrepository: r\nimages: [{path: a.raw, name: \"\"}]\n",
+                "j.yaml:3:",
+                "name: ",
+            ),
+            (
+                "name: a\nrepository: r\nimages: [{path: a.raw, fromat: raw}]\n",
+                "j.yaml:3:",
+                "unknown field `fromat`",
+            ),
+            (
+                "name: a\nrepository: r\nvms: [x]\nfreeze: sometimes\n",
+                "j.yaml:4:",
+                "sometimes",
+            ),
         ];
         for (text, at, what) in cases {
-            let e = parse(text, "j.yaml").unwrap_err();
+            let e = parse(text, "j.yaml").unwrap_err().to_string();
             assert!(e.starts_with(at) && e.contains(what), "{text:?}: {e}");
         }
     }

@@ -1,20 +1,30 @@
-//! Backup jobs: what to back up (VMs by name or glob, with exclusions), where (a repository), how
-//! (a pipeline spec, with overrides of stage options) and when (cron schedules).
+//! Backup jobs: what to back up (VMs by name or glob, with exclusions, and image files, block
+//! devices and qcow2 images), where (a repository), how (a pipeline spec, with overrides of stage
+//! options) and when (cron schedules); or a health check or a garbage collection of a repository.
 //!
 //! # Layout
-//! - [`file`](mod@file): the job file, read with positions in every error.
+//! - [`file`](mod@file): the job file, read with positions in every error; [`Job::kind`] says what it does.
 //! - [`select`]: which VMs and disks a job backs up, from a libvirt listing.
-//! - [`run`]: one run of a job (a session): each VM its own pipeline run, `parallel` at a time,
-//!   recorded in the repository's session history.
+//! - [`run`]: one run of a job (a session): each VM and each image its own pipeline run,
+//!   `parallel` at a time, recorded in the repository's session history.
 //! - [`schedule`]: when jobs run: next cron times, the catch-up of a missed run, and which jobs
-//!   may start now (one run per job, one backup per VM at a time); the clock is a parameter.
+//!   may start now (one run per job, one backup per VM or image at a time); the clock is a
+//!   parameter.
+//! - [`validate`]: what can be checked of a job without running it (`backflow job validate`).
+//! - [`error`]: [`JobError`], what can go wrong around the pipelines.
 
+pub mod error;
 pub mod file;
 pub mod run;
 pub mod schedule;
 pub mod select;
+pub mod validate;
 
-pub use file::{GcJob, Job, Percent, load, parse};
+/// The mail reports, and their readable times and durations for the callers' own output.
+pub use backflow_notify as notify;
+pub use error::JobError;
+pub use file::{Freeze, GcJob, ImageFormat, ImageSource, Job, JobKind, Percent, load, parse};
 pub use run::{
-    GcRecord, HealthCheckRecord, RunJobOptions, SessionRecord, Verdict, VmRecord, run_job, sessions,
+    GcRecord, HealthCheckRecord, RunJobOptions, SessionRecord, Source, Verdict, VmRecord, run_job,
+    sessions,
 };

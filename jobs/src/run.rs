@@ -1,8 +1,14 @@
-//! Running a job once: every selected VM through the job's pipeline spec, `parallel` at a time,
-//! then the session's record.
+//! Running a job once: every selected VM and every image through the job's pipeline spec,
+//! `parallel` at a time, then the session's record.
 //!
-//! Each VM is its own pipeline run (its own snapshot, cleanup and report): one VM failing does not
-//! stop the others, and the session's outcome is the worst of its VMs'.
+//! Each VM and each image is its own pipeline run (its own snapshot, cleanup and report), and has
+//! its own record in the session: one failing does not stop the others, and the session's outcome
+//! is the worst of theirs. Without a `spec` in the job file, a VM runs the built-in
+//! `specs/backup-vm.yaml`, a raw image or block device `specs/backup-image.yaml`, a qcow2 image
+//! `specs/backup-qcow2.yaml` (an image's format is its `format`, else told by its first bytes).
+//! Each gets the job's `variables` and `freeze`, then its own: `domain`, `repo` and `uri` for a VM;
+//! `source`, `repo` and, when the job names the image, `name` for an image. Retention is applied
+//! after each successful backup to the snapshots of the name the backup was stored under.
 //!
 //! A health-check job runs `verify` instead ([`Repository::verify_and_mark`]): the damaged chunks
 //! it finds are marked, so that the next backup of a VM that still has the data stores it again.
@@ -11,6 +17,7 @@
 //! affected snapshots.
 
 use std::collections::VecDeque;
+use std::io::Read;
 use std::path::Path;
 use std::sync::{Mutex, OnceLock};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
@@ -20,21 +27,89 @@ use backflow_pipeline::spec::{self, Override};
 use backflow_pipeline::{CancelToken, OutcomeKind, RunOptions, RunReport};
 use backflow_repository::Repository;
 use backflow_stages::Stages;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
-use crate::file::Job;
+use crate::error::JobError;
+use crate::file::{ImageFormat, ImageSource, Job};
 use crate::select::{Selected, select};
 
-/// The built-in spec a job runs when its file names none.
-pub const BACKUP_VM_SPEC: &str = include_str!("../../specs/backup-vm.yaml");
+/// The built-in spec a job runs for a VM when its file names none: (name, text).
+pub const BACKUP_VM_SPEC: (&str, &str) = (
+    "specs/backup-vm.yaml",
+    include_str!("../../specs/backup-vm.yaml"),
+);
+/// The built-in spec for a raw image or a block device.
+pub const BACKUP_IMAGE_SPEC: (&str, &str) = (
+    "specs/backup-image.yaml",
+    include_str!("../../specs/backup-image.yaml"),
+);
+/// The built-in spec for a qcow2 image.
+pub const BACKUP_QCOW2_SPEC: (&str, &str) = (
+    "specs/backup-qcow2.yaml",
+    include_str!("../../specs/backup-qcow2.yaml"),
+);
+
+/// The first bytes of every qcow2 image ("QFI\xfb").
+const QCOW2_MAGIC: [u8; 4] = *b"QFI\xfb";
+
+/// One thing a backup job backs up: a VM (with the disks it selects) or an image.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Source {
+    Vm(Selected),
+    Image(ImageSource),
+}
+
+impl Source {
+    /// What keeps two runs off one source at once: the VM's name, or the image's path.
+    pub fn key(&self) -> String {
+        match self {
+            Source::Vm(vm) => vm.vm.clone(),
+            Source::Image(image) => image.path.display().to_string(),
+        }
+    }
+
+    /// Its record's name before it ran: the VM's, or the image's name or path.
+    pub fn label(&self) -> String {
+        match self {
+            Source::Vm(vm) => vm.vm.clone(),
+            Source::Image(image) => image
+                .name
+                .clone()
+                .unwrap_or_else(|| image.path.display().to_string()),
+        }
+    }
+
+    /// The spec it runs when the job names none: (name, text).
+    pub fn built_in_spec(&self) -> (&'static str, &'static str) {
+        match self {
+            Source::Vm(_) => BACKUP_VM_SPEC,
+            Source::Image(image) => match image.format.unwrap_or_else(|| detect(&image.path)) {
+                ImageFormat::Raw => BACKUP_IMAGE_SPEC,
+                ImageFormat::Qcow2 => BACKUP_QCOW2_SPEC,
+            },
+        }
+    }
+}
+
+/// qcow2 when the image starts with qcow2's magic, raw otherwise (a file that cannot be read is
+/// raw here: the image stage then says why it cannot be read).
+pub fn detect(path: &Path) -> ImageFormat {
+    let mut magic = [0u8; 4];
+    let read = std::fs::File::open(path).and_then(|mut f| f.read_exact(&mut magic));
+    match read {
+        Ok(()) if magic == QCOW2_MAGIC => ImageFormat::Qcow2,
+        _ => ImageFormat::Raw,
+    }
+}
 
 /// How one VM's backup in a session ended. Ordered from best to worst: a session's result is
 /// the greatest of its VMs'.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Verdict {
+    /// Succeeded (notes, such as a crash-consistent backup without a guest agent, allowed).
     Success,
-    /// Succeeded, with warnings (a full read where an incremental was expected, no guest agent).
+    /// Succeeded, with warnings (a full read where an incremental was expected, retention failed).
     Warning,
     Cancelled,
     Failure,
@@ -52,28 +127,43 @@ impl std::fmt::Display for Verdict {
     }
 }
 
-/// One VM of a session.
-#[derive(Clone, Debug, Serialize)]
+/// One VM, or one image, of a session.
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct VmRecord {
+    /// The VM's name; for an image, the name its snapshot was stored under (before it ran, or
+    /// when it failed: the job's name for it, else its path).
     pub vm: String,
+    /// An image's path (`None` for a VM).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
     pub result: Verdict,
     pub snapshot: Option<String>,
+    #[serde(default)]
     pub disks: Vec<String>,
+    #[serde(default)]
     pub excluded_disks: Vec<String>,
+    #[serde(default)]
     pub bytes_read: u64,
+    #[serde(default)]
     pub bytes_written: u64,
+    #[serde(default)]
     pub seconds: f64,
+    #[serde(default)]
     pub warnings: Vec<String>,
+    /// What deserves knowing without being wrong (a crash-consistent backup): not warnings.
+    #[serde(default)]
+    pub notes: Vec<String>,
     pub error: Option<String>,
     pub bottleneck: Option<String>,
-    /// Snapshots of this VM that the job's retention forgot after this backup.
+    /// Snapshots of this VM (image) that the job's retention forgot after this backup.
+    #[serde(default)]
     pub forgotten: Vec<String>,
     /// The run's whole report (as `backflow run --report` writes it).
     pub report: Option<serde_json::Value>,
 }
 
-/// One run of a job.
-#[derive(Clone, Debug, Serialize)]
+/// One run of a job. Records written by earlier releases read too: what they lack is empty.
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct SessionRecord {
     pub id: String,
     pub job: String,
@@ -81,21 +171,23 @@ pub struct SessionRecord {
     pub started: i64,
     pub ended: i64,
     pub result: Verdict,
+    /// The VMs' and images' records.
+    #[serde(default)]
     pub vms: Vec<VmRecord>,
     /// A failure before any VM ran (job file, libvirt connection, selection).
     pub error: Option<String>,
     /// Whether the mail server accepted the session's report (`None`: none was due).
     pub notified: Option<bool>,
     /// What a health-check job found (`None` for backups).
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health_check: Option<HealthCheckRecord>,
     /// What a gc job did (`None` for other jobs).
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gc: Option<GcRecord>,
 }
 
 /// What a gc job did.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct GcRecord {
     pub seconds: f64,
     /// `backflow gc --json`'s report; `None` when the gc could not run.
@@ -105,7 +197,7 @@ pub struct GcRecord {
 }
 
 /// What a health check found.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct HealthCheckRecord {
     pub read_data: bool,
     pub seconds: f64,
@@ -129,15 +221,16 @@ pub struct HealthCheckRecord {
 }
 
 /// What a run may be told from outside.
-#[derive(Clone, Debug, Default)]
+#[derive(Debug, Default)]
 pub struct RunJobOptions {
-    /// Cancels the VMs running and skips those not started (they are recorded `cancelled`).
+    /// Cancels the sources running and skips those not started (they are recorded `cancelled`).
     pub cancel: CancelToken,
-    /// Only this VM (it must be one the job selects).
+    /// Only this VM or image (by its name in the job, or its path; it must be one the job backs
+    /// up).
     pub only: Option<String>,
-    /// The VMs to back up, when the caller already selected them with [`plan`] (the daemon does,
-    /// to keep two jobs off one VM); `None`: the run lists and selects them itself.
-    pub selected: Option<Result<Vec<Selected>, String>>,
+    /// What to back up, when the caller already planned it with [`plan`] (the daemon does, to
+    /// keep two jobs off one VM); `None`: the run lists and selects itself.
+    pub selected: Option<Result<Vec<Source>, JobError>>,
 }
 
 /// The time now, in unix seconds.
@@ -148,10 +241,13 @@ pub fn now() -> i64 {
         .unwrap_or_default()
 }
 
+/// The job's repository, opened at most once per session and shared by its runs.
+type SharedRepo = OnceLock<Result<Repository, JobError>>;
+
 /// Runs `job` once and records the session in its repository (when the repository opens). The
 /// record is returned whatever happened; only a repository that cannot be opened, or a record
 /// that cannot be written, is an `Err` besides it.
-pub fn run_job(job: &Job, options: &RunJobOptions) -> (SessionRecord, Result<(), String>) {
+pub fn run_job(job: &Job, options: &RunJobOptions) -> (SessionRecord, Result<(), JobError>) {
     let started = now();
     let mut record = SessionRecord {
         id: Repository::new_session_id(started),
@@ -165,29 +261,37 @@ pub fn run_job(job: &Job, options: &RunJobOptions) -> (SessionRecord, Result<(),
         health_check: None,
         gc: None,
     };
-    // Opened once, on first use: by a VM's retention, else to record the session.
+    // Opened once, on first use: by a source's retention, else to record the session.
     let repo = OnceLock::new();
-    if let Some(check) = job.health_check() {
-        let (result, found) = health_check(job, check.read_data, &repo);
-        record.result = result;
-        record.health_check = Some(found);
-    } else if let Some(gc) = job.gc() {
-        let (result, done) = collect(job, gc, &repo);
-        record.result = result;
-        record.gc = Some(done);
-    } else {
-        let selected = options
-            .selected
-            .clone()
-            .unwrap_or_else(|| plan(job, options.only.as_deref()));
-        match selected {
-            Ok(selected) => {
-                record.vms = run_all(job, &selected, options, &repo);
-                record.result = worst(record.vms.iter().map(|v| v.result));
-            }
-            Err(e) => {
-                record.error = Some(e);
-                record.result = Verdict::Failure;
+    match job.kind() {
+        crate::JobKind::HealthCheck(check) => {
+            let (result, found) = health_check(job, check.read_data, &repo);
+            record.result = result;
+            record.health_check = Some(found);
+        }
+        crate::JobKind::Gc(gc) => {
+            let (result, done) = collect(job, gc, &repo);
+            record.result = result;
+            record.gc = Some(done);
+        }
+        crate::JobKind::Backup { .. } => {
+            let planned;
+            let selected = match &options.selected {
+                Some(selected) => selected.as_ref(),
+                None => {
+                    planned = plan(job, options.only.as_deref());
+                    planned.as_ref()
+                }
+            };
+            match selected {
+                Ok(selected) => {
+                    record.vms = run_all(job, selected, options, &repo);
+                    record.result = worst(record.vms.iter().map(|v| v.result));
+                }
+                Err(e) => {
+                    record.error = Some(e.to_string());
+                    record.result = Verdict::Failure;
+                }
             }
         }
     }
@@ -198,24 +302,29 @@ pub fn run_job(job: &Job, options: &RunJobOptions) -> (SessionRecord, Result<(),
             record.notified = Some(backflow_notify::notify(config, &session));
         }
     }
-    let stored = open(job, &repo)
-        .and_then(|repo| {
-            repo.record_session(
-                &record.id,
-                &serde_json::to_value(&record).expect("a session record serialises"),
-            )
-            .map_err(|e| e.to_string())
-        })
-        .map_err(|e| format!("recording session {}: {e}", record.id));
+    let stored = match open(job, &repo) {
+        Ok(repo) => Some(repo.record_session(
+            &record.id,
+            &serde_json::to_value(&record).expect("a session record serialises"),
+        )),
+        Err(_) => None,
+    };
+    let stored = match stored {
+        Some(written) => written.map_err(|source| JobError::Repository {
+            what: format!("recording session {}", record.id),
+            source,
+        }),
+        // Not recorded: the repository did not open, and that error says why.
+        None => match repo.into_inner() {
+            Some(Err(e)) => Err(e),
+            _ => Ok(()),
+        },
+    };
     (record, stored)
 }
 
 /// Runs the job's health check: verify, marking what it finds.
-fn health_check(
-    job: &Job,
-    read_data: bool,
-    repo: &OnceLock<Result<Repository, String>>,
-) -> (Verdict, HealthCheckRecord) {
+fn health_check(job: &Job, read_data: bool, repo: &SharedRepo) -> (Verdict, HealthCheckRecord) {
     let started = Instant::now();
     tracing::info!(job = %job.name.0, read_data, "Checking the repository.");
     let mut found = HealthCheckRecord {
@@ -232,7 +341,7 @@ fn health_check(
         error: None,
         report: None,
     };
-    let report = open(job, repo).and_then(|r| {
+    let report = open(job, repo).map_err(|e| e.to_string()).and_then(|r| {
         r.verify_and_mark(read_data)
             .map_err(|e| format!("verify: {e}"))
     });
@@ -278,14 +387,10 @@ fn health_check(
 
 /// Runs the job's garbage collection. A gc that must wait for backups that were running is a
 /// success: the next one finishes it.
-fn collect(
-    job: &Job,
-    gc: &crate::GcJob,
-    repo: &OnceLock<Result<Repository, String>>,
-) -> (Verdict, GcRecord) {
+fn collect(job: &Job, gc: &crate::GcJob, repo: &SharedRepo) -> (Verdict, GcRecord) {
     let started = Instant::now();
     tracing::info!(job = %job.name.0, "Collecting garbage.");
-    let done = open(job, repo).and_then(|r| {
+    let done = open(job, repo).map_err(|e| e.to_string()).and_then(|r| {
         r.gc(&backflow_repository::GcOptions {
             repack_threshold: gc.repack_threshold.0,
             ..Default::default()
@@ -313,14 +418,15 @@ fn collect(
     }
 }
 
-/// The job's repository, opened at the first call of a session and shared by its VMs.
-fn open<'a>(
-    job: &Job,
-    repo: &'a OnceLock<Result<Repository, String>>,
-) -> Result<&'a Repository, String> {
-    repo.get_or_init(|| Repository::open(&job.repository).map_err(|e| e.to_string()))
-        .as_ref()
-        .map_err(Clone::clone)
+/// The job's repository, opened at the first call of a session and shared by its runs.
+fn open<'a>(job: &Job, repo: &'a SharedRepo) -> Result<&'a Repository, &'a JobError> {
+    repo.get_or_init(|| {
+        Repository::open(&job.repository).map_err(|source| JobError::Repository {
+            what: format!("job {}", job.name.0),
+            source,
+        })
+    })
+    .as_ref()
 }
 
 /// The worst of the VMs' results: failure over cancelled over warning over success.
@@ -328,27 +434,38 @@ fn worst(results: impl Iterator<Item = Verdict>) -> Verdict {
     results.max().unwrap_or(Verdict::Success)
 }
 
-/// The VMs to back up now (only `only`, when given): the job's selection from its connection's
-/// listing.
-pub fn plan(job: &Job, only: Option<&str>) -> Result<Vec<Selected>, String> {
-    let conn = Connection::open_read_only(Some(&job.uri)).map_err(|e| e.to_string())?;
-    let vms = conn.list_vms().map_err(|e| e.to_string())?;
-    let mut selected = select(job, &vms)?;
+/// What to back up now (only `only`, when given): the job's selection from its connection's
+/// listing (libvirt is asked only when the job has `vms`), then its images.
+pub fn plan(job: &Job, only: Option<&str>) -> Result<Vec<Source>, JobError> {
+    let mut sources = Vec::new();
+    if !job.vms.is_empty() {
+        let libvirt = |source| JobError::Libvirt {
+            job: job.name.0.clone(),
+            source: Box::new(source),
+        };
+        let conn = Connection::open_read_only(Some(&job.uri)).map_err(libvirt)?;
+        let vms = conn.list_vms().map_err(libvirt)?;
+        sources.extend(select(job, &vms)?.into_iter().map(Source::Vm));
+    }
+    sources.extend(job.images.iter().cloned().map(Source::Image));
     if let Some(only) = only {
-        selected.retain(|s| s.vm == only);
-        if selected.is_empty() {
-            return Err(format!("job {}: it does not back up VM {only}", job.name.0));
+        sources.retain(|s| s.label() == only || s.key() == only);
+        if sources.is_empty() {
+            return Err(JobError::NotInJob {
+                job: job.name.0.clone(),
+                name: only.to_owned(),
+            });
         }
     }
-    Ok(selected)
+    Ok(sources)
 }
 
-/// Runs the selected VMs, `parallel` at a time; records come back in selection order.
+/// Runs the selected sources, `parallel` at a time; records come back in selection order.
 fn run_all(
     job: &Job,
-    selected: &[Selected],
+    selected: &[Source],
     options: &RunJobOptions,
-    repo: &OnceLock<Result<Repository, String>>,
+    repo: &SharedRepo,
 ) -> Vec<VmRecord> {
     let queue = Mutex::new(selected.iter().enumerate().collect::<VecDeque<_>>());
     let done = Mutex::new(Vec::new());
@@ -363,7 +480,7 @@ fn run_all(
                     let record = if options.cancel.is_cancelled() {
                         skipped(vm)
                     } else {
-                        run_vm(job, vm, &options.cancel, repo)
+                        run_source(job, vm, &options.cancel, repo)
                     };
                     done.lock().unwrap().push((i, record));
                 }
@@ -375,17 +492,27 @@ fn run_all(
     done.into_iter().map(|(_, r)| r).collect()
 }
 
-fn skipped(vm: &Selected) -> VmRecord {
+fn skipped(source: &Source) -> VmRecord {
+    let (disks, excluded_disks, path) = match source {
+        Source::Vm(vm) => (vm.disks.clone(), vm.excluded_disks.clone(), None),
+        Source::Image(image) => (
+            Vec::new(),
+            Vec::new(),
+            Some(image.path.display().to_string()),
+        ),
+    };
     VmRecord {
-        vm: vm.vm.clone(),
+        vm: source.label(),
+        source: path,
         result: Verdict::Cancelled,
         snapshot: None,
-        disks: vm.disks.clone(),
-        excluded_disks: vm.excluded_disks.clone(),
+        disks,
+        excluded_disks,
         bytes_read: 0,
         bytes_written: 0,
         seconds: 0.0,
         warnings: Vec::new(),
+        notes: Vec::new(),
         error: Some("not started: the session was stopped".into()),
         bottleneck: None,
         forgotten: Vec::new(),
@@ -393,16 +520,26 @@ fn skipped(vm: &Selected) -> VmRecord {
     }
 }
 
-/// The spec variables and overrides for one VM.
-fn inputs(job: &Job, vm: &Selected) -> (Vec<(String, String)>, Vec<Override>) {
-    let mut vars: Vec<(String, String)> = job
-        .variables
-        .iter()
-        .map(|(k, v)| (k.clone(), yaml_scalar(v)))
-        .collect();
-    vars.push(("domain".into(), vm.vm.clone()));
-    vars.push(("repo".into(), job.repository.display().to_string()));
-    vars.push(("uri".into(), job.uri.clone()));
+/// The spec variables and overrides for one source: the job's, then the source's own.
+pub fn inputs(job: &Job, source: &Source) -> (Vec<(String, String)>, Vec<Override>) {
+    let mut vars = job.set_variables();
+    let mut own = |k: &str, v: String| {
+        vars.retain(|(key, _)| key != k);
+        vars.push((k.to_owned(), v));
+    };
+    own("repo", job.repository.display().to_string());
+    match source {
+        Source::Vm(vm) => {
+            own("domain", vm.vm.clone());
+            own("uri", job.uri.clone());
+        }
+        Source::Image(image) => {
+            own("source", image.path.display().to_string());
+            if let Some(name) = &image.name {
+                own("name", name.clone());
+            }
+        }
+    }
     let mut overrides: Vec<Override> = job
         .overrides
         .iter()
@@ -415,7 +552,9 @@ fn inputs(job: &Job, vm: &Selected) -> (Vec<(String, String)>, Vec<Override>) {
             })
         })
         .collect();
-    if !vm.excluded_disks.is_empty() {
+    if let Source::Vm(vm) = source
+        && !vm.excluded_disks.is_empty()
+    {
         overrides.push(Override {
             stage: "libvirt".into(),
             option: "disks".into(),
@@ -425,34 +564,31 @@ fn inputs(job: &Job, vm: &Selected) -> (Vec<(String, String)>, Vec<Override>) {
     (vars, overrides)
 }
 
-/// A variable's value as `--var` would give it.
-fn yaml_scalar(value: &serde_json::Value) -> String {
-    match value {
-        serde_json::Value::String(s) => s.clone(),
-        serde_json::Value::Null => "~".into(),
-        other => other.to_string(),
+/// Loads the pipeline `source` runs: the job's spec, or the built-in one for it.
+pub fn load_spec(
+    job: &Job,
+    source: &Source,
+) -> Result<backflow_pipeline::Pipeline, backflow_pipeline::spec::SpecErrors> {
+    let (vars, overrides) = inputs(job, source);
+    match &job.spec {
+        Some(path) => spec::load_file_with(path, &vars, &overrides, &Stages),
+        None => {
+            let (name, text) = source.built_in_spec();
+            spec::load_str_with(
+                &format!("{name} (built in)"),
+                text,
+                &vars,
+                &overrides,
+                &Stages,
+            )
+        }
     }
 }
 
-fn run_vm(
-    job: &Job,
-    vm: &Selected,
-    cancel: &CancelToken,
-    repo: &OnceLock<Result<Repository, String>>,
-) -> VmRecord {
+fn run_source(job: &Job, source: &Source, cancel: &CancelToken, repo: &SharedRepo) -> VmRecord {
     let started = Instant::now();
-    let (vars, overrides) = inputs(job, vm);
-    let loaded = match &job.spec {
-        Some(path) => spec::load_file_with(path, &vars, &overrides, &Stages),
-        None => spec::load_str_with(
-            "specs/backup-vm.yaml (built in)",
-            BACKUP_VM_SPEC,
-            &vars,
-            &overrides,
-            &Stages,
-        ),
-    };
-    let mut record = skipped(vm);
+    let loaded = load_spec(job, source);
+    let mut record = skipped(source);
     record.error = None;
     let pipeline = match loaded {
         Ok(p) => p,
@@ -462,17 +598,33 @@ fn run_vm(
             return record;
         }
     };
-    tracing::info!(job = %job.name.0, vm = %vm.vm, "Backing up.");
-    // A run cancels its own token when one of its stages fails: each VM gets a child of the
-    // session's token, so that one VM failing never cancels the others.
+    tracing::info!(job = %job.name.0, source = %source.label(), "Backing up.");
+    // A run cancels its own token when one of its stages fails: each source gets a child of the
+    // session's token, so that one failing never cancels the others.
     let report = pipeline.run(RunOptions {
         cancel: cancel.child(),
         on_progress: None,
     });
     record.seconds = started.elapsed().as_secs_f64();
     fill(&mut record, &report);
+    let Some(snapshot) = record.snapshot.clone() else {
+        return record;
+    };
+    // The name it was stored under: what `snapshots` shows and retention goes by.
+    let stored_as = open(job, repo)
+        .ok()
+        .and_then(|r| r.list_snapshots().ok())
+        .and_then(|list| list.into_iter().find(|s| s.id == snapshot))
+        .map(|s| s.vm);
+    if let Some(name) = &stored_as {
+        record.vm = name.clone();
+    }
     if let (Some(policy), Verdict::Success | Verdict::Warning) = (&job.retention, record.result) {
-        match open(job, repo).and_then(|repo| retain(repo, &vm.vm, policy)) {
+        let retained = match open(job, repo) {
+            Ok(repo) => retain(repo, &record.vm, policy).map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        match retained {
             Ok(forgotten) => record.forgotten = forgotten,
             Err(e) => {
                 // The backup itself is committed: retention failing makes it a warning.
@@ -489,17 +641,16 @@ fn retain(
     repo: &Repository,
     vm: &str,
     policy: &backflow_repository::KeepPolicy,
-) -> Result<Vec<String>, String> {
+) -> Result<Vec<String>, backflow_repository::RepoError> {
     let snapshots: Vec<_> = repo
-        .list_snapshots()
-        .map_err(|e| e.to_string())?
+        .list_snapshots()?
         .into_iter()
         .filter(|s| s.vm == vm)
         .collect();
     let mut forgotten = Vec::new();
     for decision in backflow_repository::plan(&snapshots, policy) {
         if !decision.keep {
-            repo.forget(&decision.id).map_err(|e| e.to_string())?;
+            repo.forget(&decision.id)?;
             tracing::info!(vm, snapshot = %decision.id, "Forgotten by the job's retention.");
             forgotten.push(decision.id);
         }
@@ -534,6 +685,7 @@ fn mail(record: &SessionRecord) -> backflow_notify::Session {
             bytes_written: v.bytes_written,
             duration: duration(v.seconds),
             warnings: v.warnings.clone(),
+            notes: v.notes.clone(),
             error: v.error.clone(),
             bottleneck: v.bottleneck.clone(),
             ..VmReport::new(v.vm.clone(), outcome(v.result))
@@ -635,16 +787,32 @@ fn fill(record: &mut VmRecord, report: &RunReport) {
     record.bytes_read = report.source_bytes_read;
     record.bytes_written = report.repo_bytes_written;
     record.warnings = report.warnings.clone();
+    record.notes = report.notes.clone();
     record.error = (!report.errors.is_empty()).then(|| report.errors.join("; "));
     record.bottleneck = report.bottleneck.clone();
     record.report = serde_json::to_value(report).ok();
 }
 
-/// The sessions recorded in the repository at `path`, oldest first, as records were written.
-pub fn sessions(path: &Path) -> Result<Vec<serde_json::Value>, String> {
-    Repository::open(path)
+/// The sessions recorded in the repository at `path`, oldest first. A record that is not a
+/// session record (written by something else) is skipped with a warning naming it.
+pub fn sessions(path: &Path) -> Result<Vec<SessionRecord>, JobError> {
+    let values = Repository::open(path)
         .and_then(|r| r.list_sessions())
-        .map_err(|e| e.to_string())
+        .map_err(|source| JobError::Repository {
+            what: format!("reading the sessions of {}", path.display()),
+            source,
+        })?;
+    Ok(values
+        .into_iter()
+        .filter_map(|value| {
+            let id = value["id"].as_str().unwrap_or("?").to_owned();
+            serde_json::from_value(value)
+                .map_err(|e| {
+                    tracing::warn!(repository = %path.display(), session = %id, error = %e, "Skipping a session record that does not read.");
+                })
+                .ok()
+        })
+        .collect())
 }
 
 #[cfg(test)]
@@ -668,11 +836,11 @@ mod tests {
             "/j.yaml",
         )
         .unwrap();
-        let vm = Selected {
+        let vm = Source::Vm(Selected {
             vm: "a".into(),
             disks: vec!["vda".into()],
             excluded_disks: vec!["vdb".into()],
-        };
+        });
         let (vars, overrides) = inputs(&job, &vm);
         assert!(vars.contains(&("checkpoint".into(), "nightly".into())));
         assert!(vars.contains(&("domain".into(), "a".into())));
@@ -692,5 +860,43 @@ mod tests {
                 }
             ]
         );
+    }
+
+    #[test]
+    fn variables_for_an_image_name_it_only_when_the_job_does() {
+        let job = crate::parse(
+            "name: j\nrepository: /r\nimages: [/i/a.raw, {path: /i/b.qcow2, name: web01}]\n\
+             freeze: \"off\"\nvariables: {bitmap: nightly, repo: ignored}\n",
+            "/j.yaml",
+        )
+        .unwrap();
+        let sources: Vec<Source> = job.images.iter().cloned().map(Source::Image).collect();
+        let (a, _) = inputs(&job, &sources[0]);
+        let (b, _) = inputs(&job, &sources[1]);
+        for vars in [&a, &b] {
+            assert!(vars.contains(&("bitmap".into(), "nightly".into())));
+            assert!(vars.contains(&("repo".into(), "/r".into())), "{vars:?}");
+            assert!(!vars.iter().any(|(k, _)| k == "domain" || k == "uri"));
+            assert_eq!(vars.iter().filter(|(k, _)| k == "repo").count(), 1);
+        }
+        assert!(a.contains(&("source".into(), "/i/a.raw".into())));
+        assert!(!a.iter().any(|(k, _)| k == "name"));
+        assert!(b.contains(&("name".into(), "web01".into())));
+        assert_eq!(sources[1].label(), "web01");
+        assert_eq!(sources[0].label(), "/i/a.raw");
+    }
+
+    #[test]
+    fn qcow2_is_told_by_its_magic() {
+        let dir = tempfile::tempdir().unwrap();
+        let raw = dir.path().join("a.img");
+        let qcow2 = dir.path().join("b.img");
+        std::fs::write(&raw, [0u8; 512]).unwrap();
+        let mut header = QCOW2_MAGIC.to_vec();
+        header.resize(512, 0);
+        std::fs::write(&qcow2, header).unwrap();
+        assert_eq!(detect(&raw), ImageFormat::Raw);
+        assert_eq!(detect(&qcow2), ImageFormat::Qcow2);
+        assert_eq!(detect(&dir.path().join("missing")), ImageFormat::Raw);
     }
 }

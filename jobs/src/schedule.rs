@@ -29,6 +29,23 @@ pub fn next_due(job: &Job, after: i64) -> Option<i64> {
         .min()
 }
 
+/// The next `n` times `schedule` matches strictly after `after` (fewer when it stops matching).
+pub fn next_times(schedule: &crate::file::Schedule, after: i64, n: usize) -> Vec<i64> {
+    let mut times = Vec::with_capacity(n);
+    let mut from = after;
+    while times.len() < n {
+        let Some(t) = DateTime::<Utc>::from_timestamp(from, 0)
+            .and_then(|from| schedule.cron.find_next_occurrence(&from, false).ok())
+            .map(|t| t.timestamp())
+        else {
+            break;
+        };
+        times.push(t);
+        from = t;
+    }
+    times
+}
+
 /// Whether a scheduled time fell after the last session's start and at or before `now`. A job
 /// never run has missed nothing: it waits for its first time.
 pub fn missed(job: &Job, last_started: Option<i64>, now: i64) -> bool {
@@ -123,6 +140,11 @@ impl Scheduler {
         }
     }
 
+    /// Job `index`'s next scheduled time (`None`: it has no schedule).
+    pub fn next_run(&self, index: usize) -> Option<i64> {
+        self.slots[index].next
+    }
+
     /// How many runs are going on.
     pub fn running(&self) -> usize {
         self.slots.iter().filter(|s| s.running.is_some()).count()
@@ -155,6 +177,23 @@ mod tests {
             "/j.yaml",
         )
         .unwrap()
+    }
+
+    #[test]
+    fn the_next_three_times_of_a_schedule() {
+        let j = job("j", "a", &["30 2 * * 1-5"]);
+        let day = 24 * HOUR;
+        let at = MONDAY + 2 * HOUR + 30 * MINUTE;
+        // From Monday 00:00: Monday, Tuesday, Wednesday at 02:30; from Thursday noon: Friday,
+        // then Monday (no weekend).
+        assert_eq!(
+            next_times(&j.schedule[0], MONDAY, 3),
+            [at, at + day, at + 2 * day]
+        );
+        assert_eq!(
+            next_times(&j.schedule[0], MONDAY + 3 * day + 12 * HOUR, 2),
+            [at + 4 * day, at + 7 * day]
+        );
     }
 
     #[test]

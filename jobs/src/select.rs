@@ -2,6 +2,7 @@
 
 use backflow_libvirt::VmInfo;
 
+use crate::error::JobError;
 use crate::file::Job;
 
 /// One VM to back up and the disks to read (every backup candidate not excluded).
@@ -16,16 +17,19 @@ pub struct Selected {
 /// The VMs of `vms` (a connection's listing) the job selects, in name order. An exact name that
 /// matches no VM is an error (a typo must not silently back up nothing); a glob may match none.
 /// A VM whose every disk is excluded is an error too.
-pub fn select(job: &Job, vms: &[VmInfo]) -> Result<Vec<Selected>, String> {
+/// A job without `vms` selects none (it backs up images only).
+pub fn select(job: &Job, vms: &[VmInfo]) -> Result<Vec<Selected>, JobError> {
+    if job.vms.is_empty() {
+        return Ok(Vec::new());
+    }
     for pattern in job.vms.iter().filter(|p| !p.is_glob()) {
         if !vms.iter().any(|vm| vm.name == pattern.0) {
-            return Err(format!(
-                "job {}: no VM named `{}` on {} (its VMs: {})",
-                job.name.0,
-                pattern.0,
-                job.uri,
-                names(vms)
-            ));
+            return Err(JobError::NoSuchVm {
+                job: job.name.0.clone(),
+                name: pattern.0.clone(),
+                uri: job.uri.clone(),
+                existing: names(vms),
+            });
         }
     }
     let mut selected = Vec::new();
@@ -40,12 +44,11 @@ pub fn select(job: &Job, vms: &[VmInfo]) -> Result<Vec<Selected>, String> {
             .map(|d| d.target.clone())
             .partition(|t| job.exclude_disks.iter().any(|x| x.excludes(&vm.name, t)));
         if disks.is_empty() {
-            return Err(format!(
-                "job {}: every disk of VM {} is excluded ({}); exclude the VM instead",
-                job.name.0,
-                vm.name,
-                excluded_disks.join(", ")
-            ));
+            return Err(JobError::EveryDiskExcluded {
+                job: job.name.0.clone(),
+                vm: vm.name.clone(),
+                disks: excluded_disks.join(", "),
+            });
         }
         selected.push(Selected {
             vm: vm.name.clone(),
@@ -54,17 +57,17 @@ pub fn select(job: &Job, vms: &[VmInfo]) -> Result<Vec<Selected>, String> {
         });
     }
     if selected.is_empty() {
-        return Err(format!(
-            "job {}: no VM on {} matches {} (its VMs: {})",
-            job.name.0,
-            job.uri,
-            job.vms
+        return Err(JobError::NothingSelected {
+            job: job.name.0.clone(),
+            uri: job.uri.clone(),
+            patterns: job
+                .vms
                 .iter()
                 .map(|p| p.0.as_str())
                 .collect::<Vec<_>>()
                 .join(", "),
-            names(vms)
-        ));
+            existing: names(vms),
+        });
     }
     selected.sort_by(|a, b| a.vm.cmp(&b.vm));
     Ok(selected)
@@ -146,17 +149,21 @@ mod tests {
     #[test]
     fn nothing_selected_is_an_error_that_says_what_exists() {
         let vms = [vm("web01", &[("vda", "disk")])];
-        let typo = select(&job("vms: [web1]\n"), &vms).unwrap_err();
+        let typo = select(&job("vms: [web1]\n"), &vms).unwrap_err().to_string();
         assert!(
             typo.contains("no VM named `web1`") && typo.contains("web01"),
             "{typo}"
         );
-        let none = select(&job("vms: [\"db*\"]\n"), &vms).unwrap_err();
+        let none = select(&job("vms: [\"db*\"]\n"), &vms)
+            .unwrap_err()
+            .to_string();
         assert!(
             none.contains("no VM on qemu:///system matches db*"),
             "{none}"
         );
-        let empty = select(&job("vms: [web01]\nexclude_disks: [vda]\n"), &vms).unwrap_err();
+        let empty = select(&job("vms: [web01]\nexclude_disks: [vda]\n"), &vms)
+            .unwrap_err()
+            .to_string();
         assert!(
             empty.contains("every disk of VM web01 is excluded"),
             "{empty}"

@@ -11,7 +11,8 @@
 //!   `[backflow] job nightly: success (3 VMs backed up)`.
 //! - The body gives the start and end (UTC) and a table with one row per VM: result, restore point
 //!   written, bytes read from the disks, bytes added to the repository, duration and the stage that
-//!   limited throughput. Every error and warning follows in full, under its VM's name. See
+//!   limited throughput. Every error, warning and note follows in full, under its VM's name
+//!   (notes, such as a crash-consistent backup, never make a VM's result a warning). See
 //!   [`render`]; the same text can be printed or attached elsewhere.
 //!
 //! # When
@@ -60,7 +61,7 @@ mod session;
 
 pub use config::{DEFAULT_TIMEOUT_SECS, Secret, Security, SmtpConfig};
 pub use error::{NotifyError, Result};
-pub use render::render;
+pub use render::{duration, render, utc};
 pub use send::send;
 pub use session::{Outcome, Session, VmReport};
 

@@ -132,6 +132,11 @@ fn body(session: &Session) -> String {
         .iter()
         .flat_map(|vm| vm.warnings.iter().map(|w| (vm.vm.as_str(), w.as_str())));
     messages(&mut out, "Warnings", warnings);
+    let notes = session
+        .vms
+        .iter()
+        .flat_map(|vm| vm.notes.iter().map(|n| (vm.vm.as_str(), n.as_str())));
+    messages(&mut out, "Notes", notes);
     out
 }
 
@@ -183,7 +188,7 @@ pub(crate) fn bytes(n: u64) -> String {
 }
 
 /// "0.4s", "42s", "3m 07s", "2h 05m 09s".
-pub(crate) fn duration(d: Duration) -> String {
+pub fn duration(d: Duration) -> String {
     let secs = d.as_secs();
     if secs < 10 && d.subsec_millis() > 0 {
         return format!("{:.1}s", d.as_secs_f64());
@@ -201,7 +206,7 @@ pub(crate) fn duration(d: Duration) -> String {
 }
 
 /// Unix seconds as "2026-11-27 17:22:28 UTC": the repository's RFC 3339 time, spelled for people.
-pub(crate) fn utc(unix: u64) -> String {
+pub fn utc(unix: u64) -> String {
     let rfc3339 = backflow_repository::rfc3339(unix.min(i64::MAX as u64) as i64);
     format!("{} UTC", rfc3339.replace('T', " ").trim_end_matches('Z'))
 }
@@ -283,6 +288,7 @@ mod tests {
         web.duration = Duration::from_secs(75);
         web.bottleneck = Some("reader".into());
         web.warnings = vec!["no checkpoint: full backup".into()];
+        web.notes = vec!["crash-consistent".into()];
         let mut db = VmReport::new("db01", Outcome::Failure);
         db.error = Some("libvirt: domain not found\nsecond line".into());
         let session = Session {
@@ -309,6 +315,9 @@ Errors:
 
 Warnings:
   web01: no checkpoint: full backup
+
+Notes:
+  web01: crash-consistent
 ";
         assert_eq!(body, expected);
     }

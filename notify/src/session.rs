@@ -61,6 +61,10 @@ pub struct VmReport {
     #[serde(rename = "duration_secs", serialize_with = "secs")]
     pub duration: Duration,
     pub warnings: Vec<String>,
+    /// What is worth knowing without being wrong (a crash-consistent backup): listed in the
+    /// message, never counted as warnings.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
     /// Why the VM was not backed up (`result: failure`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
@@ -84,6 +88,7 @@ impl VmReport {
             bytes_written: 0,
             duration: Duration::ZERO,
             warnings: Vec::new(),
+            notes: Vec::new(),
             error: None,
             bottleneck: None,
         }

@@ -84,6 +84,7 @@ pub struct RunContext {
     planned_write: AtomicU64,
     results: Mutex<BTreeMap<String, serde_json::Value>>,
     warnings: Mutex<Vec<String>>,
+    notes: Mutex<Vec<String>>,
 }
 
 impl RunContext {
@@ -100,6 +101,7 @@ impl RunContext {
             planned_write: AtomicU64::new(0),
             results: Mutex::new(BTreeMap::new()),
             warnings: Mutex::new(Vec::new()),
+            notes: Mutex::new(Vec::new()),
         }
     }
 
@@ -227,6 +229,19 @@ impl RunContext {
 
     pub fn warnings(&self) -> Vec<String> {
         self.warnings.lock().unwrap().clone()
+    }
+
+    /// A note for the report: worth knowing, nothing wrong (a backup that is crash-consistent
+    /// because the VM has no guest agent). Unlike a warning it makes no session a `warning`, and
+    /// so mails no one.
+    pub fn note(&self, message: impl Into<String>) {
+        let message = message.into();
+        tracing::info!("{message}");
+        self.notes.lock().unwrap().push(message);
+    }
+
+    pub fn notes(&self) -> Vec<String> {
+        self.notes.lock().unwrap().clone()
     }
 }
 

@@ -343,6 +343,7 @@ impl Pipeline {
             errors,
             refused,
             warnings,
+            notes: ctx.notes(),
             snapshot: results
                 .get("snapshot")
                 .and_then(|v| v.as_str())

@@ -135,6 +135,8 @@ pub struct RunReport {
     /// a stage's `preflight`): bad input, not a failed run.
     pub refused: bool,
     pub warnings: Vec<String>,
+    /// What is worth knowing without being wrong ([`crate::RunContext::note`]).
+    pub notes: Vec<String>,
     /// The id of the snapshot the run committed, if it committed one.
     pub snapshot: Option<String>,
     pub source_bytes_read: u64,

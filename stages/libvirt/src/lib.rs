@@ -10,8 +10,9 @@
 //!
 //! With `freeze` (default `auto`) the guest's filesystems are frozen through the QEMU guest agent
 //! for the instant the job begins, and thawed right after: the backup is then consistent as the
-//! filesystems see it. Without an agent the run goes on crash-consistent, with a warning
-//! (`freeze: required` fails instead; `off` does not ask).
+//! filesystems see it. Without an agent the run goes on crash-consistent, with a note in the
+//! report (not a warning: a VM without an agent is normal, and a warning would mail every night;
+//! `freeze: required` fails instead; `off` does not ask).
 //!
 //! # Changed blocks
 //! Each disk carries a [`CheckpointTracking`] for the map stage
@@ -196,7 +197,7 @@ pub const OPTION_DOCS: &[(&str, &str)] = &[
     ),
     (
         "freeze",
-        "freeze the guest's filesystems through the guest agent: auto (warn when none answers), off, required",
+        "freeze the guest's filesystems through the guest agent: auto (crash-consistent, with a note, when none answers), off, required (fail when none answers)",
     ),
     (
         "socket_dir",
@@ -880,8 +881,10 @@ impl LibvirtSource {
                 vm.name
             ))),
             Err(e) => {
-                ctx.warn(format!(
-                    "VM {}: no guest agent froze its filesystems ({}); the backup is crash-consistent, as after a power cut",
+                // Many VMs have no agent, and a crash-consistent backup is what they get every
+                // night: a note, so that a job mailing warnings does not mail every night.
+                ctx.note(format!(
+                    "VM {}: crash-consistent: no guest agent froze its filesystems ({}); the backup is as after a power cut (`freeze: required` makes this a failure)",
                     vm.name,
                     e.libvirt_error().map(|c| c.message().to_owned()).unwrap_or_else(|| e.to_string())
                 ));
