@@ -337,6 +337,7 @@ mod pack;
 mod readable;
 mod recovery;
 mod repository;
+mod resolve;
 mod retention;
 mod scratch;
 mod session;
@@ -358,12 +359,13 @@ pub use gc::{
 };
 pub use ids::rfc3339;
 pub use names::{
-    BadName, MAX_NAME_LEN, NAME_RULE, NameKind, VM_NAME_RULE, check_disk_name, check_vm_name,
-    is_valid_name,
+    BadName, IDENTITY_RULE, MAX_NAME_LEN, MAX_PATH_IDENTITY_LEN, NAME_RULE, NameKind, VM_NAME_RULE,
+    check_disk_name, check_identity, check_vm_name, identity_for_path, is_valid_name,
 };
 pub use pack::{PackEntry, PackTrailer, PackWriter, decode, decode_into, read_pack_trailer};
 pub use readable::ParentCheck;
 pub use repository::{RebuildReport, Repository};
+pub use resolve::LATEST;
 pub use retention::{Decision, KeepPolicy, plan};
 pub use session::BackupSession;
 pub use snapshot::{DiskInfo, DiskMeta, Snapshot, SnapshotInfo, SnapshotMeta};
