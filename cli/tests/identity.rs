@@ -299,10 +299,7 @@ fn snapshots_are_named_by_unique_prefixes_for_restore_and_forget() {
         "unknown id",
     );
     assert!(said.contains("\"19990101\""), "{said}");
-    let said = assert_refused(
-        &restore_with(&repo, &["--vm", "mail"], &out),
-        "unknown VM",
-    );
+    let said = assert_refused(&restore_with(&repo, &["--vm", "mail"], &out), "unknown VM");
     assert!(said.contains("\"mail\"") && said.contains("web"), "{said}");
     assert!(!out.exists());
 

@@ -238,13 +238,15 @@ mod tests {
         assert_eq!(
             DiskSource::identity_for(&dir.path().join(".").join("a.img"), "").unwrap(),
             (
-                dir.path().canonicalize().unwrap().join("a.img").display().to_string(),
+                dir.path()
+                    .canonicalize()
+                    .unwrap()
+                    .join("a.img")
+                    .display()
+                    .to_string(),
                 dir.path().canonicalize().unwrap().join("a.img")
             )
         );
-        assert_eq!(
-            DiskSource::identity_for(&path, "web01").unwrap().0,
-            "web01"
-        );
+        assert_eq!(DiskSource::identity_for(&path, "web01").unwrap().0, "web01");
     }
 }

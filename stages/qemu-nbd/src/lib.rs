@@ -341,7 +341,10 @@ mod tests {
         })
         .unwrap();
         assert_eq!(stage.disk, "web01");
-        assert_eq!(stage.vm, "", "the identity comes from the canonical path at run time");
+        assert_eq!(
+            stage.vm, "",
+            "the identity comes from the canonical path at run time"
+        );
         assert_eq!(stage.format, "qcow2");
         assert_eq!(stage.connections, DEFAULT_CONNECTIONS);
 
