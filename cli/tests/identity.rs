@@ -50,10 +50,11 @@ fn backup_image(image: &Path, repo: &Path, extra: &[&str]) -> String {
     id
 }
 
-/// `backflow restore` with `args` after the repository, into `to`.
+/// `backflow restore` with `args` after the repository, into `to` (not quiet: a refusal must not
+/// print a stage table).
 fn restore_with(repo: &Path, args: &[&str], to: &Path) -> Output {
     backflow()
-        .args(["restore", "--quiet", "--repo"])
+        .args(["restore", "--repo"])
         .arg(repo)
         .args(args)
         .arg("--to")
@@ -80,7 +81,11 @@ fn assert_refused(out: &Output, what: &str) -> String {
     let said = stderr(out);
     assert_eq!(out.status.code(), Some(2), "{what}: {said}");
     assert_eq!(said.trim_end().lines().count(), 1, "{what}: {said}");
-    assert!(!said.contains("busy"), "{what}: a stage table: {said}");
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !said.contains("busy") && !printed.contains("busy"),
+        "{what}: a stage table: {printed}{said}"
+    );
     said
 }
 
