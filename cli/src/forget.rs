@@ -12,13 +12,16 @@ use crate::BadInput;
 pub struct Args {
     #[arg(long, env = crate::REPO_ENV, value_name = "DIR", help = crate::REPO_HELP)]
     repo: PathBuf,
-    /// Forget this snapshot (its id, or a prefix that names one snapshot; repeatable), whatever a
-    /// policy would say: also one whose manifest is damaged (`backflow verify` names those).
+    /// Forget this snapshot (its id, a prefix that names one snapshot, or `latest` of `--vm`;
+    /// repeatable), whatever a policy would say: also one whose manifest is damaged (`backflow
+    /// verify` names those). Every name is resolved before anything is removed.
     #[arg(long, value_name = "ID", conflicts_with_all = [
-        "vm", "keep_last", "keep_daily", "keep_weekly", "keep_monthly", "keep_yearly",
+        "keep_last", "keep_daily", "keep_weekly", "keep_monthly", "keep_yearly",
     ])]
     snapshot: Vec<String>,
-    /// Only this VM's snapshots (default: every VM, each on its own).
+    /// Only this VM's snapshots (default: every VM, each on its own; with `--snapshot`, the names
+    /// are looked up among this VM's snapshots). Images are identified by their canonical path, or
+    /// the name a spec gave them: `backflow snapshots` shows it.
     #[arg(long, value_name = "NAME")]
     vm: Option<String>,
     /// Keep the N newest snapshots.
@@ -73,38 +76,33 @@ struct NamedOutput<'a> {
     forgotten: &'a [String],
 }
 
-/// The snapshot id `wanted` names among `ids`: itself, or the one id it is a prefix of.
-fn resolve(wanted: &str, ids: &[String], repo: &std::path::Path) -> Result<String, BadInput> {
-    if ids.iter().any(|id| id == wanted) {
-        return Ok(wanted.to_owned());
-    }
-    let matches: Vec<&String> = if wanted.is_empty() {
-        Vec::new()
-    } else {
-        ids.iter().filter(|id| id.starts_with(wanted)).collect()
-    };
-    match matches[..] {
-        [one] => Ok(one.clone()),
-        [] => Err(BadInput(format!(
-            "backflow forget: --snapshot {wanted:?}: no snapshot in {} has this id or an id starting with it              (`backflow snapshots` lists them; `backflow verify` names damaged ones)",
-            repo.display()
-        ))),
-        _ => Err(BadInput(format!(
-            "backflow forget: --snapshot {wanted:?} is the start of {} snapshot ids, give more of the one              to forget: {}",
-            matches.len(),
-            matches
-                .iter()
-                .map(|s| s.as_str())
-                .collect::<Vec<_>>()
-                .join(", ")
-        ))),
+/// The snapshot id `wanted` names ([`backflow_repository::Repository::resolve_snapshot`]: an id, a
+/// unique prefix, `latest` of `--vm`); a name that resolves to no single snapshot is bad input.
+fn resolve(
+    repository: &backflow_repository::Repository,
+    wanted: &str,
+    vm: Option<&str>,
+) -> Result<String> {
+    use backflow_repository::RepoError;
+    match repository.resolve_snapshot(wanted, vm) {
+        Ok(id) => Ok(id),
+        Err(
+            e @ (RepoError::SnapshotNotFound { .. }
+            | RepoError::AmbiguousSnapshot { .. }
+            | RepoError::LatestNeedsVm { .. }
+            | RepoError::NoSnapshotOfVm { .. }),
+        ) => Err(BadInput(format!(
+            "backflow forget: --snapshot {wanted:?}: {e} (`backflow snapshots` lists them; `backflow \
+             verify` names damaged ones)"
+        ))
+        .into()),
+        Err(e) => Err(e.into()),
     }
 }
 
 /// `--snapshot`: every id is resolved before anything is removed.
 fn run_named(args: &Args) -> Result<()> {
     let repository = crate::open_repo(&args.repo)?;
-    let ids = repository.manifest_ids()?;
     let infos: std::collections::HashMap<String, backflow_repository::SnapshotInfo> = repository
         .list_snapshots()?
         .into_iter()
@@ -112,7 +110,7 @@ fn run_named(args: &Args) -> Result<()> {
         .collect();
     let mut named: Vec<Named> = Vec::new();
     for wanted in &args.snapshot {
-        let id = resolve(wanted, &ids, &args.repo)?;
+        let id = resolve(&repository, wanted, args.vm.as_deref())?;
         if named.iter().any(|n| n.id == id) {
             continue;
         }

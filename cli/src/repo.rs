@@ -128,23 +128,57 @@ pub fn snapshots(args: SnapshotsArgs) -> Result<()> {
     if json {
         println!("{}", serde_json::to_string_pretty(&snapshots)?);
     } else {
-        println!("{:<28} {:<20} {:<22} disks", "id", "vm", "time (UTC)");
-        for s in &snapshots {
-            let disks: Vec<String> = s
-                .disks
-                .iter()
-                .map(|d| format!("{} ({})", d.name, ByteSize(d.size)))
-                .collect();
-            println!(
-                "{:<28} {:<20} {:<22} {}",
-                s.id,
-                s.vm,
-                s.time_utc,
-                disks.join(", ")
-            );
-        }
+        print!("{}", snapshots_table(&snapshots));
     }
     Ok(())
+}
+
+/// One line per snapshot, oldest first: id, time, the identity it belongs to (`vm`: what `--vm`,
+/// retention and `latest` go by), the size of its disks together, its disks, and where they were
+/// read from. Columns are as wide as their widest value, so that long image paths stay aligned.
+fn snapshots_table(snapshots: &[backflow_repository::SnapshotInfo]) -> String {
+    let rows: Vec<[String; 6]> = snapshots
+        .iter()
+        .map(|s| {
+            [
+                s.id.clone(),
+                s.time_utc.clone(),
+                s.vm.clone(),
+                ByteSize(s.size).to_string(),
+                s.disks
+                    .iter()
+                    .map(|d| d.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(","),
+                s.source.clone(),
+            ]
+        })
+        .collect();
+    let header = ["id", "time (UTC)", "vm", "size", "disks", "source"].map(String::from);
+    let mut widths = [0usize; 6];
+    for row in std::iter::once(&header).chain(&rows) {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for row in std::iter::once(&header).chain(&rows) {
+        let mut line = String::new();
+        for (i, (cell, w)) in row.iter().zip(widths).enumerate() {
+            if i > 0 {
+                line.push_str("  ");
+            }
+            // Sizes right-aligned, the rest left.
+            if i == 3 {
+                line.push_str(&format!("{cell:>w$}"));
+            } else {
+                line.push_str(&format!("{cell:<w$}"));
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
 }
 
 pub fn verify(args: VerifyArgs) -> Result<()> {

@@ -13,9 +13,14 @@ use crate::run::{RESTORE_SPEC, run_pipeline, spec_errors};
 pub struct Args {
     #[arg(long, env = crate::REPO_ENV, value_name = "DIR", help = crate::REPO_HELP)]
     pub repo: PathBuf,
-    /// Snapshot id, or `latest`.
+    /// Snapshot id, a unique prefix of one, or `latest` (of `--vm`; without it, only in a repository
+    /// holding one VM).
     #[arg(long, default_value = "latest")]
     pub snapshot: String,
+    /// The VM (or image identity, as `backflow snapshots` shows it) whose snapshots `--snapshot`
+    /// names: its latest, or prefixes among its snapshots.
+    #[arg(long, value_name = "NAME")]
+    pub vm: Option<String>,
     /// Only this disk.
     #[arg(long)]
     pub disk: Option<String>,
@@ -41,6 +46,7 @@ pub fn run(args: Args) -> Result<()> {
     let Args {
         repo,
         snapshot,
+        vm,
         disk,
         to,
         format,
@@ -53,6 +59,7 @@ pub fn run(args: Args) -> Result<()> {
     let vars = vec![
         ("repo".to_owned(), repo.display().to_string()),
         ("snapshot".to_owned(), snapshot),
+        ("vm".to_owned(), vm.unwrap_or_default()),
         ("disk".to_owned(), disk.unwrap_or_default()),
         ("to".to_owned(), to.display().to_string()),
         ("sync".to_owned(), (!no_sync).to_string()),

@@ -134,7 +134,9 @@ pub struct DiskSource {
 
 impl DiskSource {
     /// The names a file-backed source gives its disk: `disk` as set, else the file name without its
-    /// last extension (`/srv/web01.qcow2` -> `web01`); `vm` as set, else the disk's name. Returns
+    /// last extension (`/srv/web01.qcow2` -> `web01`); `vm` as set, else empty: the source's identity
+    /// then comes from its canonical path when it opens ([`DiskSource::identity_for`]), so that two
+    /// images of one file name in different directories never share restore points. Returns
     /// `(disk, vm)`.
     pub fn names_for(path: &Path, disk: String, vm: String) -> (String, String) {
         let disk = if disk.is_empty() {
@@ -145,8 +147,27 @@ impl DiskSource {
         } else {
             disk
         };
-        let vm = if vm.is_empty() { disk.clone() } else { vm };
         (disk, vm)
+    }
+
+    /// The identity (the snapshot's `vm`) and location of a file-backed source, once it opened: `vm`
+    /// when the spec set one, else the canonical absolute path of `path`
+    /// ([`backflow_repository::identity_for_path`]); and that canonical path, which the manifest
+    /// records as the disk's location (the source column of `backflow snapshots`).
+    pub fn identity_for(path: &Path, vm: &str) -> Result<(String, PathBuf), crate::StageError> {
+        let canonical = std::fs::canonicalize(path)
+            .map_err(|e| crate::StageError::io(format!("resolving {}", path.display()), e))?;
+        if !vm.is_empty() {
+            return Ok((vm.to_owned(), canonical));
+        }
+        let identity = backflow_repository::identity_for_path(&canonical).map_err(|e| {
+            crate::StageError::Config(format!(
+                "{}: its path cannot identify it ({e}); give it a name (the spec variable `name`, \
+                 option `vm`)",
+                path.display()
+            ))
+        })?;
+        Ok((identity, canonical))
     }
 
     /// [`DiskSource::names_for`], each name checked against the alphabet of disk and VM names
@@ -368,9 +389,10 @@ mod tests {
         let named = |path: &str, disk: &str, vm: &str| {
             DiskSource::checked_names_for(Path::new(path), disk.into(), vm.into())
         };
+        // No `vm`: the identity comes from the canonical path once the source opens.
         assert_eq!(
             named("/srv/web01.qcow2", "", "").unwrap(),
-            ("web01".into(), "web01".into())
+            ("web01".into(), String::new())
         );
         assert_eq!(
             named("/srv/x.raw", "vdb", "db-2.prod").unwrap(),

@@ -58,6 +58,31 @@ pub enum RepoError {
     #[error("no snapshot {id:?} in {}", repo.display())]
     SnapshotNotFound { repo: PathBuf, id: String },
 
+    /// A prefix that several snapshot ids start with; `candidates` describes each (`ID (vm VM, TIME)`), oldest
+    /// first. Not retryable: give more of the id.
+    #[error("snapshot {given:?} is ambiguous in {}: {} snapshots start with it: {}; give more of the id",
+        repo.display(), candidates.len(), candidates.join("; "))]
+    AmbiguousSnapshot {
+        repo: PathBuf,
+        given: String,
+        candidates: Vec<String>,
+    },
+
+    /// `latest` without a VM in a repository holding several: which one's newest is meant is not certain, and a
+    /// restore of the wrong one is worse than a question. Not retryable: name the VM.
+    #[error("`latest` is ambiguous in {}: it holds snapshots of {} VMs ({}); name one (`--vm NAME`, or a spec's \
+        `vm` variable)", repo.display(), vms.len(), vms.join(", "))]
+    LatestNeedsVm { repo: PathBuf, vms: Vec<String> },
+
+    /// No snapshot of this VM (for `latest`, or a prefix, restricted to it). Not retryable.
+    #[error("no snapshot of VM {vm:?} in {}{}", repo.display(), match &detail[..] { "" => String::new(), d => format!(" ({d})") })]
+    NoSnapshotOfVm {
+        repo: PathBuf,
+        vm: String,
+        /// What there is instead: the VMs that have snapshots, or the VM the given id belongs to.
+        detail: String,
+    },
+
     /// The repository lock is held in a mode that excludes this operation (a backup while a garbage collection
     /// or index rebuild runs, or the reverse). Retryable once the other operation ends.
     #[error("repository {} is locked: {detail}", path.display())]
@@ -94,6 +119,9 @@ impl RepoError {
             | RepoError::Corrupt { .. }
             | RepoError::Decode { .. }
             | RepoError::SnapshotNotFound { .. }
+            | RepoError::AmbiguousSnapshot { .. }
+            | RepoError::LatestNeedsVm { .. }
+            | RepoError::NoSnapshotOfVm { .. }
             | RepoError::InvalidArgument(_)
             | RepoError::SessionFailed { .. } => false,
         }

@@ -130,6 +130,12 @@
 //! only. Metadata readers ignore unknown JSON keys: an optional key may be added within version 1; any
 //! change of meaning or binary layout is a new version.
 //!
+//! `vm` is the snapshot's identity (see [`check_identity`]): a libvirt domain's name, the name a spec gave an
+//! image, or else the image's canonical absolute path, so that two images of one file name never share
+//! retention, `latest` or a parent. Earlier releases named an unnamed image after its file; their manifests
+//! are read unchanged and keep those names. A snapshot is named by its id, any prefix only its id starts
+//! with, or `latest` of an identity ([`Repository::resolve_snapshot`]: one rule for every command and stage).
+//!
 //! During a session each disk's table is a sparse scratch file (`tmp/SESSION/disk-N.table`) pre-sized to its
 //! entry count, all zero, written with `pwrite` by any thread in any order; commit copies it into the manifest.
 //!
@@ -295,7 +301,8 @@
 //! manifest metadata at most 16 MiB; snapshot and session ids are `[A-Za-z0-9_-]{1,64}`. Disk names are
 //! 1 to [`MAX_NAME_LEN`] characters from `A-Z a-z 0-9 . _ -`, the first a letter, a digit or `_`, and VM names
 //! 1 to [`MAX_NAME_LEN`] characters without `/`, control characters or a space at either end, so that a name is
-//! never a path or a second line (see [`check_disk_name`], [`check_vm_name`]): a session refuses others, and
+//! never a path or a second line (see [`check_disk_name`], [`check_vm_name`]; a snapshot's identity may also be
+//! a canonical absolute path of at most [`MAX_PATH_IDENTITY_LEN`] bytes, [`check_identity`]): a session refuses others, and
 //! restores refuse a manifest holding one before they write a file of that name. Each open
 //! [`Repository`] keeps one file descriptor per index file and up to 16 open packs. Reading never allocates
 //! more than a chunk's bounded length from a value read on disk.
@@ -337,6 +344,7 @@ mod pack;
 mod readable;
 mod recovery;
 mod repository;
+mod resolve;
 mod retention;
 mod scratch;
 mod session;
@@ -358,12 +366,13 @@ pub use gc::{
 };
 pub use ids::rfc3339;
 pub use names::{
-    BadName, MAX_NAME_LEN, NAME_RULE, NameKind, VM_NAME_RULE, check_disk_name, check_vm_name,
-    is_valid_name,
+    BadName, IDENTITY_RULE, MAX_NAME_LEN, MAX_PATH_IDENTITY_LEN, NAME_RULE, NameKind, VM_NAME_RULE,
+    check_disk_name, check_identity, check_vm_name, identity_for_path, is_valid_name,
 };
 pub use pack::{PackEntry, PackTrailer, PackWriter, decode, decode_into, read_pack_trailer};
 pub use readable::ParentCheck;
 pub use repository::{RebuildReport, Repository};
+pub use resolve::LATEST;
 pub use retention::{Decision, KeepPolicy, plan};
 pub use session::BackupSession;
 pub use snapshot::{DiskInfo, DiskMeta, Snapshot, SnapshotInfo, SnapshotMeta};

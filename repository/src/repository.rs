@@ -336,24 +336,17 @@ impl Repository {
         Ok(ids)
     }
 
-    /// Opens a snapshot by id, or `latest` for the newest of any VM. Verifies the manifest's checksum.
+    /// Opens a snapshot by id, or by anything else [`Repository::resolve_snapshot`] resolves without a VM (a
+    /// unique prefix, `latest` in a repository of one VM). Verifies the manifest's checksum.
     pub fn open_snapshot(&self, id: &str) -> Result<Snapshot> {
-        let not_found = || RepoError::SnapshotNotFound {
-            repo: self.inner.path.clone(),
-            id: id.to_owned(),
-        };
-        if id == "latest" {
-            let latest = self.list_snapshots()?.pop().ok_or_else(not_found)?;
-            return self.open_snapshot(&latest.id);
+        if crate::ids::valid_id(id) {
+            let path = snapshot_path(&self.inner.path, id);
+            if path.exists() {
+                return Snapshot::open_path(&path, id);
+            }
         }
-        if !crate::ids::valid_id(id) {
-            return Err(not_found());
-        }
-        let path = snapshot_path(&self.inner.path, id);
-        if !path.exists() {
-            return Err(not_found());
-        }
-        Snapshot::open_path(&path, id)
+        let id = self.resolve_snapshot(id, None)?;
+        Snapshot::open_path(&snapshot_path(&self.inner.path, &id), &id)
     }
 
     /// The newest snapshot of `vm` (by the time its backup began), the parent of the next incremental.

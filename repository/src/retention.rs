@@ -260,6 +260,8 @@ mod tests {
         SnapshotInfo {
             id: format!("{}-{vm}", crate::ids::snapshot_id(time, 0)),
             vm: vm.into(),
+            source: String::new(),
+            size: 0,
             time,
             time_utc: crate::ids::rfc3339(time),
             hostname: "h".into(),

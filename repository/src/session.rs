@@ -168,7 +168,7 @@ fn hostname() -> String {
 
 impl BackupSession {
     pub(crate) fn begin(repo: &Repository, vm: &str) -> Result<BackupSession> {
-        crate::names::check_vm_name(vm).map_err(|e| RepoError::InvalidArgument(e.to_string()))?;
+        crate::names::check_identity(vm).map_err(|e| RepoError::InvalidArgument(e.to_string()))?;
         let root = repo.path().to_owned();
         let repo_lock = crate::repository::lock_repository(
             &root,

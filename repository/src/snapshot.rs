@@ -70,13 +70,25 @@ pub struct SnapshotMeta {
 pub struct DiskInfo {
     pub name: String,
     pub size: u64,
+    /// Where the disk was read from ([`DiskMeta::location`]).
+    #[serde(default)]
+    pub location: String,
 }
 
 /// What `snapshots` lists.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct SnapshotInfo {
     pub id: String,
+    /// The identity of what was backed up (see "Identities" in `names`): a libvirt VM's domain name, the
+    /// name a spec gave an image, or an image's canonical path. Retention, `latest` and parents go by it.
     pub vm: String,
+    /// Where it was read from, for people: the one disk's location, or `NAME=LOCATION` per disk joined by
+    /// `, `. Taken from the disks' locations, which every manifest records (older ones included).
+    #[serde(default)]
+    pub source: String,
+    /// Bytes of all disks together.
+    #[serde(default)]
+    pub size: u64,
     /// Seconds since the Unix epoch, UTC.
     pub time: i64,
     /// The same instant as RFC 3339 (`2026-11-27T10:40:19Z`).
@@ -89,9 +101,19 @@ pub struct SnapshotInfo {
 
 impl SnapshotInfo {
     pub(crate) fn from_meta(meta: &SnapshotMeta) -> SnapshotInfo {
+        let source = match &meta.disks[..] {
+            [one] => one.location.clone(),
+            disks => disks
+                .iter()
+                .map(|d| format!("{}={}", d.name, d.location))
+                .collect::<Vec<_>>()
+                .join(", "),
+        };
         SnapshotInfo {
             id: meta.id.clone(),
             vm: meta.vm.clone(),
+            source,
+            size: meta.disks.iter().map(|d| d.size).sum(),
             time: meta.time,
             time_utc: crate::ids::rfc3339(meta.time),
             hostname: meta.hostname.clone(),
@@ -101,6 +123,7 @@ impl SnapshotInfo {
                 .map(|d| DiskInfo {
                     name: d.name.clone(),
                     size: d.size,
+                    location: d.location.clone(),
                 })
                 .collect(),
             time_nanos: meta.time_nanos,

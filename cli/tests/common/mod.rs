@@ -69,7 +69,8 @@ pub fn backup(image: &Path, repo: &Path) -> serde_json::Value {
     backup_named(image, repo, "disk0")
 }
 
-/// `backflow run specs/backup-image.yaml` of `image` as disk (and so VM) `name`, quiet.
+/// `backflow run specs/backup-image.yaml` of `image` as disk `name`, identified as `name` too
+/// (`--var name=`; without it the identity would be the image's canonical path), quiet.
 pub fn backup_command(image: &Path, repo: &Path, name: &str) -> Command {
     let mut cmd = backflow();
     cmd.arg("run")
@@ -80,6 +81,8 @@ pub fn backup_command(image: &Path, repo: &Path, name: &str) -> Command {
         .arg(format!("repo={}", repo.display()))
         .arg("--var")
         .arg(format!("disk={name}"))
+        .arg("--var")
+        .arg(format!("name={name}"))
         .arg("--quiet");
     cmd
 }

@@ -27,7 +27,8 @@ pub struct ImageOptions {
     /// The disk's name in the manifest; empty: the file name without its extension.
     #[serde(default)]
     pub disk: String,
-    /// The machine the snapshot belongs to; empty: the disk's name.
+    /// The identity of the snapshots (retention, `latest` and parents go by it); empty: the image's
+    /// canonical absolute path, so that `/a/disk.raw` and `/b/disk.raw` are never confused.
     #[serde(default)]
     pub vm: String,
 }
@@ -44,7 +45,7 @@ pub const OPTION_DOCS: &[(&str, &str)] = &[
     ),
     (
         "vm",
-        "the machine the snapshot belongs to; empty: the disk's name",
+        "the identity of the snapshots (retention, latest and parents go by it); empty: the image's canonical absolute path",
     ),
 ];
 
@@ -97,10 +98,11 @@ impl Stage for ImageSource {
                 StageError::io(context, e)
             }
         })?;
+        let (vm, location) = DiskSource::identity_for(&self.path, &self.vm)?;
         let disk = DiskSource {
-            vm: self.vm.clone(),
+            vm,
             name: self.disk.clone(),
-            location: self.path.clone(),
+            location,
             reader: Arc::new(file),
             tracking: None,
             definition: None,
@@ -231,7 +233,20 @@ mod tests {
         assert!(image.read_exact_at(&mut buf, 8).is_err());
         assert_eq!(
             DiskSource::names_for(&path, String::new(), String::new()),
-            ("a".to_owned(), "a".to_owned())
+            ("a".to_owned(), String::new())
         );
+        assert_eq!(
+            DiskSource::identity_for(&dir.path().join(".").join("a.img"), "").unwrap(),
+            (
+                dir.path()
+                    .canonicalize()
+                    .unwrap()
+                    .join("a.img")
+                    .display()
+                    .to_string(),
+                dir.path().canonicalize().unwrap().join("a.img")
+            )
+        );
+        assert_eq!(DiskSource::identity_for(&path, "web01").unwrap().0, "web01");
     }
 }

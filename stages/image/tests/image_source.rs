@@ -38,8 +38,10 @@ fn emits_one_disk_whose_reader_and_map_match_the_file() {
         panic!("expected a disk, got {}", out[0].variant());
     };
     assert_eq!(disk.name, "db01");
-    assert_eq!(disk.vm, "db01");
-    assert_eq!(disk.location, path);
+    // Identified and located by its canonical path: another db01.img elsewhere is another machine.
+    let canonical = path.canonicalize().unwrap();
+    assert_eq!(disk.vm, canonical.display().to_string());
+    assert_eq!(disk.location, canonical);
     assert_eq!(disk.reader.size(), IMAGE_SIZE);
 
     let file = File::open(&path).unwrap();

@@ -60,7 +60,8 @@ pub struct QemuNbdOptions {
     /// The disk's name in the manifest; empty: the file name without its extension.
     #[serde(default)]
     pub disk: String,
-    /// The machine the snapshot belongs to; empty: the disk's name.
+    /// The identity of the snapshots (retention, `latest` and parents go by it); empty: the image's
+    /// canonical absolute path, so that `/a/disk.qcow2` and `/b/disk.qcow2` are never confused.
     #[serde(default)]
     pub vm: String,
     /// Most NBD connections open at once (the server's `--shared`).
@@ -109,7 +110,7 @@ pub const OPTION_DOCS: &[(&str, &str)] = &[
     ),
     (
         "vm",
-        "the machine the snapshot belongs to; empty: the disk's name",
+        "the identity of the snapshots (retention, latest and parents go by it); empty: the image's canonical absolute path",
     ),
     (
         "connections",
@@ -314,10 +315,11 @@ impl Stage for QemuNbd {
             Arc::new(BitmapTracking::new(chain, export.clone(), committed))
                 as Arc<dyn ChangeTracking>
         });
+        let (vm, location) = DiskSource::identity_for(&self.path, &self.vm)?;
         let disk = DiskSource {
-            vm: self.vm.clone(),
+            vm,
             name: self.disk.clone(),
-            location: self.path.clone(),
+            location,
             reader: export,
             tracking,
             definition: None,
@@ -339,7 +341,10 @@ mod tests {
         })
         .unwrap();
         assert_eq!(stage.disk, "web01");
-        assert_eq!(stage.vm, "web01");
+        assert_eq!(
+            stage.vm, "",
+            "the identity comes from the canonical path at run time"
+        );
         assert_eq!(stage.format, "qcow2");
         assert_eq!(stage.connections, DEFAULT_CONNECTIONS);
 

@@ -8,8 +8,8 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock};
 
 use backflow_pipeline::{
-    Chunk, Disk, DiskSource, InvalidOption, Message, MessageType, Payload, SizeOnly, Stage,
-    StageError, StageIo, Work, Worker,
+    Chunk, Disk, DiskSource, InvalidOption, Message, MessageType, Payload, RunContext, SizeOnly,
+    Stage, StageError, StageIo, Work, Worker,
 };
 use backflow_repository::{ChunkRef, Snapshot};
 use bytes::Bytes;
@@ -24,12 +24,17 @@ pub const BATCH_CHUNKS: u64 = 16;
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RepoReaderOptions {
-    /// Snapshot id, or `latest`.
+    /// Snapshot id, a unique prefix of one, or `latest` (of `vm`; without `vm` only in a repository
+    /// of one VM).
     #[serde(default = "latest")]
     pub snapshot: String,
     /// Only this disk; empty: every disk of the snapshot.
     #[serde(default)]
     pub disk: String,
+    /// The VM (identity) whose snapshots `snapshot` names: its `latest`, and prefixes among its
+    /// snapshots only; empty: any.
+    #[serde(default)]
+    pub vm: String,
 }
 
 fn latest() -> String {
@@ -41,19 +46,29 @@ impl Default for RepoReaderOptions {
         RepoReaderOptions {
             snapshot: latest(),
             disk: String::new(),
+            vm: String::new(),
         }
     }
 }
 
 pub const OPTION_DOCS: &[(&str, &str)] = &[
-    ("snapshot", "snapshot id, or latest"),
+    (
+        "snapshot",
+        "snapshot id, a unique prefix of one, or latest (of vm; without vm only when the repository holds one VM)",
+    ),
     ("disk", "restore only this disk; empty: every disk"),
+    (
+        "vm",
+        "the VM whose snapshots snapshot names (its latest; prefixes among its snapshots); empty: any",
+    ),
 ];
 
 type Plan = (Arc<Snapshot>, Vec<(usize, Arc<Disk>)>);
 
 pub struct RepoReader {
     options: RepoReaderOptions,
+    /// The id `snapshot` names, resolved once (in preflight, before anything runs).
+    resolved: OnceLock<Result<String, String>>,
     plan: OnceLock<Result<Plan, String>>,
 }
 
@@ -65,19 +80,37 @@ impl RepoReader {
                 "must be a snapshot id or `latest`",
             ));
         }
+        if !options.vm.is_empty() {
+            backflow_repository::check_identity(&options.vm)
+                .map_err(|e| InvalidOption::new("vm", e.to_string()))?;
+        }
         Ok(RepoReader {
             options,
+            resolved: OnceLock::new(),
             plan: OnceLock::new(),
         })
     }
 
+    /// The snapshot id the options name ([`backflow_repository::Repository::resolve_snapshot`]):
+    /// an unknown or ambiguous name is an error listing what there is.
+    fn resolved(&self, ctx: &RunContext) -> Result<&str, StageError> {
+        self.resolved
+            .get_or_init(|| {
+                let repo = ctx.repository().map_err(|e| e.to_string())?;
+                let vm = Some(self.options.vm.as_str()).filter(|vm| !vm.is_empty());
+                repo.resolve_snapshot(&self.options.snapshot, vm)
+                    .map_err(|e| e.to_string())
+            })
+            .as_deref()
+            .map_err(|e| StageError::Config(e.clone()))
+    }
+
     fn plan(&self, worker: &Worker<'_>) -> Result<&Plan, StageError> {
+        let id = self.resolved(worker.ctx())?;
         self.plan
             .get_or_init(|| {
                 let repo = worker.ctx().repository().map_err(|e| e.to_string())?;
-                let snapshot = repo
-                    .open_snapshot(&self.options.snapshot)
-                    .map_err(|e| e.to_string())?;
+                let snapshot = repo.open_snapshot(id).map_err(|e| e.to_string())?;
                 let mut disks = Vec::new();
                 for (i, meta) in snapshot.meta().disks.iter().enumerate() {
                     if !self.options.disk.is_empty() && meta.name != self.options.disk {
@@ -143,6 +176,12 @@ impl Stage for RepoReader {
 
     fn work(&self) -> Work {
         Work::Io
+    }
+
+    /// Resolves the snapshot before anything runs: an unknown id, an ambiguous prefix or `latest`
+    /// among several VMs refuses the run (bad input), and no target is touched.
+    fn preflight(&self, ctx: &RunContext) -> Result<(), StageError> {
+        self.resolved(ctx).map(|_| ())
     }
 
     fn run(&self, worker: &mut Worker<'_>) -> Result<(), StageError> {

@@ -17,9 +17,21 @@ const CHUNK: u32 = 64 * 1024;
 const IMAGE_SIZE: u64 = (8 << 20) + 6 * 4096;
 
 fn read(repo: &Path, snapshot: &str, disk: &str, workers: usize) -> (RunReport, Vec<Chunk>) {
+    read_of(repo, snapshot, "", disk, workers)
+}
+
+/// [`read`] of a snapshot named among `vm`'s (all when empty).
+fn read_of(
+    repo: &Path,
+    snapshot: &str,
+    vm: &str,
+    disk: &str,
+    workers: usize,
+) -> (RunReport, Vec<Chunk>) {
     let reader = RepoReader::new(RepoReaderOptions {
         snapshot: snapshot.into(),
         disk: disk.into(),
+        vm: vm.into(),
     })
     .unwrap();
     let harness = Harness {
@@ -112,14 +124,25 @@ fn latest_and_disk_select_what_is_read() {
     backup(&repo, "old", &[("vda", &vda)]);
     let (id, tables) = backup(&repo, "web01", &[("vda", &vda), ("vdb", &vdb)]);
 
+    // Two VMs: `latest` alone is refused naming both; `latest` of one is its newest.
     let (report, chunks) = read(&repo_path, "latest", "vdb", 3);
+    assert_eq!(report.outcome, OutcomeKind::Failed);
+    assert!(chunks.is_empty());
+    assert!(
+        report.errors[0].contains("(old, web01)"),
+        "{:?}",
+        report.errors
+    );
+    let (report, chunks) = read_of(&repo_path, "latest", "web01", "vdb", 3);
     assert_succeeded(&report);
     assert_eq!(report.results["restored_snapshot"], id.as_str());
     assert!(chunks.iter().all(|c| c.disk.name() == "vdb"));
     assert_restores(&repo, &chunks, &tables[1], &std::fs::read(&vdb).unwrap());
 
-    let (report, chunks) = read(&repo_path, &id, "", 1);
+    // A prefix that only this snapshot's id starts with (the date part starts both; `web01` narrows).
+    let (report, chunks) = read_of(&repo_path, &id[..8], "web01", "", 1);
     assert_succeeded(&report);
+    assert_eq!(report.results["restored_snapshot"], id.as_str());
     let (a, b): (Vec<Chunk>, Vec<Chunk>) = chunks.into_iter().partition(|c| c.disk.name() == "vda");
     assert_restores(&repo, &a, &tables[0], &std::fs::read(&vda).unwrap());
     assert_restores(&repo, &b, &tables[1], &std::fs::read(&vdb).unwrap());
@@ -162,8 +185,10 @@ fn lost_index_files_cost_speed_not_the_restore_and_a_lost_pack_fails_it_naming_t
     };
 
     // Every chunk is found in the pack trailers; the run says how to make that fast again.
-    let (report, chunks) = read(&repo_path, &id, "", 1);
+    // A prefix that only this snapshot's id starts with (the date part starts both; `web01` narrows).
+    let (report, chunks) = read_of(&repo_path, &id[..8], "web01", "", 1);
     assert_succeeded(&report);
+    assert_eq!(report.results["restored_snapshot"], id.as_str());
     let data = std::fs::read(&image).unwrap();
     assert_restores(&repo, &chunks, &tables[0], &data);
     assert!(
