@@ -161,7 +161,8 @@ fn restore_vm_defines_a_new_domain_on_the_restored_images() {
     let again = image_dir(work.path(), "again");
     let out = restore_vm(&repo, &again, original.name(), &report_path);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    // Refused in the checks before any data moved: bad input (exit 2), not a failed run.
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(
         stderr.contains(&format!("a VM named `{}` exists already", original.name())),
         "{stderr}"
@@ -201,7 +202,7 @@ fn restore_vm_refuses_a_snapshot_without_a_domain_definition() {
     let to = image_dir(work.path(), "restored");
     let out = restore_vm(&repo, &to, &name, &work.path().join("report.json"));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(
         stderr.contains("has no domain definition: it was not taken from a libvirt VM"),
         "{stderr}"
