@@ -9,8 +9,8 @@ use std::path::Path;
 use common::*;
 
 struct Case {
-    /// The command line; `{dir}` is a scratch directory, `{repo}` a repository with one
-    /// snapshot, `{image}` an image file.
+    /// The command line; `{dir}` is a scratch directory, `{repo}` a repository with two
+    /// snapshots, `{image}` an image file.
     args: &'static str,
     /// A fragment of the error line.
     says: &'static str,
@@ -96,13 +96,19 @@ const CASES: &[Case] = &[
         says: "variable `repo` is required",
         lines: 2,
     },
-    // TODO at merge (other parts of issue 12): `restore --snapshot nosuch` (repo-reader's
-    // preflight), an ambiguous id prefix (identities), `restore --to` an existing file (the
-    // disk-writer's preflight).
+    case(
+        "restore --repo {repo} --snapshot nosuch --to {dir}/out.raw",
+        "no snapshot \"nosuch\" in {repo}",
+    ),
+    // Both snapshots' ids begin with the year.
+    case(
+        "restore --repo {repo} --snapshot 2 --to {dir}/out.raw",
+        "is ambiguous in {repo}: 2 snapshots start with it",
+    ),
 ];
 
 /// The stage table's header, which a failure before any data moved must not print.
-const TABLE_HEADER: &str = "busy%";
+const TABLE_HEADER: &str = "starved s";
 
 fn expand(text: &str, dir: &Path, repo: &Path, image: &Path) -> String {
     text.replace("{dir}", &dir.display().to_string())
@@ -118,6 +124,7 @@ fn every_mistake_before_data_moves_is_one_line_and_exit_2() {
     backflow_fixtures::generate_image(&image, 1 << 20, 5).unwrap();
     let repo = dir.join("repo");
     init_repo(&repo, "64K");
+    backup(&image, &repo);
     backup(&image, &repo);
     std::fs::create_dir(dir.join("plain")).unwrap();
     std::fs::write(dir.join("plain/file"), "not a repository").unwrap();
