@@ -6,7 +6,8 @@
 //!
 //! The snapshot is opened in the preflight, before anything runs; the disks it will restore are
 //! recorded for the stages after it ([`PLAN_RESULT`]), so that a disk writer can check its targets
-//! before any data moves.
+//! before any data moves. A snapshot that cannot be opened fails the run when the workers start,
+//! as it did before there was a preflight.
 //!
 //! # Damage (`allow_damaged`)
 //! A chunk that no stored copy gives back (missing, marked damaged, unreadable here; or, in the
@@ -173,8 +174,14 @@ impl Stage for RepoReader {
         Work::Io
     }
 
+    /// Opens the snapshot and records the plan for the stages after this one. A snapshot that
+    /// cannot be opened is not refused here: the workers fail with the same error, as a failed
+    /// run (a damaged manifest is damage, not bad input).
     fn preflight(&self, ctx: &RunContext) -> Result<(), StageError> {
-        self.plan(ctx).map(|_| ())
+        if let Err(e) = self.plan(ctx) {
+            tracing::debug!(error = %e, "No restore plan: the snapshot cannot be opened.");
+        }
+        Ok(())
     }
 
     /// Lists the ranges restored as zeros (allowed damage), once every stage is done with them.
