@@ -236,7 +236,7 @@ fn fails_clearly(
         // itself): that restore still fails, clearly and naming the manifest.
         let manifest = format!("snapshots/{}.snap", point.id);
         let manifest_damaged = ran.error_lines().iter().any(|l| l.contains(&manifest));
-        if !ran.success() && !(manifest_damaged && clear_failure(&ran, repo).is_ok()) {
+        if !ran.success() && (!manifest_damaged || clear_failure(&ran, repo).is_err()) {
             return Err(format!(
                 "restore --allow-damaged failed ({})",
                 ran.describe()

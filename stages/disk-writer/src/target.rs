@@ -344,14 +344,14 @@ mod tests {
         assert!(!locked(&file).unwrap());
         // What QEMU does: an OFD read lock on one byte, through its own open file description.
         let holder = File::open(&file).unwrap();
-        let mut lock = libc::flock {
+        let lock = libc::flock {
             l_type: libc::F_RDLCK as libc::c_short,
             l_whence: libc::SEEK_SET as libc::c_short,
             l_start: 100,
             l_len: 1,
             l_pid: 0,
         };
-        fcntl(&holder, FcntlArg::F_OFD_SETLK(&mut lock)).unwrap();
+        fcntl(&holder, FcntlArg::F_OFD_SETLK(&lock)).unwrap();
         assert!(locked(&file).unwrap());
         let err = check(&file, true, &none()).unwrap_err().to_string();
         assert!(err.contains("holds it open with a lock"), "{err}");

@@ -20,6 +20,7 @@ fn read(repo: &Path, snapshot: &str, disk: &str, workers: usize) -> (RunReport, 
     let reader = RepoReader::new(RepoReaderOptions {
         snapshot: snapshot.into(),
         disk: disk.into(),
+        ..Default::default()
     })
     .unwrap();
     let harness = Harness {
