@@ -102,8 +102,7 @@ enum Command {
 pub const REPO_ENV: &str = "BACKFLOW_REPOSITORY";
 
 /// The help of every `--repo`.
-pub const REPO_HELP: &str =
-    "The repository's directory (made by `backflow init`)";
+pub const REPO_HELP: &str = "The repository's directory (made by `backflow init`)";
 
 /// Failures that map to exit code 2 (the input was wrong, nothing ran).
 #[derive(Debug)]

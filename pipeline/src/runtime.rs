@@ -225,7 +225,10 @@ impl Pipeline {
         if prepared.is_ok() {
             for placed in &self.stages {
                 if let Err(e) = placed.stage.preflight(&ctx) {
-                    failures.lock().unwrap().push(format!("{}: {e}", placed.name));
+                    failures
+                        .lock()
+                        .unwrap()
+                        .push(format!("{}: {e}", placed.name));
                     prepared = Err(());
                     break;
                 }
