@@ -358,3 +358,50 @@ fn allow_damaged_restores_zeros_where_no_copy_is_readable_and_lists_the_range() 
         }
     }
 }
+
+/// A loop device over a file, detached when dropped.
+struct Loop(PathBuf);
+
+impl Loop {
+    fn attach(file: &Path) -> Loop {
+        let out = Command::new("losetup")
+            .args(["--find", "--show"])
+            .arg(file)
+            .output()
+            .expect("losetup is required for this test");
+        assert!(
+            out.status.success(),
+            "losetup: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Loop(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
+    }
+}
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").arg("-d").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_block_device_is_written_only_with_force() {
+    let (dir, image, repo) = backed_up(2 << 20);
+    let backing = dir.path().join("device.img");
+    std::fs::write(&backing, vec![0x5au8; 2 << 20]).unwrap();
+    let before = copy_of(&backing);
+    let device = Loop::attach(&backing);
+    assert_refused(
+        &restore_to(&repo, &device.0, &[]),
+        &device.0,
+        &["block device", "--force"],
+    );
+    assert_same_file(&backing, &before);
+    let forced = restore_to(&repo, &device.0, &["--force", "--quiet"]);
+    assert!(
+        forced.status.success(),
+        "{}",
+        String::from_utf8_lossy(&forced.stderr)
+    );
+    assert_same_file(&device.0, &image);
+}
