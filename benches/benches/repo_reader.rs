@@ -27,6 +27,7 @@ fn repo_reader(c: &mut Criterion) {
                         let options = RepoReaderOptions {
                             snapshot: snapshot.clone(),
                             disk: String::new(),
+                            ..Default::default()
                         };
                         let mut h = harness(RepoReader::new(options).unwrap(), workers);
                         h.repository = Some(repo.path());

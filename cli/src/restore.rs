@@ -33,6 +33,17 @@ pub struct Args {
     /// Do not fsync: report success once the data is written to the page cache.
     #[arg(long)]
     pub no_sync: bool,
+    /// Replace an existing target (a file, a block device, DISK.raw in the directory). An image a
+    /// running VM or a QEMU process uses is refused even so.
+    #[arg(long)]
+    pub force: bool,
+    /// The libvirt connection whose VMs' images are never written (default: libvirt's default).
+    #[arg(long, value_name = "URI")]
+    pub uri: Option<String>,
+    /// Disaster recovery: write zeros where no stored copy of a chunk can be read, and list every
+    /// such range, instead of failing.
+    #[arg(long)]
+    pub allow_damaged: bool,
     #[arg(long)]
     pub report: Option<PathBuf>,
     #[arg(long, short)]
@@ -51,6 +62,9 @@ pub fn run(args: Args) -> Result<()> {
         to,
         format,
         no_sync,
+        force,
+        uri,
+        allow_damaged,
         report,
         quiet,
         stats,
@@ -64,6 +78,9 @@ pub fn run(args: Args) -> Result<()> {
         ("to".to_owned(), to.display().to_string()),
         ("sync".to_owned(), (!no_sync).to_string()),
         ("format".to_owned(), format),
+        ("force".to_owned(), force.to_string()),
+        ("uri".to_owned(), uri.unwrap_or_default()),
+        ("allow_damaged".to_owned(), allow_damaged.to_string()),
     ];
     let (name, text) = RESTORE_SPEC;
     let pipeline = spec::load_str(name, text, &vars, &Stages).map_err(spec_errors)?;

@@ -102,6 +102,30 @@ pub fn parse_disks(xml: &str) -> Result<Vec<DiskInfo>, String> {
         .collect()
 }
 
+/// Every local file and block device the `<disk>` elements of a domain XML name: each disk's
+/// `<source file>` or `<source dev>` and those of its `<backingStore>` chain (which QEMU holds open
+/// too, read-only, while the domain runs). Paths as the XML spells them, in document order.
+pub fn image_paths(xml: &str) -> Result<Vec<String>, String> {
+    let doc = roxmltree::Document::parse(xml).map_err(|e| e.to_string())?;
+    let Some(devices) = child(doc.root_element(), "devices") else {
+        return Ok(Vec::new());
+    };
+    let mut paths = Vec::new();
+    for disk in devices.children().filter(|n| n.has_tag_name("disk")) {
+        for source in disk.descendants().filter(|n| n.has_tag_name("source")) {
+            // A `<source>` belongs to the disk itself or to one `<backingStore>` of its chain.
+            let owner = source.parent_element();
+            if !owner.is_some_and(|o| o.has_tag_name("disk") || o.has_tag_name("backingStore")) {
+                continue;
+            }
+            if let Some(path) = source.attribute("file").or_else(|| source.attribute("dev")) {
+                paths.push(path.to_owned());
+            }
+        }
+    }
+    Ok(paths)
+}
+
 /// One `<disk>` element; `Err` says what is missing.
 pub(crate) fn parse_disk(disk: roxmltree::Node<'_, '_>) -> Result<DiskInfo, String> {
     let target_el = child(disk, "target").ok_or("no <target>")?;
@@ -181,6 +205,24 @@ pub(crate) fn child<'a, 'input>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn image_paths_include_backing_chains_and_devices() {
+        let xml = r#"<domain><name>x</name><devices>
+            <disk type='file' device='disk'><source file='/i/top.qcow2'/>
+              <backingStore type='file'><format type='qcow2'/><source file='/i/base.qcow2'/>
+                <backingStore/></backingStore><target dev='vda'/></disk>
+            <disk type='block' device='disk'><source dev='/dev/vg0/data'/><target dev='vdb'/></disk>
+            <disk type='network' device='disk'><source protocol='nbd' name='x'>
+              <host name='h'/></source><target dev='vdc'/></disk>
+            <disk type='file' device='cdrom'><target dev='sda'/></disk>
+            </devices></domain>"#;
+        assert_eq!(
+            image_paths(xml).unwrap(),
+            ["/i/top.qcow2", "/i/base.qcow2", "/dev/vg0/data"]
+        );
+        assert!(image_paths("<domain").is_err());
+    }
 
     #[test]
     fn parses_every_source_kind() {

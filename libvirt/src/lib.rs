@@ -43,7 +43,7 @@ use virt::domain::{Domain, DomainState};
 use virt::enumutil::Enum;
 
 pub use define::{DefinitionError, NewDefinition, RestoredDisk, new_definition};
-pub use domain_xml::{DiskInfo, DiskSource, parse_disks};
+pub use domain_xml::{DiskInfo, DiskSource, image_paths, parse_disks};
 pub use error::{LibvirtError, Result};
 
 /// How a connection without a URI is named in messages.
@@ -137,6 +137,48 @@ impl Connection {
         }
         vms.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(vms)
+    }
+
+    /// Every domain with the local files and block devices its disks use now (live XML: backing
+    /// chains included), without describing capacities: cheap enough for a check before each
+    /// restore that it writes no image a VM uses. A domain undefined meanwhile is left out.
+    pub fn domain_images(&self) -> Result<Vec<DomainImages>> {
+        let domains = self
+            .conn
+            .list_all_domains(0)
+            .map_err(|cause| self.call_error("virConnectListAllDomains", None, cause))?;
+        let mut found = Vec::with_capacity(domains.len());
+        for domain in &domains {
+            let described = (|| {
+                let name = domain
+                    .name()
+                    .map_err(|cause| self.call_error("virDomainGetName", None, cause))?;
+                let err = |call: &'static str| {
+                    let name = name.clone();
+                    move |cause| self.call_error(call, Some(&name), cause)
+                };
+                let state = VmState::from(domain.info().map_err(err("virDomainGetInfo"))?.state);
+                let xml = domain.xml_desc(0).map_err(err("virDomainGetXMLDesc"))?;
+                let images = image_paths(&xml).map_err(|detail| LibvirtError::Xml {
+                    uri: self.uri.clone(),
+                    vm: name.clone(),
+                    detail,
+                })?;
+                Ok(DomainImages {
+                    name,
+                    state,
+                    images,
+                })
+            })();
+            match described {
+                Ok(d) => found.push(d),
+                Err(LibvirtError::Call { cause, vm, .. }) if error::is_no_domain(&cause) => {
+                    debug!(uri = %self.uri, vm = ?vm, "VM went away while listing.");
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(found)
     }
 
     /// One VM by name.
@@ -291,6 +333,15 @@ impl Connection {
 fn silence_libvirt_stderr() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(virt::error::clear_error_callback);
+}
+
+/// A domain and the images it uses ([`Connection::domain_images`]).
+#[derive(Debug, Clone, Serialize)]
+pub struct DomainImages {
+    pub name: String,
+    pub state: VmState,
+    /// Local files and block devices, as the domain XML names them (see [`image_paths`]).
+    pub images: Vec<String>,
 }
 
 /// A VM as libvirt describes it.

@@ -60,6 +60,11 @@ pub enum Measure {
     Written,
 }
 
+/// The run result in which a restore's source lists the disks it will restore
+/// (`[{"disk": NAME, "size": BYTES}]`), recorded before any stage runs (in its preflight): what a
+/// disk writer checks its targets against before any data moves.
+pub const RESTORE_PLAN: &str = "restore_plan";
+
 /// A cleanup action registered by a stage (stop a helper process, end a backup job, remove a file).
 /// It runs in the finaliser whatever the outcome, in reverse order of registration.
 pub type CleanupAction = Box<dyn FnOnce(&Outcome) -> Result<(), String> + Send>;
@@ -85,6 +90,26 @@ pub struct RunContext {
     results: Mutex<BTreeMap<String, serde_json::Value>>,
     warnings: Mutex<Vec<String>>,
     notes: Mutex<Vec<String>>,
+    /// Set by a restore's source (`repo-reader`'s `allow_damaged`): a chunk no stored copy gives
+    /// back becomes zeros instead of failing the run ([`RunContext::reload_or_zero`]).
+    damage_allowed: AtomicBool,
+    /// The ranges restored as zeros for that reason, in the order found.
+    damaged: Mutex<Vec<DamagedRange>>,
+}
+
+/// A range of a disk that a restore wrote as zeros because no stored copy of its chunk could be
+/// read (allowed damage, for disaster recovery).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct DamagedRange {
+    pub disk: String,
+    /// Byte offset in the disk (the chunk's).
+    pub offset: u64,
+    /// Bytes: the chunk size, less at the end of the disk.
+    pub length: u64,
+    /// The chunk's digest, when the snapshot names one.
+    pub digest: Option<String>,
+    /// Why no copy could be read.
+    pub cause: String,
 }
 
 impl RunContext {
@@ -102,6 +127,8 @@ impl RunContext {
             results: Mutex::new(BTreeMap::new()),
             warnings: Mutex::new(Vec::new()),
             notes: Mutex::new(Vec::new()),
+            damage_allowed: AtomicBool::new(false),
+            damaged: Mutex::new(Vec::new()),
         }
     }
 
@@ -219,6 +246,55 @@ impl RunContext {
             }
             Err(e) => Err(fail(format!("{why}, and no other copy is readable: {e}"))),
         }
+    }
+
+    /// Lets this run restore zeros where no stored copy of a chunk can be read (disaster
+    /// recovery), each such range recorded ([`RunContext::damaged_ranges`]). Set by the restore's
+    /// source before it sends anything.
+    pub fn allow_damage(&self) {
+        self.damage_allowed.store(true, Ordering::SeqCst);
+    }
+
+    pub fn damage_allowed(&self) -> bool {
+        self.damage_allowed.load(Ordering::SeqCst)
+    }
+
+    /// Records that `chunk` is restored as zeros because of `cause`, and makes it a zero chunk.
+    /// Only for runs that allow damage; the caller checked [`RunContext::damage_allowed`].
+    pub fn restore_as_zeros(&self, chunk: &mut crate::message::Chunk, cause: String) {
+        let offset = chunk.offset();
+        let length = u64::from(chunk.disk.chunk_size).min(chunk.disk.size().saturating_sub(offset));
+        tracing::debug!(disk = %chunk.disk.name(), offset, length, %cause, "Damaged chunk restored as zeros.");
+        self.damaged.lock().unwrap().push(DamagedRange {
+            disk: chunk.disk.name().to_owned(),
+            offset,
+            length,
+            digest: chunk.digest.map(|d| d.to_string()),
+            cause,
+        });
+        chunk.payload = crate::message::Payload::Zero { count: 1 };
+    }
+
+    /// [`RunContext::reload_chunk`] into `chunk`'s payload; when no copy is readable and the run
+    /// allows damage, the chunk becomes zeros and is recorded instead of failing the run.
+    pub fn reload_or_zero(
+        &self,
+        chunk: &mut crate::message::Chunk,
+        why: &str,
+    ) -> Result<(), StageError> {
+        match self.reload_chunk(chunk, why) {
+            Ok(plain) => chunk.payload = crate::message::Payload::Raw(plain),
+            Err(e) if self.damage_allowed() => self.restore_as_zeros(chunk, e.to_string()),
+            Err(e) => return Err(e),
+        }
+        Ok(())
+    }
+
+    /// The ranges restored as zeros so far, sorted by disk and offset.
+    pub fn damaged_ranges(&self) -> Vec<DamagedRange> {
+        let mut ranges = self.damaged.lock().unwrap().clone();
+        ranges.sort_by(|a, b| (&a.disk, a.offset).cmp(&(&b.disk, b.offset)));
+        ranges
     }
 
     pub fn warn(&self, message: impl Into<String>) {

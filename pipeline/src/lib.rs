@@ -32,7 +32,7 @@ pub mod stage;
 pub mod stats;
 pub mod units;
 
-pub use context::{CancelToken, Measure, Overall, RunContext};
+pub use context::{CancelToken, DamagedRange, Measure, Overall, RESTORE_PLAN, RunContext};
 pub use error::StageError;
 pub use message::{
     BlockSource, ChangeTracking, Changes, Chunk, ChunkRef, Codec, Digest, Disk, DiskSource, Extent,

@@ -11,6 +11,17 @@
 //! manifest that is not a valid name ([`backflow_repository::check_disk_name`]: `../x`, `/etc/x`,
 //! `.`) fails the run before any file of that disk is made, naming the snapshot and the disk.
 //!
+//! # Never over something
+//! Every target is checked before any data is read (the preflight, with the disks the
+//! `repo-reader` recorded: [`backflow_pipeline::RESTORE_PLAN`]) and again just before its image
+//! is made (`target` module): its directory exists and is writable; it is not an image that a
+//! running or paused libvirt domain of `uri` uses, nor one a QEMU or `qemu-nbd` holds open with
+//! image locking, `force` or not; and it does not exist (a file, a block device, a shut-off
+//! domain's image) unless `force` is set. A refusal in the preflight ends the run before anything
+//! moved, naming the path the user gave (never the `.partial`); without `force` the final rename
+//! also refuses to replace a file that appeared while the restore ran. When no libvirt daemon
+//! answers at `uri`, the lock probe still runs and a warning says the domain check was skipped.
+//!
 //! # Raw (`format: raw`, the default)
 //! The `.partial` file is sized first so that zero chunks stay holes (sparse output) and written
 //! with `pwrite`; a background thread flushes what was written every [`FLUSH_EVERY`] bytes when
@@ -36,12 +47,14 @@ use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
+
+mod target;
 
 use backflow_nbd::{Client, NbdError};
 use backflow_pipeline::{
-    Disk, InvalidOption, Message, MessageType, Outcome, Payload, RunContext, Stage, StageError,
-    StageIo, Work, Worker, stage::unexpected,
+    Disk, InvalidOption, Message, MessageType, Outcome, Payload, RESTORE_PLAN, RunContext, Stage,
+    StageError, StageIo, Work, Worker, stage::unexpected,
 };
 use serde::{Deserialize, Serialize};
 use stage_qemu_nbd::server::EXPORT_NAME;
@@ -81,6 +94,12 @@ pub struct DiskWriterOptions {
     /// The format of the images written.
     #[serde(default)]
     pub format: ImageFormat,
+    /// Replace an existing target (never one in use).
+    #[serde(default)]
+    pub force: bool,
+    /// The libvirt connection whose domains' images are never written; empty: libvirt's default.
+    #[serde(default)]
+    pub uri: String,
 }
 
 impl Default for DiskWriterOptions {
@@ -89,6 +108,8 @@ impl Default for DiskWriterOptions {
             path: None,
             sync: true,
             format: ImageFormat::Raw,
+            force: false,
+            uri: String::new(),
         }
     }
 }
@@ -109,6 +130,14 @@ pub const OPTION_DOCS: &[(&str, &str)] = &[
     (
         "format",
         "raw (sparse file or block device) or qcow2 (through a private writable qemu-nbd; files only)",
+    ),
+    (
+        "force",
+        "replace an existing target (file, block device, DIR/DISK.raw); an image a running VM or a QEMU process uses is refused even so",
+    ),
+    (
+        "uri",
+        "the libvirt connection whose domains' images are never written; empty: libvirt's default",
     ),
 ];
 
@@ -144,6 +173,12 @@ pub struct DiskWriter {
     path: PathBuf,
     sync: bool,
     format: ImageFormat,
+    force: bool,
+    /// `None`: libvirt's default connection.
+    uri: Option<String>,
+    /// The images the libvirt domains use, listed once, when the first target that exists is
+    /// checked.
+    domains: OnceLock<target::Domains>,
     outputs: Mutex<HashMap<String, Arc<Output>>>,
     flusher: Mutex<Option<Flusher>>,
 }
@@ -166,6 +201,9 @@ impl DiskWriter {
             path,
             sync: options.sync,
             format: options.format,
+            force: options.force,
+            uri: Some(options.uri).filter(|u| !u.trim().is_empty()),
+            domains: OnceLock::new(),
             outputs: Mutex::new(HashMap::new()),
             flusher: Mutex::new(None),
         })
@@ -184,22 +222,7 @@ impl DiskWriter {
             return Ok(out.clone());
         }
         let target = if self.path.is_dir() {
-            // The name comes from a manifest, which an older or hostile tool may have written:
-            // `../x` or `/etc/x` must never become a path outside the directory.
-            backflow_repository::check_disk_name(disk.name()).map_err(|e| {
-                let snapshot = ctx
-                    .results()
-                    .get("restored_snapshot")
-                    .and_then(|v| v.as_str().map(str::to_owned))
-                    .map_or_else(String::new, |id| format!("snapshot {id}: "));
-                StageError::Config(format!(
-                    "{snapshot}refusing to restore into {}: {e}; restore that disk alone to a \
-                     file instead",
-                    self.path.display()
-                ))
-            })?;
-            self.path
-                .join(format!("{}.{}", disk.name(), self.format.name()))
+            self.target_in_dir(ctx, disk.name())?
         } else if outputs.is_empty() {
             self.path.clone()
         } else {
@@ -208,15 +231,14 @@ impl DiskWriter {
                 self.path.display()
             )));
         };
+        // Checked in the preflight already; again now, just before it is made.
+        self.check_target(ctx, &target)?;
         let is_device = std::fs::metadata(&target)
             .map(|m| m.file_type().is_block_device())
             .unwrap_or(false);
         let output = if self.format == ImageFormat::Qcow2 {
             if is_device {
-                return Err(StageError::Config(format!(
-                    "{} is a block device: qcow2 images are written to files (use format raw)",
-                    target.display()
-                )));
+                return Err(qcow2_on_device(&target));
             }
             qcow2_output(ctx, workers, disk, target)?
         } else if is_device {
@@ -242,9 +264,9 @@ impl DiskWriter {
                 .create(true)
                 .truncate(true)
                 .open(&writing)
-                .map_err(|e| StageError::io(format!("creating {}", writing.display()), e))?;
+                .map_err(|e| StageError::io(format!("creating {}", target.display()), e))?;
             file.set_len(disk.size())
-                .map_err(|e| StageError::io(format!("sizing {}", writing.display()), e))?;
+                .map_err(|e| StageError::io(format!("sizing {}", target.display()), e))?;
             remove_on_failure(ctx, &writing);
             Output {
                 sink: Sink::File {
@@ -261,6 +283,101 @@ impl DiskWriter {
         let output = Arc::new(output);
         outputs.insert(disk.name().to_owned(), output.clone());
         Ok(output)
+    }
+
+    /// `DIR/DISK.EXT` for a disk restored into the directory `path`.
+    fn target_in_dir(&self, ctx: &RunContext, disk: &str) -> Result<PathBuf, StageError> {
+        // The name comes from a manifest, which an older or hostile tool may have written:
+        // `../x` or `/etc/x` must never become a path outside the directory.
+        backflow_repository::check_disk_name(disk).map_err(|e| {
+            let snapshot = ctx
+                .results()
+                .get("restored_snapshot")
+                .and_then(|v| v.as_str().map(str::to_owned))
+                .map_or_else(String::new, |id| format!("snapshot {id}: "));
+            StageError::Config(format!(
+                "{snapshot}refusing to restore into {}: {e}; restore that disk alone to a \
+                 file instead",
+                self.path.display()
+            ))
+        })?;
+        Ok(self.path.join(format!("{disk}.{}", self.format.name())))
+    }
+
+    /// [`target::check`] with this stage's `force` and the domains of its connection, listed
+    /// the first time a target exists (a new file needs no libvirt).
+    fn check_target(&self, ctx: &RunContext, target: &Path) -> Result<(), StageError> {
+        static NO_DOMAINS: target::Domains = target::Domains::Unavailable(String::new());
+        let exists = std::fs::symlink_metadata(target).is_ok();
+        let domains = if exists {
+            self.domains.get_or_init(|| {
+                let domains = target::Domains::list(self.uri.as_deref());
+                if let Some(note) = domains.skipped_note() {
+                    ctx.warn(note);
+                }
+                domains
+            })
+        } else {
+            &NO_DOMAINS
+        };
+        if self.format == ImageFormat::Qcow2
+            && std::fs::metadata(target).is_ok_and(|m| m.file_type().is_block_device())
+        {
+            return Err(qcow2_on_device(target));
+        }
+        target::check(target, self.force, domains)
+    }
+
+    /// The targets this run will write, from the disks the restore's source planned
+    /// ([`RESTORE_PLAN`]); `None` when no source recorded a plan (they are checked as they come).
+    fn planned_targets(&self, ctx: &RunContext) -> Result<Option<Vec<PathBuf>>, StageError> {
+        let results = ctx.results();
+        let Some(plan) = results.get(RESTORE_PLAN).and_then(|p| p.as_array()) else {
+            return Ok(None);
+        };
+        let disks: Vec<&str> = plan
+            .iter()
+            .filter_map(|d| d.get("disk").and_then(|n| n.as_str()))
+            .collect();
+        if self.path.is_dir() {
+            return disks
+                .iter()
+                .map(|d| self.target_in_dir(ctx, d))
+                .collect::<Result<_, _>>()
+                .map(Some);
+        }
+        if disks.len() > 1 {
+            return Err(StageError::Config(format!(
+                "refusing to restore to {}: the snapshot has {} disks ({}), which are restored \
+                 into a directory (DIR/DISK.{}): create it, or restore one disk with --disk",
+                self.path.display(),
+                disks.len(),
+                disks.join(", "),
+                self.format.name()
+            )));
+        }
+        Ok(Some(vec![self.path.clone()]))
+    }
+}
+
+fn qcow2_on_device(target: &Path) -> StageError {
+    StageError::Config(format!(
+        "{} is a block device: qcow2 images are written to files (use format raw)",
+        target.display()
+    ))
+}
+
+/// Renames `from` to `to` unless `to` exists (`renameat2` with `RENAME_NOREPLACE`; on a
+/// filesystem without it, a hard link, which also fails when `to` exists, and an unlink).
+fn rename_no_replace(from: &Path, to: &Path) -> io::Result<()> {
+    use rustix::fs::{CWD, RenameFlags, renameat_with};
+    match renameat_with(CWD, from, CWD, to, RenameFlags::NOREPLACE) {
+        Ok(()) => Ok(()),
+        Err(e) if e == rustix::io::Errno::INVAL || e == rustix::io::Errno::NOSYS => {
+            std::fs::hard_link(from, to)?;
+            std::fs::remove_file(from)
+        }
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -291,7 +408,7 @@ fn qcow2_output(
     let writing = partial_path(&target);
     // Absolute, so that QEMU never reads a `name:` prefix of a relative path as a protocol.
     let image = std::path::absolute(&writing)
-        .map_err(|e| StageError::io(format!("resolving {}", writing.display()), e))?;
+        .map_err(|e| StageError::io(format!("resolving {}", target.display()), e))?;
     remove_on_failure(ctx, &writing);
     if !disk.size().is_multiple_of(QCOW2_SECTOR) {
         ctx.warn(format!(
@@ -309,13 +426,13 @@ fn qcow2_output(
         .output()
         .map_err(|e| {
             StageError::io(
-                format!("creating {}: running qemu-img", writing.display()),
+                format!("creating {}: running qemu-img", target.display()),
                 e,
             )
         })?;
     if !created.status.success() {
         return Err(StageError::io(
-            format!("creating {} with qemu-img", writing.display()),
+            format!("creating {} with qemu-img", target.display()),
             io::Error::other(format!(
                 "qemu-img exited with {}: {}",
                 created.status,
@@ -329,7 +446,7 @@ fn qcow2_output(
         StageError::io(
             format!(
                 "{}: creating a socket directory in {}",
-                writing.display(),
+                target.display(),
                 parent.display()
             ),
             e,
@@ -337,7 +454,7 @@ fn qcow2_output(
     })?;
     let stop = server.clone();
     ctx.on_cleanup(
-        format!("stopping qemu-nbd for {}", writing.display()),
+        format!("stopping qemu-nbd for {}", target.display()),
         Box::new(move |_| stop.stop_and_remove()),
     );
     let started = QemuNbdServer::start(
@@ -350,19 +467,19 @@ fn qcow2_output(
             bitmaps: &[],
         },
     )
-    .map_err(|e| StageError::io(format!("{}: starting qemu-nbd", writing.display()), e))?;
+    .map_err(|e| StageError::io(format!("{}: starting qemu-nbd", target.display()), e))?;
     let first = Client::connect_unix(started.socket(), EXPORT_NAME, &[])
-        .map_err(|e| nbd_error(format!("{}: connecting to qemu-nbd", writing.display()), e))?;
+        .map_err(|e| nbd_error(format!("{}: connecting to qemu-nbd", target.display()), e))?;
     if first.is_read_only() {
         return Err(StageError::Internal(format!(
             "qemu-nbd serves {} read-only",
-            writing.display()
+            target.display()
         )));
     }
     if first.size() < disk.size() {
         return Err(StageError::Internal(format!(
             "qemu-nbd serves {} with {} bytes for a disk of {} bytes",
-            writing.display(),
+            target.display(),
             first.size(),
             disk.size()
         )));
@@ -494,7 +611,7 @@ impl Stage for DiskWriter {
             let context = || {
                 format!(
                     "writing {} at offset {}",
-                    out.writing.display(),
+                    out.final_path.display(),
                     chunk.offset()
                 )
             };
@@ -536,6 +653,16 @@ impl Stage for DiskWriter {
         Ok(())
     }
 
+    /// Refuses, before any data moves, a target this run must not write (`target` module).
+    fn preflight(&self, ctx: &RunContext) -> Result<(), StageError> {
+        if let Some(targets) = self.planned_targets(ctx)? {
+            for target in &targets {
+                self.check_target(ctx, target)?;
+            }
+        }
+        Ok(())
+    }
+
     fn finish(&self, ctx: &RunContext) -> Result<(), StageError> {
         self.stop_flusher();
         let outputs = self.outputs.lock().unwrap();
@@ -545,15 +672,28 @@ impl Stage for DiskWriter {
                 Sink::File { file, .. } => {
                     if self.sync {
                         file.sync_all().map_err(|e| {
-                            StageError::io(format!("syncing {}", out.writing.display()), e)
+                            StageError::io(format!("syncing {}", out.final_path.display()), e)
                         })?;
                     }
                 }
                 Sink::Qcow2 { pool, server } => self.close_qcow2(out, pool, server)?,
             }
             if out.writing != out.final_path {
-                std::fs::rename(&out.writing, &out.final_path).map_err(|e| {
-                    StageError::io(format!("renaming {} into place", out.writing.display()), e)
+                let renamed = if self.force {
+                    std::fs::rename(&out.writing, &out.final_path)
+                } else {
+                    rename_no_replace(&out.writing, &out.final_path)
+                };
+                renamed.map_err(|e| {
+                    let why = if e.kind() == io::ErrorKind::AlreadyExists {
+                        " (it was created while the restore ran; --force replaces it)"
+                    } else {
+                        ""
+                    };
+                    StageError::io(
+                        format!("putting {} in place{why}", out.final_path.display()),
+                        e,
+                    )
                 })?;
                 if self.sync {
                     let dir = out
@@ -590,7 +730,7 @@ impl DiskWriter {
         pool: &ClientPool,
         server: &ServerDir,
     ) -> Result<(), StageError> {
-        let path = out.writing.display();
+        let path = out.final_path.display();
         if self.sync {
             pool.for_each_idle(Client::flush)
                 .map_err(|e| nbd_error(format!("flushing {path} over NBD"), e))?;

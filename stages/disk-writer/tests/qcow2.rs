@@ -225,6 +225,7 @@ fn qcow2_writer(to: &Path, sync: bool) -> Arc<DiskWriter> {
             path: Some(to.to_owned()),
             sync,
             format: ImageFormat::Qcow2,
+            ..Default::default()
         })
         .unwrap(),
     )

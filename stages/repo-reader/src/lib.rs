@@ -3,6 +3,18 @@
 //! Workers take batches of chunks in turn, so several packs are read at once and the writers
 //! downstream always have work (read-ahead bounded by the channel). Chunks are passed on as
 //! stored (still compressed) with their digest; runs of zero chunks become one message each.
+//!
+//! The snapshot is opened in the preflight, before anything runs; the disks it will restore are
+//! recorded for the stages after it ([`PLAN_RESULT`]), so that a disk writer can check its targets
+//! before any data moves. A snapshot that cannot be opened fails the run when the workers start,
+//! as it did before there was a preflight.
+//!
+//! # Damage (`allow_damaged`)
+//! A chunk that no stored copy gives back (missing, marked damaged, unreadable here; or, in the
+//! stages after this one, undecodable or not matching its digest) fails the restore, naming it.
+//! With `allow_damaged`, for disaster recovery, the run restores zeros there instead
+//! ([`RunContext::allow_damage`]) and, at the end, lists every such range (disk, offset, length)
+//! as a warning and in the report's results ([`DAMAGED_RESULT`]).
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock};
@@ -21,6 +33,14 @@ pub const KIND: &str = "repo-reader";
 /// spread one disk over all workers.
 pub const BATCH_CHUNKS: u64 = 16;
 
+/// The run result listing the disks this restore reads (`[{"disk", "size"}]`), recorded in the
+/// preflight: what a disk writer restoring into a directory checks its targets against.
+pub const PLAN_RESULT: &str = backflow_pipeline::RESTORE_PLAN;
+
+/// The run result listing the ranges restored as zeros under `allow_damaged`
+/// (`[{"disk", "offset", "length", "digest", "cause"}]`).
+pub const DAMAGED_RESULT: &str = "damaged";
+
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RepoReaderOptions {
@@ -35,6 +55,10 @@ pub struct RepoReaderOptions {
     /// snapshots only; empty: any.
     #[serde(default)]
     pub vm: String,
+    /// Restore zeros where no stored copy of a chunk can be read, and list those ranges, instead
+    /// of failing (disaster recovery).
+    #[serde(default)]
+    pub allow_damaged: bool,
 }
 
 fn latest() -> String {
@@ -47,6 +71,7 @@ impl Default for RepoReaderOptions {
             snapshot: latest(),
             disk: String::new(),
             vm: String::new(),
+            allow_damaged: false,
         }
     }
 }
@@ -60,6 +85,10 @@ pub const OPTION_DOCS: &[(&str, &str)] = &[
     (
         "vm",
         "the VM whose snapshots snapshot names (its latest; prefixes among its snapshots); empty: any",
+    ),
+    (
+        "allow_damaged",
+        "restore zeros where no stored copy of a chunk can be read, listing each such range, instead of failing",
     ),
 ];
 
@@ -105,11 +134,11 @@ impl RepoReader {
             .map_err(|e| StageError::Config(e.clone()))
     }
 
-    fn plan(&self, worker: &Worker<'_>) -> Result<&Plan, StageError> {
-        let id = self.resolved(worker.ctx())?;
+    fn plan(&self, ctx: &RunContext) -> Result<&Plan, StageError> {
+        let id = self.resolved(ctx)?;
         self.plan
             .get_or_init(|| {
-                let repo = worker.ctx().repository().map_err(|e| e.to_string())?;
+                let repo = ctx.repository().map_err(|e| e.to_string())?;
                 let snapshot = repo.open_snapshot(id).map_err(|e| e.to_string())?;
                 let mut disks = Vec::new();
                 for (i, meta) in snapshot.meta().disks.iter().enumerate() {
@@ -154,11 +183,21 @@ impl RepoReader {
                         }
                     }
                 }
-                worker.ctx().plan_write(data);
-                worker.ctx().set_result(
+                ctx.plan_write(data);
+                ctx.set_result(
                     "restored_snapshot",
                     serde_json::Value::String(snapshot.info().id.clone()),
                 );
+                ctx.set_result(
+                    PLAN_RESULT,
+                    disks
+                        .iter()
+                        .map(|(_, d)| serde_json::json!({"disk": d.name(), "size": d.size()}))
+                        .collect(),
+                );
+                if self.options.allow_damaged {
+                    ctx.allow_damage();
+                }
                 Ok((Arc::new(snapshot), disks))
             })
             .as_ref()
@@ -179,13 +218,44 @@ impl Stage for RepoReader {
     }
 
     /// Resolves the snapshot before anything runs: an unknown id, an ambiguous prefix or `latest`
-    /// among several VMs refuses the run (bad input), and no target is touched.
+    /// among several VMs refuses the run (bad input), and no target is touched. Then opens it and
+    /// records the plan for the stages after this one; a snapshot that cannot be opened is not
+    /// refused here: the workers fail with the same error, as a failed run (a damaged manifest is
+    /// damage, not bad input).
     fn preflight(&self, ctx: &RunContext) -> Result<(), StageError> {
-        self.resolved(ctx).map(|_| ())
+        self.resolved(ctx)?;
+        if let Err(e) = self.plan(ctx) {
+            tracing::debug!(error = %e, "No restore plan: the snapshot cannot be opened.");
+        }
+        Ok(())
+    }
+    /// Lists the ranges restored as zeros (allowed damage), once every stage is done with them.
+    fn finish(&self, ctx: &RunContext) -> Result<(), StageError> {
+        let damaged = ctx.damaged_ranges();
+        if damaged.is_empty() {
+            return Ok(());
+        }
+        let bytes: u64 = damaged.iter().map(|r| r.length).sum();
+        for r in &damaged {
+            ctx.warn(format!(
+                "disk {}: {} bytes at offset {} restored as zeros: {}",
+                r.disk, r.length, r.offset, r.cause
+            ));
+        }
+        ctx.warn(format!(
+            "{} damaged range(s), {bytes} bytes in all, were restored as zeros (--allow-damaged): \
+             the restored data is incomplete there",
+            damaged.len()
+        ));
+        ctx.set_result(
+            DAMAGED_RESULT,
+            serde_json::to_value(&damaged).map_err(|e| StageError::Internal(e.to_string()))?,
+        );
+        Ok(())
     }
 
     fn run(&self, worker: &mut Worker<'_>) -> Result<(), StageError> {
-        let (snapshot, disks) = self.plan(worker)?;
+        let (snapshot, disks) = self.plan(worker.ctx())?;
         let repo = worker.ctx().repository()?;
         let (me, all) = (worker.index() as u64, worker.count() as u64);
         for (slot, disk) in disks {
@@ -218,6 +288,13 @@ impl Stage for RepoReader {
                             disk.name()
                         ))
                     };
+                    let mut chunk = Chunk {
+                        disk: disk.clone(),
+                        index,
+                        digest: Some(digest),
+                        verified: false,
+                        payload: Payload::Zero { count: 1 },
+                    };
                     let payload = match repo.read_digest(&digest) {
                         Ok(Some((_, stored))) => {
                             worker
@@ -231,13 +308,18 @@ impl Stage for RepoReader {
                             }
                         }
                         Ok(None) if repo.damage_marks()?.is_marked(&digest) => {
-                            return Err(missing(
+                            let e = missing(
                                 "is damaged (every stored copy is marked damaged by verify; the \
                                  next backup of a VM that still has the data stores it again)"
                                     .into(),
-                            ));
+                            );
+                            damaged(worker.ctx(), &mut chunk, e)?
                         }
-                        Ok(None) => return Err(missing("is missing from the repository".into())),
+                        Ok(None) => damaged(
+                            worker.ctx(),
+                            &mut chunk,
+                            missing("is missing from the repository".into()),
+                        )?,
                         // The copy the index names cannot be read (a damaged record or pack): the next
                         // good copy, decoded and verified, if there is one.
                         Err(e) => match repo.load_chunk(&digest) {
@@ -249,20 +331,16 @@ impl Stage for RepoReader {
                                 ));
                                 Payload::Raw(Bytes::from(plain))
                             }
-                            Err(again) => {
-                                return Err(missing(format!(
+                            Err(again) => damaged(
+                                worker.ctx(),
+                                &mut chunk,
+                                missing(format!(
                                     "cannot be read ({e}), and no other copy is readable ({again})"
-                                )));
-                            }
+                                )),
+                            )?,
                         },
                     };
-                    let chunk = Chunk {
-                        disk: disk.clone(),
-                        index,
-                        digest: Some(digest),
-                        verified: false,
-                        payload,
-                    };
+                    chunk.payload = payload;
                     if worker.send(Message::Chunk(chunk)).is_err() {
                         return Ok(());
                     }
@@ -277,6 +355,15 @@ impl Stage for RepoReader {
         }
         Ok(())
     }
+}
+
+/// A chunk no stored copy gives back: its error, or zeros where the run allows damage.
+fn damaged(ctx: &RunContext, chunk: &mut Chunk, error: StageError) -> Result<Payload, StageError> {
+    if !ctx.damage_allowed() {
+        return Err(error);
+    }
+    ctx.restore_as_zeros(chunk, error.to_string());
+    Ok(Payload::Zero { count: 1 })
 }
 
 fn send_zeros(

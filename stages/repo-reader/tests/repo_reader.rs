@@ -32,6 +32,7 @@ fn read_of(
         snapshot: snapshot.into(),
         disk: disk.into(),
         vm: vm.into(),
+        ..Default::default()
     })
     .unwrap();
     let harness = Harness {

@@ -1,8 +1,9 @@
 //! Decompressor stage `unzstd` (restores): decodes stored chunks back to plaintext. The digest
 //! travels along unchecked; the verifier after it checks it. A blob that does not decode is read
-//! again from the repository's next good copy, if any ([`RunContext::reload_chunk`]).
+//! again from the repository's next good copy, if any; with none, a run that allows damage
+//! (`repo-reader`'s `allow_damaged`) restores zeros there ([`RunContext::reload_or_zero`]).
 //!
-//! [`RunContext::reload_chunk`]: backflow_pipeline::RunContext::reload_chunk
+//! [`RunContext::reload_or_zero`]: backflow_pipeline::RunContext::reload_or_zero
 
 use backflow_pipeline::{InvalidOption, MessageType, Payload, Stage, StageError, StageIo, Worker};
 use bytes::Bytes;
@@ -41,12 +42,12 @@ impl Stage for Unzstd {
                 raw_len,
             } = &chunk.payload
             {
-                chunk.payload =
-                    Payload::Raw(match backflow_repository::decode(*codec, data, *raw_len) {
-                        Ok(plain) => Bytes::from(plain),
-                        // Another stored copy may be good; the verifier after this stage checks it too.
-                        Err(e) => ctx.reload_chunk(chunk, &format!("does not decode: {e}"))?,
-                    });
+                match backflow_repository::decode(*codec, data, *raw_len) {
+                    Ok(plain) => chunk.payload = Payload::Raw(Bytes::from(plain)),
+                    // Another stored copy may be good (the verifier after this stage checks it
+                    // too); with none, zeros when the run allows damage.
+                    Err(e) => ctx.reload_or_zero(chunk, &format!("does not decode: {e}"))?,
+                }
             }
             Ok(())
         })

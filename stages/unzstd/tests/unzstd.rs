@@ -30,6 +30,7 @@ fn stored_chunks(dir: &Path) -> (Vec<u8>, Vec<Message>) {
             RepoReader::new(RepoReaderOptions {
                 snapshot: id,
                 disk: String::new(),
+                ..Default::default()
             })
             .unwrap(),
         ))

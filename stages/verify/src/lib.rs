@@ -1,7 +1,8 @@
 //! Verifier stage: checks every plaintext chunk against its digest before anything writes it, so
 //! a restore never writes silently wrong data. A mismatch reads the chunk again from the
 //! repository's next good copy (verified there), and fails the run naming the chunk when there is
-//! none.
+//! none, unless the run allows damage (`repo-reader`'s `allow_damaged`): then the chunk is restored
+//! as zeros and listed at the end.
 
 use backflow_pipeline::{
     InvalidOption, MessageType, Payload, Stage, StageError, StageIo, Worker, digest_of,
@@ -45,14 +46,14 @@ impl Stage for Verify {
                         )));
                     };
                     if digest_of(data) != expected {
-                        // Another stored copy may be good; what it returns is verified by the repository.
-                        let plain = ctx.reload_chunk(
+                        // Another stored copy may be good (what it returns is verified by the
+                        // repository); with none, zeros when the run allows damage.
+                        ctx.reload_or_zero(
                             chunk,
                             &format!(
                                 "does not match its digest {expected} (the stored chunk is damaged)"
                             ),
                         )?;
-                        chunk.payload = Payload::Raw(plain);
                     }
                 }
                 Payload::Zero { .. } => {}
