@@ -329,9 +329,11 @@ mod damaged;
 mod error;
 mod format;
 mod gc;
+mod gc_state;
 mod history;
 mod ids;
 mod index;
+mod lock;
 mod names;
 mod pack;
 mod readable;
@@ -353,9 +355,9 @@ pub use damaged::{DamageMarks, DamagedCopy};
 pub use error::{RepoError, Result};
 pub use format::FORMAT_VERSION;
 pub use gc::{
-    DEFAULT_REPACK_THRESHOLD, GcOptions, GcReport, KILL_AT as GC_KILL_AT,
-    KILL_POINTS as GC_KILL_POINTS, QUARANTINE_DIR,
+    DEFAULT_REPACK_THRESHOLD, GcOptions, KILL_AT as GC_KILL_AT, KILL_POINTS as GC_KILL_POINTS,
 };
+pub use gc_state::{GcReport, QUARANTINE_DIR};
 pub use ids::rfc3339;
 pub use names::{
     BadName, MAX_NAME_LEN, NAME_RULE, NameKind, VM_NAME_RULE, check_disk_name, check_vm_name,
@@ -367,8 +369,10 @@ pub use repository::{RebuildReport, Repository};
 pub use retention::{Decision, KeepPolicy, plan};
 pub use session::BackupSession;
 pub use snapshot::{DiskInfo, DiskMeta, Snapshot, SnapshotInfo, SnapshotMeta};
-pub use types::{BadDigest, ChunkLocation, ChunkRef, Codec, Digest, PackId, StoredChunk};
-pub use verify::{ChunkProblem, DamagedFile, ProblemKind, VerifyReport};
+pub use types::{
+    BadDigest, ChunkLocation, ChunkRef, Codec, DamagedFile, Digest, PackId, StoredChunk,
+};
+pub use verify::{ChunkProblem, ProblemKind, VerifyReport};
 
 impl Repository {
     /// Checks the repository; see "What `verify` checks" above. Problems are in the report, not an `Err`: an

@@ -170,9 +170,9 @@ impl BackupSession {
     pub(crate) fn begin(repo: &Repository, vm: &str) -> Result<BackupSession> {
         crate::names::check_vm_name(vm).map_err(|e| RepoError::InvalidArgument(e.to_string()))?;
         let root = repo.path().to_owned();
-        let repo_lock = crate::repository::lock_repository(
+        let repo_lock = crate::lock::lock_repository(
             &root,
-            crate::repository::LockMode::Shared,
+            crate::lock::LockMode::Shared,
             "a garbage collection or index rebuild holds it exclusively",
         )?;
         let now = SystemTime::now()

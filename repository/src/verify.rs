@@ -32,7 +32,7 @@ use std::fs::File;
 use crate::damaged::DamagedCopy;
 use crate::error::{RepoError, Result, read_exact_at};
 use crate::pack::{PACK_HEADER_SIZE, pack_path, read_pack_trailer};
-use crate::{ChunkLocation, ChunkRef, Digest, PackId, Repository, decode_into};
+use crate::{ChunkLocation, ChunkRef, DamagedFile, Digest, PackId, Repository, decode_into};
 
 /// Digests already resolved during the manifest pass, so that the many snapshots sharing a chunk do not look
 /// it up again. Cleared when full: about 50 MiB at most.
@@ -75,13 +75,6 @@ pub struct ChunkProblem {
     /// Another, healthy copy of the same chunk is stored (a later backup stored it again): restores read
     /// that one, so this damaged copy affects no restore point. A garbage collection removes it.
     pub healed: bool,
-}
-
-/// A file that could not be read at all.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
-pub struct DamagedFile {
-    pub path: String,
-    pub error: String,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
@@ -564,6 +557,6 @@ fn side_file_problems(repo: &Repository) -> Result<Vec<DamagedFile>> {
     let mut out = repo.marks_problems()?;
     out.extend(repo.session_record_problems()?);
     out.extend(crate::config::copy_problems(repo.path()));
-    out.extend(crate::gc::state_problems(repo.path()));
+    out.extend(crate::gc_state::state_problems(repo.path()));
     Ok(out)
 }
