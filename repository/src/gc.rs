@@ -27,8 +27,8 @@ use crate::gc_state::{
 };
 use crate::index::IndexStream;
 use crate::lock::{LockMode, lock_repository};
-use crate::pack::{PackWriter, pack_path, read_pack_trailer, salvage_entries};
-use crate::session::SessionShared;
+use crate::pack::{pack_path, read_pack_trailer, salvage_entries};
+use crate::session::{PackWriter, SessionShared};
 use crate::snapshot::Snapshot;
 use crate::sort::{Sorted, Sorter};
 use crate::{ChunkRef, Digest, PackId, Repository, StoredChunk};

@@ -363,11 +363,11 @@ pub use names::{
     BadName, MAX_NAME_LEN, NAME_RULE, NameKind, VM_NAME_RULE, check_disk_name, check_vm_name,
     is_valid_name,
 };
-pub use pack::{PackEntry, PackTrailer, PackWriter, decode, decode_into, read_pack_trailer};
+pub use pack::{PackEntry, PackTrailer, decode, decode_into, read_pack_trailer};
 pub use readable::ParentCheck;
 pub use repository::{RebuildReport, Repository};
 pub use retention::{Decision, KeepPolicy, plan};
-pub use session::BackupSession;
+pub use session::{BackupSession, PackWriter};
 pub use snapshot::{DiskInfo, DiskMeta, Snapshot, SnapshotInfo, SnapshotMeta};
 pub use types::{
     BadDigest, ChunkLocation, ChunkRef, Codec, DamagedFile, Digest, PackId, StoredChunk,

@@ -14,12 +14,15 @@ use crate::error::{IoContext, RepoError, Result};
 use crate::format::{durable_rename, sync_dir};
 use crate::ids::{random_suffix, snapshot_id};
 use crate::index::IndexBuilder;
-use crate::pack::{PackEntry, PackWriter};
+use crate::pack::PackEntry;
 use crate::snapshot::{
     DiskMeta, ENTRY_SIZE, Snapshot, SnapshotInfo, SnapshotMeta, TABLE_BUFFER, encode_ref,
     snapshot_path, write_manifest,
 };
 use crate::{ChunkRef, PackId, Repository};
+
+mod pack_writer;
+pub use pack_writer::PackWriter;
 
 /// State shared by a session and its pack writers.
 #[derive(Debug)]
