@@ -84,6 +84,14 @@ pub fn text(r: &GcReport) -> String {
         for line in text(earlier).lines() {
             out.push_str(&format!("  {line}\n"));
         }
+    if r.packs_kept_with_unused > 0 {
+        out.push_str(&format!(
+            "{} unused in {} packs kept, below {}%\n",
+            mib(r.unused_bytes_kept),
+            r.packs_kept_with_unused,
+            r.repack_threshold
+        ));
+    }
         out.push_str("then collected again:\n");
     }
     out.push_str(&format!(

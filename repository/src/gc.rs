@@ -344,7 +344,10 @@ impl Gc<'_> {
     /// Phase 1: mark, decide per chunk and per pack, salvage, rewrite, index, publish the cycle. Deletes
     /// nothing. A dry run stops after the decisions, having written nothing but scratch.
     fn condemn(&self, options: &GcOptions) -> Result<CycleState> {
-        let mut report = GcReport::default();
+        let mut report = GcReport {
+            repack_threshold: options.repack_threshold,
+            ..GcReport::default()
+        };
 
         // Index files first. A session that commits after this listing has its packs counted as orphans below,
         // and kept at the end because its own index file names them.
@@ -810,6 +813,10 @@ impl Gc<'_> {
             }
             condemn(condemned, &mut report.chunks_removed)?;
             return Ok(Fate::Delete);
+            if dead > 0 {
+                report.unused_bytes_kept += dead;
+                report.packs_kept_with_unused += 1;
+            }
         }
         // Rewrite. A live copy known to be damaged keeps the pack as it is: it is the best copy there is.
         if group.iter().any(|r| r.live && r.unsalvageable) {

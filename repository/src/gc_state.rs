@@ -69,6 +69,19 @@ pub struct GcReport {
     /// or in the quarantine; `verify` names the snapshots that need them.
     #[serde(default)]
     pub chunks_unsalvageable: u64,
+    /// The `--repack-threshold` of the run, in percent ([`GcOptions::repack_threshold`]).
+    ///
+    /// [`GcOptions::repack_threshold`]: crate::GcOptions::repack_threshold
+    #[serde(default)]
+    pub repack_threshold: u8,
+    /// Unreferenced bytes left in the packs kept because their unreferenced share is below the repack
+    /// threshold (restic's "unused size after prune"): what a gc with a lower threshold would free. Packs
+    /// kept for another reason (missing, or with a damaged chunk to copy) are not counted.
+    #[serde(default)]
+    pub unused_bytes_kept: u64,
+    /// The packs holding [`GcReport::unused_bytes_kept`].
+    #[serde(default)]
+    pub packs_kept_with_unused: u64,
     /// Packs whose header, trailer or footer is damaged: what snapshots use was salvaged, and the pack is
     /// moved to the quarantine ([`QUARANTINE_DIR`]) when the cycle is swept, never deleted.
     #[serde(default)]

@@ -185,7 +185,8 @@
 //!    pack. Per pack: no dead record, keep it; no live record, delete it; at least `repack_threshold`% (20 by
 //!    default) of its bytes dead, rewrite it (its live chunks are read, verified against their digests and
 //!    copied into new packs; a damaged chunk keeps the pack as it is); otherwise keep it, dead records
-//!    included (they still serve deduplication). An orphan with a live copy is kept and indexed again; one
+//!    included (they still serve deduplication; the report gives their bytes, `unused_bytes_kept`, what a
+//!    lower threshold would free). An orphan with a live copy is kept and indexed again; one
 //!    without is left for the sweep. Then, in this order, each step durable before the next: the new packs;
 //!    one new index file `gc-<hex>.idx` holding every kept record; `gc/condemned` (the dead records of
 //!    deleted, rewritten and quarantined packs, sorted by digest), `gc/doomed-packs` and `gc/state.json`;
