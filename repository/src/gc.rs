@@ -36,11 +36,14 @@ use crate::{ChunkRef, Digest, PackId, Repository, StoredChunk};
 /// Default share of a pack's indexed bytes that must be unreferenced before the pack is rewritten.
 pub const DEFAULT_REPACK_THRESHOLD: u8 = 20;
 
-/// Test hook: with `BACKFLOW_GC_KILL_AT=STEP`, the gc SIGKILLs itself when it reaches `STEP`.
+/// Test hook: with `BACKFLOW_GC_KILL_AT=STEP`, the gc SIGKILLs itself when it reaches `STEP`. Only with
+/// the `test-hooks` feature, which no user's build has.
+#[cfg(feature = "test-hooks")]
 pub const KILL_AT: &str = "BACKFLOW_GC_KILL_AT";
 
 /// The steps [`KILL_AT`] can name, in the order a gc reaches them. `salvaging` and `quarantining` are
 /// reached only in a repository with damaged chunks or packs.
+#[cfg(feature = "test-hooks")]
 pub const KILL_POINTS: &[&str] = &[
     "marked",
     "salvaging",
@@ -56,6 +59,7 @@ pub const KILL_POINTS: &[&str] = &[
     "swept",
 ];
 
+#[cfg(feature = "test-hooks")]
 fn kill_point(step: &str) {
     if std::env::var(KILL_AT).is_ok_and(|v| v == step) {
         warn!(step, "Test hook: gc kills itself here.");
@@ -65,6 +69,11 @@ fn kill_point(step: &str) {
         std::thread::sleep(std::time::Duration::from_secs(10));
     }
 }
+
+/// Without the `test-hooks` feature a kill point is nothing.
+#[cfg(not(feature = "test-hooks"))]
+#[inline(always)]
+fn kill_point(_step: &str) {}
 
 /// What [`Repository::gc`] does.
 #[derive(Clone, Copy, Debug)]
@@ -804,6 +813,10 @@ impl Gc<'_> {
             return Ok(Fate::Quarantine);
         }
         if keep_as_is {
+            if dead > 0 {
+                report.unused_bytes_kept += dead;
+                report.packs_kept_with_unused += 1;
+            }
             return keep(report);
         }
         if live == 0 {
@@ -813,10 +826,6 @@ impl Gc<'_> {
             }
             condemn(condemned, &mut report.chunks_removed)?;
             return Ok(Fate::Delete);
-            if dead > 0 {
-                report.unused_bytes_kept += dead;
-                report.packs_kept_with_unused += 1;
-            }
         }
         // Rewrite. A live copy known to be damaged keeps the pack as it is: it is the best copy there is.
         if group.iter().any(|r| r.live && r.unsalvageable) {
