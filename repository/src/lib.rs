@@ -37,7 +37,6 @@
 //! quarantine/packs/XX/<pack id>.pack  packs whose header, trailer or footer is damaged, moved here by a gc
 //!                             after it salvaged what snapshots use; read by nothing, deleted only by
 //!                             `gc --drop-quarantine`
-//! damaged                     damage marks (below)
 //! ```
 //! Pack ids are 128 random bits (32 hex digits). Snapshot ids are `YYYYMMDDTHHMMSSZ-xxxxxx`: the UTC second
 //! the backup began and 24 random bits, so `ls snapshots/` is chronological; the session id is the same string.
@@ -324,6 +323,17 @@
 //! and does not fail the check. A `damaged` file that is damaged blocks nothing: readers go on with the marks
 //! they could read (a lost mark costs what it did before marks existed, until the next `verify --read-data`
 //! marks it again), `verify` reports it and writes it again.
+//!
+//! ## Code layout
+//! The format's files, one module each: `config`, `pack` (pack files, read), `index`, `snapshot`, `damaged`
+//! (marks), `history` (session records). Writing: `session` (a backup's scratch, index and commit) with
+//! `session/pack_writer` (packs written and published). Reading: `repository` (the handle: lookups, reads,
+//! forget, index rebuild), `recovery` (the index of packs no index file names), `readable` (parent checks).
+//! `gc` is the collection's run; `gc_state` what it shares with every handle (the registry of open handles,
+//! the pending cycle's state and lists, the fence, the quarantine) and `lock` the repository's locks: neither
+//! uses the handle or the gc, so that those depend on them and not on each other. `verify` runs its passes
+//! one method each. `sort` (external sort), `scratch`, `format` (binary helpers), `ids`, `names`,
+//! `retention`, `types` and `error` serve them all.
 
 mod config;
 mod damaged;
