@@ -273,7 +273,7 @@ struct Verifier<'a> {
 }
 
 impl Verifier<'_> {
-    /// 1. Index files, held open, checksums checked; the packs they and the recovery index name.
+    /// Pass 1: the index files, held open, checksums checked; the packs they and the recovery index name.
     fn index_files(&mut self) -> Result<()> {
         for (path, error) in self.repo.check_index_checksums()? {
             self.report.damaged_index_files.push(DamagedFile {
@@ -295,7 +295,7 @@ impl Verifier<'_> {
         Ok(())
     }
 
-    /// 2. The packs themselves: present, frame intact, and with `read_data` every blob.
+    /// Pass 2: the packs themselves: present, frame intact, and with `read_data` every blob.
     fn packs(&mut self) -> Result<()> {
         let root = self.repo.path();
         let mut ids: Vec<PackId> = self.packs.keys().copied().collect();
@@ -406,7 +406,7 @@ impl Verifier<'_> {
         Ok(true)
     }
 
-    /// 3. Index records against their packs.
+    /// Pass 3: index records against their packs.
     fn index_records(&mut self) -> Result<()> {
         let repo = self.repo;
         for file in &self.files {
@@ -492,8 +492,8 @@ impl Verifier<'_> {
         Ok(found.is_some())
     }
 
-    /// 4. Manifests: every referenced digest resolved with the restore rule, minus the copies found bad; the
-    /// problems found before are healed or not. Returns the snapshots whose manifest could be read.
+    /// Pass 4: manifests, every referenced digest resolved with the restore rule, minus the copies found bad;
+    /// the problems found before are healed or not. Returns the snapshots whose manifest could be read.
     fn manifests(&mut self) -> Result<Vec<String>> {
         let repo = self.repo;
         let good_marks: HashSet<(PackId, u64)> = self
@@ -578,7 +578,7 @@ impl Verifier<'_> {
         Ok(good_snapshots)
     }
 
-    /// 5. Which snapshots use the damaged chunks that are not healed (only if there are any).
+    /// Pass 5: which snapshots use the damaged chunks that are not healed (only if there are any).
     fn snapshots_of_problems(&mut self, good_snapshots: &[String]) -> Result<()> {
         let problems = &mut self.problems;
         if problems.list.iter().all(|p| p.healed) {
