@@ -1,7 +1,8 @@
 //! The state garbage collection shares with every repository handle: the registry of open handles
-//! (`users/`), the pending cycle in `gc/` (its state, lists, the fence `forget` takes, the chunks it condemned)
-//! and the quarantine. Handles read and write it (registering, forgetting, finding a condemned chunk); the gc
-//! run (`gc.rs`) drives it. It depends on no handle or gc code, so that neither depends on the other through it.
+//! (`users/`), the pending cycle in `gc/` (its state, lists, the fence `forget` takes, the chunks it
+//! condemned) and the quarantine. Handles read and write it (registering, forgetting, finding a condemned
+//! chunk); the gc run (`gc.rs`) drives it. It uses no handle or gc code, so that neither depends on the
+//! other through it.
 
 use std::collections::BTreeSet;
 use std::fs::File;
@@ -21,6 +22,8 @@ use crate::{Codec, DamagedFile, Digest, PackId};
 /// Where a gc moves the packs whose header, trailer or footer is damaged, once it has stored again what
 /// snapshots use from them: `quarantine/packs/XX/ID.pack`, the pack's own relative name. Nothing reads them
 /// there; they stay until `backflow gc --drop-quarantine` ([`GcOptions::drop_quarantine`]) deletes them.
+///
+/// [`GcOptions::drop_quarantine`]: crate::GcOptions::drop_quarantine
 pub const QUARANTINE_DIR: &str = "quarantine";
 
 /// Outcome of a garbage collection.
@@ -69,9 +72,8 @@ pub struct GcReport {
     /// or in the quarantine; `verify` names the snapshots that need them.
     #[serde(default)]
     pub chunks_unsalvageable: u64,
-    /// The `--repack-threshold` of the run, in percent ([`GcOptions::repack_threshold`]).
-    ///
-    /// [`GcOptions::repack_threshold`]: crate::GcOptions::repack_threshold
+    /// The `--repack-threshold` of the run, in percent
+    /// ([`GcOptions::repack_threshold`](crate::GcOptions::repack_threshold)).
     #[serde(default)]
     pub repack_threshold: u8,
     /// Unreferenced bytes left in the packs kept because their unreferenced share is below the repack
@@ -87,11 +89,13 @@ pub struct GcReport {
     #[serde(default)]
     pub packs_quarantined: Vec<String>,
     /// Packs deleted from the quarantine ([`GcOptions::drop_quarantine`]), and their size.
+    ///
+    /// [`GcOptions::drop_quarantine`]: crate::GcOptions::drop_quarantine
     #[serde(default)]
     pub quarantine_dropped: u64,
     #[serde(default)]
     pub quarantine_bytes_freed: u64,
-    /// A pending cycle was abandoned first ([`GcOptions::reset_state`]).
+    /// A pending cycle was abandoned first ([`GcOptions::reset_state`](crate::GcOptions::reset_state)).
     #[serde(default)]
     pub state_reset: bool,
     /// Set when the deletion waits: repository handles (backups, restores) that were open when the chunks

@@ -1,5 +1,6 @@
-//! The pack writer of a backup session (and of a gc's rewrites): streams encoded chunks into pack files in the
-//! session's scratch directory and publishes each one durably. The pack format itself is `pack.rs`.
+//! The pack writer of a backup session (and of a gc's rewrites): streams encoded chunks into pack files
+//! in the session's scratch directory and publishes each one durably. The pack format itself is
+//! `pack.rs`.
 
 use std::fs::File;
 use std::io::{BufWriter, Write};
