@@ -2,7 +2,9 @@
 # The whole test suite: installs what is missing, checks formatting, lints (clippy, warnings denied)
 # and the documentation (cargo doc, warnings denied), then runs every test of the workspace
 # (unit tests, integration tests against real files, repositories and processes, every spec file,
-# the 2 GiB round trip), in release mode, then fuzzes the NBD client for 30 s (scripts/fuzz.sh).
+# the 2 GiB round trip), in release mode (the test targets' builds have the test hooks: see
+# scripts/no-hooks.sh, which then checks that a default build has none and rebuilds
+# target/release/backflow without them), then fuzzes the NBD client for 30 s (scripts/fuzz.sh).
 # Ends with one line: "tests: N passed, N failed, N skipped".
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,6 +18,8 @@ log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 status=0
 cargo test --release --workspace "$@" 2>&1 | tee "$log" || status=$?
+# The tests' builds have the test hooks (cli's dev-dependencies); the binary a user builds has none.
+bash scripts/no-hooks.sh || status=$?
 bash scripts/fuzz.sh 30 || status=$?  # the NBD reply parser under libFuzzer; a crash fails the run
 awk '/^test result:/ { passed += $4; failed += $6; ignored += $8 }
      END { printf "tests: %d passed, %d failed, %d skipped\n", passed, failed, ignored }' "$log"

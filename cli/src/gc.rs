@@ -7,9 +7,8 @@ use backflow_repository::{DEFAULT_REPACK_THRESHOLD, GcOptions, GcReport};
 
 #[derive(clap::Args)]
 pub struct Args {
-    #[arg(long, env = crate::REPO_ENV, value_name = "DIR", help = crate::REPO_HELP,
-          required_unless_present = "list_kill_points")]
-    repo: Option<PathBuf>,
+    #[arg(long, env = crate::REPO_ENV, value_name = "DIR", help = crate::REPO_HELP)]
+    repo: PathBuf,
     /// Rewrite a pack once this percentage of its bytes is unreferenced (0-100); wholly unreferenced
     /// packs are always deleted.
     #[arg(long, default_value_t = DEFAULT_REPACK_THRESHOLD,
@@ -29,19 +28,10 @@ pub struct Args {
     /// The report as JSON.
     #[arg(long)]
     json: bool,
-    /// Tests: print the steps BACKFLOW_GC_KILL_AT can name, one per line.
-    #[arg(long, hide = true)]
-    list_kill_points: bool,
 }
 
 pub fn run(args: Args) -> Result<()> {
-    if args.list_kill_points {
-        for p in backflow_repository::GC_KILL_POINTS {
-            println!("{p}");
-        }
-        return Ok(());
-    }
-    let repo = crate::open_repo(args.repo.as_deref().expect("required by clap"))?;
+    let repo = crate::open_repo(&args.repo)?;
     let report = repo.gc(&GcOptions {
         repack_threshold: args.repack_threshold,
         dry_run: args.dry_run,
@@ -94,6 +84,14 @@ pub fn text(r: &GcReport) -> String {
         "packs: {} kept, {} rewritten, {} removed ({} left by interrupted runs)\n",
         r.packs_kept, r.packs_repacked, r.packs_removed, r.orphan_packs
     ));
+    if r.packs_kept_with_unused > 0 {
+        out.push_str(&format!(
+            "{} unused in {} packs kept, below {}%\n",
+            mib(r.unused_bytes_kept),
+            r.packs_kept_with_unused,
+            r.repack_threshold
+        ));
+    }
     out.push_str(&format!(
         "chunks: {} removed, {} moved out of rewritten packs, {} kept for backups that ran meanwhile\n",
         r.chunks_removed, r.chunks_moved, r.chunks_kept_for_running_backups

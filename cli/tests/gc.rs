@@ -133,6 +133,78 @@ fn the_default_threshold_deletes_unused_packs_and_keeps_mostly_used_ones() {
     assert_restores_then_verifies(&repo, &[(&newest, &copy)], dir.path());
 }
 
+/// What the packs on disk hold that no snapshot references, counted from the pack trailers and the
+/// manifests themselves: (stored bytes, packs holding any).
+fn unused_in_packs(repo: &Path) -> (u64, u64) {
+    let handle = backflow_repository::Repository::open(repo).unwrap();
+    let mut referenced = std::collections::HashSet::new();
+    for info in handle.list_snapshots().unwrap() {
+        let snap = handle.open_snapshot(&info.id).unwrap();
+        for disk in 0..snap.meta().disks.len() {
+            for r in snap.chunks(disk) {
+                if let backflow_repository::ChunkRef::Data(d) = r.unwrap() {
+                    referenced.insert(d);
+                }
+            }
+        }
+    }
+    let (mut bytes, mut packs) = (0, 0);
+    for pack in pack_files(repo) {
+        let unused: u64 = backflow_repository::read_pack_trailer(&pack)
+            .unwrap()
+            .entries
+            .iter()
+            .filter(|e| !referenced.contains(&e.digest))
+            .map(|e| u64::from(e.stored_len))
+            .sum();
+        if unused > 0 {
+            bytes += unused;
+            packs += 1;
+        }
+    }
+    (bytes, packs)
+}
+
+#[test]
+fn gc_reports_the_unused_bytes_it_keeps_below_the_threshold() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = dir.path().join("repo");
+    three_then_forget(dir.path(), &repo);
+    let half = dir.path().join("half");
+    cp_a(&repo, &half);
+
+    // Threshold 100: every pack that holds a referenced chunk stays, whatever else it holds.
+    let dry = gc_json(&repo, &["--repack-threshold", "100", "--dry-run"]);
+    let report = gc_json(&repo, &["--repack-threshold", "100"]);
+    assert!(report["waiting_for"].is_null(), "{report:#}");
+    let (bytes, packs) = unused_in_packs(&repo);
+    assert!(bytes > 0 && packs > 0, "nothing unused is left: {report:#}");
+    for r in [&dry, &report] {
+        assert_eq!(num(r, "unused_bytes_kept"), bytes, "{r:#}");
+        assert_eq!(num(r, "packs_kept_with_unused"), packs, "{r:#}");
+        assert_eq!(num(r, "repack_threshold"), 100, "{r:#}");
+    }
+    // The text report says it too (a second gc keeps the same packs).
+    let out = run_ok(
+        backflow()
+            .args(["gc", "--repack-threshold", "100", "--repo"])
+            .arg(&repo),
+    );
+    let line = format!(
+        "{:.1} MiB unused in {packs} packs kept, below 100%",
+        bytes as f64 / (1024.0 * 1024.0)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains(&line), "{line:?} not in:\n{text}");
+
+    // Threshold 50: some packs are rewritten (nothing unused left in them), the others keep theirs.
+    let report = gc_json(&half, &["--repack-threshold", "50"]);
+    assert!(num(&report, "packs_repacked") > 0, "{report:#}");
+    let (bytes, packs) = unused_in_packs(&half);
+    assert_eq!(num(&report, "unused_bytes_kept"), bytes, "{report:#}");
+    assert_eq!(num(&report, "packs_kept_with_unused"), packs, "{report:#}");
+}
+
 #[test]
 fn a_backup_running_during_gc_commits_a_snapshot_that_restores() {
     let dir = tempfile::tempdir().unwrap();
@@ -270,11 +342,9 @@ fn assert_recovers(t: &Template, repo: &Path, what: &str) {
 }
 
 fn kill_points() -> Vec<String> {
-    let out = run_ok(backflow().args(["gc", "--list-kill-points"]));
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .map(str::to_owned)
+    backflow_repository::GC_KILL_POINTS
+        .iter()
+        .map(|p| p.to_string())
         .collect()
 }
 

@@ -1,8 +1,14 @@
 //! Test hooks: moments a crash test needs to reach exactly (kill the process there, or act on the
 //! VM there). Each is an environment variable naming a file; without the variable nothing happens.
+//! They exist only with the `test-hooks` feature, which the cli's tests turn on (through their
+//! dev-dependencies) and no user's build has: without it the functions below are empty and no
+//! variable is read.
 
+#[cfg(feature = "test-hooks")]
 use std::path::PathBuf;
+#[cfg(feature = "test-hooks")]
 use std::sync::{Mutex, OnceLock, PoisonError};
+#[cfg(feature = "test-hooks")]
 use std::time::{Duration, Instant};
 
 /// With `BACKFLOW_PAUSE_BEFORE_COMMIT=PATH` in the environment, the repository writer pauses once
@@ -21,6 +27,7 @@ pub const PAUSE_MID_TRANSFER: &str = "BACKFLOW_PAUSE_MID_TRANSFER";
 
 /// The moment of [`PAUSE_MID_TRANSFER`], reached after every read of an NBD source. Without the
 /// variable it costs one atomic load.
+#[cfg(feature = "test-hooks")]
 pub fn mid_transfer() {
     static GATE: OnceLock<Option<Mutex<bool>>> = OnceLock::new();
     let Some(gate) =
@@ -38,6 +45,7 @@ pub fn mid_transfer() {
 
 /// When the environment variable `var` names a file: creates it (saying `what`) and waits, at most
 /// ten minutes, until someone removes it.
+#[cfg(feature = "test-hooks")]
 pub fn pause_at(var: &str, what: &str) {
     let Some(path) = std::env::var_os(var) else {
         return;
@@ -52,3 +60,13 @@ pub fn pause_at(var: &str, what: &str) {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// Without the `test-hooks` feature: nothing.
+#[cfg(not(feature = "test-hooks"))]
+#[inline(always)]
+pub fn mid_transfer() {}
+
+/// Without the `test-hooks` feature: nothing.
+#[cfg(not(feature = "test-hooks"))]
+#[inline(always)]
+pub fn pause_at(_var: &str, _what: &str) {}

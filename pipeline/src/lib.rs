@@ -17,7 +17,8 @@
 //! - [`harness`]: one stage alone on prepared input, for stage tests and benchmarks.
 //! - [`input`]: specs, job files and sources checked for what they are before they are read, and
 //!   bounded: nothing people hand a run can block it or fill its memory.
-//! - [`hooks`]: test hooks that pause a run at a named moment, for crash tests.
+//! - [`hooks`]: test hooks that pause a run at a named moment, for crash tests (only with the
+//!   `test-hooks` feature; empty otherwise).
 //! - [`error`]: the stage error type and the error policy.
 
 pub mod context;

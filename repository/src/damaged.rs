@@ -467,7 +467,7 @@ impl Repository {
             .damage_marks()?
             .copies()
             .into_iter()
-            .filter(|c| !in_packs(c) && crate::gc::quarantine_path(&root, &c.pack).exists())
+            .filter(|c| !in_packs(c) && crate::gc_state::quarantine_path(&root, &c.pack).exists())
             .collect();
         if !quarantined.is_empty() {
             // The index the gc just wrote, not the files this handle opened before.
@@ -489,7 +489,7 @@ impl Repository {
     fn update_marks(&self, change: impl FnOnce(&mut DamageMarks) -> usize) -> Result<usize> {
         let root = self.path();
         let lock_path = root.join(LOCK_FILE);
-        let lock = crate::repository::open_lock_file(&lock_path)?;
+        let lock = crate::lock::open_lock_file(&lock_path)?;
         // Held for a read and a small write: waiting is shorter than failing and retrying.
         lock.lock().ctx("lock", &lock_path)?;
         let path = root.join(FILE);

@@ -12,38 +12,38 @@
 
 use std::collections::{BTreeSet, HashSet};
 use std::fs::File;
-use std::io::{BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use tracing::{debug, info, warn};
 
 use crate::damaged::DamageMarks;
-use crate::error::{IoContext, RepoError, Result, read_exact_at};
-use crate::format::{durable_rename, hex, parse_hex, sync_dir};
+use crate::error::{IoContext, RepoError, Result};
+use crate::format::{durable_rename, hex, sync_dir};
+use crate::gc_state::{
+    CycleId, CycleState, GcPaths, GcReport, LOCATED_SIZE, ListReader, Located, Phase,
+    QUARANTINE_DIR, RUN_LOCK_WAIT, STATE_VERSION, check_lists, fence, live_users, load_state,
+    quarantine_path, stopped, store_state, write_list,
+};
 use crate::index::IndexStream;
-use crate::pack::{PackEntry, PackWriter, pack_path, read_pack_trailer, salvage_entries};
-use crate::repository::{LockMode, lock_repository};
-use crate::session::SessionShared;
+use crate::lock::{LockMode, lock_repository};
+use crate::pack::{pack_path, read_pack_trailer, salvage_entries};
+use crate::session::{PackWriter, SessionShared};
 use crate::snapshot::Snapshot;
-use crate::sort::{RUN_BUFFER, Sorted, Sorter};
-use crate::verify::DamagedFile;
-use crate::{ChunkRef, Codec, Digest, PackId, Repository, StoredChunk};
+use crate::sort::{Sorted, Sorter};
+use crate::{ChunkRef, Digest, PackId, Repository, StoredChunk};
 
 /// Default share of a pack's indexed bytes that must be unreferenced before the pack is rewritten.
 pub const DEFAULT_REPACK_THRESHOLD: u8 = 20;
 
-/// Where a gc moves the packs whose header, trailer or footer is damaged, once it has stored again what
-/// snapshots use from them: `quarantine/packs/XX/ID.pack`, the pack's own relative name. Nothing reads them
-/// there; they stay until `backflow gc --drop-quarantine` ([`GcOptions::drop_quarantine`]) deletes them.
-pub const QUARANTINE_DIR: &str = "quarantine";
-
-/// Test hook: with `BACKFLOW_GC_KILL_AT=STEP`, the gc SIGKILLs itself when it reaches `STEP`.
+/// Test hook: with `BACKFLOW_GC_KILL_AT=STEP`, the gc SIGKILLs itself when it reaches `STEP`. Only with
+/// the `test-hooks` feature, which no user's build has.
+#[cfg(feature = "test-hooks")]
 pub const KILL_AT: &str = "BACKFLOW_GC_KILL_AT";
 
 /// The steps [`KILL_AT`] can name, in the order a gc reaches them. `salvaging` and `quarantining` are
 /// reached only in a repository with damaged chunks or packs.
+#[cfg(feature = "test-hooks")]
 pub const KILL_POINTS: &[&str] = &[
     "marked",
     "salvaging",
@@ -59,6 +59,7 @@ pub const KILL_POINTS: &[&str] = &[
     "swept",
 ];
 
+#[cfg(feature = "test-hooks")]
 fn kill_point(step: &str) {
     if std::env::var(KILL_AT).is_ok_and(|v| v == step) {
         warn!(step, "Test hook: gc kills itself here.");
@@ -68,6 +69,11 @@ fn kill_point(step: &str) {
         std::thread::sleep(std::time::Duration::from_secs(10));
     }
 }
+
+/// Without the `test-hooks` feature a kill point is nothing.
+#[cfg(not(feature = "test-hooks"))]
+#[inline(always)]
+fn kill_point(_step: &str) {}
 
 /// What [`Repository::gc`] does.
 #[derive(Clone, Copy, Debug)]
@@ -98,799 +104,6 @@ impl Default for GcOptions {
     }
 }
 
-/// Outcome of a garbage collection.
-#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct GcReport {
-    /// Nothing was changed: the report says what a gc would do now.
-    #[serde(default)]
-    pub dry_run: bool,
-    /// What finishing the cycle an earlier gc had begun (and had to leave waiting, or was killed in) did
-    /// first: its deletions happen in this run.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub earlier_cycle: Option<Box<GcReport>>,
-    pub snapshots: u64,
-    /// Distinct digests the snapshots reference that some index record or pack trailer lists.
-    pub referenced_chunks: u64,
-    /// Index records read.
-    pub indexed_chunks: u64,
-    /// Referenced digests no index file and no trailer of a pack outside the index lists (damage that
-    /// `verify` names; gc leaves it alone).
-    pub missing_chunks: u64,
-    pub packs_kept: u64,
-    pub packs_repacked: u64,
-    /// Wholly unreferenced packs.
-    pub packs_removed: u64,
-    /// Packs no index names (left by killed sessions), removed unless a backup that was running commits them
-    /// or snapshots use their chunks (then they are indexed again).
-    pub orphan_packs: u64,
-    /// Chunks taken out of the index (and out of the repository once the cycle is swept).
-    pub chunks_removed: u64,
-    /// Live chunks copied out of rewritten packs.
-    pub chunks_moved: u64,
-    /// Chunks a backup that ran during the gc used after all, kept.
-    pub chunks_kept_for_running_backups: u64,
-    /// Size of the unreferenced and rewritten pack files deleted (orphans and quarantined packs not counted).
-    pub bytes_deleted: u64,
-    /// Size of the pack files written (rewritten packs' live chunks, salvaged chunks).
-    pub bytes_written: u64,
-    /// Packs rewritten by this gc that could not be read safely and were kept as they are.
-    pub damaged_packs: Vec<String>,
-    /// Referenced chunks that had no healthy copy (every copy marked damaged, or in a pack whose header,
-    /// trailer or footer is damaged) and whose blob still decoded to its digest: stored again in new packs.
-    #[serde(default)]
-    pub chunks_salvaged: u64,
-    /// Referenced chunks of which no stored copy decodes to the digest. Their copies stay where they were
-    /// (with their damage marks, so that the next backup of a VM that still has the data stores them again),
-    /// or in the quarantine; `verify` names the snapshots that need them.
-    #[serde(default)]
-    pub chunks_unsalvageable: u64,
-    /// Packs whose header, trailer or footer is damaged: what snapshots use was salvaged, and the pack is
-    /// moved to the quarantine ([`QUARANTINE_DIR`]) when the cycle is swept, never deleted.
-    #[serde(default)]
-    pub packs_quarantined: Vec<String>,
-    /// Packs deleted from the quarantine ([`GcOptions::drop_quarantine`]), and their size.
-    #[serde(default)]
-    pub quarantine_dropped: u64,
-    #[serde(default)]
-    pub quarantine_bytes_freed: u64,
-    /// A pending cycle was abandoned first ([`GcOptions::reset_state`]).
-    #[serde(default)]
-    pub state_reset: bool,
-    /// Set when the deletion waits: repository handles (backups, restores) that were open when the chunks
-    /// were condemned still run. The next gc finishes the cycle.
-    pub waiting_for: Option<String>,
-}
-
-impl GcReport {
-    /// Bytes freed on disk by the collection: deleted pack files minus what was written (the quarantine
-    /// dropped is `quarantine_bytes_freed`).
-    pub fn bytes_freed(&self) -> u64 {
-        self.bytes_deleted.saturating_sub(self.bytes_written)
-    }
-}
-
-// ---------------------------------------------------------------------------------------------------------
-// Records the gc sorts.
-
-/// A stored copy of a chunk, as the gc files and sorts it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Located {
-    digest: Digest,
-    pack: PackId,
-    offset: u64,
-    stored_len: u32,
-    raw_len: u32,
-    codec: Codec,
-    live: bool,
-    /// Listed by an index file; otherwise only by the trailer of a pack (an orphan, or a damaged pack whose
-    /// trailer lists more than the index).
-    indexed: bool,
-    /// Live although no copy of the chunk decodes to its digest (see [`GcReport::chunks_unsalvageable`]).
-    unsalvageable: bool,
-}
-
-const LOCATED_SIZE: usize = 72;
-const _: () = assert!(LOCATED_SIZE == 16 + 8 + 32 + 4 + 4 + 1 + 1 + 1 + 1 + 4);
-
-impl Located {
-    /// Sorted by pack, then offset: the order a pack is read in.
-    fn by_pack(&self) -> [u8; LOCATED_SIZE] {
-        let mut b = [0u8; LOCATED_SIZE];
-        b[..16].copy_from_slice(&self.pack.0);
-        b[16..24].copy_from_slice(&self.offset.to_be_bytes());
-        b[24..56].copy_from_slice(&self.digest.0);
-        self.tail(&mut b[56..]);
-        b
-    }
-
-    /// Sorted by digest, then pack and offset (the condemned file).
-    fn by_digest(&self) -> [u8; LOCATED_SIZE] {
-        let mut b = [0u8; LOCATED_SIZE];
-        b[..32].copy_from_slice(&self.digest.0);
-        b[32..48].copy_from_slice(&self.pack.0);
-        b[48..56].copy_from_slice(&self.offset.to_be_bytes());
-        self.tail(&mut b[56..]);
-        b
-    }
-
-    fn tail(&self, b: &mut [u8]) {
-        b[..4].copy_from_slice(&self.stored_len.to_le_bytes());
-        b[4..8].copy_from_slice(&self.raw_len.to_le_bytes());
-        b[8] = self.codec as u8;
-        b[9] = u8::from(self.live);
-        b[10] = u8::from(self.indexed);
-        b[11] = u8::from(self.unsalvageable);
-    }
-
-    fn decode(b: &[u8; LOCATED_SIZE], by_pack: bool, path: &Path) -> Result<Located> {
-        let (digest, pack, offset) = if by_pack {
-            (&b[24..56], &b[..16], &b[16..24])
-        } else {
-            (&b[..32], &b[32..48], &b[48..56])
-        };
-        let codec = Codec::from_u8(b[64])
-            .ok_or_else(|| RepoError::corrupt(path, format!("unknown codec {}", b[64])))?;
-        Ok(Located {
-            digest: Digest(digest.try_into().expect("32 bytes")),
-            pack: PackId(pack.try_into().expect("16 bytes")),
-            offset: u64::from_be_bytes(offset.try_into().expect("8 bytes")),
-            stored_len: u32::from_le_bytes(b[56..60].try_into().expect("4 bytes")),
-            raw_len: u32::from_le_bytes(b[60..64].try_into().expect("4 bytes")),
-            codec,
-            live: b[65] == 1,
-            indexed: b[66] == 1,
-            unsalvageable: b[67] == 1,
-        })
-    }
-
-    /// A copy listed by a pack trailer.
-    fn from_trailer(pack: PackId, e: &PackEntry) -> Located {
-        Located {
-            digest: e.digest,
-            pack,
-            offset: e.offset,
-            stored_len: e.stored_len,
-            raw_len: e.raw_len,
-            codec: e.codec,
-            live: false,
-            indexed: false,
-            unsalvageable: false,
-        }
-    }
-
-    fn location(&self) -> crate::ChunkLocation {
-        crate::ChunkLocation {
-            pack: self.pack,
-            offset: self.offset,
-            stored_len: self.stored_len,
-            raw_len: self.raw_len,
-            codec: self.codec,
-        }
-    }
-
-    fn entry(&self) -> PackEntry {
-        PackEntry {
-            digest: self.digest,
-            offset: self.offset,
-            stored_len: self.stored_len,
-            raw_len: self.raw_len,
-            codec: self.codec,
-        }
-    }
-}
-
-// ---------------------------------------------------------------------------------------------------------
-// Lists of records in `gc/`.
-
-/// A list of fixed-size records in `gc/`, written whole through a temporary name:
-/// ```text
-/// 0      header (32): magic "BFLWGCL2" | record_size u32 | reserved u32 | cycle id [16]
-/// 32     count records of record_size bytes
-/// end-40 footer (40): count u64 | BLAKE3 of everything before the checksum [32]
-/// ```
-/// The cycle id is the one in `gc/state.json`: a list of another cycle (or repository) is refused, and so is
-/// a damaged one (checksum, length), before the gc acts on it.
-const LIST_MAGIC: [u8; 8] = *b"BFLWGCL2";
-/// The magic of version 1 lists, which had no checksum: refused with a clear message.
-const LIST_MAGIC_V1: [u8; 8] = *b"BFLWGCL1";
-const LIST_HEADER_SIZE: usize = 32;
-const LIST_FOOTER_SIZE: usize = 40;
-const _: () = assert!(LIST_HEADER_SIZE == 8 + 4 + 4 + 16);
-const _: () = assert!(LIST_FOOTER_SIZE == 8 + 32);
-
-/// A cycle's random id, in its state and in the header of its lists.
-type CycleId = [u8; 16];
-
-fn list_header<const N: usize>(cycle: &CycleId) -> [u8; LIST_HEADER_SIZE] {
-    let mut h = [0u8; LIST_HEADER_SIZE];
-    h[..8].copy_from_slice(&LIST_MAGIC);
-    h[8..12].copy_from_slice(&(N as u32).to_le_bytes());
-    h[16..].copy_from_slice(cycle);
-    h
-}
-
-fn write_list<const N: usize>(dest: &Path, cycle: &CycleId, mut records: Sorted<N>) -> Result<u64> {
-    let tmp = dest.with_extension("tmp");
-    let file = File::create(&tmp).ctx("create", &tmp)?;
-    let mut out = BufWriter::with_capacity(RUN_BUFFER, file);
-    let mut hasher = blake3::Hasher::new();
-    let header = list_header::<N>(cycle);
-    hasher.update(&header);
-    out.write_all(&header).ctx("write", &tmp)?;
-    let mut n = 0u64;
-    while let Some(r) = records.next_record()? {
-        hasher.update(&r);
-        out.write_all(&r).ctx("write", &tmp)?;
-        n += 1;
-    }
-    hasher.update(&n.to_le_bytes());
-    out.write_all(&n.to_le_bytes()).ctx("write", &tmp)?;
-    out.write_all(hasher.finalize().as_bytes())
-        .ctx("write", &tmp)?;
-    let file = out
-        .into_inner()
-        .map_err(|e| RepoError::io("write", &tmp, e.into_error()))?;
-    file.sync_all().ctx("fsync", &tmp)?;
-    durable_rename(&tmp, dest)?;
-    Ok(n)
-}
-
-/// Opens a list written by [`write_list`] of `N`-byte records and checks its header (of cycle `cycle`,
-/// when given) and length, not its checksum: the file and its record count.
-fn open_list<const N: usize>(path: &Path, cycle: Option<&CycleId>) -> Result<(File, u64)> {
-    let file = File::open(path).ctx("open", path)?;
-    let len = file.metadata().ctx("stat", path)?.len();
-    let bad = |what: String| RepoError::corrupt(path, what);
-    if len < (LIST_HEADER_SIZE + LIST_FOOTER_SIZE) as u64 {
-        return Err(bad(format!(
-            "truncated gc list: {len} bytes, a list has at least {}",
-            LIST_HEADER_SIZE + LIST_FOOTER_SIZE
-        )));
-    }
-    let mut head = [0u8; LIST_HEADER_SIZE];
-    read_exact_at(&file, &mut head, 0, path, "header")?;
-    if head[..8] == LIST_MAGIC_V1 {
-        return Err(bad(
-            "a gc list of version 1 (written by an earlier backflow, without a checksum)".into(),
-        ));
-    }
-    if head[..8] != LIST_MAGIC {
-        return Err(bad("not a gc list (bad magic)".into()));
-    }
-    let size = u32::from_le_bytes(head[8..12].try_into().expect("4 bytes"));
-    if size as usize != N {
-        return Err(bad(format!("records of {size} bytes, expected {N}")));
-    }
-    if let Some(cycle) = cycle
-        && head[16..] != cycle[..]
-    {
-        return Err(bad(format!(
-            "the list belongs to gc cycle {}, not to the pending cycle {} of gc/state.json",
-            hex(&head[16..]),
-            hex(cycle)
-        )));
-    }
-    let mut count = [0u8; 8];
-    read_exact_at(
-        &file,
-        &mut count,
-        len - LIST_FOOTER_SIZE as u64,
-        path,
-        "footer",
-    )?;
-    let count = u64::from_le_bytes(count);
-    if count
-        .checked_mul(N as u64)
-        .and_then(|b| b.checked_add((LIST_HEADER_SIZE + LIST_FOOTER_SIZE) as u64))
-        != Some(len)
-    {
-        return Err(bad(format!(
-            "truncated or extended gc list: {len} bytes do not hold the {count} records its footer counts"
-        )));
-    }
-    Ok((file, count))
-}
-
-/// Reads a list written by [`write_list`], record by record, and checks its checksum after the last record:
-/// a consumer that acts only once the list is read to its end never acts on a damaged list.
-struct ListReader<const N: usize> {
-    path: PathBuf,
-    reader: BufReader<File>,
-    hasher: blake3::Hasher,
-    count: u64,
-    remaining: u64,
-}
-
-impl<const N: usize> ListReader<N> {
-    fn open(path: &Path, cycle: &CycleId) -> Result<Self> {
-        let (file, count) = open_list::<N>(path, Some(cycle))?;
-        let mut reader = BufReader::with_capacity(RUN_BUFFER, file);
-        let mut head = [0u8; LIST_HEADER_SIZE];
-        reader.read_exact(&mut head).ctx("read", path)?;
-        let mut hasher = blake3::Hasher::new();
-        hasher.update(&head);
-        let mut list = ListReader {
-            path: path.to_owned(),
-            reader,
-            hasher,
-            count,
-            remaining: count,
-        };
-        if count == 0 {
-            list.check_sum()?;
-        }
-        Ok(list)
-    }
-
-    fn next_record(&mut self) -> Result<Option<[u8; N]>> {
-        if self.remaining == 0 {
-            return Ok(None);
-        }
-        let mut b = [0u8; N];
-        self.reader
-            .read_exact(&mut b)
-            .ctx("read", self.path.as_path())?;
-        self.hasher.update(&b);
-        self.remaining -= 1;
-        if self.remaining == 0 {
-            self.check_sum()?;
-        }
-        Ok(Some(b))
-    }
-
-    fn check_sum(&mut self) -> Result<()> {
-        let mut footer = [0u8; LIST_FOOTER_SIZE];
-        self.reader
-            .read_exact(&mut footer)
-            .ctx("read", self.path.as_path())?;
-        self.hasher.update(&footer[..8]);
-        if self.hasher.finalize().as_bytes()[..] != footer[8..] {
-            return Err(RepoError::corrupt(
-                &self.path,
-                "checksum mismatch: the gc list changed after it was written",
-            ));
-        }
-        Ok(())
-    }
-
-    /// Reads the list to its end (checksum included); returns its record count.
-    fn check_whole(mut self) -> Result<u64> {
-        while self.next_record()?.is_some() {}
-        Ok(self.count)
-    }
-}
-
-// ---------------------------------------------------------------------------------------------------------
-// The cycle's state in `gc/`.
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "kebab-case")]
-enum Phase {
-    /// The condemned chunks are out of the index; their packs still exist.
-    Condemned,
-    /// Chunks used meanwhile are stored again; the packs are being deleted.
-    Sweeping,
-}
-
-#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-struct CycleState {
-    version: u32,
-    /// Random id of the cycle (32 hex digits), also in the header of its lists.
-    cycle: String,
-    phase: Phase,
-    /// Snapshots whose references the mark saw.
-    marked: BTreeSet<String>,
-    /// Index files the gc replaced by its own (removed after the state is durable).
-    old_index: Vec<String>,
-    /// The index file the cycle wrote (kept records, moved and salvaged chunks): the old index files go
-    /// only while it exists.
-    new_index: Option<String>,
-    /// Repository handles open once the old index was gone: the deletion waits until all have closed.
-    users: Option<Vec<String>>,
-    /// Packs no index named when the cycle began: left by killed sessions.
-    orphans: Vec<String>,
-    /// Packs whose header, trailer or footer is damaged, moved to the quarantine by the sweep.
-    quarantine: Vec<String>,
-    /// What the cycle will have done, for the report of the run that finishes it.
-    report: GcReport,
-}
-
-/// Version of `gc/state.json`. Version 1 (no checksums, in the state or its lists) is refused with the
-/// repair to run; see [`load_state`].
-const STATE_VERSION: u32 = 2;
-/// First word of `gc/state.json`: `backflow-gc-state VERSION CHECKSUM`, then the state as JSON. The checksum
-/// (BLAKE3, hex) covers the JSON bytes exactly as written.
-const STATE_HEADER: &str = "backflow-gc-state";
-
-impl CycleState {
-    fn cycle_id(&self) -> CycleId {
-        parse_hex::<16>(&self.cycle).expect("checked when loaded or created")
-    }
-
-    /// Checks what a damaged or crafted state could misuse: every name it holds must be what the gc
-    /// writes, so that no path it forms leaves the directory it belongs in.
-    fn check(&self, path: &Path) -> Result<()> {
-        let bad = |what: String| RepoError::corrupt(path, what);
-        if parse_hex::<16>(&self.cycle).is_none() {
-            return Err(bad(format!("cycle {:?} is not 32 hex digits", self.cycle)));
-        }
-        for name in self.old_index.iter().chain(&self.new_index) {
-            if !valid_index_name(name) {
-                return Err(bad(format!("{name:?} is not the name of an index file")));
-            }
-        }
-        if let Some(new) = &self.new_index
-            && self.old_index.contains(new)
-        {
-            return Err(bad(format!(
-                "the cycle's own index file {new} is listed among the old ones to remove"
-            )));
-        }
-        for id in self.orphans.iter().chain(&self.quarantine) {
-            if id.parse::<PackId>().is_err() {
-                return Err(bad(format!("{id:?} is not a pack id")));
-            }
-        }
-        for name in self.marked.iter().chain(self.users.iter().flatten()) {
-            if !crate::ids::valid_id(name) {
-                return Err(bad(format!("{name:?} is not a snapshot or handle name")));
-            }
-        }
-        Ok(())
-    }
-}
-
-/// Index file names a gc may remove: `NAME.idx` with NAME made of `[A-Za-z0-9_-]`.
-fn valid_index_name(name: &str) -> bool {
-    name.strip_suffix(".idx").is_some_and(crate::ids::valid_id)
-}
-
-struct GcPaths {
-    dir: PathBuf,
-}
-
-impl GcPaths {
-    fn new(root: &Path) -> GcPaths {
-        GcPaths {
-            dir: root.join("gc"),
-        }
-    }
-    fn state(&self) -> PathBuf {
-        self.dir.join("state.json")
-    }
-    /// Held by a running gc for its whole run (and by `verify` while it reads the state).
-    fn run_lock(&self) -> PathBuf {
-        self.dir.join("run.lock")
-    }
-    fn condemned(&self) -> PathBuf {
-        self.dir.join("condemned")
-    }
-    fn doomed(&self) -> PathBuf {
-        self.dir.join("doomed-packs")
-    }
-    fn forgotten(&self) -> PathBuf {
-        self.dir.join("forgotten")
-    }
-}
-
-/// Largest `gc/state.json` read: the snapshot ids and orphans it lists are a few MiB in a huge repository;
-/// a bigger file is damaged and is not read into memory.
-const MAX_STATE_LEN: u64 = 256 << 20;
-
-/// Reads `gc/state.json`: `None` when no cycle is pending. A state that is damaged (checksum, JSON, names
-/// that are not what a gc writes), or of version 1, is an error naming the file.
-fn load_state(paths: &GcPaths) -> Result<Option<CycleState>> {
-    let path = paths.state();
-    let file = match File::open(&path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(RepoError::io("open", path, e)),
-    };
-    let len = file.metadata().ctx("stat", &path)?.len();
-    if len > MAX_STATE_LEN {
-        return Err(RepoError::corrupt(
-            &path,
-            format!("{len} bytes, more than a gc state can have"),
-        ));
-    }
-    let mut text = Vec::new();
-    (&file).read_to_end(&mut text).ctx("read", &path)?;
-    let bad = |what: String| RepoError::corrupt(&path, what);
-    if text.first() == Some(&b'{') {
-        return Err(RepoError::UnsupportedVersion {
-            path: path.clone(),
-            found: 1,
-            supported: STATE_VERSION,
-        });
-    }
-    let newline = text.iter().position(|&b| b == b'\n').ok_or_else(|| {
-        bad(format!(
-            "truncated: no header line `{STATE_HEADER} VERSION CHECKSUM`"
-        ))
-    })?;
-    let (head, body) = (&text[..newline], &text[newline + 1..]);
-    let head = std::str::from_utf8(head).unwrap_or("");
-    let fields: Vec<&str> = head.split(' ').collect();
-    let [STATE_HEADER, version, sum] = fields[..] else {
-        return Err(bad(format!(
-            "line 1: expected `{STATE_HEADER} VERSION CHECKSUM`, found {head:?}"
-        )));
-    };
-    let version: u32 = version
-        .parse()
-        .map_err(|_| bad(format!("line 1: {version:?} is not a version")))?;
-    if version != STATE_VERSION {
-        return Err(RepoError::UnsupportedVersion {
-            path: path.clone(),
-            found: version,
-            supported: STATE_VERSION,
-        });
-    }
-    if parse_hex::<32>(sum) != Some(*blake3::hash(body).as_bytes()) {
-        return Err(bad(
-            "checksum mismatch: the gc state changed after it was written".into(),
-        ));
-    }
-    let state: CycleState =
-        serde_json::from_slice(body).map_err(|e| bad(format!("unreadable gc state: {e}")))?;
-    if state.version != STATE_VERSION {
-        return Err(bad(format!(
-            "the JSON says version {}, its header {STATE_VERSION}",
-            state.version
-        )));
-    }
-    state.check(&path)?;
-    Ok(Some(state))
-}
-
-fn store_state(paths: &GcPaths, state: &CycleState) -> Result<()> {
-    let path = paths.state();
-    let tmp = paths.dir.join("state.json.tmp");
-    let json = serde_json::to_vec_pretty(state).expect("the state serialises");
-    let mut text = format!(
-        "{STATE_HEADER} {STATE_VERSION} {}\n",
-        blake3::hash(&json).to_hex()
-    )
-    .into_bytes();
-    text.extend_from_slice(&json);
-    crate::format::write_durably(&tmp, &path, &text)
-}
-
-/// The repair for gc state that cannot be trusted, for error messages and `verify`.
-fn reset_hint(root: &Path) -> String {
-    format!(
-        "run `backflow gc --repo {} --reset-state` once no backup or restore runs: it abandons the pending gc \
-         cycle without deleting anything, then collects again, keeping whatever snapshots use",
-        root.display()
-    )
-}
-
-/// A gc that stopped on gc state or lists it cannot trust.
-fn stopped(root: &Path, e: RepoError) -> RepoError {
-    RepoError::InvalidArgument(format!(
-        "garbage collection stopped; nothing was deleted: {e}; {}",
-        reset_hint(root)
-    ))
-}
-
-/// Whether a gc cycle is under way (its chunks condemned, their packs not yet deleted).
-pub(crate) fn cycle_pending(root: &Path) -> bool {
-    GcPaths::new(root).state().exists()
-}
-
-/// Problems with the gc state files, for `verify` (`side_files`): each names the file, what is wrong and the
-/// repair. A damaged state stops garbage collection only; restores and backups go on (a restore that needs a
-/// chunk the pending cycle condemned ignores a damaged `gc/condemned`, with a warning).
-pub(crate) fn state_problems(root: &Path) -> Vec<DamagedFile> {
-    let paths = GcPaths::new(root);
-    let problem = |path: PathBuf, e: RepoError| DamagedFile {
-        path: path.display().to_string(),
-        error: format!(
-            "{e}; garbage collection stops on it (restores and backups go on); {}",
-            reset_hint(root)
-        ),
-    };
-    // A gc that runs moves its cycle on (and removes the lists, then the state) and checks both itself
-    // before it acts: only the state of a gc that does not run is read, holding its run lock meanwhile.
-    let Ok(run_lock) = crate::repository::open_lock_file(&paths.run_lock()) else {
-        return Vec::new();
-    };
-    if run_lock.try_lock().is_err() {
-        return Vec::new();
-    }
-    let state = match load_state(&paths) {
-        Ok(Some(state)) => state,
-        Ok(None) => return Vec::new(),
-        Err(e) => return vec![problem(paths.state(), e)],
-    };
-    check_lists(&paths, &state)
-        .err()
-        .map(|(path, e)| problem(path, e))
-        .into_iter()
-        .collect()
-}
-
-/// How long a gc waits for `gc/run.lock` before it refuses: `verify` holds it for a moment.
-const RUN_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
-
-/// Reads the pending cycle's lists to their ends: whole (checksums), of this cycle, and present while the
-/// cycle needs them (a kill after the sweep removed them leaves the state alone, which is fine).
-fn check_lists(
-    paths: &GcPaths,
-    state: &CycleState,
-) -> std::result::Result<(), (PathBuf, RepoError)> {
-    let cycle = state.cycle_id();
-    let needed = state.phase == Phase::Condemned;
-    let check = |path: PathBuf, read: &dyn Fn(&Path) -> Result<u64>| {
-        if !needed && !path.exists() {
-            return Ok(());
-        }
-        read(&path).map(|_| ()).map_err(|e| (path, e))
-    };
-    check(paths.condemned(), &|p| {
-        ListReader::<LOCATED_SIZE>::open(p, &cycle)?.check_whole()
-    })?;
-    check(paths.doomed(), &|p| {
-        ListReader::<16>::open(p, &cycle)?.check_whole()
-    })
-}
-
-/// The fence between `forget` (shared) and a gc changing its cycle (exclusive): while a cycle is pending, a
-/// forgotten manifest is moved to `gc/forgotten/` instead of deleted, so the end of the cycle still sees what
-/// it referenced. Blocking: both sides hold it briefly.
-pub(crate) fn fence(root: &Path, mode: LockMode) -> Result<File> {
-    let dir = root.join("gc");
-    std::fs::create_dir_all(&dir).ctx("create directory", &dir)?;
-    let path = dir.join("fence");
-    let f = crate::repository::open_lock_file(&path)?;
-    match mode {
-        LockMode::Shared => f.lock_shared(),
-        LockMode::Exclusive => f.lock(),
-    }
-    .ctx("lock", &path)?;
-    Ok(f)
-}
-
-/// Removes manifest `path` (of snapshot `id`) for `forget`, keeping it for the pending gc cycle if there is
-/// one. The caller holds the fence shared.
-pub(crate) fn remove_manifest(root: &Path, id: &str, path: &Path) -> Result<()> {
-    let paths = GcPaths::new(root);
-    if paths.state().exists() {
-        let dir = paths.forgotten();
-        std::fs::create_dir_all(&dir).ctx("create directory", &dir)?;
-        let dest = dir.join(format!("{id}.snap"));
-        std::fs::rename(path, &dest).map_err(|e| RepoError::io("move snapshot", path, e))?;
-        sync_dir(&dir)?;
-    } else {
-        std::fs::remove_file(path).map_err(|e| RepoError::io("remove snapshot", path, e))?;
-    }
-    Ok(())
-}
-
-/// Where a condemned chunk still is, while its cycle is pending: restores of snapshots committed by backups
-/// that ran during the gc read it from there until the end of the cycle stores it again. A binary search of
-/// `gc/condemned` with positioned reads. Never used for deduplication: a backup must not newly rely on a
-/// condemned chunk. A list that cannot be read (damaged, or of version 1) is ignored with a warning: the
-/// restore goes on, and only a chunk that is nowhere else is then missing. Its checksum is not checked here
-/// (that would read the whole list for each miss): whatever is read from a location it gives is checked
-/// against the digest like every read.
-pub(crate) fn find_condemned(root: &Path, digest: &Digest) -> Result<Option<crate::ChunkLocation>> {
-    static WARNED: AtomicBool = AtomicBool::new(false);
-    let path = GcPaths::new(root).condemned();
-    let ignore = |e: RepoError| {
-        if !WARNED.swap(true, Ordering::Relaxed) {
-            warn!(file = %path.display(), error = %e,
-                  "The list of chunks a pending garbage collection condemned cannot be read; it is ignored \
-                   (`backflow verify` says how to repair it).");
-        }
-        Ok(None)
-    };
-    let (file, count) = match open_list::<LOCATED_SIZE>(&path, None) {
-        Ok(opened) => opened,
-        Err(RepoError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
-            return Ok(None);
-        }
-        Err(e) => return ignore(e),
-    };
-    let (mut lo, mut hi) = (0u64, count);
-    while lo < hi {
-        let mid = lo + (hi - lo) / 2;
-        let mut b = [0u8; LOCATED_SIZE];
-        read_exact_at(
-            &file,
-            &mut b,
-            LIST_HEADER_SIZE as u64 + mid * LOCATED_SIZE as u64,
-            &path,
-            "record",
-        )?;
-        match b[..32].cmp(&digest.0[..]) {
-            std::cmp::Ordering::Less => lo = mid + 1,
-            std::cmp::Ordering::Greater => hi = mid,
-            std::cmp::Ordering::Equal => {
-                return match Located::decode(&b, false, &path) {
-                    Ok(r) => Ok(Some(r.location())),
-                    Err(e) => ignore(e),
-                };
-            }
-        }
-    }
-    Ok(None)
-}
-
-/// `quarantine/packs/XX/ID.pack`: where a damaged pack is moved.
-pub(crate) fn quarantine_path(root: &Path, id: &PackId) -> PathBuf {
-    pack_path(&root.join(QUARANTINE_DIR), id)
-}
-
-// ---------------------------------------------------------------------------------------------------------
-// Registered users: every open repository handle.
-
-/// An open repository handle's entry in `users/`, flocked for its lifetime: a gc lists these after taking
-/// chunks out of the index, and deletes them only once every handle listed then is gone (closed, or its
-/// process dead, which frees the lock).
-#[derive(Debug)]
-pub(crate) struct UserEntry {
-    pub name: String,
-    path: PathBuf,
-    _file: File,
-}
-
-impl UserEntry {
-    /// Registers a handle; `None` where the repository cannot be written (a read-only mount): such a
-    /// handle only reads, and a gc cannot run there either.
-    pub(crate) fn register(root: &Path) -> Option<UserEntry> {
-        let dir = root.join("users");
-        let _ = std::fs::create_dir(&dir);
-        let name = format!("{}-{}", std::process::id(), hex(&rand::random::<[u8; 6]>()));
-        let path = dir.join(&name);
-        let file = File::create(&path).ok()?;
-        file.try_lock().ok()?;
-        Some(UserEntry {
-            name,
-            path,
-            _file: file,
-        })
-    }
-}
-
-impl Drop for UserEntry {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
-    }
-}
-
-/// The registered handles that are alive, other than `own`; removes the entries of dead processes.
-fn live_users(root: &Path, own: Option<&str>, among: Option<&[String]>) -> Result<Vec<String>> {
-    let dir = root.join("users");
-    let mut out = Vec::new();
-    let entries = match std::fs::read_dir(&dir) {
-        Ok(e) => e,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
-        Err(e) => return Err(RepoError::io("list", dir, e)),
-    };
-    for entry in entries {
-        let entry = entry.ctx("list", &dir)?;
-        let Some(name) = entry.file_name().to_str().map(str::to_owned) else {
-            continue;
-        };
-        if Some(name.as_str()) == own || among.is_some_and(|l| !l.contains(&name)) {
-            continue;
-        }
-        let Ok(f) = File::open(entry.path()) else {
-            continue;
-        };
-        if f.try_lock().is_ok() {
-            // Its process died without removing it.
-            let _ = std::fs::remove_file(entry.path());
-            continue;
-        }
-        out.push(name);
-    }
-    out.sort();
-    Ok(out)
-}
-
 // ---------------------------------------------------------------------------------------------------------
 // The run.
 
@@ -905,7 +118,7 @@ pub(crate) fn gc(repo: &Repository, options: &GcOptions) -> Result<GcReport> {
     let paths = GcPaths::new(&root);
     std::fs::create_dir_all(&paths.dir).ctx("create directory", &paths.dir)?;
     let run_lock_path = paths.run_lock();
-    let run_lock = crate::repository::open_lock_file(&run_lock_path)?;
+    let run_lock = crate::lock::open_lock_file(&run_lock_path)?;
     // `verify` holds the lock for the few milliseconds it reads the state: wait that out; another gc holds
     // it for its whole run: refuse.
     let deadline = std::time::Instant::now() + RUN_LOCK_WAIT;
@@ -1140,7 +353,10 @@ impl Gc<'_> {
     /// Phase 1: mark, decide per chunk and per pack, salvage, rewrite, index, publish the cycle. Deletes
     /// nothing. A dry run stops after the decisions, having written nothing but scratch.
     fn condemn(&self, options: &GcOptions) -> Result<CycleState> {
-        let mut report = GcReport::default();
+        let mut report = GcReport {
+            repack_threshold: options.repack_threshold,
+            ..GcReport::default()
+        };
 
         // Index files first. A session that commits after this listing has its packs counted as orphans below,
         // and kept at the end because its own index file names them.
@@ -1597,6 +813,10 @@ impl Gc<'_> {
             return Ok(Fate::Quarantine);
         }
         if keep_as_is {
+            if dead > 0 {
+                report.unused_bytes_kept += dead;
+                report.packs_kept_with_unused += 1;
+            }
             return keep(report);
         }
         if live == 0 {
@@ -2013,7 +1233,8 @@ fn push_references(snapshot: &Snapshot, sorter: &mut Sorter<32>) -> Result<Resul
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::InitOptions;
+    use crate::gc_state::state_problems;
+    use crate::{Codec, InitOptions};
 
     use crate::crash_tests::{CHUNK, chunk};
 

@@ -37,7 +37,6 @@
 //! quarantine/packs/XX/<pack id>.pack  packs whose header, trailer or footer is damaged, moved here by a gc
 //!                             after it salvaged what snapshots use; read by nothing, deleted only by
 //!                             `gc --drop-quarantine`
-//! damaged                     damage marks (below)
 //! ```
 //! Pack ids are 128 random bits (32 hex digits). Snapshot ids are `YYYYMMDDTHHMMSSZ-xxxxxx`: the UTC second
 //! the backup began and 24 random bits, so `ls snapshots/` is chronological; the session id is the same string.
@@ -191,7 +190,8 @@
 //!    pack. Per pack: no dead record, keep it; no live record, delete it; at least `repack_threshold`% (20 by
 //!    default) of its bytes dead, rewrite it (its live chunks are read, verified against their digests and
 //!    copied into new packs; a damaged chunk keeps the pack as it is); otherwise keep it, dead records
-//!    included (they still serve deduplication). An orphan with a live copy is kept and indexed again; one
+//!    included (they still serve deduplication; the report gives their bytes, `unused_bytes_kept`, what a
+//!    lower threshold would free). An orphan with a live copy is kept and indexed again; one
 //!    without is left for the sweep. Then, in this order, each step durable before the next: the new packs;
 //!    one new index file `gc-<hex>.idx` holding every kept record; `gc/condemned` (the dead records of
 //!    deleted, rewritten and quarantined packs, sorted by digest), `gc/doomed-packs` and `gc/state.json`;
@@ -330,15 +330,28 @@
 //! and does not fail the check. A `damaged` file that is damaged blocks nothing: readers go on with the marks
 //! they could read (a lost mark costs what it did before marks existed, until the next `verify --read-data`
 //! marks it again), `verify` reports it and writes it again.
+//!
+//! ## Code layout
+//! The format's files, one module each: `config`, `pack` (pack files, read), `index`, `snapshot`, `damaged`
+//! (marks), `history` (session records). Writing: `session` (a backup's scratch, index and commit) with
+//! `session/pack_writer` (packs written and published). Reading: `repository` (the handle: lookups, reads,
+//! forget, index rebuild), `recovery` (the index of packs no index file names), `readable` (parent checks).
+//! `gc` is the collection's run; `gc_state` what it shares with every handle (the registry of open handles,
+//! the pending cycle's state and lists, the fence, the quarantine) and `lock` the repository's locks: neither
+//! uses the handle or the gc, so that those depend on them and not on each other. `verify` runs its passes
+//! one method each. `sort` (external sort), `scratch`, `format` (binary helpers), `ids`, `names`,
+//! `retention`, `types` and `error` serve them all.
 
 mod config;
 mod damaged;
 mod error;
 mod format;
 mod gc;
+mod gc_state;
 mod history;
 mod ids;
 mod index;
+mod lock;
 mod names;
 mod pack;
 mod readable;
@@ -360,24 +373,26 @@ pub use config::{
 pub use damaged::{DamageMarks, DamagedCopy};
 pub use error::{RepoError, Result};
 pub use format::FORMAT_VERSION;
-pub use gc::{
-    DEFAULT_REPACK_THRESHOLD, GcOptions, GcReport, KILL_AT as GC_KILL_AT,
-    KILL_POINTS as GC_KILL_POINTS, QUARANTINE_DIR,
-};
+pub use gc::{DEFAULT_REPACK_THRESHOLD, GcOptions};
+#[cfg(feature = "test-hooks")]
+pub use gc::{KILL_AT as GC_KILL_AT, KILL_POINTS as GC_KILL_POINTS};
+pub use gc_state::{GcReport, QUARANTINE_DIR};
 pub use ids::rfc3339;
 pub use names::{
     BadName, IDENTITY_RULE, MAX_NAME_LEN, MAX_PATH_IDENTITY_LEN, NAME_RULE, NameKind, VM_NAME_RULE,
     check_disk_name, check_identity, check_vm_name, identity_for_path, is_valid_name,
 };
-pub use pack::{PackEntry, PackTrailer, PackWriter, decode, decode_into, read_pack_trailer};
+pub use pack::{PackEntry, PackTrailer, decode, decode_into, read_pack_trailer};
 pub use readable::ParentCheck;
 pub use repository::{RebuildReport, Repository};
 pub use resolve::LATEST;
 pub use retention::{Decision, KeepPolicy, plan};
-pub use session::BackupSession;
+pub use session::{BackupSession, PackWriter};
 pub use snapshot::{DiskInfo, DiskMeta, Snapshot, SnapshotInfo, SnapshotMeta};
-pub use types::{BadDigest, ChunkLocation, ChunkRef, Codec, Digest, PackId, StoredChunk};
-pub use verify::{ChunkProblem, DamagedFile, ProblemKind, VerifyReport};
+pub use types::{
+    BadDigest, ChunkLocation, ChunkRef, Codec, DamagedFile, Digest, PackId, StoredChunk,
+};
+pub use verify::{ChunkProblem, ProblemKind, VerifyReport};
 
 impl Repository {
     /// Checks the repository; see "What `verify` checks" above. Problems are in the report, not an `Err`: an

@@ -13,6 +13,7 @@ use crate::config::{InitOptions, RepositoryConfig};
 use crate::error::{IoContext, RepoError, Result, read_exact_at};
 use crate::format::sync_dir;
 use crate::index::{IndexBuilder, IndexFile};
+use crate::lock::{LockMode, lock_repository};
 use crate::pack::{PackHandle, check_blob_bounds, read_pack_trailer};
 use crate::session::BackupSession;
 use crate::snapshot::{Snapshot, SnapshotInfo, read_meta, snapshot_path};
@@ -137,7 +138,7 @@ struct Inner {
     /// Damaged copies that lookups skip (see `damaged.rs`).
     damaged: crate::damaged::MarksCache,
     /// This handle's entry in `users/`: a gc deletes nothing this handle could have seen until it closes.
-    user: Option<crate::gc::UserEntry>,
+    user: Option<crate::gc_state::UserEntry>,
     /// The recovery index (`recovery.rs`), built on the first restore lookup the index cannot serve.
     recovery: Mutex<Option<Arc<crate::recovery::Recovery>>>,
     /// Packs a lookup found there or missing ([`Repository::lookup`]).
@@ -226,7 +227,7 @@ impl Repository {
                 indexes: RwLock::new(IndexSet::default()),
                 packs: Mutex::new(Vec::with_capacity(PACK_CACHE_SIZE)),
                 damaged: Default::default(),
-                user: crate::gc::UserEntry::register(path),
+                user: crate::gc_state::UserEntry::register(path),
                 recovery: Mutex::new(None),
                 pack_exists: RwLock::new(std::collections::HashMap::new()),
             }),
@@ -304,11 +305,11 @@ impl Repository {
             "a garbage collection or index rebuild holds it exclusively",
         )?;
         let path = snapshot_path(&self.inner.path, id);
-        let _fence = crate::gc::fence(&self.inner.path, LockMode::Shared)?;
+        let _fence = crate::gc_state::fence(&self.inner.path, LockMode::Shared)?;
         if !path.exists() {
             return Err(not_found());
         }
-        crate::gc::remove_manifest(&self.inner.path, id, &path)?;
+        crate::gc_state::remove_manifest(&self.inner.path, id, &path)?;
         sync_dir(&self.inner.path.join("snapshots"))?;
         info!(snapshot = id, "Snapshot forgotten.");
         Ok(())
@@ -460,7 +461,7 @@ impl Repository {
         if let Some(loc) = self.find_indexed(digest, accept)? {
             return Ok(Some(loc));
         }
-        if let Some(loc) = crate::gc::find_condemned(&self.inner.path, digest)?
+        if let Some(loc) = crate::gc_state::find_condemned(&self.inner.path, digest)?
             && accept(&loc)
         {
             return Ok(Some(loc));
@@ -744,7 +745,7 @@ impl Repository {
     pub fn rebuild_index(&self) -> Result<RebuildReport> {
         let root = &self.inner.path;
         let _lock = lock_repository(root, LockMode::Exclusive, "backups are running")?;
-        if crate::gc::cycle_pending(root) {
+        if crate::gc_state::cycle_pending(root) {
             return Err(RepoError::Locked {
                 path: root.clone(),
                 detail: "a garbage collection has condemned chunks and not yet deleted them; run `backflow gc` \
@@ -807,43 +808,4 @@ impl Repository {
         );
         Ok(report)
     }
-}
-
-/// How [`lock_repository`] takes the repository's `lock` file.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum LockMode {
-    /// Backups: any number at once.
-    Shared,
-    /// gc and index rebuild: alone.
-    Exclusive,
-}
-
-/// Takes the repository lock without waiting: a conflict is a retryable [`RepoError::Locked`] whose
-/// detail says who holds it (`held_by`). The lock lasts as long as the returned file is open.
-pub(crate) fn lock_repository(root: &Path, mode: LockMode, held_by: &str) -> Result<File> {
-    let lock_path = root.join("lock");
-    let lock = open_lock_file(&lock_path)?;
-    let taken = match mode {
-        LockMode::Shared => lock.try_lock_shared(),
-        LockMode::Exclusive => lock.try_lock(),
-    };
-    match taken {
-        Ok(()) => Ok(lock),
-        Err(std::fs::TryLockError::WouldBlock) => Err(RepoError::Locked {
-            path: root.to_path_buf(),
-            detail: held_by.into(),
-        }),
-        Err(std::fs::TryLockError::Error(e)) => Err(RepoError::io("lock", lock_path, e)),
-    }
-}
-
-/// Opens (creating it if needed) a file used only for its `flock`.
-pub(crate) fn open_lock_file(path: &Path) -> Result<File> {
-    File::options()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(path)
-        .ctx("open", path)
 }

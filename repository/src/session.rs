@@ -14,12 +14,15 @@ use crate::error::{IoContext, RepoError, Result};
 use crate::format::{durable_rename, sync_dir};
 use crate::ids::{random_suffix, snapshot_id};
 use crate::index::IndexBuilder;
-use crate::pack::{PackEntry, PackWriter};
+use crate::pack::PackEntry;
 use crate::snapshot::{
     DiskMeta, ENTRY_SIZE, Snapshot, SnapshotInfo, SnapshotMeta, TABLE_BUFFER, encode_ref,
     snapshot_path, write_manifest,
 };
 use crate::{ChunkRef, PackId, Repository};
+
+mod pack_writer;
+pub use pack_writer::PackWriter;
 
 /// State shared by a session and its pack writers.
 #[derive(Debug)]
@@ -170,9 +173,9 @@ impl BackupSession {
     pub(crate) fn begin(repo: &Repository, vm: &str) -> Result<BackupSession> {
         crate::names::check_identity(vm).map_err(|e| RepoError::InvalidArgument(e.to_string()))?;
         let root = repo.path().to_owned();
-        let repo_lock = crate::repository::lock_repository(
+        let repo_lock = crate::lock::lock_repository(
             &root,
-            crate::repository::LockMode::Shared,
+            crate::lock::LockMode::Shared,
             "a garbage collection or index rebuild holds it exclusively",
         )?;
         let now = SystemTime::now()

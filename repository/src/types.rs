@@ -167,3 +167,10 @@ pub struct StoredChunk {
     pub data: Vec<u8>,
     pub raw_len: u32,
 }
+
+/// A file that could not be read at all.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct DamagedFile {
+    pub path: String,
+    pub error: String,
+}

@@ -28,11 +28,17 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
+use std::path::Path;
+use std::sync::Arc;
 
 use crate::damaged::DamagedCopy;
 use crate::error::{RepoError, Result, read_exact_at};
-use crate::pack::{PACK_HEADER_SIZE, pack_path, read_pack_trailer};
-use crate::{ChunkLocation, ChunkRef, Digest, PackId, Repository, decode_into};
+use crate::index::IndexFile;
+use crate::pack::{PACK_HEADER_SIZE, PackEntry, pack_path, read_pack_trailer};
+use crate::recovery::Recovery;
+use crate::{
+    ChunkLocation, ChunkRef, DamageMarks, DamagedFile, Digest, PackId, Repository, decode_into,
+};
 
 /// Digests already resolved during the manifest pass, so that the many snapshots sharing a chunk do not look
 /// it up again. Cleared when full: about 50 MiB at most.
@@ -75,13 +81,6 @@ pub struct ChunkProblem {
     /// Another, healthy copy of the same chunk is stored (a later backup stored it again): restores read
     /// that one, so this damaged copy affects no restore point. A garbage collection removes it.
     pub healed: bool,
-}
-
-/// A file that could not be read at all.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
-pub struct DamagedFile {
-    pub path: String,
-    pub error: String,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
@@ -200,308 +199,393 @@ pub(crate) struct Findings {
     pub sound_frames: HashSet<PackId>,
 }
 
-/// Runs the passes of the module docs.
+/// Runs the passes of the module docs, one method of [`Verifier`] each.
 pub(crate) fn verify(repo: &Repository, read_data: bool) -> Result<(VerifyReport, Findings)> {
-    let root = repo.path();
     // A fresh listing: a handle that ran a gc, or lived through one, may still hold index files it replaced.
     repo.reload_index()?;
-    let mut report = VerifyReport {
-        read_data,
-        ..VerifyReport::default()
+    let mut v = Verifier {
+        repo,
+        report: VerifyReport {
+            read_data,
+            ..VerifyReport::default()
+        },
+        problems: Problems {
+            list: Vec::new(),
+            by_digest: HashMap::new(),
+            bad: HashSet::new(),
+        },
+        marks: repo.damage_marks()?,
+        good_marked: Vec::new(),
+        findings: Findings::default(),
+        files: Vec::new(),
+        packs: HashMap::new(),
+        indexed: HashSet::new(),
+        recovery: repo.recovery()?,
     };
-    let mut problems = Problems {
-        list: Vec::new(),
-        by_digest: HashMap::new(),
-        bad: HashSet::new(),
-    };
-    let marks = repo.damage_marks()?;
-    let mut good_marked: Vec<DamagedCopy> = Vec::new();
-    let mut findings = Findings::default();
+    v.index_files()?;
+    v.packs()?;
+    v.index_records()?;
+    let good_snapshots = v.manifests()?;
+    v.snapshots_of_problems(&good_snapshots)?;
+    v.report.problems = std::mem::take(&mut v.problems.list);
+    v.report.unreferenced_packs = repo
+        .list_packs()?
+        .iter()
+        .filter(|p| !v.indexed.contains(p))
+        .count() as u64;
+    v.report.unrestorable_snapshots = unrestorable(&v.report);
 
-    // 1. Index files, held open, checksums checked.
-    for (path, error) in repo.check_index_checksums()? {
-        report.damaged_index_files.push(DamagedFile {
-            path: path.display().to_string(),
-            error,
-        });
-    }
-    let files = repo.index_files();
-    report.index_files = (files.len() + report.damaged_index_files.len()) as u64;
-    let mut packs: HashMap<PackId, PackState> = HashMap::new();
-    for file in &files {
-        for id in file.pack_ids()? {
-            packs.entry(id).or_insert(PackState::Unchecked);
+    // 6. Side files.
+    v.report.side_files = side_file_problems(repo)?;
+    // The recovery index was built for this run; a later restore through this handle builds its own.
+    let Verifier {
+        report,
+        mut findings,
+        good_marked,
+        recovery,
+        ..
+    } = v;
+    drop(recovery);
+    *repo
+        .recovery_slot()
+        .lock()
+        .unwrap_or_else(|e| e.into_inner()) = None;
+    findings.good_marked = good_marked;
+    Ok((report, findings))
+}
+
+/// One verify run: what the passes learn, each pass adding to it for the next.
+struct Verifier<'a> {
+    repo: &'a Repository,
+    report: VerifyReport,
+    problems: Problems,
+    marks: Arc<DamageMarks>,
+    /// Marked copies that read back whole (passes 2 and 3).
+    good_marked: Vec<DamagedCopy>,
+    findings: Findings,
+    /// The intact index files (pass 1), held open for the whole run.
+    files: Vec<Arc<IndexFile>>,
+    /// Every pack the index files or the recovery index name, and what pass 2 found it to be.
+    packs: HashMap<PackId, PackState>,
+    /// The packs the intact index files name.
+    indexed: HashSet<PackId>,
+    recovery: Arc<Recovery>,
+}
+
+impl Verifier<'_> {
+    /// Pass 1: the index files, held open, checksums checked; the packs they and the recovery index name.
+    fn index_files(&mut self) -> Result<()> {
+        for (path, error) in self.repo.check_index_checksums()? {
+            self.report.damaged_index_files.push(DamagedFile {
+                path: path.display().to_string(),
+                error,
+            });
         }
-    }
-    let indexed: HashSet<PackId> = packs.keys().copied().collect();
-    let recovery = repo.recovery()?;
-    for id in &recovery.packs {
-        packs.entry(*id).or_insert(PackState::Unchecked);
+        self.files = self.repo.index_files();
+        self.report.index_files = (self.files.len() + self.report.damaged_index_files.len()) as u64;
+        for file in &self.files {
+            for id in file.pack_ids()? {
+                self.packs.entry(id).or_insert(PackState::Unchecked);
+            }
+        }
+        self.indexed = self.packs.keys().copied().collect();
+        for id in &self.recovery.packs {
+            self.packs.entry(*id).or_insert(PackState::Unchecked);
+        }
+        Ok(())
     }
 
-    // 2. The packs themselves.
-    let mut blob = Vec::new();
-    let mut plain = Vec::new();
-    let mut ids: Vec<PackId> = packs.keys().copied().collect();
-    ids.sort();
-    for id in ids {
-        let path = pack_path(root, &id);
-        let gone = |e: &RepoError| matches!(e, RepoError::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound);
-        let state = match std::fs::metadata(&path) {
-            // A pack no index names that a gc's sweep removed meanwhile (a killed session's): not damage.
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !indexed.contains(&id) => {
-                packs.remove(&id);
-                continue;
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                report.damaged_packs.push(DamagedFile {
-                    path: path.display().to_string(),
-                    error: "missing".into(),
-                });
-                PackState::Missing
-            }
-            Err(e) => return Err(RepoError::io("stat", path, e)),
-            Ok(meta) => match read_pack_trailer(&path) {
-                Err(e) if gone(&e) && !indexed.contains(&id) => {
-                    packs.remove(&id);
+    /// Pass 2: the packs themselves: present, frame intact, and with `read_data` every blob.
+    fn packs(&mut self) -> Result<()> {
+        let root = self.repo.path();
+        let mut ids: Vec<PackId> = self.packs.keys().copied().collect();
+        ids.sort();
+        for id in ids {
+            let path = pack_path(root, &id);
+            let indexed = self.indexed.contains(&id);
+            let gone = |e: &RepoError| matches!(e, RepoError::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound);
+            let state = match std::fs::metadata(&path) {
+                // A pack no index names that a gc's sweep removed meanwhile (a killed session's): not damage.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound && !indexed => {
+                    self.packs.remove(&id);
                     continue;
                 }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    self.report.damaged_packs.push(DamagedFile {
+                        path: path.display().to_string(),
+                        error: "missing".into(),
+                    });
+                    PackState::Missing
+                }
+                Err(e) => return Err(RepoError::io("stat", path, e)),
+                Ok(meta) => match read_pack_trailer(&path) {
+                    Err(e) if gone(&e) && !indexed => {
+                        self.packs.remove(&id);
+                        continue;
+                    }
+                    Err(e) => {
+                        self.report.damaged_packs.push(DamagedFile {
+                            path: path.display().to_string(),
+                            error: e.to_string(),
+                        });
+                        self.findings.damaged_frames.push(id);
+                        PackState::FrameDamaged {
+                            len: meta.len(),
+                            error: e.to_string(),
+                        }
+                    }
+                    Ok(trailer) => {
+                        self.report.packs += 1;
+                        self.findings.sound_frames.insert(id);
+                        if self.report.read_data
+                            && !self.blobs(id, &path, &trailer.entries, indexed)?
+                        {
+                            self.packs.remove(&id);
+                            continue;
+                        }
+                        PackState::Ok {
+                            data_end: trailer.data_end,
+                        }
+                    }
+                },
+            };
+            self.packs.insert(id, state);
+        }
+        Ok(())
+    }
+
+    /// Pass 2 with `read_data`: every blob of a pack whose frame is intact, read, decoded and hashed. False
+    /// when the pack is gone and no index names it (a gc removed a killed session's pack meanwhile).
+    fn blobs(
+        &mut self,
+        id: PackId,
+        path: &Path,
+        entries: &[PackEntry],
+        indexed: bool,
+    ) -> Result<bool> {
+        let file = match File::open(path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !indexed => return Ok(false),
+            Err(e) => return Err(RepoError::io("open pack", path, e)),
+        };
+        let mut blob = Vec::new();
+        let mut plain = Vec::new();
+        for e in entries {
+            blob.resize(e.stored_len as usize, 0);
+            let read = read_exact_at(&file, &mut blob, e.offset, path, "chunk");
+            self.report.chunks_read += 1;
+            self.report.bytes_read += u64::from(e.stored_len);
+            let fail = match read.and_then(|()| decode_into(e.codec, &blob, e.raw_len, &mut plain))
+            {
+                Err(err @ RepoError::Corrupt { .. }) => {
+                    Some((ProblemKind::PackTruncated, err.to_string()))
+                }
+                Err(err @ RepoError::Io { .. }) => return Err(err),
+                Err(err) => Some((ProblemKind::DecodeFailed, err.to_string())),
+                Ok(()) if blake3::hash(&plain).as_bytes() != e.digest.as_bytes() => Some((
+                    ProblemKind::DigestMismatch,
+                    format!(
+                        "decodes to data with digest {}",
+                        blake3::hash(&plain).to_hex()
+                    ),
+                )),
+                Ok(()) => None,
+            };
+            match fail {
+                Some((kind, detail)) => self.problems.copy(e.digest, id, e.offset, kind, detail),
+                None if self.marks.contains_at(&e.digest, id, e.offset) => {
+                    self.good_marked.push(DamagedCopy {
+                        digest: e.digest,
+                        pack: id,
+                        offset: e.offset,
+                    })
+                }
+                None => {}
+            }
+        }
+        Ok(true)
+    }
+
+    /// Pass 3: index records against their packs.
+    fn index_records(&mut self) -> Result<()> {
+        let repo = self.repo;
+        for file in &self.files {
+            let mut stream = file.stream()?;
+            let scanned = loop {
+                let (rec, pack) = match stream.next_record() {
+                    Ok(Some(r)) => r,
+                    Ok(None) => break Ok(()),
+                    Err(e) => break Err(e),
+                };
+                self.report.index_records += 1;
+                let (kind, detail) = match self.packs.get(&pack) {
+                    Some(PackState::Ok { data_end }) => {
+                        if rec.offset + u64::from(rec.stored_len) <= *data_end
+                            && rec.offset >= PACK_HEADER_SIZE as u64
+                        {
+                            continue;
+                        }
+                        (
+                            ProblemKind::OutOfBounds,
+                            format!("the pack's data ends at {data_end}"),
+                        )
+                    }
+                    Some(PackState::Missing) => (
+                        ProblemKind::PackMissing,
+                        "the pack file does not exist".to_owned(),
+                    ),
+                    Some(PackState::FrameDamaged { len, error }) => {
+                        let loc = ChunkLocation {
+                            pack,
+                            offset: rec.offset,
+                            stored_len: rec.stored_len,
+                            raw_len: rec.raw_len,
+                            codec: rec.codec,
+                        };
+                        self.report.chunks_read += 1;
+                        self.report.bytes_read += u64::from(rec.stored_len);
+                        match repo
+                            .read_chunk(&loc)
+                            .and_then(|stored| repo.plaintext(&rec.digest, &loc, &stored))
+                        {
+                            Ok(_) => {
+                                if self.marks.contains_at(&rec.digest, pack, rec.offset) {
+                                    self.good_marked.push(DamagedCopy {
+                                        digest: rec.digest,
+                                        pack,
+                                        offset: rec.offset,
+                                    });
+                                }
+                                continue;
+                            }
+                            Err(e) if rec.offset + u64::from(rec.stored_len) > *len => {
+                                (ProblemKind::PackTruncated, format!("{error}; {e}"))
+                            }
+                            Err(e) => (ProblemKind::PackDamaged, format!("{error}; {e}")),
+                        }
+                    }
+                    Some(PackState::Unchecked) | None => continue,
+                };
+                self.problems
+                    .copy(rec.digest, pack, rec.offset, kind, detail);
+            };
+            // The checksum was checked in pass 1, so this is a file that changed since, or a sort order that
+            // was wrong when it was written.
+            if let Err(e) = scanned {
+                self.report.damaged_index_files.push(DamagedFile {
+                    path: file.path.display().to_string(),
+                    error: e.to_string(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether a restore finds a good copy of `d`: the restore rule, minus the copies found bad.
+    fn readable(&self, d: &Digest, good_marks: &HashSet<(PackId, u64)>) -> Result<bool> {
+        let found = self.repo.find_copy(d, &mut |loc| {
+            let at = (loc.pack, loc.offset);
+            !self.problems.bad.contains(&at)
+                && !matches!(self.packs.get(&loc.pack), Some(PackState::Missing))
+                && (!self.marks.contains(d, loc) || good_marks.contains(&at))
+        })?;
+        Ok(found.is_some())
+    }
+
+    /// Pass 4: manifests, every referenced digest resolved with the restore rule, minus the copies found bad;
+    /// the problems found before are healed or not. Returns the snapshots whose manifest could be read.
+    fn manifests(&mut self) -> Result<Vec<String>> {
+        let repo = self.repo;
+        let good_marks: HashSet<(PackId, u64)> = self
+            .good_marked
+            .iter()
+            .map(|c| (c.pack, c.offset))
+            .collect();
+        let recovered_before = self.recovery.found();
+        let mut confirmed: HashSet<Digest> = HashSet::new();
+        let mut unreadable: Vec<ChunkProblem> = Vec::new();
+        let mut unreadable_digests: HashSet<Digest> = HashSet::new();
+        let mut good_snapshots = Vec::new();
+        for id in repo.manifest_ids()? {
+            let snap = match repo.open_snapshot(&id) {
+                Ok(s) => s,
+                // Forgotten since the listing: not damage.
+                Err(RepoError::SnapshotNotFound { .. }) => continue,
                 Err(e) => {
-                    report.damaged_packs.push(DamagedFile {
+                    self.report.snapshots += 1;
+                    let path = crate::snapshot::snapshot_path(repo.path(), &id);
+                    self.report.damaged_snapshots.push(DamagedFile {
                         path: path.display().to_string(),
                         error: e.to_string(),
                     });
-                    findings.damaged_frames.push(id);
-                    PackState::FrameDamaged {
-                        len: meta.len(),
-                        error: e.to_string(),
-                    }
+                    self.report.damaged_snapshot_ids.push(id);
+                    continue;
                 }
-                Ok(trailer) => {
-                    report.packs += 1;
-                    findings.sound_frames.insert(id);
-                    if read_data {
-                        let file = match File::open(&path) {
-                            Ok(f) => f,
-                            Err(e)
-                                if e.kind() == std::io::ErrorKind::NotFound
-                                    && !indexed.contains(&id) =>
-                            {
-                                packs.remove(&id);
-                                continue;
-                            }
-                            Err(e) => return Err(RepoError::io("open pack", &path, e)),
-                        };
-                        for e in &trailer.entries {
-                            blob.resize(e.stored_len as usize, 0);
-                            let read = read_exact_at(&file, &mut blob, e.offset, &path, "chunk");
-                            report.chunks_read += 1;
-                            report.bytes_read += u64::from(e.stored_len);
-                            let fail = match read
-                                .and_then(|()| decode_into(e.codec, &blob, e.raw_len, &mut plain))
-                            {
-                                Err(err @ RepoError::Corrupt { .. }) => {
-                                    Some((ProblemKind::PackTruncated, err.to_string()))
-                                }
-                                Err(err @ RepoError::Io { .. }) => return Err(err),
-                                Err(err) => Some((ProblemKind::DecodeFailed, err.to_string())),
-                                Ok(())
-                                    if blake3::hash(&plain).as_bytes() != e.digest.as_bytes() =>
-                                {
-                                    Some((
-                                        ProblemKind::DigestMismatch,
-                                        format!(
-                                            "decodes to data with digest {}",
-                                            blake3::hash(&plain).to_hex()
-                                        ),
-                                    ))
-                                }
-                                Ok(()) => None,
-                            };
-                            match fail {
-                                Some((kind, detail)) => {
-                                    problems.copy(e.digest, id, e.offset, kind, detail)
-                                }
-                                None if marks.contains_at(&e.digest, id, e.offset) => good_marked
-                                    .push(DamagedCopy {
-                                        digest: e.digest,
-                                        pack: id,
-                                        offset: e.offset,
-                                    }),
-                                None => {}
-                            }
-                        }
-                    }
-                    PackState::Ok {
-                        data_end: trailer.data_end,
-                    }
-                }
-            },
-        };
-        packs.insert(id, state);
-    }
-
-    // 3. Index records against their packs.
-    for file in &files {
-        let mut stream = file.stream()?;
-        let scanned = loop {
-            let (rec, pack) = match stream.next_record() {
-                Ok(Some(r)) => r,
-                Ok(None) => break Ok(()),
-                Err(e) => break Err(e),
             };
-            report.index_records += 1;
-            let (kind, detail) = match packs.get(&pack) {
-                Some(PackState::Ok { data_end }) => {
-                    if rec.offset + u64::from(rec.stored_len) <= *data_end
-                        && rec.offset >= PACK_HEADER_SIZE as u64
-                    {
+            self.report.snapshots += 1;
+            for disk in 0..snap.meta().disks.len() {
+                for r in snap.chunks(disk) {
+                    let ChunkRef::Data(d) = r? else { continue };
+                    self.report.chunk_refs += 1;
+                    if confirmed.contains(&d) {
                         continue;
                     }
-                    (
-                        ProblemKind::OutOfBounds,
-                        format!("the pack's data ends at {data_end}"),
-                    )
-                }
-                Some(PackState::Missing) => (
-                    ProblemKind::PackMissing,
-                    "the pack file does not exist".to_owned(),
-                ),
-                Some(PackState::FrameDamaged { len, error }) => {
-                    let loc = ChunkLocation {
-                        pack,
-                        offset: rec.offset,
-                        stored_len: rec.stored_len,
-                        raw_len: rec.raw_len,
-                        codec: rec.codec,
+                    if self.readable(&d, &good_marks)? {
+                        if confirmed.len() >= CONFIRMED_CACHE {
+                            confirmed.clear();
+                        }
+                        confirmed.insert(d);
+                        continue;
+                    }
+                    if self.problems.by_digest.contains_key(&d) || !unreadable_digests.insert(d) {
+                        continue;
+                    }
+                    let (kind, detail) = if self.marks.is_marked(&d) {
+                        (
+                            ProblemKind::MarkedDamaged,
+                            "every stored copy is marked damaged (in the repository's `damaged` file)",
+                        )
+                    } else {
+                        (
+                            ProblemKind::MissingFromIndex,
+                            "no index file lists it and no pack holds it",
+                        )
                     };
-                    report.chunks_read += 1;
-                    report.bytes_read += u64::from(rec.stored_len);
-                    match repo
-                        .read_chunk(&loc)
-                        .and_then(|stored| repo.plaintext(&rec.digest, &loc, &stored))
-                    {
-                        Ok(_) => {
-                            if marks.contains_at(&rec.digest, pack, rec.offset) {
-                                good_marked.push(DamagedCopy {
-                                    digest: rec.digest,
-                                    pack,
-                                    offset: rec.offset,
-                                });
-                            }
-                            continue;
-                        }
-                        Err(e) if rec.offset + u64::from(rec.stored_len) > *len => {
-                            (ProblemKind::PackTruncated, format!("{error}; {e}"))
-                        }
-                        Err(e) => (ProblemKind::PackDamaged, format!("{error}; {e}")),
-                    }
+                    unreadable.push(ChunkProblem {
+                        digest: d,
+                        pack: None,
+                        offset: None,
+                        kind,
+                        detail: detail.to_owned(),
+                        snapshots: Vec::new(),
+                        healed: false,
+                    });
                 }
-                Some(PackState::Unchecked) | None => continue,
-            };
-            problems.copy(rec.digest, pack, rec.offset, kind, detail);
-        };
-        // The checksum was checked in pass 1, so this is a file that changed since, or a sort order that
-        // was wrong when it was written.
-        if let Err(e) = scanned {
-            report.damaged_index_files.push(DamagedFile {
-                path: file.path.display().to_string(),
-                error: e.to_string(),
-            });
-        }
-    }
-
-    // 4. Manifests: every referenced digest resolved with the restore rule, minus the copies found bad.
-    let good_marks: HashSet<(PackId, u64)> =
-        good_marked.iter().map(|c| (c.pack, c.offset)).collect();
-    let recovered_before = recovery.found();
-    let readable = |d: &Digest, bad: &HashSet<(PackId, u64)>| -> Result<bool> {
-        let found = repo.find_copy(d, &mut |loc| {
-            let at = (loc.pack, loc.offset);
-            !bad.contains(&at)
-                && !matches!(packs.get(&loc.pack), Some(PackState::Missing))
-                && (!marks.contains(d, loc) || good_marks.contains(&at))
-        })?;
-        Ok(found.is_some())
-    };
-    let mut confirmed: HashSet<Digest> = HashSet::new();
-    let mut unreadable: Vec<ChunkProblem> = Vec::new();
-    let mut unreadable_digests: HashSet<Digest> = HashSet::new();
-    let mut good_snapshots = Vec::new();
-    for id in repo.manifest_ids()? {
-        let snap = match repo.open_snapshot(&id) {
-            Ok(s) => s,
-            // Forgotten since the listing: not damage.
-            Err(RepoError::SnapshotNotFound { .. }) => continue,
-            Err(e) => {
-                report.snapshots += 1;
-                let path = crate::snapshot::snapshot_path(root, &id);
-                report.damaged_snapshots.push(DamagedFile {
-                    path: path.display().to_string(),
-                    error: e.to_string(),
-                });
-                report.damaged_snapshot_ids.push(id);
-                continue;
             }
-        };
-        report.snapshots += 1;
-        for disk in 0..snap.meta().disks.len() {
-            for r in snap.chunks(disk) {
-                let ChunkRef::Data(d) = r? else { continue };
-                report.chunk_refs += 1;
-                if confirmed.contains(&d) {
-                    continue;
-                }
-                if readable(&d, &problems.bad)? {
-                    if confirmed.len() >= CONFIRMED_CACHE {
-                        confirmed.clear();
-                    }
-                    confirmed.insert(d);
-                    continue;
-                }
-                if problems.by_digest.contains_key(&d) || !unreadable_digests.insert(d) {
-                    continue;
-                }
-                let (kind, detail) = if marks.is_marked(&d) {
-                    (
-                        ProblemKind::MarkedDamaged,
-                        "every stored copy is marked damaged (in the repository's `damaged` file)",
-                    )
-                } else {
-                    (
-                        ProblemKind::MissingFromIndex,
-                        "no index file lists it and no pack holds it",
-                    )
-                };
-                unreadable.push(ChunkProblem {
-                    digest: d,
-                    pack: None,
-                    offset: None,
-                    kind,
-                    detail: detail.to_owned(),
-                    snapshots: Vec::new(),
-                    healed: false,
-                });
+            good_snapshots.push(id);
+        }
+        for p in unreadable {
+            self.problems.push(p);
+        }
+        self.report.unindexed_chunks = self.recovery.found() - recovered_before;
+        let digests: Vec<Digest> = self.problems.by_digest.keys().copied().collect();
+        for d in digests {
+            let healed = self.readable(&d, &good_marks)?;
+            for &i in &self.problems.by_digest[&d] {
+                self.problems.list[i].healed = healed;
             }
         }
-        good_snapshots.push(id);
-    }
-    for p in unreadable {
-        problems.push(p);
-    }
-    report.unindexed_chunks = recovery.found() - recovered_before;
-    let digests: Vec<Digest> = problems.by_digest.keys().copied().collect();
-    for d in digests {
-        let healed = readable(&d, &problems.bad)?;
-        for &i in &problems.by_digest[&d] {
-            problems.list[i].healed = healed;
-        }
+        Ok(good_snapshots)
     }
 
-    // 5. Which snapshots use the damaged chunks that are not healed.
-    if problems.list.iter().any(|p| !p.healed) {
-        for id in &good_snapshots {
-            let snap = match repo.open_snapshot(id) {
+    /// Pass 5: which snapshots use the damaged chunks that are not healed (only if there are any).
+    fn snapshots_of_problems(&mut self, good_snapshots: &[String]) -> Result<()> {
+        let problems = &mut self.problems;
+        if problems.list.iter().all(|p| p.healed) {
+            return Ok(());
+        }
+        for id in good_snapshots {
+            let snap = match self.repo.open_snapshot(id) {
                 Ok(s) => s,
                 Err(RepoError::SnapshotNotFound { .. }) => continue,
                 Err(e) => return Err(e),
@@ -523,26 +607,8 @@ pub(crate) fn verify(repo: &Repository, read_data: bool) -> Result<(VerifyReport
                 }
             }
         }
+        Ok(())
     }
-    report.problems = problems.list;
-    report.unreferenced_packs = repo
-        .list_packs()?
-        .iter()
-        .filter(|p| !indexed.contains(p))
-        .count() as u64;
-
-    report.unrestorable_snapshots = unrestorable(&report);
-
-    // 6. Side files.
-    report.side_files = side_file_problems(repo)?;
-    // The recovery index was built for this run; a later restore through this handle builds its own.
-    drop(recovery);
-    *repo
-        .recovery_slot()
-        .lock()
-        .unwrap_or_else(|e| e.into_inner()) = None;
-    findings.good_marked = good_marked;
-    Ok((report, findings))
 }
 
 /// The snapshots `report` says cannot be restored whole, sorted.
@@ -564,6 +630,6 @@ fn side_file_problems(repo: &Repository) -> Result<Vec<DamagedFile>> {
     let mut out = repo.marks_problems()?;
     out.extend(repo.session_record_problems()?);
     out.extend(crate::config::copy_problems(repo.path()));
-    out.extend(crate::gc::state_problems(repo.path()));
+    out.extend(crate::gc_state::state_problems(repo.path()));
     Ok(out)
 }
