@@ -23,7 +23,7 @@ use backflow_benches::{
 };
 use backflow_pipeline::{BlockSource, Disk, DiskSource, Extent, Message};
 use criterion::{Criterion, SamplingMode, Throughput, criterion_group, criterion_main};
-use stage_qemu_nbd::{NbdExport, QemuNbdServer, ServerConfig, ServerDir, server::EXPORT_NAME};
+use backflow_qemu::{NbdExport, QemuNbdServer, ServerConfig, ServerDir, server::EXPORT_NAME};
 use stage_reader::{Reader, ReaderOptions};
 
 /// Most workers a case runs: the server and the export's pool allow as many connections.

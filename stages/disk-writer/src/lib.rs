@@ -44,8 +44,8 @@ use backflow_pipeline::{
     StageIo, Work, Worker, stage::unexpected,
 };
 use serde::{Deserialize, Serialize};
-use stage_qemu_nbd::server::EXPORT_NAME;
-use stage_qemu_nbd::{ClientPool, QemuNbdServer, ServerConfig, ServerDir};
+use backflow_qemu::server::EXPORT_NAME;
+use backflow_qemu::{ClientPool, QemuNbdServer, ServerConfig, ServerDir};
 
 pub const KIND: &str = "disk-writer";
 

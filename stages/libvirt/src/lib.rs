@@ -84,7 +84,7 @@ use backflow_pipeline::{
     Stage, StageError, StageIo, Work, Worker,
 };
 use serde::{Deserialize, Serialize};
-use stage_qemu_nbd::{NbdAddress, NbdExport, QemuNbdServer, ServerConfig, ServerDir};
+use backflow_qemu::{NbdAddress, NbdExport, QemuNbdServer, ServerConfig, ServerDir};
 use virt::domain::Domain;
 
 use crate::job::{JobDir, Owner};
@@ -471,7 +471,7 @@ impl Checkpoints for LibvirtCheckpoints<'_> {
             ));
         }
         if let Some(image) = self.images.and_then(|i| i.get(disk)) {
-            let info = stage_qemu_nbd::bitmap::image_info(image)
+            let info = backflow_qemu::bitmap::image_info(image)
                 .map_err(|e| format!("the bitmaps of {} cannot be read ({e})", image.display()))?;
             match info.bitmaps.iter().find(|b| b.name == checkpoint) {
                 None => {
@@ -984,7 +984,7 @@ impl LibvirtSource {
             let export = Arc::new(
                 NbdExport::open_with_bitmaps(
                     server.socket().to_owned(),
-                    stage_qemu_nbd::server::EXPORT_NAME,
+                    backflow_qemu::server::EXPORT_NAME,
                     image.clone(),
                     self.connections,
                     &bitmaps,

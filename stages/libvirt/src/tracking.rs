@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use backflow_pipeline::{ChangeTracking, Changes};
 use serde::{Deserialize, Serialize};
-use stage_qemu_nbd::NbdExport;
+use backflow_qemu::NbdExport;
 
 /// The `method` recorded in the manifest's `cbt` for libvirt checkpoints.
 pub const METHOD: &str = "libvirt-checkpoint";

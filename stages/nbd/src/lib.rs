@@ -6,7 +6,7 @@
 //! stops anything, so a server that is missing at run time is an error naming the endpoint, and a
 //! server that outlives the run is whoever started it's business.
 //!
-//! Reading goes through [`stage_qemu_nbd::NbdExport`]: a pool of at most `connections` NBD
+//! Reading goes through [`backflow_qemu::NbdExport`]: a pool of at most `connections` NBD
 //! clients, each lent to one reader at a time (which may keep several requests in flight on it),
 //! and `base:allocation` so that ranges the server reports as zeros are never read.
 //!
@@ -24,8 +24,8 @@ use backflow_pipeline::{
     Worker,
 };
 use serde::{Deserialize, Serialize};
-use stage_qemu_nbd::NbdExport;
-pub use stage_qemu_nbd::pool::NbdAddress;
+use backflow_qemu::NbdExport;
+pub use backflow_qemu::pool::NbdAddress;
 
 pub const KIND: &str = "nbd";
 

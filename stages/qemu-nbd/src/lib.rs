@@ -11,17 +11,9 @@
 //! directory whatever the outcome, and only then starts `qemu-nbd --read-only --persistent` as
 //! its child, ready once it wrote its pid file. The cleanup action is registered first so that a
 //! server which started but failed later (or a run that failed elsewhere) is still stopped; the
-//! server is our child, waited for when stopped, so it never stays behind as a zombie (see
-//! [`server`]).
-//!
-//! # Layout
-//! - [`server`]: starting and stopping the `qemu-nbd` process.
-//! - [`export`]: the [`BlockSource`](backflow_pipeline::BlockSource) over a pool of NBD clients.
-
-pub mod bitmap;
-pub mod export;
-pub mod pool;
-pub mod server;
+//! server is our child, waited for when stopped, so it never stays behind as a zombie. The
+//! server, the pooled export and the bitmaps are the `backflow-qemu` crate's, shared with the
+//! other stages that use QEMU.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -34,10 +26,8 @@ use backflow_pipeline::{
 };
 use serde::{Deserialize, Serialize};
 
-pub use bitmap::{BitmapChain, BitmapTracking};
-pub use export::NbdExport;
-pub use pool::{ClientPool, NbdAddress};
-pub use server::{QemuNbdServer, ServerConfig, ServerDir};
+use backflow_qemu::server::EXPORT_NAME;
+use backflow_qemu::{BitmapChain, BitmapTracking, NbdExport, QemuNbdServer, ServerConfig, ServerDir};
 
 pub const KIND: &str = "qemu-nbd";
 
@@ -302,7 +292,7 @@ impl Stage for QemuNbd {
         let export = Arc::new(
             NbdExport::open_with_bitmaps(
                 server.socket().to_owned(),
-                server::EXPORT_NAME,
+                EXPORT_NAME,
                 self.path.clone(),
                 self.connections,
                 &exported,
