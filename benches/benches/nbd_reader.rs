@@ -150,11 +150,11 @@ impl Export {
     fn extents(&self, disk: &Arc<Disk>) -> Vec<Message> {
         let reader = &disk.source.reader;
         let allocated = reader.allocated().expect("NBD block status");
-        let planned = stage_full_map::plan_chunks(
+        let planned = backflow_planner::plan_chunks(
             reader.size(),
             CHUNK_SIZE,
             allocated.as_deref(),
-            stage_full_map::DEFAULT_MAX_EXTENT_CHUNKS,
+            backflow_planner::DEFAULT_MAX_EXTENT_CHUNKS,
         );
         planned
             .into_iter()

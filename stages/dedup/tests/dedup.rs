@@ -13,7 +13,7 @@ use backflow_pipeline::{
 use backflow_repository::{Codec, DiskMeta, Repository};
 use bytes::Bytes;
 use stage_dedup::{Dedup, DedupOptions};
-use stage_full_map::SnapshotParent;
+use backflow_planner::SnapshotParent;
 
 const CHUNK: u32 = 64 * 1024;
 

@@ -28,7 +28,7 @@
 //!   as `Changes::Unknown(reason)`.
 //!
 //! [`ChangeTracking::changed_since`]: backflow_pipeline::ChangeTracking::changed_since
-//! [`reread_damaged`]: stage_full_map::reread_damaged
+//! [`reread_damaged`]: backflow_planner::reread_damaged
 
 use std::sync::Arc;
 
@@ -36,7 +36,7 @@ use backflow_pipeline::{
     Changes, Disk, InvalidOption, Message, MessageType, ParentChunks, Stage, StageError, StageIo,
     Work, Worker, stage::unexpected,
 };
-use stage_full_map::{
+use backflow_planner::{
     MapSettings, OpenedDisk, plan_chunks, plan_incremental, reread_damaged, send_plan,
 };
 
@@ -46,7 +46,7 @@ pub const KIND: &str = "dirty-bitmap";
 pub const LIBVIRT_KIND: &str = "libvirt-checkpoint";
 
 /// The same options as `full`: where the chunk size comes from, and how long an extent may be.
-pub use stage_full_map::{FullMapOptions as DirtyBitmapOptions, OPTION_DOCS};
+pub use backflow_planner::{MapOptions as DirtyBitmapOptions, OPTION_DOCS};
 
 #[derive(Debug)]
 pub struct DirtyBitmap {

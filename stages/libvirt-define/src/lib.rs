@@ -21,7 +21,6 @@ use std::path::Path;
 use backflow_libvirt::{Connection, LibvirtError, RestoredDisk, new_definition};
 use backflow_pipeline::{Finaliser, InvalidOption, Outcome, RunContext, StageError};
 use serde::{Deserialize, Serialize};
-use stage_cleanup::{Cleanup, CleanupOptions};
 
 pub const KIND: &str = "libvirt-define";
 
@@ -78,7 +77,7 @@ pub struct LibvirtDefine {
     uri: String,
     name: String,
     start: bool,
-    cleanup: Cleanup,
+    remove_stale_scratch: bool,
 }
 
 impl LibvirtDefine {
@@ -99,9 +98,7 @@ impl LibvirtDefine {
             uri: options.uri,
             name,
             start: options.start,
-            cleanup: Cleanup::new(CleanupOptions {
-                remove_stale_scratch: options.remove_stale_scratch,
-            })?,
+            remove_stale_scratch: options.remove_stale_scratch,
         })
     }
 
@@ -186,10 +183,29 @@ impl Finaliser for LibvirtDefine {
                 Ok(())
             }
         };
-        // What the plain cleanup finaliser does, whatever happened above.
-        let cleaned = self.cleanup.finalise(ctx, outcome);
+        // What the plain `cleanup` finaliser does, whatever happened above. Repeated here rather
+        // than called: finalisers, like stages, do not depend on each other's crates.
+        let cleaned = if self.remove_stale_scratch {
+            remove_stale_scratch(ctx)
+        } else {
+            Ok(())
+        };
         defined.and(cleaned)
     }
+}
+
+/// Removes the scratch directories that interrupted runs left in the repository, if the run has
+/// one.
+fn remove_stale_scratch(ctx: &RunContext) -> Result<(), StageError> {
+    if ctx.repository_path().is_some()
+        && let Ok(repo) = ctx.repository()
+    {
+        let removed = repo.remove_stale_scratch()?;
+        if removed > 0 {
+            tracing::info!(removed, "Removed scratch directories of interrupted runs.");
+        }
+    }
+    Ok(())
 }
 
 /// The disk writer's `restored` result as the rewrite takes it, each path made absolute.

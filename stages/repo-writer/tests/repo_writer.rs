@@ -13,7 +13,7 @@ use backflow_pipeline::{
 };
 use backflow_repository::{Codec, DiskMeta, Repository};
 use bytes::Bytes;
-use stage_full_map::SnapshotParent;
+use backflow_planner::SnapshotParent;
 use stage_repo_writer::{RepoWriter, RepoWriterOptions};
 use stage_zstd::{Zstd, ZstdOptions};
 
