@@ -22,8 +22,8 @@ use backflow_benches::{
     CHUNK_SIZE, DATA_BYTES, SEED, bench_case, case_id, criterion_config, harness,
 };
 use backflow_pipeline::{BlockSource, Disk, DiskSource, Extent, Message};
-use criterion::{Criterion, SamplingMode, Throughput, criterion_group, criterion_main};
 use backflow_qemu::{NbdExport, QemuNbdServer, ServerConfig, ServerDir, server::EXPORT_NAME};
+use criterion::{Criterion, SamplingMode, Throughput, criterion_group, criterion_main};
 use stage_reader::{Reader, ReaderOptions};
 
 /// Most workers a case runs: the server and the export's pool allow as many connections.

@@ -46,8 +46,11 @@ enum Command {
     Validate(run::ValidateArgs),
     /// List every stage kind with its message types and options.
     Stages {
-        #[arg(long)]
+        #[arg(long, conflicts_with = "markdown")]
         json: bool,
+        /// The README's stage table, generated from the same rows.
+        #[arg(long)]
+        markdown: bool,
     },
     /// Create an empty repository.
     Init(repo::InitArgs),
@@ -102,8 +105,7 @@ enum Command {
 pub const REPO_ENV: &str = "BACKFLOW_REPOSITORY";
 
 /// The help of every `--repo`.
-pub const REPO_HELP: &str =
-    "The repository's directory (made by `backflow init`)";
+pub const REPO_HELP: &str = "The repository's directory (made by `backflow init`)";
 
 /// Failures that map to exit code 2 (the input was wrong, nothing ran).
 #[derive(Debug)]
@@ -173,8 +175,8 @@ fn execute(command: Command) -> Result<()> {
     match command {
         Command::Run(args) => run::run(args),
         Command::Validate(args) => run::validate(args),
-        Command::Stages { json } => {
-            run::print_stages(json);
+        Command::Stages { json, markdown } => {
+            run::print_stages(json, markdown);
             Ok(())
         }
         Command::Init(args) => repo::init(args),

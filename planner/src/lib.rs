@@ -21,6 +21,7 @@
 
 use std::sync::Arc;
 
+use backflow_pipeline::describe::OptionDocs;
 use backflow_pipeline::{
     ByteSize, Disk, DiskSource, Extent, ExtentClass, InvalidOption, Message, ParentChunks,
     StageError, Worker,
@@ -38,13 +39,14 @@ pub const DEFAULT_MAX_EXTENT_CHUNKS: u64 = 32;
 /// memory that grows with the damage.
 pub const STORE_AGAIN_LIMIT: usize = 64 * 1024;
 
-#[derive(Clone, Debug, Deserialize, Serialize)]
+#[derive(Clone, Debug, Deserialize, Serialize, OptionDocs)]
 #[serde(deny_unknown_fields)]
 pub struct MapOptions {
-    /// Chunk size when the pipeline has no repository; with one, the repository's is used.
+    /// Chunk size without a repository; with one, the repository's chunk size is used.
     #[serde(default)]
     pub chunk_size: Option<ByteSize>,
-    /// Largest extent handed to one reader, in chunks.
+    /// Largest extent handed to one reader worker, in chunks, so that several workers share one
+    /// large allocated range.
     #[serde(default = "default_max_extent_chunks")]
     pub max_extent_chunks: u64,
 }
@@ -61,17 +63,6 @@ impl Default for MapOptions {
 fn default_max_extent_chunks() -> u64 {
     DEFAULT_MAX_EXTENT_CHUNKS
 }
-
-pub const OPTION_DOCS: &[(&str, &str)] = &[
-    (
-        "chunk_size",
-        "chunk size without a repository (with one, the repository's chunk size is used)",
-    ),
-    (
-        "max_extent_chunks",
-        "largest extent handed to one reader worker, in chunks",
-    ),
-];
 
 /// The validated options of a changed-block map (`full`, `dirty-bitmap`).
 #[derive(Clone, Copy, Debug)]

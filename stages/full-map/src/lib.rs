@@ -6,15 +6,27 @@
 
 use std::sync::Arc;
 
+use backflow_pipeline::describe::{Build, KindRow, RepositoryUse, build_stage, option_docs};
 use backflow_pipeline::{
     Disk, InvalidOption, Message, MessageType, ParentChunks, Stage, StageError, StageIo, Work,
     Worker, stage::unexpected,
 };
 use backflow_planner::{MapSettings, OpenedDisk, plan_chunks, send_plan};
 
-pub use backflow_planner::{MapOptions as FullMapOptions, OPTION_DOCS};
+pub use backflow_planner::MapOptions as FullMapOptions;
 
 pub const KIND: &str = "full";
+
+/// This kind as the catalog, `backflow stages` and the README list it.
+pub const ROW: KindRow = KindRow {
+    kind: KIND,
+    summary: "changed-block map: every allocated range (SEEK_DATA/SEEK_HOLE, NBD block status); holes cost nothing; attaches the parent snapshot",
+    input: Some(MessageType::Disk),
+    output: Some(MessageType::Extent),
+    repository: RepositoryUse::No,
+    options: option_docs::<FullMapOptions>,
+    build: Build::Stage(|options| build_stage(options, FullMap::new)),
+};
 
 #[derive(Debug)]
 pub struct FullMap {
@@ -70,4 +82,3 @@ impl Stage for FullMap {
         Ok(())
     }
 }
-

@@ -19,6 +19,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use backflow_pipeline::describe::{
+    Build, KindRow, OptionDocs, RepositoryUse, build_stage, option_docs,
+};
 use backflow_pipeline::input::InputError;
 use backflow_pipeline::{
     BlockSource, ChangeTracking, DiskSource, InvalidOption, Message, MessageType, Outcome, Stage,
@@ -27,7 +30,9 @@ use backflow_pipeline::{
 use serde::{Deserialize, Serialize};
 
 use backflow_qemu::server::EXPORT_NAME;
-use backflow_qemu::{BitmapChain, BitmapTracking, NbdExport, QemuNbdServer, ServerConfig, ServerDir};
+use backflow_qemu::{
+    BitmapChain, BitmapTracking, NbdExport, QemuNbdServer, ServerConfig, ServerDir,
+};
 
 pub const KIND: &str = "qemu-nbd";
 
@@ -39,12 +44,12 @@ pub const FORMATS: &[&str] = &["qcow2", "raw"];
 pub const DEFAULT_CONNECTIONS: usize = 2;
 
 /// Options of the `qemu-nbd` source.
-#[derive(Clone, Debug, Deserialize, Serialize)]
+#[derive(Clone, Debug, Deserialize, Serialize, OptionDocs)]
 #[serde(deny_unknown_fields)]
 pub struct QemuNbdOptions {
-    /// Path of the image (required).
+    /// Image file QEMU can read, qcow2 above all (required).
     pub path: Option<PathBuf>,
-    /// The image format given to `qemu-nbd -f`.
+    /// Image format given to `qemu-nbd -f`: qcow2 or raw (never probed).
     #[serde(default = "default_format")]
     pub format: String,
     /// The disk's name in the manifest; empty: the file name without its extension.
@@ -53,13 +58,14 @@ pub struct QemuNbdOptions {
     /// The machine the snapshot belongs to; empty: the disk's name.
     #[serde(default)]
     pub vm: String,
-    /// Most NBD connections open at once (the server's `--shared`).
+    /// Most NBD connections open at once (`qemu-nbd --shared`).
     #[serde(default = "default_connections")]
     pub connections: usize,
-    /// Where the private socket directory is created; empty: the system's temporary directory.
+    /// Where the private socket directory is made; unset: the system's temporary directory.
     #[serde(default)]
     pub socket_dir: Option<PathBuf>,
-    /// Track changes with qcow2 persistent bitmaps named `BITMAP.*`; empty: no tracking.
+    /// Track changes with qcow2 persistent bitmaps named `BITMAP.*` (qcow2 only; letters, digits, -
+    /// and _); empty: no tracking.
     #[serde(default)]
     pub bitmap: String,
 }
@@ -86,34 +92,16 @@ impl Default for QemuNbdOptions {
     }
 }
 
-/// Documentation of each option, for `backflow stages`.
-pub const OPTION_DOCS: &[(&str, &str)] = &[
-    (
-        "path",
-        "image file QEMU can read, qcow2 above all (required)",
-    ),
-    ("format", "image format given to qemu-nbd: qcow2 or raw"),
-    (
-        "disk",
-        "the disk's name in the manifest; empty: the file name without extension",
-    ),
-    (
-        "vm",
-        "the machine the snapshot belongs to; empty: the disk's name",
-    ),
-    (
-        "connections",
-        "most NBD connections open at once (qemu-nbd --shared)",
-    ),
-    (
-        "socket_dir",
-        "where the private socket directory is made; unset: the system's temporary directory",
-    ),
-    (
-        "bitmap",
-        "track changes with qcow2 persistent bitmaps named BITMAP.* (qcow2 only; letters, digits, - and _); empty: none",
-    ),
-];
+/// This kind as the catalog, `backflow stages` and the README list it.
+pub const ROW: KindRow = KindRow {
+    kind: KIND,
+    summary: "source: any image QEMU reads (qcow2), through a private read-only qemu-nbd on a unix socket; unallocated and zero clusters are never read; the server is backflow's own child, stopped and waited for when the run ends (one left by a killed run is stopped by the next); with `bitmap`, tracks changes with persistent bitmaps `BITMAP.*`",
+    input: None,
+    output: Some(MessageType::Disk),
+    repository: RepositoryUse::No,
+    options: option_docs::<QemuNbdOptions>,
+    build: Build::Stage(|options| build_stage(options, QemuNbd::new)),
+};
 
 /// The runtime value: the server is started when the run starts.
 #[derive(Debug)]

@@ -7,6 +7,9 @@
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock};
 
+use backflow_pipeline::describe::{
+    Build, KindRow, OptionDocs, RepositoryUse, build_stage, option_docs,
+};
 use backflow_pipeline::{
     Chunk, Disk, DiskSource, InvalidOption, Message, MessageType, Payload, SizeOnly, Stage,
     StageError, StageIo, Work, Worker,
@@ -21,13 +24,13 @@ pub const KIND: &str = "repo-reader";
 /// spread one disk over all workers.
 pub const BATCH_CHUNKS: u64 = 16;
 
-#[derive(Clone, Debug, Deserialize, Serialize)]
+#[derive(Clone, Debug, Deserialize, Serialize, OptionDocs)]
 #[serde(deny_unknown_fields)]
 pub struct RepoReaderOptions {
     /// Snapshot id, or `latest`.
     #[serde(default = "latest")]
     pub snapshot: String,
-    /// Only this disk; empty: every disk of the snapshot.
+    /// Restore only this disk; empty: every disk of the snapshot.
     #[serde(default)]
     pub disk: String,
 }
@@ -45,10 +48,16 @@ impl Default for RepoReaderOptions {
     }
 }
 
-pub const OPTION_DOCS: &[(&str, &str)] = &[
-    ("snapshot", "snapshot id, or latest"),
-    ("disk", "restore only this disk; empty: every disk"),
-];
+/// This kind as the catalog, `backflow stages` and the README list it.
+pub const ROW: KindRow = KindRow {
+    kind: KIND,
+    summary: "restore source: a snapshot's chunks; workers read ahead in batches",
+    input: None,
+    output: Some(MessageType::CompressedChunk),
+    repository: RepositoryUse::Required,
+    options: option_docs::<RepoReaderOptions>,
+    build: Build::Stage(|options| build_stage(options, RepoReader::new)),
+};
 
 type Plan = (Arc<Snapshot>, Vec<(usize, Arc<Disk>)>);
 

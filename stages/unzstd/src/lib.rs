@@ -4,17 +4,29 @@
 //!
 //! [`RunContext::reload_chunk`]: backflow_pipeline::RunContext::reload_chunk
 
+use backflow_pipeline::describe::{
+    Build, KindRow, OptionDocs, RepositoryUse, build_stage, option_docs,
+};
 use backflow_pipeline::{InvalidOption, MessageType, Payload, Stage, StageError, StageIo, Worker};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 pub const KIND: &str = "unzstd";
 
-#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize, OptionDocs)]
 #[serde(deny_unknown_fields)]
 pub struct UnzstdOptions {}
 
-pub const OPTION_DOCS: &[(&str, &str)] = &[];
+/// This kind as the catalog, `backflow stages` and the README list it.
+pub const ROW: KindRow = KindRow {
+    kind: KIND,
+    summary: "decodes stored chunks to plaintext",
+    input: Some(MessageType::CompressedChunk),
+    output: Some(MessageType::HashedChunk),
+    repository: RepositoryUse::No,
+    options: option_docs::<UnzstdOptions>,
+    build: Build::Stage(|options| build_stage(options, Unzstd::new)),
+};
 
 #[derive(Debug, Default)]
 pub struct Unzstd;
