@@ -36,11 +36,14 @@ pub enum RepositoryUse {
     RequiredUnless(&'static str),
 }
 
+/// What building a stage from a spec's options gives: the runtime value, or every error found.
+pub type Built<T> = Result<Arc<T>, Vec<SpecError>>;
+
 /// How a row builds its runtime value from a spec's options.
 #[derive(Clone, Copy)]
 pub enum Build {
-    Stage(fn(&Options<'_>) -> Result<Arc<dyn Stage>, Vec<SpecError>>),
-    Finaliser(fn(&Options<'_>) -> Result<Arc<dyn Finaliser>, Vec<SpecError>>),
+    Stage(fn(&Options<'_>) -> Built<dyn Stage>),
+    Finaliser(fn(&Options<'_>) -> Built<dyn Finaliser>),
 }
 
 /// One stage (or finaliser) kind, as its crate describes it.
