@@ -89,7 +89,7 @@ fn disk_and_vm_names_that_could_be_paths_are_refused_with_their_position() {
             let (code, stderr) = run_bounded(args);
             assert_eq!(code, Some(2), "{command} disk={name:?}: {stderr}");
             assert!(
-                stderr.contains("specs/backup-image.yaml:16:11: stages[0] (image).disk: disk name")
+                stderr.contains("specs/backup-image.yaml:17:11: stages[0] (image).disk: disk name")
                     && stderr.contains(problem),
                 "{command} disk={name:?}: {stderr}"
             );
