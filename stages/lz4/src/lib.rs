@@ -28,7 +28,7 @@ pub struct Lz4Options {}
 /// This kind as the catalog, `backflow stages` and the README list it.
 pub const ROW: KindRow = KindRow {
     kind: KIND,
-    summary: "compresses new chunks, one LZ4 block each: a fraction of zstd's CPU time for a larger repository; a chunk that does not shrink is stored raw",
+    summary: "compresses new chunks, one LZ4 block each: less CPU time than zstd for a larger repository; a chunk that does not shrink is stored raw",
     input: Some(MessageType::HashedChunk),
     output: Some(MessageType::CompressedChunk),
     repository: RepositoryUse::No,
