@@ -22,8 +22,8 @@ use backflow_benches::{
     CHUNK_SIZE, DATA_BYTES, SEED, bench_case, case_id, criterion_config, harness,
 };
 use backflow_pipeline::{BlockSource, Disk, DiskSource, Extent, Message};
+use backflow_qemu::{NbdExport, QemuNbdServer, ServerConfig, ServerDir, server::EXPORT_NAME};
 use criterion::{Criterion, SamplingMode, Throughput, criterion_group, criterion_main};
-use stage_qemu_nbd::{NbdExport, QemuNbdServer, ServerConfig, ServerDir, server::EXPORT_NAME};
 use stage_reader::{Reader, ReaderOptions};
 
 /// Most workers a case runs: the server and the export's pool allow as many connections.
@@ -150,11 +150,11 @@ impl Export {
     fn extents(&self, disk: &Arc<Disk>) -> Vec<Message> {
         let reader = &disk.source.reader;
         let allocated = reader.allocated().expect("NBD block status");
-        let planned = stage_full_map::plan_chunks(
+        let planned = backflow_planner::plan_chunks(
             reader.size(),
             CHUNK_SIZE,
             allocated.as_deref(),
-            stage_full_map::DEFAULT_MAX_EXTENT_CHUNKS,
+            backflow_planner::DEFAULT_MAX_EXTENT_CHUNKS,
         );
         planned
             .into_iter()

@@ -301,11 +301,11 @@ impl Image {
     /// `DEFAULT_MAX_EXTENT_CHUNKS`.
     pub fn extents(&self) -> Vec<Message> {
         let allocated = self.disk.source.reader.allocated().expect("mapping holes");
-        stage_full_map::plan_chunks(
+        backflow_planner::plan_chunks(
             self.size(),
             CHUNK_SIZE,
             allocated.as_deref(),
-            stage_full_map::DEFAULT_MAX_EXTENT_CHUNKS,
+            backflow_planner::DEFAULT_MAX_EXTENT_CHUNKS,
         )
         .into_iter()
         .map(|(first, count, class)| {

@@ -71,8 +71,11 @@ enum Command {
     /// List every stage kind with its message types and options.
     Stages {
         /// JSON: an array of stage kinds with their options.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "markdown")]
         json: bool,
+        /// The README's stage table, generated from the same rows.
+        #[arg(long)]
+        markdown: bool,
     },
     /// Create an empty repository.
     Init(repo::InitArgs),
@@ -269,8 +272,8 @@ fn execute(command: Command) -> Result<()> {
         Command::Run(args) => run::run(args),
         Command::Validate(args) => run::validate(args),
         Command::Specs(args) => specs::run(args),
-        Command::Stages { json } => {
-            run::print_stages(json);
+        Command::Stages { json, markdown } => {
+            run::print_stages(json, markdown);
             Ok(())
         }
         Command::Init(args) => repo::init(args),

@@ -148,9 +148,12 @@ pub fn run_pipeline(
     }
 }
 
-pub fn print_stages(json: bool) {
-    let mut docs: Vec<_> = backflow_stages::Kind::ALL.iter().map(|k| k.doc()).collect();
-    docs.extend(backflow_stages::finaliser_docs());
+pub fn print_stages(json: bool, markdown: bool) {
+    if markdown {
+        print!("{}", backflow_stages::markdown_table());
+        return;
+    }
+    let docs = backflow_stages::docs();
     if json {
         println!(
             "{}",
@@ -162,22 +165,22 @@ pub fn print_stages(json: bool) {
         let io = |t: Option<backflow_pipeline::MessageType>| {
             t.map(|t| t.to_string()).unwrap_or_else(|| "-".into())
         };
+        let repository = match (d.needs_repository, d.needs_repository_unless) {
+            (false, _) => String::new(),
+            (true, None) => "  needs repository".to_owned(),
+            (true, Some(option)) => format!("  needs repository unless {option}: false"),
+        };
         println!(
-            "{}  ({} -> {}){}\n    {}",
+            "{}  ({} -> {}){repository}\n    {}",
             d.kind,
             io(d.input),
             io(d.output),
-            if d.needs_repository {
-                "  needs repository"
-            } else {
-                ""
-            },
             d.summary
         );
         for o in &d.options {
             println!("    {:<20} default {:<10} {}", o.name, o.default, o.doc);
         }
-        if !backflow_stages::FINALISER_KINDS.contains(&d.kind) {
+        if !d.finaliser {
             println!("    (every stage also takes: name, workers, capacity)");
         }
         println!();

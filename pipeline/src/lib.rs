@@ -9,6 +9,7 @@
 //! - [`message`]: what travels on the edges, and the message types stages declare.
 //! - [`stage`]: the [`Stage`] trait (a stage's runtime value) and the [`Finaliser`].
 //! - [`runtime`]: channels, workers, cancellation, the finaliser; [`Pipeline::run`].
+//! - [`describe`]: how a stage kind describes itself to the catalog and `backflow stages`.
 //! - [`context`]: what the stages of one run share (repository, cleanup actions, results, the
 //!   bytes planned and done that the overall progress shows).
 //! - [`stats`]: counters measured around every send and receive, and the run report.
@@ -22,6 +23,7 @@
 //! - [`error`]: the stage error type and the error policy.
 
 pub mod context;
+pub mod describe;
 pub mod error;
 pub mod harness;
 pub mod hooks;

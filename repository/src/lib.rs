@@ -68,8 +68,13 @@
 //! len - 64     footer (64): trailer_off u64 | entry_count u64 | version u32 | reserved u32
 //!                | checksum [32] = BLAKE3(header ‖ trailer ‖ footer[0..24]) | magic "BFLWPEND"
 //! ```
-//! Chunks are compressed individually ([`Codec::Zstd`], or [`Codec::None`] when compression does not pay), so
-//! any chunk is read with one positioned read and no neighbours. A writer streams blobs to the file and keeps
+//! Chunks are compressed individually, so any chunk is read with one positioned read and no neighbours. The
+//! entry's codec byte says how its blob is encoded: 0 ([`Codec::None`]) the plaintext itself, when compression
+//! does not pay; 1 ([`Codec::Zstd`]) one zstd frame; 2 ([`Codec::Lz4`]) one LZ4 block in block format (no frame
+//! and no size prefix: `raw_len` is the size). The codec is recorded per chunk, so one repository may hold
+//! chunks of every codec (a backup spec picks its compressor stage) and a restore needs no setting:
+//! [`decode`] dispatches on the byte. A reader that meets a codec byte it does not know reports the pack as
+//! corrupt rather than guess. A writer streams blobs to the file and keeps
 //! only the trailer entries in memory; it closes the pack at the target size ([`DEFAULT_PACK_TARGET_SIZE`],
 //! 32 MiB: few files for object storage, bounded loss if one is damaged). The footer is found at a fixed
 //! distance from the end, and `trailer_off + entry_count * 56 + 64 == length` is checked before anything else,

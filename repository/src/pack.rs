@@ -361,6 +361,14 @@ pub fn decode_into(codec: Codec, data: &[u8], raw_len: u32, out: &mut Vec<u8>) -
                 Err(e) => return Err(fail(format!("zstd: {e} (or longer than {raw_len} bytes)"))),
             }
         }
+        Codec::Lz4 => {
+            out.resize(raw_len as usize, 0);
+            match lz4_flex::block::decompress_into(data, out) {
+                Ok(n) if n == raw_len as usize => {}
+                Ok(n) => return Err(fail(format!("decoded to {n} bytes, expected {raw_len}"))),
+                Err(e) => return Err(fail(format!("lz4: {e} (or longer than {raw_len} bytes)"))),
+            }
+        }
     }
     Ok(())
 }
@@ -464,6 +472,31 @@ mod tests {
         ));
         assert!(decode(Codec::Zstd, b"garbage", 10).is_err());
         assert!(decode(Codec::Zstd, &z, MAX_CHUNK_SIZE + 1).is_err());
+    }
+
+    #[test]
+    fn lz4_decode_checks_lengths() {
+        let plain: Vec<u8> = b"backflow ".iter().copied().cycle().take(100_000).collect();
+        let z = lz4_flex::block::compress(&plain);
+        assert!(z.len() < plain.len() / 10);
+        assert_eq!(decode(Codec::Lz4, &z, 100_000).unwrap(), plain);
+        for (data, raw_len) in [
+            (&z[..], 99_999),
+            (&z[..], 100_001),
+            (&z[..z.len() / 2], 100_000),
+            (&b"garbage"[..], 10),
+            (&z[..], MAX_CHUNK_SIZE + 1),
+        ] {
+            assert!(
+                matches!(
+                    decode(Codec::Lz4, data, raw_len),
+                    Err(RepoError::Decode { .. })
+                ),
+                "{} bytes as {raw_len}",
+                data.len()
+            );
+        }
+        assert_eq!(Codec::from_u8(Codec::Lz4 as u8), Some(Codec::Lz4));
     }
 
     #[test]

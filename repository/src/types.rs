@@ -92,6 +92,8 @@ pub enum Codec {
     None = 0,
     /// One zstd frame.
     Zstd = 1,
+    /// One LZ4 block (block format: no frame, no size prefix; the entry's raw length is the size).
+    Lz4 = 2,
 }
 
 impl Codec {
@@ -99,6 +101,7 @@ impl Codec {
         match v {
             0 => Some(Codec::None),
             1 => Some(Codec::Zstd),
+            2 => Some(Codec::Lz4),
             _ => None,
         }
     }

@@ -3,8 +3,8 @@
 
 use std::path::Path;
 
-use backflow_pipeline::spec::{self, Options};
-use backflow_stages::{Kind, Stages};
+use backflow_pipeline::spec::{self, Catalog, Options};
+use backflow_stages::{ROWS, RepositoryUse, Stages, docs, markdown_table, row};
 
 fn specs_dir() -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../specs")
@@ -37,53 +37,189 @@ fn every_spec_in_specs_loads_with_the_real_catalog() {
     assert!(seen >= 4, "only {seen} specs found");
 }
 
-#[test]
-fn documented_message_types_match_the_built_stages() {
-    // Minimal options that make every kind build.
-    for kind in Kind::ALL {
-        let yaml = match kind {
-            Kind::Image | Kind::QemuNbd => "path: /dev/null\n",
-            Kind::DiskWriter => "path: /tmp/out.raw\n",
-            Kind::Nbd => "socket: /run/nbd.sock\ndisk: vda\n",
-            Kind::Libvirt => "domain: web01\n",
-            _ => "{}\n",
-        };
-        let options = Options::from_yaml(yaml, true).unwrap();
-        let stage = kind
-            .build(&options)
-            .unwrap_or_else(|e| panic!("{} does not build: {e:?}", kind.name()));
-        let io = stage.io();
-        assert_eq!((io.input, io.output), kind.default_io(), "{}", kind.name());
-        let doc = kind.doc();
-        assert_eq!(doc.kind, kind.name());
+/// Minimal options that make every kind build.
+fn minimal_options(kind: &str) -> &'static str {
+    match kind {
+        "image" | "qemu-nbd" => "path: /dev/null\n",
+        "disk-writer" => "path: /tmp/out.raw\n",
+        "nbd" => "socket: /run/nbd.sock\ndisk: vda\n",
+        "libvirt" => "domain: web01\n",
+        "libvirt-define" => "name: web01-copy\n",
+        _ => "{}\n",
     }
 }
 
 #[test]
+fn documented_message_types_match_the_built_stages() {
+    for row in ROWS.iter().filter(|r| !r.is_finaliser()) {
+        let options = Options::from_yaml(minimal_options(row.kind), true).unwrap();
+        let stage = Stages
+            .build_stage(row.kind, &options)
+            .unwrap_or_else(|e| panic!("{} does not build: {e:?}", row.kind));
+        let io = stage.io();
+        assert_eq!(
+            (io.input, io.output),
+            (row.input, row.output),
+            "{}",
+            row.kind
+        );
+    }
+    for row in ROWS.iter().filter(|r| r.is_finaliser()) {
+        let options = Options::from_yaml(minimal_options(row.kind), true).unwrap();
+        Stages
+            .build_finaliser(row.kind, &options)
+            .unwrap_or_else(|e| panic!("{} does not build: {e:?}", row.kind));
+    }
+}
+
+#[test]
+fn kinds_are_unique_and_each_listed_once() {
+    let mut kinds: Vec<_> = ROWS.iter().map(|r| r.kind).collect();
+    kinds.sort_unstable();
+    let before = kinds.len();
+    kinds.dedup();
+    assert_eq!(kinds.len(), before, "a kind is listed twice");
+    assert_eq!(
+        Stages.kinds().len() + Stages.finaliser_kinds().len(),
+        ROWS.len()
+    );
+}
+
+/// What a row says about the repository is what building it without one does.
+#[test]
+fn kinds_that_need_a_repository_are_refused_without_one() {
+    for row in ROWS {
+        let without = Options::from_yaml(minimal_options(row.kind), false).unwrap();
+        let refused = if row.is_finaliser() {
+            Stages.build_finaliser(row.kind, &without).err()
+        } else {
+            Stages.build_stage(row.kind, &without).err()
+        };
+        match row.repository {
+            RepositoryUse::No => assert!(refused.is_none(), "{}: {refused:?}", row.kind),
+            RepositoryUse::Required | RepositoryUse::RequiredUnless(_) => {
+                let errors =
+                    refused.unwrap_or_else(|| panic!("{} built without a repository", row.kind));
+                assert!(
+                    errors
+                        .iter()
+                        .any(|e| e.to_string().contains("needs the pipeline's `repository:`")),
+                    "{}: {errors:?}",
+                    row.kind
+                );
+            }
+        }
+        if let RepositoryUse::RequiredUnless(option) = row.repository {
+            let off = Options::from_yaml(&format!("{option}: false\n"), false).unwrap();
+            assert!(Stages.build_stage(row.kind, &off).is_ok(), "{}", row.kind);
+        }
+    }
+}
+
+/// A `dedup` without a repository is bad input found at validation, at the stage's line.
+#[test]
+fn dedup_without_a_repository_is_refused_with_its_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = dir.path().join("no-repo.yaml");
+    std::fs::write(
+        &spec,
+        "name: no-repo\nstages:\n  - kind: generate\n    size: 1M\n  - kind: dedup\n  - kind: discard\n",
+    )
+    .unwrap();
+    let err = spec::load_file(&spec, &[], &Stages)
+        .err()
+        .expect("dedup without a repository is refused")
+        .to_string();
+    assert!(
+        err.contains("no-repo.yaml:5:")
+            && err.contains("`dedup` needs the pipeline's `repository:`"),
+        "{err}"
+    );
+    // Comparing with this run only needs no repository (the dedup tuning spec).
+    std::fs::write(
+        &spec,
+        "name: no-repo\nstages:\n  - kind: generate\n    size: 1M\n  - kind: dedup\n    repository_lookup: false\n  - kind: discard\n",
+    )
+    .unwrap();
+    spec::load_file(&spec, &[], &Stages).unwrap();
+}
+
+#[test]
 fn documented_options_are_the_accepted_ones() {
-    for kind in Kind::ALL {
-        for option in kind.doc().options {
+    for doc in docs() {
+        for option in &doc.options {
             assert!(
                 !option.doc.is_empty(),
                 "{}.{} has no documentation",
-                kind.name(),
+                doc.kind,
                 option.name
             );
         }
     }
-    let zstd = Kind::Zstd.doc();
+    let zstd = row("zstd").unwrap().doc();
     let level = zstd.options.iter().find(|o| o.name == "level").unwrap();
     assert_eq!(level.default, stage_zstd::DEFAULT_LEVEL.to_string());
-    let image = Kind::Image.doc();
-    assert_eq!(
-        image
-            .options
-            .iter()
-            .find(|o| o.name == "path")
-            .unwrap()
-            .default,
-        "required"
-    );
+    let image = row("image").unwrap().doc();
+    let names: Vec<_> = image.options.iter().map(|o| o.name.as_str()).collect();
+    assert_eq!(names, ["path", "disk", "vm"]);
+    assert_eq!(image.options[0].default, "required");
+    // Every documented option is accepted by the parser: an options map naming all of them (with
+    // their defaults where they have one) is not refused as unknown.
+    for doc in docs() {
+        for option in &doc.options {
+            let minimal = minimal_options(doc.kind).trim_end_matches("{}\n");
+            if minimal.starts_with(&format!("{}:", option.name))
+                || minimal.contains(&format!("\n{}:", option.name))
+            {
+                continue;
+            }
+            let yaml = format!("{minimal}{}: ~\n", option.name);
+            let options = Options::from_yaml(&yaml, true).unwrap();
+            let built = if doc.finaliser {
+                Stages.build_finaliser(doc.kind, &options).err()
+            } else {
+                Stages.build_stage(doc.kind, &options).err()
+            };
+            if let Some(errors) = built {
+                assert!(
+                    !errors.iter().any(|e| e.to_string().contains("unknown")),
+                    "{}.{}: {errors:?}",
+                    doc.kind,
+                    option.name
+                );
+            }
+        }
+    }
+}
+
+/// The README's stage table is the catalog's: regenerate it with `backflow stages --markdown`.
+#[test]
+fn readme_stage_table_is_generated_from_the_rows() {
+    let readme =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../README.md"))
+            .unwrap();
+    let section = readme
+        .split("\n## Stages\n")
+        .nth(1)
+        .expect("README has a section \"Stages\"");
+    let table: String = section
+        .lines()
+        .skip_while(|l| !l.starts_with("| kind |"))
+        .take_while(|l| l.starts_with('|'))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let generated = markdown_table();
+    if table != generated {
+        let first = table
+            .lines()
+            .zip(generated.lines())
+            .find(|(a, b)| a != b)
+            .map(|(a, b)| format!("README:    {a}\ngenerated: {b}"))
+            .unwrap_or_else(|| "the tables differ in length".to_owned());
+        panic!(
+            "the README's stage table differs from `backflow stages --markdown`; replace it with that output.\n{first}"
+        );
+    }
 }
 
 #[test]

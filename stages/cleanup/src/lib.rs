@@ -5,15 +5,18 @@
 //! after this finaliser. The finaliser itself removes scratch directories that killed runs left in
 //! the repository (their lock is free), so that a crash costs disk space only until the next run.
 
+use backflow_pipeline::describe::{
+    Build, KindRow, OptionDocs, RepositoryUse, build_finaliser, option_docs,
+};
 use backflow_pipeline::{Finaliser, InvalidOption, Outcome, RunContext, StageError};
 use serde::{Deserialize, Serialize};
 
 pub const KIND: &str = "cleanup";
 
-#[derive(Clone, Debug, Deserialize, Serialize)]
+#[derive(Clone, Debug, Deserialize, Serialize, OptionDocs)]
 #[serde(deny_unknown_fields)]
 pub struct CleanupOptions {
-    /// Remove scratch directories left in the repository by killed runs.
+    /// Remove scratch directories that killed runs left in the repository.
     #[serde(default = "yes")]
     pub remove_stale_scratch: bool,
 }
@@ -30,10 +33,16 @@ fn yes() -> bool {
     true
 }
 
-pub const OPTION_DOCS: &[(&str, &str)] = &[(
-    "remove_stale_scratch",
-    "remove scratch directories that killed runs left in the repository",
-)];
+/// This kind as the catalog, `backflow stages` and the README list it.
+pub const ROW: KindRow = KindRow {
+    kind: KIND,
+    summary: "finaliser: always runs after the data stages; runs the cleanup actions stages registered, removes scratch that killed runs left",
+    input: None,
+    output: None,
+    repository: RepositoryUse::No,
+    options: option_docs::<CleanupOptions>,
+    build: Build::Finaliser(|options| build_finaliser(options, Cleanup::new)),
+};
 
 #[derive(Debug)]
 pub struct Cleanup {

@@ -12,6 +12,9 @@
 use std::collections::HashSet;
 use std::sync::Mutex;
 
+use backflow_pipeline::describe::{
+    Build, KindRow, OptionDocs, RepositoryUse, build_stage, option_docs,
+};
 use backflow_pipeline::{
     Chunk, InvalidOption, MessageType, Payload, RunContext, Stage, StageError, StageIo, Worker,
     digest_of,
@@ -21,10 +24,11 @@ use serde::{Deserialize, Serialize};
 
 pub const KIND: &str = "dedup";
 
-#[derive(Clone, Debug, Deserialize, Serialize)]
+#[derive(Clone, Debug, Deserialize, Serialize, OptionDocs)]
 #[serde(deny_unknown_fields)]
 pub struct DedupOptions {
-    /// Look chunks up in the repository's index (needs the pipeline's `repository:`).
+    /// Look chunks up in the repository's index; false: compare only with the parent snapshot and
+    /// this run (and run without a repository).
     #[serde(default = "yes")]
     pub repository_lookup: bool,
 }
@@ -41,10 +45,19 @@ fn yes() -> bool {
     true
 }
 
-pub const OPTION_DOCS: &[(&str, &str)] = &[(
-    "repository_lookup",
-    "look chunks up in the repository's index; false: only the parent snapshot and this run",
-)];
+/// This kind as the catalog, `backflow stages` and the README list it.
+pub const ROW: KindRow = KindRow {
+    kind: KIND,
+    summary: "BLAKE3 of each chunk; known chunks (same digest at the same index in the parent, in the index, or earlier in this run) go no further",
+    input: Some(MessageType::Chunk),
+    output: Some(MessageType::HashedChunk),
+    repository: RepositoryUse::RequiredUnless("repository_lookup"),
+    options: option_docs::<DedupOptions>,
+    build: Build::Stage(|options| {
+        let has_repository = options.has_repository();
+        build_stage(options, |o| Dedup::in_pipeline(o, has_repository))
+    }),
+};
 
 /// Most digests of this run's new chunks remembered at once (about 40 bytes each: 10 MiB). When
 /// full the set starts over: memory stays bounded whatever the disk size, and the price is that a
@@ -66,6 +79,20 @@ impl Dedup {
             repository_lookup: options.repository_lookup,
             this_run: Mutex::new(HashSet::new()),
         })
+    }
+
+    /// The stage as a spec builds it: refused at validation when it would look chunks up in a
+    /// repository the pipeline does not have, rather than failing once data moves.
+    pub fn in_pipeline(options: DedupOptions, has_repository: bool) -> Result<Self, InvalidOption> {
+        if options.repository_lookup && !has_repository {
+            return Err(InvalidOption::new(
+                "kind",
+                format!(
+                    "stage kind `{KIND}` needs the pipeline's `repository:` to be set (or `repository_lookup: false`)"
+                ),
+            ));
+        }
+        Dedup::new(options)
     }
 
     /// Whether the chunk with `digest` at `chunk.index` is already stored or on its way.

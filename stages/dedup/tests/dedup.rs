@@ -10,10 +10,10 @@ use backflow_pipeline::{
     Chunk, ChunkRef, Digest, Disk, DiskSource, Message, OutcomeKind, ParentChunks, Payload,
     RunReport, SizeOnly, digest_of,
 };
+use backflow_planner::SnapshotParent;
 use backflow_repository::{Codec, DiskMeta, Repository};
 use bytes::Bytes;
 use stage_dedup::{Dedup, DedupOptions};
-use stage_full_map::SnapshotParent;
 
 const CHUNK: u32 = 64 * 1024;
 

@@ -28,15 +28,16 @@
 //!   as `Changes::Unknown(reason)`.
 //!
 //! [`ChangeTracking::changed_since`]: backflow_pipeline::ChangeTracking::changed_since
-//! [`reread_damaged`]: stage_full_map::reread_damaged
+//! [`reread_damaged`]: backflow_planner::reread_damaged
 
 use std::sync::Arc;
 
+use backflow_pipeline::describe::{Build, KindRow, RepositoryUse, build_stage, option_docs};
 use backflow_pipeline::{
     Changes, Disk, InvalidOption, Message, MessageType, ParentChunks, Stage, StageError, StageIo,
     Work, Worker, stage::unexpected,
 };
-use stage_full_map::{
+use backflow_planner::{
     MapSettings, OpenedDisk, plan_chunks, plan_incremental, reread_damaged, send_plan,
 };
 
@@ -46,7 +47,29 @@ pub const KIND: &str = "dirty-bitmap";
 pub const LIBVIRT_KIND: &str = "libvirt-checkpoint";
 
 /// The same options as `full`: where the chunk size comes from, and how long an extent may be.
-pub use stage_full_map::{FullMapOptions as DirtyBitmapOptions, OPTION_DOCS};
+pub use backflow_planner::MapOptions as DirtyBitmapOptions;
+
+/// This kind as the catalog, `backflow stages` and the README list it.
+pub const ROW: KindRow = KindRow {
+    kind: KIND,
+    summary: "changed-block map: only the chunks the source's change tracking (qcow2 bitmap) says were written since the parent snapshot (the rest is referenced, not read); a full read deduplicated against the parent, with a warning, whenever that is not certain",
+    input: Some(MessageType::Disk),
+    output: Some(MessageType::Extent),
+    repository: RepositoryUse::No,
+    options: option_docs::<DirtyBitmapOptions>,
+    build: Build::Stage(|options| build_stage(options, DirtyBitmap::new)),
+};
+
+/// The `libvirt-checkpoint` kind: the same map after the `libvirt` source.
+pub const LIBVIRT_ROW: KindRow = KindRow {
+    kind: LIBVIRT_KIND,
+    summary: "changed-block map: `dirty-bitmap`'s plan on the `libvirt` source's changes (the checkpoint's `qemu:dirty-bitmap:backup-DISK` context); a full read with a warning when the checkpoint cannot be trusted",
+    input: Some(MessageType::Disk),
+    output: Some(MessageType::Extent),
+    repository: RepositoryUse::No,
+    options: option_docs::<DirtyBitmapOptions>,
+    build: Build::Stage(|options| build_stage(options, DirtyBitmap::libvirt)),
+};
 
 #[derive(Debug)]
 pub struct DirtyBitmap {

@@ -52,13 +52,16 @@ use std::sync::{Arc, Mutex, OnceLock};
 mod target;
 
 use backflow_nbd::{Client, NbdError};
+use backflow_pipeline::describe::{
+    Build, KindRow, OptionDocs, RepositoryUse, build_stage, option_docs,
+};
 use backflow_pipeline::{
     Disk, InvalidOption, Message, MessageType, Outcome, Payload, RESTORE_PLAN, RunContext, Stage,
     StageError, StageIo, Work, Worker, stage::unexpected,
 };
+use backflow_qemu::server::EXPORT_NAME;
+use backflow_qemu::{ClientPool, QemuNbdServer, ServerConfig, ServerDir};
 use serde::{Deserialize, Serialize};
-use stage_qemu_nbd::server::EXPORT_NAME;
-use stage_qemu_nbd::{ClientPool, QemuNbdServer, ServerConfig, ServerDir};
 
 pub const KIND: &str = "disk-writer";
 
@@ -83,15 +86,18 @@ impl ImageFormat {
     }
 }
 
-#[derive(Clone, Debug, Deserialize, Serialize)]
+#[derive(Clone, Debug, Deserialize, Serialize, OptionDocs)]
 #[serde(deny_unknown_fields)]
 pub struct DiskWriterOptions {
-    /// Output file (one disk) or existing directory (`DIR/DISK.raw` per disk). Required.
+    /// Output file for one disk, or an existing directory for `DIR/DISK.raw` (`DIR/DISK.qcow2`) per
+    /// disk (required).
     pub path: Option<PathBuf>,
-    /// Make the data durable (fsync) before the restore reports success.
+    /// Make the restored data durable (fsync) before reporting success; flushing starts during the
+    /// restore.
     #[serde(default = "yes")]
     pub sync: bool,
-    /// The format of the images written.
+    /// raw (sparse file or block device) or qcow2 (through a private writable qemu-nbd; files
+    /// only).
     #[serde(default)]
     pub format: ImageFormat,
     /// Replace an existing target (never one in use).
@@ -118,28 +124,16 @@ fn yes() -> bool {
     true
 }
 
-pub const OPTION_DOCS: &[(&str, &str)] = &[
-    (
-        "path",
-        "output file for one disk, or an existing directory for DIR/DISK.raw (DIR/DISK.qcow2) per disk (required)",
-    ),
-    (
-        "sync",
-        "make the restored data durable (fsync) before reporting success; flushing starts during the restore",
-    ),
-    (
-        "format",
-        "raw (sparse file or block device) or qcow2 (through a private writable qemu-nbd; files only)",
-    ),
-    (
-        "force",
-        "replace an existing target (file, block device, DIR/DISK.raw); an image a running VM or a QEMU process uses is refused even so",
-    ),
-    (
-        "uri",
-        "the libvirt connection whose domains' images are never written; empty: libvirt's default",
-    ),
-];
+/// This kind as the catalog, `backflow stages` and the README list it.
+pub const ROW: KindRow = KindRow {
+    kind: KIND,
+    summary: "writes chunks into sparse raw images, devices or qcow2 images, in parallel: into `NAME.partial`, renamed into place only on success; qcow2 through a private writable qemu-nbd, stopped before the rename",
+    input: Some(MessageType::VerifiedChunk),
+    output: None,
+    repository: RepositoryUse::No,
+    options: option_docs::<DiskWriterOptions>,
+    build: Build::Stage(|options| build_stage(options, DiskWriter::new)),
+};
 
 /// While a restore runs, the data written so far is flushed every this many bytes by a background
 /// thread, so that the final fsync finds little left to write: the kernel would otherwise hold

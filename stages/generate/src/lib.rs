@@ -7,6 +7,9 @@
 use std::sync::Arc;
 
 use backflow_pipeline::Digest;
+use backflow_pipeline::describe::{
+    Build, KindRow, OptionDocs, RepositoryUse, build_stage, option_docs,
+};
 use backflow_pipeline::{
     ByteSize, Chunk, Disk, DiskSource, InvalidOption, Message, MessageType, Payload, SizeOnly,
     Stage, StageError, StageIo, Work, Worker, digest_of,
@@ -37,19 +40,22 @@ pub enum Mix {
     Mixed,
 }
 
-#[derive(Clone, Debug, Deserialize, Serialize)]
+#[derive(Clone, Debug, Deserialize, Serialize, OptionDocs)]
 #[serde(deny_unknown_fields)]
 pub struct GenerateOptions {
     /// Total bytes to produce.
     #[serde(default = "default_size")]
     pub size: ByteSize,
+    /// Bytes per chunk.
     #[serde(default = "default_chunk_size")]
     pub chunk_size: ByteSize,
+    /// random, text, binary, zeros or mixed (a disk-like blend).
     #[serde(default)]
     pub data: Mix,
+    /// Seed of the generator: the same seed gives the same data.
     #[serde(default = "default_seed")]
     pub seed: u64,
-    /// Emit hashed chunks (digest set) instead of plain chunks, to feed a compressor directly.
+    /// Emit hashed chunks (digest set), to feed a compressor without a deduplicator.
     #[serde(default)]
     pub hashed: bool,
 }
@@ -76,19 +82,16 @@ impl Default for GenerateOptions {
     }
 }
 
-pub const OPTION_DOCS: &[(&str, &str)] = &[
-    ("size", "total bytes to produce"),
-    ("chunk_size", "bytes per chunk"),
-    ("data", "random, text, binary, zeros or mixed"),
-    (
-        "seed",
-        "seed of the generator: the same seed gives the same data",
-    ),
-    (
-        "hashed",
-        "emit hashed chunks (to feed a compressor without a deduplicator)",
-    ),
-];
+/// This kind as the catalog, `backflow stages` and the README list it.
+pub const ROW: KindRow = KindRow {
+    kind: KIND,
+    summary: "source: seeded synthetic chunks, for tuning one stage",
+    input: None,
+    output: Some(MessageType::Chunk),
+    repository: RepositoryUse::No,
+    options: option_docs::<GenerateOptions>,
+    build: Build::Stage(|options| build_stage(options, Generate::new)),
+};
 
 pub struct Generate {
     options: GenerateOptions,

@@ -10,6 +10,9 @@ use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use backflow_pipeline::describe::{
+    Build, KindRow, OptionDocs, RepositoryUse, build_stage, option_docs,
+};
 use backflow_pipeline::{
     BlockSource, DiskSource, InvalidOption, Message, MessageType, Stage, StageError, StageIo, Work,
     Worker,
@@ -19,10 +22,10 @@ use serde::{Deserialize, Serialize};
 pub const KIND: &str = "image";
 
 /// Options of the `image` source.
-#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize, OptionDocs)]
 #[serde(deny_unknown_fields)]
 pub struct ImageOptions {
-    /// Path of the raw image or block device (required).
+    /// Raw image file or block device to back up (required).
     pub path: Option<PathBuf>,
     /// The disk's name in the manifest; empty: the file name without its extension.
     #[serde(default)]
@@ -33,21 +36,16 @@ pub struct ImageOptions {
     pub vm: String,
 }
 
-/// Documentation of each option, for `backflow stages`.
-pub const OPTION_DOCS: &[(&str, &str)] = &[
-    (
-        "path",
-        "raw image file or block device to back up (required)",
-    ),
-    (
-        "disk",
-        "the disk's name in the manifest; empty: the file name without extension",
-    ),
-    (
-        "vm",
-        "the identity of the snapshots (retention, latest and parents go by it); empty: the image's canonical absolute path",
-    ),
-];
+/// This kind as the catalog, `backflow stages` and the README list it.
+pub const ROW: KindRow = KindRow {
+    kind: KIND,
+    summary: "source: a raw image file or block device, read with pread",
+    input: None,
+    output: Some(MessageType::Disk),
+    repository: RepositoryUse::No,
+    options: option_docs::<ImageOptions>,
+    build: Build::Stage(|options| build_stage(options, ImageSource::new)),
+};
 
 /// The runtime value: the file is opened when the run starts.
 #[derive(Debug)]

@@ -19,24 +19,30 @@
 use std::path::Path;
 
 use backflow_libvirt::{Connection, LibvirtError, RestoredDisk, new_definition};
+use backflow_pipeline::describe::{
+    Build, KindRow, OptionDocs, RepositoryUse, build_finaliser, option_docs,
+};
 use backflow_pipeline::{Finaliser, InvalidOption, Outcome, RunContext, StageError};
 use serde::{Deserialize, Serialize};
-use stage_cleanup::{Cleanup, CleanupOptions};
 
 pub const KIND: &str = "libvirt-define";
 
 /// The connection a restore defines on when the spec does not say: the local system daemon.
 pub const DEFAULT_URI: &str = "qemu:///system";
 
-#[derive(Clone, Debug, Deserialize, Serialize)]
+#[derive(Clone, Debug, Deserialize, Serialize, OptionDocs)]
 #[serde(deny_unknown_fields)]
 pub struct LibvirtDefineOptions {
+    /// The libvirt connection to define the new domain on.
     #[serde(default = "default_uri")]
     pub uri: String,
+    /// The new domain's name; a domain of that name must not exist (required).
     #[serde(default)]
     pub name: Option<String>,
+    /// Start the new domain once it is defined.
     #[serde(default)]
     pub start: bool,
+    /// Remove scratch directories that killed runs left in the repository (as `cleanup` does).
     #[serde(default = "yes")]
     pub remove_stale_scratch: bool,
 }
@@ -60,25 +66,23 @@ fn yes() -> bool {
     true
 }
 
-pub const OPTION_DOCS: &[(&str, &str)] = &[
-    ("uri", "the libvirt connection to define the new domain on"),
-    (
-        "name",
-        "the new domain's name; a domain of that name must not exist (required)",
-    ),
-    ("start", "start the new domain once it is defined"),
-    (
-        "remove_stale_scratch",
-        "remove scratch directories that killed runs left in the repository (as `cleanup` does)",
-    ),
-];
+/// This kind as the catalog, `backflow stages` and the README list it.
+pub const ROW: KindRow = KindRow {
+    kind: KIND,
+    summary: "finaliser: after a successful restore, defines the snapshot's domain XML as a new libvirt domain (new name, UUID and MACs) on the restored images; then does what `cleanup` does",
+    input: None,
+    output: None,
+    repository: RepositoryUse::Required,
+    options: option_docs::<LibvirtDefineOptions>,
+    build: Build::Finaliser(|options| build_finaliser(options, LibvirtDefine::new)),
+};
 
 #[derive(Debug)]
 pub struct LibvirtDefine {
     uri: String,
     name: String,
     start: bool,
-    cleanup: Cleanup,
+    remove_stale_scratch: bool,
 }
 
 impl LibvirtDefine {
@@ -99,9 +103,7 @@ impl LibvirtDefine {
             uri: options.uri,
             name,
             start: options.start,
-            cleanup: Cleanup::new(CleanupOptions {
-                remove_stale_scratch: options.remove_stale_scratch,
-            })?,
+            remove_stale_scratch: options.remove_stale_scratch,
         })
     }
 
@@ -186,10 +188,29 @@ impl Finaliser for LibvirtDefine {
                 Ok(())
             }
         };
-        // What the plain cleanup finaliser does, whatever happened above.
-        let cleaned = self.cleanup.finalise(ctx, outcome);
+        // What the plain `cleanup` finaliser does, whatever happened above. Repeated here rather
+        // than called: finalisers, like stages, do not depend on each other's crates.
+        let cleaned = if self.remove_stale_scratch {
+            remove_stale_scratch(ctx)
+        } else {
+            Ok(())
+        };
         defined.and(cleaned)
     }
+}
+
+/// Removes the scratch directories that interrupted runs left in the repository, if the run has
+/// one.
+fn remove_stale_scratch(ctx: &RunContext) -> Result<(), StageError> {
+    if ctx.repository_path().is_some()
+        && let Ok(repo) = ctx.repository()
+    {
+        let removed = repo.remove_stale_scratch()?;
+        if removed > 0 {
+            tracing::info!(removed, "Removed scratch directories of interrupted runs.");
+        }
+    }
+    Ok(())
 }
 
 /// The disk writer's `restored` result as the rewrite takes it, each path made absolute.
@@ -250,7 +271,9 @@ mod tests {
         let defaults = serde_json::to_value(LibvirtDefineOptions::default()).unwrap();
         for key in defaults.as_object().unwrap().keys() {
             assert!(
-                OPTION_DOCS.iter().any(|(n, _)| n == key),
+                LibvirtDefineOptions::OPTION_DOCS
+                    .iter()
+                    .any(|(n, _)| n == key),
                 "option {key} undocumented"
             );
         }

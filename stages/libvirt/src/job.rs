@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use backflow_libvirt::job_xml::{Endpoint, RunningJob};
-use stage_qemu_nbd::server::{is_alive, process_identity};
+use backflow_qemu::server::{is_alive, process_identity};
 
 /// Name prefix of the job directories in the socket directory.
 pub const DIR_PREFIX: &str = "backflow-libvirt-";

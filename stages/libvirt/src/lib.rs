@@ -79,13 +79,16 @@ use std::sync::{Arc, Mutex, PoisonError};
 use backflow_libvirt::backup;
 use backflow_libvirt::job_xml::{self, DiskMode, Endpoint, JobDisk};
 use backflow_libvirt::{Connection, DiskInfo, LibvirtError, VmInfo};
+use backflow_pipeline::describe::{
+    Build, KindRow, OptionDocs, RepositoryUse, build_stage, option_docs,
+};
 use backflow_pipeline::hooks::{PAUSE_AFTER_SNAPSHOT, pause_at};
 use backflow_pipeline::{
     BlockSource, ChangeTracking, DiskSource, InvalidOption, Message, MessageType, RunContext,
     Stage, StageError, StageIo, Work, Worker,
 };
+use backflow_qemu::{NbdAddress, NbdExport, QemuNbdServer, ServerConfig, ServerDir};
 use serde::{Deserialize, Serialize};
-use stage_qemu_nbd::{NbdAddress, NbdExport, QemuNbdServer, ServerConfig, ServerDir};
 use virt::domain::Domain;
 
 use crate::job::{JobDir, Owner};
@@ -101,31 +104,34 @@ pub const DEFAULT_CONNECTIONS: usize = 2;
 pub const FREEZE: &[&str] = &["auto", "off", "required"];
 
 /// Options of the `libvirt` source.
-#[derive(Clone, Debug, Deserialize, Serialize)]
+#[derive(Clone, Debug, Deserialize, Serialize, OptionDocs)]
 #[serde(deny_unknown_fields)]
 pub struct LibvirtOptions {
     /// The VM's name (required).
     #[serde(default)]
     pub domain: String,
-    /// libvirt connection URI; empty: libvirt's default.
+    /// libvirt connection URI (such as qemu:///system); empty: libvirt's default.
     #[serde(default)]
     pub uri: String,
     /// The disks to back up, by target (`vda`); empty: every disk of device type `disk`.
     #[serde(default)]
     pub disks: Vec<String>,
-    /// Name prefix of the checkpoints; empty: no checkpoints, every run reads everything.
+    /// Name prefix of the checkpoints (`PREFIX.TOKEN`); empty: none, every run reads everything.
     #[serde(default = "default_checkpoint")]
     pub checkpoint: String,
-    /// Guest filesystem freeze through the guest agent: auto, off or required.
+    /// Freeze the guest's filesystems through the guest agent: auto (warn when none answers), off
+    /// or required.
     #[serde(default = "default_freeze")]
     pub freeze: String,
-    /// Where the job's private directory (NBD socket, scratch files) is made.
+    /// Where the job's private directory (NBD socket, scratch files) is made; unset: the system's
+    /// temporary directory.
     #[serde(default)]
     pub socket_dir: Option<PathBuf>,
-    /// How the job's NBD server is reached: unix (a socket on the VM's host) or tcp.
+    /// How the job's NBD server is reached: unix (a socket, backflow on the VM's host) or tcp
+    /// (plain NBD, no TLS: a trusted network only).
     #[serde(default = "default_transport")]
     pub transport: String,
-    /// tcp: the address QEMU listens on and we connect to; empty: 127.0.0.1 on a local
+    /// tcp: the address QEMU listens on and backflow connects to; empty: 127.0.0.1 on a local
     /// connection, else the VM's host as libvirt names it.
     #[serde(default)]
     pub host: String,
@@ -180,40 +186,16 @@ impl Default for LibvirtOptions {
     }
 }
 
-/// Documentation of each option, for `backflow stages`.
-pub const OPTION_DOCS: &[(&str, &str)] = &[
-    ("domain", "the VM's name (required)"),
-    (
-        "uri",
-        "libvirt connection URI (qemu:///system); empty: libvirt's default",
-    ),
-    (
-        "disks",
-        "the disks to back up, by target (vda); empty: every disk of device type disk",
-    ),
-    (
-        "checkpoint",
-        "name prefix of the checkpoints (PREFIX.TOKEN); empty: none, every run reads everything",
-    ),
-    (
-        "freeze",
-        "freeze the guest's filesystems through the guest agent: auto (crash-consistent, with a note, when none answers), off, required (fail when none answers)",
-    ),
-    (
-        "socket_dir",
-        "where the job's private directory (NBD socket, scratch files) is made; unset: the system's temporary directory",
-    ),
-    (
-        "transport",
-        "how the job's NBD server is reached: unix (a socket, backflow on the VM's host) or tcp (plain NBD, no TLS: a trusted network only)",
-    ),
-    (
-        "host",
-        "tcp: the address QEMU listens on and backflow connects to; empty: 127.0.0.1 on a local connection, else the VM's host",
-    ),
-    ("port", "tcp: the port QEMU listens on"),
-    ("connections", "most NBD connections open at once, per disk"),
-];
+/// This kind as the catalog, `backflow stages` and the README list it.
+pub const ROW: KindRow = KindRow {
+    kind: KIND,
+    summary: "snapshot source: every disk of a libvirt VM at one instant: a pull-mode backup job with a checkpoint `CHECKPOINT.TOKEN` when it runs, a private qemu-nbd per image when it is shut off; the job is ended, scratch files and sockets removed, whatever the outcome",
+    input: None,
+    output: Some(MessageType::Disk),
+    repository: RepositoryUse::No,
+    options: option_docs::<LibvirtOptions>,
+    build: Build::Stage(|options| build_stage(options, LibvirtSource::new)),
+};
 
 /// The runtime value: connects to libvirt when the run starts.
 #[derive(Debug)]
@@ -472,7 +454,7 @@ impl Checkpoints for LibvirtCheckpoints<'_> {
             ));
         }
         if let Some(image) = self.images.and_then(|i| i.get(disk)) {
-            let info = stage_qemu_nbd::bitmap::image_info(image)
+            let info = backflow_qemu::bitmap::image_info(image)
                 .map_err(|e| format!("the bitmaps of {} cannot be read ({e})", image.display()))?;
             match info.bitmaps.iter().find(|b| b.name == checkpoint) {
                 None => {
@@ -987,7 +969,7 @@ impl LibvirtSource {
             let export = Arc::new(
                 NbdExport::open_with_bitmaps(
                     server.socket().to_owned(),
-                    stage_qemu_nbd::server::EXPORT_NAME,
+                    backflow_qemu::server::EXPORT_NAME,
                     image.clone(),
                     self.connections,
                     &bitmaps,

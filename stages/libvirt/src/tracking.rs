@@ -14,8 +14,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use backflow_pipeline::{ChangeTracking, Changes};
+use backflow_qemu::NbdExport;
 use serde::{Deserialize, Serialize};
-use stage_qemu_nbd::NbdExport;
 
 /// The `method` recorded in the manifest's `cbt` for libvirt checkpoints.
 pub const METHOD: &str = "libvirt-checkpoint";

@@ -6,7 +6,7 @@
 //! stops anything, so a server that is missing at run time is an error naming the endpoint, and a
 //! server that outlives the run is whoever started it's business.
 //!
-//! Reading goes through [`stage_qemu_nbd::NbdExport`]: a pool of at most `connections` NBD
+//! Reading goes through [`backflow_qemu::NbdExport`]: a pool of at most `connections` NBD
 //! clients, each lent to one reader at a time (which may keep several requests in flight on it),
 //! and `base:allocation` so that ranges the server reports as zeros are never read.
 //!
@@ -19,13 +19,16 @@ use std::io;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use backflow_pipeline::describe::{
+    Build, KindRow, OptionDocs, RepositoryUse, build_stage, option_docs,
+};
 use backflow_pipeline::{
     BlockSource, DiskSource, InvalidOption, Message, MessageType, Stage, StageError, StageIo, Work,
     Worker,
 };
+use backflow_qemu::NbdExport;
+pub use backflow_qemu::pool::NbdAddress;
 use serde::{Deserialize, Serialize};
-use stage_qemu_nbd::NbdExport;
-pub use stage_qemu_nbd::pool::NbdAddress;
 
 pub const KIND: &str = "nbd";
 
@@ -33,22 +36,22 @@ pub const KIND: &str = "nbd";
 pub const DEFAULT_CONNECTIONS: usize = 2;
 
 /// Options of the `nbd` source.
-#[derive(Clone, Debug, Deserialize, Serialize)]
+#[derive(Clone, Debug, Deserialize, Serialize, OptionDocs)]
 #[serde(deny_unknown_fields)]
 pub struct NbdOptions {
-    /// The server's unix socket; either this or `host` and `port`.
+    /// The NBD server's unix socket; either this or `host` and `port`.
     #[serde(default)]
     pub socket: Option<PathBuf>,
-    /// The server's host name or address, for TCP.
+    /// The NBD server's host name or address, for TCP (plain, no TLS).
     #[serde(default)]
     pub host: String,
-    /// The server's TCP port.
+    /// The NBD server's TCP port, with `host`.
     #[serde(default)]
     pub port: Option<u16>,
-    /// The export name to ask for; servers that serve one export accept "".
+    /// The export name to ask for; "" for a server's only export.
     #[serde(default)]
     pub export: String,
-    /// The disk's name in the manifest (required: an export has no file name to take it from).
+    /// The disk's name in the manifest (required): an export has no file name to take it from.
     #[serde(default)]
     pub disk: Option<String>,
     /// The machine the snapshot belongs to; empty: the disk's name.
@@ -77,25 +80,16 @@ impl Default for NbdOptions {
     }
 }
 
-/// Documentation of each option, for `backflow stages`.
-pub const OPTION_DOCS: &[(&str, &str)] = &[
-    (
-        "socket",
-        "the NBD server's unix socket; either this or host and port",
-    ),
-    (
-        "host",
-        "the NBD server's host name or address, for TCP (plain, no TLS)",
-    ),
-    ("port", "the NBD server's TCP port, with host"),
-    ("export", "the export name; \"\" for a server's only export"),
-    ("disk", "the disk's name in the manifest (required)"),
-    (
-        "vm",
-        "the machine the snapshot belongs to; empty: the disk's name",
-    ),
-    ("connections", "most NBD connections open at once"),
-];
+/// This kind as the catalog, `backflow stages` and the README list it.
+pub const ROW: KindRow = KindRow {
+    kind: KIND,
+    summary: "source: an NBD export someone else serves (qemu-nbd, nbdkit); zero ranges are skipped; the server is left running",
+    input: None,
+    output: Some(MessageType::Disk),
+    repository: RepositoryUse::No,
+    options: option_docs::<NbdOptions>,
+    build: Build::Stage(|options| build_stage(options, NbdSource::new)),
+};
 
 /// The runtime value: connects when the run starts.
 #[derive(Debug)]

@@ -11,22 +11,17 @@
 //! directory whatever the outcome, and only then starts `qemu-nbd --read-only --persistent` as
 //! its child, ready once it wrote its pid file. The cleanup action is registered first so that a
 //! server which started but failed later (or a run that failed elsewhere) is still stopped; the
-//! server is our child, waited for when stopped, so it never stays behind as a zombie (see
-//! [`server`]).
-//!
-//! # Layout
-//! - [`server`]: starting and stopping the `qemu-nbd` process.
-//! - [`export`]: the [`BlockSource`] over a pool of NBD clients.
-
-pub mod bitmap;
-pub mod export;
-pub mod pool;
-pub mod server;
+//! server is our child, waited for when stopped, so it never stays behind as a zombie. The
+//! server, the pooled export and the bitmaps are the `backflow-qemu` crate's, shared with the
+//! other stages that use QEMU.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use backflow_pipeline::describe::{
+    Build, KindRow, OptionDocs, RepositoryUse, build_stage, option_docs,
+};
 use backflow_pipeline::input::InputError;
 use backflow_pipeline::{
     BlockSource, ChangeTracking, DiskSource, InvalidOption, Message, MessageType, Outcome, Stage,
@@ -34,10 +29,10 @@ use backflow_pipeline::{
 };
 use serde::{Deserialize, Serialize};
 
-pub use bitmap::{BitmapChain, BitmapTracking};
-pub use export::NbdExport;
-pub use pool::{ClientPool, NbdAddress};
-pub use server::{QemuNbdServer, ServerConfig, ServerDir};
+use backflow_qemu::server::EXPORT_NAME;
+use backflow_qemu::{
+    BitmapChain, BitmapTracking, NbdExport, QemuNbdServer, ServerConfig, ServerDir,
+};
 
 pub const KIND: &str = "qemu-nbd";
 
@@ -49,12 +44,12 @@ pub const FORMATS: &[&str] = &["qcow2", "raw"];
 pub const DEFAULT_CONNECTIONS: usize = 2;
 
 /// Options of the `qemu-nbd` source.
-#[derive(Clone, Debug, Deserialize, Serialize)]
+#[derive(Clone, Debug, Deserialize, Serialize, OptionDocs)]
 #[serde(deny_unknown_fields)]
 pub struct QemuNbdOptions {
-    /// Path of the image (required).
+    /// Image file QEMU can read, qcow2 above all (required).
     pub path: Option<PathBuf>,
-    /// The image format given to `qemu-nbd -f`.
+    /// Image format given to `qemu-nbd -f`: qcow2 or raw (never probed).
     #[serde(default = "default_format")]
     pub format: String,
     /// The disk's name in the manifest; empty: the file name without its extension.
@@ -64,13 +59,14 @@ pub struct QemuNbdOptions {
     /// canonical absolute path, so that `/a/disk.qcow2` and `/b/disk.qcow2` are never confused.
     #[serde(default)]
     pub vm: String,
-    /// Most NBD connections open at once (the server's `--shared`).
+    /// Most NBD connections open at once (`qemu-nbd --shared`).
     #[serde(default = "default_connections")]
     pub connections: usize,
-    /// Where the private socket directory is created; empty: the system's temporary directory.
+    /// Where the private socket directory is made; unset: the system's temporary directory.
     #[serde(default)]
     pub socket_dir: Option<PathBuf>,
-    /// Track changes with qcow2 persistent bitmaps named `BITMAP.*`; empty: no tracking.
+    /// Track changes with qcow2 persistent bitmaps named `BITMAP.*` (qcow2 only; letters, digits, -
+    /// and _); empty: no tracking.
     #[serde(default)]
     pub bitmap: String,
 }
@@ -97,34 +93,16 @@ impl Default for QemuNbdOptions {
     }
 }
 
-/// Documentation of each option, for `backflow stages`.
-pub const OPTION_DOCS: &[(&str, &str)] = &[
-    (
-        "path",
-        "image file QEMU can read, qcow2 above all (required)",
-    ),
-    ("format", "image format given to qemu-nbd: qcow2 or raw"),
-    (
-        "disk",
-        "the disk's name in the manifest; empty: the file name without extension",
-    ),
-    (
-        "vm",
-        "the identity of the snapshots (retention, latest and parents go by it); empty: the image's canonical absolute path",
-    ),
-    (
-        "connections",
-        "most NBD connections open at once (qemu-nbd --shared)",
-    ),
-    (
-        "socket_dir",
-        "where the private socket directory is made; unset: the system's temporary directory",
-    ),
-    (
-        "bitmap",
-        "track changes with qcow2 persistent bitmaps named BITMAP.* (qcow2 only; letters, digits, - and _); empty: none",
-    ),
-];
+/// This kind as the catalog, `backflow stages` and the README list it.
+pub const ROW: KindRow = KindRow {
+    kind: KIND,
+    summary: "source: any image QEMU reads (qcow2), through a private read-only qemu-nbd on a unix socket; unallocated and zero clusters are never read; the server is backflow's own child, stopped and waited for when the run ends (one left by a killed run is stopped by the next); with `bitmap`, tracks changes with persistent bitmaps `BITMAP.*`",
+    input: None,
+    output: Some(MessageType::Disk),
+    repository: RepositoryUse::No,
+    options: option_docs::<QemuNbdOptions>,
+    build: Build::Stage(|options| build_stage(options, QemuNbd::new)),
+};
 
 /// The runtime value: the server is started when the run starts.
 #[derive(Debug)]
@@ -303,7 +281,7 @@ impl Stage for QemuNbd {
         let export = Arc::new(
             NbdExport::open_with_bitmaps(
                 server.socket().to_owned(),
-                server::EXPORT_NAME,
+                EXPORT_NAME,
                 self.path.clone(),
                 self.connections,
                 &exported,

@@ -8,13 +8,14 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use backflow_pipeline::{OutcomeKind, Pipeline, RunOptions};
+use backflow_qemu::{QemuNbdServer, ServerConfig, ServerDir};
 use backflow_repository::Repository;
 use backflow_stages::Stages;
 use backflow_testkit::qemu::{
     assert_images_equal, assert_no_process_naming, children_of, live, make_qcow2, processes_naming,
 };
 use backflow_testkit::{assert_succeeded, restore_with_spec};
-use stage_qemu_nbd::{QemuNbd, QemuNbdOptions, QemuNbdServer, ServerConfig, ServerDir};
+use stage_qemu_nbd::{QemuNbd, QemuNbdOptions};
 
 /// 1 MiB chunks, so that rounding allocated data to whole chunks is visible.
 const CHUNK: u32 = 1 << 20;

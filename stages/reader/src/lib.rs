@@ -11,6 +11,9 @@
 
 use std::sync::atomic::Ordering;
 
+use backflow_pipeline::describe::{
+    Build, KindRow, OptionDocs, RepositoryUse, build_stage, option_docs,
+};
 use backflow_pipeline::{
     Chunk, ExtentClass, InvalidOption, Message, MessageType, Payload, Stage, StageError, StageIo,
     Work, Worker, stage::unexpected,
@@ -20,11 +23,20 @@ use serde::{Deserialize, Serialize};
 
 pub const KIND: &str = "reader";
 
-#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize, OptionDocs)]
 #[serde(deny_unknown_fields)]
 pub struct ReaderOptions {}
 
-pub const OPTION_DOCS: &[(&str, &str)] = &[];
+/// This kind as the catalog, `backflow stages` and the README list it.
+pub const ROW: KindRow = KindRow {
+    kind: KIND,
+    summary: "reads chunk-aligned extents into chunks; all-zero chunks become zero markers, never stored",
+    input: Some(MessageType::Extent),
+    output: Some(MessageType::Chunk),
+    repository: RepositoryUse::No,
+    options: option_docs::<ReaderOptions>,
+    build: Build::Stage(|options| build_stage(options, Reader::new)),
+};
 
 #[derive(Debug, Default)]
 pub struct Reader;

@@ -19,6 +19,9 @@
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock};
 
+use backflow_pipeline::describe::{
+    Build, KindRow, OptionDocs, RepositoryUse, build_stage, option_docs,
+};
 use backflow_pipeline::{
     Chunk, Disk, DiskSource, InvalidOption, Message, MessageType, Payload, RunContext, SizeOnly,
     Stage, StageError, StageIo, Work, Worker,
@@ -41,14 +44,14 @@ pub const PLAN_RESULT: &str = backflow_pipeline::RESTORE_PLAN;
 /// (`[{"disk", "offset", "length", "digest", "cause"}]`).
 pub const DAMAGED_RESULT: &str = "damaged";
 
-#[derive(Clone, Debug, Deserialize, Serialize)]
+#[derive(Clone, Debug, Deserialize, Serialize, OptionDocs)]
 #[serde(deny_unknown_fields)]
 pub struct RepoReaderOptions {
     /// Snapshot id, a unique prefix of one, or `latest` (of `vm`; without `vm` only in a repository
     /// of one VM).
     #[serde(default = "latest")]
     pub snapshot: String,
-    /// Only this disk; empty: every disk of the snapshot.
+    /// Restore only this disk; empty: every disk of the snapshot.
     #[serde(default)]
     pub disk: String,
     /// The VM (identity) whose snapshots `snapshot` names: its `latest`, and prefixes among its
@@ -76,21 +79,16 @@ impl Default for RepoReaderOptions {
     }
 }
 
-pub const OPTION_DOCS: &[(&str, &str)] = &[
-    (
-        "snapshot",
-        "snapshot id, a unique prefix of one, or latest (of vm; without vm only when the repository holds one VM)",
-    ),
-    ("disk", "restore only this disk; empty: every disk"),
-    (
-        "vm",
-        "the VM whose snapshots snapshot names (its latest; prefixes among its snapshots); empty: any",
-    ),
-    (
-        "allow_damaged",
-        "restore zeros where no stored copy of a chunk can be read, listing each such range, instead of failing",
-    ),
-];
+/// This kind as the catalog, `backflow stages` and the README list it.
+pub const ROW: KindRow = KindRow {
+    kind: KIND,
+    summary: "restore source: a snapshot's chunks; workers read ahead in batches",
+    input: None,
+    output: Some(MessageType::CompressedChunk),
+    repository: RepositoryUse::Required,
+    options: option_docs::<RepoReaderOptions>,
+    build: Build::Stage(|options| build_stage(options, RepoReader::new)),
+};
 
 type Plan = (Arc<Snapshot>, Vec<(usize, Arc<Disk>)>);
 

@@ -10,6 +10,9 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use backflow_pipeline::describe::{
+    Build, KindRow, OptionDocs, RepositoryUse, build_stage, option_docs,
+};
 use backflow_pipeline::{
     Chunk, Disk, InvalidOption, Message, MessageType, Payload, RunContext, Stage, StageError,
     StageIo, Work, Worker, stage::unexpected,
@@ -19,22 +22,26 @@ use serde::{Deserialize, Serialize};
 
 pub const KIND: &str = "repo-writer";
 
-#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize, OptionDocs)]
 #[serde(deny_unknown_fields)]
 pub struct RepoWriterOptions {}
 
-pub const OPTION_DOCS: &[(&str, &str)] = &[];
+/// This kind as the catalog, `backflow stages` and the README list it.
+pub const ROW: KindRow = KindRow {
+    kind: KIND,
+    summary: "packs new chunks into the repository, records every chunk's reference, commits the snapshot last",
+    input: Some(MessageType::CompressedChunk),
+    output: None,
+    repository: RepositoryUse::Required,
+    options: option_docs::<RepoWriterOptions>,
+    build: Build::Stage(|options| build_stage(options, RepoWriter::new)),
+};
 
-/// Chunk references copied from the parent per read and write (32 KiB of table).
 const UNCHANGED_BATCH: u64 = 1024;
 
-/// One disk being written: its slot in the session and which chunks arrived.
 struct DiskState {
     slot: usize,
     disk: Arc<Disk>,
-    /// One bit per chunk (128 KiB of bitmap per TiB of disk at 128 KiB chunks): a chunk that
-    /// arrives twice is a bug upstream, and a snapshot is committed only when every bit is set,
-    /// so a lost chunk can never be recorded as zeros.
     arrived: Vec<AtomicU64>,
     chunks_seen: AtomicU64,
 }

@@ -11,9 +11,9 @@ use backflow_pipeline::{
     ParentChunks, Payload, Pipeline, PlacedStage, RunOptions, RunReport, SizeOnly, Stage,
     StageError, StageIo, Worker, digest_of,
 };
+use backflow_planner::SnapshotParent;
 use backflow_repository::{Codec, DiskMeta, Repository};
 use bytes::Bytes;
-use stage_full_map::SnapshotParent;
 use stage_repo_writer::{RepoWriter, RepoWriterOptions};
 use stage_zstd::{Zstd, ZstdOptions};
 

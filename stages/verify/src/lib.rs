@@ -4,6 +4,9 @@
 //! none, unless the run allows damage (`repo-reader`'s `allow_damaged`): then the chunk is restored
 //! as zeros and listed at the end.
 
+use backflow_pipeline::describe::{
+    Build, KindRow, OptionDocs, RepositoryUse, build_stage, option_docs,
+};
 use backflow_pipeline::{
     InvalidOption, MessageType, Payload, Stage, StageError, StageIo, Worker, digest_of,
 };
@@ -11,11 +14,20 @@ use serde::{Deserialize, Serialize};
 
 pub const KIND: &str = "verify";
 
-#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize, OptionDocs)]
 #[serde(deny_unknown_fields)]
 pub struct VerifyOptions {}
 
-pub const OPTION_DOCS: &[(&str, &str)] = &[];
+/// This kind as the catalog, `backflow stages` and the README list it.
+pub const ROW: KindRow = KindRow {
+    kind: KIND,
+    summary: "BLAKE3 check of every chunk before it is written; a mismatch fails the restore and names the chunk",
+    input: Some(MessageType::HashedChunk),
+    output: Some(MessageType::VerifiedChunk),
+    repository: RepositoryUse::No,
+    options: option_docs::<VerifyOptions>,
+    build: Build::Stage(|options| build_stage(options, Verify::new)),
+};
 
 #[derive(Debug, Default)]
 pub struct Verify;

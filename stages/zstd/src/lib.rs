@@ -5,6 +5,9 @@
 //! already-compressed data costs no decompression on restore.
 
 use backflow_pipeline::Codec;
+use backflow_pipeline::describe::{
+    Build, KindRow, OptionDocs, RepositoryUse, build_stage, option_docs,
+};
 use backflow_pipeline::{InvalidOption, MessageType, Payload, Stage, StageError, StageIo, Worker};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -14,10 +17,10 @@ pub const KIND: &str = "zstd";
 /// zstd level 1: measured fastest at a ratio close to level 3 on disk images (see README).
 pub const DEFAULT_LEVEL: i32 = 1;
 
-#[derive(Clone, Debug, Deserialize, Serialize)]
+#[derive(Clone, Debug, Deserialize, Serialize, OptionDocs)]
 #[serde(deny_unknown_fields)]
 pub struct ZstdOptions {
-    /// zstd level, 1 (fastest) to 19; negative levels are faster still.
+    /// zstd level: -7 (fastest) to 19 (smallest).
     #[serde(default = "default_level")]
     pub level: i32,
 }
@@ -34,7 +37,16 @@ fn default_level() -> i32 {
     DEFAULT_LEVEL
 }
 
-pub const OPTION_DOCS: &[(&str, &str)] = &[("level", "zstd level: -7 (fastest) to 19 (smallest)")];
+/// This kind as the catalog, `backflow stages` and the README list it.
+pub const ROW: KindRow = KindRow {
+    kind: KIND,
+    summary: "compresses new chunks, one zstd frame each; a chunk that does not shrink is stored raw",
+    input: Some(MessageType::HashedChunk),
+    output: Some(MessageType::CompressedChunk),
+    repository: RepositoryUse::No,
+    options: option_docs::<ZstdOptions>,
+    build: Build::Stage(|options| build_stage(options, Zstd::new)),
+};
 
 #[derive(Debug)]
 pub struct Zstd {
