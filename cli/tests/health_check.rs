@@ -181,9 +181,10 @@ fn a_damaged_chunk_is_marked_by_the_check_and_stored_again_by_the_next_backup() 
         .count();
     assert!(occurrences > 0);
     assert!(
-        warnings(&report).iter().any(|w| w
-            .contains(&format!("{occurrences} chunks of snapshot"))
-            && w.contains("marked damaged")),
+        warnings(&report)
+            .iter()
+            .any(|w| w.contains(&format!("{occurrences} chunks of snapshot"))
+                && w.contains("marked damaged")),
         "{report:#}"
     );
     assert!(report["repo_bytes_written"].as_u64().unwrap() > 0);
