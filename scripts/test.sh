@@ -17,7 +17,7 @@ cargo build --release --workspace --all-targets
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 status=0
-cargo test --release --workspace "$@" 2>&1 | tee "$log" || status=$?
+cargo test --release --workspace --no-fail-fast "$@" 2>&1 | tee "$log" || status=$?
 # The tests' builds have the test hooks (cli's dev-dependencies); the binary a user builds has none.
 bash scripts/no-hooks.sh || status=$?
 bash scripts/fuzz.sh 30 || status=$?  # the NBD reply parser under libFuzzer; a crash fails the run

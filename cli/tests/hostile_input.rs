@@ -70,6 +70,13 @@ fn disk_and_vm_names_that_could_be_paths_are_refused_with_their_position() {
     init_repo(&repo, "64K");
     let backup_image = spec("backup-image.yaml");
     let long = "d".repeat(129);
+    // The line of the image stage's `disk:` option in the spec, where the errors point.
+    let disk_line = std::fs::read_to_string(&backup_image)
+        .unwrap()
+        .lines()
+        .position(|l| l.trim() == "disk: ${disk}")
+        .expect("backup-image.yaml sets the image stage's disk")
+        + 1;
     for (name, problem) in [
         ("../x", "contains `/`"),
         ("../../escape", "contains `/`"),
@@ -89,8 +96,9 @@ fn disk_and_vm_names_that_could_be_paths_are_refused_with_their_position() {
             let (code, stderr) = run_bounded(args);
             assert_eq!(code, Some(2), "{command} disk={name:?}: {stderr}");
             assert!(
-                stderr.contains("specs/backup-image.yaml:17:11: stages[0] (image).disk: disk name")
-                    && stderr.contains(problem),
+                stderr.contains(&format!(
+                    "specs/backup-image.yaml:{disk_line}:11: stages[0] (image).disk: disk name"
+                )) && stderr.contains(problem),
                 "{command} disk={name:?}: {stderr}"
             );
         }
