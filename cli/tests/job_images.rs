@@ -368,10 +368,13 @@ fn job_validate_checks_repository_spec_variables_cron_and_patterns_and_prints_ne
             file.display(),
             text(&out)
         );
+        // Warnings (a pattern that matches no VM) come first; the error is the first other line,
+        // after the program's name.
         let first = stderr
             .lines()
-            .find(|l| !l.starts_with("warning: "))
+            .find(|l| !l.contains("warning: "))
             .unwrap_or_default();
+        let first = first.strip_prefix("backflow: ").unwrap_or(first);
         assert!(
             first.starts_with(&format!("{}{at}", file.display()))
                 && what.iter().all(|w| first.contains(w)),

@@ -202,7 +202,7 @@ fn restore_vm_refuses_a_snapshot_without_a_domain_definition() {
     let to = image_dir(work.path(), "restored");
     let out = restore_vm(&repo, &to, &name, &work.path().join("report.json"));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(
         stderr.contains("has no domain definition: it was not taken from a libvirt VM"),
         "{stderr}"
