@@ -283,20 +283,8 @@ pub fn overall_line(
     )
 }
 
-/// A byte count in binary units, one decimal: `512 B`, `1.5 KiB`, `20.0 GiB`.
-pub fn bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];
-    if n < 1024 {
-        return format!("{n} B");
-    }
-    let mut value = n as f64 / 1024.0;
-    let mut unit = 0;
-    while value >= 1024.0 && unit + 1 < UNITS.len() {
-        value /= 1024.0;
-        unit += 1;
-    }
-    format!("{value:.1} {}", UNITS[unit])
-}
+/// A byte count in binary units, one decimal (`512 B`, `1.5 KiB`): the mail's rendering.
+pub use backflow_jobs::notify::bytes;
 
 /// Seconds as `M:SS`, or `H:MM:SS` from an hour on.
 pub fn clock(seconds: f64) -> String {

@@ -61,7 +61,7 @@ mod session;
 
 pub use config::{DEFAULT_TIMEOUT_SECS, Secret, Security, SmtpConfig};
 pub use error::{NotifyError, Result};
-pub use render::{duration, render, utc};
+pub use render::{bytes, duration, render, utc};
 pub use send::send;
 pub use session::{Outcome, Session, VmReport};
 

@@ -172,8 +172,9 @@ fn indent_continuation(text: &str) -> String {
     text.trim_end().replace('\n', "\n    ")
 }
 
-/// Binary units with one decimal: "0 B", "512 B", "1.5 KiB", "3.0 GiB".
-pub(crate) fn bytes(n: u64) -> String {
+/// Binary units with one decimal: "0 B", "512 B", "1.5 KiB", "3.0 GiB": also what the command
+/// line's progress and summaries show, so that a mail and a terminal say the same.
+pub fn bytes(n: u64) -> String {
     const UNITS: [&str; 6] = ["KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
     if n < 1024 {
         return format!("{n} B");

@@ -147,6 +147,30 @@ impl<'a> Worker<'a> {
         Ok(())
     }
 
+    /// The loop of a compressor stage: `encode` turns each chunk's plaintext into a codec and its
+    /// stored bytes; chunks already encoded (or zero markers) pass unchanged. One loop for every
+    /// codec, so that a compressor stage is its codec alone.
+    pub fn encode_chunks(
+        &mut self,
+        stage: &str,
+        mut encode: impl FnMut(
+            &bytes::Bytes,
+        ) -> Result<(crate::message::Codec, bytes::Bytes), StageError>,
+    ) -> Result<(), StageError> {
+        self.map_chunks(stage, |_, chunk| {
+            if let crate::message::Payload::Raw(data) = &chunk.payload {
+                let raw_len = data.len() as u32;
+                let (codec, data) = encode(data)?;
+                chunk.payload = crate::message::Payload::Encoded {
+                    codec,
+                    data,
+                    raw_len,
+                };
+            }
+            Ok(())
+        })
+    }
+
     /// Counts bytes a sink consumed (or a stage produced without sending, such as a writer).
     pub fn count_out(&self, bytes: u64) {
         StageCounters::add(&self.counters.bytes_out, bytes);

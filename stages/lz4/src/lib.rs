@@ -14,7 +14,7 @@ use backflow_pipeline::Codec;
 use backflow_pipeline::describe::{
     Build, KindRow, OptionDocs, RepositoryUse, build_stage, option_docs,
 };
-use backflow_pipeline::{InvalidOption, MessageType, Payload, Stage, StageError, StageIo, Worker};
+use backflow_pipeline::{InvalidOption, MessageType, Stage, StageError, StageIo, Worker};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
@@ -85,18 +85,7 @@ impl Stage for Lz4 {
 
     fn run(&self, worker: &mut Worker<'_>) -> Result<(), StageError> {
         let mut compressor = self.compressor();
-        worker.map_chunks(KIND, |_, chunk| {
-            if let Payload::Raw(data) = &chunk.payload {
-                let raw_len = data.len() as u32;
-                let (codec, data) = compressor.encode(data)?;
-                chunk.payload = Payload::Encoded {
-                    codec,
-                    data,
-                    raw_len,
-                };
-            }
-            Ok(())
-        })
+        worker.encode_chunks(KIND, |data| compressor.encode(data))
     }
 }
 
