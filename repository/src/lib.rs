@@ -368,6 +368,7 @@ mod scratch;
 mod session;
 mod snapshot;
 mod sort;
+pub mod store;
 mod types;
 mod verify;
 
@@ -398,6 +399,7 @@ pub use types::{
     BadDigest, ChunkLocation, ChunkRef, Codec, DamagedFile, Digest, PackId, StoredChunk,
 };
 pub use verify::{ChunkProblem, ProblemKind, VerifyReport};
+pub use store::{BadLocation, Location, S3Location};
 
 impl Repository {
     /// Checks the repository; see "What `verify` checks" above. Problems are in the report, not an `Err`: an

@@ -131,6 +131,7 @@ impl IndexSet {
 #[derive(Debug)]
 struct Inner {
     path: PathBuf,
+    location: crate::Location,
     config: RepositoryConfig,
     indexes: RwLock<IndexSet>,
     /// Most recently used last.
@@ -223,6 +224,7 @@ impl Repository {
         Ok(Repository {
             inner: Arc::new(Inner {
                 path: path.to_owned(),
+                location: crate::Location::Local(path.to_owned()),
                 config,
                 indexes: RwLock::new(IndexSet::default()),
                 packs: Mutex::new(Vec::with_capacity(PACK_CACHE_SIZE)),
@@ -236,6 +238,40 @@ impl Repository {
 
     pub fn path(&self) -> &Path {
         &self.inner.path
+    }
+
+    /// Opens the repository at a location (a local path or `s3://BUCKET/PREFIX`).
+    pub fn open_at(location: &crate::Location) -> Result<Repository> {
+        match location {
+            crate::Location::Local(path) => Repository::open(path),
+            crate::Location::S3(_) => Err(RepoError::NotARepository {
+                path: PathBuf::from(location.to_string()),
+                reason: "the S3 backend is not built yet".into(),
+            }),
+        }
+    }
+
+    /// Creates a repository at a location (a local path or `s3://BUCKET/PREFIX`).
+    pub fn init_at(location: &crate::Location, options: &InitOptions) -> Result<Repository> {
+        match location {
+            crate::Location::Local(path) => Repository::init_with(path, options),
+            crate::Location::S3(_) => Err(RepoError::InitRefused {
+                path: PathBuf::from(location.to_string()),
+                reason: "the S3 backend is not built yet".into(),
+            }),
+        }
+    }
+
+    /// Where the repository is, as an operator writes it.
+    pub fn location(&self) -> &crate::Location {
+        &self.inner.location
+    }
+
+    /// The content address of a chunk's plaintext in this repository: BLAKE3, keyed in an encrypted
+    /// repository so that ids reveal nothing about contents. Every stage that computes a digest for this
+    /// repository asks here.
+    pub fn digest_of(&self, data: &[u8]) -> Digest {
+        Digest(*blake3::hash(data).as_bytes())
     }
 
     /// This handle's name in `users/`, if it could register.

@@ -1,0 +1,169 @@
+//! The storage seam: the few operations the format needs, behind one trait, with a backend per kind of
+//! storage. Everything above this module speaks in *keys* (`packs/3f/3fa2….pack`, `index/ID.idx`,
+//! `snapshots/ID.snap`, `config`): `/`-separated, relative to the repository's root, never starting with `/`
+//! and never containing `..`. The backends map keys to files under a directory ([`fs::FsStore`]) or to objects
+//! under a bucket and prefix ([`s3::S3Store`]).
+//!
+//! What a backend promises (each says how it keeps the promise in its own module's documentation):
+//! - **Durable when it returns.** [`Store::publish`] and [`Store::put`] return only once the object survives a
+//!   crash of this host (fs: fsync of the file and its directory; S3: the PUT or CompleteMultipartUpload was
+//!   acknowledged).
+//! - **Whole or absent.** A reader never sees part of an object: fs writes under a temporary name and renames
+//!   or links; S3 objects appear atomically.
+//! - **Create never replaces.** [`PutMode::Create`] fails with [`Exists`] when the key exists. fs: `link(2)`
+//!   (or `O_EXCL`). S3: `If-None-Match: *` where the store honours it, plus a HEAD before the upload; a store
+//!   that ignores the header (Garage 2.5 does) can then let a racing writer replace an object, so no
+//!   guarantee of the format rests on it: every key a session creates carries fresh random bits, and mutual
+//!   exclusion comes from leases ([`Store::lock`]), which need only read-after-write consistency of PUT and
+//!   LIST.
+//! - **Listing sees every object whose write returned before the listing began** (read-after-write; Garage,
+//!   Ceph RGW, MinIO and AWS S3 all give it).
+//!
+//! Scratch space (session chunk tables, spilled sort runs, packs being filled, objects fetched whole) is
+//! always a local directory, [`Store::scratch_root`]: under the repository for fs, under
+//! `$BACKFLOW_SCRATCH_DIR` (default `/var/tmp/backflow`) for S3.
+
+use std::fmt;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use crate::error::Result;
+
+pub mod location;
+
+pub use location::{BadLocation, Location, S3Location};
+
+/// How [`Store::publish`] and [`Store::put`] treat an existing object of the same key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PutMode {
+    /// Fail with an error for which [`is_exists`] holds when the key exists (write-once files: packs, index
+    /// files, manifests).
+    Create,
+    /// Replace atomically (side files rewritten whole: `damaged`, gc state, leases, `config.copy`).
+    Replace,
+}
+
+/// How [`Store::lock`] takes a named lock.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LockMode {
+    /// Any number of holders at once (backups, forget).
+    Shared,
+    /// One holder and no shared ones (gc's publication, index rebuild).
+    Exclusive,
+}
+
+/// One object of a listing.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Entry {
+    /// The object's key relative to the listed prefix (`3fa2….pack` for a listing of `packs/3f/`).
+    pub name: String,
+    pub size: u64,
+    /// When it was last written, by the store's clock (used for leases and for "older than" decisions).
+    pub modified: Option<SystemTime>,
+}
+
+/// An object opened for positioned reads. fs: the open file. S3: ranged GETs (a small object may be fetched
+/// whole at open).
+pub trait Object: Send + Sync + fmt::Debug {
+    fn len(&self) -> u64;
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Reads up to `buf.len()` bytes at `offset`; short only at the end of the object.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize>;
+
+    /// Reads exactly `buf.len()` bytes at `offset`.
+    fn read_exact_at(&self, mut buf: &mut [u8], mut offset: u64) -> io::Result<()> {
+        while !buf.is_empty() {
+            match self.read_at(buf, offset) {
+                Ok(0) => return Err(io::Error::from(io::ErrorKind::UnexpectedEof)),
+                Ok(n) => {
+                    buf = &mut buf[n..];
+                    offset += n as u64;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A lock or registration held for as long as the value lives. fs: a `flock`ed file (the kernel drops it
+/// when the process dies). S3: a lease object renewed in the background; it is gone when deleted or when
+/// older than the lease bound.
+pub trait Lease: Send + Sync + fmt::Debug {
+    /// The lease's name (its file or object name, without the prefix): how other processes see it.
+    fn name(&self) -> &str;
+
+    /// Whether the lease is certainly still held: on S3, renewed within the bound (minus a margin). A
+    /// session checks this right before its commit point; on fs it is always true.
+    fn is_held(&self) -> bool;
+}
+
+/// The storage a repository lives in. Implementations are cheap to share (`Arc<dyn Store>`) and safe to call
+/// from many threads.
+pub trait Store: Send + Sync + fmt::Debug {
+    /// Where the repository is, as an operator writes it: a path or `s3://BUCKET/PREFIX`.
+    fn location(&self) -> &Location;
+
+    /// A key as a path-like value for messages and errors (`/srv/repo/packs/3f/…` or
+    /// `s3://bucket/prefix/packs/3f/…`).
+    fn display_key(&self, key: &str) -> PathBuf;
+
+    /// A local directory for this handle's scratch; exists once the store is open.
+    fn scratch_root(&self) -> &Path;
+
+    /// Opens an object for positioned reads. A missing object is an `Io` error of kind `NotFound`.
+    fn open(&self, key: &str) -> Result<Arc<dyn Object>>;
+
+    /// Reads a whole small object (config, side files, lists); `None` when it does not exist.
+    fn read(&self, key: &str) -> Result<Option<Vec<u8>>>;
+
+    /// Whether an object exists.
+    fn exists(&self, key: &str) -> Result<bool>;
+
+    /// The objects directly under `prefix` (which ends with `/`, or is empty for the root), in name order.
+    /// "Directly": a listing of `packs/` returns nothing; packs are listed per `packs/XX/`.
+    fn list(&self, prefix: &str) -> Result<Vec<Entry>>;
+
+    /// The "subdirectories" of `prefix` (names without the trailing `/`), for `packs/` and `tmp/`.
+    fn list_dirs(&self, prefix: &str) -> Result<Vec<String>>;
+
+    /// Makes the complete local file `local` (in [`Store::scratch_root`]) the object `key`, durably. The local
+    /// file is consumed: moved (fs) or uploaded and removed (S3), also when an error is returned.
+    fn publish(&self, local: &Path, key: &str, mode: PutMode) -> Result<()>;
+
+    /// Writes a small object from memory, durably.
+    fn put(&self, key: &str, bytes: &[u8], mode: PutMode) -> Result<()>;
+
+    /// Removes an object; a missing one is not an error.
+    fn delete(&self, key: &str) -> Result<()>;
+
+    /// Moves an object to another key (gc's quarantine). fs: rename. S3: copy, then delete.
+    fn rename(&self, from: &str, to: &str) -> Result<()>;
+
+    /// Takes the lock `name` (`lock`, `gc/fence`, `gc/run.lock`, `damaged.lock`) without waiting: a conflict
+    /// is a retryable `RepoError::Locked` whose detail says `held_by` of the holder when known.
+    fn lock(&self, name: &str, mode: LockMode, held_by: &str) -> Result<Box<dyn Lease>>;
+
+    /// Registers a live participant under `prefix` (`users/`): a fresh name, held until dropped.
+    fn register(&self, prefix: &str) -> Result<Box<dyn Lease>>;
+
+    /// The names under `prefix` whose registration is live (fs: the file's `flock` is held; S3: the lease was
+    /// renewed within its bound).
+    fn live(&self, prefix: &str) -> Result<Vec<String>>;
+
+    /// Whether the backend is a local file system (some operations, such as hard links of scratch files,
+    /// are only offered there).
+    fn is_local(&self) -> bool;
+}
+
+/// Whether an error says that [`PutMode::Create`] met an existing object.
+pub fn is_exists(e: &crate::RepoError) -> bool {
+    matches!(e, crate::RepoError::Io { source, .. } if source.kind() == io::ErrorKind::AlreadyExists)
+}
