@@ -1,0 +1,757 @@
+//! The S3 backend against real object stores on loopback: a Garage node per test (Garage ignores
+//! `If-None-Match`, which is why leases are written then listed), and s3s-fs for a second implementation of
+//! the basic round trip. Failures of the store are real too: a small TCP proxy in front of Garage answers
+//! 503 SlowDown or cuts connections when told.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Barrier, Mutex};
+use std::time::{Duration, Instant};
+
+use backflow_repository::store::s3::{MULTIPART_THRESHOLD, S3Settings, S3Store};
+use backflow_repository::store::{LockMode, PutMode, S3Location, Store, is_exists};
+use backflow_repository::{Location, RepoError};
+
+const TOOLS: &str = "/opt/backflow-tools/bin";
+/// Garage's region as configured below; requests are signed for it.
+const REGION: &str = "garage";
+/// How long a test waits for a server to answer or a lease to lapse before failing.
+const PATIENCE: Duration = Duration::from_secs(30);
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn random_hex(bytes: usize) -> String {
+    (0..bytes)
+        .map(|_| format!("{:02x}", rand::random::<u8>()))
+        .collect()
+}
+
+/// Polls `f` until it returns `Some`, for at most `PATIENCE`.
+fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(start.elapsed() < PATIENCE, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A single-node Garage with one bucket and one key, stopped and removed when dropped.
+struct Garage {
+    child: Child,
+    dir: tempfile::TempDir,
+    endpoint: String,
+    key_id: String,
+    secret: String,
+    bucket: String,
+}
+
+impl Garage {
+    fn start() -> Garage {
+        let dir = tempfile::tempdir().unwrap();
+        let (rpc, api) = (free_port(), free_port());
+        let config = dir.path().join("garage.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "metadata_dir = \"{d}/meta\"\ndata_dir = \"{d}/data\"\ndb_engine = \"sqlite\"\n\
+                 replication_factor = 1\nrpc_bind_addr = \"127.0.0.1:{rpc}\"\n\
+                 rpc_public_addr = \"127.0.0.1:{rpc}\"\nrpc_secret = \"{secret}\"\n\
+                 [s3_api]\ns3_region = \"{REGION}\"\napi_bind_addr = \"127.0.0.1:{api}\"\n\
+                 root_domain = \".s3.garage.localhost\"\n",
+                d = dir.path().display(),
+                secret = random_hex(32)
+            ),
+        )
+        .unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let log = std::fs::File::create(dir.path().join("server.log")).unwrap();
+        let child = Command::new(format!("{TOOLS}/garage"))
+            .arg("-c")
+            .arg(&config)
+            .arg("server")
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("garage is installed under /opt/backflow-tools/bin (scripts/setup.sh)");
+        let g = Garage {
+            child,
+            dir,
+            endpoint: format!("http://127.0.0.1:{api}"),
+            key_id: format!("GK{}", random_hex(12)),
+            secret: random_hex(32),
+            bucket: "backflow-test".into(),
+        };
+        wait_for("garage to answer", || g.cli_ok(&["status"]).then_some(()));
+        let id = g.cli(&["node", "id", "-q"]);
+        let id = id.trim().split('@').next().unwrap().to_owned();
+        g.cli(&["layout", "assign", "-z", "dc1", "-c", "1G", &id]);
+        g.cli(&["layout", "apply", "--version", "1"]);
+        let (key, secret, bucket) = (g.key_id.clone(), g.secret.clone(), g.bucket.clone());
+        g.cli(&["key", "import", "--yes", "-n", "test", &key, &secret]);
+        g.cli(&["bucket", "create", &bucket]);
+        g.cli(&["bucket", "allow", "--read", "--write", "--owner", &bucket, "--key", "test"]);
+        // The S3 endpoint answers once the layout is applied; wait until it serves this bucket.
+        let store = g.store_at(&g.endpoint.clone(), "probe", &[]);
+        wait_for("garage's S3 API", || store.list("").ok());
+        g
+    }
+
+    fn command(&self, args: &[&str]) -> std::process::Output {
+        Command::new(format!("{TOOLS}/garage"))
+            .arg("-c")
+            .arg(self.dir.path().join("garage.toml"))
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    fn cli_ok(&self, args: &[&str]) -> bool {
+        self.command(args).status.success()
+    }
+
+    fn cli(&self, args: &[&str]) -> String {
+        let out = self.command(args);
+        assert!(
+            out.status.success(),
+            "garage {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    fn vars(&self, endpoint: &str, extra: &[(&str, &str)]) -> HashMap<String, String> {
+        let scratch = self.dir.path().join("scratch");
+        let mut vars: HashMap<String, String> = [
+            ("AWS_ENDPOINT_URL", endpoint),
+            ("AWS_REGION", REGION),
+            ("AWS_ACCESS_KEY_ID", &self.key_id),
+            ("AWS_SECRET_ACCESS_KEY", &self.secret),
+            ("BACKFLOW_SCRATCH_DIR", scratch.to_str().unwrap()),
+            ("HOME", self.dir.path().to_str().unwrap()),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        for (k, v) in extra {
+            vars.insert(k.to_string(), v.to_string());
+        }
+        vars
+    }
+
+    fn store_at(&self, endpoint: &str, prefix: &str, extra: &[(&str, &str)]) -> S3Store {
+        let settings = S3Settings::from_map(&self.vars(endpoint, extra)).unwrap();
+        S3Store::open_with(&self.location(prefix), &settings).unwrap()
+    }
+
+    fn store(&self, prefix: &str) -> S3Store {
+        self.store_at(&self.endpoint, prefix, &[])
+    }
+
+    fn location(&self, prefix: &str) -> S3Location {
+        S3Location {
+            bucket: self.bucket.clone(),
+            prefix: prefix.into(),
+        }
+    }
+}
+
+impl Drop for Garage {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Pseudo-random bytes, different for each seed.
+fn data(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+fn scratch_file(store: &S3Store, name: &str, bytes: &[u8]) -> PathBuf {
+    let p = store.scratch_root().join(name);
+    std::fs::write(&p, bytes).unwrap();
+    p
+}
+
+fn read_all(store: &S3Store, key: &str) -> Vec<u8> {
+    let object = store.open(key).unwrap();
+    let mut buf = vec![0u8; object.len() as usize];
+    object.read_exact_at(&mut buf, 0).unwrap();
+    buf
+}
+
+/// Every method of the trait once, on one store: what was written reads back byte for byte.
+fn round_trip(store: &S3Store) {
+    let small = data(1000, 1);
+    store.put("config", &small, PutMode::Create).unwrap();
+    assert_eq!(store.read("config").unwrap().unwrap(), small);
+    assert_eq!(store.read("nothing").unwrap(), None);
+    assert!(store.exists("config").unwrap());
+    assert!(!store.exists("nothing").unwrap());
+
+    // A pack (ranged reads) and an index file (fetched whole), both published from scratch files.
+    let pack = data(3 << 20, 2);
+    let index = data(70_000, 3);
+    let p = scratch_file(store, "p.tmp", &pack);
+    store.publish(&p, "packs/3f/3fa2.pack", PutMode::Create).unwrap();
+    assert!(!p.exists(), "publish consumes the local file");
+    let i = scratch_file(store, "i.tmp", &index);
+    store.publish(&i, "index/abc.idx", PutMode::Create).unwrap();
+    assert_eq!(read_all(store, "packs/3f/3fa2.pack"), pack);
+    assert_eq!(read_all(store, "index/abc.idx"), index);
+    let e = store.open("packs/3f/none.pack").unwrap_err();
+    assert!(matches!(&e, RepoError::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound), "{e}");
+    let e = store.open("index/none.idx").unwrap_err();
+    assert!(matches!(&e, RepoError::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound), "{e}");
+
+    store.put("packs/41/41aa.pack", b"x", PutMode::Create).unwrap();
+    assert_eq!(store.list_dirs("packs/").unwrap(), ["3f", "41"]);
+    assert!(store.list("packs/").unwrap().is_empty(), "listings are not recursive");
+    let listed = store.list("packs/3f/").unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(
+        (&listed[0].name[..], listed[0].size),
+        ("3fa2.pack", pack.len() as u64)
+    );
+    assert!(listed[0].modified.is_some());
+    let root: Vec<String> = store.list("").unwrap().into_iter().map(|e| e.name).collect();
+    assert_eq!(root, ["config"]);
+    let mut dirs = store.list_dirs("").unwrap();
+    dirs.sort();
+    assert_eq!(dirs, ["index", "packs"]);
+
+    store
+        .rename("packs/41/41aa.pack", "quarantine/packs/41/41aa.pack")
+        .unwrap();
+    assert!(!store.exists("packs/41/41aa.pack").unwrap());
+    assert_eq!(
+        store.read("quarantine/packs/41/41aa.pack").unwrap().unwrap(),
+        b"x"
+    );
+    store.delete("quarantine/packs/41/41aa.pack").unwrap();
+    store.delete("quarantine/packs/41/41aa.pack").unwrap();
+    assert!(!store.exists("quarantine/packs/41/41aa.pack").unwrap());
+    assert!(!store.is_local());
+}
+
+#[test]
+fn every_method_round_trips_on_garage() {
+    let g = Garage::start();
+    let store = g.store("site-a/repo");
+    assert_eq!(
+        store.location(),
+        &Location::parse(&format!("s3://{}/site-a/repo", g.bucket)).unwrap()
+    );
+    assert_eq!(
+        store.display_key("config"),
+        PathBuf::from(format!("s3://{}/site-a/repo/config", g.bucket))
+    );
+    assert!(store.scratch_root().is_dir());
+    round_trip(&store);
+    // Under the prefix and nowhere else.
+    let root = g.store("");
+    assert_eq!(root.list_dirs("").unwrap(), ["site-a"]);
+    assert_eq!(root.read("site-a/repo/config").unwrap().unwrap(), data(1000, 1));
+}
+
+#[test]
+fn large_files_go_up_in_parts_and_read_back() {
+    let g = Garage::start();
+    let store = g.store("big");
+    let big = data(MULTIPART_THRESHOLD as usize * 2 + 12_345, 9);
+    let p = scratch_file(&store, "big.tmp", &big);
+    store.publish(&p, "packs/00/big.pack", PutMode::Create).unwrap();
+    assert!(!p.exists());
+    assert_eq!(read_all(&store, "packs/00/big.pack"), big);
+    // Create refuses an existing key for large files too, and still consumes the local file.
+    let p = scratch_file(&store, "big2.tmp", &big[..1000]);
+    let e = store.publish(&p, "packs/00/big.pack", PutMode::Create).unwrap_err();
+    assert!(is_exists(&e), "{e}");
+    assert!(!p.exists());
+}
+
+#[test]
+fn create_never_replaces_and_replace_does() {
+    let g = Garage::start();
+    let store = g.store("modes");
+    store.put("snapshots/a.snap", b"first", PutMode::Create).unwrap();
+    let e = store.put("snapshots/a.snap", b"second", PutMode::Create).unwrap_err();
+    assert!(is_exists(&e), "{e}");
+    assert!(!e.is_retryable());
+    assert!(e.to_string().contains("snapshots/a.snap"), "{e}");
+    let p = scratch_file(&store, "a.tmp", b"third");
+    let e = store.publish(&p, "snapshots/a.snap", PutMode::Create).unwrap_err();
+    assert!(is_exists(&e), "{e}");
+    assert!(!p.exists(), "the local file is consumed on error too");
+    assert_eq!(store.read("snapshots/a.snap").unwrap().unwrap(), b"first");
+    store.put("snapshots/a.snap", b"fourth", PutMode::Replace).unwrap();
+    assert_eq!(store.read("snapshots/a.snap").unwrap().unwrap(), b"fourth");
+    let p = scratch_file(&store, "b.tmp", b"fifth");
+    store.publish(&p, "snapshots/a.snap", PutMode::Replace).unwrap();
+    assert_eq!(read_all(&store, "snapshots/a.snap"), b"fifth");
+}
+
+#[test]
+fn ranged_reads_at_the_end_and_across_windows() {
+    let g = Garage::start();
+    let store = g.store("ranges");
+    let len = (5 << 20) + 13;
+    let bytes = data(len, 4);
+    let p = scratch_file(&store, "r.tmp", &bytes);
+    store.publish(&p, "packs/aa/r.pack", PutMode::Create).unwrap();
+    let object = store.open("packs/aa/r.pack").unwrap();
+    assert_eq!(object.len(), len as u64);
+
+    let mut buf = vec![0u8; 100];
+    assert_eq!(object.read_at(&mut buf, len as u64 - 10).unwrap(), 10);
+    assert_eq!(&buf[..10], &bytes[len - 10..]);
+    assert_eq!(object.read_at(&mut buf, len as u64).unwrap(), 0);
+    assert_eq!(object.read_at(&mut buf, len as u64 + 5).unwrap(), 0);
+    let e = object.read_exact_at(&mut buf, len as u64 - 10).unwrap_err();
+    assert_eq!(e.kind(), std::io::ErrorKind::UnexpectedEof);
+
+    // Front to back in odd sizes, then backwards, then reads larger than the read-ahead window.
+    let mut at = 0;
+    let mut step = 1;
+    while at < len {
+        let n = step.min(len - at);
+        let mut b = vec![0u8; n];
+        object.read_exact_at(&mut b, at as u64).unwrap();
+        assert_eq!(b, bytes[at..at + n], "at {at}");
+        at += n;
+        step = step * 3 % 700_001 + 1;
+    }
+    for at in (0..len).rev().step_by(999_983) {
+        let mut b = vec![0u8; 4096.min(len - at)];
+        object.read_exact_at(&mut b, at as u64).unwrap();
+        assert_eq!(b, bytes[at..at + b.len()], "at {at}");
+    }
+    let mut b = vec![0u8; 3 << 20];
+    object.read_exact_at(&mut b, 1).unwrap();
+    assert_eq!(b, bytes[1..1 + (3 << 20)]);
+
+    // Objects fetched whole read the same way.
+    store.put("index/r.idx", &bytes[..1_000_000], PutMode::Create).unwrap();
+    let whole = store.open("index/r.idx").unwrap();
+    assert_eq!(whole.read_at(&mut buf, 999_990).unwrap(), 10);
+    assert_eq!(&buf[..10], &bytes[999_990..1_000_000]);
+    assert_eq!(whole.read_at(&mut buf, 1_000_000).unwrap(), 0);
+}
+
+#[test]
+fn listings_page_past_a_thousand_keys() {
+    let g = Garage::start();
+    let store = Arc::new(g.store("many"));
+    const KEYS: usize = 1100;
+    let next = Arc::new(AtomicUsize::new(0));
+    let workers: Vec<_> = (0..8)
+        .map(|_| {
+            let (store, next) = (store.clone(), next.clone());
+            std::thread::spawn(move || {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= KEYS {
+                        break;
+                    }
+                    store
+                        .put(&format!("index/{i:05}.idx"), b"i", PutMode::Create)
+                        .unwrap();
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        w.join().unwrap();
+    }
+    store.put("index/sub/deeper.idx", b"d", PutMode::Create).unwrap();
+    let listed = store.list("index/").unwrap();
+    assert_eq!(listed.len(), KEYS);
+    let expected: Vec<String> = (0..KEYS).map(|i| format!("{i:05}.idx")).collect();
+    let names: Vec<String> = listed.into_iter().map(|e| e.name).collect();
+    assert_eq!(names, expected);
+    assert_eq!(store.list_dirs("index/").unwrap(), ["sub"]);
+}
+
+fn is_locked(r: &Result<Box<dyn backflow_repository::store::Lease>, RepoError>) -> bool {
+    matches!(r, Err(RepoError::Locked { .. }))
+}
+
+#[test]
+fn exclusive_and_shared_leases_exclude_each_other() {
+    let g = Garage::start();
+    let a = g.store("locks");
+    let b = g.store("locks");
+    let s1 = a.lock("lock", LockMode::Shared, "backup of vm1").unwrap();
+    let s2 = b.lock("lock", LockMode::Shared, "backup of vm2").unwrap();
+    assert!(s1.is_held() && s2.is_held());
+    assert!(s1.name().starts_with("shared-"), "{}", s1.name());
+    let e = b.lock("lock", LockMode::Exclusive, "gc").unwrap_err();
+    assert!(e.is_retryable());
+    let msg = e.to_string();
+    assert!(msg.contains("backup of vm"), "{msg}");
+    drop(s1);
+    assert!(is_locked(&a.lock("lock", LockMode::Exclusive, "gc")));
+    drop(s2);
+    let x = a.lock("lock", LockMode::Exclusive, "gc").unwrap();
+    assert!(x.name().starts_with("exclusive-"));
+    let e = b.lock("lock", LockMode::Shared, "backup").unwrap_err();
+    assert!(e.to_string().contains("held exclusively by gc"), "{e}");
+    assert!(is_locked(&b.lock("lock", LockMode::Exclusive, "gc2")));
+    // Other names are other locks.
+    let _fence = b.lock("gc/fence", LockMode::Exclusive, "gc2").unwrap();
+    drop(x);
+    // Nothing is left behind but the live fence.
+    assert!(a.list("locks/lock/").unwrap().is_empty());
+    assert_eq!(a.list("locks/gc/fence/").unwrap().len(), 1);
+
+    // Registrations: live while held, gone when dropped.
+    let r1 = a.register("users/").unwrap();
+    let r2 = b.register("users/").unwrap();
+    let mut live = a.live("users/").unwrap();
+    live.sort();
+    let mut expected = vec![r1.name().to_owned(), r2.name().to_owned()];
+    expected.sort();
+    assert_eq!(live, expected);
+    drop(r1);
+    assert_eq!(a.live("users/").unwrap(), [r2.name()]);
+    assert!(a.clock_skew().unwrap() < Duration::from_secs(2));
+}
+
+#[test]
+fn of_two_racing_exclusive_locks_at_most_one_wins() {
+    let g = Garage::start();
+    let stores = [Arc::new(g.store("race")), Arc::new(g.store("race"))];
+    let mut winners_total = 0;
+    for round in 0..20 {
+        let start = Arc::new(Barrier::new(2));
+        let done = Arc::new(Barrier::new(2));
+        let name = format!("race{round}");
+        let threads: Vec<_> = stores
+            .iter()
+            .map(|s| {
+                let (s, start, done, name) = (s.clone(), start.clone(), done.clone(), name.clone());
+                std::thread::spawn(move || {
+                    start.wait();
+                    let got = s.lock(&name, LockMode::Exclusive, "racer");
+                    // Both tried before either lets go.
+                    done.wait();
+                    match got {
+                        Ok(_) => true,
+                        Err(RepoError::Locked { .. }) => false,
+                        Err(e) => panic!("{e}"),
+                    }
+                })
+            })
+            .collect();
+        let winners = threads
+            .into_iter()
+            .map(|t| t.join().unwrap())
+            .filter(|w| *w)
+            .count();
+        assert!(winners <= 1, "round {round}: {winners} holders of one exclusive lock");
+        winners_total += winners;
+    }
+    eprintln!("{winners_total} of 20 rounds had a winner");
+}
+
+/// Not a test on its own: the child process of `a_lease_no_longer_renewed_expires`. Takes the lock, says
+/// so, and waits to be killed.
+#[test]
+#[ignore = "run by a_lease_no_longer_renewed_expires"]
+fn child_holding_a_lease() {
+    let Ok(vars) = std::env::var("S3_TEST_CHILD_VARS") else {
+        return;
+    };
+    let vars: HashMap<String, String> = serde_json::from_str(&vars).unwrap();
+    let settings = S3Settings::from_map(&vars).unwrap();
+    let loc = S3Location {
+        bucket: vars["TEST_BUCKET"].clone(),
+        prefix: "expiry".into(),
+    };
+    let store = S3Store::open_with(&loc, &settings).unwrap();
+    let _lease = store.lock("lock", LockMode::Exclusive, "the child").unwrap();
+    println!("HELD");
+    std::io::stdout().flush().unwrap();
+    let mut line = String::new();
+    std::io::stdin().read_line(&mut line).unwrap();
+}
+
+#[test]
+fn a_lease_no_longer_renewed_expires() {
+    let g = Garage::start();
+    let bound = 3;
+    let mut vars = g.vars(&g.endpoint, &[("BACKFLOW_LEASE_SECONDS", &bound.to_string())]);
+    vars.insert("TEST_BUCKET".into(), g.bucket.clone());
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "child_holding_a_lease", "--ignored", "--nocapture"])
+        .env("S3_TEST_CHILD_VARS", serde_json::to_string(&vars).unwrap())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("HELD") {
+        line.clear();
+        assert!(out.read_line(&mut line).unwrap() > 0, "the child ended before holding the lease");
+    }
+    let settings = S3Settings::from_map(&vars).unwrap();
+    let store = S3Store::open_with(&g.location("expiry"), &settings).unwrap();
+    // Renewed by the living child: still held after more than the bound.
+    let alive_until = Instant::now() + Duration::from_secs(bound + 2);
+    while Instant::now() < alive_until {
+        let r = store.lock("lock", LockMode::Exclusive, "the parent");
+        assert!(is_locked(&r), "the child's renewed lease must exclude the parent");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let killed = Instant::now();
+    let lease = wait_for("the dead child's lease to lapse", || {
+        store.lock("lock", LockMode::Exclusive, "the parent").ok()
+    });
+    let waited = killed.elapsed();
+    assert!(lease.is_held());
+    // Not before the bound (less the renewal period the child may have just used), not much after it.
+    assert!(
+        waited >= Duration::from_secs(bound) - Duration::from_secs(bound) / 4 - Duration::from_millis(200),
+        "lapsed after {waited:?}"
+    );
+    assert!(waited < Duration::from_secs(bound + 3), "lapsed after {waited:?}");
+}
+
+/// A TCP proxy in front of a server: passes connections through, answers `fail_next` of them with 503
+/// SlowDown, and when `down` cuts every connection and answers all with 503.
+struct Proxy {
+    endpoint: String,
+    fail_next: Arc<AtomicUsize>,
+    failed: Arc<AtomicUsize>,
+    down: Arc<AtomicBool>,
+    clients: Arc<Mutex<Vec<TcpStream>>>,
+}
+
+impl Proxy {
+    fn start(upstream: &str) -> Proxy {
+        let upstream = upstream.trim_start_matches("http://").to_owned();
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        let proxy = Proxy {
+            endpoint,
+            fail_next: Arc::new(AtomicUsize::new(0)),
+            failed: Arc::new(AtomicUsize::new(0)),
+            down: Arc::new(AtomicBool::new(false)),
+            clients: Arc::new(Mutex::new(Vec::new())),
+        };
+        let (fail_next, failed, down, clients) = (
+            proxy.fail_next.clone(),
+            proxy.failed.clone(),
+            proxy.down.clone(),
+            proxy.clients.clone(),
+        );
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { continue };
+                let fail = down.load(Ordering::SeqCst)
+                    || fail_next
+                        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                        .is_ok();
+                if fail {
+                    failed.fetch_add(1, Ordering::SeqCst);
+                    std::thread::spawn(move || answer_503(client));
+                    continue;
+                }
+                let Ok(server) = TcpStream::connect(&upstream) else {
+                    continue;
+                };
+                clients.lock().unwrap().push(client.try_clone().unwrap());
+                pipe(client.try_clone().unwrap(), server.try_clone().unwrap());
+                pipe(server, client);
+            }
+        });
+        proxy
+    }
+
+    /// Cuts the connections passed through so far and fails every new one.
+    fn go_down(&self) {
+        self.down.store(true, Ordering::SeqCst);
+        for c in self.clients.lock().unwrap().drain(..) {
+            let _ = c.shutdown(Shutdown::Both);
+        }
+    }
+}
+
+fn pipe(mut from: TcpStream, mut to: TcpStream) {
+    std::thread::spawn(move || {
+        let _ = std::io::copy(&mut from, &mut to);
+        let _ = to.shutdown(Shutdown::Write);
+    });
+}
+
+/// Reads one request (head and body) and answers 503 SlowDown, closing the connection.
+fn answer_503(mut client: TcpStream) {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match client.read(&mut byte) {
+            Ok(1) => head.push(byte[0]),
+            _ => return,
+        }
+    }
+    let text = String::from_utf8_lossy(&head).to_ascii_lowercase();
+    let length: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    let _ = std::io::copy(&mut (&mut client).take(length), &mut std::io::sink());
+    let body = "<?xml version=\"1.0\"?><Error><Code>SlowDown</Code><Message>Reduce your request rate.</Message></Error>";
+    let _ = write!(
+        client,
+        "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/xml\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = client.shutdown(Shutdown::Both);
+}
+
+#[test]
+fn requests_are_retried_through_503_slowdown() {
+    let g = Garage::start();
+    let proxy = Proxy::start(&g.endpoint);
+    let store = g.store_at(&proxy.endpoint, "retry", &[]);
+    proxy.fail_next.store(3, Ordering::SeqCst);
+    store.put("config", b"through", PutMode::Create).unwrap();
+    assert_eq!(proxy.failed.load(Ordering::SeqCst), 3, "the first three attempts met 503");
+    assert_eq!(g.store("retry").read("config").unwrap().unwrap(), b"through");
+
+    // Without retry time the 503 reaches the caller, as a retryable error naming the object.
+    let impatient = g.store_at(&proxy.endpoint, "retry", &[("BACKFLOW_S3_RETRY_SECONDS", "0")]);
+    proxy.fail_next.store(1, Ordering::SeqCst);
+    let e = impatient.read("config").unwrap_err();
+    assert!(e.is_retryable(), "{e}");
+    assert!(e.to_string().contains("retry/config"), "{e}");
+    assert_eq!(impatient.read("config").unwrap().unwrap(), b"through");
+}
+
+#[test]
+fn a_lease_that_cannot_be_renewed_stops_being_held() {
+    let g = Garage::start();
+    let proxy = Proxy::start(&g.endpoint);
+    let store = g.store_at(
+        &proxy.endpoint,
+        "lapse",
+        &[("BACKFLOW_LEASE_SECONDS", "2"), ("BACKFLOW_S3_RETRY_SECONDS", "0")],
+    );
+    let lease = store.lock("lock", LockMode::Exclusive, "cut off").unwrap();
+    assert!(lease.is_held());
+    proxy.go_down();
+    let start = Instant::now();
+    wait_for("the lease to stop being held", || (!lease.is_held()).then_some(()));
+    // 3/4 of the bound after the last renewal, which was at most a quarter of it before the cut.
+    assert!(start.elapsed() < Duration::from_secs(2), "{:?}", start.elapsed());
+    // Others can take it once it is older than the bound.
+    let other = g.store_at(&g.endpoint, "lapse", &[("BACKFLOW_LEASE_SECONDS", "2")]);
+    wait_for("the lapsed lease to stop excluding", || {
+        other.lock("lock", LockMode::Exclusive, "next").ok()
+    });
+    // Once lost, a lease stays lost even when the store comes back.
+    proxy.down.store(false, Ordering::SeqCst);
+    assert!(!lease.is_held());
+}
+
+#[test]
+fn plain_http_is_refused_for_remote_endpoints_and_credentials_are_required() {
+    let vars = |pairs: &[(&str, &str)]| -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .chain([("HOME".to_string(), "/nonexistent".to_string())])
+            .collect()
+    };
+    let keys = [("AWS_ACCESS_KEY_ID", "GKx"), ("AWS_SECRET_ACCESS_KEY", "s")];
+    let e = S3Settings::from_map(&vars(&[keys[0], keys[1], ("AWS_ENDPOINT_URL", "http://192.0.2.7:3900")]))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("AWS_ENDPOINT_URL") && e.contains("AWS_ALLOW_HTTP=true"), "{e}");
+    let s = S3Settings::from_map(&vars(&[
+        keys[0],
+        keys[1],
+        ("AWS_ENDPOINT_URL", "http://192.0.2.7:3900"),
+        ("AWS_ALLOW_HTTP", "true"),
+    ]))
+    .unwrap();
+    assert!(s.allow_http);
+    let e = S3Settings::from_map(&vars(&[("AWS_ENDPOINT_URL", "http://127.0.0.1:3900")]))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("AWS_ACCESS_KEY_ID") && e.contains("AWS_SECRET_ACCESS_KEY"), "{e}");
+}
+
+#[test]
+fn every_method_round_trips_on_s3s_fs() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("data");
+    let bucket = "backflow-fs";
+    std::fs::create_dir_all(root.join(bucket)).unwrap();
+    let port = free_port();
+    let (key, secret) = ("AKIDTEST", "s3s-fs-secret");
+    let mut child = Command::new(format!("{TOOLS}/s3s-fs"))
+        .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+        .args(["--access-key", key, "--secret-key", secret])
+        .arg(&root)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("s3s-fs is installed under /opt/backflow-tools/bin");
+    let scratch = dir.path().join("scratch");
+    let vars: HashMap<String, String> = [
+        ("AWS_ENDPOINT_URL", format!("http://127.0.0.1:{port}")),
+        ("AWS_ACCESS_KEY_ID", key.into()),
+        ("AWS_SECRET_ACCESS_KEY", secret.into()),
+        ("BACKFLOW_SCRATCH_DIR", scratch.to_str().unwrap().into()),
+        ("HOME", dir.path().to_str().unwrap().into()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    let settings = S3Settings::from_map(&vars).unwrap();
+    let loc = S3Location {
+        bucket: bucket.into(),
+        prefix: "repo".into(),
+    };
+    let store = S3Store::open_with(&loc, &settings).unwrap();
+    wait_for("s3s-fs to answer", || store.list("").ok());
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        round_trip(&store);
+        let lease = store.lock("lock", LockMode::Exclusive, "fs").unwrap();
+        assert!(is_locked(&store.lock("lock", LockMode::Shared, "b")));
+        drop(lease);
+        store.lock("lock", LockMode::Shared, "b").unwrap();
+    }));
+    let _ = child.kill();
+    let _ = child.wait();
+    if let Err(p) = outcome {
+        std::panic::resume_unwind(p);
+    }
+}
