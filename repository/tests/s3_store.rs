@@ -548,6 +548,8 @@ struct Proxy {
     endpoint: String,
     fail_next: Arc<AtomicUsize>,
     failed: Arc<AtomicUsize>,
+    /// Connections to close as soon as the request arrived, without an answer (a server going away).
+    drop_next: Arc<AtomicUsize>,
     down: Arc<AtomicBool>,
     clients: Arc<Mutex<Vec<TcpStream>>>,
 }
@@ -561,18 +563,29 @@ impl Proxy {
             endpoint,
             fail_next: Arc::new(AtomicUsize::new(0)),
             failed: Arc::new(AtomicUsize::new(0)),
+            drop_next: Arc::new(AtomicUsize::new(0)),
             down: Arc::new(AtomicBool::new(false)),
             clients: Arc::new(Mutex::new(Vec::new())),
         };
-        let (fail_next, failed, down, clients) = (
+        let (fail_next, failed, drop_next, down, clients) = (
             proxy.fail_next.clone(),
             proxy.failed.clone(),
+            proxy.drop_next.clone(),
             proxy.down.clone(),
             proxy.clients.clone(),
         );
         std::thread::spawn(move || {
             for client in listener.incoming() {
-                let Ok(client) = client else { continue };
+                let Ok(mut client) = client else { continue };
+                if drop_next
+                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                    .is_ok()
+                {
+                    failed.fetch_add(1, Ordering::SeqCst);
+                    let _ = client.read(&mut [0u8; 1]);
+                    let _ = client.shutdown(Shutdown::Both);
+                    continue;
+                }
                 let fail = down.load(Ordering::SeqCst)
                     || fail_next
                         .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
@@ -652,6 +665,107 @@ fn requests_are_retried_through_503_slowdown() {
     assert!(e.is_retryable(), "{e}");
     assert!(e.to_string().contains("retry/config"), "{e}");
     assert_eq!(impatient.read("config").unwrap().unwrap(), b"through");
+}
+
+#[test]
+fn requests_are_retried_when_the_server_drops_connections() {
+    let g = Garage::start();
+    let proxy = Proxy::start(&g.endpoint);
+    let store = g.store_at(&proxy.endpoint, "dropped", &[]);
+    let bytes = data(300_000, 5);
+    proxy.drop_next.store(2, Ordering::SeqCst);
+    store.put("index/a.idx", &bytes, PutMode::Replace).unwrap();
+    assert_eq!(proxy.failed.load(Ordering::SeqCst), 2);
+    // A new handle: new connections (the first handle's stay open in its pool).
+    let reader = g.store_at(&proxy.endpoint, "dropped", &[]);
+    proxy.drop_next.store(2, Ordering::SeqCst);
+    assert_eq!(read_all(&reader, "index/a.idx"), bytes);
+    assert_eq!(proxy.failed.load(Ordering::SeqCst), 4);
+    proxy.go_down();
+    let impatient = g.store_at(&proxy.endpoint, "dropped", &[("BACKFLOW_S3_RETRY_SECONDS", "0")]);
+    proxy.down.store(false, Ordering::SeqCst);
+    proxy.drop_next.store(1, Ordering::SeqCst);
+    let e = impatient.read("index/a.idx").unwrap_err();
+    assert!(e.is_retryable(), "{e}");
+}
+
+/// Packs read at once by the memory test, each this large.
+const MEMORY_PACKS: usize = 16;
+const MEMORY_PACK_SIZE: usize = 8 << 20;
+
+/// Not a test on its own: the child process of `sixteen_packs_read_at_once_stay_under_128_mib`, so that the
+/// high-water mark of its memory is its own.
+#[test]
+#[ignore = "run by sixteen_packs_read_at_once_stay_under_128_mib"]
+fn child_reading_packs() {
+    let Ok(vars) = std::env::var("S3_TEST_CHILD_VARS") else {
+        return;
+    };
+    let vars: HashMap<String, String> = serde_json::from_str(&vars).unwrap();
+    let settings = S3Settings::from_map(&vars).unwrap();
+    let loc = S3Location {
+        bucket: vars["TEST_BUCKET"].clone(),
+        prefix: "memory".into(),
+    };
+    let store = Arc::new(S3Store::open_with(&loc, &settings).unwrap());
+    let objects: Vec<_> = (0..MEMORY_PACKS)
+        .map(|i| store.open(&format!("packs/00/{i:02}.pack")).unwrap())
+        .collect();
+    let threads: Vec<_> = objects
+        .into_iter()
+        .enumerate()
+        .map(|(i, object)| {
+            let expected = vars[&format!("HASH_{i}")].clone();
+            std::thread::spawn(move || {
+                // Hashed as read: the expected bytes in memory would dwarf what is measured.
+                let mut hasher = blake3::Hasher::new();
+                let mut buf = vec![0u8; 64 << 10];
+                let mut at = 0;
+                while at < MEMORY_PACK_SIZE {
+                    let n = buf.len().min(MEMORY_PACK_SIZE - at);
+                    object.read_exact_at(&mut buf[..n], at as u64).unwrap();
+                    hasher.update(&buf[..n]);
+                    at += n;
+                }
+                assert_eq!(hasher.finalize().to_hex().to_string(), expected, "pack {i}");
+                object
+            })
+        })
+        .collect();
+    // All still open when the high-water mark is read.
+    let objects: Vec<_> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let hwm = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+    println!("{hwm}");
+    drop(objects);
+}
+
+#[test]
+fn sixteen_packs_read_at_once_stay_under_128_mib() {
+    let g = Garage::start();
+    let store = g.store("memory");
+    let mut vars = g.vars(&g.endpoint, &[]);
+    for i in 0..MEMORY_PACKS {
+        let bytes = data(MEMORY_PACK_SIZE, 100 + i as u64);
+        vars.insert(format!("HASH_{i}"), blake3::hash(&bytes).to_hex().to_string());
+        let p = scratch_file(&store, "m.tmp", &bytes);
+        store.publish(&p, &format!("packs/00/{i:02}.pack"), PutMode::Create).unwrap();
+    }
+    vars.insert("TEST_BUCKET".into(), g.bucket.clone());
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "child_reading_packs", "--ignored", "--nocapture"])
+        .env("S3_TEST_CHILD_VARS", serde_json::to_string(&vars).unwrap())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    let kib: u64 = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no VmHWM in {stdout}"));
+    eprintln!("reading {MEMORY_PACKS} packs at once: peak RSS {} MiB", kib / 1024);
+    assert!(kib < 128 * 1024, "peak RSS {kib} KiB");
 }
 
 #[test]
