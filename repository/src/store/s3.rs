@@ -169,10 +169,9 @@ impl S3Store {
 
         let endpoint = if settings.virtual_hosted && !settings.is_aws {
             // Virtual-hosted style against a custom endpoint: the bucket is part of the host name.
-            let (scheme, rest) = settings
-                .endpoint
-                .split_once("://")
-                .ok_or_else(|| invalid(format!("endpoint {:?} has no scheme", settings.endpoint)))?;
+            let (scheme, rest) = settings.endpoint.split_once("://").ok_or_else(|| {
+                invalid(format!("endpoint {:?} has no scheme", settings.endpoint))
+            })?;
             Some(format!("{scheme}://{}.{rest}", loc.bucket))
         } else if settings.is_aws {
             None
@@ -222,11 +221,10 @@ impl S3Store {
         let digest = blake3::hash(
             format!("{}\n{}\n{}", settings.endpoint, loc.bucket, loc.prefix).as_bytes(),
         );
-        let scratch = settings.scratch_dir.join(format!(
-            "s3-{}-{}",
-            loc.bucket,
-            &digest.to_hex()[..12]
-        ));
+        let scratch =
+            settings
+                .scratch_dir
+                .join(format!("s3-{}-{}", loc.bucket, &digest.to_hex()[..12]));
         std::fs::create_dir_all(&scratch).map_err(|e| RepoError::io("create", &scratch, e))?;
 
         let renewer = Arc::new(RenewerStop::default());
@@ -291,7 +289,11 @@ impl Inner {
     /// Runs one request on the runtime, within the bound of requests in flight.
     fn run<T>(&self, f: impl Future<Output = T>) -> T {
         self.rt.block_on(async {
-            let _permit = self.permits.acquire().await.expect("the semaphore is never closed");
+            let _permit = self
+                .permits
+                .acquire()
+                .await
+                .expect("the semaphore is never closed");
             f.await
         })
     }
@@ -414,15 +416,16 @@ impl Inner {
         let before = SystemTime::now();
         write()?;
         let after = SystemTime::now();
-        let meta = self
-            .head(key)?
-            .ok_or_else(|| {
-                RepoError::io(
-                    "look up",
-                    self.display_key(key),
-                    io::Error::new(io::ErrorKind::NotFound, "the object just written is missing"),
-                )
-            })?;
+        let meta = self.head(key)?.ok_or_else(|| {
+            RepoError::io(
+                "look up",
+                self.display_key(key),
+                io::Error::new(
+                    io::ErrorKind::NotFound,
+                    "the object just written is missing",
+                ),
+            )
+        })?;
         let modified = meta.last_modified.timestamp_millis();
         let (before, after) = (unix_ms(before), unix_ms(after));
         // The store wrote it in [modified, modified + 1 s) by its clock, we in [before, after] by ours.
@@ -629,7 +632,11 @@ impl Store for S3Store {
         let inner = &self.inner;
         if key.ends_with(".pack") {
             let meta = inner.head(key)?.ok_or_else(|| {
-                RepoError::io("open", inner.display_key(key), io::ErrorKind::NotFound.into())
+                RepoError::io(
+                    "open",
+                    inner.display_key(key),
+                    io::ErrorKind::NotFound.into(),
+                )
             })?;
             return Ok(Arc::new(RangedObject {
                 inner: inner.clone(),
@@ -652,7 +659,9 @@ impl Store for S3Store {
                         inner.display_key(key),
                         io::Error::new(
                             io::ErrorKind::Interrupted,
-                            format!("the object was replaced during each of {WHOLE_ATTEMPTS} downloads"),
+                            format!(
+                                "the object was replaced during each of {WHOLE_ATTEMPTS} downloads"
+                            ),
                         ),
                     ));
                 }
@@ -770,7 +779,11 @@ impl Store for S3Store {
                 holder
                     .as_ref()
                     .and_then(|h| h.get(field))
-                    .map(|v| v.as_str().map(str::to_owned).unwrap_or_else(|| v.to_string()))
+                    .map(|v| {
+                        v.as_str()
+                            .map(str::to_owned)
+                            .unwrap_or_else(|| v.to_string())
+                    })
                     .unwrap_or_else(|| "?".into())
             };
             let how = if other.name.starts_with("exclusive-") {
@@ -864,7 +877,11 @@ impl From<RepoError> for FetchError {
 /// Downloads `key` into an unlinked scratch file.
 fn fetch_whole(inner: &Inner, key: &str) -> std::result::Result<WholeObject, FetchError> {
     let meta = inner.head(key)?.ok_or_else(|| {
-        RepoError::io("open", inner.display_key(key), io::ErrorKind::NotFound.into())
+        RepoError::io(
+            "open",
+            inner.display_key(key),
+            io::ErrorKind::NotFound.into(),
+        )
     })?;
     let scratch = inner
         .scratch
@@ -948,7 +965,12 @@ struct Window {
 
 impl Drop for RangedObject {
     fn drop(&mut self) {
-        if let Some(w) = self.window.get_mut().unwrap_or_else(|e| e.into_inner()).take() {
+        if let Some(w) = self
+            .window
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
             READ_AHEAD_IN_USE.fetch_sub(w.data.len(), Ordering::Relaxed);
         }
     }
@@ -956,7 +978,12 @@ impl Drop for RangedObject {
 
 impl fmt::Debug for RangedObject {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} ({} bytes)", self.inner.display_key(&self.key).display(), self.len)
+        write!(
+            f,
+            "{} ({} bytes)",
+            self.inner.display_key(&self.key).display(),
+            self.len
+        )
     }
 }
 
@@ -1051,7 +1078,11 @@ struct S3Lease {
 
 impl fmt::Debug for S3Lease {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "lease {}", self.inner.display_key(&self.state.key).display())
+        write!(
+            f,
+            "lease {}",
+            self.inner.display_key(&self.state.key).display()
+        )
     }
 }
 
@@ -1109,7 +1140,11 @@ fn renew_leases(inner: Weak<Inner>, stop: Arc<RenewerStop>) {
                 lapse(&store, &lease);
                 continue;
             }
-            match store.put(&lease.key, store.lease_body(&lease.held_by), PutMode::Replace) {
+            match store.put(
+                &lease.key,
+                store.lease_body(&lease.held_by),
+                PutMode::Replace,
+            ) {
                 Ok(()) if started.duration_since(last) < store.held_window() => {
                     *lease.renewed.lock().unwrap_or_else(|e| e.into_inner()) = started;
                 }

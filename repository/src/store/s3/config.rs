@@ -119,31 +119,33 @@ impl S3Settings {
             .or_else(|| from_profile("region"))
             .unwrap_or_else(|| DEFAULT_REGION.into());
 
-        let (access_key_id, secret_access_key, session_token) =
-            match (var("AWS_ACCESS_KEY_ID"), var("AWS_SECRET_ACCESS_KEY")) {
-                (Some(id), Some(secret)) => (id, secret, var("AWS_SESSION_TOKEN")),
-                (Some(_), None) | (None, Some(_)) => {
-                    return Err(bad(
+        let (access_key_id, secret_access_key, session_token) = match (
+            var("AWS_ACCESS_KEY_ID"),
+            var("AWS_SECRET_ACCESS_KEY"),
+        ) {
+            (Some(id), Some(secret)) => (id, secret, var("AWS_SESSION_TOKEN")),
+            (Some(_), None) | (None, Some(_)) => {
+                return Err(bad(
                         "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY must be set together (one of them is \
                          empty or unset)"
                             .into(),
                     ));
-                }
-                (None, None) => match (
-                    from_profile("aws_access_key_id"),
-                    from_profile("aws_secret_access_key"),
-                ) {
-                    (Some(id), Some(secret)) => (id, secret, from_profile("aws_session_token")),
-                    _ => {
-                        return Err(bad(format!(
-                            "no S3 credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or \
+            }
+            (None, None) => match (
+                from_profile("aws_access_key_id"),
+                from_profile("aws_secret_access_key"),
+            ) {
+                (Some(id), Some(secret)) => (id, secret, from_profile("aws_session_token")),
+                _ => {
+                    return Err(bad(format!(
+                        "no S3 credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or \
                              aws_access_key_id and aws_secret_access_key in profile {profile:?} of {} \
                              (AWS_PROFILE, AWS_SHARED_CREDENTIALS_FILE)",
-                            credentials_file.display()
-                        )));
-                    }
-                },
-            };
+                        credentials_file.display()
+                    )));
+                }
+            },
+        };
 
         let (endpoint_var, endpoint) = match var("AWS_ENDPOINT_URL_S3") {
             Some(e) => ("AWS_ENDPOINT_URL_S3".to_owned(), Some(e)),
@@ -268,13 +270,16 @@ pub(crate) fn is_loopback(host: &str) -> bool {
 /// The `key = value` pairs of `[section]` in an INI file as the AWS tools write them; `None` when the file
 /// or the section is missing. Keys are lowercased; `#` and `;` start comment lines; indented lines (nested
 /// settings such as `s3 =` blocks) are skipped.
-pub(crate) fn read_ini_section(path: &Path, section: &str) -> Result<Option<HashMap<String, String>>> {
+pub(crate) fn read_ini_section(
+    path: &Path,
+    section: &str,
+) -> Result<Option<HashMap<String, String>>> {
     let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(RepoError::io("read", path, e)),
     };
-    Ok(parse_ini_section(&text, section, path)?)
+    parse_ini_section(&text, section, path)
 }
 
 fn parse_ini_section(
@@ -315,10 +320,10 @@ fn parse_ini_section(
                 n + 1
             )));
         };
-        if current.as_deref() == Some(section) {
-            if let Some(map) = found.as_mut() {
-                map.insert(key.trim().to_ascii_lowercase(), value.trim().to_owned());
-            }
+        if current.as_deref() == Some(section)
+            && let Some(map) = found.as_mut()
+        {
+            map.insert(key.trim().to_ascii_lowercase(), value.trim().to_owned());
         }
     }
     Ok(found)
@@ -337,7 +342,10 @@ mod tests {
         S3Settings::from_map(&map)
     }
 
-    const KEYS: [(&str, &str); 2] = [("AWS_ACCESS_KEY_ID", "id"), ("AWS_SECRET_ACCESS_KEY", "secret")];
+    const KEYS: [(&str, &str); 2] = [
+        ("AWS_ACCESS_KEY_ID", "id"),
+        ("AWS_SECRET_ACCESS_KEY", "secret"),
+    ];
 
     #[test]
     fn aws_defaults() {
@@ -349,14 +357,25 @@ mod tests {
 
     #[test]
     fn endpoints_are_path_style_and_http_only_on_loopback() {
-        for ep in ["http://127.0.0.1:3900", "http://localhost:9000/", "http://[::1]:3900"] {
+        for ep in [
+            "http://127.0.0.1:3900",
+            "http://localhost:9000/",
+            "http://[::1]:3900",
+        ] {
             let s = settings(&[KEYS[0], KEYS[1], ("AWS_ENDPOINT_URL", ep)]).unwrap();
             assert!(s.allow_http && !s.virtual_hosted && !s.is_aws, "{ep}");
         }
-        let e = settings(&[KEYS[0], KEYS[1], ("AWS_ENDPOINT_URL_S3", "http://10.1.2.3:3900")])
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("AWS_ENDPOINT_URL_S3") && e.contains("AWS_ALLOW_HTTP"), "{e}");
+        let e = settings(&[
+            KEYS[0],
+            KEYS[1],
+            ("AWS_ENDPOINT_URL_S3", "http://10.1.2.3:3900"),
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("AWS_ENDPOINT_URL_S3") && e.contains("AWS_ALLOW_HTTP"),
+            "{e}"
+        );
         let s = settings(&[
             KEYS[0],
             KEYS[1],
@@ -374,7 +393,10 @@ mod tests {
     #[test]
     fn missing_credentials_name_the_variables() {
         let e = settings(&[]).unwrap_err().to_string();
-        assert!(e.contains("AWS_ACCESS_KEY_ID") && e.contains("AWS_SECRET_ACCESS_KEY"), "{e}");
+        assert!(
+            e.contains("AWS_ACCESS_KEY_ID") && e.contains("AWS_SECRET_ACCESS_KEY"),
+            "{e}"
+        );
         let e = settings(&[KEYS[0]]).unwrap_err().to_string();
         assert!(e.contains("together"), "{e}");
     }
@@ -412,7 +434,11 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(
-            (&s.access_key_id[..], &s.secret_access_key[..], &s.region[..]),
+            (
+                &s.access_key_id[..],
+                &s.secret_access_key[..],
+                &s.region[..]
+            ),
             ("GK1", "s1", "garage")
         );
         assert_eq!(s.endpoint, "http://127.0.0.1:3900");
