@@ -8,7 +8,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
 use std::sync::{Arc, Barrier, Mutex};
 use std::time::{Duration, Instant};
 
@@ -632,6 +632,9 @@ struct Proxy {
     /// Connections to close as soon as the request arrived, without an answer (a server going away).
     drop_next: Arc<AtomicUsize>,
     down: Arc<AtomicBool>,
+    /// When not zero, each connection carries one request and `Last-Modified` in answers is moved by this
+    /// many seconds (a store whose clock is off).
+    skew_seconds: Arc<AtomicI64>,
     clients: Arc<Mutex<Vec<TcpStream>>>,
 }
 
@@ -646,8 +649,10 @@ impl Proxy {
             failed: Arc::new(AtomicUsize::new(0)),
             drop_next: Arc::new(AtomicUsize::new(0)),
             down: Arc::new(AtomicBool::new(false)),
+            skew_seconds: Arc::new(AtomicI64::new(0)),
             clients: Arc::new(Mutex::new(Vec::new())),
         };
+        let skew = proxy.skew_seconds.clone();
         let (fail_next, failed, drop_next, down, clients) = (
             proxy.fail_next.clone(),
             proxy.failed.clone(),
@@ -679,6 +684,11 @@ impl Proxy {
                 let Ok(server) = TcpStream::connect(&upstream) else {
                     continue;
                 };
+                let seconds = skew.load(Ordering::SeqCst);
+                if seconds != 0 {
+                    std::thread::spawn(move || skewed_exchange(client, server, seconds));
+                    continue;
+                }
                 clients.lock().unwrap().push(client.try_clone().unwrap());
                 pipe(client.try_clone().unwrap(), server.try_clone().unwrap());
                 pipe(server, client);
@@ -701,6 +711,66 @@ fn pipe(mut from: TcpStream, mut to: TcpStream) {
         let _ = std::io::copy(&mut from, &mut to);
         let _ = to.shutdown(Shutdown::Write);
     });
+}
+
+/// Reads a request's head and body from `from`.
+fn read_request(from: &mut TcpStream) -> Option<(Vec<u8>, Vec<u8>)> {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match from.read(&mut byte) {
+            Ok(1) => head.push(byte[0]),
+            _ => return None,
+        }
+    }
+    let text = String::from_utf8_lossy(&head).to_ascii_lowercase();
+    let length: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    let mut body = Vec::new();
+    from.take(length).read_to_end(&mut body).ok()?;
+    Some((head, body))
+}
+
+/// Passes one request to `server` (asking it to close the connection after answering) and its answer back
+/// with `Last-Modified` moved by `seconds`.
+fn skewed_exchange(mut client: TcpStream, mut server: TcpStream, seconds: i64) {
+    let Some((head, body)) = read_request(&mut client) else {
+        return;
+    };
+    let head = String::from_utf8_lossy(&head).replacen("\r\n", "\r\nConnection: close\r\n", 1);
+    if server.write_all(head.as_bytes()).is_err() || server.write_all(&body).is_err() {
+        return;
+    }
+    let mut answer = Vec::new();
+    if server.read_to_end(&mut answer).is_err() {
+        return;
+    }
+    let split = answer
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map_or(answer.len(), |p| p + 4);
+    let (head, rest) = answer.split_at(split);
+    let head: Vec<String> = String::from_utf8_lossy(head)
+        .split("\r\n")
+        .map(|line| match line.split_once(':') {
+            Some((name, value)) if name.eq_ignore_ascii_case("last-modified") => {
+                let t = httpdate::parse_http_date(value.trim()).unwrap();
+                let moved = if seconds >= 0 {
+                    t + Duration::from_secs(seconds as u64)
+                } else {
+                    t - Duration::from_secs(seconds.unsigned_abs())
+                };
+                format!("{name}: {}", httpdate::fmt_http_date(moved))
+            }
+            _ => line.to_owned(),
+        })
+        .collect();
+    let _ = client.write_all(head.join("\r\n").as_bytes());
+    let _ = client.write_all(rest);
+    let _ = client.shutdown(Shutdown::Both);
 }
 
 /// Reads one request (head and body) and answers 503 SlowDown, closing the connection.
@@ -874,6 +944,40 @@ fn sixteen_packs_read_at_once_stay_under_128_mib() {
         kib / 1024
     );
     assert!(kib < 128 * 1024, "peak RSS {kib} KiB");
+}
+
+#[test]
+fn a_store_whose_clock_is_off_is_refused_for_leases() {
+    let g = Garage::start();
+    let proxy = Proxy::start(&g.endpoint);
+    proxy.skew_seconds.store(120, Ordering::SeqCst);
+    let store = g.store_at(&proxy.endpoint, "skew", &[]);
+    let e = store
+        .lock("lock", LockMode::Exclusive, "x")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("BACKFLOW_MAX_CLOCK_SKEW_SECONDS=30"), "{e}");
+    let measured: f64 = e
+        .split("differs from this host's by ")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no measured skew in {e}"));
+    assert!((118.0..122.0).contains(&measured), "{e}");
+    // Refused leases are not left behind.
+    assert!(g.store("skew").list("locks/lock/").unwrap().is_empty());
+    // Within the bound it is measured, and the lease taken.
+    let tolerant = g.store_at(
+        &proxy.endpoint,
+        "skew",
+        &[("BACKFLOW_MAX_CLOCK_SKEW_SECONDS", "300")],
+    );
+    let _lease = tolerant.lock("lock", LockMode::Exclusive, "x").unwrap();
+    let skew = tolerant.clock_skew().unwrap();
+    assert!(
+        skew > Duration::from_secs(118) && skew < Duration::from_secs(122),
+        "{skew:?}"
+    );
 }
 
 #[test]
