@@ -166,11 +166,12 @@ pub fn tools_dir() -> PathBuf {
 /// when the build failed or stopped, and with what to run when there is neither a binary nor a
 /// build.
 pub fn tool(name: &str) -> PathBuf {
-    tool_in(&tools_dir(), name)
+    tool_in(&tools_dir(), name, &mut |line| eprintln!("{line}"))
 }
 
-/// [`tool`] with the tools' directory given (`DIR/bin/NAME`, `DIR/build/NAME.{pid,log,status}`).
-pub fn tool_in(dir: &Path, name: &str) -> PathBuf {
+/// [`tool`] with the tools' directory given (`DIR/bin/NAME`, `DIR/build/NAME.{pid,log,status}`)
+/// and where to say that it waits (`say`, once, before the first wait).
+pub fn tool_in(dir: &Path, name: &str, say: &mut dyn FnMut(&str)) -> PathBuf {
     let bin = dir.join("bin").join(name);
     let build = dir.join("build");
     let log = build.join(format!("{name}.log"));
@@ -200,7 +201,10 @@ pub fn tool_in(dir: &Path, name: &str) -> PathBuf {
             }
             if bin.is_file() {
                 if announced {
-                    eprintln!("{name} is built, after {:?} of waiting", started.elapsed());
+                    say(&format!(
+                        "{name} is built, after {:?} of waiting",
+                        started.elapsed()
+                    ));
                 }
                 return bin;
             }
@@ -212,10 +216,10 @@ pub fn tool_in(dir: &Path, name: &str) -> PathBuf {
             );
         }
         if !announced {
-            eprintln!(
+            say(&format!(
                 "waiting for the background build of {name} (log: {}), up to {BUILD_WAIT:?}",
                 log.display()
-            );
+            ));
             announced = true;
         }
         assert!(
