@@ -38,6 +38,10 @@ command -v python3 >/dev/null || need+=(python3)
   || need+=(python3-aiosmtpd)
 # systemd-analyze (systemd): the test that checks dist/backflow-daemon.service with `verify`.
 command -v systemd-analyze >/dev/null || need+=(systemd)
+# restic: the independent S3 client that checks the test harness's object stores (and the peer of
+# the S3 benchmarks); ip (iproute2): the network namespaces of the three-node Garage cluster.
+command -v restic >/dev/null || need+=(restic)
+command -v ip >/dev/null || need+=(iproute2)
 if [ ${#need[@]} -gt 0 ]; then
   echo "setup: installing ${need[*]}" >&2
   $SUDO apt-get update -qq
@@ -69,6 +73,42 @@ if ! command -v cargo >/dev/null; then
   echo "setup: cargo is missing: install the Rust toolchain (rustup) first" >&2
   exit 1
 fi
+
+# The object stores of the S3 tests (testkit/src/s3.rs): Garage and s3s-fs, from crates.io, into
+# $BACKFLOW_TOOLS (default /opt/backflow-tools), once per machine. Garage takes about 26 minutes to
+# build on a loaded machine, so the builds run in the background (niced, so that the workspace's
+# own build goes first) and overlap the rest of the test command; the harness waits for them and
+# shows the end of the log when one fails. State per tool in TOOLS/build: NAME.pid (the build),
+# NAME.log, NAME.status (its exit status, written when it ends).
+TOOLS=${BACKFLOW_TOOLS:-/opt/backflow-tools}
+# build_tool NAME VERSION CRATE [CARGO_INSTALL_ARGS...]: starts the build of NAME unless
+# TOOLS/bin/NAME is that version already or a build of it runs.
+build_tool() {
+  local name=$1 version=$2 crate=$3 build=$TOOLS/build
+  shift 3
+  if "$TOOLS/bin/$name" --version 2>/dev/null | grep -qF "$version"; then
+    return 0
+  fi
+  mkdir -p "$build" 2>/dev/null || {
+    echo "setup: cannot write $TOOLS: run as root or set BACKFLOW_TOOLS to a directory of yours" >&2
+    exit 1
+  }
+  if [ -f "$build/$name.pid" ] && [ ! -f "$build/$name.status" ] \
+    && kill -0 "$(cat "$build/$name.pid")" 2>/dev/null; then
+    echo "setup: $name $version is being built (log: $build/$name.log)" >&2
+    return 0
+  fi
+  rm -f "$build/$name.status"
+  echo "setup: building $name $version in the background (log: $build/$name.log)" >&2
+  # Its own target directory (cargo's default, a temporary one): never the workspace's.
+  nohup nice -n 10 env -u CARGO_TARGET_DIR bash -c \
+    '"$@" >"$0.log" 2>&1; echo $? >"$0.status.tmp"; mv "$0.status.tmp" "$0.status"' \
+    "$build/$name" cargo install --locked --root "$TOOLS" "$crate" --version "$version" "$@" \
+    </dev/null >/dev/null 2>&1 &
+  echo $! >"$build/$name.pid"
+}
+build_tool garage 2.5.0 garage --no-default-features --features bundled-libs,lmdb,sqlite
+build_tool s3s-fs 0.14.1 s3s-fs --features binary
 # The test command checks formatting and lints too.
 for component in rustfmt clippy; do
   if ! cargo "${component/rustfmt/fmt}" --version >/dev/null 2>&1; then

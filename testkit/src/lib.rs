@@ -3,11 +3,14 @@
 //!
 //! The crate root holds pipeline and repository helpers; [`qemu`] runs QEMU's tools and checks
 //! the processes they leave; [`libvirt`] runs throwaway domains on `qemu:///system`;
-//! [`libvirtd`] a libvirtd of a test's own, to restart; [`smtp`] a real SMTP server on loopback.
+//! [`libvirtd`] a libvirtd of a test's own, to restart; [`smtp`] a real SMTP server on loopback;
+//! [`s3`] real S3-compatible object stores (Garage, one node or a three-node cluster in network
+//! namespaces, and s3s-fs).
 
 pub mod libvirt;
 pub mod libvirtd;
 pub mod qemu;
+pub mod s3;
 pub mod smtp;
 
 use std::collections::HashSet;
