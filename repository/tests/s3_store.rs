@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
 use std::sync::{Arc, Barrier, Mutex};
 use std::time::{Duration, Instant};
@@ -15,26 +15,10 @@ use std::time::{Duration, Instant};
 use backflow_repository::store::s3::{MULTIPART_THRESHOLD, S3Settings, S3Store};
 use backflow_repository::store::{LockMode, PutMode, S3Location, Store, is_exists};
 use backflow_repository::{Location, RepoError};
+use backflow_testkit::s3::{Garage, S3, S3sFs};
 
-const TOOLS: &str = "/opt/backflow-tools/bin";
-/// Garage's region as configured below; requests are signed for it.
-const REGION: &str = "garage";
 /// How long a test waits for a server to answer or a lease to lapse before failing.
 const PATIENCE: Duration = Duration::from_secs(30);
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn random_hex(bytes: usize) -> String {
-    (0..bytes)
-        .map(|_| format!("{:02x}", rand::random::<u8>()))
-        .collect()
-}
 
 /// Polls `f` until it returns `Some`, for at most `PATIENCE`.
 fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
@@ -48,116 +32,44 @@ fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
     }
 }
 
-/// A single-node Garage with one bucket and one key, stopped and removed when dropped.
-struct Garage {
-    child: Child,
-    dir: tempfile::TempDir,
+/// A bucket of its own on the process's shared Garage node (or another store), with a scratch directory of
+/// its own, removed when dropped.
+struct Bucket {
+    s3: S3,
     endpoint: String,
-    key_id: String,
-    secret: String,
     bucket: String,
+    scratch: tempfile::TempDir,
 }
 
-impl Garage {
-    fn start() -> Garage {
-        let dir = tempfile::tempdir().unwrap();
-        let (rpc, api) = (free_port(), free_port());
-        let config = dir.path().join("garage.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "metadata_dir = \"{d}/meta\"\ndata_dir = \"{d}/data\"\ndb_engine = \"sqlite\"\n\
-                 replication_factor = 1\nrpc_bind_addr = \"127.0.0.1:{rpc}\"\n\
-                 rpc_public_addr = \"127.0.0.1:{rpc}\"\nrpc_secret = \"{secret}\"\n\
-                 [s3_api]\ns3_region = \"{REGION}\"\napi_bind_addr = \"127.0.0.1:{api}\"\n\
-                 root_domain = \".s3.garage.localhost\"\n",
-                d = dir.path().display(),
-                secret = random_hex(32)
-            ),
-        )
-        .unwrap();
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o600)).unwrap();
-        let log = std::fs::File::create(dir.path().join("server.log")).unwrap();
-        let child = Command::new(format!("{TOOLS}/garage"))
-            .arg("-c")
-            .arg(&config)
-            .arg("server")
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("garage is installed under /opt/backflow-tools/bin (scripts/setup.sh)");
-        let g = Garage {
-            child,
-            dir,
-            endpoint: format!("http://127.0.0.1:{api}"),
-            key_id: format!("GK{}", random_hex(12)),
-            secret: random_hex(32),
-            bucket: "backflow-test".into(),
-        };
-        wait_for("garage to answer", || g.cli_ok(&["status"]).then_some(()));
-        let id = g.cli(&["node", "id", "-q"]);
-        let id = id.trim().split('@').next().unwrap().to_owned();
-        g.cli(&["layout", "assign", "-z", "dc1", "-c", "1G", &id]);
-        g.cli(&["layout", "apply", "--version", "1"]);
-        let (key, secret, bucket) = (g.key_id.clone(), g.secret.clone(), g.bucket.clone());
-        g.cli(&["key", "import", "--yes", "-n", "test", &key, &secret]);
-        g.cli(&["bucket", "create", &bucket]);
-        g.cli(&[
-            "bucket", "allow", "--read", "--write", "--owner", &bucket, "--key", "test",
-        ]);
-        // The S3 endpoint answers once the layout is applied; wait until it serves this bucket.
-        let store = g.store_at(&g.endpoint.clone(), "probe", &[]);
-        wait_for("garage's S3 API", || store.list("").ok());
-        g
+impl Bucket {
+    fn on_garage(name: &str) -> Bucket {
+        Bucket::new(Garage::shared().bucket(name))
     }
 
-    fn command(&self, args: &[&str]) -> std::process::Output {
-        Command::new(format!("{TOOLS}/garage"))
-            .arg("-c")
-            .arg(self.dir.path().join("garage.toml"))
-            .args(args)
-            .output()
-            .unwrap()
-    }
-
-    fn cli_ok(&self, args: &[&str]) -> bool {
-        self.command(args).status.success()
-    }
-
-    /// Runs a garage command until it succeeds: right after start, the node may still be joining its own
-    /// layout and refuse (quorum not reached). A retry that finds its own earlier attempt done counts.
-    fn cli(&self, args: &[&str]) -> String {
-        let start = Instant::now();
-        let mut attempts = 0;
-        loop {
-            attempts += 1;
-            let out = self.command(args);
-            let stderr = String::from_utf8_lossy(&out.stderr);
-            if out.status.success() || (attempts > 1 && stderr.contains("already")) {
-                return String::from_utf8(out.stdout).unwrap();
-            }
-            assert!(
-                start.elapsed() < PATIENCE,
-                "garage {args:?} failed {attempts} times: {stderr}"
-            );
-            std::thread::sleep(Duration::from_millis(200));
+    fn new(s3: S3) -> Bucket {
+        Bucket {
+            endpoint: s3.endpoint.clone(),
+            bucket: s3.bucket.clone(),
+            s3,
+            scratch: tempfile::tempdir().unwrap(),
         }
     }
 
+    /// The variables a process would have: the store's, a scratch directory and a home without AWS files.
     fn vars(&self, endpoint: &str, extra: &[(&str, &str)]) -> HashMap<String, String> {
-        let scratch = self.dir.path().join("scratch");
-        let mut vars: HashMap<String, String> = [
-            ("AWS_ENDPOINT_URL", endpoint),
-            ("AWS_REGION", REGION),
-            ("AWS_ACCESS_KEY_ID", &self.key_id),
-            ("AWS_SECRET_ACCESS_KEY", &self.secret),
-            ("BACKFLOW_SCRATCH_DIR", scratch.to_str().unwrap()),
-            ("HOME", self.dir.path().to_str().unwrap()),
-        ]
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
+        let mut vars: HashMap<String, String> = self
+            .s3
+            .env()
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v))
+            .collect();
+        vars.insert("AWS_ENDPOINT_URL".into(), endpoint.into());
+        let dir = self.scratch.path();
+        vars.insert(
+            "BACKFLOW_SCRATCH_DIR".into(),
+            dir.join("scratch").to_str().unwrap().into(),
+        );
+        vars.insert("HOME".into(), dir.to_str().unwrap().into());
         for (k, v) in extra {
             vars.insert(k.to_string(), v.to_string());
         }
@@ -178,13 +90,6 @@ impl Garage {
             bucket: self.bucket.clone(),
             prefix: prefix.into(),
         }
-    }
-}
-
-impl Drop for Garage {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -291,7 +196,7 @@ fn round_trip(store: &S3Store) {
 
 #[test]
 fn every_method_round_trips_on_garage() {
-    let g = Garage::start();
+    let g = Bucket::on_garage("s3-store");
     let store = g.store("site-a/repo");
     assert_eq!(
         store.location(),
@@ -314,7 +219,7 @@ fn every_method_round_trips_on_garage() {
 
 #[test]
 fn large_files_go_up_in_parts_and_read_back() {
-    let g = Garage::start();
+    let g = Bucket::on_garage("s3-store");
     let store = g.store("big");
     let big = data(MULTIPART_THRESHOLD as usize * 2 + 12_345, 9);
     let p = scratch_file(&store, "big.tmp", &big);
@@ -334,7 +239,7 @@ fn large_files_go_up_in_parts_and_read_back() {
 
 #[test]
 fn create_never_replaces_and_replace_does() {
-    let g = Garage::start();
+    let g = Bucket::on_garage("s3-store");
     let store = g.store("modes");
     store
         .put("snapshots/a.snap", b"first", PutMode::Create)
@@ -365,7 +270,7 @@ fn create_never_replaces_and_replace_does() {
 
 #[test]
 fn ranged_reads_at_the_end_and_across_windows() {
-    let g = Garage::start();
+    let g = Bucket::on_garage("s3-store");
     let store = g.store("ranges");
     let len = (5 << 20) + 13;
     let bytes = data(len, 4);
@@ -416,7 +321,7 @@ fn ranged_reads_at_the_end_and_across_windows() {
 
 #[test]
 fn listings_page_past_a_thousand_keys() {
-    let g = Garage::start();
+    let g = Bucket::on_garage("s3-store");
     let store = Arc::new(g.store("many"));
     const KEYS: usize = 1100;
     let next = Arc::new(AtomicUsize::new(0));
@@ -456,7 +361,7 @@ fn is_locked(r: &Result<Box<dyn backflow_repository::store::Lease>, RepoError>) 
 
 #[test]
 fn exclusive_and_shared_leases_exclude_each_other() {
-    let g = Garage::start();
+    let g = Bucket::on_garage("s3-store");
     let a = g.store("locks");
     let b = g.store("locks");
     let s1 = a.lock("lock", LockMode::Shared, "backup of vm1").unwrap();
@@ -497,7 +402,7 @@ fn exclusive_and_shared_leases_exclude_each_other() {
 
 #[test]
 fn of_two_racing_exclusive_locks_at_most_one_wins() {
-    let g = Garage::start();
+    let g = Bucket::on_garage("s3-store");
     let stores = [Arc::new(g.store("race")), Arc::new(g.store("race"))];
     let mut winners_total = 0;
     for round in 0..20 {
@@ -561,7 +466,7 @@ fn child_holding_a_lease() {
 
 #[test]
 fn a_lease_no_longer_renewed_expires() {
-    let g = Garage::start();
+    let g = Bucket::on_garage("s3-store");
     let bound = 3;
     let mut vars = g.vars(
         &g.endpoint,
@@ -801,7 +706,7 @@ fn answer_503(mut client: TcpStream) {
 
 #[test]
 fn requests_are_retried_through_503_slowdown() {
-    let g = Garage::start();
+    let g = Bucket::on_garage("s3-store");
     let proxy = Proxy::start(&g.endpoint);
     let store = g.store_at(&proxy.endpoint, "retry", &[]);
     proxy.fail_next.store(3, Ordering::SeqCst);
@@ -831,7 +736,7 @@ fn requests_are_retried_through_503_slowdown() {
 
 #[test]
 fn requests_are_retried_when_the_server_drops_connections() {
-    let g = Garage::start();
+    let g = Bucket::on_garage("s3-store");
     let proxy = Proxy::start(&g.endpoint);
     let store = g.store_at(&proxy.endpoint, "dropped", &[]);
     let bytes = data(300_000, 5);
@@ -908,7 +813,7 @@ fn child_reading_packs() {
 
 #[test]
 fn sixteen_packs_read_at_once_stay_under_128_mib() {
-    let g = Garage::start();
+    let g = Bucket::on_garage("s3-store");
     let store = g.store("memory");
     let mut vars = g.vars(&g.endpoint, &[]);
     for i in 0..MEMORY_PACKS {
@@ -948,7 +853,7 @@ fn sixteen_packs_read_at_once_stay_under_128_mib() {
 
 #[test]
 fn a_store_whose_clock_is_off_is_refused_for_leases() {
-    let g = Garage::start();
+    let g = Bucket::on_garage("s3-store");
     let proxy = Proxy::start(&g.endpoint);
     proxy.skew_seconds.store(120, Ordering::SeqCst);
     let store = g.store_at(&proxy.endpoint, "skew", &[]);
@@ -982,7 +887,7 @@ fn a_store_whose_clock_is_off_is_refused_for_leases() {
 
 #[test]
 fn a_lease_that_cannot_be_renewed_stops_being_held() {
-    let g = Garage::start();
+    let g = Bucket::on_garage("s3-store");
     let proxy = Proxy::start(&g.endpoint);
     let store = g.store_at(
         &proxy.endpoint,
@@ -1055,48 +960,37 @@ fn plain_http_is_refused_for_remote_endpoints_and_credentials_are_required() {
 
 #[test]
 fn every_method_round_trips_on_s3s_fs() {
-    let dir = tempfile::tempdir().unwrap();
-    let root = dir.path().join("data");
-    let bucket = "backflow-fs";
-    std::fs::create_dir_all(root.join(bucket)).unwrap();
-    let port = free_port();
-    let (key, secret) = ("AKIDTEST", "s3s-fs-secret");
-    let mut child = Command::new(format!("{TOOLS}/s3s-fs"))
-        .args(["--host", "127.0.0.1", "--port", &port.to_string()])
-        .args(["--access-key", key, "--secret-key", secret])
-        .arg(&root)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("s3s-fs is installed under /opt/backflow-tools/bin");
-    let scratch = dir.path().join("scratch");
-    let vars: HashMap<String, String> = [
-        ("AWS_ENDPOINT_URL", format!("http://127.0.0.1:{port}")),
-        ("AWS_ACCESS_KEY_ID", key.into()),
-        ("AWS_SECRET_ACCESS_KEY", secret.into()),
-        ("BACKFLOW_SCRATCH_DIR", scratch.to_str().unwrap().into()),
-        ("HOME", dir.path().to_str().unwrap().into()),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_string(), v))
-    .collect();
-    let settings = S3Settings::from_map(&vars).unwrap();
-    let loc = S3Location {
-        bucket: bucket.into(),
-        prefix: "repo".into(),
+    let server = S3sFs::start();
+    let b = Bucket::new(server.bucket("s3-store"));
+    let store = b.store("repo");
+    round_trip(&store);
+    let lease = store.lock("lock", LockMode::Exclusive, "fs").unwrap();
+    assert!(is_locked(&store.lock("lock", LockMode::Shared, "b")));
+    drop(lease);
+    store.lock("lock", LockMode::Shared, "b").unwrap();
+}
+
+#[test]
+fn a_call_made_while_garage_is_down_completes_once_it_is_back() {
+    let mut garage = Garage::single();
+    let b = Bucket::new(garage.s3().clone());
+    let store = Arc::new(b.store("restart"));
+    store.put("config", b"before", PutMode::Create).unwrap();
+    garage.stop(0);
+    let started = Arc::new(AtomicBool::new(false));
+    let call = {
+        let (store, started) = (store.clone(), started.clone());
+        std::thread::spawn(move || {
+            started.store(true, Ordering::SeqCst);
+            store.put("snapshots/a.snap", b"during", PutMode::Create)?;
+            store.read("config")
+        })
     };
-    let store = S3Store::open_with(&loc, &settings).unwrap();
-    wait_for("s3s-fs to answer", || store.list("").ok());
-    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        round_trip(&store);
-        let lease = store.lock("lock", LockMode::Exclusive, "fs").unwrap();
-        assert!(is_locked(&store.lock("lock", LockMode::Shared, "b")));
-        drop(lease);
-        store.lock("lock", LockMode::Shared, "b").unwrap();
-    }));
-    let _ = child.kill();
-    let _ = child.wait();
-    if let Err(p) = outcome {
-        std::panic::resume_unwind(p);
-    }
+    wait_for("the call to start", || {
+        started.load(Ordering::SeqCst).then_some(())
+    });
+    garage.start(0);
+    let read = call.join().unwrap().unwrap();
+    assert_eq!(read.unwrap(), b"before");
+    assert_eq!(store.read("snapshots/a.snap").unwrap().unwrap(), b"during");
 }
