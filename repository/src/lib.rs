@@ -388,18 +388,20 @@ pub use names::{
     BadName, IDENTITY_RULE, MAX_NAME_LEN, MAX_PATH_IDENTITY_LEN, NAME_RULE, NameKind, VM_NAME_RULE,
     check_disk_name, check_identity, check_vm_name, identity_for_path, is_valid_name,
 };
-pub use pack::{PackEntry, PackTrailer, decode, decode_into, read_pack_trailer};
+pub use pack::{
+    PackEntry, PackTrailer, decode, decode_into, read_pack_trailer, read_stored_pack_trailer,
+};
 pub use readable::ParentCheck;
 pub use repository::{RebuildReport, Repository};
 pub use resolve::LATEST;
 pub use retention::{Decision, KeepPolicy, plan};
 pub use session::{BackupSession, PackWriter};
 pub use snapshot::{DiskInfo, DiskMeta, Snapshot, SnapshotInfo, SnapshotMeta};
+pub use store::{BadLocation, Location, S3Location};
 pub use types::{
     BadDigest, ChunkLocation, ChunkRef, Codec, DamagedFile, Digest, PackId, StoredChunk,
 };
 pub use verify::{ChunkProblem, ProblemKind, VerifyReport};
-pub use store::{BadLocation, Location, S3Location};
 
 impl Repository {
     /// Checks the repository; see "What `verify` checks" above. Problems are in the report, not an `Err`: an
