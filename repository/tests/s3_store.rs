@@ -3,6 +3,8 @@
 //! the basic round trip. Failures of the store are real too: a small TCP proxy in front of Garage answers
 //! 503 SlowDown or cuts connections when told.
 
+mod common;
+
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -190,6 +192,16 @@ fn round_trip(store: &S3Store) {
     );
     store.delete("quarantine/packs/41/41aa.pack").unwrap();
     store.delete("quarantine/packs/41/41aa.pack").unwrap();
+    let stat = store.stat("config").unwrap().unwrap();
+    assert_eq!(stat.size, 1000);
+    assert!(stat.modified.is_some());
+    assert_eq!(store.stat("nothing").unwrap(), None);
+    let many: Vec<String> = (0..5).map(|i| format!("tmp/d/{i}")).collect();
+    for k in &many[..4] {
+        store.put(k, b"d", PutMode::Create).unwrap();
+    }
+    store.delete_many(&many).unwrap();
+    assert!(store.list("tmp/d/").unwrap().is_empty());
     assert!(!store.exists("quarantine/packs/41/41aa.pack").unwrap());
     assert!(!store.is_local());
 }
@@ -993,4 +1005,86 @@ fn a_call_made_while_garage_is_down_completes_once_it_is_back() {
     let read = call.join().unwrap().unwrap();
     assert_eq!(read.unwrap(), b"before");
     assert_eq!(store.read("snapshots/a.snap").unwrap().unwrap(), b"during");
+}
+
+/// Not a test on its own: the child process of `a_repository_round_trips_in_a_bucket`, which opens the
+/// repository by its `s3://` location with the settings in its real environment, as the program does.
+#[test]
+#[ignore = "run by a_repository_round_trips_in_a_bucket"]
+fn child_repository_round_trip() {
+    use backflow_repository::{GcOptions, InitOptions, Repository};
+    let Ok(url) = std::env::var("S3_TEST_REPOSITORY") else {
+        return;
+    };
+    let location = Location::parse(&url).unwrap();
+    let options = InitOptions {
+        chunk_size: common::CHUNK,
+        pack_target_size: 192 * 1024,
+    };
+    let repo = Repository::init_at(&location, &options).unwrap();
+    assert_eq!(repo.location(), &location);
+    let again = Repository::init_at(&location, &options).unwrap_err();
+    assert!(matches!(again, RepoError::InitRefused { .. }), "{again}");
+
+    let vda = common::image(1, "rrtzzrarattzrrr", 1000);
+    let vdb = common::image(2, "tzr", 5);
+    let web = common::backup(&repo, "web", &[("vda", &vda), ("vdb", &vdb)]);
+    let db_disk = common::image(3, "rrrrrrrr", 0);
+    let db = common::backup(&repo, "db", &[("vda", &db_disk)]);
+    drop(repo);
+
+    // A second handle, as a restore would open it.
+    let repo = Repository::open_at(&location).unwrap();
+    let snap = repo.open_snapshot(&web.id).unwrap();
+    assert_eq!(common::restore(&repo, &snap, 0), vda);
+    assert_eq!(common::restore(&repo, &snap, 1), vdb);
+    let report = repo.verify(true).unwrap();
+    assert!(report.is_ok(), "{report:#?}");
+
+    // Forget db; the collection removes its chunks and keeps web whole.
+    repo.forget(&db.id).unwrap();
+    let mut removed = 0;
+    for _cycle in 0..3 {
+        let report = repo.gc(&GcOptions::default()).unwrap();
+        removed += report.chunks_removed;
+    }
+    assert_eq!(removed, 8, "db's eight random chunks");
+    let snap = repo.open_snapshot(&web.id).unwrap();
+    assert_eq!(common::restore(&repo, &snap, 0), vda);
+    let report = repo.verify(true).unwrap();
+    assert!(report.is_ok(), "{report:#?}");
+    println!("ROUND TRIP DONE");
+}
+
+#[test]
+fn a_repository_round_trips_in_a_bucket() {
+    let b = Bucket::on_garage("s3-repo");
+    let vars = b.vars(&b.endpoint, &[]);
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "child_repository_round_trip",
+            "--ignored",
+            "--nocapture",
+        ])
+        .env_clear()
+        .envs(&vars)
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("S3_TEST_REPOSITORY", b.s3.url("backups/site-a"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("ROUND TRIP DONE"),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Everything under the prefix, nothing left in scratch but the per-repository directory.
+    let root = b.store("");
+    assert_eq!(root.list_dirs("").unwrap(), ["backups"]);
+    let store = b.store("backups/site-a");
+    assert!(store.exists("config").unwrap());
+    assert_eq!(store.list("snapshots/").unwrap().len(), 1);
+    assert!(store.live("users/").unwrap().is_empty());
+    assert!(store.list("locks/lock/").unwrap().is_empty());
 }

@@ -43,11 +43,7 @@ pub use location::{BadLocation, Location, S3Location};
 pub fn open_store(location: &Location) -> Result<Arc<dyn Store>> {
     match location {
         Location::Local(path) => Ok(Arc::new(FsStore::new(path))),
-        // S3: the lead wires `s3::S3Store::open(s3)` here once the `s3` branch is merged.
-        Location::S3(_) => Err(crate::RepoError::NotARepository {
-            path: PathBuf::from(location.to_string()),
-            reason: "this build has no S3 backend".into(),
-        }),
+        Location::S3(s3) => Ok(Arc::new(s3::S3Store::open(s3)?)),
     }
 }
 

@@ -66,7 +66,7 @@ use tracing::{debug, warn};
 
 pub use config::S3Settings;
 
-use super::{Entry, Lease, LockMode, Object, PutMode, Store};
+use super::{Entry, Lease, LockMode, Object, PutMode, Stat, Store};
 use crate::error::{RepoError, Result};
 use crate::store::{Location, S3Location};
 
@@ -735,6 +735,40 @@ impl Store for S3Store {
 
     fn delete(&self, key: &str) -> Result<()> {
         self.inner.delete(key)
+    }
+
+    fn stat(&self, key: &str) -> Result<Option<Stat>> {
+        Ok(self.inner.head(key)?.map(|meta| Stat {
+            size: meta.size,
+            modified: Some(meta.last_modified.into()),
+            // The ETag changes when the object is replaced, even with the same size in the same second.
+            identity: meta.e_tag.map_or(0, |tag| {
+                let h = blake3::hash(tag.as_bytes());
+                u64::from_le_bytes(h.as_bytes()[..8].try_into().expect("8 bytes"))
+            }),
+        }))
+    }
+
+    fn delete_many(&self, keys: &[String]) -> Result<()> {
+        use futures_util::{StreamExt, TryStreamExt};
+        let inner = &self.inner;
+        // DeleteObjects: a thousand keys per request rather than one.
+        let paths: Vec<object_store::Result<ObjectPath>> =
+            keys.iter().map(|k| Ok(inner.path(k))).collect();
+        let outcomes: Vec<object_store::Result<ObjectPath>> = inner.run(
+            inner
+                .client
+                .delete_stream(futures_util::stream::iter(paths).boxed())
+                .into_stream()
+                .collect(),
+        );
+        for (key, outcome) in keys.iter().zip(outcomes) {
+            match outcome {
+                Ok(_) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(inner.err("delete", key, e)),
+            }
+        }
+        Ok(())
     }
 
     fn rename(&self, from: &str, to: &str) -> Result<()> {
