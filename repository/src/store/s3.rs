@@ -1174,12 +1174,21 @@ fn renew_leases(inner: Weak<Inner>, stop: Arc<RenewerStop>) {
                 lapse(&store, &lease);
                 continue;
             }
-            match store.put(
+            let renewed = store.put(
                 &lease.key,
                 store.lease_body(&lease.held_by),
                 PutMode::Replace,
-            ) {
-                Ok(()) if started.duration_since(last) < store.held_window() => {
+            );
+            if lease.lost.load(Ordering::Acquire) {
+                // Dropped while the renewal was on its way: the renewal may have written the object again
+                // after the drop deleted it, and it must not exclude others until it expires.
+                let _ = store.delete(&lease.key);
+                continue;
+            }
+            match renewed {
+                // Landed in time only if the previous write was still trusted when this one returned:
+                // otherwise there was a moment in which others could count the lease gone.
+                Ok(()) if last.elapsed() < store.held_window() => {
                     *lease.renewed.lock().unwrap_or_else(|e| e.into_inner()) = started;
                 }
                 Ok(()) => lapse(&store, &lease),
