@@ -1088,3 +1088,48 @@ fn a_repository_round_trips_in_a_bucket() {
     assert!(store.live("users/").unwrap().is_empty());
     assert!(store.list("locks/lock/").unwrap().is_empty());
 }
+
+/// Not a check: throughput of a 256 MiB multipart upload and of reading it back front to back in 1 MiB
+/// reads, against the loopback Garage (`--ignored --nocapture measure_throughput`). Numbers in the report
+/// of the S3 backend; speed is never asserted.
+#[test]
+#[ignore = "a measurement, run by hand"]
+fn measure_throughput() {
+    let b = Bucket::on_garage("s3-measure");
+    let store = b.store("measure");
+    let size = 256 << 20;
+    let bytes = data(size, 42);
+    let p = scratch_file(&store, "big.tmp", &bytes);
+    let start = Instant::now();
+    store
+        .publish(&p, "packs/00/big.pack", PutMode::Create)
+        .unwrap();
+    let up = start.elapsed();
+    let object = store.open("packs/00/big.pack").unwrap();
+    let start = Instant::now();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut hasher = blake3::Hasher::new();
+    for at in (0..size).step_by(buf.len()) {
+        object.read_exact_at(&mut buf, at as u64).unwrap();
+        hasher.update(&buf);
+    }
+    let down = start.elapsed();
+    assert_eq!(hasher.finalize(), blake3::hash(&bytes));
+    let start = Instant::now();
+    let p = scratch_file(&store, "idx.tmp", &bytes[..64 << 20]);
+    store.publish(&p, "index/big.idx", PutMode::Create).unwrap();
+    let whole_up = start.elapsed();
+    let start = Instant::now();
+    let whole = store.open("index/big.idx").unwrap();
+    let fetch = start.elapsed();
+    assert_eq!(whole.len(), 64 << 20);
+    let mib = |n: usize, d: Duration| n as f64 / (1 << 20) as f64 / d.as_secs_f64();
+    println!(
+        "upload 256 MiB (multipart): {:.0} MiB/s; ranged read 1 MiB at a time: {:.0} MiB/s; \
+         upload 64 MiB: {:.0} MiB/s; fetch 64 MiB whole: {:.0} MiB/s",
+        mib(size, up),
+        mib(size, down),
+        mib(64 << 20, whole_up),
+        mib(64 << 20, fetch)
+    );
+}
