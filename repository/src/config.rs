@@ -10,8 +10,8 @@ use std::path::Path;
 
 use tracing::warn;
 
+use crate::crypto::EncryptionConfig;
 use crate::error::{RepoError, Result};
-use crate::format::FORMAT_VERSION;
 
 /// Chunk sizes are multiples of the QEMU dirty-bitmap granularity, so a dirty extent maps to whole chunks.
 pub const CHUNK_SIZE_ALIGN: u32 = 64 * 1024;
@@ -33,6 +33,14 @@ pub const DEFAULT_PACK_TARGET_SIZE: u64 = 32 * 1024 * 1024;
 /// Bounds of the pack target size accepted by `init`.
 pub const MIN_PACK_TARGET_SIZE: u64 = 64 * 1024;
 pub const MAX_PACK_TARGET_SIZE: u64 = 1024 * 1024 * 1024;
+
+/// Version of `config` written by `init`. Version 2 may carry `encryption`; a version-1 config is read as a
+/// version 2 one without it (no migration: the binary files did not change, encryption lives below them).
+/// Releases that read only version 1 refuse a version-2 config, which keeps them away from an encrypted
+/// repository they would misread.
+pub const CONFIG_VERSION: u32 = 2;
+/// Oldest config version read.
+pub const MIN_CONFIG_VERSION: u32 = 1;
 
 /// The `format` value of every config file; anything else is not ours.
 const FORMAT_NAME: &str = "backflow-repository";
@@ -58,13 +66,17 @@ impl Default for InitOptions {
 pub struct RepositoryConfig {
     /// Always `backflow-repository`.
     pub format: String,
-    /// Format version of the whole repository; see [`crate::FORMAT_VERSION`].
+    /// Version of this file ([`CONFIG_VERSION`]); the binary files carry their own
+    /// ([`crate::FORMAT_VERSION`]).
     pub version: u32,
     /// Random id of this repository (32 hex digits), for telling copies apart.
     pub id: String,
     /// Chunk size of new disks. Each disk records its own in the manifest, so changing it later is possible.
     pub chunk_size: u32,
     pub pack_target_size: u64,
+    /// Present in an encrypted repository: how its objects are sealed (see `crypto.rs`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<EncryptionConfig>,
 }
 
 pub(crate) fn check_chunk_size(chunk_size: u32) -> Result<()> {
@@ -89,10 +101,11 @@ impl RepositoryConfig {
         }
         Ok(RepositoryConfig {
             format: FORMAT_NAME.to_owned(),
-            version: FORMAT_VERSION,
+            version: CONFIG_VERSION,
             id: crate::format::hex(&rand::random::<[u8; 16]>()),
             chunk_size: options.chunk_size,
             pack_target_size: options.pack_target_size,
+            encryption: None,
         })
     }
 
@@ -220,16 +233,27 @@ fn parse_file(
         )));
     }
     let version = value.get("version").and_then(|v| v.as_u64()).unwrap_or(0);
-    if version != u64::from(FORMAT_VERSION) {
+    if !(u64::from(MIN_CONFIG_VERSION)..=u64::from(CONFIG_VERSION)).contains(&version) {
         return Err(RepoError::UnsupportedVersion {
             path,
             found: u32::try_from(version).unwrap_or(u32::MAX),
-            supported: FORMAT_VERSION,
+            supported: CONFIG_VERSION,
         });
     }
     let config: RepositoryConfig = serde_json::from_value(value)
         .map_err(|e| RepoError::corrupt(&path, format!("invalid config: {e}")))?;
     check_chunk_size(config.chunk_size).map_err(|e| RepoError::corrupt(&path, e.to_string()))?;
+    if let Some(e) = &config.encryption {
+        if config.version < 2 {
+            return Err(RepoError::corrupt(
+                &path,
+                "a version-1 config cannot carry `encryption`",
+            ));
+        }
+        if let Some(p) = e.problem() {
+            return Err(RepoError::corrupt(&path, p));
+        }
+    }
     if !(MIN_PACK_TARGET_SIZE..=MAX_PACK_TARGET_SIZE).contains(&config.pack_target_size) {
         return Err(RepoError::corrupt(
             &path,
@@ -295,12 +319,12 @@ mod tests {
         assert!(copy_problems(dir.path()).is_empty());
         std::fs::write(
             dir.path().join(FILE),
-            br#"{"format":"backflow-repository","version":2}"#,
+            br#"{"format":"backflow-repository","version":3}"#,
         )
         .unwrap();
         assert!(matches!(
             RepositoryConfig::load(dir.path()),
-            Err(RepoError::UnsupportedVersion { found: 2, .. })
+            Err(RepoError::UnsupportedVersion { found: 3, .. })
         ));
         std::fs::remove_file(dir.path().join(COPY)).unwrap();
         std::fs::write(dir.path().join(FILE), b"\0\0").unwrap();

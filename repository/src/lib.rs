@@ -348,6 +348,7 @@
 //! `retention`, `types` and `error` serve them all.
 
 mod config;
+pub mod crypto;
 mod damaged;
 mod error;
 mod format;
@@ -356,6 +357,7 @@ mod gc_state;
 mod history;
 mod ids;
 mod index;
+pub mod keys;
 mod lock;
 mod names;
 mod pack;
@@ -373,8 +375,9 @@ mod types;
 mod verify;
 
 pub use config::{
-    CHUNK_SIZE_ALIGN, DEFAULT_CHUNK_SIZE, DEFAULT_PACK_TARGET_SIZE, InitOptions, MAX_CHUNK_SIZE,
-    MAX_PACK_TARGET_SIZE, MAX_STORED_LEN, MIN_CHUNK_SIZE, MIN_PACK_TARGET_SIZE, RepositoryConfig,
+    CHUNK_SIZE_ALIGN, CONFIG_VERSION, DEFAULT_CHUNK_SIZE, DEFAULT_PACK_TARGET_SIZE, InitOptions,
+    MAX_CHUNK_SIZE, MAX_PACK_TARGET_SIZE, MAX_STORED_LEN, MIN_CHUNK_SIZE, MIN_PACK_TARGET_SIZE,
+    RepositoryConfig,
 };
 pub use damaged::{DamageMarks, DamagedCopy};
 pub use error::{RepoError, Result};
@@ -395,11 +398,11 @@ pub use resolve::LATEST;
 pub use retention::{Decision, KeepPolicy, plan};
 pub use session::{BackupSession, PackWriter};
 pub use snapshot::{DiskInfo, DiskMeta, Snapshot, SnapshotInfo, SnapshotMeta};
+pub use store::{BadLocation, Location, S3Location};
 pub use types::{
     BadDigest, ChunkLocation, ChunkRef, Codec, DamagedFile, Digest, PackId, StoredChunk,
 };
 pub use verify::{ChunkProblem, ProblemKind, VerifyReport};
-pub use store::{BadLocation, Location, S3Location};
 
 impl Repository {
     /// Checks the repository; see "What `verify` checks" above. Problems are in the report, not an `Err`: an

@@ -144,6 +144,8 @@ struct Inner {
     recovery: Mutex<Option<Arc<crate::recovery::Recovery>>>,
     /// Packs a lookup found there or missing ([`Repository::lookup`]).
     pack_exists: RwLock<std::collections::HashMap<PackId, bool>>,
+    /// Chunk ids: keyed in an encrypted repository (see `crypto.rs`).
+    hasher: crate::crypto::ChunkHasher,
 }
 
 /// A repository on a local (or POSIX cluster) file system. Cheap to clone: clones share open files and caches.
@@ -232,6 +234,7 @@ impl Repository {
                 user: crate::gc_state::UserEntry::register(path),
                 recovery: Mutex::new(None),
                 pack_exists: RwLock::new(std::collections::HashMap::new()),
+                hasher: crate::crypto::ChunkHasher::plain(),
             }),
         })
     }
@@ -271,7 +274,12 @@ impl Repository {
     /// repository so that ids reveal nothing about contents. Every stage that computes a digest for this
     /// repository asks here.
     pub fn digest_of(&self, data: &[u8]) -> Digest {
-        Digest(*blake3::hash(data).as_bytes())
+        self.inner.hasher.digest(data)
+    }
+
+    /// The hasher behind [`Repository::digest_of`], for stages that hash on their own threads.
+    pub fn chunk_hasher(&self) -> crate::crypto::ChunkHasher {
+        self.inner.hasher.clone()
     }
 
     /// This handle's name in `users/`, if it could register.
@@ -728,7 +736,7 @@ impl Repository {
                 },
                 e => e,
             })?;
-        if blake3::hash(&plain).as_bytes() != digest.as_bytes() {
+        if self.digest_of(&plain) != *digest {
             return Err(RepoError::corrupt(
                 crate::pack::pack_path(&self.inner.path, &loc.pack),
                 format!(

@@ -32,6 +32,7 @@ use std::time::SystemTime;
 use crate::error::Result;
 
 pub mod location;
+pub mod sealed;
 
 pub use location::{BadLocation, Location, S3Location};
 
