@@ -335,6 +335,42 @@ mod tests {
     }
 
     #[test]
+    fn version_1_configs_still_open_and_encryption_is_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |text: &str| std::fs::write(dir.path().join(FILE), text).unwrap();
+        let base = r#""format":"backflow-repository","id":"0123456789abcdef0123456789abcdef","chunk_size":131072,"pack_target_size":33554432"#;
+        write(&format!("{{{base},\"version\":1}}"));
+        let c = RepositoryConfig::load(dir.path()).unwrap();
+        assert_eq!((c.version, c.encryption), (1, None));
+        let enc =
+            r#""encryption":{"cipher":"xchacha20-poly1305","kdf":"argon2id","segment":65536}"#;
+        write(&format!("{{{base},\"version\":2,{enc}}}"));
+        let c = RepositoryConfig::load(dir.path()).unwrap();
+        assert_eq!(c.encryption, Some(EncryptionConfig::default()));
+        for (text, expected) in [
+            (
+                format!("{{{base},\"version\":1,{enc}}}"),
+                "version-1 config cannot carry",
+            ),
+            (
+                format!(
+                    "{{{base},\"version\":2,{}}}",
+                    enc.replace("xchacha20", "rot13")
+                ),
+                "encryption.cipher is \"rot13-poly1305\"",
+            ),
+            (
+                format!("{{{base},\"version\":2,{}}}", enc.replace("65536", "7")),
+                "encryption.segment is 7",
+            ),
+        ] {
+            write(&text);
+            let e = RepositoryConfig::load(dir.path()).unwrap_err();
+            assert!(e.to_string().contains(expected), "{e}");
+        }
+    }
+
+    #[test]
     fn one_damaged_copy_is_survived_and_repaired() {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path();

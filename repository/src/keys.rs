@@ -35,8 +35,10 @@ use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 use chacha20poly1305::{Key, XChaCha20Poly1305, XNonce};
 use zeroize::Zeroizing;
 
-use crate::crypto::{CIPHER, KDF, MASTER_KEY_LEN, MasterKey};
+use crate::config::RepositoryConfig;
+use crate::crypto::{CIPHER, ChunkHasher, EncryptionConfig, KDF, MASTER_KEY_LEN, MasterKey};
 use crate::error::{RepoError, Result};
+use crate::store::sealed::SealedStore;
 use crate::store::{PutMode, Store};
 
 /// The prefix of key files.
@@ -570,4 +572,50 @@ mod tests {
         derive(b"passphrase", &[1u8; 32], DEFAULT_KDF).unwrap();
         eprintln!("Argon2id {DEFAULT_KDF:?}: {:?}", t.elapsed());
     }
+}
+
+/// A repository's store as its handle uses it, after [`open_encrypted`].
+#[derive(Debug)]
+pub struct Opened {
+    /// Sealed when the repository is encrypted, else the store as it was.
+    pub store: Arc<dyn Store>,
+    pub hasher: ChunkHasher,
+    /// The key file that opened it, when encrypted (`key list` marks it, `key remove` refuses it).
+    pub key_id: Option<String>,
+    pub master: Option<Arc<MasterKey>>,
+}
+
+/// What a handle opens on `store` given its `config`: for an encrypted repository the master key is
+/// unlocked with this process's passphrase ([`set_password_file`]) and the store wrapped in
+/// [`SealedStore`]; otherwise nothing changes.
+pub fn open_encrypted(store: Arc<dyn Store>, config: &RepositoryConfig) -> Result<Opened> {
+    let Some(enc) = &config.encryption else {
+        return Ok(Opened {
+            store,
+            hasher: ChunkHasher::plain(),
+            key_id: None,
+            master: None,
+        });
+    };
+    let passphrase = passphrase_for(&store.location().to_string())?;
+    let (master, key_id) = unlock(&*store, &config.id, &passphrase)?;
+    let scratch = SealedStore::scratch_for(&*store, &config.id);
+    let sealed = SealedStore::new(store, &master, enc.segment, scratch)?;
+    Ok(Opened {
+        store: Arc::new(sealed),
+        hasher: master.hasher(),
+        key_id: Some(key_id),
+        master: Some(master),
+    })
+}
+
+/// The part of `init` that makes a repository encrypted: a new master key and its first key file under
+/// this process's passphrase, written before `config` (a store without `config` is no repository, so an
+/// interrupted init can be repeated). Sets `config.encryption`.
+pub fn init_encrypted(store: &dyn Store, config: &mut RepositoryConfig) -> Result<()> {
+    let passphrase = passphrase_for(&store.location().to_string())?;
+    let master = MasterKey::generate();
+    create_first(store, &master, &config.id, &passphrase)?;
+    config.encryption = Some(EncryptionConfig::default());
+    Ok(())
 }

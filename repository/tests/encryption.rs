@@ -554,3 +554,63 @@ fn passphrase_files_lose_one_line_ending_and_may_not_be_empty() {
         "{e}"
     );
 }
+
+#[test]
+fn an_encrypted_repository_opens_sealed_with_the_process_passphrase() {
+    use backflow_repository::RepositoryConfig;
+    keys::set_new_key_params(Some(WEAK_KDF));
+    let dir = tempfile::tempdir().unwrap();
+    let mem = MemStore::new(dir.path());
+    let mut config = RepositoryConfig {
+        format: "backflow-repository".into(),
+        version: backflow_repository::CONFIG_VERSION,
+        id: "0123456789abcdef0123456789abcdef".into(),
+        chunk_size: 64 * 1024,
+        pack_target_size: 1 << 20,
+        encryption: None,
+    };
+    // No passphrase given: the error says how to give one.
+    keys::set_password_file(None);
+    let e = keys::init_encrypted(&*mem, &mut config).unwrap_err();
+    assert!(
+        e.to_string()
+            == "/mem is encrypted: give its passphrase in a file with --password-file FILE or BACKFLOW_PASSWORD_FILE",
+        "{e}"
+    );
+    let pass = dir.path().join("pass");
+    std::fs::write(&pass, "right\n").unwrap();
+    keys::set_password_file(Some(pass.clone()));
+    keys::init_encrypted(&*mem, &mut config).unwrap();
+    assert_eq!(config.encryption, Some(Default::default()));
+
+    let opened = keys::open_encrypted(mem.clone(), &config).unwrap();
+    assert!(opened.hasher.is_keyed() && opened.key_id.is_some());
+    opened
+        .store
+        .put("snapshots/s.snap", b"manifest text", PutMode::Create)
+        .unwrap();
+    assert!(!contains(&mem.raw("snapshots/s.snap"), b"manifest"));
+    assert_eq!(
+        opened.store.read("snapshots/s.snap").unwrap().unwrap(),
+        b"manifest text"
+    );
+    // A second handle gets the same key (from the process's cache) and reads what the first wrote.
+    let again = keys::open_encrypted(mem.clone(), &config).unwrap();
+    assert_eq!(again.hasher.digest(b"c"), opened.hasher.digest(b"c"));
+    assert_eq!(
+        again.store.read("snapshots/s.snap").unwrap().unwrap(),
+        b"manifest text"
+    );
+
+    std::fs::write(&pass, "wrong\n").unwrap();
+    let e = keys::open_encrypted(mem.clone(), &config).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "no key in /mem opens with this passphrase (tried 1 key file)"
+    );
+    // An unencrypted config leaves the store as it is.
+    config.encryption = None;
+    let plain = keys::open_encrypted(mem.clone(), &config).unwrap();
+    assert!(!plain.hasher.is_keyed() && plain.key_id.is_none());
+    keys::set_password_file(None);
+}

@@ -11,8 +11,8 @@ use backflow_pipeline::describe::{
     Build, KindRow, OptionDocs, RepositoryUse, build_stage, option_docs,
 };
 use backflow_pipeline::{
-    ByteSize, Chunk, ChunkHasher, Disk, DiskSource, InvalidOption, Message, MessageType, Payload, SizeOnly,
-    Stage, StageError, StageIo, Work, Worker, digest_of,
+    ByteSize, Chunk, ChunkHasher, Disk, DiskSource, InvalidOption, Message, MessageType, Payload,
+    SizeOnly, Stage, StageError, StageIo, Work, Worker, digest_of,
 };
 use bytes::Bytes;
 use rand::{Rng, RngCore, SeedableRng};
@@ -281,7 +281,10 @@ impl Stage for Generate {
         let keyed = hasher.is_keyed().then_some((&hasher, &keyed[..]));
         let mut index = me;
         while index < self.chunk_count() {
-            if worker.send(Message::Chunk(self.chunk_named(index, keyed))).is_err() {
+            if worker
+                .send(Message::Chunk(self.chunk_named(index, keyed)))
+                .is_err()
+            {
                 return Ok(());
             }
             index += all;

@@ -7,9 +7,7 @@
 use backflow_pipeline::describe::{
     Build, KindRow, OptionDocs, RepositoryUse, build_stage, option_docs,
 };
-use backflow_pipeline::{
-    InvalidOption, MessageType, Payload, Stage, StageError, StageIo, Worker,
-};
+use backflow_pipeline::{InvalidOption, MessageType, Payload, Stage, StageError, StageIo, Worker};
 use serde::{Deserialize, Serialize};
 
 pub const KIND: &str = "verify";
