@@ -619,3 +619,28 @@ pub fn init_encrypted(store: &dyn Store, config: &mut RepositoryConfig) -> Resul
     config.encryption = Some(EncryptionConfig::default());
     Ok(())
 }
+
+/// Key management on an open handle (`backflow key add|list|remove`).
+impl crate::Repository {
+    pub fn is_encrypted(&self) -> bool {
+        self.config().encryption.is_some()
+    }
+
+    /// The key files, oldest first, the one this handle opened with marked `current`.
+    pub fn list_keys(&self) -> Result<Vec<KeyInfo>> {
+        let (store, current, _) = self.key_access()?;
+        list(&*store, current.as_deref())
+    }
+
+    /// Adds a key file: the master key sealed under `passphrase`.
+    pub fn add_key(&self, passphrase: &[u8]) -> Result<KeyInfo> {
+        let (store, _, master) = self.key_access()?;
+        add(&*store, &master, &self.config().id, passphrase)
+    }
+
+    /// Removes key file `id` (see [`remove`] for what is refused).
+    pub fn remove_key(&self, id: &str) -> Result<()> {
+        let (store, current, _) = self.key_access()?;
+        remove(&*store, id, current.as_deref())
+    }
+}

@@ -265,6 +265,35 @@ impl Repository {
         }
     }
 
+    /// Creates an encrypted repository at a location, its first key under this process's passphrase
+    /// ([`crate::keys::set_password_file`]).
+    pub fn init_encrypted(
+        location: &crate::Location,
+        _options: &InitOptions,
+    ) -> Result<Repository> {
+        // Until the storage seam is merged, the handle reads files directly and cannot be wrapped.
+        Err(RepoError::InitRefused {
+            path: PathBuf::from(location.to_string()),
+            reason:
+                "encrypted repositories need the storage seam, which this build does not have yet"
+                    .into(),
+        })
+    }
+
+    /// The store, the key id this handle opened with and the master key, for key management.
+    pub(crate) fn key_access(
+        &self,
+    ) -> Result<(
+        Arc<dyn crate::store::Store>,
+        Option<String>,
+        Arc<crate::crypto::MasterKey>,
+    )> {
+        Err(RepoError::InvalidArgument(format!(
+            "{} is not encrypted: it has no keys",
+            self.location()
+        )))
+    }
+
     /// Where the repository is, as an operator writes it.
     pub fn location(&self) -> &crate::Location {
         &self.inner.location
