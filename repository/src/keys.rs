@@ -620,6 +620,10 @@ pub fn init_encrypted(store: &dyn Store, config: &mut RepositoryConfig) -> Resul
     Ok(())
 }
 
+/// What key management needs of a handle: its store, the id of the key file it opened with, the master
+/// key.
+pub(crate) type KeyAccess = (Arc<dyn Store>, Option<String>, Arc<MasterKey>);
+
 /// Key management on an open handle (`backflow key add|list|remove`).
 impl crate::Repository {
     pub fn is_encrypted(&self) -> bool {

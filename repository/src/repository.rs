@@ -281,13 +281,7 @@ impl Repository {
     }
 
     /// The store, the key id this handle opened with and the master key, for key management.
-    pub(crate) fn key_access(
-        &self,
-    ) -> Result<(
-        Arc<dyn crate::store::Store>,
-        Option<String>,
-        Arc<crate::crypto::MasterKey>,
-    )> {
+    pub(crate) fn key_access(&self) -> Result<crate::keys::KeyAccess> {
         Err(RepoError::InvalidArgument(format!(
             "{} is not encrypted: it has no keys",
             self.location()
