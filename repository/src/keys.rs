@@ -546,9 +546,28 @@ pub fn read_passphrase(path: &Path) -> Result<Zeroizing<Vec<u8>>> {
     Ok(bytes)
 }
 
+fn per_repository() -> &'static RwLock<HashMap<String, PathBuf>> {
+    static MAP: std::sync::OnceLock<RwLock<HashMap<String, PathBuf>>> = std::sync::OnceLock::new();
+    MAP.get_or_init(Default::default)
+}
+
+/// The passphrase file of one repository (its location as written, a path or `s3://…`), over the
+/// process's: a job file's `password_file`.
+pub fn set_password_file_for(repo: &str, path: PathBuf) {
+    per_repository()
+        .write()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(repo.to_owned(), path);
+}
+
 /// The passphrase of this process, for the repository at `repo` (named in the error when none was given).
 pub fn passphrase_for(repo: &str) -> Result<Zeroizing<Vec<u8>>> {
-    match password_file() {
+    let own = per_repository()
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(repo)
+        .cloned();
+    match own.or_else(password_file) {
         Some(p) => read_passphrase(&p),
         None => Err(RepoError::Passphrase {
             path: PathBuf::from(repo),
