@@ -416,6 +416,14 @@ fn unlocked() -> &'static Mutex<Unlocked> {
     CACHE.get_or_init(Default::default)
 }
 
+/// The entry of a passphrase in [`unlocked`]: a hash, so that the cache holds no passphrase.
+fn cache_key(store: &dyn Store, repo_id: &str, passphrase: &[u8]) -> (String, [u8; 32]) {
+    (
+        format!("{}\u{0}{repo_id}", store.location()),
+        *blake3::keyed_hash(&[7u8; 32], passphrase).as_bytes(),
+    )
+}
+
 fn forget_unlocked(location: &str) {
     let mut cache = unlocked().lock().unwrap_or_else(|p| p.into_inner());
     cache.retain(|(repo, _), _| !repo.starts_with(&format!("{location}\u{0}")));
@@ -428,10 +436,7 @@ pub fn unlock(
     repo_id: &str,
     passphrase: &[u8],
 ) -> Result<(Arc<MasterKey>, String)> {
-    let cache_key = (
-        format!("{}\u{0}{repo_id}", store.location()),
-        *blake3::keyed_hash(&[7u8; 32], passphrase).as_bytes(),
-    );
+    let cache_key = cache_key(store, repo_id, passphrase);
     if let Some(hit) = unlocked()
         .lock()
         .unwrap_or_else(|p| p.into_inner())
@@ -634,7 +639,12 @@ pub fn open_encrypted(store: Arc<dyn Store>, config: &RepositoryConfig) -> Resul
 pub fn init_encrypted(store: &dyn Store, config: &mut RepositoryConfig) -> Result<()> {
     let passphrase = passphrase_for(&store.location().to_string())?;
     let master = MasterKey::generate();
-    create_first(store, &master, &config.id, &passphrase)?;
+    let id = create_first(store, &master, &config.id, &passphrase)?;
+    // The handle `init` opens next needs no second Argon2id.
+    unlocked().lock().unwrap_or_else(|p| p.into_inner()).insert(
+        cache_key(store, &config.id, &passphrase),
+        (Arc::new(master), id),
+    );
     config.encryption = Some(EncryptionConfig::default());
     Ok(())
 }

@@ -411,7 +411,9 @@ pub use names::{
     BadName, IDENTITY_RULE, MAX_NAME_LEN, MAX_PATH_IDENTITY_LEN, NAME_RULE, NameKind, VM_NAME_RULE,
     check_disk_name, check_identity, check_vm_name, identity_for_path, is_valid_name,
 };
-pub use pack::{PackEntry, PackTrailer, decode, decode_into, read_pack_trailer};
+pub use pack::{
+    PackEntry, PackTrailer, decode, decode_into, read_pack_trailer, read_stored_pack_trailer,
+};
 pub use readable::ParentCheck;
 pub use repository::{RebuildReport, Repository};
 pub use resolve::LATEST;

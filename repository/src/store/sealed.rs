@@ -265,6 +265,37 @@ impl Store for SealedStore {
         self.inner.list_dirs(prefix)
     }
 
+    fn list_names(&self, prefix: &str) -> Result<Vec<String>> {
+        self.inner.list_names(prefix)
+    }
+
+    fn stat(&self, key: &str) -> Result<Option<super::Stat>> {
+        let mut stat = self.inner.stat(key)?;
+        if is_sealed(key)
+            && let Some(s) = &mut stat
+            && let Some(p) = plain_len(s.size, self.segment)
+        {
+            s.size = p;
+        }
+        Ok(stat)
+    }
+
+    fn delete_many(&self, keys: &[String]) -> Result<()> {
+        self.inner.delete_many(keys)
+    }
+
+    fn change_hint(&self, prefix: &str) -> Option<std::time::SystemTime> {
+        self.inner.change_hint(prefix)
+    }
+
+    fn prepare(&self) -> Result<()> {
+        self.inner.prepare()
+    }
+
+    fn check_layout(&self) -> Result<()> {
+        self.inner.check_layout()
+    }
+
     fn publish(&self, local: &Path, key: &str, mode: PutMode) -> Result<()> {
         if !is_sealed(key) {
             // The inner store publishes only from its own scratch.
@@ -331,10 +362,10 @@ impl Store for SealedStore {
         self.inner.live(prefix)
     }
 
-    /// False even over a local file system: code that takes a local-only shortcut (hard links of scratch
-    /// files into the repository) would bypass the seal.
+    /// The inner store's: every write still goes through [`Store::publish`] or [`Store::put`], so nothing
+    /// local-only bypasses the seal.
     fn is_local(&self) -> bool {
-        false
+        self.inner.is_local()
     }
 }
 
