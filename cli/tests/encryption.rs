@@ -323,3 +323,64 @@ fn passphrases_and_key_files() {
         .unwrap();
     failed(&out, 2, "is not encrypted");
 }
+
+#[test]
+fn forget_and_gc_work_through_the_seal() {
+    let env = Env::new();
+    let image = env.path("disk.img");
+    make_image(&image, 4 << 20);
+    let repo = env.path("repo");
+    run_ok(
+        env.bf(Some("first"))
+            .args([
+                "init",
+                "--encryption",
+                "--chunk-size",
+                "64K",
+                "--pack-size",
+                "256K",
+                "--repo",
+            ])
+            .arg(&repo),
+    );
+    backup(&env, &image, &repo, "first");
+    // Half the image rewritten: the first snapshot's chunks of that half become garbage.
+    let mut data = std::fs::read(&image).unwrap();
+    for (i, b) in data[..2 << 20].iter_mut().enumerate() {
+        *b = b.wrapping_add(1 + (i % 7) as u8);
+    }
+    std::fs::write(&image, &data).unwrap();
+    let second = backup(&env, &image, &repo, "first");
+    run_ok(
+        env.bf(Some("first"))
+            .args(["forget", "--keep-last", "1", "--repo"])
+            .arg(&repo),
+    );
+    let gc = run_ok(
+        env.bf(Some("first"))
+            .args(["gc", "--json", "--repo"])
+            .arg(&repo),
+    );
+    let gc: serde_json::Value = serde_json::from_slice(&gc.stdout).unwrap();
+    assert!(
+        gc["packs_removed"].as_u64().unwrap() + gc["packs_repacked"].as_u64().unwrap() > 0
+            && gc["chunks_removed"].as_u64().unwrap() > 0,
+        "the gc freed nothing: {gc}"
+    );
+    let restored = env.path("restored.img");
+    run_ok(
+        env.bf(Some("first"))
+            .args(["restore", "--quiet", "--snapshot", &second, "--repo"])
+            .arg(&repo)
+            .arg("--to")
+            .arg(&restored),
+    );
+    assert_same_file(&image, &restored);
+    run_ok(
+        env.bf(Some("first"))
+            .args(["verify", "--read-data", "--repo"])
+            .arg(&repo),
+    );
+    let leaks = files_containing(&repo, &[PATTERN, SENTENCE]);
+    assert!(leaks.is_empty(), "{leaks:?}");
+}

@@ -584,20 +584,6 @@ pub fn passphrase_for(repo: &str) -> Result<Zeroizing<Vec<u8>>> {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Not a test of behaviour: run with `--ignored --nocapture` to see what the default costs here.
-    #[test]
-    #[ignore]
-    fn default_kdf_cost() {
-        let t = std::time::Instant::now();
-        derive(b"passphrase", &[1u8; 32], DEFAULT_KDF).unwrap();
-        eprintln!("Argon2id {DEFAULT_KDF:?}: {:?}", t.elapsed());
-    }
-}
-
 /// A repository's store as its handle uses it, after [`open_encrypted`].
 #[derive(Debug)]
 pub struct Opened {
