@@ -17,6 +17,7 @@ mod display;
 mod forget;
 mod gc;
 mod jobs;
+mod key;
 mod repo;
 mod restore;
 mod run;
@@ -50,6 +51,10 @@ struct Cli {
     /// Log lines as text (for people) or JSON, one object per line (for log collectors).
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+    /// A file holding the passphrase of an encrypted repository (one trailing line ending is not
+    /// part of it). Needed by every command that opens one, and by `init --encryption`.
+    #[arg(long, global = true, env = backflow_repository::keys::PASSWORD_FILE_ENV, value_name = "FILE")]
+    password_file: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -83,6 +88,9 @@ enum Command {
     Snapshots(repo::SnapshotsArgs),
     /// Restore a snapshot's disks as raw or qcow2 images (runs specs/restore.yaml).
     Restore(restore::Args),
+    /// The passphrases of an encrypted repository: `key list`, `key add`, `key remove ID`.
+    #[command(subcommand)]
+    Key(key::KeyCommand),
     /// Check the repository: structure, and with --read-data every chunk's content.
     Verify(repo::VerifyArgs),
     /// Remove what no snapshot references (after `forget`), rewriting partly used packs. Runs next
@@ -196,6 +204,7 @@ fn main() -> ExitCode {
         _ => "warn",
     };
     init_logging(cli.log.as_deref().unwrap_or(default_log), cli.log_format);
+    backflow_repository::keys::set_password_file(cli.password_file);
     match execute(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -278,6 +287,7 @@ fn execute(command: Command) -> Result<()> {
         }
         Command::Init(args) => repo::init(args),
         Command::Snapshots(args) => repo::snapshots(args),
+        Command::Key(command) => key::run(command),
         Command::Restore(args) => restore::run(args),
         Command::Verify(args) => repo::verify(args),
         Command::Forget(args) => forget::run(args),
@@ -347,6 +357,8 @@ pub(crate) fn open_repo(path: &Path) -> Result<Repository> {
             "{e}; create one with `backflow init --repo {shown}`"
         ))
         .into(),
+        // No passphrase, or a wrong one: the message names the repository and the fix.
+        RepoError::Passphrase { .. } => BadInput::new(e.to_string()).into(),
         other => anyhow::Error::new(other).context(format!("opening repository {shown}")),
     })
 }

@@ -18,6 +18,10 @@ pub struct InitArgs {
     /// Size at which pack files are closed, 64K to 1G (default 32M).
     #[arg(long, value_name = "SIZE")]
     pub pack_size: Option<String>,
+    /// Encrypt everything stored (XChaCha20-Poly1305, keyed chunk ids); the first key's
+    /// passphrase is read from --password-file (or BACKFLOW_PASSWORD_FILE).
+    #[arg(long)]
+    pub encryption: bool,
 }
 
 #[derive(clap::Args)]
@@ -47,6 +51,7 @@ pub fn init(args: InitArgs) -> Result<()> {
         repo,
         chunk_size,
         pack_size,
+        encryption,
     } = args;
     let chunk_size = match chunk_size {
         None => DEFAULT_CHUNK_SIZE,
@@ -90,13 +95,20 @@ pub fn init(args: InitArgs) -> Result<()> {
         pack_target_size,
     };
     // Each error names the directory already (`cannot create a repository in DIR: ...`).
-    Repository::init_with(&repo, &options).map_err(|e| match e {
+    let made = match encryption {
+        true => Repository::init_encrypted(&repo.as_path().into(), &options),
+        false => Repository::init_with(&repo, &options),
+    };
+    made.map_err(|e| match e {
         // Not a directory, or one that is not empty: what was typed is wrong, nothing was made.
-        backflow_repository::RepoError::InitRefused { .. } => BadInput::new(e.to_string()).into(),
+        // No passphrase (or an empty one): the same.
+        backflow_repository::RepoError::InitRefused { .. }
+        | backflow_repository::RepoError::Passphrase { .. } => BadInput::new(e.to_string()).into(),
         other => anyhow::Error::new(other),
     })?;
     println!(
-        "created repository {} (chunk size {})",
+        "created {}repository {} (chunk size {})",
+        if encryption { "encrypted " } else { "" },
         repo.display(),
         ByteSize(u64::from(chunk_size))
     );

@@ -72,6 +72,11 @@ pub struct Job {
     #[serde(default = "default_uri")]
     pub uri: String,
     pub repository: PathBuf,
+    /// The passphrase file of an encrypted repository (else `--password-file` or
+    /// `BACKFLOW_PASSWORD_FILE` of the process): jobs of one daemon may use repositories with
+    /// different passphrases.
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
     /// The VMs to back up.
     #[serde(default)]
     pub vms: Vec<Pattern>,
@@ -410,9 +415,19 @@ pub fn parse(text: &str, file: &str) -> Result<Job, JobError> {
         }
     }
     let relative_to = Path::new(file).parent().unwrap_or(Path::new("."));
+    let repository = relative_to.join(&job.repository);
+    let password_file = job.password_file.as_ref().map(|p| relative_to.join(p));
+    if let Some(p) = &password_file {
+        // Whoever opens this repository in this process (the job, its pipelines) reads this file.
+        backflow_repository::keys::set_password_file_for(
+            &repository.display().to_string(),
+            p.clone(),
+        );
+    }
     Ok(Job {
         // Paths in a job file are relative to the file, as people expect of configuration.
-        repository: relative_to.join(&job.repository),
+        repository,
+        password_file,
         spec: job.spec.as_ref().map(|s| relative_to.join(s)),
         images: job
             .images
@@ -628,6 +643,24 @@ mod tests {
         assert!(p("a*b*c").matches("aXbYbZc"));
         assert!(!p("a*b*c").matches("aXbYbZ"));
         assert!(p("web01").matches("web01") && !p("web01").matches("web011"));
+    }
+
+    #[test]
+    fn a_password_file_is_relative_to_the_job_and_serves_its_repository() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("pass"), "job secret\n").unwrap();
+        let file = dir.path().join("nightly.yaml");
+        let job = parse(
+            "name: nightly\nrepository: repo\npassword_file: pass\nvms: [a]\n",
+            &file.display().to_string(),
+        )
+        .unwrap();
+        assert_eq!(job.password_file, Some(dir.path().join("pass")));
+        let repo = dir.path().join("repo").display().to_string();
+        assert_eq!(
+            &backflow_repository::keys::passphrase_for(&repo).unwrap()[..],
+            b"job secret"
+        );
     }
 
     #[test]

@@ -144,6 +144,15 @@ impl RunContext {
         self.repository_path.as_deref()
     }
 
+    /// How this pipeline names chunks: its repository's hasher (keyed BLAKE3 in an encrypted repository),
+    /// or plain BLAKE3 without a repository. Stages that compute digests take it once per worker.
+    pub fn chunk_hasher(&self) -> Result<backflow_repository::crypto::ChunkHasher, StageError> {
+        if self.repository_path.is_none() {
+            return Ok(backflow_repository::crypto::ChunkHasher::plain());
+        }
+        Ok(self.repository()?.chunk_hasher())
+    }
+
     /// The pipeline's repository, opened once on first use and shared by every stage.
     pub fn repository(&self) -> Result<&Repository, StageError> {
         let Some(path) = &self.repository_path else {

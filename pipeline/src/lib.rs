@@ -35,6 +35,8 @@ pub mod stage;
 pub mod stats;
 pub mod units;
 
+/// How a repository names chunks ([`RunContext::chunk_hasher`]).
+pub use backflow_repository::crypto::ChunkHasher;
 pub use context::{CancelToken, DamagedRange, Measure, Overall, RESTORE_PLAN, RunContext};
 pub use error::StageError;
 pub use message::{

@@ -356,7 +356,8 @@ impl Message {
     }
 }
 
-/// BLAKE3 of a plaintext chunk: the content address.
+/// Plain BLAKE3 of a plaintext chunk: the content address of an unencrypted repository. Stages that
+/// hash for a repository use [`crate::RunContext::chunk_hasher`] (keyed when it is encrypted).
 pub fn digest_of(data: &[u8]) -> Digest {
     Digest::from(*blake3::hash(data).as_bytes())
 }

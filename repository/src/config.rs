@@ -8,8 +8,8 @@
 
 use tracing::warn;
 
+use crate::crypto::EncryptionConfig;
 use crate::error::{RepoError, Result};
-use crate::format::FORMAT_VERSION;
 use crate::store::{PutMode, Store};
 
 /// Chunk sizes are multiples of the QEMU dirty-bitmap granularity, so a dirty extent maps to whole chunks.
@@ -32,6 +32,14 @@ pub const DEFAULT_PACK_TARGET_SIZE: u64 = 32 * 1024 * 1024;
 /// Bounds of the pack target size accepted by `init`.
 pub const MIN_PACK_TARGET_SIZE: u64 = 64 * 1024;
 pub const MAX_PACK_TARGET_SIZE: u64 = 1024 * 1024 * 1024;
+
+/// Version of `config` written by `init`. Version 2 may carry `encryption`; a version-1 config is read as a
+/// version 2 one without it (no migration: the binary files did not change, encryption lives below them).
+/// Releases that read only version 1 refuse a version-2 config, which keeps them away from an encrypted
+/// repository they would misread.
+pub const CONFIG_VERSION: u32 = 2;
+/// Oldest config version read.
+pub const MIN_CONFIG_VERSION: u32 = 1;
 
 /// The `format` value of every config file; anything else is not ours.
 const FORMAT_NAME: &str = "backflow-repository";
@@ -57,13 +65,17 @@ impl Default for InitOptions {
 pub struct RepositoryConfig {
     /// Always `backflow-repository`.
     pub format: String,
-    /// Format version of the whole repository; see [`crate::FORMAT_VERSION`].
+    /// Version of this file ([`CONFIG_VERSION`]); the binary files carry their own
+    /// ([`crate::FORMAT_VERSION`]).
     pub version: u32,
     /// Random id of this repository (32 hex digits), for telling copies apart.
     pub id: String,
     /// Chunk size of new disks. Each disk records its own in the manifest, so changing it later is possible.
     pub chunk_size: u32,
     pub pack_target_size: u64,
+    /// Present in an encrypted repository: how its objects are sealed (see `crypto.rs`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<EncryptionConfig>,
 }
 
 pub(crate) fn check_chunk_size(chunk_size: u32) -> Result<()> {
@@ -88,10 +100,11 @@ impl RepositoryConfig {
         }
         Ok(RepositoryConfig {
             format: FORMAT_NAME.to_owned(),
-            version: FORMAT_VERSION,
+            version: CONFIG_VERSION,
             id: crate::format::hex(&rand::random::<[u8; 16]>()),
             chunk_size: options.chunk_size,
             pack_target_size: options.pack_target_size,
+            encryption: None,
         })
     }
 
@@ -206,16 +219,27 @@ fn parse_file(
         )));
     }
     let version = value.get("version").and_then(|v| v.as_u64()).unwrap_or(0);
-    if version != u64::from(FORMAT_VERSION) {
+    if !(u64::from(MIN_CONFIG_VERSION)..=u64::from(CONFIG_VERSION)).contains(&version) {
         return Err(RepoError::UnsupportedVersion {
             path,
             found: u32::try_from(version).unwrap_or(u32::MAX),
-            supported: FORMAT_VERSION,
+            supported: CONFIG_VERSION,
         });
     }
     let config: RepositoryConfig = serde_json::from_value(value)
         .map_err(|e| RepoError::corrupt(&path, format!("invalid config: {e}")))?;
     check_chunk_size(config.chunk_size).map_err(|e| RepoError::corrupt(&path, e.to_string()))?;
+    if let Some(e) = &config.encryption {
+        if config.version < 2 {
+            return Err(RepoError::corrupt(
+                &path,
+                "a version-1 config cannot carry `encryption`",
+            ));
+        }
+        if let Some(p) = e.problem() {
+            return Err(RepoError::corrupt(&path, p));
+        }
+    }
     if !(MIN_PACK_TARGET_SIZE..=MAX_PACK_TARGET_SIZE).contains(&config.pack_target_size) {
         return Err(RepoError::corrupt(
             &path,
@@ -283,12 +307,12 @@ mod tests {
         assert!(copy_problems(&store).is_empty());
         std::fs::write(
             dir.path().join(FILE),
-            br#"{"format":"backflow-repository","version":2}"#,
+            br#"{"format":"backflow-repository","version":3}"#,
         )
         .unwrap();
         assert!(matches!(
             RepositoryConfig::load(&store),
-            Err(RepoError::UnsupportedVersion { found: 2, .. })
+            Err(RepoError::UnsupportedVersion { found: 3, .. })
         ));
         std::fs::remove_file(dir.path().join(COPY)).unwrap();
         std::fs::write(dir.path().join(FILE), b"\0\0").unwrap();
@@ -296,6 +320,44 @@ mod tests {
             RepositoryConfig::load(&store),
             Err(RepoError::NotARepository { .. })
         ));
+    }
+
+    #[test]
+    fn version_1_configs_still_open_and_encryption_is_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("tmp")).unwrap();
+        let store = crate::store::FsStore::new(dir.path());
+        let write = |text: &str| std::fs::write(dir.path().join(FILE), text).unwrap();
+        let base = r#""format":"backflow-repository","id":"0123456789abcdef0123456789abcdef","chunk_size":131072,"pack_target_size":33554432"#;
+        write(&format!("{{{base},\"version\":1}}"));
+        let c = RepositoryConfig::load(&store).unwrap();
+        assert_eq!((c.version, c.encryption), (1, None));
+        let enc =
+            r#""encryption":{"cipher":"xchacha20-poly1305","kdf":"argon2id","segment":65536}"#;
+        write(&format!("{{{base},\"version\":2,{enc}}}"));
+        let c = RepositoryConfig::load(&store).unwrap();
+        assert_eq!(c.encryption, Some(EncryptionConfig::default()));
+        for (text, expected) in [
+            (
+                format!("{{{base},\"version\":1,{enc}}}"),
+                "version-1 config cannot carry",
+            ),
+            (
+                format!(
+                    "{{{base},\"version\":2,{}}}",
+                    enc.replace("xchacha20", "rot13")
+                ),
+                "encryption.cipher is \"rot13-poly1305\"",
+            ),
+            (
+                format!("{{{base},\"version\":2,{}}}", enc.replace("65536", "7")),
+                "encryption.segment is 7",
+            ),
+        ] {
+            write(&text);
+            let e = RepositoryConfig::load(&store).unwrap_err();
+            assert!(e.to_string().contains(expected), "{e}");
+        }
     }
 
     #[test]

@@ -88,6 +88,12 @@ pub enum RepoError {
     #[error("repository {} is locked: {detail}", path.display())]
     Locked { path: PathBuf, detail: String },
 
+    /// An encrypted repository cannot be unlocked: no passphrase was given, or no key file opens with it.
+    /// `detail` names the repository and says what to do. Not retryable: give the right passphrase. (A key
+    /// file that is damaged is [`RepoError::Corrupt`] when no intact one opens.)
+    #[error("{detail}")]
+    Passphrase { path: PathBuf, detail: String },
+
     /// The caller passed something impossible: a chunk index past the end of a disk, a chunk size that is not
     /// a multiple of 64 KiB, a duplicate disk name. Not retryable: a bug or a bad option.
     #[error("invalid argument: {0}")]
@@ -123,6 +129,7 @@ impl RepoError {
             | RepoError::LatestNeedsVm { .. }
             | RepoError::NoSnapshotOfVm { .. }
             | RepoError::InvalidArgument(_)
+            | RepoError::Passphrase { .. }
             | RepoError::SessionFailed { .. } => false,
         }
     }

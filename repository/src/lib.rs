@@ -24,6 +24,7 @@
 //! config                      JSON: format name, version, repository id, chunk size, pack target size
 //! config.copy                 the same text and a checksum line: the second copy (see `config`)
 //! damaged                     damage marks: copies of chunks that verify found damaged (see Damaged chunks)
+//! keys/<id>.key               an encrypted repository's master key, sealed under one passphrase (JSON)
 //! lock                        empty; flock'ed shared by backups, exclusively by gc / index rebuild
 //! packs/XX/<pack id>.pack     immutable chunk containers (XX = first two hex digits of the id)
 //! index/<session id>.idx      one per committed session: digest -> (pack, offset, lengths, codec)
@@ -301,6 +302,24 @@
 //! over the manifests, so memory stays bounded); side files are reported with what was done about them. See
 //! [`VerifyReport`].
 //!
+//! ## Encryption at rest
+//! An encrypted repository (`config` has `encryption`, [`crypto::EncryptionConfig`]) stores every object
+//! except `config`, `config.copy`, `keys/`, `locks/` and `users/` sealed: XChaCha20-Poly1305 in 64 KiB
+//! segments, each bound to its index, to being the last or not, and to the object's name
+//! ([`crypto`] has the layout). It is a [`store::Store`] wrapper ([`store::sealed::SealedStore`]), so
+//! nothing above the seam changes: the formats below are the plaintext of sealed objects, positioned
+//! reads stay positioned, and lengths are plaintext lengths. Chunk ids are BLAKE3 keyed with half of the
+//! master key ([`Repository::digest_of`]; the all-zero digest still means zeros), so identical data in two
+//! repositories has different ids and a digest reveals nothing. The master key is kept in `keys/<id>.key`,
+//! sealed under a passphrase through Argon2id, one file per passphrase ([`keys`] has the file format and
+//! the rules for adding and removing). Opening unlocks it with the process's passphrase
+//! ([`keys::set_password_file`]) and keeps it for the process, so many handles pay Argon2id once. A
+//! segment that fails authentication is damage like a checksum failure: the object was altered,
+//! truncated, renamed or copied from another repository.
+//!
+//! `config` is version 2 ([`CONFIG_VERSION`]); version 1, which cannot carry `encryption`, is read as a
+//! plain version 2 (no migration). Binary files keep [`FORMAT_VERSION`] 1: encryption changed none.
+//!
 //! ## Limits
 //! Chunk sizes 64 KiB..=16 MiB; encoded blobs at most [`MAX_STORED_LEN`]; pack target 64 KiB..=1 GiB;
 //! manifest metadata at most 16 MiB; snapshot and session ids are `[A-Za-z0-9_-]{1,64}`. Disk names are
@@ -345,9 +364,11 @@
 //! the pending cycle's state and lists, the fence, the quarantine) and `lock` the repository's locks: neither
 //! uses the handle or the gc, so that those depend on them and not on each other. `verify` runs its passes
 //! one method each. `sort` (external sort), `scratch`, `format` (binary helpers), `ids`, `names`,
-//! `retention`, `types` and `error` serve them all.
+//! `retention`, `types` and `error` serve them all. Encryption: `crypto` (keys, keyed ids, the sealed
+//! layout), `keys` (key files, the passphrase), `store/sealed` (the wrapper).
 
 mod config;
+pub mod crypto;
 mod damaged;
 mod error;
 mod format;
@@ -356,6 +377,7 @@ mod gc_state;
 mod history;
 mod ids;
 mod index;
+pub mod keys;
 mod lock;
 mod names;
 mod pack;
@@ -373,8 +395,9 @@ mod types;
 mod verify;
 
 pub use config::{
-    CHUNK_SIZE_ALIGN, DEFAULT_CHUNK_SIZE, DEFAULT_PACK_TARGET_SIZE, InitOptions, MAX_CHUNK_SIZE,
-    MAX_PACK_TARGET_SIZE, MAX_STORED_LEN, MIN_CHUNK_SIZE, MIN_PACK_TARGET_SIZE, RepositoryConfig,
+    CHUNK_SIZE_ALIGN, CONFIG_VERSION, DEFAULT_CHUNK_SIZE, DEFAULT_PACK_TARGET_SIZE, InitOptions,
+    MAX_CHUNK_SIZE, MAX_PACK_TARGET_SIZE, MAX_STORED_LEN, MIN_CHUNK_SIZE, MIN_PACK_TARGET_SIZE,
+    RepositoryConfig,
 };
 pub use damaged::{DamageMarks, DamagedCopy};
 pub use error::{RepoError, Result};

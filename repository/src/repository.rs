@@ -149,6 +149,11 @@ struct Inner {
     recovery: Mutex<Option<Arc<crate::recovery::Recovery>>>,
     /// Packs a lookup found there or missing ([`Repository::lookup`]).
     pack_exists: RwLock<std::collections::HashMap<PackId, bool>>,
+    /// Chunk ids: keyed in an encrypted repository (see `crypto.rs`).
+    hasher: crate::crypto::ChunkHasher,
+    /// In an encrypted repository: the key file that opened it and the master key (`keys.rs`).
+    key_id: Option<String>,
+    master: Option<Arc<crate::crypto::MasterKey>>,
 }
 
 /// A repository in a [`Store`]: a local (or POSIX cluster) directory or object storage. Cheap to clone: clones share open files and caches.
@@ -201,6 +206,9 @@ impl Repository {
     /// Opens the repository in `store`.
     pub fn open_store(store: Arc<dyn Store>) -> Result<Repository> {
         let config = RepositoryConfig::load(&*store)?;
+        // An encrypted repository: unlocked with the process's passphrase, everything below through the seal.
+        let opened = crate::keys::open_encrypted(store, &config)?;
+        let store = opened.store;
         store.check_layout()?;
         let user = match store.register("users/") {
             Ok(lease) => Some(lease),
@@ -223,6 +231,9 @@ impl Repository {
                 user,
                 recovery: Mutex::new(None),
                 pack_exists: RwLock::new(std::collections::HashMap::new()),
+                hasher: opened.hasher,
+                key_id: opened.key_id,
+                master: opened.master,
             }),
         })
     }
@@ -230,7 +241,25 @@ impl Repository {
     /// Creates a repository at a location (a local path, which may exist if it is an empty directory, or
     /// `s3://BUCKET/PREFIX`, which must hold no objects).
     pub fn init_at(location: &Location, options: &InitOptions) -> Result<Repository> {
-        let config = RepositoryConfig::new(options)?;
+        Repository::init_store(location, options, false)
+    }
+
+    /// Creates an encrypted repository at a location, its first key under this process's passphrase
+    /// ([`crate::keys::set_password_file`]).
+    pub fn init_encrypted(location: &Location, options: &InitOptions) -> Result<Repository> {
+        Repository::init_store(location, options, true)
+    }
+
+    fn init_store(
+        location: &Location,
+        options: &InitOptions,
+        encrypted: bool,
+    ) -> Result<Repository> {
+        let mut config = RepositoryConfig::new(options)?;
+        if encrypted {
+            // Before anything is created: no passphrase leaves no half-made repository behind.
+            crate::keys::passphrase_for(&location.to_string())?;
+        }
         let store = open_store(location)?;
         let refuse = |reason: &str| RepoError::InitRefused {
             path: store.display_key(""),
@@ -254,10 +283,28 @@ impl Repository {
             }));
         }
         store.prepare()?;
+        if encrypted {
+            crate::keys::init_encrypted(&*store, &mut config)?;
+        }
         // `config` last: a location without it is not a repository, so an interrupted init can be redone.
         config.store(&*store)?;
         info!(repo = %location, chunk_size = config.chunk_size, "Repository created.");
         Repository::open_store(store)
+    }
+
+    /// The store, the key id this handle opened with and the master key, for key management.
+    pub(crate) fn key_access(&self) -> Result<crate::keys::KeyAccess> {
+        match &self.inner.master {
+            Some(master) => Ok((
+                self.inner.store.clone(),
+                self.inner.key_id.clone(),
+                master.clone(),
+            )),
+            None => Err(RepoError::InvalidArgument(format!(
+                "{} is not encrypted: it has no keys",
+                self.location()
+            ))),
+        }
     }
 
     /// Where the repository is, as an operator writes it.
@@ -280,7 +327,12 @@ impl Repository {
     /// repository so that ids reveal nothing about contents. Every stage that computes a digest for this
     /// repository asks here.
     pub fn digest_of(&self, data: &[u8]) -> Digest {
-        Digest(*blake3::hash(data).as_bytes())
+        self.inner.hasher.digest(data)
+    }
+
+    /// The hasher behind [`Repository::digest_of`], for stages that hash on their own threads.
+    pub fn chunk_hasher(&self) -> crate::crypto::ChunkHasher {
+        self.inner.hasher.clone()
     }
 
     /// This handle's name in `users/`, if it could register.
@@ -741,7 +793,7 @@ impl Repository {
                 },
                 e => e,
             })?;
-        if blake3::hash(&plain).as_bytes() != digest.as_bytes() {
+        if self.digest_of(&plain) != *digest {
             return Err(RepoError::corrupt(
                 self.inner.store.display_key(&pack_key(&loc.pack)),
                 format!(

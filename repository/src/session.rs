@@ -162,7 +162,7 @@ impl std::fmt::Debug for BackupSession {
     }
 }
 
-fn hostname() -> String {
+pub(crate) fn hostname() -> String {
     ["/proc/sys/kernel/hostname", "/etc/hostname"]
         .iter()
         .find_map(|p| std::fs::read_to_string(p).ok())

@@ -34,6 +34,7 @@ use crate::error::Result;
 pub mod fs;
 pub mod location;
 pub mod s3;
+pub mod sealed;
 
 pub use fs::FsStore;
 pub use location::{BadLocation, Location, S3Location};

@@ -17,7 +17,6 @@ use backflow_pipeline::describe::{
 };
 use backflow_pipeline::{
     Chunk, InvalidOption, MessageType, Payload, RunContext, Stage, StageError, StageIo, Worker,
-    digest_of,
 };
 use backflow_repository::{ChunkRef, Digest};
 use serde::{Deserialize, Serialize};
@@ -137,9 +136,11 @@ impl Stage for Dedup {
     }
 
     fn run(&self, worker: &mut Worker<'_>) -> Result<(), StageError> {
+        // The repository's hasher: chunk ids are keyed in an encrypted repository.
+        let hasher = worker.ctx().chunk_hasher()?;
         worker.map_chunks(KIND, |ctx, chunk| {
             if let Payload::Raw(data) = &chunk.payload {
-                let digest = digest_of(data);
+                let digest = hasher.digest(data);
                 if self.is_known(ctx, chunk, &digest)? {
                     chunk.payload = Payload::Known;
                 }
@@ -154,7 +155,7 @@ impl Stage for Dedup {
 mod tests {
     use std::sync::Arc;
 
-    use backflow_pipeline::{CancelToken, Disk, DiskSource, SizeOnly};
+    use backflow_pipeline::{CancelToken, Disk, DiskSource, SizeOnly, digest_of};
 
     use super::*;
 

@@ -11,8 +11,8 @@ use backflow_pipeline::describe::{
     Build, KindRow, OptionDocs, RepositoryUse, build_stage, option_docs,
 };
 use backflow_pipeline::{
-    ByteSize, Chunk, Disk, DiskSource, InvalidOption, Message, MessageType, Payload, SizeOnly,
-    Stage, StageError, StageIo, Work, Worker, digest_of,
+    ByteSize, Chunk, ChunkHasher, Disk, DiskSource, InvalidOption, Message, MessageType, Payload,
+    SizeOnly, Stage, StageError, StageIo, Work, Worker, digest_of,
 };
 use bytes::Bytes;
 use rand::{Rng, RngCore, SeedableRng};
@@ -128,14 +128,22 @@ impl Generate {
         })
     }
 
-    /// The chunks of this stream, for benchmarks that feed a stage directly.
+    /// The chunks of this stream, for benchmarks that feed a stage directly (digests of plain BLAKE3).
     pub fn chunk(&self, index: u64) -> Chunk {
-        let (data, digest) = &self.pool[(index as usize) % self.pool.len()];
+        self.chunk_named(index, None)
+    }
+
+    /// Chunk `index`; with `keyed`, its digest comes from that hasher and `digests` (the pool's under it).
+    fn chunk_named(&self, index: u64, keyed: Option<(&ChunkHasher, &[Digest])>) -> Chunk {
+        let at = (index as usize) % self.pool.len();
+        let (data, plain_digest) = &self.pool[at];
+        let digest = keyed.map_or(plain_digest, |(_, d)| &d[at]);
         let len = self.disk.chunk_len(index) as usize;
         // The short last chunk is a prefix of a pool chunk: its digest is its own.
-        let digest = match len == data.len() {
-            true => *digest,
-            false => digest_of(&data[..len]),
+        let digest = match (len == data.len(), keyed) {
+            (true, _) => *digest,
+            (false, None) => digest_of(&data[..len]),
+            (false, Some((h, _))) => h.digest(&data[..len]),
         };
         let data = data.slice(..len);
         Chunk {
@@ -261,9 +269,22 @@ impl Stage for Generate {
 
     fn run(&self, worker: &mut Worker<'_>) -> Result<(), StageError> {
         let (me, all) = (worker.index() as u64, worker.count() as u64);
+        // Hashed chunks carry the digest the pipeline's repository gives them (keyed when encrypted).
+        let hasher = match self.options.hashed {
+            true => worker.ctx().chunk_hasher()?,
+            false => ChunkHasher::plain(),
+        };
+        let keyed: Vec<Digest> = match hasher.is_keyed() {
+            true => self.pool.iter().map(|(d, _)| hasher.digest(d)).collect(),
+            false => Vec::new(),
+        };
+        let keyed = hasher.is_keyed().then_some((&hasher, &keyed[..]));
         let mut index = me;
         while index < self.chunk_count() {
-            if worker.send(Message::Chunk(self.chunk(index))).is_err() {
+            if worker
+                .send(Message::Chunk(self.chunk_named(index, keyed)))
+                .is_err()
+            {
                 return Ok(());
             }
             index += all;

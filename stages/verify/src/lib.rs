@@ -7,9 +7,7 @@
 use backflow_pipeline::describe::{
     Build, KindRow, OptionDocs, RepositoryUse, build_stage, option_docs,
 };
-use backflow_pipeline::{
-    InvalidOption, MessageType, Payload, Stage, StageError, StageIo, Worker, digest_of,
-};
+use backflow_pipeline::{InvalidOption, MessageType, Payload, Stage, StageError, StageIo, Worker};
 use serde::{Deserialize, Serialize};
 
 pub const KIND: &str = "verify";
@@ -47,6 +45,8 @@ impl Stage for Verify {
     }
 
     fn run(&self, worker: &mut Worker<'_>) -> Result<(), StageError> {
+        // The repository's hasher: chunk ids are keyed in an encrypted repository.
+        let hasher = worker.ctx().chunk_hasher()?;
         worker.map_chunks(KIND, |ctx, chunk| {
             match &chunk.payload {
                 Payload::Raw(data) => {
@@ -57,7 +57,7 @@ impl Stage for Verify {
                             chunk.disk.name()
                         )));
                     };
-                    if digest_of(data) != expected {
+                    if hasher.digest(data) != expected {
                         // Another stored copy may be good (what it returns is verified by the
                         // repository); with none, zeros when the run allows damage.
                         ctx.reload_or_zero(
