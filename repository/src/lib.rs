@@ -395,11 +395,11 @@ pub use resolve::LATEST;
 pub use retention::{Decision, KeepPolicy, plan};
 pub use session::{BackupSession, PackWriter};
 pub use snapshot::{DiskInfo, DiskMeta, Snapshot, SnapshotInfo, SnapshotMeta};
+pub use store::{BadLocation, Location, S3Location};
 pub use types::{
     BadDigest, ChunkLocation, ChunkRef, Codec, DamagedFile, Digest, PackId, StoredChunk,
 };
 pub use verify::{ChunkProblem, ProblemKind, VerifyReport};
-pub use store::{BadLocation, Location, S3Location};
 
 impl Repository {
     /// Checks the repository; see "What `verify` checks" above. Problems are in the report, not an `Err`: an
