@@ -728,7 +728,7 @@ impl Repository {
                 },
                 e => e,
             })?;
-        if blake3::hash(&plain).as_bytes() != digest.as_bytes() {
+        if self.digest_of(&plain) != *digest {
             return Err(RepoError::corrupt(
                 crate::pack::pack_path(&self.inner.path, &loc.pack),
                 format!(

@@ -382,11 +382,11 @@ impl Verifier<'_> {
                 }
                 Err(err @ RepoError::Io { .. }) => return Err(err),
                 Err(err) => Some((ProblemKind::DecodeFailed, err.to_string())),
-                Ok(()) if blake3::hash(&plain).as_bytes() != e.digest.as_bytes() => Some((
+                Ok(()) if self.repo.digest_of(&plain) != e.digest => Some((
                     ProblemKind::DigestMismatch,
                     format!(
                         "decodes to data with digest {}",
-                        blake3::hash(&plain).to_hex()
+                        self.repo.digest_of(&plain)
                     ),
                 )),
                 Ok(()) => None,

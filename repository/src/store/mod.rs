@@ -16,8 +16,10 @@
 //!   guarantee of the format rests on it: every key a session creates carries fresh random bits, and mutual
 //!   exclusion comes from leases ([`Store::lock`]), which need only read-after-write consistency of PUT and
 //!   LIST.
-//! - **Listing sees every object whose write returned before the listing began** (read-after-write; Garage,
-//!   Ceph RGW, MinIO and AWS S3 all give it).
+//! - **Listing sees every object whose write returned before the listing began** (read-after-write). AWS S3
+//!   documents it; Garage gives it with its default `consistency_mode = "consistent"` (read and write
+//!   quorums chosen for it), not in its `degraded` or `dangerous` modes. Other stores are assumed to, not
+//!   checked.
 //!
 //! Scratch space (session chunk tables, spilled sort runs, packs being filled, objects fetched whole) is
 //! always a local directory, [`Store::scratch_root`]: under the repository for fs, under
@@ -159,8 +161,10 @@ pub trait Store: Send + Sync + fmt::Debug {
     fn live(&self, prefix: &str) -> Result<Vec<String>>;
 
     /// Whether the backend is a local file system (some operations, such as hard links of scratch files,
-    /// are only offered there).
-    fn is_local(&self) -> bool;
+    /// are only offered there): what the location says.
+    fn is_local(&self) -> bool {
+        self.location().is_local()
+    }
 }
 
 /// Whether an error says that [`PutMode::Create`] met an existing object.
