@@ -40,11 +40,15 @@ impl Location {
         if given.is_empty() {
             return Err(bad("it is empty"));
         }
-        let lower = given.to_ascii_lowercase();
-        if !lower.starts_with("s3:") {
+        let scheme = |s: &str| {
+            given
+                .get(..s.len())
+                .is_some_and(|g| g.eq_ignore_ascii_case(s))
+        };
+        if !scheme("s3:") {
             return Ok(Location::Local(PathBuf::from(given)));
         }
-        let Some(rest) = given.get(5..).filter(|_| lower.starts_with("s3://")) else {
+        let Some(rest) = given.get(5..).filter(|_| scheme("s3://")) else {
             return Err(bad(
                 "an S3 location is written s3://BUCKET or s3://BUCKET/PREFIX",
             ));
@@ -52,7 +56,8 @@ impl Location {
         let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
         check_bucket(bucket).map_err(|r| bad(&r))?;
         let prefix = prefix.trim_matches('/');
-        for part in prefix.split('/').filter(|_| !prefix.is_empty()) {
+        // An empty prefix has no parts; `a//b` has an empty one.
+        for part in prefix.split_terminator('/') {
             if part.is_empty() {
                 return Err(bad("the prefix has an empty part (`//`)"));
             }

@@ -1,8 +1,8 @@
 //! The storage seam: the few operations the format needs, behind one trait, with a backend per kind of
 //! storage. Everything above this module speaks in *keys* (`packs/3f/3fa2….pack`, `index/ID.idx`,
 //! `snapshots/ID.snap`, `config`): `/`-separated, relative to the repository's root, never starting with `/`
-//! and never containing `..`. The backends map keys to files under a directory ([`fs::FsStore`]) or to objects
-//! under a bucket and prefix ([`s3::S3Store`]).
+//! and never containing `..`. The backends map keys to files under a directory (`fs::FsStore`) or to objects
+//! under a bucket and prefix (`s3::S3Store`).
 //!
 //! What a backend promises (each says how it keeps the promise in its own module's documentation):
 //! - **Durable when it returns.** [`Store::publish`] and [`Store::put`] return only once the object survives a
@@ -10,14 +10,16 @@
 //!   acknowledged).
 //! - **Whole or absent.** A reader never sees part of an object: fs writes under a temporary name and renames
 //!   or links; S3 objects appear atomically.
-//! - **Create never replaces.** [`PutMode::Create`] fails with [`Exists`] when the key exists. fs: `link(2)`
+//! - **Create never replaces.** [`PutMode::Create`] fails with an error for which [`is_exists`] holds when the key exists. fs: `link(2)`
 //!   (or `O_EXCL`). S3: `If-None-Match: *` where the store honours it, plus a HEAD before the upload; a store
 //!   that ignores the header (Garage 2.5 does) can then let a racing writer replace an object, so no
 //!   guarantee of the format rests on it: every key a session creates carries fresh random bits, and mutual
 //!   exclusion comes from leases ([`Store::lock`]), which need only read-after-write consistency of PUT and
 //!   LIST.
-//! - **Listing sees every object whose write returned before the listing began** (read-after-write; Garage,
-//!   Ceph RGW, MinIO and AWS S3 all give it).
+//! - **Listing sees every object whose write returned before the listing began** (read-after-write). AWS S3
+//!   documents it; Garage gives it with its default `consistency_mode = "consistent"` (read and write
+//!   quorums chosen for it), not in its `degraded` or `dangerous` modes. Other stores are assumed to, not
+//!   checked.
 //!
 //! Scratch space (session chunk tables, spilled sort runs, packs being filled, objects fetched whole) is
 //! always a local directory, [`Store::scratch_root`]: under the repository for fs, under
@@ -229,8 +231,10 @@ pub trait Store: Send + Sync + fmt::Debug {
     }
 
     /// Whether the backend is a local file system (some operations, such as hard links of scratch files,
-    /// are only offered there).
-    fn is_local(&self) -> bool;
+    /// are only offered there): what the location says.
+    fn is_local(&self) -> bool {
+        self.location().is_local()
+    }
 }
 
 /// Whether an error says that [`PutMode::Create`] met an existing object.
