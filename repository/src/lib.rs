@@ -348,6 +348,7 @@
 //! `retention`, `types` and `error` serve them all.
 
 mod config;
+mod copy;
 mod damaged;
 mod error;
 mod format;
@@ -375,6 +376,10 @@ mod verify;
 pub use config::{
     CHUNK_SIZE_ALIGN, DEFAULT_CHUNK_SIZE, DEFAULT_PACK_TARGET_SIZE, InitOptions, MAX_CHUNK_SIZE,
     MAX_PACK_TARGET_SIZE, MAX_STORED_LEN, MIN_CHUNK_SIZE, MIN_PACK_TARGET_SIZE, RepositoryConfig,
+};
+pub use copy::{
+    COPY_BATCH, COPY_QUEUE_BATCHES, ChunkEncoder, CopiedSnapshot, CopyError, CopyOptions, CopyReport,
+    DEFAULT_COPY_WORKERS, RECENT_SENT, copy,
 };
 pub use damaged::{DamageMarks, DamagedCopy};
 pub use error::{RepoError, Result};
