@@ -59,6 +59,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use serde_saphyr::Spanned;
 
+use crate::copy::CopyJob;
 use crate::error::JobError;
 
 /// Largest job file, in bytes: the limit of specs ([`backflow_pipeline::input::MAX_SPEC_SIZE`]).
@@ -112,6 +113,9 @@ pub struct Job {
     /// Collect garbage in the repository instead of backing up.
     #[serde(default)]
     pub gc: Option<Spanned<GcJob>>,
+    /// Copy restore points from another repository into this one instead of backing up.
+    #[serde(default)]
+    pub copy: Option<Spanned<CopyJob>>,
 }
 
 /// What a job does: its file has exactly one of these.
@@ -126,6 +130,8 @@ pub enum JobKind<'a> {
     HealthCheck(&'a HealthCheck),
     /// Collect the repository's garbage.
     Gc(&'a GcJob),
+    /// Copy restore points from another repository into the job's.
+    Copy(&'a CopyJob),
 }
 
 /// How a backup freezes the guest's filesystems through the QEMU guest agent.
@@ -305,17 +311,23 @@ impl Job {
         self.gc.as_ref().map(|g| &g.value)
     }
 
-    /// Whether the job backs up nothing (a health check or a gc): it runs beside any backup.
+    /// The copy this job runs instead of backups, if it is one.
+    pub fn copy(&self) -> Option<&CopyJob> {
+        self.copy.as_ref().map(|c| &c.value)
+    }
+
+    /// Whether the job backs up nothing (a health check, a gc or a copy): it runs beside any backup.
     pub fn is_maintenance(&self) -> bool {
         !matches!(self.kind(), JobKind::Backup { .. })
     }
 
     /// What the job does ([`parse`] made sure it is one thing).
     pub fn kind(&self) -> JobKind<'_> {
-        match (self.health_check(), self.gc()) {
-            (Some(check), _) => JobKind::HealthCheck(check),
-            (None, Some(gc)) => JobKind::Gc(gc),
-            (None, None) => JobKind::Backup {
+        match (self.health_check(), self.gc(), self.copy()) {
+            (Some(check), _, _) => JobKind::HealthCheck(check),
+            (None, Some(gc), _) => JobKind::Gc(gc),
+            (None, None, Some(copy)) => JobKind::Copy(copy),
+            (None, None, None) => JobKind::Backup {
                 vms: &self.vms,
                 images: &self.images,
             },
@@ -387,13 +399,18 @@ pub fn parse(text: &str, file: &str) -> Result<Job, JobError> {
         let at = gc.referenced;
         kinds.push(("gc", Some((at.line(), at.column()))));
     }
+    if let Some(copy) = &job.copy {
+        let at = copy.referenced;
+        kinds.push(("copy", Some((at.line(), at.column()))));
+    }
     match kinds.as_slice() {
         [] => {
             return Err(JobError::invalid(
                 file,
                 None,
                 "a job needs `vms` (the VMs to back up), `images` (image files to back up), \
-                 `health_check` (to verify the repository) or `gc` (to collect its garbage)",
+                 `health_check` (to verify the repository), `gc` (to collect its garbage) or `copy` \
+                 (to copy restore points from another repository)",
             ));
         }
         [_] => {}
@@ -403,13 +420,22 @@ pub fn parse(text: &str, file: &str) -> Result<Job, JobError> {
                 Some(at.unwrap_or((1, 1))),
                 format!(
                     "{second}: a job does one thing: back up (`vms`, `images`), check the \
-                     repository (`health_check`) or collect its garbage (`gc`); this one already \
-                     has `{first}`; write two jobs"
+                     repository (`health_check`), collect its garbage (`gc`) or copy restore \
+                     points into it (`copy`); this one already has `{first}`; write two jobs"
                 ),
             ));
         }
     }
     let relative_to = Path::new(file).parent().unwrap_or(Path::new("."));
+    let mut job = job;
+    if let Some(copy) = &mut job.copy {
+        let at = copy.referenced;
+        let from = copy
+            .value
+            .location(relative_to)
+            .map_err(|e| JobError::invalid(file, Some((at.line(), at.column())), e))?;
+        copy.value.from = from.to_string();
+    }
     Ok(Job {
         // Paths in a job file are relative to the file, as people expect of configuration.
         repository: relative_to.join(&job.repository),

@@ -61,6 +61,30 @@ pub const COPY_QUEUE_BATCHES: usize = 2;
 /// backups' deduplicator.
 pub const RECENT_SENT: usize = 256 * 1024;
 
+/// Test hook: with `BACKFLOW_COPY_KILL_AFTER=N`, a copy SIGKILLs itself once it has stored N chunks in the
+/// target (packs written, some published, nothing committed): a copy killed midway. Only with the
+/// `test-hooks` feature, which no user's build has.
+#[cfg(feature = "test-hooks")]
+pub const KILL_AFTER: &str = "BACKFLOW_COPY_KILL_AFTER";
+
+#[cfg(feature = "test-hooks")]
+fn kill_point() {
+    use std::sync::atomic::AtomicU64;
+    static SENT: AtomicU64 = AtomicU64::new(0);
+    let sent = SENT.fetch_add(1, Ordering::SeqCst) + 1;
+    if std::env::var(KILL_AFTER).is_ok_and(|v| v.parse() == Ok(sent)) {
+        warn!(sent, "Test hook: the copy kills itself here.");
+        let _ = std::process::Command::new("kill")
+            .args(["-KILL", &std::process::id().to_string()])
+            .status();
+        std::thread::sleep(std::time::Duration::from_secs(10));
+    }
+}
+
+#[cfg(not(feature = "test-hooks"))]
+#[inline(always)]
+fn kill_point() {}
+
 /// Compresses one chunk for the target: what the compressor stages do for a backup.
 pub trait ChunkEncoder: Send {
     /// The codec and the stored bytes of `plain`; an error is a sentence saying why.
@@ -298,8 +322,14 @@ fn select(from: &Repository, options: &CopyOptions) -> Result<Vec<SnapshotInfo>,
         [one] => Some(one.as_str()),
         _ => None,
     };
+    let ids: HashSet<&str> = listed.iter().map(|s| s.id.as_str()).collect();
     for given in &options.snapshots {
-        wanted.insert(from.resolve_snapshot(given, vm)?);
+        // A whole id needs no resolving (a job passes hundreds; each resolve lists the repository).
+        if ids.contains(given.as_str()) {
+            wanted.insert(given.clone());
+        } else {
+            wanted.insert(from.resolve_snapshot(given, vm)?);
+        }
     }
     Ok(listed
         .into_iter()
@@ -344,19 +374,19 @@ struct Recent {
 }
 
 impl Recent {
-    fn contains(&self, d: &Digest) -> bool {
-        self.set.contains(d)
-    }
-
-    fn insert(&mut self, d: Digest) {
-        if self.set.insert(d) {
-            self.order.push_back(d);
-            if self.order.len() > RECENT_SENT
-                && let Some(old) = self.order.pop_front()
-            {
-                self.set.remove(&old);
-            }
+    /// Takes `d` for the caller to store; false when another worker already took it (and stores it in
+    /// the same session, or found it in the target).
+    fn claim(&mut self, d: Digest) -> bool {
+        if !self.set.insert(d) {
+            return false;
         }
+        self.order.push_back(d);
+        if self.order.len() > RECENT_SENT
+            && let Some(old) = self.order.pop_front()
+        {
+            self.set.remove(&old);
+        }
+        true
     }
 }
 
@@ -605,12 +635,14 @@ fn copy_chunk(
     encoder: &mut dyn ChunkEncoder,
     tally: &mut Tally,
 ) -> Result<Digest, CopyError> {
+    // Claimed before the lookup, so that two workers meeting one new chunk at once send it once (the
+    // counts are exact). A claimed chunk is in the target, or stored in this session before it commits.
     let known = |d: &Digest| -> Result<bool, CopyError> {
-        if shared
+        if !shared
             .recent
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .contains(d)
+            .claim(*d)
         {
             return Ok(true);
         }
@@ -640,11 +672,7 @@ fn copy_chunk(
     })?;
     let raw_len = u32::try_from(plain.len()).unwrap_or(u32::MAX);
     writer.add(target, codec, raw_len, &data)?;
-    shared
-        .recent
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .insert(target);
+    kill_point();
     tally.sent += 1;
     tally.bytes_sent += data.len() as u64;
     tally.plain_sent += plain.len() as u64;

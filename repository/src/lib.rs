@@ -386,6 +386,8 @@ pub use error::{RepoError, Result};
 pub use format::FORMAT_VERSION;
 pub use gc::{DEFAULT_REPACK_THRESHOLD, GcOptions};
 #[cfg(feature = "test-hooks")]
+pub use copy::KILL_AFTER as COPY_KILL_AFTER;
+#[cfg(feature = "test-hooks")]
 pub use gc::{KILL_AT as GC_KILL_AT, KILL_POINTS as GC_KILL_POINTS};
 pub use gc_state::{GcReport, QUARANTINE_DIR};
 pub use ids::rfc3339;
