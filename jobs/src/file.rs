@@ -657,6 +657,28 @@ mod tests {
     }
 
     #[test]
+    fn a_copy_job_reads_with_its_source_relative_to_the_file() {
+        let job = parse(
+            "name: offsite\nrepository: target\ncopy: {from: ../local, vms: [\"web*\"]}\n",
+            "/etc/backflow/offsite.yaml",
+        )
+        .unwrap();
+        let JobKind::Copy(copy) = job.kind() else {
+            panic!("not a copy job: {:?}", job.kind());
+        };
+        assert_eq!(copy.from, "/etc/backflow/../local");
+        assert_eq!(copy.vms, [Pattern("web*".into())]);
+        assert!(job.is_maintenance());
+        assert_eq!(job.repository, Path::new("/etc/backflow/target"));
+        let job = parse(
+            "name: offsite\nrepository: target\ncopy: {from: \"s3://bucket/site-a\"}\n",
+            "/etc/backflow/offsite.yaml",
+        )
+        .unwrap();
+        assert_eq!(job.copy().unwrap().from, "s3://bucket/site-a");
+    }
+
+    #[test]
     fn a_full_job_reads() {
         let job = parse(
             "name: nightly\nrepository: repo\nvms: [web01, \"db-*\"]\nexclude: [\"*-test\"]\n\
@@ -835,6 +857,21 @@ mod tests {
                 "name: a\nrepository: r\nvms: [x]\nfreeze: sometimes\n",
                 "j.yaml:4:",
                 "sometimes",
+            ),
+            (
+                "name: a\nrepository: r\ngc: {}\ncopy: {from: s}\n",
+                "j.yaml:4:7: ",
+                "already has `gc`",
+            ),
+            (
+                "name: a\nrepository: r\ncopy: {form: s}\n",
+                "j.yaml:3:",
+                "unknown field `form`",
+            ),
+            (
+                "name: a\nrepository: r\ncopy: {from: \"s3:/bucket\"}\n",
+                "j.yaml:3:7: ",
+                "copy.from: \"s3:/bucket\" is not a repository location",
             ),
         ];
         for (text, at, what) in cases {
