@@ -52,6 +52,14 @@
 //! gc: {repack_threshold: 20}          # rewrite packs at least 20% unused (default)
 //! schedule: ["0 4 * * 6"]
 //! ```
+//! or one that copies restore points into its repository from another ([`crate::copy`]):
+//! ```yaml
+//! name: offsite
+//! repository: /mnt/offsite/backflow  # the target
+//! copy: {from: /srv/backflow, vms: ["web*"]}
+//! retention: {keep_daily: 7}         # applied to the target
+//! schedule: "30 3 * * *"
+//! ```
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -344,7 +344,8 @@
 //! `gc` is the collection's run; `gc_state` what it shares with every handle (the registry of open handles,
 //! the pending cycle's state and lists, the fence, the quarantine) and `lock` the repository's locks: neither
 //! uses the handle or the gc, so that those depend on them and not on each other. `verify` runs its passes
-//! one method each. `sort` (external sort), `scratch`, `format` (binary helpers), `ids`, `names`,
+//! one method each. `copy` copies restore points from another repository through a session that keeps their
+//! id, time and host (a commit that finds the id taken fails instead of choosing another). `sort` (external sort), `scratch`, `format` (binary helpers), `ids`, `names`,
 //! `retention`, `types` and `error` serve them all.
 
 mod config;
