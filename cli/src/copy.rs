@@ -42,8 +42,10 @@ pub struct Args {
 pub fn run(args: Args) -> Result<()> {
     let from = open("--from", &args.from)?;
     let to = open("--to", &args.to)?;
-    if let (Some(a), Some(b)) = (from.path().canonicalize().ok(), to.path().canonicalize().ok())
-        && a == b
+    if let (Some(a), Some(b)) = (
+        from.path().canonicalize().ok(),
+        to.path().canonicalize().ok(),
+    ) && a == b
         && from.location().is_local()
         && to.location().is_local()
     {
@@ -58,20 +60,15 @@ pub fn run(args: Args) -> Result<()> {
         snapshots: args.snapshots,
         workers: usize::from(args.workers),
     };
-    let report = backflow_repository::copy(
-        &from,
-        &to,
-        &options,
-        &ZstdEncoder::factory(),
-        &|| false,
-    )
-    .map_err(|e| -> anyhow::Error {
-        if e.is_refusal() {
-            BadInput::new(e.to_string()).into()
-        } else {
-            e.into()
-        }
-    })?;
+    let report =
+        backflow_repository::copy(&from, &to, &options, &ZstdEncoder::factory(), &|| false)
+            .map_err(|e| -> anyhow::Error {
+                if e.is_refusal() {
+                    BadInput::new(e.to_string()).into()
+                } else {
+                    e.into()
+                }
+            })?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {

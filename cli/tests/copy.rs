@@ -104,7 +104,10 @@ fn a_second_copy_sends_only_the_chunks_an_incremental_changed_and_both_restore()
     backflow_fixtures::generate_image(&image, 8 << 20, 7).unwrap();
     let (first, first_image) = backup_kept(dir.path(), &image, &a, "web01");
     let (distinct, zero) = chunk_census(&image);
-    assert!(distinct > 20 && zero > 0, "{distinct} distinct, {zero} zero");
+    assert!(
+        distinct > 20 && zero > 0,
+        "{distinct} distinct, {zero} zero"
+    );
 
     // Everything the target lacks: each distinct chunk once, the zero chunks as nothing.
     let r = copy_json(&a, &b, &[]);

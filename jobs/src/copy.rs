@@ -202,14 +202,11 @@ fn copy_into(
             snapshots: ids,
             ..CopyOptions::default()
         };
-        let report = backflow_repository::copy(
-            &source,
-            target,
-            &options,
-            &ZstdEncoder::factory(),
-            &|| cancel.is_cancelled(),
-        )
-        .map_err(|e| e.to_string())?;
+        let report =
+            backflow_repository::copy(&source, target, &options, &ZstdEncoder::factory(), &|| {
+                cancel.is_cancelled()
+            })
+            .map_err(|e| e.to_string())?;
         record.report = Some(report);
     } else {
         record.report = Some(CopyReport {
@@ -246,7 +243,11 @@ mod tests {
 
     #[test]
     fn without_retention_every_selected_snapshot_is_planned() {
-        let source = [snap("a1", "a", DAY), snap("b1", "b", DAY), snap("a2", "a", 2 * DAY)];
+        let source = [
+            snap("a1", "a", DAY),
+            snap("b1", "b", DAY),
+            snap("a2", "a", 2 * DAY),
+        ];
         let vms = [Pattern("a".into())];
         assert_eq!(plan_copy(&source, &[], &vms, None), ["a1", "a2"]);
         assert_eq!(plan_copy(&source, &[], &[], None), ["a1", "b1", "a2"]);

@@ -766,7 +766,8 @@ fn gc_row(gc: &GcRecord, result: Verdict) -> backflow_notify::VmReport {
 
 /// A copy as the mail's one row: what it sent, and what retention forgot in the target.
 fn copy_row(copy: &crate::CopyRecord, result: Verdict) -> backflow_notify::VmReport {
-    let mut row = backflow_notify::VmReport::new(format!("(copy from {})", copy.from), outcome(result));
+    let mut row =
+        backflow_notify::VmReport::new(format!("(copy from {})", copy.from), outcome(result));
     row.duration = duration(copy.seconds);
     row.error = copy.error.clone();
     row.warnings = copy.warnings.clone();

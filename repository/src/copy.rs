@@ -234,6 +234,26 @@ pub fn copy(
     encoder: &(dyn Fn() -> Box<dyn ChunkEncoder> + Sync),
     cancelled: &(dyn Fn() -> bool + Sync),
 ) -> Result<CopyReport, CopyError> {
+    copy_with(
+        from,
+        to,
+        options,
+        encoder,
+        cancelled,
+        same_digests(from, to),
+    )
+}
+
+/// [`copy`], with whether source digests are the target's given (tests take the path of keyed digests
+/// between plain repositories).
+fn copy_with(
+    from: &Repository,
+    to: &Repository,
+    options: &CopyOptions,
+    encoder: &(dyn Fn() -> Box<dyn ChunkEncoder> + Sync),
+    cancelled: &(dyn Fn() -> bool + Sync),
+    same_digests: bool,
+) -> Result<CopyReport, CopyError> {
     let started = Instant::now();
     let selected = select(from, options)?;
     let present: HashSet<String> = to.manifest_ids()?.into_iter().collect();
@@ -245,7 +265,7 @@ pub fn copy(
     let mut report = CopyReport {
         from: from.location().to_string(),
         to: to.location().to_string(),
-        same_digests: same_digests(from, to),
+        same_digests,
         ..CopyReport::default()
     };
     if !todo.is_empty() {
@@ -287,8 +307,13 @@ pub fn copy(
         report.add(copied);
     }
     report.seconds = started.elapsed().as_secs_f64();
-    info!(copied = report.snapshots_copied, skipped = report.snapshots_skipped,
-          chunks_sent = report.chunks_sent, chunks_present = report.chunks_present, "Copy finished.");
+    info!(
+        copied = report.snapshots_copied,
+        skipped = report.snapshots_skipped,
+        chunks_sent = report.chunks_sent,
+        chunks_present = report.chunks_present,
+        "Copy finished."
+    );
     Ok(report)
 }
 
@@ -555,11 +580,10 @@ fn feed(
             first: 0,
             refs: Vec::with_capacity(COPY_BATCH),
         };
-        let mut at = 0u64;
-        for r in snapshot.chunks(disk) {
+        for (at, r) in (1u64..).zip(snapshot.chunks(disk)) {
             batch.refs.push(r?);
-            at += 1;
             if batch.refs.len() == COPY_BATCH {
+                // `at` entries are batched so far: the next batch starts there.
                 let next = Batch {
                     disk,
                     first: at,
@@ -620,7 +644,9 @@ fn work(
                     tally.zero += 1;
                     ChunkRef::Zero
                 }
-                ChunkRef::Data(d) => ChunkRef::Data(copy_chunk(shared, d, writer, encoder, &mut tally)?),
+                ChunkRef::Data(d) => {
+                    ChunkRef::Data(copy_chunk(shared, d, writer, encoder, &mut tally)?)
+                }
             });
         }
         shared.session.set_chunks(batch.disk, batch.first, &out)?;
@@ -691,4 +717,166 @@ fn read_verified(from: &Repository, digest: &Digest) -> Result<(Vec<u8>, u64), C
     let plain = from.load_chunk(digest)?;
     let len = plain.len() as u64;
     Ok((plain, len))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Plain;
+
+    impl ChunkEncoder for Plain {
+        fn encode(&mut self, plain: &[u8]) -> std::result::Result<(Codec, Vec<u8>), String> {
+            Ok((Codec::None, plain.to_vec()))
+        }
+    }
+
+    struct Failing;
+
+    impl ChunkEncoder for Failing {
+        fn encode(&mut self, _: &[u8]) -> std::result::Result<(Codec, Vec<u8>), String> {
+            Err("no codec today".into())
+        }
+    }
+
+    const CHUNK: u32 = 64 * 1024;
+
+    fn chunk(seed: u8) -> Vec<u8> {
+        let mut data = vec![0u8; CHUNK as usize];
+        let mut hasher = blake3::Hasher::new();
+        hasher.update(&[seed]);
+        hasher.finalize_xof().fill(&mut data);
+        data
+    }
+
+    /// A snapshot of one disk whose chunks are `seeds` (`None`: a zero chunk), with CBT state.
+    fn backup(repo: &Repository, seeds: &[Option<u8>]) -> String {
+        let session = repo.begin_backup("web01").unwrap();
+        let disk = session
+            .add_disk(DiskMeta {
+                name: "vda".into(),
+                size: seeds.len() as u64 * u64::from(CHUNK),
+                chunk_size: CHUNK,
+                location: "/images/web01.raw".into(),
+                cbt: Some(serde_json::json!({"checkpoint": "backflow.1"})),
+            })
+            .unwrap();
+        let mut writer = session.pack_writer();
+        let mut stored = HashSet::new();
+        for (i, seed) in seeds.iter().enumerate() {
+            let r = match seed {
+                None => ChunkRef::Zero,
+                Some(seed) => {
+                    let data = chunk(*seed);
+                    let digest = repo.digest_of(&data);
+                    if stored.insert(digest) {
+                        writer.add(digest, Codec::None, CHUNK, &data).unwrap();
+                    }
+                    ChunkRef::Data(digest)
+                }
+            };
+            session.set_chunk(disk, i as u64, r).unwrap();
+        }
+        writer.finish().unwrap();
+        session.commit(Some("<domain/>".into())).unwrap().id
+    }
+
+    fn repos() -> (tempfile::TempDir, Repository, Repository) {
+        let dir = tempfile::tempdir().unwrap();
+        let from = Repository::init(&dir.path().join("a"), CHUNK).unwrap();
+        let to = Repository::init(&dir.path().join("b"), CHUNK).unwrap();
+        (dir, from, to)
+    }
+
+    fn plain() -> Box<dyn ChunkEncoder> {
+        Box::new(Plain)
+    }
+
+    #[test]
+    fn with_keyed_digests_every_chunk_is_read_hashed_for_the_target_and_sent_once() {
+        let (_dir, from, to) = repos();
+        let seeds = [
+            Some(1),
+            Some(2),
+            None,
+            Some(1),
+            Some(3),
+            None,
+            Some(2),
+            Some(4),
+        ];
+        let first = backup(&from, &seeds);
+        let options = CopyOptions {
+            workers: 3,
+            ..CopyOptions::default()
+        };
+        let r = copy_with(&from, &to, &options, &plain, &|| false, false).unwrap();
+        assert_eq!((r.snapshots_copied, r.chunks_sent), (1, 4));
+        assert_eq!((r.chunks_present, r.chunks_zero), (2, 2));
+        // Keyed digests cannot be looked up before reading: all six data chunks are read.
+        assert_eq!(r.bytes_read, 6 * u64::from(CHUNK));
+        assert_eq!(r.bytes_sent, 4 * u64::from(CHUNK));
+
+        let (a, b) = (
+            from.open_snapshot(&first).unwrap(),
+            to.open_snapshot(&first).unwrap(),
+        );
+        let (ma, mb) = (a.meta(), b.meta());
+        assert_eq!(
+            (
+                &mb.id,
+                &mb.vm,
+                mb.time,
+                mb.time_nanos,
+                &mb.hostname,
+                &mb.domain_xml
+            ),
+            (
+                &ma.id,
+                &ma.vm,
+                ma.time,
+                ma.time_nanos,
+                &ma.hostname,
+                &ma.domain_xml
+            )
+        );
+        assert_eq!(mb.disks[0].cbt, None, "CBT state is the source's own");
+        assert_eq!(mb.disks[0].location, ma.disks[0].location);
+        let entries = |s: &Snapshot| s.chunks(0).collect::<crate::Result<Vec<_>>>().unwrap();
+        assert_eq!(entries(&b), entries(&a));
+        for (r, seed) in entries(&b).iter().zip(seeds) {
+            if let (ChunkRef::Data(d), Some(seed)) = (r, seed) {
+                assert_eq!(to.load_chunk(d).unwrap(), chunk(seed));
+            }
+        }
+
+        // A second snapshot sharing chunks: what the target has is not sent again.
+        let second = backup(&from, &[Some(1), Some(5), None, Some(4)]);
+        let r = copy_with(&from, &to, &options, &plain, &|| false, false).unwrap();
+        assert_eq!((r.snapshots_copied, r.snapshots_skipped), (1, 1));
+        assert_eq!((r.chunks_sent, r.chunks_present), (1, 2));
+        assert_eq!(r.snapshots[1].id, second);
+    }
+
+    #[test]
+    fn a_failing_worker_stops_the_copy_and_commits_nothing() {
+        let (_dir, from, to) = repos();
+        // More batches than the queue holds: the table reader is waiting when the workers fail.
+        let seeds: Vec<Option<u8>> = (0..=255u8).map(Some).collect();
+        let big = seeds.repeat(3);
+        backup(&from, &big);
+        let options = CopyOptions {
+            workers: 2,
+            ..CopyOptions::default()
+        };
+        let failing = || Box::new(Failing) as Box<dyn ChunkEncoder>;
+        let e = copy(&from, &to, &options, &failing, &|| false).unwrap_err();
+        assert!(matches!(e, CopyError::Encode { .. }), "{e}");
+        assert!(to.manifest_ids().unwrap().is_empty());
+        let e = copy(&from, &to, &options, &plain, &|| true).unwrap_err();
+        assert!(matches!(e, CopyError::Cancelled { committed: 0 }), "{e}");
+        assert!(to.manifest_ids().unwrap().is_empty());
+        let r = copy(&from, &to, &options, &plain, &|| false).unwrap();
+        assert_eq!((r.chunks_sent, r.chunks_present), (256, 512));
+    }
 }

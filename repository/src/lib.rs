@@ -378,16 +378,16 @@ pub use config::{
     CHUNK_SIZE_ALIGN, DEFAULT_CHUNK_SIZE, DEFAULT_PACK_TARGET_SIZE, InitOptions, MAX_CHUNK_SIZE,
     MAX_PACK_TARGET_SIZE, MAX_STORED_LEN, MIN_CHUNK_SIZE, MIN_PACK_TARGET_SIZE, RepositoryConfig,
 };
+#[cfg(feature = "test-hooks")]
+pub use copy::KILL_AFTER as COPY_KILL_AFTER;
 pub use copy::{
-    COPY_BATCH, COPY_QUEUE_BATCHES, ChunkEncoder, CopiedSnapshot, CopyError, CopyOptions, CopyReport,
-    DEFAULT_COPY_WORKERS, RECENT_SENT, copy,
+    COPY_BATCH, COPY_QUEUE_BATCHES, ChunkEncoder, CopiedSnapshot, CopyError, CopyOptions,
+    CopyReport, DEFAULT_COPY_WORKERS, RECENT_SENT, copy,
 };
 pub use damaged::{DamageMarks, DamagedCopy};
 pub use error::{RepoError, Result};
 pub use format::FORMAT_VERSION;
 pub use gc::{DEFAULT_REPACK_THRESHOLD, GcOptions};
-#[cfg(feature = "test-hooks")]
-pub use copy::KILL_AFTER as COPY_KILL_AFTER;
 #[cfg(feature = "test-hooks")]
 pub use gc::{KILL_AT as GC_KILL_AT, KILL_POINTS as GC_KILL_POINTS};
 pub use gc_state::{GcReport, QUARANTINE_DIR};
@@ -403,11 +403,11 @@ pub use resolve::LATEST;
 pub use retention::{Decision, KeepPolicy, plan};
 pub use session::{BackupSession, PackWriter};
 pub use snapshot::{DiskInfo, DiskMeta, Snapshot, SnapshotInfo, SnapshotMeta};
+pub use store::{BadLocation, Location, S3Location};
 pub use types::{
     BadDigest, ChunkLocation, ChunkRef, Codec, DamagedFile, Digest, PackId, StoredChunk,
 };
 pub use verify::{ChunkProblem, ProblemKind, VerifyReport};
-pub use store::{BadLocation, Location, S3Location};
 
 impl Repository {
     /// Checks the repository; see "What `verify` checks" above. Problems are in the report, not an `Err`: an

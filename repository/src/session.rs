@@ -426,7 +426,10 @@ impl BackupSession {
 
         let disks = self.disks.read().unwrap_or_else(|e| e.into_inner());
         let mut meta = SnapshotMeta {
-            id: self.kept_id.clone().unwrap_or_else(|| self.shared.id.clone()),
+            id: self
+                .kept_id
+                .clone()
+                .unwrap_or_else(|| self.shared.id.clone()),
             vm: self.vm.clone(),
             time: self.time,
             time_nanos: self.time_nanos,

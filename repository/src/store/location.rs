@@ -45,7 +45,9 @@ impl Location {
             return Ok(Location::Local(PathBuf::from(given)));
         }
         let Some(rest) = given.get(5..).filter(|_| lower.starts_with("s3://")) else {
-            return Err(bad("an S3 location is written s3://BUCKET or s3://BUCKET/PREFIX"));
+            return Err(bad(
+                "an S3 location is written s3://BUCKET or s3://BUCKET/PREFIX",
+            ));
         };
         let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
         check_bucket(bucket).map_err(|r| bad(&r))?;
@@ -152,7 +154,11 @@ mod tests {
     #[test]
     fn local_paths_stay_paths() {
         for p in ["/srv/repo", "repo", "./s3", "s3", "my-s3://x"] {
-            assert_eq!(Location::parse(p).unwrap(), Location::Local(p.into()), "{p}");
+            assert_eq!(
+                Location::parse(p).unwrap(),
+                Location::Local(p.into()),
+                "{p}"
+            );
         }
     }
 
