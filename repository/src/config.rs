@@ -6,12 +6,11 @@
 //! after it was written), a damaged copy is ignored with a warning, and `verify` writes the damaged one
 //! again from the good one. A repository of an earlier release has no copy; `verify` adds it.
 
-use std::path::Path;
-
 use tracing::warn;
 
 use crate::error::{RepoError, Result};
 use crate::format::FORMAT_VERSION;
+use crate::store::{PutMode, Store};
 
 /// Chunk sizes are multiples of the QEMU dirty-bitmap granularity, so a dirty extent maps to whole chunks.
 pub const CHUNK_SIZE_ALIGN: u32 = 64 * 1024;
@@ -98,14 +97,10 @@ impl RepositoryConfig {
 
     /// Writes `config.copy`, then `config`, each through a temporary name, so a crash during `init` leaves no
     /// half-written config (a directory without `config` is not a repository and `init` may be retried).
-    pub(crate) fn store(&self, repo: &Path) -> Result<()> {
+    pub(crate) fn store(&self, store: &dyn Store) -> Result<()> {
         let text = self.text();
-        crate::format::write_durably(
-            &repo.join("config.copy.tmp"),
-            &repo.join(COPY),
-            &with_checksum(&text),
-        )?;
-        crate::format::write_durably(&repo.join("config.tmp"), &repo.join(FILE), &text)
+        store.put(COPY, &with_checksum(&text), PutMode::Replace)?;
+        store.put(FILE, &text, PutMode::Replace)
     }
 
     fn text(&self) -> Vec<u8> {
@@ -115,10 +110,10 @@ impl RepositoryConfig {
     }
 
     /// Reads the config from whichever copy is intact (see the module docs), warning about the other.
-    pub(crate) fn load(repo: &Path) -> Result<RepositoryConfig> {
-        let (config, problems) = read_both(repo)?;
+    pub(crate) fn load(store: &dyn Store) -> Result<RepositoryConfig> {
+        let (config, problems) = read_both(store)?;
         for p in &problems {
-            warn!(repo = %repo.display(), problem = %p,
+            warn!(repo = %store.location(), problem = %p,
                   "A copy of the repository's config is damaged; the other one is used (`backflow verify` \
                    repairs it).");
         }
@@ -138,9 +133,9 @@ fn with_checksum(text: &[u8]) -> Vec<u8> {
 }
 
 /// The config, and what is wrong with either copy (empty when both are intact and agree).
-fn read_both(repo: &Path) -> Result<(RepositoryConfig, Vec<String>)> {
-    let main = parse_file(repo, FILE, |t| Ok(t.to_vec()));
-    let copy = parse_file(repo, COPY, checked_text);
+fn read_both(store: &dyn Store) -> Result<(RepositoryConfig, Vec<String>)> {
+    let main = parse_file(store, FILE, |t| Ok(t.to_vec()));
+    let copy = parse_file(store, COPY, checked_text);
     match (main, copy) {
         (Ok(m), Ok(c)) if m == c => Ok((m, Vec::new())),
         (Ok(_), Ok(c)) => Ok((
@@ -184,26 +179,17 @@ fn checked_text(bytes: &[u8]) -> std::result::Result<Vec<u8>, String> {
 
 /// Reads and checks one copy; `text` turns the file's bytes into the JSON text (or says why not).
 fn parse_file(
-    repo: &Path,
+    store: &dyn Store,
     name: &str,
     text: impl FnOnce(&[u8]) -> std::result::Result<Vec<u8>, String>,
 ) -> Result<RepositoryConfig> {
-    let path = repo.join(name);
+    let path = store.display_key(name);
     let not_repo = |reason: String| RepoError::NotARepository {
-        path: repo.to_owned(),
+        path: store.display_key(""),
         reason,
     };
-    let bytes = match std::fs::File::open(&path) {
-        Ok(f) => {
-            let mut b = Vec::new();
-            std::io::Read::read_to_end(&mut std::io::Read::take(f, MAX_LEN + 1), &mut b)
-                .map_err(|e| RepoError::io("read", &path, e))?;
-            b
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(not_repo(format!("it has no `{name}` file")));
-        }
-        Err(e) => return Err(RepoError::io("read", path, e)),
+    let Some(bytes) = crate::format::read_bounded(store, name, MAX_LEN)? else {
+        return Err(not_repo(format!("it has no `{name}` file")));
     };
     if bytes.len() as u64 > MAX_LEN {
         return Err(RepoError::corrupt(
@@ -246,29 +232,29 @@ fn parse_file(
 const MAX_LEN: u64 = 64 * 1024;
 
 /// What `verify` reports about the two copies (empty: both intact and equal).
-pub(crate) fn copy_problems(repo: &Path) -> Vec<crate::DamagedFile> {
-    match read_both(repo) {
+pub(crate) fn copy_problems(store: &dyn Store) -> Vec<crate::DamagedFile> {
+    match read_both(store) {
         Ok((_, problems)) => problems
             .into_iter()
             .map(|p| crate::DamagedFile {
-                path: repo.join(FILE).display().to_string(),
+                path: store.display_key(FILE).display().to_string(),
                 error: format!("{p}; `backflow verify` writes both copies again"),
             })
             .collect(),
         Err(e) => vec![crate::DamagedFile {
-            path: repo.join(FILE).display().to_string(),
+            path: store.display_key(FILE).display().to_string(),
             error: e.to_string(),
         }],
     }
 }
 
 /// Writes both copies again from the intact one when either is damaged or missing; returns whether it did.
-pub(crate) fn repair(repo: &Path) -> Result<bool> {
-    let (config, problems) = read_both(repo)?;
+pub(crate) fn repair(store: &dyn Store) -> Result<bool> {
+    let (config, problems) = read_both(store)?;
     if problems.is_empty() {
         return Ok(false);
     }
-    config.store(repo)?;
+    config.store(store)?;
     Ok(true)
 }
 
@@ -289,23 +275,25 @@ mod tests {
     #[test]
     fn store_then_load() {
         let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("tmp")).unwrap();
+        let store = crate::store::FsStore::new(dir.path());
         let c = RepositoryConfig::new(&InitOptions::default()).unwrap();
-        c.store(dir.path()).unwrap();
-        assert_eq!(RepositoryConfig::load(dir.path()).unwrap(), c);
-        assert!(copy_problems(dir.path()).is_empty());
+        c.store(&store).unwrap();
+        assert_eq!(RepositoryConfig::load(&store).unwrap(), c);
+        assert!(copy_problems(&store).is_empty());
         std::fs::write(
             dir.path().join(FILE),
             br#"{"format":"backflow-repository","version":2}"#,
         )
         .unwrap();
         assert!(matches!(
-            RepositoryConfig::load(dir.path()),
+            RepositoryConfig::load(&store),
             Err(RepoError::UnsupportedVersion { found: 2, .. })
         ));
         std::fs::remove_file(dir.path().join(COPY)).unwrap();
         std::fs::write(dir.path().join(FILE), b"\0\0").unwrap();
         assert!(matches!(
-            RepositoryConfig::load(dir.path()),
+            RepositoryConfig::load(&store),
             Err(RepoError::NotARepository { .. })
         ));
     }
@@ -314,8 +302,10 @@ mod tests {
     fn one_damaged_copy_is_survived_and_repaired() {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path();
+        std::fs::create_dir(root.join("tmp")).unwrap();
+        let store = crate::store::FsStore::new(root);
         let c = RepositoryConfig::new(&InitOptions::default()).unwrap();
-        c.store(root).unwrap();
+        c.store(&store).unwrap();
         let main = std::fs::read(root.join(FILE)).unwrap();
         let copy = std::fs::read(root.join(COPY)).unwrap();
         // A changed digit that still parses: only the copy's checksum tells.
@@ -363,14 +353,14 @@ mod tests {
                     None => std::fs::remove_file(root.join(file)).unwrap(),
                 }
             }
-            assert_eq!(RepositoryConfig::load(root).unwrap(), c, "{name}");
-            let problems = copy_problems(root);
+            assert_eq!(RepositoryConfig::load(&store).unwrap(), c, "{name}");
+            let problems = copy_problems(&store);
             assert!(
                 problems.len() == 1 && problems[0].error.contains(expected),
                 "{name}: {problems:?}"
             );
-            assert!(repair(root).unwrap(), "{name}");
-            assert!(copy_problems(root).is_empty(), "{name}");
+            assert!(repair(&store).unwrap(), "{name}");
+            assert!(copy_problems(&store).is_empty(), "{name}");
             assert_eq!(std::fs::read(root.join(FILE)).unwrap(), main, "{name}");
             assert_eq!(std::fs::read(root.join(COPY)).unwrap(), copy, "{name}");
         }

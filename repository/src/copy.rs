@@ -32,7 +32,6 @@
 //! own pack writer; the set of digests sent in this run is bounded ([`RECENT_SENT`]).
 
 use std::collections::{HashSet, VecDeque};
-use std::fs::File;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
@@ -40,8 +39,8 @@ use std::time::Instant;
 
 use tracing::{info, warn};
 
-use crate::error::{IoContext, RepoError};
-use crate::snapshot::{DiskMeta, read_meta, snapshot_path};
+use crate::error::RepoError;
+use crate::snapshot::{DiskMeta, read_meta, snapshot_key};
 use crate::{ChunkRef, Codec, Digest, PackWriter, Repository, Snapshot, SnapshotInfo};
 
 /// Worker threads of a copy by default: each reads, verifies, hashes and compresses one chunk at a time, so
@@ -371,9 +370,10 @@ fn check_chunk_sizes(
 ) -> Result<(), CopyError> {
     let target_chunk_size = to.chunk_size();
     for info in todo {
-        let path = snapshot_path(from.path(), &info.id);
-        let file = File::open(&path).ctx("open snapshot", &path)?;
-        let (meta, _) = read_meta(&file, &path, Some(&info.id))?;
+        let key = snapshot_key(&info.id);
+        let path = from.store().display_key(&key);
+        let object = from.store().open(&key)?;
+        let (meta, _) = read_meta(&*object, &path, Some(&info.id))?;
         if let Some(disk) = meta
             .disks
             .iter()

@@ -33,14 +33,14 @@
 //! it started, while a lookup costs no system call. The set is small (damage is rare) and kept in memory.
 
 use std::collections::HashSet;
-use std::fs::File;
-use std::os::unix::fs::MetadataExt;
-use std::path::Path;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::error::{IoContext, RepoError, Result};
-use crate::format::{hex, parse_hex, write_durably};
+use std::path::Path;
+
+use crate::error::{RepoError, Result};
+use crate::format::{hex, parse_hex};
+use crate::store::{PutMode, Stat, Store};
 use crate::verify::ChunkProblem;
 use crate::{ChunkLocation, Digest, PackId, Repository, VerifyReport};
 
@@ -48,8 +48,6 @@ use crate::{ChunkLocation, Digest, PackId, Repository, VerifyReport};
 pub(crate) const FILE: &str = "damaged";
 /// Taken exclusively while marks are merged and written.
 const LOCK_FILE: &str = "damaged.lock";
-/// Where a new version of the file is written before its rename.
-const TMP_FILE: &str = "damaged.tmp";
 /// The first line: format name and version.
 const HEADER: &str = "backflow-damaged 2";
 /// The first line of files written by earlier releases (no checksum line).
@@ -314,17 +312,10 @@ fn parse_line(line: &str) -> std::result::Result<DamagedCopy, String> {
 
 /// Reads the marks file at `path` leniently: a missing file is no marks; what cannot be read is described in
 /// the second value (only I/O errors other than a missing file are errors).
-fn load(path: &Path) -> Result<(DamageMarks, Vec<String>)> {
-    let file = match File::open(path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Ok((DamageMarks::default(), Vec::new()));
-        }
-        Err(e) => return Err(RepoError::io("open", path, e)),
+fn load(store: &dyn Store) -> Result<(DamageMarks, Vec<String>)> {
+    let Some(mut bytes) = crate::format::read_bounded(store, FILE, MAX_FILE_LEN)? else {
+        return Ok((DamageMarks::default(), Vec::new()));
     };
-    let mut bytes = Vec::new();
-    std::io::Read::read_to_end(&mut std::io::Read::take(file, MAX_FILE_LEN + 1), &mut bytes)
-        .ctx("read", path)?;
     let mut extra = Vec::new();
     if bytes.len() as u64 > MAX_FILE_LEN {
         bytes.truncate(MAX_FILE_LEN as usize);
@@ -344,25 +335,9 @@ fn load(path: &Path) -> Result<(DamageMarks, Vec<String>)> {
     Ok((marks, problems))
 }
 
-/// What identifies one version of the file: it is replaced by a rename, never modified in place.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Stamp {
-    ino: u64,
-    len: u64,
-    mtime: Option<SystemTime>,
-}
-
-fn stamp(path: &Path) -> Result<Option<Stamp>> {
-    match std::fs::metadata(path) {
-        Ok(m) => Ok(Some(Stamp {
-            ino: m.ino(),
-            len: m.len(),
-            mtime: m.modified().ok(),
-        })),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(RepoError::io("stat", path, e)),
-    }
-}
+/// What identifies one version of the file (it is replaced whole, never modified in place): its
+/// [`Store::stat`].
+type Stamp = Stat;
 
 /// A handle's copy of the marks and when it last checked the file.
 #[derive(Debug, Default)]
@@ -380,7 +355,7 @@ struct CacheState {
 
 impl MarksCache {
     /// The marks, read again when the file was replaced and [`RECHECK`] has passed since the last check.
-    pub(crate) fn current(&self, root: &Path) -> Result<Arc<DamageMarks>> {
+    pub(crate) fn current(&self, store: &dyn Store) -> Result<Arc<DamageMarks>> {
         let fresh = |s: &CacheState| s.checked.is_some_and(|at| at.elapsed() < RECHECK);
         {
             let s = self.state.read().unwrap_or_else(|e| e.into_inner());
@@ -392,18 +367,17 @@ impl MarksCache {
         if fresh(&s) {
             return Ok(s.marks.clone());
         }
-        let path = root.join(FILE);
-        let now = stamp(&path)?;
-        let racy = now.and_then(|n| n.mtime).is_some_and(|m| {
+        let now = store.stat(FILE)?;
+        let racy = now.and_then(|n| n.modified).is_some_and(|m| {
             SystemTime::now()
                 .duration_since(m)
                 .map_or(true, |d| d < RACY_WINDOW)
         });
         if s.checked.is_none() || now != s.stamp || racy {
             // A file that cannot be opened or read leaves the handle unchecked: the next lookup tries again.
-            let (marks, problems) = load(&path)?;
+            let (marks, problems) = load(store)?;
             if !problems.is_empty() && (s.stamp != now || s.checked.is_none()) {
-                tracing::warn!(file = %path.display(), problems = %problems.join("; "),
+                tracing::warn!(file = %store.display_key(FILE).display(), problems = %problems.join("; "),
                     "The list of damaged chunks is damaged; going on with the marks that could be read \
                      (`backflow verify --read-data` writes it again).");
             }
@@ -435,7 +409,7 @@ fn copy_of(p: &ChunkProblem) -> Option<DamagedCopy> {
 impl Repository {
     /// The damaged copies marked in the repository (see the crate's "Damaged chunks").
     pub fn damage_marks(&self) -> Result<Arc<DamageMarks>> {
-        self.marks_cache().current(self.path())
+        self.marks_cache().current(&**self.store())
     }
 
     /// Records the damaged copies among `problems` (those with a pack and an offset) in `damaged`, merged
@@ -457,17 +431,18 @@ impl Repository {
     /// gc moved to the quarantine keeps the marks of the chunks that have no healthy copy in the index (it
     /// could not salvage them): `verify` and the backups' re-reading go on naming them. Returns how many went.
     pub(crate) fn drop_marks_of_deleted_packs(&self) -> Result<usize> {
-        if !self.path().join(FILE).exists() {
+        let store = &**self.store();
+        if !store.exists(FILE)? {
             return Ok(0);
         }
-        let root = self.path().to_owned();
-        let in_packs = |c: &DamagedCopy| crate::pack::pack_path(&root, &c.pack).exists();
+        let exists = |key: String| store.exists(&key).unwrap_or(true);
+        let in_packs = |c: &DamagedCopy| exists(crate::pack::pack_key(&c.pack));
         let mut unsalvaged = HashSet::new();
         let quarantined: Vec<DamagedCopy> = self
             .damage_marks()?
             .copies()
             .into_iter()
-            .filter(|c| !in_packs(c) && crate::gc_state::quarantine_path(&root, &c.pack).exists())
+            .filter(|c| !in_packs(c) && exists(crate::gc_state::quarantine_key(&c.pack)))
             .collect();
         if !quarantined.is_empty() {
             // The index the gc just wrote, not the files this handle opened before.
@@ -480,24 +455,21 @@ impl Repository {
         }
         self.update_marks(|marks| {
             marks.retain(|c| in_packs(c) || unsalvaged.contains(c))
-                + marks.retain_frames(|p| crate::pack::pack_path(&root, p).exists())
+                + marks.retain_frames(|p| exists(crate::pack::pack_key(p)))
         })
     }
 
     /// Changes the marks under `damaged.lock`: `change` returns how many marks it changed, and only then
-    /// (or when the file is damaged) is the file written again (temporary name, fsync, rename).
+    /// (or when the file is damaged) is the file written again, whole and durably.
     fn update_marks(&self, change: impl FnOnce(&mut DamageMarks) -> usize) -> Result<usize> {
-        let root = self.path();
-        let lock_path = root.join(LOCK_FILE);
-        let lock = crate::lock::open_lock_file(&lock_path)?;
+        let store = &**self.store();
         // Held for a read and a small write: waiting is shorter than failing and retrying.
-        lock.lock().ctx("lock", &lock_path)?;
-        let path = root.join(FILE);
-        let (mut marks, problems) = load(&path)?;
+        let _lock = crate::lock::lock_waiting(store, LOCK_FILE, crate::lock::LockMode::Exclusive)?;
+        let (mut marks, problems) = load(store)?;
         let changed = change(&mut marks);
         // A damaged file is written again whole, from the marks that could be read: the repair.
         if changed > 0 || !problems.is_empty() {
-            write_durably(&root.join(TMP_FILE), &path, marks.render().as_bytes())?;
+            store.put(FILE, marks.render().as_bytes(), PutMode::Replace)?;
         }
         self.marks_cache().invalidate();
         Ok(changed)
@@ -511,7 +483,7 @@ impl Repository {
     /// `cleared_marks` say what changed.
     pub fn verify_and_mark(&self, read_data: bool) -> Result<VerifyReport> {
         let (mut report, findings) = crate::verify::verify(self, read_data)?;
-        if crate::config::repair(self.path())? {
+        if crate::config::repair(&**self.store())? {
             tracing::warn!("A damaged or missing copy of the config was written again.");
         }
         let found: Vec<DamagedCopy> = report.problems.iter().filter_map(copy_of).collect();
@@ -540,8 +512,8 @@ impl Repository {
 
     /// What is wrong with the marks file, for `verify` (empty: nothing, or no file).
     pub(crate) fn marks_problems(&self) -> Result<Vec<crate::DamagedFile>> {
-        let path = self.path().join(FILE);
-        let (_, problems) = load(&path)?;
+        let path = self.store().display_key(FILE);
+        let (_, problems) = load(&**self.store())?;
         Ok(problems
             .into_iter()
             .map(|p| crate::DamagedFile {
@@ -620,7 +592,12 @@ mod tests {
         assert_eq!(text.lines().count(), 4, "header, two marks, checksum");
         assert!(text.starts_with(HEADER));
         assert_eq!(DamageMarks::parse(&text, Path::new("x")).unwrap(), *marks);
-        assert!(!repo.path().join(TMP_FILE).exists());
+        let left: Vec<_> = std::fs::read_dir(repo.path().join("tmp"))
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
     }
 
     #[test]

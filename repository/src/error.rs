@@ -154,17 +154,45 @@ impl<T> IoContext<T> for io::Result<T> {
     }
 }
 
+/// Positioned reads: of a stored object, or of a local scratch file (session chunk tables).
+pub(crate) trait ReadAt {
+    fn read_exact_at_pos(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+}
+
+impl ReadAt for std::fs::File {
+    fn read_exact_at_pos(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        std::os::unix::fs::FileExt::read_exact_at(self, buf, offset)
+    }
+}
+
+impl<T: ReadAt + ?Sized> ReadAt for &T {
+    fn read_exact_at_pos(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        (**self).read_exact_at_pos(buf, offset)
+    }
+}
+
+impl ReadAt for dyn crate::store::Object + '_ {
+    fn read_exact_at_pos(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.read_exact_at(buf, offset)
+    }
+}
+
+impl ReadAt for std::sync::Arc<dyn crate::store::Object> {
+    fn read_exact_at_pos(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.read_exact_at(buf, offset)
+    }
+}
+
 /// Reads exactly `buf.len()` bytes at `offset`, turning a short file into [`RepoError::Corrupt`] ("truncated")
 /// rather than an I/O error, because a short repository file is damage, not a transient failure.
 pub(crate) fn read_exact_at(
-    file: &std::fs::File,
+    file: &(impl ReadAt + ?Sized),
     buf: &mut [u8],
     offset: u64,
     path: &Path,
     what: &str,
 ) -> Result<()> {
-    use std::os::unix::fs::FileExt;
-    match file.read_exact_at(buf, offset) {
+    match file.read_exact_at_pos(buf, offset) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Err(RepoError::corrupt(
             path,

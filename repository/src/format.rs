@@ -1,5 +1,5 @@
 //! Byte-level helpers shared by the binary formats: little-endian fields in fixed-size headers, a writer that
-//! hashes what it writes, and durable-rename helpers. The layouts themselves are documented in the crate root
+//! hashes what it writes, and helpers for small objects and scratch files. The layouts themselves are documented in the crate root
 //! and next to each header type.
 
 use std::fs::File;
@@ -7,6 +7,7 @@ use std::io::{self, Write};
 use std::path::Path;
 
 use crate::error::{IoContext, Result};
+use crate::store::Store;
 
 /// Version written into every binary header and into `config`; readers refuse anything else.
 pub const FORMAT_VERSION: u32 = 1;
@@ -138,7 +139,11 @@ pub(crate) const CHECKSUM_SIZE: usize = 32;
 
 /// Streams `len` bytes of `file` from `offset` through BLAKE3 with a bounded buffer and compares the result
 /// with the 32 bytes that follow. Used for index files and manifests, whose bodies can be gigabytes.
-pub(crate) fn check_trailing_checksum(file: &File, len: u64, path: &Path) -> Result<()> {
+pub(crate) fn check_trailing_checksum(
+    file: &(impl crate::error::ReadAt + ?Sized),
+    len: u64,
+    path: &Path,
+) -> Result<()> {
     let body = len.checked_sub(CHECKSUM_SIZE as u64).ok_or_else(|| {
         crate::RepoError::corrupt(
             path,
@@ -165,26 +170,30 @@ pub(crate) fn check_trailing_checksum(file: &File, len: u64, path: &Path) -> Res
     Ok(())
 }
 
-/// fsyncs a directory so that a rename or create inside it survives a crash.
-pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .ctx("fsync directory", dir)
+/// Reads a small object whole, at most `max + 1` bytes of it (so a caller can tell "too large" without
+/// reading a huge damaged file into memory); `None` when it does not exist.
+pub(crate) fn read_bounded(store: &dyn Store, key: &str, max: u64) -> Result<Option<Vec<u8>>> {
+    let obj = match store.open(key) {
+        Ok(o) => o,
+        Err(crate::RepoError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
+            return Ok(None);
+        }
+        Err(e) => return Err(e),
+    };
+    let n = obj.len().min(max + 1) as usize;
+    let mut buf = vec![0u8; n];
+    crate::error::read_exact_at(&obj, &mut buf, 0, &store.display_key(key), "contents")?;
+    Ok(Some(buf))
 }
 
-/// Moves a fully written and fsynced file to its final name and makes the new name durable.
-pub(crate) fn durable_rename(from: &Path, to: &Path) -> Result<()> {
-    std::fs::rename(from, to).ctx("rename into place", to)?;
-    sync_dir(to.parent().unwrap_or(Path::new(".")))
-}
-
-/// Writes `bytes` to `dest` durably and whole: through `tmp`, fsynced, renamed, the directory fsynced. A
-/// crash leaves either the old file or the new one.
-pub(crate) fn write_durably(tmp: &Path, dest: &Path, bytes: &[u8]) -> Result<()> {
-    let mut f = File::create(tmp).ctx("create", tmp)?;
-    std::io::Write::write_all(&mut f, bytes).ctx("write", tmp)?;
-    f.sync_all().ctx("fsync", tmp)?;
-    durable_rename(tmp, dest)
+/// A local scratch file created for writing (`create_new`: scratch names are fresh).
+pub(crate) fn create_scratch_file(path: &Path) -> Result<File> {
+    File::options()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .ctx("create", path)
 }
 
 /// Lower-case hex of `bytes`.
@@ -211,4 +220,25 @@ pub(crate) fn parse_hex<const N: usize>(s: &str) -> Option<[u8; N]> {
         out[i] = (hi * 16 + lo) as u8;
     }
     Some(out)
+}
+
+/// Sequential reads of a stored object through positioned reads (no shared cursor).
+#[derive(Debug)]
+pub(crate) struct ObjectReader {
+    obj: std::sync::Arc<dyn crate::store::Object>,
+    pos: u64,
+}
+
+impl ObjectReader {
+    pub(crate) fn new(obj: std::sync::Arc<dyn crate::store::Object>, pos: u64) -> ObjectReader {
+        ObjectReader { obj, pos }
+    }
+}
+
+impl io::Read for ObjectReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.obj.read_at(buf, self.pos)?;
+        self.pos += n as u64;
+        Ok(n)
+    }
 }

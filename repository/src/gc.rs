@@ -12,25 +12,30 @@
 
 use std::collections::{BTreeSet, HashSet};
 use std::fs::File;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use tracing::{debug, info, warn};
 
 use crate::damaged::DamageMarks;
 use crate::error::{IoContext, RepoError, Result};
-use crate::format::{durable_rename, hex, sync_dir};
+use crate::format::hex;
+#[cfg(test)]
+use crate::gc_state::quarantine_path;
 use crate::gc_state::{
     CycleId, CycleState, GcPaths, GcReport, LOCATED_SIZE, ListReader, Located, Phase,
     QUARANTINE_DIR, RUN_LOCK_WAIT, STATE_VERSION, check_lists, fence, live_users, load_state,
-    quarantine_path, stopped, store_state, write_list,
+    quarantine_key, stopped, store_state, write_list,
 };
 use crate::index::IndexStream;
 use crate::lock::{LockMode, lock_repository};
-use crate::pack::{pack_path, read_pack_trailer, salvage_entries};
+#[cfg(test)]
+use crate::pack::pack_path;
+use crate::pack::{pack_key, read_stored_pack_trailer, salvage_entries};
 use crate::session::{PackWriter, SessionShared};
 use crate::snapshot::Snapshot;
 use crate::sort::{Sorted, Sorter};
+use crate::store::{Lease, PutMode, Store};
 use crate::{ChunkRef, Digest, PackId, Repository, StoredChunk};
 
 /// Default share of a pack's indexed bytes that must be unreferenced before the pack is rewritten.
@@ -110,39 +115,43 @@ impl Default for GcOptions {
 /// Runs a garbage collection; see the crate root.
 pub(crate) fn gc(repo: &Repository, options: &GcOptions) -> Result<GcReport> {
     let root = repo.path().to_owned();
+    let store = repo.store().clone();
     let repo_lock = lock_repository(
-        &root,
+        &*store,
         LockMode::Shared,
         "an index rebuild holds it exclusively",
     )?;
-    let paths = GcPaths::new(&root);
-    std::fs::create_dir_all(&paths.dir).ctx("create directory", &paths.dir)?;
-    let run_lock_path = paths.run_lock();
-    let run_lock = crate::lock::open_lock_file(&run_lock_path)?;
     // `verify` holds the lock for the few milliseconds it reads the state: wait that out; another gc holds
     // it for its whole run: refuse.
     let deadline = std::time::Instant::now() + RUN_LOCK_WAIT;
-    while run_lock.try_lock().is_err() {
-        if std::time::Instant::now() >= deadline {
-            return Err(RepoError::Locked {
-                path: root,
-                detail: "another garbage collection runs".into(),
-            });
+    let run_lock = loop {
+        match store.lock(
+            GcPaths::RUN_LOCK,
+            LockMode::Exclusive,
+            "another garbage collection runs",
+        ) {
+            Err(e @ RepoError::Locked { .. }) => {
+                if std::time::Instant::now() >= deadline {
+                    return Err(e);
+                }
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            r => break r?,
         }
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
+    };
     if !options.dry_run {
         repo.remove_stale_scratch()?;
     }
-    let (scratch, scratch_lock) =
-        crate::scratch::create(&root, || format!("gc-{}", hex(&rand::random::<[u8; 6]>())))?;
+    let (scratch, scratch_lock) = crate::scratch::create(store.scratch_root(), || {
+        format!("gc-{}", hex(&rand::random::<[u8; 6]>()))
+    })?;
     let ctx = Gc {
         repo,
         root: root.clone(),
-        paths,
+        store,
         scratch: scratch.clone(),
         scratch_lock,
-        repo_lock,
+        repo_lock: Arc::from(repo_lock),
         own_user: repo.user_name(),
     };
     let result = ctx.run(options);
@@ -153,11 +162,12 @@ pub(crate) fn gc(repo: &Repository, options: &GcOptions) -> Result<GcReport> {
 
 struct Gc<'a> {
     repo: &'a Repository,
+    /// The repository as messages name it.
     root: PathBuf,
-    paths: GcPaths,
+    store: Arc<dyn Store>,
     scratch: PathBuf,
     scratch_lock: File,
-    repo_lock: File,
+    repo_lock: Arc<dyn Lease>,
     own_user: Option<String>,
 }
 
@@ -232,7 +242,7 @@ impl Gc<'_> {
 
     /// The pending cycle's state; one that cannot be trusted stops the gc with the repair to run.
     fn load_state(&self) -> Result<Option<CycleState>> {
-        load_state(&self.paths).map_err(|e| stopped(&self.root, e))
+        load_state(&*self.store).map_err(|e| stopped(&self.root, e))
     }
 
     /// Abandons a pending cycle ([`GcOptions::reset_state`]): its state, lists and forgotten manifests go,
@@ -240,17 +250,17 @@ impl Gc<'_> {
     /// took out of the index are then orphans, which the next condemnation reads (so snapshots committed
     /// during the cycle keep what they use), and no backup can still take a forgotten manifest as its parent.
     fn reset_state(&self) -> Result<bool> {
-        let leftovers = [
-            self.paths.state(),
-            self.paths.condemned(),
-            self.paths.doomed(),
-            self.paths.forgotten(),
-        ];
-        if !leftovers.iter().any(|p| p.exists()) {
+        let store = &*self.store;
+        let forgotten = self.forgotten_keys()?;
+        let pending = [GcPaths::STATE, GcPaths::CONDEMNED, GcPaths::DOOMED]
+            .iter()
+            .map(|k| store.exists(k))
+            .collect::<Result<Vec<bool>>>()?;
+        if !pending.contains(&true) && forgotten.is_empty() {
             return Ok(false);
         }
-        let _fence = fence(&self.root, LockMode::Exclusive)?;
-        let alive = live_users(&self.root, self.own_user.as_deref(), None)?;
+        let _fence = fence(store, LockMode::Exclusive)?;
+        let alive = live_users(store, self.own_user.as_deref(), None)?;
         if !alive.is_empty() {
             return Err(RepoError::Locked {
                 path: self.root.clone(),
@@ -263,51 +273,45 @@ impl Gc<'_> {
         }
         // The state first: once it is gone the cycle is no longer pending; leftover lists are harmless (the
         // next condemnation writes new ones) and so are forgotten manifests (read by the next sweep).
-        remove_if_present(&self.paths.state(), "remove")?;
-        sync_dir(&self.paths.dir)?;
-        remove_if_present(&self.paths.condemned(), "remove")?;
-        remove_if_present(&self.paths.doomed(), "remove")?;
-        let forgotten = self.paths.forgotten();
-        if forgotten.exists() {
-            std::fs::remove_dir_all(&forgotten).ctx("remove", &forgotten)?;
-        }
-        sync_dir(&self.paths.dir)?;
+        store.delete(GcPaths::STATE)?;
+        store.delete(GcPaths::CONDEMNED)?;
+        store.delete(GcPaths::DOOMED)?;
+        store.delete_many(&forgotten)?;
         warn!(
-            dir = %self.paths.dir.display(),
+            dir = %store.display_key("gc/").display(),
             "Pending garbage collection cycle abandoned; nothing was deleted."
         );
         Ok(true)
     }
 
+    /// The keys of the manifests in `gc/forgotten/`.
+    fn forgotten_keys(&self) -> Result<Vec<String>> {
+        Ok(self
+            .store
+            .list_names(GcPaths::FORGOTTEN)?
+            .into_iter()
+            .map(|n| format!("{}{n}", GcPaths::FORGOTTEN))
+            .collect())
+    }
+
     /// Deletes the packs in the quarantine (or, for a dry run, counts them): how many and their size.
     fn drop_quarantine(&self, dry_run: bool) -> Result<(u64, u64)> {
-        let dir = self.root.join(QUARANTINE_DIR).join("packs");
-        let subdirs = match std::fs::read_dir(&dir) {
-            Ok(entries) => entries,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((0, 0)),
-            Err(e) => return Err(RepoError::io("list", dir, e)),
-        };
+        let store = &*self.store;
+        let top = format!("{QUARANTINE_DIR}/packs/");
         let (mut count, mut bytes) = (0u64, 0u64);
-        for sub in subdirs {
-            let sub = sub.ctx("list", &dir)?.path();
-            if !sub.is_dir() {
-                continue;
-            }
-            let mut removed = false;
-            for entry in std::fs::read_dir(&sub).ctx("list", &sub)? {
-                let path = entry.ctx("list", &sub)?.path();
-                if path.extension().is_none_or(|e| e != "pack") {
+        for sub in store.list_dirs(&top)? {
+            let dir = format!("{top}{sub}/");
+            let mut keys = Vec::new();
+            for entry in store.list(&dir)? {
+                if !entry.name.ends_with(".pack") {
                     continue;
                 }
-                bytes += path.metadata().ctx("stat", &path)?.len();
+                bytes += entry.size;
                 count += 1;
-                if !dry_run {
-                    remove_if_present(&path, "remove quarantined pack")?;
-                    removed = true;
-                }
+                keys.push(format!("{dir}{}", entry.name));
             }
-            if removed {
-                sync_dir(&sub)?;
+            if !dry_run {
+                store.delete_many(&keys)?;
             }
         }
         if count > 0 && !dry_run {
@@ -326,7 +330,7 @@ impl Gc<'_> {
             self.scratch.clone(),
             crate::sort::SORT_BUFFER / crate::index::INDEX_RECORD_SIZE,
             self.scratch_lock.try_clone().ctx("dup", &self.scratch)?,
-            self.repo_lock.try_clone().ctx("dup", &self.root)?,
+            self.repo_lock.clone(),
         ))
     }
 
@@ -339,7 +343,8 @@ impl Gc<'_> {
         let name = format!("gc-{}.idx", hex(&rand::random::<[u8; 8]>()));
         let tmp = self.scratch.join("index.tmp");
         builder.write(&tmp)?;
-        durable_rename(&tmp, &self.root.join("index").join(&name))?;
+        self.store
+            .publish(&tmp, &format!("index/{name}"), PutMode::Create)?;
         Ok(Some(name))
     }
 
@@ -360,16 +365,12 @@ impl Gc<'_> {
 
         // Index files first. A session that commits after this listing has its packs counted as orphans below,
         // and kept at the end because its own index file names them.
-        let index_dir = self.root.join("index");
-        let mut old_index = Vec::new();
-        for entry in std::fs::read_dir(&index_dir).ctx("list", &index_dir)? {
-            let entry = entry.ctx("list", &index_dir)?;
-            if let Some(name) = entry.file_name().to_str()
-                && name.ends_with(".idx")
-            {
-                old_index.push(name.to_owned());
-            }
-        }
+        let mut old_index: Vec<String> = self
+            .store
+            .list_names("index/")?
+            .into_iter()
+            .filter(|n| n.ends_with(".idx"))
+            .collect();
         old_index.sort();
 
         // Mark.
@@ -395,9 +396,10 @@ impl Gc<'_> {
         let mut records = Sorter::<LOCATED_SIZE>::new(&self.scratch, "records", false);
         let mut indexed_packs = Sorter::<16>::new(&self.scratch, "indexed-packs", true);
         for name in &old_index {
-            let mut stream =
-                IndexStream::open(&index_dir.join(name), |id| indexed_packs.push(id.0))
-                    .map_err(damaged_index)?;
+            let mut stream = IndexStream::open(&*self.store, &format!("index/{name}"), |id| {
+                indexed_packs.push(id.0)
+            })
+            .map_err(damaged_index)?;
             while let Some((rec, pack)) = stream.next_record().map_err(damaged_index)? {
                 let located = Located {
                     digest: rec.digest,
@@ -416,7 +418,7 @@ impl Gc<'_> {
         // Packs no index names: left by killed sessions (or a killed gc). Found before this gc writes any. A
         // session alive now that wrote one is a registered handle, so the deletion waits for it, and by then
         // its index names the pack.
-        let orphans = crate::recovery::unindexed_packs(&self.root, indexed_packs.finish()?)?;
+        let orphans = crate::recovery::unindexed_packs(&*self.store, indexed_packs.finish()?)?;
         report.orphan_packs = orphans.len() as u64;
         let marks = self.repo.damage_marks()?;
         let frames = self.read_suspect_trailers(&orphans, &marks, &mut records)?;
@@ -569,9 +571,22 @@ impl Gc<'_> {
         // Publish: the new index, the condemned chunks and doomed packs, the state; then the old index goes.
         let new_index = self.write_index(&session)?;
         kill_point("indexed");
-        let fence = fence(&self.root, LockMode::Exclusive)?;
-        write_list(&self.paths.condemned(), &cycle, condemned.finish()?)?;
-        let doomed_count = write_list(&self.paths.doomed(), &cycle, doomed.finish()?)?;
+        let store = &*self.store;
+        let fence = fence(store, LockMode::Exclusive)?;
+        write_list(
+            store,
+            GcPaths::CONDEMNED,
+            &self.scratch.join("condemned.list"),
+            &cycle,
+            condemned.finish()?,
+        )?;
+        let doomed_count = write_list(
+            store,
+            GcPaths::DOOMED,
+            &self.scratch.join("doomed.list"),
+            &cycle,
+            doomed.finish()?,
+        )?;
         let mut state = CycleState {
             version: STATE_VERSION,
             cycle: hex(&cycle),
@@ -587,12 +602,12 @@ impl Gc<'_> {
             quarantine,
             report,
         };
-        store_state(&self.paths, &state)?;
+        store_state(&*self.store, &state)?;
         kill_point("published");
         self.remove_old_index(&state)?;
         kill_point("old-index-removed");
-        state.users = Some(live_users(&self.root, self.own_user.as_deref(), None)?);
-        store_state(&self.paths, &state)?;
+        state.users = Some(live_users(&*self.store, self.own_user.as_deref(), None)?);
+        store_state(&*self.store, &state)?;
         drop(fence);
         kill_point("users-listed");
         info!(
@@ -637,8 +652,9 @@ impl Gc<'_> {
             .chain(orphans.iter().copied())
             .collect();
         for id in suspects {
-            let path = pack_path(&self.root, &id);
-            let entries = match read_pack_trailer(&path) {
+            let key = pack_key(&id);
+            let path = self.store.display_key(&key);
+            let entries = match read_stored_pack_trailer(&*self.store, &key) {
                 Ok(t) if orphan_set.contains(&id) => t.entries,
                 Ok(_) => Vec::new(),
                 Err(RepoError::Io { source, .. })
@@ -650,7 +666,7 @@ impl Gc<'_> {
                     warn!(pack = %path.display(), error = %e,
                           "A pack's header, trailer or footer is damaged: what snapshots use is salvaged, the pack quarantined.");
                     frames.damaged.insert(id);
-                    salvage_entries(&path)?
+                    salvage_entries(&*self.store, &key)?
                 }
                 Err(e) => return Err(e),
             };
@@ -758,19 +774,20 @@ impl Gc<'_> {
             report.packs_kept += 1;
             Ok(Fate::Keep)
         };
-        let path = pack_path(&self.root, &pack);
-        let size = match std::fs::metadata(&path) {
-            Ok(m) => m.len(),
-            Err(_) if orphan => return Ok(Fate::Gone),
+        let key = pack_key(&pack);
+        let path = self.store.display_key(&key);
+        let size = match self.store.stat(&key) {
+            Ok(Some(st)) => st.size,
+            _ if orphan => return Ok(Fate::Gone),
             // A pack the index names but that is gone: `verify` reports it; the gc leaves its records.
-            Err(_) => return keep(report),
+            _ => return keep(report),
         };
         let keep_as_is =
             dead == 0 || (live > 0 && dead * 100 < u64::from(options.repack_threshold) * total);
         let mut damaged_frame = frames.damaged.contains(&pack);
         if !damaged_frame && !keep_as_is && !frames.checked.contains(&pack) {
             // Checked before anything leaves the pack: a damaged one is quarantined, never deleted.
-            damaged_frame = match read_pack_trailer(&path) {
+            damaged_frame = match read_stored_pack_trailer(&*self.store, &key) {
                 Ok(_) => false,
                 Err(e @ (RepoError::Corrupt { .. } | RepoError::UnsupportedVersion { .. })) => {
                     warn!(pack = %path.display(), error = %e,
@@ -865,41 +882,43 @@ impl Gc<'_> {
 
     /// Removes the index files the cycle replaced, once its own index file is in place.
     fn remove_old_index(&self, state: &CycleState) -> Result<()> {
-        let dir = self.root.join("index");
         if let Some(new) = &state.new_index
-            && !dir.join(new).exists()
+            && !self.store.exists(&format!("index/{new}"))?
         {
             return Err(stopped(
                 &self.root,
                 RepoError::corrupt(
-                    self.paths.state(),
+                    self.store.display_key(GcPaths::STATE),
                     format!(
                         "the cycle's index file index/{new} is missing; the old index files are left in place"
                     ),
                 ),
             ));
         }
-        for name in &state.old_index {
-            remove_if_present(&dir.join(name), "remove old index")?;
-        }
-        sync_dir(&dir)
+        let old: Vec<String> = state
+            .old_index
+            .iter()
+            .map(|n| format!("index/{n}"))
+            .collect();
+        self.store.delete_many(&old)
     }
 
     /// Phase 2: once every handle open at condemnation has closed, stores again what backups used meanwhile,
     /// then deletes. `None` when there was nothing to finish; a report with `waiting_for` when it must wait.
     fn finish_cycle(&self, mut state: CycleState) -> Result<Option<GcReport>> {
         // The lists must be whole and of this cycle before anything is done with them.
-        check_lists(&self.paths, &state).map_err(|(_, e)| stopped(&self.root, e))?;
+        let store = &*self.store;
+        check_lists(store, &state).map_err(|(_, e)| stopped(&self.root, e))?;
         if state.phase == Phase::Condemned {
-            let fence = fence(&self.root, LockMode::Exclusive)?;
+            let fence = fence(store, LockMode::Exclusive)?;
             if state.users.is_none() {
                 // Killed between publishing and listing: finish that step.
                 self.remove_old_index(&state)?;
-                state.users = Some(live_users(&self.root, self.own_user.as_deref(), None)?);
-                store_state(&self.paths, &state)?;
+                state.users = Some(live_users(&*self.store, self.own_user.as_deref(), None)?);
+                store_state(&*self.store, &state)?;
             }
             let listed = state.users.clone().unwrap_or_default();
-            let alive = live_users(&self.root, self.own_user.as_deref(), Some(&listed))?;
+            let alive = live_users(store, self.own_user.as_deref(), Some(&listed))?;
             if !alive.is_empty() {
                 let mut report = state.report.clone();
                 report.waiting_for = Some(format!(
@@ -915,20 +934,15 @@ impl Gc<'_> {
             state.report.chunks_kept_for_running_backups = self.resurrect(&state)?;
             kill_point("resurrected");
             state.phase = Phase::Sweeping;
-            store_state(&self.paths, &state)?;
-            let forgotten = self.paths.forgotten();
-            if forgotten.exists() {
-                std::fs::remove_dir_all(&forgotten).ctx("remove", &forgotten)?;
-            }
+            store_state(&*self.store, &state)?;
+            store.delete_many(&self.forgotten_keys()?)?;
             drop(fence);
             kill_point("sweeping");
         }
         self.sweep(&state)?;
-        for p in [self.paths.condemned(), self.paths.doomed()] {
-            remove_if_present(&p, "remove")?;
-        }
-        std::fs::remove_file(self.paths.state()).ctx("remove", &self.paths.state())?;
-        sync_dir(&self.paths.dir)?;
+        store.delete(GcPaths::CONDEMNED)?;
+        store.delete(GcPaths::DOOMED)?;
+        store.delete(GcPaths::STATE)?;
         kill_point("swept");
         let unmarked = self.repo.drop_marks_of_deleted_packs()?;
         if unmarked > 0 {
@@ -960,11 +974,15 @@ impl Gc<'_> {
             push_references(&snapshot, &mut referenced)?
                 .map_err(|e| self.unreadable_snapshot(&id, e))?;
         }
-        let forgotten = self.paths.forgotten();
-        if let Ok(entries) = std::fs::read_dir(&forgotten) {
-            for entry in entries {
-                let path = entry.ctx("list", &forgotten)?.path();
-                let Some(id) = path.file_stem().and_then(|s| s.to_str()).map(str::to_owned) else {
+        {
+            for key in self.forgotten_keys()? {
+                let path = self.store.display_key(&key);
+                let Some(id) = key
+                    .rsplit('/')
+                    .next()
+                    .and_then(|n| n.strip_suffix(".snap"))
+                    .map(str::to_owned)
+                else {
                     continue;
                 };
                 if state.marked.contains(&id) {
@@ -973,7 +991,7 @@ impl Gc<'_> {
                 any = true;
                 // A manifest forgotten because it is damaged tells nothing; no backup could have taken it
                 // as its parent either (opening it checks it).
-                let read = match Snapshot::open_path(&path, &id) {
+                let read = match Snapshot::open(&*self.store, &key, &id) {
                     Ok(snapshot) => push_references(&snapshot, &mut referenced)?,
                     Err(e) => Err(e),
                 };
@@ -987,7 +1005,7 @@ impl Gc<'_> {
         }
         let mut referenced = referenced.finish()?;
         let mut condemned =
-            ListReader::<LOCATED_SIZE>::open(&self.paths.condemned(), &state.cycle_id())
+            ListReader::<LOCATED_SIZE>::open(&*self.store, GcPaths::CONDEMNED, &state.cycle_id())
                 .map_err(|e| stopped(&self.root, e))?;
         let session = self.writer_session("resurrect")?;
         let mut writer = PackWriter::new(session.clone());
@@ -998,7 +1016,7 @@ impl Gc<'_> {
             .next_record()
             .map_err(|e| stopped(&self.root, e))?
         {
-            let r = Located::decode(&b, false, &self.paths.condemned())?;
+            let r = Located::decode(&b, false, &self.store.display_key(GcPaths::CONDEMNED))?;
             while let Some(d) = next_ref
                 && d < r.digest.0
             {
@@ -1036,13 +1054,13 @@ impl Gc<'_> {
     /// be read stops the sweep, since it might name a pack the lists say to delete.
     fn named_packs(&self) -> Result<Sorted<16>> {
         let mut named = Sorter::<16>::new(&self.scratch, "named", true);
-        let dir = self.root.join("index");
-        for entry in std::fs::read_dir(&dir).ctx("list", &dir)? {
-            let path = entry.ctx("list", &dir)?.path();
-            if path.extension().is_none_or(|x| x != "idx") {
+        for name in self.store.list_names("index/")? {
+            if !name.ends_with(".idx") {
                 continue;
             }
-            match IndexStream::open(&path, |id| named.push(id.0)) {
+            match IndexStream::open(&*self.store, &format!("index/{name}"), |id| {
+                named.push(id.0)
+            }) {
                 Ok(_) => {}
                 Err(RepoError::Io { source, .. })
                     if source.kind() == std::io::ErrorKind::NotFound => {}
@@ -1058,14 +1076,15 @@ impl Gc<'_> {
     /// an index file names (a backup that ran meanwhile committed them) stay where they are.
     fn sweep(&self, state: &CycleState) -> Result<()> {
         let cycle = state.cycle_id();
-        let doomed_path = self.paths.doomed();
-        let has_doomed = doomed_path.exists();
+        let store = &*self.store;
+        let doomed_path = store.display_key(GcPaths::DOOMED);
+        let has_doomed = store.exists(GcPaths::DOOMED)?;
         let mut spared: HashSet<PackId> = HashSet::new();
         {
             let mut named = self.named_packs()?;
             let mut doomed = if has_doomed {
                 Some(
-                    ListReader::<16>::open(&doomed_path, &cycle)
+                    ListReader::<16>::open(store, GcPaths::DOOMED, &cycle)
                         .map_err(|e| stopped(&self.root, e))?,
                 )
             } else {
@@ -1124,21 +1143,28 @@ impl Gc<'_> {
             }
         }
 
-        let mut touched = [false; 256];
-        let mut remove = |id: PackId| -> Result<()> {
-            remove_if_present(&pack_path(&self.root, &id), "remove pack")?;
-            touched[id.0[0] as usize] = true;
+        // The first pack alone (a kill point follows it), then in batches: one directory fsync per batch
+        // and directory rather than per pack.
+        let mut batch: Vec<String> = Vec::new();
+        let mut first = true;
+        let mut remove = |id: PackId, batch: &mut Vec<String>| -> Result<()> {
+            if first {
+                first = false;
+                store.delete(&pack_key(&id))?;
+                kill_point("deleting");
+                return Ok(());
+            }
+            batch.push(pack_key(&id));
+            if batch.len() >= SWEEP_BATCH {
+                store.delete_many(batch)?;
+                batch.clear();
+            }
             Ok(())
         };
         if has_doomed {
-            let mut doomed = ListReader::<16>::open(&doomed_path, &cycle)?;
-            let mut first = true;
+            let mut doomed = ListReader::<16>::open(store, GcPaths::DOOMED, &cycle)?;
             while let Some(id) = doomed.next_record()? {
-                remove(PackId(id))?;
-                if first {
-                    first = false;
-                    kill_point("deleting");
-                }
+                remove(PackId(id), &mut batch)?;
             }
         }
         // A session that committed after the listing named its packs in its own index file.
@@ -1148,14 +1174,10 @@ impl Gc<'_> {
             .filter_map(|h| h.parse::<PackId>().ok())
         {
             if !spared.contains(&id) {
-                remove(id)?;
+                remove(id, &mut batch)?;
             }
         }
-        for (first, t) in touched.iter().enumerate() {
-            if *t {
-                sync_dir(&self.root.join("packs").join(hex(&[first as u8])))?;
-            }
-        }
+        store.delete_many(&batch)?;
         let mut first = true;
         for id in state
             .quarantine
@@ -1176,36 +1198,22 @@ impl Gc<'_> {
 
     /// Moves a pack to `quarantine/packs/XX/ID.pack`, durably. One already moved (a resumed sweep) is fine.
     fn move_to_quarantine(&self, id: &PackId) -> Result<()> {
-        let from = pack_path(&self.root, id);
-        let to = quarantine_path(&self.root, id);
-        let dir = to.parent().expect("quarantine/packs/XX");
-        if !dir.exists() {
-            std::fs::create_dir_all(dir).ctx("create directory", dir)?;
-            let top = self.root.join(QUARANTINE_DIR);
-            for d in [dir, &top.join("packs"), &top, &self.root] {
-                sync_dir(d)?;
-            }
-        }
-        match std::fs::rename(&from, &to) {
+        let (from, to) = (pack_key(id), quarantine_key(id));
+        match self.store.rename(&from, &to) {
             Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-            Err(e) => return Err(RepoError::io("move to the quarantine", from, e)),
+            Err(RepoError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(());
+            }
+            Err(e) => return Err(e),
         }
-        sync_dir(dir)?;
-        sync_dir(from.parent().expect("packs/XX"))?;
-        warn!(pack = %from.display(), to = %to.display(), "Damaged pack moved to the quarantine.");
+        warn!(pack = %self.store.display_key(&from).display(), to = %self.store.display_key(&to).display(),
+              "Damaged pack moved to the quarantine.");
         Ok(())
     }
 }
 
-/// Removes `path`; one already gone is fine (a gc resumed after a kill repeats its steps).
-fn remove_if_present(path: &Path, what: &'static str) -> Result<()> {
-    match std::fs::remove_file(path) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(RepoError::io(what, path, e)),
-    }
-}
+/// Packs a sweep deletes per [`Store::delete_many`] call.
+const SWEEP_BATCH: usize = 1024;
 
 /// An index file that cannot be read whole stops the gc before it changes anything: the records it holds
 /// would be lost from the new index.
@@ -1235,6 +1243,7 @@ mod tests {
     use super::*;
     use crate::gc_state::state_problems;
     use crate::{Codec, InitOptions};
+    use std::path::Path;
 
     use crate::crash_tests::{CHUNK, chunk};
 
@@ -1317,15 +1326,21 @@ mod tests {
         commit(&repo, &[1, 2, 3, 4, 5]);
         let id = repo.list_packs().unwrap()[0];
         let path = pack_path(repo.path(), &id);
-        let good = read_pack_trailer(&path).unwrap();
+        let store = &**repo.store();
+        let key = pack_key(&id);
+        let good = read_stored_pack_trailer(store, &key).unwrap();
         assert_eq!(good.entries.len(), 5);
         let len = path.metadata().unwrap().len();
         // A damaged header (the pack id), then a damaged footer magic (the trailer is found by walking
         // back from where the footer starts), each time every entry.
         for at in [19, len - 1] {
             flip(&path, at);
-            assert!(read_pack_trailer(&path).is_err());
-            assert_eq!(salvage_entries(&path).unwrap(), good.entries, "byte {at}");
+            assert!(read_stored_pack_trailer(store, &key).is_err());
+            assert_eq!(
+                salvage_entries(store, &key).unwrap(),
+                good.entries,
+                "byte {at}"
+            );
             flip(&path, at);
         }
         // An entry that does not decode is left out; the others are found.
@@ -1340,7 +1355,7 @@ mod tests {
             .unwrap();
         let mut expected = good.entries.clone();
         expected.remove(2);
-        assert_eq!(salvage_entries(&path).unwrap(), expected);
+        assert_eq!(salvage_entries(store, &key).unwrap(), expected);
         // A truncated pack has no trailer to find; nothing is made up.
         File::options()
             .write(true)
@@ -1348,7 +1363,7 @@ mod tests {
             .unwrap()
             .set_len(len / 2)
             .unwrap();
-        assert!(salvage_entries(&path).unwrap().is_empty());
+        assert!(salvage_entries(store, &key).unwrap().is_empty());
     }
 
     /// A pack whose footer is damaged drops out of a rebuilt index (its trailer cannot be trusted), so gc
@@ -1466,14 +1481,20 @@ mod tests {
     fn a_crafted_doomed_list_naming_live_packs_stops_the_sweep() {
         let dir = tempfile::tempdir().unwrap();
         let (repo, second) = pending(dir.path());
-        let paths = GcPaths::new(repo.path());
-        let state = load_state(&paths).unwrap().unwrap();
+        let state = load_state(&**repo.store()).unwrap().unwrap();
         let scratch = tempfile::tempdir().unwrap();
         let mut all = Sorter::<16>::new(scratch.path(), "all", true);
         for id in repo.list_packs().unwrap() {
             all.push(id.0).unwrap();
         }
-        write_list(&paths.doomed(), &state.cycle_id(), all.finish().unwrap()).unwrap();
+        write_list(
+            &**repo.store(),
+            GcPaths::DOOMED,
+            &scratch.path().join("list"),
+            &state.cycle_id(),
+            all.finish().unwrap(),
+        )
+        .unwrap();
         let packs = repo.list_packs().unwrap();
         let e = repo.gc(&GcOptions::default()).unwrap_err().to_string();
         assert!(
@@ -1506,8 +1527,8 @@ mod tests {
     fn a_crafted_state_cannot_make_gc_remove_other_files() {
         let dir = tempfile::tempdir().unwrap();
         let (repo, second) = pending(dir.path());
-        let paths = GcPaths::new(repo.path());
-        let original = load_state(&paths).unwrap().unwrap();
+        let paths = &**repo.store();
+        let original = load_state(paths).unwrap().unwrap();
         let manifest = crate::snapshot::snapshot_path(repo.path(), &second);
         let traversal = format!("../snapshots/{second}.snap");
         type Craft = fn(&mut CycleState, &str);
@@ -1526,19 +1547,19 @@ mod tests {
         for (expected, craft) in crafted {
             let mut state = original.clone();
             craft(&mut state, &traversal);
-            store_state(&paths, &state).unwrap();
+            store_state(paths, &state).unwrap();
             let e = repo.gc(&GcOptions::default()).unwrap_err().to_string();
             assert!(
                 e.contains("state.json") && e.contains(expected),
                 "{expected}: {e}"
             );
             assert!(manifest.exists());
-            let problems = state_problems(repo.path());
+            let problems = state_problems(&**repo.store());
             assert_eq!(problems.len(), 1, "{problems:?}");
             assert!(problems[0].error.contains(expected), "{problems:?}");
         }
-        store_state(&paths, &original).unwrap();
-        assert!(state_problems(repo.path()).is_empty());
+        store_state(paths, &original).unwrap();
+        assert!(state_problems(&**repo.store()).is_empty());
         let done = repo.gc(&GcOptions::default()).unwrap();
         assert!(done.earlier_cycle.is_some(), "{done:?}");
         assert_restores(&repo, &second, &[4, 5, 6, 7]);

@@ -5,18 +5,19 @@
 //! other through it.
 
 use std::collections::BTreeSet;
-use std::fs::File;
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use tracing::warn;
 
 use crate::error::{IoContext, RepoError, Result, read_exact_at};
-use crate::format::{durable_rename, hex, parse_hex, sync_dir};
-use crate::lock::{LockMode, open_lock_file};
-use crate::pack::{PackEntry, pack_path};
+use crate::format::{ObjectReader, hex, parse_hex};
+use crate::lock::LockMode;
+use crate::pack::{PackEntry, pack_key};
 use crate::sort::{RUN_BUFFER, Sorted};
+use crate::store::{Lease, Object, PutMode, Store};
 use crate::{Codec, DamagedFile, Digest, PackId};
 
 /// Where a gc moves the packs whose header, trailer or footer is damaged, once it has stored again what
@@ -251,44 +252,48 @@ pub(crate) fn list_header<const N: usize>(cycle: &CycleId) -> [u8; LIST_HEADER_S
     h
 }
 
+/// Writes the list `key` through the local file `tmp` (in the gc's scratch), published durably.
 pub(crate) fn write_list<const N: usize>(
-    dest: &Path,
+    store: &dyn Store,
+    key: &str,
+    tmp: &Path,
     cycle: &CycleId,
     mut records: Sorted<N>,
 ) -> Result<u64> {
-    let tmp = dest.with_extension("tmp");
-    let file = File::create(&tmp).ctx("create", &tmp)?;
+    let file = crate::format::create_scratch_file(tmp)?;
     let mut out = BufWriter::with_capacity(RUN_BUFFER, file);
     let mut hasher = blake3::Hasher::new();
     let header = list_header::<N>(cycle);
     hasher.update(&header);
-    out.write_all(&header).ctx("write", &tmp)?;
+    out.write_all(&header).ctx("write", tmp)?;
     let mut n = 0u64;
     while let Some(r) = records.next_record()? {
         hasher.update(&r);
-        out.write_all(&r).ctx("write", &tmp)?;
+        out.write_all(&r).ctx("write", tmp)?;
         n += 1;
     }
     hasher.update(&n.to_le_bytes());
-    out.write_all(&n.to_le_bytes()).ctx("write", &tmp)?;
+    out.write_all(&n.to_le_bytes()).ctx("write", tmp)?;
     out.write_all(hasher.finalize().as_bytes())
-        .ctx("write", &tmp)?;
+        .ctx("write", tmp)?;
     let file = out
         .into_inner()
-        .map_err(|e| RepoError::io("write", &tmp, e.into_error()))?;
-    file.sync_all().ctx("fsync", &tmp)?;
-    durable_rename(&tmp, dest)?;
+        .map_err(|e| RepoError::io("write", tmp, e.into_error()))?;
+    drop(file);
+    store.publish(tmp, key, PutMode::Replace)?;
     Ok(n)
 }
 
 /// Opens a list written by [`write_list`] of `N`-byte records and checks its header (of cycle `cycle`,
 /// when given) and length, not its checksum: the file and its record count.
 pub(crate) fn open_list<const N: usize>(
-    path: &Path,
+    store: &dyn Store,
+    key: &str,
     cycle: Option<&CycleId>,
-) -> Result<(File, u64)> {
-    let file = File::open(path).ctx("open", path)?;
-    let len = file.metadata().ctx("stat", path)?.len();
+) -> Result<(Arc<dyn Object>, u64)> {
+    let file = store.open(key)?;
+    let path = &store.display_key(key);
+    let len = file.len();
     let bad = |what: String| RepoError::corrupt(path, what);
     if len < (LIST_HEADER_SIZE + LIST_FOOTER_SIZE) as u64 {
         return Err(bad(format!(
@@ -344,16 +349,17 @@ pub(crate) fn open_list<const N: usize>(
 /// a consumer that acts only once the list is read to its end never acts on a damaged list.
 pub(crate) struct ListReader<const N: usize> {
     path: PathBuf,
-    reader: BufReader<File>,
+    reader: BufReader<ObjectReader>,
     hasher: blake3::Hasher,
     count: u64,
     remaining: u64,
 }
 
 impl<const N: usize> ListReader<N> {
-    pub(crate) fn open(path: &Path, cycle: &CycleId) -> Result<Self> {
-        let (file, count) = open_list::<N>(path, Some(cycle))?;
-        let mut reader = BufReader::with_capacity(RUN_BUFFER, file);
+    pub(crate) fn open(store: &dyn Store, key: &str, cycle: &CycleId) -> Result<Self> {
+        let (file, count) = open_list::<N>(store, key, Some(cycle))?;
+        let path = &store.display_key(key);
+        let mut reader = BufReader::with_capacity(RUN_BUFFER, ObjectReader::new(file, 0));
         let mut head = [0u8; LIST_HEADER_SIZE];
         reader.read_exact(&mut head).ctx("read", path)?;
         let mut hasher = blake3::Hasher::new();
@@ -495,32 +501,18 @@ pub(crate) fn valid_index_name(name: &str) -> bool {
     name.strip_suffix(".idx").is_some_and(crate::ids::valid_id)
 }
 
-pub(crate) struct GcPaths {
-    pub(crate) dir: PathBuf,
-}
+/// The keys of the gc's files.
+pub(crate) struct GcPaths;
 
 impl GcPaths {
-    pub(crate) fn new(root: &Path) -> GcPaths {
-        GcPaths {
-            dir: root.join("gc"),
-        }
-    }
-    pub(crate) fn state(&self) -> PathBuf {
-        self.dir.join("state.json")
-    }
+    pub(crate) const STATE: &str = "gc/state.json";
     /// Held by a running gc for its whole run (and by `verify` while it reads the state).
-    pub(crate) fn run_lock(&self) -> PathBuf {
-        self.dir.join("run.lock")
-    }
-    pub(crate) fn condemned(&self) -> PathBuf {
-        self.dir.join("condemned")
-    }
-    pub(crate) fn doomed(&self) -> PathBuf {
-        self.dir.join("doomed-packs")
-    }
-    pub(crate) fn forgotten(&self) -> PathBuf {
-        self.dir.join("forgotten")
-    }
+    pub(crate) const RUN_LOCK: &str = "gc/run.lock";
+    pub(crate) const FENCE: &str = "gc/fence";
+    pub(crate) const CONDEMNED: &str = "gc/condemned";
+    pub(crate) const DOOMED: &str = "gc/doomed-packs";
+    /// A prefix: `gc/forgotten/ID.snap`.
+    pub(crate) const FORGOTTEN: &str = "gc/forgotten/";
 }
 
 /// Largest `gc/state.json` read: the snapshot ids and orphans it lists are a few MiB in a huge repository;
@@ -529,22 +521,17 @@ pub(crate) const MAX_STATE_LEN: u64 = 256 << 20;
 
 /// Reads `gc/state.json`: `None` when no cycle is pending. A state that is damaged (checksum, JSON, names
 /// that are not what a gc writes), or of version 1, is an error naming the file.
-pub(crate) fn load_state(paths: &GcPaths) -> Result<Option<CycleState>> {
-    let path = paths.state();
-    let file = match File::open(&path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(RepoError::io("open", path, e)),
+pub(crate) fn load_state(store: &dyn Store) -> Result<Option<CycleState>> {
+    let path = store.display_key(GcPaths::STATE);
+    let Some(text) = crate::format::read_bounded(store, GcPaths::STATE, MAX_STATE_LEN)? else {
+        return Ok(None);
     };
-    let len = file.metadata().ctx("stat", &path)?.len();
-    if len > MAX_STATE_LEN {
+    if text.len() as u64 > MAX_STATE_LEN {
         return Err(RepoError::corrupt(
             &path,
-            format!("{len} bytes, more than a gc state can have"),
+            format!("more than the {MAX_STATE_LEN} bytes a gc state can have"),
         ));
     }
-    let mut text = Vec::new();
-    (&file).read_to_end(&mut text).ctx("read", &path)?;
     let bad = |what: String| RepoError::corrupt(&path, what);
     if text.first() == Some(&b'{') {
         return Err(RepoError::UnsupportedVersion {
@@ -593,9 +580,7 @@ pub(crate) fn load_state(paths: &GcPaths) -> Result<Option<CycleState>> {
     Ok(Some(state))
 }
 
-pub(crate) fn store_state(paths: &GcPaths, state: &CycleState) -> Result<()> {
-    let path = paths.state();
-    let tmp = paths.dir.join("state.json.tmp");
+pub(crate) fn store_state(store: &dyn Store, state: &CycleState) -> Result<()> {
     let json = serde_json::to_vec_pretty(state).expect("the state serialises");
     let mut text = format!(
         "{STATE_HEADER} {STATE_VERSION} {}\n",
@@ -603,7 +588,7 @@ pub(crate) fn store_state(paths: &GcPaths, state: &CycleState) -> Result<()> {
     )
     .into_bytes();
     text.extend_from_slice(&json);
-    crate::format::write_durably(&tmp, &path, &text)
+    store.put(GcPaths::STATE, &text, PutMode::Replace)
 }
 
 /// The repair for gc state that cannot be trusted, for error messages and `verify`.
@@ -624,15 +609,15 @@ pub(crate) fn stopped(root: &Path, e: RepoError) -> RepoError {
 }
 
 /// Whether a gc cycle is under way (its chunks condemned, their packs not yet deleted).
-pub(crate) fn cycle_pending(root: &Path) -> bool {
-    GcPaths::new(root).state().exists()
+pub(crate) fn cycle_pending(store: &dyn Store) -> Result<bool> {
+    store.exists(GcPaths::STATE)
 }
 
 /// Problems with the gc state files, for `verify` (`side_files`): each names the file, what is wrong and the
 /// repair. A damaged state stops garbage collection only; restores and backups go on (a restore that needs a
 /// chunk the pending cycle condemned ignores a damaged `gc/condemned`, with a warning).
-pub(crate) fn state_problems(root: &Path) -> Vec<DamagedFile> {
-    let paths = GcPaths::new(root);
+pub(crate) fn state_problems(store: &dyn Store) -> Vec<DamagedFile> {
+    let root = &store.display_key("");
     let problem = |path: PathBuf, e: RepoError| DamagedFile {
         path: path.display().to_string(),
         error: format!(
@@ -642,18 +627,15 @@ pub(crate) fn state_problems(root: &Path) -> Vec<DamagedFile> {
     };
     // A gc that runs moves its cycle on (and removes the lists, then the state) and checks both itself
     // before it acts: only the state of a gc that does not run is read, holding its run lock meanwhile.
-    let Ok(run_lock) = open_lock_file(&paths.run_lock()) else {
+    let Ok(_run_lock) = store.lock(GcPaths::RUN_LOCK, LockMode::Exclusive, "a gc runs") else {
         return Vec::new();
     };
-    if run_lock.try_lock().is_err() {
-        return Vec::new();
-    }
-    let state = match load_state(&paths) {
+    let state = match load_state(store) {
         Ok(Some(state)) => state,
         Ok(None) => return Vec::new(),
-        Err(e) => return vec![problem(paths.state(), e)],
+        Err(e) => return vec![problem(store.display_key(GcPaths::STATE), e)],
     };
-    check_lists(&paths, &state)
+    check_lists(store, &state)
         .err()
         .map(|(path, e)| problem(path, e))
         .into_iter()
@@ -666,55 +648,42 @@ pub(crate) const RUN_LOCK_WAIT: std::time::Duration = std::time::Duration::from_
 /// Reads the pending cycle's lists to their ends: whole (checksums), of this cycle, and present while the
 /// cycle needs them (a kill after the sweep removed them leaves the state alone, which is fine).
 pub(crate) fn check_lists(
-    paths: &GcPaths,
+    store: &dyn Store,
     state: &CycleState,
 ) -> std::result::Result<(), (PathBuf, RepoError)> {
     let cycle = state.cycle_id();
     let needed = state.phase == Phase::Condemned;
-    let check = |path: PathBuf, read: &dyn Fn(&Path) -> Result<u64>| {
-        if !needed && !path.exists() {
+    let check = |key: &str, read: &dyn Fn(&str) -> Result<u64>| {
+        let path = store.display_key(key);
+        if !needed && !store.exists(key).map_err(|e| (path.clone(), e))? {
             return Ok(());
         }
-        read(&path).map(|_| ()).map_err(|e| (path, e))
+        read(key).map(|_| ()).map_err(|e| (path, e))
     };
-    check(paths.condemned(), &|p| {
-        ListReader::<LOCATED_SIZE>::open(p, &cycle)?.check_whole()
+    check(GcPaths::CONDEMNED, &|k| {
+        ListReader::<LOCATED_SIZE>::open(store, k, &cycle)?.check_whole()
     })?;
-    check(paths.doomed(), &|p| {
-        ListReader::<16>::open(p, &cycle)?.check_whole()
+    check(GcPaths::DOOMED, &|k| {
+        ListReader::<16>::open(store, k, &cycle)?.check_whole()
     })
 }
 
 /// The fence between `forget` (shared) and a gc changing its cycle (exclusive): while a cycle is pending, a
 /// forgotten manifest is moved to `gc/forgotten/` instead of deleted, so the end of the cycle still sees what
-/// it referenced. Blocking: both sides hold it briefly.
-pub(crate) fn fence(root: &Path, mode: LockMode) -> Result<File> {
-    let dir = root.join("gc");
-    std::fs::create_dir_all(&dir).ctx("create directory", &dir)?;
-    let path = dir.join("fence");
-    let f = open_lock_file(&path)?;
-    match mode {
-        LockMode::Shared => f.lock_shared(),
-        LockMode::Exclusive => f.lock(),
-    }
-    .ctx("lock", &path)?;
-    Ok(f)
+/// it referenced. Waits: both sides hold it briefly.
+pub(crate) fn fence(store: &dyn Store, mode: LockMode) -> Result<Box<dyn Lease>> {
+    crate::lock::lock_waiting(store, GcPaths::FENCE, mode)
 }
 
-/// Removes manifest `path` (of snapshot `id`) for `forget`, keeping it for the pending gc cycle if there is
+/// Removes the manifest of snapshot `id` for `forget`, keeping it for the pending gc cycle if there is
 /// one. The caller holds the fence shared.
-pub(crate) fn remove_manifest(root: &Path, id: &str, path: &Path) -> Result<()> {
-    let paths = GcPaths::new(root);
-    if paths.state().exists() {
-        let dir = paths.forgotten();
-        std::fs::create_dir_all(&dir).ctx("create directory", &dir)?;
-        let dest = dir.join(format!("{id}.snap"));
-        std::fs::rename(path, &dest).map_err(|e| RepoError::io("move snapshot", path, e))?;
-        sync_dir(&dir)?;
+pub(crate) fn remove_manifest(store: &dyn Store, id: &str) -> Result<()> {
+    let key = crate::snapshot::snapshot_key(id);
+    if cycle_pending(store)? {
+        store.rename(&key, &format!("{}{id}.snap", GcPaths::FORGOTTEN))
     } else {
-        std::fs::remove_file(path).map_err(|e| RepoError::io("remove snapshot", path, e))?;
+        store.delete(&key)
     }
-    Ok(())
 }
 
 /// Where a condemned chunk still is, while its cycle is pending: restores of snapshots committed by backups
@@ -724,9 +693,12 @@ pub(crate) fn remove_manifest(root: &Path, id: &str, path: &Path) -> Result<()> 
 /// restore goes on, and only a chunk that is nowhere else is then missing. Its checksum is not checked here
 /// (that would read the whole list for each miss): whatever is read from a location it gives is checked
 /// against the digest like every read.
-pub(crate) fn find_condemned(root: &Path, digest: &Digest) -> Result<Option<crate::ChunkLocation>> {
+pub(crate) fn find_condemned(
+    store: &dyn Store,
+    digest: &Digest,
+) -> Result<Option<crate::ChunkLocation>> {
     static WARNED: AtomicBool = AtomicBool::new(false);
-    let path = GcPaths::new(root).condemned();
+    let path = store.display_key(GcPaths::CONDEMNED);
     let ignore = |e: RepoError| {
         if !WARNED.swap(true, Ordering::Relaxed) {
             warn!(file = %path.display(), error = %e,
@@ -735,7 +707,7 @@ pub(crate) fn find_condemned(root: &Path, digest: &Digest) -> Result<Option<crat
         }
         Ok(None)
     };
-    let (file, count) = match open_list::<LOCATED_SIZE>(&path, None) {
+    let (file, count) = match open_list::<LOCATED_SIZE>(store, GcPaths::CONDEMNED, None) {
         Ok(opened) => opened,
         Err(RepoError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
             return Ok(None);
@@ -768,78 +740,34 @@ pub(crate) fn find_condemned(root: &Path, digest: &Digest) -> Result<Option<crat
 }
 
 /// `quarantine/packs/XX/ID.pack`: where a damaged pack is moved.
+pub(crate) fn quarantine_key(id: &PackId) -> String {
+    format!("{QUARANTINE_DIR}/{}", pack_key(id))
+}
+
+/// The quarantined pack of a local repository, for tests.
+#[cfg(test)]
 pub(crate) fn quarantine_path(root: &Path, id: &PackId) -> PathBuf {
-    pack_path(&root.join(QUARANTINE_DIR), id)
+    root.join(quarantine_key(id))
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// Registered users: every open repository handle.
+// Registered users: every open repository handle (`Store::register` under `users/`).
 
-/// An open repository handle's entry in `users/`, flocked for its lifetime: a gc lists these after taking
-/// chunks out of the index, and deletes them only once every handle listed then is gone (closed, or its
-/// process dead, which frees the lock).
-#[derive(Debug)]
-pub(crate) struct UserEntry {
-    pub name: String,
-    path: PathBuf,
-    _file: File,
-}
+/// Where handles register.
+pub(crate) const USERS: &str = "users/";
 
-impl UserEntry {
-    /// Registers a handle; `None` where the repository cannot be written (a read-only mount): such a
-    /// handle only reads, and a gc cannot run there either.
-    pub(crate) fn register(root: &Path) -> Option<UserEntry> {
-        let dir = root.join("users");
-        let _ = std::fs::create_dir(&dir);
-        let name = format!("{}-{}", std::process::id(), hex(&rand::random::<[u8; 6]>()));
-        let path = dir.join(&name);
-        let file = File::create(&path).ok()?;
-        file.try_lock().ok()?;
-        Some(UserEntry {
-            name,
-            path,
-            _file: file,
-        })
-    }
-}
-
-impl Drop for UserEntry {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
-    }
-}
-
-/// The registered handles that are alive, other than `own`; removes the entries of dead processes.
+/// The registered handles that are alive, other than `own` (and, when `among` is given, only those in it).
+/// A registration that is not live (its process died, or its lease ran out) counts as gone.
 pub(crate) fn live_users(
-    root: &Path,
+    store: &dyn Store,
     own: Option<&str>,
     among: Option<&[String]>,
 ) -> Result<Vec<String>> {
-    let dir = root.join("users");
-    let mut out = Vec::new();
-    let entries = match std::fs::read_dir(&dir) {
-        Ok(e) => e,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
-        Err(e) => return Err(RepoError::io("list", dir, e)),
-    };
-    for entry in entries {
-        let entry = entry.ctx("list", &dir)?;
-        let Some(name) = entry.file_name().to_str().map(str::to_owned) else {
-            continue;
-        };
-        if Some(name.as_str()) == own || among.is_some_and(|l| !l.contains(&name)) {
-            continue;
-        }
-        let Ok(f) = File::open(entry.path()) else {
-            continue;
-        };
-        if f.try_lock().is_ok() {
-            // Its process died without removing it.
-            let _ = std::fs::remove_file(entry.path());
-            continue;
-        }
-        out.push(name);
-    }
+    let mut out: Vec<String> = store
+        .live(USERS)?
+        .into_iter()
+        .filter(|name| Some(name.as_str()) != own && among.is_none_or(|l| l.contains(name)))
+        .collect();
     out.sort();
     Ok(out)
 }

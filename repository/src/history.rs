@@ -2,7 +2,7 @@
 //!
 //! Records are opaque to the repository (the job runner writes them, `backflow sessions` reads
 //! them) and kept beside the snapshots, so that the history travels with the data it describes.
-//! Each is written once, under a temporary name, fsynced and renamed, like every other file. The
+//! Each is written whole and durably ([`crate::store::Store::put`]), like every other file. The
 //! directory is optional: a repository without it has no history yet.
 //!
 //! A file holds `{"checksum":"HEX","record":RECORD}`, the checksum being the BLAKE3 of the record's
@@ -11,12 +11,13 @@
 //! record that cannot be read, or whose checksum fails, is a side file's damage: listings skip it
 //! with a warning and `verify` reports it; nothing else depends on it.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use crate::error::{IoContext, Result};
+use crate::error::Result;
 use crate::repository::Repository;
+use crate::store::{PutMode, Store};
 
-const DIR: &str = "sessions";
+const DIR: &str = "sessions/";
 
 impl Repository {
     /// A fresh session id, `YYYYMMDDTHHMMSSZ-xxxxxx` like snapshot ids: sorts by time.
@@ -26,16 +27,16 @@ impl Repository {
 
     /// Stores the record of session `id` (durably; an existing record of that id is replaced).
     pub fn record_session(&self, id: &str, record: &serde_json::Value) -> Result<()> {
-        let dir = self.path().join(DIR);
-        std::fs::create_dir_all(&dir).ctx("create", &dir)?;
-        let dest = dir.join(format!("{id}.json"));
-        let tmp = dir.join(format!(".{id}.json.tmp"));
         let body = serde_json::to_string_pretty(record).expect("a JSON value serialises");
         let text = format!(
             "{{\"checksum\":\"{}\",\"record\":{body}}}\n",
             blake3::hash(body.as_bytes()).to_hex()
         );
-        crate::format::write_durably(&tmp, &dest, text.as_bytes())
+        self.store().put(
+            &format!("{DIR}{id}.json"),
+            text.as_bytes(),
+            PutMode::Replace,
+        )
     }
 
     /// Every session record, oldest first. A record that cannot be read is skipped with a
@@ -79,26 +80,19 @@ impl Repository {
             std::result::Result<serde_json::Value, String>,
         )>,
     > {
-        let dir = self.path().join(DIR);
-        let entries = match std::fs::read_dir(&dir) {
-            Ok(entries) => entries,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => return Err(e).ctx("list", &dir),
-        };
+        let store = &**self.store();
         let mut out = Vec::new();
-        for entry in entries {
-            let path = entry.ctx("list", &dir)?.path();
-            let Some(id) = path
-                .file_name()
-                .and_then(|n| n.to_str())
-                .and_then(|n| n.strip_suffix(".json"))
+        for name in store.list_names(DIR)? {
+            let Some(id) = name
+                .strip_suffix(".json")
                 .filter(|id| crate::ids::valid_id(id))
                 .map(str::to_owned)
             else {
                 continue;
             };
-            let read = read_record(&path);
-            out.push((id, path, read));
+            let key = format!("{DIR}{name}");
+            let read = read_record(store, &key);
+            out.push((id, store.display_key(&key), read));
         }
         Ok(out)
     }
@@ -116,14 +110,10 @@ struct Wrapped {
     record: Box<serde_json::value::RawValue>,
 }
 
-fn read_record(path: &Path) -> std::result::Result<serde_json::Value, String> {
-    let file = std::fs::File::open(path).map_err(|e| e.to_string())?;
-    let mut bytes = Vec::new();
-    std::io::Read::read_to_end(
-        &mut std::io::Read::take(file, MAX_RECORD_LEN + 1),
-        &mut bytes,
-    )
-    .map_err(|e| e.to_string())?;
+fn read_record(store: &dyn Store, key: &str) -> std::result::Result<serde_json::Value, String> {
+    let bytes = crate::format::read_bounded(store, key, MAX_RECORD_LEN)
+        .map_err(|e| e.to_string())?
+        .ok_or_else(|| "removed while it was read".to_owned())?;
     if bytes.len() as u64 > MAX_RECORD_LEN {
         return Err(format!("larger than {MAX_RECORD_LEN} bytes"));
     }

@@ -6,12 +6,14 @@
 use std::fs::File;
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use crate::config::{MAX_CHUNK_SIZE, MAX_STORED_LEN};
 use crate::error::{IoContext, RepoError, Result, read_exact_at};
 use crate::format::{CHECKSUM_SIZE, FORMAT_VERSION, FieldReader, FieldWriter, HashingWriter};
 use crate::pack::PackEntry;
 use crate::sort::{RUN_BUFFER, Sorter};
+use crate::store::{Object, Store};
 use crate::{ChunkLocation, Codec, Digest, PackId};
 
 pub(crate) const INDEX_MAGIC: [u8; 8] = *b"BFLWIDX\0";
@@ -186,7 +188,7 @@ fn decode_fanout(b: &[u8; FANOUT_SIZE], record_count: u64, path: &Path) -> Resul
 #[derive(Debug)]
 pub(crate) struct IndexFile {
     pub path: PathBuf,
-    file: File,
+    file: Arc<dyn Object>,
     pack_count: u32,
     packs_offset: u64,
     records_offset: u64,
@@ -194,9 +196,18 @@ pub(crate) struct IndexFile {
 }
 
 impl IndexFile {
-    pub(crate) fn open(path: &Path) -> Result<IndexFile> {
-        let file = File::open(path).ctx("open index", path)?;
-        let len = file.metadata().ctx("stat", path)?.len();
+    /// Opens the index file `key` of the repository.
+    pub(crate) fn open(store: &dyn Store, key: &str) -> Result<IndexFile> {
+        IndexFile::over(store.open(key)?, &store.display_key(key))
+    }
+
+    /// Opens a local index file (a recovery index in scratch).
+    pub(crate) fn open_local(path: &Path) -> Result<IndexFile> {
+        IndexFile::over(crate::store::fs::open_local(path)?, path)
+    }
+
+    fn over(file: Arc<dyn Object>, path: &Path) -> Result<IndexFile> {
+        let len = file.len();
         let mut hb = [0u8; INDEX_HEADER_SIZE];
         read_exact_at(&file, &mut hb, 0, path, "index header")?;
         let header = IndexHeader::decode(&hb, path)?;
@@ -327,14 +338,12 @@ impl IndexFile {
 
     /// A stream over this open file (which stays readable after a gc removed its name).
     pub(crate) fn stream(&self) -> Result<IndexStream> {
-        let file = self.file.try_clone().ctx("open index", &self.path)?;
-        IndexStream::over(file, &self.path, |_| Ok(()))
+        IndexStream::over(self.file.clone(), &self.path, |_| Ok(()))
     }
 
     /// Reads the whole file through BLAKE3 and compares the trailing checksum.
     pub(crate) fn check_checksum(&self) -> Result<()> {
-        let len = self.file.metadata().ctx("stat", &self.path)?.len();
-        crate::format::check_trailing_checksum(&self.file, len, &self.path)
+        crate::format::check_trailing_checksum(&self.file, self.file.len(), &self.path)
     }
 
     /// The pack table, read at once (16 bytes per pack).
@@ -363,7 +372,7 @@ impl IndexFile {
     /// A sequential reader of the records from record `first` on.
     pub(crate) fn reader_at(&self, first: u64) -> Result<PosReader> {
         Ok(PosReader {
-            file: self.file.try_clone().ctx("open index", &self.path)?,
+            file: self.file.clone(),
             pos: self.records_offset + first * INDEX_RECORD_SIZE as u64,
         })
     }
@@ -396,7 +405,7 @@ impl IndexFile {
 /// each record and its pack id. Memory: a read buffer and at most [`STREAM_PACK_TABLE_IN_MEMORY`] pack ids.
 #[cfg(test)]
 pub(crate) fn scan_index(path: &Path, mut f: impl FnMut(&IndexRecord, PackId)) -> Result<u64> {
-    let mut stream = IndexStream::open(path, |_| Ok(()))?;
+    let mut stream = IndexStream::over(crate::store::fs::open_local(path)?, path, |_| Ok(()))?;
     while let Some((rec, pack)) = stream.next_record()? {
         f(&rec, pack);
     }
@@ -406,13 +415,13 @@ pub(crate) fn scan_index(path: &Path, mut f: impl FnMut(&IndexRecord, PackId)) -
 /// Sequential reads through `pread`: streams over a descriptor that lookups share never move its offset.
 #[derive(Debug)]
 pub(crate) struct PosReader {
-    file: File,
+    file: Arc<dyn Object>,
     pos: u64,
 }
 
 impl Read for PosReader {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let n = std::os::unix::fs::FileExt::read_at(&self.file, buf, self.pos)?;
+        let n = self.file.read_at(buf, self.pos)?;
         self.pos += n as u64;
         Ok(n)
     }
@@ -436,7 +445,7 @@ pub(crate) struct IndexStream {
     pack_count: u32,
     packs: Vec<PackId>,
     /// The file again, for pack ids read by position when the table is large.
-    table: File,
+    table: Arc<dyn Object>,
     packs_offset: u64,
     prev: Option<Digest>,
 }
@@ -444,21 +453,21 @@ pub(crate) struct IndexStream {
 impl IndexStream {
     /// Opens `path` and reads its header, pack table (each id goes to `on_pack` as it is read) and fanout.
     pub(crate) fn open(
-        path: &Path,
+        store: &dyn Store,
+        key: &str,
         on_pack: impl FnMut(PackId) -> Result<()>,
     ) -> Result<IndexStream> {
-        let file = File::open(path).ctx("open index", path)?;
-        IndexStream::over(file, path, on_pack)
+        IndexStream::over(store.open(key)?, &store.display_key(key), on_pack)
     }
 
     /// [`IndexStream::open`] on a descriptor already open (`path` names it in errors).
     fn over(
-        file: File,
+        file: Arc<dyn Object>,
         path: &Path,
         mut on_pack: impl FnMut(PackId) -> Result<()>,
     ) -> Result<IndexStream> {
-        let table = file.try_clone().ctx("open index", path)?;
-        let len = file.metadata().ctx("stat", path)?.len();
+        let table = file.clone();
+        let len = file.len();
         let mut reader = BufReader::with_capacity(RUN_BUFFER, PosReader { file, pos: 0 });
         let mut hasher = blake3::Hasher::new();
         let mut read = |buf: &mut [u8], what: &str, hasher: &mut blake3::Hasher| -> Result<()> {
@@ -718,7 +727,7 @@ mod tests {
     fn every_entry_is_found_with_and_without_spilling() {
         for spill in [usize::MAX, 1000, 256] {
             let (_dir, path, packs) = build(spill);
-            let idx = IndexFile::open(&path).unwrap();
+            let idx = IndexFile::open_local(&path).unwrap();
             for (id, es) in &packs {
                 for e in es {
                     let loc = idx.lookup(&e.digest).unwrap().unwrap();
@@ -746,7 +755,7 @@ mod tests {
         for cut in [0, 10, 31, 32, 100, good.len() / 2, good.len() - 1] {
             std::fs::write(&path, &good[..cut]).unwrap();
             assert!(
-                matches!(IndexFile::open(&path), Err(RepoError::Corrupt { .. })),
+                matches!(IndexFile::open_local(&path), Err(RepoError::Corrupt { .. })),
                 "cut {cut}"
             );
             assert!(scan_index(&path, |_, _| {}).is_err());
@@ -764,7 +773,7 @@ mod tests {
                 scan_index(&path, |_, _| {}).is_err(),
                 "flip at {pos} not detected"
             );
-            if let Ok(idx) = IndexFile::open(&path) {
+            if let Ok(idx) = IndexFile::open_local(&path) {
                 let _ = idx.lookup(&probe);
             }
         }

@@ -1,46 +1,38 @@
-//! The repository's locks: `lock` (shared by backups, exclusive for gc and index rebuild) and the files
-//! other modules `flock` for their own purposes. A leaf: every module that locks uses it, it uses none.
+//! The repository's locks: `lock` (shared by backups, exclusive for gc and index rebuild) and the locks
+//! other modules take for their own purposes, all through [`Store::lock`]. A leaf: every module that locks
+//! uses it, it uses none.
 
-use std::fs::File;
-use std::path::Path;
+use std::time::Duration;
 
-use crate::error::{IoContext, RepoError, Result};
+use crate::error::{RepoError, Result};
+pub(crate) use crate::store::LockMode;
+use crate::store::{Lease, Store};
 
-/// How [`lock_repository`] takes the repository's `lock` file.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum LockMode {
-    /// Backups: any number at once.
-    Shared,
-    /// gc and index rebuild: alone.
-    Exclusive,
-}
+/// How often [`lock_waiting`] tries again: the locks it waits for are held for a read and a small write.
+const LOCK_POLL: Duration = Duration::from_millis(10);
 
 /// Takes the repository lock without waiting: a conflict is a retryable [`RepoError::Locked`] whose
-/// detail says who holds it (`held_by`). The lock lasts as long as the returned file is open.
-pub(crate) fn lock_repository(root: &Path, mode: LockMode, held_by: &str) -> Result<File> {
-    let lock_path = root.join("lock");
-    let lock = open_lock_file(&lock_path)?;
-    let taken = match mode {
-        LockMode::Shared => lock.try_lock_shared(),
-        LockMode::Exclusive => lock.try_lock(),
-    };
-    match taken {
-        Ok(()) => Ok(lock),
-        Err(std::fs::TryLockError::WouldBlock) => Err(RepoError::Locked {
-            path: root.to_path_buf(),
-            detail: held_by.into(),
-        }),
-        Err(std::fs::TryLockError::Error(e)) => Err(RepoError::io("lock", lock_path, e)),
-    }
+/// detail says who holds it (`held_by`). The lock lasts as long as the returned lease lives.
+pub(crate) fn lock_repository(
+    store: &dyn Store,
+    mode: LockMode,
+    held_by: &str,
+) -> Result<Box<dyn Lease>> {
+    store.lock("lock", mode, held_by)
 }
 
-/// Opens (creating it if needed) a file used only for its `flock`.
-pub(crate) fn open_lock_file(path: &Path) -> Result<File> {
-    File::options()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(path)
-        .ctx("open", path)
+/// Takes a lock that others hold only briefly (`gc/fence`, `damaged.lock`), waiting for it: waiting is
+/// shorter than failing and retrying. A holder that died frees it (fs: the kernel drops the `flock`; S3: the
+/// lease runs out).
+pub(crate) fn lock_waiting(
+    store: &dyn Store,
+    name: &str,
+    mode: LockMode,
+) -> Result<Box<dyn Lease>> {
+    loop {
+        match store.lock(name, mode, "held briefly by another process") {
+            Err(RepoError::Locked { .. }) => std::thread::sleep(LOCK_POLL),
+            r => return r,
+        }
+    }
 }

@@ -4,14 +4,15 @@
 //! time against the field lists of the encoders.
 
 use std::cell::RefCell;
-use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use tracing::debug;
 
 use crate::config::{MAX_CHUNK_SIZE, MAX_STORED_LEN};
-use crate::error::{IoContext, RepoError, Result, read_exact_at};
+use crate::error::{RepoError, Result, read_exact_at};
 use crate::format::{FORMAT_VERSION, FieldReader, FieldWriter};
+use crate::store::{Object, Store};
 use crate::{Codec, Digest, PackId};
 
 pub(crate) const PACK_MAGIC: [u8; 8] = *b"BFLWPACK";
@@ -131,8 +132,12 @@ pub(crate) struct PackFooter {
 }
 
 /// Reads and checks the header and footer of an open pack (two small reads).
-pub(crate) fn read_frame(file: &File, path: &Path, expected: Option<PackId>) -> Result<PackFooter> {
-    let len = file.metadata().ctx("stat", path)?.len();
+pub(crate) fn read_frame(
+    file: &dyn Object,
+    path: &Path,
+    expected: Option<PackId>,
+) -> Result<PackFooter> {
+    let len = file.len();
     let min = (PACK_HEADER_SIZE + PACK_FOOTER_SIZE) as u64;
     if len < min {
         return Err(RepoError::corrupt(
@@ -225,13 +230,21 @@ pub struct PackTrailer {
 /// Reads a pack's trailer and checks its checksum: the pack's table of contents, from the pack alone. This is
 /// what [`crate::Repository::rebuild_index`] and `verify` use. Memory is proportional to the pack's entry
 /// count (56 bytes per blob), never to its data.
+pub fn read_stored_pack_trailer(store: &dyn Store, key: &str) -> Result<PackTrailer> {
+    trailer_of(&*store.open(key)?, &store.display_key(key))
+}
+
+/// [`read_stored_pack_trailer`] of a pack file on a local file system (a copy, or a local repository's).
 pub fn read_pack_trailer(path: &Path) -> Result<PackTrailer> {
-    let file = File::open(path).ctx("open pack", path)?;
+    trailer_of(&*crate::store::fs::open_local(path)?, path)
+}
+
+fn trailer_of(file: &dyn Object, path: &Path) -> Result<PackTrailer> {
     let expected = path
         .file_stem()
         .and_then(|s| s.to_str())
         .and_then(|s| s.parse().ok());
-    let footer = read_frame(&file, path, expected)?;
+    let footer = read_frame(file, path, expected)?;
     let id = PackId(footer.header[16..32].try_into().expect("16 bytes"));
     let len = footer.entry_count as usize * PACK_ENTRY_SIZE;
     let mut trailer = vec![0u8; len];
@@ -264,17 +277,21 @@ pub fn read_pack_trailer(path: &Path) -> Result<PackTrailer> {
 }
 
 /// `packs/XX/ID.pack`, XX being the first two hex digits: 256 directories keep each one small.
-pub(crate) fn pack_path(repo: &Path, id: &PackId) -> PathBuf {
+pub(crate) fn pack_key(id: &PackId) -> String {
     let hex = id.to_hex();
-    repo.join("packs")
-        .join(&hex[..2])
-        .join(format!("{hex}.pack"))
+    format!("packs/{}/{hex}.pack", &hex[..2])
+}
+
+/// The file of a pack in a local repository, for tests that damage it.
+#[cfg(test)]
+pub(crate) fn pack_path(repo: &Path, id: &PackId) -> PathBuf {
+    repo.join(pack_key(id))
 }
 
 /// An open pack file, checked once on open, kept in the repository's small cache for reads.
 #[derive(Debug)]
 pub(crate) struct PackHandle {
-    pub file: File,
+    pub file: Arc<dyn Object>,
     pub path: PathBuf,
     /// Where blobs end: the trailer's offset, or where the footer begins when the frame is damaged.
     pub data_end: u64,
@@ -286,13 +303,14 @@ impl PackHandle {
     /// safe because every blob read is checked against its digest before its bytes are used, and it keeps
     /// a flipped byte in a 32-byte header from making every chunk of a 32 MiB pack unreadable. A pack that
     /// cannot be opened, or that is too short to hold a header and a footer, is still an error.
-    pub(crate) fn open(repo: &Path, id: PackId) -> Result<PackHandle> {
-        let path = pack_path(repo, &id);
-        let file = File::open(&path).ctx("open pack", &path)?;
-        let data_end = match read_frame(&file, &path, Some(id)) {
+    pub(crate) fn open(store: &dyn Store, id: PackId) -> Result<PackHandle> {
+        let key = pack_key(&id);
+        let path = store.display_key(&key);
+        let file = store.open(&key)?;
+        let data_end = match read_frame(&*file, &path, Some(id)) {
             Ok(footer) => footer.trailer_offset,
             Err(e @ RepoError::Corrupt { .. }) | Err(e @ RepoError::UnsupportedVersion { .. }) => {
-                let len = file.metadata().ctx("stat", &path)?.len();
+                let len = file.len();
                 if len < (PACK_HEADER_SIZE + PACK_FOOTER_SIZE) as u64 {
                     return Err(e);
                 }
@@ -392,9 +410,10 @@ pub(crate) fn encode_header(id: PackId) -> [u8; PACK_HEADER_SIZE] {
 /// as the entries chain (each blob ends where the next begins) and decode; the scan stops at the blob at
 /// offset 32. Entries that do not decode (unknown codec, out of bounds) are skipped. Memory is proportional
 /// to the entry count the file can hold (56 bytes per blob). Only a pack that cannot be opened is an error.
-pub(crate) fn salvage_entries(path: &Path) -> Result<Vec<PackEntry>> {
-    let file = File::open(path).ctx("open pack", path)?;
-    let len = file.metadata().ctx("stat", path)?.len();
+pub(crate) fn salvage_entries(store: &dyn Store, key: &str) -> Result<Vec<PackEntry>> {
+    let file = store.open(key)?;
+    let path = &store.display_key(key);
+    let len = file.len();
     let min = (PACK_HEADER_SIZE + PACK_FOOTER_SIZE) as u64;
     if len < min {
         return Ok(Vec::new());

@@ -50,7 +50,7 @@ impl Repository {
     ) -> Result<ParentCheck> {
         self.refresh()?;
         let marks = self.damage_marks()?;
-        let (scratch, _lock) = crate::scratch::create(self.path(), || {
+        let (scratch, _lock) = crate::scratch::create(self.store().scratch_root(), || {
             format!("check-{}", crate::format::hex(&rand::random::<[u8; 6]>()))
         })?;
         let result = (|| {
@@ -76,7 +76,9 @@ impl Repository {
                 let mut healthy = |digest: &Digest, loc: &ChunkLocation| {
                     !marks.contains(digest, loc)
                         && *packs.entry(loc.pack).or_insert_with(|| {
-                            crate::pack::pack_path(self.path(), &loc.pack).exists()
+                            self.store()
+                                .exists(&crate::pack::pack_key(&loc.pack))
+                                .unwrap_or(false)
                         })
                 };
                 let name = if i % 2 == 0 { "left-a" } else { "left-b" };

@@ -23,12 +23,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use tracing::{debug, warn};
 
-use crate::error::{IoContext, RepoError, Result};
+use crate::error::Result;
 use crate::format::hex;
 use crate::index::{IndexBuilder, IndexFile};
-use crate::pack::{pack_path, read_pack_trailer};
+use crate::pack::{pack_key, read_stored_pack_trailer};
 use crate::repository::Repository;
 use crate::sort::{Sorted, Sorter};
+use crate::store::Store;
 use crate::{ChunkLocation, Digest, PackId};
 
 /// The recovery index of one repository handle, built on its first need.
@@ -76,9 +77,9 @@ impl Recovery {
 
     /// Builds the recovery index of `repo`; see the module's docs.
     pub(crate) fn build(repo: &Repository) -> Result<Recovery> {
-        let root = repo.path();
+        let store = &**repo.store();
         let damaged_index = repo.check_index_checksums()?;
-        let (dir, lock) = crate::scratch::create(root, || {
+        let (dir, lock) = crate::scratch::create(store.scratch_root(), || {
             format!("recovery-{}", hex(&rand::random::<[u8; 6]>()))
         })?;
         let mut recovery = Recovery {
@@ -95,16 +96,17 @@ impl Recovery {
             }
         }
         let mut builder = IndexBuilder::new(dir.clone());
-        for id in unindexed_packs(root, named.finish()?)? {
-            let path = pack_path(root, &id);
-            match read_pack_trailer(&path) {
+        for id in unindexed_packs(store, named.finish()?)? {
+            let key = pack_key(&id);
+            match read_stored_pack_trailer(store, &key) {
                 Ok(trailer) => {
                     builder.add_pack(id, &trailer.entries)?;
                     recovery.packs.push(id);
                 }
                 // Removed meanwhile (a gc's sweep), or damaged: nothing to find there.
                 Err(e) => {
-                    debug!(pack = %path.display(), error = %e, "Pack left out of the recovery index.")
+                    debug!(pack = %store.display_key(&key).display(), error = %e,
+                           "Pack left out of the recovery index.")
                 }
             }
         }
@@ -117,7 +119,7 @@ impl Recovery {
         } else {
             let path = dir.join("recovery.idx");
             builder.write(&path)?;
-            recovery.index = Some(IndexFile::open(&path)?);
+            recovery.index = Some(IndexFile::open_local(&path)?);
         }
         if !recovery.damaged_index.is_empty() || !recovery.packs.is_empty() {
             warn!(
@@ -132,32 +134,16 @@ impl Recovery {
 
 /// The packs in `packs/` that `named` (sorted pack ids) does not hold, sorted. One directory of the 256 is
 /// listed at a time, so memory holds one directory's names and the result.
-pub(crate) fn unindexed_packs(
-    root: &std::path::Path,
-    mut named: Sorted<16>,
-) -> Result<Vec<PackId>> {
+pub(crate) fn unindexed_packs(store: &dyn Store, mut named: Sorted<16>) -> Result<Vec<PackId>> {
     let mut out = Vec::new();
     let mut next = named.next_record()?;
-    let packs = root.join("packs");
-    for first in 0..=255u8 {
-        let sub = packs.join(hex(&[first]));
-        let mut ids = Vec::new();
-        match std::fs::read_dir(&sub) {
-            Ok(entries) => {
-                for entry in entries {
-                    let name = entry.ctx("list", &sub)?.file_name();
-                    if let Some(id) = name
-                        .to_str()
-                        .and_then(|n| n.strip_suffix(".pack"))
-                        .and_then(|n| n.parse::<PackId>().ok())
-                    {
-                        ids.push(id);
-                    }
-                }
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(RepoError::io("list", sub, e)),
-        }
+    // Listed in name order, which for two hex digits is the order of the ids they start.
+    for sub in store.list_dirs("packs/")? {
+        let mut ids: Vec<PackId> = store
+            .list_names(&format!("packs/{sub}/"))?
+            .into_iter()
+            .filter_map(|n| n.strip_suffix(".pack").and_then(|n| n.parse().ok()))
+            .collect();
         ids.sort();
         for id in ids {
             while let Some(n) = next

@@ -1,8 +1,6 @@
 //! [`Repository`]: the handle through which everything is read and written.
 
 use std::collections::HashSet;
-use std::ffi::OsString;
-use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
@@ -10,13 +8,13 @@ use std::time::{Duration, SystemTime};
 use tracing::{info, warn};
 
 use crate::config::{InitOptions, RepositoryConfig};
-use crate::error::{IoContext, RepoError, Result, read_exact_at};
-use crate::format::sync_dir;
+use crate::error::{RepoError, Result, read_exact_at};
 use crate::index::{IndexBuilder, IndexFile};
 use crate::lock::{LockMode, lock_repository};
-use crate::pack::{PackHandle, check_blob_bounds, read_pack_trailer};
+use crate::pack::{PackHandle, check_blob_bounds, pack_key, read_stored_pack_trailer};
 use crate::session::BackupSession;
-use crate::snapshot::{Snapshot, SnapshotInfo, read_meta, snapshot_path};
+use crate::snapshot::{Snapshot, SnapshotInfo, read_meta, snapshot_key};
+use crate::store::{Lease, Location, PutMode, Store, open_store};
 use crate::{ChunkLocation, Digest, PackId, StoredChunk};
 
 /// Open pack files kept for `read_chunk`: restore reads packs in roughly the order they were written, and a
@@ -31,12 +29,20 @@ const PACK_EXISTS_CACHE: usize = 64 * 1024;
 /// its time changing (file systems with coarse timestamps), so it is listed again on the next lookup miss.
 const RACY_MTIME_WINDOW: Duration = Duration::from_secs(2);
 
+/// On a store that cannot say whether `index/` changed ([`Store::change_hint`] is `None`: object storage), a
+/// lookup that misses lists it again at most this often: a miss is a chunk the backup then stores, so one
+/// listing a second bounds the cost while a long backup still dedups against sessions committed meanwhile.
+const INDEX_RELIST_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Where index files are.
+const INDEX_PREFIX: &str = "index/";
+
 /// The index files known to a repository handle.
 #[derive(Debug, Default)]
 struct IndexSet {
     files: Vec<Arc<IndexFile>>,
     /// Names already opened or found damaged, so a listing only opens new files.
-    known: HashSet<OsString>,
+    known: HashSet<String>,
     /// Index files that could not be opened, with why; lookups skip them, `verify` reports them.
     damaged: Vec<(PathBuf, String)>,
     listed_mtime: Option<SystemTime>,
@@ -46,16 +52,15 @@ struct IndexSet {
 }
 
 impl IndexSet {
-    fn dir_mtime(dir: &Path) -> Option<SystemTime> {
-        std::fs::metadata(dir).and_then(|m| m.modified()).ok()
-    }
-
     /// Whether another process may have added an index file since the last listing.
-    fn may_be_stale(&self, dir: &Path) -> bool {
-        let (Some(mtime), Some(at)) = (self.listed_mtime, self.listed_at) else {
+    fn may_be_stale(&self, store: &dyn Store) -> bool {
+        let Some(at) = self.listed_at else {
             return true;
         };
-        let now = Self::dir_mtime(dir);
+        let Some(mtime) = self.listed_mtime else {
+            return at.elapsed().map_or(true, |d| d >= INDEX_RELIST_INTERVAL);
+        };
+        let now = store.change_hint(INDEX_PREFIX);
         now != Some(mtime)
             || at
                 .duration_since(mtime)
@@ -63,18 +68,16 @@ impl IndexSet {
     }
 
     /// Opens index files not seen before; returns whether any were added.
-    fn rescan(&mut self, dir: &Path) -> Result<bool> {
-        let mtime = Self::dir_mtime(dir);
+    fn rescan(&mut self, store: &dyn Store) -> Result<bool> {
+        let mtime = store.change_hint(INDEX_PREFIX);
         let at = SystemTime::now();
         let mut added = false;
-        for entry in std::fs::read_dir(dir).ctx("list", dir)? {
-            let entry = entry.ctx("list", dir)?;
-            let name = entry.file_name();
-            if !name.to_string_lossy().ends_with(".idx") || self.known.contains(&name) {
+        for name in store.list_names(INDEX_PREFIX)? {
+            if !name.ends_with(".idx") || self.known.contains(&name) {
                 continue;
             }
-            let path = entry.path();
-            match IndexFile::open(&path) {
+            let key = format!("{INDEX_PREFIX}{name}");
+            match IndexFile::open(store, &key) {
                 Ok(f) => {
                     self.files.push(Arc::new(f));
                     added = true;
@@ -88,6 +91,7 @@ impl IndexSet {
                 // A damaged index costs dedup and makes its chunks unfindable; it must not make the whole
                 // repository unusable. `verify` names it, `rebuild_index` replaces it.
                 Err(e) => {
+                    let path = store.display_key(&key);
                     warn!(file = %path.display(), error = %e, "Skipping a damaged index file.");
                     self.damaged.push((path, e.to_string()));
                 }
@@ -130,8 +134,9 @@ impl IndexSet {
 
 #[derive(Debug)]
 struct Inner {
+    /// The directory of a local repository; for object storage, its location as text (for messages).
     path: PathBuf,
-    location: crate::Location,
+    store: Arc<dyn Store>,
     config: RepositoryConfig,
     indexes: RwLock<IndexSet>,
     /// Most recently used last.
@@ -139,14 +144,14 @@ struct Inner {
     /// Damaged copies that lookups skip (see `damaged.rs`).
     damaged: crate::damaged::MarksCache,
     /// This handle's entry in `users/`: a gc deletes nothing this handle could have seen until it closes.
-    user: Option<crate::gc_state::UserEntry>,
+    user: Option<Box<dyn Lease>>,
     /// The recovery index (`recovery.rs`), built on the first restore lookup the index cannot serve.
     recovery: Mutex<Option<Arc<crate::recovery::Recovery>>>,
     /// Packs a lookup found there or missing ([`Repository::lookup`]).
     pack_exists: RwLock<std::collections::HashMap<PackId, bool>>,
 }
 
-/// A repository on a local (or POSIX cluster) file system. Cheap to clone: clones share open files and caches.
+/// A repository in a [`Store`]: a local (or POSIX cluster) directory or object storage. Cheap to clone: clones share open files and caches.
 #[derive(Clone, Debug)]
 pub struct Repository {
     inner: Arc<Inner>,
@@ -174,97 +179,101 @@ impl Repository {
     }
 
     pub fn init_with(path: &Path, options: &InitOptions) -> Result<Repository> {
-        let config = RepositoryConfig::new(options)?;
-        let refuse = |reason: &str| RepoError::InitRefused {
-            path: path.to_owned(),
-            reason: reason.to_owned(),
-        };
-        match std::fs::read_dir(path) {
-            Ok(mut entries) => {
-                if path.join("config").exists() {
-                    return Err(refuse("it is already a repository"));
-                }
-                if entries.next().is_some() {
-                    return Err(refuse("the directory is not empty"));
-                }
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                std::fs::create_dir_all(path).ctx("create directory", path)?;
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotADirectory => {
-                return Err(refuse("it is not a directory"));
-            }
-            Err(e) => return Err(RepoError::io("list", path, e)),
-        }
-        for dir in ["packs", "index", "snapshots", "tmp"] {
-            let d = path.join(dir);
-            std::fs::create_dir(&d).ctx("create directory", &d)?;
-        }
-        let lock = path.join("lock");
-        File::create(&lock)
-            .and_then(|f| f.sync_all())
-            .ctx("create", &lock)?;
-        sync_dir(path)?;
-        // `config` last: a directory without it is not a repository, so an interrupted init can be redone.
-        config.store(path)?;
-        info!(repo = %path.display(), chunk_size = config.chunk_size, "Repository created.");
-        Repository::open(path)
+        Repository::init_at(&Location::Local(path.to_owned()), options)
     }
 
+    /// Opens the local repository in the directory `path`.
     pub fn open(path: &Path) -> Result<Repository> {
-        let config = RepositoryConfig::load(path)?;
-        for dir in ["packs", "index", "snapshots", "tmp"] {
-            if !path.join(dir).is_dir() {
-                return Err(RepoError::NotARepository {
-                    path: path.to_owned(),
-                    reason: format!("the {dir}/ directory is missing"),
-                });
+        Repository::open_at(&Location::Local(path.to_owned()))
+    }
+
+    /// The directory of a local repository. For object storage, the location as text (`s3://BUCKET/PREFIX`),
+    /// which is only good for messages: use [`Repository::location`] and [`Repository::store`].
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    /// Opens the repository at a location (a local path or `s3://BUCKET/PREFIX`).
+    pub fn open_at(location: &Location) -> Result<Repository> {
+        Repository::open_store(open_store(location)?)
+    }
+
+    /// Opens the repository in `store`.
+    pub fn open_store(store: Arc<dyn Store>) -> Result<Repository> {
+        let config = RepositoryConfig::load(&*store)?;
+        store.check_layout()?;
+        let user = match store.register("users/") {
+            Ok(lease) => Some(lease),
+            // A local repository on a read-only mount: such a handle only reads, and a gc cannot run there
+            // either. Object storage must register: a gc cannot see a handle that did not.
+            Err(e) if store.is_local() => {
+                tracing::debug!(error = %e, "Not registered in users/ (read-only repository).");
+                None
             }
-        }
+            Err(e) => return Err(e),
+        };
         Ok(Repository {
             inner: Arc::new(Inner {
-                path: path.to_owned(),
-                location: crate::Location::Local(path.to_owned()),
+                path: store.display_key(""),
+                store,
                 config,
                 indexes: RwLock::new(IndexSet::default()),
                 packs: Mutex::new(Vec::with_capacity(PACK_CACHE_SIZE)),
                 damaged: Default::default(),
-                user: crate::gc_state::UserEntry::register(path),
+                user,
                 recovery: Mutex::new(None),
                 pack_exists: RwLock::new(std::collections::HashMap::new()),
             }),
         })
     }
 
-    pub fn path(&self) -> &Path {
-        &self.inner.path
-    }
-
-    /// Opens the repository at a location (a local path or `s3://BUCKET/PREFIX`).
-    pub fn open_at(location: &crate::Location) -> Result<Repository> {
-        match location {
-            crate::Location::Local(path) => Repository::open(path),
-            crate::Location::S3(_) => Err(RepoError::NotARepository {
-                path: PathBuf::from(location.to_string()),
-                reason: "the S3 backend is not built yet".into(),
-            }),
+    /// Creates a repository at a location (a local path, which may exist if it is an empty directory, or
+    /// `s3://BUCKET/PREFIX`, which must hold no objects).
+    pub fn init_at(location: &Location, options: &InitOptions) -> Result<Repository> {
+        let config = RepositoryConfig::new(options)?;
+        let store = open_store(location)?;
+        let refuse = |reason: &str| RepoError::InitRefused {
+            path: store.display_key(""),
+            reason: reason.to_owned(),
+        };
+        let not_dir = |e: RepoError| match e {
+            RepoError::Io { source, .. } if source.kind() == std::io::ErrorKind::NotADirectory => {
+                refuse("it is not a directory")
+            }
+            e => e,
+        };
+        if store.exists("config").map_err(not_dir)? {
+            return Err(refuse("it is already a repository"));
         }
-    }
-
-    /// Creates a repository at a location (a local path or `s3://BUCKET/PREFIX`).
-    pub fn init_at(location: &crate::Location, options: &InitOptions) -> Result<Repository> {
-        match location {
-            crate::Location::Local(path) => Repository::init_with(path, options),
-            crate::Location::S3(_) => Err(RepoError::InitRefused {
-                path: PathBuf::from(location.to_string()),
-                reason: "the S3 backend is not built yet".into(),
-            }),
+        let names = store.list_names("").map_err(not_dir)?;
+        if !names.is_empty() || !store.list_dirs("").map_err(not_dir)?.is_empty() {
+            return Err(refuse(if store.is_local() {
+                "the directory is not empty"
+            } else {
+                "objects exist under the prefix"
+            }));
         }
+        store.prepare()?;
+        // `config` last: a location without it is not a repository, so an interrupted init can be redone.
+        config.store(&*store)?;
+        info!(repo = %location, chunk_size = config.chunk_size, "Repository created.");
+        Repository::open_store(store)
     }
 
     /// Where the repository is, as an operator writes it.
-    pub fn location(&self) -> &crate::Location {
-        &self.inner.location
+    pub fn location(&self) -> &Location {
+        self.inner.store.location()
+    }
+
+    /// The storage the repository lives in.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.inner.store
+    }
+
+    /// Whether this handle's registration in `users/` is certainly still held (see [`Lease::is_held`]); a
+    /// handle that could not register (a read-only local repository) has nothing to lose.
+    pub(crate) fn registration_held(&self) -> bool {
+        self.inner.user.as_ref().is_none_or(|u| u.is_held())
     }
 
     /// The content address of a chunk's plaintext in this repository: BLAKE3, keyed in an encrypted
@@ -276,7 +285,7 @@ impl Repository {
 
     /// This handle's name in `users/`, if it could register.
     pub(crate) fn user_name(&self) -> Option<String> {
-        self.inner.user.as_ref().map(|u| u.name.clone())
+        self.inner.user.as_ref().map(|u| u.name().to_owned())
     }
 
     pub fn chunk_size(&self) -> u32 {
@@ -295,23 +304,25 @@ impl Repository {
     /// read is left out with a warning rather than failing the listing (one damaged restore point must not
     /// hide the others); `verify` reports it.
     pub fn list_snapshots(&self) -> Result<Vec<SnapshotInfo>> {
-        let dir = self.inner.path.join("snapshots");
+        let store = &*self.inner.store;
         let mut out = Vec::new();
-        for entry in std::fs::read_dir(&dir).ctx("list", &dir)? {
-            let entry = entry.ctx("list", &dir)?;
-            let name = entry.file_name();
-            let Some(id) = name.to_str().and_then(|n| n.strip_suffix(".snap")) else {
+        for name in store.list_names("snapshots/")? {
+            let Some(id) = name.strip_suffix(".snap") else {
                 continue;
             };
             if !crate::ids::valid_id(id) {
                 continue;
             }
-            let path = entry.path();
-            let read = File::open(&path)
-                .ctx("open snapshot", &path)
-                .and_then(|f| read_meta(&f, &path, Some(id)));
+            let key = snapshot_key(id);
+            let path = store.display_key(&key);
+            let read = store
+                .open(&key)
+                .and_then(|f| read_meta(&*f, &path, Some(id)));
             match read {
                 Ok((meta, _)) => out.push(SnapshotInfo::from_meta(&meta)),
+                // Forgotten between listing and opening.
+                Err(RepoError::Io { source, .. })
+                    if source.kind() == std::io::ErrorKind::NotFound => {}
                 Err(e) => {
                     warn!(file = %path.display(), error = %e, "Skipping an unreadable snapshot.")
                 }
@@ -335,18 +346,17 @@ impl Repository {
         if !crate::ids::valid_id(id) {
             return Err(not_found());
         }
+        let store = &*self.inner.store;
         let _lock = lock_repository(
-            &self.inner.path,
+            store,
             LockMode::Shared,
             "a garbage collection or index rebuild holds it exclusively",
         )?;
-        let path = snapshot_path(&self.inner.path, id);
-        let _fence = crate::gc_state::fence(&self.inner.path, LockMode::Shared)?;
-        if !path.exists() {
+        let _fence = crate::gc_state::fence(store, LockMode::Shared)?;
+        if !store.exists(&snapshot_key(id))? {
             return Err(not_found());
         }
-        crate::gc_state::remove_manifest(&self.inner.path, id, &path)?;
-        sync_dir(&self.inner.path.join("snapshots"))?;
+        crate::gc_state::remove_manifest(store, id)?;
         info!(snapshot = id, "Snapshot forgotten.");
         Ok(())
     }
@@ -355,13 +365,11 @@ impl Repository {
     /// (which [`Repository::list_snapshots`] leaves out), so that `verify` names a damaged one and
     /// `forget --snapshot` reaches it.
     pub fn manifest_ids(&self) -> Result<Vec<String>> {
-        let dir = self.inner.path.join("snapshots");
         let mut ids: Vec<String> = self.list_snapshots()?.into_iter().map(|s| s.id).collect();
         let listed: HashSet<String> = ids.iter().cloned().collect();
         let mut rest = Vec::new();
-        for entry in std::fs::read_dir(&dir).ctx("list", &dir)? {
-            let name = entry.ctx("list", &dir)?.file_name();
-            if let Some(id) = name.to_str().and_then(|n| n.strip_suffix(".snap"))
+        for name in self.inner.store.list_names("snapshots/")? {
+            if let Some(id) = name.strip_suffix(".snap")
                 && crate::ids::valid_id(id)
                 && !listed.contains(id)
             {
@@ -376,14 +384,17 @@ impl Repository {
     /// Opens a snapshot by id, or by anything else [`Repository::resolve_snapshot`] resolves without a VM (a
     /// unique prefix, `latest` in a repository of one VM). Verifies the manifest's checksum.
     pub fn open_snapshot(&self, id: &str) -> Result<Snapshot> {
+        let store = &*self.inner.store;
         if crate::ids::valid_id(id) {
-            let path = snapshot_path(&self.inner.path, id);
-            if path.exists() {
-                return Snapshot::open_path(&path, id);
+            let key = snapshot_key(id);
+            match Snapshot::open(store, &key, id) {
+                Err(RepoError::Io { source, .. })
+                    if source.kind() == std::io::ErrorKind::NotFound => {}
+                r => return r,
             }
         }
         let id = self.resolve_snapshot(id, None)?;
-        Snapshot::open_path(&snapshot_path(&self.inner.path, &id), &id)
+        Snapshot::open(store, &snapshot_key(&id), &id)
     }
 
     /// The newest snapshot of `vm` (by the time its backup began), the parent of the next incremental.
@@ -399,8 +410,9 @@ impl Repository {
         }
     }
 
+    /// `index/`, for messages.
     fn index_dir(&self) -> PathBuf {
-        self.inner.path.join("index")
+        self.inner.store.display_key(INDEX_PREFIX)
     }
 
     /// Where a committed chunk is stored, if any committed index has it: the first copy that is not marked
@@ -441,7 +453,8 @@ impl Repository {
         if known.len() >= PACK_EXISTS_CACHE {
             known.clear();
         }
-        let there = crate::pack::pack_path(&self.inner.path, id).exists();
+        // An error (the store unreachable) counts as missing: dedup then stores the chunk again.
+        let there = self.inner.store.exists(&pack_key(id)).unwrap_or(false);
         known.insert(*id, there);
         there
     }
@@ -452,13 +465,13 @@ impl Repository {
         digest: &Digest,
         accept: &mut dyn FnMut(&ChunkLocation) -> bool,
     ) -> Result<Option<ChunkLocation>> {
-        let dir = self.index_dir();
+        let store = &*self.inner.store;
         let (seen, generation) = {
             let set = self.inner.indexes.read().unwrap_or_else(|e| e.into_inner());
             if let Some(loc) = set.find_from(0, digest, accept)? {
                 return Ok(Some(loc));
             }
-            if !set.may_be_stale(&dir) {
+            if !set.may_be_stale(store) {
                 return Ok(None);
             }
             (set.files.len(), set.generation)
@@ -469,8 +482,8 @@ impl Repository {
                 .indexes
                 .write()
                 .unwrap_or_else(|e| e.into_inner());
-            if set.may_be_stale(&dir) {
-                set.rescan(&dir)?;
+            if set.may_be_stale(store) {
+                set.rescan(store)?;
             }
         }
         let set = self.inner.indexes.read().unwrap_or_else(|e| e.into_inner());
@@ -497,7 +510,7 @@ impl Repository {
         if let Some(loc) = self.find_indexed(digest, accept)? {
             return Ok(Some(loc));
         }
-        if let Some(loc) = crate::gc_state::find_condemned(&self.inner.path, digest)?
+        if let Some(loc) = crate::gc_state::find_condemned(&*self.inner.store, digest)?
             && accept(&loc)
         {
             return Ok(Some(loc));
@@ -552,7 +565,7 @@ impl Repository {
             generation,
             ..IndexSet::default()
         };
-        set.rescan(&self.index_dir()).map(|_| ())
+        set.rescan(&*self.inner.store).map(|_| ())
     }
 
     pub(crate) fn recovery_slot(&self) -> &Mutex<Option<Arc<crate::recovery::Recovery>>> {
@@ -596,7 +609,7 @@ impl Repository {
             .indexes
             .write()
             .unwrap_or_else(|e| e.into_inner());
-        set.rescan(&self.index_dir()).map(|_| ())
+        set.rescan(&*self.inner.store).map(|_| ())
     }
 
     /// Index files that could not be opened (path, why), as of the last listing.
@@ -619,7 +632,7 @@ impl Repository {
                 return Ok(handle);
             }
         }
-        let handle = Arc::new(PackHandle::open(&self.inner.path, id)?);
+        let handle = Arc::new(PackHandle::open(&*self.inner.store, id)?);
         let mut cache = self.inner.packs.lock().unwrap_or_else(|e| e.into_inner());
         if cache.len() >= PACK_CACHE_SIZE {
             cache.remove(0);
@@ -730,7 +743,7 @@ impl Repository {
             })?;
         if blake3::hash(&plain).as_bytes() != digest.as_bytes() {
             return Err(RepoError::corrupt(
-                crate::pack::pack_path(&self.inner.path, &loc.pack),
+                self.inner.store.display_key(&pack_key(&loc.pack)),
                 format!(
                     "chunk {digest} at offset {} does not match its digest",
                     loc.offset
@@ -746,25 +759,16 @@ impl Repository {
 
     /// Removes scratch directories left by killed sessions (whose lock is free); returns how many.
     pub fn remove_stale_scratch(&self) -> Result<usize> {
-        crate::scratch::remove_stale(&self.inner.path)
+        crate::scratch::remove_stale(self.inner.store.scratch_root())
     }
 
     /// All pack files present, from the directory listing.
     pub fn list_packs(&self) -> Result<Vec<PackId>> {
-        let root = self.inner.path.join("packs");
+        let store = &*self.inner.store;
         let mut out = Vec::new();
-        for sub in std::fs::read_dir(&root).ctx("list", &root)? {
-            let sub = sub.ctx("list", &root)?.path();
-            if !sub.is_dir() {
-                continue;
-            }
-            for entry in std::fs::read_dir(&sub).ctx("list", &sub)? {
-                let name = entry.ctx("list", &sub)?.file_name();
-                if let Some(id) = name
-                    .to_str()
-                    .and_then(|n| n.strip_suffix(".pack"))
-                    .and_then(|n| n.parse().ok())
-                {
+        for sub in store.list_dirs("packs/")? {
+            for name in store.list_names(&format!("packs/{sub}/"))? {
+                if let Some(id) = name.strip_suffix(".pack").and_then(|n| n.parse().ok()) {
                     out.push(id);
                 }
             }
@@ -779,17 +783,17 @@ impl Repository {
     /// session's index. The new index is in place before the old files are removed, so a crash leaves both
     /// (duplicates are harmless).
     pub fn rebuild_index(&self) -> Result<RebuildReport> {
-        let root = &self.inner.path;
-        let _lock = lock_repository(root, LockMode::Exclusive, "backups are running")?;
-        if crate::gc_state::cycle_pending(root) {
+        let store = &*self.inner.store;
+        let _lock = lock_repository(store, LockMode::Exclusive, "backups are running")?;
+        if crate::gc_state::cycle_pending(store)? {
             return Err(RepoError::Locked {
-                path: root.clone(),
+                path: self.inner.path.clone(),
                 detail: "a garbage collection has condemned chunks and not yet deleted them; run `backflow gc` \
                          to finish it first"
                     .into(),
             });
         }
-        let (scratch, _scratch_lock) = crate::scratch::create(root, || {
+        let (scratch, _scratch_lock) = crate::scratch::create(store.scratch_root(), || {
             format!("rebuild-{}", crate::format::hex(&rand::random::<[u8; 6]>()))
         })?;
         let result = self.rebuild_into(&scratch);
@@ -798,25 +802,26 @@ impl Repository {
     }
 
     fn rebuild_into(&self, scratch: &Path) -> Result<RebuildReport> {
-        let root = &self.inner.path;
-        let index_dir = self.index_dir();
-        let old: Vec<PathBuf> = std::fs::read_dir(&index_dir)
-            .ctx("list", &index_dir)?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|x| x == "idx"))
+        let store = &*self.inner.store;
+        let old: Vec<String> = store
+            .list_names(INDEX_PREFIX)?
+            .into_iter()
+            .filter(|n| n.ends_with(".idx"))
+            .map(|n| format!("{INDEX_PREFIX}{n}"))
             .collect();
         let mut report = RebuildReport::default();
         let mut builder = IndexBuilder::new(scratch.to_owned());
         for id in self.list_packs()? {
-            let path = crate::pack::pack_path(root, &id);
-            match read_pack_trailer(&path) {
+            let key = pack_key(&id);
+            match read_stored_pack_trailer(store, &key) {
                 Ok(t) => {
                     report.packs += 1;
                     report.chunks += t.entries.len() as u64;
                     builder.add_pack(t.id, &t.entries)?;
                 }
                 Err(e) => {
-                    warn!(pack = %path.display(), error = %e, "Pack left out of the rebuilt index.");
+                    warn!(pack = %store.display_key(&key).display(), error = %e,
+                          "Pack left out of the rebuilt index.");
                     report.damaged_packs.push((id.to_hex(), e.to_string()));
                 }
             }
@@ -825,16 +830,12 @@ impl Repository {
             "rebuild-{}.idx",
             crate::format::hex(&rand::random::<[u8; 8]>())
         );
-        let dest = index_dir.join(&name);
         if !builder.is_empty() {
             let tmp = scratch.join("index.tmp");
             builder.write(&tmp)?;
-            crate::format::durable_rename(&tmp, &dest)?;
+            store.publish(&tmp, &format!("{INDEX_PREFIX}{name}"), PutMode::Create)?;
         }
-        for p in &old {
-            std::fs::remove_file(p).ctx("remove old index", p)?;
-        }
-        sync_dir(&index_dir)?;
+        store.delete_many(&old)?;
         self.reload_index()?;
         info!(
             packs = report.packs,

@@ -1,4 +1,5 @@
-//! Scratch directories under `tmp/`: private working space of one session (backup or index rebuild).
+//! Scratch directories under the store's scratch root (`tmp/` of a local repository; a local directory per
+//! repository for object storage, see [`crate::store::Store::scratch_root`]): private working space of one session (backup or index rebuild).
 //!
 //! Each scratch directory is locked with an exclusive `flock` on the directory itself for as long as its owner
 //! lives. The kernel drops the lock when the process dies, however it dies, so "the lock can be taken" is
@@ -17,9 +18,9 @@ use tracing::{debug, info};
 
 use crate::error::{IoContext, RepoError, Result};
 
-/// Creates and locks `tmp/<name>`; `name` is called again for a fresh name after a collision or a race.
-pub(crate) fn create(repo: &Path, mut name: impl FnMut() -> String) -> Result<(PathBuf, File)> {
-    let tmp = repo.join("tmp");
+/// Creates and locks `<scratch root>/<name>`; `name` is called again for a fresh name after a collision or a
+/// race.
+pub(crate) fn create(tmp: &Path, mut name: impl FnMut() -> String) -> Result<(PathBuf, File)> {
     for _ in 0..16 {
         let dir = tmp.join(name());
         match std::fs::create_dir(&dir) {
@@ -53,11 +54,10 @@ pub(crate) fn create(repo: &Path, mut name: impl FnMut() -> String) -> Result<(P
 }
 
 /// Removes the scratch directories of sessions that no longer run; returns how many.
-pub(crate) fn remove_stale(repo: &Path) -> Result<usize> {
-    let tmp = repo.join("tmp");
+pub(crate) fn remove_stale(tmp: &Path) -> Result<usize> {
     let mut removed = 0;
-    for entry in std::fs::read_dir(&tmp).ctx("list", &tmp)? {
-        let entry = entry.ctx("list", &tmp)?;
+    for entry in std::fs::read_dir(tmp).ctx("list", tmp)? {
+        let entry = entry.ctx("list", tmp)?;
         let path = entry.path();
         if !entry.file_type().ctx("stat", &path)?.is_dir() {
             continue;

@@ -11,14 +11,14 @@ use tracing::{info, warn};
 
 use crate::config::check_chunk_size;
 use crate::error::{IoContext, RepoError, Result};
-use crate::format::{durable_rename, sync_dir};
 use crate::ids::{random_suffix, snapshot_id};
 use crate::index::IndexBuilder;
 use crate::pack::PackEntry;
 use crate::snapshot::{
     DiskMeta, ENTRY_SIZE, Snapshot, SnapshotInfo, SnapshotMeta, TABLE_BUFFER, encode_ref,
-    snapshot_path, write_manifest,
+    snapshot_key, write_manifest,
 };
+use crate::store::{Lease, PutMode, Store, is_exists};
 use crate::{ChunkRef, PackId, Repository};
 
 mod pack_writer;
@@ -28,7 +28,7 @@ pub use pack_writer::PackWriter;
 #[derive(Debug)]
 pub(crate) struct SessionShared {
     pub id: String,
-    pub repo: PathBuf,
+    pub store: Arc<dyn Store>,
     pub scratch: PathBuf,
     pub pack_target_size: u64,
     index: Mutex<IndexBuilder>,
@@ -38,8 +38,8 @@ pub(crate) struct SessionShared {
     poisoned: Mutex<Option<String>>,
     /// Exclusive `flock` on the scratch directory: marks the session as alive for `remove_stale_scratch`.
     _scratch_lock: File,
-    /// Shared `flock` on `lock`: keeps a garbage collection (exclusive) out while the session runs.
-    _repo_lock: File,
+    /// The repository lock, shared: keeps a garbage collection (exclusive) out while the session runs.
+    _repo_lock: Arc<dyn Lease>,
 }
 
 impl SessionShared {
@@ -58,19 +58,19 @@ impl SessionShared {
     }
 
     /// The shared state of a session writing packs into `scratch`, with an index builder that spills beyond
-    /// `spill_at` records. The locks are the caller's: for a gc, clones of its descriptors (which share their
-    /// `flock`).
+    /// `spill_at` records. The locks are the caller's: for a gc, a clone of its scratch descriptor (which
+    /// shares its `flock`) and its repository lock.
     pub(crate) fn new(
         id: String,
         repo: &Repository,
         scratch: PathBuf,
         spill_at: usize,
         scratch_lock: File,
-        repo_lock: File,
+        repo_lock: Arc<dyn Lease>,
     ) -> Arc<SessionShared> {
         Arc::new(SessionShared {
             id,
-            repo: repo.path().to_owned(),
+            store: repo.store().clone(),
             index: Mutex::new(IndexBuilder::with_spill(scratch.clone(), spill_at)),
             scratch,
             pack_target_size: repo.config().pack_target_size,
@@ -143,6 +143,8 @@ pub(crate) enum CrashPoint {
 /// removes later (and that no index names, so nothing reads them).
 pub struct BackupSession {
     shared: Arc<SessionShared>,
+    /// The handle the session began on: its registration in `users/` must still be held at the commit point.
+    repo: Repository,
     vm: String,
     time: i64,
     time_nanos: u32,
@@ -174,9 +176,8 @@ fn hostname() -> String {
 impl BackupSession {
     pub(crate) fn begin(repo: &Repository, vm: &str) -> Result<BackupSession> {
         crate::names::check_identity(vm).map_err(|e| RepoError::InvalidArgument(e.to_string()))?;
-        let root = repo.path().to_owned();
         let repo_lock = crate::lock::lock_repository(
-            &root,
+            &**repo.store(),
             crate::lock::LockMode::Shared,
             "a garbage collection or index rebuild holds it exclusively",
         )?;
@@ -184,8 +185,9 @@ impl BackupSession {
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default();
         let time = i64::try_from(now.as_secs()).unwrap_or(i64::MAX);
-        let (scratch, scratch_lock) =
-            crate::scratch::create(&root, || snapshot_id(time, random_suffix()))?;
+        let (scratch, scratch_lock) = crate::scratch::create(repo.store().scratch_root(), || {
+            snapshot_id(time, random_suffix())
+        })?;
         let id = scratch
             .file_name()
             .and_then(|n| n.to_str())
@@ -198,10 +200,11 @@ impl BackupSession {
             scratch,
             crate::index::INDEX_SPILL_RECORDS,
             scratch_lock,
-            repo_lock,
+            Arc::from(repo_lock),
         );
         Ok(BackupSession {
             shared,
+            repo: repo.clone(),
             vm: vm.to_owned(),
             time,
             time_nanos: now.subsec_nanos(),
@@ -413,13 +416,13 @@ impl BackupSession {
         let builder = self.shared.take_index()?;
         self.crash_here(CrashPoint::BeforeIndex, crash)?;
 
-        let root = self.shared.repo.clone();
+        let store = &*self.shared.store;
         if !builder.is_empty() {
             let packs = builder.pack_count();
             let tmp = self.shared.scratch.join("index.tmp");
             let records = builder.write(&tmp)?;
-            let dest = root.join("index").join(format!("{}.idx", self.shared.id));
-            durable_rename(&tmp, &dest)?;
+            let key = format!("index/{}.idx", self.shared.id);
+            store.publish(&tmp, &key, PutMode::Create)?;
             info!(session = %self.shared.id, packs, records, "Index file written.");
         }
         self.crash_here(CrashPoint::AfterIndex, crash)?;
@@ -442,9 +445,9 @@ impl BackupSession {
         let tmp = self.shared.scratch.join("manifest.tmp");
         let mut placed = false;
         for _ in 0..16 {
-            let dest = snapshot_path(&root, &meta.id);
+            let key = snapshot_key(&meta.id);
             let taken = |id: &str| failed(format!("snapshot {id} already exists"));
-            if dest.exists() {
+            if store.exists(&key)? {
                 if self.kept_id.is_some() {
                     return Err(taken(&meta.id));
                 }
@@ -453,21 +456,30 @@ impl BackupSession {
             }
             write_manifest(&tmp, &meta, &tables)?;
             self.crash_here(CrashPoint::BeforeManifestRename, crash)?;
-            // A hard link never replaces an existing name, unlike rename: two sessions can never overwrite each
-            // other's snapshot, even if their ids collided.
-            match std::fs::hard_link(&tmp, &dest) {
+            // A gc counts on every live handle being registered; a handle whose registration lapsed (an S3
+            // lease not renewed in time) may have been given up by a gc that then deleted chunks this
+            // manifest references.
+            if !self.repo.registration_held() {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(failed(
+                    "this process's registration in users/ lapsed (its lease was not renewed in time), so a \
+                     garbage collection may have removed chunks the snapshot uses; nothing was committed"
+                        .into(),
+                ));
+            }
+            // Create never replaces an existing name: two sessions can never overwrite each other's snapshot,
+            // even if their ids collided.
+            match store.publish(&tmp, &key, PutMode::Create) {
                 Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                Err(e) if is_exists(&e) => {
                     if self.kept_id.is_some() {
                         return Err(taken(&meta.id));
                     }
                     meta.id = snapshot_id(self.time, random_suffix());
                     continue;
                 }
-                // File systems without hard links: the existence check above has to do.
-                Err(_) => std::fs::rename(&tmp, &dest).ctx("rename manifest into place", &dest)?,
+                Err(e) => return Err(e),
             }
-            sync_dir(&root.join("snapshots"))?;
             placed = true;
             break;
         }

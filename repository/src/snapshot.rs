@@ -6,12 +6,14 @@
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use crate::config::check_chunk_size;
 use crate::error::{IoContext, RepoError, Result, read_exact_at};
 use crate::format::{
     CHECKSUM_SIZE, FORMAT_VERSION, FieldReader, FieldWriter, HashingWriter, check_trailing_checksum,
 };
+use crate::store::{Object, Store};
 use crate::{ChunkRef, Digest};
 
 pub(crate) const SNAP_MAGIC: [u8; 8] = *b"BFLWSNAP";
@@ -153,8 +155,15 @@ pub(crate) fn decode_ref(b: &[u8]) -> ChunkRef {
     }
 }
 
+/// `snapshots/ID.snap`.
+pub(crate) fn snapshot_key(id: &str) -> String {
+    format!("snapshots/{id}.snap")
+}
+
+/// The manifest of a local repository, for tests that damage it.
+#[cfg(test)]
 pub(crate) fn snapshot_path(repo: &Path, id: &str) -> PathBuf {
-    repo.join("snapshots").join(format!("{id}.snap"))
+    repo.join(snapshot_key(id))
 }
 
 struct Header {
@@ -180,11 +189,11 @@ impl Header {
 /// Reads and checks the header and metadata, not the checksum. Returns the metadata and where each disk's
 /// table starts.
 pub(crate) fn read_meta(
-    file: &File,
+    file: &dyn Object,
     path: &Path,
     expected_id: Option<&str>,
 ) -> Result<(SnapshotMeta, Vec<u64>)> {
-    let len = file.metadata().ctx("stat", path)?.len();
+    let len = file.len();
     let mut hb = [0u8; SNAP_HEADER_SIZE];
     read_exact_at(file, &mut hb, 0, path, "manifest header")?;
     let mut r = FieldReader::new(&hb);
@@ -279,17 +288,17 @@ pub struct Snapshot {
     info: SnapshotInfo,
     meta: SnapshotMeta,
     path: PathBuf,
-    file: File,
+    file: Arc<dyn Object>,
     table_starts: Vec<u64>,
 }
 
 impl Snapshot {
     /// Opens a manifest and verifies its checksum (one streaming pass over the file).
-    pub(crate) fn open_path(path: &Path, id: &str) -> Result<Snapshot> {
-        let file = File::open(path).ctx("open snapshot", path)?;
-        let (meta, table_starts) = read_meta(&file, path, Some(id))?;
-        let len = file.metadata().ctx("stat", path)?.len();
-        check_trailing_checksum(&file, len, path)?;
+    pub(crate) fn open(store: &dyn Store, key: &str, id: &str) -> Result<Snapshot> {
+        let file = store.open(key)?;
+        let path = &store.display_key(key);
+        let (meta, table_starts) = read_meta(&*file, path, Some(id))?;
+        check_trailing_checksum(&file, file.len(), path)?;
         Ok(Snapshot {
             info: SnapshotInfo::from_meta(&meta),
             meta,
@@ -348,7 +357,7 @@ impl Snapshot {
             Ok(d) => (self.table_starts[disk], d.chunk_count()),
             Err(e) => return TableReader::failed(e),
         };
-        TableReader::new(&self.file, &self.path, start, count)
+        TableReader::new(&*self.file, &self.path, start, count)
     }
 
     /// Entries `first..first + count` of a disk, for copying an unchanged range from a parent.
@@ -370,7 +379,7 @@ impl Snapshot {
             )));
         }
         Ok(TableReader::new(
-            &self.file,
+            &*self.file,
             &self.path,
             self.table_starts[disk] + first * ENTRY_SIZE as u64,
             count,
@@ -380,7 +389,7 @@ impl Snapshot {
 
 /// Sequential reader of a chunk table with positioned reads (no shared cursor, so many can run at once).
 pub(crate) struct TableReader<'a> {
-    file: Option<&'a File>,
+    file: Option<&'a dyn Object>,
     path: &'a Path,
     pos: u64,
     remaining: u64,
@@ -390,7 +399,12 @@ pub(crate) struct TableReader<'a> {
 }
 
 impl<'a> TableReader<'a> {
-    pub(crate) fn new(file: &'a File, path: &'a Path, start: u64, count: u64) -> TableReader<'a> {
+    pub(crate) fn new(
+        file: &'a dyn Object,
+        path: &'a Path,
+        start: u64,
+        count: u64,
+    ) -> TableReader<'a> {
         TableReader {
             file: Some(file),
             path,

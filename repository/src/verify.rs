@@ -27,14 +27,12 @@
 //! and gc, and must never call healthy data damaged.
 
 use std::collections::{HashMap, HashSet};
-use std::fs::File;
-use std::path::Path;
 use std::sync::Arc;
 
 use crate::damaged::DamagedCopy;
 use crate::error::{RepoError, Result, read_exact_at};
 use crate::index::IndexFile;
-use crate::pack::{PACK_HEADER_SIZE, PackEntry, pack_path, read_pack_trailer};
+use crate::pack::{PACK_HEADER_SIZE, PackEntry, pack_key, read_stored_pack_trailer};
 use crate::recovery::Recovery;
 use crate::{
     ChunkLocation, ChunkRef, DamageMarks, DamagedFile, Digest, PackId, Repository, decode_into,
@@ -297,28 +295,28 @@ impl Verifier<'_> {
 
     /// Pass 2: the packs themselves: present, frame intact, and with `read_data` every blob.
     fn packs(&mut self) -> Result<()> {
-        let root = self.repo.path();
+        let store = self.repo.store().clone();
         let mut ids: Vec<PackId> = self.packs.keys().copied().collect();
         ids.sort();
         for id in ids {
-            let path = pack_path(root, &id);
+            let key = pack_key(&id);
+            let path = store.display_key(&key);
             let indexed = self.indexed.contains(&id);
             let gone = |e: &RepoError| matches!(e, RepoError::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound);
-            let state = match std::fs::metadata(&path) {
+            let state = match store.stat(&key)? {
                 // A pack no index names that a gc's sweep removed meanwhile (a killed session's): not damage.
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound && !indexed => {
+                None if !indexed => {
                     self.packs.remove(&id);
                     continue;
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                None => {
                     self.report.damaged_packs.push(DamagedFile {
                         path: path.display().to_string(),
                         error: "missing".into(),
                     });
                     PackState::Missing
                 }
-                Err(e) => return Err(RepoError::io("stat", path, e)),
-                Ok(meta) => match read_pack_trailer(&path) {
+                Some(meta) => match read_stored_pack_trailer(&*store, &key) {
                     Err(e) if gone(&e) && !indexed => {
                         self.packs.remove(&id);
                         continue;
@@ -330,7 +328,7 @@ impl Verifier<'_> {
                         });
                         self.findings.damaged_frames.push(id);
                         PackState::FrameDamaged {
-                            len: meta.len(),
+                            len: meta.size,
                             error: e.to_string(),
                         }
                     }
@@ -338,7 +336,7 @@ impl Verifier<'_> {
                         self.report.packs += 1;
                         self.findings.sound_frames.insert(id);
                         if self.report.read_data
-                            && !self.blobs(id, &path, &trailer.entries, indexed)?
+                            && !self.blobs(id, &key, &trailer.entries, indexed)?
                         {
                             self.packs.remove(&id);
                             continue;
@@ -359,14 +357,20 @@ impl Verifier<'_> {
     fn blobs(
         &mut self,
         id: PackId,
-        path: &Path,
+        key: &str,
         entries: &[PackEntry],
         indexed: bool,
     ) -> Result<bool> {
-        let file = match File::open(path) {
+        let store = self.repo.store().clone();
+        let path = &store.display_key(key);
+        let file = match store.open(key) {
             Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !indexed => return Ok(false),
-            Err(e) => return Err(RepoError::io("open pack", path, e)),
+            Err(RepoError::Io { source, .. })
+                if source.kind() == std::io::ErrorKind::NotFound && !indexed =>
+            {
+                return Ok(false);
+            }
+            Err(e) => return Err(e),
         };
         let mut blob = Vec::new();
         let mut plain = Vec::new();
@@ -513,7 +517,9 @@ impl Verifier<'_> {
                 Err(RepoError::SnapshotNotFound { .. }) => continue,
                 Err(e) => {
                     self.report.snapshots += 1;
-                    let path = crate::snapshot::snapshot_path(repo.path(), &id);
+                    let path = repo
+                        .store()
+                        .display_key(&crate::snapshot::snapshot_key(&id));
                     self.report.damaged_snapshots.push(DamagedFile {
                         path: path.display().to_string(),
                         error: e.to_string(),
@@ -629,7 +635,7 @@ fn unrestorable(report: &VerifyReport) -> Vec<String> {
 fn side_file_problems(repo: &Repository) -> Result<Vec<DamagedFile>> {
     let mut out = repo.marks_problems()?;
     out.extend(repo.session_record_problems()?);
-    out.extend(crate::config::copy_problems(repo.path()));
-    out.extend(crate::gc_state::state_problems(repo.path()));
+    out.extend(crate::config::copy_problems(&**repo.store()));
+    out.extend(crate::gc_state::state_problems(&**repo.store()));
     Ok(out)
 }

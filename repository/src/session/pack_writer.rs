@@ -12,11 +12,12 @@ use tracing::debug;
 use super::SessionShared;
 use crate::config::{MAX_CHUNK_SIZE, MAX_STORED_LEN};
 use crate::error::{IoContext, RepoError, Result};
-use crate::format::{FORMAT_VERSION, FieldWriter, sync_dir};
+use crate::format::{FORMAT_VERSION, FieldWriter};
 use crate::pack::{
     FOOTER_HASHED, PACK_ENTRY_SIZE, PACK_FOOTER_MAGIC, PACK_FOOTER_SIZE, PACK_HEADER_SIZE,
-    PackEntry, encode_header, pack_path,
+    PackEntry, encode_header, pack_key,
 };
+use crate::store::PutMode;
 use crate::{Codec, Digest, PackId};
 
 /// Write buffer of a pack writer: large enough that a 64 KiB chunk is one `write` syscall or less, small
@@ -35,8 +36,8 @@ struct OpenPack {
 /// Streams encoded chunks into pack files, one pack at a time, for one writer thread.
 ///
 /// A pack is closed when it reaches the repository's pack target size (it may exceed it by one blob), and on
-/// [`PackWriter::finish`]. Closing writes the trailer and footer, fsyncs, renames the file from the session's
-/// scratch directory to `packs/XX/ID.pack` and fsyncs that directory; only then are its entries handed to the
+/// [`PackWriter::finish`]. Closing writes the trailer and footer and publishes the file from the session's
+/// scratch directory as `packs/XX/ID.pack`, durably; only then are its entries handed to the
 /// session for the index, so the index never names a pack that is not durable.
 ///
 /// The writer does not deduplicate: the caller looks chunks up before encoding them and remembers what it
@@ -284,22 +285,14 @@ struct ClosedPack {
 /// next; a writer that gets this far ahead waits.
 const PUBLISH_QUEUE: usize = 2;
 
-/// fsync, rename from scratch into `packs/XX/`, fsync the directory; only then are the pack's entries handed
-/// to the session for the index, so the index never names a pack that is not durable.
+/// Publishes the pack from scratch as `packs/XX/ID.pack` (durably: [`crate::store::Store::publish`]); only
+/// then are the pack's entries handed to the session for the index, so the index never names a pack that is
+/// not durable.
 fn publish(session: &SessionShared, pack: ClosedPack) -> Result<()> {
-    pack.file.sync_all().ctx("fsync pack", &pack.tmp)?;
     drop(pack.file);
-    let dest = pack_path(&session.repo, &pack.id);
-    let dir = dest.parent().expect("packs/XX");
-    if !dir.exists() {
-        match std::fs::create_dir(dir) {
-            Ok(()) => sync_dir(&session.repo.join("packs"))?,
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-            Err(e) => return Err(RepoError::io("create directory", dir, e)),
-        }
-    }
-    std::fs::rename(&pack.tmp, &dest).ctx("rename pack into place", &dest)?;
-    sync_dir(dir)?;
+    session
+        .store
+        .publish(&pack.tmp, &pack_key(&pack.id), PutMode::Create)?;
     debug!(pack = %pack.id, chunks = pack.entries.len(), bytes = pack.offset, "Pack written.");
     session.add_pack(pack.id, &pack.entries)
 }

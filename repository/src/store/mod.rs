@@ -31,9 +31,33 @@ use std::time::SystemTime;
 
 use crate::error::Result;
 
+pub mod fs;
 pub mod location;
 
+pub use fs::FsStore;
 pub use location::{BadLocation, Location, S3Location};
+
+/// Opens the store of a repository location: a local directory ([`FsStore`]) or an S3 bucket and prefix.
+/// Nothing is created or checked here; [`crate::Repository::open_at`] and [`crate::Repository::init_at`] do.
+pub fn open_store(location: &Location) -> Result<Arc<dyn Store>> {
+    match location {
+        Location::Local(path) => Ok(Arc::new(FsStore::new(path))),
+        // S3: the lead wires `s3::S3Store::open(s3)` here once the `s3` branch is merged.
+        Location::S3(_) => Err(crate::RepoError::NotARepository {
+            path: PathBuf::from(location.to_string()),
+            reason: "this build has no S3 backend".into(),
+        }),
+    }
+}
+
+/// What a backend can say about one object cheaply: enough to tell that it was replaced.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Stat {
+    pub size: u64,
+    pub modified: Option<SystemTime>,
+    /// A backend's identity of this version of the object (fs: the inode number; 0 where there is none).
+    pub identity: u64,
+}
 
 /// How [`Store::publish`] and [`Store::put`] treat an existing object of the same key.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -131,6 +155,29 @@ pub trait Store: Send + Sync + fmt::Debug {
     /// "Directly": a listing of `packs/` returns nothing; packs are listed per `packs/XX/`.
     fn list(&self, prefix: &str) -> Result<Vec<Entry>>;
 
+    /// The names of [`Store::list`], where sizes and times are not needed (fs: no `stat` per file).
+    fn list_names(&self, prefix: &str) -> Result<Vec<String>> {
+        Ok(self.list(prefix)?.into_iter().map(|e| e.name).collect())
+    }
+
+    /// Size and modification time of one object; `None` when it does not exist. The default lists the
+    /// object's "directory".
+    fn stat(&self, key: &str) -> Result<Option<Stat>> {
+        let (dir, name) = match key.rfind('/') {
+            Some(i) => (&key[..=i], &key[i + 1..]),
+            None => ("", key),
+        };
+        Ok(self
+            .list(dir)?
+            .into_iter()
+            .find(|e| e.name == name)
+            .map(|e| Stat {
+                size: e.size,
+                modified: e.modified,
+                identity: 0,
+            }))
+    }
+
     /// The "subdirectories" of `prefix` (names without the trailing `/`), for `packs/` and `tmp/`.
     fn list_dirs(&self, prefix: &str) -> Result<Vec<String>>;
 
@@ -143,6 +190,12 @@ pub trait Store: Send + Sync + fmt::Debug {
 
     /// Removes an object; a missing one is not an error.
     fn delete(&self, key: &str) -> Result<()>;
+
+    /// Removes many objects (a gc's sweep); missing ones are not errors. fs: one directory fsync per
+    /// directory rather than per file.
+    fn delete_many(&self, keys: &[String]) -> Result<()> {
+        keys.iter().try_for_each(|k| self.delete(k))
+    }
 
     /// Moves an object to another key (gc's quarantine). fs: rename. S3: copy, then delete.
     fn rename(&self, from: &str, to: &str) -> Result<()>;
@@ -157,6 +210,25 @@ pub trait Store: Send + Sync + fmt::Debug {
     /// The names under `prefix` whose registration is live (fs: the file's `flock` is held; S3: the lease was
     /// renewed within its bound).
     fn live(&self, prefix: &str) -> Result<Vec<String>>;
+
+    /// A value that changes whenever an object is added under `prefix`, for the index refresh: a lookup that
+    /// misses lists `index/` again only when it changed. fs: the directory's modification time. `None`: the
+    /// backend cannot say, and a miss lists again at most once per second
+    /// ([`crate::Repository::lookup`]).
+    fn change_hint(&self, _prefix: &str) -> Option<SystemTime> {
+        None
+    }
+
+    /// Makes an empty location ready to hold a repository, before `config` is written (fs: the directory,
+    /// its fixed subdirectories and the lock file). Object stores need nothing.
+    fn prepare(&self) -> Result<()> {
+        Ok(())
+    }
+
+    /// Checks, at open, what a repository needs beyond `config` (fs: its fixed subdirectories).
+    fn check_layout(&self) -> Result<()> {
+        Ok(())
+    }
 
     /// Whether the backend is a local file system (some operations, such as hard links of scratch files,
     /// are only offered there).
