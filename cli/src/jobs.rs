@@ -85,6 +85,9 @@ pub fn run(command: JobCommand) -> Result<()> {
                         record.job
                     )
                 }
+                Verdict::Failure if record.copy.is_some() => {
+                    bail!("job {}: the copy failed (see above)", record.job)
+                }
                 Verdict::Failure if record.health_check.is_some() => {
                     bail!(
                         "job {}: the health check found damage (see above)",
@@ -140,6 +143,15 @@ fn validate(file: &std::path::Path) -> Result<()> {
             "garbage collection (repack threshold {}%)",
             gc.repack_threshold.0
         ),
+        JobKind::Copy(copy) => format!(
+            "copy from {}{}",
+            copy.from,
+            if copy.vms.is_empty() {
+                String::new()
+            } else {
+                format!(" of {} VM pattern(s)", copy.vms.len())
+            }
+        ),
         JobKind::Backup { vms, images } => {
             let mut what = Vec::new();
             if !vms.is_empty() {
@@ -188,6 +200,24 @@ fn summary(record: &SessionRecord) -> String {
     );
     if let Some(check) = &record.health_check {
         out.push_str(&check_summary(check));
+        return out;
+    }
+    if let Some(copy) = &record.copy {
+        if let Some(report) = &copy.report {
+            out.push_str(&crate::copy::text(report));
+        }
+        if !copy.forgotten.is_empty() {
+            out.push_str(&format!(
+                "  retention forgot in the target: {}\n",
+                copy.forgotten.join(", ")
+            ));
+        }
+        for w in &copy.warnings {
+            out.push_str(&format!("  warning: {w}\n"));
+        }
+        if let Some(e) = &copy.error {
+            out.push_str(&format!("  error: {e}\n"));
+        }
         return out;
     }
     if let Some(gc) = &record.gc {

@@ -11,6 +11,7 @@
 //! (`--log-format json`); a run's warnings are logged once, when they happen, and not printed
 //! again after its summary.
 
+mod copy;
 mod daemon;
 mod demo;
 mod display;
@@ -91,6 +92,8 @@ enum Command {
     /// The passphrases of an encrypted repository: `key list`, `key add`, `key remove ID`.
     #[command(subcommand)]
     Key(key::KeyCommand),
+    /// Copy restore points into another repository (same ids; only the chunks it lacks are sent).
+    Copy(copy::Args),
     /// Check the repository: structure, and with --read-data every chunk's content.
     Verify(repo::VerifyArgs),
     /// Remove what no snapshot references (after `forget`), rewriting partly used packs. Runs next
@@ -289,6 +292,7 @@ fn execute(command: Command) -> Result<()> {
         Command::Snapshots(args) => repo::snapshots(args),
         Command::Key(command) => key::run(command),
         Command::Restore(args) => restore::run(args),
+        Command::Copy(args) => copy::run(args),
         Command::Verify(args) => repo::verify(args),
         Command::Forget(args) => forget::run(args),
         Command::Gc(args) => gc::run(args),

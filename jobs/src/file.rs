@@ -52,6 +52,14 @@
 //! gc: {repack_threshold: 20}          # rewrite packs at least 20% unused (default)
 //! schedule: ["0 4 * * 6"]
 //! ```
+//! or one that copies restore points into its repository from another ([`crate::copy`]):
+//! ```yaml
+//! name: offsite
+//! repository: /mnt/offsite/backflow  # the target
+//! copy: {from: /srv/backflow, vms: ["web*"]}
+//! retention: {keep_daily: 7}         # applied to the target
+//! schedule: "30 3 * * *"
+//! ```
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -59,6 +67,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use serde_saphyr::Spanned;
 
+use crate::copy::CopyJob;
 use crate::error::JobError;
 
 /// Largest job file, in bytes: the limit of specs ([`backflow_pipeline::input::MAX_SPEC_SIZE`]).
@@ -117,6 +126,9 @@ pub struct Job {
     /// Collect garbage in the repository instead of backing up.
     #[serde(default)]
     pub gc: Option<Spanned<GcJob>>,
+    /// Copy restore points from another repository into this one instead of backing up.
+    #[serde(default)]
+    pub copy: Option<Spanned<CopyJob>>,
 }
 
 /// What a job does: its file has exactly one of these.
@@ -131,6 +143,8 @@ pub enum JobKind<'a> {
     HealthCheck(&'a HealthCheck),
     /// Collect the repository's garbage.
     Gc(&'a GcJob),
+    /// Copy restore points from another repository into the job's.
+    Copy(&'a CopyJob),
 }
 
 /// How a backup freezes the guest's filesystems through the QEMU guest agent.
@@ -310,17 +324,23 @@ impl Job {
         self.gc.as_ref().map(|g| &g.value)
     }
 
-    /// Whether the job backs up nothing (a health check or a gc): it runs beside any backup.
+    /// The copy this job runs instead of backups, if it is one.
+    pub fn copy(&self) -> Option<&CopyJob> {
+        self.copy.as_ref().map(|c| &c.value)
+    }
+
+    /// Whether the job backs up nothing (a health check, a gc or a copy): it runs beside any backup.
     pub fn is_maintenance(&self) -> bool {
         !matches!(self.kind(), JobKind::Backup { .. })
     }
 
     /// What the job does ([`parse`] made sure it is one thing).
     pub fn kind(&self) -> JobKind<'_> {
-        match (self.health_check(), self.gc()) {
-            (Some(check), _) => JobKind::HealthCheck(check),
-            (None, Some(gc)) => JobKind::Gc(gc),
-            (None, None) => JobKind::Backup {
+        match (self.health_check(), self.gc(), self.copy()) {
+            (Some(check), _, _) => JobKind::HealthCheck(check),
+            (None, Some(gc), _) => JobKind::Gc(gc),
+            (None, None, Some(copy)) => JobKind::Copy(copy),
+            (None, None, None) => JobKind::Backup {
                 vms: &self.vms,
                 images: &self.images,
             },
@@ -392,13 +412,18 @@ pub fn parse(text: &str, file: &str) -> Result<Job, JobError> {
         let at = gc.referenced;
         kinds.push(("gc", Some((at.line(), at.column()))));
     }
+    if let Some(copy) = &job.copy {
+        let at = copy.referenced;
+        kinds.push(("copy", Some((at.line(), at.column()))));
+    }
     match kinds.as_slice() {
         [] => {
             return Err(JobError::invalid(
                 file,
                 None,
                 "a job needs `vms` (the VMs to back up), `images` (image files to back up), \
-                 `health_check` (to verify the repository) or `gc` (to collect its garbage)",
+                 `health_check` (to verify the repository), `gc` (to collect its garbage) or `copy` \
+                 (to copy restore points from another repository)",
             ));
         }
         [_] => {}
@@ -408,8 +433,8 @@ pub fn parse(text: &str, file: &str) -> Result<Job, JobError> {
                 Some(at.unwrap_or((1, 1))),
                 format!(
                     "{second}: a job does one thing: back up (`vms`, `images`), check the \
-                     repository (`health_check`) or collect its garbage (`gc`); this one already \
-                     has `{first}`; write two jobs"
+                     repository (`health_check`), collect its garbage (`gc`) or copy restore \
+                     points into it (`copy`); this one already has `{first}`; write two jobs"
                 ),
             ));
         }
@@ -423,6 +448,15 @@ pub fn parse(text: &str, file: &str) -> Result<Job, JobError> {
             &repository.display().to_string(),
             p.clone(),
         );
+    }
+    let mut job = job;
+    if let Some(copy) = &mut job.copy {
+        let at = copy.referenced;
+        let from = copy
+            .value
+            .location(relative_to)
+            .map_err(|e| JobError::invalid(file, Some((at.line(), at.column())), e))?;
+        copy.value.from = from.to_string();
     }
     Ok(Job {
         // Paths in a job file are relative to the file, as people expect of configuration.
@@ -664,6 +698,28 @@ mod tests {
     }
 
     #[test]
+    fn a_copy_job_reads_with_its_source_relative_to_the_file() {
+        let job = parse(
+            "name: offsite\nrepository: target\ncopy: {from: ../local, vms: [\"web*\"]}\n",
+            "/etc/backflow/offsite.yaml",
+        )
+        .unwrap();
+        let JobKind::Copy(copy) = job.kind() else {
+            panic!("not a copy job: {:?}", job.kind());
+        };
+        assert_eq!(copy.from, "/etc/backflow/../local");
+        assert_eq!(copy.vms, [Pattern("web*".into())]);
+        assert!(job.is_maintenance());
+        assert_eq!(job.repository, Path::new("/etc/backflow/target"));
+        let job = parse(
+            "name: offsite\nrepository: target\ncopy: {from: \"s3://bucket/site-a\"}\n",
+            "/etc/backflow/offsite.yaml",
+        )
+        .unwrap();
+        assert_eq!(job.copy().unwrap().from, "s3://bucket/site-a");
+    }
+
+    #[test]
     fn a_full_job_reads() {
         let job = parse(
             "name: nightly\nrepository: repo\nvms: [web01, \"db-*\"]\nexclude: [\"*-test\"]\n\
@@ -842,6 +898,21 @@ mod tests {
                 "name: a\nrepository: r\nvms: [x]\nfreeze: sometimes\n",
                 "j.yaml:4:",
                 "sometimes",
+            ),
+            (
+                "name: a\nrepository: r\ngc: {}\ncopy: {from: s}\n",
+                "j.yaml:4:7: ",
+                "already has `gc`",
+            ),
+            (
+                "name: a\nrepository: r\ncopy: {form: s}\n",
+                "j.yaml:3:",
+                "unknown field `form`",
+            ),
+            (
+                "name: a\nrepository: r\ncopy: {from: \"s3:/bucket\"}\n",
+                "j.yaml:3:7: ",
+                "copy.from: \"s3:/bucket\" is not a repository location",
             ),
         ];
         for (text, at, what) in cases {

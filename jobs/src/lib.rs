@@ -1,6 +1,7 @@
 //! Backup jobs: what to back up (VMs by name or glob, with exclusions, and image files, block
 //! devices and qcow2 images), where (a repository), how (a pipeline spec, with overrides of stage
-//! options) and when (cron schedules); or a health check or a garbage collection of a repository.
+//! options) and when (cron schedules); or a health check, a garbage collection of a repository, or
+//! a copy of restore points into it from another.
 //!
 //! # Layout
 //! - [`file`](mod@file): the job file, read with positions in every error; [`Job::kind`] says what it does.
@@ -11,8 +12,10 @@
 //!   may start now (one run per job, one backup per VM or image at a time); the clock is a
 //!   parameter.
 //! - [`validate`]: what can be checked of a job without running it (`backflow job validate`).
+//! - [`copy`]: copy jobs, restore points copied from another repository into the job's.
 //! - [`error`]: [`JobError`], what can go wrong around the pipelines.
 
+pub mod copy;
 pub mod error;
 pub mod file;
 pub mod run;
@@ -22,6 +25,7 @@ pub mod validate;
 
 /// The mail reports, and their readable times and durations for the callers' own output.
 pub use backflow_notify as notify;
+pub use copy::{CopyJob, CopyRecord};
 pub use error::JobError;
 pub use file::{Freeze, GcJob, ImageFormat, ImageSource, Job, JobKind, Percent, load, parse};
 pub use run::{

@@ -184,6 +184,9 @@ pub struct SessionRecord {
     /// What a gc job did (`None` for other jobs).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gc: Option<GcRecord>,
+    /// What a copy job did (`None` for other jobs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub copy: Option<crate::CopyRecord>,
 }
 
 /// What a gc job did.
@@ -260,6 +263,7 @@ pub fn run_job(job: &Job, options: &RunJobOptions) -> (SessionRecord, Result<(),
         notified: None,
         health_check: None,
         gc: None,
+        copy: None,
     };
     // Opened once, on first use: by a source's retention, else to record the session.
     let repo = OnceLock::new();
@@ -273,6 +277,26 @@ pub fn run_job(job: &Job, options: &RunJobOptions) -> (SessionRecord, Result<(),
             let (result, done) = collect(job, gc, &repo);
             record.result = result;
             record.gc = Some(done);
+        }
+        crate::JobKind::Copy(copy) => {
+            let done = match open(job, &repo) {
+                Ok(target) => crate::copy::run_copy(job, copy, target, &options.cancel),
+                Err(e) => crate::CopyRecord {
+                    from: copy.from.clone(),
+                    seconds: 0.0,
+                    report: None,
+                    forgotten: Vec::new(),
+                    warnings: Vec::new(),
+                    error: Some(e.to_string()),
+                },
+            };
+            record.result = match (&done.error, done.warnings.is_empty()) {
+                (Some(_), _) if options.cancel.is_cancelled() => Verdict::Cancelled,
+                (Some(_), _) => Verdict::Failure,
+                (None, false) => Verdict::Warning,
+                (None, true) => Verdict::Success,
+            };
+            record.copy = Some(done);
         }
         crate::JobKind::Backup { .. } => {
             let planned;
@@ -637,7 +661,7 @@ fn run_source(job: &Job, source: &Source, cancel: &CancelToken, repo: &SharedRep
 }
 
 /// Applies the retention policy to `vm`'s snapshots; returns the ids it forgot.
-fn retain(
+pub(crate) fn retain(
     repo: &Repository,
     vm: &str,
     policy: &backflow_repository::KeepPolicy,
@@ -697,6 +721,9 @@ fn mail(record: &SessionRecord) -> backflow_notify::Session {
     if let Some(gc) = &record.gc {
         vms.push(gc_row(gc, record.result));
     }
+    if let Some(copy) = &record.copy {
+        vms.push(copy_row(copy, record.result));
+    }
     if let Some(e) = &record.error {
         // Nothing ran: the session failed as a whole.
         let mut failed = VmReport::new("(job)", Outcome::Failure);
@@ -733,6 +760,30 @@ fn gc_row(gc: &GcRecord, result: Verdict) -> backflow_notify::VmReport {
                 r.chunks_unsalvageable
             ));
         }
+    }
+    row
+}
+
+/// A copy as the mail's one row: what it sent, and what retention forgot in the target.
+fn copy_row(copy: &crate::CopyRecord, result: Verdict) -> backflow_notify::VmReport {
+    let mut row =
+        backflow_notify::VmReport::new(format!("(copy from {})", copy.from), outcome(result));
+    row.duration = duration(copy.seconds);
+    row.error = copy.error.clone();
+    row.warnings = copy.warnings.clone();
+    if let Some(r) = &copy.report {
+        row.bytes_read = r.bytes_read;
+        row.bytes_written = r.bytes_sent;
+        row.notes.push(format!(
+            "{} snapshots copied, {} already there; {} chunks sent, {} already there",
+            r.snapshots_copied, r.snapshots_skipped, r.chunks_sent, r.chunks_present
+        ));
+    }
+    if !copy.forgotten.is_empty() {
+        row.notes.push(format!(
+            "retention forgot {} in the target",
+            copy.forgotten.join(", ")
+        ));
     }
     row
 }

@@ -33,11 +33,15 @@ pub struct Validation {
 /// Checks `job` (read from `file`) at time `now`.
 pub fn validate(job: &Job, file: &str, now: i64) -> Validation {
     let mut found = Validation::default();
-    if let Err(e) = Repository::open(&job.repository) {
+    let target = Repository::open(&job.repository);
+    if let Err(e) = &target {
         found.errors.push(format!(
             "{file}: repository: {e} (create one with `backflow init --repo {}`)",
             job.repository.display()
         ));
+    }
+    if let JobKind::Copy(copy) = job.kind() {
+        check_copy(copy, target.ok().as_ref(), file, &mut found);
     }
     if let JobKind::Backup { vms, images } = job.kind() {
         let mut sources = Vec::new();
@@ -67,6 +71,53 @@ pub fn validate(job: &Job, file: &str, now: i64) -> Validation {
             .push((schedule.text.clone(), next_times(schedule, now, NEXT_RUNS)));
     }
     found
+}
+
+/// A copy's source opens, has the target's chunk size, and holds snapshots of each of `vms` (a
+/// warning when a pattern matches none: they may come).
+fn check_copy(
+    copy: &crate::CopyJob,
+    target: Option<&Repository>,
+    file: &str,
+    found: &mut Validation,
+) {
+    let source = match copy
+        .location(std::path::Path::new(""))
+        .and_then(|l| Repository::open_at(&l).map_err(|e| format!("copy.from: {e}")))
+    {
+        Ok(source) => source,
+        Err(e) => {
+            found.errors.push(format!("{file}: {e}"));
+            return;
+        }
+    };
+    if let Some(target) = target
+        && source.chunk_size() != target.chunk_size()
+    {
+        found.errors.push(format!(
+            "{file}: copy.from: {} has {}-byte chunks, the job's repository {}-byte chunks; copies \
+             between them are refused (make the target with `backflow init --chunk-size {}`)",
+            copy.from,
+            source.chunk_size(),
+            target.chunk_size(),
+            source.chunk_size()
+        ));
+    }
+    let identities: Vec<String> = match source.list_snapshots() {
+        Ok(list) => list.into_iter().map(|s| s.vm).collect(),
+        Err(e) => {
+            found.errors.push(format!("{file}: copy.from: {e}"));
+            return;
+        }
+    };
+    for pattern in &copy.vms {
+        if !identities.iter().any(|vm| pattern.matches(vm)) {
+            found.warnings.push(format!(
+                "copy.vms: `{}` matches no snapshot in {} now",
+                pattern.0, copy.from
+            ));
+        }
+    }
 }
 
 /// Warns about each pattern that matches no VM; returns the first VM selected, to load the spec

@@ -265,20 +265,20 @@ pub(crate) fn write_list<const N: usize>(
     let mut hasher = blake3::Hasher::new();
     let header = list_header::<N>(cycle);
     hasher.update(&header);
-    out.write_all(&header).ctx("write", &tmp)?;
+    out.write_all(&header).ctx("write", tmp)?;
     let mut n = 0u64;
     while let Some(r) = records.next_record()? {
         hasher.update(&r);
-        out.write_all(&r).ctx("write", &tmp)?;
+        out.write_all(&r).ctx("write", tmp)?;
         n += 1;
     }
     hasher.update(&n.to_le_bytes());
-    out.write_all(&n.to_le_bytes()).ctx("write", &tmp)?;
+    out.write_all(&n.to_le_bytes()).ctx("write", tmp)?;
     out.write_all(hasher.finalize().as_bytes())
-        .ctx("write", &tmp)?;
+        .ctx("write", tmp)?;
     let file = out
         .into_inner()
-        .map_err(|e| RepoError::io("write", &tmp, e.into_error()))?;
+        .map_err(|e| RepoError::io("write", tmp, e.into_error()))?;
     drop(file);
     store.publish(tmp, key, PutMode::Replace)?;
     Ok(n)

@@ -5,13 +5,25 @@
 //! is a manifest listing, for every chunk of every disk, the digest of its contents. This crate is the only
 //! code that reads or writes the format; this page is its design document.
 //!
+//! ## Where a repository lives
+//! A repository is a set of *objects* named by `/`-separated keys (`config`, `packs/3f/3fa2….pack`), in a
+//! [`store::Store`]: a local (or POSIX cluster) directory, where a key is a file ([`store::FsStore`]), or an
+//! S3 bucket and prefix (`s3://BUCKET/PREFIX`), where it is an object. Everything below is written in keys and
+//! holds on both; where a guarantee rests on something only one backend has, the section says how the other
+//! keeps it. What a store promises (durable when a write returns, whole or absent, create never replaces,
+//! listings see every completed write) is in the [`store`] module; its backends say how they keep it. Work in
+//! progress (chunk tables, packs being filled, spilled sort runs) is never in the store but in local
+//! *scratch* ([`store::Store::scratch_root`]: `tmp/` of a local repository, `$BACKFLOW_SCRATCH_DIR` or
+//! `/var/tmp/backflow` for S3), and reaches the store only whole.
+//!
 //! ## Goals that shaped the format
-//! - **Nothing committed is lost by a later failure.** Files are written once under a temporary name, fsynced,
-//!   renamed, and never modified again. The manifest is written last, so it only names durable data.
+//! - **Nothing committed is lost by a later failure.** Objects are written once, whole and durably
+//!   ([`store::Store::publish`]: fs fsyncs and renames or links; S3 uploads), and never modified again. The
+//!   manifest is written last, so it only names durable data.
 //! - **Memory does not grow with the repository.** Index files and manifests are searched and read in place
 //!   with positioned reads; only fixed-size tables (a 2 KiB fanout per index file) are held in memory.
-//! - **Concurrent backups need no coordination.** Every file a session creates has a fresh random name; no
-//!   file is shared and modified. Two hosts backing up into one repository only share a read lock.
+//! - **Concurrent backups need no coordination.** Every object a session creates has a fresh random name;
+//!   no object is shared and modified. Two hosts backing up into one repository only share a read lock.
 //! - **Damage is found, named and contained.** Every file has a magic, a version and a checksum; every read
 //!   checks lengths and offsets before using them; a damaged file affects the chunks it holds, not the rest.
 //! - **Damage never spreads.** A restore point whose chunks can be read restores, whatever else is damaged;
@@ -25,21 +37,26 @@
 //! config.copy                 the same text and a checksum line: the second copy (see `config`)
 //! damaged                     damage marks: copies of chunks that verify found damaged (see Damaged chunks)
 //! keys/<id>.key               an encrypted repository's master key, sealed under one passphrase (JSON)
-//! lock                        empty; flock'ed shared by backups, exclusively by gc / index rebuild
+//! lock                        empty; flock'ed shared by backups, exclusively by gc / index rebuild (fs;
+//!                             on S3 the lock is leases under locks/lock/, see Locking)
 //! packs/XX/<pack id>.pack     immutable chunk containers (XX = first two hex digits of the id)
 //! index/<session id>.idx      one per committed session: digest -> (pack, offset, lengths, codec)
 //! index/rebuild-<hex>.idx     the single index written by `rebuild_index`, replacing all others
 //! snapshots/<snapshot id>.snap  one manifest per restore point
 //! tmp/<session id>/           scratch of a running session: chunk tables, unfinished packs, temp files
 //! tmp/recovery-<hex>/         a handle's recovery index, while it lives (see Reading after damage)
-//! users/<pid>-<hex>           one per open repository handle, flocked while it is open (see gc)
+//! users/<pid>-<hex>           one per open repository handle, held while it is open (see gc)
+//! sessions/<id>.json          job session records (see `history`)
+//! locks/<name>/…              S3 only: the leases that stand in for flock (see Locking)
 //! gc/                         garbage collection: run.lock, fence, and while a cycle is pending state.json,
 //!                             condemned, doomed-packs, forgotten/<snapshot id>.snap
 //! quarantine/packs/XX/<pack id>.pack  packs whose header, trailer or footer is damaged, moved here by a gc
 //!                             after it salvaged what snapshots use; read by nothing, deleted only by
 //!                             `gc --drop-quarantine`
 //! ```
-//! Pack ids are 128 random bits (32 hex digits). Snapshot ids are `YYYYMMDDTHHMMSSZ-xxxxxx`: the UTC second
+//! A local repository has these as files and directories (`packs/`, `index/`, `snapshots/` and `tmp/` exist
+//! from `init` on); in S3 they are objects under the prefix, and "directories" are key prefixes. Pack ids are
+//! 128 random bits (32 hex digits). Snapshot ids are `YYYYMMDDTHHMMSSZ-xxxxxx`: the UTC second
 //! the backup began and 24 random bits, so `ls snapshots/` is chronological; the session id is the same string.
 //! The 256 pack subdirectories keep directories small: a 100 TiB repository has about 3 million packs of
 //! 32 MiB, 12,000 per directory.
@@ -50,8 +67,9 @@
 //!
 //! ## `config`
 //! JSON (`{"format":"backflow-repository","version":1,"id":…,"chunk_size":…,"pack_target_size":…}`), written
-//! through `config.tmp` and a rename as the last step of `init`: a directory without `config` is not a
-//! repository, so an interrupted `init` can simply be repeated. It is written twice: `config.copy` (first)
+//! whole ([`store::Store::put`]) as the last step of `init`: a location without `config` is not a
+//! repository, so an interrupted `init` can simply be repeated (`init` refuses a directory that is not
+//! empty, or a prefix that holds objects). It is written twice: `config.copy` (first)
 //! holds the same text followed by a line `checksum <BLAKE3 of the text, hex>`. A reader uses the copy whose
 //! checksum holds when `config` is unreadable or differs from it (changed after it was written), and
 //! `config` when the copy is damaged or missing (repositories of earlier releases), with a warning either
@@ -101,9 +119,11 @@
 //!
 //! Each committed session writes one index file for the packs it wrote. Index files are never modified, so
 //! concurrent sessions need no lock to add theirs. A [`Repository`] lists `index/` on its first lookup, not at
-//! open, and lists it again when a lookup misses and the directory's modification time changed (or is so
-//! recent that a coarse timestamp could hide a change): a long-running backup dedups against chunks that
-//! other processes committed after it started, while a hit costs no system call beyond the search.
+//! open, and lists it again when a lookup misses and `index/` may have changed
+//! ([`store::Store::change_hint`]): on fs, when the directory's modification time changed (or is so recent
+//! that a coarse timestamp could hide a change); on S3, which has no such time, at most once a second. A
+//! long-running backup dedups against chunks that other processes committed after it started, while a hit
+//! costs no request beyond the search.
 //! [`Repository::refresh`] lists at once. Opening an index checks header, length and fanout, not the checksum
 //! (which would read the file); `verify` checks checksums, and an index that cannot be opened is skipped
 //! with a warning (its chunks are not deduplicated against, and are reported by `verify`).
@@ -141,15 +161,21 @@
 //! are read unchanged and keep those names. A snapshot is named by its id, any prefix only its id starts
 //! with, or `latest` of an identity ([`Repository::resolve_snapshot`]: one rule for every command and stage).
 //!
-//! During a session each disk's table is a sparse scratch file (`tmp/SESSION/disk-N.table`) pre-sized to its
+//! During a session each disk's table is a sparse scratch file (`SCRATCH/SESSION/disk-N.table`) pre-sized to its
 //! entry count, all zero, written with `pwrite` by any thread in any order; commit copies it into the manifest.
 //!
 //! ## Commit order and crash consistency
-//! 1. Each pack: written under `tmp/SESSION/ID.pack.tmp`, fsynced, renamed to `packs/XX/ID.pack`, directory
-//!    fsynced. Only then are its entries handed to the session.
-//! 2. The index file: `tmp/SESSION/index.tmp`, fsynced, renamed to `index/SESSION.idx`, directory fsynced.
-//! 3. The manifest: `tmp/SESSION/manifest.tmp`, fsynced, hard-linked to `snapshots/ID.snap` (a link never
-//!    replaces an existing name, unlike rename), directory fsynced. This is the commit point.
+//! 1. Each pack: written in scratch (`SCRATCH/SESSION/ID.pack.tmp`) and published as `packs/XX/ID.pack`
+//!    (fs: fsynced, linked into place, directory fsynced; S3: uploaded). Only then are its entries handed to
+//!    the session.
+//! 2. The index file: `SCRATCH/SESSION/index.tmp`, published as `index/SESSION.idx`.
+//! 3. The manifest: `SCRATCH/SESSION/manifest.tmp`, published as `snapshots/ID.snap` in create mode (fs: a
+//!    hard link, which never replaces an existing name; S3: `If-None-Match: *` after a HEAD; the id's 24
+//!    random bits keep two sessions apart even on a store that ignores the header, as Garage does). Right
+//!    before it the session checks that its handle's registration in `users/` is still held
+//!    ([`store::Lease::is_held`]: always on fs; on S3, renewed within its bound), since a gc may have given up
+//!    on a handle whose lease ran out and deleted chunks the manifest references; it fails cleanly otherwise.
+//!    Publishing the manifest is the commit point.
 //! 4. The scratch directory is removed.
 //!
 //! Every chunk a manifest references is either in this session's packs (durable before step 2) or was found
@@ -162,17 +188,25 @@
 //! were never stored.
 //!
 //! ## Locking
-//! - Backup sessions, `forget` and `gc` hold a shared `flock` on `lock`; [`Repository::rebuild_index`] takes
-//!   it exclusively, so it never re-indexes packs of a running session. All use `try_lock`: a conflict is an
-//!   immediate, retryable [`RepoError::Locked`], never a hang. One gc at a time: `gc/run.lock`.
-//! - Each session holds an exclusive `flock` on its scratch directory. The kernel releases it when the process
-//!   dies, so a free lock means an abandoned directory.
-//! - Readers (list, open, lookup, read, verify) take no lock: committed files are immutable, and a gc deletes
-//!   nothing a registered handle could have seen (below).
+//! - Backup sessions, `forget` and `gc` hold the repository lock `lock` shared; [`Repository::rebuild_index`]
+//!   takes it exclusively, so it never re-indexes packs of a running session. All use
+//!   [`store::Store::lock`] without waiting: a conflict is an immediate, retryable [`RepoError::Locked`], never
+//!   a hang. One gc at a time: `gc/run.lock`.
+//! - How a lock is held: on fs, a `flock` on the file of that name, which the kernel releases when the
+//!   process dies however it dies. On S3, a lease: the taker writes its own object under `locks/NAME/`
+//!   (fresh random name, a timestamp, shared or exclusive), then lists the prefix; a conflicting live lease
+//!   makes it delete its own and fail. Of two racing takers the one that lists second sees the other, so
+//!   read-after-write consistency of PUT and LIST is enough (no conditional write is trusted). A lease is
+//!   renewed in the background and counts as gone when older than its bound (`BACKFLOW_LEASE_SECONDS`,
+//!   default 60), so a dead holder frees it; the store refuses leases when its clock and this host's differ by
+//!   more than a bound. Handles register the same way in `users/`.
+//! - Each session holds an exclusive `flock` on its scratch directory (local on every backend). The kernel
+//!   releases it when the process dies, so a free lock means an abandoned directory.
+//! - Readers (list, open, lookup, read, verify) take no lock: committed objects are immutable, and a gc
+//!   deletes nothing a registered handle could have seen (below).
 //!
 //! ## Forgetting snapshots
-//! [`Repository::forget`] unlinks one manifest `snapshots/<id>.snap` and fsyncs `snapshots/`; nothing else
-//! changes. Every snapshot is a logical full, so no other snapshot depends on it; its chunks stay in their packs
+//! [`Repository::forget`] deletes one manifest `snapshots/<id>.snap`, durably; nothing else changes. Every snapshot is a logical full, so no other snapshot depends on it; its chunks stay in their packs
 //! (and keep serving as dedup targets) until a garbage collection removes what no manifest references. Forget
 //! takes the shared lock like a backup and runs next to backups and gc ("Garbage collection" says how the two
 //! meet). Which snapshots to forget is a pure policy, [`plan`] with a [`KeepPolicy`]
@@ -212,13 +246,17 @@
 //!    moved to `quarantine/`. The state files go last.
 //!
 //! Why this is safe:
-//! - Every [`Repository`] handle registers itself in `users/` with a file it holds `flock`ed until it is
-//!   dropped; the kernel frees the lock when the process dies. A backup's lookups, its parent snapshot and
+//! - Every [`Repository`] handle registers itself in `users/` ([`store::Store::register`]) until it is
+//!   dropped: on fs a file it holds `flock`ed, which the kernel frees when the process dies; on S3 a lease
+//!   renewed in the background. A registration that is not live ([`store::Store::live`]: its `flock` is free,
+//!   or its lease ran out) counts as gone, and a session whose own registration is no longer held does not
+//!   commit (step 3 of the commit order), so a handle the gc stopped waiting for cannot commit a manifest
+//!   that references what the sweep deletes. A backup's lookups, its parent snapshot and
 //!   its unindexed packs all come through a handle. A handle open before the condemned chunks left the index
 //!   is listed, and the sweep waits for it; whatever its backup committed by then is read by the sweep.
 //!   A handle opened later cannot find condemned chunks through the index, only through a manifest committed
 //!   by an earlier handle, which the sweep reads too.
-//! - `forget` takes `gc/fence` shared, the gc takes it exclusively while it publishes a cycle and while the
+//! - `forget` takes the lock `gc/fence` shared, the gc takes it exclusively while it publishes a cycle and while the
 //!   sweep reads the new snapshots. While a cycle is pending, `forget` moves the manifest to `gc/forgotten/`
 //!   instead of deleting it, so a snapshot a later backup took as its parent cannot vanish from the sweep's
 //!   sight. (A forgotten manifest that cannot be read is skipped: no backup could have opened it either.)
@@ -336,8 +374,7 @@
 //! pack that is missing, truncated or damaged. [`Repository::verify_and_mark`] (what `backflow verify` and
 //! health-check jobs run) records each as `digest pack offset` in the text file `damaged` at the root (header
 //! `backflow-damaged 2`, one mark per line, sorted, then a checksum line), merged with the marks already there
-//! under an exclusive `flock` on `damaged.lock`, written through `damaged.tmp`, fsynced and renamed like every
-//! other file. Marks are locations, never digests. `verify` adds them, and with `read_data` drops those whose
+//! under the exclusive lock `damaged.lock`, written whole and durably like every other object. Marks are locations, never digests. `verify` adds them, and with `read_data` drops those whose
 //! copy reads back whole; a gc drops the marks of the packs it deleted and of quarantined copies whose chunk
 //! it salvaged, and keeps those of chunks it could not salvage.
 //!
@@ -348,7 +385,8 @@
 //!   chunks without a healthy copy instead of referencing them unchanged;
 //! - older snapshots reference the same digest, so they restore from the new copy; no manifest changes.
 //!
-//! A handle reads `damaged` at its first lookup and checks at most once a second whether it was replaced,
+//! A handle reads `damaged` at its first lookup and checks at most once a second whether it was replaced
+//! ([`store::Store::stat`]),
 //! so a running backup sees new marks within a second. `verify` reports a damaged
 //! copy that has a healthy copy elsewhere as healed ([`ChunkProblem::healed`]): it affects no restore point
 //! and does not fail the check. A `damaged` file that is damaged blocks nothing: readers go on with the marks
@@ -363,11 +401,15 @@
 //! `gc` is the collection's run; `gc_state` what it shares with every handle (the registry of open handles,
 //! the pending cycle's state and lists, the fence, the quarantine) and `lock` the repository's locks: neither
 //! uses the handle or the gc, so that those depend on them and not on each other. `verify` runs its passes
-//! one method each. `sort` (external sort), `scratch`, `format` (binary helpers), `ids`, `names`,
-//! `retention`, `types` and `error` serve them all. Encryption: `crypto` (keys, keyed ids, the sealed
-//! layout), `keys` (key files, the passphrase), `store/sealed` (the wrapper).
+//! one method each. `copy` copies restore points from another repository through a session that keeps their
+//! id, time and host (a commit that finds the id taken fails instead of choosing another). `sort` (external
+//! sort), `scratch`, `format` (binary helpers), `ids`, `names`, `retention`, `types` and `error` serve them
+//! all. `store` is the seam to the storage: the traits, a backend per kind of storage (`store/fs.rs` is the
+//! only module that touches a repository's files), and where a location string leads. Encryption: `crypto`
+//! (keys, keyed ids, the sealed layout), `keys` (key files, the passphrase), `store/sealed` (the wrapper).
 
 mod config;
+mod copy;
 pub mod crypto;
 mod damaged;
 mod error;
@@ -398,6 +440,12 @@ pub use config::{
     CHUNK_SIZE_ALIGN, CONFIG_VERSION, DEFAULT_CHUNK_SIZE, DEFAULT_PACK_TARGET_SIZE, InitOptions,
     MAX_CHUNK_SIZE, MAX_PACK_TARGET_SIZE, MAX_STORED_LEN, MIN_CHUNK_SIZE, MIN_PACK_TARGET_SIZE,
     RepositoryConfig,
+};
+#[cfg(feature = "test-hooks")]
+pub use copy::KILL_AFTER as COPY_KILL_AFTER;
+pub use copy::{
+    COPY_BATCH, COPY_QUEUE_BATCHES, ChunkEncoder, CopiedSnapshot, CopyError, CopyOptions,
+    CopyReport, DEFAULT_COPY_WORKERS, RECENT_SENT, copy,
 };
 pub use damaged::{DamageMarks, DamagedCopy};
 pub use error::{RepoError, Result};

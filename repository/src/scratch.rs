@@ -56,8 +56,8 @@ pub(crate) fn create(tmp: &Path, mut name: impl FnMut() -> String) -> Result<(Pa
 /// Removes the scratch directories of sessions that no longer run; returns how many.
 pub(crate) fn remove_stale(tmp: &Path) -> Result<usize> {
     let mut removed = 0;
-    for entry in std::fs::read_dir(&tmp).ctx("list", &tmp)? {
-        let entry = entry.ctx("list", &tmp)?;
+    for entry in std::fs::read_dir(tmp).ctx("list", tmp)? {
+        let entry = entry.ctx("list", tmp)?;
         let path = entry.path();
         if !entry.file_type().ctx("stat", &path)?.is_dir() {
             continue;

@@ -151,6 +151,8 @@ pub struct BackupSession {
     hostname: String,
     disks: RwLock<Vec<DiskSlot>>,
     leave_scratch: AtomicBool,
+    /// The snapshot id a copy keeps ([`BackupSession::keep_identity`]); `None`: the session's own id.
+    kept_id: Option<String>,
 }
 
 impl std::fmt::Debug for BackupSession {
@@ -209,7 +211,18 @@ impl BackupSession {
             hostname: hostname(),
             disks: RwLock::new(Vec::new()),
             leave_scratch: AtomicBool::new(false),
+            kept_id: None,
         })
+    }
+
+    /// Makes the commit keep the identity of a restore point copied from another repository: its id, time
+    /// and host (`crate::copy`). The id is never exchanged for a fresh one: a commit that finds it taken
+    /// fails, so one restore point never exists under two ids in one repository.
+    pub(crate) fn keep_identity(&mut self, id: &str, time: i64, time_nanos: u32, hostname: &str) {
+        self.kept_id = Some(id.to_owned());
+        self.time = time;
+        self.time_nanos = time_nanos;
+        self.hostname = hostname.to_owned();
     }
 
     /// The session's id, which is also the snapshot id at commit (unless that name was taken meanwhile).
@@ -416,7 +429,10 @@ impl BackupSession {
 
         let disks = self.disks.read().unwrap_or_else(|e| e.into_inner());
         let mut meta = SnapshotMeta {
-            id: self.shared.id.clone(),
+            id: self
+                .kept_id
+                .clone()
+                .unwrap_or_else(|| self.shared.id.clone()),
             vm: self.vm.clone(),
             time: self.time,
             time_nanos: self.time_nanos,
@@ -430,7 +446,11 @@ impl BackupSession {
         let mut placed = false;
         for _ in 0..16 {
             let key = snapshot_key(&meta.id);
+            let taken = |id: &str| failed(format!("snapshot {id} already exists"));
             if store.exists(&key)? {
+                if self.kept_id.is_some() {
+                    return Err(taken(&meta.id));
+                }
                 meta.id = snapshot_id(self.time, random_suffix());
                 continue;
             }
@@ -452,6 +472,9 @@ impl BackupSession {
             match store.publish(&tmp, &key, PutMode::Create) {
                 Ok(()) => {}
                 Err(e) if is_exists(&e) => {
+                    if self.kept_id.is_some() {
+                        return Err(taken(&meta.id));
+                    }
                     meta.id = snapshot_id(self.time, random_suffix());
                     continue;
                 }

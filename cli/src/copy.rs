@@ -1,0 +1,122 @@
+//! `backflow copy`: restore points copied into another repository (see the repository crate's `copy`
+//! module for what a copy keeps and sends).
+//!
+//! `--from` defaults to `BACKFLOW_REPOSITORY`, the repository an operator works with day to day: the
+//! local one, which off-site copies are taken from. `--to` is always given: a copy's destination is
+//! never implied.
+
+use std::fmt::Write as _;
+
+use anyhow::Result;
+use backflow_jobs::copy::ZstdEncoder;
+use backflow_repository::{CopyOptions, CopyReport, DEFAULT_COPY_WORKERS, Location, Repository};
+
+use crate::BadInput;
+use crate::display::bytes;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// The repository copied from: a directory or s3://BUCKET/PREFIX.
+    #[arg(long, env = crate::REPO_ENV, value_name = "REPO")]
+    from: String,
+    /// The repository copied into (made by `backflow init` with the chunk size of the disks
+    /// copied): a directory or s3://BUCKET/PREFIX.
+    #[arg(long, value_name = "REPO")]
+    to: String,
+    /// Every snapshot of this VM (image name or path); repeat for more. With neither --vm nor
+    /// --snapshot: every snapshot.
+    #[arg(long = "vm", value_name = "NAME")]
+    vms: Vec<String>,
+    /// This snapshot (an id, a unique prefix, or `latest` with one --vm); repeat for more.
+    #[arg(long = "snapshot", value_name = "ID")]
+    snapshots: Vec<String>,
+    /// Threads reading, verifying, compressing and storing chunks.
+    #[arg(long, default_value_t = DEFAULT_COPY_WORKERS as u16,
+          value_parser = clap::value_parser!(u16).range(1..=256))]
+    workers: u16,
+    /// The report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let from = open("--from", &args.from)?;
+    let to = open("--to", &args.to)?;
+    if let (Some(a), Some(b)) = (
+        from.path().canonicalize().ok(),
+        to.path().canonicalize().ok(),
+    ) && a == b
+        && from.location().is_local()
+        && to.location().is_local()
+    {
+        return Err(BadInput::new(format!(
+            "--from and --to are the same repository ({}); a copy needs two",
+            args.to
+        ))
+        .into());
+    }
+    let options = CopyOptions {
+        vms: args.vms,
+        snapshots: args.snapshots,
+        workers: usize::from(args.workers),
+    };
+    let report =
+        backflow_repository::copy(&from, &to, &options, &ZstdEncoder::factory(), &|| false)
+            .map_err(|e| -> anyhow::Error {
+                if e.is_refusal() {
+                    BadInput::new(e.to_string()).into()
+                } else {
+                    e.into()
+                }
+            })?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", text(&report));
+    }
+    Ok(())
+}
+
+/// Opens `--from` or `--to`: a path with the same help as `--repo` everywhere, or an S3 location.
+fn open(flag: &str, given: &str) -> Result<Repository> {
+    let location = Location::parse(given).map_err(|e| BadInput::new(format!("{flag}: {e}")))?;
+    match &location {
+        Location::Local(path) => crate::open_repo(path),
+        Location::S3(_) => Repository::open_at(&location)
+            .map_err(|e| anyhow::Error::new(e).context(format!("opening repository {location}"))),
+    }
+}
+
+/// The report for people: one line per snapshot copied, then the totals, as `backflow run` ends.
+pub fn text(r: &CopyReport) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "copied {} snapshots from {} to {} in {:.1}s ({} already there)",
+        r.snapshots_copied, r.from, r.to, r.seconds, r.snapshots_skipped
+    );
+    for s in r.snapshots.iter().filter(|s| s.copied) {
+        let _ = writeln!(
+            out,
+            "  snapshot {} of {}: sent {} chunks ({} stored), {} already there, {} zero",
+            s.id,
+            s.vm,
+            s.chunks_sent,
+            bytes(s.bytes_sent),
+            s.chunks_present,
+            s.chunks_zero
+        );
+    }
+    let _ = writeln!(
+        out,
+        "  read {} from {}, sent {} ({} of data) to {}; {} chunks sent, {} already there",
+        bytes(r.bytes_read),
+        r.from,
+        bytes(r.bytes_sent),
+        bytes(r.plain_bytes_sent),
+        r.to,
+        r.chunks_sent,
+        r.chunks_present
+    );
+    out
+}
