@@ -56,6 +56,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use backflow_repository::Location;
 use serde::Deserialize;
 use serde_saphyr::Spanned;
 
@@ -71,7 +72,9 @@ pub struct Job {
     pub name: JobName,
     #[serde(default = "default_uri")]
     pub uri: String,
-    pub repository: PathBuf,
+    /// A path (relative to the job file) or `s3://BUCKET/PREFIX`.
+    #[serde(deserialize_with = "location")]
+    pub repository: Location,
     /// The VMs to back up.
     #[serde(default)]
     pub vms: Vec<Pattern>,
@@ -221,6 +224,13 @@ impl<'de> Deserialize<'de> for ImageSource {
         }
         d.deserialize_any(Visitor)
     }
+}
+
+/// `repository:` as [`Location::parse`] reads it, so that a malformed `s3://` is this file's error
+/// at its line, never a relative path.
+fn location<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Location, D::Error> {
+    let text = String::deserialize(d)?;
+    Location::parse(&text).map_err(|e| serde::de::Error::custom(format!("repository: {e}")))
 }
 
 /// `schedule: "0 2 * * *"` or `schedule: ["0 2 * * *", "0 4 * * 0"]`.
@@ -411,8 +421,12 @@ pub fn parse(text: &str, file: &str) -> Result<Job, JobError> {
     }
     let relative_to = Path::new(file).parent().unwrap_or(Path::new("."));
     Ok(Job {
-        // Paths in a job file are relative to the file, as people expect of configuration.
-        repository: relative_to.join(&job.repository),
+        // Paths in a job file are relative to the file, as people expect of configuration; an
+        // `s3://` location is relative to nothing.
+        repository: match &job.repository {
+            Location::Local(path) => Location::Local(relative_to.join(path)),
+            s3 => s3.clone(),
+        },
         spec: job.spec.as_ref().map(|s| relative_to.join(s)),
         images: job
             .images
@@ -631,6 +645,17 @@ mod tests {
     }
 
     #[test]
+    fn an_s3_repository_is_not_joined_to_the_files_directory() {
+        let job = parse(
+            "name: j\nrepository: s3://backups/site-a\nvms: [x]\n",
+            "/etc/backflow/jobs/j.yaml",
+        )
+        .unwrap();
+        assert_eq!(job.repository.to_string(), "s3://backups/site-a");
+        assert!(!job.repository.is_local());
+    }
+
+    #[test]
     fn a_full_job_reads() {
         let job = parse(
             "name: nightly\nrepository: repo\nvms: [web01, \"db-*\"]\nexclude: [\"*-test\"]\n\
@@ -640,7 +665,10 @@ mod tests {
         )
         .unwrap();
         assert_eq!(job.name.0, "nightly");
-        assert_eq!(job.repository, Path::new("/etc/backflow/jobs/repo"));
+        assert_eq!(
+            job.repository,
+            Location::Local("/etc/backflow/jobs/repo".into())
+        );
         assert_eq!(job.uri, "qemu:///system");
         assert_eq!(job.parallel, Parallel(2));
         assert!(job.exclude_disks[0].excludes("web01", "vdb"));
@@ -758,6 +786,17 @@ mod tests {
                 "name: a\nrepository: r\nvms: [x]\nexclude_disks: [\"db01:\"]\n",
                 "j.yaml:4:",
                 "expected TARGET (vdb) or VM:TARGET",
+            ),
+            (
+                "name: a\nrepository: s3:/backups\nvms: [x]\n",
+                "j.yaml:2:13: ",
+                "repository: \"s3:/backups\" is not a repository location: an S3 location is \
+                 written s3://BUCKET",
+            ),
+            (
+                "name: a\nrepository: s3://Backups/x\nvms: [x]\n",
+                "j.yaml:2:13: ",
+                "lowercase",
             ),
             (
                 "name: a b\nrepository: r\nvms: [x]\n",

@@ -33,11 +33,16 @@ pub struct Validation {
 /// Checks `job` (read from `file`) at time `now`.
 pub fn validate(job: &Job, file: &str, now: i64) -> Validation {
     let mut found = Validation::default();
-    if let Err(e) = Repository::open(&job.repository) {
-        found.errors.push(format!(
-            "{file}: repository: {e} (create one with `backflow init --repo {}`)",
-            job.repository.display()
-        ));
+    if let Err(e) = Repository::open_at(&job.repository) {
+        // The fix is `init` where a directory is missing; a store's own error says what is wrong.
+        found.errors.push(if job.repository.is_local() {
+            format!(
+                "{file}: repository: {e} (create one with `backflow init --repo {}`)",
+                job.repository
+            )
+        } else {
+            format!("{file}: repository: {e}")
+        });
     }
     if let JobKind::Backup { vms, images } = job.kind() {
         let mut sources = Vec::new();
