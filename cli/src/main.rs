@@ -2,10 +2,14 @@
 //! stderr and an exit code: 0 success, 1 failure, 2 bad input, 130 interrupted.
 //!
 //! Bad input is whatever is found wrong before any data moved: arguments, a spec or job file (its
-//! `file:line:column` errors), a repository location that is malformed, missing or no repository, a target or
-//! snapshot that a stage refuses in its preflight. It is said in one line, with the fix where
+//! `file:line:column` errors), a repository location that is malformed (an `s3:` URL that does
+//! not parse, named with the flag or variable it came from), missing or no repository, a target
+//! or snapshot that a stage refuses in its preflight. It is said in one line, with the fix where
 //! there is one, and without the stage table of a run that never started. A cause is said once
 //! (see [`error_chain`]).
+//!
+//! A repository is named by a [`Location`] everywhere (`--repo`, `BACKFLOW_REPOSITORY`, a spec's
+//! or a job's `repository:`): a path, or `s3://BUCKET/PREFIX`, never a path made of a URL.
 //!
 //! Logs (`tracing`) go to stderr: text, colored only on a terminal, or JSON lines
 //! (`--log-format json`); a run's warnings are logged once, when they happen, and not printed

@@ -7,7 +7,7 @@
 //! ```yaml
 //! name: nightly                      # required: names the job's sessions
 //! uri: qemu:///system                # the libvirt connection (default)
-//! repository: /srv/backflow          # required
+//! repository: /srv/backflow          # required: a path or s3://BUCKET/PREFIX
 //! vms: [web01, "db-*"]               # names or globs (* and ?); "*" is every VM
 //! exclude: ["*-test"]                # names or globs left out
 //! exclude_disks: [vdb, "db01:vdc"]   # TARGET on every VM, or VM:TARGET
