@@ -318,7 +318,11 @@ fn a_malformed_s3_repository_in_a_job_is_its_files_error_at_the_line() {
         let out = cmd.output().unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{command:?}: {stderr}");
-        assert_eq!(stderr.lines().next(), Some(expected.as_str()), "{command:?}");
+        assert_eq!(
+            stderr.lines().next(),
+            Some(expected.as_str()),
+            "{command:?}"
+        );
     }
     assert_empty(cwd.path(), "job");
     assert_empty_but(jobs.path(), "check.yaml");
