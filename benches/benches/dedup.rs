@@ -44,7 +44,7 @@ fn dedup(c: &mut Criterion) {
     for (case, repo) in [("random/repo-new", &other), ("random/repo-known", &same)] {
         let lookup = || {
             let mut h = harness(Dedup::new(DedupOptions::default()).unwrap(), 1);
-            h.repository = Some(repo.path());
+            h.repository = Some(repo.path().into());
             h
         };
         bench_fresh_case!(group, case, lookup, input);

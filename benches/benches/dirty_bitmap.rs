@@ -68,7 +68,7 @@ fn dirty_bitmap(c: &mut Criterion) {
         definition: None,
     }))];
     let mut harness = harness(DirtyBitmap::new(DirtyBitmapOptions::default()).unwrap(), 1);
-    harness.repository = Some(root.clone());
+    harness.repository = Some(root.clone().into());
     group.throughput(Throughput::Bytes(SIZE));
     bench_case!(group, "scattered-5pct", harness, disk);
     group.finish();

@@ -30,7 +30,7 @@ fn repo_reader(c: &mut Criterion) {
                             ..Default::default()
                         };
                         let mut h = harness(RepoReader::new(options).unwrap(), workers);
-                        h.repository = Some(repo.path());
+                        h.repository = Some(repo.path().into());
                         h
                     },
                     |harness| run(&harness, Vec::new()),

@@ -32,7 +32,7 @@ fn repo_writer(c: &mut Criterion) {
                     || {
                         let repo = Repo::init();
                         let mut h = harness(RepoWriter::new(Default::default()).unwrap(), workers);
-                        h.repository = Some(repo.path());
+                        h.repository = Some(repo.path().into());
                         (repo, h, input.clone())
                     },
                     // The repository is removed after timing.

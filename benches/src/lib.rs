@@ -378,7 +378,7 @@ impl Repo {
     pub fn commit(&self, encoded: Vec<Message>) -> String {
         let writer = stage_repo_writer::RepoWriter::new(Default::default()).expect("writer");
         let harness = Harness {
-            repository: Some(self.path()),
+            repository: Some(self.path().into()),
             ..harness(writer, 1)
         };
         run(&harness, encoded)

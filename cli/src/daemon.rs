@@ -66,6 +66,7 @@ pub fn run(args: Args) -> Result<()> {
         let job = scheduler.job(i);
         tracing::info!(
             job = %job.name.0,
+            repository = %job.repository,
             next = %when(backflow_jobs::schedule::next_due(job, now)),
             "Job loaded."
         );

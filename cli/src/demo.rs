@@ -204,8 +204,9 @@ pub fn run(dir: &Path, size: u64) -> Result<()> {
     ));
 
     step("verifying every chunk of the repository");
-    let report = Repository::open(&repo)?.verify(true)?;
-    print!("{}", crate::verify_text(&report));
+    let repository = Repository::open(&repo)?;
+    let report = repository.verify(true)?;
+    print!("{}", crate::verify_text(&report, repository.location()));
     if !report.is_ok() {
         bail!("verify found damage");
     }

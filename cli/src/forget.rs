@@ -1,8 +1,6 @@
 //! `backflow forget`: applies a keep policy to each VM's snapshots and removes the manifests it does not keep,
 //! or removes the snapshots named with `--snapshot` (the chunks stay until a garbage collection).
 
-use std::path::PathBuf;
-
 use anyhow::{Result, bail};
 use backflow_repository::{Decision, KeepPolicy};
 
@@ -10,8 +8,8 @@ use crate::BadInput;
 
 #[derive(clap::Args)]
 pub struct Args {
-    #[arg(long, env = crate::REPO_ENV, value_name = "DIR", help = crate::REPO_HELP)]
-    repo: PathBuf,
+    #[arg(long, env = crate::REPO_ENV, value_name = "LOCATION", help = crate::REPO_HELP)]
+    repo: std::ffi::OsString,
     /// Forget this snapshot (its id, a prefix that names one snapshot, or `latest` of `--vm`;
     /// repeatable), whatever a policy would say: also one whose manifest is damaged (`backflow
     /// verify` names those). Every name is resolved before anything is removed.
@@ -102,7 +100,7 @@ fn resolve(
 
 /// `--snapshot`: every id is resolved before anything is removed.
 fn run_named(args: &Args) -> Result<()> {
-    let repository = crate::open_repo(&args.repo)?;
+    let repository = crate::open_repo(&crate::repo_location(&args.repo)?)?;
     let infos: std::collections::HashMap<String, backflow_repository::SnapshotInfo> = repository
         .list_snapshots()?
         .into_iter()
@@ -180,7 +178,8 @@ pub fn run(args: Args) -> Result<()> {
         )
         .into());
     }
-    let repository = crate::open_repo(&args.repo)?;
+    let location = crate::repo_location(&args.repo)?;
+    let repository = crate::open_repo(&location)?;
     let mut snapshots = repository.list_snapshots()?;
     if let Some(vm) = &args.vm {
         if !snapshots.iter().any(|s| &s.vm == vm) {
@@ -188,8 +187,7 @@ pub fn run(args: Args) -> Result<()> {
             vms.sort();
             vms.dedup();
             return Err(BadInput(format!(
-                "backflow forget: no snapshots of VM {vm:?} in {} (VMs with snapshots: {})",
-                args.repo.display(),
+                "backflow forget: no snapshots of VM {vm:?} in {location} (VMs with snapshots: {})",
                 if vms.is_empty() {
                     "none".to_owned()
                 } else {

@@ -1,14 +1,12 @@
 //! `backflow gc` and `backflow rebuild-index`: the repository's housekeeping.
 
-use std::path::PathBuf;
-
 use anyhow::{Result, bail};
 use backflow_repository::{DEFAULT_REPACK_THRESHOLD, GcOptions, GcReport};
 
 #[derive(clap::Args)]
 pub struct Args {
-    #[arg(long, env = crate::REPO_ENV, value_name = "DIR", help = crate::REPO_HELP)]
-    repo: PathBuf,
+    #[arg(long, env = crate::REPO_ENV, value_name = "LOCATION", help = crate::REPO_HELP)]
+    repo: std::ffi::OsString,
     /// Rewrite a pack once this percentage of its bytes is unreferenced (0-100); wholly unreferenced
     /// packs are always deleted.
     #[arg(long, default_value_t = DEFAULT_REPACK_THRESHOLD,
@@ -31,7 +29,7 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    let repo = crate::open_repo(&args.repo)?;
+    let repo = crate::open_repo(&crate::repo_location(&args.repo)?)?;
     let report = repo.gc(&GcOptions {
         repack_threshold: args.repack_threshold,
         dry_run: args.dry_run,
@@ -153,13 +151,13 @@ pub fn text(r: &GcReport) -> String {
 
 #[derive(clap::Args)]
 pub struct RebuildArgs {
-    #[arg(long, env = crate::REPO_ENV, value_name = "DIR", help = crate::REPO_HELP)]
-    repo: PathBuf,
+    #[arg(long, env = crate::REPO_ENV, value_name = "LOCATION", help = crate::REPO_HELP)]
+    repo: std::ffi::OsString,
 }
 
 /// Replaces the index by one read from the packs (no backup may run).
 pub fn rebuild(args: RebuildArgs) -> Result<()> {
-    let repo = crate::open_repo(&args.repo)?;
+    let repo = crate::open_repo(&crate::repo_location(&args.repo)?)?;
     let report = repo.rebuild_index()?;
     println!(
         "index rebuilt from {} packs ({} chunks)",

@@ -34,8 +34,8 @@ pub enum JobCommand {
 
 #[derive(clap::Args)]
 pub struct SessionsArgs {
-    #[arg(long, env = crate::REPO_ENV, value_name = "DIR", help = crate::REPO_HELP)]
-    repo: PathBuf,
+    #[arg(long, env = crate::REPO_ENV, value_name = "LOCATION", help = crate::REPO_HELP)]
+    repo: std::ffi::OsString,
     /// Only this job's sessions.
     #[arg(long)]
     job: Option<String>,
@@ -167,7 +167,7 @@ fn validate(file: &std::path::Path) -> Result<()> {
         "{}: valid: job {}, {what}, repository {}",
         file.display(),
         job.name.0,
-        job.repository.display()
+        job.repository
     );
     for spec in &found.specs {
         println!("  spec {spec}");
@@ -290,7 +290,8 @@ fn check_summary(check: &HealthCheckRecord) -> String {
 }
 
 pub fn sessions(args: SessionsArgs) -> Result<()> {
-    let mut records = backflow_jobs::sessions(&args.repo)?;
+    let repository = crate::open_repo(&crate::repo_location(&args.repo)?)?;
+    let mut records = backflow_jobs::sessions_in(&repository)?;
     if let Some(job) = &args.job {
         records.retain(|r| &r.job == job);
     }

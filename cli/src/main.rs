@@ -2,10 +2,14 @@
 //! stderr and an exit code: 0 success, 1 failure, 2 bad input, 130 interrupted.
 //!
 //! Bad input is whatever is found wrong before any data moved: arguments, a spec or job file (its
-//! `file:line:column` errors), a repository path that is missing or is no repository, a target or
-//! snapshot that a stage refuses in its preflight. It is said in one line, with the fix where
+//! `file:line:column` errors), a repository location that is malformed (an `s3:` URL that does
+//! not parse, named with the flag or variable it came from), missing or no repository, a target
+//! or snapshot that a stage refuses in its preflight. It is said in one line, with the fix where
 //! there is one, and without the stage table of a run that never started. A cause is said once
 //! (see [`error_chain`]).
+//!
+//! A repository is named by a [`Location`] everywhere (`--repo`, `BACKFLOW_REPOSITORY`, a spec's
+//! or a job's `repository:`): a path, or `s3://BUCKET/PREFIX`, never a path made of a URL.
 //!
 //! Logs (`tracing`) go to stderr: text, colored only on a terminal, or JSON lines
 //! (`--log-format json`); a run's warnings are logged once, when they happen, and not printed
@@ -29,12 +33,13 @@ mod vms;
 pub(crate) use repo::verify_text;
 pub(crate) use run::{BACKUP_VM_SPEC, RESTORE_SPEC, RESTORE_VM_SPEC, run_pipeline, spec_errors};
 
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use backflow_pipeline::ByteSize;
-use backflow_repository::Repository;
+use backflow_repository::{Location, Repository};
 use clap::{CommandFactory, Parser, Subcommand};
 
 #[derive(Parser)]
@@ -152,7 +157,8 @@ enum Command {
 pub const REPO_ENV: &str = "BACKFLOW_REPOSITORY";
 
 /// The help of every `--repo`.
-pub const REPO_HELP: &str = "The repository's directory (made by `backflow init`)";
+pub const REPO_HELP: &str =
+    "The repository (made by `backflow init`): a directory, or s3://BUCKET/PREFIX";
 
 /// Failures that map to exit code 2 (the input was wrong, nothing ran): one line, printed after
 /// `backflow: `, that says what was wrong and how to put it right.
@@ -329,42 +335,70 @@ fn man(dir: Option<&Path>) -> Result<()> {
     Ok(())
 }
 
-/// Opens the repository of a `--repo` (or a spec's `repository:`). A path that is missing, is not
-/// a directory or is not a repository is bad input, said with the fix.
-pub(crate) fn open_repo(path: &Path) -> Result<Repository> {
-    use backflow_repository::RepoError;
-    let shown = path.display();
-    match std::fs::metadata(path) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(BadInput::new(format!(
-                "{shown} does not exist; create a repository there with `backflow init --repo {shown}`"
-            ))
-            .into());
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotADirectory => {
-            return Err(BadInput::new(format!(
-                "{shown} cannot be a repository: a part of the path is a file, not a directory"
-            ))
-            .into());
-        }
-        Ok(meta) if !meta.is_dir() => {
-            return Err(BadInput::new(format!(
-                "{shown} is a file, not a repository (a repository is a directory made by \
-                 `backflow init --repo DIR`)"
-            ))
-            .into());
-        }
-        _ => {}
+/// Where a `--repo` came from, for its errors: the flag when the command line has it, else the
+/// variable (clap takes the variable only when the flag is absent).
+fn repo_origin() -> String {
+    let flag = std::env::args_os()
+        .skip(1)
+        .any(|a| a == "--repo" || a.to_string_lossy().starts_with("--repo="));
+    if flag {
+        "--repo".to_owned()
+    } else {
+        format!("${REPO_ENV}")
     }
-    Repository::open(path).map_err(|e| match e {
-        RepoError::NotARepository { .. } => BadInput::new(format!(
-            "{e}; create one with `backflow init --repo {shown}`"
+}
+
+/// The location a `--repo` (or `BACKFLOW_REPOSITORY`) names: a path, or `s3://BUCKET/PREFIX`. A
+/// malformed `s3:` URL is bad input naming the flag or the variable, never a relative path (which
+/// would make a directory `s3:` in the working directory). A path that is not UTF-8 cannot be a
+/// URL and stays a path.
+pub(crate) fn repo_location(given: &OsStr) -> Result<Location> {
+    match given.to_str() {
+        None => Ok(Location::Local(PathBuf::from(given))),
+        Some(text) => Location::parse(text)
+            .map_err(|e| BadInput::new(format!("{}: {e}", repo_origin())).into()),
+    }
+}
+
+/// Opens the repository at a location (a `--repo`, or a spec's or job's `repository:`). A local
+/// path that is missing, is not a directory or is not a repository is bad input, said with the
+/// fix; so is a location the store says holds no repository.
+pub(crate) fn open_repo(location: &Location) -> Result<Repository> {
+    use backflow_repository::RepoError;
+    if let Location::Local(path) = location {
+        check_repo_dir(path)?;
+    }
+    Repository::open_at(location).map_err(|e| match e {
+        RepoError::NotARepository { .. } if location.is_local() => BadInput::new(format!(
+            "{e}; create one with `backflow init --repo {location}`"
         ))
         .into(),
         // No passphrase, or a wrong one: the message names the repository and the fix.
         RepoError::Passphrase { .. } => BadInput::new(e.to_string()).into(),
-        other => anyhow::Error::new(other).context(format!("opening repository {shown}")),
+        RepoError::NotARepository { .. } => BadInput::new(e.to_string()).into(),
+        other => anyhow::Error::new(other).context(format!("opening repository {location}")),
     })
+}
+
+/// A local repository's directory exists and is a directory, or the bad input says what it is.
+fn check_repo_dir(path: &Path) -> Result<()> {
+    let shown = path.display();
+    match std::fs::metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(BadInput::new(format!(
+            "{shown} does not exist; create a repository there with `backflow init --repo {shown}`"
+        ))
+        .into()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotADirectory => Err(BadInput::new(format!(
+            "{shown} cannot be a repository: a part of the path is a file, not a directory"
+        ))
+        .into()),
+        Ok(meta) if !meta.is_dir() => Err(BadInput::new(format!(
+            "{shown} is a file, not a repository (a repository is a directory made by \
+             `backflow init --repo DIR`)"
+        ))
+        .into()),
+        _ => Ok(()),
+    }
 }
 
 fn parse_vars(vars: &[String]) -> Result<Vec<(String, String)>> {

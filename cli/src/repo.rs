@@ -1,17 +1,15 @@
 //! `init`, `snapshots` and `verify`: the repository itself.
 
-use std::path::{Path, PathBuf};
-
 use anyhow::{Result, bail};
 use backflow_pipeline::ByteSize;
-use backflow_repository::Repository;
+use backflow_repository::{Location, Repository};
 
-use crate::{BadInput, open_repo};
+use crate::{BadInput, open_repo, repo_location};
 
 #[derive(clap::Args)]
 pub struct InitArgs {
-    #[arg(long, env = crate::REPO_ENV, value_name = "DIR", help = crate::REPO_HELP)]
-    pub repo: PathBuf,
+    #[arg(long, env = crate::REPO_ENV, value_name = "LOCATION", help = crate::REPO_HELP)]
+    pub repo: std::ffi::OsString,
     /// Chunk size: a multiple of 64K from 64K to 16M (default 128K).
     #[arg(long, value_name = "SIZE")]
     pub chunk_size: Option<String>,
@@ -26,16 +24,16 @@ pub struct InitArgs {
 
 #[derive(clap::Args)]
 pub struct SnapshotsArgs {
-    #[arg(long, env = crate::REPO_ENV, value_name = "DIR", help = crate::REPO_HELP)]
-    pub repo: PathBuf,
+    #[arg(long, env = crate::REPO_ENV, value_name = "LOCATION", help = crate::REPO_HELP)]
+    pub repo: std::ffi::OsString,
     #[arg(long)]
     pub json: bool,
 }
 
 #[derive(clap::Args)]
 pub struct VerifyArgs {
-    #[arg(long, env = crate::REPO_ENV, value_name = "DIR", help = crate::REPO_HELP)]
-    pub repo: PathBuf,
+    #[arg(long, env = crate::REPO_ENV, value_name = "LOCATION", help = crate::REPO_HELP)]
+    pub repo: std::ffi::OsString,
     #[arg(long)]
     pub read_data: bool,
     #[arg(long)]
@@ -53,6 +51,7 @@ pub fn init(args: InitArgs) -> Result<()> {
         pack_size,
         encryption,
     } = args;
+    let location = repo_location(&repo)?;
     let chunk_size = match chunk_size {
         None => DEFAULT_CHUNK_SIZE,
         Some(typed) => {
@@ -94,10 +93,10 @@ pub fn init(args: InitArgs) -> Result<()> {
         chunk_size,
         pack_target_size,
     };
-    // Each error names the directory already (`cannot create a repository in DIR: ...`).
+    // Each error names the location already (`cannot create a repository in DIR: ...`).
     let made = match encryption {
-        true => Repository::init_encrypted(&repo.as_path().into(), &options),
-        false => Repository::init_with(&repo, &options),
+        true => Repository::init_encrypted(&location, &options),
+        false => Repository::init_at(&location, &options),
     };
     made.map_err(|e| match e {
         // Not a directory, or one that is not empty: what was typed is wrong, nothing was made.
@@ -107,9 +106,8 @@ pub fn init(args: InitArgs) -> Result<()> {
         other => anyhow::Error::new(other),
     })?;
     println!(
-        "created {}repository {} (chunk size {})",
+        "created {}repository {location} (chunk size {})",
         if encryption { "encrypted " } else { "" },
-        repo.display(),
         ByteSize(u64::from(chunk_size))
     );
     Ok(())
@@ -135,7 +133,7 @@ fn size_option(
 
 pub fn snapshots(args: SnapshotsArgs) -> Result<()> {
     let SnapshotsArgs { repo, json } = args;
-    let repository = open_repo(&repo)?;
+    let repository = open_repo(&repo_location(&repo)?)?;
     let snapshots = repository.list_snapshots()?;
     if json {
         println!("{}", serde_json::to_string_pretty(&snapshots)?);
@@ -199,12 +197,13 @@ pub fn verify(args: VerifyArgs) -> Result<()> {
         read_data,
         json,
     } = args;
-    let repository = open_repo(&repo)?;
+    let location = repo_location(&repo)?;
+    let repository = open_repo(&location)?;
     let report = repository.verify_and_mark(read_data)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
-        print!("{}", verify_text(&report));
+        print!("{}", verify_text(&report, &location));
     }
     if !report.is_ok() {
         bail!("the repository has damaged or missing data (see above)");
@@ -214,7 +213,7 @@ pub fn verify(args: VerifyArgs) -> Result<()> {
 
 /// The verify report for people: counts, then one block per problem naming the chunk, where it
 /// is stored and the restore points that need it.
-pub fn verify_text(report: &backflow_repository::VerifyReport) -> String {
+pub fn verify_text(report: &backflow_repository::VerifyReport, location: &Location) -> String {
     let mut out = format!(
         "checked {} snapshots, {} chunk references, {} index files ({} records), {} packs",
         report.snapshots, report.chunk_refs, report.index_files, report.index_records, report.packs
@@ -238,17 +237,12 @@ pub fn verify_text(report: &backflow_repository::VerifyReport) -> String {
         .iter()
         .zip(&report.damaged_snapshot_ids)
     {
-        // The manifest is REPO/snapshots/ID.snap.
-        let repo = Path::new(&f.path)
-            .parent()
-            .and_then(Path::parent)
-            .unwrap_or(Path::new("REPO"));
         out.push_str(&format!(
             "DAMAGED snapshot {id} (manifest {}): {}\n    if it cannot be repaired, `backflow forget \
              --repo {} --snapshot {id}` removes it (a gc stops until then)\n",
             f.path,
             f.error,
-            repo.display()
+            location
         ));
     }
     for (what, files) in [

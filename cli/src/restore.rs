@@ -6,13 +6,13 @@ use anyhow::Result;
 use backflow_pipeline::spec;
 use backflow_stages::Stages;
 
-use crate::open_repo;
 use crate::run::{RESTORE_SPEC, run_pipeline, spec_errors};
+use crate::{open_repo, repo_location};
 
 #[derive(clap::Args)]
 pub struct Args {
-    #[arg(long, env = crate::REPO_ENV, value_name = "DIR", help = crate::REPO_HELP)]
-    pub repo: PathBuf,
+    #[arg(long, env = crate::REPO_ENV, value_name = "LOCATION", help = crate::REPO_HELP)]
+    pub repo: std::ffi::OsString,
     /// Snapshot id, a unique prefix of one, or `latest` (of `--vm`; without it, only in a repository
     /// holding one VM).
     #[arg(long, default_value = "latest")]
@@ -69,9 +69,10 @@ pub fn run(args: Args) -> Result<()> {
         quiet,
         stats,
     } = args;
-    open_repo(&repo)?;
+    let location = repo_location(&repo)?;
+    open_repo(&location)?;
     let vars = vec![
-        ("repo".to_owned(), repo.display().to_string()),
+        ("repo".to_owned(), location.to_string()),
         ("snapshot".to_owned(), snapshot),
         ("vm".to_owned(), vm.unwrap_or_default()),
         ("disk".to_owned(), disk.unwrap_or_default()),

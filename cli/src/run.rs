@@ -89,11 +89,11 @@ pub fn load_spec(source: &SpecSource, vars: Vec<(String, String)>) -> Result<Pip
             // Read here only to see whether it declares `repo`; the loader reads it again and
             // reports what is wrong with it.
             let text = read_text_file(path, MAX_SPEC_SIZE).ok();
-            let vars = specs::with_repo_default(text.as_deref(), vars);
+            let vars = specs::with_repo_default(text.as_deref(), vars)?;
             spec::load_file(path, &vars, &Stages).map_err(spec_errors)
         }
         SpecSource::Builtin(builtin) => {
-            let vars = specs::with_repo_default(Some(builtin.text), vars);
+            let vars = specs::with_repo_default(Some(builtin.text), vars)?;
             spec::load_str(builtin.file, builtin.text, &vars, &Stages).map_err(spec_errors)
         }
     }

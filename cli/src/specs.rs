@@ -108,25 +108,28 @@ pub fn declared_variables(text: &str) -> Option<Vec<String>> {
 }
 
 /// The `--var` pairs, with `repo` taken from `BACKFLOW_REPOSITORY` when the spec declares `repo`
-/// and no `--var repo=` was given: the same default as every command's `--repo`.
+/// and no `--var repo=` was given: the same default as every command's `--repo`. A malformed
+/// `s3:` location in the variable is said naming the variable (a `--var` one is the spec's error,
+/// at its `repository:` line).
 pub fn with_repo_default(
     text: Option<&str>,
     mut vars: Vec<(String, String)>,
-) -> Vec<(String, String)> {
+) -> Result<Vec<(String, String)>> {
     const REPO_VAR: &str = "repo";
     if vars.iter().any(|(k, _)| k == REPO_VAR) {
-        return vars;
+        return Ok(vars);
     }
     let Some(repo) = std::env::var_os(crate::REPO_ENV).filter(|v| !v.is_empty()) else {
-        return vars;
+        return Ok(vars);
     };
     let declares = text
         .and_then(declared_variables)
         .is_some_and(|names| names.iter().any(|n| n == REPO_VAR));
     if declares {
-        vars.push((REPO_VAR.to_owned(), repo.to_string_lossy().into_owned()));
+        let location = crate::repo_location(&repo)?;
+        vars.push((REPO_VAR.to_owned(), location.to_string()));
     }
-    vars
+    Ok(vars)
 }
 
 /// A declared variable, as `backflow specs` shows it.

@@ -7,7 +7,7 @@
 //! ```yaml
 //! name: nightly                      # required: names the job's sessions
 //! uri: qemu:///system                # the libvirt connection (default)
-//! repository: /srv/backflow          # required
+//! repository: /srv/backflow          # required: a path or s3://BUCKET/PREFIX
 //! vms: [web01, "db-*"]               # names or globs (* and ?); "*" is every VM
 //! exclude: ["*-test"]                # names or globs left out
 //! exclude_disks: [vdb, "db01:vdc"]   # TARGET on every VM, or VM:TARGET
@@ -64,6 +64,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use backflow_repository::Location;
 use serde::Deserialize;
 use serde_saphyr::Spanned;
 
@@ -80,7 +81,9 @@ pub struct Job {
     pub name: JobName,
     #[serde(default = "default_uri")]
     pub uri: String,
-    pub repository: PathBuf,
+    /// A path (relative to the job file) or `s3://BUCKET/PREFIX`.
+    #[serde(deserialize_with = "location")]
+    pub repository: Location,
     /// The passphrase file of an encrypted repository (else `--password-file` or
     /// `BACKFLOW_PASSWORD_FILE` of the process): jobs of one daemon may use repositories with
     /// different passphrases.
@@ -240,6 +243,13 @@ impl<'de> Deserialize<'de> for ImageSource {
         }
         d.deserialize_any(Visitor)
     }
+}
+
+/// `repository:` as [`Location::parse`] reads it, so that a malformed `s3://` is this file's error
+/// at its line, never a relative path.
+fn location<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Location, D::Error> {
+    let text = String::deserialize(d)?;
+    Location::parse(&text).map_err(|e| serde::de::Error::custom(format!("repository: {e}")))
 }
 
 /// `schedule: "0 2 * * *"` or `schedule: ["0 2 * * *", "0 4 * * 0"]`.
@@ -440,14 +450,14 @@ pub fn parse(text: &str, file: &str) -> Result<Job, JobError> {
         }
     }
     let relative_to = Path::new(file).parent().unwrap_or(Path::new("."));
-    let repository = relative_to.join(&job.repository);
+    let repository = match &job.repository {
+        Location::Local(path) => Location::Local(relative_to.join(path)),
+        s3 => s3.clone(),
+    };
     let password_file = job.password_file.as_ref().map(|p| relative_to.join(p));
     if let Some(p) = &password_file {
         // Whoever opens this repository in this process (the job, its pipelines) reads this file.
-        backflow_repository::keys::set_password_file_for(
-            &repository.display().to_string(),
-            p.clone(),
-        );
+        backflow_repository::keys::set_password_file_for(&repository.to_string(), p.clone());
     }
     let mut job = job;
     if let Some(copy) = &mut job.copy {
@@ -459,7 +469,8 @@ pub fn parse(text: &str, file: &str) -> Result<Job, JobError> {
         copy.value.from = from.to_string();
     }
     Ok(Job {
-        // Paths in a job file are relative to the file, as people expect of configuration.
+        // Paths in a job file are relative to the file, as people expect of configuration; an
+        // `s3://` location is relative to nothing.
         repository,
         password_file,
         spec: job.spec.as_ref().map(|s| relative_to.join(s)),
@@ -720,6 +731,17 @@ mod tests {
     }
 
     #[test]
+    fn an_s3_repository_is_not_joined_to_the_files_directory() {
+        let job = parse(
+            "name: j\nrepository: s3://backups/site-a\nvms: [x]\n",
+            "/etc/backflow/jobs/j.yaml",
+        )
+        .unwrap();
+        assert_eq!(job.repository.to_string(), "s3://backups/site-a");
+        assert!(!job.repository.is_local());
+    }
+
+    #[test]
     fn a_full_job_reads() {
         let job = parse(
             "name: nightly\nrepository: repo\nvms: [web01, \"db-*\"]\nexclude: [\"*-test\"]\n\
@@ -729,7 +751,10 @@ mod tests {
         )
         .unwrap();
         assert_eq!(job.name.0, "nightly");
-        assert_eq!(job.repository, Path::new("/etc/backflow/jobs/repo"));
+        assert_eq!(
+            job.repository,
+            Location::Local("/etc/backflow/jobs/repo".into())
+        );
         assert_eq!(job.uri, "qemu:///system");
         assert_eq!(job.parallel, Parallel(2));
         assert!(job.exclude_disks[0].excludes("web01", "vdb"));
@@ -847,6 +872,17 @@ mod tests {
                 "name: a\nrepository: r\nvms: [x]\nexclude_disks: [\"db01:\"]\n",
                 "j.yaml:4:",
                 "expected TARGET (vdb) or VM:TARGET",
+            ),
+            (
+                "name: a\nrepository: s3:/backups\nvms: [x]\n",
+                "j.yaml:2:13: ",
+                "repository: \"s3:/backups\" is not a repository location: an S3 location is \
+                 written s3://BUCKET",
+            ),
+            (
+                "name: a\nrepository: s3://Backups/x\nvms: [x]\n",
+                "j.yaml:2:13: ",
+                "lowercase",
             ),
             (
                 "name: a b\nrepository: r\nvms: [x]\n",

@@ -30,5 +30,5 @@ pub use error::JobError;
 pub use file::{Freeze, GcJob, ImageFormat, ImageSource, Job, JobKind, Percent, load, parse};
 pub use run::{
     GcRecord, HealthCheckRecord, RunJobOptions, SessionRecord, Source, Verdict, VmRecord, run_job,
-    sessions,
+    sessions, sessions_in,
 };

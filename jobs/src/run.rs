@@ -25,7 +25,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use backflow_libvirt::Connection;
 use backflow_pipeline::spec::{self, Override};
 use backflow_pipeline::{CancelToken, OutcomeKind, RunOptions, RunReport};
-use backflow_repository::Repository;
+use backflow_repository::{Location, Repository};
 use backflow_stages::Stages;
 use serde::{Deserialize, Serialize};
 
@@ -445,7 +445,7 @@ fn collect(job: &Job, gc: &crate::GcJob, repo: &SharedRepo) -> (Verdict, GcRecor
 /// The job's repository, opened at the first call of a session and shared by its runs.
 fn open<'a>(job: &Job, repo: &'a SharedRepo) -> Result<&'a Repository, &'a JobError> {
     repo.get_or_init(|| {
-        Repository::open(&job.repository).map_err(|source| JobError::Repository {
+        Repository::open_at(&job.repository).map_err(|source| JobError::Repository {
             what: format!("job {}", job.name.0),
             source,
         })
@@ -551,7 +551,7 @@ pub fn inputs(job: &Job, source: &Source) -> (Vec<(String, String)>, Vec<Overrid
         vars.retain(|(key, _)| key != k);
         vars.push((k.to_owned(), v));
     };
-    own("repo", job.repository.display().to_string());
+    own("repo", job.repository.to_string());
     match source {
         Source::Vm(vm) => {
             own("domain", vm.vm.clone());
@@ -844,13 +844,23 @@ fn fill(record: &mut VmRecord, report: &RunReport) {
     record.report = serde_json::to_value(report).ok();
 }
 
-/// The sessions recorded in the repository at `path`, oldest first. A record that is not a
-/// session record (written by something else) is skipped with a warning naming it.
-pub fn sessions(path: &Path) -> Result<Vec<SessionRecord>, JobError> {
-    let values = Repository::open(path)
-        .and_then(|r| r.list_sessions())
+/// The sessions recorded in the repository at `location`, oldest first (see [`sessions_in`]).
+pub fn sessions(location: &Location) -> Result<Vec<SessionRecord>, JobError> {
+    let repository = Repository::open_at(location).map_err(|source| JobError::Repository {
+        what: format!("reading the sessions of {location}"),
+        source,
+    })?;
+    sessions_in(&repository)
+}
+
+/// The sessions recorded in an open repository, oldest first. A record that is not a session
+/// record (written by something else) is skipped with a warning naming it.
+pub fn sessions_in(repository: &Repository) -> Result<Vec<SessionRecord>, JobError> {
+    let location = repository.location();
+    let values = repository
+        .list_sessions()
         .map_err(|source| JobError::Repository {
-            what: format!("reading the sessions of {}", path.display()),
+            what: format!("reading the sessions of {location}"),
             source,
         })?;
     Ok(values
@@ -859,7 +869,7 @@ pub fn sessions(path: &Path) -> Result<Vec<SessionRecord>, JobError> {
             let id = value["id"].as_str().unwrap_or("?").to_owned();
             serde_json::from_value(value)
                 .map_err(|e| {
-                    tracing::warn!(repository = %path.display(), session = %id, error = %e, "Skipping a session record that does not read.");
+                    tracing::warn!(repository = %location, session = %id, error = %e, "Skipping a session record that does not read.");
                 })
                 .ok()
         })

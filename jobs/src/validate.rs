@@ -33,12 +33,17 @@ pub struct Validation {
 /// Checks `job` (read from `file`) at time `now`.
 pub fn validate(job: &Job, file: &str, now: i64) -> Validation {
     let mut found = Validation::default();
-    let target = Repository::open(&job.repository);
+    let target = Repository::open_at(&job.repository);
     if let Err(e) = &target {
-        found.errors.push(format!(
-            "{file}: repository: {e} (create one with `backflow init --repo {}`)",
-            job.repository.display()
-        ));
+        // The fix is `init` where a directory is missing; a store's own error says what is wrong.
+        found.errors.push(if job.repository.is_local() {
+            format!(
+                "{file}: repository: {e} (create one with `backflow init --repo {}`)",
+                job.repository
+            )
+        } else {
+            format!("{file}: repository: {e}")
+        });
     }
     if let JobKind::Copy(copy) = job.kind() {
         check_copy(copy, target.ok().as_ref(), file, &mut found);

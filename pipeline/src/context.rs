@@ -1,11 +1,11 @@
 //! State shared by all stages of one run.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
-use backflow_repository::Repository;
+use backflow_repository::{Location, Repository};
 
 use crate::error::StageError;
 use crate::runtime::Outcome;
@@ -72,8 +72,8 @@ pub type CleanupAction = Box<dyn FnOnce(&Outcome) -> Result<(), String> + Send>;
 /// What all stages of one run share. Stages reach it through their worker.
 pub struct RunContext {
     cancel: CancelToken,
-    /// The pipeline's `repository:` path, if any.
-    repository_path: Option<PathBuf>,
+    /// The pipeline's `repository:` (a path or `s3://BUCKET/PREFIX`), if any.
+    repository_location: Option<Location>,
     repository: OnceLock<Result<Repository, String>>,
     cleanup: Mutex<Vec<(String, CleanupAction)>>,
     /// Bytes read from the source disks (what a changed-block map made us read).
@@ -113,10 +113,10 @@ pub struct DamagedRange {
 }
 
 impl RunContext {
-    pub fn new(repository: Option<PathBuf>, cancel: CancelToken) -> Self {
+    pub fn new(repository: Option<Location>, cancel: CancelToken) -> Self {
         RunContext {
             cancel,
-            repository_path: repository,
+            repository_location: repository,
             repository: OnceLock::new(),
             cleanup: Mutex::new(Vec::new()),
             source_bytes_read: AtomicU64::new(0),
@@ -140,8 +140,9 @@ impl RunContext {
         self.cancel.is_cancelled()
     }
 
-    pub fn repository_path(&self) -> Option<&Path> {
-        self.repository_path.as_deref()
+    /// Where the pipeline's repository is, if it names one (without opening it).
+    pub fn repository_location(&self) -> Option<&Location> {
+        self.repository_location.as_ref()
     }
 
     /// How this pipeline names chunks: its repository's hasher (keyed BLAKE3 in an encrypted repository),
@@ -155,13 +156,13 @@ impl RunContext {
 
     /// The pipeline's repository, opened once on first use and shared by every stage.
     pub fn repository(&self) -> Result<&Repository, StageError> {
-        let Some(path) = &self.repository_path else {
+        let Some(location) = &self.repository_location else {
             return Err(StageError::Config(
                 "this stage needs the pipeline's `repository:` to be set".into(),
             ));
         };
         self.repository
-            .get_or_init(|| Repository::open(path).map_err(|e| e.to_string()))
+            .get_or_init(|| Repository::open_at(location).map_err(|e| e.to_string()))
             .as_ref()
             .map_err(|e| StageError::Config(e.clone()))
     }

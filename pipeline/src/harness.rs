@@ -1,7 +1,6 @@
 //! Runs one stage by itself on given input messages: for stage tests and benchmarks, which then
 //! measure the stage's runtime value with the real channels and workers around it.
 
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use crate::message::{Message, MessageType};
@@ -65,7 +64,8 @@ impl Stage for Collect {
 pub struct Harness {
     pub stage: Arc<dyn Stage>,
     pub workers: usize,
-    pub repository: Option<PathBuf>,
+    /// The repository's location; a path converts with `.into()`.
+    pub repository: Option<backflow_repository::Location>,
     /// Keep the output messages (tests) or only count them (benchmarks).
     pub keep_output: bool,
 }

@@ -177,10 +177,10 @@ impl<'a> Worker<'a> {
     }
 }
 
-/// A pipeline ready to run: placed stages in order, the finaliser, the repository path.
+/// A pipeline ready to run: placed stages in order, the finaliser, the repository's location.
 pub struct Pipeline {
     pub name: String,
-    pub repository: Option<std::path::PathBuf>,
+    pub repository: Option<backflow_repository::Location>,
     pub stages: Vec<PlacedStage>,
     pub finaliser: Option<Arc<dyn Finaliser>>,
 }

@@ -5,7 +5,7 @@
 //! ```yaml
 //! name: backup-image
 //! variables: { source: ~, repo: ~, disk: "" }   # `~`: required, set with --var
-//! repository: ${repo}
+//! repository: ${repo}                          # a path or s3://BUCKET/PREFIX (a Location)
 //! channel_capacity: 16                          # default DEFAULT_CHANNEL_CAPACITY
 //! stages:
 //!   - kind: image                               # one of Catalog::kinds()

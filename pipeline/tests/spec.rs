@@ -228,7 +228,7 @@ fn valid_spec_builds_the_pipeline() {
     let vars = vec![("size".to_string(), "1024".to_string())];
     let pipeline = spec::load_str(FILE, GOOD, &vars, &catalog).unwrap();
     assert_eq!(pipeline.name, "backup-test");
-    assert_eq!(pipeline.repository, Some(PathBuf::from("/tmp/repo")));
+    assert_eq!(pipeline.repository, Some(PathBuf::from("/tmp/repo").into()));
     assert!(pipeline.finaliser.is_some());
     let summary: Vec<(&str, &str, usize, usize)> = pipeline
         .stages
@@ -275,7 +275,25 @@ fn relative_repository_stays_relative() {
         "name: p\nrepository: ./repo\nstages:\n  - {kind: generate, size: 1}\n  - kind: discard\n";
     assert_eq!(
         load(text, &[]).unwrap().repository,
-        Some(PathBuf::from("./repo"))
+        Some(PathBuf::from("./repo").into())
+    );
+}
+
+#[test]
+fn s3_repository_is_a_location_not_a_path() {
+    let text = "name: p\nrepository: s3://backups/site-a\nstages:\n  - {kind: generate, size: 1}\n  - kind: discard\n";
+    let repository = load(text, &[]).unwrap().repository.unwrap();
+    assert!(!repository.is_local(), "{repository:?}");
+    assert_eq!(repository.to_string(), "s3://backups/site-a");
+}
+
+#[test]
+fn malformed_s3_repository_is_located_at_its_value() {
+    let text = "name: p\nvariables: {repo: ~}\nrepository: ${repo}\nstages:\n  - {kind: generate, size: 1}\n  - kind: discard\n";
+    assert_eq!(
+        error(text, &[("repo", "s3:/backups")]),
+        "specs/test.yaml:3:13: repository: \"s3:/backups\" is not a repository location: an S3 \
+         location is written s3://BUCKET or s3://BUCKET/PREFIX"
     );
 }
 
@@ -658,7 +676,7 @@ fn substitution_inside_strings_and_escapes() {
     let text = "name: a-${x}-$${x}-$5\nvariables: {x: 1}\nrepository: \"${x}\"\nstages:\n  - {kind: generate, size: 1, label: \"$${literal}\"}\n  - kind: discard\n";
     let (p, built) = build(text, &[]);
     assert_eq!(p.name, "a-1-${x}-$5");
-    assert_eq!(p.repository, Some(PathBuf::from("1")));
+    assert_eq!(p.repository, Some(PathBuf::from("1").into()));
     assert_eq!(
         built[0],
         "generate: GenerateOptions { size: 1, pattern: None, label: Some(\"${literal}\") }"

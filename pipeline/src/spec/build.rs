@@ -3,8 +3,9 @@
 
 use std::collections::{HashMap, HashSet};
 use std::ops::RangeInclusive;
-use std::path::PathBuf;
 use std::sync::Arc;
+
+use backflow_repository::Location;
 
 use super::path::{self, Seg, stage_field};
 use super::suggest::unknown;
@@ -125,11 +126,19 @@ pub(crate) fn load(
             cx.error(
                 e.value.loc,
                 "repository".into(),
-                "expected a path, found an empty string".into(),
+                "expected a path or s3://BUCKET/PREFIX, found an empty string".into(),
             );
             return None;
         }
-        Some(PathBuf::from(text))
+        // Parsed here, where the line is known: a malformed `s3://` is this spec's error, and
+        // never becomes a relative path (a directory `s3:` in the working directory).
+        match Location::parse(&text) {
+            Ok(location) => Some(location),
+            Err(bad) => {
+                cx.error(e.value.loc, "repository".into(), bad.to_string());
+                None
+            }
+        }
     });
     let has_repository = get("repository").is_some_and(|e| !is_null(&e.value));
     let channel_capacity = get("channel_capacity")

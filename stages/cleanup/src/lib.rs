@@ -59,7 +59,7 @@ impl Finaliser for Cleanup {
     fn finalise(&self, ctx: &RunContext, outcome: &Outcome) -> Result<(), StageError> {
         tracing::debug!(?outcome, "Cleaning up.");
         if self.options.remove_stale_scratch
-            && ctx.repository_path().is_some()
+            && ctx.repository_location().is_some()
             && let Ok(repo) = ctx.repository()
         {
             let removed = repo.remove_stale_scratch()?;

@@ -164,7 +164,7 @@ fn run(repo: &Path, fail: bool, finaliser: Option<Arc<dyn Finaliser>>) -> RunRep
     };
     let pipeline = Pipeline {
         name: "with-cleanup".into(),
-        repository: Some(repo.to_owned()),
+        repository: Some(repo.to_owned().into()),
         stages: vec![
             PlacedStage {
                 name: "source".into(),

@@ -77,7 +77,7 @@ fn plan_with(
     tracking: Option<Arc<dyn ChangeTracking>>,
 ) -> (Vec<(u64, u64, ExtentClass)>, Vec<String>) {
     let mut harness = Harness::new(Arc::new(map));
-    harness.repository = Some(repo.to_owned());
+    harness.repository = Some(repo.to_owned().into());
     let source = DiskSource {
         vm: "vm1".into(),
         name: "vda".into(),

@@ -31,7 +31,7 @@ const IMAGE_SIZE: u64 = (16 << 20) + 5 * 4096;
 fn back_up(repo: &Path, image: &Path) -> String {
     let pipeline = Pipeline {
         name: "backup".into(),
-        repository: Some(repo.to_owned()),
+        repository: Some(repo.to_owned().into()),
         stages: vec![
             placed(
                 "image",

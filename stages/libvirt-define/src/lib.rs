@@ -202,7 +202,7 @@ impl Finaliser for LibvirtDefine {
 /// Removes the scratch directories that interrupted runs left in the repository, if the run has
 /// one.
 fn remove_stale_scratch(ctx: &RunContext) -> Result<(), StageError> {
-    if ctx.repository_path().is_some()
+    if ctx.repository_location().is_some()
         && let Ok(repo) = ctx.repository()
     {
         let removed = repo.remove_stale_scratch()?;

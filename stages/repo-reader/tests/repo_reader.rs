@@ -37,7 +37,7 @@ fn read_of(
     .unwrap();
     let harness = Harness {
         workers,
-        repository: Some(repo.to_owned()),
+        repository: Some(repo.to_owned().into()),
         ..Harness::new(Arc::new(reader))
     };
     let (report, out) = harness.run(Vec::new());

@@ -194,7 +194,7 @@ fn case() -> Case {
 fn write(repo: &Path, workers: usize, input: Vec<Message>) -> RunReport {
     let harness = Harness {
         workers,
-        repository: Some(repo.to_owned()),
+        repository: Some(repo.to_owned().into()),
         ..Harness::new(Arc::new(RepoWriter::new(RepoWriterOptions {}).unwrap()))
     };
     // The harness (and the writer in it) is dropped here, as a finished process would be.
@@ -335,7 +335,7 @@ fn a_cancelled_run_commits_nothing() {
     let case = case();
     let pipeline = Pipeline {
         name: "cancelled".into(),
-        repository: Some(case.repo.clone()),
+        repository: Some(case.repo.clone().into()),
         stages: vec![
             PlacedStage {
                 name: "feed".into(),
@@ -490,7 +490,7 @@ fn a_long_unchanged_run_copies_the_parent_table_exactly() {
         parent: Some(Arc::new(parent)),
     });
     let harness = Harness {
-        repository: Some(repo_path.clone()),
+        repository: Some(repo_path.clone().into()),
         ..Harness::new(Arc::new(RepoWriter::new(RepoWriterOptions {}).unwrap()))
     };
     let (report, _) = harness.run(vec![msg(

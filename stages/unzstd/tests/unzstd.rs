@@ -25,7 +25,7 @@ fn stored_chunks(dir: &Path) -> (Vec<u8>, Vec<Message>) {
     backflow_fixtures::generate_image(&image, IMAGE_SIZE, 41).unwrap();
     let (id, _) = backup(&repo, "web01", &[("vda", &image)]);
     let harness = Harness {
-        repository: Some(repo_path),
+        repository: Some(repo_path.into()),
         ..Harness::new(Arc::new(
             RepoReader::new(RepoReaderOptions {
                 snapshot: id,

@@ -27,7 +27,7 @@ fn read_verified(repo: &Path) -> (RunReport, Vec<Chunk>) {
     let out = Arc::new(Mutex::new(Vec::new()));
     let pipeline = Pipeline {
         name: "read-verified".into(),
-        repository: Some(repo.to_owned()),
+        repository: Some(repo.to_owned().into()),
         stages: vec![
             placed(
                 "repo-reader",
