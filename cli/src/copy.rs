@@ -80,11 +80,7 @@ pub fn run(args: Args) -> Result<()> {
 /// Opens `--from` or `--to`: a path with the same help as `--repo` everywhere, or an S3 location.
 fn open(flag: &str, given: &str) -> Result<Repository> {
     let location = Location::parse(given).map_err(|e| BadInput::new(format!("{flag}: {e}")))?;
-    match &location {
-        Location::Local(path) => crate::open_repo(path),
-        Location::S3(_) => Repository::open_at(&location)
-            .map_err(|e| anyhow::Error::new(e).context(format!("opening repository {location}"))),
-    }
+    crate::open_repo(&location)
 }
 
 /// The report for people: one line per snapshot copied, then the totals, as `backflow run` ends.

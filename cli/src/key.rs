@@ -7,22 +7,22 @@ use std::path::PathBuf;
 use anyhow::Result;
 use backflow_repository::{RepoError, Repository};
 
-use crate::{BadInput, open_repo};
+use crate::{BadInput, open_repo, repo_location};
 
 #[derive(clap::Subcommand)]
 pub enum KeyCommand {
     /// The key files: id, when and on which host each was made, and which one opened the
     /// repository now (`*`).
     List {
-        #[arg(long, env = crate::REPO_ENV, value_name = "DIR", help = crate::REPO_HELP)]
-        repo: PathBuf,
+        #[arg(long, env = crate::REPO_ENV, value_name = "LOCATION", help = crate::REPO_HELP)]
+        repo: std::ffi::OsString,
         #[arg(long)]
         json: bool,
     },
     /// Add a passphrase: a new key file, opened by the passphrase in --new-password-file.
     Add {
-        #[arg(long, env = crate::REPO_ENV, value_name = "DIR", help = crate::REPO_HELP)]
-        repo: PathBuf,
+        #[arg(long, env = crate::REPO_ENV, value_name = "LOCATION", help = crate::REPO_HELP)]
+        repo: std::ffi::OsString,
         /// A file holding the new passphrase.
         #[arg(long, value_name = "FILE")]
         new_password_file: PathBuf,
@@ -30,8 +30,8 @@ pub enum KeyCommand {
     /// Remove a key file by id. Refused for the last one, and for the one whose passphrase
     /// opened the repository now (open it with another passphrase to remove that one).
     Remove {
-        #[arg(long, env = crate::REPO_ENV, value_name = "DIR", help = crate::REPO_HELP)]
-        repo: PathBuf,
+        #[arg(long, env = crate::REPO_ENV, value_name = "LOCATION", help = crate::REPO_HELP)]
+        repo: std::ffi::OsString,
         /// The key's id, as `key list` shows it.
         id: String,
     },
@@ -40,7 +40,7 @@ pub enum KeyCommand {
 pub fn run(command: KeyCommand) -> Result<()> {
     match command {
         KeyCommand::List { repo, json } => {
-            let keys = encrypted(&open_repo(&repo)?)?.list_keys()?;
+            let keys = encrypted(&open_repo(&repo_location(&repo)?)?)?.list_keys()?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&keys)?);
                 return Ok(());
@@ -58,17 +58,17 @@ pub fn run(command: KeyCommand) -> Result<()> {
             repo,
             new_password_file,
         } => {
-            let repository = open_repo(&repo)?;
+            let repository = open_repo(&repo_location(&repo)?)?;
             let passphrase = backflow_repository::keys::read_passphrase(&new_password_file)
                 .map_err(bad_input)?;
             let key = encrypted(&repository)?.add_key(&passphrase)?;
-            println!("added key {} to {}", key.id, repo.display());
+            println!("added key {} to {}", key.id, repository.location());
             Ok(())
         }
         KeyCommand::Remove { repo, id } => {
-            let repository = open_repo(&repo)?;
+            let repository = open_repo(&repo_location(&repo)?)?;
             encrypted(&repository)?.remove_key(&id).map_err(bad_input)?;
-            println!("removed key {id} from {}", repo.display());
+            println!("removed key {id} from {}", repository.location());
             Ok(())
         }
     }

@@ -374,8 +374,10 @@ pub(crate) fn open_repo(location: &Location) -> Result<Repository> {
         ))
         .into(),
         // No passphrase, or a wrong one: the message names the repository and the fix.
-        RepoError::Passphrase { .. } => BadInput::new(e.to_string()).into(),
-        RepoError::NotARepository { .. } => BadInput::new(e.to_string()).into(),
+        // So is a store the environment cannot reach (no credentials, a bad endpoint).
+        RepoError::Passphrase { .. }
+        | RepoError::NotARepository { .. }
+        | RepoError::StoreSettings { .. } => BadInput::new(e.to_string()).into(),
         other => anyhow::Error::new(other).context(format!("opening repository {location}")),
     })
 }

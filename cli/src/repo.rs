@@ -102,7 +102,10 @@ pub fn init(args: InitArgs) -> Result<()> {
         // Not a directory, or one that is not empty: what was typed is wrong, nothing was made.
         // No passphrase (or an empty one): the same.
         backflow_repository::RepoError::InitRefused { .. }
-        | backflow_repository::RepoError::Passphrase { .. } => BadInput::new(e.to_string()).into(),
+        | backflow_repository::RepoError::Passphrase { .. }
+        | backflow_repository::RepoError::StoreSettings { .. } => {
+            BadInput::new(e.to_string()).into()
+        }
         other => anyhow::Error::new(other),
     })?;
     println!(

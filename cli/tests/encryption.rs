@@ -215,8 +215,7 @@ fn passphrases_and_key_files() {
             .arg(&repo),
     );
     run_ok(
-        &mut env
-            .bf(Some("first"))
+        env.bf(Some("first"))
             .args(["snapshots", "--repo"])
             .arg(&repo),
     );
@@ -306,8 +305,7 @@ fn passphrases_and_key_files() {
         "opens with this passphrase (tried 1 key file)",
     );
     run_ok(
-        &mut env
-            .bf(Some("second"))
+        env.bf(Some("second"))
             .args(["snapshots", "--repo"])
             .arg(&repo),
     );

@@ -721,7 +721,7 @@ mod tests {
         assert_eq!(copy.from, "/etc/backflow/../local");
         assert_eq!(copy.vms, [Pattern("web*".into())]);
         assert!(job.is_maintenance());
-        assert_eq!(job.repository, Path::new("/etc/backflow/target"));
+        assert_eq!(job.repository, Path::new("/etc/backflow/target").into());
         let job = parse(
             "name: offsite\nrepository: target\ncopy: {from: \"s3://bucket/site-a\"}\n",
             "/etc/backflow/offsite.yaml",

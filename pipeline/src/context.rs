@@ -148,7 +148,7 @@ impl RunContext {
     /// How this pipeline names chunks: its repository's hasher (keyed BLAKE3 in an encrypted repository),
     /// or plain BLAKE3 without a repository. Stages that compute digests take it once per worker.
     pub fn chunk_hasher(&self) -> Result<backflow_repository::crypto::ChunkHasher, StageError> {
-        if self.repository_path.is_none() {
+        if self.repository_location.is_none() {
             return Ok(backflow_repository::crypto::ChunkHasher::plain());
         }
         Ok(self.repository()?.chunk_hasher())

@@ -215,12 +215,12 @@ impl CopyReport {
 }
 
 /// Whether a digest names the same plaintext in both repositories, so that the target can be asked for a
-/// source digest as it is. Only when both hash with plain BLAKE3, which every repository of format
-/// version 1 does; a repository whose chunk ids are keyed must answer here with its key's identity (two
-/// repositories sharing a master key agree, a probe chunk hashed alike proves nothing). The copy checks
-/// the answer on every chunk it sends ([`CopyError::DigestsDiffer`]).
-fn same_digests(_from: &Repository, _to: &Repository) -> bool {
-    true
+/// source digest as it is: both hash with plain BLAKE3 (unencrypted repositories), or both with the same
+/// chunk-id key (two repositories sharing a master key). A plain and an encrypted repository, or two
+/// encrypted ones with their own keys, never agree. The copy still checks the answer on every chunk it
+/// sends ([`CopyError::DigestsDiffer`]).
+fn same_digests(from: &Repository, to: &Repository) -> bool {
+    from.chunk_hasher() == to.chunk_hasher()
 }
 
 /// Copies the selected snapshots of `from` that `to` does not hold into `to`. `encoder` makes one

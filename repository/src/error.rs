@@ -99,6 +99,12 @@ pub enum RepoError {
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
 
+    /// The settings that reach a store are missing or wrong (no S3 credentials, a plain-HTTP endpoint off
+    /// the loopback, a malformed endpoint URL). `detail` names the location and says what to set. Not
+    /// retryable: fix the environment or the profile file.
+    #[error("{location}: {detail}")]
+    StoreSettings { location: String, detail: String },
+
     /// The backup session can no longer commit (a pack writer was dropped without `finish`, or an earlier
     /// write failed). Not retryable: start a new session.
     #[error("backup session {session} cannot commit: {reason}")]
@@ -129,6 +135,7 @@ impl RepoError {
             | RepoError::LatestNeedsVm { .. }
             | RepoError::NoSnapshotOfVm { .. }
             | RepoError::InvalidArgument(_)
+            | RepoError::StoreSettings { .. }
             | RepoError::Passphrase { .. }
             | RepoError::SessionFailed { .. } => false,
         }

@@ -101,9 +101,6 @@ impl Store for Leases {
     fn check_layout(&self) -> Result<()> {
         self.inner.check_layout()
     }
-    fn is_local(&self) -> bool {
-        true
-    }
 }
 
 fn open(dir: &Path, lapsed: &Arc<Mutex<HashSet<String>>>, hint: bool) -> Repository {

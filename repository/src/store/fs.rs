@@ -489,10 +489,6 @@ impl Store for FsStore {
         }
         Ok(())
     }
-
-    fn is_local(&self) -> bool {
-        true
-    }
 }
 
 #[cfg(test)]

@@ -156,7 +156,14 @@ impl fmt::Debug for Inner {
 impl S3Store {
     /// Opens `s3://BUCKET/PREFIX` with the settings of the environment ([`S3Settings::from_env`]).
     pub fn open(loc: &S3Location) -> Result<S3Store> {
-        S3Store::open_with(loc, &S3Settings::from_env()?)
+        let settings = S3Settings::from_env().map_err(|e| match e {
+            RepoError::InvalidArgument(detail) => RepoError::StoreSettings {
+                location: Location::S3(loc.clone()).to_string(),
+                detail,
+            },
+            other => other,
+        })?;
+        S3Store::open_with(loc, &settings)
     }
 
     /// Opens `s3://BUCKET/PREFIX` with `settings`. Contacts the store only when first used.
@@ -165,7 +172,10 @@ impl S3Store {
         // a C build we avoid); ring is the process default unless the program chose another.
         let _ = rustls::crypto::ring::default_provider().install_default();
         let display_root = Location::S3(loc.clone()).to_string();
-        let invalid = |what: String| RepoError::InvalidArgument(format!("{display_root}: {what}"));
+        let invalid = |detail: String| RepoError::StoreSettings {
+            location: display_root.clone(),
+            detail,
+        };
 
         let endpoint = if settings.virtual_hosted && !settings.is_aws {
             // Virtual-hosted style against a custom endpoint: the bucket is part of the host name.
@@ -855,10 +865,6 @@ impl Store for S3Store {
             .filter(|e| self.inner.is_live(e.modified, skew))
             .map(|e| e.name)
             .collect())
-    }
-
-    fn is_local(&self) -> bool {
-        false
     }
 }
 

@@ -361,12 +361,6 @@ impl Store for SealedStore {
     fn live(&self, prefix: &str) -> Result<Vec<String>> {
         self.inner.live(prefix)
     }
-
-    /// The inner store's: every write still goes through [`Store::publish`] or [`Store::put`], so nothing
-    /// local-only bypasses the seal.
-    fn is_local(&self) -> bool {
-        self.inner.is_local()
-    }
 }
 
 /// An open sealed object: positioned reads of its plaintext.

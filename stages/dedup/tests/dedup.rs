@@ -90,7 +90,7 @@ fn run_dedup(
     .unwrap();
     let harness = Harness {
         workers,
-        repository: repo,
+        repository: repo.map(backflow_repository::Location::from),
         ..Harness::new(Arc::new(dedup))
     };
     let sent = input.len();

@@ -10,7 +10,7 @@ use backflow_pipeline::harness::Harness;
 use backflow_pipeline::{
     ByteSize, ChunkRef, Disk, DiskSource, ExtentClass, Message, OutcomeKind, RunReport, digest_of,
 };
-use backflow_repository::{Codec, DiskMeta, Repository};
+use backflow_repository::{Codec, DiskMeta, Location, Repository};
 use stage_full_map::{FullMap, FullMapOptions};
 use stage_image::ImageFile;
 
@@ -74,7 +74,7 @@ fn plan(repo: Option<&Path>, option_chunk: Option<u64>, disk: Message) -> (RunRe
     })
     .unwrap();
     let harness = Harness {
-        repository: repo.map(Path::to_owned),
+        repository: repo.map(Location::from),
         ..Harness::new(Arc::new(map))
     };
     let (report, out) = harness.run(vec![disk]);
