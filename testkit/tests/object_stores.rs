@@ -8,7 +8,7 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use backflow_testkit::s3::{Garage, S3, S3sFs};
+use backflow_testkit::s3::{Garage, S3, S3sFs, unique_bucket_name};
 
 /// restic's repository password (no secret: the repositories are thrown away).
 const PASSWORD: &str = "backflow-tests";
@@ -297,4 +297,25 @@ fn restic_round_trip_on_s3s_fs() {
         .sum::<usize>();
     assert!(packs_on_disk > 0);
     assert_eq!(restic_ok(&s3, "repo", &["list", "packs"]), "");
+}
+
+#[test]
+fn bucket_names_are_valid_s3_names_and_unique() {
+    let long = "A_Very Long/Name".repeat(8);
+    let names: Vec<String> = ["restic", "Restic_Test", "--", &long, "restic"]
+        .iter()
+        .map(|n| unique_bucket_name(n))
+        .collect();
+    for name in &names {
+        assert!((3..=63).contains(&name.len()), "{name}");
+        assert!(
+            name.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-'),
+            "{name}"
+        );
+        assert!(!name.starts_with('-') && !name.ends_with('-'), "{name}");
+    }
+    let distinct: BTreeSet<&String> = names.iter().collect();
+    assert_eq!(distinct.len(), names.len(), "{names:?}");
+    assert!(names[1].starts_with("restic-test-"), "{}", names[1]);
 }
