@@ -87,6 +87,7 @@ build_tool() {
   local name=$1 version=$2 crate=$3 build=$TOOLS/build
   shift 3
   if "$TOOLS/bin/$name" --version 2>/dev/null | grep -qF "$version"; then
+    rm -f "$build/$name.status" "$build/$name.pid" # a failed build's, from before it was fixed
     return 0
   fi
   mkdir -p "$build" 2>/dev/null || {

@@ -6,6 +6,10 @@
 # scripts/no-hooks.sh, which then checks that a default build has none and rebuilds
 # target/release/backflow without them), then fuzzes the NBD client for 30 s (scripts/fuzz.sh).
 # Ends with one line: "tests: N passed, N failed, N skipped".
+# The S3 tests' stores (Garage, s3s-fs) are built once per machine into /opt/backflow-tools; setup
+# starts those builds first thing, in the background, so that they overlap the checks and the
+# workspace's build (a fresh machine's Garage takes about 26 minutes); the tests that need a store
+# wait for its build (testkit/src/s3.rs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh

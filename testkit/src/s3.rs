@@ -5,6 +5,14 @@
 //! endpoint, region, credentials and bucket a client needs, and the environment variables that
 //! pass them to a `Command`.
 //!
+//! ```text
+//! let s3 = Garage::shared().bucket("round-trip");          // a bucket of this test's own
+//! s3.apply(&mut Command::new(backflow))                    // AWS_ENDPOINT_URL, AWS_REGION, ...
+//!     .args(["init", "--repo", &s3.url("repo")]);          // s3://round-trip-PID-N/repo
+//! let mut cluster = Garage::cluster3();                    // fault tests: stop(i), start(i),
+//! cluster.stop(1);                                         // pause(i), stop_all(), start_all()
+//! ```
+//!
 //! # Where the servers come from
 //! Neither is a Debian package: `scripts/setup.sh` installs both with `cargo install` into
 //! [`TOOLS_DIR`] (`$BACKFLOW_TOOLS`, default `/opt/backflow-tools`) once per machine and reuses

@@ -8,7 +8,7 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use backflow_testkit::s3::{Garage, S3, S3sFs};
+use backflow_testkit::s3::{Garage, S3, S3sFs, unique_bucket_name};
 
 /// restic's repository password (no secret: the repositories are thrown away).
 const PASSWORD: &str = "backflow-tests";
@@ -187,6 +187,38 @@ fn a_single_node_stopped_and_started_again_keeps_every_object() {
 }
 
 #[test]
+fn a_paused_node_accepts_connections_but_does_not_answer_until_resumed() {
+    use std::io::{Read, Write};
+    let garage = Garage::single();
+    let s3 = garage.s3().clone();
+    restic_ok(&s3, "repo", &["init"]);
+    let request = |timeout| {
+        let mut stream = std::net::TcpStream::connect(s3.addr()).expect("the kernel accepts");
+        stream.set_read_timeout(Some(timeout)).unwrap();
+        write!(stream, "GET /{} HTTP/1.0\r\n\r\n", s3.bucket).unwrap();
+        let mut first = [0u8; 1];
+        stream.read(&mut first).map(|n| n == 1)
+    };
+    assert!(
+        request(std::time::Duration::from_secs(30)).unwrap(),
+        "answers"
+    );
+
+    garage.pause(0);
+    let err = request(std::time::Duration::from_secs(1)).expect_err("no answer while paused");
+    assert!(
+        matches!(
+            err.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        ),
+        "{err}"
+    );
+
+    garage.resume(0);
+    restic_ok(&s3, "repo", &["cat", "config"]);
+}
+
+#[test]
 fn a_cluster_of_three_takes_writes_with_one_node_stopped() {
     let mut cluster = Garage::cluster3();
     assert_eq!(cluster.len(), 3);
@@ -265,4 +297,25 @@ fn restic_round_trip_on_s3s_fs() {
         .sum::<usize>();
     assert!(packs_on_disk > 0);
     assert_eq!(restic_ok(&s3, "repo", &["list", "packs"]), "");
+}
+
+#[test]
+fn bucket_names_are_valid_s3_names_and_unique() {
+    let long = "A_Very Long/Name".repeat(8);
+    let names: Vec<String> = ["restic", "Restic_Test", "--", &long, "restic"]
+        .iter()
+        .map(|n| unique_bucket_name(n))
+        .collect();
+    for name in &names {
+        assert!((3..=63).contains(&name.len()), "{name}");
+        assert!(
+            name.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-'),
+            "{name}"
+        );
+        assert!(!name.starts_with('-') && !name.ends_with('-'), "{name}");
+    }
+    let distinct: BTreeSet<&String> = names.iter().collect();
+    assert_eq!(distinct.len(), names.len(), "{names:?}");
+    assert!(names[1].starts_with("restic-test-"), "{}", names[1]);
 }

@@ -281,6 +281,27 @@ impl Garage {
         self.wait_healthy();
     }
 
+    /// Freezes node `i` (SIGSTOP by its pid): its sockets stay open and the kernel still accepts
+    /// connections, but nothing answers, as with a hung server or a dead link; for clients'
+    /// timeouts. [`Garage::resume`] lets it go on.
+    pub fn pause(&self, i: usize) {
+        self.signal(i, "STOP");
+    }
+
+    /// Lets the paused node `i` go on (SIGCONT).
+    pub fn resume(&self, i: usize) {
+        self.signal(i, "CONT");
+    }
+
+    fn signal(&self, i: usize, signal: &str) {
+        let pid = self.pid(i).unwrap_or_else(|| panic!("node {i} is stopped"));
+        run_command(
+            Command::new("kill")
+                .arg(format!("-{signal}"))
+                .arg(pid.to_string()),
+        );
+    }
+
     /// Stops every node (see [`Garage::stop`]).
     pub fn stop_all(&mut self) {
         for node in &mut self.nodes {
