@@ -45,6 +45,8 @@
 //! snapshots/<snapshot id>.snap  one manifest per restore point
 //! tmp/<session id>/           scratch of a running session: chunk tables, unfinished packs, temp files
 //! tmp/recovery-<hex>/         a handle's recovery index, while it lives (see Reading after damage)
+//! tmp/put-<pid>-<hex>.tmp     fs: a small object (config, damage marks, gc state) being written; one left
+//!                             by a killed process is removed after an hour by the next stale-scratch sweep
 //! users/<pid>-<hex>           one per open repository handle, held while it is open (see gc)
 //! sessions/<id>.json          job session records (see `history`)
 //! locks/<name>/…              S3 only: the leases that stand in for flock (see Locking)

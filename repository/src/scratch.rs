@@ -53,13 +53,34 @@ pub(crate) fn create(tmp: &Path, mut name: impl FnMut() -> String) -> Result<(Pa
     ))
 }
 
-/// Removes the scratch directories of sessions that no longer run; returns how many.
+/// A small object being written ([`crate::store::Store::put`] of a local repository) lives in scratch for
+/// milliseconds; one this old was left by a process killed in between and is removed by [`remove_stale`].
+/// (Such files have no lock: a cluster file system's other hosts could not be asked whether they run.)
+pub(crate) const STALE_PUT_AGE: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// Whether a scratch file is a put's temporary file (`put-PID-HEX.tmp`, see `store/fs.rs`).
+fn is_put_file(name: &str) -> bool {
+    name.starts_with("put-") && name.ends_with(".tmp")
+}
+
+/// Removes the scratch directories of sessions that no longer run, and the temporary files of puts
+/// interrupted more than [`STALE_PUT_AGE`] ago; returns how many directories.
 pub(crate) fn remove_stale(tmp: &Path) -> Result<usize> {
     let mut removed = 0;
     for entry in std::fs::read_dir(tmp).ctx("list", tmp)? {
         let entry = entry.ctx("list", tmp)?;
         let path = entry.path();
         if !entry.file_type().ctx("stat", &path)?.is_dir() {
+            let old = entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|m| m.elapsed().ok())
+                .is_some_and(|age| age > STALE_PUT_AGE);
+            if old && entry.file_name().to_str().is_some_and(is_put_file) {
+                let _ = std::fs::remove_file(&path);
+                info!(file = %path.display(), "Removed the temporary file of an interrupted write.");
+            }
             continue;
         }
         let Ok(handle) = File::open(&path) else {
@@ -77,4 +98,30 @@ pub(crate) fn remove_stale(tmp: &Path) -> Result<usize> {
         info!(dir = %path.display(), "Removed the scratch directory of an interrupted session.");
     }
     Ok(removed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn interrupted_puts_are_removed_once_old_and_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, age: u64| {
+            let f = File::create(dir.path().join(name)).unwrap();
+            let when = std::time::SystemTime::now() - std::time::Duration::from_secs(age);
+            f.set_modified(when).unwrap();
+        };
+        let old = STALE_PUT_AGE.as_secs() + 60;
+        write("put-1-00.tmp", old);
+        write("put-2-00.tmp", 5);
+        write("notes.tmp", old);
+        remove_stale(dir.path()).unwrap();
+        let mut left: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["notes.tmp", "put-2-00.tmp"]);
+    }
 }
