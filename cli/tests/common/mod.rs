@@ -1,6 +1,7 @@
 //! Shared helpers of the command-line tests: run the real binary on real files.
 #![allow(dead_code)]
 
+pub mod s3;
 pub mod vm;
 
 use std::io::{BufRead, BufReader};
@@ -8,9 +9,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+/// The binary under test, with the S3 settings of the store this thread uses, if any
+/// ([`s3::use_store`]): a repository location `s3://BUCKET/PREFIX` can then stand wherever these
+/// helpers take a repository path (`Path::new(&s3.url("repo"))`).
 pub fn backflow() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_backflow"));
     cmd.env_remove("RUST_LOG");
+    s3::apply_store(&mut cmd);
     cmd
 }
 
@@ -89,7 +94,11 @@ pub fn backup_command(image: &Path, repo: &Path, name: &str) -> Command {
 
 /// Backs `image` up with specs/backup-image.yaml as disk (and so VM) `name`; returns the report.
 pub fn backup_named(image: &Path, repo: &Path, name: &str) -> serde_json::Value {
-    let report = repo.with_extension(format!("report-{}.json", rand_suffix()));
+    // Beside a local repository; in the temporary directory for an `s3://` one.
+    let report = match repo.to_str().is_some_and(|r| r.starts_with("s3://")) {
+        true => std::env::temp_dir().join(format!("backflow-report-{}.json", rand_suffix())),
+        false => repo.with_extension(format!("report-{}.json", rand_suffix())),
+    };
     run_ok(
         backup_command(image, repo, name)
             .arg("--report")
