@@ -98,8 +98,16 @@ fn qcow2_backs_up_its_allocated_clusters_and_restores_identical() {
 #[test]
 fn a_failed_run_still_stops_the_server() {
     let f = fixture();
-    // No repository there: the run fails after the source started qemu-nbd.
-    let repo = f.dir.path().join("missing-repo");
+    // A repository whose pack directories are files: no pack can be stored, so the run fails at
+    // the writer, after the source started qemu-nbd and emitted its disk. (A missing repository
+    // fails the run before any stage starts.)
+    let repo = f.dir.path().join("repo");
+    Repository::init(&repo, CHUNK).unwrap();
+    for byte in 0..=255u8 {
+        let sub = repo.join("packs").join(format!("{byte:02x}"));
+        let _ = std::fs::remove_dir(&sub);
+        std::fs::write(&sub, b"not a directory").unwrap();
+    }
     let report = backup_pipeline(&f, &repo).run(RunOptions::default());
     assert_eq!(report.outcome, OutcomeKind::Failed);
     assert!(report.snapshot.is_none());
