@@ -11,6 +11,8 @@ use backflow_testkit::s3::S3;
 
 thread_local! {
     static STORE: RefCell<Option<S3>> = const { RefCell::new(None) };
+    /// Further variables for every command of this thread ([`set_env`]).
+    static EXTRA: RefCell<Vec<(String, String)>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Every later `backflow()` of this thread reaches `s3`'s store (its endpoint, region and key).
@@ -23,11 +25,32 @@ pub fn forget_store() {
     STORE.with(|s| *s.borrow_mut() = None);
 }
 
-/// Sets the AWS variables of this thread's store on `cmd`, if it has one.
+/// Every later `backflow()` of this thread also gets `key=value` (a scratch directory of the test's
+/// own, a short retry or lease bound), replacing an earlier value of `key`.
+pub fn set_env(key: &str, value: &str) {
+    EXTRA.with(|e| {
+        let mut extra = e.borrow_mut();
+        extra.retain(|(k, _)| k != key);
+        extra.push((key.to_owned(), value.to_owned()));
+    });
+}
+
+/// Later `backflow()` commands of this thread no longer get `key` from [`set_env`].
+pub fn unset_env(key: &str) {
+    EXTRA.with(|e| e.borrow_mut().retain(|(k, _)| k != key));
+}
+
+/// Sets the AWS variables of this thread's store on `cmd`, if it has one, and those of
+/// [`set_env`].
 pub(crate) fn apply_store(cmd: &mut Command) {
     STORE.with(|s| {
         if let Some(s3) = &*s.borrow() {
             s3.apply(cmd);
+        }
+    });
+    EXTRA.with(|e| {
+        for (k, v) in &*e.borrow() {
+            cmd.env(k, v);
         }
     });
 }
@@ -36,4 +59,40 @@ pub(crate) fn apply_store(cmd: &mut Command) {
 /// hold any string; the binary parses it as a location).
 pub fn repo_path(s3: &S3, prefix: &str) -> PathBuf {
     PathBuf::from(s3.url(prefix))
+}
+
+/// The product's own S3 client on `s3`'s bucket under `prefix` (empty: the whole bucket), for
+/// tests that list, read or damage objects through the S3 API rather than through the binary.
+pub fn store(s3: &S3, prefix: &str) -> backflow_repository::store::s3::S3Store {
+    use backflow_repository::store::s3::{S3Settings, S3Store};
+    let vars: std::collections::HashMap<String, String> = s3
+        .env()
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+    let settings = S3Settings::from_map(&vars).expect("S3 settings of the test store");
+    let location = backflow_repository::S3Location {
+        bucket: s3.bucket.clone(),
+        prefix: prefix.trim_matches('/').to_owned(),
+    };
+    S3Store::open_with(&location, &settings).expect("open the test bucket")
+}
+
+/// Every object under `prefix` of `s3`'s bucket (keys relative to it, `/`-separated, sorted) with
+/// its size, walked through the product's listing ([`store`]).
+pub fn objects(s3: &S3, prefix: &str) -> Vec<(String, u64)> {
+    use backflow_repository::store::Store;
+    let store = store(s3, prefix);
+    let mut out = Vec::new();
+    let mut todo = vec![String::new()];
+    while let Some(dir) = todo.pop() {
+        for e in store.list(&dir).expect("list the test bucket") {
+            out.push((format!("{dir}{}", e.name), e.size));
+        }
+        for d in store.list_dirs(&dir).expect("list the test bucket") {
+            todo.push(format!("{dir}{d}/"));
+        }
+    }
+    out.sort();
+    out
 }
