@@ -34,12 +34,21 @@ pub struct Args {
     #[arg(long, default_value_t = DEFAULT_COPY_WORKERS as u16,
           value_parser = clap::value_parser!(u16).range(1..=256))]
     workers: u16,
+    /// The passphrase file of --from, when it is encrypted under another passphrase than the one
+    /// of --password-file (which then opens --to).
+    #[arg(long, value_name = "FILE")]
+    from_password_file: Option<std::path::PathBuf>,
     /// The report as JSON.
     #[arg(long)]
     json: bool,
 }
 
 pub fn run(args: Args) -> Result<()> {
+    if let Some(file) = &args.from_password_file {
+        let location =
+            Location::parse(&args.from).map_err(|e| BadInput::new(format!("--from: {e}")))?;
+        backflow_repository::keys::set_password_file_for(&location.to_string(), file.clone());
+    }
     let from = open("--from", &args.from)?;
     let to = open("--to", &args.to)?;
     if let (Some(a), Some(b)) = (

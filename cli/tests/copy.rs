@@ -336,3 +336,70 @@ fn a_copy_job_copies_what_its_retention_keeps_records_its_session_in_the_target_
     assert_eq!(snapshot_ids(&b), vec![kept[2].0.clone(), newest.0.clone()]);
     assert_eq!(snapshot_ids(&a).len(), 5);
 }
+
+/// Two encrypted repositories with their own passphrases: `--password-file` opens the target,
+/// `--from-password-file` the source; without the latter the copy is refused naming the source,
+/// with nothing written. Every chunk is hashed again for the target (keys differ), and the copy
+/// restores identical with the target's passphrase alone.
+#[test]
+fn a_copy_between_two_encrypted_repositories_takes_each_ones_passphrase() {
+    let dir = tempfile::tempdir().unwrap();
+    let (pass_a, pass_b) = (dir.path().join("pass-a"), dir.path().join("pass-b"));
+    std::fs::write(&pass_a, "source passphrase\n").unwrap();
+    std::fs::write(&pass_b, "target passphrase\n").unwrap();
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    let with = |cmd: &mut std::process::Command, pass: &Path| {
+        cmd.env("BACKFLOW_TEST_WEAK_KDF", "1")
+            .arg("--password-file")
+            .arg(pass);
+    };
+    for (repo, pass) in [(&a, &pass_a), (&b, &pass_b)] {
+        let mut cmd = backflow();
+        cmd.args(["init", "--encryption", "--chunk-size", "64K", "--repo"])
+            .arg(repo);
+        with(&mut cmd, pass);
+        run_ok(&mut cmd);
+    }
+    let image = dir.path().join("disk.img");
+    backflow_fixtures::generate_image(&image, 16 << 20, 31).unwrap();
+    let mut cmd = backup_command(&image, &a, "disk0");
+    with(&mut cmd, &pass_a);
+    run_ok(&mut cmd);
+    let before = tree(&b);
+
+    // The target's passphrase does not open the source.
+    let mut cmd = backflow();
+    cmd.arg("copy").arg("--from").arg(&a).arg("--to").arg(&b);
+    with(&mut cmd, &pass_b);
+    let out = cmd.output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains(&a.display().to_string()), "{stderr}");
+    assert_eq!(tree(&b), before, "a refused copy wrote into the target");
+
+    let mut cmd = backflow();
+    cmd.arg("copy")
+        .arg("--from")
+        .arg(&a)
+        .arg("--to")
+        .arg(&b)
+        .arg("--from-password-file")
+        .arg(&pass_a)
+        .arg("--json");
+    with(&mut cmd, &pass_b);
+    let report: serde_json::Value = serde_json::from_slice(&run_ok(&mut cmd).stdout).unwrap();
+    assert_eq!(report["same_digests"], false, "{report:#}");
+    assert_eq!(report["snapshots_copied"], 1, "{report:#}");
+    let (distinct, _) = chunk_census(&image);
+    assert_eq!(num(&report, "chunks_sent"), distinct, "{report:#}");
+
+    let out = dir.path().join("restored.img");
+    let mut cmd = backflow();
+    cmd.args(["restore", "--quiet", "--repo"])
+        .arg(&b)
+        .args(["--vm", "disk0", "--to"])
+        .arg(&out);
+    with(&mut cmd, &pass_b);
+    run_ok(&mut cmd);
+    assert_same_file(&image, &out);
+}

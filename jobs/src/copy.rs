@@ -7,6 +7,8 @@
 //! copy:
 //!   from: /srv/backflow               # the source repository
 //!   vms: [web01, "db-*"]              # identities (VM names, image names), globs; default: all
+//!   password_file: /etc/backflow/local-passphrase   # the source's passphrase, when it is encrypted
+//!                                     # with another one than the job's `password_file`
 //! retention: {keep_daily: 7, keep_weekly: 8}   # applied to the target, each VM on its own
 //! schedule: "30 3 * * *"
 //! ```
@@ -40,6 +42,10 @@ pub struct CopyJob {
     /// The identities whose snapshots are copied (names or globs); empty: every snapshot.
     #[serde(default)]
     pub vms: Vec<Pattern>,
+    /// The passphrase file of the source, when it is encrypted under another passphrase than the
+    /// target's (relative to the job file).
+    #[serde(default)]
+    pub password_file: Option<std::path::PathBuf>,
 }
 
 impl CopyJob {

@@ -467,6 +467,11 @@ pub fn parse(text: &str, file: &str) -> Result<Job, JobError> {
             .location(relative_to)
             .map_err(|e| JobError::invalid(file, Some((at.line(), at.column())), e))?;
         copy.value.from = from.to_string();
+        if let Some(p) = &mut copy.value.password_file {
+            *p = relative_to.join(&*p);
+            // The source is opened with its own passphrase, the target with the job's.
+            backflow_repository::keys::set_password_file_for(&copy.value.from, p.clone());
+        }
     }
     Ok(Job {
         // Paths in a job file are relative to the file, as people expect of configuration; an
@@ -739,6 +744,30 @@ mod tests {
         .unwrap();
         assert_eq!(job.repository.to_string(), "s3://backups/site-a");
         assert!(!job.repository.is_local());
+    }
+
+    #[test]
+    fn a_copy_jobs_source_passphrase_is_relative_to_the_file_and_serves_the_source_only() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("local-pass"), "source secret\n").unwrap();
+        let file = dir.path().join("offsite.yaml");
+        let job = parse(
+            "name: offsite\nrepository: s3://offsite/site-a\n\
+             copy: {from: local, password_file: local-pass}\n",
+            &file.display().to_string(),
+        )
+        .unwrap();
+        let copy = job.copy().unwrap();
+        assert_eq!(copy.password_file, Some(dir.path().join("local-pass")));
+        let source = dir.path().join("local").display().to_string();
+        assert_eq!(
+            &backflow_repository::keys::passphrase_for(&source).unwrap()[..],
+            b"source secret"
+        );
+        // Without a process-wide passphrase the target has none: the source's is not taken.
+        if std::env::var_os(backflow_repository::keys::PASSWORD_FILE_ENV).is_none() {
+            assert!(backflow_repository::keys::passphrase_for("s3://offsite/site-a").is_err());
+        }
     }
 
     #[test]
