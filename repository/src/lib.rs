@@ -16,6 +16,20 @@
 //! *scratch* ([`store::Store::scratch_root`]: `tmp/` of a local repository, `$BACKFLOW_SCRATCH_DIR` or
 //! `/var/tmp/backflow` for S3), and reaches the store only whole.
 //!
+//! How each guarantee of this page holds on each backend (the sections below have the details):
+//!
+//! | guarantee | local directory | S3 bucket |
+//! |---|---|---|
+//! | an object is whole or absent | written in scratch, fsynced, renamed or linked | an upload (multipart above 16 MiB) appears at once |
+//! | a committed object is durable | fsync of the file and its directory | the PUT or CompleteMultipartUpload was acknowledged |
+//! | a manifest never replaces another | `link(2)` fails on an existing name | HEAD, `If-None-Match: *`, and 24 random bits in the id (Garage ignores the header) |
+//! | backups exclude an index rebuild; one gc at a time | `flock` on `lock`, `gc/run.lock` | leases under `locks/NAME/`, written then listed |
+//! | gc waits for every open handle | a `flock`ed file in `users/`, freed by the kernel | a lease in `users/`, renewed every bound/4, gone after `BACKFLOW_LEASE_SECONDS` |
+//! | a dead holder frees its locks | the kernel, at once | its lease expires (clocks within `BACKFLOW_MAX_CLOCK_SKEW_SECONDS`, checked) |
+//! | a session whose handle the gc gave up on does not commit | cannot happen (a live process keeps its `flock`) | the lease is checked held right before the manifest |
+//! | new index files are seen | the directory's mtime, then a listing | a listing at most once a second when a lookup misses |
+//! | no plaintext at rest (encrypted repositories) | the sealing wrapper, the same on both | the same |
+//!
 //! ## Goals that shaped the format
 //! - **Nothing committed is lost by a later failure.** Objects are written once, whole and durably
 //!   ([`store::Store::publish`]: fs fsyncs and renames or links; S3 uploads), and never modified again. The
