@@ -19,9 +19,34 @@ cargo clippy --release --workspace --all-targets -- -D warnings
 RUSTDOCFLAGS="-D warnings" cargo doc --release --workspace --no-deps
 cargo build --release --workspace --all-targets
 log=$(mktemp)
-trap 'rm -f "$log"' EXIT
 status=0
-cargo test --release --workspace --no-fail-fast "$@" 2>&1 | tee "$log" || status=$?
+# Every test binary, as `cargo test` would run it (from its package's directory), in two rounds:
+# first those that need no object store, then those that do (s3_*, object_stores), so that a fresh
+# machine's Garage build, started in the background by setup.sh, overlaps the other tests instead
+# of holding them up (the first test to need it waits for it). The workspace has no doctests (its
+# examples are `text` blocks, checked by cargo doc above).
+bins=$(mktemp)
+trap 'rm -f "$log" "$bins"' EXIT
+cargo test --release --workspace --no-run --message-format=json 2>/dev/null \
+  | grep '"profile":{[^}]*"test":true' \
+  | sed -n 's/.*"manifest_path":"\([^"]*\)".*"executable":"\([^"]*\)".*/\1 \2/p' >"$bins"
+run_bins() { # run_bins first|last [TEST ARGS...]
+  local round=$1 manifest exe name
+  shift
+  while read -r manifest exe; do
+    name=$(basename "$exe")
+    name=${name%-*}
+    case "$name" in s3_* | object_stores) [ "$round" = last ] || continue ;;
+      *) [ "$round" = first ] || continue ;; esac
+    echo "     Running $name ($exe)"
+    (cd "$(dirname "$manifest")" && "$exe" "$@") || status=1
+  done <"$bins"
+}
+{
+  run_bins first "$@"
+  run_bins last "$@"
+  exit "$status"
+} 2>&1 | tee "$log" || status=$?
 # The tests' builds have the test hooks (cli's dev-dependencies); the binary a user builds has none.
 bash scripts/no-hooks.sh || status=$?
 bash scripts/fuzz.sh 30 || status=$?  # the NBD reply parser under libFuzzer; a crash fails the run
