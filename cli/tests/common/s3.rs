@@ -9,6 +9,9 @@ use std::process::Command;
 
 use backflow_testkit::s3::S3;
 
+/// Where the S3 repositories of the tests keep their local scratch, unless a test sets its own.
+const SCRATCH: &str = concat!(env!("CARGO_TARGET_TMPDIR"), "/s3-scratch");
+
 thread_local! {
     static STORE: RefCell<Option<S3>> = const { RefCell::new(None) };
     /// Further variables for every command of this thread ([`set_env`]).
@@ -46,6 +49,10 @@ pub(crate) fn apply_store(cmd: &mut Command) {
     STORE.with(|s| {
         if let Some(s3) = &*s.borrow() {
             s3.apply(cmd);
+            // The per-repository scratch directories of the tests' buckets (one per bucket, left
+            // for the next run as a local repository's tmp/ is) go under target/, not into the
+            // machine's /var/tmp/backflow.
+            cmd.env("BACKFLOW_SCRATCH_DIR", SCRATCH);
         }
     });
     EXTRA.with(|e| {
@@ -65,11 +72,12 @@ pub fn repo_path(s3: &S3, prefix: &str) -> PathBuf {
 /// tests that list, read or damage objects through the S3 API rather than through the binary.
 pub fn store(s3: &S3, prefix: &str) -> backflow_repository::store::s3::S3Store {
     use backflow_repository::store::s3::{S3Settings, S3Store};
-    let vars: std::collections::HashMap<String, String> = s3
+    let mut vars: std::collections::HashMap<String, String> = s3
         .env()
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v))
         .collect();
+    vars.insert("BACKFLOW_SCRATCH_DIR".into(), SCRATCH.into());
     let settings = S3Settings::from_map(&vars).expect("S3 settings of the test store");
     let location = backflow_repository::S3Location {
         bucket: s3.bucket.clone(),
