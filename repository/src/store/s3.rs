@@ -15,10 +15,11 @@
 //! multipart upload cannot carry it, so a race between two creators of one key can let the second replace
 //! the first. The format never relies on it: keys a session creates carry fresh random bits.
 //!
-//! **Reads.** Packs (`*.pack`) are read with ranged GETs through a read-ahead window per object
-//! ([`READ_AHEAD`]; restores read packs front to back), bounded for the whole process by
-//! [`READ_AHEAD_BUDGET`] so that many open packs do not grow the memory; beyond the budget reads fetch exactly
-//! what is asked. Every other object (index files, manifests, the gc's lists: many small positioned reads) is
+//! **Reads.** Packs (`*.pack`) are read with ranged GETs of [`READ_AHEAD`]-aligned windows, kept in one cache
+//! for the process (least recently used out, at most [`READ_AHEAD_BUDGET`] bytes, so that many open packs do not
+//! grow the memory); a read past the middle of a window fetches the next one in the background (restores read
+//! packs front to back). When the budget is all in windows being fetched, reads fetch exactly what is asked.
+//! Every other object (index files, manifests, the gc's lists: many small positioned reads) is
 //! fetched whole at open into an unlinked file in the scratch root, with `If-Match` on its ETag so that an
 //! object replaced during the download is fetched again rather than spliced.
 //!
@@ -52,7 +53,7 @@ use std::future::Future;
 use std::io::{self, Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -78,11 +79,13 @@ pub const MULTIPART_THRESHOLD: u64 = 16 << 20;
 pub const PART_SIZE: usize = 8 << 20;
 /// Parts of one upload in flight at once (each also takes one of the store's request permits).
 pub const MULTIPART_PARALLEL: usize = 4;
-/// Ranged GETs of a pack fetch at least this much: restores read packs front to back, and one GET per chunk
-/// would spend the time in round trips.
+/// Ranged GETs of a pack fetch windows of this size, aligned to it: restores read packs front to back, and
+/// one GET per chunk would spend the time in round trips (and costs a store that keeps objects in blocks,
+/// as Garage does in 1 MiB ones, a block read per GET: a restore's Garage CPU time fell tenfold when its
+/// GETs went from one per chunk to one per window, `benches/e2e-s3.sh`).
 pub const READ_AHEAD: usize = 2 << 20;
-/// Read-ahead windows held at once in the whole process: 16 open packs fully windowed, well under the
-/// 128 MiB a restore may use.
+/// Read-ahead windows held at once in the whole process (16 windows: a window being read and the next one
+/// for each of a restore's few active packs), well under the 128 MiB a restore may use.
 pub const READ_AHEAD_BUDGET: usize = 32 << 20;
 /// Objects fetched whole are downloaded in ranges of this size, so that a large index file never sits in
 /// memory.
@@ -95,9 +98,6 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
 pub const MODIFIED_RESOLUTION: Duration = Duration::from_secs(1);
 /// How often a whole-object download restarts when the object is replaced while it is fetched.
 const WHOLE_ATTEMPTS: usize = 3;
-
-/// Bytes of read-ahead windows held now, against [`READ_AHEAD_BUDGET`].
-static READ_AHEAD_IN_USE: AtomicUsize = AtomicUsize::new(0);
 
 /// The S3 backend; cheap to share, safe to call from many threads (never from inside an async runtime).
 pub struct S3Store {
@@ -112,8 +112,10 @@ struct Inner {
     root: String,
     /// `s3://BUCKET[/PREFIX]`.
     display_root: String,
+    /// The endpoint and `display_root`: where a key of this store is, for the process's read-ahead windows.
+    origin: String,
     scratch: PathBuf,
-    permits: tokio::sync::Semaphore,
+    permits: Arc<tokio::sync::Semaphore>,
     max_requests: usize,
     lease_bound: Duration,
     max_skew: Duration,
@@ -242,9 +244,10 @@ impl S3Store {
             rt,
             client,
             root: loc.prefix.trim_matches('/').to_owned(),
+            origin: format!("{} {display_root}", settings.endpoint),
             display_root,
             scratch,
-            permits: tokio::sync::Semaphore::new(settings.max_requests),
+            permits: Arc::new(tokio::sync::Semaphore::new(settings.max_requests)),
             max_requests: settings.max_requests,
             lease_bound: settings.lease_bound,
             max_skew: settings.max_clock_skew,
@@ -650,10 +653,16 @@ impl Store for S3Store {
             })?;
             return Ok(Arc::new(RangedObject {
                 inner: inner.clone(),
+                id: format!(
+                    "{}\n{key}\n{}\n{}",
+                    inner.origin,
+                    meta.size,
+                    meta.e_tag.as_deref().unwrap_or("")
+                )
+                .into(),
                 key: key.to_owned(),
                 path: inner.path(key),
                 len: meta.size,
-                window: Mutex::new(None),
             }));
         }
         let mut attempt = 0;
@@ -989,31 +998,18 @@ impl Object for WholeObject {
     }
 }
 
-/// A pack read by ranged GETs through a read-ahead window.
+/// A pack read by ranged GETs through read-ahead windows: the pack's [`READ_AHEAD`]-aligned pieces, kept in
+/// the process's [`WINDOWS`] cache.
 struct RangedObject {
     inner: Arc<Inner>,
+    /// Names this object's windows in [`WINDOWS`]: the origin, the key, the length and the ETag, so that
+    /// every handle of one pack shares them (a restore's reader workers open their own) and a replaced
+    /// object never reads another's windows (packs are created once under a fresh name, but the cache need
+    /// not rely on it).
+    id: Arc<str>,
     key: String,
     path: ObjectPath,
     len: u64,
-    window: Mutex<Option<Window>>,
-}
-
-struct Window {
-    start: u64,
-    data: bytes::Bytes,
-}
-
-impl Drop for RangedObject {
-    fn drop(&mut self) {
-        if let Some(w) = self
-            .window
-            .get_mut()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
-        {
-            READ_AHEAD_IN_USE.fetch_sub(w.data.len(), Ordering::Relaxed);
-        }
-    }
 }
 
 impl fmt::Debug for RangedObject {
@@ -1027,13 +1023,227 @@ impl fmt::Debug for RangedObject {
     }
 }
 
-/// Takes `n` bytes of the read-ahead budget if they fit.
-fn charge(n: usize) -> bool {
-    READ_AHEAD_IN_USE
-        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
-            (used + n <= READ_AHEAD_BUDGET).then_some(used + n)
-        })
-        .is_ok()
+/// The read-ahead windows of every open pack in the process, least recently used first out, holding at
+/// most [`READ_AHEAD_BUDGET`] bytes. One cache for the process, not one window per object: the restore's
+/// reader workers share a pack (two workers taking turns on one window made it ping-pong between their
+/// offsets), and packs that a reader finished stay open in the repository's pack cache (their windows,
+/// charged until the pack was closed, used up the budget and turned every later read into one GET per
+/// chunk). Windows are aligned so that the workers reading neighbouring chunks agree on them, and a
+/// window being fetched is waited for rather than fetched twice.
+static WINDOWS: Mutex<Windows> = Mutex::new(Windows {
+    entries: Vec::new(),
+    bytes: 0,
+    tick: 0,
+});
+/// Signalled whenever a window being fetched arrives or is given up.
+static WINDOW_DONE: Condvar = Condvar::new();
+
+fn lock_windows() -> std::sync::MutexGuard<'static, Windows> {
+    WINDOWS.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+struct Windows {
+    entries: Vec<WindowEntry>,
+    /// Bytes of all entries, those being fetched included.
+    bytes: usize,
+    /// Use counter for the LRU order.
+    tick: u64,
+}
+
+struct WindowEntry {
+    object: Arc<str>,
+    start: u64,
+    size: usize,
+    /// `None` while its GET runs.
+    data: Option<bytes::Bytes>,
+    used: u64,
+}
+
+impl Windows {
+    fn find(&mut self, object: &str, start: u64) -> Option<&mut WindowEntry> {
+        self.entries
+            .iter_mut()
+            .find(|e| &*e.object == object && e.start == start)
+    }
+
+    /// Makes room for `size` bytes by dropping the least recently used windows that have arrived, and
+    /// records a window being fetched. False (nothing recorded) when the windows being fetched alone leave
+    /// no room.
+    fn reserve(&mut self, object: &Arc<str>, start: u64, size: usize) -> bool {
+        while self.bytes + size > READ_AHEAD_BUDGET {
+            let Some(oldest) = self
+                .entries
+                .iter()
+                .enumerate()
+                .filter(|(_, e)| e.data.is_some())
+                .min_by_key(|(_, e)| e.used)
+                .map(|(i, _)| i)
+            else {
+                return false;
+            };
+            let gone = self.entries.swap_remove(oldest);
+            self.bytes -= gone.size;
+        }
+        self.tick += 1;
+        self.bytes += size;
+        self.entries.push(WindowEntry {
+            object: object.clone(),
+            start,
+            size,
+            data: None,
+            used: self.tick,
+        });
+        true
+    }
+
+    /// The GET of a reserved window ended: keeps its bytes, or drops the entry when it failed.
+    fn arrive(&mut self, object: &str, start: u64, got: Option<bytes::Bytes>) {
+        if let Some(i) = self
+            .entries
+            .iter()
+            .position(|e| &*e.object == object && e.start == start && e.data.is_none())
+        {
+            match got {
+                Some(data) if data.len() == self.entries[i].size => {
+                    self.entries[i].data = Some(data)
+                }
+                _ => {
+                    let gone = self.entries.swap_remove(i);
+                    self.bytes -= gone.size;
+                }
+            }
+        }
+        WINDOW_DONE.notify_all();
+    }
+}
+
+/// Removes a reserved window's entry if its prefetch ends without arriving (the runtime shutting down drops
+/// the task), so that the budget it holds is not lost.
+struct PendingWindow {
+    object: Arc<str>,
+    start: u64,
+}
+
+impl PendingWindow {
+    fn arrive(self, got: Option<bytes::Bytes>) {
+        lock_windows().arrive(&self.object, self.start, got);
+        std::mem::forget(self);
+    }
+}
+
+impl Drop for PendingWindow {
+    fn drop(&mut self) {
+        lock_windows().arrive(&self.object, self.start, None);
+    }
+}
+
+impl RangedObject {
+    /// The window `[start, start + READ_AHEAD)` (shorter at the end of the object).
+    fn window_size(&self, start: u64) -> usize {
+        (self.len - start).min(READ_AHEAD as u64) as usize
+    }
+
+    /// Fetches the window at `start` in the background unless it is cached, being fetched, or does not fit.
+    fn prefetch(&self, start: u64) {
+        if start >= self.len {
+            return;
+        }
+        let size = self.window_size(start);
+        {
+            let mut windows = lock_windows();
+            if windows.find(&self.id, start).is_some() || !windows.reserve(&self.id, start, size) {
+                return;
+            }
+        }
+        let client = self.inner.client.clone();
+        let permits = self.inner.permits.clone();
+        let path = self.path.clone();
+        let pending = PendingWindow {
+            object: self.id.clone(),
+            start,
+        };
+        self.inner.rt.spawn(async move {
+            // The whole guard, not its fields (closures capture fields separately).
+            let pending = pending;
+            let got = match permits.acquire_owned().await {
+                Ok(_permit) => client
+                    .get_range(&path, start..start + size as u64)
+                    .await
+                    .ok(),
+                Err(_) => None,
+            };
+            pending.arrive(got);
+        });
+    }
+
+    /// Copies `buf.len()` bytes at `offset`, all inside the window at `start`, fetching it if needed.
+    fn read_window(&self, start: u64, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let size = self.window_size(start);
+        let from = (offset - start) as usize;
+        let mut windows = lock_windows();
+        loop {
+            windows.tick += 1;
+            let tick = windows.tick;
+            match windows.find(&self.id, start) {
+                Some(e) => match &e.data {
+                    Some(data) => {
+                        e.used = tick;
+                        buf.copy_from_slice(&data[from..from + buf.len()]);
+                        return Ok(());
+                    }
+                    None => {
+                        windows = WINDOW_DONE.wait(windows).unwrap_or_else(|e| e.into_inner());
+                    }
+                },
+                None => {
+                    if !windows.reserve(&self.id, start, size) {
+                        // Every byte of the budget is being fetched: read exactly what is asked.
+                        drop(windows);
+                        let data = self.get(offset, buf.len())?;
+                        buf.copy_from_slice(&data);
+                        return Ok(());
+                    }
+                    drop(windows);
+                    let got = self.get(start, size);
+                    let mut windows = lock_windows();
+                    match got {
+                        Ok(data) => {
+                            buf.copy_from_slice(&data[from..from + buf.len()]);
+                            windows.arrive(&self.id, start, Some(data));
+                            return Ok(());
+                        }
+                        Err(e) => {
+                            windows.arrive(&self.id, start, None);
+                            return Err(e);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// One ranged GET of exactly `len` bytes at `offset`.
+    fn get(&self, offset: u64, len: usize) -> io::Result<bytes::Bytes> {
+        let data = self
+            .inner
+            .run(
+                self.inner
+                    .client
+                    .get_range(&self.path, offset..offset + len as u64),
+            )
+            .map_err(io_error)?;
+        if data.len() != len {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!(
+                    "{}: {len} bytes at {offset} asked, {} returned (the object shrank?)",
+                    self.inner.display_key(&self.key).display(),
+                    data.len()
+                ),
+            ));
+        }
+        Ok(data)
+    }
 }
 
 impl Object for RangedObject {
@@ -1046,55 +1256,27 @@ impl Object for RangedObject {
             return Ok(0);
         }
         let want = buf.len().min((self.len - offset) as usize);
-        {
-            let window = self.window.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(w) = window.as_ref()
-                && offset >= w.start
-                && offset + want as u64 <= w.start + w.data.len() as u64
-            {
-                let from = (offset - w.start) as usize;
-                buf[..want].copy_from_slice(&w.data[from..from + want]);
-                return Ok(want);
-            }
+        if want > READ_AHEAD {
+            // Larger than a window: one GET of exactly that, not cached.
+            let data = self.get(offset, want)?;
+            buf[..want].copy_from_slice(&data);
+            return Ok(want);
         }
-        let ahead = want.max(READ_AHEAD).min((self.len - offset) as usize);
-        let (fetch, keep) = if ahead > want && charge(ahead) {
-            (ahead, true)
-        } else {
-            (want, false)
-        };
-        let range = offset..offset + fetch as u64;
-        let data = self
-            .inner
-            .run(self.inner.client.get_range(&self.path, range))
-            .map_err(io_error)?;
-        if data.len() < want {
-            if keep {
-                READ_AHEAD_IN_USE.fetch_sub(fetch, Ordering::Relaxed);
-            }
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                format!(
-                    "{}: {} bytes at {offset} asked, {} returned (the object shrank?)",
-                    self.inner.display_key(&self.key).display(),
-                    want,
-                    data.len()
-                ),
-            ));
+        let step = READ_AHEAD as u64;
+        let end = offset + want as u64;
+        let mut at = offset;
+        while at < end {
+            let start = at / step * step;
+            let upto = end.min(start + step);
+            let piece = &mut buf[(at - offset) as usize..(upto - offset) as usize];
+            self.read_window(start, piece, at)?;
+            at = upto;
         }
-        buf[..want].copy_from_slice(&data[..want]);
-        if keep {
-            let mut window = self.window.lock().unwrap_or_else(|e| e.into_inner());
-            let charged = data.len();
-            if charged != fetch {
-                READ_AHEAD_IN_USE.fetch_sub(fetch - charged, Ordering::Relaxed);
-            }
-            if let Some(old) = window.replace(Window {
-                start: offset,
-                data,
-            }) {
-                READ_AHEAD_IN_USE.fetch_sub(old.data.len(), Ordering::Relaxed);
-            }
+        // Past the middle of a window, its successor is likely next (restores read packs front to back):
+        // fetch it while this one is consumed.
+        let last = (end - 1) / step * step;
+        if end - last > step / 2 {
+            self.prefetch(last + step);
         }
         Ok(want)
     }
