@@ -770,3 +770,95 @@ fn two_backups_and_a_gc_at_once_on_one_repository() {
     }
     case.after_fault("after the concurrent rounds", &[], &a, "alpha");
 }
+
+// -------------------------------------------------------------------------------------------------
+// 5. Lease bounds that differ between processes.
+
+/// A backup holds its repository handle (lease bound 60 s, the default: renewed every 15 s) paused
+/// before its commit, having deduplicated every chunk against a forgotten restore point; a gc on
+/// another host runs with `BACKFLOW_LEASE_SECONDS=2`. The gc must not count the backup's
+/// registration as gone while its holder keeps it under its own bound (the lease records that
+/// bound), or the backup commits a restore point whose chunks the sweep deleted. Either the gc
+/// waits for it, or the backup refuses to commit; what is committed restores identical.
+#[test]
+fn a_gc_with_a_shorter_lease_bound_never_sweeps_under_a_running_backup() {
+    let _serial = serial();
+    let s3 = Garage::shared().bucket("faults-bounds");
+    let mut case = Case::new(&s3);
+    let image = case.path("disk.img");
+    backflow_fixtures::generate_image(&image, 16 << 20, 81).unwrap();
+    let first = case.backup(&image, "disk0");
+    run_ok(
+        backflow()
+            .args(["forget", "--snapshot", &first, "--repo"])
+            .arg(&case.repo),
+    );
+    case.kept.clear();
+
+    let pause = case.path("pause");
+    let report = case.path("held.json");
+    let mut cmd = backup_command(&image, &case.repo, "disk1");
+    cmd.arg("--report").arg(&report);
+    let child = spawn_paused(
+        &mut cmd,
+        stage_repo_writer::PAUSE_BEFORE_COMMIT,
+        &pause,
+        120,
+    );
+
+    // Once the backup's registration is older than the short bound, to a gc with that bound it
+    // looks like the lease of a dead process.
+    const SHORT: u64 = 2;
+    let store = case.store();
+    let deadline = Instant::now() + HANG;
+    loop {
+        let users = store.list("users/").unwrap();
+        assert_eq!(users.len(), 1, "{users:?}");
+        let age = users[0].modified.unwrap().elapsed().unwrap_or_default();
+        if age > Duration::from_secs(SHORT + 2) {
+            break;
+        }
+        assert!(Instant::now() < deadline);
+        std::thread::sleep(POLL);
+    }
+    let short = SHORT.to_string();
+    let gc = gc_command_env(&case.repo, &[("BACKFLOW_LEASE_SECONDS", &short)]);
+    assert!(gc.success(), "{}", gc.describe());
+    let gc: serde_json::Value = serde_json::from_str(&gc.stdout).unwrap();
+    eprintln!(
+        "gc with BACKFLOW_LEASE_SECONDS={short} beside a backup with the default bound: {} packs removed, waiting for {}",
+        gc["packs_removed"], gc["waiting_for"]
+    );
+    let out = resume(child, &pause);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if out.status.success() {
+        let id = reported_snapshot(&report).expect("the report names the snapshot");
+        case.keep(&id, &image);
+        if gc["waiting_for"].is_null() {
+            let restored = restore(&case.repo, &id, &case.path("restored.img"));
+            panic!(
+                "the gc (lease bound {short} s) swept while a backup (bound 60 s, renewed every 15 s) \
+                 was open, and the backup then committed {id}; its restore: {} {}\ngc: {gc:#}",
+                restored.status,
+                String::from_utf8_lossy(&restored.stderr).trim()
+            );
+        }
+    } else {
+        assert_clean_failure("the backup refused to commit", &out.status, &stderr);
+    }
+    case.settle("a gc with a shorter lease bound", &[]);
+    case.check("a gc with a shorter lease bound");
+    // The next gc finishes the cycle, keeping what the backup committed meanwhile.
+    let finish = gc_command_env(&case.repo, &[("BACKFLOW_LEASE_SECONDS", &short)]);
+    assert!(finish.success(), "{}", finish.describe());
+    let finish: serde_json::Value = serde_json::from_str(&finish.stdout).unwrap();
+    assert!(finish["waiting_for"].is_null(), "{finish:#}");
+    if !case.kept.is_empty() {
+        let earlier = &finish["earlier_cycle"];
+        assert!(
+            num(earlier, "chunks_kept_for_running_backups") > 0,
+            "the chunks the backup committed were not kept: {finish:#}"
+        );
+    }
+    case.check("the cycle finished");
+}

@@ -23,15 +23,19 @@
 //! fetched whole at open into an unlinked file in the scratch root, with `If-Match` on its ETag so that an
 //! object replaced during the download is fetched again rather than spliced.
 //!
-//! **Leases.** Locks and registrations are objects: `locks/NAME/{shared|exclusive}-HOST-PID-RANDOM` and
-//! `PREFIX/HOST-PID-RANDOM`, with a JSON body (host, pid, `held_by`, time written, bound). Taking a lock writes
+//! **Leases.** Locks and registrations are objects: `locks/NAME/{shared|exclusive}-HOST-PID-RANDOM-BOUNDs` and
+//! `PREFIX/HOST-PID-RANDOM-BOUNDs`, with a JSON body (host, pid, `held_by`, time written, bound). Taking a lock writes
 //! the lease, then lists `locks/NAME/`: a conflicting live lease means deleting ours and failing with
 //! [`RepoError::Locked`]. This needs only read-after-write consistency: of two racing writers, the one that
 //! lists second sees the other (both may see each other and both fail; never both succeed). A background
 //! thread per store rewrites every lease it holds each bound/4 ([`S3Settings::lease_bound`],
 //! `BACKFLOW_LEASE_SECONDS`); a lease counts as gone when its `LastModified` is older than the bound.
 //! [`Lease::is_held`] turns false once a lease went unrenewed for 3/4 of the bound, and stays false (the lease
-//! is deleted, since another process may already have taken the lock).
+//! is deleted, since another process may already have taken the lock). The bound is its holder's, written in
+//! the lease's name (`-60s`, [`lease_bound_of`]), not the reader's: processes on different hosts may run with
+//! different `BACKFLOW_LEASE_SECONDS`, and a gc judging a backup's registration by a shorter bound than the one
+//! it is renewed for would take a live backup for a dead one and sweep chunks it is about to commit. A name
+//! without the suffix (written by an earlier release) is judged by the reader's bound.
 //!
 //! **Clocks.** Liveness compares `LastModified` (the store's clock) with the store's "now", estimated as this
 //! host's clock plus the skew measured when the store handle first writes a lease (`LastModified` of the fresh
@@ -483,14 +487,21 @@ impl Inner {
         Ok(skew)
     }
 
-    /// Whether an object last written at `modified` (store clock) is a live lease now.
-    fn is_live(&self, modified: Option<SystemTime>, skew_ms: i64) -> bool {
+    /// Whether the lease `name`, last written at `modified` (store clock), is live now: younger than its
+    /// holder's bound ([`lease_bound_of`]).
+    fn is_live(&self, name: &str, modified: Option<SystemTime>, skew_ms: i64) -> bool {
         let Some(modified) = modified else {
             return true;
         };
+        let bound = lease_bound_of(name).unwrap_or(self.lease_bound);
         let store_now = unix_ms(SystemTime::now()) + skew_ms;
         let age = store_now - unix_ms(modified);
-        age < (self.lease_bound + MODIFIED_RESOLUTION).as_millis() as i64
+        age < (bound + MODIFIED_RESOLUTION).as_millis() as i64
+    }
+
+    /// A fresh lease name: [`Inner::unique_name`] and this process's bound (`HOST-PID-RANDOM-60s`).
+    fn lease_name(&self) -> String {
+        format!("{}-{}s", self.unique_name(), self.lease_bound.as_secs())
     }
 
     fn unique_name(&self) -> String {
@@ -534,6 +545,18 @@ impl Inner {
     fn held_window(&self) -> Duration {
         self.lease_bound - self.lease_bound / 4
     }
+}
+
+/// The bound a lease's holder renews it for, from the `-Ns` at the end of its name ([`Inner::lease_name`]);
+/// `None` for a name without it (an earlier release's: a host name has no `-`, the random part is 16 hex digits
+/// and never ends in `s`).
+fn lease_bound_of(name: &str) -> Option<Duration> {
+    let (_, last) = name.rsplit_once('-')?;
+    let secs = last.strip_suffix('s')?;
+    if secs.is_empty() || !secs.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    secs.parse().ok().map(Duration::from_secs)
 }
 
 fn exists(inner: &Inner, key: &str) -> RepoError {
@@ -805,7 +828,7 @@ impl Store for S3Store {
             LockMode::Shared => "shared",
             LockMode::Exclusive => "exclusive",
         };
-        let lease_name = format!("{kind}-{}", inner.unique_name());
+        let lease_name = format!("{kind}-{}", inner.lease_name());
         let key = format!("{dir}{lease_name}");
         let written = inner.write_lease(&key, held_by)?;
         let skew = inner.skew()?;
@@ -818,7 +841,7 @@ impl Store for S3Store {
         };
         let conflict = listed.into_iter().find(|e| {
             e.name != lease_name
-                && inner.is_live(e.modified, skew)
+                && inner.is_live(&e.name, e.modified, skew)
                 && (mode == LockMode::Exclusive || e.name.starts_with("exclusive-"))
         });
         if let Some(other) = conflict {
@@ -860,7 +883,7 @@ impl Store for S3Store {
 
     fn register(&self, prefix: &str) -> Result<Box<dyn Lease>> {
         let inner = &self.inner;
-        let name = inner.unique_name();
+        let name = inner.lease_name();
         let key = format!("{prefix}{name}");
         let written = inner.write_lease(&key, "")?;
         Ok(self.hold(key, name, "", written))
@@ -871,7 +894,7 @@ impl Store for S3Store {
         Ok(self
             .list(prefix)?
             .into_iter()
-            .filter(|e| self.inner.is_live(e.modified, skew))
+            .filter(|e| self.inner.is_live(&e.name, e.modified, skew))
             .map(|e| e.name)
             .collect())
     }
@@ -1406,4 +1429,25 @@ fn lapse(store: &Inner, lease: &LeaseState) {
     warn!(object = %store.display_key(&lease.key).display(),
         "A lease was not renewed within the bound; its holder can no longer rely on it.");
     let _ = store.delete(&lease.key);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lease_name_carries_its_holders_bound() {
+        assert_eq!(
+            lease_bound_of("shared-vm-123-00000000000000ab-60s"),
+            Some(Duration::from_secs(60))
+        );
+        assert_eq!(
+            lease_bound_of("host.example-9-0123456789abcdef-2s"),
+            Some(Duration::from_secs(2))
+        );
+        // An earlier release's names: the random part last.
+        assert_eq!(lease_bound_of("vm-123-0123456789abcdef"), None);
+        assert_eq!(lease_bound_of("exclusive-vm-123-00000000000000bs"), None);
+        assert_eq!(lease_bound_of("vm-123-s"), None);
+    }
 }
