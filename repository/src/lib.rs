@@ -213,9 +213,10 @@
 //!   (fresh random name, a timestamp, shared or exclusive), then lists the prefix; a conflicting live lease
 //!   makes it delete its own and fail. Of two racing takers the one that lists second sees the other, so
 //!   read-after-write consistency of PUT and LIST is enough (no conditional write is trusted). A lease is
-//!   renewed in the background and counts as gone when older than its bound (`BACKFLOW_LEASE_SECONDS`,
-//!   default 60), so a dead holder frees it; the store refuses leases when its clock and this host's differ by
-//!   more than a bound. Handles register the same way in `users/`.
+//!   renewed in the background and counts as gone when older than its holder's bound (`BACKFLOW_LEASE_SECONDS`,
+//!   default 60; written in the lease's name, so that processes with other settings judge it alike), so a dead
+//!   holder frees it; the store refuses leases when its clock and this host's differ by more than a bound.
+//!   Handles register the same way in `users/`.
 //! - Each session holds an exclusive `flock` on its scratch directory (local on every backend). The kernel
 //!   releases it when the process dies, so a free lock means an abandoned directory.
 //! - Readers (list, open, lookup, read, verify) take no lock: committed objects are immutable, and a gc
