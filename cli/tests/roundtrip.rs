@@ -4,44 +4,11 @@ mod common;
 
 use common::*;
 
-/// Generates an image, backs it up, changes 5% of it, backs it up again and restores both
-/// restore points; each must equal the image as it was at its backup.
+/// [`common::round_trip`] into a local repository.
 fn round_trip(size: u64, chunk_size: &str) {
     let dir = tempfile::tempdir().unwrap();
-    let image = dir.path().join("disk.img");
     let repo = dir.path().join("repo");
-    backflow_fixtures::generate_image(&image, size, 7).unwrap();
-    init_repo(&repo, chunk_size);
-
-    let first = backup(&image, &repo);
-    let first_id = first["snapshot"].as_str().unwrap().to_owned();
-    let at_first = dir.path().join("at-first.img");
-    copy_sparse(&image, &at_first);
-
-    let ranges = backflow_fixtures::change_image(&image, 0.05, 8).unwrap();
-    assert!(!ranges.is_empty());
-    let second = backup(&image, &repo);
-    let second_id = second["snapshot"].as_str().unwrap().to_owned();
-    assert_ne!(first_id, second_id);
-    assert_eq!(
-        snapshot_ids(&repo),
-        vec![first_id.clone(), second_id.clone()]
-    );
-
-    // The second backup stores about the changed data, not the image again.
-    let changed: u64 = ranges.iter().map(|r| r.len).sum();
-    let grown = second["repo_bytes_written"].as_u64().unwrap();
-    assert!(
-        grown <= changed * 2,
-        "the incremental stored {grown} bytes for {changed} changed"
-    );
-    assert!(first["repo_bytes_written"].as_u64().unwrap() > grown);
-
-    assert_restores_then_verifies(
-        &repo,
-        &[(&first_id, &at_first), (&second_id, &image)],
-        dir.path(),
-    );
+    common::round_trip(dir.path(), &repo, size, chunk_size);
 }
 
 #[test]

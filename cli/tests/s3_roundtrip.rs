@@ -8,53 +8,17 @@
 mod common;
 
 use std::path::Path;
-use std::sync::Arc;
 use std::time::Duration;
 
 use backflow_testkit::s3::{Garage, S3, S3sFs};
-use common::s3::{objects, repo_path, store, use_store};
+use common::s3::{objects, repo_path, use_store};
 use common::*;
 
-/// Generates an image, backs it up into `s3://BUCKET/repo`, changes 5% of it, backs it up again
-/// and restores both restore points; each must equal the image as it was at its backup, and
-/// `verify --read-data` passes (cli/tests/roundtrip.rs, on S3).
+/// [`common::round_trip`] into `s3://BUCKET/repo` (cli/tests/roundtrip.rs, on S3).
 fn round_trip(s3: &S3, size: u64, chunk_size: &str) {
     use_store(s3);
     let dir = tempfile::tempdir().unwrap();
-    let image = dir.path().join("disk.img");
-    let repo = repo_path(s3, "repo");
-    backflow_fixtures::generate_image(&image, size, 7).unwrap();
-    init_repo(&repo, chunk_size);
-
-    let first = backup(&image, &repo);
-    let first_id = first["snapshot"].as_str().unwrap().to_owned();
-    let at_first = dir.path().join("at-first.img");
-    copy_sparse(&image, &at_first);
-
-    let ranges = backflow_fixtures::change_image(&image, 0.05, 8).unwrap();
-    assert!(!ranges.is_empty());
-    let second = backup(&image, &repo);
-    let second_id = second["snapshot"].as_str().unwrap().to_owned();
-    assert_ne!(first_id, second_id);
-    assert_eq!(
-        snapshot_ids(&repo),
-        vec![first_id.clone(), second_id.clone()]
-    );
-
-    // The second backup stored about the changed data, not the image again.
-    let changed: u64 = ranges.iter().map(|r| r.len).sum();
-    let grown = num(&second, "repo_bytes_written");
-    assert!(
-        grown <= changed * 2,
-        "the incremental stored {grown} bytes for {changed} changed"
-    );
-    assert!(num(&first, "repo_bytes_written") > grown);
-
-    assert_restores_then_verifies(
-        &repo,
-        &[(&first_id, &at_first), (&second_id, &image)],
-        dir.path(),
-    );
+    common::round_trip(dir.path(), &repo_path(s3, "repo"), size, chunk_size);
 }
 
 /// The acceptance case on Garage: a 2 GiB image with 5% changed at scattered offsets.
@@ -129,28 +93,6 @@ fn forget_and_gc_return_the_space_and_rebuild_index_keeps_it_restoring() {
     assert_restores_then_verifies(&repo, &[(&kept_id, &kept_image)], dir.path());
 }
 
-/// Records a finished session of `job` that started `seconds` ago in the S3 repository `prefix`,
-/// so that a daemon started now owes the job a run (common's `record_old_session`, through the
-/// product's S3 client).
-fn record_old_session_s3(s3: &S3, prefix: &str, job: &str, seconds: i64) {
-    let then = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64
-        - seconds;
-    let id = backflow_repository::Repository::new_session_id(then);
-    backflow_repository::Repository::open_store(Arc::new(store(s3, prefix)))
-        .unwrap()
-        .record_session(
-            &id,
-            &serde_json::json!({
-                "id": id, "job": job, "started": then, "ended": then,
-                "result": "success", "vms": [], "error": null,
-            }),
-        )
-        .unwrap();
-}
-
 /// `sessions --json --job JOB` of an S3 repository.
 fn sessions(repo: &Path, job: &str) -> Vec<serde_json::Value> {
     let out = run_ok(
@@ -196,7 +138,7 @@ fn the_daemon_and_job_run_write_into_s3_and_record_their_sessions() {
     )
     .unwrap();
     // A session two hours ago: the daemon owes the job a run at once.
-    record_old_session_s3(&s3, "repo", JOB, 7200);
+    record_old_session(&repo, JOB, 7200);
 
     let (mut daemon, lines) = start_daemon(&jobs);
     let ended = wait_for_line(&lines, "Session ended.", Duration::from_secs(300));

@@ -386,7 +386,8 @@ pub fn resume_ok(child: Child, pause: &Path) -> Output {
 }
 
 /// Records a finished session of job `job` that started `seconds` seconds ago, so that a daemon
-/// started now owes the job its next run. Returns the session id.
+/// started now owes the job its next run. Returns the session id. `repo` may be an `s3://`
+/// location of this thread's store ([`s3::open_repository`]).
 pub fn record_old_session(repo: &Path, job: &str, seconds: i64) -> String {
     let then = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -394,8 +395,7 @@ pub fn record_old_session(repo: &Path, job: &str, seconds: i64) -> String {
         .as_secs() as i64
         - seconds;
     let id = backflow_repository::Repository::new_session_id(then);
-    backflow_repository::Repository::open(repo)
-        .unwrap()
+    s3::open_repository(repo)
         .record_session(
             &id,
             &serde_json::json!({
@@ -600,4 +600,40 @@ pub fn run_timed(cmd: &mut Command, limit: Duration) -> Result<Ran, String> {
         stdout: stdout.join().unwrap(),
         stderr: stderr.join().unwrap(),
     })
+}
+
+/// The round trip of the acceptance tests: generates an image in `dir`, backs it up into `repo`
+/// (a path or an `s3://` location of this thread's store), changes 5% of it, backs it up again,
+/// checks that the second backup stored about the changed data only, and restores both restore
+/// points; each must equal the image as it was at its backup, and `verify --read-data` passes.
+pub fn round_trip(dir: &Path, repo: &Path, size: u64, chunk_size: &str) {
+    let image = dir.join("disk.img");
+    backflow_fixtures::generate_image(&image, size, 7).unwrap();
+    init_repo(repo, chunk_size);
+
+    let first = backup(&image, repo);
+    let first_id = first["snapshot"].as_str().unwrap().to_owned();
+    let at_first = dir.join("at-first.img");
+    copy_sparse(&image, &at_first);
+
+    let ranges = backflow_fixtures::change_image(&image, 0.05, 8).unwrap();
+    assert!(!ranges.is_empty());
+    let second = backup(&image, repo);
+    let second_id = second["snapshot"].as_str().unwrap().to_owned();
+    assert_ne!(first_id, second_id);
+    assert_eq!(
+        snapshot_ids(repo),
+        vec![first_id.clone(), second_id.clone()]
+    );
+
+    // The second backup stores about the changed data, not the image again.
+    let changed: u64 = ranges.iter().map(|r| r.len).sum();
+    let grown = num(&second, "repo_bytes_written");
+    assert!(
+        grown <= changed * 2,
+        "the incremental stored {grown} bytes for {changed} changed"
+    );
+    assert!(num(&first, "repo_bytes_written") > grown);
+
+    assert_restores_then_verifies(repo, &[(&first_id, &at_first), (&second_id, &image)], dir);
 }

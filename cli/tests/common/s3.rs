@@ -104,3 +104,23 @@ pub fn objects(s3: &S3, prefix: &str) -> Vec<(String, u64)> {
     out.sort();
     out
 }
+
+/// A handle on the repository at `repo`, in-process: a local path, or `s3://BUCKET/PREFIX` of the
+/// store this thread uses ([`use_store`]; the test process's own environment has no AWS variables).
+pub fn open_repository(repo: &std::path::Path) -> backflow_repository::Repository {
+    use backflow_repository::{Location, Repository};
+    let location = Location::parse(repo.to_str().expect("a UTF-8 location")).unwrap();
+    match &location {
+        Location::Local(path) => Repository::open(path).unwrap(),
+        Location::S3(s3) => {
+            let bucket = STORE.with(|s| s.borrow().clone()).unwrap_or_else(|| {
+                panic!("{location}: call common::s3::use_store on this thread first")
+            });
+            assert_eq!(
+                bucket.bucket, s3.bucket,
+                "{location} is not in this thread's bucket"
+            );
+            Repository::open_store(std::sync::Arc::new(store(&bucket, &s3.prefix))).unwrap()
+        }
+    }
+}
