@@ -4,8 +4,9 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
+use common::keys::{Passphrases, marked_image};
 use common::*;
 
 /// 16 bytes written thousands of times into the source, and a sentence, and the VM's name: none
@@ -14,68 +15,14 @@ const PATTERN: &[u8; 16] = b"Q7#backflow-PAT!";
 const SENTENCE: &[u8] = b"the quarterly salaries of every employee are in this sentence";
 const VM: &str = "confidential-vm-name";
 
-struct Env {
-    dir: tempfile::TempDir,
-}
-
-impl Env {
-    fn new() -> Env {
-        let env = Env {
-            dir: tempfile::tempdir().unwrap(),
-        };
-        std::fs::create_dir(env.scratch()).unwrap();
-        env.passphrase("first", "correct horse battery staple\n");
-        env
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    fn scratch(&self) -> PathBuf {
-        self.path("scratch")
-    }
-
-    /// Writes a passphrase file `name` and returns its path.
-    fn passphrase(&self, name: &str, text: &str) -> PathBuf {
-        let p = self.path(&format!("{name}.pass"));
-        std::fs::write(&p, text).unwrap();
-        p
-    }
-
-    /// `backflow` with the passphrase file `pass` (None: no passphrase at all), cheap key
-    /// derivation and scratch inside the test's directory.
-    fn bf(&self, pass: Option<&str>) -> Command {
-        let mut cmd = backflow();
-        cmd.env("BACKFLOW_TEST_WEAK_KDF", "1")
-            .env("BACKFLOW_SCRATCH_DIR", self.scratch());
-        match pass {
-            Some(name) => cmd.env("BACKFLOW_PASSWORD_FILE", self.path(&format!("{name}.pass"))),
-            None => cmd.env_remove("BACKFLOW_PASSWORD_FILE"),
-        };
-        cmd
-    }
-}
-
-/// Mostly random data (so that chunks are stored uncompressed and a plain repository shows them),
-/// with [`PATTERN`] every 4 KiB and [`SENTENCE`] every 64 KiB.
+/// A source of `size` bytes holding [`PATTERN`] every 4 KiB and [`SENTENCE`] every 64 KiB.
 fn make_image(path: &Path, size: usize) {
-    let mut state = 0x2545_f491_4f6c_dd1du64;
-    let mut data: Vec<u8> = (0..size)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state as u8
-        })
-        .collect();
-    for at in (100..size - 16).step_by(4096) {
-        data[at..at + 16].copy_from_slice(PATTERN);
-    }
-    for at in (1000..size - SENTENCE.len()).step_by(64 * 1024) {
-        data[at..at + SENTENCE.len()].copy_from_slice(SENTENCE);
-    }
-    std::fs::write(path, data).unwrap();
+    marked_image(
+        path,
+        size,
+        0x2545_f491_4f6c_dd1d,
+        &[(PATTERN, 100, 4096), (SENTENCE, 1000, 64 * 1024)],
+    );
 }
 
 /// Every file under `dir` (recursively) that contains any of `needles`, with which.
@@ -104,30 +51,12 @@ fn files_containing(dir: &Path, needles: &[&[u8]]) -> Vec<String> {
     found
 }
 
-fn backup(env: &Env, image: &Path, repo: &Path, pass: &str) -> String {
-    let report = env.path("report.json");
-    run_ok(
-        env.bf(Some(pass))
-            .arg("run")
-            .arg(spec("backup-image.yaml"))
-            .arg("--var")
-            .arg(format!("source={}", image.display()))
-            .arg("--var")
-            .arg(format!("repo={}", repo.display()))
-            .args(["--var", "disk=vda", "--var"])
-            .arg(format!("name={VM}"))
-            .arg("--quiet")
-            .arg("--report")
-            .arg(&report),
-    );
-    let json = read_report(&report);
-    json["snapshot"].as_str().unwrap().to_owned()
-}
-
-fn failed(out: &Output, code: i32, needle: &str) {
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(code), "{stderr}");
-    assert!(stderr.contains(needle), "expected {needle:?} in: {stderr}");
+/// Backs `image` up as disk `vda` of VM [`VM`] with passphrase `pass`: the snapshot id.
+fn backup(env: &Passphrases, image: &Path, repo: &Path, pass: &str) -> String {
+    report_of(backup_args(&mut env.bf(Some(pass)), image, repo, "vda", VM))["snapshot"]
+        .as_str()
+        .unwrap()
+        .to_owned()
 }
 
 fn stdout(out: &Output) -> String {
@@ -136,7 +65,7 @@ fn stdout(out: &Output) -> String {
 
 #[test]
 fn an_encrypted_repository_hides_the_data_and_restores_it() {
-    let env = Env::new();
+    let env = Passphrases::new();
     let image = env.path("disk.img");
     make_image(&image, 4 << 20);
     let needles: [&[u8]; 3] = [PATTERN, SENTENCE, VM.as_bytes()];
@@ -192,7 +121,7 @@ fn an_encrypted_repository_hides_the_data_and_restores_it() {
 
 #[test]
 fn passphrases_and_key_files() {
-    let env = Env::new();
+    let env = Passphrases::new();
     let repo = env.path("repo");
     let snapshots = |pass: Option<&str>| {
         env.bf(pass)
@@ -208,7 +137,7 @@ fn passphrases_and_key_files() {
         .arg(&repo)
         .output()
         .unwrap();
-    failed(&out, 2, "--password-file");
+    assert_failed(&out, 2, "--password-file");
     run_ok(
         env.bf(Some("first"))
             .args(["init", "--encryption", "--repo"])
@@ -221,9 +150,9 @@ fn passphrases_and_key_files() {
     );
     let repo_shown = repo.display().to_string();
 
-    failed(&snapshots(None), 2, &format!("{repo_shown} is encrypted"));
+    assert_failed(&snapshots(None), 2, &format!("{repo_shown} is encrypted"));
     env.passphrase("wrong", "not the passphrase\n");
-    failed(
+    assert_failed(
         &snapshots(Some("wrong")),
         2,
         &format!("no key in {repo_shown} opens with this passphrase (tried 1 key file)"),
@@ -241,7 +170,7 @@ fn passphrases_and_key_files() {
     let at = bad.len() / 2;
     bad[at] = if bad[at] == b'a' { b'b' } else { b'a' };
     std::fs::write(&key_file, &bad).unwrap();
-    failed(
+    assert_failed(
         &snapshots(Some("first")),
         1,
         &format!("{} is damaged", key_file.display()),
@@ -293,13 +222,13 @@ fn passphrases_and_key_files() {
         .arg(&repo)
         .output()
         .unwrap();
-    failed(&refused, 2, "another key's passphrase");
+    assert_failed(&refused, 2, "another key's passphrase");
     run_ok(
         env.bf(Some("second"))
             .args(["key", "remove", &first_id, "--repo"])
             .arg(&repo),
     );
-    failed(
+    assert_failed(
         &snapshots(Some("first")),
         2,
         "opens with this passphrase (tried 1 key file)",
@@ -319,12 +248,12 @@ fn passphrases_and_key_files() {
         .arg(&plain)
         .output()
         .unwrap();
-    failed(&out, 2, "is not encrypted");
+    assert_failed(&out, 2, "is not encrypted");
 }
 
 #[test]
 fn forget_and_gc_work_through_the_seal() {
-    let env = Env::new();
+    let env = Passphrases::new();
     let image = env.path("disk.img");
     make_image(&image, 4 << 20);
     let repo = env.path("repo");

@@ -6,11 +6,12 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::Path;
+use std::process::Output;
 
 use backflow_repository::store::{PutMode, Store};
 use backflow_testkit::s3::{Garage, S3};
+use common::keys::{Passphrases, marked_image};
 use common::s3::{objects, repo_path, store, use_store};
 use common::*;
 
@@ -20,93 +21,26 @@ const MARKER: &[u8; 64] = b"BACKFLOW-PLAINTEXT-MARKER:payroll/2026/ssn=078-05-11
 const VM: &str = "hr-payroll-db-confidential";
 const DISK: &str = "vdb-salaries-volume";
 
-/// A passphrase file and the commands run with it.
-struct Env {
-    dir: tempfile::TempDir,
+/// Backs `image` up as disk [`DISK`] of VM [`VM`] (passphrase `pass`, None: none): the snapshot id.
+fn backup(env: &Passphrases, image: &Path, repo: &Path, pass: Option<&str>) -> String {
+    report_of(backup_args(&mut env.bf(pass), image, repo, DISK, VM))["snapshot"]
+        .as_str()
+        .unwrap()
+        .to_owned()
 }
 
-impl Env {
-    fn new() -> Env {
-        let env = Env {
-            dir: tempfile::tempdir().unwrap(),
-        };
-        env.passphrase("first", "correct horse battery staple\n");
-        env
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    /// Writes the passphrase file `name` and returns its path.
-    fn passphrase(&self, name: &str, text: &str) -> PathBuf {
-        let p = self.path(&format!("{name}.pass"));
-        std::fs::write(&p, text).unwrap();
-        p
-    }
-
-    /// `backflow --password-file NAME.pass` (None: no passphrase), with cheap key derivation.
-    fn bf(&self, pass: Option<&str>) -> Command {
-        let mut cmd = backflow();
-        cmd.env("BACKFLOW_TEST_WEAK_KDF", "1")
-            .env_remove("BACKFLOW_PASSWORD_FILE");
-        if let Some(name) = pass {
-            cmd.arg("--password-file")
-                .arg(self.path(&format!("{name}.pass")));
-        }
-        cmd
-    }
-
-    /// Backs `image` up as disk [`DISK`] of VM [`VM`]; the snapshot id.
-    fn backup(&self, image: &Path, repo: &Path, pass: Option<&str>) -> String {
-        let report = self.path("report.json");
-        run_ok(
-            self.bf(pass)
-                .arg("run")
-                .arg(spec("backup-image.yaml"))
-                .arg("--var")
-                .arg(format!("source={}", image.display()))
-                .arg("--var")
-                .arg(format!("repo={}", repo.display()))
-                .arg("--var")
-                .arg(format!("disk={DISK}"))
-                .arg("--var")
-                .arg(format!("name={VM}"))
-                .arg("--quiet")
-                .arg("--report")
-                .arg(&report),
-        );
-        read_report(&report)["snapshot"]
-            .as_str()
-            .unwrap()
-            .to_owned()
-    }
-
-    fn snapshots(&self, repo: &Path, pass: Option<&str>) -> Output {
-        self.bf(pass)
-            .args(["snapshots", "--repo"])
-            .arg(repo)
-            .output()
-            .unwrap()
-    }
+/// `snapshots` of `repo` with passphrase `pass` (None: none).
+fn snapshots(env: &Passphrases, repo: &Path, pass: Option<&str>) -> Output {
+    env.bf(pass)
+        .args(["snapshots", "--repo"])
+        .arg(repo)
+        .output()
+        .unwrap()
 }
 
-/// Random data (stored as is, so a plain repository shows the marker), with [`MARKER`] at every
-/// 4 KiB.
+/// Random data with [`MARKER`] at every 4 KiB.
 fn make_image(path: &Path, size: usize) {
-    let mut state = 0x9e37_79b9_7f4a_7c15u64;
-    let mut data: Vec<u8> = (0..size)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state as u8
-        })
-        .collect();
-    for at in (300..size - MARKER.len()).step_by(4096) {
-        data[at..at + MARKER.len()].copy_from_slice(MARKER);
-    }
-    std::fs::write(path, data).unwrap();
+    marked_image(path, size, 0x9e37_79b9_7f4a_7c15, &[(MARKER, 300, 4096)]);
 }
 
 /// Every object of `s3`'s bucket, read through the S3 API, whose bytes or name hold any of
@@ -138,15 +72,9 @@ fn objects_containing(s3: &S3, needles: &[&[u8]]) -> (Vec<String>, usize) {
     (found, read)
 }
 
-fn failed(out: &Output, code: i32, needle: &str) {
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(code), "{stderr}");
-    assert!(stderr.contains(needle), "expected {needle:?} in: {stderr}");
-}
-
 #[test]
 fn an_encrypted_s3_repository_holds_no_plaintext_and_its_keys_behave() {
-    let env = Env::new();
+    let env = Passphrases::new();
     let image = env.path("disk.img");
     make_image(&image, 64 << 20);
     let needles: [&[u8]; 3] = [MARKER, VM.as_bytes(), DISK.as_bytes()];
@@ -157,7 +85,7 @@ fn an_encrypted_s3_repository_holds_no_plaintext_and_its_keys_behave() {
     use_store(&plain_bucket);
     let plain = repo_path(&plain_bucket, "plain");
     init_repo(&plain, "128K");
-    env.backup(&image, &plain, None);
+    backup(&env, &image, &plain, None);
     let (shown, _) = objects_containing(&plain_bucket, &needles);
     for n in needles {
         let n = format!("{:?}", String::from_utf8_lossy(n));
@@ -180,7 +108,7 @@ fn an_encrypted_s3_repository_holds_no_plaintext_and_its_keys_behave() {
         "{}",
         String::from_utf8_lossy(&out.stdout)
     );
-    let id = env.backup(&image, &repo, Some("first"));
+    let id = backup(&env, &image, &repo, Some("first"));
     let (leaks, read) = objects_containing(&s3, &needles);
     assert!(read > 5, "only {read} objects in the encrypted repository");
     assert!(
@@ -200,14 +128,14 @@ fn an_encrypted_s3_repository_holds_no_plaintext_and_its_keys_behave() {
 
     // No passphrase, and a wrong one: exit 2, saying what is wrong with which repository.
     let shown = repo.display().to_string();
-    failed(
-        &env.snapshots(&repo, None),
+    assert_failed(
+        &snapshots(&env, &repo, None),
         2,
         &format!("{shown} is encrypted"),
     );
     env.passphrase("wrong", "not the passphrase\n");
-    failed(
-        &env.snapshots(&repo, Some("wrong")),
+    assert_failed(
+        &snapshots(&env, &repo, Some("wrong")),
         2,
         &format!("no key in {shown} opens with this passphrase (tried 1 key file)"),
     );
@@ -223,8 +151,8 @@ fn an_encrypted_s3_repository_holds_no_plaintext_and_its_keys_behave() {
     let at = bad.len() / 2;
     bad[at] = if bad[at] == b'a' { b'b' } else { b'a' };
     bucket.put(&key, &bad, PutMode::Replace).unwrap();
-    failed(
-        &env.snapshots(&repo, Some("first")),
+    assert_failed(
+        &snapshots(&env, &repo, Some("first")),
         1,
         &format!("{shown}/{key} is damaged"),
     );
@@ -262,8 +190,8 @@ fn an_encrypted_s3_repository_holds_no_plaintext_and_its_keys_behave() {
             .arg(&repo),
     );
     assert_eq!(bucket.list_names("keys/").unwrap().len(), 1);
-    failed(
-        &env.snapshots(&repo, Some("first")),
+    assert_failed(
+        &snapshots(&env, &repo, Some("first")),
         2,
         &format!("no key in {shown} opens with this passphrase (tried 1 key file)"),
     );

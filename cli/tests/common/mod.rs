@@ -1,6 +1,7 @@
 //! Shared helpers of the command-line tests: run the real binary on real files.
 #![allow(dead_code)]
 
+pub mod keys;
 pub mod s3;
 pub mod vm;
 
@@ -78,6 +79,19 @@ pub fn backup(image: &Path, repo: &Path) -> serde_json::Value {
 /// (`--var name=`; without it the identity would be the image's canonical path), quiet.
 pub fn backup_command(image: &Path, repo: &Path, name: &str) -> Command {
     let mut cmd = backflow();
+    backup_args(&mut cmd, image, repo, name, name);
+    cmd
+}
+
+/// Makes `cmd` (a `backflow` with what a test needs) run specs/backup-image.yaml of `image` into
+/// `repo` as disk `disk` of identity `vm`, quiet.
+pub fn backup_args<'c>(
+    cmd: &'c mut Command,
+    image: &Path,
+    repo: &Path,
+    disk: &str,
+    vm: &str,
+) -> &'c mut Command {
     cmd.arg("run")
         .arg(spec("backup-image.yaml"))
         .arg("--var")
@@ -85,28 +99,31 @@ pub fn backup_command(image: &Path, repo: &Path, name: &str) -> Command {
         .arg("--var")
         .arg(format!("repo={}", repo.display()))
         .arg("--var")
-        .arg(format!("disk={name}"))
+        .arg(format!("disk={disk}"))
         .arg("--var")
-        .arg(format!("name={name}"))
-        .arg("--quiet");
-    cmd
+        .arg(format!("name={vm}"))
+        .arg("--quiet")
 }
 
 /// Backs `image` up with specs/backup-image.yaml as disk (and so VM) `name`; returns the report.
 pub fn backup_named(image: &Path, repo: &Path, name: &str) -> serde_json::Value {
-    // Beside a local repository; in the temporary directory for an `s3://` one.
-    let report = match repo.to_str().is_some_and(|r| r.starts_with("s3://")) {
-        true => std::env::temp_dir().join(format!("backflow-report-{}.json", rand_suffix())),
-        false => repo.with_extension(format!("report-{}.json", rand_suffix())),
-    };
-    run_ok(
-        backup_command(image, repo, name)
-            .arg("--report")
-            .arg(&report),
-    );
+    report_of(&mut backup_command(image, repo, name))
+}
+
+/// Runs `cmd` (a `backflow run`) with `--report`, which must succeed: the report.
+pub fn report_of(cmd: &mut Command) -> serde_json::Value {
+    let report = std::env::temp_dir().join(format!("backflow-report-{}.json", rand_suffix()));
+    run_ok(cmd.arg("--report").arg(&report));
     let json = read_report(&report);
     std::fs::remove_file(&report).unwrap();
     json
+}
+
+/// The command failed with exit `code`, and its stderr holds `needle`.
+pub fn assert_failed(out: &Output, code: i32, needle: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(code), "{stderr}");
+    assert!(stderr.contains(needle), "expected {needle:?} in: {stderr}");
 }
 
 /// A backup of `image` (as `disk0`), running: its stderr piped, its stdout discarded.
