@@ -14,7 +14,7 @@ use std::process::{Command, Output};
 use common::*;
 
 /// What the S3 backend says when nothing gives it credentials.
-const NOT_BUILT: &str = "no S3 credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY";
+const NO_CREDENTIALS: &str = "no S3 credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY";
 
 /// Every command that takes `--repo`, with what else it needs (`{img}`: an image file outside the
 /// working directory).
@@ -71,6 +71,21 @@ fn bad_input_line(cmd: &mut Command) -> String {
     stderr.trim_end().to_owned()
 }
 
+/// `command` given the repository `given` once as `--repo` and once as `BACKFLOW_REPOSITORY`, each
+/// failing as bad input and leaving the working directory empty: (how it was given, as the error
+/// names it; the error line), for each.
+fn bad_input_both_ways(cwd: &Path, command: &str, given: &str) -> [(&'static str, String); 2] {
+    let flag = bad_input_line(backflow_in(cwd).args(args(command)).args(["--repo", given]));
+    assert_empty(cwd, command);
+    let variable = bad_input_line(
+        backflow_in(cwd)
+            .args(args(command))
+            .env("BACKFLOW_REPOSITORY", given),
+    );
+    assert_empty(cwd, command);
+    [("--repo", flag), ("$BACKFLOW_REPOSITORY", variable)]
+}
+
 /// The working directory is as empty as the test left it.
 fn assert_empty(cwd: &Path, after: &str) {
     let left: Vec<_> = std::fs::read_dir(cwd)
@@ -94,30 +109,14 @@ fn a_malformed_s3_location_is_bad_input_naming_the_flag_or_the_variable() {
         "S3://backups/a//b",
     ] {
         for command in REPO_COMMANDS {
-            let line = bad_input_line(
-                backflow_in(cwd.path())
-                    .args(args(command))
-                    .args(["--repo", given]),
-            );
-            assert!(
-                line.starts_with(&format!(
-                    "backflow: --repo: {given:?} is not a repository location: "
-                )),
-                "{command} --repo {given}: {line}"
-            );
-            assert_empty(cwd.path(), command);
-            let line = bad_input_line(
-                backflow_in(cwd.path())
-                    .args(args(command))
-                    .env("BACKFLOW_REPOSITORY", given),
-            );
-            assert!(
-                line.starts_with(&format!(
-                    "backflow: $BACKFLOW_REPOSITORY: {given:?} is not a repository location: "
-                )),
-                "{command} with BACKFLOW_REPOSITORY={given}: {line}"
-            );
-            assert_empty(cwd.path(), command);
+            for (origin, line) in bad_input_both_ways(cwd.path(), command, given) {
+                assert!(
+                    line.starts_with(&format!(
+                        "backflow: {origin}: {given:?} is not a repository location: "
+                    )),
+                    "{command} with {origin} {given}: {line}"
+                );
+            }
         }
     }
 }
@@ -180,26 +179,12 @@ fn repository_line(spec: &Path) -> usize {
 fn an_s3_location_is_never_a_local_path() {
     let cwd = tempfile::tempdir().unwrap();
     for command in REPO_COMMANDS {
-        let line = bad_input_line(
-            backflow_in(cwd.path())
-                .args(args(command))
-                .args(["--repo", "s3://bucket/x"]),
-        );
-        assert!(
-            line.contains("s3://bucket/x") && line.contains(NOT_BUILT),
-            "{command}: {line}"
-        );
-        assert_empty(cwd.path(), command);
-        let line = bad_input_line(
-            backflow_in(cwd.path())
-                .args(args(command))
-                .env("BACKFLOW_REPOSITORY", "s3://bucket/x"),
-        );
-        assert!(
-            line.contains("s3://bucket/x") && line.contains(NOT_BUILT),
-            "{command}: {line}"
-        );
-        assert_empty(cwd.path(), command);
+        for (origin, line) in bad_input_both_ways(cwd.path(), command, "s3://bucket/x") {
+            assert!(
+                line.contains("s3://bucket/x") && line.contains(NO_CREDENTIALS),
+                "{command} with {origin}: {line}"
+            );
+        }
     }
 }
 
@@ -240,7 +225,7 @@ fn a_spec_with_an_s3_repository_validates_and_its_run_is_refused_before_any_data
         "repo=s3://bucket/x",
     ]));
     assert!(
-        line.starts_with(&format!("backflow: s3://bucket/x: {NOT_BUILT}")),
+        line.starts_with(&format!("backflow: s3://bucket/x: {NO_CREDENTIALS}")),
         "{line}"
     );
     assert_empty(cwd.path(), "run");
@@ -267,7 +252,7 @@ fn a_job_with_an_s3_repository_reads_and_is_refused_naming_it() {
     assert_eq!(lines.len(), 2, "{stderr}");
     assert!(
         lines[0].starts_with(&format!(
-            "backflow: {}: repository: s3://bucket/site-a: {NOT_BUILT}",
+            "backflow: {}: repository: s3://bucket/site-a: {NO_CREDENTIALS}",
             file.display()
         )),
         "{stderr}"
@@ -282,7 +267,7 @@ fn a_job_with_an_s3_repository_reads_and_is_refused_naming_it() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{stderr}");
     assert!(
-        stderr.contains("s3://bucket/site-a") && stderr.contains(NOT_BUILT),
+        stderr.contains("s3://bucket/site-a") && stderr.contains(NO_CREDENTIALS),
         "{stderr}"
     );
     assert_empty(cwd.path(), "job run");
