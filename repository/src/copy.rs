@@ -72,11 +72,7 @@ fn kill_point() {
     static SENT: AtomicU64 = AtomicU64::new(0);
     let sent = SENT.fetch_add(1, Ordering::SeqCst) + 1;
     if std::env::var(KILL_AFTER).is_ok_and(|v| v.parse() == Ok(sent)) {
-        warn!(sent, "Test hook: the copy kills itself here.");
-        let _ = std::process::Command::new("kill")
-            .args(["-KILL", &std::process::id().to_string()])
-            .status();
-        std::thread::sleep(std::time::Duration::from_secs(10));
+        crate::hooks::kill_self(&format!("copy, after {sent} chunks stored"));
     }
 }
 

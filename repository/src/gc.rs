@@ -67,11 +67,7 @@ pub const KILL_POINTS: &[&str] = &[
 #[cfg(feature = "test-hooks")]
 fn kill_point(step: &str) {
     if std::env::var(KILL_AT).is_ok_and(|v| v == step) {
-        warn!(step, "Test hook: gc kills itself here.");
-        let _ = std::process::Command::new("kill")
-            .args(["-KILL", &std::process::id().to_string()])
-            .status();
-        std::thread::sleep(std::time::Duration::from_secs(10));
+        crate::hooks::kill_self(&format!("gc step {step}"));
     }
 }
 

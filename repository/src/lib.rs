@@ -434,6 +434,8 @@ mod format;
 mod gc;
 mod gc_state;
 mod history;
+#[cfg(feature = "test-hooks")]
+mod hooks;
 mod ids;
 mod index;
 pub mod keys;
