@@ -9,7 +9,7 @@ use std::fmt::Write as _;
 
 use anyhow::Result;
 use backflow_jobs::copy::ZstdEncoder;
-use backflow_repository::{CopyOptions, CopyReport, DEFAULT_COPY_WORKERS, Location, Repository};
+use backflow_repository::{CopyOptions, CopyReport, DEFAULT_COPY_WORKERS, Location};
 
 use crate::BadInput;
 use crate::display::bytes;
@@ -44,26 +44,26 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    if let Some(file) = &args.from_password_file {
-        let location =
-            Location::parse(&args.from).map_err(|e| BadInput::new(format!("--from: {e}")))?;
-        backflow_repository::keys::set_password_file_for(&location.to_string(), file.clone());
-    }
-    let from = open("--from", &args.from)?;
-    let to = open("--to", &args.to)?;
-    if let (Some(a), Some(b)) = (
-        from.path().canonicalize().ok(),
-        to.path().canonicalize().ok(),
-    ) && a == b
-        && from.location().is_local()
-        && to.location().is_local()
-    {
+    let from_at = location("--from", &args.from)?;
+    let to_at = location("--to", &args.to)?;
+    let same = match (&from_at, &to_at) {
+        (Location::Local(a), Location::Local(b)) => a
+            .canonicalize()
+            .ok()
+            .is_some_and(|a| b.canonicalize().ok() == Some(a)),
+        (a, b) => a == b,
+    };
+    if same {
         return Err(BadInput::new(format!(
-            "--from and --to are the same repository ({}); a copy needs two",
-            args.to
+            "--from and --to are the same repository ({to_at}); a copy needs two"
         ))
         .into());
     }
+    if let Some(file) = &args.from_password_file {
+        backflow_repository::keys::set_password_file_for(&from_at.to_string(), file.clone());
+    }
+    let from = crate::open_repo(&from_at)?;
+    let to = crate::open_repo(&to_at)?;
     let options = CopyOptions {
         vms: args.vms,
         snapshots: args.snapshots,
@@ -86,10 +86,9 @@ pub fn run(args: Args) -> Result<()> {
     Ok(())
 }
 
-/// Opens `--from` or `--to`: a path with the same help as `--repo` everywhere, or an S3 location.
-fn open(flag: &str, given: &str) -> Result<Repository> {
-    let location = Location::parse(given).map_err(|e| BadInput::new(format!("{flag}: {e}")))?;
-    crate::open_repo(&location)
+/// The location `--from` or `--to` names (a malformed `s3:` one is bad input naming the flag).
+fn location(flag: &str, given: &str) -> Result<Location> {
+    Location::parse(given).map_err(|e| BadInput::new(format!("{flag}: {e}")).into())
 }
 
 /// The report for people: one line per snapshot copied, then the totals, as `backflow run` ends.
