@@ -323,6 +323,17 @@ impl Inner {
         }
     }
 
+    /// [`Inner::head`] of an object that must exist: a missing one is a `NotFound` error of `open`.
+    fn head_existing(&self, key: &str) -> Result<object_store::ObjectMeta> {
+        self.head(key)?.ok_or_else(|| {
+            RepoError::io(
+                "open",
+                self.display_key(key),
+                io::ErrorKind::NotFound.into(),
+            )
+        })
+    }
+
     fn put(&self, key: &str, bytes: Vec<u8>, mode: PutMode) -> Result<()> {
         if mode == PutMode::Create && self.head(key)?.is_some() {
             return Err(exists(self, key));
@@ -548,8 +559,8 @@ impl Inner {
 }
 
 /// The bound a lease's holder renews it for, from the `-Ns` at the end of its name ([`Inner::lease_name`]);
-/// `None` for a name without it (an earlier release's: a host name has no `-`, the random part is 16 hex digits
-/// and never ends in `s`).
+/// `None` for a name without it (an earlier release's, which ends in the 16 hex digits of its random part:
+/// never `s`; only the part after the last `-` is read, so a host name with dashes changes nothing).
 fn lease_bound_of(name: &str) -> Option<Duration> {
     let (_, last) = name.rsplit_once('-')?;
     let secs = last.strip_suffix('s')?;
@@ -667,13 +678,7 @@ impl Store for S3Store {
     fn open(&self, key: &str) -> Result<Arc<dyn Object>> {
         let inner = &self.inner;
         if key.ends_with(".pack") {
-            let meta = inner.head(key)?.ok_or_else(|| {
-                RepoError::io(
-                    "open",
-                    inner.display_key(key),
-                    io::ErrorKind::NotFound.into(),
-                )
-            })?;
+            let meta = inner.head_existing(key)?;
             return Ok(Arc::new(RangedObject {
                 inner: inner.clone(),
                 id: format!(
@@ -948,13 +953,7 @@ impl From<RepoError> for FetchError {
 
 /// Downloads `key` into an unlinked scratch file.
 fn fetch_whole(inner: &Inner, key: &str) -> std::result::Result<WholeObject, FetchError> {
-    let meta = inner.head(key)?.ok_or_else(|| {
-        RepoError::io(
-            "open",
-            inner.display_key(key),
-            io::ErrorKind::NotFound.into(),
-        )
-    })?;
+    let meta = inner.head_existing(key)?;
     let scratch = inner
         .scratch
         .join(format!("fetch-{:016x}", rand::random::<u64>()));
