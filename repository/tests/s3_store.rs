@@ -452,21 +452,28 @@ fn of_two_racing_exclusive_locks_at_most_one_wins() {
     eprintln!("{winners_total} of 20 rounds had a winner");
 }
 
+/// In a child test process started by its parent test (`S3_TEST_CHILD_VARS` set), the parent's
+/// bucket under `prefix`, and the parent's variables; `None` when run on its own (the child tests are
+/// `#[ignore]`d and return).
+fn child_store(prefix: &str) -> Option<(S3Store, HashMap<String, String>)> {
+    let vars = std::env::var("S3_TEST_CHILD_VARS").ok()?;
+    let vars: HashMap<String, String> = serde_json::from_str(&vars).unwrap();
+    let settings = S3Settings::from_map(&vars).unwrap();
+    let loc = S3Location {
+        bucket: vars["TEST_BUCKET"].clone(),
+        prefix: prefix.into(),
+    };
+    Some((S3Store::open_with(&loc, &settings).unwrap(), vars))
+}
+
 /// Not a test on its own: the child process of `a_lease_no_longer_renewed_expires`. Takes the lock, says
 /// so, and waits to be killed.
 #[test]
 #[ignore = "run by a_lease_no_longer_renewed_expires"]
 fn child_holding_a_lease() {
-    let Ok(vars) = std::env::var("S3_TEST_CHILD_VARS") else {
+    let Some((store, _)) = child_store("expiry") else {
         return;
     };
-    let vars: HashMap<String, String> = serde_json::from_str(&vars).unwrap();
-    let settings = S3Settings::from_map(&vars).unwrap();
-    let loc = S3Location {
-        bucket: vars["TEST_BUCKET"].clone(),
-        prefix: "expiry".into(),
-    };
-    let store = S3Store::open_with(&loc, &settings).unwrap();
     let _lease = store
         .lock("lock", LockMode::Exclusive, "the child")
         .unwrap();
@@ -781,16 +788,10 @@ const MEMORY_PACK_SIZE: usize = 8 << 20;
 #[test]
 #[ignore = "run by sixteen_packs_read_at_once_stay_under_128_mib"]
 fn child_reading_packs() {
-    let Ok(vars) = std::env::var("S3_TEST_CHILD_VARS") else {
+    let Some((store, vars)) = child_store("memory") else {
         return;
     };
-    let vars: HashMap<String, String> = serde_json::from_str(&vars).unwrap();
-    let settings = S3Settings::from_map(&vars).unwrap();
-    let loc = S3Location {
-        bucket: vars["TEST_BUCKET"].clone(),
-        prefix: "memory".into(),
-    };
-    let store = Arc::new(S3Store::open_with(&loc, &settings).unwrap());
+    let store = Arc::new(store);
     let objects: Vec<_> = (0..MEMORY_PACKS)
         .map(|i| store.open(&format!("packs/00/{i:02}.pack")).unwrap())
         .collect();
