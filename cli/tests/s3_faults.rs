@@ -276,6 +276,18 @@ fn spawn_backup(image: &Path, repo: &Path, vm: &str, report: &Path) -> Child {
         .unwrap()
 }
 
+/// [`spawn_backup`] of `image` as `disk0`, returned once it has uploaded some packs and is still
+/// running: the moment a fault test breaks the store.
+fn spawn_uploading(image: &Path, repo: &Path, report: &Path, store: &S3Store) -> Child {
+    let mut child = spawn_backup(image, repo, "disk0", report);
+    wait_for_uploads(&mut child, store, 16);
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the backup ended before the fault"
+    );
+    child
+}
+
 /// Waits for `child` (at most [`HANG`]): its exit status and stderr.
 fn finish(mut child: Child) -> (std::process::ExitStatus, String) {
     use std::io::Read;
@@ -457,12 +469,7 @@ fn a_backup_completes_when_one_node_of_three_stops() {
     case.image("disk.img", 42);
     let report = case.path("node-down.json");
     let store = case.store();
-    let mut child = spawn_backup(&image, &case.repo, "disk0", &report);
-    wait_for_uploads(&mut child, &store, 16);
-    assert!(
-        child.try_wait().unwrap().is_none(),
-        "the backup ended before the node was stopped"
-    );
+    let child = spawn_uploading(&image, &case.repo, &report, &store);
     cluster.stop(2);
     let stopped = Instant::now();
     let (status, stderr) = finish(child);
@@ -524,12 +531,7 @@ fn a_backup_when_the_whole_store_stops_completes_or_fails_cleanly() {
     // Down for a few seconds, the default retry bound.
     case.image("disk.img", 62);
     let report = case.path("outage.json");
-    let mut child = spawn_backup(&image, &case.repo, "disk0", &report);
-    wait_for_uploads(&mut child, &store, 16);
-    assert!(
-        child.try_wait().unwrap().is_none(),
-        "the backup ended before the store was stopped"
-    );
+    let mut child = spawn_uploading(&image, &case.repo, &report, &store);
     cluster.stop_all();
     std::thread::sleep(OUTAGE);
     let still_running = child.try_wait().unwrap().is_none();
@@ -561,12 +563,7 @@ fn a_backup_when_the_whole_store_stops_completes_or_fails_cleanly() {
     set_env("BACKFLOW_LEASE_SECONDS", &lease);
     case.image("disk.img", 63);
     let report = case.path("long-outage.json");
-    let mut child = spawn_backup(&image, &case.repo, "disk0", &report);
-    wait_for_uploads(&mut child, &store, 16);
-    assert!(
-        child.try_wait().unwrap().is_none(),
-        "the backup ended before the store was stopped"
-    );
+    let child = spawn_uploading(&image, &case.repo, &report, &store);
     cluster.stop_all();
     let stopped = Instant::now();
     let (status, stderr) = finish(child);
