@@ -105,22 +105,22 @@ pub fn text(r: &CopyReport) -> String {
             "  snapshot {} of {}: sent {} chunks ({} stored), {} already there, {} zero",
             s.id,
             s.vm,
-            s.chunks_sent,
-            bytes(s.bytes_sent),
-            s.chunks_present,
-            s.chunks_zero
+            s.counts.chunks_sent,
+            bytes(s.counts.bytes_sent),
+            s.counts.chunks_present,
+            s.counts.chunks_zero
         );
     }
     let _ = writeln!(
         out,
         "  read {} from {}, sent {} ({} of data) to {}; {} chunks sent, {} already there",
-        bytes(r.bytes_read),
+        bytes(r.counts.bytes_read),
         r.from,
-        bytes(r.bytes_sent),
-        bytes(r.plain_bytes_sent),
+        bytes(r.counts.bytes_sent),
+        bytes(r.counts.plain_bytes_sent),
         r.to,
-        r.chunks_sent,
-        r.chunks_present
+        r.counts.chunks_sent,
+        r.counts.chunks_present
     );
     out
 }

@@ -772,11 +772,11 @@ fn copy_row(copy: &crate::CopyRecord, result: Verdict) -> backflow_notify::VmRep
     row.error = copy.error.clone();
     row.warnings = copy.warnings.clone();
     if let Some(r) = &copy.report {
-        row.bytes_read = r.bytes_read;
-        row.bytes_written = r.bytes_sent;
+        row.bytes_read = r.counts.bytes_read;
+        row.bytes_written = r.counts.bytes_sent;
         row.notes.push(format!(
             "{} snapshots copied, {} already there; {} chunks sent, {} already there",
-            r.snapshots_copied, r.snapshots_skipped, r.chunks_sent, r.chunks_present
+            r.snapshots_copied, r.snapshots_skipped, r.counts.chunks_sent, r.counts.chunks_present
         ));
     }
     if !copy.forgotten.is_empty() {

@@ -152,13 +152,10 @@ impl CopyError {
     }
 }
 
-/// One snapshot of a copy.
-#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct CopiedSnapshot {
-    pub id: String,
-    pub vm: String,
-    /// False: the target already held it, and nothing was done.
-    pub copied: bool,
+/// What was moved: per worker, per snapshot and for the whole copy (flattened into the JSON of both
+/// reports, so `chunks_sent` stands beside `id` or `snapshots_copied`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct CopyCounts {
     /// Chunks read from the source and stored in the target.
     pub chunks_sent: u64,
     /// Chunks the target already had (found by digest).
@@ -171,6 +168,28 @@ pub struct CopiedSnapshot {
     pub bytes_sent: u64,
     /// Plaintext bytes of the chunks sent.
     pub plain_bytes_sent: u64,
+}
+
+impl std::ops::AddAssign for CopyCounts {
+    fn add_assign(&mut self, o: CopyCounts) {
+        self.chunks_sent += o.chunks_sent;
+        self.chunks_present += o.chunks_present;
+        self.chunks_zero += o.chunks_zero;
+        self.bytes_read += o.bytes_read;
+        self.bytes_sent += o.bytes_sent;
+        self.plain_bytes_sent += o.plain_bytes_sent;
+    }
+}
+
+/// One snapshot of a copy.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct CopiedSnapshot {
+    pub id: String,
+    pub vm: String,
+    /// False: the target already held it, and nothing was done.
+    pub copied: bool,
+    #[serde(flatten)]
+    pub counts: CopyCounts,
     pub seconds: f64,
 }
 
@@ -184,12 +203,8 @@ pub struct CopyReport {
     pub snapshots: Vec<CopiedSnapshot>,
     pub snapshots_copied: u64,
     pub snapshots_skipped: u64,
-    pub chunks_sent: u64,
-    pub chunks_present: u64,
-    pub chunks_zero: u64,
-    pub bytes_read: u64,
-    pub bytes_sent: u64,
-    pub plain_bytes_sent: u64,
+    #[serde(flatten)]
+    pub counts: CopyCounts,
     pub seconds: f64,
 }
 
@@ -200,12 +215,7 @@ impl CopyReport {
         } else {
             self.snapshots_skipped += 1;
         }
-        self.chunks_sent += s.chunks_sent;
-        self.chunks_present += s.chunks_present;
-        self.chunks_zero += s.chunks_zero;
-        self.bytes_read += s.bytes_read;
-        self.bytes_sent += s.bytes_sent;
-        self.plain_bytes_sent += s.plain_bytes_sent;
+        self.counts += s.counts;
         self.snapshots.push(s);
     }
 }
@@ -305,8 +315,8 @@ fn copy_with(
     info!(
         copied = report.snapshots_copied,
         skipped = report.snapshots_skipped,
-        chunks_sent = report.chunks_sent,
-        chunks_present = report.chunks_present,
+        chunks_sent = report.counts.chunks_sent,
+        chunks_present = report.counts.chunks_present,
         "Copy finished."
     );
     Ok(report)
@@ -418,17 +428,6 @@ struct Batch {
     refs: Vec<ChunkRef>,
 }
 
-/// What one worker did: summed into the snapshot's line.
-#[derive(Default)]
-struct Tally {
-    sent: u64,
-    present: u64,
-    zero: u64,
-    bytes_read: u64,
-    bytes_sent: u64,
-    plain_sent: u64,
-}
-
 /// Everything a worker shares with the others while one snapshot is copied.
 struct Shared<'a> {
     from: &'a Repository,
@@ -504,24 +503,17 @@ fn copy_one(
             shared.stop.store(true, Ordering::SeqCst);
         }
         drop(tx);
-        let results: Vec<Result<Tally, CopyError>> = handles
+        let results: Vec<Result<CopyCounts, CopyError>> = handles
             .into_iter()
             .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
             .collect();
         (fed, results)
     });
-    let mut tally = Tally::default();
+    let mut tally = CopyCounts::default();
     let mut first_error = fed.err();
     for r in results {
         match r {
-            Ok(t) => {
-                tally.sent += t.sent;
-                tally.present += t.present;
-                tally.zero += t.zero;
-                tally.bytes_read += t.bytes_read;
-                tally.bytes_sent += t.bytes_sent;
-                tally.plain_sent += t.plain_sent;
-            }
+            Ok(t) => tally += t,
             Err(e) => {
                 // A cancel is the reason only when nothing else went wrong.
                 if first_error
@@ -538,7 +530,7 @@ fn copy_one(
     }
     let copied = match session.commit(meta.domain_xml.clone()) {
         Ok(committed) => {
-            info!(snapshot = %committed.id, sent = tally.sent, present = tally.present,
+            info!(snapshot = %committed.id, sent = tally.chunks_sent, present = tally.chunks_present,
                   "Snapshot copied.");
             true
         }
@@ -553,12 +545,7 @@ fn copy_one(
         id: meta.id.clone(),
         vm: meta.vm.clone(),
         copied,
-        chunks_sent: tally.sent,
-        chunks_present: tally.present,
-        chunks_zero: tally.zero,
-        bytes_read: tally.bytes_read,
-        bytes_sent: tally.bytes_sent,
-        plain_bytes_sent: tally.plain_sent,
+        counts: tally,
         seconds: started.elapsed().as_secs_f64(),
     })
 }
@@ -619,8 +606,8 @@ fn work(
     rx: &Mutex<Option<Receiver<Batch>>>,
     writer: &mut PackWriter,
     encoder: &mut dyn ChunkEncoder,
-) -> Result<Tally, CopyError> {
-    let mut tally = Tally::default();
+) -> Result<CopyCounts, CopyError> {
+    let mut tally = CopyCounts::default();
     loop {
         if shared.stop.load(Ordering::SeqCst) {
             return Ok(tally);
@@ -637,7 +624,7 @@ fn work(
         for r in &batch.refs {
             out.push(match r {
                 ChunkRef::Zero => {
-                    tally.zero += 1;
+                    tally.chunks_zero += 1;
                     ChunkRef::Zero
                 }
                 ChunkRef::Data(d) => {
@@ -655,7 +642,7 @@ fn copy_chunk(
     digest: &Digest,
     writer: &mut PackWriter,
     encoder: &mut dyn ChunkEncoder,
-    tally: &mut Tally,
+    tally: &mut CopyCounts,
 ) -> Result<Digest, CopyError> {
     // Claimed before the lookup, so that two workers meeting one new chunk at once send it once (the
     // counts are exact). A claimed chunk is in the target, or stored in this session before it commits.
@@ -671,7 +658,7 @@ fn copy_chunk(
         Ok(shared.to.lookup(d)?.is_some())
     };
     if shared.same_digests && known(digest)? {
-        tally.present += 1;
+        tally.chunks_present += 1;
         return Ok(*digest);
     }
     let (plain, stored_len) = read_verified(shared.from, digest)?;
@@ -685,7 +672,7 @@ fn copy_chunk(
             });
         }
     } else if known(&target)? {
-        tally.present += 1;
+        tally.chunks_present += 1;
         return Ok(target);
     }
     let (codec, data) = encoder.encode(&plain).map_err(|detail| CopyError::Encode {
@@ -695,9 +682,9 @@ fn copy_chunk(
     let raw_len = u32::try_from(plain.len()).unwrap_or(u32::MAX);
     writer.add(target, codec, raw_len, &data)?;
     kill_point();
-    tally.sent += 1;
+    tally.chunks_sent += 1;
     tally.bytes_sent += data.len() as u64;
-    tally.plain_sent += plain.len() as u64;
+    tally.plain_bytes_sent += plain.len() as u64;
     Ok(target)
 }
 
@@ -807,11 +794,11 @@ mod tests {
             ..CopyOptions::default()
         };
         let r = copy_with(&from, &to, &options, &plain, &|| false, false).unwrap();
-        assert_eq!((r.snapshots_copied, r.chunks_sent), (1, 4));
-        assert_eq!((r.chunks_present, r.chunks_zero), (2, 2));
+        assert_eq!((r.snapshots_copied, r.counts.chunks_sent), (1, 4));
+        assert_eq!((r.counts.chunks_present, r.counts.chunks_zero), (2, 2));
         // Keyed digests cannot be looked up before reading: all six data chunks are read.
-        assert_eq!(r.bytes_read, 6 * u64::from(CHUNK));
-        assert_eq!(r.bytes_sent, 4 * u64::from(CHUNK));
+        assert_eq!(r.counts.bytes_read, 6 * u64::from(CHUNK));
+        assert_eq!(r.counts.bytes_sent, 4 * u64::from(CHUNK));
 
         let (a, b) = (
             from.open_snapshot(&first).unwrap(),
@@ -850,7 +837,7 @@ mod tests {
         let second = backup(&from, &[Some(1), Some(5), None, Some(4)]);
         let r = copy_with(&from, &to, &options, &plain, &|| false, false).unwrap();
         assert_eq!((r.snapshots_copied, r.snapshots_skipped), (1, 1));
-        assert_eq!((r.chunks_sent, r.chunks_present), (1, 2));
+        assert_eq!((r.counts.chunks_sent, r.counts.chunks_present), (1, 2));
         assert_eq!(r.snapshots[1].id, second);
     }
 
@@ -873,6 +860,6 @@ mod tests {
         assert!(matches!(e, CopyError::Cancelled { committed: 0 }), "{e}");
         assert!(to.manifest_ids().unwrap().is_empty());
         let r = copy(&from, &to, &options, &plain, &|| false).unwrap();
-        assert_eq!((r.chunks_sent, r.chunks_present), (256, 512));
+        assert_eq!((r.counts.chunks_sent, r.counts.chunks_present), (256, 512));
     }
 }

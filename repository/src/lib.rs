@@ -463,8 +463,8 @@ pub use config::{
 #[cfg(feature = "test-hooks")]
 pub use copy::KILL_AFTER as COPY_KILL_AFTER;
 pub use copy::{
-    COPY_BATCH, COPY_QUEUE_BATCHES, ChunkEncoder, CopiedSnapshot, CopyError, CopyOptions,
-    CopyReport, DEFAULT_COPY_WORKERS, RECENT_SENT, copy,
+    COPY_BATCH, COPY_QUEUE_BATCHES, ChunkEncoder, CopiedSnapshot, CopyCounts, CopyError,
+    CopyOptions, CopyReport, DEFAULT_COPY_WORKERS, RECENT_SENT, copy,
 };
 pub use damaged::{DamageMarks, DamagedCopy};
 pub use error::{RepoError, Result};
