@@ -32,7 +32,7 @@
 //! `BACKFLOW_LEASE_SECONDS`); a lease counts as gone when its `LastModified` is older than the bound.
 //! [`Lease::is_held`] turns false once a lease went unrenewed for 3/4 of the bound, and stays false (the lease
 //! is deleted, since another process may already have taken the lock). The bound is its holder's, written in
-//! the lease's name (`-60s`, [`lease_bound_of`]), not the reader's: processes on different hosts may run with
+//! the lease's name (`-60s`, `lease_bound_of`), not the reader's: processes on different hosts may run with
 //! different `BACKFLOW_LEASE_SECONDS`, and a gc judging a backup's registration by a shorter bound than the one
 //! it is renewed for would take a live backup for a dead one and sweep chunks it is about to commit. A name
 //! without the suffix (written by an earlier release) is judged by the reader's bound.
