@@ -30,6 +30,9 @@ trap 'rm -f "$log" "$bins"' EXIT
 cargo test --release --workspace --no-run --message-format=json 2>/dev/null \
   | grep '"profile":{[^}]*"test":true' \
   | sed -n 's/.*"manifest_path":"\([^"]*\)".*"executable":"\([^"]*\)".*/\1 \2/p' >"$bins"
+# As cargo runs them: a proc-macro crate's tests link the toolchain's libstd dynamically.
+LD_LIBRARY_PATH="$(rustc --print target-libdir)${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+export LD_LIBRARY_PATH
 run_bins() { # run_bins first|last [TEST ARGS...]
   local round=$1 manifest exe name
   shift
