@@ -13,7 +13,11 @@
 # issue 13 (Garage >= 0.7x of local throughput each way; backflow on Garage >= 2x restic on Garage;
 # backflow's peak RSS < 128 MiB), and writes the same to a results file.
 #
-#   bash benches/e2e-s3.sh [SIZE]      default 2G; RUNS=3, BENCH_DIR=/var/tmp/backflow-e2e-s3,
+# PIN=1 confines every client (backflow, restic) to core 0 and the store to core 1, as if the store
+# ran on a host of its own: the ratios then compare the clients' own costs, which sharing two cores
+# with the store hides (each S3 step's wall time is otherwise bound by client + store CPU / cores).
+#
+#   bash benches/e2e-s3.sh [SIZE]      default 2G; RUNS=3, PIN=0, BENCH_DIR=/var/tmp/backflow-e2e-s3,
 #                                      RESULTS=target/bench-results/e2e-s3-DATE.md (+ .logs/: the
 #                                      --stats tables of backflow's steps)
 # Extra variables reach backflow unchanged (BACKFLOW_S3_MAX_REQUESTS, ...), so a tunable can be
@@ -53,6 +57,13 @@ fi
 rm -rf "$WORK/hooks"
 
 s3_store garage
+# CLIENT: what runs each measured command (the core it may use under PIN=1).
+CLIENT=()
+if [ "${PIN:-0}" = 1 ]; then
+  [ "$(nproc)" -ge 2 ] || { echo "e2e-s3: PIN=1 needs at least 2 cores" >&2; exit 1; }
+  for pid in $S3_PIDS; do taskset -a -p -c 1 "$pid" >/dev/null; done
+  CLIENT=(taskset -c 0)
+fi
 export BACKFLOW_SCRATCH_DIR=$WORK/scratch RESTIC_CACHE_DIR=$WORK/restic-cache
 
 echo "generating a $SIZE image and its 5% change" >&2
@@ -76,7 +87,7 @@ store_cpu() {
 timed() {
   local name=$1 before; shift
   before=$(store_cpu)
-  /usr/bin/time -f "%e %M %U %S" -o "$WORK/t" "$@" >"$RESULTS.logs/$name.log" 2>&1 \
+  /usr/bin/time -f "%e %M %U %S" -o "$WORK/t" "${CLIENT[@]}" "$@" >"$RESULTS.logs/$name.log" 2>&1 \
     || { cat "$RESULTS.logs/$name.log" >&2; exit 1; }
   echo "$name $(cat "$WORK/t") $(awk -v a="$before" -v b="$(store_cpu)" 'BEGIN { printf "%.2f", b - a }')" >>"$WORK/times"
   echo "  $(tail -1 "$WORK/times")" >&2
@@ -157,6 +168,11 @@ report() {
   echo "Store: one Garage node on loopback (backflow-test-store garage, blocks uncompressed); restic $(restic version | cut -d' ' -f2)."
   echo "Machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); load average (1/5/15 min) at each repetition's start and at the end: $(printf '%s; ' "${LOADS[@]}")"
   echo "Commit: $(git rev-parse --short HEAD)$(git diff --quiet HEAD -- repository cli pipeline stages 2>/dev/null || echo ' + uncommitted changes'); date $(date -u +%Y-%m-%dT%H:%MZ); $RUNS repetitions, interleaved (local, garage, restic per step); medians."
+  if [ "${PIN:-0}" = 1 ]; then
+    echo "Cores: PIN=1, every client on core 0, the store on core 1 (as if on a host of its own)."
+  else
+    echo "Cores: shared, the store and the clients on all $(nproc)."
+  fi
   local tunables
   tunables=$(env | grep -E '^BACKFLOW_S3_' | sort | tr '\n' ' ' || true)
   echo "S3 settings from the environment: ${tunables:-none (defaults)}"

@@ -141,6 +141,8 @@ struct Inner {
     indexes: RwLock<IndexSet>,
     /// Most recently used last.
     packs: Mutex<Vec<(PackId, Arc<PackHandle>)>>,
+    /// The same for [`Repository::read_span`], opened without reading the frame.
+    span_packs: Mutex<Vec<(PackId, Arc<PackHandle>)>>,
     /// Damaged copies that lookups skip (see `damaged.rs`).
     damaged: crate::damaged::MarksCache,
     /// This handle's entry in `users/`: a gc deletes nothing this handle could have seen until it closes.
@@ -227,6 +229,7 @@ impl Repository {
                 config,
                 indexes: RwLock::new(IndexSet::default()),
                 packs: Mutex::new(Vec::with_capacity(PACK_CACHE_SIZE)),
+                span_packs: Mutex::new(Vec::with_capacity(PACK_CACHE_SIZE)),
                 damaged: Default::default(),
                 user,
                 recovery: Mutex::new(None),
@@ -675,22 +678,9 @@ impl Repository {
     }
 
     fn pack(&self, id: PackId) -> Result<Arc<PackHandle>> {
-        {
-            let mut cache = self.inner.packs.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(pos) = cache.iter().position(|(p, _)| *p == id) {
-                let entry = cache.remove(pos);
-                let handle = entry.1.clone();
-                cache.push(entry);
-                return Ok(handle);
-            }
-        }
-        let handle = Arc::new(PackHandle::open(&*self.inner.store, id)?);
-        let mut cache = self.inner.packs.lock().unwrap_or_else(|e| e.into_inner());
-        if cache.len() >= PACK_CACHE_SIZE {
-            cache.remove(0);
-        }
-        cache.push((id, handle.clone()));
-        Ok(handle)
+        cached_pack(&self.inner.packs, id, || {
+            PackHandle::open(&*self.inner.store, id)
+        })
     }
 
     /// Reads a stored blob, checked against the pack's data region; a short pack is an error, never short data.
@@ -698,15 +688,7 @@ impl Repository {
     /// or use [`Repository::load_chunk`].
     pub fn read_chunk(&self, loc: &ChunkLocation) -> Result<StoredChunk> {
         let pack = self.pack(loc.pack)?;
-        check_blob_bounds(
-            &format!("chunk at offset {}", loc.offset),
-            loc.offset,
-            loc.stored_len,
-            loc.raw_len,
-            loc.codec,
-            pack.data_end,
-            &pack.path,
-        )?;
+        check_in_pack(loc, &pack)?;
         let mut data = vec![0u8; loc.stored_len as usize];
         read_exact_at(&pack.file, &mut data, loc.offset, &pack.path, "chunk")?;
         Ok(StoredChunk {
@@ -714,6 +696,87 @@ impl Repository {
             data,
             raw_len: loc.raw_len,
         })
+    }
+
+    /// Reads the stored blobs `locs`, all in one pack and sorted by offset, and hands each to `each` (its
+    /// position in `locs` and its bytes) as soon as it has arrived, in order. On object storage with one
+    /// read of the range from the first to the end of the last (the bytes between them included): one
+    /// ranged GET instead of one per blob, which is what the store's cost follows, streamed, so that the
+    /// first blobs are decoded while the rest arrive; on a local filesystem blob by blob. Each blob is
+    /// checked against the pack's data region as [`Repository::read_chunk`] checks it, and is not verified
+    /// against its digest here either. Returns the bytes read from the store (a span's gaps included;
+    /// 0 when stopped). `each` returning false stops the read (`Ok`). An error may come
+    /// after some blobs were handed over: a reader then reads the rest one by one (which knows about
+    /// damage and moved packs); how many were handed over, it counted.
+    pub fn read_span(
+        &self,
+        locs: &[ChunkLocation],
+        mut each: impl FnMut(usize, bytes::Bytes) -> bool,
+    ) -> Result<u64> {
+        let (Some(first), Some(pack_id)) = (locs.first(), locs.first().map(|l| l.pack)) else {
+            return Ok(0);
+        };
+        // Not framed: reading a pack's header and footer costs object storage two more requests (of a
+        // read-ahead window each) per pack; blobs are then bounded by the object's length, which is safe
+        // for the same reason as in a pack with a damaged frame (every blob is checked against its digest).
+        let pack = cached_pack(&self.inner.span_packs, pack_id, || {
+            PackHandle::open_unframed(&*self.inner.store, pack_id)
+        })?;
+        let mut end = first.offset;
+        for (i, loc) in locs.iter().enumerate() {
+            // Sorted, and apart: a blob that overlaps the one before (a damaged index record) cannot be cut
+            // from one pass over the bytes; the caller reads such blobs one by one.
+            let apart = i == 0
+                || loc.offset >= end
+                || (loc.offset == locs[i - 1].offset && loc.stored_len == locs[i - 1].stored_len);
+            if loc.pack != pack_id || !apart {
+                return Err(RepoError::InvalidArgument(format!(
+                    "read_span: blobs of one pack, sorted by offset and apart (blob {i} at offset {})",
+                    loc.offset
+                )));
+            }
+            check_in_pack(loc, &pack)?;
+            end = end.max(loc.offset + u64::from(loc.stored_len));
+        }
+        if self.inner.store.is_local() {
+            // A local file costs nothing per read: each blob alone (the bytes between them are not read).
+            let mut read = 0;
+            for (i, loc) in locs.iter().enumerate() {
+                let mut data = vec![0u8; loc.stored_len as usize];
+                read_exact_at(&pack.file, &mut data, loc.offset, &pack.path, "chunk")?;
+                read += data.len() as u64;
+                if !each(i, data.into()) {
+                    break;
+                }
+            }
+            return Ok(read);
+        }
+        let len = (end - first.offset) as usize;
+        let mut cut = SpanCutter::new(first.offset, locs);
+        let mut stopped = false;
+        let read = pack.file.read_stream(first.offset, len, &mut |piece| {
+            if cut.feed(piece, &mut each) {
+                Ok(())
+            } else {
+                stopped = true;
+                Err(std::io::Error::new(
+                    std::io::ErrorKind::Interrupted,
+                    "the reader stopped",
+                ))
+            }
+        });
+        match read {
+            Ok(()) => Ok(len as u64),
+            Err(_) if stopped => Ok(0),
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Err(RepoError::corrupt(
+                &pack.path,
+                format!(
+                    "truncated: chunks ({len} bytes at offset {}) lie past the end of the file ({e})",
+                    first.offset
+                ),
+            )),
+            Err(e) => Err(RepoError::io("read", &pack.path, e)),
+        }
     }
 
     /// Looks up, reads, decodes and verifies one chunk: the plaintext whose BLAKE3 is `digest`, or an error.
@@ -896,5 +959,179 @@ impl Repository {
             "Index rebuilt from packs."
         );
         Ok(report)
+    }
+}
+
+/// [`check_blob_bounds`] of the blob `loc` in `pack`.
+fn check_in_pack(loc: &ChunkLocation, pack: &PackHandle) -> Result<()> {
+    check_blob_bounds(
+        &format!("chunk at offset {}", loc.offset),
+        loc.offset,
+        loc.stored_len,
+        loc.raw_len,
+        loc.codec,
+        pack.data_end,
+        &pack.path,
+    )
+}
+
+/// The most recently used packs' handles in `cache`, `open`ing one that is not there (the oldest goes).
+fn cached_pack(
+    cache: &Mutex<Vec<(PackId, Arc<PackHandle>)>>,
+    id: PackId,
+    open: impl FnOnce() -> Result<PackHandle>,
+) -> Result<Arc<PackHandle>> {
+    {
+        let mut cache = cache.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(pos) = cache.iter().position(|(p, _)| *p == id) {
+            let entry = cache.remove(pos);
+            let handle = entry.1.clone();
+            cache.push(entry);
+            return Ok(handle);
+        }
+    }
+    let handle = Arc::new(open()?);
+    let mut cache = cache.lock().unwrap_or_else(|e| e.into_inner());
+    if cache.len() >= PACK_CACHE_SIZE {
+        cache.remove(0);
+    }
+    cache.push((id, handle.clone()));
+    Ok(handle)
+}
+
+/// Cuts the blobs of a span out of the pieces a streamed read delivers: a blob inside one piece is a
+/// slice of it (no copy); one across pieces is gathered.
+struct SpanCutter<'a> {
+    /// The span's offset in the pack of the next byte to arrive.
+    at: u64,
+    locs: &'a [ChunkLocation],
+    /// The next blob to hand over.
+    next: usize,
+    /// Bytes of the next blob gathered so far (from its offset on).
+    partial: bytes::BytesMut,
+}
+
+impl<'a> SpanCutter<'a> {
+    fn new(start: u64, locs: &'a [ChunkLocation]) -> Self {
+        SpanCutter {
+            at: start,
+            locs,
+            next: 0,
+            partial: bytes::BytesMut::new(),
+        }
+    }
+
+    /// Takes the next piece; false when `each` asked to stop.
+    fn feed(
+        &mut self,
+        mut piece: bytes::Bytes,
+        each: &mut impl FnMut(usize, bytes::Bytes) -> bool,
+    ) -> bool {
+        while !piece.is_empty() && self.next < self.locs.len() {
+            let loc = &self.locs[self.next];
+            let (start, end) = (loc.offset, loc.offset + u64::from(loc.stored_len));
+            if self.at < start {
+                // Bytes between blobs (or of a blob read again: offsets may repeat) are skipped.
+                let skip = ((start - self.at) as usize).min(piece.len());
+                let _ = piece.split_to(skip);
+                self.at += skip as u64;
+                continue;
+            }
+            let want = (end - self.at) as usize;
+            let take = want.min(piece.len());
+            let bytes = piece.split_to(take);
+            self.at += take as u64;
+            let blob = if self.partial.is_empty() && take == want {
+                bytes
+            } else {
+                self.partial.extend_from_slice(&bytes);
+                if take < want {
+                    continue;
+                }
+                self.partial.split().freeze()
+            };
+            if !self.hand_over(blob, each) {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Hands `blob` over for the next blob and every following one at the same offset.
+    fn hand_over(
+        &mut self,
+        blob: bytes::Bytes,
+        each: &mut impl FnMut(usize, bytes::Bytes) -> bool,
+    ) -> bool {
+        let offset = self.locs[self.next].offset;
+        while self.next < self.locs.len() && self.locs[self.next].offset == offset {
+            if !each(self.next, blob.clone()) {
+                return false;
+            }
+            self.next += 1;
+        }
+        true
+    }
+}
+
+#[cfg(test)]
+mod span_tests {
+    use super::*;
+    use crate::types::Codec;
+
+    fn loc(offset: u64, len: u32) -> ChunkLocation {
+        ChunkLocation {
+            pack: PackId([7; 16]),
+            offset,
+            stored_len: len,
+            raw_len: len,
+            codec: Codec::None,
+        }
+    }
+
+    /// Every way of cutting a span into pieces gives the same blobs: gaps skipped, a blob inside one
+    /// piece or across several, two entries at one offset both handed the blob.
+    #[test]
+    fn blobs_are_cut_the_same_whatever_the_pieces() {
+        let span: Vec<u8> = (0..200u32).map(|i| (i * 7 + 3) as u8).collect();
+        let start = 1000;
+        let locs = [
+            loc(1000, 10),
+            loc(1010, 30),
+            loc(1050, 1),
+            loc(1050, 1),
+            loc(1100, 100),
+        ];
+        let expected: Vec<(usize, Vec<u8>)> = locs
+            .iter()
+            .enumerate()
+            .map(|(i, l)| {
+                let at = (l.offset - start) as usize;
+                (i, span[at..at + l.stored_len as usize].to_vec())
+            })
+            .collect();
+        for piece_len in [1, 3, 10, 17, 64, 200] {
+            let mut cut = SpanCutter::new(start, &locs);
+            let mut got = Vec::new();
+            for piece in span.chunks(piece_len) {
+                assert!(cut.feed(
+                    bytes::Bytes::copy_from_slice(piece),
+                    &mut |i, b: bytes::Bytes| {
+                        got.push((i, b.to_vec()));
+                        true
+                    }
+                ));
+            }
+            assert_eq!(got, expected, "pieces of {piece_len}");
+        }
+        // Stopping hands nothing more over.
+        let mut cut = SpanCutter::new(start, &locs);
+        let mut n = 0;
+        let go_on = cut.feed(bytes::Bytes::from(span.clone()), &mut |_, _| {
+            n += 1;
+            n < 2
+        });
+        assert!(!go_on);
+        assert_eq!(n, 2);
     }
 }

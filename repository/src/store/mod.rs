@@ -115,6 +115,23 @@ pub trait Object: Send + Sync + fmt::Debug {
         }
         Ok(())
     }
+
+    /// Reads exactly `len` bytes at `offset` as one request where the store has requests, bypassing
+    /// read-ahead, and hands them to `each` piece by piece in order as they arrive (without copying
+    /// them), so that a reader can use the first bytes while the rest are on their way: for a reader
+    /// that asks at once for everything it wants from a region (a restore's span of chunks). An error
+    /// from `each` ends the read with that error; fewer bytes than asked is an `UnexpectedEof` error.
+    /// fs: one [`Object::read_exact_at`], one piece.
+    fn read_stream(
+        &self,
+        offset: u64,
+        len: usize,
+        each: &mut dyn FnMut(bytes::Bytes) -> io::Result<()>,
+    ) -> io::Result<()> {
+        let mut buf = vec![0; len];
+        self.read_exact_at(&mut buf, offset)?;
+        each(buf.into())
+    }
 }
 
 /// A lock or registration held for as long as the value lives. fs: a `flock`ed file (the kernel drops it

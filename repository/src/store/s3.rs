@@ -215,6 +215,7 @@ impl S3Store {
             .with_secret_access_key(&settings.secret_access_key)
             .with_virtual_hosted_style_request(settings.virtual_hosted)
             .with_allow_http(settings.allow_http)
+            .with_unsigned_payload(settings.unsigned_payload)
             .with_retry(retry)
             .with_client_options(options);
         if let Some(token) = &settings.session_token {
@@ -1271,6 +1272,55 @@ impl RangedObject {
 impl Object for RangedObject {
     fn len(&self) -> u64 {
         self.len
+    }
+
+    fn read_stream(
+        &self,
+        offset: u64,
+        len: usize,
+        each: &mut dyn FnMut(bytes::Bytes) -> io::Result<()>,
+    ) -> io::Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        let end = offset
+            .checked_add(len as u64)
+            .filter(|&end| end <= self.len)
+            .ok_or_else(|| io::Error::from(io::ErrorKind::UnexpectedEof))?;
+        // On this (a pipeline worker's) thread: `each` may block on the channel after this stage, which
+        // holds back the body (TCP flow control) rather than buffering it.
+        self.inner.run(async {
+            let options = GetOptions {
+                range: Some(GetRange::Bounded(offset..end)),
+                ..Default::default()
+            };
+            let mut body = self
+                .inner
+                .client
+                .get_opts(&self.path, options)
+                .await
+                .map_err(io_error)?
+                .into_stream();
+            let mut got = 0;
+            while let Some(piece) = futures_util::StreamExt::next(&mut body).await {
+                let piece = piece.map_err(io_error)?;
+                got += piece.len();
+                if got > len {
+                    break;
+                }
+                each(piece)?;
+            }
+            if got != len {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!(
+                        "{}: {len} bytes at {offset} asked, {got} returned (the object changed?)",
+                        self.inner.display_key(&self.key).display()
+                    ),
+                ));
+            }
+            Ok(())
+        })
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {

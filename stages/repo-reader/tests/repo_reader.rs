@@ -20,25 +20,12 @@ fn read(repo: &Path, snapshot: &str, disk: &str, workers: usize) -> (RunReport, 
     read_of(repo, snapshot, "", disk, workers)
 }
 
-/// [`read`] of a snapshot named among `vm`'s (all when empty).
-fn read_of(
-    repo: &Path,
-    snapshot: &str,
-    vm: &str,
-    disk: &str,
-    workers: usize,
-) -> (RunReport, Vec<Chunk>) {
-    let reader = RepoReader::new(RepoReaderOptions {
-        snapshot: snapshot.into(),
-        disk: disk.into(),
-        vm: vm.into(),
-        ..Default::default()
-    })
-    .unwrap();
+/// [`read`] with the reader's options as given.
+fn read_with(repo: &Path, options: RepoReaderOptions, workers: usize) -> (RunReport, Vec<Chunk>) {
     let harness = Harness {
         workers,
         repository: Some(repo.to_owned().into()),
-        ..Harness::new(Arc::new(reader))
+        ..Harness::new(Arc::new(RepoReader::new(options).unwrap()))
     };
     let (report, out) = harness.run(Vec::new());
     let chunks = out
@@ -49,6 +36,23 @@ fn read_of(
         })
         .collect();
     (report, chunks)
+}
+
+/// [`read`] of a snapshot named among `vm`'s (all when empty).
+fn read_of(
+    repo: &Path,
+    snapshot: &str,
+    vm: &str,
+    disk: &str,
+    workers: usize,
+) -> (RunReport, Vec<Chunk>) {
+    let options = RepoReaderOptions {
+        snapshot: snapshot.into(),
+        disk: disk.into(),
+        vm: vm.into(),
+        ..Default::default()
+    };
+    read_with(repo, options, workers)
 }
 
 /// Checks that `chunks` (of one disk) restore `image` exactly and follow `table`.
@@ -110,8 +114,68 @@ fn emits_every_chunk_of_the_snapshot_once_as_stored() {
     assert_eq!((disk.name(), disk.source.vm.as_str()), ("vda", "web01"));
     assert_eq!((disk.size(), disk.chunk_size), (IMAGE_SIZE, CHUNK));
     assert_eq!(disk.source.location, image);
-    let stored = assert_restores(&repo, &chunks, &tables[0], &std::fs::read(&image).unwrap());
-    assert_eq!(report.source_bytes_read, stored);
+    assert_restores(&repo, &chunks, &tables[0], &std::fs::read(&image).unwrap());
+    // The disk is one region: a chunk it repeats is read once.
+    assert_eq!(report.source_bytes_read, distinct_stored(&repo, &tables[0]));
+}
+
+/// The stored bytes of the distinct chunks of `table`.
+fn distinct_stored(repo: &Repository, table: &[ChunkRef]) -> u64 {
+    let distinct: std::collections::HashSet<_> = table.iter().collect();
+    distinct
+        .iter()
+        .map(|r| match r {
+            ChunkRef::Data(d) => u64::from(repo.locate(d).unwrap().unwrap().stored_len),
+            ChunkRef::Zero => 0,
+        })
+        .sum()
+}
+
+/// An incremental snapshot's chunks lie in two packs, the first with holes where chunks changed,
+/// and the image repeats chunks: read in regions of a few chunks by several workers, in pack order
+/// with spans across the holes, every chunk still comes out exactly once with its bytes. Regions of
+/// one chunk read exactly what they send; one region for the whole disk reads each distinct chunk
+/// once (holes inside a span too) and no pack byte twice.
+#[test]
+fn regions_read_in_pack_order_still_emit_every_chunk_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo_path = dir.path().join("repo");
+    let repo = Repository::init(&repo_path, CHUNK).unwrap();
+    let image = dir.path().join("vda.raw");
+    backflow_fixtures::generate_image(&image, IMAGE_SIZE, 7).unwrap();
+    backup(&repo, "web01", &[("vda", &image)]);
+    backflow_fixtures::change_image(&image, 0.2, 8).unwrap();
+    let (id, tables) = backup(&repo, "web01", &[("vda", &image)]);
+    let distinct: std::collections::HashSet<_> =
+        tables[0].iter().filter(|r| **r != ChunkRef::Zero).collect();
+    let data_chunks = tables[0].iter().filter(|r| **r != ChunkRef::Zero).count();
+    assert!(distinct.len() < data_chunks, "the image repeats no chunk");
+
+    let distinct_stored = distinct_stored(&repo, &tables[0]);
+    let packs: u64 = walk(&repo_path.join("packs"))
+        .iter()
+        .map(|p| std::fs::metadata(p).unwrap().len())
+        .sum();
+    let data = std::fs::read(&image).unwrap();
+    for (region_chunks, workers) in [(1, 2), (5, 3), (40, 2), (1024, 1)] {
+        let options = RepoReaderOptions {
+            snapshot: id.clone(),
+            region_chunks,
+            ..Default::default()
+        };
+        let (report, chunks) = read_with(&repo_path, options, workers);
+        assert_succeeded(&report);
+        let stored = assert_restores(&repo, &chunks, &tables[0], &data);
+        let read = report.source_bytes_read;
+        match region_chunks {
+            1 => assert_eq!(read, stored),
+            1024 => assert!(
+                (distinct_stored..=packs).contains(&read),
+                "read {read} bytes: distinct chunks hold {distinct_stored}, the packs {packs}"
+            ),
+            _ => {}
+        }
+    }
 }
 
 #[test]

@@ -42,6 +42,10 @@ pub struct S3Settings {
     pub virtual_hosted: bool,
     /// Plain `http://` endpoint (allowed for loopback or with `AWS_ALLOW_HTTP=true`).
     pub allow_http: bool,
+    /// Request bodies are not hashed into the signature (`UNSIGNED-PAYLOAD`) where the transport already
+    /// keeps them intact: TLS, or a loopback endpoint (no network). Plain HTTP to another host signs them.
+    /// Hashing costs both the client and the store a SHA-256 pass over every byte uploaded.
+    pub unsigned_payload: bool,
     pub max_requests: usize,
     pub retry_time: Duration,
     pub lease_bound: Duration,
@@ -178,6 +182,7 @@ impl S3Settings {
                  http://127.0.0.1:3900"
             ))
         })?;
+        let unsigned_payload = scheme == "https" || is_loopback(host);
         let allow_http = match scheme {
             "https" => false,
             "http" if allow_http_var || is_loopback(host) => true,
@@ -225,6 +230,7 @@ impl S3Settings {
             session_token,
             virtual_hosted,
             allow_http,
+            unsigned_payload,
             max_requests: usize::try_from(max_requests).unwrap_or(usize::MAX),
             retry_time: Duration::from_secs(retry_time),
             lease_bound: Duration::from_secs(lease_bound),
@@ -364,6 +370,8 @@ mod tests {
         ] {
             let s = settings(&[KEYS[0], KEYS[1], ("AWS_ENDPOINT_URL", ep)]).unwrap();
             assert!(s.allow_http && !s.virtual_hosted && !s.is_aws, "{ep}");
+            // No network between: bodies need no hash in the signature.
+            assert!(s.unsigned_payload, "{ep}");
         }
         let e = settings(&[
             KEYS[0],
@@ -383,7 +391,12 @@ mod tests {
             ("AWS_ALLOW_HTTP", "true"),
         ])
         .unwrap();
-        assert!(s.allow_http);
+        // Plain HTTP across a network: the signature covers the bodies too.
+        assert!(s.allow_http && !s.unsigned_payload);
+        for ep in ["https://10.1.2.3:3900", "https://s3.example.net"] {
+            let s = settings(&[KEYS[0], KEYS[1], ("AWS_ENDPOINT_URL", ep)]).unwrap();
+            assert!(s.unsigned_payload, "TLS keeps bodies intact: {ep}");
+        }
         let e = settings(&[KEYS[0], KEYS[1], ("AWS_ENDPOINT_URL", "ftp://x")])
             .unwrap_err()
             .to_string();
