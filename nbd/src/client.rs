@@ -6,11 +6,16 @@ mod inflight;
 use std::io::{BufReader, Read, Write};
 use std::net::ToSocketAddrs;
 use std::path::Path;
+use std::sync::Arc;
+
+use rustls::ClientConfig;
+use rustls::pki_types::ServerName;
 
 use tracing::debug;
 
 use crate::error::{NbdError, Result};
 use crate::proto::*;
+use crate::tls::{self, TlsSettings};
 use crate::transport::{DEFAULT_IO_TIMEOUT, Transport};
 use inflight::{Request, Target};
 
@@ -106,12 +111,55 @@ impl Client {
         Self::connect(transport, export, contexts)
     }
 
+    /// Connects over TCP with [`DEFAULT_IO_TIMEOUT`], upgrades the connection to TLS with `tls`
+    /// (see [`Self::connect_tls`]) and negotiates `export` and `contexts`. `server_name` is the IP
+    /// address or DNS name the server's certificate must carry: usually the host part of `addr`.
+    ///
+    /// The TLS files are read before anything is sent, so a missing file fails without touching the
+    /// network.
+    pub fn connect_tcp_tls(
+        addr: impl ToSocketAddrs,
+        server_name: &str,
+        tls: &TlsSettings,
+        export: &str,
+        contexts: &[&str],
+    ) -> Result<Self> {
+        let start = StartTls::new(tls, server_name)?;
+        let transport = Transport::tcp(addr, DEFAULT_IO_TIMEOUT)?;
+        Self::open(transport, export, contexts, Some(start))
+    }
+
+    /// Runs the fixed newstyle handshake on an open transport with TLS: `NBD_OPT_STARTTLS` as the first
+    /// option, then the TLS handshake (the server verified against `tls.ca` and `server_name`, our
+    /// certificate presented), then every other option and all transmission inside TLS. A server that
+    /// refuses STARTTLS fails the connect ([`NbdError::StartTlsRefused`]): there is no fallback to plain
+    /// text, which a man in the middle could otherwise force.
+    pub fn connect_tls(
+        transport: Transport,
+        server_name: &str,
+        tls: &TlsSettings,
+        export: &str,
+        contexts: &[&str],
+    ) -> Result<Self> {
+        let start = StartTls::new(tls, server_name)?;
+        Self::open(transport, export, contexts, Some(start))
+    }
+
     /// Runs the fixed newstyle handshake on an open transport (use this for other timeouts).
     ///
     /// Every context in `contexts` must be granted, or this fails with
     /// [`NbdError::MetaContextUnavailable`]: a backup that silently lost its dirty bitmap would copy the
-    /// wrong data.
+    /// wrong data. A server that requires TLS fails it with [`NbdError::TlsRequired`].
     pub fn connect(transport: Transport, export: &str, contexts: &[&str]) -> Result<Self> {
+        Self::open(transport, export, contexts, None)
+    }
+
+    fn open(
+        transport: Transport,
+        export: &str,
+        contexts: &[&str],
+        tls: Option<StartTls<'_>>,
+    ) -> Result<Self> {
         let peer = transport.peer();
         let mut client = Client {
             stream: BufReader::with_capacity(64 << 10, transport),
@@ -131,19 +179,29 @@ impl Client {
             broken: None,
             disconnected: false,
         };
-        match client.handshake(contexts) {
+        match client.handshake(contexts, tls) {
             Ok(()) => {
                 debug!(peer = %client.peer, export, size = client.size, structured = client.structured,
-                    max_block = client.block.maximum, "NBD export opened.");
+                    max_block = client.block.maximum, tls = ?client.tls_protocol(), "NBD export opened.");
                 Ok(client)
             }
             Err(e) => {
                 // Nothing to disconnect politely from mid-handshake.
                 client.disconnected = true;
-                client.stream.get_ref().shutdown();
+                client.stream.get_mut().shutdown();
                 Err(e)
             }
         }
+    }
+
+    /// The TLS version of this connection (`"TLSv1_3"`, `"TLSv1_2"`), `None` without TLS.
+    pub fn tls_protocol(&self) -> Option<String> {
+        self.stream.get_ref().tls_protocol()
+    }
+
+    /// The TLS cipher suite of this connection, `None` without TLS.
+    pub fn tls_cipher_suite(&self) -> Option<String> {
+        self.stream.get_ref().tls_cipher_suite()
     }
 
     /// Export size in bytes.
@@ -356,14 +414,14 @@ impl Client {
         } else {
             Ok(())
         };
-        self.stream.get_ref().shutdown();
+        self.stream.get_mut().shutdown();
         debug!(peer = %self.peer, export = %self.export, "NBD connection closed.");
         result
     }
 
     // ---- Handshake --------------------------------------------------------------------------------------
 
-    fn handshake(&mut self, contexts: &[&str]) -> Result<()> {
+    fn handshake(&mut self, contexts: &[&str], tls: Option<StartTls<'_>>) -> Result<()> {
         let magic = self.read_u64("read the greeting of")?;
         if magic != NBDMAGIC {
             return Err(self.protocol(format!("greeting starts with {magic:#018x}, not NBDMAGIC")));
@@ -386,7 +444,27 @@ impl Client {
         }
         self.write_all(&client_flags.to_be_bytes(), "send client flags to")?;
 
-        self.structured = self.negotiate_structured()?;
+        match tls {
+            None => self.structured = self.negotiate_structured()?,
+            Some(tls) => {
+                self.start_tls(&tls)?;
+                // The first answer inside TLS is where a server that checks client certificates only
+                // after its handshake (QEMU) shows that it refused ours: by closing the connection.
+                self.structured = self.negotiate_structured().map_err(|e| match &e {
+                    NbdError::Io { source, .. } => {
+                        match tls::describe_after_handshake(source, tls.settings) {
+                            Some(detail) => NbdError::Tls {
+                                peer: self.peer.clone(),
+                                server_name: tls.server_name.to_string(),
+                                detail,
+                            },
+                            None => e,
+                        }
+                    }
+                    _ => e,
+                })?;
+            }
+        }
         if !contexts.is_empty() {
             if !self.structured {
                 return Err(NbdError::MetaContextUnavailable {
@@ -400,6 +478,65 @@ impl Client {
             self.negotiate_contexts(contexts)?;
         }
         self.negotiate_go()
+    }
+
+    /// `NBD_OPT_STARTTLS`, then the TLS handshake on the same stream.
+    fn start_tls(&mut self, tls: &StartTls<'_>) -> Result<()> {
+        self.send_option(OPT_STARTTLS, &[])?;
+        let (kind, data) = self.read_option_reply(OPT_STARTTLS)?;
+        match kind {
+            REP_ACK if data.is_empty() => {}
+            REP_ACK => {
+                return Err(self.protocol(format!(
+                    "NBD_REP_ACK to NBD_OPT_STARTTLS carries {} bytes, not 0",
+                    data.len()
+                )));
+            }
+            _ if kind & REP_FLAG_ERROR != 0 => {
+                return Err(NbdError::StartTlsRefused {
+                    peer: self.peer.clone(),
+                    reply: reply_name(kind),
+                    message: String::from_utf8_lossy(&data).into_owned(),
+                });
+            }
+            _ => {
+                return Err(self.protocol(format!(
+                    "unexpected {} ({kind:#x}) to NBD_OPT_STARTTLS",
+                    reply_name(kind)
+                )));
+            }
+        }
+        // Whatever arrived after the acknowledgement, before our TLS hello, came in plain text and may
+        // be injected by anyone on the path: it must not be read as part of the session.
+        if !self.stream.buffer().is_empty() {
+            return Err(self.protocol(format!(
+                "{} bytes arrived after the acknowledgement of NBD_OPT_STARTTLS, before the TLS handshake",
+                self.stream.buffer().len()
+            )));
+        }
+        let timeout = tls.settings.handshake_timeout;
+        let started =
+            self.stream
+                .get_mut()
+                .start_tls(tls.config.clone(), tls.name.clone(), timeout);
+        match started {
+            Ok(()) => {
+                debug!(peer = %self.peer, server_name = tls.server_name, tls = ?self.tls_protocol(),
+                    suite = ?self.tls_cipher_suite(), "NBD TLS session established.");
+                Ok(())
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
+                Err(NbdError::TlsHandshakeTimeout {
+                    peer: self.peer.clone(),
+                    timeout,
+                })
+            }
+            Err(e) => Err(NbdError::Tls {
+                peer: self.peer.clone(),
+                server_name: tls.server_name.to_string(),
+                detail: tls::describe_failure(&e, tls.settings, tls.server_name),
+            }),
+        }
     }
 
     fn negotiate_structured(&mut self) -> Result<bool> {
@@ -585,6 +722,18 @@ impl Client {
     }
 
     fn option_failure(&self, option: u32, kind: u32, data: &[u8]) -> NbdError {
+        if kind == REP_ERR_TLS_REQD {
+            if self.tls_protocol().is_some() {
+                return self.protocol(format!(
+                    "NBD_REP_ERR_TLS_REQD to {} inside TLS",
+                    option_name(option)
+                ));
+            }
+            return NbdError::TlsRequired {
+                peer: self.peer.clone(),
+                option: option_name(option),
+            };
+        }
         if kind & REP_FLAG_ERROR == 0 {
             return self.protocol(format!(
                 "unexpected {} ({kind:#x}) to {}",
@@ -728,6 +877,27 @@ impl Client {
 impl Drop for Client {
     fn drop(&mut self) {
         let _ = self.disconnect();
+    }
+}
+
+/// What [`Client::open`] needs to start TLS: the prepared configuration and the name to verify, with the
+/// settings and the name as given, for messages.
+struct StartTls<'a> {
+    config: Arc<ClientConfig>,
+    name: ServerName<'static>,
+    settings: &'a TlsSettings,
+    server_name: &'a str,
+}
+
+impl<'a> StartTls<'a> {
+    /// Reads the TLS files and checks the name, before anything touches the network.
+    fn new(settings: &'a TlsSettings, server_name: &'a str) -> Result<Self> {
+        Ok(StartTls {
+            config: settings.client_config()?,
+            name: tls::server_name(server_name)?,
+            settings,
+            server_name,
+        })
     }
 }
 

@@ -89,6 +89,48 @@ pub enum NbdError {
         command: &'static str,
     },
 
+    /// TLS was required and the server answered `NBD_OPT_STARTTLS` with an error: it offers no TLS
+    /// (`NBD_REP_ERR_POLICY` from a QEMU without `--tls-creds`, `NBD_REP_ERR_UNSUP` from an older
+    /// server). The client closes the connection and never falls back to plain text. Not retryable.
+    #[error("the server at {peer} refused STARTTLS: {reply}{}; TLS was required, so the connection is closed rather than continued in plain text",
+        message_suffix(.message))]
+    StartTlsRefused {
+        peer: String,
+        reply: &'static str,
+        message: String,
+    },
+
+    /// The server requires TLS (`NBD_REP_ERR_TLS_REQD`) and the client was connected without TLS
+    /// settings. Not retryable: configure the CA, certificate and key.
+    #[error(
+        "NBD server {peer} requires TLS (it answered {option} with NBD_REP_ERR_TLS_REQD); connect with TLS settings: the CA certificate and a client certificate and key"
+    )]
+    TlsRequired { peer: String, option: &'static str },
+
+    /// The TLS handshake failed, or the server ended the session right after it: a certificate
+    /// that does not verify against the CA (`detail` names the CA file and the expected name), a
+    /// server refusing our client certificate or its absence. Not retryable.
+    #[error("TLS with NBD server {peer} (verified as {server_name:?}) failed: {detail}")]
+    Tls {
+        peer: String,
+        server_name: String,
+        detail: String,
+    },
+
+    /// The TLS handshake did not finish within its bound. Retryable: the server may be overloaded.
+    #[error("TLS with NBD server {peer} failed: the handshake did not finish within {timeout:?}")]
+    TlsHandshakeTimeout {
+        peer: String,
+        timeout: std::time::Duration,
+    },
+
+    /// A TLS file (CA, certificate, key) cannot be read or used. Not retryable.
+    #[error("TLS file {}: {detail}", .path.display())]
+    TlsSetup {
+        path: std::path::PathBuf,
+        detail: String,
+    },
+
     /// The caller asked for something impossible: a range past the end of the export, a context that was not
     /// negotiated at connect time. Not retryable: a bug or a bad option.
     #[error("invalid argument: {0}")]
@@ -121,7 +163,11 @@ impl NbdError {
             ),
             NbdError::OptionRefused { code, .. } => *code == crate::proto::REP_ERR_SHUTDOWN,
             NbdError::Command { errno, .. } => *errno == crate::proto::ESHUTDOWN,
-            NbdError::Broken { .. } => true,
+            NbdError::Broken { .. } | NbdError::TlsHandshakeTimeout { .. } => true,
+            NbdError::StartTlsRefused { .. }
+            | NbdError::TlsRequired { .. }
+            | NbdError::Tls { .. }
+            | NbdError::TlsSetup { .. } => false,
             NbdError::Protocol { .. }
             | NbdError::MetaContextUnavailable { .. }
             | NbdError::ReadOnly { .. }

@@ -6,6 +6,21 @@
 //!   ([`Transport`]), with read and write timeouts so a silent server becomes an error, not a hang. Any
 //!   other blocking `Read + Write` stream works too ([`Transport::from_stream`]): in-memory scripts in
 //!   tests and the fuzzer, where the end of the script is an error rather than a wait.
+//! - TLS ([`Client::connect_tcp_tls`], [`Client::connect_tls`], [`TlsSettings`]; module [`tls`]), for
+//!   exports read from another host (libvirt's pull-mode backup with `<server transport='tcp'
+//!   tls='yes'/>`, `qemu-nbd --tls-creds`). `NBD_OPT_STARTTLS` is the first option, so no option or
+//!   export name travels in plain text; after the server's `NBD_REP_ACK` the rest of the session, the
+//!   handshake's options and every request and reply, runs inside TLS 1.3 or 1.2 (rustls with ring).
+//!   The server's certificate must chain to the given CA (and only it) and carry the expected IP
+//!   address or DNS name; the client presents its certificate and key, which QEMU's `verify-peer=on`
+//!   (libvirt's default `backup_tls_x509_verify = 1`) demands. The handshake has a deadline of its own
+//!   ([`DEFAULT_TLS_HANDSHAKE_TIMEOUT`]); the transport's read and write timeouts still bound every
+//!   later operation. When TLS was asked for there is no fallback: a server that refuses STARTTLS
+//!   fails the connect ([`NbdError::StartTlsRefused`]), as the specification recommends against
+//!   downgrade attacks, and bytes that arrive between the acknowledgement and the TLS hello (which
+//!   anyone on the path could inject) are a protocol error. A plain connect to a server that requires
+//!   TLS fails with [`NbdError::TlsRequired`]; certificates that do not verify, a client certificate
+//!   missing or refused, with [`NbdError::Tls`] naming the CA file and the expected name.
 //! - `NBD_OPT_STRUCTURED_REPLY`, then `NBD_OPT_SET_META_CONTEXT` for the contexts the caller names
 //!   (`base:allocation`, `qemu:dirty-bitmap:NAME`) and `NBD_OPT_GO` asking for `NBD_INFO_BLOCK_SIZE`. A
 //!   requested context that is not granted fails the connect: an incremental backup must not quietly fall
@@ -36,20 +51,23 @@
 //!   the client learns only from that answer.
 //! - No `NBD_CMD_TRIM`, `NBD_CMD_CACHE`, `NBD_CMD_FLAG_FUA` or fast zero: a restore writes, zeroes and
 //!   flushes once at the end, which is all it needs.
-//! - No TLS (`NBD_OPT_STARTTLS`): libvirt's pull-mode exports used by Backflow are local unix sockets.
+//! - No TLS over unix sockets and no TLS-PSK: a unix socket stays on its host, where TLS protects
+//!   nothing; between hosts x509 certificates are what libvirt's backup TLS environment uses.
 //! - No extended headers (64-bit lengths), no `NBD_OPT_EXPORT_NAME` fallback for servers without
 //!   `NBD_OPT_GO`, no oldstyle handshake: QEMU since 2.x and nbdkit all speak what is here.
 //!
 //! # Layout
 //! - [`client`]: the handshake and the public operations; its `inflight` module sends requests and
 //!   matches replies to them.
-//! - [`transport`]: unix or TCP stream with timeouts, or a caller's stream.
+//! - [`transport`]: unix or TCP stream with timeouts, or a caller's stream, or TLS over one of them.
+//! - [`tls`]: the TLS settings, the rustls configuration and why rustls with ring.
 //! - [`proto`]: wire constants, named as in the specification.
 //! - [`error`]: the error type and policy.
 
 pub mod client;
 pub mod error;
 pub mod proto;
+pub mod tls;
 pub mod transport;
 
 pub use client::{
@@ -57,4 +75,5 @@ pub use client::{
     STATE_HOLE, STATE_ZERO,
 };
 pub use error::{NbdError, Result};
+pub use tls::{DEFAULT_TLS_HANDSHAKE_TIMEOUT, TlsSettings};
 pub use transport::{ByteStream, DEFAULT_IO_TIMEOUT, Transport};

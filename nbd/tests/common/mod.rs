@@ -58,6 +58,11 @@ impl QemuNbd {
         }
     }
 
+    /// The server's pid, for signals (`kill -STOP` to make it silent).
+    pub fn pid(&self) -> &str {
+        &self.pid
+    }
+
     /// Terminates the server (SIGTERM: qemu-nbd flushes and closes the image) and waits until it has
     /// exited, so the image can be opened by another program.
     pub fn stop(mut self) {
@@ -84,6 +89,12 @@ impl QemuNbd {
     /// Exports `image` on 127.0.0.1 at a port the kernel just handed out (a small race with other
     /// processes binding ports, acceptable on a test machine).
     pub fn start_tcp(dir: &Path, image: &Path, format: &str) -> Self {
+        Self::start_tcp_with(dir, image, format, &["--read-only"])
+    }
+
+    /// [`QemuNbd::start_tcp`] with other arguments (`--read-only` is not implied), such as TLS
+    /// credentials (`--object tls-creds-x509,... --tls-creds ID`).
+    pub fn start_tcp_with(dir: &Path, image: &Path, format: &str, extra: &[&str]) -> Self {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -91,7 +102,7 @@ impl QemuNbd {
             .port();
         let port_arg = port.to_string();
         let listen = ["--bind", "127.0.0.1", "--port", &port_arg];
-        let pid = Self::spawn(dir, image, format, &listen, &["--read-only"]);
+        let pid = Self::spawn(dir, image, format, &listen, extra);
         QemuNbd {
             socket: PathBuf::new(),
             port,
@@ -194,6 +205,14 @@ pub fn write(image: &str, (offset, len, pattern): (u64, u64, u8)) {
 /// A qcow2 image with the writes above and an enabled bitmap `b0` added between them, exported by qemu-nbd
 /// with `extra` arguments (such as `-x NAME`).
 pub fn qcow2_fixture(dir: &Path, extra: &[&str]) -> QemuNbd {
+    let image = qcow2_image(dir);
+    let mut args = vec!["-B", "b0"];
+    args.extend_from_slice(extra);
+    QemuNbd::start(dir, &image, "qcow2", &args)
+}
+
+/// The image of [`qcow2_fixture`], not exported: `dir/disk.qcow2`.
+pub fn qcow2_image(dir: &Path) -> PathBuf {
     let image = dir.join("disk.qcow2");
     let img = image.to_str().unwrap();
     run(
@@ -203,9 +222,7 @@ pub fn qcow2_fixture(dir: &Path, extra: &[&str]) -> QemuNbd {
     BEFORE_BITMAP.iter().for_each(|&w| write(img, w));
     run("qemu-img", &["bitmap", "--add", "--enable", img, "b0"]);
     AFTER_BITMAP.iter().for_each(|&w| write(img, w));
-    let mut args = vec!["-B", "b0"];
-    args.extend_from_slice(extra);
-    QemuNbd::start(dir, &image, "qcow2", &args)
+    image
 }
 
 /// Ranges sorted and merged where they touch or overlap.
