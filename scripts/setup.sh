@@ -42,6 +42,15 @@ command -v systemd-analyze >/dev/null || need+=(systemd)
 # the S3 benchmarks); ip (iproute2): the network namespaces of the three-node Garage cluster.
 command -v restic >/dev/null || need+=(restic)
 command -v ip >/dev/null || need+=(iproute2)
+# sshd (openssh-server; ssh and ssh-keygen come with it) and certtool (gnutls-bin): the hosts of
+# the cluster lab (scripts/cluster.sh) each run an sshd of their own, and NBD between them is TLS
+# with certificates the lab and the tests make (testkit/src/pki.rs), as libvirt's and QEMU's TLS
+# documentation makes them. (Where policy-rc.d forbids starting services, as in containers, the
+# package's own sshd is not started.)
+[ -x /usr/sbin/sshd ] || need+=(openssh-server)
+# tcpdump: the cluster tests capture NBD between the lab's hosts (it must cross, encrypted).
+command -v tcpdump >/dev/null || need+=(tcpdump)
+command -v certtool >/dev/null || need+=(gnutls-bin)
 if [ ${#need[@]} -gt 0 ]; then
   echo "setup: installing ${need[*]}" >&2
   $SUDO apt-get update -qq

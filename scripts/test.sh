@@ -21,7 +21,8 @@ cargo build --release --workspace --all-targets
 log=$(mktemp)
 status=0
 # Every test binary, as `cargo test` would run it (from its package's directory), in two rounds:
-# first those that need no object store, then those that do (s3_*, object_stores), so that a fresh
+# first those that need no object store, then those that do (s3_*, object_stores, and cluster_*:
+# the cluster lab's store is a Garage), so that a fresh
 # machine's Garage build, started in the background by setup.sh, overlaps the other tests instead
 # of holding them up (the first test to need it waits for it). The workspace has no doctests (its
 # examples are `text` blocks, checked by cargo doc above).
@@ -39,7 +40,7 @@ run_bins() { # run_bins first|last [TEST ARGS...]
   while read -r manifest exe; do
     name=$(basename "$exe")
     name=${name%-*}
-    case "$name" in s3_* | object_stores) [ "$round" = last ] || continue ;;
+    case "$name" in s3_* | object_stores | cluster_*) [ "$round" = last ] || continue ;;
       *) [ "$round" = first ] || continue ;; esac
     echo "     Running $name ($exe)"
     (cd "$(dirname "$manifest")" && "$exe" "$@") || status=1

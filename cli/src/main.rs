@@ -15,6 +15,7 @@
 //! (`--log-format json`); a run's warnings are logged once, when they happen, and not printed
 //! again after its summary.
 
+mod cluster;
 mod copy;
 mod daemon;
 mod demo;
@@ -29,6 +30,7 @@ mod run;
 mod signals;
 mod specs;
 mod vms;
+mod worker;
 
 pub(crate) use repo::verify_text;
 pub(crate) use run::{BACKUP_VM_SPEC, RESTORE_SPEC, RESTORE_VM_SPEC, run_pipeline, spec_errors};
@@ -119,15 +121,16 @@ enum Command {
     /// Run the jobs of a directory (every *.yaml) on their schedules, until SIGTERM/SIGINT: one
     /// run per job and per VM at a time, a run missed while stopped caught up once at start.
     Daemon(daemon::Args),
-    /// List the VMs of a libvirt connection with their state, host and disks.
-    Vms {
-        /// libvirt URI, e.g. qemu:///system or qemu+ssh://root@kvm1/system (default: libvirt's).
-        #[arg(long)]
-        uri: Option<String>,
-        /// JSON: an array of VMs with every field but the domain XML.
-        #[arg(long)]
-        json: bool,
-    },
+    /// One VM's backup for a cluster's controller (started over SSH): the task on stdin, progress and
+    /// the VM's record as JSON lines on stdout; closing stdin stops it.
+    Worker(worker::Args),
+    /// List the VMs of a libvirt connection, or of every host of a cluster, with their state,
+    /// host and disks.
+    Vms(vms::Args),
+    /// Clusters of hosts: `cluster check --cluster FILE` checks each host's libvirt and worker
+    /// access.
+    #[command(subcommand)]
+    Cluster(cluster::ClusterCommand),
     /// Run a throwaway VM (backflow-demo on qemu:///system) on a generated disk, back it up, write
     /// 5% of its disk through the guest, back it up again (incrementally), restore both restore
     /// points and compare, restore the second as a new VM, then remove both VMs.
@@ -282,6 +285,7 @@ fn execute(command: Command) -> Result<()> {
             | Command::Job(jobs::JobCommand::Run { .. })
             | Command::Daemon(_)
             | Command::Demo { .. }
+            | Command::Worker(_)
     );
     if !cancellable {
         signals::exit_on_signals();
@@ -306,7 +310,9 @@ fn execute(command: Command) -> Result<()> {
         Command::Job(command) => jobs::run(command),
         Command::Sessions(args) => jobs::sessions(args),
         Command::Daemon(args) => daemon::run(args),
-        Command::Vms { uri, json } => vms::run(uri.as_deref(), json),
+        Command::Worker(args) => worker::run(args),
+        Command::Vms(args) => vms::run(args),
+        Command::Cluster(command) => cluster::run(command),
         Command::Demo { dir, size } => demo::run(&dir, size.bytes()),
         Command::Completions { shell } => {
             clap_complete::generate(

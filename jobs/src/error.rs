@@ -58,6 +58,9 @@ pub enum JobError {
     /// `job run --vm NAME` names nothing the job backs up.
     #[error("job {job}: it does not back up {name}")]
     NotInJob { job: String, name: String },
+    /// The job's cluster file cannot be read, or a cluster-wide step failed before any VM ran.
+    #[error("job {job}: {detail}")]
+    Cluster { job: String, detail: String },
     /// The job's repository cannot be opened, or a record written to it.
     #[error("{what}: {source}")]
     Repository {

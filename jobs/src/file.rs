@@ -7,6 +7,8 @@
 //! ```yaml
 //! name: nightly                      # required: names the job's sessions
 //! uri: qemu:///system                # the libvirt connection (default)
+//! cluster: /etc/backflow/cluster.yaml # or: the VMs of a cluster's hosts, each backed up by a
+//!                                    #   worker on its own host (then `uri` does not apply)
 //! repository: /srv/backflow          # required: a path or s3://BUCKET/PREFIX
 //! vms: [web01, "db-*"]               # names or globs (* and ?); "*" is every VM
 //! exclude: ["*-test"]                # names or globs left out
@@ -81,6 +83,11 @@ pub struct Job {
     pub name: JobName,
     #[serde(default = "default_uri")]
     pub uri: String,
+    /// A cluster file (relative to the job file): the VMs are found on every host of the cluster
+    /// and each is backed up by a worker on its own host, or another ([`crate::cluster_run`]);
+    /// `uri` does not apply.
+    #[serde(default)]
+    pub cluster: Option<PathBuf>,
     /// A path (relative to the job file) or `s3://BUCKET/PREFIX`.
     #[serde(deserialize_with = "location")]
     pub repository: Location,
@@ -479,6 +486,7 @@ pub fn parse(text: &str, file: &str) -> Result<Job, JobError> {
         repository,
         password_file,
         spec: job.spec.as_ref().map(|s| relative_to.join(s)),
+        cluster: job.cluster.as_ref().map(|c| relative_to.join(c)),
         images: job
             .images
             .iter()
@@ -493,16 +501,8 @@ pub fn parse(text: &str, file: &str) -> Result<Job, JobError> {
 
 /// serde-saphyr's message with the file named: `FILE:LINE:COLUMN: message` (then its snippet).
 fn located(message: &str, file: &str) -> JobError {
-    let message = message.replace("<input>", file);
-    let message = message.strip_prefix("error: ").unwrap_or(&message);
-    match message.strip_prefix("line ").and_then(|rest| {
-        let (line, rest) = rest.split_once(" column ")?;
-        let (column, rest) = rest.split_once(": ")?;
-        Some((line.parse().ok()?, column.parse().ok()?, rest.to_owned()))
-    }) {
-        Some((line, column, rest)) => JobError::invalid(file, Some((line, column)), rest),
-        None => JobError::invalid(file, None, message),
-    }
+    let (at, message) = backflow_pipeline::input::saphyr_position(message, file);
+    JobError::invalid(file, at, message)
 }
 
 /// A job name: letters, digits, `-`, `_` and `.` (it names files and subjects).

@@ -14,14 +14,22 @@
 //! - [`validate`]: what can be checked of a job without running it (`backflow job validate`).
 //! - [`copy`]: copy jobs, restore points copied from another repository into the job's.
 //! - [`error`]: [`JobError`], what can go wrong around the pipelines.
+//! - [`cluster_run`]: a backup job over a cluster: VMs found on every host, each backed up by a
+//!   worker started over SSH on its own host or another, retried once elsewhere when it is lost.
+//! - [`placement`]: which host's worker backs up which VM of a cluster, and why.
+//! - [`worker`]: the worker protocol: one VM's task handed to `backflow worker` on a cluster's
+//!   host, and the events it streams back.
 
+pub mod cluster_run;
 pub mod copy;
 pub mod error;
 pub mod file;
+pub mod placement;
 pub mod run;
 pub mod schedule;
 pub mod select;
 pub mod validate;
+pub mod worker;
 
 /// The mail reports, and their readable times and durations for the callers' own output.
 pub use backflow_notify as notify;

@@ -160,6 +160,13 @@ pub struct VmRecord {
     pub forgotten: Vec<String>,
     /// The run's whole report (as `backflow run --report` writes it).
     pub report: Option<serde_json::Value>,
+    /// In a cluster job: the VM's host, the worker's, how the disks were read and why there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub placement: Option<crate::placement::Placement>,
+    /// In a cluster job: what became of earlier attempts (a worker that died, a host that dropped
+    /// off the network) before this one.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub attempts: Vec<String>,
 }
 
 /// One run of a job. Records written by earlier releases read too: what they lack is empty.
@@ -245,7 +252,7 @@ pub fn now() -> i64 {
 }
 
 /// The job's repository, opened at most once per session and shared by its runs.
-type SharedRepo = OnceLock<Result<Repository, JobError>>;
+pub(crate) type SharedRepo = OnceLock<Result<Repository, JobError>>;
 
 /// Runs `job` once and records the session in its repository (when the repository opens). The
 /// record is returned whatever happened; only a repository that cannot be opened, or a record
@@ -297,6 +304,25 @@ pub fn run_job(job: &Job, options: &RunJobOptions) -> (SessionRecord, Result<(),
                 (None, true) => Verdict::Success,
             };
             record.copy = Some(done);
+        }
+        crate::JobKind::Backup { .. } if job.cluster.is_some() => {
+            let cluster = job.cluster.as_deref().expect("checked");
+            match crate::cluster_run::run_cluster(
+                job,
+                cluster,
+                options.only.as_deref(),
+                &options.cancel,
+                &repo,
+            ) {
+                Ok(vms) => {
+                    record.vms = vms;
+                    record.result = worst(record.vms.iter().map(|v| v.result));
+                }
+                Err(e) => {
+                    record.error = Some(e.to_string());
+                    record.result = Verdict::Failure;
+                }
+            }
         }
         crate::JobKind::Backup { .. } => {
             let planned;
@@ -443,7 +469,7 @@ fn collect(job: &Job, gc: &crate::GcJob, repo: &SharedRepo) -> (Verdict, GcRecor
 }
 
 /// The job's repository, opened at the first call of a session and shared by its runs.
-fn open<'a>(job: &Job, repo: &'a SharedRepo) -> Result<&'a Repository, &'a JobError> {
+pub(crate) fn open<'a>(job: &Job, repo: &'a SharedRepo) -> Result<&'a Repository, &'a JobError> {
     repo.get_or_init(|| {
         Repository::open_at(&job.repository).map_err(|source| JobError::Repository {
             what: format!("job {}", job.name.0),
@@ -462,7 +488,16 @@ fn worst(results: impl Iterator<Item = Verdict>) -> Verdict {
 /// listing (libvirt is asked only when the job has `vms`), then its images.
 pub fn plan(job: &Job, only: Option<&str>) -> Result<Vec<Source>, JobError> {
     let mut sources = Vec::new();
-    if !job.vms.is_empty() {
+    if let Some(cluster) = job.cluster.as_deref().filter(|_| !job.vms.is_empty()) {
+        // Which VMs (by name) the run will take: what keeps two jobs off one VM. Where each runs
+        // is the run's own business (crate::cluster_run).
+        let cluster = backflow_cluster::load(cluster).map_err(|e| JobError::Cluster {
+            job: job.name.0.clone(),
+            detail: e.to_string(),
+        })?;
+        let listing = crate::cluster_run::listing(&backflow_cluster::discover(&cluster));
+        sources.extend(select(job, &listing)?.into_iter().map(Source::Vm));
+    } else if !job.vms.is_empty() {
         let libvirt = |source| JobError::Libvirt {
             job: job.name.0.clone(),
             source: Box::new(source),
@@ -516,32 +551,40 @@ fn run_all(
     done.into_iter().map(|(_, r)| r).collect()
 }
 
-fn skipped(source: &Source) -> VmRecord {
-    let (disks, excluded_disks, path) = match source {
-        Source::Vm(vm) => (vm.disks.clone(), vm.excluded_disks.clone(), None),
-        Source::Image(image) => (
-            Vec::new(),
-            Vec::new(),
-            Some(image.path.display().to_string()),
-        ),
-    };
+/// A record for `label` before its run: nothing done yet, no error.
+pub(crate) fn record_for(label: &str) -> VmRecord {
     VmRecord {
-        vm: source.label(),
-        source: path,
+        vm: label.to_owned(),
+        source: None,
         result: Verdict::Cancelled,
         snapshot: None,
-        disks,
-        excluded_disks,
+        disks: Vec::new(),
+        excluded_disks: Vec::new(),
         bytes_read: 0,
         bytes_written: 0,
         seconds: 0.0,
         warnings: Vec::new(),
         notes: Vec::new(),
-        error: Some("not started: the session was stopped".into()),
+        error: None,
         bottleneck: None,
         forgotten: Vec::new(),
         report: None,
+        placement: None,
+        attempts: Vec::new(),
     }
+}
+
+pub(crate) fn skipped(source: &Source) -> VmRecord {
+    let mut record = record_for(&source.label());
+    match source {
+        Source::Vm(vm) => {
+            record.disks = vm.disks.clone();
+            record.excluded_disks = vm.excluded_disks.clone();
+        }
+        Source::Image(image) => record.source = Some(image.path.display().to_string()),
+    }
+    record.error = Some("not started: the session was stopped".into());
+    record
 }
 
 /// The spec variables and overrides for one source: the job's, then the source's own.
@@ -827,7 +870,7 @@ fn check_row(check: &HealthCheckRecord, result: Verdict) -> backflow_notify::VmR
     row
 }
 
-fn fill(record: &mut VmRecord, report: &RunReport) {
+pub(crate) fn fill(record: &mut VmRecord, report: &RunReport) {
     record.result = match report.outcome {
         OutcomeKind::Succeeded if report.warnings.is_empty() => Verdict::Success,
         OutcomeKind::Succeeded => Verdict::Warning,

@@ -128,13 +128,36 @@ fn check_copy(
 /// Warns about each pattern that matches no VM; returns the first VM selected, to load the spec
 /// with (`None` when none is, or libvirt cannot be asked).
 fn check_patterns(job: &Job, found: &mut Validation) -> Option<Selected> {
-    let listed = Connection::open_read_only(Some(&job.uri)).and_then(|c| c.list_vms());
+    // Where the VMs are: the cluster's hosts, or the connection.
+    let (listed, source) = match &job.cluster {
+        Some(file) => {
+            let source = format!("the hosts of {}", file.display());
+            let listed = backflow_cluster::load(file)
+                .map(|cluster| {
+                    let discovery = backflow_cluster::discover(&cluster);
+                    for u in &discovery.unreachable {
+                        found.warnings.push(format!(
+                            "cluster host {} does not answer, so its VMs are not checked: {}",
+                            u.host, u.error
+                        ));
+                    }
+                    crate::cluster_run::listing(&discovery)
+                })
+                .map_err(|e| e.to_string());
+            (listed, source)
+        }
+        None => (
+            Connection::open_read_only(Some(&job.uri))
+                .and_then(|c| c.list_vms())
+                .map_err(|e| e.to_string()),
+            job.uri.clone(),
+        ),
+    };
     let vms = match listed {
         Ok(vms) => vms,
         Err(e) => {
             found.warnings.push(format!(
-                "the VMs of {} cannot be listed, so `vms` is not checked: {e}",
-                job.uri
+                "the VMs of {source} cannot be listed, so `vms` is not checked: {e}"
             ));
             return None;
         }
@@ -142,8 +165,8 @@ fn check_patterns(job: &Job, found: &mut Validation) -> Option<Selected> {
     for pattern in &job.vms {
         if !vms.iter().any(|vm| pattern.matches(&vm.name)) {
             found.warnings.push(format!(
-                "vms: `{}` matches no VM on {} now",
-                pattern.0, job.uri
+                "vms: `{}` matches no VM on {source} now",
+                pattern.0
             ));
         }
     }

@@ -25,6 +25,12 @@ pub struct JobDisk {
     pub mode: DiskMode,
     /// Where libvirt keeps the copy-before-write data while the job runs (deleted when it ends);
     /// `None`: libvirt's choice, in its own directory on the VM's host.
+    ///
+    /// libvirt 9.0 refuses `None` for a pull-mode job: its schema (domainbackup.rng, which
+    /// `virDomainBackupBegin` always validates against) wants `type` next to `backup='yes'`, and
+    /// with `type='file'` but no `<scratch>` QEMU's blockdev gets no file name ("argument key
+    /// 'filename' must not have null value"); only disks left out of `<disks>` get a generated
+    /// scratch name. A job on another host needs a path on that host.
     pub scratch: Option<PathBuf>,
 }
 
@@ -33,15 +39,27 @@ pub struct JobDisk {
 pub enum Endpoint {
     /// A unix socket on the VM's host.
     Unix(PathBuf),
-    /// TCP (plain NBD, no TLS): `host` is the address QEMU listens on and clients connect to.
-    Tcp { host: String, port: u16 },
+    /// TCP: `host` is the address QEMU listens on and clients connect to. With `tls`
+    /// (`<server ... tls='yes'/>`) QEMU requires NBD_OPT_STARTTLS and, with
+    /// `backup_tls_x509_verify = 1` (libvirt's default), a client certificate signed by the CA of
+    /// `backup_tls_x509_cert_dir` in the host's qemu.conf; its server certificate must name `host`.
+    Tcp { host: String, port: u16, tls: bool },
 }
 
 impl std::fmt::Display for Endpoint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Endpoint::Unix(socket) => write!(f, "unix:{}", socket.display()),
-            Endpoint::Tcp { host, port } => write!(f, "tcp:{host}:{port}"),
+            Endpoint::Tcp {
+                host,
+                port,
+                tls: false,
+            } => write!(f, "tcp:{host}:{port}"),
+            Endpoint::Tcp {
+                host,
+                port,
+                tls: true,
+            } => write!(f, "tcp+tls:{host}:{port}"),
         }
     }
 }
@@ -56,9 +74,10 @@ pub fn pull_backup(endpoint: &Endpoint, disks: &[JobDisk], skipped: &[String]) -
             "  <server transport='unix' socket='{}'/>",
             escape(&socket.to_string_lossy())
         ),
-        Endpoint::Tcp { host, port } => writeln!(
+        Endpoint::Tcp { host, port, tls } => writeln!(
             xml,
-            "  <server transport='tcp' name='{}' port='{port}'/>",
+            "  <server transport='tcp'{} name='{}' port='{port}'/>",
+            if *tls { " tls='yes'" } else { "" },
             escape(host)
         ),
     };
@@ -152,6 +171,8 @@ pub fn parse_running_job(xml: &str) -> Result<RunningJob, String> {
             "tcp" => Some(Endpoint::Tcp {
                 host: s.attribute("name")?.to_owned(),
                 port: s.attribute("port")?.parse().ok()?,
+                // libvirt writes the attribute as given (absent, 'yes' or 'no'): only 'yes' is TLS.
+                tls: s.attribute("tls") == Some("yes"),
             }),
             _ => None,
         });
@@ -297,13 +318,15 @@ mod tests {
             tcp.endpoint,
             Some(Endpoint::Tcp {
                 host: "127.0.0.1".into(),
-                port: 10809
+                port: 10809,
+                tls: false,
             })
         );
         let xml = pull_backup(
             &Endpoint::Tcp {
                 host: "kvm1".into(),
                 port: 10900,
+                tls: false,
             },
             &[],
             &[],
@@ -313,6 +336,60 @@ mod tests {
             "{xml}"
         );
 
+        let cp = checkpoint("backflow.b", &["vda".into()], &["vdb".into()]);
+        assert_eq!(checkpoint_bitmap_disks(&cp).unwrap(), ["vda"]);
+    }
+
+    #[test]
+    fn tls_endpoints_are_written_and_read_back() {
+        let tls = Endpoint::Tcp {
+            host: "10.77.3.11".into(),
+            port: 10809,
+            tls: true,
+        };
+        let xml = pull_backup(
+            &tls,
+            &[JobDisk {
+                target: "vda".into(),
+                mode: DiskMode::Full,
+                scratch: None,
+            }],
+            &[],
+        );
+        assert!(
+            xml.contains("<server transport='tcp' tls='yes' name='10.77.3.11' port='10809'/>"),
+            "{xml}"
+        );
+        assert_eq!(parse_running_job(&xml).unwrap().endpoint, Some(tls.clone()));
+        assert_eq!(tls.to_string(), "tcp+tls:10.77.3.11:10809");
+
+        // As libvirt 9.0 formats a running job begun with tls='yes' (backup_conf.c writes tls
+        // right after transport), and with an explicit tls='no'.
+        let running = "<domainbackup mode='pull'>
+  <server transport='tcp' tls='yes' name='10.77.3.11' port='10809'/>
+  <disks>
+    <disk name='vda' backup='yes' type='file' backupmode='full' exportname='vda' index='1'/>
+  </disks>
+</domainbackup>";
+        let job = parse_running_job(running).unwrap();
+        assert_eq!(job.endpoint, Some(tls));
+        assert_eq!(job.disks.len(), 1);
+        let plain = parse_running_job(
+            "<domainbackup mode='pull'><server transport='tcp' tls='no' name='h1' port='1'/></domainbackup>",
+        )
+        .unwrap();
+        assert_eq!(
+            plain.endpoint,
+            Some(Endpoint::Tcp {
+                host: "h1".into(),
+                port: 1,
+                tls: false,
+            })
+        );
+    }
+
+    #[test]
+    fn checkpoint_lists_bitmap_disks() {
         let cp = checkpoint("backflow.b", &["vda".into()], &["vdb".into()]);
         assert_eq!(checkpoint_bitmap_disks(&cp).unwrap(), ["vda"]);
     }

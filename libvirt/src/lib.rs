@@ -294,7 +294,18 @@ impl Connection {
             detail,
         })?;
         for disk in &mut disks {
-            match capacity::find(&self.conn, self.local, &disk.source) {
+            // The image itself (a local file, or a volume of a pool); on another host, else
+            // libvirt's view of the disk there (virDomainGetBlockInfo: a cluster's images are in no
+            // pool). Locally the file was looked at already: libvirt would know no better.
+            match capacity::find(&self.conn, self.local, &disk.source).or_else(|reason| {
+                if self.local {
+                    return Err(reason);
+                }
+                domain
+                    .block_info(&disk.target, 0)
+                    .map(|info| info.capacity)
+                    .map_err(|e| format!("{reason}; virDomainGetBlockInfo: {e}"))
+            }) {
                 Ok(bytes) => disk.capacity = Some(bytes),
                 Err(reason) => {
                     debug!(vm = %name, disk = %disk.target, %reason, "Capacity unknown.");

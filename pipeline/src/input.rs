@@ -70,6 +70,22 @@ pub fn describe(file_type: FileType) -> &'static str {
     }
 }
 
+/// A serde-saphyr error message about the text of `file`: its position (line, column) when the
+/// message starts with one, and the rest of the message, with the file named where saphyr says
+/// `<input>`. Job and cluster files report their mistakes as `FILE:LINE:COLUMN: message` with this.
+pub fn saphyr_position(message: &str, file: &str) -> (Option<(u64, u64)>, String) {
+    let message = message.replace("<input>", file);
+    let message = message.strip_prefix("error: ").unwrap_or(&message);
+    match message.strip_prefix("line ").and_then(|rest| {
+        let (line, rest) = rest.split_once(" column ")?;
+        let (column, rest) = rest.split_once(": ")?;
+        Some((line.parse().ok()?, column.parse().ok()?, rest.to_owned()))
+    }) {
+        Some((line, column, rest)) => (Some((line, column)), rest),
+        None => (None, message.to_owned()),
+    }
+}
+
 /// Reads a spec or job file as text: a regular file of at most `limit` bytes, checked before it is
 /// opened and enforced while it is read.
 pub fn read_text_file(path: &Path, limit: u64) -> Result<String, InputError> {

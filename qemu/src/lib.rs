@@ -25,6 +25,7 @@ pub mod export;
 pub mod pool;
 pub mod server;
 
+pub use backflow_nbd::TlsSettings;
 pub use bitmap::{BitmapChain, BitmapTracking};
 pub use export::NbdExport;
 pub use pool::{ClientPool, NbdAddress};

@@ -7,8 +7,8 @@
 //! of step, so it is dropped and a later call connects afresh.
 //!
 //! The pool knows nothing of reads or writes: the export reader (`base:allocation` reads) and the
-//! disk writer (writes into a qcow2) both use it. It connects over a unix socket or TCP
-//! ([`NbdAddress`]).
+//! disk writer (writes into a qcow2) both use it. It connects over a unix socket, TCP, or TCP with
+//! TLS ([`NbdAddress`]).
 
 use std::path::PathBuf;
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
@@ -25,6 +25,14 @@ pub enum NbdAddress {
         host: String,
         port: u16,
     },
+    /// TCP with TLS (STARTTLS): the server is verified against `tls`'s CA and `host` as its name
+    /// (a DNS name or an IP address, which its certificate must name), and `tls`'s client
+    /// certificate is presented. Never plain text.
+    TcpTls {
+        host: String,
+        port: u16,
+        tls: std::sync::Arc<backflow_nbd::TlsSettings>,
+    },
 }
 
 impl NbdAddress {
@@ -34,6 +42,9 @@ impl NbdAddress {
             NbdAddress::Unix(socket) => Client::connect_unix(socket, export, contexts),
             NbdAddress::Tcp { host, port } => {
                 Client::connect_tcp((host.as_str(), *port), export, contexts)
+            }
+            NbdAddress::TcpTls { host, port, tls } => {
+                Client::connect_tcp_tls((host.as_str(), *port), host, tls, export, contexts)
             }
         }
     }
@@ -49,6 +60,10 @@ impl NbdAddress {
                 format!("nbd://[{host}]:{port}/{export}")
             }
             NbdAddress::Tcp { host, port } => format!("nbd://{host}:{port}/{export}"),
+            NbdAddress::TcpTls { host, port, .. } if host.contains(':') => {
+                format!("nbds://[{host}]:{port}/{export}")
+            }
+            NbdAddress::TcpTls { host, port, .. } => format!("nbds://{host}:{port}/{export}"),
         }
     }
 }

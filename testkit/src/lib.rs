@@ -3,12 +3,16 @@
 //!
 //! The crate root holds pipeline and repository helpers; [`qemu`] runs QEMU's tools and checks
 //! the processes they leave; [`libvirt`] runs throwaway domains on `qemu:///system`;
-//! [`libvirtd`] a libvirtd of a test's own, to restart; [`smtp`] a real SMTP server on loopback;
+//! [`libvirtd`] a libvirtd of a test's own, to restart; [`pki`] x509 certificates for NBD over
+//! TLS (certtool); [`smtp`] a real SMTP server on loopback;
 //! [`s3`] real S3-compatible object stores (Garage, one node or a three-node cluster in network
-//! namespaces, and s3s-fs).
+//! namespaces, and s3s-fs); [`cluster`] the lab of three KVM hosts on one machine that clusters
+//! and workers are tested on (`scripts/cluster.sh`).
 
+pub mod cluster;
 pub mod libvirt;
 pub mod libvirtd;
+pub mod pki;
 pub mod qemu;
 pub mod s3;
 pub mod smtp;

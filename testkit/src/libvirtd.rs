@@ -49,6 +49,12 @@ pub struct PrivateLibvirtd {
 impl PrivateLibvirtd {
     /// Starts a daemon and waits until it answers.
     pub fn start() -> PrivateLibvirtd {
+        Self::start_with_qemu_conf("")
+    }
+
+    /// [`PrivateLibvirtd::start`] with `extra` lines in the daemon's own qemu.conf (such as
+    /// `backup_tls_x509_cert_dir`), which the system daemon's configuration never sees.
+    pub fn start_with_qemu_conf(extra: &str) -> PrivateLibvirtd {
         let dir = tempfile::Builder::new()
             .prefix("bf-libvirtd-")
             .tempdir()
@@ -70,7 +76,7 @@ impl PrivateLibvirtd {
         .unwrap();
         std::fs::write(
             dir.path().join("etc/qemu.conf"),
-            "stdio_handler = \"file\"\n",
+            format!("stdio_handler = \"file\"\n{extra}"),
         )
         .unwrap();
         seed_capabilities(&dir.path().join("cache"));

@@ -4,6 +4,7 @@
 pub mod keys;
 pub mod s3;
 pub mod vm;
+pub mod worker;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};

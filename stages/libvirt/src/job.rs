@@ -233,6 +233,7 @@ mod tests {
         let tcp = Endpoint::Tcp {
             host: "127.0.0.1".into(),
             port: 10809,
+            tls: false,
         };
         assert!(!dir.is_endpoint_of_job(&tcp));
         dir.record_endpoint(&tcp).unwrap();
@@ -270,6 +271,7 @@ mod tests {
             endpoint: Some(Endpoint::Tcp {
                 host: "127.0.0.1".into(),
                 port: 10809,
+                tls: false,
             }),
             disks: vec![disk(Some("/run/x/backflow-libvirt-Cd34/vda.scratch"))],
         };

@@ -72,7 +72,7 @@ pub mod tracking;
 use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::io;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -127,8 +127,9 @@ pub struct LibvirtOptions {
     /// temporary directory.
     #[serde(default)]
     pub socket_dir: Option<PathBuf>,
-    /// How the job's NBD server is reached: unix (a socket, backflow on the VM's host) or tcp
-    /// (plain NBD, no TLS: a trusted network only).
+    /// How the job's NBD server is reached: unix (a socket, backflow on the VM's host), tls (TCP
+    /// with TLS: libvirt's backup TLS environment on the VM's host, `tls_ca`, `tls_cert` and
+    /// `tls_key` here), or tcp (plain NBD, no TLS: a trusted network only).
     #[serde(default = "default_transport")]
     pub transport: String,
     /// tcp: the address QEMU listens on and backflow connects to; empty: 127.0.0.1 on a local
@@ -141,6 +142,15 @@ pub struct LibvirtOptions {
     /// Most NBD connections open at once, per disk.
     #[serde(default = "default_connections")]
     pub connections: usize,
+    /// tls: the CA that signed the VM's host's server certificate (which must name `host`).
+    #[serde(default)]
+    pub tls_ca: String,
+    /// tls: the client certificate presented to the host (libvirt's `backup_tls_x509_verify`).
+    #[serde(default)]
+    pub tls_cert: String,
+    /// tls: the client certificate's private key.
+    #[serde(default)]
+    pub tls_key: String,
 }
 
 fn default_checkpoint() -> String {
@@ -159,6 +169,10 @@ fn default_transport() -> String {
     "unix".to_owned()
 }
 
+/// Where a job begun on another host keeps its scratch files (copy-before-write data), on the VM's
+/// host: a directory every Linux host has, kept across reboots, writable by libvirt.
+pub const REMOTE_SCRATCH_DIR: &str = "/var/tmp";
+
 /// NBD's registered port.
 pub const DEFAULT_PORT: u16 = 10809;
 
@@ -167,7 +181,7 @@ fn default_port() -> u16 {
 }
 
 /// Values of the `transport` option.
-pub const TRANSPORTS: &[&str] = &["unix", "tcp"];
+pub const TRANSPORTS: &[&str] = &["unix", "tls", "tcp"];
 
 impl Default for LibvirtOptions {
     fn default() -> Self {
@@ -182,6 +196,9 @@ impl Default for LibvirtOptions {
             host: String::new(),
             port: DEFAULT_PORT,
             connections: DEFAULT_CONNECTIONS,
+            tls_ca: String::new(),
+            tls_cert: String::new(),
+            tls_key: String::new(),
         }
     }
 }
@@ -206,7 +223,8 @@ pub struct LibvirtSource {
     checkpoint: Option<String>,
     freeze: String,
     socket_dir: PathBuf,
-    tcp: Option<(String, u16)>,
+    /// The job's NBD server on TCP (host, port), with TLS when set.
+    tcp: Option<(String, u16, Option<Arc<backflow_qemu::TlsSettings>>)>,
     connections: usize,
     /// The running VM's job of this run, for the check before the commit.
     job: Mutex<Option<Arc<OnlineJob>>>,
@@ -255,10 +273,30 @@ impl LibvirtSource {
         }
         let tcp = match options.transport.as_str() {
             "unix" => None,
-            "tcp" if options.port == 0 => {
+            "tcp" | "tls" if options.port == 0 => {
                 return Err(InvalidOption::new("port", "must be 1..65535"));
             }
-            "tcp" => Some((options.host, options.port)),
+            "tcp" => Some((options.host, options.port, None)),
+            "tls" => {
+                for (name, value) in [
+                    ("tls_ca", &options.tls_ca),
+                    ("tls_cert", &options.tls_cert),
+                    ("tls_key", &options.tls_key),
+                ] {
+                    if !value.starts_with('/') {
+                        return Err(InvalidOption::new(
+                            name,
+                            "transport tls needs the absolute path of a PEM file here",
+                        ));
+                    }
+                }
+                let tls = backflow_qemu::TlsSettings::new(
+                    &options.tls_ca,
+                    &options.tls_cert,
+                    &options.tls_key,
+                );
+                Some((options.host, options.port, Some(Arc::new(tls))))
+            }
             other => {
                 return Err(InvalidOption::new(
                     "transport",
@@ -709,13 +747,14 @@ impl LibvirtSource {
             })?;
         let endpoint = match &self.tcp {
             None => Endpoint::Unix(dir.socket()),
-            Some((host, port)) => Endpoint::Tcp {
+            Some((host, port, tls)) => Endpoint::Tcp {
                 host: match host.as_str() {
                     "" if conn.is_local() => "127.0.0.1".to_owned(),
                     "" => conn.hostname().to_owned(),
                     host => host.to_owned(),
                 },
                 port: *port,
+                tls: tls.is_some(),
             },
         };
         // The cleanup first, so that whatever fails from here on leaves nothing behind.
@@ -753,8 +792,15 @@ impl LibvirtSource {
                     Ok(from) => DiskMode::Incremental(from.clone()),
                     Err(_) => DiskMode::Full,
                 },
-                // Scratch files in our directory when it is on the VM's host; else libvirt's.
-                scratch: conn.is_local().then(|| dir.scratch(&disk.target)),
+                // Scratch files in our directory when it is on the VM's host; else in
+                // REMOTE_SCRATCH_DIR there (libvirt 9.0 needs a path: see JobDisk::scratch). libvirt
+                // creates the file and deletes it when the job ends, however it ends.
+                scratch: Some(if conn.is_local() {
+                    dir.scratch(&disk.target)
+                } else {
+                    Path::new(REMOTE_SCRATCH_DIR)
+                        .join(format!("backflow-{}-{}.scratch", vm.uuid, disk.target))
+                }),
             })
             .collect();
         let backup_xml = job_xml::pull_backup(&endpoint, &job_disks, &skipped);
@@ -794,9 +840,16 @@ impl LibvirtSource {
         };
         let address = match &endpoint {
             Endpoint::Unix(socket) => NbdAddress::Unix(socket.clone()),
-            Endpoint::Tcp { host, port } => NbdAddress::Tcp {
-                host: host.clone(),
-                port: *port,
+            Endpoint::Tcp { host, port, .. } => match self.tcp.as_ref().and_then(|t| t.2.clone()) {
+                Some(tls) => NbdAddress::TcpTls {
+                    host: host.clone(),
+                    port: *port,
+                    tls,
+                },
+                None => NbdAddress::Tcp {
+                    host: host.clone(),
+                    port: *port,
+                },
             },
         };
         for (disk, base) in disks.iter().zip(bases) {
