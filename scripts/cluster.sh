@@ -370,6 +370,10 @@ PrintMotd no
 # The controller opens a connection per libvirt URI and per worker, many at once.
 MaxStartups 200
 MaxSessions 200
+# A controller that vanished (its host down, the network cut) ends its sessions here within 15 s:
+# each worker then sees its stdin close and stops its run, which ends the VM's backup job.
+ClientAliveInterval 5
+ClientAliveCountMax 3
 Subsystem sftp internal-sftp
 EOF
   touch "$DIR/ns/$h.mnt" "$DIR/ns/$h.uts"

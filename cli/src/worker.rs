@@ -6,7 +6,9 @@
 //! line; a passphrase goes into a private file for the run), hands it the task and passes its events
 //! straight through on stdout. Meanwhile it watches stdin: when the controller closes it (the session
 //! ended, or the SSH connection died with the controller's host), the run is told to stop (SIGTERM:
-//! it cancels and cleans up as any cancelled run does). It exits with the run's status.
+//! it cancels and cleans up as any cancelled run does). It exits with the run's status. A run that is
+//! killed cannot clean up: this process then ends the backup job and removes the job directory it
+//! left for the VM.
 
 use std::io::{Read, Write};
 use std::process::{Command, Stdio};
@@ -87,6 +89,15 @@ pub fn run(args: Args) -> Result<()> {
         std::thread::sleep(POLL);
     };
     drop(private);
+    if status.code().is_none() {
+        // Killed (SIGKILL, a crash): its cleanup never ran. End what it left on this host, so that
+        // neither its backup job nor its job directory outlives it (the controller retries the VM
+        // elsewhere, and that retry needs the VM free of this run's job).
+        match worker::clean_up_after_dead_run(&task) {
+            Ok(done) => done.iter().for_each(|d| tracing::warn!("{d}")),
+            Err(e) => tracing::warn!("Cleaning up after the killed run failed: {e}"),
+        }
+    }
     match status.code() {
         Some(0) => Ok(()),
         Some(130) => Err(Interrupted.into()),

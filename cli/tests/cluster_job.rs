@@ -4,77 +4,13 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
+use backflow_jobs::Verdict;
 use backflow_jobs::placement::Transport;
-use backflow_jobs::{SessionRecord, Verdict};
 use backflow_testkit::cluster::Lab;
-use common::*;
-
-/// `backflow job run FILE` with the lab's store, which must succeed: the session record.
-fn run_job(lab: &Lab, job: &Path, report: &Path) -> SessionRecord {
-    let (record, out) = run_job_any(lab, job, report);
-    assert!(
-        out.status.success(),
-        "job run failed ({}): {}\n{record:#?}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    record
-}
-
-/// `backflow job run FILE` with the lab's store: the session record and the command's output.
-fn run_job_any(lab: &Lab, job: &Path, report: &Path) -> (SessionRecord, std::process::Output) {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_backflow"));
-    lab.apply(&mut cmd)
-        .env_remove("RUST_LOG")
-        .args(["job", "run", "--quiet", "--report"])
-        .arg(report)
-        .arg(job);
-    let out = cmd.output().unwrap();
-    let record: SessionRecord =
-        serde_json::from_slice(&std::fs::read(report).unwrap_or_else(|e| {
-            panic!(
-                "no session record ({e}); job run said:\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            )
-        }))
-        .unwrap();
-    (record, out)
-}
-
-/// Restores `snapshot` of the lab's repository and compares it with the VM's disk (the VMs run no
-/// guest: their disks do not change after the lab wrote them).
-fn assert_restores_to_disk(lab: &Lab, snapshot: &str, disk: &Path, scratch: &Path) {
-    let out = scratch.join(format!("{snapshot}.raw"));
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_backflow"));
-    lab.apply(&mut cmd)
-        .args([
-            "restore",
-            "--quiet",
-            "--repo",
-            lab.repository(),
-            "--snapshot",
-            snapshot,
-            "--to",
-        ])
-        .arg(&out);
-    run_ok(&mut cmd);
-    let compared = Command::new("qemu-img")
-        .args(["compare", "-U", "-f", "raw", "-F", "qcow2"])
-        .arg(&out)
-        .arg(disk)
-        .output()
-        .unwrap();
-    assert!(
-        compared.status.success(),
-        "snapshot {snapshot} differs from {}: {}",
-        disk.display(),
-        String::from_utf8_lossy(&compared.stdout)
-    );
-    std::fs::remove_file(&out).unwrap();
-}
+use common::cluster::*;
 
 /// The byte the guest writes before the backup over TLS.
 const MARK: u8 = 0x5a;
@@ -111,26 +47,6 @@ fn tcp_between(capture: &Path, a: std::net::Ipv4Addr, b: std::net::Ipv4Addr) -> 
         }
     }
     (packets, payload)
-}
-
-/// A copy of the lab's cluster file with `host`'s worker disabled, and a job on it.
-fn job_without_worker(lab: &Lab, host: &str) -> PathBuf {
-    let text = std::fs::read_to_string(lab.cluster_file()).unwrap();
-    let needle = format!("  - name: {host}\n");
-    assert!(text.contains(&needle), "{text}");
-    let text = text.replace(
-        &needle,
-        &format!("{needle}    worker: {{enabled: false}}\n"),
-    );
-    let cluster = lab.dir().join(format!("cluster-no-{host}.yaml"));
-    std::fs::write(&cluster, text).unwrap();
-    let job = std::fs::read_to_string(lab.job_file()).unwrap().replace(
-        &lab.cluster_file().display().to_string(),
-        &cluster.display().to_string(),
-    );
-    let path = lab.dir().join(format!("job-no-{host}.yaml"));
-    std::fs::write(&path, job).unwrap();
-    path
 }
 
 #[test]

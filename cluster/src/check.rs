@@ -163,6 +163,16 @@ pub(crate) fn open(uri: &str, timeout: Duration) -> Result<Connection, HostError
     Ok(Connection::open_read_only(Some(uri))?)
 }
 
+/// Whether the host of the libvirt URI `uri` takes TCP connections on its transport's port
+/// within `timeout` (a local URI: always): the quick look a controller takes before it hands the
+/// host to libvirt again.
+pub fn reachable(uri: &str, timeout: Duration) -> Result<(), HostError> {
+    match remote_endpoint(uri) {
+        Some((host, port)) => probe(&host, port, timeout),
+        None => Ok(()),
+    }
+}
+
 /// The host and TCP port a libvirt URI's transport connects to: `None` for local transports
 /// (no host, `+unix`, `+ext`) and drivers without a daemon (`test:`).
 pub fn remote_endpoint(uri: &str) -> Option<(String, u16)> {

@@ -58,7 +58,7 @@ pub mod ssh;
 
 /// The types of [`ClusterVm`]'s fields.
 pub use backflow_libvirt::{DiskInfo, VmState};
-pub use check::{DEFAULT_TIMEOUT, HostCheck, LibvirtFacts, WorkerCheck, check};
+pub use check::{DEFAULT_TIMEOUT, HostCheck, LibvirtFacts, WorkerCheck, check, reachable};
 pub use discover::{
     ClusterVm, Conflict, Discovery, HostListing, UnreachableHost, discover, discover_within,
     resolve,

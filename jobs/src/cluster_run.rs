@@ -29,6 +29,7 @@ use std::time::{Duration, Instant};
 use backflow_cluster::{ClusterVm, Host, WorkerCheck};
 use backflow_libvirt::VmInfo;
 use backflow_pipeline::CancelToken;
+use backflow_pipeline::spec::Override;
 
 use crate::placement::{DEFAULT_WAIT, Decision, Placement, Placer, Transport, WorkerState};
 use crate::run::{SharedRepo, Source, Verdict, VmRecord, inputs, record_for};
@@ -267,6 +268,20 @@ pub(crate) fn run_cluster(
                     tracing::warn!(vm = %p.vm.name, "{what}");
                     p.attempts.push(what);
                     p.failed_on.push(placement.worker_host.clone());
+                    // A retry reads the VM through its host's libvirt: a host that dropped off
+                    // the network (with the worker that ran there, often) fails the VM now,
+                    // rather than after another worker's connection attempts.
+                    let vm_host = cluster.host(&p.vm.host).map(|h| {
+                        backflow_cluster::reachable(&h.uri, backflow_cluster::DEFAULT_TIMEOUT)
+                    });
+                    if let Some(Err(e)) = vm_host
+                        && p.attempts.len() < ATTEMPTS
+                    {
+                        p.attempts.push(format!(
+                            "not retried: the VM's host {} does not answer ({e})",
+                            p.vm.host
+                        ));
+                    }
                     if p.attempts.len() < ATTEMPTS && !cancel.is_cancelled() {
                         p.since = Instant::now();
                         pending.push_front(p);
@@ -335,7 +350,16 @@ fn task_for(
     vm_host: Option<&Host>,
     tls: Option<&backflow_cluster::TlsFiles>,
 ) -> Result<Task, String> {
-    let (mut variables, overrides) = inputs(job, &p.source);
+    let (mut variables, mut overrides) = inputs(job, &p.source);
+    if !p.attempts.is_empty() {
+        // A retry: the lost attempt's backup job may still hold the VM (its worker died before
+        // its cleanup, or runs on where the network does not reach); this one takes over.
+        overrides.push(Override {
+            stage: "libvirt".into(),
+            option: "take_over".into(),
+            value: "true".into(),
+        });
+    }
     let mut set = |k: &str, v: String| {
         variables.retain(|(key, _)| key != k);
         variables.push((k.to_owned(), v));
@@ -356,9 +380,12 @@ fn task_for(
             set("uri", host.uri.clone());
             set("transport", "tls".into());
             set("host", host.address.to_string());
+            // Its own port per VM and attempt: a lost attempt's worker, cut off but alive, must
+            // never take the retry's job for its own (a job is known by its endpoint).
             set(
                 "port",
-                (FIRST_TLS_PORT as usize + p.index % 1000).to_string(),
+                (FIRST_TLS_PORT as usize + (p.index * ATTEMPTS + p.attempts.len()) % 1000)
+                    .to_string(),
             );
             set("tls_ca", tls.ca.display().to_string());
             set("tls_cert", tls.cert.display().to_string());

@@ -79,7 +79,9 @@ impl Task {
     /// The environment names a task may set: the store's settings only (a task cannot change
     /// `PATH`, `LD_PRELOAD` or anything else of the worker's host).
     pub fn allowed_env(name: &str) -> bool {
-        name.starts_with("AWS_") || name.starts_with("BACKFLOW_S3_")
+        name.starts_with("AWS_")
+            || name.starts_with("BACKFLOW_S3_")
+            || (backflow_pipeline::hooks::ENABLED && name.starts_with("BACKFLOW_PAUSE_"))
     }
 }
 
@@ -186,6 +188,29 @@ pub fn run_task(task: &Task, cancel: CancelToken, emit: Emit) -> VmRecord {
         record: Box::new(record.clone()),
     });
     record
+}
+
+/// What `backflow worker` does when its run died without a record (killed, crashed): ends the
+/// backup job and removes the job directory that run left for the task's VM on this host
+/// ([`stage_libvirt::end_jobs_of_dead_runs`]; the run made them in the system's temporary
+/// directory, as the worker's own environment names it). Says what it did, one line each; nothing
+/// for a task that backs up no VM.
+pub fn clean_up_after_dead_run(task: &Task) -> Result<Vec<String>, String> {
+    let var = |name: &str| {
+        task.variables
+            .iter()
+            .rev()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    };
+    let Some(domain) = var("domain") else {
+        return Ok(Vec::new());
+    };
+    stage_libvirt::end_jobs_of_dead_runs(
+        var("uri").filter(|u| !u.is_empty()),
+        domain,
+        &std::env::temp_dir(),
+    )
 }
 
 /// Writes one event as a line and flushes it (the controller reads as it comes).

@@ -11,6 +11,10 @@ use std::sync::{Mutex, OnceLock, PoisonError};
 #[cfg(feature = "test-hooks")]
 use std::time::{Duration, Instant};
 
+/// Whether this build has the hooks (the `test-hooks` feature): a cluster's controller then hands
+/// the `BACKFLOW_PAUSE_*` variables on to its workers, so that a test can pause a worker's run.
+pub const ENABLED: bool = cfg!(feature = "test-hooks");
+
 /// With `BACKFLOW_PAUSE_BEFORE_COMMIT=PATH` in the environment, the repository writer pauses once
 /// every chunk is stored, before committing.
 pub const PAUSE_BEFORE_COMMIT: &str = "BACKFLOW_PAUSE_BEFORE_COMMIT";

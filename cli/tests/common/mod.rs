@@ -1,6 +1,7 @@
 //! Shared helpers of the command-line tests: run the real binary on real files.
 #![allow(dead_code)]
 
+pub mod cluster;
 pub mod keys;
 pub mod s3;
 pub mod vm;

@@ -189,6 +189,26 @@ pub fn of_job(job: &RunningJob) -> Option<JobDir> {
         })
 }
 
+/// Whether a running job on the VM `uuid` was begun by a backflow run, on this host or another:
+/// its socket or scratch files lie in a backflow job directory ([`of_job`]), or its scratch files
+/// are named as a job begun from another host names them
+/// (`REMOTE_SCRATCH_DIR/backflow-UUID-TARGET.scratch`).
+pub fn is_backflows(job: &RunningJob, uuid: &str) -> bool {
+    let remote = format!("backflow-{uuid}-");
+    of_job(job).is_some()
+        || job
+            .disks
+            .iter()
+            .filter_map(|d| d.scratch.as_deref())
+            .any(|s| {
+                s.parent() == Some(Path::new(crate::REMOTE_SCRATCH_DIR))
+                    && s.file_name().is_some_and(|n| {
+                        let n = n.to_string_lossy();
+                        n.starts_with(&remote) && n.ends_with(".scratch")
+                    })
+            })
+}
+
 /// The uid and gid QEMU runs as for a domain: those of its running process (libvirt's pid file),
 /// else of the `libvirt-qemu` user (Debian's default).
 pub fn qemu_user(domain: &str) -> Option<(u32, u32)> {
@@ -284,5 +304,24 @@ mod tests {
             disks: vec![disk(Some("/var/lib/libvirt/qemu/vda.scratch"))],
         };
         assert!(of_job(&foreign).is_none());
+        assert!(is_backflows(&unix, "u1") && is_backflows(&tcp, "u1"));
+        assert!(!is_backflows(&foreign, "u1"));
+        // Begun from another host: scratch files in /var/tmp, named after the VM.
+        let remote = RunningJob {
+            endpoint: Some(Endpoint::Tcp {
+                host: "10.0.0.12".into(),
+                port: 10811,
+                tls: true,
+            }),
+            disks: vec![disk(Some("/var/tmp/backflow-u1-vda.scratch"))],
+        };
+        assert!(of_job(&remote).is_none());
+        assert!(is_backflows(&remote, "u1"));
+        assert!(!is_backflows(&remote, "u2"), "another VM's name");
+        let elsewhere = RunningJob {
+            endpoint: None,
+            disks: vec![disk(Some("/srv/backflow-u1-vda.scratch"))],
+        };
+        assert!(!is_backflows(&elsewhere, "u1"));
     }
 }

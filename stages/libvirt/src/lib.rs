@@ -151,6 +151,11 @@ pub struct LibvirtOptions {
     /// tls: the client certificate's private key.
     #[serde(default)]
     pub tls_key: String,
+    /// Take over from a lost run: a backup job on the VM that a backflow run began (its socket or
+    /// scratch files say so) is aborted even when that run cannot be seen from here. A cluster's
+    /// controller sets it when it retries a VM whose worker died or dropped off the network.
+    #[serde(default)]
+    pub take_over: bool,
 }
 
 fn default_checkpoint() -> String {
@@ -199,6 +204,7 @@ impl Default for LibvirtOptions {
             tls_ca: String::new(),
             tls_cert: String::new(),
             tls_key: String::new(),
+            take_over: false,
         }
     }
 }
@@ -226,6 +232,8 @@ pub struct LibvirtSource {
     /// The job's NBD server on TCP (host, port), with TLS when set.
     tcp: Option<(String, u16, Option<Arc<backflow_qemu::TlsSettings>>)>,
     connections: usize,
+    /// Abort a backflow-made job on the VM whatever its run ([`LibvirtOptions::take_over`]).
+    take_over: bool,
     /// The running VM's job of this run, for the check before the commit.
     job: Mutex<Option<Arc<OnlineJob>>>,
 }
@@ -316,6 +324,7 @@ impl LibvirtSource {
                 .unwrap_or_else(std::env::temp_dir),
             tcp,
             connections: options.connections,
+            take_over: options.take_over,
             job: Mutex::default(),
         })
     }
@@ -668,6 +677,22 @@ impl LibvirtSource {
                 "cleaned up after {earlier}: its backup job on VM {} (NBD server at {endpoint}, job directory {}) aborted",
                 vm.name,
                 dir.path().display()
+            ));
+            running = Found::Nothing;
+        }
+        if let Found::Job(job) = &running
+            && self.take_over
+            && job::is_backflows(job, &vm.uuid)
+        {
+            let endpoint = job
+                .endpoint
+                .as_ref()
+                .map_or_else(|| "unknown".to_owned(), |e| e.to_string());
+            backup::abort_job(domain).map_err(libvirt_error)?;
+            wait_job_gone(|| find_job(domain)).map_err(StageError::Config)?;
+            ctx.warn(format!(
+                "took over from a lost run: its backup job on VM {} (NBD server at {endpoint}) aborted",
+                vm.name
             ));
             running = Found::Nothing;
         }
@@ -1289,6 +1314,40 @@ fn abort_orphan(domain: &Domain, dir: &JobDir) -> Result<(), StageError> {
     backup::abort_job(domain).map_err(libvirt_error)?;
     dir.wait_socket_gone().map_err(StageError::Config)?;
     wait_job_gone(|| find_job(domain)).map_err(StageError::Config)
+}
+
+/// Ends what a run of this host that died (SIGKILL, a crash) left for the VM `domain`: each job
+/// directory of the VM in `socket_dir` whose owner is gone is removed, and the backup job it
+/// recorded aborted if it still runs. What `backflow worker` does when its run dies without a
+/// record, so that its host keeps nothing of it even if the VM is never backed up here again.
+/// Says what it did, one line each.
+pub fn end_jobs_of_dead_runs(
+    uri: Option<&str>,
+    domain: &str,
+    socket_dir: &Path,
+) -> Result<Vec<String>, String> {
+    let conn = Connection::open(uri).map_err(|e| e.to_string())?;
+    let (domain, vm) = conn.domain(domain).map_err(|e| e.to_string())?;
+    let mut done = Vec::new();
+    for dir in JobDir::of_domain(socket_dir, &vm.uuid) {
+        let Owner::Gone(pid) = dir.owner() else {
+            continue;
+        };
+        let mut what = format!("job directory {} removed", dir.path().display());
+        if let Found::Job(job) = find_job(&domain).map_err(|e| e.to_string())?
+            && job
+                .endpoint
+                .as_ref()
+                .is_some_and(|e| dir.is_endpoint_of_job(e))
+        {
+            abort_orphan(&domain, &dir).map_err(|e| e.to_string())?;
+            what = format!("its backup job on VM {} aborted, {what}", vm.name);
+        }
+        let earlier = earlier_run(&dir, &pid);
+        dir.remove()?;
+        done.push(format!("cleaned up after {earlier}: {what}"));
+    }
+    Ok(done)
 }
 
 /// How a warning names the run that made `dir` (its owner `pid`, gone).
