@@ -338,6 +338,11 @@ make_host() {
     chmod 0755 "$hd/${pair%%:*}"
     mounts+="mkdir -p ${pair#*:} && mount --bind '$hd/${pair%%:*}' ${pair#*:} && "
   done
+  # The host's temporary directory (its sessions' TMPDIR, below): where its workers make their job
+  # directories. Hosts of a real cluster do not share /tmp, and a worker takes a job directory it
+  # sees with a live owner for another run of its host.
+  mkdir -p "$hd/tmp"
+  chmod 1777 "$hd/tmp"
   cat >"$hd/etc/libvirtd.conf" <<EOF
 # libvirtd of lab $LAB, host $h: listens on its unix sockets only (no --listen).
 log_outputs = "3:file:/var/log/libvirt/libvirtd.log"
@@ -374,6 +379,7 @@ MaxSessions 200
 # each worker then sees its stdin close and stops its run, which ends the VM's backup job.
 ClientAliveInterval 5
 ClientAliveCountMax 3
+SetEnv TMPDIR=$hd/tmp
 Subsystem sftp internal-sftp
 EOF
   touch "$DIR/ns/$h.mnt" "$DIR/ns/$h.uts"

@@ -6,15 +6,18 @@
 //! line; a passphrase goes into a private file for the run), hands it the task and passes its events
 //! straight through on stdout. Meanwhile it watches stdin: when the controller closes it (the session
 //! ended, or the SSH connection died with the controller's host), the run is told to stop (SIGTERM:
-//! it cancels and cleans up as any cancelled run does). It exits with the run's status. A run that is
-//! killed cannot clean up: this process then ends the backup job and removes the job directory it
-//! left for the VM.
+//! it cancels and cleans up as any cancelled run does). So does a controller that goes silent
+//! longer than the task's heartbeat allows (its host or the network between them dropped: a TCP
+//! connection may not notice for hours). A run that does not end within
+//! [`worker::STOP_GRACE`](backflow_jobs::worker::STOP_GRACE) of being told is killed. It exits with
+//! the run's status. A run that is killed cannot clean up: this process then ends the backup job
+//! and removes the job directory it left for the VM.
 
 use std::io::{Read, Write};
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use backflow_jobs::Verdict;
@@ -43,6 +46,10 @@ pub fn run(args: Args) -> Result<()> {
     let task = worker::read_task(&mut std::io::stdin().lock())
         .map_err(|e| BadInput::new(format!("worker: {e}")))?;
 
+    // What lost runs of this host left (a run cut off from its VM's host cannot end its job).
+    for done in worker::sweep_dead_runs() {
+        tracing::warn!("{done}");
+    }
     // Private to this run: the directory is created 0700, the passphrase file in it 0600.
     let private = tempfile::Builder::new()
         .prefix("backflow-worker-")
@@ -70,21 +77,49 @@ pub fn run(args: Args) -> Result<()> {
             .write_all(line.as_bytes())
             .context("handing the task to the worker's run")?;
     }
-    watch_controller(stop.clone());
-    let mut stopping = false;
+    let heard = watch_controller(stop.clone());
+    let silence = task
+        .heartbeat
+        .map(|s| Duration::from_secs(s.max(1)) * worker::SILENT_HEARTBEATS);
+    let mut stopping: Option<Instant> = None;
+    let mut killed = false;
     let status = loop {
         if let Some(status) = child.try_wait()? {
             break status;
         }
-        if stop.is_cancelled() && !stopping {
-            // Not reaped yet (try_wait said so), so the pid is still the run's.
-            stopping = true;
+        if let Some(limit) = silence
+            && !stop.is_cancelled()
+            && heard.lock().unwrap_or_else(|e| e.into_inner()).elapsed() > limit
+        {
             tracing::warn!(
-                "Stopping the run: the controller closed the session, or a signal came."
+                "No word from the controller for {} s: taking it for gone.",
+                limit.as_secs()
             );
-            if let Some(pid) = rustix::process::Pid::from_raw(child.id() as i32) {
-                let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+            stop.cancel();
+        }
+        // Not reaped yet (try_wait said so), so the pid is still the run's.
+        let pid = rustix::process::Pid::from_raw(child.id() as i32);
+        match stopping {
+            None if stop.is_cancelled() => {
+                stopping = Some(Instant::now());
+                tracing::warn!(
+                    "Stopping the run: the controller closed the session or went silent, or a signal came."
+                );
+                if let Some(pid) = pid {
+                    let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+                }
             }
+            Some(since) if !killed && since.elapsed() > worker::STOP_GRACE => {
+                killed = true;
+                tracing::warn!(
+                    "The run did not stop within {} s: killing it.",
+                    worker::STOP_GRACE.as_secs()
+                );
+                if let Some(pid) = pid {
+                    let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+                }
+            }
+            _ => {}
         }
         std::thread::sleep(POLL);
     };
@@ -106,14 +141,20 @@ pub fn run(args: Args) -> Result<()> {
     }
 }
 
-/// On a thread: reads stdin to its end (the controller closing it), then cancels `stop`.
+/// On a thread: reads stdin to its end (the controller closing it), then cancels `stop`; the
+/// returned instant is when the controller was last heard (a heartbeat line, or anything).
 /// (Stdin's buffer is the process's: what the task's read took beyond its line is read here.)
-fn watch_controller(stop: CancelToken) {
+fn watch_controller(stop: CancelToken) -> Arc<Mutex<Instant>> {
+    let heard = Arc::new(Mutex::new(Instant::now()));
+    let last = heard.clone();
     std::thread::spawn(move || {
         let mut sink = [0u8; 256];
-        while let Ok(1..) = std::io::stdin().read(&mut sink) {}
+        while let Ok(1..) = std::io::stdin().read(&mut sink) {
+            *last.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
+        }
         stop.cancel();
     });
+    heard
 }
 
 fn write_private(path: &std::path::Path, bytes: &[u8]) -> Result<()> {

@@ -47,6 +47,9 @@ pub const FIRST_TLS_PORT: u16 = 10810;
 /// How often the placement loop looks again.
 const TICK: Duration = Duration::from_millis(100);
 
+/// How often the controller writes a heartbeat line to each worker ([`Task::heartbeat`]).
+pub const HEARTBEAT: Duration = Duration::from_secs(5);
+
 /// Attempts per VM: the first, and one retry on another worker.
 const ATTEMPTS: usize = 2;
 
@@ -430,6 +433,7 @@ fn task_for(
             .filter(|(k, _)| Task::allowed_env(k))
             .collect(),
         password,
+        heartbeat: Some(HEARTBEAT.as_secs()),
     })
 }
 
@@ -504,7 +508,8 @@ fn finish(mut child: Child, what: String) -> Attempt {
     Attempt::Lost(format!("{what} ({status}: {last})"))
 }
 
-/// On a thread: when `cancel` is cancelled (and the attempt not over), closes the worker's stdin.
+/// On a thread: writes a heartbeat line to the worker every [`HEARTBEAT`], and when `cancel` is
+/// cancelled (and the attempt not over), closes the worker's stdin.
 fn watch_cancel(
     cancel: CancelToken,
     stdin: Arc<Mutex<Option<ChildStdin>>>,
@@ -512,10 +517,18 @@ fn watch_cancel(
     let over = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let seen = over.clone();
     std::thread::spawn(move || {
+        let mut beat = Instant::now();
         while !seen.load(std::sync::atomic::Ordering::SeqCst) {
             if cancel.is_cancelled() {
                 drop(stdin.lock().unwrap_or_else(|e| e.into_inner()).take());
                 return;
+            }
+            if beat.elapsed() >= HEARTBEAT {
+                beat = Instant::now();
+                // A write that fails (ssh gone) is noticed by the attempt, which reads the stream.
+                if let Some(input) = stdin.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+                    let _ = input.write_all(b"\n").and_then(|()| input.flush());
+                }
             }
             std::thread::sleep(TICK);
         }

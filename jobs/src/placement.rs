@@ -124,6 +124,10 @@ impl Placer {
             .filter(|w| w.host != vm_host && !exclude.contains(&w.host) && w.usable.is_ok())
             .collect();
         if others.is_empty() {
+            // Only the own worker can take it, and it is merely full: wait for it, however long.
+            if own.is_some_and(|w| w.usable.is_ok()) {
+                return Decision::Wait;
+            }
             let mut why = vec![why_not_own];
             why.extend(
                 self.workers
@@ -297,5 +301,24 @@ mod tests {
             p.place("h9", Duration::ZERO, &["h2".into()]),
             Decision::Impossible(why) if why.contains("h9 is not a host")
         ));
+    }
+
+    #[test]
+    fn a_full_own_worker_with_no_other_is_waited_for_however_long() {
+        let mut p = Placer::new(
+            [worker("h1", Ok(()), 1), worker("h2", Err("is disabled"), 1)],
+            DEFAULT_WAIT,
+        );
+        started(p.place("h1", Duration::ZERO, &[]));
+        assert_eq!(
+            p.place("h1", DEFAULT_WAIT * 10, &[]),
+            Decision::Wait,
+            "a one-worker cluster queues its VMs"
+        );
+        p.release("h1");
+        assert_eq!(
+            started(p.place("h1", DEFAULT_WAIT * 10, &[])).worker_host,
+            "h1"
+        );
     }
 }

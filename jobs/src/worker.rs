@@ -8,7 +8,10 @@
 //! controller applies once after every VM). A stream that ends without a record means the worker
 //! died (or its host dropped off the network): the controller fails that VM cleanly and may retry it
 //! elsewhere. The worker watches its stdin after the task: when it closes (the controller ended the
-//! session, or its SSH connection died), the run is cancelled and cleans up as a cancelled run does.
+//! session, or its SSH connection died), or stays silent longer than the task's heartbeat allows
+//! (the controller's host or the network dropped), the run is cancelled and cleans up as a
+//! cancelled run does; one that does not end within [`STOP_GRACE`] is killed, and the worker ends
+//! what it left.
 //!
 //! Secrets (the store's credentials, an encryption passphrase) travel in the task, never on a
 //! command line: [`Task::env`] becomes the pipeline process's environment, and a passphrase is
@@ -61,7 +64,21 @@ pub struct Task {
     /// The repository's passphrase, when it is encrypted. Never logged.
     #[serde(default)]
     pub password: Option<String>,
+    /// The controller writes a line on the worker's stdin at least this often (seconds): a worker
+    /// that hears nothing for [`SILENT_HEARTBEATS`] of them takes the controller for gone (its host
+    /// or the network between them dropped, which a TCP connection may not notice for hours) and
+    /// stops its run. `None`: no heartbeat, the worker stops only when stdin closes.
+    #[serde(default)]
+    pub heartbeat: Option<u64>,
 }
+
+/// How many heartbeats a worker may miss before it stops its run.
+pub const SILENT_HEARTBEATS: u32 = 4;
+
+/// How long a worker's run may take to end after it was told to stop before the worker kills it and
+/// cleans up after it ([`clean_up_after_dead_run`]): a run whose store does not answer may
+/// otherwise retry a request for minutes.
+pub const STOP_GRACE: Duration = Duration::from_secs(30);
 
 impl Task {
     /// The overrides as the spec loader takes them.
@@ -211,6 +228,12 @@ pub fn clean_up_after_dead_run(task: &Task) -> Result<Vec<String>, String> {
         domain,
         &std::env::temp_dir(),
     )
+}
+
+/// What `backflow worker` does before it runs a task: ends what runs of this host that are over
+/// left for any VM ([`stage_libvirt::sweep_dead_runs`], in the system's temporary directory).
+pub fn sweep_dead_runs() -> Vec<String> {
+    stage_libvirt::sweep_dead_runs(&std::env::temp_dir())
 }
 
 /// Writes one event as a line and flushes it (the controller reads as it comes).

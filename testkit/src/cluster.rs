@@ -400,6 +400,15 @@ impl Lab {
         command
     }
 
+    /// Host `host`'s temporary directory: the `TMPDIR` of its ssh sessions, where its workers make
+    /// their job directories (hosts of a real cluster do not share `/tmp`).
+    pub fn tmp_dir(&self, host: &str) -> PathBuf {
+        self.dir
+            .join("hosts")
+            .join(&self.host(host).name)
+            .join("tmp")
+    }
+
     /// Runs [`Lab::ssh_command`]; its output, whatever its exit status.
     pub fn ssh(&self, host: &str, cmd: &str) -> Output {
         self.ssh_command(host, cmd)

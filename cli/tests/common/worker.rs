@@ -27,6 +27,7 @@ pub fn task(image: &Path, repo: &str) -> Task {
         overrides: Vec::new(),
         env: Default::default(),
         password: None,
+        heartbeat: None,
     }
 }
 

@@ -93,6 +93,29 @@ impl JobDir {
         std::fs::write(self.path.join("endpoint"), endpoint.to_string())
     }
 
+    /// Records the libvirt URI the job was begun through (empty: libvirt's default), so that a
+    /// sweep of this host can end the job after the run died ([`crate::sweep_dead_runs`]).
+    pub fn record_uri(&self, uri: &str) -> io::Result<()> {
+        std::fs::write(self.path.join("uri"), uri)
+    }
+
+    /// The libvirt URI the directory's job was begun through, if it was recorded.
+    pub fn uri(&self) -> Option<String> {
+        std::fs::read_to_string(self.path.join("uri")).ok()
+    }
+
+    /// The job directories in `parent`, whatever their VM.
+    pub fn all_in(parent: &Path) -> Vec<JobDir> {
+        let Ok(entries) = std::fs::read_dir(parent) else {
+            return Vec::new();
+        };
+        entries
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with(DIR_PREFIX))
+            .map(|e| JobDir { path: e.path() })
+            .collect()
+    }
+
     /// Whether `endpoint` is the one this directory's job recorded.
     pub fn is_endpoint_of_job(&self, endpoint: &Endpoint) -> bool {
         std::fs::read_to_string(self.path.join("endpoint"))
@@ -157,13 +180,8 @@ impl JobDir {
 
     /// The job directories in `parent` that belong to the VM `uuid`.
     pub fn of_domain(parent: &Path, uuid: &str) -> Vec<JobDir> {
-        let Ok(entries) = std::fs::read_dir(parent) else {
-            return Vec::new();
-        };
-        entries
-            .flatten()
-            .filter(|e| e.file_name().to_string_lossy().starts_with(DIR_PREFIX))
-            .map(|e| JobDir { path: e.path() })
+        JobDir::all_in(parent)
+            .into_iter()
             .filter(|d| d.domain().as_deref() == Some(uuid))
             .collect()
     }

@@ -802,12 +802,14 @@ impl LibvirtSource {
             }),
         );
         *self.job.lock().unwrap_or_else(PoisonError::into_inner) = Some(job.clone());
-        dir.record_endpoint(&endpoint).map_err(|e| {
-            StageError::io(
-                format!("VM {}: writing into {}", vm.name, dir.path().display()),
-                e,
-            )
-        })?;
+        dir.record_endpoint(&endpoint)
+            .and_then(|()| dir.record_uri(self.uri.as_deref().unwrap_or_default()))
+            .map_err(|e| {
+                StageError::io(
+                    format!("VM {}: writing into {}", vm.name, dir.path().display()),
+                    e,
+                )
+            })?;
         let job_disks: Vec<JobDisk> = disks
             .iter()
             .zip(&bases)
@@ -1348,6 +1350,49 @@ pub fn end_jobs_of_dead_runs(
         done.push(format!("cleaned up after {earlier}: {what}"));
     }
     Ok(done)
+}
+
+/// Ends what runs of this host that are over left for any VM: each job directory in `socket_dir`
+/// whose owner is gone and that recorded its libvirt URI is removed, and the job it recorded aborted
+/// if it still runs (a run cut off from the VM's host could not end it, and said so in `left`).
+/// A directory whose VM's libvirt does not answer stays for the next sweep. What `backflow worker`
+/// does before it runs a task, so that a host keeps nothing of a lost run even if that VM is never
+/// backed up here again. Says what it did, one line each.
+pub fn sweep_dead_runs(socket_dir: &Path) -> Vec<String> {
+    let mut done = Vec::new();
+    for dir in JobDir::all_in(socket_dir) {
+        let (Owner::Gone(pid), Some(uri), Some(uuid)) = (dir.owner(), dir.uri(), dir.domain())
+        else {
+            continue;
+        };
+        let ended = (|| -> Result<String, String> {
+            let conn = Connection::open(Some(uri.as_str()).filter(|u| !u.is_empty()))
+                .map_err(|e| e.to_string())?;
+            let mut what = format!("job directory {} removed", dir.path().display());
+            if let Ok(domain) = conn.domain_by_uuid(&uuid)
+                && let Found::Job(job) = find_job(&domain).map_err(|e| e.to_string())?
+                && job
+                    .endpoint
+                    .as_ref()
+                    .is_some_and(|e| dir.is_endpoint_of_job(e))
+            {
+                backup::abort_job(&domain).map_err(|e| e.to_string())?;
+                wait_job_gone(|| find_job(&domain))?;
+                what = format!("its backup job on VM {uuid} aborted, {what}");
+            }
+            Ok(what)
+        })();
+        match ended {
+            Ok(what) => {
+                let earlier = earlier_run(&dir, &pid);
+                if dir.remove().is_ok() {
+                    done.push(format!("cleaned up after {earlier}: {what}"));
+                }
+            }
+            Err(e) => tracing::debug!(dir = %dir.path().display(), "Left for a later sweep: {e}."),
+        }
+    }
+    done
 }
 
 /// How a warning names the run that made `dir` (its owner `pid`, gone).
