@@ -245,7 +245,13 @@ struct CheckpointRef(sys::virDomainCheckpointPtr);
 impl CheckpointRef {
     /// Takes ownership of `ptr`, a reference returned by libvirt; `None` when it is null (failure).
     fn new(ptr: sys::virDomainCheckpointPtr) -> Option<CheckpointRef> {
-        (!ptr.is_null()).then_some(CheckpointRef(ptr))
+        // Not `then_some(CheckpointRef(ptr))`: that makes the value first, and dropping a null one
+        // calls virDomainCheckpointFree(NULL), whose error replaces the failed call's.
+        if ptr.is_null() {
+            None
+        } else {
+            Some(CheckpointRef(ptr))
+        }
     }
 
     fn name(&self, domain: &Domain) -> Result<String> {
