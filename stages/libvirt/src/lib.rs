@@ -24,6 +24,14 @@
 //! warning. Disks never share a fate: one resized disk is read whole while the others stay
 //! incremental.
 //!
+//! libvirt keeps a checkpoint's metadata on the host that made it; its bitmaps live in the qcow2
+//! images. When the VM moved to another host since the parent snapshot (or libvirt here no longer
+//! knows the checkpoint), the recorded checkpoint is redefined on this host from the snapshot's
+//! record (`virDomainCheckpointCreateXML` with `REDEFINE`, and `REDEFINE_VALIDATE` on a running
+//! VM: libvirt checks each disk's bitmap in its image; a shut-off VM's images are read here): the
+//! disks whose bitmaps survived stay incremental, with a note; the others are read whole,
+//! deduplicated against the parent, with a warning that the VM moved and lost them.
+//!
 //! The new checkpoint becomes the base only once the snapshot is committed (the repository
 //! writer tells the tracking). Then the cleanup deletes every older `PREFIX.*` checkpoint, which
 //! no future run needs (each bitmap costs the guest some write speed). A run that fails, is
@@ -1401,8 +1409,24 @@ impl OnlineJob {
                 }
             };
             for old in names.iter().filter(|n| *n != new && is_ours(n, prefix)) {
-                if let Err(e) = self.live.call(|d| backup::delete_checkpoint(d, old)) {
-                    tracing::warn!("Checkpoint {old} left, the next run removes it: {e}.");
+                match self.live.call(|d| backup::delete_checkpoint(d, old)) {
+                    Ok(()) => {}
+                    // libvirt deletes a checkpoint with its bitmaps, and refuses when one is gone:
+                    // metadata an earlier stay of the VM on this host left behind.
+                    Err(e) if !e.is_retryable() && self.bitmaps_gone(old) => {
+                        match self
+                            .live
+                            .call(|d| backup::delete_checkpoint_metadata(d, old))
+                        {
+                            Ok(()) => tracing::info!(
+                                "Checkpoint {old} forgotten: its bitmaps are gone ({e})."
+                            ),
+                            Err(e) => tracing::warn!("Checkpoint {old} left: {e}."),
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!("Checkpoint {old} left, the next run removes it: {e}.")
+                    }
                 }
             }
             return;
@@ -1421,6 +1445,24 @@ impl OnlineJob {
             Err(e) => {
                 tracing::warn!("Checkpoint {new} left, the next successful run removes it: {e}.")
             }
+        }
+    }
+
+    /// Whether libvirt finds a bitmap of checkpoint `name` missing or broken: redefining it as it
+    /// is, with REDEFINE_VALIDATE, checks its bitmaps and changes nothing else.
+    fn bitmaps_gone(&self, name: &str) -> bool {
+        let Ok(xml) = self.live.call(|d| backup::checkpoint_xml(d, name)) else {
+            return false;
+        };
+        match self
+            .live
+            .call(|d| backup::redefine_checkpoint(d, &xml, true))
+        {
+            Ok(_) => false,
+            Err(e) => e.libvirt_error().is_some_and(|c| {
+                c.code()
+                    .is_known_and(|c| c == ErrorNumber::CheckpointInconsistent)
+            }),
         }
     }
 
