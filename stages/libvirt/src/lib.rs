@@ -466,6 +466,9 @@ fn new_checkpoint_name(prefix: &str) -> String {
     format!("{prefix}.{secs}-{:04x}", rand::random::<u16>())
 }
 
+/// Per disk (target): whether its bitmap of a checkpoint is there, or why not.
+type PerDisk = BTreeMap<String, Result<(), String>>;
+
 /// Checkpoints as libvirt knows them for a VM (both paths), plus the image's own bitmaps when the
 /// VM is off (libvirt's metadata and the image can disagree after a crash).
 struct LibvirtCheckpoints<'a> {
@@ -481,7 +484,7 @@ struct LibvirtCheckpoints<'a> {
     /// The creation time of a redefined checkpoint: when the parent snapshot was taken.
     created: i64,
     /// What redefining each checkpoint did for each of its disks; done once per checkpoint.
-    redefined: RefCell<BTreeMap<String, BTreeMap<String, Result<(), String>>>>,
+    redefined: RefCell<BTreeMap<String, PerDisk>>,
     /// The checkpoints redefined here, and the host the VM moved from (for the report's notes).
     adopted: RefCell<Vec<(String, Option<String>)>>,
 }
@@ -504,11 +507,7 @@ impl LibvirtCheckpoints<'_> {
     /// disk whether it does. Running VM: libvirt checks the bitmaps (REDEFINE_VALIDATE), all
     /// disks at once, then, if one lacks its bitmap, each on its own to find which, and the
     /// survivors together. Shut-off VM: libvirt cannot check, the images are read here first.
-    fn redefine_all(
-        &self,
-        checkpoint: &str,
-        disks: &[String],
-    ) -> BTreeMap<String, Result<(), String>> {
+    fn redefine_all(&self, checkpoint: &str, disks: &[String]) -> PerDisk {
         let define = |with: &[String], validate: bool| {
             let xml = job_xml::redefined_checkpoint(checkpoint, self.created, with);
             backup::redefine_checkpoint(self.domain, &xml, validate)
@@ -524,7 +523,7 @@ impl LibvirtCheckpoints<'_> {
                     _ => (e.to_string(), false),
                 })
         };
-        let all = |result: Result<(), String>| -> BTreeMap<String, Result<(), String>> {
+        let all = |result: Result<(), String>| -> PerDisk {
             disks.iter().map(|d| (d.clone(), result.clone())).collect()
         };
         let Some(images) = self.images else {
@@ -572,7 +571,7 @@ impl LibvirtCheckpoints<'_> {
             }
             return results;
         };
-        let mut results: BTreeMap<String, Result<(), String>> = disks
+        let mut results: PerDisk = disks
             .iter()
             .map(|d| {
                 let result = match images.get(d) {
