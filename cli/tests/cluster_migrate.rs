@@ -1,8 +1,9 @@
 //! A VM live-migrated between two backups, on the three-host lab (testkit::cluster): the next
 //! backup, on the VM's new host, stays incremental from the checkpoint the repository recorded
 //! (redefined there, its bitmap checked in the image); when the bitmaps were lost on the way, it
-//! reads the disk whole, deduplicated against the parent, with a warning saying so. Every restore
-//! point restores identical to the disk as it was at its backup.
+//! reads the disk whole, deduplicated against the parent, with a warning saying so. A checkpoint
+//! libvirt forgot on the same host is redefined the same way. Every restore point restores
+//! identical to the disk as it was at its backup.
 
 mod common;
 
@@ -324,6 +325,37 @@ fn a_migrated_vm_stays_incremental_and_reads_whole_once_its_bitmaps_are_lost() {
         !left.contains(&on_h1[0]) && left[0].starts_with("backflow."),
         "{left:?}"
     );
+    points.push((
+        fourth.snapshot.clone().unwrap(),
+        copy_of(&vm.disk, &scratch.path().join("s4.raw")),
+    ));
+
+    // libvirt on the same host forgets the checkpoint (its metadata deleted, the bitmap kept):
+    // redefined from the record, the next backup stays incremental.
+    lab.virsh(
+        "h1",
+        &["checkpoint-delete", &vm.name, &left[0], "--metadata"],
+    );
+    assert!(checkpoints(&lab, "h1", &vm.name).is_empty());
+    lab.write_in_vm(&vm.name, 56 * MIB, CHUNK, 0xa7);
+    let fifth = backup(&lab, &job, &vm.name, &report);
+    assert_eq!(fifth.result, Verdict::Success, "{fifth:#?}");
+    assert_eq!(fifth.bytes_read, CHUNK, "{fifth:#?}");
+    assert!(
+        fifth
+            .notes
+            .iter()
+            .any(|n| n.contains("no longer knew it") && n.contains(&left[0])),
+        "{:?}",
+        fifth.notes
+    );
+    let last = checkpoints(&lab, "h1", &vm.name);
+    assert_eq!(last.len(), 1, "{last:?}");
+    assert_ne!(last, left);
+    points.push((
+        fifth.snapshot.clone().unwrap(),
+        copy_of(&vm.disk, &scratch.path().join("s5.raw")),
+    ));
 
     // Every restore point restores identical to the disk at its backup.
     for (snapshot, copy) in &points {
