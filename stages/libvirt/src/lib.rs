@@ -473,6 +473,10 @@ type PerDisk = BTreeMap<String, Result<(), String>>;
 /// VM is off (libvirt's metadata and the image can disagree after a crash).
 struct LibvirtCheckpoints<'a> {
     domain: &'a Domain,
+    /// The checkpoints libvirt knew before this run redefined any: every disk of a checkpoint it
+    /// did not know gets the redefinition's verdict, not just the first one asking.
+    known_before: Vec<String>,
+    /// The checkpoints libvirt knows now.
     names: RefCell<Vec<String>>,
     /// Offline: the images, to check that the bitmap is there, enabled and consistent.
     images: Option<&'a BTreeMap<String, PathBuf>>,
@@ -621,7 +625,7 @@ fn image_bitmap(image: &Path, checkpoint: &str) -> Result<(), String> {
 
 impl Checkpoints for LibvirtCheckpoints<'_> {
     fn known(&self, checkpoint: &str) -> bool {
-        self.names.borrow().iter().any(|n| n == checkpoint)
+        self.known_before.iter().any(|n| n == checkpoint)
     }
 
     fn redefine(
@@ -639,7 +643,7 @@ impl Checkpoints for LibvirtCheckpoints<'_> {
             // What libvirt holds of the checkpoint changed: read it again.
             self.covered.borrow_mut().remove(checkpoint);
             if results.values().any(Result::is_ok) {
-                if !self.known(checkpoint) {
+                if !self.names.borrow().iter().any(|n| n == checkpoint) {
                     self.names.borrow_mut().push(checkpoint.to_owned());
                 }
                 self.adopted
@@ -662,7 +666,7 @@ impl Checkpoints for LibvirtCheckpoints<'_> {
     }
 
     fn covers(&self, checkpoint: &str, disk: &str) -> Result<(), String> {
-        if !self.known(checkpoint) {
+        if !self.names.borrow().iter().any(|n| n == checkpoint) {
             return Err(format!("checkpoint {checkpoint} no longer exists"));
         }
         let covered = self.bitmap_disks(checkpoint)?;
@@ -708,9 +712,11 @@ impl LibvirtSource {
                     .push(disk.target.clone());
             }
         }
+        let known = backup::list_checkpoints(domain).map_err(libvirt_error)?;
         let libvirt = LibvirtCheckpoints {
             domain,
-            names: RefCell::new(backup::list_checkpoints(domain).map_err(libvirt_error)?),
+            names: RefCell::new(known.clone()),
+            known_before: known,
             images,
             covered: RefCell::default(),
             sharing,

@@ -54,7 +54,7 @@ pub struct DiskNow<'a> {
 
 /// What libvirt says of a checkpoint, looked up only when the rest matches.
 pub trait Checkpoints {
-    /// Whether libvirt on this host knows the checkpoint.
+    /// Whether libvirt on this host knew the checkpoint before this run redefined any.
     fn known(&self, checkpoint: &str) -> bool;
     /// Redefines the checkpoint on this host from what the parent snapshot recorded, with a bitmap
     /// of `disk` (and of the other disks that recorded it), once its bitmap is checked in the
@@ -214,7 +214,9 @@ mod tests {
     /// libvirt on this host: the checkpoints it knows, with the disks each holds a bitmap of; the
     /// bitmaps in the images (what a redefinition finds); and what was redefined.
     struct Host {
-        known: RefCell<Vec<(&'static str, &'static str)>>,
+        known: &'static [(&'static str, &'static str)],
+        /// What libvirt holds now: what it knew, and what was redefined since.
+        holds: RefCell<Vec<(&'static str, &'static str)>>,
         bitmaps: &'static [(&'static str, &'static str)],
         redefined: RefCell<Vec<(String, String, Option<String>)>>,
     }
@@ -224,7 +226,8 @@ mod tests {
         bitmaps: &'static [(&'static str, &'static str)],
     ) -> Host {
         Host {
-            known: RefCell::new(known.to_vec()),
+            known,
+            holds: RefCell::new(known.to_vec()),
             bitmaps,
             redefined: RefCell::default(),
         }
@@ -232,7 +235,7 @@ mod tests {
 
     impl Checkpoints for Host {
         fn known(&self, checkpoint: &str) -> bool {
-            self.known.borrow().iter().any(|(c, _)| *c == checkpoint)
+            self.known.iter().any(|(c, _)| *c == checkpoint)
         }
 
         fn redefine(
@@ -246,7 +249,7 @@ mod tests {
                     "missing or broken bitmap '{checkpoint}' for disk '{disk}'"
                 ));
             };
-            self.known.borrow_mut().push(found);
+            self.holds.borrow_mut().push(found);
             self.redefined.borrow_mut().push((
                 checkpoint.into(),
                 disk.into(),
@@ -256,7 +259,7 @@ mod tests {
         }
 
         fn covers(&self, checkpoint: &str, disk: &str) -> Result<(), String> {
-            if self.known.borrow().contains(&(checkpoint, disk)) {
+            if self.holds.borrow().contains(&(checkpoint, disk)) {
                 Ok(())
             } else {
                 Err(format!("checkpoint {checkpoint} has no bitmap of {disk}"))
@@ -358,6 +361,30 @@ mod tests {
         let reason = base_for(&recorded(), "s1", &now(), &host(&[], &[])).unwrap_err();
         assert!(
             reason.contains("backflow.1 no longer exists") && !reason.contains("moved"),
+            "{reason}"
+        );
+    }
+
+    #[test]
+    fn disks_sharing_a_redefined_checkpoint_each_get_their_own_verdict() {
+        // vda's bitmap survived, vdb's did not: once vda's redefinition made the checkpoint
+        // known, vdb still learns that its bitmap is gone, not merely that it is not covered.
+        let h2 = host(&[], &[("backflow.1", "vda")]);
+        let moved = |disk| DiskNow {
+            host: "h2",
+            disk,
+            ..now()
+        };
+        let mut vdb = recorded();
+        vdb["disk"] = json!("vdb");
+        assert_eq!(
+            base_for(&recorded(), "s1", &moved("vda"), &h2),
+            Ok("backflow.1".into())
+        );
+        let reason = base_for(&vdb, "s1", &moved("vdb"), &h2).unwrap_err();
+        assert!(
+            reason.contains("moved from host h1 to h2")
+                && reason.contains("missing or broken bitmap 'backflow.1' for disk 'vdb'"),
             "{reason}"
         );
     }
