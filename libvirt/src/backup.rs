@@ -8,6 +8,9 @@
 //!   (`virDomainAbortJob`) ends it (a pull-mode job only ends that way: the socket and scratch files go).
 //! - [`create_checkpoint`], [`list_checkpoints`], [`checkpoint_xml`], [`delete_checkpoint`]:
 //!   checkpoints by name (libvirt refuses to create or delete them while the VM is shut off).
+//!   [`redefine_checkpoint`] gives libvirt back the metadata of a checkpoint whose bitmaps are in
+//!   the images (a VM that moved to another host), checking them when asked;
+//!   [`delete_checkpoint_metadata`] forgets one whose bitmaps are gone.
 //! - [`fs_freeze`], [`fs_thaw`]: the guest's filesystems, through the QEMU guest agent.
 //!
 //! The XML these calls take and return is written and read in [`crate::job_xml`].
@@ -93,10 +96,32 @@ pub fn abort_job(domain: &Domain) -> Result<()> {
 /// Creates a checkpoint from `xml` (`<domaincheckpoint>`) and returns its name (libvirt picks one
 /// when the XML names none).
 pub fn create_checkpoint(domain: &Domain, xml: &str) -> Result<String> {
+    checkpoint_create_xml(domain, xml, 0)
+}
+
+/// Redefines the metadata of a checkpoint whose bitmaps are already in the disks' images, from
+/// `xml` ([`crate::job_xml::redefined_checkpoint`]: its name, creation time and the disks holding
+/// its bitmap): `virDomainCheckpointCreateXML` with `VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE`, which
+/// makes no bitmap, only the metadata libvirt keeps per host (a VM migrated to another host arrives
+/// without it). A checkpoint of that name that libvirt knows already is replaced. Returns its name.
+///
+/// With `validate` (`VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE_VALIDATE`, libvirt 6.10 and later; the
+/// VM must run) libvirt first checks each listed disk: a bitmap named after the checkpoint in its
+/// top image, recording, persistent and consistent; otherwise it refuses with
+/// `VIR_ERR_CHECKPOINT_INCONSISTENT` ("missing or broken bitmap") and defines nothing.
+pub fn redefine_checkpoint(domain: &Domain, xml: &str, validate: bool) -> Result<String> {
+    let mut flags = sys::VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE;
+    if validate {
+        flags |= sys::VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE_VALIDATE;
+    }
+    checkpoint_create_xml(domain, xml, flags)
+}
+
+fn checkpoint_create_xml(domain: &Domain, xml: &str, flags: u32) -> Result<String> {
     const CALL: &str = "virDomainCheckpointCreateXML";
     let xml = c_string(domain, CALL, xml)?;
     // SAFETY: the domain pointer is valid while `domain` is borrowed; `xml` outlives the call.
-    let ptr = unsafe { sys::virDomainCheckpointCreateXML(domain.as_ptr(), xml.as_ptr(), 0) };
+    let ptr = unsafe { sys::virDomainCheckpointCreateXML(domain.as_ptr(), xml.as_ptr(), flags) };
     let checkpoint = CheckpointRef::new(ptr).ok_or_else(|| call_error(domain, CALL))?;
     checkpoint.name(domain)
 }
@@ -131,13 +156,29 @@ pub fn list_checkpoints(domain: &Domain) -> Result<Vec<String>> {
 /// Deletes the checkpoint `name`: its metadata and its bitmaps in the disks. Checkpoints made after it
 /// are kept (no flags: libvirt reparents them to its parent).
 pub fn delete_checkpoint(domain: &Domain, name: &str) -> Result<()> {
+    delete_checkpoint_flags(domain, name, 0)
+}
+
+/// Deletes only libvirt's metadata of checkpoint `name`
+/// (`VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY`), leaving the disks' bitmaps as they are: for a
+/// checkpoint whose bitmaps are gone, which [`delete_checkpoint`] cannot delete (libvirt refuses
+/// when a bitmap is missing).
+pub fn delete_checkpoint_metadata(domain: &Domain, name: &str) -> Result<()> {
+    delete_checkpoint_flags(
+        domain,
+        name,
+        sys::VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY,
+    )
+}
+
+fn delete_checkpoint_flags(domain: &Domain, name: &str, flags: u32) -> Result<()> {
     const LOOKUP: &str = "virDomainCheckpointLookupByName";
     let c_name = c_string(domain, LOOKUP, name)?;
     // SAFETY: the domain pointer is valid while `domain` is borrowed; `c_name` outlives the call.
     let ptr = unsafe { sys::virDomainCheckpointLookupByName(domain.as_ptr(), c_name.as_ptr(), 0) };
     let checkpoint = CheckpointRef::new(ptr).ok_or_else(|| call_error(domain, LOOKUP))?;
     // SAFETY: `checkpoint` holds a valid reference until it is dropped, after the call.
-    let rc = unsafe { sys::virDomainCheckpointDelete(checkpoint.0, 0) };
+    let rc = unsafe { sys::virDomainCheckpointDelete(checkpoint.0, flags) };
     if rc < 0 {
         return Err(call_error(domain, "virDomainCheckpointDelete"));
     }
@@ -204,7 +245,13 @@ struct CheckpointRef(sys::virDomainCheckpointPtr);
 impl CheckpointRef {
     /// Takes ownership of `ptr`, a reference returned by libvirt; `None` when it is null (failure).
     fn new(ptr: sys::virDomainCheckpointPtr) -> Option<CheckpointRef> {
-        (!ptr.is_null()).then_some(CheckpointRef(ptr))
+        // Not `then_some(CheckpointRef(ptr))`: that makes the value first, and dropping a null one
+        // calls virDomainCheckpointFree(NULL), whose error replaces the failed call's.
+        if ptr.is_null() {
+            None
+        } else {
+            Some(CheckpointRef(ptr))
+        }
     }
 
     fn name(&self, domain: &Domain) -> Result<String> {

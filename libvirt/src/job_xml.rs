@@ -130,6 +130,27 @@ pub fn checkpoint(name: &str, bitmaps: &[String], without: &[String]) -> String 
     xml
 }
 
+/// `<domaincheckpoint>` redefining checkpoint `name`, made at `created` (Unix seconds; libvirt
+/// requires a creation time to redefine), whose bitmap, named after it, is in each of `bitmaps`
+/// (see [`crate::backup::redefine_checkpoint`]). No `<domain>`: libvirt needs none to count
+/// changes from a checkpoint, only the checkpoint's name and each disk's bitmap.
+pub fn redefined_checkpoint(name: &str, created: i64, bitmaps: &[String]) -> String {
+    let mut xml = format!(
+        "<domaincheckpoint>\n  <name>{}</name>\n  <creationTime>{created}</creationTime>\n  <disks>\n",
+        escape(name)
+    );
+    for target in bitmaps {
+        let _ = writeln!(
+            xml,
+            "    <disk name='{}' checkpoint='bitmap' bitmap='{}'/>",
+            escape(target),
+            escape(name)
+        );
+    }
+    xml.push_str("  </disks>\n</domaincheckpoint>\n");
+    xml
+}
+
 /// A running job as libvirt describes it.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct RunningJob {
@@ -338,6 +359,16 @@ mod tests {
 
         let cp = checkpoint("backflow.b", &["vda".into()], &["vdb".into()]);
         assert_eq!(checkpoint_bitmap_disks(&cp).unwrap(), ["vda"]);
+
+        let cp = redefined_checkpoint("backflow.<1>", 1_700_000_000, &["vda".into(), "vdb".into()]);
+        assert!(
+            cp.contains("<name>backflow.&lt;1&gt;</name>")
+                && cp.contains("<creationTime>1700000000</creationTime>")
+                && cp
+                    .contains("<disk name='vdb' checkpoint='bitmap' bitmap='backflow.&lt;1&gt;'/>"),
+            "{cp}"
+        );
+        assert_eq!(checkpoint_bitmap_disks(&cp).unwrap(), ["vda", "vdb"]);
     }
 
     #[test]

@@ -24,6 +24,14 @@
 //! warning. Disks never share a fate: one resized disk is read whole while the others stay
 //! incremental.
 //!
+//! libvirt keeps a checkpoint's metadata on the host that made it; its bitmaps live in the qcow2
+//! images. When the VM moved to another host since the parent snapshot (or libvirt here no longer
+//! knows the checkpoint), the recorded checkpoint is redefined on this host from the snapshot's
+//! record (`virDomainCheckpointCreateXML` with `REDEFINE`, and `REDEFINE_VALIDATE` on a running
+//! VM: libvirt checks each disk's bitmap in its image; a shut-off VM's images are read here): the
+//! disks whose bitmaps survived stay incremental, with a note; the others are read whole,
+//! deduplicated against the parent, with a warning that the VM moved and lost them.
+//!
 //! The new checkpoint becomes the base only once the snapshot is committed (the repository
 //! writer tells the tracking). Then the cleanup deletes every older `PREFIX.*` checkpoint, which
 //! no future run needs (each bitmap costs the guest some write speed). A run that fails, is
@@ -90,6 +98,7 @@ use backflow_pipeline::{
 use backflow_qemu::{NbdAddress, NbdExport, QemuNbdServer, ServerConfig, ServerDir};
 use serde::{Deserialize, Serialize};
 use virt::domain::Domain;
+use virt::error::ErrorNumber;
 
 use crate::job::{JobDir, Owner};
 use crate::live::LiveDomain;
@@ -393,6 +402,9 @@ fn libvirt_error(e: LibvirtError) -> StageError {
 /// The newest snapshot of the VM in the repository, and each of its disks' tracking state.
 struct Parent {
     id: String,
+    /// When it was taken (Unix seconds): a redefined checkpoint's creation time (its job made the
+    /// checkpoint at that instant).
+    time: i64,
     disks: BTreeMap<String, Option<serde_json::Value>>,
 }
 
@@ -423,6 +435,7 @@ fn parent_of(ctx: &RunContext, vm: &str) -> Result<Option<Parent>, StageError> {
     };
     Ok(Some(Parent {
         id: info.id,
+        time: info.time,
         disks: snapshot
             .meta()
             .disks
@@ -462,16 +475,31 @@ fn new_checkpoint_name(prefix: &str) -> String {
     format!("{prefix}.{secs}-{:04x}", rand::random::<u16>())
 }
 
+/// Per disk (target): whether its bitmap of a checkpoint is there, or why not.
+type PerDisk = BTreeMap<String, Result<(), String>>;
+
 /// Checkpoints as libvirt knows them for a VM (both paths), plus the image's own bitmaps when the
 /// VM is off (libvirt's metadata and the image can disagree after a crash).
 struct LibvirtCheckpoints<'a> {
     domain: &'a Domain,
-    names: Vec<String>,
+    /// The checkpoints libvirt knew before this run redefined any: every disk of a checkpoint it
+    /// did not know gets the redefinition's verdict, not just the first one asking.
+    known_before: Vec<String>,
+    /// The checkpoints libvirt knows now.
+    names: RefCell<Vec<String>>,
     /// Offline: the images, to check that the bitmap is there, enabled and consistent.
     images: Option<&'a BTreeMap<String, PathBuf>>,
     /// The disks each checkpoint holds a bitmap of (or why that is not known), read once per
     /// checkpoint: the disks of one VM usually share their base.
     covered: RefCell<BTreeMap<String, Result<Vec<String>, String>>>,
+    /// The chosen disks that recorded each checkpoint: a redefinition holds all their bitmaps.
+    sharing: BTreeMap<String, Vec<String>>,
+    /// The creation time of a redefined checkpoint: when the parent snapshot was taken.
+    created: i64,
+    /// What redefining each checkpoint did for each of its disks; done once per checkpoint.
+    redefined: RefCell<BTreeMap<String, PerDisk>>,
+    /// The checkpoints redefined here, and the host the VM moved from (for the report's notes).
+    adopted: RefCell<Vec<(String, Option<String>)>>,
 }
 
 impl LibvirtCheckpoints<'_> {
@@ -487,11 +515,167 @@ impl LibvirtCheckpoints<'_> {
             })
             .clone()
     }
+
+    /// Redefines `checkpoint` with a bitmap in each of `disks` that still holds one, and says per
+    /// disk whether it does. Running VM: libvirt checks the bitmaps (REDEFINE_VALIDATE), all
+    /// disks at once, then, if one lacks its bitmap, each on its own to find which, and the
+    /// survivors together. Shut-off VM: libvirt cannot check, the images are read here first.
+    fn redefine_all(&self, checkpoint: &str, disks: &[String]) -> PerDisk {
+        let define = |with: &[String], validate: bool| {
+            let xml = job_xml::redefined_checkpoint(checkpoint, self.created, with);
+            backup::redefine_checkpoint(self.domain, &xml, validate)
+                .map(|_| ())
+                .map_err(|e| match e.libvirt_error() {
+                    // libvirt's own words ("missing or broken bitmap 'NAME' for disk 'vda'").
+                    Some(cause) if !e.is_retryable() => (
+                        cause.message().to_owned(),
+                        cause
+                            .code()
+                            .is_known_and(|c| c == ErrorNumber::CheckpointInconsistent),
+                    ),
+                    _ => (e.to_string(), false),
+                })
+        };
+        let all = |result: Result<(), String>| -> PerDisk {
+            disks.iter().map(|d| (d.clone(), result.clone())).collect()
+        };
+        let Some(images) = self.images else {
+            // Whether every failure was libvirt's check finding a bitmap missing or broken.
+            let mut lost = true;
+            let mut results = match define(disks, true) {
+                Ok(()) => return all(Ok(())),
+                Err((e, inconsistent)) if disks.len() == 1 => {
+                    lost = inconsistent;
+                    all(Err(e))
+                }
+                Err(_) => disks
+                    .iter()
+                    .map(|d| {
+                        let result = define(std::slice::from_ref(d), true).map_err(|(e, i)| {
+                            lost &= i;
+                            e
+                        });
+                        (d.clone(), result)
+                    })
+                    .collect(),
+            };
+            let survivors: Vec<String> = results
+                .iter()
+                .filter(|(_, r)| r.is_ok())
+                .map(|(d, _)| d.clone())
+                .collect();
+            if survivors.len() > 1
+                && let Err((e, _)) = define(&survivors, true)
+            {
+                for disk in &survivors {
+                    results.insert(disk.clone(), Err(e.clone()));
+                }
+            }
+            // Metadata here of a checkpoint whose bitmaps are all gone (left by an earlier stay of
+            // the VM on this host) can never be deleted with its bitmaps, nor serve: forgotten.
+            if survivors.is_empty() && lost && self.known(checkpoint) {
+                match backup::delete_checkpoint_metadata(self.domain, checkpoint) {
+                    Ok(()) => self.names.borrow_mut().retain(|n| n != checkpoint),
+                    Err(e) => tracing::warn!(
+                        checkpoint,
+                        "Cannot forget a checkpoint whose bitmaps are gone: {e}."
+                    ),
+                }
+            }
+            return results;
+        };
+        let mut results: PerDisk = disks
+            .iter()
+            .map(|d| {
+                let result = match images.get(d) {
+                    Some(image) => image_bitmap(image, checkpoint),
+                    None => Err(format!("the image of disk {d} is not known")),
+                };
+                (d.clone(), result)
+            })
+            .collect();
+        let survivors: Vec<String> = results
+            .iter()
+            .filter(|(_, r)| r.is_ok())
+            .map(|(d, _)| d.clone())
+            .collect();
+        if !survivors.is_empty()
+            && let Err((e, _)) = define(&survivors, false)
+        {
+            for disk in &survivors {
+                results.insert(disk.clone(), Err(e.clone()));
+            }
+        }
+        results
+    }
+}
+
+/// Whether `image` holds checkpoint `checkpoint`'s bitmap, enabled and consistent (a shut-off
+/// VM's image, read with `qemu-img info`).
+fn image_bitmap(image: &Path, checkpoint: &str) -> Result<(), String> {
+    let info = backflow_qemu::bitmap::image_info(image)
+        .map_err(|e| format!("the bitmaps of {} cannot be read ({e})", image.display()))?;
+    match info.bitmaps.iter().find(|b| b.name == checkpoint) {
+        None => Err(format!(
+            "bitmap {checkpoint} is no longer in {}",
+            image.display()
+        )),
+        Some(b) if !b.consistent() => Err(format!(
+            "bitmap {checkpoint} in {} is inconsistent (QEMU did not close it cleanly)",
+            image.display()
+        )),
+        Some(b) if !b.enabled() => Err(format!(
+            "bitmap {checkpoint} in {} is disabled",
+            image.display()
+        )),
+        Some(_) => Ok(()),
+    }
 }
 
 impl Checkpoints for LibvirtCheckpoints<'_> {
+    fn known(&self, checkpoint: &str) -> bool {
+        self.known_before.iter().any(|n| n == checkpoint)
+    }
+
+    fn redefine(
+        &self,
+        checkpoint: &str,
+        disk: &str,
+        moved_from: Option<&str>,
+    ) -> Result<(), String> {
+        if !self.redefined.borrow().contains_key(checkpoint) {
+            let mut disks = self.sharing.get(checkpoint).cloned().unwrap_or_default();
+            if !disks.iter().any(|d| d == disk) {
+                disks.push(disk.to_owned());
+            }
+            let results = self.redefine_all(checkpoint, &disks);
+            // What libvirt holds of the checkpoint changed: read it again.
+            self.covered.borrow_mut().remove(checkpoint);
+            if results.values().any(Result::is_ok) {
+                if !self.names.borrow().iter().any(|n| n == checkpoint) {
+                    self.names.borrow_mut().push(checkpoint.to_owned());
+                }
+                self.adopted
+                    .borrow_mut()
+                    .push((checkpoint.to_owned(), moved_from.map(str::to_owned)));
+            }
+            tracing::info!(
+                checkpoint,
+                ?results,
+                "Checkpoint redefined from the parent snapshot's record."
+            );
+            self.redefined
+                .borrow_mut()
+                .insert(checkpoint.to_owned(), results);
+        }
+        self.redefined.borrow()[checkpoint]
+            .get(disk)
+            .cloned()
+            .unwrap_or_else(|| Err(format!("disk {disk} was not redefined")))
+    }
+
     fn covers(&self, checkpoint: &str, disk: &str) -> Result<(), String> {
-        if !self.names.iter().any(|n| n == checkpoint) {
+        if !self.names.borrow().iter().any(|n| n == checkpoint) {
             return Err(format!("checkpoint {checkpoint} no longer exists"));
         }
         let covered = self.bitmap_disks(checkpoint)?;
@@ -501,29 +685,7 @@ impl Checkpoints for LibvirtCheckpoints<'_> {
             ));
         }
         if let Some(image) = self.images.and_then(|i| i.get(disk)) {
-            let info = backflow_qemu::bitmap::image_info(image)
-                .map_err(|e| format!("the bitmaps of {} cannot be read ({e})", image.display()))?;
-            match info.bitmaps.iter().find(|b| b.name == checkpoint) {
-                None => {
-                    return Err(format!(
-                        "bitmap {checkpoint} is no longer in {}",
-                        image.display()
-                    ));
-                }
-                Some(b) if !b.consistent() => {
-                    return Err(format!(
-                        "bitmap {checkpoint} in {} is inconsistent (QEMU did not close it cleanly)",
-                        image.display()
-                    ));
-                }
-                Some(b) if !b.enabled() => {
-                    return Err(format!(
-                        "bitmap {checkpoint} in {} is disabled",
-                        image.display()
-                    ));
-                }
-                Some(_) => {}
-            }
+            image_bitmap(image, checkpoint)?;
         }
         Ok(())
     }
@@ -532,8 +694,10 @@ impl Checkpoints for LibvirtCheckpoints<'_> {
 impl LibvirtSource {
     /// The base checkpoint of each chosen disk (or why there is none). `images`: the VM is off,
     /// and the bitmaps are checked in its images too.
+    #[allow(clippy::too_many_arguments)]
     fn bases(
         &self,
+        ctx: &RunContext,
         domain: &Domain,
         vm: &VmInfo,
         host: &str,
@@ -544,14 +708,33 @@ impl LibvirtSource {
         if self.checkpoint.is_none() {
             return Ok(disks.iter().map(|_| Err(String::new())).collect());
         }
-        let checkpoints = LibvirtCheckpoints {
+        let mut sharing: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for disk in disks {
+            if let Some(checkpoint) = parent
+                .and_then(|p| p.disks.get(&disk.target))
+                .and_then(|recorded| recorded.as_ref())
+                .and_then(tracking::recorded_checkpoint)
+            {
+                sharing
+                    .entry(checkpoint)
+                    .or_default()
+                    .push(disk.target.clone());
+            }
+        }
+        let known = backup::list_checkpoints(domain).map_err(libvirt_error)?;
+        let libvirt = LibvirtCheckpoints {
             domain,
-            names: backup::list_checkpoints(domain).map_err(libvirt_error)?,
+            names: RefCell::new(known.clone()),
+            known_before: known,
             images,
             covered: RefCell::default(),
+            sharing,
+            created: parent.map_or(0, |p| p.time),
+            redefined: RefCell::default(),
+            adopted: RefCell::default(),
         };
-        let checkpoints: &dyn Checkpoints = &checkpoints;
-        Ok(disks
+        let checkpoints: &dyn Checkpoints = &libvirt;
+        let bases = disks
             .iter()
             .map(|disk| {
                 let Some(parent) = parent else {
@@ -587,7 +770,27 @@ impl LibvirtSource {
                 }
                 base
             })
-            .collect())
+            .collect::<Vec<_>>();
+        // A redefined checkpoint serves only the disks whose bitmap survived: say which.
+        let redefined = libvirt.redefined.borrow();
+        for (checkpoint, moved_from) in libvirt.adopted.borrow().iter() {
+            let kept: Vec<&str> = redefined[checkpoint]
+                .iter()
+                .filter(|(_, r)| r.is_ok())
+                .map(|(d, _)| d.as_str())
+                .collect();
+            let why = match moved_from {
+                Some(from) => format!("the VM moved from host {from} to {host}"),
+                None => format!("libvirt on host {host} no longer knew it"),
+            };
+            ctx.note(format!(
+                "VM {}: {why} since snapshot {}: checkpoint {checkpoint} redefined there from the snapshot's record, its bitmaps checked in the disks ({}), which stay incremental",
+                vm.name,
+                parent.map_or("", |p| p.id.as_str()),
+                kept.join(", ")
+            ));
+        }
+        Ok(bases)
     }
 
     fn state(
@@ -733,7 +936,7 @@ impl LibvirtSource {
         }
         self.end_orphaned_jobs(ctx, conn, &domain, vm)?;
         let host = conn.hostname().to_owned();
-        let bases = self.bases(&domain, vm, &host, disks, parent, None)?;
+        let bases = self.bases(ctx, &domain, vm, &host, disks, parent, None)?;
         // The new checkpoint: a bitmap in every chosen qcow2 disk, none elsewhere.
         let new_checkpoint = self.checkpoint.as_deref().map(new_checkpoint_name);
         let bitmapped: Vec<String> = disks
@@ -991,7 +1194,7 @@ impl LibvirtSource {
         self.end_orphaned_jobs(ctx, conn, &domain, vm)?;
         tracing::info!(vm = %vm.name, "VM is shut off: reading its images directly.");
         let host = conn.hostname().to_owned();
-        let bases = self.bases(&domain, vm, &host, disks, parent, Some(&images))?;
+        let bases = self.bases(ctx, &domain, vm, &host, disks, parent, Some(&images))?;
         for cleaned in ServerDir::sweep_orphans(&self.socket_dir) {
             ctx.warn(format!("cleaned up after a run that was killed: {cleaned}"));
         }
@@ -1238,8 +1441,24 @@ impl OnlineJob {
                 }
             };
             for old in names.iter().filter(|n| *n != new && is_ours(n, prefix)) {
-                if let Err(e) = self.live.call(|d| backup::delete_checkpoint(d, old)) {
-                    tracing::warn!("Checkpoint {old} left, the next run removes it: {e}.");
+                match self.live.call(|d| backup::delete_checkpoint(d, old)) {
+                    Ok(()) => {}
+                    // libvirt deletes a checkpoint with its bitmaps, and refuses when one is gone:
+                    // metadata an earlier stay of the VM on this host left behind.
+                    Err(e) if !e.is_retryable() && self.bitmaps_gone(old) => {
+                        match self
+                            .live
+                            .call(|d| backup::delete_checkpoint_metadata(d, old))
+                        {
+                            Ok(()) => tracing::info!(
+                                "Checkpoint {old} forgotten: its bitmaps are gone ({e})."
+                            ),
+                            Err(e) => tracing::warn!("Checkpoint {old} left: {e}."),
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!("Checkpoint {old} left, the next run removes it: {e}.")
+                    }
                 }
             }
             return;
@@ -1258,6 +1477,24 @@ impl OnlineJob {
             Err(e) => {
                 tracing::warn!("Checkpoint {new} left, the next successful run removes it: {e}.")
             }
+        }
+    }
+
+    /// Whether libvirt finds a bitmap of checkpoint `name` missing or broken: redefining it as it
+    /// is, with REDEFINE_VALIDATE, checks its bitmaps and changes nothing else.
+    fn bitmaps_gone(&self, name: &str) -> bool {
+        let Ok(xml) = self.live.call(|d| backup::checkpoint_xml(d, name)) else {
+            return false;
+        };
+        match self
+            .live
+            .call(|d| backup::redefine_checkpoint(d, &xml, true))
+        {
+            Ok(_) => false,
+            Err(e) => e.libvirt_error().is_some_and(|c| {
+                c.code()
+                    .is_known_and(|c| c == ErrorNumber::CheckpointInconsistent)
+            }),
         }
     }
 
