@@ -148,25 +148,9 @@ fn each_vm_is_backed_up_on_its_host_and_over_tls_when_that_worker_is_off() {
             scratch.path(),
         );
     }
-    // Nothing is left on the VMs' hosts: no backup job, no scratch file.
+    // Nothing is left on the VMs' hosts: no backup job, no scratch file, no job directory.
     for vm in lab.vms() {
-        assert!(
-            !lab.has_backup_job(&vm.name),
-            "{} has a backup job",
-            vm.name
-        );
-    }
-    for host in lab.hosts() {
-        let left = lab.run_on(
-            &host.name,
-            "ls /var/tmp | grep -E '^backflow-.*\\.scratch$' || true",
-        );
-        assert!(
-            String::from_utf8_lossy(&left.stdout).trim().is_empty(),
-            "{} keeps {}",
-            host.name,
-            String::from_utf8_lossy(&left.stdout)
-        );
+        assert_nothing_left(&lab, &vm.name);
     }
 }
 

@@ -110,3 +110,41 @@ pub fn job_for(lab: &Lab, job: &Path, name: &str, vm: &str, extra: &str) -> Path
     std::fs::write(&path, text).unwrap();
     path
 }
+
+/// Nothing of a backup of `vm` left on the VMs' hosts: no backup job on any VM of the lab, no
+/// scratch file of a job begun from another host (`/var/tmp/backflow-UUID-TARGET.scratch`; the
+/// hosts share the machine's /var/tmp, with other tests' labs too), no job directory of a live or
+/// dead run in any host's temporary directory (where its workers make them).
+pub fn assert_nothing_left(lab: &Lab, vm: &str) {
+    for v in lab.vms() {
+        assert!(!lab.has_backup_job(&v.name), "{} has a backup job", v.name);
+    }
+    let uuid = lab
+        .virsh(&lab.vm_host(vm).expect("the VM runs").name, &["domuuid", vm])
+        .trim()
+        .to_owned();
+    for host in lab.hosts() {
+        let left = lab.run_on(
+            &host.name,
+            &format!("ls /var/tmp | grep -E '^backflow-{uuid}-.*\\.scratch$' || true"),
+        );
+        assert!(
+            String::from_utf8_lossy(&left.stdout).trim().is_empty(),
+            "{} keeps {}",
+            host.name,
+            String::from_utf8_lossy(&left.stdout)
+        );
+    }
+    let dirs: Vec<PathBuf> = lab
+        .hosts()
+        .iter()
+        .flat_map(|h| std::fs::read_dir(lab.tmp_dir(&h.name)).unwrap().flatten())
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("backflow-libvirt-"))
+                && std::fs::read_to_string(p.join("domain")).is_ok_and(|d| d == uuid)
+        })
+        .collect();
+    assert!(dirs.is_empty(), "job directories of {vm} left: {dirs:?}");
+}
