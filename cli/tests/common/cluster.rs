@@ -120,7 +120,10 @@ pub fn assert_nothing_left(lab: &Lab, vm: &str) {
         assert!(!lab.has_backup_job(&v.name), "{} has a backup job", v.name);
     }
     let uuid = lab
-        .virsh(&lab.vm_host(vm).expect("the VM runs").name, &["domuuid", vm])
+        .virsh(
+            &lab.vm_host(vm).expect("the VM runs").name,
+            &["domuuid", vm],
+        )
         .trim()
         .to_owned();
     for host in lab.hosts() {
