@@ -9,7 +9,7 @@
 //! it cancels and cleans up as any cancelled run does). So does a controller that goes silent
 //! longer than the task's heartbeat allows (its host or the network between them dropped: a TCP
 //! connection may not notice for hours). A run that does not end within
-//! [`worker::STOP_GRACE`](backflow_jobs::worker::STOP_GRACE) of being told is killed. It exits with
+//! [`worker::STOP_GRACE`] of being told is killed. It exits with
 //! the run's status. A run that is killed cannot clean up: this process then ends the backup job
 //! and removes the job directory it left for the VM.
 
