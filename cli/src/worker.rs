@@ -128,9 +128,8 @@ pub fn run(args: Args) -> Result<()> {
         // Killed (SIGKILL, a crash): its cleanup never ran. End what it left on this host, so that
         // neither its backup job nor its job directory outlives it (the controller retries the VM
         // elsewhere, and that retry needs the VM free of this run's job).
-        match worker::clean_up_after_dead_run(&task) {
-            Ok(done) => done.iter().for_each(|d| tracing::warn!("{d}")),
-            Err(e) => tracing::warn!("Cleaning up after the killed run failed: {e}"),
+        for done in worker::sweep_dead_runs() {
+            tracing::warn!("{done}");
         }
     }
     match status.code() {

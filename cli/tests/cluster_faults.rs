@@ -9,7 +9,7 @@
 
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Child;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -54,18 +54,35 @@ fn release_pauses(pause: &Path) -> Arc<AtomicBool> {
     stop
 }
 
-/// Waits for `child` (at most `limit`).
-fn wait_for(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("still running after {limit:?}");
-        }
-        std::thread::sleep(Duration::from_millis(100));
+/// A `job run` of the lab whose workers pause mid-transfer ([`wait_paused`] has seen one pause).
+struct PausedJob {
+    run: Child,
+    report: PathBuf,
+    pause: PathBuf,
+}
+
+impl PausedJob {
+    /// Starts `job` with `BACKFLOW_PAUSE_MID_TRANSFER` for its workers, and waits for a pause.
+    fn start(lab: &Lab, job: &Path, scratch: &Path) -> PausedJob {
+        let (report, pause) = (scratch.join("session.json"), scratch.join("paused"));
+        let mut run = job_command(lab, job, &report)
+            .env("BACKFLOW_PAUSE_MID_TRANSFER", &pause)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        wait_paused(&pause, &mut run);
+        PausedJob { run, report, pause }
+    }
+
+    /// Waits for the run to end (at most 5 minutes): its exit status, what it said on stderr and
+    /// its session record.
+    fn finish(mut self) -> (std::process::ExitStatus, String, SessionRecord) {
+        let status = wait_exit(&mut self.run, Duration::from_secs(300));
+        let mut stderr = String::new();
+        std::io::Read::read_to_string(self.run.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+        let session = session_in(&self.report, stderr.as_bytes());
+        (status, stderr, session)
     }
 }
 
@@ -130,15 +147,7 @@ fn a_worker_killed_mid_backup_is_retried_elsewhere_and_leaves_nothing() {
     let scratch = tempfile::tempdir().unwrap();
     let vm = lab.vms().iter().find(|v| v.host == "h1").unwrap().clone();
     let job = job_for(&lab, &lab.job_file(), "one-vm", &vm.name, "");
-    let pause = scratch.path().join("paused");
-    let report = scratch.path().join("killed.json");
-    let mut run = job_command(&lab, &job, &report)
-        .env("BACKFLOW_PAUSE_MID_TRANSFER", &pause)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    wait_paused(&pause, &mut run);
+    let run = PausedJob::start(&lab, &job, scratch.path());
     let runs = lab.pids_on("h1", "worker --run");
     assert_eq!(runs.len(), 1, "the worker's run on h1: {runs:?}");
     let killed = std::process::Command::new("kill")
@@ -146,12 +155,9 @@ fn a_worker_killed_mid_backup_is_retried_elsewhere_and_leaves_nothing() {
         .status()
         .unwrap();
     assert!(killed.success());
-    let released = release_pauses(&pause);
-    let status = wait_for(&mut run, Duration::from_secs(300));
+    let released = release_pauses(&run.pause);
+    let (status, stderr, session) = run.finish();
     released.store(true, Ordering::SeqCst);
-    let mut stderr = String::new();
-    std::io::Read::read_to_string(run.stderr.as_mut().unwrap(), &mut stderr).unwrap();
-    let session = session_in(&report, stderr.as_bytes());
     assert!(status.success(), "{status}: {stderr}\n{session:#?}");
     let record = record_of(&session, &vm.name);
     assert_eq!(record.result, Verdict::Success, "{record:#?}");
@@ -187,25 +193,14 @@ fn a_worker_host_cut_off_mid_backup_loses_the_vm_to_a_retry_and_leaves_nothing()
     let vm = lab.vms().iter().find(|v| v.host == "h2").unwrap().clone();
     let without = job_without_worker(&lab, "h2");
     let job = job_for(&lab, &without, "one-vm", &vm.name, "");
-    let pause = scratch.path().join("paused");
-    let report = scratch.path().join("cut.json");
-    let mut run = job_command(&lab, &job, &report)
-        .env("BACKFLOW_PAUSE_MID_TRANSFER", &pause)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    wait_paused(&pause, &mut run);
+    let run = PausedJob::start(&lab, &job, scratch.path());
     let cut = ["h1", "h3"]
         .into_iter()
         .find(|h| !lab.pids_on(h, "worker --run").is_empty())
         .expect("a worker runs on h1 or h3");
     lab.cut_network(cut);
-    let released = release_pauses(&pause);
-    let status = wait_for(&mut run, Duration::from_secs(300));
-    let mut stderr = String::new();
-    std::io::Read::read_to_string(run.stderr.as_mut().unwrap(), &mut stderr).unwrap();
-    let session = session_in(&report, stderr.as_bytes());
+    let released = release_pauses(&run.pause);
+    let (status, stderr, session) = run.finish();
     // The lost worker is still there, cut off; it ends once its sshd gives the controller up.
     lab.restore_network(cut);
     assert_no_workers_within(&lab, Duration::from_secs(120));
@@ -287,7 +282,7 @@ fn sigterm_to_the_daemon_mid_session_ends_every_worker_and_backup_job() {
     // Let the paused reads go on once the stop reached the workers: they stop as cancelled.
     std::thread::sleep(Duration::from_secs(3));
     let released = release_pauses(&pause);
-    let status = wait_for(&mut daemon, Duration::from_secs(180));
+    let status = wait_exit(&mut daemon, Duration::from_secs(180));
     released.store(true, Ordering::SeqCst);
     assert_eq!(status.code(), Some(0), "{status}");
     assert_no_workers_within(&lab, Duration::from_secs(30));
@@ -343,22 +338,11 @@ fn a_vm_host_cut_off_mid_backup_fails_the_vm_cleanly() {
     let scratch = tempfile::tempdir().unwrap();
     let vm = lab.vms().iter().find(|v| v.host == "h3").unwrap().clone();
     let job = job_for(&lab, &lab.job_file(), "one-vm", &vm.name, "");
-    let pause = scratch.path().join("paused");
-    let report = scratch.path().join("cut.json");
-    let mut run = job_command(&lab, &job, &report)
-        .env("BACKFLOW_PAUSE_MID_TRANSFER", &pause)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    wait_paused(&pause, &mut run);
+    let run = PausedJob::start(&lab, &job, scratch.path());
     assert_eq!(lab.pids_on("h3", "worker --run").len(), 1);
     lab.cut_network("h3");
-    let released = release_pauses(&pause);
-    let status = wait_for(&mut run, Duration::from_secs(300));
-    let mut stderr = String::new();
-    std::io::Read::read_to_string(run.stderr.as_mut().unwrap(), &mut stderr).unwrap();
-    let session = session_in(&report, stderr.as_bytes());
+    let released = release_pauses(&run.pause);
+    let (status, _, session) = run.finish();
     assert!(!status.success(), "{session:#?}");
     let record = record_of(&session, &vm.name);
     assert_eq!(record.result, Verdict::Failure, "{record:#?}");

@@ -10,9 +10,9 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use backflow_jobs::{SessionRecord, Verdict, VmRecord};
+use backflow_jobs::{Verdict, VmRecord};
 use backflow_testkit::cluster::Lab;
-use common::*;
+use common::cluster::*;
 
 /// The repository's chunk size (`backflow init`'s default): what a read is rounded to.
 const CHUNK: u64 = 128 << 10;
@@ -29,41 +29,9 @@ const THIRD: &[(u64, u64, u8)] = &[
     (52 * MIB, CHUNK, 0xa6),
 ];
 
-/// A job backing up `vm` alone, on the lab's cluster, into its store.
-fn job_for(lab: &Lab, vm: &str) -> PathBuf {
-    let job = std::fs::read_to_string(lab.job_file())
-        .unwrap()
-        .replace(r#"vms: ["*"]"#, &format!(r#"vms: ["{vm}"]"#));
-    assert!(job.contains(vm), "{job}");
-    let path = lab.dir().join(format!("job-{vm}.yaml"));
-    std::fs::write(&path, job).unwrap();
-    path
-}
-
 /// `backflow job run JOB` with the lab's store, which must succeed: `vm`'s record.
 fn backup(lab: &Lab, job: &Path, vm: &str, report: &Path) -> VmRecord {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_backflow"));
-    lab.apply(&mut cmd)
-        .env_remove("RUST_LOG")
-        .args(["job", "run", "--quiet", "--report"])
-        .arg(report)
-        .arg(job);
-    let out = cmd.output().unwrap();
-    let session: SessionRecord =
-        serde_json::from_slice(&std::fs::read(report).unwrap_or_else(|e| {
-            panic!(
-                "no session record ({e}); job run said:\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            )
-        }))
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "job run failed ({}): {}\n{session:#?}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let record = session
+    let record = run_job(lab, job, report)
         .vms
         .into_iter()
         .find(|r| r.vm == vm)
@@ -82,37 +50,6 @@ fn copy_of(disk: &Path, to: &Path) -> PathBuf {
         .unwrap();
     assert!(status.success(), "qemu-img convert {}", disk.display());
     to.to_owned()
-}
-
-/// Restores `snapshot` and compares it with `copy`, the disk as it was at that backup.
-fn assert_restores_to(lab: &Lab, snapshot: &str, copy: &Path, scratch: &Path) {
-    let out = scratch.join(format!("{snapshot}.raw"));
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_backflow"));
-    lab.apply(&mut cmd)
-        .args([
-            "restore",
-            "--quiet",
-            "--repo",
-            lab.repository(),
-            "--snapshot",
-            snapshot,
-            "--to",
-        ])
-        .arg(&out);
-    run_ok(&mut cmd);
-    let compared = Command::new("qemu-img")
-        .args(["compare", "-f", "raw", "-F", "raw"])
-        .arg(&out)
-        .arg(copy)
-        .output()
-        .unwrap();
-    assert!(
-        compared.status.success(),
-        "snapshot {snapshot} differs from {}: {}",
-        copy.display(),
-        String::from_utf8_lossy(&compared.stdout)
-    );
-    std::fs::remove_file(&out).unwrap();
 }
 
 /// The bytes of `disk` that hold data (`qemu-img map`), in whole chunks: what a full read reads.
@@ -193,7 +130,13 @@ fn a_migrated_vm_stays_incremental_and_reads_whole_once_its_bitmaps_are_lost() {
     let lab = Lab::start();
     let scratch = tempfile::tempdir().unwrap();
     let vm = lab.vms().iter().find(|v| v.host == "h1").unwrap().clone();
-    let job = job_for(&lab, &vm.name);
+    let job = job_for(
+        &lab,
+        &lab.job_file(),
+        &format!("job-{}", vm.name),
+        &vm.name,
+        "",
+    );
     let report = scratch.path().join("session.json");
     let mut points = Vec::new();
 
@@ -359,6 +302,6 @@ fn a_migrated_vm_stays_incremental_and_reads_whole_once_its_bitmaps_are_lost() {
 
     // Every restore point restores identical to the disk at its backup.
     for (snapshot, copy) in &points {
-        assert_restores_to(&lab, snapshot, copy, scratch.path());
+        assert_restores_to(&lab, snapshot, copy, "raw", scratch.path());
     }
 }

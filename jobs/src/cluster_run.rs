@@ -307,23 +307,8 @@ pub(crate) fn run_cluster(
     done.sort_by_key(|(i, _)| *i);
     records.extend(done.into_iter().map(|(_, r)| r));
     // Retention once, after every VM (several workers wrote into the repository meanwhile).
-    if let Some(policy) = &job.retention {
-        for record in records
-            .iter_mut()
-            .filter(|r| matches!(r.result, Verdict::Success | Verdict::Warning))
-        {
-            let retained = match crate::run::open(&job, repo) {
-                Ok(r) => crate::run::retain(r, &record.vm, policy).map_err(|e| e.to_string()),
-                Err(e) => Err(e.to_string()),
-            };
-            match retained {
-                Ok(forgotten) => record.forgotten = forgotten,
-                Err(e) => {
-                    record.warnings.push(format!("retention: {e}"));
-                    record.result = Verdict::Warning;
-                }
-            }
-        }
+    for record in &mut records {
+        crate::run::apply_retention(&job, repo, record);
     }
     Ok(records)
 }

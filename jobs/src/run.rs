@@ -686,20 +686,7 @@ fn run_source(job: &Job, source: &Source, cancel: &CancelToken, repo: &SharedRep
     if let Some(name) = &stored_as {
         record.vm = name.clone();
     }
-    if let (Some(policy), Verdict::Success | Verdict::Warning) = (&job.retention, record.result) {
-        let retained = match open(job, repo) {
-            Ok(repo) => retain(repo, &record.vm, policy).map_err(|e| e.to_string()),
-            Err(e) => Err(e.to_string()),
-        };
-        match retained {
-            Ok(forgotten) => record.forgotten = forgotten,
-            Err(e) => {
-                // The backup itself is committed: retention failing makes it a warning.
-                record.warnings.push(format!("retention: {e}"));
-                record.result = Verdict::Warning;
-            }
-        }
-    }
+    apply_retention(job, repo, &mut record);
     record
 }
 
@@ -917,6 +904,26 @@ pub fn sessions_in(repository: &Repository) -> Result<Vec<SessionRecord>, JobErr
                 .ok()
         })
         .collect())
+}
+
+/// The job's retention for `record`'s VM, once its backup succeeded: what was forgotten goes into
+/// the record; retention failing makes the record a warning (the backup itself is committed).
+pub(crate) fn apply_retention(job: &Job, repo: &SharedRepo, record: &mut VmRecord) {
+    let (Some(policy), Verdict::Success | Verdict::Warning) = (&job.retention, record.result)
+    else {
+        return;
+    };
+    let retained = match open(job, repo) {
+        Ok(repo) => retain(repo, &record.vm, policy).map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    match retained {
+        Ok(forgotten) => record.forgotten = forgotten,
+        Err(e) => {
+            record.warnings.push(format!("retention: {e}"));
+            record.result = Verdict::Warning;
+        }
+    }
 }
 
 #[cfg(test)]

@@ -11,7 +11,7 @@
 //! session, or its SSH connection died), or stays silent longer than the task's heartbeat allows
 //! (the controller's host or the network dropped), the run is cancelled and cleans up as a
 //! cancelled run does; one that does not end within [`STOP_GRACE`] is killed, and the worker ends
-//! what it left.
+//! what it left ([`sweep_dead_runs`]).
 //!
 //! Secrets (the store's credentials, an encryption passphrase) travel in the task, never on a
 //! command line: [`Task::env`] becomes the pipeline process's environment, and a passphrase is
@@ -76,7 +76,7 @@ pub struct Task {
 pub const SILENT_HEARTBEATS: u32 = 4;
 
 /// How long a worker's run may take to end after it was told to stop before the worker kills it and
-/// cleans up after it ([`clean_up_after_dead_run`]): a run whose store does not answer may
+/// cleans up after it ([`sweep_dead_runs`]): a run whose store does not answer may
 /// otherwise retry a request for minutes.
 pub const STOP_GRACE: Duration = Duration::from_secs(30);
 
@@ -207,31 +207,10 @@ pub fn run_task(task: &Task, cancel: CancelToken, emit: Emit) -> VmRecord {
     record
 }
 
-/// What `backflow worker` does when its run died without a record (killed, crashed): ends the
-/// backup job and removes the job directory that run left for the task's VM on this host
-/// ([`stage_libvirt::end_jobs_of_dead_runs`]; the run made them in the system's temporary
-/// directory, as the worker's own environment names it). Says what it did, one line each; nothing
-/// for a task that backs up no VM.
-pub fn clean_up_after_dead_run(task: &Task) -> Result<Vec<String>, String> {
-    let var = |name: &str| {
-        task.variables
-            .iter()
-            .rev()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
-    };
-    let Some(domain) = var("domain") else {
-        return Ok(Vec::new());
-    };
-    stage_libvirt::end_jobs_of_dead_runs(
-        var("uri").filter(|u| !u.is_empty()),
-        domain,
-        &std::env::temp_dir(),
-    )
-}
-
-/// What `backflow worker` does before it runs a task: ends what runs of this host that are over
-/// left for any VM ([`stage_libvirt::sweep_dead_runs`], in the system's temporary directory).
+/// What `backflow worker` does before it runs a task, and after its run died without a record
+/// (killed, crashed): ends what runs of this host that are over left, for any VM
+/// ([`stage_libvirt::sweep_dead_runs`], in the system's temporary directory, where runs make their
+/// job directories).
 pub fn sweep_dead_runs() -> Vec<String> {
     stage_libvirt::sweep_dead_runs(&std::env::temp_dir())
 }

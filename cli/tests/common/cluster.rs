@@ -52,6 +52,12 @@ pub fn session_in(report: &Path, stderr: &[u8]) -> SessionRecord {
 /// Restores `snapshot` of the lab's repository and compares it with the VM's disk (the VMs run no
 /// guest: their disks do not change after the lab wrote them).
 pub fn assert_restores_to_disk(lab: &Lab, snapshot: &str, disk: &Path, scratch: &Path) {
+    assert_restores_to(lab, snapshot, disk, "qcow2", scratch);
+}
+
+/// Restores `snapshot` of the lab's repository and compares it with `image` (of `format`, read
+/// with `-U`: a running VM's disk may be it).
+pub fn assert_restores_to(lab: &Lab, snapshot: &str, image: &Path, format: &str, scratch: &Path) {
     let out = scratch.join(format!("{snapshot}.raw"));
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_backflow"));
     lab.apply(&mut cmd)
@@ -67,15 +73,15 @@ pub fn assert_restores_to_disk(lab: &Lab, snapshot: &str, disk: &Path, scratch: 
         .arg(&out);
     run_ok(&mut cmd);
     let compared = Command::new("qemu-img")
-        .args(["compare", "-U", "-f", "raw", "-F", "qcow2"])
+        .args(["compare", "-U", "-f", "raw", "-F", format])
         .arg(&out)
-        .arg(disk)
+        .arg(image)
         .output()
         .unwrap();
     assert!(
         compared.status.success(),
         "snapshot {snapshot} differs from {}: {}",
-        disk.display(),
+        image.display(),
         String::from_utf8_lossy(&compared.stdout)
     );
     std::fs::remove_file(&out).unwrap();

@@ -116,6 +116,11 @@ impl JobDir {
             .collect()
     }
 
+    /// Whether the directory's run recorded an endpoint (it does so before it begins a job).
+    pub fn has_endpoint(&self) -> bool {
+        self.path.join("endpoint").exists()
+    }
+
     /// Whether `endpoint` is the one this directory's job recorded.
     pub fn is_endpoint_of_job(&self, endpoint: &Endpoint) -> bool {
         std::fs::read_to_string(self.path.join("endpoint"))
@@ -207,24 +212,21 @@ pub fn of_job(job: &RunningJob) -> Option<JobDir> {
         })
 }
 
+/// Where a job begun from another host keeps the scratch file of disk `target` of the VM `uuid`,
+/// on the VM's host: `REMOTE_SCRATCH_DIR/backflow-UUID-TARGET.scratch`.
+pub fn remote_scratch(uuid: &str, target: &str) -> PathBuf {
+    Path::new(crate::REMOTE_SCRATCH_DIR).join(format!("backflow-{uuid}-{target}.scratch"))
+}
+
 /// Whether a running job on the VM `uuid` was begun by a backflow run, on this host or another:
 /// its socket or scratch files lie in a backflow job directory ([`of_job`]), or its scratch files
-/// are named as a job begun from another host names them
-/// (`REMOTE_SCRATCH_DIR/backflow-UUID-TARGET.scratch`).
+/// are named as [`remote_scratch`] names them.
 pub fn is_backflows(job: &RunningJob, uuid: &str) -> bool {
-    let remote = format!("backflow-{uuid}-");
     of_job(job).is_some()
         || job
             .disks
             .iter()
-            .filter_map(|d| d.scratch.as_deref())
-            .any(|s| {
-                s.parent() == Some(Path::new(crate::REMOTE_SCRATCH_DIR))
-                    && s.file_name().is_some_and(|n| {
-                        let n = n.to_string_lossy();
-                        n.starts_with(&remote) && n.ends_with(".scratch")
-                    })
-            })
+            .any(|d| d.scratch.as_deref() == Some(remote_scratch(uuid, &d.target).as_path()))
 }
 
 /// The uid and gid QEMU runs as for a domain: those of its running process (libvirt's pid file),

@@ -837,20 +837,11 @@ impl LibvirtSource {
                 }
                 Owner::Gone(pid) => pid,
             };
-            let mut what = format!("job directory {} removed", dir.path().display());
-            if let Found::Job(job) = &running
-                && job
-                    .endpoint
-                    .as_ref()
-                    .is_some_and(|e| dir.is_endpoint_of_job(e))
-            {
-                abort_orphan(domain, &dir)?;
+            let (what, aborted) = end_dead_run(domain, &vm.name, &running, &dir, &pid)?;
+            if aborted {
                 running = Found::Nothing;
-                what = format!("its backup job on VM {} aborted, {what}", vm.name);
             }
-            let earlier = earlier_run(&dir, &pid);
-            dir.remove().map_err(StageError::Config)?;
-            ctx.warn(format!("cleaned up after {earlier}: {what}"));
+            ctx.warn(what);
         }
         if let Found::Job(job) = &running
             && conn.is_local()
@@ -1028,8 +1019,7 @@ impl LibvirtSource {
                 scratch: Some(if conn.is_local() {
                     dir.scratch(&disk.target)
                 } else {
-                    Path::new(REMOTE_SCRATCH_DIR)
-                        .join(format!("backflow-{}-{}.scratch", vm.uuid, disk.target))
+                    job::remote_scratch(&vm.uuid, &disk.target)
                 }),
             })
             .collect();
@@ -1555,77 +1545,65 @@ fn abort_orphan(domain: &Domain, dir: &JobDir) -> Result<(), StageError> {
     wait_job_gone(|| find_job(domain)).map_err(StageError::Config)
 }
 
-/// Ends what a run of this host that died (SIGKILL, a crash) left for the VM `domain`: each job
-/// directory of the VM in `socket_dir` whose owner is gone is removed, and the backup job it
-/// recorded aborted if it still runs. What `backflow worker` does when its run dies without a
-/// record, so that its host keeps nothing of it even if the VM is never backed up here again.
-/// Says what it did, one line each.
-pub fn end_jobs_of_dead_runs(
-    uri: Option<&str>,
-    domain: &str,
-    socket_dir: &Path,
-) -> Result<Vec<String>, String> {
-    let conn = Connection::open(uri).map_err(|e| e.to_string())?;
-    let (domain, vm) = conn.domain(domain).map_err(|e| e.to_string())?;
-    let mut done = Vec::new();
-    for dir in JobDir::of_domain(socket_dir, &vm.uuid) {
-        let Owner::Gone(pid) = dir.owner() else {
-            continue;
-        };
-        let mut what = format!("job directory {} removed", dir.path().display());
-        if let Found::Job(job) = find_job(&domain).map_err(|e| e.to_string())?
-            && job
-                .endpoint
-                .as_ref()
-                .is_some_and(|e| dir.is_endpoint_of_job(e))
-        {
-            abort_orphan(&domain, &dir).map_err(|e| e.to_string())?;
-            what = format!("its backup job on VM {} aborted, {what}", vm.name);
-        }
-        let earlier = earlier_run(&dir, &pid);
-        dir.remove()?;
-        done.push(format!("cleaned up after {earlier}: {what}"));
+/// Ends what the run of `dir` left, that run being over (its owner `pid` gone): aborts the job
+/// `running` on the VM if it is the one the directory recorded, and removes the directory. The
+/// warning saying what was done, and whether a job was aborted.
+fn end_dead_run(
+    domain: &Domain,
+    vm: &str,
+    running: &Found,
+    dir: &JobDir,
+    pid: &str,
+) -> Result<(String, bool), StageError> {
+    let mut what = format!("job directory {} removed", dir.path().display());
+    let aborted = matches!(running, Found::Job(job)
+        if job.endpoint.as_ref().is_some_and(|e| dir.is_endpoint_of_job(e)));
+    if aborted {
+        abort_orphan(domain, dir)?;
+        what = format!("its backup job on VM {vm} aborted, {what}");
     }
-    Ok(done)
+    let earlier = earlier_run(dir, pid);
+    dir.remove().map_err(StageError::Config)?;
+    Ok((format!("cleaned up after {earlier}: {what}"), aborted))
 }
 
-/// Ends what runs of this host that are over left for any VM: each job directory in `socket_dir`
-/// whose owner is gone and that recorded its libvirt URI is removed, and the job it recorded aborted
-/// if it still runs (a run cut off from the VM's host could not end it, and said so in `left`).
-/// A directory whose VM's libvirt does not answer stays for the next sweep. What `backflow worker`
-/// does before it runs a task, so that a host keeps nothing of a lost run even if that VM is never
-/// backed up here again. Says what it did, one line each.
+/// Ends what runs of this host that are over (killed, crashed, or cut off from the VM's host and
+/// unable to end their job, which they said in `left`) left for any VM: each job directory in
+/// `socket_dir` whose owner is gone is removed, and the job it recorded aborted if it still runs
+/// (found through the libvirt URI the directory recorded). A directory whose VM's libvirt does not
+/// answer stays for the next sweep; one that recorded no endpoint had no job begun. What `backflow
+/// worker` does before it runs a task and after its run was killed, so that a host keeps nothing
+/// of a lost run even if that VM is never backed up here again. Says what it did, one line each.
 pub fn sweep_dead_runs(socket_dir: &Path) -> Vec<String> {
     let mut done = Vec::new();
     for dir in JobDir::all_in(socket_dir) {
-        let (Owner::Gone(pid), Some(uri), Some(uuid)) = (dir.owner(), dir.uri(), dir.domain())
-        else {
+        let Owner::Gone(pid) = dir.owner() else {
             continue;
         };
-        let ended = (|| -> Result<String, String> {
-            let conn = Connection::open(Some(uri.as_str()).filter(|u| !u.is_empty()))
-                .map_err(|e| e.to_string())?;
-            let mut what = format!("job directory {} removed", dir.path().display());
-            if let Ok(domain) = conn.domain_by_uuid(&uuid)
-                && let Found::Job(job) = find_job(&domain).map_err(|e| e.to_string())?
-                && job
-                    .endpoint
-                    .as_ref()
-                    .is_some_and(|e| dir.is_endpoint_of_job(e))
-            {
-                backup::abort_job(&domain).map_err(|e| e.to_string())?;
-                wait_job_gone(|| find_job(&domain))?;
-                what = format!("its backup job on VM {uuid} aborted, {what}");
-            }
-            Ok(what)
-        })();
+        let ended = if !dir.has_endpoint() {
+            dir.remove().map(|()| {
+                format!(
+                    "cleaned up after {}: job directory {} removed (no job was begun)",
+                    earlier_run(&dir, &pid),
+                    dir.path().display()
+                )
+            })
+        } else {
+            let (Some(uri), Some(uuid)) = (dir.uri(), dir.domain()) else {
+                continue; // an older release's: the VM's next run here ends it
+            };
+            (|| {
+                let conn = Connection::open(Some(uri.as_str()).filter(|u| !u.is_empty()))
+                    .map_err(|e| e.to_string())?;
+                let domain = conn.domain_by_uuid(&uuid).map_err(|e| e.to_string())?;
+                let running = find_job(&domain).map_err(|e| e.to_string())?;
+                end_dead_run(&domain, &uuid, &running, &dir, &pid)
+                    .map(|(what, _)| what)
+                    .map_err(|e| e.to_string())
+            })()
+        };
         match ended {
-            Ok(what) => {
-                let earlier = earlier_run(&dir, &pid);
-                if dir.remove().is_ok() {
-                    done.push(format!("cleaned up after {earlier}: {what}"));
-                }
-            }
+            Ok(what) => done.push(what),
             Err(e) => tracing::debug!(dir = %dir.path().display(), "Left for a later sweep: {e}."),
         }
     }
