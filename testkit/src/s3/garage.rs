@@ -286,6 +286,30 @@ impl Garage {
     /// timeouts. [`Garage::resume`] lets it go on.
     pub fn pause(&self, i: usize) {
         self.signal(i, "STOP");
+        // kill(2) returns before every thread has stopped: a thread still running could answer a
+        // request sent right after. Wait until each thread's state is `T` (stopped).
+        let pid = self.pid(i).unwrap_or_else(|| panic!("node {i} is stopped"));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let all_stopped = std::fs::read_dir(format!("/proc/{pid}/task"))
+                .map(|tasks| {
+                    tasks.flatten().all(|t| {
+                        std::fs::read_to_string(t.path().join("stat")).is_ok_and(|stat| {
+                            stat.rsplit_once(')')
+                                .is_some_and(|(_, rest)| rest.trim_start().starts_with('T'))
+                        })
+                    })
+                })
+                .unwrap_or(false);
+            if all_stopped {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "node {i} (pid {pid}) did not stop within 10 s of SIGSTOP"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
     }
 
     /// Lets the paused node `i` go on (SIGCONT).
