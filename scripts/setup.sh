@@ -51,6 +51,18 @@ command -v ip >/dev/null || need+=(iproute2)
 # tcpdump: the cluster tests capture NBD between the lab's hosts (it must cross, encrypted).
 command -v tcpdump >/dev/null || need+=(tcpdump)
 command -v certtool >/dev/null || need+=(gnutls-bin)
+# Restore points as running VMs and as files (issue 15): guestfish (libguestfs-tools) reads
+# filesystems of an exported disk in its appliance, sgdisk (gdisk), mkfs.xfs (xfsprogs) and
+# mkfs.fat/mtools/syslinux make the test disks (a partitioned disk with known files; a disk that
+# boots Debian's kernel with a busybox initramfs), depmod (kmod) indexes the guest kernel's modules.
+command -v guestfish >/dev/null || need+=(libguestfs-tools)
+command -v sgdisk >/dev/null || need+=(gdisk)
+command -v mkfs.xfs >/dev/null || need+=(xfsprogs)
+command -v mkfs.fat >/dev/null || need+=(dosfstools)
+command -v mcopy >/dev/null || need+=(mtools)
+command -v syslinux >/dev/null && [ -f /usr/lib/syslinux/mbr/mbr.bin ] || need+=(syslinux syslinux-common)
+[ -x /bin/busybox ] && /bin/busybox --list 2>/dev/null | grep -qx insmod || need+=(busybox-static)
+command -v depmod >/dev/null || need+=(kmod)
 if [ ${#need[@]} -gt 0 ]; then
   echo "setup: installing ${need[*]}" >&2
   $SUDO apt-get update -qq
@@ -74,6 +86,38 @@ for tool in qemu-img qemu-io qemu-nbd; do
     exit 1
   fi
 done
+# The guest kernel (issue 15): Debian's current linux-image-amd64, unpacked (not installed: no
+# initramfs, no boot loader) into $BACKFLOW_TOOLS/kernel/VERSION/{vmlinuz,modules}, `current` naming
+# it, and its modules into /lib/modules/VERSION (depmod), where supermin looks for them: machines
+# like these boot a kernel of their own and have none in /boot, which libguestfs's appliance and
+# the bootable test disks need. kernel/env holds the SUPERMIN_* variables that point supermin at it.
+KTOOLS=${BACKFLOW_TOOLS:-/opt/backflow-tools}/kernel
+if [ ! -f "$KTOOLS/current/vmlinuz" ] || [ ! -f "/lib/modules/$(cat "$KTOOLS/current/version" 2>/dev/null)/modules.dep" ]; then
+  kpkg=$(apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/ {print $2; exit}')
+  if [ -z "$kpkg" ]; then
+    $SUDO apt-get update -qq
+    kpkg=$(apt-cache depends linux-image-amd64 | awk '/Depends: linux-image-[0-9]/ {print $2; exit}')
+  fi
+  kver=${kpkg#linux-image-}
+  echo "setup: unpacking the guest kernel $kver into $KTOOLS" >&2
+  kdl=$(mktemp -d /var/tmp/backflow-kernel.XXXXXX)
+  chmod 755 "$kdl"
+  (cd "$kdl" && $SUDO apt-get download -q "$kpkg" >/dev/null 2>&1) \
+    || { echo "setup: apt-get download $kpkg failed" >&2; exit 1; }
+  $SUDO dpkg-deb -x "$kdl"/linux-image-*.deb "$kdl/root"
+  $SUDO mkdir -p "$KTOOLS/$kver" /lib/modules
+  $SUDO cp "$kdl/root/boot/vmlinuz-$kver" "$KTOOLS/$kver/vmlinuz"
+  $SUDO rm -rf "/lib/modules/$kver"
+  $SUDO cp -a "$kdl/root/lib/modules/$kver" "/lib/modules/$kver"
+  $SUDO depmod "$kver"
+  $SUDO ln -sfn "/lib/modules/$kver" "$KTOOLS/$kver/modules"
+  echo "$kver" | $SUDO tee "$KTOOLS/$kver/version" >/dev/null
+  printf 'SUPERMIN_KERNEL=%s\nSUPERMIN_MODULES=%s\nSUPERMIN_KERNEL_VERSION=%s\n' \
+    "$KTOOLS/$kver/vmlinuz" "/lib/modules/$kver" "$kver" | $SUDO tee "$KTOOLS/$kver/env" >/dev/null
+  $SUDO ln -sfn "$kver" "$KTOOLS/current"
+  $SUDO rm -rf "$kdl"
+fi
+
 # Starts virtlogd and libvirtd when no libvirtd answers (no systemd here); they keep running for
 # the tests. `bash scripts/libvirtd.sh stop` stops what it started.
 $SUDO bash "$(dirname "$0")/libvirtd.sh" start
