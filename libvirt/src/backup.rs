@@ -291,7 +291,7 @@ unsafe fn owned_string(ptr: *mut c_char) -> String {
 }
 
 /// `s` as a C string; an interior NUL is an error of `call`, before libvirt is called.
-fn c_string(domain: &Domain, call: &'static str, s: &str) -> Result<CString> {
+pub(crate) fn c_string(domain: &Domain, call: &'static str, s: &str) -> Result<CString> {
     CString::new(s).map_err(|e| {
         let (uri, vm) = describe(domain);
         LibvirtError::Argument {
@@ -305,7 +305,7 @@ fn c_string(domain: &Domain, call: &'static str, s: &str) -> Result<CString> {
 
 /// The error of a libvirt `call` that just failed on `domain`: libvirt's last error, taken before
 /// anything else is called, then the URI and VM name for the message.
-fn call_error(domain: &Domain, call: &'static str) -> LibvirtError {
+pub(crate) fn call_error(domain: &Domain, call: &'static str) -> LibvirtError {
     let cause = VirtError::last_error();
     let (uri, vm) = describe(domain);
     LibvirtError::Call {
@@ -318,7 +318,7 @@ fn call_error(domain: &Domain, call: &'static str) -> LibvirtError {
 
 /// The URI of the domain's connection and the domain's name, for messages; placeholders when libvirt
 /// cannot tell.
-fn describe(domain: &Domain) -> (String, Option<String>) {
+pub(crate) fn describe(domain: &Domain) -> (String, Option<String>) {
     let vm = domain.name().ok();
     // SAFETY: the domain pointer is valid while `domain` is borrowed; virDomainGetConnect returns its
     // connection without a new reference (valid as long as the domain), which we do not free.

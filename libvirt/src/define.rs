@@ -164,6 +164,67 @@ pub fn new_definition(
     })
 }
 
+/// `xml` (a domain definition) without its network interfaces: a copy that must not reach any
+/// network (a restore point proven to boot next to the VM it comes from, which still runs with the
+/// same addresses). Everything else stays byte for byte.
+pub fn without_network(xml: &str) -> Result<String, DefinitionError> {
+    let doc =
+        roxmltree::Document::parse(xml).map_err(|e| DefinitionError::Malformed(e.to_string()))?;
+    let mut edits = Edits::new(xml);
+    if let Some(devices) = child(doc.root_element(), "devices") {
+        for interface in children(devices, "interface") {
+            edits.remove_element(interface);
+        }
+    }
+    Ok(edits.apply())
+}
+
+/// `xml` (a domain definition) with the first serial port's output also written to `log` (a file
+/// on the VM's host, rewritten at each start: `<log file append='off'/>`), so that what the guest
+/// prints on its console can be read without attaching to it. A domain without a serial port gets
+/// one (a pty, as `virt-install` makes them). An earlier `<log>` of that port is replaced.
+pub fn with_console_log(xml: &str, log: &str) -> Result<String, DefinitionError> {
+    let doc =
+        roxmltree::Document::parse(xml).map_err(|e| DefinitionError::Malformed(e.to_string()))?;
+    let domain = doc.root_element();
+    let element = format!("<log file='{}' append='off'/>", escape(log));
+    let serial = format!("<serial type='pty'>{element}<target port='0'/></serial>");
+    let mut edits = Edits::new(xml);
+    match child(domain, "devices") {
+        Some(devices) => match child(devices, "serial") {
+            Some(port) => {
+                for old in children(port, "log") {
+                    edits.remove_element(old);
+                }
+                match port
+                    .children()
+                    .find(|n| n.is_element() && !n.has_tag_name("log"))
+                {
+                    Some(first) => edits.insert(first.range().start, element),
+                    None => append_child(&mut edits, port, element),
+                }
+            }
+            None => append_child(&mut edits, devices, serial),
+        },
+        None => append_child(&mut edits, domain, format!("<devices>{serial}</devices>")),
+    }
+    Ok(edits.apply())
+}
+
+/// The edit that adds `text` as the last child of `element` (written `<e/>` or `<e>...</e>`).
+fn append_child(edits: &mut Edits<'_>, element: Node<'_, '_>, text: String) {
+    let range = element.range();
+    let whole = &edits.text[range.clone()];
+    if whole.ends_with("/>") {
+        let open = &whole[..whole.len() - 2];
+        let name = element.tag_name().name();
+        edits.replace(range, format!("{open}>{text}</{name}>"));
+    } else {
+        let close = whole.rfind("</").map_or(range.end, |i| range.start + i);
+        edits.insert(close, text);
+    }
+}
+
 /// The edits that make `disk` a file-backed disk on `restored`'s image.
 fn point_at_image(edits: &mut Edits<'_>, disk: Node<'_, '_>, restored: &RestoredDisk) {
     let file = escape(&restored.path);
@@ -286,6 +347,44 @@ fn children<'a, 'input: 'a>(
 mod tests {
     use super::*;
     use crate::{DiskSource, parse_disks};
+
+    #[test]
+    fn without_network_removes_every_interface_and_nothing_else() {
+        let xml = "<domain><name>a</name><devices>\n  <interface type='network'><mac address='52:54:00:00:00:01'/><source network='default'/></interface>\n  <disk type='file'><target dev='vda'/></disk>\n  <interface type='bridge'><source bridge='br0'/></interface>\n</devices></domain>";
+        let out = without_network(xml).unwrap();
+        assert_eq!(
+            out,
+            "<domain><name>a</name><devices>\n  <disk type='file'><target dev='vda'/></disk>\n</devices></domain>"
+        );
+    }
+
+    #[test]
+    fn console_log_goes_into_the_first_serial_port_or_a_new_one() {
+        let with_port = "<domain><devices><serial type='pty'><log file='/old'/><target port='0'/></serial><serial type='pty'><target port='1'/></serial></devices></domain>";
+        assert_eq!(
+            with_console_log(with_port, "/s/c&.log").unwrap(),
+            "<domain><devices><serial type='pty'><log file='/s/c&amp;.log' append='off'/><target port='0'/></serial><serial type='pty'><target port='1'/></serial></devices></domain>"
+        );
+        let empty_port = "<domain><devices><serial type='pty'/></devices></domain>";
+        assert_eq!(
+            with_console_log(empty_port, "/c").unwrap(),
+            "<domain><devices><serial type='pty'><log file='/c' append='off'/></serial></devices></domain>"
+        );
+        let no_port = "<domain><devices><disk/></devices></domain>";
+        assert_eq!(
+            with_console_log(no_port, "/c").unwrap(),
+            "<domain><devices><disk/><serial type='pty'><log file='/c' append='off'/><target port='0'/></serial></devices></domain>"
+        );
+        let no_devices = "<domain><name>a</name></domain>";
+        assert_eq!(
+            with_console_log(no_devices, "/c").unwrap(),
+            "<domain><name>a</name><devices><serial type='pty'><log file='/c' append='off'/><target port='0'/></serial></devices></domain>"
+        );
+        assert!(matches!(
+            with_console_log("<domain>", "/c"),
+            Err(DefinitionError::Malformed(_))
+        ));
+    }
 
     /// An inactive definition as libvirt writes it, with one disk of each kind a restore meets.
     const BACKED_UP: &str = r#"<domain type='kvm'>

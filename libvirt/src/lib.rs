@@ -11,7 +11,8 @@
 //!   connections);
 //! - `error`: [`LibvirtError`] and the error policy;
 //! - [`backup`]: the incremental backup API (pull mode) and checkpoints, over raw `virt::sys` calls
-//!   (the only module allowed unsafe code);
+//!   (with [`block_copy`], the only modules allowed unsafe code);
+//! - [`block_copy`]: a running disk mirrored into a new image, then pivoted (instant recovery);
 //! - [`job_xml`]: the XML of pull-mode backup jobs and checkpoints, written and read back.
 //!
 //! # Which XML
@@ -30,6 +31,7 @@
 //! for root).
 
 pub mod backup;
+pub mod block_copy;
 mod capacity;
 pub mod define;
 mod domain_xml;
@@ -42,7 +44,9 @@ use virt::connect::Connect;
 use virt::domain::{Domain, DomainState};
 use virt::enumutil::Enum;
 
-pub use define::{DefinitionError, NewDefinition, RestoredDisk, new_definition};
+pub use define::{
+    DefinitionError, NewDefinition, RestoredDisk, new_definition, with_console_log, without_network,
+};
 pub use domain_xml::{DiskInfo, DiskSource, image_paths, parse_disks};
 pub use error::{LibvirtError, Result};
 
