@@ -215,8 +215,7 @@ pub fn with_console_log(xml: &str, log: &str) -> Result<String, DefinitionError>
 fn append_child(edits: &mut Edits<'_>, element: Node<'_, '_>, text: String) {
     let range = element.range();
     let whole = &edits.text[range.clone()];
-    if whole.ends_with("/>") {
-        let open = &whole[..whole.len() - 2];
+    if let Some(open) = whole.strip_suffix("/>") {
         let name = element.tag_name().name();
         edits.replace(range, format!("{open}>{text}</{name}>"));
     } else {
