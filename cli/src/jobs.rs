@@ -88,6 +88,12 @@ pub fn run(command: JobCommand) -> Result<()> {
                 Verdict::Failure if record.copy.is_some() => {
                     bail!("job {}: the copy failed (see above)", record.job)
                 }
+                Verdict::Failure if record.verify_boot.is_some() => {
+                    bail!(
+                        "job {}: a restore point did not boot, or none could be checked (see above)",
+                        record.job
+                    )
+                }
                 Verdict::Failure if record.health_check.is_some() => {
                     bail!(
                         "job {}: the health check found damage (see above)",
@@ -150,6 +156,19 @@ fn validate(file: &std::path::Path) -> Result<()> {
                 String::new()
             } else {
                 format!(" of {} VM pattern(s)", copy.vms.len())
+            }
+        ),
+        JobKind::VerifyBoot(boot) => format!(
+            "boot check of the latest restore point of {} (sign of life: {})",
+            if boot.vms.is_empty() {
+                "every VM".to_owned()
+            } else {
+                format!("{} VM pattern(s)", boot.vms.len())
+            },
+            match (&boot.console, boot.agent) {
+                (Some(c), true) => format!("console `{c}` or the guest agent"),
+                (Some(c), false) => format!("console `{c}`"),
+                (None, _) => "the guest agent".to_owned(),
             }
         ),
         JobKind::Backup { vms, images } => {
@@ -216,6 +235,30 @@ fn summary(record: &SessionRecord) -> String {
             out.push_str(&format!("  warning: {w}\n"));
         }
         if let Some(e) = &copy.error {
+            out.push_str(&format!("  error: {e}\n"));
+        }
+        return out;
+    }
+    if let Some(boot) = &record.verify_boot {
+        out.push_str(&format!(
+            "{:<24} {:<9} {:>8} {:>8}  restore point / reason\n",
+            "vm", "result", "alive s", "run s"
+        ));
+        for vm in &boot.vms {
+            out.push_str(&format!(
+                "{:<24} {:<9} {:>8.1} {:>8}  {}{}\n",
+                vm.vm,
+                vm.result,
+                vm.seconds,
+                vm.rto_seconds.map_or("-".to_owned(), |s| format!("{s:.1}")),
+                &vm.snapshot[..vm.snapshot.len().min(12)],
+                vm.error
+                    .as_deref()
+                    .map(|e| format!(": {e}"))
+                    .unwrap_or_default()
+            ));
+        }
+        if let Some(e) = &boot.error {
             out.push_str(&format!("  error: {e}\n"));
         }
         return out;

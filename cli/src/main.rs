@@ -22,6 +22,7 @@ mod demo;
 mod display;
 mod forget;
 mod gc;
+mod instant;
 mod jobs;
 mod key;
 mod repo;
@@ -96,6 +97,10 @@ enum Command {
     Snapshots(repo::SnapshotsArgs),
     /// Restore a snapshot's disks as raw or qcow2 images (runs specs/restore.yaml).
     Restore(restore::Args),
+    /// Run a restore point as a new VM within seconds, on overlays of its export (`serve`), then
+    /// move its disks to standalone images while it runs (`--to`, or `instant-restore finish`);
+    /// `instant-restore list`, `instant-restore discard NAME`.
+    InstantRestore(instant::Args),
     /// The passphrases of an encrypted repository: `key list`, `key add`, `key remove ID`.
     #[command(subcommand)]
     Key(key::KeyCommand),
@@ -302,6 +307,7 @@ fn execute(command: Command) -> Result<()> {
         Command::Snapshots(args) => repo::snapshots(args),
         Command::Key(command) => key::run(command),
         Command::Restore(args) => restore::run(args),
+        Command::InstantRestore(args) => instant::run(args),
         Command::Copy(args) => copy::run(args),
         Command::Verify(args) => repo::verify(args),
         Command::Forget(args) => forget::run(args),

@@ -62,6 +62,13 @@
 //! retention: {keep_daily: 7}         # applied to the target
 //! schedule: "30 3 * * *"
 //! ```
+//! or one that proves the latest restore points boot ([`crate::verify_boot`]):
+//! ```yaml
+//! name: boot-check
+//! repository: /srv/backflow
+//! verify_boot: {vms: ["web*"], console: "login:", timeout: 300}
+//! schedule: "0 5 * * 6"
+//! ```
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -139,6 +146,10 @@ pub struct Job {
     /// Copy restore points from another repository into this one instead of backing up.
     #[serde(default)]
     pub copy: Option<Spanned<CopyJob>>,
+    /// Start the latest restore points as isolated VMs and check that they come to life, instead
+    /// of backing up.
+    #[serde(default)]
+    pub verify_boot: Option<Spanned<crate::VerifyBootJob>>,
 }
 
 /// What a job does: its file has exactly one of these.
@@ -155,6 +166,8 @@ pub enum JobKind<'a> {
     Gc(&'a GcJob),
     /// Copy restore points from another repository into the job's.
     Copy(&'a CopyJob),
+    /// Start the latest restore points as isolated VMs and watch them boot.
+    VerifyBoot(&'a crate::VerifyBootJob),
 }
 
 /// How a backup freezes the guest's filesystems through the QEMU guest agent.
@@ -346,18 +359,29 @@ impl Job {
         self.copy.as_ref().map(|c| &c.value)
     }
 
-    /// Whether the job backs up nothing (a health check, a gc or a copy): it runs beside any backup.
+    /// The boot check this job runs instead of backups, if it is one.
+    pub fn verify_boot(&self) -> Option<&crate::VerifyBootJob> {
+        self.verify_boot.as_ref().map(|v| &v.value)
+    }
+
+    /// Whether the job backs up nothing (a health check, a gc, a copy or a boot check): it runs beside any backup.
     pub fn is_maintenance(&self) -> bool {
         !matches!(self.kind(), JobKind::Backup { .. })
     }
 
     /// What the job does ([`parse`] made sure it is one thing).
     pub fn kind(&self) -> JobKind<'_> {
-        match (self.health_check(), self.gc(), self.copy()) {
-            (Some(check), _, _) => JobKind::HealthCheck(check),
-            (None, Some(gc), _) => JobKind::Gc(gc),
-            (None, None, Some(copy)) => JobKind::Copy(copy),
-            (None, None, None) => JobKind::Backup {
+        match (
+            self.health_check(),
+            self.gc(),
+            self.copy(),
+            self.verify_boot(),
+        ) {
+            (Some(check), _, _, _) => JobKind::HealthCheck(check),
+            (None, Some(gc), _, _) => JobKind::Gc(gc),
+            (None, None, Some(copy), _) => JobKind::Copy(copy),
+            (None, None, None, Some(boot)) => JobKind::VerifyBoot(boot),
+            (None, None, None, None) => JobKind::Backup {
                 vms: &self.vms,
                 images: &self.images,
             },
@@ -433,14 +457,22 @@ pub fn parse(text: &str, file: &str) -> Result<Job, JobError> {
         let at = copy.referenced;
         kinds.push(("copy", Some((at.line(), at.column()))));
     }
+    if let Some(boot) = &job.verify_boot {
+        let at = boot.referenced;
+        kinds.push(("verify_boot", Some((at.line(), at.column()))));
+        boot.value
+            .check()
+            .map_err(|e| JobError::invalid(file, Some((at.line(), at.column())), e))?;
+    }
     match kinds.as_slice() {
         [] => {
             return Err(JobError::invalid(
                 file,
                 None,
                 "a job needs `vms` (the VMs to back up), `images` (image files to back up), \
-                 `health_check` (to verify the repository), `gc` (to collect its garbage) or `copy` \
-                 (to copy restore points from another repository)",
+                 `health_check` (to verify the repository), `gc` (to collect its garbage), `copy` \
+                 (to copy restore points from another repository) or `verify_boot` (to check that \
+                 the latest restore points boot)",
             ));
         }
         [_] => {}
@@ -450,8 +482,9 @@ pub fn parse(text: &str, file: &str) -> Result<Job, JobError> {
                 Some(at.unwrap_or((1, 1))),
                 format!(
                     "{second}: a job does one thing: back up (`vms`, `images`), check the \
-                     repository (`health_check`), collect its garbage (`gc`) or copy restore \
-                     points into it (`copy`); this one already has `{first}`; write two jobs"
+                     repository (`health_check`), collect its garbage (`gc`), copy restore \
+                     points into it (`copy`) or check that they boot (`verify_boot`); this one \
+                     already has `{first}`; write two jobs"
                 ),
             ));
         }

@@ -29,6 +29,7 @@ pub mod run;
 pub mod schedule;
 pub mod select;
 pub mod validate;
+pub mod verify_boot;
 pub mod worker;
 
 /// The mail reports, and their readable times and durations for the callers' own output.
@@ -40,3 +41,4 @@ pub use run::{
     GcRecord, HealthCheckRecord, RunJobOptions, SessionRecord, Source, Verdict, VmRecord, run_job,
     sessions, sessions_in,
 };
+pub use verify_boot::{BootRecord, VerifyBootJob, VerifyBootRecord};

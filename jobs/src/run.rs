@@ -194,6 +194,9 @@ pub struct SessionRecord {
     /// What a copy job did (`None` for other jobs).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub copy: Option<crate::CopyRecord>,
+    /// What a verify-boot job found (`None` for other jobs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verify_boot: Option<crate::VerifyBootRecord>,
 }
 
 /// What a gc job did.
@@ -271,6 +274,7 @@ pub fn run_job(job: &Job, options: &RunJobOptions) -> (SessionRecord, Result<(),
         health_check: None,
         gc: None,
         copy: None,
+        verify_boot: None,
     };
     // Opened once, on first use: by a source's retention, else to record the session.
     let repo = OnceLock::new();
@@ -304,6 +308,23 @@ pub fn run_job(job: &Job, options: &RunJobOptions) -> (SessionRecord, Result<(),
                 (None, true) => Verdict::Success,
             };
             record.copy = Some(done);
+        }
+        crate::JobKind::VerifyBoot(check) => {
+            let (result, found) = match open(job, &repo) {
+                Ok(source) => {
+                    crate::verify_boot::run_verify_boot(job, check, source, &options.cancel)
+                }
+                Err(e) => (
+                    Verdict::Failure,
+                    crate::VerifyBootRecord {
+                        seconds: 0.0,
+                        vms: Vec::new(),
+                        error: Some(e.to_string()),
+                    },
+                ),
+            };
+            record.result = result;
+            record.verify_boot = Some(found);
         }
         crate::JobKind::Backup { .. } if job.cluster.is_some() => {
             let cluster = job.cluster.as_deref().expect("checked");
@@ -754,6 +775,9 @@ fn mail(record: &SessionRecord) -> backflow_notify::Session {
     if let Some(copy) = &record.copy {
         vms.push(copy_row(copy, record.result));
     }
+    if let Some(boot) = &record.verify_boot {
+        vms.extend(boot_rows(boot));
+    }
     if let Some(e) = &record.error {
         // Nothing ran: the session failed as a whole.
         let mut failed = VmReport::new("(job)", Outcome::Failure);
@@ -816,6 +840,37 @@ fn copy_row(copy: &crate::CopyRecord, result: Verdict) -> backflow_notify::VmRep
         ));
     }
     row
+}
+
+/// A verify-boot job as the mail's rows: one per VM (its restore point, how long it took to come
+/// to life, or why it did not), and one for a job that could not check anything.
+fn boot_rows(boot: &crate::VerifyBootRecord) -> Vec<backflow_notify::VmReport> {
+    let mut rows: Vec<backflow_notify::VmReport> = boot
+        .vms
+        .iter()
+        .map(|v| {
+            let mut row =
+                backflow_notify::VmReport::new(format!("{} (boot check)", v.vm), outcome(v.result));
+            row.snapshot = Some(v.snapshot.clone());
+            row.duration = duration(v.seconds);
+            row.error = v.error.clone();
+            if let Some(sign) = &v.sign {
+                row.notes.push(format!(
+                    "alive ({sign}) {:.1} s after the start; running after {:.1} s",
+                    v.seconds,
+                    v.rto_seconds.unwrap_or_default()
+                ));
+            }
+            row
+        })
+        .collect();
+    if let Some(e) = &boot.error {
+        let mut row =
+            backflow_notify::VmReport::new("(boot check)", backflow_notify::Outcome::Failure);
+        row.error = Some(e.clone());
+        rows.push(row);
+    }
+    rows
 }
 
 /// A health check as the mail's one row: what it read, the damage and what happens next.

@@ -565,6 +565,18 @@ pub fn set_password_file_for(repo: &str, path: PathBuf) {
         .insert(repo.to_owned(), path);
 }
 
+/// The passphrase file this process uses for the repository at `repo`: its own (a job file's
+/// `password_file`), else the process's; `None` when neither was given. For a child process that
+/// opens the same repository (an export started for instant recovery).
+pub fn password_file_for(repo: &str) -> Option<PathBuf> {
+    per_repository()
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(repo)
+        .cloned()
+        .or_else(password_file)
+}
+
 /// The passphrase of this process, for the repository at `repo` (named in the error when none was given).
 pub fn passphrase_for(repo: &str) -> Result<Zeroizing<Vec<u8>>> {
     let own = per_repository()
