@@ -67,6 +67,7 @@
 pub mod client;
 pub mod error;
 pub mod proto;
+pub mod server;
 pub mod tls;
 pub mod transport;
 
