@@ -27,6 +27,7 @@ mod key;
 mod repo;
 mod restore;
 mod run;
+mod serve;
 mod signals;
 mod specs;
 mod vms;
@@ -96,6 +97,9 @@ enum Command {
     Snapshots(repo::SnapshotsArgs),
     /// Restore a snapshot's disks as raw or qcow2 images (runs specs/restore.yaml).
     Restore(restore::Args),
+    /// Serve a snapshot's disks as read-only NBD exports (unix socket or loopback TCP) until
+    /// SIGTERM/SIGINT; prints `listening ADDRESS exports NAME,...` once it accepts connections.
+    Serve(serve::Args),
     /// The passphrases of an encrypted repository: `key list`, `key add`, `key remove ID`.
     #[command(subcommand)]
     Key(key::KeyCommand),
@@ -282,6 +286,7 @@ fn execute(command: Command) -> Result<()> {
         command,
         Command::Run(_)
             | Command::Restore(_)
+            | Command::Serve(_)
             | Command::Job(jobs::JobCommand::Run { .. })
             | Command::Daemon(_)
             | Command::Demo { .. }
@@ -302,6 +307,7 @@ fn execute(command: Command) -> Result<()> {
         Command::Snapshots(args) => repo::snapshots(args),
         Command::Key(command) => key::run(command),
         Command::Restore(args) => restore::run(args),
+        Command::Serve(args) => serve::run(args),
         Command::Copy(args) => copy::run(args),
         Command::Verify(args) => repo::verify(args),
         Command::Forget(args) => forget::run(args),

@@ -36,7 +36,7 @@ use std::collections::HashMap;
 use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -308,12 +308,12 @@ impl Server {
         &self.stats
     }
 
-    /// Accepts connections until `stop` is set (checked every 50 ms), each on its own thread;
+    /// Accepts connections until `stop` says so (asked every 50 ms), each on its own thread;
     /// then closes every connection and waits for their threads.
-    pub fn serve(self: &Arc<Self>, listener: Listener, stop: &AtomicBool) -> io::Result<()> {
+    pub fn serve(self: &Arc<Self>, listener: Listener, stop: impl Fn() -> bool) -> io::Result<()> {
         listener.set_nonblocking()?;
         let mut threads: Vec<JoinHandle<()>> = Vec::new();
-        while !stop.load(Ordering::Relaxed) {
+        while !stop() {
             match listener.accept() {
                 Ok(conn) => {
                     threads.retain(|t| !t.is_finished());
