@@ -11,8 +11,8 @@
 //!   (connection refused) and replaces it; a socket a live server accepts on is an error naming it;
 //! - its registration in the repository's `users/`: a local one is a file whose `flock` the kernel
 //!   freed, which the next `serve` or garbage collection removes (and a gc never waits for); on
-//!   object storage a lease that is no longer renewed and counts as gone after the lease bound
-//!   (`BACKFLOW_LEASE_SECONDS`), removed by the next `serve` or gc after that;
+//!   object storage a lease object no longer renewed, which counts as gone once older than the
+//!   lease bound (`BACKFLOW_LEASE_SECONDS`): a gc waits for it until then, not longer;
 //! - nothing else: the cache and the read-ahead live in memory, and the S3 store's local copies of
 //!   manifests and index files are unlinked files, gone with the process.
 
@@ -83,9 +83,11 @@ fn parse_listen(given: &str, allow_remote: bool) -> Result<Address> {
     let Some((host, port)) = rest.rsplit_once(':') else {
         return Err(bad("expected tcp:HOST:PORT, there is no port").into());
     };
-    let port: u16 = port
-        .parse()
-        .map_err(|_| bad(&format!("the port {port:?} is not a number from 0 to 65535")))?;
+    let port: u16 = port.parse().map_err(|_| {
+        bad(&format!(
+            "the port {port:?} is not a number from 0 to 65535"
+        ))
+    })?;
     let host = host.trim_start_matches('[').trim_end_matches(']');
     if host.is_empty() {
         return Err(bad("expected tcp:HOST:PORT, the host is empty").into());
@@ -126,8 +128,9 @@ fn bind_unix(path: &Path) -> Result<UnixListener> {
                     .with_context(|| format!("removing the stale socket {shown}"))?;
             }
             Err(e) => {
-                return Err(anyhow::Error::new(e)
-                    .context(format!("checking the existing socket {shown}")));
+                return Err(
+                    anyhow::Error::new(e).context(format!("checking the existing socket {shown}"))
+                );
             }
         },
         Ok(_) => {
@@ -140,9 +143,10 @@ fn bind_unix(path: &Path) -> Result<UnixListener> {
         Err(e) => return Err(anyhow::Error::new(e).context(format!("checking {shown}"))),
     }
     UnixListener::bind(path).map_err(|e| match e.kind() {
-        std::io::ErrorKind::NotFound | std::io::ErrorKind::PermissionDenied => {
-            BadInput::new(format!("--listen unix:{shown}: cannot create the socket: {e}")).into()
-        }
+        std::io::ErrorKind::NotFound | std::io::ErrorKind::PermissionDenied => BadInput::new(
+            format!("--listen unix:{shown}: cannot create the socket: {e}"),
+        )
+        .into(),
         _ => anyhow::Error::new(e).context(format!("creating the socket {shown}")),
     })
 }
@@ -282,9 +286,17 @@ mod tests {
 
     #[test]
     fn listen_addresses_parse_or_say_what_is_wrong() {
-        assert!(matches!(parse_listen("unix:/tmp/x.sock", false), Ok(Address::Unix(p)) if p == Path::new("/tmp/x.sock")));
-        assert!(matches!(parse_listen("tcp:127.0.0.1:0", false), Ok(Address::Tcp(..))));
-        assert!(matches!(parse_listen("tcp:[::1]:10809", false), Ok(Address::Tcp(..))));
+        assert!(
+            matches!(parse_listen("unix:/tmp/x.sock", false), Ok(Address::Unix(p)) if p == Path::new("/tmp/x.sock"))
+        );
+        assert!(matches!(
+            parse_listen("tcp:127.0.0.1:0", false),
+            Ok(Address::Tcp(..))
+        ));
+        assert!(matches!(
+            parse_listen("tcp:[::1]:10809", false),
+            Ok(Address::Tcp(..))
+        ));
         for (given, needle) in [
             ("/tmp/x.sock", "expected unix:PATH or tcp:HOST:PORT"),
             ("unix:", "the path is empty"),
