@@ -554,3 +554,42 @@ fn bad_input_is_refused_clearly() {
     sigterm(&child);
     assert!(wait_exit(&mut child, Duration::from_secs(60)).success());
 }
+
+/// On object storage the server's registration is a lease renewed in the background: after
+/// several lease bounds a gc still waits for the running server (deleting nothing it could
+/// read), the export still reads, and once it stopped the next gc finishes.
+#[test]
+fn a_long_running_server_keeps_its_s3_lease_and_gc_waits_for_it() {
+    const LEASE: u64 = 10;
+    let s3 = Garage::shared().bucket("serve-lease");
+    common::s3::use_store(&s3);
+    common::s3::set_env("BACKFLOW_LEASE_SECONDS", &LEASE.to_string());
+    let dir = tempfile::tempdir().unwrap();
+    let repo = common::s3::repo_path(&s3, "repo");
+    init_repo(&repo, "64K");
+    let image = dir.path().join("disk.img");
+    make_image(&image, 21);
+    backup(&image, &repo);
+    backflow_fixtures::change_image(&image, 0.3, 22).unwrap();
+    let kept = backup(&image, &repo)["snapshot"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let served = Served::start(
+        &mut serve_command(&repo, &kept, &[]),
+        &dir.path().join("s.sock"),
+    );
+    forget_keep_last(&repo, 1);
+    // Well past the bound: only renewals keep the lease live.
+    std::thread::sleep(Duration::from_secs(LEASE * 5 / 2));
+    let report = gc_json(&repo, &["--repack-threshold", "0"]);
+    assert!(!report["waiting_for"].is_null(), "{report:#}");
+    let copy = dir.path().join("copy.img");
+    tool("nbdcopy", &[&served.uri("disk0"), copy.to_str().unwrap()]);
+    assert_same_file(&copy, &image);
+    assert!(served.stop().success());
+    let report = gc_json(&repo, &["--repack-threshold", "0"]);
+    assert!(report["waiting_for"].is_null(), "{report:#}");
+    restore_disk(&repo, &kept, &dir.path().join("restored.img"));
+    assert_same_file(&dir.path().join("restored.img"), &image);
+}
