@@ -28,6 +28,7 @@ mod key;
 mod repo;
 mod restore;
 mod run;
+mod serve;
 mod signals;
 mod specs;
 mod vms;
@@ -97,6 +98,9 @@ enum Command {
     Snapshots(repo::SnapshotsArgs),
     /// Restore a snapshot's disks as raw or qcow2 images (runs specs/restore.yaml).
     Restore(restore::Args),
+    /// Serve a snapshot's disks as read-only NBD exports (unix socket or loopback TCP) until
+    /// SIGTERM/SIGINT; prints `listening ADDRESS exports NAME,...` once it accepts connections.
+    Serve(serve::Args),
     /// Run a restore point as a new VM within seconds, on overlays of its export (`serve`), then
     /// move its disks to standalone images while it runs (`--to`, or `instant-restore finish`);
     /// `instant-restore list`, `instant-restore discard NAME`.
@@ -287,6 +291,7 @@ fn execute(command: Command) -> Result<()> {
         command,
         Command::Run(_)
             | Command::Restore(_)
+            | Command::Serve(_)
             | Command::Job(jobs::JobCommand::Run { .. })
             | Command::Daemon(_)
             | Command::Demo { .. }
@@ -307,6 +312,7 @@ fn execute(command: Command) -> Result<()> {
         Command::Snapshots(args) => repo::snapshots(args),
         Command::Key(command) => key::run(command),
         Command::Restore(args) => restore::run(args),
+        Command::Serve(args) => serve::run(args),
         Command::InstantRestore(args) => instant::run(args),
         Command::Copy(args) => copy::run(args),
         Command::Verify(args) => repo::verify(args),

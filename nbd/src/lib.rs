@@ -1,5 +1,10 @@
 //! A synchronous NBD client for VM disks exported by QEMU (`qemu-nbd`, libvirt's pull-mode backup): reads
 //! and block status for backups, writes for restoring into an image through a writable `qemu-nbd`.
+//! And a read-only NBD server ([`server`]) of anything that implements [`server::Export`]: `backflow
+//! serve` exports the disks of a restore point with it (fixed newstyle, structured replies with holes,
+//! `base:allocation`, multi-conn, pipelined requests; what it leaves out and why is in its module docs).
+//!
+//! The rest of this page is about the client.
 //!
 //! # What it supports
 //! - The fixed newstyle handshake only (`NBDMAGIC`, `IHAVEOPT`), over a unix socket or TCP
@@ -61,12 +66,14 @@
 //!   matches replies to them.
 //! - [`transport`]: unix or TCP stream with timeouts, or a caller's stream, or TLS over one of them.
 //! - [`tls`]: the TLS settings, the rustls configuration and why rustls with ring.
-//! - [`proto`]: wire constants, named as in the specification.
+//! - [`proto`]: wire constants, named as in the specification, shared by client and server.
+//! - [`server`]: the read-only server, its [`server::Export`] trait and an in-memory export.
 //! - [`error`]: the error type and policy.
 
 pub mod client;
 pub mod error;
 pub mod proto;
+pub mod server;
 pub mod tls;
 pub mod transport;
 

@@ -1,6 +1,6 @@
 //! Wire constants of the NBD protocol (NetworkBlockDevice/nbd, `doc/proto.md`). All integers are big-endian.
 //!
-//! Only what this client sends or must recognise is named here; names follow the specification so that a
+//! Only what the client and the server (`server.rs`) send or must recognise is named here; names follow the specification so that a
 //! reader can grep the document for them.
 
 /// First eight bytes a newstyle server sends: ASCII `NBDMAGIC`.
@@ -64,6 +64,10 @@ pub const FLAG_SEND_WRITE_ZEROES: u16 = 1 << 6;
 /// Transmission flag: several connections to this export see each other's writes and flushes, so a client
 /// may spread requests over parallel connections.
 pub const FLAG_CAN_MULTI_CONN: u16 = 1 << 8;
+/// Transmission flag: the server honours `NBD_CMD_FLAG_DF` (only with structured replies).
+pub const FLAG_SEND_DF: u16 = 1 << 7;
+/// Transmission flag: the server accepts `NBD_CMD_CACHE`.
+pub const FLAG_SEND_CACHE: u16 = 1 << 10;
 
 pub const REQUEST_MAGIC: u32 = 0x2560_9513;
 pub const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
@@ -74,6 +78,7 @@ pub const CMD_WRITE: u16 = 1;
 pub const CMD_DISC: u16 = 2;
 pub const CMD_FLUSH: u16 = 3;
 pub const CMD_TRIM: u16 = 4;
+pub const CMD_CACHE: u16 = 5;
 pub const CMD_WRITE_ZEROES: u16 = 6;
 pub const CMD_BLOCK_STATUS: u16 = 7;
 
@@ -81,6 +86,10 @@ pub const CMD_BLOCK_STATUS: u16 = 7;
 pub const CMD_FLAG_FUA: u16 = 1 << 0;
 /// Command flag of `NBD_CMD_WRITE_ZEROES`: allocate the zeros instead of punching a hole.
 pub const CMD_FLAG_NO_HOLE: u16 = 1 << 1;
+/// Command flag of `NBD_CMD_READ`: answer with one content chunk ("don't fragment").
+pub const CMD_FLAG_DF: u16 = 1 << 2;
+/// Command flag of `NBD_CMD_BLOCK_STATUS`: one extent is enough.
+pub const CMD_FLAG_REQ_ONE: u16 = 1 << 3;
 
 /// Structured reply flag: this chunk is the last one for the request.
 pub const REPLY_FLAG_DONE: u16 = 1 << 0;
@@ -143,6 +152,7 @@ pub fn command_name(command: u16) -> &'static str {
         CMD_DISC => "NBD_CMD_DISC",
         CMD_FLUSH => "NBD_CMD_FLUSH",
         CMD_TRIM => "NBD_CMD_TRIM",
+        CMD_CACHE => "NBD_CMD_CACHE",
         CMD_WRITE_ZEROES => "NBD_CMD_WRITE_ZEROES",
         CMD_BLOCK_STATUS => "NBD_CMD_BLOCK_STATUS",
         _ => "an unknown command",

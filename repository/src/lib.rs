@@ -264,7 +264,8 @@
 //!
 //! Why this is safe:
 //! - Every [`Repository`] handle registers itself in `users/` ([`store::Store::register`]) until it is
-//!   dropped: on fs a file it holds `flock`ed, which the kernel frees when the process dies; on S3 a lease
+//!   dropped (a long-lived one too: `backflow serve` holds its handle for as long as it serves, so a
+//!   sweep waits for it and the served restore point's packs stay readable): on fs a file it holds `flock`ed, which the kernel frees when the process dies; on S3 a lease
 //!   renewed in the background. A registration that is not live ([`store::Store::live`]: its `flock` is free,
 //!   or its lease ran out) counts as gone, and a session whose own registration is no longer held does not
 //!   commit (step 3 of the commit order), so a handle the gc stopped waiting for cannot commit a manifest
