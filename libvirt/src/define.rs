@@ -211,6 +211,24 @@ pub fn with_console_log(xml: &str, log: &str) -> Result<String, DefinitionError>
     Ok(edits.apply())
 }
 
+/// `xml` (a domain definition) without the `<log file='LOG'>` of its character devices (what
+/// [`with_console_log`] added): for a domain whose console log is about to be removed.
+pub fn without_console_log(xml: &str, log: &str) -> Result<String, DefinitionError> {
+    let doc =
+        roxmltree::Document::parse(xml).map_err(|e| DefinitionError::Malformed(e.to_string()))?;
+    let mut edits = Edits::new(xml);
+    if let Some(devices) = child(doc.root_element(), "devices") {
+        for device in devices.children().filter(|n| n.is_element()) {
+            for entry in children(device, "log") {
+                if entry.attribute("file") == Some(log) {
+                    edits.remove_element(entry);
+                }
+            }
+        }
+    }
+    Ok(edits.apply())
+}
+
 /// The edit that adds `text` as the last child of `element` (written `<e/>` or `<e>...</e>`).
 fn append_child(edits: &mut Edits<'_>, element: Node<'_, '_>, text: String) {
     let range = element.range();
@@ -379,6 +397,12 @@ mod tests {
             with_console_log(no_devices, "/c").unwrap(),
             "<domain><name>a</name><devices><serial type='pty'><log file='/c' append='off'/><target port='0'/></serial></devices></domain>"
         );
+        let logged = with_console_log(with_port, "/s/c.log").unwrap();
+        assert_eq!(
+            without_console_log(&logged, "/s/c.log").unwrap(),
+            "<domain><devices><serial type='pty'><target port='0'/></serial><serial type='pty'><target port='1'/></serial></devices></domain>"
+        );
+        assert_eq!(without_console_log(&logged, "/other").unwrap(), logged);
         assert!(matches!(
             with_console_log("<domain>", "/c"),
             Err(DefinitionError::Malformed(_))

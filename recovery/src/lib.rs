@@ -410,9 +410,13 @@ pub fn discard(root: &Path, name: &str) -> Result<()> {
     Ok(())
 }
 
-/// Whether a domain XML uses a file of the recovery directory `dir` (an overlay).
+/// Whether a domain XML has a disk on a file of the recovery directory `dir` (an overlay).
 fn uses_dir(xml: &str, dir: &Path) -> bool {
-    xml.contains(&format!("'{}/", dir.display())) || xml.contains(&format!("\"{}/", dir.display()))
+    backflow_libvirt::parse_disks(xml).is_ok_and(|disks| {
+        disks
+            .iter()
+            .any(|d| Path::new(&d.source.to_string()).starts_with(dir))
+    })
 }
 
 /// What [`finish`] did.
@@ -571,6 +575,28 @@ pub fn finish(
         std::thread::sleep(Duration::from_millis(100));
     }
     let move_time = began.elapsed();
+    // The console log is in the directory about to go: the next boot must not look for it.
+    let log = dir.join(state::CONSOLE_LOG).display().to_string();
+    let inactive = domain
+        .xml_desc(virt::sys::VIR_DOMAIN_XML_INACTIVE)
+        .map_err(|cause| LibvirtError::Call {
+            uri: state.uri.clone(),
+            vm: Some(name.to_owned()),
+            call: "virDomainGetXMLDesc(INACTIVE)",
+            cause,
+        })?;
+    if inactive.contains(&log) {
+        let xml = backflow_libvirt::without_console_log(&inactive, &log)
+            .map_err(LibvirtError::Definition)?;
+        conn.virt()
+            .define_domain_xml(&xml)
+            .map_err(|cause| LibvirtError::Call {
+                uri: state.uri.clone(),
+                vm: Some(name.to_owned()),
+                call: "virDomainDefineXML",
+                cause,
+            })?;
+    }
     if let Some(server) = &state.server {
         ServerProcess::stop_recorded(server);
     }
@@ -654,16 +680,25 @@ mod tests {
     }
 
     #[test]
-    fn a_domain_uses_the_directory_when_a_source_is_in_it() {
+    fn a_domain_uses_the_directory_when_a_disk_is_in_it() {
         let dir = Path::new("/var/lib/backflow/instant/web");
+        let domain = |source: &str| {
+            format!(
+                "<domain><devices><disk type='file' device='disk'><driver type='qcow2'/>\
+                 <source file='{source}'/><target dev='vda'/></disk>\
+                 <serial type='pty'><log file='/var/lib/backflow/instant/web/console.log'/></serial>\
+                 </devices></domain>"
+            )
+        };
         assert!(uses_dir(
-            "<source file='/var/lib/backflow/instant/web/vda.qcow2'/>",
+            &domain("/var/lib/backflow/instant/web/vda.qcow2"),
             dir
         ));
+        // The console log alone is not a use of the overlays.
         assert!(!uses_dir(
-            "<source file='/var/lib/backflow/instant/web2/vda.qcow2'/>",
+            &domain("/var/lib/backflow/instant/web2/vda.qcow2"),
             dir
         ));
-        assert!(!uses_dir("<source file='/srv/web-vda.qcow2'/>", dir));
+        assert!(!uses_dir(&domain("/srv/web-vda.qcow2"), dir));
     }
 }
