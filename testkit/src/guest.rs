@@ -55,8 +55,23 @@ pub const KERNEL_DIR: &str = "/opt/backflow-tools/kernel/current";
 
 /// The kernel modules the guest loads, by name; their dependencies come from `modules.dep`.
 /// virtio_pci and virtio_blk for the disk, ext4 for the data partition, crc32c for ext4's
-/// metadata checksums (the kernel asks for it by algorithm name, which modules.dep cannot show).
-const MODULES: &[&str] = &["virtio_pci", "virtio_blk", "crc32c_generic", "ext4"];
+/// metadata checksums (the kernel asks for it by algorithm name, which modules.dep cannot show),
+/// button and evdev for the ACPI power button (`virsh shutdown`), which busybox's acpid reads.
+const MODULES: &[&str] = &[
+    "virtio_pci",
+    "virtio_blk",
+    "crc32c_generic",
+    "ext4",
+    "button",
+    "evdev",
+];
+
+/// What busybox's acpid runs when the ACPI power button is pressed (`virsh shutdown`): the
+/// event's name as a path under its configuration directory.
+const POWER_BUTTON_ACTION: &str = "etc/acpi/PWRF/00000080";
+
+/// The power button's action: the same clean poweroff as the channel's `poweroff` command.
+const POWER_BUTTON_SCRIPT: &str = "#!/bin/sh\nsync\numount /data\npoweroff -f\n";
 
 /// syslinux's MBR boot code (the first 440 bytes of sector 0).
 const MBR_CODE: &str = "/usr/lib/syslinux/mbr/mbr.bin";
@@ -375,6 +390,10 @@ pub fn initramfs(kernel: &Path) -> Result<Vec<u8>, String> {
     cpio.char_device("dev/console", 5, 1);
     cpio.file("bin/busybox", 0o755, &busybox);
     cpio.file("init", 0o755, init.as_bytes());
+    for dir in ["etc", "etc/acpi", "etc/acpi/PWRF"] {
+        cpio.dir(dir);
+    }
+    cpio.file(POWER_BUTTON_ACTION, 0o755, POWER_BUTTON_SCRIPT.as_bytes());
     let mut order = String::new();
     for module in &modules {
         let name = module_file_name(module);
@@ -797,11 +816,19 @@ impl Console {
         self.pending.clear();
     }
 
-    /// What the console printed since this boot started (lossy UTF-8).
+    /// What the console printed since this boot started, as text: lossy UTF-8 without
+    /// terminal escape sequences and carriage returns. SeaBIOS's serial console moves the cursor
+    /// with escape sequences, even in the middle of a word ("Lo\e[06;02H\e[06;03Hading").
     pub fn output(&self) -> String {
-        let bytes = std::fs::read(&self.paths.log).unwrap_or_default();
+        plain_text(&self.raw_output())
+    }
+
+    /// The bytes the console printed since this boot started, as they are.
+    pub fn raw_output(&self) -> Vec<u8> {
+        let mut bytes = std::fs::read(&self.paths.log).unwrap_or_default();
         let start = (self.log_start as usize).min(bytes.len());
-        String::from_utf8_lossy(&bytes[start..]).into_owned()
+        bytes.drain(..start);
+        bytes
     }
 
     /// Waits until the console printed a line holding `needle` during this boot; the time it
@@ -815,8 +842,8 @@ impl Console {
             }
             if started.elapsed() >= deadline {
                 return Err(format!(
-                    "the console did not print {needle:?} within {deadline:?}; it printed:\n{}",
-                    printable(&output)
+                    "the console did not print {needle:?} within {deadline:?}; it printed:\n\
+                     {output}"
                 ));
             }
             std::thread::sleep(Duration::from_millis(50));
@@ -834,8 +861,7 @@ impl Console {
             if output.contains(BOOT_FAIL) || started.elapsed() >= deadline {
                 return Err(format!(
                     "the guest did not print {BOOT_LINE} within {deadline:?}; its console \
-                     printed:\n{}",
-                    printable(&output)
+                     printed:\n{output}"
                 ));
             }
             std::thread::sleep(Duration::from_millis(50));
@@ -884,7 +910,7 @@ impl Console {
                 return Err(format!(
                     "no reply to `{}` within {timeout:?}; the console printed:\n{}",
                     line.trim_end(),
-                    printable(&String::from_utf8_lossy(&self.pending))
+                    plain_text(&self.pending)
                 ));
             }
             let stream = self.stream.as_mut().unwrap();
@@ -895,7 +921,7 @@ impl Console {
                          `{}`; the console printed:\n{}",
                         self.paths.socket.display(),
                         line.trim_end(),
-                        printable(&String::from_utf8_lossy(&self.pending))
+                        plain_text(&self.pending)
                     ));
                 }
                 Ok(n) => self.pending.extend_from_slice(&buf[..n]),
@@ -1037,12 +1063,29 @@ impl Console {
     }
 }
 
-/// `text` with escape sequences and carriage returns made visible/removed, for error messages.
-fn printable(text: &str) -> String {
-    text.chars()
-        .filter(|&c| c != '\r')
-        .map(|c| if c == '\u{1b}' { '^' } else { c })
-        .collect()
+/// `bytes` as text (lossy UTF-8) without carriage returns and terminal escape sequences: CSI
+/// sequences (`ESC [` parameters, a final byte from `@` to `~`) and two-byte ones (`ESC c`).
+pub fn plain_text(bytes: &[u8]) -> String {
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            0x1b if bytes.get(i + 1) == Some(&b'[') => {
+                i += 2;
+                while i < bytes.len() && !(0x40..=0x7e).contains(&bytes[i]) {
+                    i += 1;
+                }
+                i += 1;
+            }
+            0x1b => i += 2,
+            b'\r' => i += 1,
+            b => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
@@ -1210,14 +1253,27 @@ impl Guest {
     /// `deadline` for the domain to stop.
     pub fn poweroff(&mut self, deadline: Duration) -> Result<(), String> {
         self.console.poweroff()?;
+        self.wait_stopped(deadline, "the guest acknowledged poweroff")
+    }
+
+    /// `virsh shutdown` (the ACPI power button: the guest syncs, unmounts and powers off) and
+    /// waits up to `deadline` for the domain to stop.
+    pub fn shutdown(&mut self, deadline: Duration) -> Result<(), String> {
+        try_virsh(&["shutdown", &self.name])?;
+        self.console.stream = None;
+        self.wait_stopped(deadline, "virsh shutdown")
+    }
+
+    fn wait_stopped(&self, deadline: Duration, what: &str) -> Result<(), String> {
         let started = Instant::now();
         while self.is_active() {
             if started.elapsed() >= deadline {
                 return Err(format!(
-                    "domain {} still runs {deadline:?} after the guest acknowledged poweroff \
-                     (state {})",
+                    "domain {} still runs {deadline:?} after {what} (state {}); its console \
+                     printed:\n{}",
                     self.name,
-                    self.state()
+                    self.state(),
+                    self.console.output()
                 ));
             }
             std::thread::sleep(Duration::from_millis(100));
@@ -1265,6 +1321,14 @@ mod tests {
         assert_eq!(base64_encode(b"hello\n"), "aGVsbG8K");
         assert_eq!(base64_decode(b"aGVs\nbG8K\n").unwrap(), b"hello\n".to_vec());
         assert!(base64_decode(b"a*").is_err());
+    }
+
+    #[test]
+    fn console_text_has_no_escape_sequences() {
+        assert_eq!(
+            plain_text(b"\x1bc\x1b[?7l\x1b[2JLo\x1b[06;02H\x1b[06;03Hading\r\nok"),
+            "Loading\nok"
+        );
     }
 
     #[test]

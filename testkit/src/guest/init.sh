@@ -37,6 +37,9 @@ else
 	mount -t ext4 -o rw "$data" /data || fail "mount $data"
 fi
 
+# The ACPI power button (virsh shutdown) runs /etc/acpi/PWRF/00000080: a clean poweroff.
+acpid -c /etc/acpi -l /tmp/acpid.log || fail "acpid"
+
 echo 1 >/proc/sys/kernel/printk
 stty raw -echo
 echo "@BOOT_LINE@"
