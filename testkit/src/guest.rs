@@ -1223,17 +1223,27 @@ impl Guest {
     }
 
     /// Waits for [`BOOT_LINE`]; the time from the domain's start to the line. The error holds
-    /// the console's output and the domain's state (a KVM emulation failure pauses it).
+    /// the console's output and the domain's state. Gives up early when the domain stops running
+    /// (a KVM emulation failure pauses it, a crash stops it) or the guest printed [`BOOT_FAIL`].
     pub fn wait_booted(&self, deadline: Duration) -> Result<Duration, String> {
-        let left = deadline.saturating_sub(self.started.elapsed());
-        match self.console.wait_booted(left) {
-            Ok(_) => Ok(self.started.elapsed()),
-            Err(e) => Err(format!(
-                "domain {} ({:?}, state {}): {e}",
+        loop {
+            let left = deadline.saturating_sub(self.started.elapsed());
+            let result = self.console.wait_booted(left.min(Duration::from_secs(1)));
+            let state = self.state();
+            match result {
+                Ok(_) => return Ok(self.started.elapsed()),
+                Err(e) if left.is_zero() || e.contains(BOOT_FAIL) => {}
+                Err(_) if !state.starts_with("running") => {}
+                Err(_) => continue,
+            }
+            return Err(format!(
+                "domain {} ({:?}, state {state}) did not print {BOOT_LINE} in the {:?} since it \
+                 started; its console printed:\n{}",
                 self.name,
                 self.accel,
-                self.state()
-            )),
+                self.started.elapsed(),
+                self.console.output()
+            ));
         }
     }
 
