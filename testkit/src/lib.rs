@@ -7,9 +7,12 @@
 //! TLS (certtool); [`smtp`] a real SMTP server on loopback;
 //! [`s3`] real S3-compatible object stores (Garage, one node or a three-node cluster in network
 //! namespaces, and s3s-fs); [`cluster`] the lab of three KVM hosts on one machine that clusters
-//! and workers are tested on (`scripts/cluster.sh`).
+//! and workers are tested on (`scripts/cluster.sh`); [`guest`] the bootable test guest (a disk
+//! made from Debian's kernel and busybox that boots under libvirt and answers commands on its
+//! serial console: docs/test-guest.md).
 
 pub mod cluster;
+pub mod guest;
 pub mod libvirt;
 pub mod libvirtd;
 pub mod pki;
