@@ -49,6 +49,10 @@ struct StartArgs {
     /// Leave out the network interfaces (an isolated copy, next to the original).
     #[arg(long)]
     no_network: bool,
+    /// The first serial port on a unix socket (STATE_DIR/NAME/console.sock) instead of a pty, for
+    /// a tool that drives the guest's console; its output is logged in console.log either way.
+    #[arg(long)]
+    console_socket: bool,
     #[command(flatten)]
     state: StateArgs,
 }
@@ -169,6 +173,7 @@ fn start(args: StartArgs) -> Result<()> {
         domain_xml,
         network: !args.no_network,
         console_log: true,
+        console_socket: args.console_socket,
     };
     let started = backflow_recovery::start(&request).map_err(recovery_error)?;
     let steps: Vec<String> = started

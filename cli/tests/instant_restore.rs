@@ -292,7 +292,6 @@ fn discard_ends_a_recovery_and_failures_leave_nothing() {
     assert_eq!(virsh(&["domstate", original.name()]).trim(), "running");
 
     // Failures: an unknown restore point, a bad name: errors that name it, nothing left.
-    let before = domain_names();
     let out = start(&format!("{name}-2"), "ffffffffffff");
     assert!(!out.status.success());
     assert!(text(&out).contains("ffffffffffff"), "{}", text(&out));

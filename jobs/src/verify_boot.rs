@@ -254,6 +254,7 @@ fn boot_one(
             domain_xml: meta.domain_xml.clone().unwrap_or_default(),
             network: false,
             console_log: true,
+            console_socket: false,
         };
         let started = backflow_recovery::start(&request).map_err(|e| e.to_string())?;
         let rto = started.rto.as_secs_f64();

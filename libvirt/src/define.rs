@@ -179,54 +179,54 @@ pub fn without_network(xml: &str) -> Result<String, DefinitionError> {
     Ok(edits.apply())
 }
 
-/// `xml` (a domain definition) with the first serial port's output also written to `log` (a file
-/// on the VM's host, rewritten at each start: `<log file append='off'/>`), so that what the guest
-/// prints on its console can be read without attaching to it. A domain without a serial port gets
-/// one (a pty, as `virt-install` makes them). An earlier `<log>` of that port is replaced.
-pub fn with_console_log(xml: &str, log: &str) -> Result<String, DefinitionError> {
+/// `xml` (a domain definition) with its first serial port replaced by `serial` (a whole
+/// `<serial>` element; added when the domain has none), its other serial ports that have a
+/// `<source>` and every `<console>` that has one or mirrors a serial port removed (libvirt adds the
+/// console of the first serial port again). The serial ports of a backed-up definition name the
+/// original's files and sockets: a copy that kept them would take them from the original, or fail
+/// once they are gone.
+pub fn with_serial(xml: &str, serial: &str) -> Result<String, DefinitionError> {
     let doc =
         roxmltree::Document::parse(xml).map_err(|e| DefinitionError::Malformed(e.to_string()))?;
     let domain = doc.root_element();
-    let element = format!("<log file='{}' append='off'/>", escape(log));
-    let serial = format!("<serial type='pty'>{element}<target port='0'/></serial>");
     let mut edits = Edits::new(xml);
     match child(domain, "devices") {
-        Some(devices) => match child(devices, "serial") {
-            Some(port) => {
-                for old in children(port, "log") {
-                    edits.remove_element(old);
-                }
-                match port
-                    .children()
-                    .find(|n| n.is_element() && !n.has_tag_name("log"))
-                {
-                    Some(first) => edits.insert(first.range().start, element),
-                    None => append_child(&mut edits, port, element),
+        Some(devices) => {
+            let mut ports = children(devices, "serial");
+            match ports.next() {
+                Some(first) => edits.replace(first.range(), serial.to_owned()),
+                None => append_child(&mut edits, devices, serial.to_owned()),
+            }
+            for other in ports.filter(|p| child(*p, "source").is_some()) {
+                edits.remove_element(other);
+            }
+            for console in children(devices, "console") {
+                let mirrors = child(console, "target")
+                    .is_none_or(|t| t.attribute("type").is_none_or(|k| k == "serial"));
+                if mirrors || child(console, "source").is_some() {
+                    edits.remove_element(console);
                 }
             }
-            None => append_child(&mut edits, devices, serial),
-        },
+        }
         None => append_child(&mut edits, domain, format!("<devices>{serial}</devices>")),
     }
     Ok(edits.apply())
 }
 
-/// `xml` (a domain definition) without the `<log file='LOG'>` of its character devices (what
-/// [`with_console_log`] added): for a domain whose console log is about to be removed.
-pub fn without_console_log(xml: &str, log: &str) -> Result<String, DefinitionError> {
-    let doc =
-        roxmltree::Document::parse(xml).map_err(|e| DefinitionError::Malformed(e.to_string()))?;
-    let mut edits = Edits::new(xml);
-    if let Some(devices) = child(doc.root_element(), "devices") {
-        for device in devices.children().filter(|n| n.is_element()) {
-            for entry in children(device, "log") {
-                if entry.attribute("file") == Some(log) {
-                    edits.remove_element(entry);
-                }
-            }
-        }
+/// A `<serial>` element for port 0: on a unix socket libvirt listens on when `socket` is given
+/// (a tool drives the console), else a pty (`virsh console`); with `log`, its output also goes to
+/// that file, rewritten at each start.
+pub fn serial_element(socket: Option<&str>, log: Option<&str>) -> String {
+    let log = log
+        .map(|l| format!("<log file='{}' append='off'/>", escape(l)))
+        .unwrap_or_default();
+    match socket {
+        Some(path) => format!(
+            "<serial type='unix'><source mode='bind' path='{}'/>{log}<target port='0'/></serial>",
+            escape(path)
+        ),
+        None => format!("<serial type='pty'>{log}<target port='0'/></serial>"),
     }
-    Ok(edits.apply())
 }
 
 /// The edit that adds `text` as the last child of `element` (written `<e/>` or `<e>...</e>`).
@@ -376,35 +376,34 @@ mod tests {
     }
 
     #[test]
-    fn console_log_goes_into_the_first_serial_port_or_a_new_one() {
-        let with_port = "<domain><devices><serial type='pty'><log file='/old'/><target port='0'/></serial><serial type='pty'><target port='1'/></serial></devices></domain>";
+    fn the_first_serial_port_is_replaced_and_the_original_s_files_go() {
+        let serial = serial_element(Some("/s/c&.sock"), Some("/s/c.log"));
         assert_eq!(
-            with_console_log(with_port, "/s/c&.log").unwrap(),
-            "<domain><devices><serial type='pty'><log file='/s/c&amp;.log' append='off'/><target port='0'/></serial><serial type='pty'><target port='1'/></serial></devices></domain>"
+            serial,
+            "<serial type='unix'><source mode='bind' path='/s/c&amp;.sock'/><log file='/s/c.log' append='off'/><target port='0'/></serial>"
         );
-        let empty_port = "<domain><devices><serial type='pty'/></devices></domain>";
+        let original = "<domain><devices><serial type='unix'><source mode='bind' path='/orig.sock'/><log file='/orig.log'/><target port='0'/></serial><serial type='file'><source path='/orig2'/><target port='1'/></serial><serial type='pty'><target port='2'/></serial><console type='unix'><source mode='bind' path='/orig.sock'/><target type='serial' port='0'/></console><console type='pty'><target type='virtio' port='1'/></console></devices></domain>";
         assert_eq!(
-            with_console_log(empty_port, "/c").unwrap(),
-            "<domain><devices><serial type='pty'><log file='/c' append='off'/></serial></devices></domain>"
+            with_serial(original, &serial_element(None, Some("/c"))).unwrap(),
+            "<domain><devices><serial type='pty'><log file='/c' append='off'/><target port='0'/></serial><serial type='pty'><target port='2'/></serial><console type='pty'><target type='virtio' port='1'/></console></devices></domain>"
         );
         let no_port = "<domain><devices><disk/></devices></domain>";
         assert_eq!(
-            with_console_log(no_port, "/c").unwrap(),
-            "<domain><devices><disk/><serial type='pty'><log file='/c' append='off'/><target port='0'/></serial></devices></domain>"
+            with_serial(no_port, "<serial/>").unwrap(),
+            "<domain><devices><disk/><serial/></devices></domain>"
         );
         let no_devices = "<domain><name>a</name></domain>";
         assert_eq!(
-            with_console_log(no_devices, "/c").unwrap(),
-            "<domain><name>a</name><devices><serial type='pty'><log file='/c' append='off'/><target port='0'/></serial></devices></domain>"
+            with_serial(no_devices, "<serial/>").unwrap(),
+            "<domain><name>a</name><devices><serial/></devices></domain>"
         );
-        let logged = with_console_log(with_port, "/s/c.log").unwrap();
+        let empty_devices = "<domain><devices/></domain>";
         assert_eq!(
-            without_console_log(&logged, "/s/c.log").unwrap(),
-            "<domain><devices><serial type='pty'><target port='0'/></serial><serial type='pty'><target port='1'/></serial></devices></domain>"
+            with_serial(empty_devices, "<serial/>").unwrap(),
+            "<domain><devices><serial/></devices></domain>"
         );
-        assert_eq!(without_console_log(&logged, "/other").unwrap(), logged);
         assert!(matches!(
-            with_console_log("<domain>", "/c"),
+            with_serial("<domain>", "<serial/>"),
             Err(DefinitionError::Malformed(_))
         ));
     }

@@ -45,8 +45,8 @@ use virt::domain::{Domain, DomainState};
 use virt::enumutil::Enum;
 
 pub use define::{
-    DefinitionError, NewDefinition, RestoredDisk, new_definition, with_console_log,
-    without_console_log, without_network,
+    DefinitionError, NewDefinition, RestoredDisk, new_definition, serial_element, with_serial,
+    without_network,
 };
 pub use domain_xml::{DiskInfo, DiskSource, image_paths, parse_disks};
 pub use error::{LibvirtError, Result};

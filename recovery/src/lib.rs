@@ -39,7 +39,7 @@
 //!
 //! # Permissions
 //! QEMU runs as its own user (`libvirt-qemu`, group `kvm` on Debian): the state directory is made
-//! group `kvm` with mode 0750 and the socket 0660, so that QEMU reaches the export and nobody else
+//! group `kvm` with mode 0770 (QEMU creates the console's socket there) and the export's socket 0660, so that QEMU reaches the export and nobody else
 //! on the host does. Without a `kvm` group (another distribution) both stay the process's own and
 //! QEMU must run as the same user (`qemu:///session`), or the operator adapts `qemu.conf`.
 
@@ -127,6 +127,9 @@ pub struct StartRequest {
     pub network: bool,
     /// Write the first serial console's output to `console.log` in the state directory.
     pub console_log: bool,
+    /// The first serial port on a unix socket (`console.sock` in the state directory) instead of
+    /// a pty: for a tool that drives the guest's console.
+    pub console_socket: bool,
 }
 
 /// What [`start`] did, with its timings.
@@ -211,7 +214,8 @@ pub fn start(request: &StartRequest) -> Result<Started> {
         server: None,
         armed: true,
     };
-    state::share_with_qemu(&dir, 0o750)?;
+    // QEMU (group kvm) reads the overlays and creates the console's socket here.
+    state::share_with_qemu(&dir, 0o770)?;
     let mut steps = Vec::new();
     let mut state = InstantState::new(request, &dir);
     state.save(&dir)?;
@@ -255,11 +259,14 @@ pub fn start(request: &StartRequest) -> Result<Started> {
     if !request.network {
         xml = backflow_libvirt::without_network(&xml).map_err(LibvirtError::Definition)?;
     }
-    if request.console_log {
-        let log = dir.join(state::CONSOLE_LOG);
-        xml = backflow_libvirt::with_console_log(&xml, &log.display().to_string())
-            .map_err(LibvirtError::Definition)?;
-    }
+    // The backed-up serial ports name the original's files and sockets: the copy gets its own.
+    let log = dir.join(state::CONSOLE_LOG).display().to_string();
+    let socket = dir.join(state::CONSOLE_SOCKET).display().to_string();
+    let serial = backflow_libvirt::serial_element(
+        request.console_socket.then_some(socket.as_str()),
+        request.console_log.then_some(log.as_str()),
+    );
+    xml = backflow_libvirt::with_serial(&xml, &serial).map_err(LibvirtError::Definition)?;
     let defined = conn.define_vm(&xml)?;
     undo.uuid = Some(defined.uuid.clone());
     state.domain_uuid = Some(defined.uuid.clone());
@@ -575,8 +582,7 @@ pub fn finish(
         std::thread::sleep(Duration::from_millis(100));
     }
     let move_time = began.elapsed();
-    // The console log is in the directory about to go: the next boot must not look for it.
-    let log = dir.join(state::CONSOLE_LOG).display().to_string();
+    // The console's log and socket are in the directory about to go: the next boot gets a pty.
     let inactive = domain
         .xml_desc(virt::sys::VIR_DOMAIN_XML_INACTIVE)
         .map_err(|cause| LibvirtError::Call {
@@ -585,9 +591,10 @@ pub fn finish(
             call: "virDomainGetXMLDesc(INACTIVE)",
             cause,
         })?;
-    if inactive.contains(&log) {
-        let xml = backflow_libvirt::without_console_log(&inactive, &log)
-            .map_err(LibvirtError::Definition)?;
+    if inactive.contains(&format!("{}/", dir.display())) {
+        let xml =
+            backflow_libvirt::with_serial(&inactive, &backflow_libvirt::serial_element(None, None))
+                .map_err(LibvirtError::Definition)?;
         conn.virt()
             .define_domain_xml(&xml)
             .map_err(|cause| LibvirtError::Call {

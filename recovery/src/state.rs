@@ -12,6 +12,8 @@ pub const SOCKET: &str = "export.sock";
 pub const SERVE_LOG: &str = "serve.log";
 /// The serial console's output, when asked for.
 pub const CONSOLE_LOG: &str = "console.log";
+/// The serial console's unix socket, when asked for.
+pub const CONSOLE_SOCKET: &str = "console.sock";
 const STATE: &str = "state.json";
 const LOCK: &str = "lock";
 
@@ -114,6 +116,11 @@ impl InstantState {
     /// The console log of the recovery in `dir`.
     pub fn console_log(dir: &Path) -> PathBuf {
         dir.join(CONSOLE_LOG)
+    }
+
+    /// The console socket of the recovery in `dir` (with `console_socket`).
+    pub fn console_socket(dir: &Path) -> PathBuf {
+        dir.join(CONSOLE_SOCKET)
     }
 }
 
