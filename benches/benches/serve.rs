@@ -20,8 +20,8 @@ const READ: usize = 4 << 20;
 
 fn read_all(server: &Arc<Server>, export: &str, buf: &mut [u8]) {
     let (stream, _) = serve_pair(server).expect("a socket pair");
-    let mut client = Client::connect(Transport::from_stream(stream, "pair"), export, &[])
-        .expect("connecting");
+    let mut client =
+        Client::connect(Transport::from_stream(stream, "pair"), export, &[]).expect("connecting");
     let size = client.size() as usize;
     let mut at = 0;
     while at < size {
@@ -75,7 +75,8 @@ fn serve(c: &mut Criterion) {
         let mut whole = vec![0u8; DATA_BYTES as usize];
         {
             let (stream, _) = serve_pair(&server).unwrap();
-            let mut client = Client::connect(Transport::from_stream(stream, "p"), &disk, &[]).unwrap();
+            let mut client =
+                Client::connect(Transport::from_stream(stream, "p"), &disk, &[]).unwrap();
             client.read_at(0, &mut whole).unwrap();
         }
         let mut exports = Exports::new();
