@@ -89,7 +89,10 @@ fn act(state: &State) {
             // have closed its end of the pipe).
             token.cancel();
             use std::io::Write;
-            let _ = writeln!(std::io::stderr(), "\nbackflow: stopping (again to quit at once)...");
+            let _ = writeln!(
+                std::io::stderr(),
+                "\nbackflow: stopping (again to quit at once)..."
+            );
         }
         Target::Cancel(_) => {}
     }
