@@ -19,10 +19,11 @@ command -v kill >/dev/null || need+=(procps)
 # a newer qemu-utils already; Debian's is installed only when none is there.
 command -v qemu-nbd >/dev/null && command -v qemu-img >/dev/null || need+=(qemu-utils)
 # nbdkit and nbdinfo (libnbd-bin): the NBD client's tests against a second server and a second
-# client. Installing them from Debian 12 removes and upgrades nothing (checked with apt-get -s), so the
+# client; nbdinfo and nbdcopy (libnbd-bin) also read `backflow serve`'s exports in its tests and
+# benches/serve.sh. Installing them from Debian 12 removes and upgrades nothing (checked with apt-get -s), so the
 # newer qemu-utils stays.
 command -v nbdkit >/dev/null || need+=(nbdkit)
-command -v nbdinfo >/dev/null || need+=(libnbd-bin)
+command -v nbdinfo >/dev/null && command -v nbdcopy >/dev/null || need+=(libnbd-bin)
 # tmux: the progress test drives the real binary on a terminal and reads the screen back.
 command -v tmux >/dev/null || need+=(tmux)
 # libvirt's client library and headers: the `virt` crate of the libvirt connector links it (found

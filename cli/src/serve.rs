@@ -300,7 +300,7 @@ mod tests {
         for (given, needle) in [
             ("/tmp/x.sock", "expected unix:PATH or tcp:HOST:PORT"),
             ("unix:", "the path is empty"),
-            ("tcp:127.0.0.1", "not a number"),
+            ("tcp:127.0.0.1", "there is no port"),
             ("tcp:localhost:99999", "not a number"),
             ("tcp::80", "the host is empty"),
             ("tcp:192.0.2.1:10809", "not a loopback address"),

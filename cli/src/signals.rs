@@ -85,8 +85,14 @@ fn act(state: &State) {
         Target::Exit => {}
         Target::Cancel(_) if state.received > 1 => std::process::exit(EXIT_INTERRUPTED),
         Target::Cancel(token) if state.received == 1 && !token.is_cancelled() => {
-            eprintln!("\nbackflow: stopping (again to quit at once)...");
+            // Cancel first, and never panic on a closed stderr (a parent that started `serve` may
+            // have closed its end of the pipe).
             token.cancel();
+            use std::io::Write;
+            let _ = writeln!(
+                std::io::stderr(),
+                "\nbackflow: stopping (again to quit at once)..."
+            );
         }
         Target::Cancel(_) => {}
     }
