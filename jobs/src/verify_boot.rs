@@ -316,39 +316,40 @@ fn wait_for_life(
         .map_err(|e| e.to_string())?;
     let timeout = Duration::from_secs(check.timeout);
     let began = Instant::now();
+    let needle = check.console.as_deref().filter(|n| !n.is_empty());
+    let tail = || backflow_recovery::console_tail(&started.dir, 5);
     loop {
         if cancel.is_cancelled() {
             return Err("cancelled".into());
         }
-        // One short look at each sign per round.
-        if let Some(needle) = check.console.as_deref().filter(|n| !n.is_empty()) {
-            match backflow_recovery::wait_for_console(
-                &started.dir,
-                &domain,
-                needle,
-                Duration::from_millis(500),
-            ) {
-                Ok(_) => return Ok("console".into()),
-                Err(e) if !domain.is_active().unwrap_or(false) => return Err(e),
-                Err(e) if began.elapsed() > timeout => return Err(e),
-                Err(_) => {}
-            }
-        } else {
-            std::thread::sleep(Duration::from_millis(500));
+        if let Some(needle) = needle
+            && backflow_recovery::console_output(&started.dir).contains(needle)
+        {
+            return Ok("console".into());
         }
         // virDomainGetTime asks the guest agent (guest-get-time): an answer is the agent alive.
         if check.agent && domain.time(0).is_ok() {
             return Ok("agent".into());
         }
+        let what = match (needle, check.agent) {
+            (Some(n), true) => format!("`{n}` on the console or the guest agent answering"),
+            (Some(n), false) => format!("`{n}` on the console"),
+            (None, _) => "the guest agent answering".to_owned(),
+        };
         if !domain.is_active().unwrap_or(false) {
-            return Err("the VM stopped before the guest agent answered".into());
+            return Err(format!(
+                "the VM stopped without {what}; its console showed: {}",
+                tail()
+            ));
         }
         if began.elapsed() > timeout {
             return Err(format!(
-                "no sign of life within {} s (the guest agent did not answer)",
-                check.timeout
+                "no sign of life within {} s (expected {what}); the console showed: {}",
+                check.timeout,
+                tail()
             ));
         }
+        std::thread::sleep(Duration::from_millis(500));
     }
 }
 

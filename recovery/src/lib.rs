@@ -629,51 +629,64 @@ fn wait_job_gone(domain: &virt::domain::Domain, target: &str) {
     }
 }
 
-/// Waits until the console log of recovery `dir` holds `needle`, the domain stops, or `timeout`
-/// passes. Returns the time it took, or what the console showed (its last lines) when it failed.
-pub fn wait_for_console(
-    dir: &Path,
-    domain: &virt::domain::Domain,
-    needle: &str,
-    timeout: Duration,
-) -> Result<Duration, String> {
-    let began = Instant::now();
-    let log = dir.join(state::CONSOLE_LOG);
-    loop {
-        let text = std::fs::read(&log).unwrap_or_default();
-        let text = String::from_utf8_lossy(&text);
-        if text.contains(needle) {
-            return Ok(began.elapsed());
-        }
-        let tail = || {
-            let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
-            let from = lines.len().saturating_sub(5);
-            if lines.is_empty() {
-                "nothing".to_owned()
-            } else {
-                lines[from..].join(" | ")
-            }
-        };
-        if !domain.is_active().unwrap_or(false) {
-            return Err(format!(
-                "the VM stopped before printing `{needle}`; its console showed: {}",
-                tail()
-            ));
-        }
-        if began.elapsed() > timeout {
-            return Err(format!(
-                "no `{needle}` on the console within {} s; it showed: {}",
-                timeout.as_secs(),
-                tail()
-            ));
-        }
-        std::thread::sleep(Duration::from_millis(200));
+/// What the serial console of the recovery in `dir` printed so far (its log), as text: terminal
+/// escape sequences and other control characters removed.
+pub fn console_output(dir: &Path) -> String {
+    let bytes = std::fs::read(dir.join(state::CONSOLE_LOG)).unwrap_or_default();
+    plain_text(&String::from_utf8_lossy(&bytes))
+}
+
+/// The last `lines` non-empty lines of [`console_output`], joined with ` | ` (for a message), or
+/// `nothing`.
+pub fn console_tail(dir: &Path, lines: usize) -> String {
+    let text = console_output(dir);
+    let all: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    if all.is_empty() {
+        return "nothing".into();
     }
+    all[all.len().saturating_sub(lines)..].join(" | ")
+}
+
+/// `text` without terminal escape sequences (`ESC [ ... final`, `ESC x`) and control characters
+/// other than newlines and tabs.
+fn plain_text(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '\u{1b}' => {
+                if chars.next() == Some('[') {
+                    for c in chars.by_ref() {
+                        if ('@'..='~').contains(&c) {
+                            break;
+                        }
+                    }
+                }
+            }
+            '\r' => {}
+            '\n' | '\t' => out.push(c),
+            c if c.is_control() => {}
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn console_text_loses_escape_sequences_and_controls() {
+        assert_eq!(
+            plain_text("\u{1b}c\u{1b}[?7l\u{1b}[2J\u{1b}[0mSeaBIOS\r\nNo bootable device.\u{7}"),
+            "SeaBIOS\nNo bootable device."
+        );
+    }
 
     #[test]
     fn names_are_checked_before_anything_is_made() {
