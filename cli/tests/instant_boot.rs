@@ -109,7 +109,7 @@ fn instant_round_trip(work: &Path, repo: &Path) {
     let to = work.join("moved");
     std::fs::create_dir(&to).unwrap();
     make_traversable(&to);
-    let mut finish = backflow()
+    let finish = backflow()
         .arg("instant-restore")
         .args(["finish", &name, "--to", to.to_str().unwrap(), "--state-dir"])
         .arg(&state)
