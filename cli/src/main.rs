@@ -20,6 +20,7 @@ mod copy;
 mod daemon;
 mod demo;
 mod display;
+mod files;
 mod forget;
 mod gc;
 mod jobs;
@@ -96,6 +97,10 @@ enum Command {
     Snapshots(repo::SnapshotsArgs),
     /// Restore a snapshot's disks as raw or qcow2 images (runs specs/restore.yaml).
     Restore(restore::Args),
+    /// Files of a restore point's filesystems, without restoring its disk: `files ls [FS:]PATH`,
+    /// `files get [FS:]PATH --to DIR` (docs/files.md).
+    #[command(subcommand)]
+    Files(files::FilesCommand),
     /// The passphrases of an encrypted repository: `key list`, `key add`, `key remove ID`.
     #[command(subcommand)]
     Key(key::KeyCommand),
@@ -282,6 +287,7 @@ fn execute(command: Command) -> Result<()> {
         command,
         Command::Run(_)
             | Command::Restore(_)
+            | Command::Files(_)
             | Command::Job(jobs::JobCommand::Run { .. })
             | Command::Daemon(_)
             | Command::Demo { .. }
@@ -302,6 +308,7 @@ fn execute(command: Command) -> Result<()> {
         Command::Snapshots(args) => repo::snapshots(args),
         Command::Key(command) => key::run(command),
         Command::Restore(args) => restore::run(args),
+        Command::Files(command) => files::run(command),
         Command::Copy(args) => copy::run(args),
         Command::Verify(args) => repo::verify(args),
         Command::Forget(args) => forget::run(args),
