@@ -140,8 +140,7 @@ pub fn start_export(
         ("allow_damaged".to_owned(), "false".to_owned()),
     ];
     let (spec_name, text) = crate::RESTORE_SPEC;
-    let pipeline =
-        spec::load_str(spec_name, text, &vars, &Stages).map_err(crate::spec_errors)?;
+    let pipeline = spec::load_str(spec_name, text, &vars, &Stages).map_err(crate::spec_errors)?;
     crate::run_pipeline(&pipeline, None, crate::display::Output::Quiet)?;
     let mut disks: Vec<String> = std::fs::read_dir(scratch.path())?
         .filter_map(|e| e.ok())
@@ -180,7 +179,10 @@ pub fn start_export(
     let started = Instant::now();
     while !socket.exists() {
         if let Some(status) = server.try_wait()? {
-            bail!("qemu-nbd ended ({status}) before serving {}", image.display());
+            bail!(
+                "qemu-nbd ended ({status}) before serving {}",
+                image.display()
+            );
         }
         if started.elapsed() > Duration::from_secs(30) {
             let _ = server.kill();
@@ -344,9 +346,13 @@ impl Guest {
             "format:raw",
             "readonly:true",
         ])?;
-        guest
-            .run(&["run"])
-            .context("launching libguestfs's appliance")?;
+        guest.run(&["run"]).map_err(|e| {
+            if cancelled() {
+                e
+            } else {
+                e.context("launching libguestfs's appliance")
+            }
+        })?;
         Ok(guest)
     }
 
@@ -464,7 +470,10 @@ impl Guest {
     /// `lstat` of every name in `dir`: in one `lstatnslist` for names guestfish's list syntax
     /// carries (split at white space), one by one for the others.
     fn lstat_all(&mut self, dir: &str, names: &[String]) -> Result<Vec<Stat>> {
-        let plain = |n: &String| !n.chars().any(|c| c.is_whitespace() || c == '"' || c == '\\');
+        let plain = |n: &String| {
+            !n.chars()
+                .any(|c| c.is_whitespace() || c == '"' || c == '\\')
+        };
         let batch: Vec<&String> = names.iter().filter(|n| plain(n)).collect();
         let mut batched = Vec::new();
         for part in batch.chunks(500) {
@@ -718,7 +727,9 @@ fn mount(source: &Source, arg: &str) -> Result<(Session, String)> {
     guest
         .run(&["mount-ro", &fs.device, "/"])
         .with_context(|| format!("mounting {} ({})", fs.device, fs.kind))?;
-    let scratch = tempfile::Builder::new().prefix("backflow-files-").tempdir()?;
+    let scratch = tempfile::Builder::new()
+        .prefix("backflow-files-")
+        .tempdir()?;
     Ok((
         Session {
             guest,
@@ -827,7 +838,12 @@ fn ls(args: LsArgs) -> Result<()> {
 
 fn entry(guest: &mut Guest, path: String, stat: &Stat) -> Result<Entry> {
     let target = if stat.kind() == "symlink" {
-        Some(guest.run(&["readlink", &path])?.trim_end_matches('\n').to_owned())
+        Some(
+            guest
+                .run(&["readlink", &path])?
+                .trim_end_matches('\n')
+                .to_owned(),
+        )
     } else {
         None
     };
@@ -921,8 +937,7 @@ fn get(args: GetArgs) -> Result<()> {
         ))
         .into());
     }
-    std::fs::create_dir_all(&args.to)
-        .with_context(|| format!("making {}", args.to.display()))?;
+    std::fs::create_dir_all(&args.to).with_context(|| format!("making {}", args.to.display()))?;
     let (mut session, path) = mount(&args.source, &args.path)?;
     let path = if path.len() > 1 {
         path.trim_end_matches('/').to_owned()
@@ -955,7 +970,10 @@ fn get(args: GetArgs) -> Result<()> {
                 .status()
                 .context("running tar")?;
             if !status.success() {
-                bail!("tar could not unpack {path} into {} ({status})", target.display());
+                bail!(
+                    "tar could not unpack {path} into {} ({status})",
+                    target.display()
+                );
             }
         }
         "file" => {
@@ -964,7 +982,10 @@ fn get(args: GetArgs) -> Result<()> {
             let written = std::fs::metadata(&part)?.len();
             if written != stat.size {
                 let _ = std::fs::remove_file(&part);
-                bail!("{path}: {written} bytes extracted, the filesystem says {}", stat.size);
+                bail!(
+                    "{path}: {written} bytes extracted, the filesystem says {}",
+                    stat.size
+                );
             }
             set_meta(&part, &stat, false)?;
             if target.is_dir() && !target.is_symlink() {
@@ -999,7 +1020,7 @@ fn get(args: GetArgs) -> Result<()> {
 
 /// Owner, mode (not for a link) and times of what was extracted.
 fn set_meta(path: &Path, stat: &Stat, link: bool) -> Result<()> {
-    use rustix::fs::{AtFlags, CWD, Timespec, Timestamps, Uid, Gid};
+    use rustix::fs::{AtFlags, CWD, Gid, Timespec, Timestamps, Uid};
     let flags = if link {
         AtFlags::SYMLINK_NOFOLLOW
     } else {

@@ -9,7 +9,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
 use backflow_testkit::disks::{self, MIB, Part, Tree};
 use common::{backflow, backup_named, init_repo, snapshot_ids};
@@ -18,8 +18,12 @@ use common::{backflow, backup_named, init_repo, snapshot_ids};
 /// in /boot), for libguestfs's appliance.
 fn files(repo: &Path, args: &[&str]) -> Output {
     let mut cmd = backflow();
-    cmd.arg("files").args(&args[..1]).arg("--repo").arg(repo).args(&args[1..]);
-    supermin_env(&mut cmd);
+    cmd.arg("files")
+        .args(&args[..1])
+        .arg("--repo")
+        .arg(repo)
+        .args(&args[1..]);
+    disks::guestfs_env(&mut cmd);
     cmd.output().expect("running backflow files")
 }
 
@@ -33,21 +37,6 @@ fn files_ok(repo: &Path, args: &[&str]) -> Output {
         String::from_utf8_lossy(&out.stderr)
     );
     out
-}
-
-fn supermin_env(cmd: &mut Command) {
-    let tools = std::env::var("BACKFLOW_TOOLS").unwrap_or_else(|_| "/opt/backflow-tools".into());
-    let env = Path::new(&tools).join("kernel/current/env");
-    if std::env::var_os("SUPERMIN_KERNEL").is_some() {
-        return;
-    }
-    if let Ok(text) = std::fs::read_to_string(&env) {
-        for line in text.lines() {
-            if let Some((k, v)) = line.split_once('=') {
-                cmd.env(k, v);
-            }
-        }
-    }
 }
 
 /// Every entry under `dir`, by path relative to it (`/x/y`), but lost+found.
@@ -88,7 +77,10 @@ fn assert_same_tree(tree: &Tree, got: &Path) {
         assert_eq!(wm.gid(), hm.gid(), "{rel}: gid");
         assert_eq!(wm.mtime(), hm.mtime(), "{rel}: mtime");
         if wm.file_type().is_symlink() {
-            assert_eq!(std::fs::read_link(w).unwrap(), std::fs::read_link(h).unwrap());
+            assert_eq!(
+                std::fs::read_link(w).unwrap(),
+                std::fs::read_link(h).unwrap()
+            );
             continue;
         }
         assert_eq!(wm.mode() & 0o7777, hm.mode() & 0o7777, "{rel}: mode");
@@ -209,12 +201,18 @@ fn gpt_ext4_full_and_incremental() {
     assert_listing(&g.tree, &ls.stdout);
 
     let out = g.work.join("out-full");
-    files_ok(&g.repo, &["get", "/dev/sda2:/", "--to", out.to_str().unwrap()]);
+    files_ok(
+        &g.repo,
+        &["get", "/dev/sda2:/", "--to", out.to_str().unwrap()],
+    );
     assert_same_tree(&g.tree, &out);
 
     // Single file from the first partition, and a symbolic link kept as one.
     let one = g.work.join("out-one");
-    files_ok(&g.repo, &["get", "sda1:/first.txt", "--to", one.to_str().unwrap()]);
+    files_ok(
+        &g.repo,
+        &["get", "sda1:/first.txt", "--to", one.to_str().unwrap()],
+    );
     common::assert_same_file(&g.small.dir.join("first.txt"), &one.join("first.txt"));
     let m = one.join("first.txt").metadata().unwrap();
     assert_eq!((m.mtime(), m.mode() & 0o7777), (1_500_000_000, 0o644));
@@ -247,7 +245,14 @@ fn gpt_ext4_full_and_incremental() {
     let old = g.work.join("out-old");
     files_ok(
         &g.repo,
-        &["get", "--snapshot", &ids[0], "2:/nested", "--to", old.to_str().unwrap()],
+        &[
+            "get",
+            "--snapshot",
+            &ids[0],
+            "2:/nested",
+            "--to",
+            old.to_str().unwrap(),
+        ],
     );
     let nested = Tree {
         dir: g.tree.dir.join("nested"),
@@ -265,8 +270,20 @@ fn gpt_xfs_and_errors() {
     assert_same_tree(&g.tree, &out);
 
     let missing = files(&g.repo, &["ls", "2:/no/such/file"]);
-    common::assert_failed(&missing, 2, "/dev/sda2:/no/such/file: no such file or directory");
-    let unknown = files(&g.repo, &["get", "7:/hello.txt", "--to", g.work.join("x").to_str().unwrap()]);
+    common::assert_failed(
+        &missing,
+        2,
+        "/dev/sda2:/no/such/file: no such file or directory",
+    );
+    let unknown = files(
+        &g.repo,
+        &[
+            "get",
+            "7:/hello.txt",
+            "--to",
+            g.work.join("x").to_str().unwrap(),
+        ],
+    );
     common::assert_failed(&unknown, 2, "no filesystem 7 on the disk");
     let ambiguous = files(&g.repo, &["ls", "/hello.txt"]);
     common::assert_failed(&ambiguous, 2, "/dev/sda3 (xfs)");
@@ -304,4 +321,26 @@ fn mbr_ext4() {
         text.contains("drwxr-xr-x     0     0") && text.ends_with(" /nested/deeper\n"),
         "{text}"
     );
+}
+
+/// LVM: an ext4 logical volume in a volume group on partition 1 of an MBR disk.
+#[test]
+fn lvm_ext4() {
+    let dir = tempfile::tempdir().unwrap();
+    let work = dir.path();
+    let tree = disks::write_tree(&work.join("tree"), 0);
+    let disk = work.join("vda.img");
+    disks::lvm_disk(&disk, &tree, 64 * MIB);
+    let repo = work.join("repo");
+    init_repo(&repo, "1M");
+    backup_named(&disk, &repo, "vda");
+    let listed = files_ok(&repo, &["ls"]);
+    let text = String::from_utf8(listed.stdout).unwrap();
+    assert!(
+        text.contains("/dev/vg0/root") && text.contains("ext4"),
+        "{text}"
+    );
+    let out = work.join("out");
+    files_ok(&repo, &["get", "vg0/root:/", "--to", out.to_str().unwrap()]);
+    assert_same_tree(&tree, &out);
 }

@@ -41,8 +41,22 @@ pub fn write_tree(dir: &Path, revision: u32) -> Tree {
         b"hello again, backflow: changed after the first backup\n"
     };
     file("hello.txt", hello, 0o644, 0, 0, next_time());
-    file("script.sh", b"#!/bin/sh\necho hi\n", 0o755, 1234, 5678, next_time());
-    file("setuid-tool", b"not really a program\n", 0o4755, 0, 0, next_time());
+    file(
+        "script.sh",
+        b"#!/bin/sh\necho hi\n",
+        0o755,
+        1234,
+        5678,
+        next_time(),
+    );
+    file(
+        "setuid-tool",
+        b"not really a program\n",
+        0o4755,
+        0,
+        0,
+        next_time(),
+    );
     std::fs::create_dir_all(dir.join("nested/deeper/deepest")).unwrap();
     let data: Vec<u8> = (0..100 * 1024u32)
         .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
@@ -55,7 +69,14 @@ pub fn write_tree(dir: &Path, revision: u32) -> Tree {
         44,
         next_time(),
     );
-    file("nested/deeper/notes.txt", b"notes\n", 0o600, 1000, 1001, next_time());
+    file(
+        "nested/deeper/notes.txt",
+        b"notes\n",
+        0o600,
+        1000,
+        1001,
+        next_time(),
+    );
     std::fs::create_dir(dir.join("a dir ü")).unwrap();
     file(
         "a dir ü/file with spaces é.txt",
@@ -80,7 +101,14 @@ pub fn write_tree(dir: &Path, revision: u32) -> Tree {
     set(&dir.join("abs-link"), 0, 0, 0, next_time(), true);
     std::fs::create_dir(dir.join("empty-dir")).unwrap();
     if revision > 0 {
-        file("added.txt", b"added for the second restore point\n", 0o664, 1000, 1001, next_time());
+        file(
+            "added.txt",
+            b"added for the second restore point\n",
+            0o664,
+            1000,
+            1001,
+            next_time(),
+        );
     }
     // Directories last, deepest first: writing into one changes its mtime.
     for (rel, mode, uid, gid) in [
@@ -158,7 +186,15 @@ pub fn ext4_image(tree: &Tree, image: &Path, size: u64) {
     let _ = std::fs::remove_file(image);
     File::create(image).unwrap().set_len(size).unwrap();
     run(Command::new("mkfs.ext4")
-        .args(["-q", "-F", "-U", "6b1f5b8e-0f4c-4d36-9f6c-15d3b7e2a001", "-L", "backflow", "-d"])
+        .args([
+            "-q",
+            "-F",
+            "-U",
+            "6b1f5b8e-0f4c-4d36-9f6c-15d3b7e2a001",
+            "-L",
+            "backflow",
+            "-d",
+        ])
         .arg(&tree.dir)
         .arg(image)
         .env("E2FSPROGS_FAKE_TIME", "1600000000"));
@@ -229,14 +265,21 @@ fn write_images(disk: &Path, parts: &[Part]) {
             }
             off += n as u64;
         }
-        assert!(off <= part.size, "{} is larger than its partition", image.display());
+        assert!(
+            off <= part.size,
+            "{} is larger than its partition",
+            image.display()
+        );
     }
 }
 
 /// A GPT disk (`sgdisk`, fixed GUIDs) with `parts` in order, each image written at its start.
 pub fn gpt_disk(disk: &Path, parts: &[Part]) {
     let _ = std::fs::remove_file(disk);
-    File::create(disk).unwrap().set_len(disk_size(parts)).unwrap();
+    File::create(disk)
+        .unwrap()
+        .set_len(disk_size(parts))
+        .unwrap();
     let mut cmd = Command::new("sgdisk");
     cmd.args(["-o", "-U", "8c3e1f0a-5b2d-4e6f-9a7b-1c2d3e4f5a60"]);
     for (i, (part, start)) in parts.iter().zip(starts(parts)).enumerate() {
@@ -274,4 +317,68 @@ pub fn mbr_disk(disk: &Path, parts: &[Part]) {
     f.write_all_at(&sector, 0).unwrap();
     drop(f);
     write_images(disk, parts);
+}
+
+/// libguestfs's environment on machines like the test machines (docs/files.md): the guest kernel
+/// scripts/setup.sh unpacked (`$BACKFLOW_TOOLS/kernel/current/env`) unless SUPERMIN_KERNEL is set.
+pub fn guestfs_env(cmd: &mut Command) {
+    if std::env::var_os("SUPERMIN_KERNEL").is_some() {
+        return;
+    }
+    let tools = std::env::var("BACKFLOW_TOOLS").unwrap_or_else(|_| "/opt/backflow-tools".into());
+    if let Ok(text) = std::fs::read_to_string(Path::new(&tools).join("kernel/current/env")) {
+        for line in text.lines() {
+            if let Some((k, v)) = line.split_once('=') {
+                cmd.env(k, v);
+            }
+        }
+    }
+}
+
+/// An MBR disk of `size` bytes whose partition 1 is an LVM physical volume of volume group `vg0`
+/// with one logical volume `root` (48 MiB, ext4) holding `tree`: made in libguestfs's appliance
+/// (guestfish; `tar-in` of a tar made with `--numeric-owner` keeps owners, modes and times), since
+/// LVM on the host would show the volume group to the host's own LVM.
+pub fn lvm_disk(disk: &Path, tree: &Tree, size: u64) {
+    let _ = std::fs::remove_file(disk);
+    File::create(disk).unwrap().set_len(size).unwrap();
+    let tarball = disk.with_extension("tar");
+    run(Command::new("tar")
+        .arg("-C")
+        .arg(&tree.dir)
+        .args(["--numeric-owner", "-cf"])
+        .arg(&tarball)
+        .arg("."));
+    let mut cmd = Command::new("guestfish");
+    cmd.args(["--rw", "--format=raw", "-a"]).arg(disk).arg("--");
+    let tar = tarball.display().to_string();
+    let script = [
+        "run",
+        "part-disk /dev/sda mbr",
+        "pvcreate /dev/sda1",
+        "vgcreate vg0 /dev/sda1",
+        "lvcreate root vg0 48",
+        "mkfs ext4 /dev/vg0/root",
+        "mount /dev/vg0/root /",
+        &format!("tar-in {tar} /"),
+        "umount-all",
+    ];
+    for (i, line) in script.iter().enumerate() {
+        if i > 0 {
+            cmd.arg(":");
+        }
+        cmd.args(line.split(' '));
+    }
+    guestfs_env(&mut cmd);
+    if std::env::var_os("LIBGUESTFS_BACKEND").is_none() {
+        cmd.env("LIBGUESTFS_BACKEND", "direct");
+    }
+    if Path::new("/sys/module/kvm_pvm").exists()
+        && !Path::new("/sys/module/kvm_amd").exists()
+        && !Path::new("/sys/module/kvm_intel").exists()
+    {
+        cmd.env("LIBGUESTFS_BACKEND_SETTINGS", "force_tcg");
+    }
+    run(&mut cmd);
+    let _ = std::fs::remove_file(&tarball);
 }
