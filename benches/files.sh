@@ -25,7 +25,7 @@ P2=$((SIZE_MIB - 18))
 truncate -s "${P2}M" "$WORK/p2.img"
 mkfs.ext4 -q -F -d "$WORK/tree" "$WORK/p2.img"
 truncate -s "${SIZE_MIB}M" "$WORK/vda.img"
-sgdisk -q -o -n 1:2048:+16M -n "2:0:+${P2}M" "$WORK/vda.img"
+sgdisk -o -n 1:2048:+16M -n 2:0:0 "$WORK/vda.img" >/dev/null
 START=$(sgdisk -i 2 "$WORK/vda.img" | awk '/First sector/ {print $3}')
 dd if="$WORK/p2.img" of="$WORK/vda.img" bs=1M seek=$((START / 2048)) conv=notrunc,sparse status=none
 rm "$WORK/p2.img"
