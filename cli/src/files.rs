@@ -375,8 +375,8 @@ impl Guest {
         Ok(out.stdout)
     }
 
-    /// Sends a command whose output goes to `to` (a host file: `download`, `tar-out`).
-    fn run_into(&mut self, args: &[&str], to: File) -> Result<()> {
+    /// Sends a command whose output goes to `to` (a host file or pipe: `download`, `tar-out`).
+    fn run_into(&mut self, args: &[&str], to: impl Into<Stdio>) -> Result<()> {
         let out = Command::new("guestfish")
             .arg(format!("--remote={}", self.pid))
             .arg("--")
@@ -955,20 +955,26 @@ fn get(args: GetArgs) -> Result<()> {
                 std::fs::remove_file(&target)?;
             }
             std::fs::create_dir_all(&target)?;
-            // The appliance's tar, numeric owners; unpacked by the host's tar as it was written
-            // (owners, modes, times; directories' times set after their contents).
-            let tarball = session.scratch.path().join("out.tar");
-            guest.run_into(
-                &["tar-out", &path, "-", "numericowner:true"],
-                File::create(&tarball)?,
-            )?;
-            let status = Command::new("tar")
-                .args(["-x", "-p", "--numeric-owner", "--same-owner", "-f"])
-                .arg(&tarball)
-                .arg("-C")
+            // The appliance's tar, numeric owners, piped into the host's tar, which unpacks it
+            // as it was written (owners, modes, times; directories' times after their contents).
+            let mut tar = Command::new("tar")
+                .args([
+                    "-x",
+                    "-p",
+                    "--numeric-owner",
+                    "--same-owner",
+                    "-f",
+                    "-",
+                    "-C",
+                ])
                 .arg(&target)
-                .status()
+                .stdin(Stdio::piped())
+                .spawn()
                 .context("running tar")?;
+            let pipe = tar.stdin.take().expect("piped");
+            let sent = guest.run_into(&["tar-out", &path, "-", "numericowner:true"], pipe);
+            let status = tar.wait().context("waiting for tar")?;
+            sent?;
             if !status.success() {
                 bail!(
                     "tar could not unpack {path} into {} ({status})",
@@ -978,7 +984,11 @@ fn get(args: GetArgs) -> Result<()> {
         }
         "file" => {
             let part = args.to.join(format!(".{name}.backflow-part"));
-            guest.run_into(&["download", &path, "-"], File::create(&part)?)?;
+            let downloaded = guest.run_into(&["download", &path, "-"], File::create(&part)?);
+            if let Err(e) = downloaded {
+                let _ = std::fs::remove_file(&part);
+                return Err(e);
+            }
             let written = std::fs::metadata(&part)?.len();
             if written != stat.size {
                 let _ = std::fs::remove_file(&part);
