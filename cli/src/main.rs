@@ -20,6 +20,7 @@ mod copy;
 mod daemon;
 mod demo;
 mod display;
+mod files;
 mod forget;
 mod gc;
 mod instant;
@@ -105,6 +106,10 @@ enum Command {
     /// move its disks to standalone images while it runs (`--to`, or `instant-restore finish`);
     /// `instant-restore list`, `instant-restore discard NAME`.
     InstantRestore(instant::Args),
+    /// Files of a restore point's filesystems, without restoring its disk: `files ls [FS:]PATH`,
+    /// `files get [FS:]PATH --to DIR` (docs/files.md).
+    #[command(subcommand)]
+    Files(files::FilesCommand),
     /// The passphrases of an encrypted repository: `key list`, `key add`, `key remove ID`.
     #[command(subcommand)]
     Key(key::KeyCommand),
@@ -292,6 +297,7 @@ fn execute(command: Command) -> Result<()> {
         Command::Run(_)
             | Command::Restore(_)
             | Command::Serve(_)
+            | Command::Files(_)
             | Command::Job(jobs::JobCommand::Run { .. })
             | Command::Daemon(_)
             | Command::Demo { .. }
@@ -314,6 +320,7 @@ fn execute(command: Command) -> Result<()> {
         Command::Restore(args) => restore::run(args),
         Command::Serve(args) => serve::run(args),
         Command::InstantRestore(args) => instant::run(args),
+        Command::Files(command) => files::run(command),
         Command::Copy(args) => copy::run(args),
         Command::Verify(args) => repo::verify(args),
         Command::Forget(args) => forget::run(args),

@@ -2,7 +2,7 @@
 //! in a pipeline uses it.
 //!
 //! The crate root holds pipeline and repository helpers; [`qemu`] runs QEMU's tools and checks
-//! the processes they leave; [`libvirt`] runs throwaway domains on `qemu:///system`;
+//! the processes they leave; [`disks`] partitioned disks of known files; [`libvirt`] runs throwaway domains on `qemu:///system`;
 //! [`libvirtd`] a libvirtd of a test's own, to restart; [`pki`] x509 certificates for NBD over
 //! TLS (certtool); [`smtp`] a real SMTP server on loopback;
 //! [`s3`] real S3-compatible object stores (Garage, one node or a three-node cluster in network
@@ -13,6 +13,7 @@
 
 pub mod cluster;
 pub mod guest;
+pub mod disks;
 pub mod libvirt;
 pub mod libvirtd;
 pub mod pki;
