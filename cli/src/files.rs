@@ -21,9 +21,8 @@ use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
-use backflow_pipeline::{CancelToken, spec};
+use backflow_pipeline::CancelToken;
 use backflow_repository::Location;
-use backflow_stages::Stages;
 use serde::Serialize;
 
 use crate::{BadInput, Interrupted, open_repo, repo_location};
@@ -95,7 +94,8 @@ pub fn run(command: FilesCommand) -> Result<()> {
 // The export of a restore point's disk.
 // ---------------------------------------------------------------------------------------------
 
-/// A read-only NBD export of one disk of a restore point, on a unix socket; stopped and cleaned up
+/// A read-only NBD export of one disk of a restore point (`backflow serve` on a unix socket);
+/// stopped (SIGTERM: it drops its repository registration and removes its socket) and cleaned up
 /// when dropped.
 pub struct Export {
     /// The unix socket of the NBD server.
@@ -108,54 +108,54 @@ pub struct Export {
 
 impl Drop for Export {
     fn drop(&mut self) {
-        let _ = self.server.kill();
+        if let Some(pid) = rustix::process::Pid::from_raw(self.server.id() as i32) {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+        }
+        let began = Instant::now();
+        while matches!(self.server.try_wait(), Ok(None)) {
+            if began.elapsed() > Duration::from_secs(10) {
+                let _ = self.server.kill();
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let _ = self.server.wait();
     }
 }
 
-/// Starts a read-only NBD export of a restore point's disk (`disk`, or its only one).
-///
-/// For now: the disk is restored into a scratch directory and served by `qemu-nbd
-/// --read-only`. `backflow serve` replaces this (the export then reads the repository directly).
+/// Starts a read-only NBD export of a restore point's disk (`disk`, or its only one): `backflow
+/// serve` (this binary), which reads the repository directly and checks every chunk; no disk is
+/// restored anywhere.
 pub fn start_export(
     location: &Location,
     snapshot: &str,
     vm: Option<&str>,
     disk: Option<&str>,
 ) -> Result<Export> {
-    let scratch = tempfile::Builder::new()
-        .prefix("backflow-files-")
-        .tempdir()
-        .context("making a scratch directory for the export")?;
-    let vars = vec![
-        ("repo".to_owned(), location.to_string()),
-        ("snapshot".to_owned(), snapshot.to_owned()),
-        ("vm".to_owned(), vm.unwrap_or_default().to_owned()),
-        ("disk".to_owned(), disk.unwrap_or_default().to_owned()),
-        ("to".to_owned(), scratch.path().display().to_string()),
-        ("sync".to_owned(), "false".to_owned()),
-        ("format".to_owned(), "raw".to_owned()),
-        ("force".to_owned(), "false".to_owned()),
-        ("uri".to_owned(), String::new()),
-        ("allow_damaged".to_owned(), "false".to_owned()),
-    ];
-    let (spec_name, text) = crate::RESTORE_SPEC;
-    let pipeline = spec::load_str(spec_name, text, &vars, &Stages).map_err(crate::spec_errors)?;
-    crate::run_pipeline(&pipeline, None, crate::display::Output::Quiet)?;
-    let mut disks: Vec<String> = std::fs::read_dir(scratch.path())?
-        .filter_map(|e| e.ok())
-        .filter_map(|e| {
-            e.file_name()
-                .to_str()
-                .and_then(|n| n.strip_suffix(".raw"))
-                .map(str::to_owned)
-        })
+    let repository = open_repo(location)?;
+    let id = repository
+        .resolve_snapshot(snapshot, vm)
+        .map_err(|e| BadInput::new(e.to_string()))?;
+    let disks: Vec<String> = repository
+        .open_snapshot(&id)?
+        .meta()
+        .disks
+        .iter()
+        .map(|d| d.name.clone())
         .collect();
-    disks.sort();
-    let name = match disks.as_slice() {
-        [one] => one.clone(),
-        [] => bail!("the restore point has no disk to read"),
-        many => {
+    drop(repository);
+    let name = match (disk, disks.as_slice()) {
+        (Some(d), _) if disks.iter().any(|n| n == d) => d.to_owned(),
+        (Some(d), _) => {
+            return Err(BadInput::new(format!(
+                "restore point {id} has no disk `{d}`; it has: {}",
+                disks.join(", ")
+            ))
+            .into());
+        }
+        (None, [one]) => one.clone(),
+        (None, []) => bail!("the restore point has no disk to read"),
+        (None, many) => {
             return Err(BadInput::new(format!(
                 "the restore point has {} disks ({}): name one with --disk",
                 many.len(),
@@ -164,32 +164,49 @@ pub fn start_export(
             .into());
         }
     };
-    let image = scratch.path().join(format!("{name}.raw"));
+    let scratch = tempfile::Builder::new()
+        .prefix("backflow-files-")
+        .tempdir()
+        .context("making a scratch directory for the export")?;
     let socket = scratch.path().join("nbd.sock");
-    let mut server = Command::new("qemu-nbd")
-        .args(["--read-only", "--persistent", "--format=raw", "--socket"])
-        .arg(&socket)
-        .arg("--export-name")
-        .arg(&name)
-        .arg(&image)
+    let location_text = match location {
+        Location::Local(path) => std::path::absolute(path)
+            .unwrap_or_else(|_| path.clone())
+            .display()
+            .to_string(),
+        other => other.to_string(),
+    };
+    let mut command = Command::new(std::env::current_exe().context("the path of this program")?);
+    command
+        .args([
+            "serve",
+            "--repo",
+            &location_text,
+            "--snapshot",
+            &id,
+            "--disk",
+            &name,
+        ])
+        .arg("--listen")
+        .arg(format!("unix:{}", socket.display()))
         .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .spawn()
-        .context("starting qemu-nbd (is qemu-utils installed?)")?;
-    let started = Instant::now();
-    while !socket.exists() {
-        if let Some(status) = server.try_wait()? {
-            bail!(
-                "qemu-nbd ended ({status}) before serving {}",
-                image.display()
-            );
-        }
-        if started.elapsed() > Duration::from_secs(30) {
-            let _ = server.kill();
-            let _ = server.wait();
-            bail!("qemu-nbd did not make its socket within 30 s");
-        }
-        std::thread::sleep(Duration::from_millis(20));
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    if let Some(file) = backflow_repository::keys::password_file_for(&location.to_string()) {
+        command.env(
+            backflow_repository::keys::PASSWORD_FILE_ENV,
+            std::path::absolute(&file).unwrap_or(file),
+        );
+    }
+    let mut server = command.spawn().context("starting `backflow serve`")?;
+    // Its one line on stdout says it accepts connections; end of file before it: it failed (and
+    // said why on stderr, which is ours).
+    let mut ready = String::new();
+    let stdout = server.stdout.take().expect("piped");
+    let read = std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut ready);
+    if read.is_err() || !ready.starts_with("listening ") {
+        let status = server.wait()?;
+        bail!("the export of {name} did not start ({status})");
     }
     Ok(Export {
         socket,

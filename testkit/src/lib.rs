@@ -12,8 +12,8 @@
 //! serial console: docs/test-guest.md).
 
 pub mod cluster;
-pub mod guest;
 pub mod disks;
+pub mod guest;
 pub mod libvirt;
 pub mod libvirtd;
 pub mod pki;
