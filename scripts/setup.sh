@@ -52,11 +52,10 @@ command -v ip >/dev/null || need+=(iproute2)
 # tcpdump: the cluster tests capture NBD between the lab's hosts (it must cross, encrypted).
 command -v tcpdump >/dev/null || need+=(tcpdump)
 command -v certtool >/dev/null || need+=(gnutls-bin)
-# Restore points as running VMs and as files (issue 15): guestfish (libguestfs-tools) reads
-# filesystems of an exported disk in its appliance, sgdisk (gdisk), mkfs.xfs (xfsprogs) and
+# Restore points as running VMs and as files (issue 15): sgdisk (gdisk), mkfs.xfs (xfsprogs) and
 # mkfs.fat/mtools/syslinux make the test disks (a partitioned disk with known files; a disk that
 # boots Debian's kernel with a busybox initramfs), depmod (kmod) indexes the guest kernel's modules.
-command -v guestfish >/dev/null || need+=(libguestfs-tools)
+# (guestfish comes after QEMU, below.)
 command -v sgdisk >/dev/null || need+=(gdisk)
 command -v mkfs.xfs >/dev/null || need+=(xfsprogs)
 command -v mkfs.fat >/dev/null || need+=(dosfstools)
@@ -80,6 +79,14 @@ if ! command -v libvirtd >/dev/null || ! command -v virsh >/dev/null \
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq \
     libvirt-daemon-system libvirt-clients qemu-system-x86 >/dev/null
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq qemu-utils libnbd-bin >/dev/null
+fi
+# guestfish (libguestfs-tools): file-level restore reads the filesystems of an exported disk in
+# its appliance. It needs Debian's QEMU, which the block above installs first on a fresh machine
+# (installed before it, it would pull qemu-system-x86 in over the newer qemu-utils).
+if ! command -v guestfish >/dev/null; then
+  echo "setup: installing libguestfs-tools" >&2
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq libguestfs-tools >/dev/null
 fi
 for tool in qemu-img qemu-io qemu-nbd; do
   if ! "$tool" --version >/dev/null 2>&1; then
