@@ -31,6 +31,21 @@ impl Drop for Defined {
     }
 }
 
+/// A recovery a test started under `state`: discarded (its export stopped) when the test ends,
+/// also when it failed midway.
+struct Recovery(std::path::PathBuf, String);
+
+impl Drop for Recovery {
+    fn drop(&mut self) {
+        if self.0.join(&self.1).exists() {
+            let _ = backflow()
+                .args(["instant-restore", "discard", &self.1, "--state-dir"])
+                .arg(&self.0)
+                .output();
+        }
+    }
+}
+
 fn text(out: &std::process::Output) -> String {
     format!(
         "{}\n{}",
@@ -80,6 +95,7 @@ fn instant_round_trip(work: &Path, repo: &Path) {
     make_traversable(&state);
     let name = format!("{}-now", guest.name());
     let _defined = Defined(name.clone());
+    let _recovery = Recovery(state.clone(), name.clone());
     let out = backflow()
         .arg("instant-restore")
         .args([

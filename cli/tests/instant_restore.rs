@@ -26,6 +26,21 @@ impl Drop for Defined {
     }
 }
 
+/// A recovery a test started under `state`: discarded (its export stopped) when the test ends,
+/// also when it failed midway.
+struct Recovery(PathBuf, String);
+
+impl Drop for Recovery {
+    fn drop(&mut self) {
+        if self.0.join(&self.1).exists() {
+            let _ = backflow()
+                .args(["instant-restore", "discard", &self.1, "--state-dir"])
+                .arg(&self.0)
+                .output();
+        }
+    }
+}
+
 fn backup_vm(repo: &Path, domain: &str, report: &Path) -> String {
     run_ok(
         backflow()
@@ -117,6 +132,7 @@ fn a_restore_point_runs_at_once_then_moves_to_standalone_images() {
     let state = traversable_dir(work.path(), "instant");
     let name = format!("{}-instant", original.name());
     let _defined = Defined(name.clone());
+    let _recovery = Recovery(state.clone(), name.clone());
     let out = instant(
         &state,
         &[
@@ -253,6 +269,7 @@ fn discard_ends_a_recovery_and_failures_leave_nothing() {
     let state = traversable_dir(work.path(), "instant");
     let name = format!("{}-x", original.name());
     let _defined = Defined(name.clone());
+    let _recovery = Recovery(state.clone(), name.clone());
     let start = |name: &str, snapshot: &str| {
         instant(
             &state,

@@ -1309,7 +1309,9 @@ impl Guest {
 impl Drop for Guest {
     fn drop(&mut self) {
         self.destroy();
-        let _ = try_virsh(&["undefine", &self.name]);
+        // A guest that was backed up has checkpoints, which a plain undefine refuses.
+        let _ = try_virsh(&["undefine", &self.name, "--checkpoints-metadata"])
+            .or_else(|_| try_virsh(&["undefine", &self.name]));
         if !std::thread::panicking() {
             let _ = std::fs::remove_file(format!("/var/log/libvirt/qemu/{}.log", self.name));
         }
