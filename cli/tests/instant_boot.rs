@@ -11,48 +11,17 @@ use std::process::Command;
 use std::time::Duration;
 
 use backflow_testkit::guest::{Console, ConsolePaths, Guest, GuestDisk, ImageFormat};
-use backflow_testkit::libvirt::{make_traversable, try_virsh, virsh};
+use backflow_testkit::libvirt::{make_traversable, virsh};
 use backflow_testkit::qemu::run_command;
 use backflow_testkit::s3::Garage;
 use common::s3::{repo_path, use_store};
-use common::{backflow, init_repo, read_report, run_ok, spec};
+use common::vm::{Defined, Recovery, backup_vm};
+use common::{backflow, init_repo, output_text as text};
 
 /// The guest's disk: small, the boot partition and an ext4 data partition.
 const DISK_BYTES: u64 = 96 << 20;
 /// A guest under TCG on two shared cores boots in 12-50 s.
 const BOOT: Duration = Duration::from_secs(240);
-
-struct Defined(String);
-
-impl Drop for Defined {
-    fn drop(&mut self) {
-        let _ = try_virsh(&["destroy", &self.0]);
-        let _ = try_virsh(&["undefine", &self.0]);
-    }
-}
-
-/// A recovery a test started under `state`: discarded (its export stopped) when the test ends,
-/// also when it failed midway.
-struct Recovery(std::path::PathBuf, String);
-
-impl Drop for Recovery {
-    fn drop(&mut self) {
-        if self.0.join(&self.1).exists() {
-            let _ = backflow()
-                .args(["instant-restore", "discard", &self.1, "--state-dir"])
-                .arg(&self.0)
-                .output();
-        }
-    }
-}
-
-fn text(out: &std::process::Output) -> String {
-    format!(
-        "{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
 
 /// Backs up a booted guest that wrote `before.txt`, instant-restores the backup as a new VM,
 /// checks it, moves it, checks again. `repo` is a path or an S3 location (this thread's store).
@@ -69,26 +38,7 @@ fn instant_round_trip(work: &Path, repo: &Path) {
     guest.console().run(&["sync"]).unwrap();
 
     init_repo(repo, "128K");
-    let report = work.join("backup.json");
-    run_ok(
-        backflow()
-            .arg("run")
-            .arg(spec("backup-vm.yaml"))
-            .arg("--var")
-            .arg(format!("repo={}", repo.display()))
-            .args([
-                "--var",
-                &format!("domain={}", guest.name()),
-                "--var",
-                "freeze=off",
-            ])
-            .args(["--quiet", "--report"])
-            .arg(&report),
-    );
-    let id = read_report(&report)["snapshot"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let id = backup_vm(repo, guest.name(), &work.join("backup.json"));
 
     let state = work.join("instant");
     std::fs::create_dir(&state).unwrap();

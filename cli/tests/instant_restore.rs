@@ -12,48 +12,10 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use backflow_testkit::libvirt::{Domain, URI, domain_names, make_traversable, try_virsh, virsh};
+use backflow_testkit::libvirt::{Domain, URI, domain_names, make_traversable, virsh};
 use backflow_testkit::qemu::{assert_images_equal, run_command};
-use common::{backflow, init_repo, read_report, run_ok, spec};
-
-/// A domain a test may have defined: destroyed and undefined when the test ends.
-struct Defined(String);
-
-impl Drop for Defined {
-    fn drop(&mut self) {
-        let _ = try_virsh(&["destroy", &self.0]);
-        let _ = try_virsh(&["undefine", &self.0]);
-    }
-}
-
-/// A recovery a test started under `state`: discarded (its export stopped) when the test ends,
-/// also when it failed midway.
-struct Recovery(PathBuf, String);
-
-impl Drop for Recovery {
-    fn drop(&mut self) {
-        if self.0.join(&self.1).exists() {
-            let _ = backflow()
-                .args(["instant-restore", "discard", &self.1, "--state-dir"])
-                .arg(&self.0)
-                .output();
-        }
-    }
-}
-
-fn backup_vm(repo: &Path, domain: &str, report: &Path) -> String {
-    run_ok(
-        backflow()
-            .arg("run")
-            .arg(spec("backup-vm.yaml"))
-            .arg("--var")
-            .arg(format!("repo={}", repo.display()))
-            .args(["--var", &format!("domain={domain}"), "--var", "freeze=off"])
-            .args(["--quiet", "--report"])
-            .arg(report),
-    );
-    read_report(report)["snapshot"].as_str().unwrap().to_owned()
-}
+use common::vm::{Defined, Recovery, backup_vm};
+use common::{backflow, init_repo, output_text as text};
 
 fn traversable_dir(parent: &Path, name: &str) -> PathBuf {
     let dir = parent.join(name);
@@ -70,14 +32,6 @@ fn instant(state: &Path, args: &[&str]) -> Output {
         .arg(state)
         .output()
         .unwrap()
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
 }
 
 /// The export's pid a recovery's state records.

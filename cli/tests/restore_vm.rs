@@ -9,36 +9,10 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Output;
 
-use backflow_testkit::libvirt::{Domain, URI, domain_names, make_traversable, try_virsh, virsh};
+use backflow_testkit::libvirt::{Domain, URI, domain_names, make_traversable, virsh};
 use backflow_testkit::qemu::assert_images_equal;
-use common::{backflow, init_repo, read_report, run_ok, spec};
-
-/// A domain the restore may define: destroyed and undefined when the test ends, passed or not.
-struct Defined(String);
-
-impl Drop for Defined {
-    fn drop(&mut self) {
-        for args in [["destroy", &self.0], ["undefine", &self.0]] {
-            let _ = try_virsh(&args);
-        }
-    }
-}
-
-/// Backs the running domain up with `specs/backup-vm.yaml`; returns the snapshot id.
-fn backup_vm(repo: &Path, domain: &str, report: &Path) -> String {
-    run_ok(
-        backflow()
-            .arg("run")
-            .arg(spec("backup-vm.yaml"))
-            .arg("--var")
-            .arg(format!("repo={}", repo.display()))
-            .args(["--var", &format!("domain={domain}"), "--var", "freeze=off"])
-            .args(["--quiet", "--report"])
-            .arg(report),
-    );
-    let report = read_report(report);
-    report["snapshot"].as_str().unwrap().to_owned()
-}
+use common::vm::{Defined, backup_vm};
+use common::{backflow, init_repo, read_report, spec};
 
 fn restore_vm(repo: &Path, to: &Path, name: &str, report: &Path) -> Output {
     backflow()

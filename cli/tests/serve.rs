@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use backflow_nbd::{Client, NbdError};
 use backflow_repository::{ChunkRef, Repository};
+use backflow_testkit::qemu::assert_images_equal;
 use backflow_testkit::s3::Garage;
 use common::*;
 
@@ -142,11 +143,7 @@ fn mapped_holes(uri: &str) -> Vec<(u64, u64)> {
 /// Every check of one served disk against its full restore `restored`.
 fn assert_export_is(served: &Served, export: &str, restored: &Path, scratch: &Path, chunk: u64) {
     let uri = served.uri(export);
-    let restored_s = restored.to_str().unwrap();
-    tool(
-        "qemu-img",
-        &["compare", "-f", "raw", "-F", "raw", &uri, restored_s],
-    );
+    assert_images_equal(Path::new(&uri), "raw", restored, "raw");
     let copy = scratch.join(format!("{export}.nbdcopy"));
     tool(
         "nbdcopy",
@@ -170,16 +167,7 @@ fn assert_export_is(served: &Served, export: &str, restored: &Path, scratch: &Pa
             overlay.to_str().unwrap(),
         ],
     );
-    tool(
-        "qemu-img",
-        &[
-            "compare",
-            "-F",
-            "raw",
-            overlay.to_str().unwrap(),
-            restored_s,
-        ],
-    );
+    assert_images_equal(&overlay, "qcow2", restored, "raw");
     std::fs::remove_file(&overlay).unwrap();
     assert_eq!(mapped_holes(&uri), zero_ranges(restored, chunk), "{export}");
 }
@@ -233,18 +221,7 @@ fn full_and_incremental(repo: &Path, dir: &Path) {
         assert!(served.address.starts_with("unix:"));
         assert_export_is(&served, "disk0", &restored, dir, CHUNK);
         // The only disk is also the default export.
-        tool(
-            "qemu-img",
-            &[
-                "compare",
-                "-f",
-                "raw",
-                "-F",
-                "raw",
-                &served.uri(""),
-                restored.to_str().unwrap(),
-            ],
-        );
+        assert_images_equal(Path::new(&served.uri("")), "raw", &restored, "raw");
         assert!(served.stop().success());
         assert!(!dir.join("s.sock").exists(), "the socket is removed");
     }
@@ -361,18 +338,7 @@ fn every_disk_of_a_vm_is_an_export_and_equals_its_restore() {
     );
     assert_eq!(served.exports, ["vdb"]);
     let vdb = restored.join("vdb.raw");
-    tool(
-        "qemu-img",
-        &[
-            "compare",
-            "-f",
-            "raw",
-            "-F",
-            "raw",
-            &served.uri(""),
-            vdb.to_str().unwrap(),
-        ],
-    );
+    assert_images_equal(Path::new(&served.uri("")), "raw", &vdb, "raw");
     assert!(served.stop().success());
 }
 

@@ -10,24 +10,11 @@ use std::time::Duration;
 
 use backflow_testkit::guest::{BOOT_LINE, Boot, Guest, GuestDisk, ImageFormat, NO_BOOTABLE_DEVICE};
 use backflow_testkit::libvirt::{domain_names, make_traversable};
+use common::vm::backup_vm;
 use common::{
-    backflow, init_repo, read_report, record_old_session, run_ok, sigterm, spec, start_daemon,
-    wait_exit, wait_for_line,
+    backflow, init_repo, record_old_session, run_ok, sigterm, start_daemon, wait_exit,
+    wait_for_line,
 };
-
-fn backup_vm(repo: &Path, domain: &str, report: &Path) -> String {
-    run_ok(
-        backflow()
-            .arg("run")
-            .arg(spec("backup-vm.yaml"))
-            .arg("--var")
-            .arg(format!("repo={}", repo.display()))
-            .args(["--var", &format!("domain={domain}"), "--var", "freeze=off"])
-            .args(["--quiet", "--report"])
-            .arg(report),
-    );
-    read_report(report)["snapshot"].as_str().unwrap().to_owned()
-}
 
 fn session_of(repo: &Path, job: &str, not: &str) -> serde_json::Value {
     let out = run_ok(

@@ -34,6 +34,15 @@ pub fn spec(name: &str) -> PathBuf {
     root().join("specs").join(name)
 }
 
+/// A command's stdout, then its stderr, as text (for an assertion's message or a search).
+pub fn output_text(out: &Output) -> String {
+    format!(
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
 pub fn run_ok(cmd: &mut Command) -> Output {
     let out = cmd.output().expect("running backflow");
     assert!(

@@ -8,7 +8,7 @@ use std::process::Command;
 use backflow_testkit::libvirt::{Domain, make_traversable};
 use backflow_testkit::qemu::compare_images;
 
-use super::{backflow, init_repo, restore_ok, spec};
+use super::{backflow, init_repo, read_report, restore_ok, run_ok, spec};
 
 /// The chunk size of the repositories of [`vm_dirs`].
 pub const CHUNK: u64 = 128 << 10;
@@ -53,6 +53,49 @@ pub fn backup_vm_command(tmp: &Path, domain: &str, repo: &Path) -> Command {
         .arg(format!("repo={}", repo.display()))
         .args(["--var", "freeze=off", "--quiet"]);
     cmd
+}
+
+/// Backs the running `domain` up with `specs/backup-vm.yaml` into `repo` (without freezing the
+/// guest), its report in `report`; returns the snapshot id.
+pub fn backup_vm(repo: &Path, domain: &str, report: &Path) -> String {
+    run_ok(
+        backflow()
+            .arg("run")
+            .arg(spec("backup-vm.yaml"))
+            .arg("--var")
+            .arg(format!("repo={}", repo.display()))
+            .args(["--var", &format!("domain={domain}"), "--var", "freeze=off"])
+            .args(["--quiet", "--report"])
+            .arg(report),
+    );
+    read_report(report)["snapshot"].as_str().unwrap().to_owned()
+}
+
+/// A domain a test may define (a restore's, an instant recovery's): destroyed and undefined when
+/// the test ends, passed or not.
+pub struct Defined(pub String);
+
+impl Drop for Defined {
+    fn drop(&mut self) {
+        for args in [["destroy", &self.0], ["undefine", &self.0]] {
+            let _ = backflow_testkit::libvirt::try_virsh(&args);
+        }
+    }
+}
+
+/// An instant recovery a test started under the state directory `.0`: discarded (its export
+/// stopped) when the test ends, also when it failed midway.
+pub struct Recovery(pub PathBuf, pub String);
+
+impl Drop for Recovery {
+    fn drop(&mut self) {
+        if self.0.join(&self.1).exists() {
+            let _ = backflow()
+                .args(["instant-restore", "discard", &self.1, "--state-dir"])
+                .arg(&self.0)
+                .output();
+        }
+    }
 }
 
 /// Guest writes of `(offset, len)` with a pattern per write.
