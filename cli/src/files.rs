@@ -169,35 +169,17 @@ pub fn start_export(
         .tempdir()
         .context("making a scratch directory for the export")?;
     let socket = scratch.path().join("nbd.sock");
-    let location_text = match location {
-        Location::Local(path) => std::path::absolute(path)
-            .unwrap_or_else(|_| path.clone())
-            .display()
-            .to_string(),
-        other => other.to_string(),
-    };
-    let mut command = Command::new(std::env::current_exe().context("the path of this program")?);
+    let mut serve = backflow_recovery::ServeCommand::of_restore_point(
+        std::env::current_exe().context("the path of this program")?,
+        location,
+        &id,
+    );
+    serve.args.extend(["--disk".into(), name.clone().into()]);
+    let mut command = serve.command(&socket);
     command
-        .args([
-            "serve",
-            "--repo",
-            &location_text,
-            "--snapshot",
-            &id,
-            "--disk",
-            &name,
-        ])
-        .arg("--listen")
-        .arg(format!("unix:{}", socket.display()))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit());
-    if let Some(file) = backflow_repository::keys::password_file_for(&location.to_string()) {
-        command.env(
-            backflow_repository::keys::PASSWORD_FILE_ENV,
-            std::path::absolute(&file).unwrap_or(file),
-        );
-    }
     let mut server = command.spawn().context("starting `backflow serve`")?;
     // Its one line on stdout says it accepts connections; end of file before it: it failed (and
     // said why on stderr, which is ours).

@@ -100,7 +100,7 @@ pub fn run(args: Args) -> Result<()> {
             state,
         }) => finish(&state.state_dir, &name, &to, &format),
         Some(Action::Discard { name, state }) => {
-            backflow_recovery::discard(&state.state_dir, &name).map_err(recovery_error)?;
+            backflow_recovery::discard(&state.state_dir, &name)?;
             println!("Instant recovery {name} discarded.");
             Ok(())
         }
@@ -136,37 +136,17 @@ fn start(args: StartArgs) -> Result<()> {
         .collect();
     drop(repository);
 
-    let mut env = Vec::new();
-    if let Some(file) = backflow_repository::keys::password_file() {
-        env.push((
-            OsString::from(backflow_repository::keys::PASSWORD_FILE_ENV),
-            std::path::absolute(&file).unwrap_or(file).into_os_string(),
-        ));
-    }
-    let location_text = match &location {
-        backflow_repository::Location::Local(path) => std::path::absolute(path)
-            .unwrap_or_else(|_| path.clone())
-            .display()
-            .to_string(),
-        other => other.to_string(),
-    };
-    let serve = ServeCommand {
-        program: std::env::current_exe().context("the path of this program")?,
-        args: vec![
-            "serve".into(),
-            "--repo".into(),
-            location_text.clone().into(),
-            "--snapshot".into(),
-            id.clone().into(),
-        ],
-        env,
-    };
+    let serve = ServeCommand::of_restore_point(
+        std::env::current_exe().context("the path of this program")?,
+        &location,
+        &id,
+    );
     let request = StartRequest {
         name: name.clone(),
         uri: args.uri,
         state_root: args.state.state_dir.clone(),
         serve,
-        repository: location_text,
+        repository: location.to_string(),
         snapshot: id.clone(),
         vm: meta.vm.clone(),
         disks,
@@ -175,7 +155,7 @@ fn start(args: StartArgs) -> Result<()> {
         console_log: true,
         console_socket: args.console_socket,
     };
-    let started = backflow_recovery::start(&request).map_err(recovery_error)?;
+    let started = backflow_recovery::start(&request)?;
     let steps: Vec<String> = started
         .steps
         .iter()
@@ -220,8 +200,7 @@ fn finish(root: &std::path::Path, name: &str, to: &std::path::Path, format: &str
                 let _ = std::io::stderr().flush();
             }
         },
-    )
-    .map_err(recovery_error)?;
+    )?;
     if tty {
         eprintln!();
     }
@@ -240,7 +219,7 @@ fn finish(root: &std::path::Path, name: &str, to: &std::path::Path, format: &str
 }
 
 fn list(root: &std::path::Path) -> Result<()> {
-    let found = backflow_recovery::list(root).map_err(recovery_error)?;
+    let found = backflow_recovery::list(root)?;
     if found.is_empty() {
         println!("No instant recoveries in {}.", root.display());
         return Ok(());
@@ -278,10 +257,6 @@ fn list(root: &std::path::Path) -> Result<()> {
         }
     }
     Ok(())
-}
-
-fn recovery_error(e: backflow_recovery::RecoveryError) -> anyhow::Error {
-    anyhow::Error::new(e)
 }
 
 fn short(id: &str) -> &str {

@@ -216,30 +216,11 @@ fn boot_one(
         let meta = snapshot.meta();
         let program =
             std::env::current_exe().map_err(|e| format!("the path of this program: {e}"))?;
-        let mut env = Vec::new();
-        if let Some(file) =
-            backflow_repository::keys::password_file_for(&job.repository.to_string())
-        {
-            env.push((
-                backflow_repository::keys::PASSWORD_FILE_ENV.into(),
-                file.into_os_string(),
-            ));
-        }
         let request = StartRequest {
             name: name.clone(),
             uri: check.uri.clone(),
             state_root: check.state_dir.clone(),
-            serve: ServeCommand {
-                program,
-                args: vec![
-                    "serve".into(),
-                    "--repo".into(),
-                    job.repository.to_string().into(),
-                    "--snapshot".into(),
-                    info.id.clone().into(),
-                ],
-                env,
-            },
+            serve: ServeCommand::of_restore_point(program, &job.repository, &info.id),
             repository: job.repository.to_string(),
             snapshot: info.id.clone(),
             vm: info.vm.clone(),

@@ -419,11 +419,21 @@ pub fn discard(root: &Path, name: &str) -> Result<()> {
 
 /// Whether a domain XML has a disk on a file of the recovery directory `dir` (an overlay).
 fn uses_dir(xml: &str, dir: &Path) -> bool {
-    backflow_libvirt::parse_disks(xml).is_ok_and(|disks| {
-        disks
-            .iter()
-            .any(|d| Path::new(&d.source.to_string()).starts_with(dir))
-    })
+    disk_sources(xml)
+        .iter()
+        .any(|source| source.starts_with(dir))
+}
+
+/// The sources of a domain XML's disks (none when it cannot be read).
+fn disk_sources(xml: &str) -> Vec<PathBuf> {
+    backflow_libvirt::parse_disks(xml)
+        .map(|disks| {
+            disks
+                .iter()
+                .map(|d| PathBuf::from(d.source.to_string()))
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// What [`finish`] did.
@@ -498,11 +508,12 @@ pub fn finish(
         call: "virDomainGetXMLDesc",
         cause,
     })?;
+    let sources = disk_sources(&live);
     let mut moving = Vec::new();
     let mut done = Vec::new();
     for disk in &state.disks {
         let dest = to.join(format!("{name}-{}.{format}", disk.target));
-        if live.contains(&format!("'{}'", disk.overlay.display())) {
+        if sources.contains(&disk.overlay) {
             if dest.exists() {
                 return Err(failed(
                     name,

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use backflow_repository::{Location, keys};
 use tracing::{debug, warn};
 
 use crate::state::ServerRecord;
@@ -23,6 +24,51 @@ pub struct ServeCommand {
 }
 
 impl ServeCommand {
+    /// `PROGRAM serve --repo LOCATION --snapshot ID`: the export of restore point `snapshot` (an id)
+    /// of the repository at `location`, by `program` (this binary), with the passphrase file this
+    /// process uses for that repository ([`backflow_repository::keys::password_file_for`]). A local
+    /// repository's path and the passphrase file's are made absolute: the export may run in
+    /// another directory.
+    pub fn of_restore_point(program: PathBuf, location: &Location, snapshot: &str) -> ServeCommand {
+        let repository = match location {
+            Location::Local(path) => {
+                Location::Local(std::path::absolute(path).unwrap_or_else(|_| path.clone()))
+            }
+            other => other.clone(),
+        };
+        let env = keys::password_file_for(&location.to_string())
+            .map(|file| {
+                (
+                    OsString::from(keys::PASSWORD_FILE_ENV),
+                    std::path::absolute(&file).unwrap_or(file).into_os_string(),
+                )
+            })
+            .into_iter()
+            .collect();
+        ServeCommand {
+            program,
+            args: vec![
+                "serve".into(),
+                "--repo".into(),
+                repository.to_string().into(),
+                "--snapshot".into(),
+                snapshot.into(),
+            ],
+            env,
+        }
+    }
+
+    /// The export's command, listening on `socket`; the caller sets its standard streams.
+    pub fn command(&self, socket: &Path) -> Command {
+        let mut command = Command::new(&self.program);
+        command
+            .args(&self.args)
+            .arg("--listen")
+            .arg(format!("unix:{}", socket.display()))
+            .envs(self.env.iter().map(|(k, v)| (k, v)));
+        command
+    }
+
     /// Starts the export on `socket`, its output into `log`, and waits until the socket accepts
     /// connections (or the process exits: the error then holds the end of its log).
     pub(crate) fn spawn(
@@ -35,12 +81,8 @@ impl ServeCommand {
         let err = out
             .try_clone()
             .map_err(|e| format!("{}: {e}", log.display()))?;
-        let mut command = Command::new(&self.program);
+        let mut command = self.command(socket);
         command
-            .args(&self.args)
-            .arg("--listen")
-            .arg(format!("unix:{}", socket.display()))
-            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)

@@ -107,21 +107,6 @@ impl InstantState {
             source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
         })
     }
-
-    /// The state directory's socket of the export.
-    pub fn socket(dir: &Path) -> PathBuf {
-        dir.join(SOCKET)
-    }
-
-    /// The console log of the recovery in `dir`.
-    pub fn console_log(dir: &Path) -> PathBuf {
-        dir.join(CONSOLE_LOG)
-    }
-
-    /// The console socket of the recovery in `dir` (with `console_socket`).
-    pub fn console_socket(dir: &Path) -> PathBuf {
-        dir.join(CONSOLE_SOCKET)
-    }
 }
 
 /// An exclusive `flock` on the directory's lock file, held while a command works on the recovery.
