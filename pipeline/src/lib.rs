@@ -18,6 +18,8 @@
 //! - [`harness`]: one stage alone on prepared input, for stage tests and benchmarks.
 //! - [`input`]: specs, job files and sources checked for what they are before they are read, and
 //!   bounded: nothing people hand a run can block it or fill its memory.
+//! - [`live`]: the registry of running pipelines and their live per-stage statistics, for the
+//!   daemon's console and metrics.
 //! - [`hooks`]: test hooks that pause a run at a named moment, for crash tests (only with the
 //!   `test-hooks` feature; empty otherwise).
 //! - [`error`]: the stage error type and the error policy.
@@ -28,6 +30,7 @@ pub mod error;
 pub mod harness;
 pub mod hooks;
 pub mod input;
+pub mod live;
 pub mod message;
 pub mod runtime;
 pub mod spec;
@@ -39,12 +42,13 @@ pub mod units;
 pub use backflow_repository::crypto::ChunkHasher;
 pub use context::{CancelToken, DamagedRange, Measure, Overall, RESTORE_PLAN, RunContext};
 pub use error::StageError;
+pub use live::{LiveHandle, LivePipelines, LiveRun, LiveStage};
 pub use message::{
     BlockSource, ChangeTracking, Changes, Chunk, ChunkRef, Codec, Digest, Disk, DiskSource, Extent,
     ExtentClass, Message, MessageType, ParentChunks, Payload, SizeOnly, digest_of,
 };
 pub use runtime::{
-    DEFAULT_CHANNEL_CAPACITY, Outcome, Pipeline, Progress, RunOptions, Stopped, Worker,
+    DEFAULT_CHANNEL_CAPACITY, Outcome, Pipeline, Progress, ProgressFn, RunOptions, Stopped, Worker,
 };
 pub use stage::{Finaliser, InvalidOption, PlacedStage, Stage, StageIo, Work};
 pub use stats::{OutcomeKind, RunReport, StageReport};
