@@ -19,12 +19,14 @@
 use std::collections::VecDeque;
 use std::io::Read;
 use std::path::Path;
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use backflow_libvirt::Connection;
 use backflow_pipeline::spec::{self, Override};
-use backflow_pipeline::{CancelToken, OutcomeKind, RunOptions, RunReport};
+use backflow_pipeline::{
+    CancelToken, LiveHandle, LivePipelines, OutcomeKind, RunOptions, RunReport,
+};
 use backflow_repository::{Location, Repository};
 use backflow_stages::Stages;
 use serde::{Deserialize, Serialize};
@@ -197,6 +199,41 @@ pub struct SessionRecord {
     /// What a verify-boot job found (`None` for other jobs).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub verify_boot: Option<crate::VerifyBootRecord>,
+    /// Who asked for the run: `schedule` (the daemon's clock), or the console's user
+    /// (`token:NAME`, `local` on a loopback console without tokens); `None` for runs from the
+    /// command line and records of earlier releases.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requested_by: Option<String>,
+    /// An action on a restore point asked for through the console or its API (`None` for job
+    /// runs): what, on which restore point, and how it ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub action: Option<ActionRecord>,
+}
+
+/// An action asked for through the daemon's console or API (on a restore point, or enabling or
+/// disabling a job): recorded as a session of its own (job `console`), with who asked.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ActionRecord {
+    /// `verify`, `forget`, `restore` or `instant-restore` (on a restore point), `enable` or
+    /// `disable` (a job).
+    pub kind: String,
+    /// The job enabled or disabled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job: Option<String>,
+    /// The restore point's id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<String>,
+    /// Its VM (or image identity).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm: Option<String>,
+    /// Where a restore wrote, or the name of an instant recovery.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+    pub seconds: f64,
+    /// The last lines the action printed (its summary, or why it failed).
+    #[serde(default)]
+    pub output: String,
+    pub error: Option<String>,
 }
 
 /// What a gc job did.
@@ -244,6 +281,10 @@ pub struct RunJobOptions {
     /// What to back up, when the caller already planned it with [`plan`] (the daemon does, to
     /// keep two jobs off one VM); `None`: the run lists and selects itself.
     pub selected: Option<Result<Vec<Source>, JobError>>,
+    /// Where the pipelines publish their live statistics (the daemon's console); `None`: nowhere.
+    pub live: Option<Arc<LivePipelines>>,
+    /// Who asked for the run, recorded in the session ([`SessionRecord::requested_by`]).
+    pub requested_by: Option<String>,
 }
 
 /// The time now, in unix seconds.
@@ -275,6 +316,8 @@ pub fn run_job(job: &Job, options: &RunJobOptions) -> (SessionRecord, Result<(),
         gc: None,
         copy: None,
         verify_boot: None,
+        requested_by: options.requested_by.clone(),
+        action: None,
     };
     // Opened once, on first use: by a source's retention, else to record the session.
     let repo = OnceLock::new();
@@ -560,7 +603,7 @@ fn run_all(
                     let record = if options.cancel.is_cancelled() {
                         skipped(vm)
                     } else {
-                        run_source(job, vm, &options.cancel, repo)
+                        run_source(job, vm, options, repo)
                     };
                     done.lock().unwrap().push((i, record));
                 }
@@ -673,7 +716,7 @@ pub fn load_spec(
     }
 }
 
-fn run_source(job: &Job, source: &Source, cancel: &CancelToken, repo: &SharedRepo) -> VmRecord {
+fn run_source(job: &Job, source: &Source, options: &RunJobOptions, repo: &SharedRepo) -> VmRecord {
     let started = Instant::now();
     let loaded = load_spec(job, source);
     let mut record = skipped(source);
@@ -689,12 +732,24 @@ fn run_source(job: &Job, source: &Source, cancel: &CancelToken, repo: &SharedRep
     tracing::info!(job = %job.name.0, source = %source.label(), "Backing up.");
     // A run cancels its own token when one of its stages fails: each source gets a child of the
     // session's token, so that one failing never cancels the others.
+    let live = options
+        .live
+        .as_ref()
+        .map(|live| live.begin(&job.name.0, &source.label(), &pipeline.name));
     let report = pipeline.run(RunOptions {
-        cancel: cancel.child(),
-        on_progress: None,
+        cancel: options.cancel.child(),
+        on_progress: live.as_ref().map(LiveHandle::progress),
     });
     record.seconds = started.elapsed().as_secs_f64();
     fill(&mut record, &report);
+    if let Some(live) = live {
+        live.end(match record.result {
+            Verdict::Success => "succeeded",
+            Verdict::Warning => "warning",
+            Verdict::Cancelled => "cancelled",
+            Verdict::Failure => "failed",
+        });
+    }
     let Some(snapshot) = record.snapshot.clone() else {
         return record;
     };

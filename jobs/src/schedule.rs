@@ -18,6 +18,9 @@ use chrono::{DateTime, Utc};
 
 use crate::file::Job;
 
+/// Who asked for a run the clock owed: [`Scheduler::requested_by`] of a scheduled or caught-up run.
+pub const SCHEDULE: &str = "schedule";
+
 /// The earliest time one of the job's schedules matches strictly after `after`; `None` for a job
 /// without schedules (or a schedule that never matches, such as February 30th).
 pub fn next_due(job: &Job, after: i64) -> Option<i64> {
@@ -65,8 +68,11 @@ struct Slot {
     job: Job,
     /// The next scheduled time not yet turned into `pending`.
     next: Option<i64>,
-    /// A run is owed (a scheduled time came, or one was missed before the daemon started).
-    pending: bool,
+    /// A run is owed (a scheduled time came, or one was missed before the daemon started, or
+    /// someone asked for one), and who asked: `schedule`, or the console's user.
+    pending: Option<String>,
+    /// A disabled job's scheduled times pass without owing a run; asking still runs it.
+    enabled: bool,
     /// The VMs of the run going on, if one is.
     running: Option<Vec<String>>,
 }
@@ -79,7 +85,8 @@ impl Scheduler {
             .into_iter()
             .map(|(job, last_started)| Slot {
                 next: next_due(&job, now),
-                pending: missed(&job, last_started, now),
+                pending: missed(&job, last_started, now).then(|| SCHEDULE.to_owned()),
+                enabled: true,
                 running: None,
                 job,
             })
@@ -108,10 +115,12 @@ impl Scheduler {
         let mut due = Vec::new();
         for (i, slot) in self.slots.iter_mut().enumerate() {
             if slot.next.is_some_and(|t| t <= now) {
-                slot.pending = true;
+                if slot.enabled && slot.pending.is_none() {
+                    slot.pending = Some(SCHEDULE.to_owned());
+                }
                 slot.next = next_due(&slot.job, now);
             }
-            if slot.pending && slot.running.is_none() {
+            if slot.pending.is_some() && slot.running.is_none() {
                 due.push(i);
             }
         }
@@ -127,8 +136,45 @@ impl Scheduler {
         }
         self.busy_vms.extend(vms.iter().cloned());
         slot.running = Some(vms);
-        slot.pending = false;
+        slot.pending = None;
         true
+    }
+
+    /// Who asked for job `index`'s owed run (`schedule`, or the console's user); `None`: no run
+    /// is owed.
+    pub fn requested_by(&self, index: usize) -> Option<&str> {
+        self.slots[index].pending.as_deref()
+    }
+
+    /// Someone (`who`) asks for a run of job `index` now, disabled or not: it is owed, and starts
+    /// at the next check unless it runs already (then `false`) or its VMs are busy (then it
+    /// waits for them as a scheduled run does).
+    pub fn request(&mut self, index: usize, who: &str) -> bool {
+        let slot = &mut self.slots[index];
+        if slot.running.is_some() {
+            return false;
+        }
+        slot.pending = Some(who.to_owned());
+        true
+    }
+
+    /// Enables or disables job `index`. Disabling drops a scheduled run that is owed and not
+    /// started; a running one goes on.
+    pub fn set_enabled(&mut self, index: usize, enabled: bool) {
+        let slot = &mut self.slots[index];
+        slot.enabled = enabled;
+        if !enabled && slot.pending.as_deref() == Some(SCHEDULE) {
+            slot.pending = None;
+        }
+    }
+
+    pub fn is_enabled(&self, index: usize) -> bool {
+        self.slots[index].enabled
+    }
+
+    /// Whether job `index` runs now.
+    pub fn is_running(&self, index: usize) -> bool {
+        self.slots[index].running.is_some()
     }
 
     /// Job `index`'s run ended: its VMs are free.
@@ -140,9 +186,10 @@ impl Scheduler {
         }
     }
 
-    /// Job `index`'s next scheduled time (`None`: it has no schedule).
+    /// Job `index`'s next scheduled time (`None`: it has no schedule, or it is disabled).
     pub fn next_run(&self, index: usize) -> Option<i64> {
-        self.slots[index].next
+        let slot = &self.slots[index];
+        slot.next.filter(|_| slot.enabled)
     }
 
     /// How many runs are going on.
@@ -304,5 +351,26 @@ mod tests {
         assert_eq!(s.due(MONDAY + HOUR + 10), [1]);
         assert!(s.start(1, vec!["db1".into(), "web1".into(), "web2".into()]));
         assert!(s.due(MONDAY + HOUR + 11).is_empty());
+    }
+
+    #[test]
+    fn a_disabled_job_owes_no_scheduled_run_but_runs_when_asked() {
+        let mut s = Scheduler::new(vec![(job("j", "a", &["0 * * * *"]), Some(MONDAY))], MONDAY);
+        s.set_enabled(0, false);
+        assert_eq!(s.next_run(0), None);
+        assert!(s.due(MONDAY + HOUR).is_empty());
+        assert!(s.request(0, "token:alice"));
+        assert_eq!(s.due(MONDAY + HOUR + 1), [0]);
+        assert_eq!(s.requested_by(0), Some("token:alice"));
+        assert!(s.start(0, vec!["a".into()]));
+        // Running: a second request is refused.
+        assert!(!s.request(0, "token:bob"));
+        s.finish(0);
+        s.set_enabled(0, true);
+        assert_eq!(s.due(MONDAY + 2 * HOUR), [0]);
+        assert_eq!(s.requested_by(0), Some(SCHEDULE));
+        // Disabling drops the owed scheduled run.
+        s.set_enabled(0, false);
+        assert!(s.due(MONDAY + 2 * HOUR + 1).is_empty());
     }
 }
