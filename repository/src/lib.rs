@@ -490,7 +490,7 @@ pub use session::{BackupSession, PackWriter};
 pub use snapshot::{DiskInfo, DiskMeta, Snapshot, SnapshotInfo, SnapshotMeta};
 pub use store::{BadLocation, Location, S3Location};
 pub use types::{
-    BadDigest, ChunkLocation, ChunkRef, Codec, DamagedFile, Digest, PackId, StoredChunk,
+    BadDigest, ChunkLocation, ChunkRef, Codec, DamagedFile, Digest, PackId, StoredChunk, Usage,
 };
 pub use verify::{ChunkProblem, ProblemKind, VerifyReport};
 

@@ -15,7 +15,7 @@ use crate::pack::{PackHandle, check_blob_bounds, pack_key, read_stored_pack_trai
 use crate::session::BackupSession;
 use crate::snapshot::{Snapshot, SnapshotInfo, read_meta, snapshot_key};
 use crate::store::{Lease, Location, PutMode, Store, open_store};
-use crate::{ChunkLocation, Digest, PackId, StoredChunk};
+use crate::{ChunkLocation, Digest, PackId, StoredChunk, Usage};
 
 /// Open pack files kept for `read_chunk`: restore reads packs in roughly the order they were written, and a
 /// handful of writer threads interleave their packs, so a small cache hits almost always while bounding the
@@ -875,6 +875,34 @@ impl Repository {
     /// Removes scratch directories left by killed sessions (whose lock is free); returns how many.
     pub fn remove_stale_scratch(&self) -> Result<usize> {
         crate::scratch::remove_stale(self.inner.store.scratch_root())
+    }
+
+    /// What the repository holds and what it costs: restore points, their logical size, the pack
+    /// files' size and the chunks indexed. Lists `packs/` and `snapshots/` and reads the index files'
+    /// headers (already open for lookups), nothing else: cheap enough for a console to ask every
+    /// minute.
+    pub fn usage(&self) -> Result<Usage> {
+        let snapshots = self.list_snapshots()?;
+        let store = &*self.inner.store;
+        let (mut packs, mut stored_bytes) = (0u64, 0u64);
+        for sub in store.list_dirs("packs/")? {
+            for entry in store.list(&format!("packs/{sub}/"))? {
+                if entry.name.ends_with(".pack") {
+                    packs += 1;
+                    stored_bytes += entry.size;
+                }
+            }
+        }
+        self.refresh()?;
+        let chunks = self.index_files().iter().map(|f| f.record_count()).sum();
+        let logical_bytes: u64 = snapshots.iter().map(|s| s.size).sum();
+        Ok(Usage {
+            snapshots: snapshots.len() as u64,
+            logical_bytes,
+            stored_bytes,
+            packs,
+            chunks,
+        })
     }
 
     /// All pack files present, from the directory listing.

@@ -177,3 +177,31 @@ pub struct DamagedFile {
     pub path: String,
     pub error: String,
 }
+
+/// What a repository holds and what it costs ([`crate::Repository::usage`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Usage {
+    /// Restore points.
+    pub snapshots: u64,
+    /// The restore points' disks' sizes, summed: what restoring every one of them would write.
+    pub logical_bytes: u64,
+    /// The pack files' size: the data as stored (deduplicated, compressed, encrypted).
+    pub stored_bytes: u64,
+    pub packs: u64,
+    /// Chunk records in the index files (a chunk stored twice by concurrent backups counts twice
+    /// until a gc).
+    pub chunks: u64,
+}
+
+impl Usage {
+    /// Logical over stored bytes, as Proxmox Backup Server's "deduplication factor" counts it: the
+    /// data the restore points describe (holes and zeros included) for each byte stored; 0 when
+    /// nothing is stored.
+    pub fn deduplication_ratio(&self) -> f64 {
+        if self.stored_bytes == 0 {
+            0.0
+        } else {
+            self.logical_bytes as f64 / self.stored_bytes as f64
+        }
+    }
+}
