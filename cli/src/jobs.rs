@@ -61,7 +61,7 @@ pub fn run(command: JobCommand) -> Result<()> {
                 &RunJobOptions {
                     cancel: cancel.clone(),
                     only: vm,
-                    selected: None,
+                    ..RunJobOptions::default()
                 },
             );
             if !quiet {

@@ -50,6 +50,7 @@ pub const BUILTIN: &[BuiltinSpec] = &[
     RESTORE_VM,
     builtin!("tune-compress"),
     builtin!("tune-dedup"),
+    builtin!("verify-restore-point"),
 ];
 
 /// The built-in spec of that name.
