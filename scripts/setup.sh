@@ -63,6 +63,11 @@ command -v mcopy >/dev/null || need+=(mtools)
 command -v syslinux >/dev/null && [ -f /usr/lib/syslinux/mbr/mbr.bin ] || need+=(syslinux syslinux-common)
 [ -x /bin/busybox ] && /bin/busybox --list 2>/dev/null | grep -qx insmod || need+=(busybox-static)
 command -v depmod >/dev/null || need+=(kmod)
+# chromium and chromedriver (chromium-driver): the web console's tests drive the daemon's pages in
+# a real headless browser over WebDriver (testkit/src/webdriver.rs). Installing them from Debian 12
+# removes nothing (checked with apt-get -s; it upgrades libgdk-pixbuf to its security release).
+[ -x /usr/bin/chromium ] || need+=(chromium)
+[ -x /usr/bin/chromedriver ] || need+=(chromium-driver)
 if [ ${#need[@]} -gt 0 ]; then
   echo "setup: installing ${need[*]}" >&2
   $SUDO apt-get update -qq
@@ -124,6 +129,45 @@ if [ ! -f "$KTOOLS/current/vmlinuz" ] || [ ! -f "/lib/modules/$(cat "$KTOOLS/cur
     "$KTOOLS/$kver/vmlinuz" "/lib/modules/$kver" "$kver" | $SUDO tee "$KTOOLS/$kver/env" >/dev/null
   $SUDO ln -sfn "$kver" "$KTOOLS/current"
   $SUDO rm -rf "$kdl"
+fi
+
+# promtool: the tests check the example alert rules (dist/backflow-alerts.yml, `promtool check rules`
+# and `promtool test rules`) and the daemon's /metrics (`promtool check metrics`). Only the tool is
+# wanted, not a Prometheus service: Debian 12's prometheus package is downloaded and unpacked (not
+# installed) and its promtool copied to $BACKFLOW_TOOLS/bin.
+PTOOL=${BACKFLOW_TOOLS:-/opt/backflow-tools}/bin/promtool
+if ! "$PTOOL" --version >/dev/null 2>&1; then
+  echo "setup: unpacking promtool from Debian's prometheus into $PTOOL" >&2
+  pdl=$(mktemp -d /var/tmp/backflow-promtool.XXXXXX)
+  chmod 755 "$pdl"
+  (cd "$pdl" && $SUDO apt-get download -q prometheus >/dev/null 2>&1) \
+    || { $SUDO apt-get update -qq && (cd "$pdl" && $SUDO apt-get download -q prometheus >/dev/null 2>&1); } \
+    || { echo "setup: apt-get download prometheus failed" >&2; exit 1; }
+  $SUDO dpkg-deb -x "$pdl"/prometheus_*.deb "$pdl/root"
+  $SUDO mkdir -p "$(dirname "$PTOOL")"
+  $SUDO install -m 755 "$pdl/root/usr/bin/promtool" "$PTOOL"
+  $SUDO rm -rf "$pdl"
+  "$PTOOL" --version >/dev/null || { echo "setup: $PTOOL does not run" >&2; exit 1; }
+fi
+# schemathesis (PyPI; `st`): the tests check the daemon's OpenAPI document against the running
+# server. It lives in a venv of its own at $BACKFLOW_TOOLS/venv, made with Debian's /usr/bin/python3
+# (3.11 on Debian 12; python3-venv gives it ensurepip), not with whatever python3 is first on the
+# PATH (pyenv's here), so that the venv does not depend on a user's interpreter. The version is
+# pinned: the tests rely on its CLI (`st run SCHEMA --url BASE ...`), which changes between majors.
+SCHEMATHESIS_VERSION=4.32.5
+STVENV=${BACKFLOW_TOOLS:-/opt/backflow-tools}/venv
+if ! "$STVENV/bin/st" --version 2>/dev/null | grep -qF "$SCHEMATHESIS_VERSION"; then
+  if ! /usr/bin/python3 -c 'import ensurepip, venv' 2>/dev/null; then
+    echo "setup: installing python3-venv" >&2
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq python3-venv >/dev/null
+  fi
+  echo "setup: installing schemathesis $SCHEMATHESIS_VERSION into $STVENV" >&2
+  [ -x "$STVENV/bin/pip" ] || $SUDO /usr/bin/python3 -m venv "$STVENV"
+  $SUDO "$STVENV/bin/pip" install -q --disable-pip-version-check "schemathesis==$SCHEMATHESIS_VERSION" \
+    || { echo "setup: pip install schemathesis==$SCHEMATHESIS_VERSION failed" >&2; exit 1; }
+  "$STVENV/bin/st" --version | grep -qF "$SCHEMATHESIS_VERSION" \
+    || { echo "setup: $STVENV/bin/st is not schemathesis $SCHEMATHESIS_VERSION" >&2; exit 1; }
 fi
 
 # Starts virtlogd and libvirtd when no libvirtd answers (no systemd here); they keep running for

@@ -9,7 +9,8 @@
 //! namespaces, and s3s-fs); [`cluster`] the lab of three KVM hosts on one machine that clusters
 //! and workers are tested on (`scripts/cluster.sh`); [`guest`] the bootable test guest (a disk
 //! made from Debian's kernel and busybox that boots under libvirt and answers commands on its
-//! serial console: docs/test-guest.md).
+//! serial console: docs/test-guest.md); [`tools`] finds promtool and schemathesis; [`webdriver`]
+//! drives Debian's headless chromium through chromedriver (the web console's tests).
 
 pub mod cluster;
 pub mod disks;
@@ -20,6 +21,8 @@ pub mod pki;
 pub mod qemu;
 pub mod s3;
 pub mod smtp;
+pub mod tools;
+pub mod webdriver;
 
 use std::collections::HashSet;
 use std::os::unix::fs::FileExt;
