@@ -59,7 +59,7 @@ fn a_wrong_expectation_fails() {
     let tests = std::fs::read_to_string(dist().join("backflow-alerts.test.yml")).unwrap();
     // The 40h evaluation expects web1 and mail1; expecting mail1 alone (no alert for web1, whose
     // backup is 30 hours old) must fail.
-    let web1 = "          - exp_labels:\n              severity: critical\n              job: nightly\n              vm: web1\n";
+    let web1 = "          - exp_labels:\n              severity: critical\n              backflow_job: nightly\n              vm: web1\n";
     let start = tests
         .find(web1)
         .expect("the test file expects an alert for web1");
