@@ -263,7 +263,7 @@ fn sigterm_to_the_daemon_mid_session_ends_every_worker_and_backup_job() {
     let mut cmd = backflow();
     lab.apply(&mut cmd)
         .env("BACKFLOW_PAUSE_MID_TRANSFER", &pause)
-        .args(["--log", "info", "daemon", "--jobs"])
+        .args(["--log", "info", "daemon", "--http", "127.0.0.1:0", "--jobs"])
         .arg(&jobs)
         .stdout(std::process::Stdio::null())
         .stderr(std::fs::File::create(scratch.path().join("daemon.log")).unwrap());

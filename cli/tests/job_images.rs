@@ -152,7 +152,7 @@ fn a_job_of_a_raw_and_a_qcow2_image_keeps_each_by_its_own_retention_and_both_res
 /// lines, until it logs a line containing `until`, then SIGTERM and every line to its exit.
 fn daemon_lines_at_default_level(jobs: &Path, until: &str) -> Vec<String> {
     let mut child = backflow()
-        .args(["daemon", "--jobs"])
+        .args(["daemon", "--http", "127.0.0.1:0", "--jobs"])
         .arg(jobs)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())

@@ -439,7 +439,7 @@ pub fn record_old_session(repo: &Path, job: &str, seconds: i64) -> String {
 /// come (and echoed to the test's output).
 pub fn start_daemon(jobs: &Path) -> (Child, std::sync::mpsc::Receiver<String>) {
     let mut child = backflow()
-        .args(["--log", "info", "daemon", "--jobs"])
+        .args(["--log", "info", "daemon", "--http", "127.0.0.1:0", "--jobs"])
         .arg(jobs)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
