@@ -233,12 +233,13 @@ pub fn run(args: Args) -> Result<()> {
             // Listed once: the selection marks the VMs busy and is what the run backs up. A health
             // check or a gc backs up no VM: it runs beside any backup.
             let selected = (!job.is_maintenance()).then(|| backflow_jobs::run::plan(&job, None));
+            // Read before the start, which clears it.
+            let requested_by = scheduler_requested(&scheduler, i);
             if !scheduler.start(i, busy_vms(selected.as_ref())) {
                 tracing::debug!(job = %job.name.0, "Due, waiting for VMs another job backs up.");
                 waiting.insert(i);
                 continue;
             }
-            let requested_by = scheduler_requested(&scheduler, i);
             tracing::info!(
                 job = %job.name.0,
                 sources = selected.as_ref().and_then(|s| s.as_ref().ok()).map_or(0, Vec::len),

@@ -41,8 +41,6 @@ pub struct AppState {
     pub options: Arc<HttpOptions>,
     /// Whether the console is served over TLS (cookies are then `Secure`).
     pub tls: bool,
-    /// The CSRF value of a console without tokens (per process).
-    pub local_csrf: String,
 }
 
 impl AppState {
@@ -62,7 +60,6 @@ impl AppState {
             tasks: Arc::new(Tasks::default()),
             options: Arc::new(options),
             tls,
-            local_csrf: crate::auth::random_hex(16),
         }
     }
 }

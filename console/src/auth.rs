@@ -7,9 +7,10 @@
 //! - **local**: no tokens configured (loopback only): every request is the local operator.
 //!
 //! Unsafe methods (POST) from a browser session or a local console must carry the header
-//! `X-Backflow-CSRF` with the value the pages hold (per session, or per process for local), and
-//! an `Origin`, when the browser sends one, must be this server's: a page of another site can
-//! neither read that value nor send the header without a preflight this server never allows.
+//! `X-Backflow-CSRF`, and an `Origin`, when the browser sends one, must be this server's. A page of
+//! another site cannot send that header without a CORS preflight this server never allows (the
+//! custom-header defence), so on a local console any value will do (`curl -H 'X-Backflow-CSRF:
+//! 1'`); a browser session's value must also be the session's own, which its pages hold.
 //! Bearer requests need neither (a browser never adds that header by itself). Without tokens the
 //! `Host` header must name a loopback address or `localhost` (a DNS name that another site points
 //! at 127.0.0.1 is refused: DNS rebinding).
@@ -207,7 +208,7 @@ pub async fn authenticate(State(state): State<AppState>, mut request: Request, n
         Some(Caller {
             name: "local".into(),
             role: Role::Operator,
-            csrf: Some(state.local_csrf.clone()),
+            csrf: Some("local".into()),
             local: true,
         })
     } else if let Some(value) = headers
@@ -250,6 +251,8 @@ pub async fn authenticate(State(state): State<AppState>, mut request: Request, n
         Method::GET | Method::HEAD | Method::OPTIONS
     );
     if unsafe_method && let Some(expected) = &caller.csrf {
+        // A local console: the header's presence is the defence; any value will do.
+        let expected = if caller.local { None } else { Some(expected.as_str()) };
         if let Err(e) = check_csrf(headers, expected, state.tls) {
             return e.into_response();
         }
@@ -259,9 +262,15 @@ pub async fn authenticate(State(state): State<AppState>, mut request: Request, n
 }
 
 /// An unsafe request from a browser: the CSRF header must match, and an Origin must be ours.
-fn check_csrf(headers: &HeaderMap, expected: &str, tls: bool) -> Result<(), ApiError> {
+/// `expected`: the session's value; `None`: any value (a local console).
+fn check_csrf(headers: &HeaderMap, expected: Option<&str>, tls: bool) -> Result<(), ApiError> {
     let given = headers.get(CSRF_HEADER).and_then(|v| v.to_str().ok());
-    if given != Some(expected) {
+    let ok = match (given, expected) {
+        (Some(v), None) => !v.is_empty(),
+        (Some(v), Some(expected)) => v == expected,
+        (None, _) => false,
+    };
+    if !ok {
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
             "csrf",
@@ -310,12 +319,16 @@ mod tests {
     fn csrf_needs_the_header_and_our_origin() {
         let mut h = HeaderMap::new();
         h.insert(header::HOST, "127.0.0.1:8420".parse().unwrap());
-        assert!(check_csrf(&h, "x", false).is_err());
+        assert!(check_csrf(&h, Some("x"), false).is_err());
+        assert!(check_csrf(&h, None, false).is_err());
         h.insert(CSRF_HEADER, "x".parse().unwrap());
-        assert!(check_csrf(&h, "x", false).is_ok());
+        assert!(check_csrf(&h, Some("x"), false).is_ok());
+        assert!(check_csrf(&h, Some("y"), false).is_err());
+        assert!(check_csrf(&h, None, false).is_ok());
         h.insert(header::ORIGIN, "http://evil.example".parse().unwrap());
-        assert!(check_csrf(&h, "x", false).is_err());
+        assert!(check_csrf(&h, Some("x"), false).is_err());
+        assert!(check_csrf(&h, None, false).is_err());
         h.insert(header::ORIGIN, "http://127.0.0.1:8420".parse().unwrap());
-        assert!(check_csrf(&h, "x", false).is_ok());
+        assert!(check_csrf(&h, Some("x"), false).is_ok());
     }
 }

@@ -85,21 +85,70 @@ impl Families<'_> {
     }
 }
 
-/// The metrics, in Prometheus's text format (OpenMetrics).
+/// The metrics: OpenMetrics when the scraper accepts it (Prometheus does), else Prometheus's
+/// classic text format (version 0.0.4: what `curl` and `promtool check metrics` read).
 #[utoipa::path(get, path = "/metrics", responses(
-    (status = 200, description = "OpenMetrics text", content_type = "application/openmetrics-text", body = String),
+    (status = 200, description = "OpenMetrics text, or the classic text format", content_type = "text/plain", body = String),
     (status = 401, body = crate::api::ErrorBody),
 ))]
-pub async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError> {
+pub async fn metrics(
+    State(state): State<AppState>,
+    headers: axum::http::HeaderMap,
+) -> Result<Response, ApiError> {
     let text = blocking(move || render(&state)).await??;
-    Ok((
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        text,
-    )
-        .into_response())
+    let openmetrics = headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.contains("application/openmetrics-text"));
+    Ok(if openmetrics {
+        (
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            text,
+        )
+            .into_response()
+    } else {
+        (
+            [(
+                header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )],
+            to_classic(&text),
+        )
+            .into_response()
+    })
+}
+
+/// OpenMetrics text as the classic text format: a counter family is named by its samples
+/// (`foo_total`, where OpenMetrics names the family `foo`), and there is no `# EOF` or `# UNIT`.
+pub fn to_classic(openmetrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> = openmetrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let renamed = ["# HELP ", "# TYPE "].iter().find_map(|prefix| {
+            let rest = line.strip_prefix(prefix)?;
+            let (name, tail) = rest.split_once(' ')?;
+            counters
+                .contains(name)
+                .then(|| format!("{prefix}{name}_total {tail}"))
+        });
+        match renamed {
+            Some(line) => out.push_str(&line),
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
 }
 
 fn b(v: bool) -> i64 {
@@ -310,4 +359,20 @@ pub fn render(state: &AppState) -> Result<String, ApiError> {
     let mut out = String::new();
     encode(&mut out, &registry).map_err(|e| ApiError::internal(format!("metrics: {e}")))?;
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_are_named_by_their_samples_in_the_classic_format() {
+        let om = "# HELP a_bytes Bytes.\n# TYPE a_bytes counter\na_bytes_total{x=\"1\"} 5\n\
+                  # HELP g A gauge.\n# TYPE g gauge\ng 1\n# EOF\n";
+        assert_eq!(
+            to_classic(om),
+            "# HELP a_bytes_total Bytes.\n# TYPE a_bytes_total counter\na_bytes_total{x=\"1\"} 5\n\
+             # HELP g A gauge.\n# TYPE g gauge\ng 1\n"
+        );
+    }
 }

@@ -206,8 +206,10 @@ impl LivePipelines {
             let elapsed_ns = progress.elapsed.as_nanos() as u64;
             let wall_ns = worker_ns + active * elapsed_ns;
             let busy_ns = wall_ns.saturating_sub(starved + backpressured);
+            // Over the last interval while the stage's workers run; over the whole run once
+            // they ended (the final update comes after every stage ended).
             let (rate, utilisation) = match &previous {
-                Some((at, before)) if before.len() == waits.len() => {
+                Some((at, before)) if before.len() == waits.len() && active > 0 => {
                     let dt = now.duration_since(*at).as_secs_f64();
                     let (wait_before, bytes_before) = before[i];
                     let bytes = waits[i].1.saturating_sub(bytes_before) as f64;
