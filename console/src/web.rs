@@ -35,12 +35,12 @@
 
 use std::sync::LazyLock;
 
+use axum::Extension;
 use axum::Router;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::routing::get;
-use axum::Extension;
 
 use crate::api::AppState;
 use crate::auth::{COOKIE, Caller, SESSION_LIFETIME, cookie, token_for};
@@ -207,10 +207,19 @@ fn page(caller: &Caller, page: &str, title: &str, data: &[(&str, &str)], main: &
     );
     (
         [
-            (header::CONTENT_SECURITY_POLICY, HeaderValue::from_static(CSP)),
+            (
+                header::CONTENT_SECURITY_POLICY,
+                HeaderValue::from_static(CSP),
+            ),
             (header::CACHE_CONTROL, HeaderValue::from_static("no-store")),
-            (header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff")),
-            (header::REFERRER_POLICY, HeaderValue::from_static("same-origin")),
+            (
+                header::X_CONTENT_TYPE_OPTIONS,
+                HeaderValue::from_static("nosniff"),
+            ),
+            (
+                header::REFERRER_POLICY,
+                HeaderValue::from_static("same-origin"),
+            ),
         ],
         Html(html),
     )
@@ -238,16 +247,19 @@ async fn dashboard(Extension(caller): Extension<Caller>) -> Response {
     page(&caller, "dashboard", "Dashboard", &[], &main)
 }
 
-async fn session_page(
-    Extension(caller): Extension<Caller>,
-    Path(id): Path<String>,
-) -> Response {
+async fn session_page(Extension(caller): Extension<Caller>, Path(id): Path<String>) -> Response {
     let main = [
         "<dl id=summary class=loading>Loading…</dl>".to_owned(),
         section("results", "VMs"),
     ]
     .concat();
-    page(&caller, "session", &format!("Session {id}"), &[("id", &id)], &main)
+    page(
+        &caller,
+        "session",
+        &format!("Session {id}"),
+        &[("id", &id)],
+        &main,
+    )
 }
 
 async fn vm_page(Extension(caller): Extension<Caller>, Path(name): Path<String>) -> Response {
@@ -263,7 +275,13 @@ async fn vm_page(Extension(caller): Extension<Caller>, Path(name): Path<String>)
             .to_owned(),
     ]
     .concat();
-    page(&caller, "vm", &format!("VM {name}"), &[("vm", &name)], &main)
+    page(
+        &caller,
+        "vm",
+        &format!("VM {name}"),
+        &[("vm", &name)],
+        &main,
+    )
 }
 
 async fn pipelines_page(Extension(caller): Extension<Caller>) -> Response {

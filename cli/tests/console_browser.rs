@@ -1,0 +1,375 @@
+//! The web console in a real headless browser (Debian's chromium through chromedriver,
+//! `backflow_testkit::webdriver`), served by `backflow daemon --http 127.0.0.1:0` over real jobs:
+//! the dashboard lists the VMs of a job run with their successful backups; a job started with its
+//! Run now button runs and its session (asked by `local`) appears, with each VM's result on its
+//! page; a restore point is verified and forgotten from its VM's page; the live view shows a
+//! backup's stages with changing throughput and its bottleneck highlighted, as it runs.
+//!
+//! The tests write screenshots to docs/img/ (`console-dashboard.png`, `console-live.png`, ...).
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Child;
+use std::sync::mpsc::Receiver;
+use std::time::Duration;
+
+use backflow_testkit::libvirt::Domain;
+use backflow_testkit::webdriver::Browser;
+use common::*;
+use serde_json::json;
+
+/// How long a page may take to show what a job run produced (VM backups under TCG, a loaded
+/// machine): deadlines, not measurements.
+const JOB_WAIT: Duration = Duration::from_secs(180);
+const PAGE_WAIT: Duration = Duration::from_secs(60);
+
+/// A daemon under test, with its console's address; stopped (SIGTERM, then killed) when dropped,
+/// also when the test failed.
+struct Daemon {
+    child: Child,
+    _lines: Receiver<String>,
+    url: String,
+}
+
+impl Daemon {
+    fn start(jobs: &Path) -> Daemon {
+        let (child, lines) = start_daemon(jobs);
+        let mut daemon = Daemon {
+            child,
+            _lines: lines,
+            url: String::new(),
+        };
+        let line = wait_for_line(
+            &daemon._lines,
+            "Console listening.",
+            Duration::from_secs(60),
+        );
+        let url = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("url="))
+            .unwrap_or_else(|| panic!("no url= in {line:?}"));
+        daemon.url = url.trim_matches('"').to_owned();
+        daemon
+    }
+
+    fn page(&self, path: &str) -> String {
+        format!("{}{path}", self.url)
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            sigterm(&self.child);
+            let deadline = std::time::Instant::now() + Duration::from_secs(60);
+            while std::time::Instant::now() < deadline {
+                if let Ok(Some(_)) = self.child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Where the screenshots go.
+fn screenshot_dir() -> PathBuf {
+    let dir = root().join("docs").join("img");
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn write_job(dir: &Path, name: &str, body: &str) {
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(dir.join(format!("{name}.yaml")), body).unwrap();
+}
+
+/// What `css` matches, read in one script: each element's `data-` attributes and its text.
+fn rows(browser: &Browser, css: &str) -> Vec<serde_json::Value> {
+    let value = browser.execute(
+        "return [...document.querySelectorAll(arguments[0])].map(e => \
+         Object.assign({text: e.innerText}, e.dataset));",
+        &[json!(css)],
+    );
+    value.as_array().cloned().unwrap_or_default()
+}
+
+/// The text of `css` inside the row `row` (a selector), if both exist.
+fn cell(browser: &Browser, row: &str, css: &str) -> Option<String> {
+    browser.text_of(&format!("{row} {css}"))
+}
+
+/// Clicks the first element `css` matches once it exists and is enabled.
+fn click_when_ready(browser: &Browser, css: &str) {
+    browser.wait_until(&format!("{css} to be enabled"), PAGE_WAIT, |b| {
+        let ready = b.execute(
+            "const e = document.querySelector(arguments[0]); return !!e && !e.disabled;",
+            &[json!(css)],
+        );
+        ready.as_bool().filter(|r| *r)
+    });
+    let button = browser.find(css);
+    browser.click(&button);
+}
+
+const VM_JOB: &str = "console-vms";
+
+#[test]
+fn the_dashboard_shows_a_job_run_and_runs_a_job_from_its_button() {
+    let (vms, glob) = Domain::start_many("bf-console", 2, &[("vda", "16M")]);
+    for (i, vm) in vms.iter().enumerate() {
+        vm.guest_write("vda", &format!("write -P {} 1M 2M", 0x31 + i));
+    }
+    let work = tempfile::tempdir().unwrap();
+    let repo = work.path().join("repo");
+    init_repo(&repo, "128K");
+    let jobs = work.path().join("jobs");
+    write_job(
+        &jobs,
+        VM_JOB,
+        &format!(
+            "name: {VM_JOB}\nrepository: {}\nvms: [\"{glob}\"]\nschedule: [\"0 3 * * *\"]\n\
+             variables: {{freeze: \"off\"}}\n",
+            repo.display()
+        ),
+    );
+    // A session recorded 25 hours ago: a 03:00 run was missed, and the daemon catches it up at
+    // once (the scheduled run, asked by `schedule`).
+    record_old_session(&repo, VM_JOB, 25 * 3600);
+    let daemon = Daemon::start(&jobs);
+    let browser = Browser::start().unwrap();
+
+    // 1. The dashboard lists the job's VMs by name, each with a successful last backup.
+    browser.goto(&daemon.page("/"));
+    for vm in &vms {
+        let row = format!("tr.vm[data-vm=\"{}\"]", vm.name());
+        browser.wait_until(
+            &format!("{} with a successful backup", vm.name()),
+            JOB_WAIT,
+            |b| b.find_opt(&format!("{row}[data-result=\"success\"]")),
+        );
+        let age = cell(&browser, &row, ".age").unwrap();
+        assert!(
+            age.contains("just now") || age.contains("ago"),
+            "the age of {}'s last backup: {age:?}",
+            vm.name()
+        );
+        assert_eq!(cell(&browser, &row, ".points").as_deref(), Some("1"));
+        // Its name links to its page.
+        let link = browser.find(&format!("{row} td.name a"));
+        assert_eq!(
+            browser.attribute(&link, "href").unwrap(),
+            format!("/vms/{}", vm.name())
+        );
+    }
+    let job_row = format!("tr.job[data-job=\"{VM_JOB}\"]");
+    assert!(
+        cell(&browser, &job_row, ".next")
+            .unwrap()
+            .starts_with("in "),
+        "next runs: {:?}",
+        cell(&browser, &job_row, ".next")
+    );
+    // The caught-up run is among the recent sessions, asked by the schedule.
+    browser.wait_until("the caught-up session", PAGE_WAIT, |b| {
+        rows(b, &format!("tr.session[data-job=\"{VM_JOB}\"]"))
+            .into_iter()
+            .find(|s| s["text"].as_str().unwrap_or("").contains("schedule"))
+    });
+
+    // 2. Run now: the job runs again (an incremental of new guest writes), and its session
+    // (asked by `local`) appears.
+    for (i, vm) in vms.iter().enumerate() {
+        vm.guest_write("vda", &format!("write -P {} 6M 1M", 0x41 + i));
+    }
+    click_when_ready(&browser, &format!("button.run-now[data-job=\"{VM_JOB}\"]"));
+    let session = browser.wait_until("the session asked from the page", JOB_WAIT, |b| {
+        rows(b, &format!("tr.session[data-job=\"{VM_JOB}\"]"))
+            .into_iter()
+            .find(|s| {
+                s["text"].as_str().unwrap_or("").ends_with("local") && s["result"] == "success"
+            })
+    });
+    let id = session["session"].as_str().unwrap().to_owned();
+    for vm in &vms {
+        browser.wait_until(
+            &format!("{}'s second restore point", vm.name()),
+            PAGE_WAIT,
+            |b| {
+                cell(b, &format!("tr.vm[data-vm=\"{}\"]", vm.name()), ".points")
+                    .filter(|n| n == "2")
+            },
+        );
+    }
+    browser.screenshot(&screenshot_dir().join("console-dashboard.png"));
+
+    // Its page shows each VM's result, and who asked.
+    let link = browser.find(&format!("tr.session[data-session=\"{id}\"] a"));
+    browser.click(&link);
+    browser.wait_until("the session page's VMs", PAGE_WAIT, |b| {
+        (rows(b, "tr.vm-result").len() == vms.len()).then_some(())
+    });
+    for vm in &vms {
+        let row = rows(
+            &browser,
+            &format!("tr.vm-result[data-vm=\"{}\"]", vm.name()),
+        );
+        assert_eq!(row.len(), 1, "{row:?}");
+        assert_eq!(row[0]["result"], "success", "{row:?}");
+        // What it read (the 1 MiB written since the first backup, in whole chunks) is shown.
+        let text = row[0]["text"].as_str().unwrap();
+        assert!(text.contains("1.00 MiB"), "{text}");
+    }
+    assert_eq!(browser.text_of("#requested-by").as_deref(), Some("local"));
+    browser.screenshot(&screenshot_dir().join("console-session.png"));
+
+    // 3. A VM's page: verify its newest restore point, then forget its oldest (confirmed in the
+    // dialog); each action's task is followed until it ends.
+    let vm = &vms[0];
+    browser.goto(&daemon.page(&format!("/vms/{}", vm.name())));
+    let points = browser.wait_until("the restore points", PAGE_WAIT, |b| {
+        let points = rows(b, "tr.point");
+        (points.len() == 2).then_some(points)
+    });
+    let (newest, oldest) = (
+        points[0]["point"].as_str().unwrap().to_owned(),
+        points[1]["point"].as_str().unwrap().to_owned(),
+    );
+    click_when_ready(&browser, &format!("button.verify[data-point=\"{newest}\"]"));
+    browser.wait_until("the verify task to succeed", JOB_WAIT, |b| {
+        b.find_opt("tr.task[data-state=\"succeeded\"]")
+    });
+    click_when_ready(&browser, &format!("button.forget[data-point=\"{oldest}\"]"));
+    click_when_ready(&browser, "#confirm-ok");
+    browser.wait_until("the forget task to succeed", JOB_WAIT, |b| {
+        (rows(b, "tr.task[data-state=\"succeeded\"]").len() == 2).then_some(())
+    });
+    browser.wait_until("one restore point left", PAGE_WAIT, |b| {
+        let points = rows(b, "tr.point");
+        (points.len() == 1 && points[0]["point"] == newest.as_str()).then_some(())
+    });
+    let out = run_ok(
+        backflow()
+            .args(["snapshots", "--json", "--repo"])
+            .arg(&repo),
+    );
+    let left: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let left: Vec<&str> = left
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["vm"] == vm.name())
+        .map(|s| s["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(left, [newest.as_str()]);
+}
+
+/// `len` bytes of data no compressor can shrink (BLAKE3's output stream), in `path`.
+fn incompressible(path: &Path, len: u64) {
+    let mut reader = blake3::Hasher::new().update(b"console-live").finalize_xof();
+    let mut file = std::fs::File::create(path).unwrap();
+    let mut buf = vec![0u8; 1 << 20];
+    for _ in 0..len / buf.len() as u64 {
+        reader.fill(&mut buf);
+        std::io::Write::write_all(&mut file, &buf).unwrap();
+    }
+}
+
+const LIVE_JOB: &str = "console-live";
+
+#[test]
+fn the_live_view_shows_changing_throughput_and_the_bottleneck_during_a_backup() {
+    let work = tempfile::tempdir().unwrap();
+    // 32 MiB of incompressible data through zstd at level 19: a backup of some seconds, with
+    // zstd its bottleneck.
+    let image = work.path().join("big.raw");
+    incompressible(&image, 32 << 20);
+    let repo = work.path().join("repo");
+    init_repo(&repo, "128K");
+    let jobs = work.path().join("jobs");
+    write_job(
+        &jobs,
+        LIVE_JOB,
+        &format!(
+            "name: {LIVE_JOB}\nrepository: {}\nimages: [{{path: {}, name: big}}]\n\
+             schedule: [\"0 3 * * *\"]\noverrides: {{zstd: {{level: 19}}}}\n",
+            repo.display(),
+            image.display()
+        ),
+    );
+    let daemon = Daemon::start(&jobs);
+    let browser = Browser::start().unwrap();
+
+    // Started from the dashboard; then the live view, linked from it while the run runs.
+    browser.goto(&daemon.page("/"));
+    click_when_ready(
+        &browser,
+        &format!("button.run-now[data-job=\"{LIVE_JOB}\"]"),
+    );
+    let live = browser.wait_until("the link to the live view", JOB_WAIT, |b| {
+        b.find_opt("#live-link:not([hidden]) a")
+    });
+    browser.click(&live);
+    browser.wait_until("a running pipeline", JOB_WAIT, |b| {
+        b.find_opt(".run[data-state=\"running\"] .stage")
+    });
+
+    // Each stage's throughput, read at each update: some stage must show two different positive
+    // values while the run runs, and a stage must be highlighted as the bottleneck.
+    let mut seen: HashMap<String, Vec<f64>> = HashMap::new();
+    let mut bottleneck = None;
+    let mut shot = false;
+    let changed = browser.wait_until("changing throughput of a stage", JOB_WAIT, |b| {
+        let stages = b.execute(
+            "const run = document.querySelector('.run[data-state=\"running\"]');\
+             if (!run) return null;\
+             return [...run.querySelectorAll('.stage')].map(s => ({\
+               stage: s.dataset.stage,\
+               bps: Number(s.querySelector('.throughput').dataset.bytesPerSecond),\
+               bottleneck: s.classList.contains('bottleneck')}));",
+            &[],
+        );
+        let stages = stages.as_array()?;
+        for s in stages {
+            let name = s["stage"].as_str().unwrap_or_default().to_owned();
+            if s["bottleneck"] == true {
+                bottleneck = Some(name.clone());
+            }
+            let bps = s["bps"].as_f64().unwrap_or(0.0);
+            let values = seen.entry(name).or_default();
+            if bps > 0.0 && values.last() != Some(&bps) {
+                values.push(bps);
+            }
+        }
+        if bottleneck.is_some() && !shot && seen.values().any(|v| !v.is_empty()) {
+            b.screenshot(&screenshot_dir().join("console-live.png"));
+            shot = true;
+        }
+        seen.iter()
+            .find(|(_, v)| v.len() >= 2)
+            .filter(|_| shot)
+            .map(|(stage, v)| (stage.clone(), v.clone()))
+    });
+    eprintln!("throughput of {}: {:?} B/s", changed.0, changed.1);
+    assert!(changed.1.iter().all(|v| *v > 0.0));
+    assert_ne!(changed.1[0], changed.1[1]);
+    let bottleneck = bottleneck.expect("a bottleneck");
+    eprintln!("bottleneck: {bottleneck}; all readings: {seen:?}");
+    // Channels between stages show their queue fill.
+    let channels = rows(&browser, ".run .channel");
+    assert!(!channels.is_empty());
+    for c in &channels {
+        let queued: u64 = c["queued"].as_str().unwrap().parse().unwrap();
+        let capacity: u64 = c["capacity"].as_str().unwrap().parse().unwrap();
+        assert!(capacity > 0 && queued <= capacity, "{c}");
+    }
+
+    // The run ends, and stays shown as ended, having succeeded.
+    browser.wait_until("the run to end", JOB_WAIT, |b| {
+        b.find_opt(".run[data-state=\"ended\"] .badge[data-result=\"succeeded\"]")
+    });
+}
