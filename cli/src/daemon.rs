@@ -74,7 +74,7 @@ type Ended = (usize, Option<(SessionRecord, Result<(), JobError>)>);
 
 /// What wakes the daemon's loop.
 enum Event {
-    Ended(Ended),
+    Ended(Box<Ended>),
     /// The console asks for a run now, by `who`.
     RunNow {
         job: String,
@@ -135,10 +135,7 @@ impl DaemonControl {
 
 impl backflow_console::Control for DaemonControl {
     fn jobs(&self) -> Vec<JobState> {
-        self.state
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     fn run_now(&self, job: &str, who: &str) -> Result<(), ControlError> {
@@ -261,7 +258,7 @@ pub fn run(args: Args) -> Result<()> {
                     let ended = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                         backflow_jobs::run_job(&job, &options)
                     }));
-                    let _ = tx.send(Event::Ended((i, ended.ok())));
+                    let _ = tx.send(Event::Ended(Box::new((i, ended.ok()))));
                 });
             if let Err(e) = spawned {
                 tracing::error!(error = %e, "Cannot start a thread for the session.");
@@ -291,7 +288,7 @@ pub fn run(args: Args) -> Result<()> {
     while scheduler.running() > 0 {
         let Ok(event) = events_rx.recv() else { break };
         match event {
-            Event::Ended(ended) => finished(&mut scheduler, ended),
+            Event::Ended(ended) => finished(&mut scheduler, *ended),
             Event::RunNow { reply, .. } | Event::SetEnabled { reply, .. } => {
                 let _ = reply.send(Err(ControlError::Stopping));
             }
@@ -320,7 +317,7 @@ fn handle(scheduler: &mut Scheduler, event: Event, waiting: &mut BTreeSet<usize>
     };
     match event {
         Event::Ended(ended) => {
-            finished(scheduler, ended);
+            finished(scheduler, *ended);
             waiting.clear();
         }
         Event::RunNow { job, who, reply } => {

@@ -345,13 +345,31 @@ pub struct JobAction {
 pub struct RestoreRequest {
     /// The directory to create under the daemon's restore directory (`--restore-dir`): letters,
     /// digits, `.`, `_`, `-`; it must not exist.
+    #[schema(
+        pattern = r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,63}$",
+        min_length = 1,
+        max_length = 64
+    )]
     pub name: String,
     /// Only this disk.
     #[serde(default)]
+    #[schema(
+        pattern = r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$",
+        min_length = 1,
+        max_length = 128
+    )]
     pub disk: Option<String>,
-    /// `raw` (default) or `qcow2`.
+    /// The images' format (default raw).
     #[serde(default)]
-    pub format: Option<String>,
+    pub format: Option<ImageFormat>,
+}
+
+/// A restored image's format.
+#[derive(Clone, Copy, Debug, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ImageFormat {
+    Raw,
+    Qcow2,
 }
 
 /// An instant recovery: the restore point running as a new VM.
@@ -359,6 +377,11 @@ pub struct RestoreRequest {
 #[serde(deny_unknown_fields)]
 pub struct InstantRestoreRequest {
     /// The new domain's name.
+    #[schema(
+        pattern = r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,63}$",
+        min_length = 1,
+        max_length = 64
+    )]
     pub name: String,
     /// Without network interfaces.
     #[serde(default)]
@@ -366,14 +389,17 @@ pub struct InstantRestoreRequest {
 }
 
 #[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct SessionQuery {
     /// Only this job's sessions.
     pub job: Option<String>,
-    /// At most this many, newest first (default 100, at most 1000).
-    pub limit: Option<usize>,
+    /// At most this many, newest first (default 100).
+    #[param(minimum = 1, maximum = 1000)]
+    pub limit: Option<u32>,
 }
 
 #[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct PointQuery {
     /// Only this VM's restore points.
     pub vm: Option<String>,
@@ -382,6 +408,7 @@ pub struct PointQuery {
 }
 
 #[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct RepoQuery {
     /// The repository (as the jobs name it), when the id could be in several.
     pub repository: Option<String>,
@@ -708,9 +735,9 @@ pub async fn list_sessions(
     query: Result<Query<SessionQuery>, QueryRejection>,
 ) -> ApiResult<Vec<SessionSummary>> {
     let Query(query) = query?;
-    let limit = query.limit.unwrap_or(100);
-    if limit > 1000 {
-        return Err(ApiError::bad_request("limit: at most 1000"));
+    let limit = query.limit.unwrap_or(100) as usize;
+    if !(1..=1000).contains(&limit) {
+        return Err(ApiError::bad_request("limit: expected 1 to 1000"));
     }
     let jobs = state.control.jobs();
     let data = Arc::clone(&state.data);
@@ -885,7 +912,14 @@ pub async fn verify_point(
 ) -> Result<(StatusCode, Json<Accepted>), ApiError> {
     let (Path(id), Query(query)) = (id?, query?);
     caller.operator("verify restore points")?;
-    crate::tasks::start(state, caller, id, query.repository, crate::tasks::Action::Verify).await
+    crate::tasks::start(
+        state,
+        caller,
+        id,
+        query.repository,
+        crate::tasks::Action::Verify,
+    )
+    .await
 }
 
 /// Forgets the restore point (its chunks go at the next gc). Operator.
@@ -900,7 +934,14 @@ pub async fn forget_point(
 ) -> Result<(StatusCode, Json<Accepted>), ApiError> {
     let (Path(id), Query(query)) = (id?, query?);
     caller.operator("forget restore points")?;
-    crate::tasks::start(state, caller, id, query.repository, crate::tasks::Action::Forget).await
+    crate::tasks::start(
+        state,
+        caller,
+        id,
+        query.repository,
+        crate::tasks::Action::Forget,
+    )
+    .await
 }
 
 /// Restores the restore point's disks into a new directory of the restore directory. Operator.
@@ -973,6 +1014,9 @@ pub async fn list_repositories(State(state): State<AppState>) -> ApiResult<Vec<R
     blocking(move || Json(repositories(&jobs, &data))).await
 }
 
+/// What a maintenance record says: an amount and an error.
+type Pick = dyn Fn(&SessionRecord) -> Option<(u64, Option<String>)>;
+
 /// Each repository's usage and maintenance (also what `/metrics` shows).
 pub fn repositories(jobs: &[JobState], data: &Data) -> Vec<RepositoryInfo> {
     crate::data::repositories(jobs)
@@ -981,7 +1025,7 @@ pub fn repositories(jobs: &[JobState], data: &Data) -> Vec<RepositoryInfo> {
             let name = location.to_string();
             let view = data.view(&location);
             let usage = data.usage(&location);
-            let last = |pick: &dyn Fn(&SessionRecord) -> Option<(u64, Option<String>)>| {
+            let last = |pick: &Pick| {
                 view.sessions.iter().rev().find_map(|s| {
                     pick(s).map(|(amount, error)| MaintenanceRun {
                         session: s.id.clone(),

@@ -15,7 +15,8 @@
 //! `Host` header must name a loopback address or `localhost` (a DNS name that another site points
 //! at 127.0.0.1 is refused: DNS rebinding).
 //!
-//! `/api/health`, `/login` and the static assets need nothing.
+//! `/api/health`, `/login` and the static assets need nothing. Without a caller, every other path
+//! answers 401: JSON for the API and `/metrics`, a page pointing at `/login` for the console's pages.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -25,7 +26,7 @@ use std::time::{Duration, Instant};
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::middleware::Next;
-use axum::response::{IntoResponse, Redirect, Response};
+use axum::response::{IntoResponse, Response};
 
 use crate::api::{ApiError, AppState};
 use crate::config::{Role, Token};
@@ -181,7 +182,11 @@ fn loopback_host(host: &str) -> bool {
 
 /// The middleware: finds the caller (or answers 401/403), checks CSRF, and hands the caller on
 /// in the request's extensions.
-pub async fn authenticate(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
+pub async fn authenticate(
+    State(state): State<AppState>,
+    mut request: Request,
+    next: Next,
+) -> Response {
     let path = request.uri().path().to_owned();
     let headers = request.headers();
     if state.tokens.is_empty() {
@@ -228,11 +233,18 @@ pub async fn authenticate(State(state): State<AppState>, mut request: Request, n
         cookie(headers).and_then(|c| state.sessions.get(c))
     };
     let Some(caller) = caller else {
-        let page = request.method() == Method::GET
-            && !path.starts_with("/api/")
-            && path != "/metrics";
+        let page =
+            request.method() == Method::GET && !path.starts_with("/api/") && path != "/metrics";
         if page {
-            return Redirect::to("/login").into_response();
+            // 401 like every endpoint, with the way to the login form for a person.
+            return (
+                StatusCode::UNAUTHORIZED,
+                axum::response::Html(
+                    "<!doctype html><html lang=en><meta charset=utf-8><title>Backflow</title>\
+                     <p>This console needs a token: <a href=/login>log in</a>.</p></html>",
+                ),
+            )
+                .into_response();
         }
         let mut response = ApiError::new(
             StatusCode::UNAUTHORIZED,
@@ -252,7 +264,11 @@ pub async fn authenticate(State(state): State<AppState>, mut request: Request, n
     );
     if unsafe_method && let Some(expected) = &caller.csrf {
         // A local console: the header's presence is the defence; any value will do.
-        let expected = if caller.local { None } else { Some(expected.as_str()) };
+        let expected = if caller.local {
+            None
+        } else {
+            Some(expected.as_str())
+        };
         if let Err(e) = check_csrf(headers, expected, state.tls) {
             return e.into_response();
         }
@@ -274,7 +290,9 @@ fn check_csrf(headers: &HeaderMap, expected: Option<&str>, tls: bool) -> Result<
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
             "csrf",
-            format!("a request that changes something needs the `{CSRF_HEADER}` header the console's pages send (or a bearer token)"),
+            format!(
+                "a request that changes something needs the `{CSRF_HEADER}` header the console's pages send (or a bearer token)"
+            ),
         ));
     }
     if let Some(origin) = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) {
@@ -300,10 +318,22 @@ mod tests {
 
     #[test]
     fn loopback_hosts() {
-        for host in ["127.0.0.1:8420", "localhost:1", "[::1]:8420", "127.0.0.1", "LOCALHOST", "::1"] {
+        for host in [
+            "127.0.0.1:8420",
+            "localhost:1",
+            "[::1]:8420",
+            "127.0.0.1",
+            "LOCALHOST",
+            "::1",
+        ] {
             assert!(loopback_host(host), "{host}");
         }
-        for host in ["evil.example:8420", "10.0.0.1:8420", "", "localhost.evil.example"] {
+        for host in [
+            "evil.example:8420",
+            "10.0.0.1:8420",
+            "",
+            "localhost.evil.example",
+        ] {
             assert!(!loopback_host(host), "{host}");
         }
     }
@@ -311,7 +341,10 @@ mod tests {
     #[test]
     fn the_cookie_is_found_among_others() {
         let mut h = HeaderMap::new();
-        h.insert(header::COOKIE, "a=1; backflow_session=abc; b=2".parse().unwrap());
+        h.insert(
+            header::COOKIE,
+            "a=1; backflow_session=abc; b=2".parse().unwrap(),
+        );
         assert_eq!(cookie(&h), Some("abc"));
     }
 

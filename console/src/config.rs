@@ -106,8 +106,8 @@ impl HttpOptions {
 pub fn load_tokens(path: &Path) -> Result<Vec<Token>, ConsoleError> {
     let shown = path.display().to_string();
     let text = read_small(path)?;
-    let file: TokensFile = serde_saphyr::from_str(&text)
-        .map_err(|e| ConsoleError::Config(format!("{shown}: {e}")))?;
+    let file: TokensFile =
+        serde_saphyr::from_str(&text).map_err(|e| ConsoleError::Config(format!("{shown}: {e}")))?;
     if file.tokens.is_empty() {
         return Err(ConsoleError::Config(format!(
             "{shown}: `tokens` lists no token: expected at least one {{name, role, file}}"
@@ -231,6 +231,9 @@ mod tests {
         )
         .unwrap();
         let e = load_tokens(&file).unwrap_err().to_string();
-        assert!(e.contains("tokens[0].file") && e.contains("at least 32"), "{e}");
+        assert!(
+            e.contains("tokens[0].file") && e.contains("at least 32"),
+            "{e}"
+        );
     }
 }

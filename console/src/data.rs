@@ -38,7 +38,9 @@ type Cached<T> = Mutex<HashMap<String, (Instant, T)>>;
 pub struct Data {
     repos: Mutex<HashMap<String, Arc<Repository>>>,
     views: Cached<Arc<RepoView>>,
-    usage: Cached<Result<Usage, String>>,
+    /// With the restore points it was computed for (their count and the newest's id): a
+    /// backup's commit or a forget makes it stale before [`USAGE_TTL`].
+    usage: Cached<(String, Result<Usage, String>)>,
     selections: Cached<Vec<String>>,
 }
 
@@ -85,15 +87,22 @@ impl Data {
     /// Its usage.
     pub fn usage(&self, location: &Location) -> Result<Usage, String> {
         let key = location.to_string();
-        if let Some((at, usage)) = lock(&self.usage).get(&key)
+        let view = self.view(location);
+        let points = format!(
+            "{} {}",
+            view.snapshots.len(),
+            view.snapshots.last().map_or("", |s| s.id.as_str())
+        );
+        if let Some((at, (seen, usage))) = lock(&self.usage).get(&key)
             && at.elapsed() < USAGE_TTL
+            && *seen == points
         {
             return usage.clone();
         }
         let usage = self
             .repository(location)
             .and_then(|r| r.usage().map_err(|e| e.to_string()));
-        lock(&self.usage).insert(key, (Instant::now(), usage.clone()));
+        lock(&self.usage).insert(key, (Instant::now(), (points, usage.clone())));
         usage
     }
 
@@ -136,7 +145,10 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 pub fn repositories(jobs: &[JobState]) -> Vec<Location> {
     let mut out: Vec<Location> = Vec::new();
     for j in jobs {
-        if !out.iter().any(|l| l.to_string() == j.job.repository.to_string()) {
+        if !out
+            .iter()
+            .any(|l| l.to_string() == j.job.repository.to_string())
+        {
             out.push(j.job.repository.clone());
         }
     }

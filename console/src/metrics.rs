@@ -164,7 +164,10 @@ pub fn render(state: &AppState) -> Result<String, ApiError> {
     let jobs = state.control.jobs();
     let data = Arc::clone(&state.data);
 
-    let enabled = f.gauge("backflow_job_enabled", "Whether the job's schedule is enabled");
+    let enabled = f.gauge(
+        "backflow_job_enabled",
+        "Whether the job's schedule is enabled",
+    );
     let running = f.gauge("backflow_job_running", "Whether the job runs now");
     let last_run = f.gauge(
         "backflow_job_last_run_timestamp_seconds",
@@ -237,7 +240,10 @@ pub fn render(state: &AppState) -> Result<String, ApiError> {
         vm_points.get_or_create(&l).set(vm.restore_points as i64);
     }
 
-    let snapshots = f.gauge("backflow_repository_snapshots", "Restore points in the repository");
+    let snapshots = f.gauge(
+        "backflow_repository_snapshots",
+        "Restore points in the repository",
+    );
     let logical = f.gauge(
         "backflow_repository_logical_bytes",
         "The restore points' disks' sizes together",
@@ -295,7 +301,10 @@ pub fn render(state: &AppState) -> Result<String, ApiError> {
         }
     }
 
-    let p_running = f.gauge("backflow_pipeline_running", "1 while the pipeline run goes on");
+    let p_running = f.gauge(
+        "backflow_pipeline_running",
+        "1 while the pipeline run goes on",
+    );
     let bytes_in = f.counter(
         "backflow_pipeline_stage_bytes_in",
         "Bytes the stage received",

@@ -37,12 +37,11 @@ impl Console {
             Some((cert, key)) => Some(tls_acceptor(cert, key)?),
             None => None,
         };
-        let listener = std::net::TcpListener::bind(options.listen).map_err(|source| {
-            ConsoleError::Io {
+        let listener =
+            std::net::TcpListener::bind(options.listen).map_err(|source| ConsoleError::Io {
                 what: format!("--http {}: cannot listen", options.listen),
                 source,
-            }
-        })?;
+            })?;
         let addr = listener.local_addr().map_err(|source| ConsoleError::Io {
             what: "the console's address".into(),
             source,
@@ -177,7 +176,11 @@ fn tls_acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, ConsoleError> {
         .collect::<Result<_, _>>()
         .map_err(|e| bad(cert, "not a PEM certificate chain", &e))?;
     if chain.is_empty() {
-        return Err(bad(cert, "no certificate", &"expected a PEM CERTIFICATE block"));
+        return Err(bad(
+            cert,
+            "no certificate",
+            &"expected a PEM CERTIFICATE block",
+        ));
     }
     let key = PrivateKeyDer::from_pem_file(key)
         .map_err(|e| bad(key, "cannot read the private key (PEM)", &e))?;
@@ -187,6 +190,12 @@ fn tls_acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, ConsoleError> {
         .map_err(|e| ConsoleError::Config(format!("TLS: {e}")))?
         .with_no_client_auth()
         .with_single_cert(chain, key)
-        .map_err(|e| bad(cert, "the certificate and key do not make a server identity", &e))?;
+        .map_err(|e| {
+            bad(
+                cert,
+                "the certificate and key do not make a server identity",
+                &e,
+            )
+        })?;
     Ok(TlsAcceptor::from(Arc::new(config)))
 }

@@ -25,7 +25,9 @@ use backflow_repository::{Location, Repository};
 use serde::Serialize;
 use utoipa::ToSchema;
 
-use crate::api::{Accepted, ApiError, AppState, InstantRestoreRequest, RestoreRequest, blocking};
+use crate::api::{
+    Accepted, ApiError, AppState, ImageFormat, InstantRestoreRequest, RestoreRequest, blocking,
+};
 use crate::auth::Caller;
 use crate::data::Data;
 
@@ -59,12 +61,11 @@ impl Action {
             backflow_repository::check_disk_name(disk)
                 .map_err(|e| ApiError::bad_request(format!("disk: {e}")))?;
         }
-        let format = r.format.unwrap_or_else(|| "raw".into());
-        if format != "raw" && format != "qcow2" {
-            return Err(ApiError::bad_request(format!(
-                "format: `{format}`: expected raw or qcow2"
-            )));
+        let format = match r.format {
+            None | Some(ImageFormat::Raw) => "raw",
+            Some(ImageFormat::Qcow2) => "qcow2",
         }
+        .to_owned();
         Ok(Action::Restore {
             name: r.name,
             disk: r.disk,
@@ -179,7 +180,8 @@ pub async fn start(
     repository: Option<String>,
     action: Action,
 ) -> Result<(StatusCode, Json<Accepted>), ApiError> {
-    let task = blocking(move || begin(&state, &caller, &id, repository.as_deref(), action)).await??;
+    let task =
+        blocking(move || begin(&state, &caller, &id, repository.as_deref(), action)).await??;
     Ok((StatusCode::ACCEPTED, Json(Accepted { task })))
 }
 
@@ -238,7 +240,12 @@ fn begin(
 }
 
 /// The child's arguments.
-fn arguments(action: &Action, task: &TaskInfo, repo: &str, restore_dir: &std::path::Path) -> Vec<String> {
+fn arguments(
+    action: &Action,
+    task: &TaskInfo,
+    repo: &str,
+    restore_dir: &std::path::Path,
+) -> Vec<String> {
     let snapshot = task.snapshot.clone();
     let mut args: Vec<String> = match action {
         Action::Verify => vec![
@@ -389,7 +396,12 @@ fn run(
     let session = record_action(data, location, &task.requested_by, record).ok();
     tasks.update(task.id, |t| {
         t.ended = Some(backflow_jobs::run::now());
-        t.state = if error.is_none() { "succeeded" } else { "failed" }.into();
+        t.state = if error.is_none() {
+            "succeeded"
+        } else {
+            "failed"
+        }
+        .into();
         t.output = output;
         t.error = error;
         t.session = session;
@@ -480,11 +492,13 @@ mod tests {
             args.join(" "),
             "restore --repo /r --snapshot S --to /restores/r1 --format raw --disk vda --quiet"
         );
-        assert!(Action::restore(RestoreRequest {
-            name: "r1".into(),
-            disk: None,
-            format: Some("vmdk".into()),
-        })
-        .is_err());
+        assert!(
+            Action::restore(RestoreRequest {
+                name: "r1".into(),
+                disk: Some("../vda".into()),
+                format: None,
+            })
+            .is_err()
+        );
     }
 }

@@ -260,9 +260,13 @@ impl LivePipelines {
             });
         }
         let run = &mut entry.run;
+        // While stages still run, the bottleneck is among them (a source that ended at once
+        // was busy for all of its short life, and holds nothing back now); once every stage
+        // ended, it is the busiest over the whole run, as the run's report says.
+        let running = stages.iter().any(|s| s.active > 0);
         run.bottleneck = stages
             .iter()
-            .filter(|s| s.utilisation > 0.0)
+            .filter(|s| s.utilisation > 0.0 && (!running || s.active > 0))
             .max_by(|a, b| a.utilisation.total_cmp(&b.utilisation))
             .map(|s| s.name.clone());
         run.stages = stages;
@@ -371,9 +375,7 @@ mod tests {
         }
         counters[0].bytes_out.store(1000, Ordering::Relaxed);
         // The reader waited half of the second; zstd not at all: zstd is the bottleneck.
-        counters[0]
-            .starved_ns
-            .store(500_000_000, Ordering::Relaxed);
+        counters[0].starved_ns.store(500_000_000, Ordering::Relaxed);
         (handle.progress())(&progress(&counters, Duration::from_secs(1)));
         let run = live.get(handle.id()).unwrap();
         assert!(live.version() > v0);
