@@ -270,6 +270,21 @@ fn the_api_and_metrics_follow_a_real_job_and_its_restore_points() {
     let restores = dir.path().join("restores");
     let pause = dir.path().join("paused");
     let image_name = image.display().to_string();
+    // A cluster job beside it: its cluster and hosts are listed (nothing is asked of them).
+    std::fs::write(
+        dir.path().join("cluster.yaml"),
+        "name: lab\nhosts:\n  - {name: h1, address: 10.77.3.11}\n  - {name: h2, address: kvm2.example.com, worker: {enabled: false}}\n",
+    )
+    .unwrap();
+    std::fs::write(
+        jobs.join("site.yaml"),
+        format!(
+            "name: site\ncluster: {}\nrepository: {}\nvms: [\"*\"]\n",
+            dir.path().join("cluster.yaml").display(),
+            repo.display()
+        ),
+    )
+    .unwrap();
     let daemon = Daemon::start(
         &[],
         &jobs,
@@ -282,10 +297,29 @@ fn the_api_and_metrics_follow_a_real_job_and_its_restore_points() {
         &[("BACKFLOW_PAUSE_BEFORE_COMMIT", &pause)],
     );
     let url = daemon.url.clone();
+    let clusters = LOCAL.json(&format!("{url}/api/clusters"), &[]);
+    assert_eq!(clusters[0]["name"], "lab", "{clusters:#}");
+    assert_eq!(clusters[0]["jobs"], serde_json::json!(["site"]));
+    let hosts: Vec<(&str, bool)> = clusters[0]["hosts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| {
+            (
+                h["name"].as_str().unwrap(),
+                h["worker_enabled"].as_bool().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(hosts, [("h1", true), ("h2", false)]);
 
     // Nothing ran yet: the job is there, no VM has a restore point.
     let jobs_now = LOCAL.json(&format!("{url}/api/jobs"), &[]);
     assert_eq!(jobs_now[0]["name"], "imgs");
+    assert_eq!(
+        jobs_now[1]["cluster"],
+        dir.path().join("cluster.yaml").to_str().unwrap()
+    );
     assert_eq!(jobs_now[0]["enabled"], true);
     assert!(jobs_now[0]["last_session"].is_null());
 
@@ -488,6 +522,24 @@ fn the_api_and_metrics_follow_a_real_job_and_its_restore_points() {
         .output()
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&listed.stdout).trim(), "[]");
+    // A gc beside the console, which has just read the repository (and goes on reading it):
+    // the console holds no repository handle between its reads, so the sweep waits for nothing
+    // and deletes the forgotten restore point's packs at once.
+    LOCAL.json(&format!("{url}/api/repositories"), &[]);
+    let (_, text) = LOCAL.get(&format!("{url}/metrics"), &[]);
+    assert!(text.contains("backflow_repository_snapshots"), "{text}");
+    let gc = backflow()
+        .args(["gc", "--json", "--repo"])
+        .arg(&repo)
+        .output()
+        .unwrap();
+    assert!(gc.status.success(), "{gc:?}");
+    let report: Value = serde_json::from_slice(&gc.stdout).unwrap();
+    assert!(report["waiting_for"].is_null(), "{report:#}");
+    assert!(
+        report["bytes_deleted"].as_u64().unwrap() >= 48 << 20,
+        "{report:#}"
+    );
 
     // Every action is in the session history, with who asked.
     let sessions = LOCAL.json(&format!("{url}/api/sessions?job=console"), &[]);
@@ -796,5 +848,70 @@ fn schemathesis_finds_the_server_true_to_its_openapi_document() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(stdout.contains("Tested: 21"), "{stdout}");
+    daemon.stop();
+}
+
+#[test]
+fn an_instant_restore_asked_through_the_api_runs_the_restore_point_as_a_new_vm() {
+    use backflow_testkit::libvirt::{Domain, make_traversable, virsh};
+    use common::vm::{Defined, Recovery, backup_vm};
+
+    let original = Domain::start("bf-console-ir", &[("vda", "32M")]);
+    original.guest_write("vda", "write -P 0x5a 1M 2M");
+    let work = tempfile::tempdir().unwrap();
+    make_traversable(work.path());
+    let repo = work.path().join("repo");
+    common::init_repo(&repo, "64K");
+    let id = backup_vm(&repo, original.name(), &work.path().join("backup.json"));
+    virsh(&["destroy", original.name()]);
+    let jobs = work.path().join("jobs");
+    std::fs::create_dir(&jobs).unwrap();
+    std::fs::write(
+        jobs.join("vms.yaml"),
+        format!(
+            "name: vms\nrepository: {}\nvms: [{}]\nschedule: \"0 3 * * *\"\n",
+            repo.display(),
+            original.name()
+        ),
+    )
+    .unwrap();
+    let daemon = Daemon::start(&[], &jobs, &["--http", "127.0.0.1:0"], &[]);
+    let url = daemon.url.clone();
+    let name = format!("{}-api", original.name());
+    let _defined = Defined(name.clone());
+    let _recovery = Recovery(
+        PathBuf::from(backflow_recovery::DEFAULT_STATE_ROOT),
+        name.clone(),
+    );
+    let (status, body) = LOCAL.request(
+        "POST",
+        &format!("{url}/api/restore-points/{id}/instant-restore"),
+        &[CSRF],
+        Some(&format!(r#"{{"name": "{name}", "no_network": true}}"#)),
+    );
+    assert_eq!(status, 202, "{body}");
+    let task = task_succeeded(&url, &body);
+    assert!(task["output"].as_str().unwrap().contains("RTO"), "{task:#}");
+    assert_eq!(virsh(&["domstate", &name]).trim(), "running");
+    // It reads what the backup holds (-U: the running domain holds the overlay's lock).
+    let overlay = Path::new(backflow_recovery::DEFAULT_STATE_ROOT)
+        .join(&name)
+        .join("vda.qcow2");
+    let out = Command::new("qemu-img")
+        .args(["compare", "-U", "-f", "qcow2"])
+        .arg(&overlay)
+        .arg(original.disk("vda"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    // Recorded with who asked, naming the new VM.
+    let sessions = LOCAL.json(&format!("{url}/api/sessions?job=console"), &[]);
+    assert_eq!(sessions[0]["action"], "instant-restore", "{sessions:#}");
+    assert_eq!(sessions[0]["requested_by"], "local");
+    let detail = LOCAL.json(
+        &format!("{url}/api/sessions/{}", sessions[0]["id"].as_str().unwrap()),
+        &[],
+    );
+    assert_eq!(detail["record"]["action"]["target"], name.as_str());
     daemon.stop();
 }

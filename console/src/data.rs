@@ -1,7 +1,8 @@
 //! What the console reads from the jobs' repositories, cached: each repository's sessions and
 //! restore points for [`VIEW_TTL`], its usage for [`USAGE_TTL`], each local job's selection of
 //! VMs for [`SELECTION_TTL`]. An action that changes a repository drops its cache. Everything
-//! here blocks (files, object storage, libvirt): callers run it on the blocking pool.
+//! here blocks (files, object storage, libvirt): callers run it on the blocking pool. Repository
+//! handles are opened for each read and dropped after it (see [`Data::repository`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -36,7 +37,6 @@ type Cached<T> = Mutex<HashMap<String, (Instant, T)>>;
 /// The caches.
 #[derive(Default)]
 pub struct Data {
-    repos: Mutex<HashMap<String, Arc<Repository>>>,
     views: Cached<Arc<RepoView>>,
     /// With the restore points it was computed for (their count and the newest's id): a
     /// backup's commit or a forget makes it stale before [`USAGE_TTL`].
@@ -45,15 +45,11 @@ pub struct Data {
 }
 
 impl Data {
-    /// The repository at `location`, opened once and kept.
-    pub fn repository(&self, location: &Location) -> Result<Arc<Repository>, String> {
-        let key = location.to_string();
-        if let Some(repo) = lock(&self.repos).get(&key) {
-            return Ok(Arc::clone(repo));
-        }
-        let repo = Arc::new(Repository::open_at(location).map_err(|e| e.to_string())?);
-        lock(&self.repos).insert(key, Arc::clone(&repo));
-        Ok(repo)
+    /// The repository at `location`, opened for one read. Never kept: an open handle is
+    /// registered in the repository's `users/` until it is dropped, and a gc's sweep waits for
+    /// every handle registered at its mark: a console holding one would hold every gc back.
+    pub fn repository(&self, location: &Location) -> Result<Repository, String> {
+        Repository::open_at(location).map_err(|e| e.to_string())
     }
 
     /// Its sessions and restore points.
