@@ -38,7 +38,7 @@ pub use copy::{CopyJob, CopyRecord};
 pub use error::JobError;
 pub use file::{Freeze, GcJob, ImageFormat, ImageSource, Job, JobKind, Percent, load, parse};
 pub use run::{
-    ActionRecord, GcRecord, HealthCheckRecord, RunJobOptions, SessionRecord, Source, Verdict, VmRecord, run_job,
-    sessions, sessions_in,
+    ActionRecord, GcRecord, HealthCheckRecord, RunJobOptions, SessionRecord, Source, Verdict,
+    VmRecord, run_job, sessions, sessions_in,
 };
 pub use verify_boot::{BootRecord, VerifyBootJob, VerifyBootRecord};
