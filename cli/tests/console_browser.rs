@@ -5,7 +5,9 @@
 //! page; a restore point is verified and forgotten from its VM's page; the live view shows a
 //! backup's stages with changing throughput and its bottleneck highlighted, as it runs.
 //!
-//! The tests write screenshots to docs/img/ (`console-dashboard.png`, `console-live.png`, ...).
+//! The tests write screenshots (`console-dashboard.png`, `console-live.png`, ...) to
+//! `target/screenshots/`, or to `$BACKFLOW_SCREENSHOTS` (`BACKFLOW_SCREENSHOTS=docs/img` refreshes
+//! the documentation's): a test run leaves the checkout as it was.
 
 mod common;
 
@@ -76,9 +78,13 @@ impl Drop for Daemon {
     }
 }
 
-/// Where the screenshots go.
+/// Where the screenshots go: `$BACKFLOW_SCREENSHOTS` (relative to the workspace), else
+/// `target/screenshots`.
 fn screenshot_dir() -> PathBuf {
-    let dir = root().join("docs").join("img");
+    let dir = match std::env::var_os("BACKFLOW_SCREENSHOTS") {
+        Some(dir) => root().join(dir),
+        None => root().join("target").join("screenshots"),
+    };
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }
