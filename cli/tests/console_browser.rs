@@ -37,7 +37,11 @@ struct Daemon {
 
 impl Daemon {
     fn start(jobs: &Path) -> Daemon {
-        let (child, lines) = start_daemon(jobs);
+        Daemon::start_with(jobs, &[])
+    }
+
+    fn start_with(jobs: &Path, args: &[&str]) -> Daemon {
+        let (child, lines) = start_daemon_with(jobs, args);
         let mut daemon = Daemon {
             child,
             _lines: lines,
@@ -378,4 +382,103 @@ fn the_live_view_shows_changing_throughput_and_the_bottleneck_during_a_backup() 
     browser.wait_until("the run to end", JOB_WAIT, |b| {
         b.find_opt(".run[data-state=\"ended\"] .badge[data-result=\"succeeded\"]")
     });
+}
+
+#[test]
+fn a_read_only_token_logs_in_and_sees_everything_but_no_button() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = dir.path().join("repo");
+    init_repo(&repo, "64K");
+    let image = dir.path().join("small.raw");
+    std::fs::write(&image, vec![7u8; 1 << 20]).unwrap();
+    let jobs = dir.path().join("jobs");
+    write_job(
+        &jobs,
+        "small",
+        &format!(
+            "name: small\nrepository: {}\nimages: [{{path: {}, name: small}}]\nschedule: \"0 3 * * *\"\n",
+            repo.display(),
+            image.display()
+        ),
+    );
+    let out = backflow()
+        .args(["job", "run", "--quiet"])
+        .arg(jobs.join("small.yaml"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let secret = format!("grafana-{}", "0123456789abcdef".repeat(3));
+    std::fs::write(dir.path().join("grafana"), &secret).unwrap();
+    let tokens = dir.path().join("tokens.yaml");
+    std::fs::write(
+        &tokens,
+        "tokens:\n  - {name: grafana, role: read-only, file: grafana}\n",
+    )
+    .unwrap();
+    let daemon = Daemon::start_with(&jobs, &["--tokens", tokens.to_str().unwrap()]);
+    let browser = Browser::start().unwrap();
+
+    // Without a session: the page says to log in; the login form takes the token.
+    browser.goto(&daemon.page("/"));
+    assert!(
+        browser.page_text().contains("log in"),
+        "{}",
+        browser.page_text()
+    );
+    browser.goto(&daemon.page("/login"));
+    browser.execute(
+        "document.querySelector('input[name=token]').value = arguments[0]; \
+         document.querySelector('form').submit();",
+        &[json!(secret)],
+    );
+    browser.wait_until("the dashboard's job row", PAGE_WAIT, |b| {
+        b.find_opt("tr.job[data-job=small]")
+    });
+    let role = browser.execute(
+        "return document.querySelector('meta[name=role]').content",
+        &[],
+    );
+    assert_eq!(role, json!("read-only"));
+    browser.wait_until("the VM's row", PAGE_WAIT, |b| {
+        b.find_opt("tr.vm[data-vm=small]")
+    });
+    assert!(
+        browser
+            .find_all("button.run-now, button.enable, button.disable")
+            .is_empty(),
+        "a read-only caller sees no button that changes something"
+    );
+    browser.goto(&daemon.page("/vms/small"));
+    browser.wait_until("the restore point's row", PAGE_WAIT, |b| {
+        b.find_opt("tr.point")
+    });
+    assert!(
+        browser
+            .find_all("button.verify, button.forget, button.restore")
+            .is_empty()
+    );
+
+    // The page's own session cannot change anything either: without the CSRF header the API
+    // refuses the cookie; with it, the role.
+    let statuses = browser.execute(
+        "const csrf = document.querySelector('meta[name=csrf]').content; \
+         return Promise.all([\
+           fetch('/api/jobs/small/run', {method: 'POST'}).then(r => r.status),\
+           fetch('/api/jobs/small/run', {method: 'POST', headers: {'X-Backflow-CSRF': csrf}})\
+             .then(r => r.status)]);",
+        &[],
+    );
+    assert_eq!(statuses, json!([403, 403]));
+    let sessions = backflow()
+        .args(["sessions", "--json", "--repo"])
+        .arg(&repo)
+        .output()
+        .unwrap();
+    let sessions: serde_json::Value = serde_json::from_slice(&sessions.stdout).unwrap();
+    assert_eq!(
+        sessions.as_array().unwrap().len(),
+        1,
+        "nothing ran: {sessions:#}"
+    );
+    browser.screenshot(&screenshot_dir().join("console-read-only.png"));
 }

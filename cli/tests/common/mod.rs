@@ -438,9 +438,15 @@ pub fn record_old_session(repo: &Path, job: &str, seconds: i64) -> String {
 /// `backflow daemon --jobs DIR`, with its log lines (info) sent to the returned channel as they
 /// come (and echoed to the test's output).
 pub fn start_daemon(jobs: &Path) -> (Child, std::sync::mpsc::Receiver<String>) {
+    start_daemon_with(jobs, &[])
+}
+
+/// [`start_daemon`] with more options (`--tokens FILE`, ...).
+pub fn start_daemon_with(jobs: &Path, args: &[&str]) -> (Child, std::sync::mpsc::Receiver<String>) {
     let mut child = backflow()
         .args(["--log", "info", "daemon", "--http", "127.0.0.1:0", "--jobs"])
         .arg(jobs)
+        .args(args)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
