@@ -129,7 +129,6 @@ impl From<ControlError> for ApiError {
         match e {
             ControlError::UnknownJob(_) => ApiError::not_found(e.to_string()),
             ControlError::Running(_) | ControlError::Stopping => ApiError::conflict(e.to_string()),
-            ControlError::Failed(_) => ApiError::internal(e.to_string()),
         }
     }
 }
@@ -742,9 +741,10 @@ pub async fn list_sessions(
     let jobs = state.control.jobs();
     let data = Arc::clone(&state.data);
     blocking(move || {
+        let views = crate::data::views(&jobs, &data);
         Json(
-            crate::data::all_sessions(&jobs, &data)
-                .iter()
+            crate::data::newest_first(&views)
+                .into_iter()
                 .filter(|(_, s)| query.job.as_ref().is_none_or(|j| &s.job == j))
                 .take(limit)
                 .map(|(repo, s)| session_summary(repo, s))
@@ -766,12 +766,18 @@ pub async fn get_session(
     let jobs = state.control.jobs();
     let data = Arc::clone(&state.data);
     blocking(move || {
-        let (repo, s) = crate::data::all_sessions(&jobs, &data)
-            .into_iter()
-            .find(|(_, s)| s.id == id)
+        let views = crate::data::views(&jobs, &data);
+        let (repo, s) = views
+            .iter()
+            .find_map(|v| {
+                v.sessions
+                    .iter()
+                    .find(|s| s.id == id)
+                    .map(|s| (v.location.as_str(), s))
+            })
             .ok_or_else(|| ApiError::not_found(format!("no session {id}")))?;
         Ok(Json(SessionDetail {
-            session: session_summary(&repo, &s),
+            session: session_summary(repo, s),
             vms: s
                 .vms
                 .iter()
@@ -789,7 +795,7 @@ pub async fn get_session(
                     worker_host: v.placement.as_ref().map(|p| p.worker_host.clone()),
                 })
                 .collect(),
-            record: serde_json::to_value(&s).unwrap_or_default(),
+            record: serde_json::to_value(s).unwrap_or_default(),
         }))
     })
     .await?

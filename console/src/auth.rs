@@ -92,7 +92,7 @@ pub struct Sessions {
 
 impl Sessions {
     /// A new session for `token`: the cookie value to set.
-    pub fn create(&self, token: &Token) -> (String, Caller) {
+    pub fn create(&self, token: &Token) -> String {
         let cookie = random_hex(32);
         let caller = Caller {
             name: token.name.clone(),
@@ -111,11 +111,11 @@ impl Sessions {
         map.insert(
             blake3::hash(cookie.as_bytes()),
             BrowserSession {
-                caller: caller.clone(),
+                caller,
                 expires: now + SESSION_LIFETIME,
             },
         );
-        (cookie, caller)
+        cookie
     }
 
     fn get(&self, cookie: &str) -> Option<Caller> {

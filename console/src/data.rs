@@ -223,18 +223,18 @@ fn summary(vm: &str, job: &Job, view: &RepoView) -> VmSummary {
     }
 }
 
-/// The sessions of every repository, newest first (a repository shared by two jobs is read
-/// once).
-pub fn all_sessions(jobs: &[JobState], data: &Data) -> Vec<(String, SessionRecord)> {
-    let mut out = Vec::new();
-    for location in repositories(jobs) {
-        let view = data.view(&location);
-        out.extend(
-            view.sessions
-                .iter()
-                .map(|s| (view.location.clone(), s.clone())),
-        );
-    }
+/// The views of every repository of the jobs (a repository shared by two jobs read once).
+pub fn views(jobs: &[JobState], data: &Data) -> Vec<Arc<RepoView>> {
+    repositories(jobs).iter().map(|l| data.view(l)).collect()
+}
+
+/// The sessions of `views`, newest first, each with its repository: borrowed, so that a list
+/// of the 20 newest copies 20 records, not every one.
+pub fn newest_first(views: &[Arc<RepoView>]) -> Vec<(&str, &SessionRecord)> {
+    let mut out: Vec<(&str, &SessionRecord)> = views
+        .iter()
+        .flat_map(|v| v.sessions.iter().map(|s| (v.location.as_str(), s)))
+        .collect();
     out.sort_by(|a, b| b.1.started.cmp(&a.1.started).then(b.1.id.cmp(&a.1.id)));
     out
 }

@@ -72,8 +72,6 @@ pub enum ControlError {
     Running(String),
     #[error("the daemon is stopping")]
     Stopping,
-    #[error("{0}")]
-    Failed(String),
 }
 
 /// Why the console could not start.

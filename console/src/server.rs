@@ -131,11 +131,6 @@ impl Console {
         })
     }
 
-    /// The address it listens on (the port chosen when `:0` was asked).
-    pub fn addr(&self) -> SocketAddr {
-        self.addr
-    }
-
     /// `http://ADDR` or `https://ADDR`.
     pub fn url(&self) -> String {
         format!(

@@ -136,7 +136,6 @@ pub struct TaskInfo {
 #[derive(Default)]
 pub struct Tasks {
     list: Mutex<VecDeque<TaskInfo>>,
-    next: Mutex<u64>,
 }
 
 impl Tasks {
@@ -154,10 +153,9 @@ impl Tasks {
     }
 
     fn add(&self, mut task: TaskInfo) -> TaskInfo {
-        let mut next = self.next.lock().unwrap_or_else(|e| e.into_inner());
-        *next += 1;
-        task.id = *next;
         let mut list = self.lock();
+        // Ids increase: one more than the newest kept (1 for the first).
+        task.id = list.back().map_or(1, |t| t.id + 1);
         list.push_back(task.clone());
         while list.len() > MAX_TASKS {
             list.pop_front();

@@ -339,7 +339,7 @@ async fn login(
         )
             .into_response();
     };
-    let (value, _) = state.sessions.create(token);
+    let value = state.sessions.create(token);
     let cookie = format!(
         "{COOKIE}={value}; Path=/; HttpOnly; SameSite=Strict; Max-Age={}{}",
         SESSION_LIFETIME.as_secs(),
