@@ -8,90 +8,13 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc::Receiver;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use backflow_testkit::tools;
-use common::{backflow, sigterm, wait_exit, wait_for_line};
+use common::backflow;
+use common::console::{ConsoleDaemon as Daemon, incompressible, run_job, write_tokens};
 use serde_json::Value;
-
-/// A running daemon and its console's URL.
-struct Daemon {
-    child: Child,
-    url: String,
-    _lines: Receiver<String>,
-}
-
-impl Daemon {
-    /// `backflow daemon --jobs JOBS ARGS...` (prefixed by `wrap`, e.g. `ip netns exec NS`), once
-    /// its console listens.
-    fn start(wrap: &[&str], jobs: &Path, args: &[&str], env: &[(&str, &Path)]) -> Daemon {
-        let exe = common::backflow().get_program().to_owned();
-        let mut cmd = match wrap.split_first() {
-            Some((first, rest)) => {
-                let mut c = Command::new(first);
-                c.args(rest).arg(exe);
-                c
-            }
-            None => Command::new(exe),
-        };
-        cmd.args(["--log", "info", "daemon", "--jobs"])
-            .arg(jobs)
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        let mut child = cmd.spawn().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        let stderr = child.stderr.take().unwrap();
-        std::thread::spawn(move || {
-            use std::io::BufRead;
-            for line in std::io::BufReader::new(stderr)
-                .lines()
-                .map_while(Result::ok)
-            {
-                eprintln!("daemon: {line}");
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let line = wait_for_line(&rx, "Console listening.", Duration::from_secs(30));
-        let url = line
-            .split("url=")
-            .nth(1)
-            .unwrap()
-            .split_whitespace()
-            .next()
-            .unwrap()
-            .to_owned();
-        Daemon {
-            child,
-            url,
-            _lines: rx,
-        }
-    }
-
-    fn stop(mut self) {
-        sigterm(&self.child);
-        assert_eq!(
-            wait_exit(&mut self.child, Duration::from_secs(60)).code(),
-            Some(0)
-        );
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
 
 /// One HTTP request through curl: (status, body).
 struct Http<'a> {
@@ -217,26 +140,12 @@ fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
         .and_then(|(_, v)| v.parse().ok())
 }
 
-/// A repository and a job backing up one image of `size` bytes of random data.
-fn image_job(dir: &Path, size: usize) -> (PathBuf, PathBuf, PathBuf) {
+/// A repository and a job backing up one image of `size` bytes (whole MiB) of random data.
+fn image_job(dir: &Path, size: u64) -> (PathBuf, PathBuf, PathBuf) {
     let repo = dir.join("repo");
-    let st = backflow()
-        .arg("init")
-        .arg("--repo")
-        .arg(&repo)
-        .output()
-        .unwrap();
-    assert!(st.status.success(), "{st:?}");
+    common::init_repo(&repo, "128K");
     let image = dir.join("disk.raw");
-    let mut data = vec![0u8; size];
-    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
-    for chunk in data.chunks_mut(8) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
-    }
-    std::fs::write(&image, data).unwrap();
+    incompressible(&image, size);
     let jobs = dir.join("jobs");
     std::fs::create_dir(&jobs).unwrap();
     std::fs::write(
@@ -612,12 +521,7 @@ fn another_address_needs_tls_and_tokens_and_a_read_only_token_changes_nothing() 
     let dir = tempfile::tempdir().unwrap();
     let (_repo, _image, jobs) = image_job(dir.path(), 4 << 20);
     // One restore point to act on.
-    let st = backflow()
-        .args(["job", "run", "--quiet"])
-        .arg(jobs.join("imgs.yaml"))
-        .output()
-        .unwrap();
-    assert!(st.status.success(), "{st:?}");
+    run_job(&jobs.join("imgs.yaml"));
     let addr = "10.213.77.1";
     let ns = Netns::create(addr);
     let wrap = ["ip", "netns", "exec", ns.name.as_str()];
@@ -627,18 +531,11 @@ fn another_address_needs_tls_and_tokens_and_a_read_only_token_changes_nothing() 
         server.join("server-cert.pem"),
         server.join("server-key.pem"),
     );
-    let secret = |name: &str| {
-        let s = format!("{name}-{}", "0123456789abcdef".repeat(3));
-        std::fs::write(dir.path().join(name), format!("{s}\n")).unwrap();
-        s
-    };
-    let (alice, grafana) = (secret("alice"), secret("grafana"));
-    let tokens = dir.path().join("tokens.yaml");
-    std::fs::write(
-        &tokens,
-        "tokens:\n  - {name: alice, role: operator, file: alice}\n  - {name: grafana, role: read-only, file: grafana}\n",
-    )
-    .unwrap();
+    let (tokens, secrets) = write_tokens(
+        dir.path(),
+        &[("alice", "operator"), ("grafana", "read-only")],
+    );
+    let (alice, grafana) = (secrets[0].clone(), secrets[1].clone());
     let listen = format!("{addr}:8443");
 
     // Without TLS or without tokens, another address is refused at start.
@@ -802,19 +699,9 @@ fn another_address_needs_tls_and_tokens_and_a_read_only_token_changes_nothing() 
 fn schemathesis_finds_the_server_true_to_its_openapi_document() {
     let dir = tempfile::tempdir().unwrap();
     let (_repo, _image, jobs) = image_job(dir.path(), 2 << 20);
-    let st = backflow()
-        .args(["job", "run", "--quiet"])
-        .arg(jobs.join("imgs.yaml"))
-        .output()
-        .unwrap();
-    assert!(st.status.success(), "{st:?}");
-    let secret = "s".repeat(20) + &"0123456789".repeat(2);
-    std::fs::write(dir.path().join("op"), &secret).unwrap();
-    std::fs::write(
-        dir.path().join("tokens.yaml"),
-        "tokens:\n  - {name: op, role: operator, file: op}\n",
-    )
-    .unwrap();
+    run_job(&jobs.join("imgs.yaml"));
+    let (tokens, secrets) = write_tokens(dir.path(), &[("op", "operator")]);
+    let secret = &secrets[0];
     let daemon = Daemon::start(
         &[],
         &jobs,
@@ -822,7 +709,7 @@ fn schemathesis_finds_the_server_true_to_its_openapi_document() {
             "--http",
             "127.0.0.1:0",
             "--tokens",
-            dir.path().join("tokens.yaml").to_str().unwrap(),
+            tokens.to_str().unwrap(),
             "--restore-dir",
             dir.path().join("restores").to_str().unwrap(),
         ],

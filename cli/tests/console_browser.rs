@@ -13,12 +13,11 @@ mod common;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::Child;
-use std::sync::mpsc::Receiver;
 use std::time::Duration;
 
 use backflow_testkit::libvirt::Domain;
 use backflow_testkit::webdriver::Browser;
+use common::console::{ConsoleDaemon, incompressible, run_job, write_tokens};
 use common::*;
 use serde_json::json;
 
@@ -26,61 +25,6 @@ use serde_json::json;
 /// machine): deadlines, not measurements.
 const JOB_WAIT: Duration = Duration::from_secs(180);
 const PAGE_WAIT: Duration = Duration::from_secs(60);
-
-/// A daemon under test, with its console's address; stopped (SIGTERM, then killed) when dropped,
-/// also when the test failed.
-struct Daemon {
-    child: Child,
-    _lines: Receiver<String>,
-    url: String,
-}
-
-impl Daemon {
-    fn start(jobs: &Path) -> Daemon {
-        Daemon::start_with(jobs, &[])
-    }
-
-    fn start_with(jobs: &Path, args: &[&str]) -> Daemon {
-        let (child, lines) = start_daemon_with(jobs, args);
-        let mut daemon = Daemon {
-            child,
-            _lines: lines,
-            url: String::new(),
-        };
-        let line = wait_for_line(
-            &daemon._lines,
-            "Console listening.",
-            Duration::from_secs(60),
-        );
-        let url = line
-            .split_whitespace()
-            .find_map(|w| w.strip_prefix("url="))
-            .unwrap_or_else(|| panic!("no url= in {line:?}"));
-        daemon.url = url.trim_matches('"').to_owned();
-        daemon
-    }
-
-    fn page(&self, path: &str) -> String {
-        format!("{}{path}", self.url)
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            sigterm(&self.child);
-            let deadline = std::time::Instant::now() + Duration::from_secs(60);
-            while std::time::Instant::now() < deadline {
-                if let Ok(Some(_)) = self.child.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
 
 /// Where the screenshots go: `$BACKFLOW_SCREENSHOTS` (relative to the workspace), else
 /// `target/screenshots`.
@@ -150,7 +94,7 @@ fn the_dashboard_shows_a_job_run_and_runs_a_job_from_its_button() {
     // A session recorded 25 hours ago: a 03:00 run was missed, and the daemon catches it up at
     // once (the scheduled run, asked by `schedule`).
     record_old_session(&repo, VM_JOB, 25 * 3600);
-    let daemon = Daemon::start(&jobs);
+    let daemon = ConsoleDaemon::start(&[], &jobs, &[], &[]);
     let browser = Browser::start().unwrap();
 
     // 1. The dashboard lists the job's VMs by name, each with a successful last backup.
@@ -278,17 +222,6 @@ fn the_dashboard_shows_a_job_run_and_runs_a_job_from_its_button() {
     assert_eq!(left, [newest.as_str()]);
 }
 
-/// `len` bytes of data no compressor can shrink (BLAKE3's output stream), in `path`.
-fn incompressible(path: &Path, len: u64) {
-    let mut reader = blake3::Hasher::new().update(b"console-live").finalize_xof();
-    let mut file = std::fs::File::create(path).unwrap();
-    let mut buf = vec![0u8; 1 << 20];
-    for _ in 0..len / buf.len() as u64 {
-        reader.fill(&mut buf);
-        std::io::Write::write_all(&mut file, &buf).unwrap();
-    }
-}
-
 const LIVE_JOB: &str = "console-live";
 
 #[test]
@@ -311,7 +244,7 @@ fn the_live_view_shows_changing_throughput_and_the_bottleneck_during_a_backup() 
             image.display()
         ),
     );
-    let daemon = Daemon::start(&jobs);
+    let daemon = ConsoleDaemon::start(&[], &jobs, &[], &[]);
     let browser = Browser::start().unwrap();
 
     // Started from the dashboard; then the live view, linked from it while the run runs.
@@ -401,21 +334,10 @@ fn a_read_only_token_logs_in_and_sees_everything_but_no_button() {
             image.display()
         ),
     );
-    let out = backflow()
-        .args(["job", "run", "--quiet"])
-        .arg(jobs.join("small.yaml"))
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
-    let secret = format!("grafana-{}", "0123456789abcdef".repeat(3));
-    std::fs::write(dir.path().join("grafana"), &secret).unwrap();
-    let tokens = dir.path().join("tokens.yaml");
-    std::fs::write(
-        &tokens,
-        "tokens:\n  - {name: grafana, role: read-only, file: grafana}\n",
-    )
-    .unwrap();
-    let daemon = Daemon::start_with(&jobs, &["--tokens", tokens.to_str().unwrap()]);
+    run_job(&jobs.join("small.yaml"));
+    let (tokens, secrets) = write_tokens(dir.path(), &[("grafana", "read-only")]);
+    let secret = &secrets[0];
+    let daemon = ConsoleDaemon::start(&[], &jobs, &["--tokens", tokens.to_str().unwrap()], &[]);
     let browser = Browser::start().unwrap();
 
     // Without a session: the page says to log in; the login form takes the token.

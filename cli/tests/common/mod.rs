@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod cluster;
+pub mod console;
 pub mod keys;
 pub mod s3;
 pub mod vm;
@@ -438,15 +439,19 @@ pub fn record_old_session(repo: &Path, job: &str, seconds: i64) -> String {
 /// `backflow daemon --jobs DIR`, with its log lines (info) sent to the returned channel as they
 /// come (and echoed to the test's output).
 pub fn start_daemon(jobs: &Path) -> (Child, std::sync::mpsc::Receiver<String>) {
-    start_daemon_with(jobs, &[])
+    let mut cmd = backflow();
+    cmd.args(["--log", "info", "daemon", "--http", "127.0.0.1:0", "--jobs"])
+        .arg(jobs);
+    spawn_logged(cmd, "daemon")
 }
 
-/// [`start_daemon`] with more options (`--tokens FILE`, ...).
-pub fn start_daemon_with(jobs: &Path, args: &[&str]) -> (Child, std::sync::mpsc::Receiver<String>) {
-    let mut child = backflow()
-        .args(["--log", "info", "daemon", "--http", "127.0.0.1:0", "--jobs"])
-        .arg(jobs)
-        .args(args)
+/// Starts `cmd` with its stderr lines sent to the returned channel as they come (and echoed to
+/// the test's output, after `who: `); its stdout goes nowhere.
+pub fn spawn_logged(
+    mut cmd: Command,
+    who: &'static str,
+) -> (Child, std::sync::mpsc::Receiver<String>) {
+    let mut child = cmd
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -455,7 +460,7 @@ pub fn start_daemon_with(jobs: &Path, args: &[&str]) -> (Child, std::sync::mpsc:
     let stderr = child.stderr.take().unwrap();
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            eprintln!("daemon: {line}");
+            eprintln!("{who}: {line}");
             if tx.send(line).is_err() {
                 break;
             }
