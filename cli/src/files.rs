@@ -10,7 +10,6 @@
 //! a path lists it (`/dev/sda2`, `/dev/vg0/root`), or short: `sda2`, `2` (partition 2), `vg0/root`.
 //! A disk with one filesystem needs no FS. Without a PATH, `files ls` lists the filesystems.
 
-use std::ffi::OsString;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::PermissionsExt;
@@ -39,15 +38,8 @@ pub enum FilesCommand {
 
 #[derive(clap::Args)]
 pub struct Source {
-    #[arg(long, env = crate::REPO_ENV, value_name = "LOCATION", help = crate::REPO_HELP)]
-    pub repo: OsString,
-    /// Snapshot id, a unique prefix of one, or `latest` (of `--vm`; without it, only in a repository
-    /// holding one VM).
-    #[arg(long, default_value = "latest")]
-    pub snapshot: String,
-    /// The VM whose snapshots `--snapshot` names.
-    #[arg(long, value_name = "NAME")]
-    pub vm: Option<String>,
+    #[command(flatten)]
+    pub point: crate::PointArgs,
     /// The disk (needed when the restore point has several).
     #[arg(long)]
     pub disk: Option<String>,
@@ -698,12 +690,12 @@ struct Session {
 }
 
 fn open(source: &Source) -> Result<Opened> {
-    let location = repo_location(&source.repo)?;
+    let location = repo_location(&source.point.repo)?;
     open_repo(&location)?;
     let export = start_export(
         &location,
-        &source.snapshot,
-        source.vm.as_deref(),
+        &source.point.snapshot,
+        source.point.vm.as_deref(),
         source.disk.as_deref(),
     )?;
     stop_on_signals();

@@ -170,6 +170,22 @@ enum Command {
     },
 }
 
+/// A restore point on the command line (`restore`, `serve`, `files`): the repository, the
+/// snapshot, and the VM whose snapshots it names.
+#[derive(clap::Args)]
+pub struct PointArgs {
+    #[arg(long, env = REPO_ENV, value_name = "LOCATION", help = REPO_HELP)]
+    pub repo: std::ffi::OsString,
+    /// Snapshot id, a unique prefix of one, or `latest` (of `--vm`; without it, only in a
+    /// repository holding one VM).
+    #[arg(long, default_value = "latest")]
+    pub snapshot: String,
+    /// The VM (or image identity, as `backflow snapshots` shows it) whose snapshots `--snapshot`
+    /// names: its latest, or prefixes among its snapshots.
+    #[arg(long, value_name = "NAME")]
+    pub vm: Option<String>,
+}
+
 /// The environment variable that names the repository wherever `--repo` is accepted.
 pub const REPO_ENV: &str = "BACKFLOW_REPOSITORY";
 

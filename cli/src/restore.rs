@@ -11,16 +11,8 @@ use crate::{open_repo, repo_location};
 
 #[derive(clap::Args)]
 pub struct Args {
-    #[arg(long, env = crate::REPO_ENV, value_name = "LOCATION", help = crate::REPO_HELP)]
-    pub repo: std::ffi::OsString,
-    /// Snapshot id, a unique prefix of one, or `latest` (of `--vm`; without it, only in a repository
-    /// holding one VM).
-    #[arg(long, default_value = "latest")]
-    pub snapshot: String,
-    /// The VM (or image identity, as `backflow snapshots` shows it) whose snapshots `--snapshot`
-    /// names: its latest, or prefixes among its snapshots.
-    #[arg(long, value_name = "NAME")]
-    pub vm: Option<String>,
+    #[command(flatten)]
+    pub point: crate::PointArgs,
     /// Only this disk.
     #[arg(long)]
     pub disk: Option<String>,
@@ -55,9 +47,7 @@ pub struct Args {
 
 pub fn run(args: Args) -> Result<()> {
     let Args {
-        repo,
-        snapshot,
-        vm,
+        point: crate::PointArgs { repo, snapshot, vm },
         disk,
         to,
         format,

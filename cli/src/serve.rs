@@ -33,16 +33,8 @@ use crate::{BadInput, open_repo, repo_location};
 
 #[derive(clap::Args)]
 pub struct Args {
-    #[arg(long, env = crate::REPO_ENV, value_name = "LOCATION", help = crate::REPO_HELP)]
-    pub repo: std::ffi::OsString,
-    /// Snapshot id, a unique prefix of one, or `latest` (of `--vm`; without it, only in a
-    /// repository holding one VM).
-    #[arg(long, default_value = "latest")]
-    pub snapshot: String,
-    /// The VM (or image identity, as `backflow snapshots` shows it) whose snapshots
-    /// `--snapshot` names.
-    #[arg(long, value_name = "NAME")]
-    pub vm: Option<String>,
+    #[command(flatten)]
+    pub point: crate::PointArgs,
     /// Serve only this disk, also as the default export (the empty name). Without it every disk
     /// is an export named by its disk name.
     #[arg(long)]
@@ -169,9 +161,7 @@ impl Drop for SocketFile {
 
 pub fn run(args: Args) -> Result<()> {
     let Args {
-        repo,
-        snapshot,
-        vm,
+        point: crate::PointArgs { repo, snapshot, vm },
         disk,
         listen,
         cache_mib,
